@@ -1,1 +1,15 @@
+//! kms-shared: everything the daemon and its clients must agree on.
+//!
+//! - [`model`]: key types, states, the records clients see, the validation rules;
+//! - [`protocol`]: requests, responses, events and error kinds;
+//! - [`codec`]: the length-prefixed MessagePack frames;
+//! - [`ciphertext`]: the `ncpkms:v{N}:` format (parse and format only, no crypto);
+//! - [`paths`]: where the socket and the data live;
+//! - [`client`]: the async client library.
 
+pub mod model;
+pub mod ciphertext;
+pub mod codec;
+pub mod paths;
+pub mod protocol;
+pub mod client;

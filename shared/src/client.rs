@@ -1,0 +1,626 @@
+//! The async Rust client: one typed method per request, many requests in flight on one
+//! connection (each call waits only for its own reply), and an event stream after
+//! [`Client::subscribe`].
+//!
+//! The connection is an `interprocess` local socket with a file-path name (never an
+//! abstract socket: those have no permissions).
+
+use crate::codec::{self, FrameError};
+use crate::model::{HistoryEntry, Impact, KeyInfo, SignScheme, VersionInfo};
+use crate::paths;
+use crate::protocol::{
+    CiphertextItem, ClientFrame, CreateKey, DEFAULT_MAX_FRAME, DaemonStatus, ErrorKind, Event,
+    HistoryQuery, ItemOutcome, Outcome, PROTOCOL_VERSION, PlaintextItem, Request, Response,
+    ServerFrame, WireError,
+};
+use interprocess::local_socket::tokio::{Stream, prelude::*};
+use interprocess::local_socket::{GenericFilePath, ToFsName};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// Why a call did not get a reply from the daemon, or got an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to kmsd at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the daemon refused the request: {0}")]
+    Server(#[from] WireError),
+    #[error("connection to kmsd lost: {0}")]
+    Frame(#[from] FrameError),
+    #[error("connection to kmsd closed")]
+    Closed,
+    #[error("kmsd speaks protocol {daemon}, this client speaks {client}")]
+    VersionMismatch { daemon: u32, client: u32 },
+    #[error("unexpected reply from kmsd: {0}")]
+    Unexpected(String),
+    #[error("could not start kmsd: {0}")]
+    Autostart(String),
+}
+
+impl ClientError {
+    /// The error kind, for errors the daemon answered; `None` for transport errors.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Server(e) => Some(e.kind),
+            ClientError::VersionMismatch { .. } => Some(ErrorKind::UnsupportedVersion),
+            _ => None,
+        }
+    }
+}
+
+/// A message that arrived on a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notification {
+    Event(Event),
+    /// The daemon dropped this many events because this client read too slowly.
+    Lagged(u64),
+}
+
+/// Replies can be larger than requests (a full key list); still bounded.
+const MAX_REPLY_FRAME: u32 = 256 * 1024 * 1024;
+
+type Pending = Arc<StdMutex<HashMap<u64, oneshot::Sender<Outcome>>>>;
+
+/// A connection to kmsd.
+pub struct Client {
+    stream: Arc<Stream>,
+    /// Held while one frame is written, so frames of concurrent calls never interleave.
+    write_lock: Mutex<()>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: StdMutex<Option<mpsc::UnboundedReceiver<Notification>>>,
+    reader: tokio::task::JoinHandle<()>,
+    daemon_version: String,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("daemon_version", &self.daemon_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the daemon at `path` and does the version handshake.
+    pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        };
+        let name = path
+            .as_os_str()
+            .to_fs_name::<GenericFilePath>()
+            .map_err(connect_err)?;
+        let stream = Stream::connect(name).await.map_err(connect_err)?;
+        let stream = Arc::new(stream);
+        let pending: Pending = Arc::default();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_loop(stream.clone(), pending.clone(), ev_tx));
+        let mut client = Client {
+            stream,
+            write_lock: Mutex::new(()),
+            pending,
+            next_id: AtomicU64::new(1),
+            events: StdMutex::new(Some(ev_rx)),
+            reader,
+            daemon_version: String::new(),
+        };
+        let hello = client
+            .call(Request::Hello {
+                protocol: PROTOCOL_VERSION,
+                client: format!("kms-shared/{}", env!("CARGO_PKG_VERSION")),
+            })
+            .await;
+        match hello {
+            Ok(Response::Hello {
+                protocol,
+                daemon_version,
+            }) => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(ClientError::VersionMismatch {
+                        daemon: protocol,
+                        client: PROTOCOL_VERSION,
+                    });
+                }
+                client.daemon_version = daemon_version;
+                Ok(client)
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The daemon's version as it announced it in the handshake.
+    pub fn daemon_version(&self) -> &str {
+        &self.daemon_version
+    }
+
+    /// Sends one request and waits for its reply. Other calls may be in flight meanwhile.
+    pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = codec::encode_frame(&ClientFrame { id, request }, DEFAULT_MAX_FRAME)?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let written = {
+            let _guard = self.write_lock.lock().await;
+            (&*self.stream).write_all(&frame).await
+        };
+        if let Err(e) = written {
+            lock(&self.pending).remove(&id);
+            return Err(FrameError::Io(e).into());
+        }
+        match rx.await {
+            Ok(Outcome::Ok(resp)) => Ok(resp),
+            Ok(Outcome::Err(e)) => Err(ClientError::Server(e)),
+            Err(_) => Err(ClientError::Closed),
+        }
+    }
+
+    /// Subscribes to events; returns the stream of notifications (once per client).
+    pub async fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<Notification>, ClientError> {
+        let rx = lock(&self.events)
+            .take()
+            .ok_or_else(|| ClientError::Unexpected("already subscribed".into()))?;
+        match self.call(Request::Subscribe).await? {
+            Response::Subscribed => Ok(rx),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn status(&self) -> Result<DaemonStatus, ClientError> {
+        match self.call(Request::Status).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn create_key(&self, spec: CreateKey) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::CreateKey(spec)).await
+    }
+
+    /// One page of keys and the number of keys in all.
+    pub async fn list_keys(
+        &self,
+        deleted: bool,
+        offset: u32,
+        limit: Option<u32>,
+    ) -> Result<(Vec<KeyInfo>, u64), ClientError> {
+        match self
+            .call(Request::ListKeys {
+                deleted,
+                offset,
+                limit,
+            })
+            .await?
+        {
+            Response::Keys { keys, total } => Ok((keys, total)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn get_key(&self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::GetKey { key: key.into() }).await
+    }
+
+    pub async fn versions(&self, key: &str) -> Result<Vec<VersionInfo>, ClientError> {
+        match self.call(Request::ListVersions { key: key.into() }).await? {
+            Response::Versions { versions } => Ok(versions),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: Option<&[u8]>,
+    ) -> Result<String, ClientError> {
+        self.ciphertext_call(Request::Encrypt {
+            key: key.into(),
+            plaintext: plaintext.to_vec(),
+            context: context.map(<[u8]>::to_vec),
+        })
+        .await
+    }
+
+    pub async fn decrypt(
+        &self,
+        key: &str,
+        ciphertext: &str,
+        context: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ClientError> {
+        match self
+            .call(Request::Decrypt {
+                key: key.into(),
+                ciphertext: ciphertext.into(),
+                context: context.map(<[u8]>::to_vec),
+            })
+            .await?
+        {
+            Response::Plaintext { plaintext } => Ok(plaintext),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn reencrypt(
+        &self,
+        key: &str,
+        ciphertext: &str,
+        context: Option<&[u8]>,
+    ) -> Result<String, ClientError> {
+        self.ciphertext_call(Request::Reencrypt {
+            key: key.into(),
+            ciphertext: ciphertext.into(),
+            context: context.map(<[u8]>::to_vec),
+        })
+        .await
+    }
+
+    pub async fn encrypt_batch(
+        &self,
+        key: &str,
+        items: Vec<PlaintextItem>,
+    ) -> Result<Vec<ItemOutcome>, ClientError> {
+        self.batch_call(Request::EncryptBatch {
+            key: key.into(),
+            items,
+        })
+        .await
+    }
+
+    pub async fn decrypt_batch(
+        &self,
+        key: &str,
+        items: Vec<CiphertextItem>,
+    ) -> Result<Vec<ItemOutcome>, ClientError> {
+        self.batch_call(Request::DecryptBatch {
+            key: key.into(),
+            items,
+        })
+        .await
+    }
+
+    pub async fn reencrypt_batch(
+        &self,
+        key: &str,
+        items: Vec<CiphertextItem>,
+    ) -> Result<Vec<ItemOutcome>, ClientError> {
+        self.batch_call(Request::ReencryptBatch {
+            key: key.into(),
+            items,
+        })
+        .await
+    }
+
+    pub async fn sign(
+        &self,
+        key: &str,
+        message: &[u8],
+        scheme: SignScheme,
+    ) -> Result<String, ClientError> {
+        match self
+            .call(Request::Sign {
+                key: key.into(),
+                message: message.to_vec(),
+                scheme,
+            })
+            .await?
+        {
+            Response::Signature { signature } => Ok(signature),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn verify(
+        &self,
+        key: &str,
+        message: &[u8],
+        signature: &str,
+        scheme: SignScheme,
+    ) -> Result<bool, ClientError> {
+        match self
+            .call(Request::Verify {
+                key: key.into(),
+                message: message.to_vec(),
+                signature: signature.into(),
+                scheme,
+            })
+            .await?
+        {
+            Response::Verified { valid } => Ok(valid),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The PEM public key of a version (default: current) and that version's number.
+    pub async fn public_key(
+        &self,
+        key: &str,
+        version: Option<u32>,
+    ) -> Result<(u32, String), ClientError> {
+        match self
+            .call(Request::PublicKey {
+                key: key.into(),
+                version,
+            })
+            .await?
+        {
+            Response::PublicKey { version, pem } => Ok((version, pem)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A fresh data key wrapped under the key's current version, and in plaintext if asked.
+    pub async fn data_key(
+        &self,
+        key: &str,
+        bits: u32,
+        plaintext: bool,
+        context: Option<&[u8]>,
+    ) -> Result<(String, Option<Vec<u8>>), ClientError> {
+        match self
+            .call(Request::DataKey {
+                key: key.into(),
+                bits,
+                plaintext,
+                context: context.map(<[u8]>::to_vec),
+            })
+            .await?
+        {
+            Response::DataKey {
+                ciphertext,
+                plaintext,
+                ..
+            } => Ok((ciphertext, plaintext)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn rotate(&self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::Rotate { key: key.into() }).await
+    }
+
+    pub async fn enable(&self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::Enable { key: key.into() }).await
+    }
+
+    pub async fn disable(&self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::Disable { key: key.into() }).await
+    }
+
+    pub async fn enable_version(
+        &self,
+        key: &str,
+        version: u32,
+    ) -> Result<Vec<VersionInfo>, ClientError> {
+        self.versions_call(Request::EnableVersion {
+            key: key.into(),
+            version,
+        })
+        .await
+    }
+
+    pub async fn disable_version(
+        &self,
+        key: &str,
+        version: u32,
+    ) -> Result<Vec<VersionInfo>, ClientError> {
+        self.versions_call(Request::DisableVersion {
+            key: key.into(),
+            version,
+        })
+        .await
+    }
+
+    pub async fn set_rotation(
+        &self,
+        key: &str,
+        auto_rotation: bool,
+        rotation_days: Option<u32>,
+    ) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::SetRotation {
+            key: key.into(),
+            auto_rotation,
+            rotation_days,
+        })
+        .await
+    }
+
+    pub async fn set_memo(&self, key: &str, memo: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::SetMemo {
+            key: key.into(),
+            memo: memo.into(),
+        })
+        .await
+    }
+
+    pub async fn request_deletion(&self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::RequestDeletion { key: key.into() })
+            .await
+    }
+
+    pub async fn cancel_deletion(&self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::CancelDeletion { key: key.into() })
+            .await
+    }
+
+    pub async fn delete_now(&self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key_call(Request::DeleteNow { key: key.into() }).await
+    }
+
+    pub async fn history(&self, query: HistoryQuery) -> Result<Vec<HistoryEntry>, ClientError> {
+        match self.call(Request::History(query)).await? {
+            Response::History { entries } => Ok(entries),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn impact(&self, key: &str, window_ms: Option<i64>) -> Result<Impact, ClientError> {
+        match self
+            .call(Request::Impact {
+                key: key.into(),
+                window_ms,
+            })
+            .await?
+        {
+            Response::Impact(i) => Ok(i),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn key_call(&self, req: Request) -> Result<KeyInfo, ClientError> {
+        match self.call(req).await? {
+            Response::Key(k) => Ok(k),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn versions_call(&self, req: Request) -> Result<Vec<VersionInfo>, ClientError> {
+        match self.call(req).await? {
+            Response::Versions { versions } => Ok(versions),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn ciphertext_call(&self, req: Request) -> Result<String, ClientError> {
+        match self.call(req).await? {
+            Response::Ciphertext { ciphertext } => Ok(ciphertext),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn batch_call(&self, req: Request) -> Result<Vec<ItemOutcome>, ClientError> {
+        match self.call(req).await? {
+            Response::Batch { items } => Ok(items),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(resp: &Response) -> ClientError {
+    let s = format!("{resp:?}");
+    let name = s.split(['(', ' ', '{']).next().unwrap_or("?");
+    ClientError::Unexpected(format!("reply of kind {name}"))
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned map only means another task panicked mid-insert; the map is still valid.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads frames until the connection ends, routing replies to their callers and
+/// notifications to the subscription. Dropping the pending senders on exit wakes every
+/// caller with `Closed`.
+async fn read_loop(
+    stream: Arc<Stream>,
+    pending: Pending,
+    events: mpsc::UnboundedSender<Notification>,
+) {
+    let mut recv = &*stream;
+    loop {
+        let body = match codec::read_frame(&mut recv, MAX_REPLY_FRAME).await {
+            Ok(Some(body)) => body,
+            Ok(None) | Err(_) => break,
+        };
+        match codec::decode::<ServerFrame>(&body) {
+            Ok(ServerFrame::Reply { id, result }) => {
+                if let Some(tx) = lock(&pending).remove(&id) {
+                    let _ = tx.send(result);
+                }
+            }
+            Ok(ServerFrame::Event(e)) => {
+                let _ = events.send(Notification::Event(e));
+            }
+            Ok(ServerFrame::Lagged { missed }) => {
+                let _ = events.send(Notification::Lagged(missed));
+            }
+            Err(_) => break,
+        }
+    }
+    lock(&pending).clear();
+}
+
+/// How a client finds (and, if allowed, starts) its daemon (SPEC §1).
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// An explicit socket; `None` means the default path (and allows autostart).
+    pub socket: Option<PathBuf>,
+    /// Start a user-mode kmsd when none answers on the default socket.
+    pub autostart: bool,
+}
+
+impl ConnectOptions {
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(paths::default_socket_path)
+    }
+}
+
+/// Connects as the options say; with autostart, launches `kmsd` (the one next to this
+/// executable, else on `PATH`) in the background when no daemon answers on the default
+/// socket, and waits up to 10 s for it to accept.
+pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientError> {
+    let path = opts.socket_path();
+    match Client::connect(&path).await {
+        Ok(c) => return Ok(c),
+        Err(e) if !(opts.autostart && opts.socket.is_none()) => return Err(e),
+        Err(ClientError::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) => {}
+        Err(e) => return Err(e),
+    }
+    spawn_daemon()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match Client::connect(&path).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(ClientError::Autostart(format!(
+                    "kmsd did not answer on {} within 10 s: {e}",
+                    path.display()
+                )));
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn spawn_daemon() -> Result<(), ClientError> {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("kmsd")))
+        .filter(|p| p.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from("kmsd"));
+    let mut cmd = std::process::Command::new(&program);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        // Its own process group, so a Ctrl-C in the client's terminal does not stop it.
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ClientError::Autostart(format!("{}: {e}", program.display())))?;
+    // Reap it in the background if it exits while we run (e.g. another kmsd won a race).
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Frames: a u32 big-endian body length, then a MessagePack body (rmp-serde, structs as
+//! maps with field names, byte strings as `bin`).
+//!
+//! The length is checked against the maximum before a single body byte is read or a
+//! buffer is allocated, so a peer that announces 4 GiB costs nothing.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Why a frame could not be read or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: u32, max: u32 },
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    #[error("frame could not be encoded: {0}")]
+    Encode(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes one message body (without the length prefix).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Encode(e.to_string()))
+}
+
+/// Decodes one message body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    rmp_serde::from_slice(body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// Encodes a message with its length prefix, ready to write.
+pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; 4];
+    rmp_serde::encode::write_named(&mut out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let len = out.len() - 4;
+    let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge {
+        len: u32::MAX,
+        max,
+    })?;
+    if len32 > max {
+        return Err(FrameError::TooLarge { len: len32, max });
+    }
+    out[..4].copy_from_slice(&len32.to_be_bytes());
+    Ok(out)
+}
+
+/// Reads one frame body. `Ok(None)` is a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut len_buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len_buf[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated)
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len_buf);
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len as usize];
+    match r.read_exact(&mut body).await {
+        Ok(_) => Ok(Some(body)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes one message as a frame.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+    max: u32,
+) -> Result<(), FrameError> {
+    let frame = encode_frame(msg, max)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ClientFrame, Request};
+
+    /// A frame written is the frame read, and a clean EOF between frames is `None`.
+    #[tokio::test]
+    async fn round_trip_and_clean_eof() {
+        let msg = ClientFrame {
+            id: 7,
+            request: Request::Encrypt {
+                key: "k1".into(),
+                plaintext: vec![0, 1, 2, 255],
+                context: Some(b"ctx".to_vec()),
+            },
+        };
+        let frame = encode_frame(&msg, 1024).unwrap();
+        let mut rd = &frame[..];
+        let body = read_frame(&mut rd, 1024).await.unwrap().unwrap();
+        let back: ClientFrame = decode(&body).unwrap();
+        assert_eq!(back, msg);
+        assert!(read_frame(&mut rd, 1024).await.unwrap().is_none());
+    }
+
+    /// An announced length over the maximum is refused before the body is read.
+    #[tokio::test]
+    async fn oversized_length_refused_without_reading() {
+        let bytes = u32::MAX.to_be_bytes();
+        let mut rd = &bytes[..];
+        match read_frame(&mut rd, 1024).await {
+            Err(FrameError::TooLarge { len, max }) => assert_eq!((len, max), (u32::MAX, 1024)),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    /// A stream that ends inside the prefix or the body is `Truncated`.
+    #[tokio::test]
+    async fn truncated_frames() {
+        let mut rd = &[0u8, 0][..];
+        assert!(matches!(
+            read_frame(&mut rd, 1024).await,
+            Err(FrameError::Truncated)
+        ));
+        let mut rd = &[0u8, 0, 0, 10, 1, 2][..];
+        assert!(matches!(
+            read_frame(&mut rd, 1024).await,
+            Err(FrameError::Truncated)
+        ));
+    }
+
+    /// Byte strings go on the wire as MessagePack `bin`, not as arrays of integers.
+    #[test]
+    fn bytes_are_binary() {
+        let body = encode(&Request::Encrypt {
+            key: "k".into(),
+            plaintext: vec![1, 2, 3],
+            context: None,
+        })
+        .unwrap();
+        // bin8 marker 0xc4, length 3, then the bytes.
+        assert!(body.windows(5).any(|w| w == [0xc4, 3, 1, 2, 3]));
+    }
+}

@@ -1,0 +1,539 @@
+//! The messages of the kms IPC protocol (see `shared/PROTOCOL.md` for the wire format).
+//!
+//! Every frame from a client is a [`ClientFrame`]: a request id chosen by the client and one
+//! [`Request`]. Every frame from the daemon is a [`ServerFrame`]: either the reply to one
+//! request (matched by id; replies may come in any order) or, after a `subscribe`, an
+//! [`Event`]. Enums are externally tagged, so a request is a one-entry map
+//! `{"encrypt": {...}}` and unit variants are plain strings such as `"status"`.
+
+use crate::model::{
+    Action, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Protection, SignScheme, UnixMillis,
+    VersionInfo,
+};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The protocol version this build speaks. A daemon refuses a different major version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame body accepted by default (SPEC §10).
+pub const DEFAULT_MAX_FRAME: u32 = 1024 * 1024;
+
+/// A request with the id its reply will carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    pub id: u64,
+    pub request: Request,
+}
+
+/// What the daemon sends: replies and, to subscribers, events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerFrame {
+    Reply { id: u64, result: Outcome },
+    Event(Event),
+    /// A subscriber fell behind and `missed` events were dropped for it; re-read state.
+    Lagged { missed: u64 },
+}
+
+/// The result of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Response),
+    Err(WireError),
+}
+
+impl From<Result<Response, WireError>> for Outcome {
+    fn from(r: Result<Response, WireError>) -> Self {
+        match r {
+            Ok(v) => Outcome::Ok(v),
+            Err(e) => Outcome::Err(e),
+        }
+    }
+}
+
+impl From<Outcome> for Result<Response, WireError> {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Ok(v) => Ok(v),
+            Outcome::Err(e) => Err(e),
+        }
+    }
+}
+
+/// Every request a client can make. Where a `key` field appears, it is a tag or a name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Must be the first request on a connection.
+    Hello {
+        protocol: u32,
+        /// Free text for logs only; the daemon trusts the kernel, not this.
+        #[serde(default)]
+        client: String,
+    },
+    Status,
+    CreateKey(CreateKey),
+    ListKeys {
+        #[serde(default)]
+        deleted: bool,
+        #[serde(default)]
+        offset: u32,
+        /// At most this many keys (default: all).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    GetKey {
+        key: String,
+    },
+    ListVersions {
+        key: String,
+    },
+    Encrypt {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        plaintext: Vec<u8>,
+        #[serde(default, with = "opt_bytes")]
+        context: Option<Vec<u8>>,
+    },
+    Decrypt {
+        key: String,
+        ciphertext: String,
+        #[serde(default, with = "opt_bytes")]
+        context: Option<Vec<u8>>,
+    },
+    Reencrypt {
+        key: String,
+        ciphertext: String,
+        #[serde(default, with = "opt_bytes")]
+        context: Option<Vec<u8>>,
+    },
+    /// Many encryptions under one key in one frame; per-item results.
+    EncryptBatch {
+        key: String,
+        items: Vec<PlaintextItem>,
+    },
+    DecryptBatch {
+        key: String,
+        items: Vec<CiphertextItem>,
+    },
+    ReencryptBatch {
+        key: String,
+        items: Vec<CiphertextItem>,
+    },
+    Sign {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+        #[serde(default)]
+        scheme: SignScheme,
+    },
+    Verify {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+        signature: String,
+        #[serde(default)]
+        scheme: SignScheme,
+    },
+    PublicKey {
+        key: String,
+        #[serde(default)]
+        version: Option<u32>,
+    },
+    DataKey {
+        key: String,
+        /// 128, 256 or 512.
+        bits: u32,
+        /// Also return the data key in plaintext.
+        #[serde(default)]
+        plaintext: bool,
+        #[serde(default, with = "opt_bytes")]
+        context: Option<Vec<u8>>,
+    },
+    Rotate {
+        key: String,
+    },
+    Enable {
+        key: String,
+    },
+    Disable {
+        key: String,
+    },
+    EnableVersion {
+        key: String,
+        version: u32,
+    },
+    DisableVersion {
+        key: String,
+        version: u32,
+    },
+    SetRotation {
+        key: String,
+        auto_rotation: bool,
+        #[serde(default)]
+        rotation_days: Option<u32>,
+    },
+    SetMemo {
+        key: String,
+        memo: String,
+    },
+    /// Request deletion: the key waits in `pending-deletion` for the deletion delay.
+    RequestDeletion {
+        key: String,
+    },
+    CancelDeletion {
+        key: String,
+    },
+    DeleteNow {
+        key: String,
+    },
+    History(HistoryQuery),
+    /// Recent usage and the distinct accounts that used a key (the warnings before a
+    /// destructive action).
+    Impact {
+        key: String,
+        /// Window length in milliseconds (default: 30 days).
+        #[serde(default)]
+        window_ms: Option<i64>,
+    },
+    /// From now on, events are sent on this connection as `event` frames.
+    Subscribe,
+}
+
+impl Request {
+    /// The name of the request kind as it appears on the wire, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Status => "status",
+            Request::CreateKey(_) => "create_key",
+            Request::ListKeys { .. } => "list_keys",
+            Request::GetKey { .. } => "get_key",
+            Request::ListVersions { .. } => "list_versions",
+            Request::Encrypt { .. } => "encrypt",
+            Request::Decrypt { .. } => "decrypt",
+            Request::Reencrypt { .. } => "reencrypt",
+            Request::EncryptBatch { .. } => "encrypt_batch",
+            Request::DecryptBatch { .. } => "decrypt_batch",
+            Request::ReencryptBatch { .. } => "reencrypt_batch",
+            Request::Sign { .. } => "sign",
+            Request::Verify { .. } => "verify",
+            Request::PublicKey { .. } => "public_key",
+            Request::DataKey { .. } => "data_key",
+            Request::Rotate { .. } => "rotate",
+            Request::Enable { .. } => "enable",
+            Request::Disable { .. } => "disable",
+            Request::EnableVersion { .. } => "enable_version",
+            Request::DisableVersion { .. } => "disable_version",
+            Request::SetRotation { .. } => "set_rotation",
+            Request::SetMemo { .. } => "set_memo",
+            Request::RequestDeletion { .. } => "request_deletion",
+            Request::CancelDeletion { .. } => "cancel_deletion",
+            Request::DeleteNow { .. } => "delete_now",
+            Request::History(_) => "history",
+            Request::Impact { .. } => "impact",
+            Request::Subscribe => "subscribe",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateKey {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: KeyType,
+    #[serde(default)]
+    pub protection: Protection,
+    #[serde(default)]
+    pub convergent: bool,
+    #[serde(default)]
+    pub auto_rotation: bool,
+    /// Default 90.
+    #[serde(default)]
+    pub rotation_days: Option<u32>,
+    #[serde(default)]
+    pub memo: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaintextItem {
+    #[serde(with = "serde_bytes")]
+    pub plaintext: Vec<u8>,
+    #[serde(default, with = "opt_bytes")]
+    pub context: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiphertextItem {
+    pub ciphertext: String,
+    #[serde(default, with = "opt_bytes")]
+    pub context: Option<Vec<u8>>,
+}
+
+/// Filters of a history query; entries come newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HistoryQuery {
+    pub key: String,
+    /// Default 100, at most 1000.
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Only entries older than this sequence number (the previous page's last `seq`).
+    #[serde(default)]
+    pub before_seq: Option<u64>,
+    #[serde(default)]
+    pub action: Option<Action>,
+    #[serde(default)]
+    pub result: Option<ResultFilter>,
+    #[serde(default)]
+    pub since: Option<UnixMillis>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultFilter {
+    Ok,
+    Error,
+}
+
+/// Every successful reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        protocol: u32,
+        daemon_version: String,
+    },
+    Status(DaemonStatus),
+    Key(KeyInfo),
+    Keys {
+        keys: Vec<KeyInfo>,
+        /// Keys matching the query, of which `keys` is one page.
+        total: u64,
+    },
+    Versions {
+        versions: Vec<VersionInfo>,
+    },
+    Ciphertext {
+        ciphertext: String,
+    },
+    Plaintext {
+        #[serde(with = "serde_bytes")]
+        plaintext: Vec<u8>,
+    },
+    Signature {
+        signature: String,
+    },
+    Verified {
+        valid: bool,
+    },
+    PublicKey {
+        version: u32,
+        pem: String,
+    },
+    DataKey {
+        ciphertext: String,
+        #[serde(default, with = "opt_bytes")]
+        plaintext: Option<Vec<u8>>,
+        bits: u32,
+    },
+    /// Per-item results of a batch request, in request order.
+    Batch {
+        items: Vec<ItemOutcome>,
+    },
+    History {
+        entries: Vec<HistoryEntry>,
+    },
+    Impact(Impact),
+    Subscribed,
+}
+
+/// The result of one item of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemOutcome {
+    Ciphertext(String),
+    Plaintext(#[serde(with = "serde_bytes")] Vec<u8>),
+    Err(WireError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub daemon_version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub uptime_ms: i64,
+    pub socket: String,
+    pub data_dir: String,
+    pub keys: u64,
+    pub connections: u64,
+    pub next_due_at: Option<UnixMillis>,
+}
+
+/// The error kinds of SPEC §10.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    TooLarge,
+    InvalidState,
+    WrongPurpose,
+    VersionDisabled,
+    VersionLimit,
+    DecryptFailed,
+    PermissionDenied,
+    MalformedFrame,
+    UnsupportedVersion,
+    Internal,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::InvalidArgument,
+        ErrorKind::TooLarge,
+        ErrorKind::InvalidState,
+        ErrorKind::WrongPurpose,
+        ErrorKind::VersionDisabled,
+        ErrorKind::VersionLimit,
+        ErrorKind::DecryptFailed,
+        ErrorKind::PermissionDenied,
+        ErrorKind::MalformedFrame,
+        ErrorKind::UnsupportedVersion,
+        ErrorKind::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::AlreadyExists => "already-exists",
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::TooLarge => "too-large",
+            ErrorKind::InvalidState => "invalid-state",
+            ErrorKind::WrongPurpose => "wrong-purpose",
+            ErrorKind::VersionDisabled => "version-disabled",
+            ErrorKind::VersionLimit => "version-limit",
+            ErrorKind::DecryptFailed => "decrypt-failed",
+            ErrorKind::PermissionDenied => "permission-denied",
+            ErrorKind::MalformedFrame => "malformed-frame",
+            ErrorKind::UnsupportedVersion => "unsupported-version",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// The exit code kmsctl uses for this kind (documented in the README).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::NotFound => 3,
+            ErrorKind::AlreadyExists => 4,
+            ErrorKind::InvalidArgument => 5,
+            ErrorKind::TooLarge => 6,
+            ErrorKind::InvalidState => 7,
+            ErrorKind::WrongPurpose => 8,
+            ErrorKind::VersionDisabled => 9,
+            ErrorKind::VersionLimit => 10,
+            ErrorKind::DecryptFailed => 11,
+            ErrorKind::PermissionDenied => 12,
+            ErrorKind::MalformedFrame => 13,
+            ErrorKind::UnsupportedVersion => 14,
+            ErrorKind::Internal => 15,
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused or failed request: a kind to act on and a message for people. The message
+/// never holds key material, plaintext or other secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct WireError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        WireError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// What happened, announced to subscribers (SPEC §8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event published by this daemon process.
+    pub seq: u64,
+    pub time: UnixMillis,
+    pub kind: EventKind,
+    pub key_tag: Option<String>,
+    pub key_name: Option<String>,
+    pub version: Option<u32>,
+    /// The key's state after the event, where it has one.
+    pub state: Option<KeyState>,
+    /// The account that caused it (`kmsd` for the scheduler).
+    pub account: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    Created,
+    StateChanged,
+    Rotated,
+    DeletionRequested,
+    DeletionCancelled,
+    Purged,
+    VersionEnabled,
+    VersionDisabled,
+    SettingsChanged,
+    PermissionChanged,
+    VersionLimitReached,
+    NonceBudgetLow,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::StateChanged => "state-changed",
+            EventKind::Rotated => "rotated",
+            EventKind::DeletionRequested => "deletion-requested",
+            EventKind::DeletionCancelled => "deletion-cancelled",
+            EventKind::Purged => "purged",
+            EventKind::VersionEnabled => "version-enabled",
+            EventKind::VersionDisabled => "version-disabled",
+            EventKind::SettingsChanged => "settings-changed",
+            EventKind::PermissionChanged => "permission-changed",
+            EventKind::VersionLimitReached => "version-limit-reached",
+            EventKind::NonceBudgetLow => "nonce-budget-low",
+        }
+    }
+}
+
+/// `Option<Vec<u8>>` as MessagePack binary (serde_bytes handles only the bare `Vec`).
+pub mod opt_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(serde_bytes::Bytes::new(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<serde_bytes::ByteBuf>::deserialize(d).map(|o| o.map(|b| b.into_vec()))
+    }
+}
