@@ -158,7 +158,7 @@ pub(crate) fn seal(
     out.extend_from_slice(nonce);
     out.extend_from_slice(plaintext);
     let nonce = Nonce::from(*nonce);
-    match cipher.encrypt_inout_detached(&nonce, aad, out[NONCE_LEN..].into()) {
+    match cipher.encrypt_inout_detached(&nonce, aad, (&mut out[NONCE_LEN..]).into()) {
         Ok(tag) => {
             out.extend_from_slice(tag.as_slice());
             Ok(out)
@@ -259,7 +259,9 @@ mod tests {
     #[test]
     fn every_bit_flip_fails() {
         let k = key();
-        let body = k.encrypt_random(b"aad", b"thirty-two bytes of plaintext!!!").unwrap();
+        let body = k
+            .encrypt_random(b"aad", b"thirty-two bytes of plaintext!!!")
+            .unwrap();
         for i in 0..body.len() * 8 {
             let mut bad = body.clone();
             bad[i / 8] ^= 1 << (i % 8);
@@ -306,8 +308,12 @@ mod tests {
     #[test]
     fn convergent_is_deterministic() {
         let k = key();
-        let a = k.encrypt_convergent(b"user-42", b"aad", b"4111 1111 1111 1111").unwrap();
-        let b = k.encrypt_convergent(b"user-42", b"aad", b"4111 1111 1111 1111").unwrap();
+        let a = k
+            .encrypt_convergent(b"user-42", b"aad", b"4111 1111 1111 1111")
+            .unwrap();
+        let b = k
+            .encrypt_convergent(b"user-42", b"aad", b"4111 1111 1111 1111")
+            .unwrap();
         assert_eq!(a, b);
         assert_eq!(
             *k.decrypt_convergent(b"user-42", b"aad", &a).unwrap(),
@@ -316,7 +322,8 @@ mod tests {
         // The same key reloaded from its bytes gives the same output.
         let k2 = AesKey::from_slice(k.raw_bytes()).unwrap();
         assert_eq!(
-            k2.encrypt_convergent(b"user-42", b"aad", b"4111 1111 1111 1111").unwrap(),
+            k2.encrypt_convergent(b"user-42", b"aad", b"4111 1111 1111 1111")
+                .unwrap(),
             a
         );
     }
@@ -325,8 +332,12 @@ mod tests {
     #[test]
     fn convergent_context_separates() {
         let k = key();
-        let a = k.encrypt_convergent(b"ctx-a", b"aad", b"same plaintext").unwrap();
-        let b = k.encrypt_convergent(b"ctx-b", b"aad", b"same plaintext").unwrap();
+        let a = k
+            .encrypt_convergent(b"ctx-a", b"aad", b"same plaintext")
+            .unwrap();
+        let b = k
+            .encrypt_convergent(b"ctx-b", b"aad", b"same plaintext")
+            .unwrap();
         assert_ne!(a, b);
         assert_ne!(a[NONCE_LEN..], b[NONCE_LEN..]);
         assert!(matches!(

@@ -1,0 +1,109 @@
+//! Commands that create keys and read what the daemon knows about them.
+
+use super::output;
+use super::{CmdResult, Ctx, choice};
+use clap::Args;
+use kms_shared::model::{KeyType, Protection};
+use kms_shared::protocol::CreateKey;
+
+const PROTECTIONS: [Protection; 3] = [Protection::Basic, Protection::Hsm, Protection::DedicatedHsm];
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// 3–15 characters: a letter, then letters, digits, '-' or '_'
+    pub name: String,
+    #[arg(long = "type", value_name = "TYPE", value_parser = choice(&KeyType::ALL, KeyType::as_str))]
+    pub key_type: KeyType,
+    #[arg(long, default_value = "basic", value_parser = choice(&PROTECTIONS, Protection::as_str))]
+    pub protection: Protection,
+    /// Deterministic encryption per context (AES256 only)
+    #[arg(long)]
+    pub convergent: bool,
+    /// Rotate automatically every --rotation-days
+    #[arg(long)]
+    pub auto_rotate: bool,
+    /// Rotation period, 1–730 days [default: 90]
+    #[arg(long, value_name = "N")]
+    pub rotation_days: Option<u32>,
+    /// Free text, at most 100 characters
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub memo: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Also list purged keys still in retention
+    #[arg(long)]
+    pub deleted: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VersionArgs {
+    /// Key tag or name
+    pub key: String,
+    #[arg(value_name = "N")]
+    pub version: u32,
+}
+
+pub async fn create(ctx: &mut Ctx, a: CreateArgs) -> CmdResult {
+    let key = ctx
+        .client
+        .create_key(CreateKey {
+            name: a.name,
+            key_type: a.key_type,
+            protection: a.protection,
+            convergent: a.convergent,
+            auto_rotation: a.auto_rotate,
+            rotation_days: a.rotation_days,
+            memo: a.memo,
+        })
+        .await?;
+    ctx.out.key(&key)?;
+    Ok(0)
+}
+
+pub async fn list(ctx: &mut Ctx, a: ListArgs) -> CmdResult {
+    let (keys, _total) = ctx.client.list_keys(a.deleted, 0, None).await?;
+    ctx.out.emit(
+        || output::list_json(&keys, output::key_record),
+        || output::keys_table(&keys),
+    )?;
+    Ok(0)
+}
+
+pub async fn show(ctx: &mut Ctx, key: &str) -> CmdResult {
+    let info = ctx.client.get_key(key).await?;
+    ctx.out.key(&info)?;
+    Ok(0)
+}
+
+pub async fn versions(ctx: &mut Ctx, key: &str) -> CmdResult {
+    let versions = ctx.client.versions(key).await?;
+    ctx.out.versions(&versions)?;
+    Ok(0)
+}
+
+pub async fn set_version(ctx: &mut Ctx, a: VersionArgs, enabled: bool) -> CmdResult {
+    let versions = if enabled {
+        ctx.client.enable_version(&a.key, a.version).await?
+    } else {
+        ctx.client.disable_version(&a.key, a.version).await?
+    };
+    ctx.out.versions(&versions)?;
+    Ok(0)
+}
+
+pub async fn impact(ctx: &mut Ctx, key: &str) -> CmdResult {
+    let impact = ctx.client.impact(key, None).await?;
+    ctx.out.emit(
+        || output::to_json(output::impact_record(&impact)),
+        || output::impact_text(&impact),
+    )?;
+    Ok(0)
+}
+
+pub async fn status(ctx: &mut Ctx) -> CmdResult {
+    let status = ctx.client.status().await?;
+    ctx.out.record(output::status_record(&status))?;
+    Ok(0)
+}

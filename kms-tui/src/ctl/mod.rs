@@ -1,0 +1,514 @@
+//! kmsctl, the scriptable client of kmsd (SPEC §11).
+//!
+//! Errors go to stderr as `error: <kind>: <message>`, or with `--json` to stdout as
+//! `{"error":{"kind":…,"message":…}}`. `kind` is the daemon's error kind, or `connect`,
+//! `io` or `usage` for errors that happen in kmsctl itself.
+//!
+//! Exit codes:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success; `verify`: the signature is valid |
+//! | 1 | `verify`: the signature is invalid |
+//! | 2 | usage error: unknown command or flag, bad value, `delete-now` without `--yes` |
+//! | 3 | not-found |
+//! | 4 | already-exists |
+//! | 5 | invalid-argument |
+//! | 6 | too-large |
+//! | 7 | invalid-state |
+//! | 8 | wrong-purpose |
+//! | 9 | version-disabled |
+//! | 10 | version-limit |
+//! | 11 | decrypt-failed |
+//! | 12 | permission-denied |
+//! | 13 | malformed-frame |
+//! | 14 | unsupported-version |
+//! | 15 | internal |
+//! | 69 | connect: kmsd cannot be reached or started, or the connection was lost (EX_UNAVAILABLE) |
+//! | 74 | io: an input file cannot be read or the output cannot be written (EX_IOERR) |
+//!
+//! A `--batch` run processes every line, then exits with the code of the first failed
+//! item's kind (0 if none failed). A closed stdout (`kmsctl list | head -1`) ends the run
+//! quietly with 0.
+
+mod crypto;
+mod history;
+mod keys;
+mod lifecycle;
+mod output;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+use kms_shared::client::{Client, ClientError, ConnectOptions, connect_or_start};
+use kms_shared::protocol::{ErrorKind, WireError};
+use output::Printer;
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const EX_USAGE: u8 = 2;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_IOERR: u8 = 74;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kmsctl",
+    version,
+    about = "Scriptable client of kmsd, the local Key Management Service",
+    long_about = None,
+    after_help = "KEY is a key tag or a key name. Inputs come from stdin unless --in FILE is given."
+)]
+pub struct Cli {
+    /// The daemon's socket [default: $KMS_SOCKET, else $XDG_RUNTIME_DIR/kms/kmsd.sock, …];
+    /// an explicit socket never starts a daemon
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Do not start kmsd when none answers on the default socket
+    #[arg(long, global = true)]
+    pub no_autostart: bool,
+    /// Print JSON on stdout (errors as {"error":{"kind","message"}})
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a key
+    Create(keys::CreateArgs),
+    /// List keys
+    List(keys::ListArgs),
+    /// Show one key
+    Show(KeyArg),
+    /// List a key's versions
+    Versions(KeyArg),
+    /// Encrypt stdin with the key's current version
+    ///
+    /// Prints the `ncpkms:v{N}:…` ciphertext. With --batch, every input line is the
+    /// base64 (standard, padded) of one plaintext, so that plaintexts may hold any bytes,
+    /// newlines included; one ciphertext is printed per line, and a failed item prints
+    /// `error: <kind>: <message>` on its line instead.
+    Encrypt(crypto::CipherArgs),
+    /// Decrypt an `ncpkms:` ciphertext read from stdin; writes the raw plaintext
+    ///
+    /// With --batch, every input line is one ciphertext and every output line the
+    /// base64 of its plaintext (or `error: <kind>: <message>`).
+    Decrypt(crypto::CipherArgs),
+    /// Re-encrypt a ciphertext to the key's current version, inside the daemon
+    ///
+    /// With --batch, one ciphertext per input line, one per output line (or
+    /// `error: <kind>: <message>`).
+    Reencrypt(crypto::CipherArgs),
+    /// Sign the message read from stdin
+    Sign(crypto::SignArgs),
+    /// Verify a signature of the message read from stdin (exit 0 valid, 1 invalid)
+    Verify(crypto::VerifyArgs),
+    /// Print the PEM public key of a version (default: current)
+    PublicKey(crypto::PublicKeyArgs),
+    /// Create a data key wrapped under the key's current version (envelope encryption)
+    DataKey(crypto::DataKeyArgs),
+    /// Add a new version and make it current
+    Rotate(KeyArg),
+    /// Enable a disabled key
+    Enable(KeyArg),
+    /// Disable a key (shows its recent usage first)
+    Disable(KeyArg),
+    /// Enable one version of a key
+    EnableVersion(keys::VersionArgs),
+    /// Disable one version of a key
+    DisableVersion(keys::VersionArgs),
+    /// Turn automatic rotation on or off and set its period
+    SetRotation(lifecycle::SetRotationArgs),
+    /// Replace a key's memo
+    SetMemo(lifecycle::SetMemoArgs),
+    /// Request deletion: the key waits in pending-deletion (72 h by default)
+    Delete(KeyArg),
+    /// Cancel a requested deletion (the key becomes disabled)
+    CancelDeletion(KeyArg),
+    /// Purge a pending-deletion key at once, destroying its material
+    DeleteNow(lifecycle::DeleteNowArgs),
+    /// Recent usage of a key and the accounts that used it
+    Impact(KeyArg),
+    /// A key's history, newest first
+    History(history::HistoryArgs),
+    /// Print every daemon event as one JSON line until interrupted
+    Watch,
+    /// Show the daemon's status
+    Status,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArg {
+    /// Key tag or name
+    pub key: String,
+}
+
+/// Parses one of a closed set of values by the names the shared model gives them, so
+/// that `--help` lists exactly the names the daemon and the spec use.
+pub fn choice<T: Copy + Send + Sync + 'static>(
+    all: &'static [T],
+    name: fn(T) -> &'static str,
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(all.iter().map(|v| name(*v))).try_map(move |s: String| {
+        all.iter()
+            .copied()
+            .find(|v| name(*v) == s)
+            .ok_or("not one of the possible values")
+    })
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+pub enum CtlError {
+    /// Refused by the daemon, or by kmsctl for a reason the daemon would give too.
+    Wire(WireError),
+    Connect(String),
+    Io(String),
+    Usage(String),
+    /// The reader of stdout went away; nobody is left to tell.
+    BrokenPipe,
+}
+
+impl CtlError {
+    pub fn kind(&self) -> &str {
+        match self {
+            CtlError::Wire(e) => e.kind.as_str(),
+            CtlError::Connect(_) => "connect",
+            CtlError::Io(_) | CtlError::BrokenPipe => "io",
+            CtlError::Usage(_) => "usage",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            CtlError::Wire(e) => &e.message,
+            CtlError::Connect(m) | CtlError::Io(m) | CtlError::Usage(m) => m,
+            CtlError::BrokenPipe => "broken pipe",
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Wire(e) => e.kind.exit_code(),
+            CtlError::Connect(_) => EX_UNAVAILABLE,
+            CtlError::Io(_) => EX_IOERR,
+            CtlError::Usage(_) => EX_USAGE,
+            CtlError::BrokenPipe => 0,
+        }
+    }
+}
+
+pub fn invalid(message: impl Into<String>) -> CtlError {
+    CtlError::Wire(WireError::new(ErrorKind::InvalidArgument, message))
+}
+
+impl From<ClientError> for CtlError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Server(w) => CtlError::Wire(w),
+            ClientError::VersionMismatch { .. } => {
+                CtlError::Wire(WireError::new(ErrorKind::UnsupportedVersion, e.to_string()))
+            }
+            // A reply of the wrong kind is a daemon bug, not a transport problem.
+            ClientError::Unexpected(_) => {
+                CtlError::Wire(WireError::new(ErrorKind::Internal, e.to_string()))
+            }
+            other => CtlError::Connect(other.to_string()),
+        }
+    }
+}
+
+impl From<io::Error> for CtlError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            CtlError::BrokenPipe
+        } else {
+            CtlError::Io(e.to_string())
+        }
+    }
+}
+
+/// The exit code, or the error that ends the run.
+pub type CmdResult = Result<u8, CtlError>;
+
+/// What every command works with.
+pub struct Ctx {
+    pub client: Client,
+    pub out: Printer,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let code = run(cli).unwrap_or_else(|e| report(&e, json));
+    ExitCode::from(code)
+}
+
+fn report(e: &CtlError, json: bool) -> u8 {
+    if matches!(e, CtlError::BrokenPipe) {
+        return 0;
+    }
+    // The report itself may meet a closed stream; the exit code still tells.
+    let _ = if json {
+        Printer::new(true).json_line(&output::error_json(e.kind(), e.message()))
+    } else {
+        use std::io::Write as _;
+        writeln!(io::stderr(), "error: {}: {}", e.kind(), e.message())
+    };
+    e.exit_code()
+}
+
+fn run(cli: Cli) -> CmdResult {
+    // Refused before connecting: an unconfirmed purge must not even start a daemon.
+    if let Command::DeleteNow(a) = &cli.command
+        && !a.yes
+    {
+        return Err(CtlError::Usage(format!(
+            "delete-now destroys the material of {} at once and cannot be undone; repeat with --yes",
+            a.key
+        )));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let opts = ConnectOptions {
+            socket: cli.socket,
+            autostart: !cli.no_autostart,
+        };
+        let client = connect_or_start(&opts).await?;
+        let mut ctx = Ctx {
+            client,
+            out: Printer::new(cli.json),
+        };
+        dispatch(&mut ctx, cli.command).await
+    })
+}
+
+async fn dispatch(ctx: &mut Ctx, command: Command) -> CmdResult {
+    use crypto::CipherOp;
+    use lifecycle::Op;
+    match command {
+        Command::Create(a) => keys::create(ctx, a).await,
+        Command::List(a) => keys::list(ctx, a).await,
+        Command::Show(k) => keys::show(ctx, &k.key).await,
+        Command::Versions(k) => keys::versions(ctx, &k.key).await,
+        Command::EnableVersion(a) => keys::set_version(ctx, a, true).await,
+        Command::DisableVersion(a) => keys::set_version(ctx, a, false).await,
+        Command::Impact(k) => keys::impact(ctx, &k.key).await,
+        Command::Status => keys::status(ctx).await,
+        Command::Encrypt(a) => crypto::cipher(ctx, CipherOp::Encrypt, a).await,
+        Command::Decrypt(a) => crypto::cipher(ctx, CipherOp::Decrypt, a).await,
+        Command::Reencrypt(a) => crypto::cipher(ctx, CipherOp::Reencrypt, a).await,
+        Command::Sign(a) => crypto::sign(ctx, a).await,
+        Command::Verify(a) => crypto::verify(ctx, a).await,
+        Command::PublicKey(a) => crypto::public_key(ctx, a).await,
+        Command::DataKey(a) => crypto::data_key(ctx, a).await,
+        Command::Rotate(k) => lifecycle::run(ctx, Op::Rotate, &k.key).await,
+        Command::Enable(k) => lifecycle::run(ctx, Op::Enable, &k.key).await,
+        Command::Disable(k) => lifecycle::run(ctx, Op::Disable, &k.key).await,
+        Command::Delete(k) => lifecycle::run(ctx, Op::Delete, &k.key).await,
+        Command::CancelDeletion(k) => lifecycle::run(ctx, Op::CancelDeletion, &k.key).await,
+        Command::DeleteNow(a) => lifecycle::run(ctx, Op::DeleteNow, &a.key).await,
+        Command::SetRotation(a) => lifecycle::set_rotation(ctx, a).await,
+        Command::SetMemo(a) => lifecycle::set_memo(ctx, a).await,
+        Command::History(a) => history::history(ctx, a).await,
+        Command::Watch => history::watch(ctx).await,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kms_shared::model::{Action, KeyType, Protection, SignScheme};
+    use kms_shared::protocol::ResultFilter;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kmsctl").chain(args.split_whitespace()))
+    }
+
+    /// Every command of SPEC §11 parses with its flags.
+    #[test]
+    fn every_command_parses() {
+        for args in [
+            "create k01 --type aes256",
+            "create k01 --type rsa2048 --protection dedicated-hsm --auto-rotate --rotation-days 30 --memo hi",
+            "create k01 --type aes256 --convergent",
+            "list",
+            "list --deleted",
+            "show k01",
+            "versions k01",
+            "encrypt k01",
+            "encrypt k01 --context ctx --in /tmp/x",
+            "encrypt k01 --batch",
+            "decrypt k01 --context ctx",
+            "decrypt k01 --batch --in -",
+            "reencrypt k01 --context ctx --batch",
+            "sign k01",
+            "sign k01 --scheme pkcs1 --in msg",
+            "verify k01 --signature ncpkms:v1:AA==",
+            "verify k01 --signature ncpkms:v1:AA== --scheme pss",
+            "public-key k01",
+            "public-key k01 --version 3",
+            "data-key k01",
+            "data-key k01 --bits 512 --plaintext --context c",
+            "rotate k01",
+            "enable k01",
+            "disable k01",
+            "enable-version k01 2",
+            "disable-version k01 2",
+            "set-rotation k01 --auto-rotate",
+            "set-rotation k01 --no-auto-rotate --rotation-days 7",
+            "set-memo k01 text",
+            "delete k01",
+            "cancel-deletion k01",
+            "delete-now k01 --yes",
+            "delete-now k01",
+            "impact k01",
+            "history k01",
+            "history k01 --limit 5 --action encrypt --result error --since 2024-01-01T00:00:00Z",
+            "watch",
+            "status",
+            "--json --socket /tmp/s.sock --no-autostart status",
+            "status --json",
+        ] {
+            if let Err(e) = parse(args) {
+                panic!("{args}: {e}");
+            }
+        }
+    }
+
+    /// Wrong or missing values are usage errors (exit 2).
+    #[test]
+    fn bad_usage_is_refused() {
+        for args in [
+            "",
+            "frobnicate",
+            "create k01",
+            "create k01 --type des",
+            "create k01 --type aes256 --protection cloud",
+            "verify k01",
+            "sign k01 --scheme raw",
+            "data-key k01 --bits 100",
+            "set-rotation k01",
+            "set-rotation k01 --auto-rotate --no-auto-rotate",
+            "enable-version k01",
+            "enable-version k01 x",
+            "history k01 --result maybe",
+            "history k01 --since yesterday",
+            "history k01 --limit 0",
+            "history k01 --action nope",
+            "set-memo k01",
+        ] {
+            let e = parse(args).err().unwrap_or_else(|| panic!("{args} parsed"));
+            assert_eq!(e.exit_code(), 2, "{args}");
+        }
+    }
+
+    /// Parsed values reach the commands as the shared model's types.
+    #[test]
+    fn parsed_values() {
+        let Command::Create(c) = parse("create k01 --type rsa2048 --protection hsm --auto-rotate")
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (c.key_type, c.protection, c.auto_rotate, c.rotation_days),
+            (KeyType::Rsa2048, Protection::Hsm, true, None)
+        );
+        let Command::Create(c) = parse("create k01 --type ecdsa").unwrap().command else {
+            panic!()
+        };
+        assert_eq!((c.protection, c.memo.as_str()), (Protection::Basic, ""));
+
+        let Command::Sign(s) = parse("sign k --scheme pkcs1").unwrap().command else {
+            panic!()
+        };
+        assert_eq!(s.scheme, SignScheme::Pkcs1);
+        let Command::Verify(v) = parse("verify k --signature S").unwrap().command else {
+            panic!()
+        };
+        assert_eq!((v.scheme, v.signature.as_str()), (SignScheme::Pss, "S"));
+
+        let Command::DataKey(d) = parse("data-key k").unwrap().command else {
+            panic!()
+        };
+        assert_eq!((d.bits, d.plaintext), (256, false));
+
+        let Command::History(h) =
+            parse("history k --action public-key --result ok --since 1970-01-01T00:00:01.5Z")
+                .unwrap()
+                .command
+        else {
+            panic!()
+        };
+        assert_eq!(h.action, Some(Action::PublicKey));
+        assert_eq!(h.result, Some(ResultFilter::Ok));
+        assert_eq!(h.since, Some(1500));
+
+        let Command::SetRotation(r) = parse("set-rotation k --no-auto-rotate").unwrap().command
+        else {
+            panic!()
+        };
+        assert!(!r.auto_rotate && r.no_auto_rotate);
+
+        let cli = parse("encrypt k --batch --json --socket /s").unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.socket, Some(PathBuf::from("/s")));
+    }
+
+    /// `delete-now` without `--yes` is refused locally, before any connection, with 2.
+    #[test]
+    fn delete_now_needs_yes() {
+        let cli = parse("--socket /nonexistent/kms.sock delete-now k01").unwrap();
+        let e = run(cli).unwrap_err();
+        assert_eq!((e.kind(), e.exit_code()), ("usage", 2));
+        assert!(e.message().contains("--yes"));
+    }
+
+    /// An explicit socket with nobody listening is a connect error (69), never a hang.
+    #[test]
+    fn unreachable_socket_is_69() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("none.sock");
+        let cli = parse(&format!("--socket {} status", sock.display())).unwrap();
+        let e = run(cli).unwrap_err();
+        assert_eq!((e.kind(), e.exit_code()), ("connect", 69));
+    }
+
+    /// Daemon error kinds keep their documented codes; transport errors are 69.
+    #[test]
+    fn exit_code_mapping() {
+        for kind in ErrorKind::ALL {
+            let e = CtlError::from(ClientError::Server(WireError::new(kind, "m")));
+            assert_eq!(e.exit_code(), kind.exit_code());
+            assert_eq!(e.kind(), kind.as_str());
+            assert!((3..=15).contains(&e.exit_code()));
+        }
+        let closed = CtlError::from(ClientError::Closed);
+        assert_eq!((closed.kind(), closed.exit_code()), ("connect", 69));
+        let mismatch = CtlError::from(ClientError::VersionMismatch {
+            daemon: 2,
+            client: 1,
+        });
+        assert_eq!(mismatch.kind(), "unsupported-version");
+        let io = CtlError::from(io::Error::other("disk"));
+        assert_eq!(io.exit_code(), 74);
+        let pipe = CtlError::from(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(pipe.exit_code(), 0);
+    }
+
+    /// The exit-code table at the top of this file matches `ErrorKind::exit_code`.
+    #[test]
+    fn documented_exit_codes_match() {
+        let doc = include_str!("mod.rs");
+        for kind in ErrorKind::ALL {
+            let row = format!("//! | {} | {} |", kind.exit_code(), kind.as_str());
+            assert!(doc.contains(&row), "missing {row}");
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! Cryptographic calls (SPEC §5): encrypt, decrypt, re-encrypt (single and batched),
+//! sign, verify, public key, data keys. None takes a lock beyond cloning the key's entry;
+//! each returns a [`Pending`] that resolves once its history entry is durable.
+
+use super::{Caller, Engine, EngineError, KeyEntry, Pending, history_mutation, require_enabled};
+use crate::crypto::KeyMaterial;
+use crate::store::Mutation;
+use kms_shared::ciphertext;
+use kms_shared::model::{
+    Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS, MAX_CONTEXT, MAX_RSA_PLAINTEXT,
+    MAX_SIGN_MESSAGE, SignScheme,
+};
+use kms_shared::protocol::{CiphertextItem, ErrorKind, ItemOutcome, PlaintextItem};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use zeroize::Zeroizing;
+
+/// AAD of data ciphertexts: binds the key tag, the version and the context, so a changed
+/// prefix, another key or another context fails authentication.
+fn data_aad(tag: &str, version: u32, context: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(10 + tag.len() + 4 + context.len());
+    aad.extend_from_slice(b"ncpkms/v1\0");
+    aad.extend_from_slice(tag.as_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    // Last, so it needs no length prefix (the tag is fixed-length).
+    aad.extend_from_slice(context);
+    aad
+}
+
+/// One audited operation: what goes into the history for it.
+struct Audit {
+    action: Action,
+    version: Option<u32>,
+    error: Option<ErrorKind>,
+    /// Encryptions to add to a version's count (nonce budget).
+    encryptions: Option<u32>,
+}
+
+impl Audit {
+    fn of<T>(action: Action, r: &Result<(u32, T), EngineError>) -> Audit {
+        Audit {
+            action,
+            version: r.as_ref().ok().map(|(v, _)| *v),
+            error: r.as_ref().err().map(EngineError::kind),
+            encryptions: None,
+        }
+    }
+}
+
+impl Engine {
+    /// Records several operations on one key in one submission.
+    fn audited<T>(
+        &self,
+        caller: &Caller,
+        entry: &Arc<KeyEntry>,
+        audits: Vec<Audit>,
+        result: Result<T, EngineError>,
+    ) -> Pending<T> {
+        let now = self.now();
+        let tag = &entry.rec.tag;
+        let mut m = Vec::with_capacity(audits.len() + 2);
+        let mut uses = 0u64;
+        for a in &audits {
+            m.push(history_mutation(tag, now, caller, a.action, a.version, a.error));
+            if a.error.is_none() && a.action.is_crypto() {
+                uses += 1;
+            }
+            if let (Some(version), None) = (a.encryptions, a.error) {
+                m.push(Mutation::Encryptions {
+                    tag: tag.clone(),
+                    version,
+                    n: 1,
+                });
+            }
+        }
+        let mut on_durable: Option<Box<dyn FnOnce() + Send>> = None;
+        if uses > 0 {
+            m.push(Mutation::Use {
+                tag: tag.clone(),
+                at: now,
+                account: caller.account.clone(),
+                n: uses,
+            });
+            let usage = entry.usage.clone();
+            let account = caller.account.clone();
+            on_durable = Some(Box::new(move || usage.record(now, account, uses)));
+        }
+        Pending {
+            result,
+            ticket: Some(self.writer.submit(m)),
+            on_durable,
+        }
+    }
+
+    /// Runs `op` on a resolved key and records it as one call.
+    fn single<T>(
+        &self,
+        caller: &Caller,
+        key: &str,
+        action: Action,
+        op: impl FnOnce(&Arc<KeyEntry>) -> Result<(u32, T), EngineError>,
+    ) -> Pending<T> {
+        let entry = match self.resolve(key) {
+            Ok(e) => e,
+            Err(e) => return Pending::ready(Err(e)),
+        };
+        let r = op(&entry);
+        let mut audit = Audit::of(action, &r);
+        if matches!(action, Action::Encrypt | Action::Reencrypt | Action::DataKey)
+            && entry.rec.key_type == KeyType::Aes256
+        {
+            audit.encryptions = audit.version;
+        }
+        self.audited(caller, &entry, vec![audit], r.map(|(_, v)| v))
+    }
+
+    pub fn encrypt(
+        &self,
+        caller: &Caller,
+        key: &str,
+        plaintext: &[u8],
+        context: Option<&[u8]>,
+    ) -> Pending<String> {
+        self.single(caller, key, Action::Encrypt, |e| {
+            self.encrypt_with(e, plaintext, context)
+        })
+    }
+
+    pub fn decrypt(
+        &self,
+        caller: &Caller,
+        key: &str,
+        ciphertext: &str,
+        context: Option<&[u8]>,
+    ) -> Pending<Vec<u8>> {
+        self.single(caller, key, Action::Decrypt, |e| {
+            self.decrypt_with(e, ciphertext, context)
+                .map(|(v, p)| (v, p.to_vec()))
+        })
+    }
+
+    /// Decrypts and encrypts again under the current version; the plaintext stays here.
+    pub fn reencrypt(
+        &self,
+        caller: &Caller,
+        key: &str,
+        ciphertext: &str,
+        context: Option<&[u8]>,
+    ) -> Pending<String> {
+        self.single(caller, key, Action::Reencrypt, |e| {
+            let (_, pt) = self.decrypt_with(e, ciphertext, context)?;
+            self.encrypt_with(e, &pt, context)
+        })
+    }
+
+    pub fn encrypt_batch(
+        &self,
+        caller: &Caller,
+        key: &str,
+        items: &[PlaintextItem],
+    ) -> Pending<Vec<ItemOutcome>> {
+        self.batch(caller, key, Action::Encrypt, items, |e, it| {
+            self.encrypt_with(e, &it.plaintext, it.context.as_deref())
+                .map(|(v, c)| (v, ItemOutcome::Ciphertext(c)))
+        })
+    }
+
+    pub fn decrypt_batch(
+        &self,
+        caller: &Caller,
+        key: &str,
+        items: &[CiphertextItem],
+    ) -> Pending<Vec<ItemOutcome>> {
+        self.batch(caller, key, Action::Decrypt, items, |e, it| {
+            self.decrypt_with(e, &it.ciphertext, it.context.as_deref())
+                .map(|(v, p)| (v, ItemOutcome::Plaintext(p.to_vec())))
+        })
+    }
+
+    pub fn reencrypt_batch(
+        &self,
+        caller: &Caller,
+        key: &str,
+        items: &[CiphertextItem],
+    ) -> Pending<Vec<ItemOutcome>> {
+        self.batch(caller, key, Action::Reencrypt, items, |e, it| {
+            let ctx = it.context.as_deref();
+            let (_, pt) = self.decrypt_with(e, &it.ciphertext, ctx)?;
+            self.encrypt_with(e, &pt, ctx)
+                .map(|(v, c)| (v, ItemOutcome::Ciphertext(c)))
+        })
+    }
+
+    /// A batch: per-item results, one history entry per item, one durable submission.
+    fn batch<I>(
+        &self,
+        caller: &Caller,
+        key: &str,
+        action: Action,
+        items: &[I],
+        mut op: impl FnMut(&Arc<KeyEntry>, &I) -> Result<(u32, ItemOutcome), EngineError>,
+    ) -> Pending<Vec<ItemOutcome>> {
+        let entry = match self.resolve(key) {
+            Ok(e) => e,
+            Err(e) => return Pending::ready(Err(e)),
+        };
+        if items.len() > MAX_BATCH_ITEMS {
+            let err = EngineError::TooLarge(format!(
+                "a batch has at most {MAX_BATCH_ITEMS} items (this one has {})",
+                items.len()
+            ));
+            let audit = Audit {
+                action,
+                version: None,
+                error: Some(err.kind()),
+                encryptions: None,
+            };
+            return self.audited(caller, &entry, vec![audit], Err(err));
+        }
+        let counts_encryptions = action != Action::Decrypt && entry.rec.key_type == KeyType::Aes256;
+        let mut audits = Vec::with_capacity(items.len());
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            let r = op(&entry, it);
+            let mut audit = Audit::of(action, &r);
+            if counts_encryptions {
+                audit.encryptions = audit.version;
+            }
+            audits.push(audit);
+            out.push(match r {
+                Ok((_, o)) => o,
+                Err(e) => ItemOutcome::Err(e.to_wire()),
+            });
+        }
+        self.audited(caller, &entry, audits, Ok(out))
+    }
+
+    pub fn sign(
+        &self,
+        caller: &Caller,
+        key: &str,
+        message: &[u8],
+        scheme: SignScheme,
+    ) -> Pending<String> {
+        self.single(caller, key, Action::Sign, |e| {
+            check_sign_input(e, message)?;
+            let v = e
+                .current()
+                .ok_or_else(|| EngineError::InvalidState("key has no current version".into()))?;
+            check_version_enabled(e, v.version, v.record.enabled)?;
+            let sig = match &*self.material(e, v)? {
+                KeyMaterial::Ecdsa(k) => k.sign(message)?,
+                KeyMaterial::Rsa(k) => k.sign(scheme, message)?,
+                KeyMaterial::Aes(_) => return Err(wrong_purpose(e, "sign")),
+            };
+            Ok((v.version, ciphertext::format(v.version, &sig)))
+        })
+    }
+
+    /// Verifies a signature: `valid` true or false; errors only for bad input.
+    pub fn verify(
+        &self,
+        caller: &Caller,
+        key: &str,
+        message: &[u8],
+        signature: &str,
+        scheme: SignScheme,
+    ) -> Pending<bool> {
+        self.single(caller, key, Action::Verify, |e| {
+            check_sign_input(e, message)?;
+            let (version, sig) = ciphertext::parse(signature)
+                .map_err(|f| EngineError::InvalidArgument(format!("signature: {f}")))?;
+            let Some(v) = e.version(version) else {
+                // A signature naming a version this key never had cannot be valid.
+                return Ok((version, false));
+            };
+            check_version_enabled(e, version, v.record.enabled)?;
+            let valid = match &*self.material(e, v)? {
+                KeyMaterial::Ecdsa(k) => k.verify(message, &sig),
+                KeyMaterial::Rsa(k) => k.verify(scheme, message, &sig),
+                KeyMaterial::Aes(_) => return Err(wrong_purpose(e, "verify")),
+            };
+            Ok((version, valid))
+        })
+    }
+
+    /// The PEM public key of a version (default current) of an ECDSA or RSA key.
+    pub fn public_key(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Pending<(u32, String)> {
+        self.single(caller, key, Action::PublicKey, |e| {
+            require_enabled(e)?;
+            if !e.rec.key_type.can_sign() {
+                return Err(wrong_purpose(e, "have a public key"));
+            }
+            let n = version.unwrap_or(e.rec.current_version);
+            let v = e.version(n).ok_or_else(|| {
+                EngineError::NotFound(format!("key {} has no version {n}", e.rec.name))
+            })?;
+            check_version_enabled(e, n, v.record.enabled)?;
+            let pem = self
+                .material(e, v)?
+                .public_key_pem()
+                .ok_or_else(|| wrong_purpose(e, "have a public key"))?;
+            Ok((n, (n, pem)))
+        })
+    }
+
+    /// A fresh data key of `bits`, wrapped under the current version; returned in
+    /// plaintext only if asked (envelope encryption).
+    pub fn data_key(
+        &self,
+        caller: &Caller,
+        key: &str,
+        bits: u32,
+        with_plaintext: bool,
+        context: Option<&[u8]>,
+    ) -> Pending<(String, Option<Vec<u8>>)> {
+        self.single(caller, key, Action::DataKey, |e| {
+            if !matches!(bits, 128 | 256 | 512) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "a data key has 128, 256 or 512 bits, not {bits}"
+                )));
+            }
+            let dk = crate::crypto::random_bytes(bits as usize / 8)?;
+            let (v, ct) = self.encrypt_with(e, &dk, context)?;
+            Ok((v, (ct, with_plaintext.then(|| dk.to_vec()))))
+        })
+    }
+
+    /// Encrypts under the current version (rotating first if its nonce budget is spent).
+    fn encrypt_with(
+        &self,
+        entry: &Arc<KeyEntry>,
+        plaintext: &[u8],
+        context: Option<&[u8]>,
+    ) -> Result<(u32, String), EngineError> {
+        check_crypto_input(entry, context)?;
+        let limit = match entry.rec.key_type {
+            KeyType::Aes256 => MAX_AES_PLAINTEXT,
+            KeyType::Rsa2048 => MAX_RSA_PLAINTEXT,
+            KeyType::Ecdsa => return Err(wrong_purpose(entry, "encrypt")),
+        };
+        if plaintext.len() > limit {
+            return Err(EngineError::TooLarge(format!(
+                "{} plaintext is at most {limit} bytes (got {})",
+                entry.rec.key_type,
+                plaintext.len()
+            )));
+        }
+        let mut entry = entry.clone();
+        // At most one forced rotation per call: after it the new version has a fresh budget.
+        for _ in 0..2 {
+            let v = entry
+                .current()
+                .ok_or_else(|| EngineError::InvalidState("key has no current version".into()))?
+                .clone();
+            check_version_enabled(&entry, v.version, v.record.enabled)?;
+            let material = self.material(&entry, &v)?;
+            let body = match &*material {
+                KeyMaterial::Aes(k) => {
+                    let used = v.encryptions.fetch_add(1, Ordering::Relaxed);
+                    if !entry.rec.convergent && used >= self.config.nonce_budget {
+                        self.rotate_for_budget(&entry.rec.tag, v.version)?;
+                        entry = self.resolve(&entry.rec.tag)?;
+                        require_enabled(&entry)?;
+                        continue;
+                    }
+                    let aad = data_aad(&entry.rec.tag, v.version, context.unwrap_or_default());
+                    match context.filter(|_| entry.rec.convergent) {
+                        Some(ctx) => k.encrypt_convergent(ctx, &aad, plaintext)?,
+                        None => k.encrypt_random(&aad, plaintext)?,
+                    }
+                }
+                KeyMaterial::Rsa(k) => k.encrypt(plaintext)?,
+                KeyMaterial::Ecdsa(_) => return Err(wrong_purpose(&entry, "encrypt")),
+            };
+            return Ok((v.version, ciphertext::format(v.version, &body)));
+        }
+        Err(EngineError::InvalidState(
+            "the key was rotated for its encryption budget but the new version is not usable".into(),
+        ))
+    }
+
+    /// Decrypts with the version named in the ciphertext.
+    fn decrypt_with(
+        &self,
+        entry: &KeyEntry,
+        ct: &str,
+        context: Option<&[u8]>,
+    ) -> Result<(u32, Zeroizing<Vec<u8>>), EngineError> {
+        check_crypto_input(entry, context)?;
+        if entry.rec.key_type == KeyType::Ecdsa {
+            return Err(wrong_purpose(entry, "decrypt"));
+        }
+        let (version, body) = ciphertext::parse(ct)
+            .map_err(|f| EngineError::InvalidArgument(format!("ciphertext: {f}")))?;
+        // A prefix naming a version this key does not have is a modified ciphertext.
+        let v = entry.version(version).ok_or(EngineError::DecryptFailed)?;
+        check_version_enabled(entry, version, v.record.enabled)?;
+        let pt = match &*self.material(entry, v)? {
+            KeyMaterial::Aes(k) => {
+                let aad = data_aad(&entry.rec.tag, version, context.unwrap_or_default());
+                match context.filter(|_| entry.rec.convergent) {
+                    Some(ctx) => k.decrypt_convergent(ctx, &aad, &body)?,
+                    None => k.decrypt(&aad, &body)?,
+                }
+            }
+            KeyMaterial::Rsa(k) => k.decrypt(&body)?,
+            KeyMaterial::Ecdsa(_) => return Err(wrong_purpose(entry, "decrypt")),
+        };
+        Ok((version, pt))
+    }
+}
+
+/// Checks shared by encrypt and decrypt: state, purpose, context rules.
+fn check_crypto_input(entry: &KeyEntry, context: Option<&[u8]>) -> Result<(), EngineError> {
+    require_enabled(entry)?;
+    if !entry.rec.key_type.can_encrypt() {
+        return Err(wrong_purpose(entry, "encrypt or decrypt"));
+    }
+    if let Some(ctx) = context {
+        if ctx.len() > MAX_CONTEXT {
+            return Err(EngineError::TooLarge(format!(
+                "a context is at most {MAX_CONTEXT} bytes (got {})",
+                ctx.len()
+            )));
+        }
+        if entry.rec.key_type == KeyType::Rsa2048 {
+            return Err(EngineError::InvalidArgument(
+                "a context applies to AES256 keys only (RSA-OAEP here uses no label)".into(),
+            ));
+        }
+    } else if entry.rec.convergent {
+        return Err(EngineError::InvalidArgument(format!(
+            "key {} uses convergent encryption and needs a context",
+            entry.rec.name
+        )));
+    }
+    Ok(())
+}
+
+fn check_sign_input(entry: &KeyEntry, message: &[u8]) -> Result<(), EngineError> {
+    require_enabled(entry)?;
+    if !entry.rec.key_type.can_sign() {
+        return Err(wrong_purpose(entry, "sign or verify"));
+    }
+    if message.len() > MAX_SIGN_MESSAGE {
+        return Err(EngineError::TooLarge(format!(
+            "a message to sign or verify is at most {MAX_SIGN_MESSAGE} bytes (got {})",
+            message.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_version_enabled(entry: &KeyEntry, version: u32, enabled: bool) -> Result<(), EngineError> {
+    if enabled {
+        Ok(())
+    } else {
+        Err(EngineError::VersionDisabled(format!(
+            "version {version} of key {} is disabled",
+            entry.rec.name
+        )))
+    }
+}
+
+fn wrong_purpose(entry: &KeyEntry, what: &str) -> EngineError {
+    EngineError::WrongPurpose(format!(
+        "key {} is {} ({}) and cannot {what}",
+        entry.rec.name,
+        entry.rec.key_type,
+        entry.rec.key_type.purpose()
+    ))
+}

@@ -1,0 +1,662 @@
+//! Lifecycle changes (SPEC §3, §4): create, rotate, enable/disable, version flags,
+//! rotation settings, memo, the deletion queue, and the scheduler's rotations, purges and
+//! expiries. Each is built as a [`Change`] without side effects, then [`Engine::apply`]
+//! commits it durably and only then publishes it.
+
+use super::schedule::{anchor_after_rotation, due_entries};
+use super::{Caller, Engine, EngineError, KeyEntry, VersionEntry, history_mutation};
+use crate::crypto::{self, KeyMaterial};
+use crate::store::Mutation;
+use crate::store::records::{DueKind, KeyRecord, VersionRecord};
+use kms_shared::model::{
+    self, Action, DAY_MS, DEFAULT_ROTATION_DAYS, KeyInfo, KeyState, Protection, UnixMillis,
+    VersionInfo,
+};
+use kms_shared::protocol::{CreateKey, EventKind};
+use std::sync::Arc;
+
+/// A change to one key, complete before anything is written.
+struct Change {
+    rec: KeyRecord,
+    /// Versions added or changed: (version, record, fresh material for a new version).
+    versions: Vec<(u32, VersionRecord, Option<Arc<KeyMaterial>>)>,
+    action: Action,
+    version: Option<u32>,
+    /// Recorded in history instead of `ok` (a scheduled rotation stopped by the limit).
+    refusal: Option<EngineError>,
+    events: Vec<(EventKind, Option<u32>, String)>,
+}
+
+impl Change {
+    fn new(rec: KeyRecord, action: Action) -> Self {
+        Change {
+            rec,
+            versions: Vec::new(),
+            action,
+            version: None,
+            refusal: None,
+            events: Vec::new(),
+        }
+    }
+
+    fn event(mut self, kind: EventKind, version: Option<u32>, message: String) -> Self {
+        self.events.push((kind, version, message));
+        self
+    }
+}
+
+/// AAD binding wrapped material to its key and version.
+fn wrap_aad(tag: &str, version: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(48);
+    aad.extend_from_slice(b"kms/wrap\0");
+    aad.extend_from_slice(tag.as_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+impl Engine {
+    /// Unwraps (once) and returns a version's material.
+    pub(super) fn material(
+        &self,
+        entry: &KeyEntry,
+        v: &VersionEntry,
+    ) -> Result<Arc<KeyMaterial>, EngineError> {
+        if let Some(m) = v.material.get() {
+            return Ok(m.clone());
+        }
+        let wrapped = v.record.wrapped.as_ref().ok_or_else(|| {
+            EngineError::InvalidState(format!(
+                "version {} of key {} has been destroyed",
+                v.version, entry.rec.name
+            ))
+        })?;
+        let secret = self
+            .root
+            .unwrap(&wrap_aad(&entry.rec.tag, v.version), wrapped)
+            .map_err(|_| {
+                EngineError::Crypto(crypto::CryptoError::Internal(
+                    "wrapped key material does not open under this root key",
+                ))
+            })?;
+        let m = Arc::new(KeyMaterial::from_secret_bytes(entry.rec.key_type, &secret)?);
+        // Another thread may have won the race; either value is the same key.
+        Ok(v.material.get_or_init(|| m).clone())
+    }
+
+    /// Generates and wraps the material of a new version.
+    fn new_version(
+        &self,
+        rec: &KeyRecord,
+        version: u32,
+        now: UnixMillis,
+    ) -> Result<(u32, VersionRecord, Option<Arc<KeyMaterial>>), EngineError> {
+        let material = KeyMaterial::generate(rec.key_type)?;
+        let wrapped = self
+            .root
+            .wrap(&wrap_aad(&rec.tag, version), &material.to_secret_bytes())?;
+        Ok((
+            version,
+            VersionRecord {
+                created_at: now,
+                enabled: true,
+                wrapped: Some(wrapped),
+            },
+            Some(Arc::new(material)),
+        ))
+    }
+
+    /// Commits a change, then publishes it in memory and as events.
+    fn apply(
+        &self,
+        caller: &Caller,
+        old: Option<&Arc<KeyEntry>>,
+        change: Change,
+    ) -> Result<Arc<KeyEntry>, EngineError> {
+        let now = self.now();
+        let retention = self.config.retention_ms;
+        let rec = &change.rec;
+        let tag = rec.tag.clone();
+        let old_due = old.map(|o| due_entries(&o.rec, retention)).unwrap_or_default();
+        let new_due = due_entries(rec, retention);
+
+        let mut m = vec![Mutation::PutKey(rec.clone())];
+        for (v, vrec, _) in &change.versions {
+            m.push(Mutation::PutVersion {
+                tag: tag.clone(),
+                version: *v,
+                record: vrec.clone(),
+            });
+        }
+        for (at, kind) in old_due.iter().filter(|d| !new_due.contains(d)) {
+            m.push(Mutation::RemoveDue {
+                at: *at,
+                tag: tag.clone(),
+                kind: *kind,
+            });
+        }
+        for (at, kind) in new_due.iter().filter(|d| !old_due.contains(d)) {
+            m.push(Mutation::AddDue {
+                at: *at,
+                tag: tag.clone(),
+                kind: *kind,
+            });
+        }
+        let was_live = old.is_some_and(|o| o.rec.state != KeyState::Deleted);
+        if old.is_none() {
+            m.push(Mutation::PutName {
+                name: rec.name.clone(),
+                tag: tag.clone(),
+            });
+        } else if was_live && rec.state == KeyState::Deleted {
+            m.push(Mutation::RemoveName(rec.name.clone()));
+        }
+        m.push(history_mutation(
+            &tag,
+            now,
+            caller,
+            change.action,
+            change.version,
+            change.refusal.as_ref().map(EngineError::kind),
+        ));
+
+        self.writer.submit(m).wait()?;
+
+        // Durable: now publish.
+        let mut versions = old.map(|o| o.versions.clone()).unwrap_or_default();
+        for (v, vrec, material) in change.versions {
+            let idx = (v - 1) as usize;
+            let entry = match (versions.get(idx), material) {
+                (Some(existing), _) => existing.with_record(vrec),
+                (None, material) => {
+                    let e = VersionEntry::new(v, vrec);
+                    if let Some(mat) = material {
+                        let _ = e.material.set(mat);
+                    }
+                    e
+                }
+            };
+            if idx < versions.len() {
+                versions[idx] = Arc::new(entry);
+            } else {
+                versions.push(Arc::new(entry));
+            }
+        }
+        let entry = Arc::new(KeyEntry {
+            rec: change.rec,
+            versions,
+            usage: old.map(|o| o.usage.clone()).unwrap_or_default(),
+        });
+        {
+            let mut ring = self.ring_mut();
+            ring.put(entry.clone());
+            ring.replace_due(&tag, &old_due, &new_due);
+        }
+        if old_due != new_due {
+            self.due_changed.notify_one();
+        }
+        for (kind, version, message) in change.events {
+            self.publish(kind, &entry, version, caller, message);
+        }
+        Ok(entry)
+    }
+
+    /// Records a refused lifecycle call in the history and returns the refusal.
+    fn refuse(
+        &self,
+        caller: &Caller,
+        entry: &KeyEntry,
+        action: Action,
+        version: Option<u32>,
+        err: EngineError,
+    ) -> EngineError {
+        let m = history_mutation(
+            &entry.rec.tag,
+            self.now(),
+            caller,
+            action,
+            version,
+            Some(err.kind()),
+        );
+        match self.writer.submit(vec![m]).wait() {
+            Ok(()) => err,
+            Err(store) => EngineError::Store(store),
+        }
+    }
+
+    /// The common shape of a lifecycle call on an existing key.
+    fn change_key(
+        &self,
+        caller: &Caller,
+        key: &str,
+        action: Action,
+        version: Option<u32>,
+        build: impl FnOnce(&Arc<KeyEntry>, UnixMillis) -> Result<Change, EngineError>,
+    ) -> Result<Arc<KeyEntry>, EngineError> {
+        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.resolve(key)?;
+        let now = self.now();
+        match build(&entry, now) {
+            Ok(change) => self.apply(caller, Some(&entry), change),
+            Err(e) => Err(self.refuse(caller, &entry, action, version, e)),
+        }
+    }
+
+    /// Creates a key with version 1, enabled at once.
+    pub fn create_key(&self, caller: &Caller, spec: &CreateKey) -> Result<KeyInfo, EngineError> {
+        let invalid = |e: model::RuleViolation| EngineError::InvalidArgument(e.0);
+        model::validate_name(&spec.name).map_err(invalid)?;
+        model::validate_memo(&spec.memo).map_err(invalid)?;
+        model::validate_convergent(spec.key_type, spec.convergent).map_err(invalid)?;
+        let days = spec.rotation_days.unwrap_or(DEFAULT_ROTATION_DAYS);
+        model::validate_rotation_days(days).map_err(invalid)?;
+        if spec.protection != Protection::Basic {
+            return Err(EngineError::InvalidArgument(format!(
+                "protection level {} needs a PKCS#11 token and none is configured on this kmsd",
+                spec.protection
+            )));
+        }
+
+        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ring().by_name.contains_key(&spec.name) {
+            return Err(EngineError::AlreadyExists(format!(
+                "a key named {:?} already exists",
+                spec.name
+            )));
+        }
+        let now = self.now();
+        let rec = KeyRecord {
+            tag: crypto::random_tag()?,
+            name: spec.name.clone(),
+            key_type: spec.key_type,
+            protection: spec.protection,
+            hsm: None,
+            state: KeyState::Enabled,
+            convergent: spec.convergent,
+            current_version: 1,
+            auto_rotation: spec.auto_rotation,
+            rotation_days: days,
+            rotation_anchor: spec.auto_rotation.then_some(now),
+            rotation_stopped: false,
+            created_at: now,
+            deletion_due_at: None,
+            deleted_at: None,
+            memo: spec.memo.clone(),
+        };
+        let mut change = Change::new(rec.clone(), Action::Create).event(
+            EventKind::Created,
+            Some(1),
+            format!("key {} ({}) created", rec.name, rec.key_type),
+        );
+        change.versions.push(self.new_version(&rec, 1, now)?);
+        change.version = Some(1);
+        Ok(self.apply(caller, None, change)?.info())
+    }
+
+    /// Manual rotation: a new current version; the auto-rotation schedule does not move.
+    pub fn rotate(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
+        self.change_key(caller, key, Action::Rotate, None, |e, now| {
+            if e.rec.state != KeyState::Enabled {
+                return Err(EngineError::InvalidState(format!(
+                    "key {} is {}; only an enabled key can be rotated by hand",
+                    e.rec.name, e.rec.state
+                )));
+            }
+            self.rotation_change(e, now, Action::Rotate, e.rec.rotation_anchor)
+        })
+        .map(|e| e.info())
+    }
+
+    /// Builds a rotation to version N+1 with the given new anchor.
+    fn rotation_change(
+        &self,
+        e: &KeyEntry,
+        now: UnixMillis,
+        action: Action,
+        anchor: Option<UnixMillis>,
+    ) -> Result<Change, EngineError> {
+        let max = e.rec.protection.max_versions();
+        if e.rec.current_version >= max {
+            return Err(EngineError::VersionLimit(format!(
+                "key {} has {max} versions, the limit for {} keys; create a new key instead",
+                e.rec.name, e.rec.protection
+            )));
+        }
+        let v = e.rec.current_version + 1;
+        let mut rec = e.rec.clone();
+        rec.current_version = v;
+        rec.rotation_anchor = anchor;
+        let mut change = Change::new(rec, action).event(
+            EventKind::Rotated,
+            Some(v),
+            format!("key {} rotated to version {v}", e.rec.name),
+        );
+        change.version = Some(v);
+        change.versions.push(self.new_version(&e.rec, v, now)?);
+        Ok(change)
+    }
+
+    /// A scheduled rotation: runs in any state but deleted; at the version limit, auto
+    /// rotation stops and an event asks for a new key.
+    pub(super) fn auto_rotate(
+        &self,
+        tag: &str,
+        due: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<Arc<KeyEntry>, EngineError> {
+        let caller = Caller::daemon();
+        self.change_key(&caller, tag, Action::AutoRotate, None, |e, _| {
+            if e.rec.next_rotation_at() != Some(due) {
+                return Err(EngineError::InvalidState("rotation no longer due".into()));
+            }
+            let period = i64::from(e.rec.rotation_days) * DAY_MS;
+            match self.rotation_change(e, now, Action::AutoRotate, Some(anchor_after_rotation(due, now, period))) {
+                Err(EngineError::VersionLimit(msg)) => {
+                    let mut rec = e.rec.clone();
+                    rec.rotation_stopped = true;
+                    let mut change = Change::new(rec, Action::AutoRotate).event(
+                        EventKind::VersionLimitReached,
+                        None,
+                        format!("{msg}; automatic rotation stopped"),
+                    );
+                    change.refusal = Some(EngineError::VersionLimit(msg));
+                    Ok(change)
+                }
+                other => other,
+            }
+        })
+    }
+
+    /// Rotation forced by the nonce budget of `exhausted` (if still current).
+    pub(super) fn rotate_for_budget(&self, tag: &str, exhausted: u32) -> Result<(), EngineError> {
+        let caller = Caller::daemon();
+        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.resolve(tag)?;
+        if entry.rec.current_version != exhausted {
+            return Ok(());
+        }
+        let now = self.now();
+        let change = match self.rotation_change(&entry, now, Action::AutoRotate, entry.rec.rotation_anchor) {
+            Ok(c) => c.event(
+                EventKind::NonceBudgetLow,
+                Some(exhausted),
+                format!(
+                    "version {exhausted} of key {} reached its encryption budget and was retired",
+                    entry.rec.name
+                ),
+            ),
+            Err(e) => {
+                self.publish(
+                    EventKind::NonceBudgetLow,
+                    &entry,
+                    Some(exhausted),
+                    &caller,
+                    format!(
+                        "version {exhausted} of key {} reached its encryption budget and cannot be rotated: {e}",
+                        entry.rec.name
+                    ),
+                );
+                return Err(e);
+            }
+        };
+        self.apply(&caller, Some(&entry), change).map(|_| ())
+    }
+
+    pub fn enable(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
+        self.set_state(caller, key, Action::Enable, KeyState::Disabled, KeyState::Enabled)
+    }
+
+    pub fn disable(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
+        self.set_state(caller, key, Action::Disable, KeyState::Enabled, KeyState::Disabled)
+    }
+
+    fn set_state(
+        &self,
+        caller: &Caller,
+        key: &str,
+        action: Action,
+        from: KeyState,
+        to: KeyState,
+    ) -> Result<KeyInfo, EngineError> {
+        self.change_key(caller, key, action, None, |e, _| {
+            if e.rec.state != from {
+                return Err(EngineError::InvalidState(format!(
+                    "key {} is {}; {action} needs a {from} key",
+                    e.rec.name, e.rec.state
+                )));
+            }
+            let mut rec = e.rec.clone();
+            rec.state = to;
+            Ok(Change::new(rec, action).event(
+                EventKind::StateChanged,
+                None,
+                format!("key {} is now {to}", e.rec.name),
+            ))
+        })
+        .map(|e| e.info())
+    }
+
+    /// Enables or disables one version (its own flag; the key's state applies on top).
+    pub fn set_version_enabled(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: u32,
+        enabled: bool,
+    ) -> Result<Vec<VersionInfo>, EngineError> {
+        let action = if enabled {
+            Action::EnableVersion
+        } else {
+            Action::DisableVersion
+        };
+        self.change_key(caller, key, action, Some(version), |e, _| {
+            if !matches!(e.rec.state, KeyState::Enabled | KeyState::Disabled) {
+                return Err(EngineError::InvalidState(format!(
+                    "key {} is {}; versions can be changed only on an enabled or disabled key",
+                    e.rec.name, e.rec.state
+                )));
+            }
+            let v = e.version(version).ok_or_else(|| {
+                EngineError::NotFound(format!("key {} has no version {version}", e.rec.name))
+            })?;
+            let mut change = Change::new(e.rec.clone(), action);
+            change.version = Some(version);
+            if v.record.enabled != enabled {
+                let mut vrec = v.record.clone();
+                vrec.enabled = enabled;
+                change.versions.push((version, vrec, None));
+                let (kind, word) = if enabled {
+                    (EventKind::VersionEnabled, "enabled")
+                } else {
+                    (EventKind::VersionDisabled, "disabled")
+                };
+                change = change.event(
+                    kind,
+                    Some(version),
+                    format!("version {version} of key {} {word}", e.rec.name),
+                );
+            }
+            Ok(change)
+        })
+        .map(|e| e.version_infos())
+    }
+
+    /// Auto rotation on/off and its period. Switching on starts the period now; changing
+    /// the period moves the next date at once (next = anchor + period).
+    pub fn set_rotation(
+        &self,
+        caller: &Caller,
+        key: &str,
+        auto_rotation: bool,
+        rotation_days: Option<u32>,
+    ) -> Result<KeyInfo, EngineError> {
+        self.change_key(caller, key, Action::SetRotation, None, |e, now| {
+            if let Some(d) = rotation_days {
+                model::validate_rotation_days(d).map_err(|r| EngineError::InvalidArgument(r.0))?;
+            }
+            if !matches!(e.rec.state, KeyState::Enabled | KeyState::Disabled) {
+                return Err(EngineError::InvalidState(format!(
+                    "key {} is {}; rotation settings change only on an enabled or disabled key",
+                    e.rec.name, e.rec.state
+                )));
+            }
+            let mut rec = e.rec.clone();
+            rec.rotation_days = rotation_days.unwrap_or(rec.rotation_days);
+            rec.rotation_anchor = match (auto_rotation, e.rec.auto_rotation) {
+                (false, _) => None,
+                (true, false) => Some(now),
+                (true, true) => e.rec.rotation_anchor.or(Some(now)),
+            };
+            rec.auto_rotation = auto_rotation;
+            let next = rec
+                .next_rotation_at()
+                .map(model::format_time)
+                .unwrap_or_else(|| "none".into());
+            Ok(Change::new(rec, Action::SetRotation).event(
+                EventKind::SettingsChanged,
+                None,
+                format!(
+                    "key {}: auto rotation {}, every {} days, next {next}",
+                    e.rec.name,
+                    if auto_rotation { "on" } else { "off" },
+                    rotation_days.unwrap_or(e.rec.rotation_days)
+                ),
+            ))
+        })
+        .map(|e| e.info())
+    }
+
+    pub fn set_memo(&self, caller: &Caller, key: &str, memo: &str) -> Result<KeyInfo, EngineError> {
+        self.change_key(caller, key, Action::SetMemo, None, |e, _| {
+            model::validate_memo(memo).map_err(|r| EngineError::InvalidArgument(r.0))?;
+            if e.rec.state == KeyState::Deleted {
+                return Err(EngineError::InvalidState(format!("key {} is deleted", e.rec.name)));
+            }
+            let mut rec = e.rec.clone();
+            rec.memo = memo.to_string();
+            Ok(Change::new(rec, Action::SetMemo).event(
+                EventKind::SettingsChanged,
+                None,
+                format!("key {}: memo changed", e.rec.name),
+            ))
+        })
+        .map(|e| e.info())
+    }
+
+    /// Deletion request: `pending-deletion` until now + the deletion delay.
+    pub fn request_deletion(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
+        let delay = self.config.effective_deletion_delay();
+        self.change_key(caller, key, Action::Delete, None, |e, now| {
+            if !matches!(e.rec.state, KeyState::Enabled | KeyState::Disabled) {
+                return Err(EngineError::InvalidState(format!(
+                    "key {} is {}; deletion can be requested for an enabled or disabled key",
+                    e.rec.name, e.rec.state
+                )));
+            }
+            let mut rec = e.rec.clone();
+            rec.state = KeyState::PendingDeletion;
+            rec.deletion_due_at = Some(now + delay);
+            Ok(Change::new(rec, Action::Delete).event(
+                EventKind::DeletionRequested,
+                None,
+                format!(
+                    "deletion of key {} requested; it will be purged at {}",
+                    e.rec.name,
+                    model::format_time(now + delay)
+                ),
+            ))
+        })
+        .map(|e| e.info())
+    }
+
+    /// Cancels a deletion request: the key becomes `disabled`.
+    pub fn cancel_deletion(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
+        self.change_key(caller, key, Action::CancelDeletion, None, |e, _| {
+            require_pending(e)?;
+            let mut rec = e.rec.clone();
+            rec.state = KeyState::Disabled;
+            rec.deletion_due_at = None;
+            Ok(Change::new(rec, Action::CancelDeletion).event(
+                EventKind::DeletionCancelled,
+                None,
+                format!("deletion of key {} cancelled; the key is disabled", e.rec.name),
+            ))
+        })
+        .map(|e| e.info())
+    }
+
+    /// Purges a key waiting for deletion at once.
+    pub fn delete_now(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
+        self.change_key(caller, key, Action::DeleteNow, None, |e, now| {
+            require_pending(e)?;
+            Ok(purge_change(e, now, Action::DeleteNow))
+        })
+        .map(|e| e.info())
+    }
+
+    /// The scheduled purge at the end of the deletion wait.
+    pub(super) fn purge_due(&self, tag: &str) -> Result<Arc<KeyEntry>, EngineError> {
+        self.change_key(&Caller::daemon(), tag, Action::Purge, None, |e, now| {
+            require_pending(e)?;
+            if e.rec.deletion_due_at.is_none_or(|d| d > now) {
+                return Err(EngineError::InvalidState("purge not yet due".into()));
+            }
+            Ok(purge_change(e, now, Action::Purge))
+        })
+    }
+
+    /// Forgets a purged key whose retention has ended: metadata, counters and history.
+    pub(super) fn expire(&self, tag: &str) -> Result<(), EngineError> {
+        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.resolve(tag)?;
+        let due = due_entries(&entry.rec, self.config.retention_ms);
+        let Some((at, DueKind::Expiry)) = due.first().copied() else {
+            return Err(EngineError::InvalidState("expiry not due".into()));
+        };
+        if at > self.now() {
+            return Err(EngineError::InvalidState("expiry not yet due".into()));
+        }
+        self.writer
+            .submit(vec![
+                Mutation::RemoveDue {
+                    at,
+                    tag: tag.to_string(),
+                    kind: DueKind::Expiry,
+                },
+                Mutation::Expunge {
+                    tag: tag.to_string(),
+                },
+            ])
+            .wait()?;
+        self.ring_mut().remove(tag);
+        Ok(())
+    }
+}
+
+fn require_pending(e: &KeyEntry) -> Result<(), EngineError> {
+    if e.rec.state != KeyState::PendingDeletion {
+        return Err(EngineError::InvalidState(format!(
+            "key {} is {}; this needs a key pending deletion",
+            e.rec.name, e.rec.state
+        )));
+    }
+    Ok(())
+}
+
+/// Destroys the material of every version; keeps metadata and history.
+fn purge_change(e: &KeyEntry, now: UnixMillis, action: Action) -> Change {
+    let mut rec = e.rec.clone();
+    rec.state = KeyState::Deleted;
+    rec.deleted_at = Some(now);
+    rec.deletion_due_at = None;
+    let mut change = Change::new(rec, action).event(
+        EventKind::Purged,
+        None,
+        format!("key {} purged; its material is destroyed", e.rec.name),
+    );
+    for v in &e.versions {
+        let mut vrec = v.record.clone();
+        vrec.wrapped = None;
+        change.versions.push((v.version, vrec, None));
+    }
+    change
+}

@@ -1,0 +1,408 @@
+//! The key engine: the rules of SPEC §2–§5 and §7 over the store, the root key and an
+//! in-memory keyring. It never sees a socket; the service layer calls it.
+//!
+//! Reads (crypto, show, list) take a read lock on the keyring only long enough to clone an
+//! `Arc` of the key's entry, then run without locks. Lifecycle changes are serialised by
+//! one lifecycle lock and follow one pattern (as Vault's transit engine does): build the
+//! new record, commit it durably, and only then publish it in memory and as an event —
+//! never mutate memory first and roll back after.
+//!
+//! Every call that names an existing key leaves a history entry, allowed or refused; its
+//! reply waits for that entry to be durable (see [`Pending`]).
+
+mod crypto_ops;
+mod error;
+mod keyring;
+mod lifecycle;
+pub mod schedule;
+
+pub use error::EngineError;
+pub use keyring::{KeyEntry, VersionEntry};
+
+use crate::clock::Clock;
+use crate::crypto::RootKey;
+use crate::store::records::{DueKind, HistoryRecord};
+use crate::store::{HistoryFilter, Mutation, Store, Ticket, Writer};
+use keyring::Keyring;
+use kms_shared::model::{
+    Action, HistoryEntry, Impact, KeyInfo, KeyState, UnixMillis, VersionInfo, AccountUse,
+    DAY_MS, HOUR_MS,
+};
+use kms_shared::protocol::{ErrorKind, Event, EventKind, HistoryQuery, ResultFilter};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::{Notify, broadcast};
+
+/// Tunables of the engine. Defaults follow SPEC §3–§5.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Wait between a deletion request and the purge (72 h; never below 1 h).
+    pub deletion_delay_ms: i64,
+    /// How long a purged key's metadata and history are kept (1 year).
+    pub retention_ms: i64,
+    /// Encryptions one AES version may make before it is rotated (or, at the version
+    /// limit, refused). Far below the 2^32 random-nonce bound of AES-GCM.
+    pub nonce_budget: u64,
+    /// Buffered events per subscriber before it is told it lagged.
+    pub event_buffer: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            deletion_delay_ms: 72 * HOUR_MS,
+            retention_ms: 365 * DAY_MS,
+            nonce_budget: 1 << 30,
+            event_buffer: 1024,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The deletion delay actually applied (the 1-hour floor of SPEC §3).
+    pub fn effective_deletion_delay(&self) -> i64 {
+        self.deletion_delay_ms.max(HOUR_MS)
+    }
+}
+
+/// Who is calling, as the kernel told the server (never as the client claims).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+    /// The user name of `uid` (or the number if it has no name).
+    pub account: String,
+    /// The program name from `/proc/PID/comm`.
+    pub client: String,
+}
+
+impl Caller {
+    /// The daemon itself (the scheduler's rotations and purges).
+    pub fn daemon() -> Caller {
+        Caller {
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            pid: std::process::id(),
+            account: "kmsd".into(),
+            client: "kmsd".into(),
+        }
+    }
+}
+
+/// A result whose history entry may not be durable yet. The reply must wait for it:
+/// [`Pending::wait`] on a plain thread, [`Pending::wait_async`] in async code.
+#[must_use = "the result is not durable until waited for"]
+pub struct Pending<T> {
+    result: Result<T, EngineError>,
+    ticket: Option<Ticket>,
+    on_durable: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<T> Pending<T> {
+    fn ready(result: Result<T, EngineError>) -> Self {
+        Pending {
+            result,
+            ticket: None,
+            on_durable: None,
+        }
+    }
+
+    pub fn wait(self) -> Result<T, EngineError> {
+        if let Some(t) = self.ticket {
+            t.wait()?;
+        }
+        if let Some(f) = self.on_durable {
+            f();
+        }
+        self.result
+    }
+
+    pub async fn wait_async(self) -> Result<T, EngineError> {
+        if let Some(t) = self.ticket {
+            t.wait_async().await?;
+        }
+        if let Some(f) = self.on_durable {
+            f();
+        }
+        self.result
+    }
+}
+
+/// The engine. Cheap to share: wrap it in an `Arc`.
+pub struct Engine {
+    store: Store,
+    writer: Writer,
+    root: RootKey,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    keyring: RwLock<Keyring>,
+    /// Serialises lifecycle changes (build → commit → publish).
+    lifecycle: Mutex<()>,
+    events: broadcast::Sender<Event>,
+    event_seq: AtomicU64,
+    /// Woken whenever the earliest due date may have changed.
+    due_changed: Arc<Notify>,
+}
+
+impl Engine {
+    /// Opens the engine on a store: loads every key's metadata (material is unwrapped on
+    /// first use) and starts the writer.
+    pub fn open(
+        store: Store,
+        root: RootKey,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        let snapshot = store.load()?;
+        let keyring = Keyring::from_snapshot(snapshot);
+        let writer = store.start_writer()?;
+        let (events, _) = broadcast::channel(config.event_buffer.max(16));
+        Ok(Engine {
+            store,
+            writer,
+            root,
+            clock,
+            config,
+            keyring: RwLock::new(keyring),
+            lifecycle: Mutex::new(()),
+            events,
+            event_seq: AtomicU64::new(1),
+            due_changed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Stops the writer after it has committed everything queued.
+    pub fn close(self) {
+        self.writer.shutdown();
+    }
+
+    pub fn now(&self) -> UnixMillis {
+        self.clock.now()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A new subscription to the engine's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Notified when the earliest due date may have changed.
+    pub fn due_changed(&self) -> Arc<Notify> {
+        self.due_changed.clone()
+    }
+
+    /// The earliest due date of any scheduled rotation, purge or expiry.
+    pub fn next_due(&self) -> Option<UnixMillis> {
+        schedule::next_due(&self.ring().due)
+    }
+
+    /// Number of keys not purged.
+    pub fn live_keys(&self) -> u64 {
+        self.ring().by_name.len() as u64
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
+        self.keyring.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ring_mut(&self) -> std::sync::RwLockWriteGuard<'_, Keyring> {
+        self.keyring.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finds a key by tag or name. Purged keys are found by tag only (their name is free).
+    pub fn resolve(&self, key: &str) -> Result<Arc<KeyEntry>, EngineError> {
+        self.ring()
+            .resolve(key)
+            .ok_or_else(|| EngineError::NotFound(format!("no key named or tagged {key:?}")))
+    }
+
+    /// The key as clients see it.
+    pub fn info(&self, entry: &KeyEntry) -> KeyInfo {
+        entry.info()
+    }
+
+    /// `show`: one key.
+    pub fn get_key(&self, key: &str) -> Result<KeyInfo, EngineError> {
+        Ok(self.resolve(key)?.info())
+    }
+
+    /// `list`: keys ordered by name, one page, and the number of matching keys.
+    pub fn list_keys(&self, deleted: bool, offset: usize, limit: Option<usize>) -> (Vec<KeyInfo>, u64) {
+        let ring = self.ring();
+        ring.list(deleted, offset, limit.unwrap_or(usize::MAX))
+    }
+
+    /// `versions`: every version of a key.
+    pub fn versions(&self, key: &str) -> Result<Vec<VersionInfo>, EngineError> {
+        let entry = self.resolve(key)?;
+        Ok(entry.version_infos())
+    }
+
+    /// `history`: newest first, paged, filtered.
+    pub fn history(&self, q: &HistoryQuery) -> Result<Vec<HistoryEntry>, EngineError> {
+        let entry = self.resolve(&q.key)?;
+        let filter = HistoryFilter {
+            limit: q.limit.unwrap_or(100).clamp(1, 1000) as usize,
+            before_seq: q.before_seq,
+            action: q.action,
+            ok: q.result.map(|r| r == ResultFilter::Ok),
+            since: q.since,
+        };
+        let tag = &entry.rec.tag;
+        Ok(self
+            .store
+            .history(tag, &filter)?
+            .into_iter()
+            .map(|(seq, r)| HistoryEntry {
+                seq,
+                time: r.time,
+                key_tag: tag.clone(),
+                action: r.action,
+                version: r.version,
+                result: r.result,
+                account: r.account,
+                uid: r.uid,
+                pid: r.pid,
+                client: r.client,
+            })
+            .collect())
+    }
+
+    /// Recent successful crypto use of a key and who made it (the warning before a
+    /// disable or a deletion request).
+    pub fn impact(&self, key: &str, window_ms: Option<i64>) -> Result<Impact, EngineError> {
+        let entry = self.resolve(key)?;
+        let since = self.now() - window_ms.unwrap_or(30 * DAY_MS).max(0);
+        let filter = HistoryFilter {
+            limit: usize::MAX,
+            ok: Some(true),
+            since: Some(since),
+            ..HistoryFilter::default()
+        };
+        let mut per_account: HashMap<String, (u64, UnixMillis)> = HashMap::new();
+        let mut recent = 0;
+        for (_, r) in self.store.history(&entry.rec.tag, &filter)? {
+            if !r.action.is_crypto() {
+                continue;
+            }
+            recent += 1;
+            let e = per_account.entry(r.account).or_insert((0, r.time));
+            e.0 += 1;
+            e.1 = e.1.max(r.time);
+        }
+        let mut accounts: Vec<AccountUse> = per_account
+            .into_iter()
+            .map(|(account, (uses, last_used_at))| AccountUse {
+                account,
+                uses,
+                last_used_at,
+            })
+            .collect();
+        accounts.sort_by(|a, b| b.uses.cmp(&a.uses).then(a.account.cmp(&b.account)));
+        Ok(Impact {
+            key_tag: entry.rec.tag.clone(),
+            since,
+            recent_uses: recent,
+            last_used_at: entry.usage.last_used_at(),
+            accounts,
+        })
+    }
+
+    /// Carries out everything due at the engine clock's `now`: automatic rotations,
+    /// purges at the end of the deletion wait, expiry of purged keys' metadata. Returns
+    /// how many entries were handled. Failures are logged and retried on the next call.
+    pub fn run_due(&self) -> usize {
+        let now = self.now();
+        let due = schedule::due_at(&self.ring().due, now);
+        let mut done = 0;
+        for (at, tag, kind) in due {
+            let r = match kind {
+                DueKind::Rotation => self.auto_rotate(&tag, at, now).map(|_| ()),
+                DueKind::Deletion => self.purge_due(&tag).map(|_| ()),
+                DueKind::Expiry => self.expire(&tag),
+            };
+            match r {
+                Ok(()) => done += 1,
+                Err(e) => tracing::warn!(key = %tag, ?kind, error = %e, "scheduled task failed"),
+            }
+        }
+        done
+    }
+
+    /// Publishes an event; never waits (a full subscriber lags instead).
+    fn publish(
+        &self,
+        kind: EventKind,
+        entry: &KeyEntry,
+        version: Option<u32>,
+        caller: &Caller,
+        message: String,
+    ) {
+        let event = Event {
+            seq: self.event_seq.fetch_add(1, Ordering::Relaxed),
+            time: self.now(),
+            kind,
+            key_tag: Some(entry.rec.tag.clone()),
+            key_name: Some(entry.rec.name.clone()),
+            version,
+            state: Some(entry.rec.state),
+            account: caller.account.clone(),
+            message,
+        };
+        tracing::info!(
+            event = kind.as_str(),
+            key = %entry.rec.name,
+            tag = %entry.rec.tag,
+            version,
+            account = %caller.account,
+            "{}",
+            event.message
+        );
+        // No subscribers is not an error.
+        let _ = self.events.send(event);
+    }
+}
+
+/// The history entry of one call; `error` is `None` for success.
+fn history_mutation(
+    tag: &str,
+    now: UnixMillis,
+    caller: &Caller,
+    action: Action,
+    version: Option<u32>,
+    error: Option<ErrorKind>,
+) -> Mutation {
+    Mutation::History {
+        tag: tag.to_string(),
+        record: HistoryRecord {
+            time: now,
+            action,
+            version,
+            result: error.map_or("ok", ErrorKind::as_str).to_string(),
+            account: caller.account.clone(),
+            uid: caller.uid,
+            pid: caller.pid,
+            client: caller.client.clone(),
+        },
+    }
+}
+
+/// A key is usable for crypto only when enabled (SPEC §3).
+fn require_enabled(entry: &KeyEntry) -> Result<(), EngineError> {
+    match entry.rec.state {
+        KeyState::Enabled => Ok(()),
+        other => Err(EngineError::InvalidState(format!(
+            "key {} is {other}; cryptographic operations need an enabled key",
+            entry.rec.name
+        ))),
+    }
+}

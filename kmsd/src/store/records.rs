@@ -1,0 +1,123 @@
+//! What is kept in the store, one record type per table.
+//!
+//! Records are MessagePack (rmp-serde). Every field added later must carry
+//! `#[serde(default)]` so that a newer daemon reads an older store (SPEC §9); the tests
+//! keep an encoded record of each schema version to prove it.
+
+use kms_shared::model::{Action, KeyState, KeyType, Protection, UnixMillis};
+use serde::{Deserialize, Serialize};
+
+/// A key's metadata: everything but its material and counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub tag: String,
+    pub name: String,
+    pub key_type: KeyType,
+    pub protection: Protection,
+    #[serde(default)]
+    pub hsm: Option<String>,
+    pub state: KeyState,
+    pub convergent: bool,
+    pub current_version: u32,
+    pub auto_rotation: bool,
+    pub rotation_days: u32,
+    /// The point the auto-rotation period counts from: the last automatic rotation, or
+    /// when auto rotation was switched on. `None` while auto rotation is off.
+    pub rotation_anchor: Option<UnixMillis>,
+    /// Set when the version limit stopped auto rotation (an event asked for a new key).
+    #[serde(default)]
+    pub rotation_stopped: bool,
+    pub created_at: UnixMillis,
+    pub deletion_due_at: Option<UnixMillis>,
+    pub deleted_at: Option<UnixMillis>,
+    pub memo: String,
+}
+
+impl KeyRecord {
+    /// When the next automatic rotation is due, if one is scheduled.
+    pub fn next_rotation_at(&self) -> Option<UnixMillis> {
+        if !self.auto_rotation || self.rotation_stopped || self.state == KeyState::Deleted {
+            return None;
+        }
+        self.rotation_anchor
+            .map(|a| a.saturating_add(i64::from(self.rotation_days) * kms_shared::model::DAY_MS))
+    }
+}
+
+/// One version: its flag and its wrapped material (gone once the key is purged).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub created_at: UnixMillis,
+    pub enabled: bool,
+    /// AES-256-GCM under the root key, AAD = key tag and version. `None` after purge.
+    #[serde(with = "kms_shared::protocol::opt_bytes")]
+    pub wrapped: Option<Vec<u8>>,
+}
+
+// Not derived: even wrapped material has no business in a log line.
+impl std::fmt::Debug for VersionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VersionRecord")
+            .field("created_at", &self.created_at)
+            .field("enabled", &self.enabled)
+            .field("wrapped", &self.wrapped.as_ref().map(|_| "<wrapped>"))
+            .finish()
+    }
+}
+
+/// Usage of a key: successful crypto calls and the last of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub count: u64,
+    pub last_used_at: Option<UnixMillis>,
+    pub last_used_by: Option<String>,
+}
+
+/// One history entry as stored; the key tag and sequence number are the table key.
+/// Encoded as a MessagePack array (not a map): millions of these are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    pub time: UnixMillis,
+    pub action: Action,
+    pub version: Option<u32>,
+    /// `ok` or the error kind.
+    pub result: String,
+    pub account: String,
+    pub uid: u32,
+    pub pid: u32,
+    pub client: String,
+}
+
+/// What a due-index entry asks the scheduler to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DueKind {
+    Rotation = 1,
+    Deletion = 2,
+    /// End of the retention of a purged key's metadata and history.
+    Expiry = 3,
+}
+
+impl DueKind {
+    pub fn from_u8(v: u8) -> Option<DueKind> {
+        match v {
+            1 => Some(DueKind::Rotation),
+            2 => Some(DueKind::Deletion),
+            3 => Some(DueKind::Expiry),
+            _ => None,
+        }
+    }
+}
+
+/// Encodes a record as a MessagePack map (records evolve by adding named fields).
+pub fn encode_map<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec_named(v)
+}
+
+/// Encodes a record as a MessagePack array (compact; for history).
+pub fn encode_array<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec(v)
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(b)
+}

@@ -1,0 +1,283 @@
+//! The single writer: one thread owns every write transaction (redb allows one at a time
+//! anyway) and commits in groups.
+//!
+//! A submission is a list of [`Mutation`]s that must land together, plus a reply channel.
+//! The thread takes the first waiting submission, drains whatever else is queued (up to
+//! [`MAX_GROUP`]), applies them all in one transaction, commits durably, and only then
+//! answers every submitter. One fsync covers the whole group, so a busy daemon pays one
+//! commit for hundreds of history entries, and "answered" always means "durable".
+//!
+//! If the commit fails (disk full, I/O error), every submission of the group is answered
+//! with the error and nothing of the group is visible; earlier commits are untouched.
+
+use super::records::{
+    DueKind, HistoryRecord, KeyRecord, UsageRecord, VersionRecord, encode_array, encode_map,
+};
+use super::{
+    DUE, ENCRYPTIONS, HISTORY, KEYS, META, META_HISTORY_SEQ, NAMES, StoreError, USAGE, VERSIONS,
+    decode,
+};
+use kms_shared::model::UnixMillis;
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use std::sync::Arc;
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+/// Most submissions applied in one transaction.
+pub const MAX_GROUP: usize = 4096;
+
+/// One change to the store.
+pub enum Mutation {
+    PutKey(KeyRecord),
+    PutName {
+        name: String,
+        tag: String,
+    },
+    RemoveName(String),
+    PutVersion {
+        tag: String,
+        version: u32,
+        record: VersionRecord,
+    },
+    AddDue {
+        at: UnixMillis,
+        tag: String,
+        kind: DueKind,
+    },
+    RemoveDue {
+        at: UnixMillis,
+        tag: String,
+        kind: DueKind,
+    },
+    /// Appends a history entry; the writer assigns its sequence number.
+    History { tag: String, record: HistoryRecord },
+    /// Counts `n` successful crypto calls.
+    Use {
+        tag: String,
+        at: UnixMillis,
+        account: String,
+        n: u64,
+    },
+    /// Adds to the encryption count of a version.
+    Encryptions { tag: String, version: u32, n: u64 },
+    /// Removes a purged key for good (end of retention): record, versions, counters, history.
+    Expunge { tag: String },
+}
+
+/// Resolves when the submission's transaction has committed (or failed).
+pub struct Ticket(oneshot::Receiver<Result<(), Arc<StoreError>>>);
+
+impl Ticket {
+    /// Waits on this thread (for callers outside the async runtime).
+    pub fn wait(self) -> Result<(), Arc<StoreError>> {
+        self.0
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(Arc::new(StoreError::WriterGone)))
+    }
+
+    /// Waits without blocking the runtime.
+    pub async fn wait_async(self) -> Result<(), Arc<StoreError>> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err(Arc::new(StoreError::WriterGone)))
+    }
+}
+
+struct Submission {
+    mutations: Vec<Mutation>,
+    done: oneshot::Sender<Result<(), Arc<StoreError>>>,
+}
+
+/// The handle to the writer thread. Dropping every clone stops the thread after it has
+/// committed what was queued.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Submission>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Writer {
+    pub(super) fn start(db: Arc<Database>) -> Result<Writer, StoreError> {
+        let next_seq = {
+            use redb::ReadableDatabase;
+            let tx = db.begin_read()?;
+            let meta = tx.open_table(META)?;
+            match meta.get(META_HISTORY_SEQ)? {
+                Some(v) => u64_from(v.value())?,
+                None => 1,
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Submission>();
+        let thread = std::thread::Builder::new()
+            .name("kmsd-store-writer".into())
+            .spawn(move || run(db, rx, next_seq))
+            .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
+        Ok(Writer {
+            tx,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Queues mutations that land in one transaction; the ticket resolves when durable.
+    pub fn submit(&self, mutations: Vec<Mutation>) -> Ticket {
+        let (done, rx) = oneshot::channel();
+        // If the thread is gone the sender is dropped with the submission and the ticket
+        // resolves to WriterGone.
+        let _ = self.tx.send(Submission { mutations, done });
+        Ticket(rx)
+    }
+
+    /// Stops the thread after the queue is drained and waits for it (the last clone to
+    /// call this closes the channel; others only wait for nothing).
+    pub fn shutdown(self) {
+        let thread = self.thread.clone();
+        drop(self);
+        let handle = thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle
+            && Arc::strong_count(&thread) == 1
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Commits with an fsync, two-phase commit and quick repair (see the module docs).
+pub(super) fn make_durable(tx: &mut WriteTransaction) -> Result<(), StoreError> {
+    tx.set_durability(Durability::Immediate)?;
+    tx.set_two_phase_commit(true);
+    tx.set_quick_repair(true);
+    Ok(())
+}
+
+fn run(db: Arc<Database>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
+    let mut group: Vec<Submission> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(s) => group.push(s),
+                Err(_) => break,
+            }
+        }
+        let mut seq = next_seq;
+        let result = commit_group(&db, &group, &mut seq);
+        match result {
+            Ok(()) => {
+                next_seq = seq;
+                for s in group.drain(..) {
+                    let _ = s.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, submissions = group.len(), "store commit failed");
+                let e = Arc::new(e);
+                for s in group.drain(..) {
+                    let _ = s.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn commit_group(
+    db: &Database,
+    group: &[Submission],
+    next_seq: &mut u64,
+) -> Result<(), StoreError> {
+    let mut tx = db.begin_write()?;
+    make_durable(&mut tx)?;
+    {
+        let mut keys = tx.open_table(KEYS)?;
+        let mut names = tx.open_table(NAMES)?;
+        let mut versions = tx.open_table(VERSIONS)?;
+        let mut due = tx.open_table(DUE)?;
+        let mut history = tx.open_table(HISTORY)?;
+        let mut usage = tx.open_table(USAGE)?;
+        let mut encryptions = tx.open_table(ENCRYPTIONS)?;
+        let seq_before = *next_seq;
+        for m in group.iter().flat_map(|s| s.mutations.iter()) {
+            match m {
+                Mutation::PutKey(rec) => {
+                    keys.insert(rec.tag.as_str(), encode_map(rec).map_err(enc)?.as_slice())?;
+                }
+                Mutation::PutName { name, tag } => {
+                    names.insert(name.as_str(), tag.as_str())?;
+                }
+                Mutation::RemoveName(name) => {
+                    names.remove(name.as_str())?;
+                }
+                Mutation::PutVersion {
+                    tag,
+                    version,
+                    record,
+                } => {
+                    versions.insert(
+                        (tag.as_str(), *version),
+                        encode_map(record).map_err(enc)?.as_slice(),
+                    )?;
+                }
+                Mutation::AddDue { at, tag, kind } => {
+                    due.insert((*at, tag.as_str(), *kind as u8), ())?;
+                }
+                Mutation::RemoveDue { at, tag, kind } => {
+                    due.remove((*at, tag.as_str(), *kind as u8))?;
+                }
+                Mutation::History { tag, record } => {
+                    history.insert(
+                        (tag.as_str(), *next_seq),
+                        encode_array(record).map_err(enc)?.as_slice(),
+                    )?;
+                    *next_seq += 1;
+                }
+                Mutation::Use { tag, at, account, n } => {
+                    let mut rec: UsageRecord = match usage.get(tag.as_str())? {
+                        Some(v) => decode(v.value()).map_err(|e| StoreError::Corrupt {
+                            table: "usage",
+                            message: e.to_string(),
+                        })?,
+                        None => UsageRecord::default(),
+                    };
+                    rec.count = rec.count.saturating_add(*n);
+                    rec.last_used_at = Some(*at);
+                    if rec.last_used_by.as_deref() != Some(account.as_str()) {
+                        rec.last_used_by = Some(account.clone());
+                    }
+                    usage.insert(tag.as_str(), encode_map(&rec).map_err(enc)?.as_slice())?;
+                }
+                Mutation::Encryptions { tag, version, n } => {
+                    let old = encryptions
+                        .get((tag.as_str(), *version))?
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    encryptions.insert((tag.as_str(), *version), old.saturating_add(*n))?;
+                }
+                Mutation::Expunge { tag } => {
+                    keys.remove(tag.as_str())?;
+                    usage.remove(tag.as_str())?;
+                    let t = tag.as_str();
+                    versions.retain_in((t, 0)..=(t, u32::MAX), |_, _| false)?;
+                    encryptions.retain_in((t, 0)..=(t, u32::MAX), |_, _| false)?;
+                    history.retain_in((t, 0)..=(t, u64::MAX), |_, _| false)?;
+                }
+            }
+        }
+        if *next_seq != seq_before {
+            let mut meta = tx.open_table(META)?;
+            meta.insert(META_HISTORY_SEQ, next_seq.to_be_bytes().as_slice())?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn enc(e: rmp_serde::encode::Error) -> StoreError {
+    StoreError::Db(format!("record encoding failed: {e}"))
+}
+
+fn u64_from(b: &[u8]) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = b.try_into().map_err(|_| StoreError::Corrupt {
+        table: "meta",
+        message: "history sequence is not 8 bytes".into(),
+    })?;
+    Ok(u64::from_be_bytes(arr))
+}
