@@ -189,7 +189,12 @@ pub fn wire_error_line(e: &WireError) -> String {
 }
 
 pub fn to_json(record: Record) -> Value {
-    Value::Object(record.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<Map<_, _>>())
+    Value::Object(
+        record
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect::<Map<_, _>>(),
+    )
 }
 
 pub fn list_json<T>(items: &[T], record: fn(&T) -> Record) -> Value {
@@ -265,7 +270,9 @@ pub fn keys_table(keys: &[KeyInfo]) -> String {
         })
         .collect();
     table(
-        &["NAME", "TYPE", "PROT", "STATE", "VER", "AUTO", "USES", "TAG"],
+        &[
+            "NAME", "TYPE", "PROT", "STATE", "VER", "AUTO", "USES", "TAG",
+        ],
         &rows,
     )
 }

@@ -230,11 +230,12 @@ mod tests {
         assert!(!a.windows(pt.len()).any(|w| w == pt));
     }
 
-    /// Decrypting with a different AAD fails with DecryptFailed.
+    /// The right AAD decrypts; a different AAD fails with DecryptFailed.
     #[test]
     fn wrong_aad_fails() {
         let k = key();
         let body = k.encrypt_random(b"tag1:v1", b"secret").unwrap();
+        assert_eq!(*k.decrypt(b"tag1:v1", &body).unwrap(), b"secret");
         assert!(matches!(
             k.decrypt(b"tag1:v2", &body),
             Err(CryptoError::DecryptFailed)

@@ -221,7 +221,7 @@ fn parse_key(data: &[u8]) -> Option<Zeroizing<[u8; ROOT_KEY_LEN]>> {
         key.copy_from_slice(data);
         return Some(key);
     }
-    let hex = &data[..0]; let _ = data
+    let hex = data
         .strip_suffix(b"\r\n")
         .or_else(|| data.strip_suffix(b"\n"))
         .unwrap_or(data);

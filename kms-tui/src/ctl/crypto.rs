@@ -1,0 +1,482 @@
+//! Cryptographic commands. Inputs come from stdin or `--in FILE` byte for byte; only the
+//! `ncpkms:` strings (ciphertexts, signatures) are trimmed, since a shell adds newlines.
+
+use super::output::{self, b64};
+use super::{CmdResult, CtlError, Ctx, choice};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use kms_shared::model::{MAX_BATCH_ITEMS, SignScheme};
+use kms_shared::protocol::{
+    CiphertextItem, DEFAULT_MAX_FRAME, ErrorKind, ItemOutcome, PlaintextItem, WireError,
+};
+use serde_json::{Value, json};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::PathBuf;
+
+const SCHEMES: [SignScheme; 2] = [SignScheme::Pss, SignScheme::Pkcs1];
+
+fn scheme_name(s: SignScheme) -> &'static str {
+    match s {
+        SignScheme::Pss => "pss",
+        SignScheme::Pkcs1 => "pkcs1",
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InputArg {
+    /// Read the input from FILE instead of stdin ("-" is stdin)
+    #[arg(long = "in", value_name = "FILE")]
+    pub in_file: Option<PathBuf>,
+}
+
+impl InputArg {
+    fn name(&self) -> String {
+        match &self.in_file {
+            Some(p) if p.as_os_str() != "-" => p.display().to_string(),
+            _ => "stdin".into(),
+        }
+    }
+
+    fn read_error(&self, e: io::Error) -> CtlError {
+        CtlError::Io(format!("cannot read {}: {e}", self.name()))
+    }
+
+    fn open(&self) -> Result<Box<dyn BufRead>, CtlError> {
+        match &self.in_file {
+            Some(p) if p.as_os_str() != "-" => std::fs::File::open(p)
+                .map(|f| Box::new(BufReader::new(f)) as Box<dyn BufRead>)
+                .map_err(|e| self.read_error(e)),
+            _ => Ok(Box::new(io::stdin().lock())),
+        }
+    }
+
+    fn read(&self) -> Result<Vec<u8>, CtlError> {
+        let mut buf = Vec::new();
+        self.open()?
+            .read_to_end(&mut buf)
+            .map_err(|e| self.read_error(e))?;
+        Ok(buf)
+    }
+
+    fn read_text(&self) -> Result<String, CtlError> {
+        let bytes = self.read()?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| super::invalid(format!("{} is not an ncpkms: string", self.name())))?;
+        Ok(text.trim().to_owned())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CipherArgs {
+    /// Key tag or name
+    pub key: String,
+    /// Context bound to the ciphertext: required for convergent keys, at most 50 bytes
+    #[arg(long, value_name = "TEXT")]
+    pub context: Option<String>,
+    /// One item per input line, one result per output line, in order (details above);
+    /// with --json each output line is {"ciphertext"|"plaintext"|"error": …}
+    #[arg(long)]
+    pub batch: bool,
+    #[command(flatten)]
+    pub input: InputArg,
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// Key tag or name
+    pub key: String,
+    /// RSA signature scheme (ECDSA keys ignore it)
+    #[arg(long, default_value = "pss", value_parser = choice(&SCHEMES, scheme_name))]
+    pub scheme: SignScheme,
+    #[command(flatten)]
+    pub input: InputArg,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Key tag or name
+    pub key: String,
+    /// The ncpkms:v{N}:… signature
+    #[arg(long, value_name = "SIG")]
+    pub signature: String,
+    /// RSA signature scheme (ECDSA keys ignore it)
+    #[arg(long, default_value = "pss", value_parser = choice(&SCHEMES, scheme_name))]
+    pub scheme: SignScheme,
+    #[command(flatten)]
+    pub input: InputArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PublicKeyArgs {
+    /// Key tag or name
+    pub key: String,
+    /// Version number [default: current]
+    #[arg(long, value_name = "N")]
+    pub version: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct DataKeyArgs {
+    /// Key tag or name
+    pub key: String,
+    /// Size of the data key
+    #[arg(
+        long,
+        default_value = "256",
+        value_parser = PossibleValuesParser::new(["128", "256", "512"]).try_map(|s| s.parse::<u32>())
+    )]
+    pub bits: u32,
+    /// Also print the data key itself (base64), on a second line
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Context bound to the wrapped data key
+    #[arg(long, value_name = "TEXT")]
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CipherOp {
+    Encrypt,
+    Decrypt,
+    Reencrypt,
+}
+
+pub async fn cipher(ctx: &mut Ctx, op: CipherOp, a: CipherArgs) -> CmdResult {
+    let context = a.context.as_deref().map(str::as_bytes);
+    if a.batch {
+        return batch(ctx, op, &a.key, context, &a.input).await;
+    }
+    let c = &ctx.client;
+    match op {
+        CipherOp::Encrypt => {
+            let ct = c.encrypt(&a.key, &a.input.read()?, context).await?;
+            ctx.out.ncpkms("ciphertext", &ct)?;
+        }
+        CipherOp::Reencrypt => {
+            let ct = c.reencrypt(&a.key, &a.input.read_text()?, context).await?;
+            ctx.out.ncpkms("ciphertext", &ct)?;
+        }
+        CipherOp::Decrypt => {
+            let pt = c.decrypt(&a.key, &a.input.read_text()?, context).await?;
+            ctx.out
+                .emit(|| json!({"plaintext": b64(&pt)}), || pt.as_slice())?;
+        }
+    }
+    Ok(0)
+}
+
+pub async fn sign(ctx: &mut Ctx, a: SignArgs) -> CmdResult {
+    let sig = ctx.client.sign(&a.key, &a.input.read()?, a.scheme).await?;
+    ctx.out.ncpkms("signature", &sig)?;
+    Ok(0)
+}
+
+pub async fn verify(ctx: &mut Ctx, a: VerifyArgs) -> CmdResult {
+    let message = a.input.read()?;
+    let valid = ctx
+        .client
+        .verify(&a.key, &message, a.signature.trim(), a.scheme)
+        .await?;
+    ctx.out.emit(
+        || json!({ "valid": valid }),
+        || if valid { "valid\n" } else { "invalid\n" },
+    )?;
+    Ok(if valid { 0 } else { 1 })
+}
+
+pub async fn public_key(ctx: &mut Ctx, a: PublicKeyArgs) -> CmdResult {
+    let (version, pem) = ctx.client.public_key(&a.key, a.version).await?;
+    ctx.out.emit(
+        || json!({"version": version, "pem": pem}),
+        || {
+            if pem.ends_with('\n') {
+                pem.clone()
+            } else {
+                format!("{pem}\n")
+            }
+        },
+    )?;
+    Ok(0)
+}
+
+pub async fn data_key(ctx: &mut Ctx, a: DataKeyArgs) -> CmdResult {
+    let context = a.context.as_deref().map(str::as_bytes);
+    let (ciphertext, plaintext) = ctx
+        .client
+        .data_key(&a.key, a.bits, a.plaintext, context)
+        .await?;
+    let plaintext = plaintext.map(|p| b64(&p));
+    ctx.out.emit(
+        || {
+            let mut v = json!({"ciphertext": ciphertext, "bits": a.bits});
+            if let Some(p) = &plaintext {
+                v["plaintext"] = json!(p);
+            }
+            v
+        },
+        || match &plaintext {
+            Some(p) => format!("{ciphertext}\n{p}\n"),
+            None => format!("{ciphertext}\n"),
+        },
+    )?;
+    Ok(0)
+}
+
+/// Payload bytes per batch request: half the daemon's default frame limit, which leaves
+/// room for the MessagePack framing and for a daemon configured somewhat lower.
+const BATCH_BYTES: usize = DEFAULT_MAX_FRAME as usize / 2;
+/// A generous bound on the MessagePack bytes around one item (map keys, length prefixes).
+const ITEM_OVERHEAD: usize = 48;
+
+/// One input line of a batch, ready to send.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Item {
+    Plain(Vec<u8>),
+    Cipher(String),
+}
+
+impl Item {
+    fn cost(&self, context_len: usize) -> usize {
+        ITEM_OVERHEAD
+            + context_len
+            + match self {
+                Item::Plain(b) => b.len(),
+                Item::Cipher(s) => s.len(),
+            }
+    }
+}
+
+/// Reads one batch line: base64 of a plaintext for encrypt, a ciphertext otherwise. An
+/// item too big for any request is refused here, since no request could carry it.
+pub fn parse_line(op: CipherOp, line: &[u8], context_len: usize) -> Result<Item, WireError> {
+    let line = line.trim_ascii();
+    let item = match op {
+        CipherOp::Encrypt => STANDARD.decode(line).map(Item::Plain).map_err(|_| {
+            WireError::new(
+                ErrorKind::InvalidArgument,
+                "an encrypt --batch line is the standard base64 of one plaintext",
+            )
+        })?,
+        CipherOp::Decrypt | CipherOp::Reencrypt => std::str::from_utf8(line)
+            .map(|s| Item::Cipher(s.to_owned()))
+            .map_err(|_| {
+                WireError::new(ErrorKind::InvalidArgument, "the line is not UTF-8 text")
+            })?,
+    };
+    if item.cost(context_len) > BATCH_BYTES {
+        return Err(WireError::new(
+            ErrorKind::TooLarge,
+            format!("the item is larger than one request may carry ({BATCH_BYTES} bytes)"),
+        ));
+    }
+    Ok(item)
+}
+
+/// The lines read since the last request.
+#[derive(Debug, Default)]
+struct Chunk {
+    /// One per line, in order: `None` where the item was queued, else why it was not.
+    slots: Vec<Option<WireError>>,
+    // Only the vector of the batch's operation is ever filled.
+    plain: Vec<PlaintextItem>,
+    cipher: Vec<CiphertextItem>,
+    bytes: usize,
+}
+
+impl Chunk {
+    fn has_room(&self, next: &Result<Item, WireError>, context_len: usize) -> bool {
+        self.slots.len() < MAX_BATCH_ITEMS
+            && match next {
+                Ok(item) => self.bytes + item.cost(context_len) <= BATCH_BYTES,
+                Err(_) => true,
+            }
+    }
+
+    fn push(&mut self, next: Result<Item, WireError>, context: Option<&[u8]>) {
+        let item = match next {
+            Ok(item) => item,
+            Err(e) => return self.slots.push(Some(e)),
+        };
+        self.bytes += item.cost(context.map_or(0, <[u8]>::len));
+        self.slots.push(None);
+        let context = context.map(<[u8]>::to_vec);
+        match item {
+            Item::Plain(plaintext) => self.plain.push(PlaintextItem { plaintext, context }),
+            Item::Cipher(ciphertext) => self.cipher.push(CiphertextItem {
+                ciphertext,
+                context,
+            }),
+        }
+    }
+}
+
+/// Streams the input in requests of at most [`MAX_BATCH_ITEMS`] items and
+/// [`BATCH_BYTES`] bytes, printing each request's results before reading on.
+async fn batch(
+    ctx: &mut Ctx,
+    op: CipherOp,
+    key: &str,
+    context: Option<&[u8]>,
+    input: &InputArg,
+) -> CmdResult {
+    let mut reader = input.open()?;
+    let context_len = context.map_or(0, <[u8]>::len);
+    let mut chunk = Chunk::default();
+    let mut first_failure = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| input.read_error(e))?;
+        let next = (n > 0).then(|| parse_line(op, &line, context_len));
+        if next
+            .as_ref()
+            .is_none_or(|next| !chunk.has_room(next, context_len))
+        {
+            let full = std::mem::take(&mut chunk);
+            first_failure = first_failure.or(flush(ctx, op, key, full).await?);
+        }
+        match next {
+            Some(next) => chunk.push(next, context),
+            None => return Ok(first_failure.unwrap_or(0)),
+        }
+    }
+}
+
+/// Sends a chunk's items and prints one line per input line; returns the exit code of
+/// the first failed item, if any.
+async fn flush(
+    ctx: &mut Ctx,
+    op: CipherOp,
+    key: &str,
+    chunk: Chunk,
+) -> Result<Option<u8>, CtlError> {
+    if chunk.slots.is_empty() {
+        return Ok(None);
+    }
+    let c = &ctx.client;
+    let results = match op {
+        _ if chunk.plain.is_empty() && chunk.cipher.is_empty() => Vec::new(),
+        CipherOp::Encrypt => c.encrypt_batch(key, chunk.plain).await?,
+        CipherOp::Decrypt => c.decrypt_batch(key, chunk.cipher).await?,
+        CipherOp::Reencrypt => c.reencrypt_batch(key, chunk.cipher).await?,
+    };
+    let mut results = results.into_iter();
+    let mut first_failure = None;
+    let mut text = String::new();
+    for slot in chunk.slots {
+        let outcome = match slot {
+            Some(e) => ItemOutcome::Err(e),
+            None => results.next().unwrap_or_else(|| {
+                ItemOutcome::Err(WireError::new(
+                    ErrorKind::Internal,
+                    "kmsd returned fewer results than items",
+                ))
+            }),
+        };
+        if let ItemOutcome::Err(e) = &outcome {
+            first_failure = first_failure.or(Some(e.kind.exit_code()));
+        }
+        text.push_str(&outcome_line(ctx.out.json, &outcome));
+        text.push('\n');
+    }
+    ctx.out.raw(text.as_bytes())?;
+    Ok(first_failure)
+}
+
+/// One batch result as its output line (without the newline).
+pub fn outcome_line(json: bool, outcome: &ItemOutcome) -> String {
+    let v: Value = match outcome {
+        ItemOutcome::Ciphertext(c) if !json => return c.clone(),
+        ItemOutcome::Plaintext(p) if !json => return b64(p),
+        ItemOutcome::Err(e) if !json => return output::wire_error_line(e),
+        ItemOutcome::Ciphertext(c) => json!({ "ciphertext": c }),
+        ItemOutcome::Plaintext(p) => json!({ "plaintext": b64(p) }),
+        ItemOutcome::Err(e) => output::error_json(e.kind.as_str(), &e.message),
+    };
+    v.to_string()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Encrypt lines are base64 of any bytes; ciphertext lines are trimmed text; bad
+    /// lines become per-item errors instead of aborting the batch.
+    #[test]
+    fn batch_lines() {
+        use CipherOp::*;
+        assert_eq!(
+            parse_line(Encrypt, b"aGk=\n", 0),
+            Ok(Item::Plain(b"hi".to_vec()))
+        );
+        assert_eq!(
+            parse_line(Encrypt, b"AAEK/w==\r\n", 0),
+            Ok(Item::Plain(vec![0, 1, 10, 255]))
+        );
+        assert_eq!(parse_line(Encrypt, b"\n", 0), Ok(Item::Plain(vec![])));
+        let bad = parse_line(Encrypt, b"hello world\n", 0).unwrap_err();
+        assert_eq!(bad.kind, ErrorKind::InvalidArgument);
+        assert_eq!(
+            parse_line(Decrypt, b"  ncpkms:v1:AA==\t\n", 0),
+            Ok(Item::Cipher("ncpkms:v1:AA==".into()))
+        );
+        assert_eq!(
+            parse_line(Reencrypt, b"\xff\xfe\n", 0).unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
+        let huge = STANDARD.encode(vec![0u8; BATCH_BYTES]);
+        assert_eq!(
+            parse_line(Encrypt, huge.as_bytes(), 0).unwrap_err().kind,
+            ErrorKind::TooLarge
+        );
+    }
+
+    /// A chunk closes at MAX_BATCH_ITEMS lines or BATCH_BYTES of payload.
+    #[test]
+    fn chunk_limits() {
+        let mut chunk = Chunk::default();
+        let small = || Ok(Item::Cipher("ncpkms:v1:AA==".into()));
+        for _ in 0..MAX_BATCH_ITEMS {
+            assert!(chunk.has_room(&small(), 10));
+            chunk.push(small(), Some(b"0123456789"));
+        }
+        assert!(!chunk.has_room(&small(), 10));
+        assert_eq!(chunk.cipher.len(), MAX_BATCH_ITEMS);
+        assert!(chunk.plain.is_empty());
+
+        let mut chunk = Chunk::default();
+        let big = || Ok(Item::Plain(vec![0; 32 * 1024]));
+        let mut n = 0;
+        while chunk.has_room(&big(), 0) {
+            chunk.push(big(), None);
+            n += 1;
+        }
+        assert_eq!(n, BATCH_BYTES / (32 * 1024 + ITEM_OVERHEAD));
+        assert!(chunk.has_room(&Err(WireError::new(ErrorKind::TooLarge, "x")), 0));
+    }
+
+    /// Result lines: bare values, `error: kind: message`, or one JSON object per line.
+    #[test]
+    fn result_lines() {
+        let ct = ItemOutcome::Ciphertext("ncpkms:v2:AA==".into());
+        let pt = ItemOutcome::Plaintext(b"hi".to_vec());
+        let err = ItemOutcome::Err(WireError::new(ErrorKind::DecryptFailed, "tampered"));
+        assert_eq!(outcome_line(false, &ct), "ncpkms:v2:AA==");
+        assert_eq!(outcome_line(false, &pt), "aGk=");
+        assert_eq!(outcome_line(false, &err), "error: decrypt-failed: tampered");
+        assert_eq!(
+            outcome_line(true, &ct),
+            r#"{"ciphertext":"ncpkms:v2:AA=="}"#
+        );
+        assert_eq!(outcome_line(true, &pt), r#"{"plaintext":"aGk="}"#);
+        assert_eq!(
+            outcome_line(true, &err),
+            r#"{"error":{"kind":"decrypt-failed","message":"tampered"}}"#
+        );
+    }
+}

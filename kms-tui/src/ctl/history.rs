@@ -1,0 +1,114 @@
+//! What happened: a key's history, and the live event stream.
+
+use super::output::{self, event_record, to_json};
+use super::{CmdResult, CtlError, Ctx, choice};
+use clap::Args;
+use kms_shared::client::Notification;
+use kms_shared::model::{ACTIONS, Action, UnixMillis};
+use kms_shared::protocol::{HistoryQuery, ResultFilter};
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// The daemon's largest history page.
+const MAX_PAGE: u32 = 1000;
+
+const RESULTS: [ResultFilter; 2] = [ResultFilter::Ok, ResultFilter::Error];
+
+fn result_name(r: ResultFilter) -> &'static str {
+    match r {
+        ResultFilter::Ok => "ok",
+        ResultFilter::Error => "error",
+    }
+}
+
+fn parse_since(s: &str) -> Result<UnixMillis, String> {
+    let t = OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time such as 2024-05-01T00:00:00Z ({e})"))?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| "time out of range".into())
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Key tag or name
+    pub key: String,
+    /// At most N entries [default: the daemon's, 100]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: Option<u32>,
+    /// Only this action (the kmsctl command name)
+    #[arg(long, value_name = "A", hide_possible_values = true, value_parser = choice(&ACTIONS, Action::as_str))]
+    pub action: Option<Action>,
+    /// Only successful calls, or only refused and failed ones
+    #[arg(long, value_parser = choice(&RESULTS, result_name))]
+    pub result: Option<ResultFilter>,
+    /// Only entries at or after this time (RFC 3339)
+    #[arg(long, value_name = "RFC3339", value_parser = parse_since)]
+    pub since: Option<UnixMillis>,
+}
+
+pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
+    let mut query = HistoryQuery {
+        key: a.key,
+        limit: a.limit.map(|l| l.min(MAX_PAGE)),
+        before_seq: None,
+        action: a.action,
+        result: a.result,
+        since: a.since,
+    };
+    let mut entries = ctx.client.history(query.clone()).await?;
+    // Limits above one page are served page by page, each older than the last.
+    if let Some(want) = a.limit {
+        let mut short = entries.len() < MAX_PAGE as usize;
+        while !short && entries.len() < want as usize {
+            let page = (want as usize - entries.len()).min(MAX_PAGE as usize);
+            query.limit = u32::try_from(page).ok();
+            query.before_seq = entries.last().map(|e| e.seq);
+            let more = ctx.client.history(query.clone()).await?;
+            short = more.len() < page;
+            entries.extend(more);
+        }
+    }
+    ctx.out.emit(
+        || output::list_json(&entries, output::history_record),
+        || output::history_table(&entries),
+    )?;
+    Ok(0)
+}
+
+/// Prints events as JSON lines (whatever `--json` says: the stream is for programs) until
+/// Ctrl-C. The daemon going away is an error, so a supervising script can reconnect.
+pub async fn watch(ctx: &mut Ctx) -> CmdResult {
+    let mut events = ctx.client.subscribe().await?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let line = tokio::select! {
+            r = &mut ctrl_c => {
+                r?;
+                return Ok(0);
+            }
+            n = events.recv() => match n {
+                Some(Notification::Event(e)) => to_json(event_record(&e)),
+                Some(Notification::Lagged(missed)) => json!({ "lagged": missed }),
+                None => return Err(CtlError::Connect("connection to kmsd closed".into())),
+            },
+        };
+        ctx.out.json_line(&line)?;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_parses_rfc3339_to_millis() {
+        assert_eq!(parse_since("1970-01-01T00:00:01.25Z"), Ok(1250));
+        assert_eq!(
+            parse_since("2024-01-01T09:00:00+09:00"),
+            Ok(1_704_067_200_000)
+        );
+        assert!(parse_since("2024-01-01").is_err());
+    }
+}

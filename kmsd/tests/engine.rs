@@ -1,0 +1,677 @@
+//! The key engine against real redb files in temporary directories, with an injected
+//! clock: the rules of SPEC §2–§5, §7 and §9 for the `basic` protection level.
+
+#![allow(clippy::unwrap_used)]
+
+use kms_shared::model::{Action, DAY_MS, HOUR_MS, KeyInfo, KeyState, KeyType, SignScheme};
+use kms_shared::protocol::{CiphertextItem, CreateKey, ErrorKind, HistoryQuery, ItemOutcome};
+use kms_shared::{ciphertext, model::Protection};
+use kmsd::clock::ManualClock;
+use kmsd::crypto::RootKey;
+use kmsd::engine::{Caller, Engine, EngineConfig, EngineError};
+use kmsd::store::Store;
+use std::path::Path;
+use std::sync::Arc;
+
+const T0: i64 = 1_700_000_000_000;
+
+fn caller(account: &str) -> Caller {
+    Caller {
+        uid: 1000,
+        gid: 1000,
+        pid: 42,
+        account: account.into(),
+        client: "engine-test".into(),
+    }
+}
+
+fn open_with(dir: &Path, clock: Arc<ManualClock>, config: EngineConfig) -> Engine {
+    let (root, _) = RootKey::load_or_create(dir, None).unwrap();
+    let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
+    Engine::open(store, root, clock, config).unwrap()
+}
+
+struct Fx {
+    dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    engine: Option<Engine>,
+    me: Caller,
+}
+
+impl Fx {
+    fn new() -> Fx {
+        Fx::with_config(EngineConfig::default())
+    }
+
+    fn with_config(config: EngineConfig) -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = open_with(dir.path(), clock.clone(), config);
+        Fx {
+            dir,
+            clock,
+            engine: Some(engine),
+            me: caller("alice"),
+        }
+    }
+
+    fn e(&self) -> &Engine {
+        self.engine.as_ref().unwrap()
+    }
+
+    /// Closes the store and opens it again from disk.
+    fn reopen(&mut self) {
+        let config = self.e().config().clone();
+        self.engine.take().unwrap().close();
+        self.engine = Some(open_with(self.dir.path(), self.clock.clone(), config));
+    }
+
+    fn create(&self, name: &str, t: KeyType) -> KeyInfo {
+        self.create_with(name, t, |_| {})
+    }
+
+    fn create_with(&self, name: &str, t: KeyType, f: impl FnOnce(&mut CreateKey)) -> KeyInfo {
+        let mut spec = CreateKey {
+            name: name.into(),
+            key_type: t,
+            protection: Protection::Basic,
+            convergent: false,
+            auto_rotation: false,
+            rotation_days: None,
+            memo: String::new(),
+        };
+        f(&mut spec);
+        self.e().create_key(&self.me, &spec).unwrap()
+    }
+
+    fn enc(&self, key: &str, pt: &[u8]) -> Result<String, EngineError> {
+        self.e().encrypt(&self.me, key, pt, None).wait()
+    }
+
+    fn dec(&self, key: &str, ct: &str) -> Result<Vec<u8>, EngineError> {
+        self.e().decrypt(&self.me, key, ct, None).wait()
+    }
+}
+
+fn kind<T: std::fmt::Debug>(r: Result<T, EngineError>) -> ErrorKind {
+    r.unwrap_err().kind()
+}
+
+/// Every cell of the SPEC §3 state table, allowed and refused, for each state.
+#[test]
+fn state_table() {
+    let fx = Fx::new();
+    let e = fx.e();
+    let me = &fx.me;
+    let probe = |name: &str| {
+        // (rotate, disable, enable, request deletion, cancel, crypto, history)
+        (
+            e.rotate(me, name).map(|_| ()),
+            fx.enc(name, b"x").map(|_| ()),
+            e.history(&HistoryQuery {
+                key: name.into(),
+                ..Default::default()
+            })
+            .map(|_| ()),
+        )
+    };
+
+    // enabled: rotate yes, disable yes, enable no, request deletion yes, cancel no, crypto yes.
+    fx.create("enk", KeyType::Aes256);
+    let (rot, cry, hist) = probe("enk");
+    assert!(rot.is_ok() && cry.is_ok() && hist.is_ok());
+    assert_eq!(kind(e.enable(me, "enk")), ErrorKind::InvalidState);
+    assert_eq!(kind(e.cancel_deletion(me, "enk")), ErrorKind::InvalidState);
+    assert_eq!(kind(e.delete_now(me, "enk")), ErrorKind::InvalidState);
+    assert_eq!(e.disable(me, "enk").unwrap().state, KeyState::Disabled);
+
+    // disabled: rotate no, enable yes, disable no, request deletion yes, crypto no, history yes.
+    let (rot, cry, hist) = probe("enk");
+    assert_eq!(kind(rot), ErrorKind::InvalidState);
+    assert_eq!(kind(cry), ErrorKind::InvalidState);
+    assert!(hist.is_ok());
+    assert_eq!(kind(e.disable(me, "enk")), ErrorKind::InvalidState);
+    assert_eq!(kind(e.cancel_deletion(me, "enk")), ErrorKind::InvalidState);
+    assert!(e.set_rotation(me, "enk", true, Some(30)).is_ok());
+    assert_eq!(e.enable(me, "enk").unwrap().state, KeyState::Enabled);
+    assert_eq!(e.disable(me, "enk").unwrap().state, KeyState::Disabled);
+    let k = e.request_deletion(me, "enk").unwrap();
+    assert_eq!(k.state, KeyState::PendingDeletion);
+
+    // pending-deletion: everything but cancel and delete-now refused; history readable.
+    let (rot, cry, hist) = probe("enk");
+    assert_eq!(kind(rot), ErrorKind::InvalidState);
+    assert_eq!(kind(cry), ErrorKind::InvalidState);
+    assert!(hist.is_ok());
+    assert_eq!(kind(e.enable(me, "enk")), ErrorKind::InvalidState);
+    assert_eq!(kind(e.disable(me, "enk")), ErrorKind::InvalidState);
+    assert_eq!(kind(e.request_deletion(me, "enk")), ErrorKind::InvalidState);
+    assert_eq!(kind(e.set_version_enabled(me, "enk", 1, false)), ErrorKind::InvalidState);
+    assert_eq!(kind(e.set_rotation(me, "enk", false, None)), ErrorKind::InvalidState);
+    assert_eq!(e.cancel_deletion(me, "enk").unwrap().state, KeyState::Disabled);
+    e.request_deletion(me, "enk").unwrap();
+    let gone = e.delete_now(me, "enk").unwrap();
+    assert_eq!(gone.state, KeyState::Deleted);
+
+    // deleted: the name is free, the tag still shows the key; nothing else works.
+    assert_eq!(kind(e.get_key("enk")), ErrorKind::NotFound);
+    let tag = gone.tag.clone();
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::Deleted);
+    for r in [
+        e.rotate(me, &tag).map(|_| ()),
+        e.enable(me, &tag).map(|_| ()),
+        e.disable(me, &tag).map(|_| ()),
+        e.request_deletion(me, &tag).map(|_| ()),
+        e.cancel_deletion(me, &tag).map(|_| ()),
+        fx.enc(&tag, b"x").map(|_| ()),
+    ] {
+        assert_eq!(kind(r), ErrorKind::InvalidState);
+    }
+    let hist = e
+        .history(&HistoryQuery {
+            key: tag.clone(),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .unwrap();
+    // The refusals after the purge are recorded too, newest first.
+    assert_eq!(
+        (hist[0].action, hist[0].result.as_str()),
+        (Action::Encrypt, "invalid-state")
+    );
+    assert!(hist.iter().any(|h| h.action == Action::DeleteNow && h.result == "ok"));
+    assert_eq!(hist.last().unwrap().action, Action::Create);
+    // The name can be used again.
+    assert_ne!(fx.create("enk", KeyType::Aes256).tag, tag);
+}
+
+/// Versions inherit the key's state; each version's own flag survives a disable/enable.
+#[test]
+fn version_flags_and_inheritance() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create("verk", KeyType::Aes256);
+    let c1 = fx.enc("verk", b"one").unwrap();
+    e.rotate(me, "verk").unwrap();
+    let c2 = fx.enc("verk", b"two").unwrap();
+    assert!(c2.starts_with("ncpkms:v2:"));
+    let vs = e.set_version_enabled(me, "verk", 1, false).unwrap();
+    assert!(!vs[0].enabled && vs[1].enabled);
+    assert_eq!(kind(fx.dec("verk", &c1)), ErrorKind::VersionDisabled);
+    assert_eq!(fx.dec("verk", &c2).unwrap(), b"two");
+    e.disable(me, "verk").unwrap();
+    assert_eq!(kind(fx.dec("verk", &c2)), ErrorKind::InvalidState);
+    e.enable(me, "verk").unwrap();
+    // Restored as they were: v1 still disabled, v2 usable.
+    assert_eq!(kind(fx.dec("verk", &c1)), ErrorKind::VersionDisabled);
+    assert_eq!(fx.dec("verk", &c2).unwrap(), b"two");
+    e.set_version_enabled(me, "verk", 1, true).unwrap();
+    assert_eq!(fx.dec("verk", &c1).unwrap(), b"one");
+    assert_eq!(kind(e.set_version_enabled(me, "verk", 9, true)), ErrorKind::NotFound);
+}
+
+/// 100 versions all decrypt after the store is closed and reopened; the 101st is refused.
+#[test]
+fn hundred_versions_survive_reopen() {
+    let mut fx = Fx::new();
+    fx.create("many", KeyType::Aes256);
+    let mut cts = vec![fx.enc("many", b"v1").unwrap()];
+    for v in 2..=100u32 {
+        let k = fx.e().rotate(&fx.me, "many").unwrap();
+        assert_eq!(k.current_version, v);
+        cts.push(fx.enc("many", format!("v{v}").as_bytes()).unwrap());
+    }
+    assert_eq!(kind(fx.e().rotate(&fx.me, "many")), ErrorKind::VersionLimit);
+    fx.reopen();
+    assert_eq!(fx.e().get_key("many").unwrap().current_version, 100);
+    for (i, ct) in cts.iter().enumerate() {
+        assert_eq!(fx.dec("many", ct).unwrap(), format!("v{}", i + 1).as_bytes());
+    }
+    assert_eq!(kind(fx.e().rotate(&fx.me, "many")), ErrorKind::VersionLimit);
+}
+
+/// Convergent: deterministic per context and plaintext; distinct nonces for distinct
+/// plaintexts; the wrong context fails.
+#[test]
+fn convergent_encryption() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create_with("conv", KeyType::Aes256, |s| s.convergent = true);
+    let enc = |pt: &[u8], ctx: &[u8]| e.encrypt(me, "conv", pt, Some(ctx)).wait().unwrap();
+    assert_eq!(enc(b"same", b"ctx-a"), enc(b"same", b"ctx-a"));
+    assert_ne!(enc(b"same", b"ctx-a"), enc(b"same", b"ctx-b"));
+    assert_eq!(kind(e.encrypt(me, "conv", b"x", None).wait()), ErrorKind::InvalidArgument);
+    let ct = enc(b"secret", b"ctx-a");
+    assert_eq!(e.decrypt(me, "conv", &ct, Some(b"ctx-a")).wait().unwrap(), b"secret");
+    assert_eq!(
+        kind(e.decrypt(me, "conv", &ct, Some(b"ctx-b")).wait()),
+        ErrorKind::DecryptFailed
+    );
+
+    let items: Vec<_> = (0..10_000u32)
+        .map(|i| kms_shared::protocol::PlaintextItem {
+            plaintext: i.to_be_bytes().to_vec(),
+            context: Some(b"one-context".to_vec()),
+        })
+        .collect();
+    let mut nonces = std::collections::HashSet::new();
+    for chunk in items.chunks(1000) {
+        for out in e.encrypt_batch(me, "conv", chunk).wait().unwrap() {
+            let ItemOutcome::Ciphertext(ct) = out else {
+                panic!("batch item failed: {out:?}")
+            };
+            let (_, body) = ciphertext::parse(&ct).unwrap();
+            nonces.insert(body[..12].to_vec());
+        }
+    }
+    assert_eq!(nonces.len(), 10_000);
+}
+
+/// Every single-bit flip, a changed version prefix, and another key's ciphertext all fail
+/// with decrypt-failed — never with wrong plaintext.
+#[test]
+fn tampering_fails_closed() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create("tamper", KeyType::Aes256);
+    fx.create("other", KeyType::Aes256);
+    fx.create("rsak", KeyType::Rsa2048);
+    e.rotate(me, "tamper").unwrap();
+    let ct = fx.enc("tamper", b"attack at dawn").unwrap();
+    let (v, body) = ciphertext::parse(&ct).unwrap();
+    for bit in 0..body.len() * 8 {
+        let mut b = body.clone();
+        b[bit / 8] ^= 1 << (bit % 8);
+        let r = fx.dec("tamper", &ciphertext::format(v, &b));
+        assert_eq!(kind(r), ErrorKind::DecryptFailed, "bit {bit}");
+    }
+    assert_eq!(kind(fx.dec("tamper", &ciphertext::format(1, &body))), ErrorKind::DecryptFailed);
+    assert_eq!(kind(fx.dec("tamper", &ciphertext::format(7, &body))), ErrorKind::DecryptFailed);
+    assert_eq!(kind(fx.dec("other", &ct)), ErrorKind::DecryptFailed);
+    assert_eq!(kind(fx.dec("tamper", "not a ciphertext")), ErrorKind::InvalidArgument);
+
+    let rct = fx.enc("rsak", b"rsa secret").unwrap();
+    let (rv, rbody) = ciphertext::parse(&rct).unwrap();
+    let mut flipped = rbody.clone();
+    flipped[10] ^= 0x40;
+    assert_eq!(kind(fx.dec("rsak", &ciphertext::format(rv, &flipped))), ErrorKind::DecryptFailed);
+    e.rotate(me, "rsak").unwrap();
+    assert_eq!(kind(fx.dec("rsak", &ciphertext::format(2, &rbody))), ErrorKind::DecryptFailed);
+    assert_eq!(fx.dec("rsak", &rct).unwrap(), b"rsa secret");
+}
+
+/// Purpose, size and context limits each give their own typed error.
+#[test]
+fn purposes_and_limits() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create("aes", KeyType::Aes256);
+    fx.create("eck", KeyType::Ecdsa);
+    fx.create("rsa", KeyType::Rsa2048);
+    assert_eq!(kind(fx.enc("eck", b"x")), ErrorKind::WrongPurpose);
+    assert_eq!(kind(e.sign(me, "aes", b"x", SignScheme::Pss).wait()), ErrorKind::WrongPurpose);
+    assert_eq!(kind(e.public_key(me, "aes", None).wait()), ErrorKind::WrongPurpose);
+    assert!(fx.enc("aes", &vec![0; 32 * 1024]).is_ok());
+    assert_eq!(kind(fx.enc("aes", &vec![0; 32 * 1024 + 1])), ErrorKind::TooLarge);
+    assert!(fx.enc("rsa", &[0; 190]).is_ok());
+    assert_eq!(kind(fx.enc("rsa", &[0; 191])), ErrorKind::TooLarge);
+    assert_eq!(kind(e.sign(me, "eck", &vec![0; 8193], SignScheme::Pss).wait()), ErrorKind::TooLarge);
+    assert_eq!(kind(e.encrypt(me, "aes", b"x", Some(&[0; 51])).wait()), ErrorKind::TooLarge);
+    assert_eq!(kind(e.encrypt(me, "rsa", b"x", Some(b"c")).wait()), ErrorKind::InvalidArgument);
+    assert_eq!(kind(e.data_key(me, "aes", 100, false, None).wait()), ErrorKind::InvalidArgument);
+    let bad_name = CreateKey {
+        name: "1bad".into(),
+        key_type: KeyType::Aes256,
+        protection: Protection::Basic,
+        convergent: false,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+    };
+    assert_eq!(kind(e.create_key(me, &bad_name)), ErrorKind::InvalidArgument);
+    let conv_rsa = CreateKey {
+        name: "convrsa".into(),
+        key_type: KeyType::Rsa2048,
+        convergent: true,
+        ..bad_name.clone()
+    };
+    assert_eq!(kind(e.create_key(me, &conv_rsa)), ErrorKind::InvalidArgument);
+    let dup = CreateKey {
+        name: "aes".into(),
+        ..bad_name.clone()
+    };
+    assert_eq!(kind(e.create_key(me, &dup)), ErrorKind::AlreadyExists);
+    let hsm = CreateKey {
+        name: "hsmkey".into(),
+        protection: Protection::Hsm,
+        ..bad_name.clone()
+    };
+    assert_eq!(kind(e.create_key(me, &hsm)), ErrorKind::InvalidArgument);
+    let days = CreateKey {
+        name: "days".into(),
+        rotation_days: Some(731),
+        ..bad_name
+    };
+    assert_eq!(kind(e.create_key(me, &days)), ErrorKind::InvalidArgument);
+}
+
+/// Sign/verify for both signing types, old versions still verify, public keys are PEM,
+/// data keys unwrap to the plaintext returned, re-encrypt moves to the current version.
+#[test]
+fn signatures_data_keys_reencrypt() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    for (name, t) in [("eck", KeyType::Ecdsa), ("rsa", KeyType::Rsa2048)] {
+        fx.create(name, t);
+        for scheme in [SignScheme::Pss, SignScheme::Pkcs1] {
+            let sig = e.sign(me, name, b"artifact", scheme).wait().unwrap();
+            assert!(e.verify(me, name, b"artifact", &sig, scheme).wait().unwrap());
+            assert!(!e.verify(me, name, b"artifacT", &sig, scheme).wait().unwrap());
+        }
+        let old = e.sign(me, name, b"m", SignScheme::Pss).wait().unwrap();
+        e.rotate(me, name).unwrap();
+        assert!(e.verify(me, name, b"m", &old, SignScheme::Pss).wait().unwrap());
+        let (v, pem) = e.public_key(me, name, None).wait().unwrap();
+        assert_eq!(v, 2);
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(kind(e.public_key(me, name, Some(5)).wait()), ErrorKind::NotFound);
+        assert_eq!(
+            kind(e.verify(me, name, b"m", "garbage", SignScheme::Pss).wait()),
+            ErrorKind::InvalidArgument
+        );
+    }
+    fx.create("aes", KeyType::Aes256);
+    let (ct, pt) = e.data_key(me, "aes", 256, true, None).wait().unwrap();
+    let pt = pt.unwrap();
+    assert_eq!(pt.len(), 32);
+    assert_eq!(fx.dec("aes", &ct).unwrap(), pt);
+    let (_, none) = e.data_key(me, "aes", 512, false, None).wait().unwrap();
+    assert!(none.is_none());
+
+    let c1 = fx.enc("aes", b"keep me").unwrap();
+    e.rotate(me, "aes").unwrap();
+    let c2 = e.reencrypt(me, "aes", &c1, None).wait().unwrap();
+    assert!(c2.starts_with("ncpkms:v2:"));
+    assert_eq!(fx.dec("aes", &c2).unwrap(), b"keep me");
+    let batch = e
+        .decrypt_batch(
+            me,
+            "aes",
+            &[
+                CiphertextItem {
+                    ciphertext: c1.clone(),
+                    context: None,
+                },
+                CiphertextItem {
+                    ciphertext: "ncpkms:v1:AAAA".into(),
+                    context: None,
+                },
+            ],
+        )
+        .wait()
+        .unwrap();
+    assert_eq!(batch[0], ItemOutcome::Plaintext(b"keep me".to_vec()));
+    assert!(matches!(&batch[1], ItemOutcome::Err(w) if w.kind == ErrorKind::DecryptFailed));
+}
+
+/// The 72-hour wait: nothing happens before it, the purge happens at it, material is gone
+/// and the metadata stays; a cancelled request leaves the key disabled and never purges.
+#[test]
+fn deletion_wait_with_injected_clock() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create("doomed", KeyType::Aes256);
+    fx.create("saved", KeyType::Aes256);
+    let ct = fx.enc("doomed", b"x").unwrap();
+    let k = e.request_deletion(me, "doomed").unwrap();
+    assert_eq!(k.deletion_due_at, Some(T0 + 72 * HOUR_MS));
+    e.request_deletion(me, "saved").unwrap();
+    e.cancel_deletion(me, "saved").unwrap();
+
+    fx.clock.set(T0 + 72 * HOUR_MS - 1);
+    assert_eq!(e.run_due(), 0);
+    assert_eq!(e.get_key("doomed").unwrap().state, KeyState::PendingDeletion);
+    fx.clock.set(T0 + 72 * HOUR_MS);
+    assert_eq!(e.run_due(), 1);
+    let tag = k.tag;
+    let gone = e.get_key(&tag).unwrap();
+    assert_eq!(gone.state, KeyState::Deleted);
+    assert_eq!(gone.deleted_at, Some(T0 + 72 * HOUR_MS));
+    assert_eq!(kind(fx.dec(&tag, &ct)), ErrorKind::InvalidState);
+    assert_eq!(e.get_key("saved").unwrap().state, KeyState::Disabled);
+    let (all, _) = e.list_keys(true, 0, None);
+    assert!(all.iter().any(|k| k.tag == tag));
+    let (live, _) = e.list_keys(false, 0, None);
+    assert!(!live.iter().any(|k| k.tag == tag));
+
+    // A year later the metadata and history expire.
+    fx.clock.set(T0 + 72 * HOUR_MS + 365 * DAY_MS);
+    assert_eq!(e.run_due(), 1);
+    assert_eq!(kind(e.get_key(&tag)), ErrorKind::NotFound);
+}
+
+/// The deletion delay has a floor of one hour even if configured lower.
+#[test]
+fn deletion_delay_floor() {
+    let fx = Fx::with_config(EngineConfig {
+        deletion_delay_ms: 1,
+        ..EngineConfig::default()
+    });
+    fx.create("quick", KeyType::Aes256);
+    let k = fx.e().request_deletion(&fx.me, "quick").unwrap();
+    assert_eq!(k.deletion_due_at, Some(T0 + HOUR_MS));
+}
+
+/// Auto rotation follows the period; a manual rotation does not move it; it continues
+/// while disabled and pending deletion; a long gap gives one catch-up rotation; changing
+/// the period moves the next date at once.
+#[test]
+fn rotation_schedule_with_injected_clock() {
+    let mut fx = Fx::new();
+    fx.create_with("auto", KeyType::Aes256, |s| {
+        s.auto_rotation = true;
+        s.rotation_days = Some(10);
+    });
+    let e = fx.e();
+    let me = fx.me.clone();
+    assert_eq!(e.get_key("auto").unwrap().next_rotation_at, Some(T0 + 10 * DAY_MS));
+
+    // Manual rotation on day 3 leaves the schedule alone.
+    fx.clock.set(T0 + 3 * DAY_MS);
+    e.rotate(&me, "auto").unwrap();
+    assert_eq!(e.get_key("auto").unwrap().next_rotation_at, Some(T0 + 10 * DAY_MS));
+
+    // Day 10: rotated to v3 while disabled; next is day 20.
+    e.disable(&me, "auto").unwrap();
+    fx.clock.set(T0 + 10 * DAY_MS);
+    assert_eq!(e.run_due(), 1);
+    let k = e.get_key("auto").unwrap();
+    assert_eq!((k.current_version, k.state), (3, KeyState::Disabled));
+    assert_eq!(k.next_rotation_at, Some(T0 + 20 * DAY_MS));
+    assert_eq!(e.run_due(), 0);
+
+    // Pending deletion still rotates (deletion is 72 h away, so set it just before day 20).
+    fx.clock.set(T0 + 19 * DAY_MS);
+    e.request_deletion(&me, "auto").unwrap();
+    fx.clock.set(T0 + 20 * DAY_MS);
+    e.run_due();
+    assert_eq!(e.get_key("auto").unwrap().current_version, 4);
+    e.cancel_deletion(&me, "auto").unwrap();
+    e.enable(&me, "auto").unwrap();
+
+    // Down for 100 days: one catch-up rotation at restart, and the period restarts.
+    fx.reopen();
+    fx.clock.set(T0 + 130 * DAY_MS);
+    assert_eq!(fx.e().run_due(), 1);
+    let k = fx.e().get_key("auto").unwrap();
+    assert_eq!(k.current_version, 5);
+    assert_eq!(k.next_rotation_at, Some(T0 + 140 * DAY_MS));
+    assert_eq!(fx.e().run_due(), 0);
+
+    // Period change: next = anchor + new period, at once.
+    let k = fx.e().set_rotation(&me, "auto", true, Some(30)).unwrap();
+    assert_eq!(k.next_rotation_at, Some(T0 + 160 * DAY_MS));
+    let k = fx.e().set_rotation(&me, "auto", false, None).unwrap();
+    assert_eq!(k.next_rotation_at, None);
+    assert_eq!(fx.e().next_due(), None);
+}
+
+/// At the version limit auto rotation stops and the refusal is in the history.
+#[test]
+fn auto_rotation_stops_at_limit() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create_with("full", KeyType::Aes256, |s| {
+        s.auto_rotation = true;
+        s.rotation_days = Some(1);
+    });
+    let mut events = e.subscribe();
+    for _ in 2..=100 {
+        e.rotate(me, "full").unwrap();
+    }
+    fx.clock.set(T0 + DAY_MS);
+    e.run_due();
+    let k = e.get_key("full").unwrap();
+    assert_eq!(k.current_version, 100);
+    assert_eq!(k.next_rotation_at, None);
+    let h = e
+        .history(&HistoryQuery {
+            key: "full".into(),
+            limit: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((h[0].action, h[0].result.as_str()), (Action::AutoRotate, "version-limit"));
+    let mut saw_limit = false;
+    while let Ok(ev) = events.try_recv() {
+        saw_limit |= ev.kind == kms_shared::protocol::EventKind::VersionLimitReached;
+    }
+    assert!(saw_limit);
+}
+
+/// The nonce budget: at the threshold the version is retired by a rotation, with an event.
+#[test]
+fn nonce_budget_forces_rotation() {
+    let fx = Fx::with_config(EngineConfig {
+        nonce_budget: 5,
+        ..EngineConfig::default()
+    });
+    fx.create("budget", KeyType::Aes256);
+    let mut events = fx.e().subscribe();
+    let cts: Vec<_> = (0..12).map(|_| fx.enc("budget", b"p").unwrap()).collect();
+    let versions: Vec<u32> = cts.iter().map(|c| ciphertext::parse(c).unwrap().0).collect();
+    assert_eq!(versions, vec![1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3]);
+    let vs = fx.e().versions("budget").unwrap();
+    assert_eq!(vs.iter().map(|v| v.encryptions).collect::<Vec<_>>()[..2], [6, 6]);
+    for c in &cts {
+        assert_eq!(fx.dec("budget", c).unwrap(), b"p");
+    }
+    let mut low = 0;
+    while let Ok(ev) = events.try_recv() {
+        low += usize::from(ev.kind == kms_shared::protocol::EventKind::NonceBudgetLow);
+    }
+    assert_eq!(low, 2);
+}
+
+/// History records allowed and refused calls with the caller; usage counts only
+/// successful crypto; both survive a reopen; filters and paging work.
+#[test]
+fn history_and_usage() {
+    let mut fx = Fx::new();
+    fx.create("histk", KeyType::Aes256);
+    let bob = caller("bob");
+    for _ in 0..3 {
+        fx.enc("histk", b"x").unwrap();
+    }
+    fx.e().encrypt(&bob, "histk", b"y", None).wait().unwrap();
+    fx.e().disable(&bob, "histk").unwrap();
+    assert!(fx.e().encrypt(&bob, "histk", b"z", None).wait().is_err());
+    fx.reopen();
+    let e = fx.e();
+    let k = e.get_key("histk").unwrap();
+    assert_eq!(k.usage_count, 4);
+    assert_eq!(k.last_used_by.as_deref(), Some("bob"));
+    let all = e
+        .history(&HistoryQuery {
+            key: "histk".into(),
+            limit: Some(100),
+            ..Default::default()
+        })
+        .unwrap();
+    let summary: Vec<_> = all
+        .iter()
+        .map(|h| (h.action.as_str(), h.result.as_str(), h.account.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("encrypt", "invalid-state", "bob"),
+            ("disable", "ok", "bob"),
+            ("encrypt", "ok", "bob"),
+            ("encrypt", "ok", "alice"),
+            ("encrypt", "ok", "alice"),
+            ("encrypt", "ok", "alice"),
+            ("create", "ok", "alice"),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].seq > w[1].seq));
+    let errors = e
+        .history(&HistoryQuery {
+            key: "histk".into(),
+            result: Some(kms_shared::protocol::ResultFilter::Error),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(errors.len(), 1);
+    let page2 = e
+        .history(&HistoryQuery {
+            key: "histk".into(),
+            limit: Some(2),
+            before_seq: Some(all[1].seq),
+            action: Some(Action::Encrypt),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(page2.iter().map(|h| h.seq).collect::<Vec<_>>(), vec![all[2].seq, all[3].seq]);
+    let impact = e.impact("histk", None).unwrap();
+    assert_eq!(impact.recent_uses, 4);
+    assert_eq!(impact.accounts[0].account, "alice");
+    assert_eq!(impact.accounts[0].uses, 3);
+}
+
+/// The root key file is 0600; the store refuses another root key; wrapped rows do not
+/// open without the right root key.
+#[test]
+fn root_key_protects_the_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut fx = Fx::new();
+    fx.create("rsak", KeyType::Aes256);
+    let ct = fx.enc("rsak", b"data").unwrap();
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close();
+    let mode = std::fs::metadata(dir.join("root.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let other = RootKey::from_bytes([7u8; 32]);
+    match Store::open(&dir.join("kms.redb"), &other.fingerprint()) {
+        Err(kmsd::store::StoreError::WrongRootKey { .. }) => {}
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened with the wrong root key"),
+    }
+    // Every wrapped row fails to unwrap under another root key.
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
+    let snap = store.load().unwrap();
+    assert!(!snap.versions.is_empty());
+    for (tag, v, rec) in &snap.versions {
+        let mut aad = b"kms/wrap\0".to_vec();
+        aad.extend_from_slice(tag.as_bytes());
+        aad.extend_from_slice(&v.to_be_bytes());
+        let wrapped = rec.wrapped.as_ref().unwrap();
+        assert!(root.unwrap(&aad, wrapped).is_ok());
+        assert!(other.unwrap(&aad, wrapped).is_err());
+    }
+    drop(store);
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    assert_eq!(fx.dec("rsak", &ct).unwrap(), b"data");
+}
