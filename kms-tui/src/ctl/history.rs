@@ -35,7 +35,7 @@ pub struct HistoryArgs {
     /// At most N entries [default: the daemon's, 100]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub limit: Option<u32>,
-    /// Only this action (the kmsctl command name)
+    /// Only this action: a kmsctl command name, auto-rotate or purge
     #[arg(long, value_name = "A", hide_possible_values = true, value_parser = choice(&ACTIONS, Action::as_str))]
     pub action: Option<Action>,
     /// Only successful calls, or only refused and failed ones

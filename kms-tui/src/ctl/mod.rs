@@ -61,13 +61,13 @@ const EX_IOERR: u8 = 74;
 pub struct Cli {
     /// The daemon's socket [default: $KMS_SOCKET, else $XDG_RUNTIME_DIR/kms/kmsd.sock, …];
     /// an explicit socket never starts a daemon
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Do not start kmsd when none answers on the default socket
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub no_autostart: bool,
     /// Print JSON on stdout (errors as {"error":{"kind","message"}})
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,

@@ -1,0 +1,156 @@
+//! Configuration: embedded defaults (SPEC §1: no file needed), an optional TOML file
+//! (`--config`), and command-line flags, in increasing precedence.
+
+use crate::engine::EngineConfig;
+use kms_shared::model::{DAY_MS, HOUR_MS};
+use kms_shared::paths;
+use kms_shared::protocol::DEFAULT_MAX_FRAME;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything the daemon needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    /// Share the socket with this group (0660 in a 0750 directory) instead of 0600/0700.
+    pub socket_group: Option<String>,
+    pub max_frame: u32,
+    pub max_connections: usize,
+    /// Requests in flight on one connection before the daemon stops reading from it.
+    pub max_in_flight: usize,
+    /// A connection with no complete frame for this long is closed (not subscribers).
+    pub idle_timeout: Duration,
+    /// A frame whose length has arrived must be complete within this time.
+    pub frame_timeout: Duration,
+    pub engine: EngineConfig,
+    /// Where the root key comes from under systemd (`$CREDENTIALS_DIRECTORY`).
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// The embedded defaults for this process's environment.
+    pub fn defaults() -> Config {
+        Config {
+            socket: paths::default_socket_path(),
+            data_dir: paths::default_data_dir(),
+            socket_group: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 1024,
+            max_in_flight: 256,
+            idle_timeout: Duration::from_secs(300),
+            frame_timeout: Duration::from_secs(10),
+            engine: EngineConfig::default(),
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+        }
+    }
+
+    /// The store file inside the data directory.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("kms.redb")
+    }
+
+    /// Applies a TOML file on top of the current values.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let f: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        self.apply(f);
+        Ok(())
+    }
+
+    fn apply(&mut self, f: FileConfig) {
+        if let Some(v) = f.socket {
+            self.socket = v;
+        }
+        if let Some(v) = f.data_dir {
+            self.data_dir = v;
+        }
+        if f.socket_group.is_some() {
+            self.socket_group = f.socket_group;
+        }
+        if let Some(v) = f.max_frame {
+            self.max_frame = v.max(1024);
+        }
+        if let Some(v) = f.max_connections {
+            self.max_connections = v.max(1);
+        }
+        if let Some(v) = f.max_in_flight {
+            self.max_in_flight = v.max(1);
+        }
+        if let Some(v) = f.idle_timeout_secs {
+            self.idle_timeout = Duration::from_secs_f64(v.max(0.01));
+        }
+        if let Some(v) = f.frame_timeout_secs {
+            self.frame_timeout = Duration::from_secs_f64(v.max(0.01));
+        }
+        if let Some(v) = f.deletion_delay_hours {
+            self.engine.deletion_delay_ms = (v * HOUR_MS as f64) as i64;
+        }
+        if let Some(v) = f.retention_days {
+            self.engine.retention_ms = i64::from(v) * DAY_MS;
+        }
+        if let Some(v) = f.nonce_budget {
+            self.engine.nonce_budget = v.max(1);
+        }
+    }
+}
+
+/// The config file's keys; every one optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    socket_group: Option<String>,
+    max_frame: Option<u32>,
+    max_connections: Option<usize>,
+    max_in_flight: Option<usize>,
+    idle_timeout_secs: Option<f64>,
+    frame_timeout_secs: Option<f64>,
+    /// Never below 1 hour, whatever is written here (SPEC §3).
+    deletion_delay_hours: Option<f64>,
+    retention_days: Option<u32>,
+    nonce_budget: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A file overrides only the keys it names; unknown keys are an error.
+    #[test]
+    fn file_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kmsd.toml");
+        std::fs::write(&p, "data_dir = \"/x\"\nidle_timeout_secs = 2\n").unwrap();
+        let mut c = Config::defaults();
+        let socket = c.socket.clone();
+        c.apply_file(&p).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/x"));
+        assert_eq!(c.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.socket, socket);
+        std::fs::write(&p, "bogus = 1\n").unwrap();
+        assert!(matches!(c.apply_file(&p), Err(ConfigError::Parse { .. })));
+    }
+}

@@ -1,0 +1,262 @@
+//! One client connection: reads frames, answers many requests at once (pipelining), and
+//! forwards events after a `subscribe`.
+//!
+//! Three kinds of tasks share the socket: the reader (this task), one task per request in
+//! flight, and a writer that owns the write half. Replies and events reach the writer over
+//! a bounded channel, so a client that stops reading slows only itself: its requests wait
+//! for the channel, its reader stops taking new ones once `max_in_flight` are pending, and
+//! its event forwarder falls behind the broadcast and is told how many events it missed.
+
+use crate::config::Config;
+use crate::engine::{Caller, Engine};
+use crate::service::Service;
+use crate::shutdown::Shutdown;
+use kms_shared::codec;
+use kms_shared::protocol::{
+    ClientFrame, ErrorKind, Outcome, PROTOCOL_VERSION, Request, Response, ServerFrame, WireError,
+};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::time::timeout;
+
+pub struct Connection {
+    stream: UnixStream,
+    caller: Caller,
+    engine: Arc<Engine>,
+    service: Arc<Service>,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+}
+
+/// Why the reader stopped.
+enum ReadEnd {
+    Closed,
+    Fatal(WireError),
+}
+
+impl Connection {
+    pub fn new(
+        stream: UnixStream,
+        caller: Caller,
+        engine: Arc<Engine>,
+        service: Arc<Service>,
+        config: Arc<Config>,
+        shutdown: Shutdown,
+    ) -> Self {
+        Connection {
+            stream,
+            caller,
+            engine,
+            service,
+            config,
+            shutdown,
+        }
+    }
+
+    pub async fn run(self) {
+        let Connection {
+            stream,
+            caller,
+            engine,
+            service,
+            config,
+            mut shutdown,
+        } = self;
+        service.connection_opened();
+        tracing::debug!(account = %caller.account, pid = caller.pid, client = %caller.client, "connected");
+        let (mut rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(16) * 2);
+        let writer = tokio::spawn(write_loop(wr, rx, config.idle_timeout));
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+        let caller = Arc::new(caller);
+        let mut handshaken = false;
+        let mut forwarder: Option<tokio::task::JoinHandle<()>> = None;
+
+        let end = loop {
+            let idle = if forwarder.is_some() {
+                // Subscribers may stay quiet for as long as they like.
+                std::time::Duration::from_secs(u64::from(u32::MAX))
+            } else {
+                config.idle_timeout
+            };
+            let body = tokio::select! {
+                r = read_body(&mut rd, config.max_frame, idle, config.frame_timeout) => r,
+                _ = shutdown.recv() => break ReadEnd::Closed,
+            };
+            let body = match body {
+                Ok(Some(b)) => b,
+                Ok(None) => break ReadEnd::Closed,
+                Err(end) => break end,
+            };
+            let frame: ClientFrame = match codec::decode(&body) {
+                Ok(f) => f,
+                Err(e) => {
+                    // The framing is intact, so answer (with the id if it can be read) and go on.
+                    let id = codec::decode::<IdOnly>(&body).map(|f| f.id).unwrap_or(0);
+                    let err = WireError::new(ErrorKind::MalformedFrame, format!("undecodable request: {e}"));
+                    if send(&tx, id, Outcome::Err(err)).await.is_err() {
+                        break ReadEnd::Closed;
+                    }
+                    continue;
+                }
+            };
+            let id = frame.id;
+            if !handshaken {
+                match frame.request {
+                    Request::Hello { protocol, .. } if protocol == PROTOCOL_VERSION => {
+                        handshaken = true;
+                        let hello = Response::Hello {
+                            protocol: PROTOCOL_VERSION,
+                            daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+                        };
+                        if send(&tx, id, Outcome::Ok(hello)).await.is_err() {
+                            break ReadEnd::Closed;
+                        }
+                        continue;
+                    }
+                    Request::Hello { protocol, .. } => {
+                        let err = WireError::new(
+                            ErrorKind::UnsupportedVersion,
+                            format!("kmsd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"),
+                        );
+                        let _ = send(&tx, id, Outcome::Err(err)).await;
+                        break ReadEnd::Closed;
+                    }
+                    _ => {
+                        let err = WireError::new(
+                            ErrorKind::UnsupportedVersion,
+                            "the first request on a connection must be hello (version handshake)",
+                        );
+                        let _ = send(&tx, id, Outcome::Err(err)).await;
+                        break ReadEnd::Closed;
+                    }
+                }
+            }
+            if let Request::Subscribe = frame.request {
+                if forwarder.is_none() {
+                    forwarder = Some(tokio::spawn(forward_events(engine.subscribe(), tx.clone())));
+                }
+                if send(&tx, id, Outcome::Ok(Response::Subscribed)).await.is_err() {
+                    break ReadEnd::Closed;
+                }
+                continue;
+            }
+            // Backpressure: stop reading while this client has too many requests pending.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break ReadEnd::Closed;
+            };
+            let (service, caller, tx) = (service.clone(), caller.clone(), tx.clone());
+            tokio::spawn(async move {
+                let outcome = service.handle(&caller, frame.request).await;
+                let _ = send(&tx, id, outcome.into()).await;
+                drop(permit);
+            });
+        };
+
+        if let ReadEnd::Fatal(err) = end {
+            tracing::debug!(account = %caller.account, error = %err, "closing connection");
+            let _ = send(&tx, 0, Outcome::Err(err)).await;
+        }
+        // Answer everything in flight before closing (graceful shutdown included).
+        let max = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
+        let _ = in_flight.acquire_many(max).await;
+        if let Some(f) = forwarder {
+            f.abort();
+        }
+        drop(tx);
+        let _ = writer.await;
+        service.connection_closed();
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    id: u64,
+}
+
+/// Reads one frame body: the length within `idle`, the body within `frame_timeout`.
+async fn read_body(
+    rd: &mut tokio::net::unix::OwnedReadHalf,
+    max: u32,
+    idle: std::time::Duration,
+    frame_timeout: std::time::Duration,
+) -> Result<Option<Vec<u8>>, ReadEnd> {
+    let mut len = [0u8; 4];
+    let first = match timeout(idle, rd.read(&mut len)).await {
+        Err(_) => return Err(ReadEnd::Closed),
+        Ok(Err(_)) | Ok(Ok(0)) => return Ok(None),
+        Ok(Ok(n)) => n,
+    };
+    let rest = async {
+        rd.read_exact(&mut len[first..]).await?;
+        let n = u32::from_be_bytes(len);
+        if n > max {
+            return Ok(Err(WireError::new(
+                ErrorKind::MalformedFrame,
+                format!("frame of {n} bytes exceeds the maximum of {max}"),
+            )));
+        }
+        let mut body = vec![0u8; n as usize];
+        rd.read_exact(&mut body).await?;
+        Ok::<_, std::io::Error>(Ok(body))
+    };
+    match timeout(frame_timeout, rest).await {
+        Err(_) => Err(ReadEnd::Fatal(WireError::new(
+            ErrorKind::MalformedFrame,
+            "incomplete frame: timed out waiting for the rest",
+        ))),
+        Ok(Err(_)) => Err(ReadEnd::Closed),
+        Ok(Ok(Err(e))) => Err(ReadEnd::Fatal(e)),
+        Ok(Ok(Ok(body))) => Ok(Some(body)),
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Vec<u8>>, id: u64, result: Outcome) -> Result<(), ()> {
+    let frame = encode(&ServerFrame::Reply { id, result })?;
+    tx.send(frame).await.map_err(|_| ())
+}
+
+fn encode(frame: &ServerFrame) -> Result<Vec<u8>, ()> {
+    // Replies are bounded by the daemon's own limits; u32::MAX only guards the prefix.
+    codec::encode_frame(frame, u32::MAX).map_err(|e| {
+        tracing::error!(error = %e, "cannot encode a reply");
+    })
+}
+
+/// Writes frames as they come, coalescing whatever is queued into one write. A client
+/// that does not read for `stall` is disconnected.
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, stall: std::time::Duration) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(frame) = rx.recv().await {
+        buf.extend_from_slice(&frame);
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(f) => buf.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        match timeout(stall, wr.write_all(&buf)).await {
+            Ok(Ok(())) => buf.clear(),
+            _ => break,
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Forwards engine events to a subscriber; tells it when it lagged behind.
+async fn forward_events(mut events: broadcast::Receiver<kms_shared::protocol::Event>, tx: mpsc::Sender<Vec<u8>>) {
+    loop {
+        let frame = match events.recv().await {
+            Ok(ev) => ServerFrame::Event(ev),
+            Err(broadcast::error::RecvError::Lagged(missed)) => ServerFrame::Lagged { missed },
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Ok(bytes) = encode(&frame) else { continue };
+        if tx.send(bytes).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The scheduler task: sleeps until the earliest due date in the engine's due index and
+//! is woken early when a due date changes (the shape of mini-redis's purge task). It
+//! never scans the keys: finding what is due is a range read of an ordered index.
+
+use crate::engine::Engine;
+use crate::shutdown::Shutdown;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest sleep: a wall-clock jump (suspend, NTP step) is noticed within this time.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Shortest sleep when something stays due (a failing task is retried, not spun on).
+const RETRY: Duration = Duration::from_secs(1);
+
+pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
+    let wake = engine.due_changed();
+    loop {
+        let e = engine.clone();
+        match tokio::task::spawn_blocking(move || e.run_due()).await {
+            Ok(n) if n > 0 => tracing::debug!(done = n, "scheduled tasks carried out"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "scheduler task failed"),
+        }
+        let sleep = match engine.next_due() {
+            Some(at) => {
+                let ms = at.saturating_sub(engine.now());
+                if ms <= 0 {
+                    RETRY
+                } else {
+                    Duration::from_millis(ms.unsigned_abs()).min(MAX_SLEEP)
+                }
+            }
+            None => MAX_SLEEP,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = wake.notified() => {}
+            _ = shutdown.recv() => return,
+        }
+    }
+}

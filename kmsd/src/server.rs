@@ -1,0 +1,218 @@
+//! The listening side: the data-directory lock, the socket directory and file with their
+//! permissions, stale-socket detection, and the accept loop with its connection limit.
+//!
+//! The listener is tokio's `UnixListener`, not `interprocess`: the daemon needs the
+//! kernel's peer credentials (`SO_PEERCRED`) of every connection, which interprocess does
+//! not expose for its tokio streams (the clients do use interprocess).
+
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::engine::{Caller, Engine};
+use crate::service::Service;
+use crate::shutdown::Shutdown;
+use rustix::fs::{FlockOperation, Mode, flock};
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("another kmsd is serving {0}")]
+    AlreadyServing(PathBuf),
+    #[error("another kmsd holds the data directory {0} (lock file kmsd.lock)")]
+    DataDirLocked(PathBuf),
+    #[error("{path}: {message}")]
+    Path { path: PathBuf, message: String },
+    #[error("unknown group {0:?} for --socket-group")]
+    UnknownGroup(String),
+}
+
+fn path_err(path: &Path, message: impl std::fmt::Display) -> ServerError {
+    ServerError::Path {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// Holds the data directory's lock for the daemon's lifetime (released on drop/exit).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+/// Creates the data directory (0700) and takes its exclusive lock: one daemon per store.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
+    std::fs::create_dir_all(dir).map_err(|e| path_err(dir, format!("cannot create: {e}")))?;
+    let meta = std::fs::metadata(dir).map_err(|e| path_err(dir, e))?;
+    if meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| path_err(dir, format!("cannot restrict to 0700: {e}")))?;
+    }
+    let lock_path = dir.join("kmsd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| path_err(&lock_path, e))?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(DataDirLock { _file: file }),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServerError::DataDirLocked(dir.to_path_buf())),
+        Err(e) => Err(path_err(&lock_path, e)),
+    }
+}
+
+/// Binds the socket: a private directory (0700, or 0750 with the group), a stale socket
+/// file replaced, a live one refused, the socket 0600 (or 0660 with the group).
+pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
+    let path = &config.socket;
+    let group = match &config.socket_group {
+        Some(name) => Some(
+            uzers::get_group_by_name(name)
+                .ok_or_else(|| ServerError::UnknownGroup(name.clone()))?
+                .gid(),
+        ),
+        None => None,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| path_err(path, "the socket path has no directory"))?;
+    let (dir_mode, sock_mode) = if group.is_some() {
+        (0o750, 0o660)
+    } else {
+        (0o700, 0o600)
+    };
+    prepare_socket_dir(dir, dir_mode, group)?;
+
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(path_err(path, "exists and is not a socket; refusing to replace it"));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ServerError::AlreadyServing(path.clone())),
+            Err(_) => {
+                tracing::info!(socket = %path.display(), "removing stale socket");
+                std::fs::remove_file(path).map_err(|e| path_err(path, e))?;
+            }
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|e| path_err(path, format!("cannot bind: {e}")))?;
+    if let Some(gid) = group {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| path_err(path, format!("cannot set the group: {e}")))?;
+    }
+    rustix::fs::chmod(path, Mode::from_raw_mode(sock_mode))
+        .map_err(|e| path_err(path, format!("cannot set the mode: {e}")))?;
+    Ok(listener)
+}
+
+/// Creates the socket directory or checks that an existing one is ours and private: a
+/// directory another user created (say in /tmp) could be used to intercept clients.
+fn prepare_socket_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), ServerError> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| path_err(dir, format!("cannot create: {e}")))?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| path_err(dir, e))?;
+    if !meta.is_dir() {
+        return Err(path_err(dir, "is not a directory"));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        // A directory owned by someone else (e.g. systemd's RuntimeDirectory owned by root
+        // for a system daemon) is acceptable only if others cannot write to it.
+        if meta.mode() & 0o022 != 0 {
+            return Err(path_err(
+                dir,
+                "is owned by another user and writable by others; refusing to put the socket there",
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(gid) = group {
+        rustix::fs::chown(dir, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| path_err(dir, format!("cannot set the group: {e}")))?;
+    }
+    if meta.mode() & 0o777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| path_err(dir, format!("cannot set mode {mode:o}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Accepts connections until shutdown; each runs in its own task, at most
+/// `max_connections` at once (further clients wait in the kernel's backlog).
+pub async fn serve(
+    listener: UnixListener,
+    engine: Arc<Engine>,
+    service: Arc<Service>,
+    config: Arc<Config>,
+    mut shutdown: Shutdown,
+) {
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.recv() => return,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.recv() => return,
+        };
+        let caller = match identify(&stream) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                continue;
+            }
+        };
+        let conn = Connection::new(
+            stream,
+            caller,
+            engine.clone(),
+            service.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            conn.run().await;
+            drop(permit);
+        });
+    }
+}
+
+/// The peer as the kernel reports it at accept time. The identity is fixed for the
+/// connection's life: passing the socket to another process does not change it.
+fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
+    let cred = stream.peer_cred()?;
+    let uid = cred.uid();
+    let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    let account = uzers::get_user_by_uid(uid)
+        .map(|u| u.name().to_string_lossy().into_owned())
+        .unwrap_or_else(|| uid.to_string());
+    let client = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| "?".into());
+    Ok(Caller {
+        uid,
+        gid: cred.gid(),
+        pid,
+        account,
+        client,
+    })
+}

@@ -1,0 +1,324 @@
+//! One handler per request kind: authorise, call the engine off the reactor where the
+//! work is heavy, wait until the call's history entry is durable, map errors to the wire.
+//!
+//! Where work runs: AES on at most 32 KiB costs microseconds and runs inline; RSA and
+//! ECDSA (tens to hundreds of microseconds), key generation, batches and everything that
+//! waits on a commit run on the blocking pool, so no client can stall the reactor.
+
+use crate::engine::{Caller, Engine, EngineError, Pending};
+use kms_shared::model::{KeyType, MAX_AES_PLAINTEXT};
+use kms_shared::protocol::{DaemonStatus, ErrorKind, PROTOCOL_VERSION, Request, Response, WireError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct Service {
+    engine: Arc<Engine>,
+    started_at: i64,
+    socket: PathBuf,
+    data_dir: PathBuf,
+    connections: AtomicU64,
+    /// The daemon's own uid: it and root are managers (SPEC §6).
+    daemon_uid: u32,
+}
+
+type Reply = Result<Response, WireError>;
+
+impl Service {
+    pub fn new(engine: Arc<Engine>, socket: PathBuf, data_dir: PathBuf) -> Service {
+        Service {
+            started_at: engine.now(),
+            engine,
+            socket,
+            data_dir,
+            connections: AtomicU64::new(0),
+            daemon_uid: rustix::process::geteuid().as_raw(),
+        }
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, caller: &Caller, req: Request) -> Reply {
+        let kind = req.kind();
+        let r = self.dispatch(caller, req).await;
+        if let Err(e) = &r {
+            tracing::debug!(request = kind, account = %caller.account, error = %e.kind, "refused");
+        }
+        r
+    }
+
+    async fn dispatch(&self, caller: &Caller, req: Request) -> Reply {
+        self.authorize(caller)?;
+        let e = &self.engine;
+        match req {
+            // Handled by the connection; harmless if repeated.
+            Request::Hello { .. } => Ok(Response::Hello {
+                protocol: PROTOCOL_VERSION,
+                daemon_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            Request::Subscribe => Ok(Response::Subscribed),
+            Request::Status => Ok(Response::Status(self.status())),
+            Request::ListKeys {
+                deleted,
+                offset,
+                limit,
+            } => {
+                let (keys, total) = e.list_keys(deleted, offset as usize, limit.map(|l| l as usize));
+                Ok(Response::Keys { keys, total })
+            }
+            Request::GetKey { key } => e.get_key(&key).map(Response::Key).map_err(wire),
+            Request::ListVersions { key } => e
+                .versions(&key)
+                .map(|versions| Response::Versions { versions })
+                .map_err(wire),
+            Request::Encrypt {
+                key,
+                plaintext,
+                context,
+            } => {
+                let inline = plaintext.len() <= MAX_AES_PLAINTEXT && self.is_aes(&key);
+                let c = caller.clone();
+                let p = self
+                    .run(inline, move |e| e.encrypt(&c, &key, &plaintext, context.as_deref()))
+                    .await?;
+                finish(p, |ciphertext| Response::Ciphertext { ciphertext }).await
+            }
+            Request::Decrypt {
+                key,
+                ciphertext,
+                context,
+            } => {
+                let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
+                let c = caller.clone();
+                let p = self
+                    .run(inline, move |e| e.decrypt(&c, &key, &ciphertext, context.as_deref()))
+                    .await?;
+                finish(p, |plaintext| Response::Plaintext { plaintext }).await
+            }
+            Request::Reencrypt {
+                key,
+                ciphertext,
+                context,
+            } => {
+                let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
+                let c = caller.clone();
+                let p = self
+                    .run(inline, move |e| e.reencrypt(&c, &key, &ciphertext, context.as_deref()))
+                    .await?;
+                finish(p, |ciphertext| Response::Ciphertext { ciphertext }).await
+            }
+            Request::EncryptBatch { key, items } => {
+                let c = caller.clone();
+                let p = self.run(false, move |e| e.encrypt_batch(&c, &key, &items)).await?;
+                finish(p, |items| Response::Batch { items }).await
+            }
+            Request::DecryptBatch { key, items } => {
+                let c = caller.clone();
+                let p = self.run(false, move |e| e.decrypt_batch(&c, &key, &items)).await?;
+                finish(p, |items| Response::Batch { items }).await
+            }
+            Request::ReencryptBatch { key, items } => {
+                let c = caller.clone();
+                let p = self.run(false, move |e| e.reencrypt_batch(&c, &key, &items)).await?;
+                finish(p, |items| Response::Batch { items }).await
+            }
+            Request::Sign {
+                key,
+                message,
+                scheme,
+            } => {
+                let c = caller.clone();
+                let p = self.run(false, move |e| e.sign(&c, &key, &message, scheme)).await?;
+                finish(p, |signature| Response::Signature { signature }).await
+            }
+            Request::Verify {
+                key,
+                message,
+                signature,
+                scheme,
+            } => {
+                let c = caller.clone();
+                let p = self
+                    .run(false, move |e| e.verify(&c, &key, &message, &signature, scheme))
+                    .await?;
+                finish(p, |valid| Response::Verified { valid }).await
+            }
+            Request::PublicKey { key, version } => {
+                let c = caller.clone();
+                let p = self.run(false, move |e| e.public_key(&c, &key, version)).await?;
+                finish(p, |(version, pem)| Response::PublicKey { version, pem }).await
+            }
+            Request::DataKey {
+                key,
+                bits,
+                plaintext,
+                context,
+            } => {
+                let c = caller.clone();
+                let p = self
+                    .run(false, move |e| e.data_key(&c, &key, bits, plaintext, context.as_deref()))
+                    .await?;
+                finish(p, move |(ciphertext, plaintext)| Response::DataKey {
+                    ciphertext,
+                    plaintext,
+                    bits,
+                })
+                .await
+            }
+            Request::CreateKey(spec) => {
+                self.blocking(caller, move |e, c| e.create_key(c, &spec).map(Response::Key))
+                    .await
+            }
+            Request::Rotate { key } => {
+                self.blocking(caller, move |e, c| e.rotate(c, &key).map(Response::Key))
+                    .await
+            }
+            Request::Enable { key } => {
+                self.blocking(caller, move |e, c| e.enable(c, &key).map(Response::Key))
+                    .await
+            }
+            Request::Disable { key } => {
+                self.blocking(caller, move |e, c| e.disable(c, &key).map(Response::Key))
+                    .await
+            }
+            Request::EnableVersion { key, version } => {
+                self.blocking(caller, move |e, c| {
+                    e.set_version_enabled(c, &key, version, true)
+                        .map(|versions| Response::Versions { versions })
+                })
+                .await
+            }
+            Request::DisableVersion { key, version } => {
+                self.blocking(caller, move |e, c| {
+                    e.set_version_enabled(c, &key, version, false)
+                        .map(|versions| Response::Versions { versions })
+                })
+                .await
+            }
+            Request::SetRotation {
+                key,
+                auto_rotation,
+                rotation_days,
+            } => {
+                self.blocking(caller, move |e, c| {
+                    e.set_rotation(c, &key, auto_rotation, rotation_days)
+                        .map(Response::Key)
+                })
+                .await
+            }
+            Request::SetMemo { key, memo } => {
+                self.blocking(caller, move |e, c| e.set_memo(c, &key, &memo).map(Response::Key))
+                    .await
+            }
+            Request::RequestDeletion { key } => {
+                self.blocking(caller, move |e, c| e.request_deletion(c, &key).map(Response::Key))
+                    .await
+            }
+            Request::CancelDeletion { key } => {
+                self.blocking(caller, move |e, c| e.cancel_deletion(c, &key).map(Response::Key))
+                    .await
+            }
+            Request::DeleteNow { key } => {
+                self.blocking(caller, move |e, c| e.delete_now(c, &key).map(Response::Key))
+                    .await
+            }
+            Request::History(q) => {
+                self.blocking(caller, move |e, _| {
+                    e.history(&q).map(|entries| Response::History { entries })
+                })
+                .await
+            }
+            Request::Impact { key, window_ms } => {
+                self.blocking(caller, move |e, _| e.impact(&key, window_ms).map(Response::Impact))
+                    .await
+            }
+        }
+    }
+
+    /// Access control until grants exist: root and the daemon's own account are managers;
+    /// anyone else who can reach the socket is refused (SPEC §6).
+    fn authorize(&self, caller: &Caller) -> Result<(), WireError> {
+        if caller.uid == 0 || caller.uid == self.daemon_uid {
+            return Ok(());
+        }
+        Err(WireError::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "account {} has no role on this kmsd (only root and the daemon's account are managers)",
+                caller.account
+            ),
+        ))
+    }
+
+    fn is_aes(&self, key: &str) -> bool {
+        self.engine
+            .resolve(key)
+            .is_ok_and(|k| k.rec.key_type == KeyType::Aes256)
+    }
+
+    /// Runs a crypto call inline or on the blocking pool; returns its pending result.
+    async fn run<T: Send + 'static>(
+        &self,
+        inline: bool,
+        f: impl FnOnce(&Engine) -> Pending<T> + Send + 'static,
+    ) -> Result<Pending<T>, WireError> {
+        if inline {
+            return Ok(f(&self.engine));
+        }
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(join_error)
+    }
+
+    /// Runs a call that may wait on a commit or read the store, on the blocking pool.
+    async fn blocking(
+        &self,
+        caller: &Caller,
+        f: impl FnOnce(&Engine, &Caller) -> Result<Response, EngineError> + Send + 'static,
+    ) -> Reply {
+        let engine = self.engine.clone();
+        let caller = caller.clone();
+        tokio::task::spawn_blocking(move || f(&engine, &caller))
+            .await
+            .map_err(join_error)?
+            .map_err(wire)
+    }
+
+    fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            daemon_version: env!("CARGO_PKG_VERSION").into(),
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            uptime_ms: self.engine.now() - self.started_at,
+            socket: self.socket.display().to_string(),
+            data_dir: self.data_dir.display().to_string(),
+            keys: self.engine.live_keys(),
+            connections: self.connections.load(Ordering::Relaxed),
+            next_due_at: self.engine.next_due(),
+        }
+    }
+}
+
+async fn finish<T>(p: Pending<T>, f: impl FnOnce(T) -> Response) -> Reply {
+    p.wait_async().await.map(f).map_err(wire)
+}
+
+fn wire(e: EngineError) -> WireError {
+    if e.kind() == ErrorKind::Internal {
+        tracing::error!(error = %e, "internal error");
+    }
+    e.to_wire()
+}
+
+fn join_error(e: tokio::task::JoinError) -> WireError {
+    tracing::error!(error = %e, "request task failed");
+    WireError::new(ErrorKind::Internal, "the request could not be completed")
+}
