@@ -96,7 +96,10 @@ impl Connection {
                 Err(e) => {
                     // The framing is intact, so answer (with the id if it can be read) and go on.
                     let id = codec::decode::<IdOnly>(&body).map(|f| f.id).unwrap_or(0);
-                    let err = WireError::new(ErrorKind::MalformedFrame, format!("undecodable request: {e}"));
+                    let err = WireError::new(
+                        ErrorKind::MalformedFrame,
+                        format!("undecodable request: {e}"),
+                    );
                     if send(&tx, id, Outcome::Err(err)).await.is_err() {
                         break ReadEnd::Closed;
                     }
@@ -120,7 +123,9 @@ impl Connection {
                     Request::Hello { protocol, .. } => {
                         let err = WireError::new(
                             ErrorKind::UnsupportedVersion,
-                            format!("kmsd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"),
+                            format!(
+                                "kmsd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"
+                            ),
                         );
                         let _ = send(&tx, id, Outcome::Err(err)).await;
                         break ReadEnd::Closed;
@@ -139,7 +144,10 @@ impl Connection {
                 if forwarder.is_none() {
                     forwarder = Some(tokio::spawn(forward_events(engine.subscribe(), tx.clone())));
                 }
-                if send(&tx, id, Outcome::Ok(Response::Subscribed)).await.is_err() {
+                if send(&tx, id, Outcome::Ok(Response::Subscribed))
+                    .await
+                    .is_err()
+                {
                     break ReadEnd::Closed;
                 }
                 continue;
@@ -228,7 +236,11 @@ fn encode(frame: &ServerFrame) -> Result<Vec<u8>, ()> {
 
 /// Writes frames as they come, coalescing whatever is queued into one write. A client
 /// that does not read for `stall` is disconnected.
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, stall: std::time::Duration) {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    stall: std::time::Duration,
+) {
     let mut buf = Vec::with_capacity(64 * 1024);
     while let Some(frame) = rx.recv().await {
         buf.extend_from_slice(&frame);
@@ -247,7 +259,10 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, sta
 }
 
 /// Forwards engine events to a subscriber; tells it when it lagged behind.
-async fn forward_events(mut events: broadcast::Receiver<kms_shared::protocol::Event>, tx: mpsc::Sender<Vec<u8>>) {
+async fn forward_events(
+    mut events: broadcast::Receiver<kms_shared::protocol::Event>,
+    tx: mpsc::Sender<Vec<u8>>,
+) {
     loop {
         let frame = match events.recv().await {
             Ok(ev) => ServerFrame::Event(ev),

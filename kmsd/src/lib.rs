@@ -42,7 +42,10 @@ pub async fn run(config: config::Config, stop: impl Future<Output = ()>) -> anyh
     let e = engine.clone();
     let caught_up = tokio::task::spawn_blocking(move || e.run_due()).await?;
     if caught_up > 0 {
-        tracing::info!(tasks = caught_up, "caught up on overdue rotations and deletions");
+        tracing::info!(
+            tasks = caught_up,
+            "caught up on overdue rotations and deletions"
+        );
     }
 
     let listener = server::bind(&config)?;

@@ -5,7 +5,11 @@ use kmsd::config::Config;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "kmsd", version, about = "kms daemon: local Key Management Service")]
+#[command(
+    name = "kmsd",
+    version,
+    about = "kms daemon: local Key Management Service"
+)]
 struct Args {
     /// Unix socket to serve (default: $KMS_SOCKET, $XDG_RUNTIME_DIR/kms/kmsd.sock, …).
     #[arg(long)]
@@ -23,7 +27,10 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // Nothing kmsd creates (store, root key, lock, socket) is for other users' eyes.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KMS_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -63,7 +70,10 @@ fn start(args: Args) -> anyhow::Result<()> {
 /// Resolves on SIGTERM or SIGINT.
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

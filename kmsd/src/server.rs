@@ -91,7 +91,10 @@ pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
-            return Err(path_err(path, "exists and is not a socket; refusing to replace it"));
+            return Err(path_err(
+                path,
+                "exists and is not a socket; refusing to replace it",
+            ));
         }
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(ServerError::AlreadyServing(path.clone())),
@@ -101,7 +104,8 @@ pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
             }
         }
     }
-    let listener = UnixListener::bind(path).map_err(|e| path_err(path, format!("cannot bind: {e}")))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| path_err(path, format!("cannot bind: {e}")))?;
     if let Some(gid) = group {
         rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
             .map_err(|e| path_err(path, format!("cannot set the group: {e}")))?;

@@ -7,7 +7,9 @@
 
 use crate::engine::{Caller, Engine, EngineError, Pending};
 use kms_shared::model::{KeyType, MAX_AES_PLAINTEXT};
-use kms_shared::protocol::{DaemonStatus, ErrorKind, PROTOCOL_VERSION, Request, Response, WireError};
+use kms_shared::protocol::{
+    DaemonStatus, ErrorKind, PROTOCOL_VERSION, Request, Response, WireError,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,7 +72,8 @@ impl Service {
                 offset,
                 limit,
             } => {
-                let (keys, total) = e.list_keys(deleted, offset as usize, limit.map(|l| l as usize));
+                let (keys, total) =
+                    e.list_keys(deleted, offset as usize, limit.map(|l| l as usize));
                 Ok(Response::Keys { keys, total })
             }
             Request::GetKey { key } => e.get_key(&key).map(Response::Key).map_err(wire),
@@ -86,7 +89,9 @@ impl Service {
                 let inline = plaintext.len() <= MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
                 let p = self
-                    .run(inline, move |e| e.encrypt(&c, &key, &plaintext, context.as_deref()))
+                    .run(inline, move |e| {
+                        e.encrypt(&c, &key, &plaintext, context.as_deref())
+                    })
                     .await?;
                 finish(p, |ciphertext| Response::Ciphertext { ciphertext }).await
             }
@@ -98,7 +103,9 @@ impl Service {
                 let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
                 let p = self
-                    .run(inline, move |e| e.decrypt(&c, &key, &ciphertext, context.as_deref()))
+                    .run(inline, move |e| {
+                        e.decrypt(&c, &key, &ciphertext, context.as_deref())
+                    })
                     .await?;
                 finish(p, |plaintext| Response::Plaintext { plaintext }).await
             }
@@ -110,23 +117,31 @@ impl Service {
                 let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
                 let p = self
-                    .run(inline, move |e| e.reencrypt(&c, &key, &ciphertext, context.as_deref()))
+                    .run(inline, move |e| {
+                        e.reencrypt(&c, &key, &ciphertext, context.as_deref())
+                    })
                     .await?;
                 finish(p, |ciphertext| Response::Ciphertext { ciphertext }).await
             }
             Request::EncryptBatch { key, items } => {
                 let c = caller.clone();
-                let p = self.run(false, move |e| e.encrypt_batch(&c, &key, &items)).await?;
+                let p = self
+                    .run(false, move |e| e.encrypt_batch(&c, &key, &items))
+                    .await?;
                 finish(p, |items| Response::Batch { items }).await
             }
             Request::DecryptBatch { key, items } => {
                 let c = caller.clone();
-                let p = self.run(false, move |e| e.decrypt_batch(&c, &key, &items)).await?;
+                let p = self
+                    .run(false, move |e| e.decrypt_batch(&c, &key, &items))
+                    .await?;
                 finish(p, |items| Response::Batch { items }).await
             }
             Request::ReencryptBatch { key, items } => {
                 let c = caller.clone();
-                let p = self.run(false, move |e| e.reencrypt_batch(&c, &key, &items)).await?;
+                let p = self
+                    .run(false, move |e| e.reencrypt_batch(&c, &key, &items))
+                    .await?;
                 finish(p, |items| Response::Batch { items }).await
             }
             Request::Sign {
@@ -135,7 +150,9 @@ impl Service {
                 scheme,
             } => {
                 let c = caller.clone();
-                let p = self.run(false, move |e| e.sign(&c, &key, &message, scheme)).await?;
+                let p = self
+                    .run(false, move |e| e.sign(&c, &key, &message, scheme))
+                    .await?;
                 finish(p, |signature| Response::Signature { signature }).await
             }
             Request::Verify {
@@ -146,13 +163,17 @@ impl Service {
             } => {
                 let c = caller.clone();
                 let p = self
-                    .run(false, move |e| e.verify(&c, &key, &message, &signature, scheme))
+                    .run(false, move |e| {
+                        e.verify(&c, &key, &message, &signature, scheme)
+                    })
                     .await?;
                 finish(p, |valid| Response::Verified { valid }).await
             }
             Request::PublicKey { key, version } => {
                 let c = caller.clone();
-                let p = self.run(false, move |e| e.public_key(&c, &key, version)).await?;
+                let p = self
+                    .run(false, move |e| e.public_key(&c, &key, version))
+                    .await?;
                 finish(p, |(version, pem)| Response::PublicKey { version, pem }).await
             }
             Request::DataKey {
@@ -163,7 +184,9 @@ impl Service {
             } => {
                 let c = caller.clone();
                 let p = self
-                    .run(false, move |e| e.data_key(&c, &key, bits, plaintext, context.as_deref()))
+                    .run(false, move |e| {
+                        e.data_key(&c, &key, bits, plaintext, context.as_deref())
+                    })
                     .await?;
                 finish(p, move |(ciphertext, plaintext)| Response::DataKey {
                     ciphertext,
@@ -173,8 +196,10 @@ impl Service {
                 .await
             }
             Request::CreateKey(spec) => {
-                self.blocking(caller, move |e, c| e.create_key(c, &spec).map(Response::Key))
-                    .await
+                self.blocking(caller, move |e, c| {
+                    e.create_key(c, &spec).map(Response::Key)
+                })
+                .await
             }
             Request::Rotate { key } => {
                 self.blocking(caller, move |e, c| e.rotate(c, &key).map(Response::Key))
@@ -214,16 +239,22 @@ impl Service {
                 .await
             }
             Request::SetMemo { key, memo } => {
-                self.blocking(caller, move |e, c| e.set_memo(c, &key, &memo).map(Response::Key))
-                    .await
+                self.blocking(caller, move |e, c| {
+                    e.set_memo(c, &key, &memo).map(Response::Key)
+                })
+                .await
             }
             Request::RequestDeletion { key } => {
-                self.blocking(caller, move |e, c| e.request_deletion(c, &key).map(Response::Key))
-                    .await
+                self.blocking(caller, move |e, c| {
+                    e.request_deletion(c, &key).map(Response::Key)
+                })
+                .await
             }
             Request::CancelDeletion { key } => {
-                self.blocking(caller, move |e, c| e.cancel_deletion(c, &key).map(Response::Key))
-                    .await
+                self.blocking(caller, move |e, c| {
+                    e.cancel_deletion(c, &key).map(Response::Key)
+                })
+                .await
             }
             Request::DeleteNow { key } => {
                 self.blocking(caller, move |e, c| e.delete_now(c, &key).map(Response::Key))
@@ -236,8 +267,10 @@ impl Service {
                 .await
             }
             Request::Impact { key, window_ms } => {
-                self.blocking(caller, move |e, _| e.impact(&key, window_ms).map(Response::Impact))
-                    .await
+                self.blocking(caller, move |e, _| {
+                    e.impact(&key, window_ms).map(Response::Impact)
+                })
+                .await
             }
         }
     }

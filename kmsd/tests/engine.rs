@@ -146,9 +146,18 @@ fn state_table() {
     assert_eq!(kind(e.enable(me, "enk")), ErrorKind::InvalidState);
     assert_eq!(kind(e.disable(me, "enk")), ErrorKind::InvalidState);
     assert_eq!(kind(e.request_deletion(me, "enk")), ErrorKind::InvalidState);
-    assert_eq!(kind(e.set_version_enabled(me, "enk", 1, false)), ErrorKind::InvalidState);
-    assert_eq!(kind(e.set_rotation(me, "enk", false, None)), ErrorKind::InvalidState);
-    assert_eq!(e.cancel_deletion(me, "enk").unwrap().state, KeyState::Disabled);
+    assert_eq!(
+        kind(e.set_version_enabled(me, "enk", 1, false)),
+        ErrorKind::InvalidState
+    );
+    assert_eq!(
+        kind(e.set_rotation(me, "enk", false, None)),
+        ErrorKind::InvalidState
+    );
+    assert_eq!(
+        e.cancel_deletion(me, "enk").unwrap().state,
+        KeyState::Disabled
+    );
     e.request_deletion(me, "enk").unwrap();
     let gone = e.delete_now(me, "enk").unwrap();
     assert_eq!(gone.state, KeyState::Deleted);
@@ -179,7 +188,10 @@ fn state_table() {
         (hist[0].action, hist[0].result.as_str()),
         (Action::Encrypt, "invalid-state")
     );
-    assert!(hist.iter().any(|h| h.action == Action::DeleteNow && h.result == "ok"));
+    assert!(
+        hist.iter()
+            .any(|h| h.action == Action::DeleteNow && h.result == "ok")
+    );
     assert_eq!(hist.last().unwrap().action, Action::Create);
     // The name can be used again.
     assert_ne!(fx.create("enk", KeyType::Aes256).tag, tag);
@@ -207,7 +219,10 @@ fn version_flags_and_inheritance() {
     assert_eq!(fx.dec("verk", &c2).unwrap(), b"two");
     e.set_version_enabled(me, "verk", 1, true).unwrap();
     assert_eq!(fx.dec("verk", &c1).unwrap(), b"one");
-    assert_eq!(kind(e.set_version_enabled(me, "verk", 9, true)), ErrorKind::NotFound);
+    assert_eq!(
+        kind(e.set_version_enabled(me, "verk", 9, true)),
+        ErrorKind::NotFound
+    );
 }
 
 /// 100 versions all decrypt after the store is closed and reopened; the 101st is refused.
@@ -225,7 +240,10 @@ fn hundred_versions_survive_reopen() {
     fx.reopen();
     assert_eq!(fx.e().get_key("many").unwrap().current_version, 100);
     for (i, ct) in cts.iter().enumerate() {
-        assert_eq!(fx.dec("many", ct).unwrap(), format!("v{}", i + 1).as_bytes());
+        assert_eq!(
+            fx.dec("many", ct).unwrap(),
+            format!("v{}", i + 1).as_bytes()
+        );
     }
     assert_eq!(kind(fx.e().rotate(&fx.me, "many")), ErrorKind::VersionLimit);
 }
@@ -240,9 +258,15 @@ fn convergent_encryption() {
     let enc = |pt: &[u8], ctx: &[u8]| e.encrypt(me, "conv", pt, Some(ctx)).wait().unwrap();
     assert_eq!(enc(b"same", b"ctx-a"), enc(b"same", b"ctx-a"));
     assert_ne!(enc(b"same", b"ctx-a"), enc(b"same", b"ctx-b"));
-    assert_eq!(kind(e.encrypt(me, "conv", b"x", None).wait()), ErrorKind::InvalidArgument);
+    assert_eq!(
+        kind(e.encrypt(me, "conv", b"x", None).wait()),
+        ErrorKind::InvalidArgument
+    );
     let ct = enc(b"secret", b"ctx-a");
-    assert_eq!(e.decrypt(me, "conv", &ct, Some(b"ctx-a")).wait().unwrap(), b"secret");
+    assert_eq!(
+        e.decrypt(me, "conv", &ct, Some(b"ctx-a")).wait().unwrap(),
+        b"secret"
+    );
     assert_eq!(
         kind(e.decrypt(me, "conv", &ct, Some(b"ctx-b")).wait()),
         ErrorKind::DecryptFailed
@@ -285,18 +309,33 @@ fn tampering_fails_closed() {
         let r = fx.dec("tamper", &ciphertext::format(v, &b));
         assert_eq!(kind(r), ErrorKind::DecryptFailed, "bit {bit}");
     }
-    assert_eq!(kind(fx.dec("tamper", &ciphertext::format(1, &body))), ErrorKind::DecryptFailed);
-    assert_eq!(kind(fx.dec("tamper", &ciphertext::format(7, &body))), ErrorKind::DecryptFailed);
+    assert_eq!(
+        kind(fx.dec("tamper", &ciphertext::format(1, &body))),
+        ErrorKind::DecryptFailed
+    );
+    assert_eq!(
+        kind(fx.dec("tamper", &ciphertext::format(7, &body))),
+        ErrorKind::DecryptFailed
+    );
     assert_eq!(kind(fx.dec("other", &ct)), ErrorKind::DecryptFailed);
-    assert_eq!(kind(fx.dec("tamper", "not a ciphertext")), ErrorKind::InvalidArgument);
+    assert_eq!(
+        kind(fx.dec("tamper", "not a ciphertext")),
+        ErrorKind::InvalidArgument
+    );
 
     let rct = fx.enc("rsak", b"rsa secret").unwrap();
     let (rv, rbody) = ciphertext::parse(&rct).unwrap();
     let mut flipped = rbody.clone();
     flipped[10] ^= 0x40;
-    assert_eq!(kind(fx.dec("rsak", &ciphertext::format(rv, &flipped))), ErrorKind::DecryptFailed);
+    assert_eq!(
+        kind(fx.dec("rsak", &ciphertext::format(rv, &flipped))),
+        ErrorKind::DecryptFailed
+    );
     e.rotate(me, "rsak").unwrap();
-    assert_eq!(kind(fx.dec("rsak", &ciphertext::format(2, &rbody))), ErrorKind::DecryptFailed);
+    assert_eq!(
+        kind(fx.dec("rsak", &ciphertext::format(2, &rbody))),
+        ErrorKind::DecryptFailed
+    );
     assert_eq!(fx.dec("rsak", &rct).unwrap(), b"rsa secret");
 }
 
@@ -309,16 +348,37 @@ fn purposes_and_limits() {
     fx.create("eck", KeyType::Ecdsa);
     fx.create("rsa", KeyType::Rsa2048);
     assert_eq!(kind(fx.enc("eck", b"x")), ErrorKind::WrongPurpose);
-    assert_eq!(kind(e.sign(me, "aes", b"x", SignScheme::Pss).wait()), ErrorKind::WrongPurpose);
-    assert_eq!(kind(e.public_key(me, "aes", None).wait()), ErrorKind::WrongPurpose);
+    assert_eq!(
+        kind(e.sign(me, "aes", b"x", SignScheme::Pss).wait()),
+        ErrorKind::WrongPurpose
+    );
+    assert_eq!(
+        kind(e.public_key(me, "aes", None).wait()),
+        ErrorKind::WrongPurpose
+    );
     assert!(fx.enc("aes", &vec![0; 32 * 1024]).is_ok());
-    assert_eq!(kind(fx.enc("aes", &vec![0; 32 * 1024 + 1])), ErrorKind::TooLarge);
+    assert_eq!(
+        kind(fx.enc("aes", &vec![0; 32 * 1024 + 1])),
+        ErrorKind::TooLarge
+    );
     assert!(fx.enc("rsa", &[0; 190]).is_ok());
     assert_eq!(kind(fx.enc("rsa", &[0; 191])), ErrorKind::TooLarge);
-    assert_eq!(kind(e.sign(me, "eck", &vec![0; 8193], SignScheme::Pss).wait()), ErrorKind::TooLarge);
-    assert_eq!(kind(e.encrypt(me, "aes", b"x", Some(&[0; 51])).wait()), ErrorKind::TooLarge);
-    assert_eq!(kind(e.encrypt(me, "rsa", b"x", Some(b"c")).wait()), ErrorKind::InvalidArgument);
-    assert_eq!(kind(e.data_key(me, "aes", 100, false, None).wait()), ErrorKind::InvalidArgument);
+    assert_eq!(
+        kind(e.sign(me, "eck", &vec![0; 8193], SignScheme::Pss).wait()),
+        ErrorKind::TooLarge
+    );
+    assert_eq!(
+        kind(e.encrypt(me, "aes", b"x", Some(&[0; 51])).wait()),
+        ErrorKind::TooLarge
+    );
+    assert_eq!(
+        kind(e.encrypt(me, "rsa", b"x", Some(b"c")).wait()),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        kind(e.data_key(me, "aes", 100, false, None).wait()),
+        ErrorKind::InvalidArgument
+    );
     let bad_name = CreateKey {
         name: "1bad".into(),
         key_type: KeyType::Aes256,
@@ -328,14 +388,20 @@ fn purposes_and_limits() {
         rotation_days: None,
         memo: String::new(),
     };
-    assert_eq!(kind(e.create_key(me, &bad_name)), ErrorKind::InvalidArgument);
+    assert_eq!(
+        kind(e.create_key(me, &bad_name)),
+        ErrorKind::InvalidArgument
+    );
     let conv_rsa = CreateKey {
         name: "convrsa".into(),
         key_type: KeyType::Rsa2048,
         convergent: true,
         ..bad_name.clone()
     };
-    assert_eq!(kind(e.create_key(me, &conv_rsa)), ErrorKind::InvalidArgument);
+    assert_eq!(
+        kind(e.create_key(me, &conv_rsa)),
+        ErrorKind::InvalidArgument
+    );
     let dup = CreateKey {
         name: "aes".into(),
         ..bad_name.clone()
@@ -365,16 +431,31 @@ fn signatures_data_keys_reencrypt() {
         fx.create(name, t);
         for scheme in [SignScheme::Pss, SignScheme::Pkcs1] {
             let sig = e.sign(me, name, b"artifact", scheme).wait().unwrap();
-            assert!(e.verify(me, name, b"artifact", &sig, scheme).wait().unwrap());
-            assert!(!e.verify(me, name, b"artifacT", &sig, scheme).wait().unwrap());
+            assert!(
+                e.verify(me, name, b"artifact", &sig, scheme)
+                    .wait()
+                    .unwrap()
+            );
+            assert!(
+                !e.verify(me, name, b"artifacT", &sig, scheme)
+                    .wait()
+                    .unwrap()
+            );
         }
         let old = e.sign(me, name, b"m", SignScheme::Pss).wait().unwrap();
         e.rotate(me, name).unwrap();
-        assert!(e.verify(me, name, b"m", &old, SignScheme::Pss).wait().unwrap());
+        assert!(
+            e.verify(me, name, b"m", &old, SignScheme::Pss)
+                .wait()
+                .unwrap()
+        );
         let (v, pem) = e.public_key(me, name, None).wait().unwrap();
         assert_eq!(v, 2);
         assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
-        assert_eq!(kind(e.public_key(me, name, Some(5)).wait()), ErrorKind::NotFound);
+        assert_eq!(
+            kind(e.public_key(me, name, Some(5)).wait()),
+            ErrorKind::NotFound
+        );
         assert_eq!(
             kind(e.verify(me, name, b"m", "garbage", SignScheme::Pss).wait()),
             ErrorKind::InvalidArgument
@@ -430,7 +511,10 @@ fn deletion_wait_with_injected_clock() {
 
     fx.clock.set(T0 + 72 * HOUR_MS - 1);
     assert_eq!(e.run_due(), 0);
-    assert_eq!(e.get_key("doomed").unwrap().state, KeyState::PendingDeletion);
+    assert_eq!(
+        e.get_key("doomed").unwrap().state,
+        KeyState::PendingDeletion
+    );
     fx.clock.set(T0 + 72 * HOUR_MS);
     assert_eq!(e.run_due(), 1);
     let tag = k.tag;
@@ -474,12 +558,18 @@ fn rotation_schedule_with_injected_clock() {
     });
     let e = fx.e();
     let me = fx.me.clone();
-    assert_eq!(e.get_key("auto").unwrap().next_rotation_at, Some(T0 + 10 * DAY_MS));
+    assert_eq!(
+        e.get_key("auto").unwrap().next_rotation_at,
+        Some(T0 + 10 * DAY_MS)
+    );
 
     // Manual rotation on day 3 leaves the schedule alone.
     fx.clock.set(T0 + 3 * DAY_MS);
     e.rotate(&me, "auto").unwrap();
-    assert_eq!(e.get_key("auto").unwrap().next_rotation_at, Some(T0 + 10 * DAY_MS));
+    assert_eq!(
+        e.get_key("auto").unwrap().next_rotation_at,
+        Some(T0 + 10 * DAY_MS)
+    );
 
     // Day 10: rotated to v3 while disabled; next is day 20.
     e.disable(&me, "auto").unwrap();
@@ -541,7 +631,10 @@ fn auto_rotation_stops_at_limit() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!((h[0].action, h[0].result.as_str()), (Action::AutoRotate, "version-limit"));
+    assert_eq!(
+        (h[0].action, h[0].result.as_str()),
+        (Action::AutoRotate, "version-limit")
+    );
     let mut saw_limit = false;
     while let Ok(ev) = events.try_recv() {
         saw_limit |= ev.kind == kms_shared::protocol::EventKind::VersionLimitReached;
@@ -559,10 +652,16 @@ fn nonce_budget_forces_rotation() {
     fx.create("budget", KeyType::Aes256);
     let mut events = fx.e().subscribe();
     let cts: Vec<_> = (0..12).map(|_| fx.enc("budget", b"p").unwrap()).collect();
-    let versions: Vec<u32> = cts.iter().map(|c| ciphertext::parse(c).unwrap().0).collect();
+    let versions: Vec<u32> = cts
+        .iter()
+        .map(|c| ciphertext::parse(c).unwrap().0)
+        .collect();
     assert_eq!(versions, vec![1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3]);
     let vs = fx.e().versions("budget").unwrap();
-    assert_eq!(vs.iter().map(|v| v.encryptions).collect::<Vec<_>>()[..2], [6, 6]);
+    assert_eq!(
+        vs.iter().map(|v| v.encryptions).collect::<Vec<_>>()[..2],
+        [6, 6]
+    );
     for c in &cts {
         assert_eq!(fx.dec("budget", c).unwrap(), b"p");
     }
@@ -632,7 +731,10 @@ fn history_and_usage() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(page2.iter().map(|h| h.seq).collect::<Vec<_>>(), vec![all[2].seq, all[3].seq]);
+    assert_eq!(
+        page2.iter().map(|h| h.seq).collect::<Vec<_>>(),
+        vec![all[2].seq, all[3].seq]
+    );
     let impact = e.impact("histk", None).unwrap();
     assert_eq!(impact.recent_uses, 4);
     assert_eq!(impact.accounts[0].account, "alice");
@@ -649,7 +751,10 @@ fn root_key_protects_the_store() {
     let ct = fx.enc("rsak", b"data").unwrap();
     let dir = fx.dir.path().to_path_buf();
     fx.engine.take().unwrap().close();
-    let mode = std::fs::metadata(dir.join("root.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.join("root.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 
     let other = RootKey::from_bytes([7u8; 32]);

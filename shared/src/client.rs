@@ -566,7 +566,9 @@ pub struct ConnectOptions {
 
 impl ConnectOptions {
     pub fn socket_path(&self) -> PathBuf {
-        self.socket.clone().unwrap_or_else(paths::default_socket_path)
+        self.socket
+            .clone()
+            .unwrap_or_else(paths::default_socket_path)
     }
 }
 

@@ -38,10 +38,7 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameErr
     let mut out = vec![0u8; 4];
     rmp_serde::encode::write_named(&mut out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
     let len = out.len() - 4;
-    let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge {
-        len: u32::MAX,
-        max,
-    })?;
+    let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge { len: u32::MAX, max })?;
     if len32 > max {
         return Err(FrameError::TooLarge { len: len32, max });
     }

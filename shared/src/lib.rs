@@ -7,9 +7,9 @@
 //! - [`paths`]: where the socket and the data live;
 //! - [`client`]: the async client library.
 
-pub mod model;
 pub mod ciphertext;
+pub mod client;
 pub mod codec;
+pub mod model;
 pub mod paths;
 pub mod protocol;
-pub mod client;

@@ -434,9 +434,7 @@ pub fn validate_memo(memo: &str) -> Result<(), RuleViolation> {
         )));
     }
     if memo.chars().any(char::is_control) {
-        return Err(RuleViolation(
-            "a memo has no control characters".into(),
-        ));
+        return Err(RuleViolation("a memo has no control characters".into()));
     }
     Ok(())
 }
@@ -487,7 +485,16 @@ mod tests {
         for ok in ["abc", "A1_", "key-01", "abcdefghijklmno"] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["ab", "1abc", "_abc", "abcdefghijklmnop", "ab c", "ключ", "a.b", ""] {
+        for bad in [
+            "ab",
+            "1abc",
+            "_abc",
+            "abcdefghijklmnop",
+            "ab c",
+            "ключ",
+            "a.b",
+            "",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
     }

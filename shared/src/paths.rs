@@ -83,7 +83,10 @@ mod tests {
             uid: 1000,
             ..Env::default()
         };
-        assert_eq!(socket_path_in(&env), PathBuf::from("/tmp/kms-1000/kmsd.sock"));
+        assert_eq!(
+            socket_path_in(&env),
+            PathBuf::from("/tmp/kms-1000/kmsd.sock")
+        );
         env.uid = 0;
         assert_eq!(socket_path_in(&env), PathBuf::from("/run/kms/kmsd.sock"));
         env.xdg_runtime_dir = Some("/run/user/1000".into());

@@ -30,10 +30,15 @@ pub struct ClientFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ServerFrame {
-    Reply { id: u64, result: Outcome },
+    Reply {
+        id: u64,
+        result: Outcome,
+    },
     Event(Event),
     /// A subscriber fell behind and `missed` events were dropped for it; re-read state.
-    Lagged { missed: u64 },
+    Lagged {
+        missed: u64,
+    },
 }
 
 /// The result of one request.

@@ -1,1 +1,189 @@
+//! The end-to-end harness: a real `kmsd` binary on a temporary socket and data directory,
+//! driven through the real client library and the real `kmsctl` binary.
 
+use kms_shared::client::Client;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's built binaries (next to the test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Path of a workspace binary; panics with a clear message if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} not found: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// A running kmsd in its own temporary directory.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// How to start a daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Lines of TOML for `--config`.
+    pub config: Option<String>,
+    /// Run under `faketime` with this offset (e.g. "+73h"): only the daemon's wall clock moves.
+    pub faketime: Option<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl TestDaemon {
+    pub fn start() -> TestDaemon {
+        Self::start_with(DaemonOptions::default())
+    }
+
+    pub fn start_with(opts: DaemonOptions) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("run").join("kmsd.sock");
+        let data_dir = dir.path().join("data");
+        let log = dir.path().join("kmsd.log");
+        let mut d = TestDaemon {
+            dir,
+            socket,
+            data_dir,
+            log,
+            child: None,
+        };
+        d.spawn(&opts);
+        d
+    }
+
+    fn spawn(&mut self, opts: &DaemonOptions) {
+        let mut args: Vec<String> = vec![
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+        ];
+        if let Some(cfg) = &opts.config {
+            let p = self.dir.path().join("kmsd.toml");
+            std::fs::write(&p, cfg).expect("write config");
+            args.push("--config".into());
+            args.push(p.display().to_string());
+        }
+        args.extend(opts.extra_args.iter().cloned());
+        let mut cmd = match &opts.faketime {
+            Some(offset) => {
+                let mut c = Command::new("faketime");
+                c.arg("-f").arg(offset).arg(bin("kmsd"));
+                // Shift only the wall clock; tokio's timers keep real monotonic time.
+                c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+                c
+            }
+            None => Command::new(bin("kmsd")),
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        cmd.args(&args)
+            .env("KMS_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn kmsd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the socket accepts a handshake.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kmsd exited with {status}; log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kmsd not ready after 30 s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = rustix::process::Pid::from_raw(child.id() as i32)?;
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same data directory.
+    pub fn restart_with(&mut self, opts: DaemonOptions) {
+        self.stop();
+        self.spawn(&opts);
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect")
+    }
+
+    /// Runs `kmsctl --socket <this daemon> args…` with `stdin`.
+    pub fn kmsctl(&self, args: &[&str], stdin: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(bin("kmsctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kmsctl");
+        if let Some(mut si) = child.stdin.take() {
+            let _ = si.write_all(stdin);
+        }
+        child.wait_with_output().expect("kmsctl output")
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -61,7 +61,12 @@ const EX_IOERR: u8 = 74;
 pub struct Cli {
     /// The daemon's socket [default: $KMS_SOCKET, else $XDG_RUNTIME_DIR/kms/kmsd.sock, …];
     /// an explicit socket never starts a daemon
-    #[arg(long, global = true, help_heading = "Global options", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "PATH"
+    )]
     pub socket: Option<PathBuf>,
     /// Do not start kmsd when none answers on the default socket
     #[arg(long, global = true, help_heading = "Global options")]

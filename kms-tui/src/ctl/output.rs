@@ -417,7 +417,7 @@ mod tests {
     use time::OffsetDateTime;
     use time::format_description::well_known::Rfc3339;
 
-    pub fn sample_key() -> KeyInfo {
+    fn sample_key() -> KeyInfo {
         KeyInfo {
             name: "payments".into(),
             tag: "0123456789abcdef0123456789abcdef".into(),

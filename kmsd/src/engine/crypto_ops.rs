@@ -61,7 +61,9 @@ impl Engine {
         let mut m = Vec::with_capacity(audits.len() + 2);
         let mut uses = 0u64;
         for a in &audits {
-            m.push(history_mutation(tag, now, caller, a.action, a.version, a.error));
+            m.push(history_mutation(
+                tag, now, caller, a.action, a.version, a.error,
+            ));
             if a.error.is_none() && a.action.is_crypto() {
                 uses += 1;
             }
@@ -106,8 +108,10 @@ impl Engine {
         };
         let r = op(&entry);
         let mut audit = Audit::of(action, &r);
-        if matches!(action, Action::Encrypt | Action::Reencrypt | Action::DataKey)
-            && entry.rec.key_type == KeyType::Aes256
+        if matches!(
+            action,
+            Action::Encrypt | Action::Reencrypt | Action::DataKey
+        ) && entry.rec.key_type == KeyType::Aes256
         {
             audit.encryptions = audit.version;
         }
@@ -381,7 +385,8 @@ impl Engine {
             return Ok((v.version, ciphertext::format(v.version, &body)));
         }
         Err(EngineError::InvalidState(
-            "the key was rotated for its encryption budget but the new version is not usable".into(),
+            "the key was rotated for its encryption budget but the new version is not usable"
+                .into(),
         ))
     }
 

@@ -47,7 +47,11 @@ impl UsageCell {
     }
 
     fn last_used_by(&self) -> Option<String> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 }
 
@@ -219,7 +223,8 @@ impl Keyring {
     /// Forgets a key entirely (end of retention).
     pub fn remove(&mut self, tag: &str) {
         if let Some(old) = self.by_tag.remove(tag) {
-            self.deleted.remove(&(old.rec.name.clone(), tag.to_string()));
+            self.deleted
+                .remove(&(old.rec.name.clone(), tag.to_string()));
             if self.by_name.get(&old.rec.name).is_some_and(|t| t == tag) {
                 self.by_name.remove(&old.rec.name);
             }
@@ -247,7 +252,12 @@ impl Keyring {
     }
 
     /// Moves the due entries of `tag` from `old` to `new` (both derived from records).
-    pub fn replace_due(&mut self, tag: &str, old: &[(UnixMillis, DueKind)], new: &[(UnixMillis, DueKind)]) {
+    pub fn replace_due(
+        &mut self,
+        tag: &str,
+        old: &[(UnixMillis, DueKind)],
+        new: &[(UnixMillis, DueKind)],
+    ) {
         for (at, kind) in old {
             self.due.remove(&(*at, tag.to_string(), *kind));
         }

@@ -116,7 +116,9 @@ impl Engine {
         let retention = self.config.retention_ms;
         let rec = &change.rec;
         let tag = rec.tag.clone();
-        let old_due = old.map(|o| due_entries(&o.rec, retention)).unwrap_or_default();
+        let old_due = old
+            .map(|o| due_entries(&o.rec, retention))
+            .unwrap_or_default();
         let new_due = due_entries(rec, retention);
 
         let mut m = vec![Mutation::PutKey(rec.clone())];
@@ -349,7 +351,12 @@ impl Engine {
                 return Err(EngineError::InvalidState("rotation no longer due".into()));
             }
             let period = i64::from(e.rec.rotation_days) * DAY_MS;
-            match self.rotation_change(e, now, Action::AutoRotate, Some(anchor_after_rotation(due, now, period))) {
+            match self.rotation_change(
+                e,
+                now,
+                Action::AutoRotate,
+                Some(anchor_after_rotation(due, now, period)),
+            ) {
                 Err(EngineError::VersionLimit(msg)) => {
                     let mut rec = e.rec.clone();
                     rec.rotation_stopped = true;
@@ -375,7 +382,12 @@ impl Engine {
             return Ok(());
         }
         let now = self.now();
-        let change = match self.rotation_change(&entry, now, Action::AutoRotate, entry.rec.rotation_anchor) {
+        let change = match self.rotation_change(
+            &entry,
+            now,
+            Action::AutoRotate,
+            entry.rec.rotation_anchor,
+        ) {
             Ok(c) => c.event(
                 EventKind::NonceBudgetLow,
                 Some(exhausted),
@@ -402,11 +414,23 @@ impl Engine {
     }
 
     pub fn enable(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
-        self.set_state(caller, key, Action::Enable, KeyState::Disabled, KeyState::Enabled)
+        self.set_state(
+            caller,
+            key,
+            Action::Enable,
+            KeyState::Disabled,
+            KeyState::Enabled,
+        )
     }
 
     pub fn disable(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
-        self.set_state(caller, key, Action::Disable, KeyState::Enabled, KeyState::Disabled)
+        self.set_state(
+            caller,
+            key,
+            Action::Disable,
+            KeyState::Enabled,
+            KeyState::Disabled,
+        )
     }
 
     fn set_state(
@@ -529,7 +553,10 @@ impl Engine {
         self.change_key(caller, key, Action::SetMemo, None, |e, _| {
             model::validate_memo(memo).map_err(|r| EngineError::InvalidArgument(r.0))?;
             if e.rec.state == KeyState::Deleted {
-                return Err(EngineError::InvalidState(format!("key {} is deleted", e.rec.name)));
+                return Err(EngineError::InvalidState(format!(
+                    "key {} is deleted",
+                    e.rec.name
+                )));
             }
             let mut rec = e.rec.clone();
             rec.memo = memo.to_string();
@@ -578,7 +605,10 @@ impl Engine {
             Ok(Change::new(rec, Action::CancelDeletion).event(
                 EventKind::DeletionCancelled,
                 None,
-                format!("deletion of key {} cancelled; the key is disabled", e.rec.name),
+                format!(
+                    "deletion of key {} cancelled; the key is disabled",
+                    e.rec.name
+                ),
             ))
         })
         .map(|e| e.info())

@@ -25,8 +25,8 @@ use crate::store::records::{DueKind, HistoryRecord};
 use crate::store::{HistoryFilter, Mutation, Store, Ticket, Writer};
 use keyring::Keyring;
 use kms_shared::model::{
-    Action, HistoryEntry, Impact, KeyInfo, KeyState, UnixMillis, VersionInfo, AccountUse,
-    DAY_MS, HOUR_MS,
+    AccountUse, Action, DAY_MS, HOUR_MS, HistoryEntry, Impact, KeyInfo, KeyState, UnixMillis,
+    VersionInfo,
 };
 use kms_shared::protocol::{ErrorKind, Event, EventKind, HistoryQuery, ResultFilter};
 use std::collections::HashMap;
@@ -236,7 +236,12 @@ impl Engine {
     }
 
     /// `list`: keys ordered by name, one page, and the number of matching keys.
-    pub fn list_keys(&self, deleted: bool, offset: usize, limit: Option<usize>) -> (Vec<KeyInfo>, u64) {
+    pub fn list_keys(
+        &self,
+        deleted: bool,
+        offset: usize,
+        limit: Option<usize>,
+    ) -> (Vec<KeyInfo>, u64) {
         let ring = self.ring();
         ring.list(deleted, offset, limit.unwrap_or(usize::MAX))
     }

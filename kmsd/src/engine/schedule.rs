@@ -33,7 +33,11 @@ pub fn due_entries(rec: &KeyRecord, retention_ms: i64) -> Vec<(UnixMillis, DueKi
 
 /// Everything due at `now` (inclusive), oldest first.
 pub fn due_at(index: &BTreeSet<DueEntry>, now: UnixMillis) -> Vec<DueEntry> {
-    index.iter().take_while(|(at, _, _)| *at <= now).cloned().collect()
+    index
+        .iter()
+        .take_while(|(at, _, _)| *at <= now)
+        .cloned()
+        .collect()
 }
 
 /// The earliest due time, if any.
@@ -81,10 +85,7 @@ mod tests {
         idx.insert((10, "a".to_string(), DueKind::Rotation));
         idx.insert((31, "c".to_string(), DueKind::Rotation));
         let due = due_at(&idx, 30);
-        assert_eq!(
-            due.iter().map(|d| d.0).collect::<Vec<_>>(),
-            vec![10, 30]
-        );
+        assert_eq!(due.iter().map(|d| d.0).collect::<Vec<_>>(), vec![10, 30]);
         assert_eq!(next_due(&idx), Some(10));
     }
 }

@@ -79,7 +79,10 @@ pub enum StoreError {
     #[error("key store error: {0}")]
     Db(String),
     #[error("corrupt record in table {table}: {message}")]
-    Corrupt { table: &'static str, message: String },
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
     #[error("the store writer has stopped")]
     WriterGone,
 }
@@ -141,9 +144,7 @@ impl Store {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        let db = Database::builder()
-            .create(path)
-            .map_err(|e| open_err(&e))?;
+        let db = Database::builder().create(path).map_err(|e| open_err(&e))?;
         let store = Store {
             db: Arc::new(db),
             path: path.to_path_buf(),

@@ -50,7 +50,10 @@ pub enum Mutation {
         kind: DueKind,
     },
     /// Appends a history entry; the writer assigns its sequence number.
-    History { tag: String, record: HistoryRecord },
+    History {
+        tag: String,
+        record: HistoryRecord,
+    },
     /// Counts `n` successful crypto calls.
     Use {
         tag: String,
@@ -59,9 +62,15 @@ pub enum Mutation {
         n: u64,
     },
     /// Adds to the encryption count of a version.
-    Encryptions { tag: String, version: u32, n: u64 },
+    Encryptions {
+        tag: String,
+        version: u32,
+        n: u64,
+    },
     /// Removes a purged key for good (end of retention): record, versions, counters, history.
-    Expunge { tag: String },
+    Expunge {
+        tag: String,
+    },
 }
 
 /// Resolves when the submission's transaction has committed (or failed).
@@ -179,11 +188,7 @@ fn run(db: Arc<Database>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
     }
 }
 
-fn commit_group(
-    db: &Database,
-    group: &[Submission],
-    next_seq: &mut u64,
-) -> Result<(), StoreError> {
+fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Result<(), StoreError> {
     let mut tx = db.begin_write()?;
     make_durable(&mut tx)?;
     {
@@ -229,7 +234,12 @@ fn commit_group(
                     )?;
                     *next_seq += 1;
                 }
-                Mutation::Use { tag, at, account, n } => {
+                Mutation::Use {
+                    tag,
+                    at,
+                    account,
+                    n,
+                } => {
                     let mut rec: UsageRecord = match usage.get(tag.as_str())? {
                         Some(v) => decode(v.value()).map_err(|e| StoreError::Corrupt {
                             table: "usage",
