@@ -94,13 +94,14 @@ impl Connection {
             let frame: ClientFrame = match codec::decode(&body) {
                 Ok(f) => f,
                 Err(e) => {
-                    // The framing is intact, so answer (with the id if it can be read) and go on.
+                    // The framing is intact, so answer (with the id if it can be read) and go
+                    // on; before the handshake there is no protocol to stay in step with.
                     let id = codec::decode::<IdOnly>(&body).map(|f| f.id).unwrap_or(0);
                     let err = WireError::new(
                         ErrorKind::MalformedFrame,
                         format!("undecodable request: {e}"),
                     );
-                    if send(&tx, id, Outcome::Err(err)).await.is_err() {
+                    if send(&tx, id, Outcome::Err(err)).await.is_err() || !handshaken {
                         break ReadEnd::Closed;
                     }
                     continue;

@@ -444,7 +444,7 @@ impl Engine {
         self.change_key(caller, key, action, None, |e, _| {
             if e.rec.state != from {
                 return Err(EngineError::InvalidState(format!(
-                    "key {} is {}; {action} needs a {from} key",
+                    "key {} is {}; {action} applies to a {from} key only",
                     e.rec.name, e.rec.state
                 )));
             }

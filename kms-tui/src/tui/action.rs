@@ -1,0 +1,142 @@
+//! What can happen to the dashboard ([`Action`]) and what the dashboard asks the outside
+//! world to do ([`Effect`]). `update` turns one into the other without doing any I/O, so
+//! every behaviour can be tested by feeding actions and looking at state and effects.
+
+use crossterm::event::KeyEvent;
+use kms_shared::model::{HistoryEntry, Impact, KeyInfo, VersionInfo};
+use kms_shared::protocol::{CreateKey, Event};
+
+/// Everything `update` reacts to: raw input, intents the keymap derived from it, and
+/// results from the daemon task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    // Raw input.
+    Key(KeyEvent),
+    Resize(u16, u16),
+    /// Periodic; refreshes the selected key's counters (usage is not an event).
+    Tick,
+
+    // Intents (from the keymap, by mode).
+    Quit,
+    Up,
+    Down,
+    PageUp,
+    PageDown,
+    Top,
+    Bottom,
+    /// enter: open details, then versions.
+    Open,
+    /// esc: back, close, or clear the filter.
+    Back,
+    StartFilter,
+    Help,
+    Create,
+    Rotate,
+    Disable,
+    Enable,
+    RequestDeletion,
+    CancelDeletion,
+    DeleteNow,
+    ToggleAutoRotation,
+    EditPeriod,
+    EditMemo,
+    Versions,
+    History,
+    ToggleVersion,
+    Yes,
+    No,
+    Char(char),
+    Backspace,
+    NextField,
+    PrevField,
+    Left,
+    Right,
+    Submit,
+
+    // From the daemon task.
+    Connected {
+        daemon_version: String,
+    },
+    Disconnected {
+        reason: String,
+    },
+    KeysLoaded(Result<Vec<KeyInfo>, String>),
+    /// `Ok(None)`: the daemon no longer knows the key.
+    KeyFetched {
+        tag: String,
+        result: Result<Option<KeyInfo>, String>,
+    },
+    DaemonEvent(Event),
+    Lagged(u64),
+    Created(Result<KeyInfo, String>),
+    OpDone {
+        op: Op,
+        name: String,
+        result: Result<KeyInfo, String>,
+    },
+    VersionsLoaded {
+        tag: String,
+        result: Result<Vec<VersionInfo>, String>,
+    },
+    VersionToggled {
+        tag: String,
+        name: String,
+        version: u32,
+        enabled: bool,
+        result: Result<Vec<VersionInfo>, String>,
+    },
+    HistoryLoaded {
+        tag: String,
+        before_seq: Option<u64>,
+        result: Result<Vec<HistoryEntry>, String>,
+    },
+    ImpactLoaded {
+        tag: String,
+        result: Result<Impact, String>,
+    },
+}
+
+/// A lifecycle change of one key that replies with the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Rotate,
+    Enable,
+    Disable,
+    RequestDeletion,
+    CancelDeletion,
+    DeleteNow,
+    SetRotation {
+        auto_rotation: bool,
+        rotation_days: Option<u32>,
+    },
+    SetMemo(String),
+}
+
+/// Work for the outside world. All but `Notify` become requests to the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    LoadKeys,
+    GetKey(String),
+    Create(CreateKey),
+    Op {
+        op: Op,
+        tag: String,
+        name: String,
+    },
+    LoadVersions(String),
+    SetVersionEnabled {
+        tag: String,
+        name: String,
+        version: u32,
+        enabled: bool,
+    },
+    LoadHistory {
+        tag: String,
+        before_seq: Option<u64>,
+    },
+    LoadImpact(String),
+    Notify {
+        summary: String,
+        body: String,
+    },
+}

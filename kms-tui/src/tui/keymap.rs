@@ -1,0 +1,230 @@
+//! Every key binding, in one place: how keys become actions in each mode, and the tables
+//! the footer and the help overlay are drawn from (so what is shown is what is bound).
+//!
+//! The bindings follow k9s and gitui: arrows or j/k to move, enter to open, esc to go
+//! back, `/` to filter, `?` for help, `q` to quit, single letters for actions.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::action::Action;
+use super::strings as s;
+
+/// What the keyboard currently drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Main,
+    Details,
+    Versions,
+    History,
+    /// Typing the filter.
+    Filter,
+    Help,
+    /// The create form.
+    Form,
+    /// A yes/no confirmation.
+    Confirm,
+    /// A one-line text input: period, memo, or the key name for "delete now".
+    Prompt,
+}
+
+/// The action a key means in a mode, if any.
+pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
+    use KeyCode::*;
+    if key.modifiers.contains(KeyModifiers::CONTROL) {
+        return match key.code {
+            Char('c') => Some(Action::Quit),
+            _ => None,
+        };
+    }
+    match mode {
+        Mode::Main | Mode::Details => match key.code {
+            Up | Char('k') => Some(Action::Up),
+            Down | Char('j') => Some(Action::Down),
+            PageUp => Some(Action::PageUp),
+            PageDown => Some(Action::PageDown),
+            Home | Char('g') => Some(Action::Top),
+            End | Char('G') => Some(Action::Bottom),
+            Enter => Some(Action::Open),
+            Esc => Some(Action::Back),
+            Char('/') => Some(Action::StartFilter),
+            Char('?') => Some(Action::Help),
+            Char('q') => Some(Action::Quit),
+            Char('c') => Some(Action::Create),
+            Char('r') => Some(Action::Rotate),
+            Char('d') => Some(Action::Disable),
+            Char('e') => Some(Action::Enable),
+            Char('x') => Some(Action::RequestDeletion),
+            Char('u') => Some(Action::CancelDeletion),
+            Char('D') => Some(Action::DeleteNow),
+            Char('a') => Some(Action::ToggleAutoRotation),
+            Char('p') => Some(Action::EditPeriod),
+            Char('m') => Some(Action::EditMemo),
+            Char('v') => Some(Action::Versions),
+            Char('h') => Some(Action::History),
+            _ => None,
+        },
+        Mode::Versions => match key.code {
+            Up | Char('k') => Some(Action::Up),
+            Down | Char('j') => Some(Action::Down),
+            PageUp => Some(Action::PageUp),
+            PageDown => Some(Action::PageDown),
+            Home | Char('g') => Some(Action::Top),
+            End | Char('G') => Some(Action::Bottom),
+            Enter | Char(' ') => Some(Action::ToggleVersion),
+            Char('r') => Some(Action::Rotate),
+            Char('h') => Some(Action::History),
+            Esc => Some(Action::Back),
+            Char('?') => Some(Action::Help),
+            Char('q') => Some(Action::Quit),
+            _ => None,
+        },
+        Mode::History => match key.code {
+            Up | Char('k') => Some(Action::Up),
+            Down | Char('j') => Some(Action::Down),
+            PageUp => Some(Action::PageUp),
+            PageDown => Some(Action::PageDown),
+            Home | Char('g') => Some(Action::Top),
+            End | Char('G') => Some(Action::Bottom),
+            Char('v') => Some(Action::Versions),
+            Esc => Some(Action::Back),
+            Char('?') => Some(Action::Help),
+            Char('q') => Some(Action::Quit),
+            _ => None,
+        },
+        Mode::Filter => match key.code {
+            Up => Some(Action::Up),
+            Down => Some(Action::Down),
+            Enter => Some(Action::Submit),
+            Esc => Some(Action::Back),
+            Backspace => Some(Action::Backspace),
+            Char(c) => Some(Action::Char(c)),
+            _ => None,
+        },
+        Mode::Help => match key.code {
+            Esc | Enter | Char('?') | Char('q') => Some(Action::Back),
+            _ => None,
+        },
+        Mode::Form => match key.code {
+            Tab | Down => Some(Action::NextField),
+            BackTab | Up => Some(Action::PrevField),
+            Left => Some(Action::Left),
+            Right => Some(Action::Right),
+            Enter => Some(Action::Submit),
+            Esc => Some(Action::Back),
+            Backspace => Some(Action::Backspace),
+            Char(c) => Some(Action::Char(c)),
+            _ => None,
+        },
+        Mode::Confirm => match key.code {
+            Char('y') | Char('Y') | Enter => Some(Action::Yes),
+            Char('n') | Char('N') | Esc => Some(Action::No),
+            _ => None,
+        },
+        Mode::Prompt => match key.code {
+            Enter => Some(Action::Submit),
+            Esc => Some(Action::Back),
+            Backspace => Some(Action::Backspace),
+            Char(c) => Some(Action::Char(c)),
+            _ => None,
+        },
+    }
+}
+
+/// One line of the footer or the help: the key(s) as shown, and what they do.
+pub type Hint = (&'static str, &'static str);
+
+/// The footer of each mode, most useful first (the footer drops what does not fit; the
+/// help overlay has everything).
+pub fn footer(mode: Mode) -> &'static [Hint] {
+    match mode {
+        Mode::Main | Mode::Details => &[
+            ("?", s::F_HELP),
+            ("/", s::F_FILTER),
+            ("enter", s::F_DETAILS),
+            ("c", s::F_CREATE),
+            ("r", s::F_ROTATE),
+            ("d", s::F_DISABLE),
+            ("e", s::F_ENABLE),
+            ("x", s::F_DELETE),
+            ("u", s::F_UNDELETE),
+            ("D", s::F_DELETE_NOW),
+            ("a", s::F_AUTO),
+            ("p", s::F_PERIOD),
+            ("m", s::F_MEMO),
+            ("v", s::F_VERSIONS),
+            ("h", s::F_HISTORY),
+            ("q", s::F_QUIT),
+        ],
+        Mode::Versions => &[
+            ("esc", s::F_BACK),
+            ("space", s::F_TOGGLE),
+            ("↑↓", s::F_MOVE),
+            ("r", s::F_ROTATE),
+            ("h", s::F_HISTORY),
+            ("?", s::F_HELP),
+            ("q", s::F_QUIT),
+        ],
+        Mode::History => &[
+            ("esc", s::F_BACK),
+            ("↑↓", s::F_MOVE),
+            ("PgUp/PgDn", s::F_MOVE),
+            ("v", s::F_VERSIONS),
+            ("?", s::F_HELP),
+            ("q", s::F_QUIT),
+        ],
+        Mode::Filter => &[("enter", s::F_APPLY), ("esc", s::F_CLEAR), ("↑↓", s::F_MOVE)],
+        Mode::Help => &[("esc", s::F_CLOSE)],
+        Mode::Form => &[
+            ("tab/↑↓", s::F_FIELD),
+            ("←→/space", s::F_CHANGE),
+            ("enter", s::F_SUBMIT),
+            ("esc", s::F_CANCEL),
+        ],
+        Mode::Confirm => &[("y", s::F_YES), ("n/esc", s::F_NO)],
+        Mode::Prompt => &[("enter", s::F_CONFIRM), ("esc", s::F_CANCEL)],
+    }
+}
+
+/// The help overlay: sections of bindings.
+pub const HELP: &[(&str, &[Hint])] = &[
+    (
+        s::HELP_SECTION_MOVE,
+        &[
+            ("↑↓ / k j", s::H_UP_DOWN),
+            ("PgUp PgDn", s::H_PAGE),
+            ("g G", s::H_TOP_BOTTOM),
+            ("enter", s::H_ENTER),
+            ("esc", s::H_ESC),
+            ("/", s::H_FILTER),
+            ("?", s::H_HELP),
+            ("q  ctrl-c", s::H_QUIT),
+        ],
+    ),
+    (
+        s::HELP_SECTION_KEYS,
+        &[
+            ("c", s::H_CREATE),
+            ("r", s::H_ROTATE),
+            ("d / e", s::H_DISABLE),
+            ("e", s::H_ENABLE),
+            ("x", s::H_DELETE),
+            ("u", s::H_UNDELETE),
+            ("D", s::H_DELETE_NOW),
+            ("a", s::H_AUTO),
+            ("p", s::H_PERIOD),
+            ("m", s::H_MEMO),
+        ],
+    ),
+    (
+        s::HELP_SECTION_VIEWS,
+        &[
+            ("v", s::H_VERSIONS),
+            ("h", s::H_HISTORY),
+            ("space", s::H_TOGGLE_VERSION),
+            ("tab ↑↓", s::H_FIELD),
+            ("← → space", s::H_CHANGE),
+            ("enter", s::H_SUBMIT),
+            ("y / n", s::H_CONFIRM),
+        ],
+    ),
+];

@@ -1,0 +1,558 @@
+//! Every user-facing string of the dashboard, kept in one place so the wording can be
+//! reviewed as a whole. Times are shown in UTC so that what two operators in different
+//! time zones read off the screen is the same.
+
+use kms_shared::model::{
+    Action as HistoryAction, KeyInfo, KeyState, KeyType, Protection, UnixMillis,
+};
+use kms_shared::protocol::{Event, EventKind};
+
+use super::action::Op;
+
+pub const SERVICE_NAME: &str = "Key Management Service";
+pub const CONNECTING: &str = "◌ connecting…";
+pub const DISCONNECTED: &str = "○ disconnected · reconnecting";
+
+pub fn connected(daemon_version: &str) -> String {
+    format!("● connected · kmsd {daemon_version}")
+}
+
+pub fn key_count(shown: usize, total: usize, filtered: bool) -> String {
+    let noun = if total == 1 { "key" } else { "keys" };
+    if filtered {
+        format!("{} of {} {noun}", count(shown as u64), count(total as u64))
+    } else {
+        format!("{} {noun}", count(total as u64))
+    }
+}
+
+pub const LOADING_KEYS: &str = "loading keys…";
+pub const NO_KEYS: &str = "No keys yet: press c to create one.";
+pub const NO_MATCH: &str = "No key matches the filter (esc clears it).";
+pub const NO_KEY_SELECTED: &str = "no key selected";
+
+// Key list columns, in the seed console's order.
+pub const COL_NAME: &str = "Name";
+pub const COL_PROTECTION: &str = "Protection";
+pub const COL_TYPE: &str = "Type";
+pub const COL_STATE: &str = "State / last use";
+pub const COL_CREATED: &str = "Created";
+pub const COL_TAG: &str = "Tag";
+pub const COL_CONVERGENT: &str = "Conv";
+pub const COL_VERSION: &str = "Ver";
+pub const COL_AUTO: &str = "Auto";
+pub const COL_PERIOD: &str = "Period (next)";
+pub const COL_USES: &str = "Uses";
+pub const COL_MEMO: &str = "Memo";
+
+// Details.
+pub const DETAILS_TITLE_SUFFIX: &str = "times in UTC";
+pub const L_TAG: &str = "Tag";
+pub const L_NAME: &str = "Name";
+pub const L_TYPE: &str = "Type";
+pub const L_STATE: &str = "State";
+pub const L_PROTECTION: &str = "Protection";
+pub const L_HSM: &str = "HSM";
+pub const L_PURPOSE: &str = "Purpose";
+pub const L_CONVERGENT: &str = "Convergent";
+pub const L_CREATED: &str = "Created";
+pub const L_VERSION: &str = "Version";
+pub const L_LAST_USED: &str = "Last used";
+pub const L_USES: &str = "Uses";
+pub const L_ROTATION: &str = "Rotation";
+pub const L_DELETION: &str = "Deletion";
+pub const L_DELETED: &str = "Deleted";
+pub const L_MEMO: &str = "Memo";
+pub const DETAILS_HINT: &str = "enter/v versions · h history · esc back";
+
+pub fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+pub fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+pub fn state_label(s: KeyState) -> &'static str {
+    s.as_str()
+}
+
+/// The state column: the state, then the date that matters for it (last use, or when a
+/// pending deletion becomes final), as the seed console shows it.
+pub fn state_cell(k: &KeyInfo) -> String {
+    let when = match k.state {
+        KeyState::PendingDeletion => k.deletion_due_at.map(date),
+        KeyState::Deleted => k.deleted_at.map(date),
+        KeyState::Enabled | KeyState::Disabled => k.last_used_at.map(date),
+    };
+    format!("{:<16} {}", k.state.as_str(), when.unwrap_or_else(|| "-".into()))
+}
+
+pub fn protection_label(p: Protection) -> &'static str {
+    p.as_str()
+}
+
+pub fn type_label(t: KeyType) -> &'static str {
+    t.display_name()
+}
+
+pub fn period_cell(k: &KeyInfo) -> String {
+    match (k.auto_rotation, k.next_rotation_at) {
+        (true, Some(next)) => format!("{}d ({})", k.rotation_days, date(next)),
+        _ => format!("{}d", k.rotation_days),
+    }
+}
+
+pub fn version_detail(k: &KeyInfo) -> String {
+    format!("v{} of max {}", k.current_version, k.protection.max_versions())
+}
+
+pub fn last_used_detail(k: &KeyInfo) -> String {
+    match (k.last_used_at, &k.last_used_by) {
+        (Some(t), Some(by)) => format!("{} by {by}", datetime(t)),
+        (Some(t), None) => datetime(t),
+        _ => "never".into(),
+    }
+}
+
+pub fn rotation_detail(k: &KeyInfo) -> String {
+    match (k.auto_rotation, k.next_rotation_at) {
+        (true, Some(next)) => format!(
+            "auto every {} days · next {}",
+            k.rotation_days,
+            datetime(next)
+        ),
+        (true, None) => format!("auto every {} days", k.rotation_days),
+        (false, _) => format!("manual (period {} days when on)", k.rotation_days),
+    }
+}
+
+pub fn deletion_detail(k: &KeyInfo) -> String {
+    match (k.state, k.deletion_due_at, k.deleted_at) {
+        (_, _, Some(t)) => format!("purged {}", datetime(t)),
+        (KeyState::PendingDeletion, Some(t), _) => format!("due {}", datetime(t)),
+        _ => "-".into(),
+    }
+}
+
+pub fn memo_detail(k: &KeyInfo) -> String {
+    if k.memo.is_empty() {
+        "-".into()
+    } else {
+        k.memo.clone()
+    }
+}
+
+// Footer and help.
+pub const H_UP_DOWN: &str = "move";
+pub const H_PAGE: &str = "page up / down";
+pub const H_TOP_BOTTOM: &str = "first / last";
+pub const H_ENTER: &str = "details, then versions";
+pub const H_ESC: &str = "back / close / clear filter";
+pub const H_FILTER: &str = "filter by name or tag";
+pub const H_HELP: &str = "this help";
+pub const H_QUIT: &str = "quit";
+pub const H_CREATE: &str = "create a key";
+pub const H_ROTATE: &str = "rotate now";
+pub const H_DISABLE: &str = "disable";
+pub const H_ENABLE: &str = "enable";
+pub const H_DELETE: &str = "request deletion";
+pub const H_UNDELETE: &str = "cancel deletion";
+pub const H_DELETE_NOW: &str = "delete now";
+pub const H_AUTO: &str = "auto rotation on/off";
+pub const H_PERIOD: &str = "rotation period";
+pub const H_MEMO: &str = "memo";
+pub const H_VERSIONS: &str = "versions";
+pub const H_HISTORY: &str = "history";
+pub const H_TOGGLE_VERSION: &str = "enable/disable version";
+pub const H_FIELD: &str = "next / previous field";
+pub const H_CHANGE: &str = "change choice";
+pub const H_SUBMIT: &str = "submit";
+pub const H_CONFIRM: &str = "confirm / cancel";
+pub const H_CANCEL: &str = "cancel";
+pub const H_DONE: &str = "keep filter";
+pub const H_CLOSE: &str = "close";
+
+pub const F_HELP: &str = "help";
+pub const F_FILTER: &str = "filter";
+pub const F_DETAILS: &str = "details";
+pub const F_CREATE: &str = "create";
+pub const F_ROTATE: &str = "rotate";
+pub const F_DISABLE: &str = "disable";
+pub const F_ENABLE: &str = "enable";
+pub const F_DELETE: &str = "delete";
+pub const F_UNDELETE: &str = "undelete";
+pub const F_DELETE_NOW: &str = "delete now";
+pub const F_AUTO: &str = "auto-rot";
+pub const F_PERIOD: &str = "period";
+pub const F_MEMO: &str = "memo";
+pub const F_VERSIONS: &str = "versions";
+pub const F_HISTORY: &str = "history";
+pub const F_QUIT: &str = "quit";
+pub const F_BACK: &str = "back";
+pub const F_TOGGLE: &str = "toggle";
+pub const F_MOVE: &str = "move";
+pub const F_APPLY: &str = "apply";
+pub const F_CLEAR: &str = "clear";
+pub const F_FIELD: &str = "field";
+pub const F_CHANGE: &str = "change";
+pub const F_SUBMIT: &str = "create";
+pub const F_CANCEL: &str = "cancel";
+pub const F_YES: &str = "yes";
+pub const F_NO: &str = "no";
+pub const F_CONFIRM: &str = "confirm";
+pub const F_CLOSE: &str = "close";
+
+pub const HELP_TITLE: &str = " Help — key bindings ";
+pub const HELP_SECTION_MOVE: &str = "Moving around";
+pub const HELP_SECTION_KEYS: &str = "Key actions";
+pub const HELP_SECTION_VIEWS: &str = "Views, forms and prompts";
+
+pub const FILTER_PROMPT: &str = "/";
+
+// Create form.
+pub const FORM_TITLE: &str = " Create key ";
+pub const FORM_NAME: &str = "Name";
+pub const FORM_TYPE: &str = "Type";
+pub const FORM_PROTECTION: &str = "Protection";
+pub const FORM_CONVERGENT: &str = "Convergent";
+pub const FORM_AUTO: &str = "Auto rotation";
+pub const FORM_DAYS: &str = "Period (days)";
+pub const FORM_MEMO: &str = "Memo";
+pub const FORM_AES_ONLY: &str = "(AES256 only)";
+pub const FORM_FIX_FIRST: &str = "Fix the marked fields first.";
+pub const FORM_SUBMITTING: &str = "creating…";
+pub const DAYS_NOT_A_NUMBER: &str = "the rotation period is a whole number of days (1 to 730)";
+
+pub fn name_taken(name: &str) -> String {
+    format!("a key named {name:?} already exists")
+}
+
+pub fn daemon_refused(msg: &str) -> String {
+    format!("kmsd refused: {msg}")
+}
+
+// Confirmations.
+pub fn confirm_rotate_title(name: &str) -> String {
+    format!(" Rotate {name}? ")
+}
+pub fn confirm_rotate_body(k: &KeyInfo) -> String {
+    format!(
+        "Version v{} becomes current and is used for all new encryption and signing; \
+         older versions still decrypt and verify. The auto-rotation schedule does not move.",
+        k.current_version + 1
+    )
+}
+pub fn confirm_disable_title(name: &str) -> String {
+    format!(" Disable {name}? ")
+}
+pub const CONFIRM_DISABLE_BODY: &str = "Every program that uses this key will get errors until \
+     it is enabled again. Check who uses it:";
+pub fn confirm_delete_title(name: &str) -> String {
+    format!(" Request deletion of {name}? ")
+}
+pub const CONFIRM_DELETE_BODY: &str = "The key stops working now and is destroyed for good \
+     after the deletion wait (72 hours by default); until then the request can be cancelled. \
+     Check who uses it:";
+pub fn confirm_delete_now_title(name: &str) -> String {
+    format!(" Delete {name} now? ")
+}
+pub const CONFIRM_DELETE_NOW_BODY: &str = "The key material is destroyed at once and cannot be \
+     recovered: anything still encrypted under it is lost. Check who used it:";
+pub const TYPE_NAME_PROMPT: &str = "Type the key name to confirm:";
+pub const TYPE_NAME_MISMATCH: &str = "that is not the key's name";
+pub const CONFIRM_HINT_YN: &str = "y confirm · n/esc cancel";
+pub const CONFIRM_HINT_TYPE: &str = "enter delete · esc cancel";
+pub const IMPACT_LOADING: &str = "loading recent usage…";
+
+pub fn impact_failed(msg: &str) -> String {
+    format!("could not load recent usage: {msg}")
+}
+
+pub fn impact_summary(uses: u64, accounts: usize, since: UnixMillis) -> String {
+    if uses == 0 {
+        format!("No successful use since {}.", date(since))
+    } else {
+        let acc = if accounts == 1 { "account" } else { "accounts" };
+        let times = if uses == 1 { "time" } else { "times" };
+        format!(
+            "Used {} {times} since {} by {accounts} {acc}:",
+            count(uses),
+            date(since)
+        )
+    }
+}
+
+pub fn impact_account(account: &str, uses: u64, last: UnixMillis) -> String {
+    format!(
+        "  {account:<16} {:>9} uses   last {}",
+        count(uses),
+        datetime(last)
+    )
+}
+
+pub fn impact_more(n: usize) -> String {
+    format!("  … and {n} more")
+}
+
+// Prompts.
+pub fn period_prompt_title(name: &str) -> String {
+    format!(" Rotation period of {name} ")
+}
+pub const PERIOD_PROMPT: &str = "Days between automatic rotations (1 to 730):";
+pub fn memo_prompt_title(name: &str) -> String {
+    format!(" Memo of {name} ")
+}
+pub const MEMO_PROMPT: &str = "At most 100 characters:";
+pub const PROMPT_HINT: &str = "enter save · esc cancel";
+
+// Versions view.
+pub fn versions_title(name: &str) -> String {
+    format!(" Versions of {name} ")
+}
+pub const V_COL_VERSION: &str = "Version";
+pub const V_COL_STATUS: &str = "Status";
+pub const V_COL_CREATED: &str = "Created (UTC)";
+pub const V_COL_ENCRYPTIONS: &str = "Encryptions";
+pub const V_CURRENT: &str = "current";
+pub const V_ENABLED: &str = "enabled";
+pub const V_DISABLED: &str = "disabled";
+pub const V_LOADING: &str = "loading versions…";
+
+pub fn versions_state_note(state: KeyState) -> Option<String> {
+    match state {
+        KeyState::Enabled => None,
+        s => Some(format!(
+            "The key is {s}: every version is unusable until the key is enabled; \
+             the flags below come back then."
+        )),
+    }
+}
+
+// History view.
+pub fn history_title(name: &str) -> String {
+    format!(" History of {name} ")
+}
+pub const HI_COL_CLIENT: &str = "Client";
+pub const HI_COL_TIME: &str = "Time (UTC)";
+pub const HI_COL_ACTION: &str = "Action";
+pub const HI_COL_VERSION: &str = "Ver";
+pub const HI_COL_RESULT: &str = "Result";
+pub const HI_COL_ACCOUNT: &str = "Account";
+pub const HI_LOADING: &str = "loading history…";
+pub const HI_EMPTY: &str = "No history entries.";
+
+pub fn history_status(n: usize, loading: bool, exhausted: bool) -> String {
+    let more = if loading {
+        " · loading more…"
+    } else if exhausted {
+        " · end of history"
+    } else {
+        " · scroll down for more"
+    };
+    format!("newest first · {} entries{more}", count(n as u64))
+}
+
+pub fn history_action(a: HistoryAction) -> &'static str {
+    a.as_str()
+}
+
+// Messages.
+pub fn not_allowed(what: &str, name: &str, state: KeyState) -> String {
+    format!("{what} is not possible while {name} is {state}")
+}
+pub const WHAT_ROTATE: &str = "rotation";
+pub const WHAT_DISABLE: &str = "disabling";
+pub const WHAT_ENABLE: &str = "enabling";
+pub const WHAT_DELETE: &str = "a deletion request";
+pub const WHAT_UNDELETE: &str = "cancelling deletion";
+pub const WHAT_DELETE_NOW: &str = "deleting now";
+
+pub fn connected_message(daemon_version: &str) -> String {
+    format!("connected to kmsd {daemon_version}")
+}
+
+pub fn disconnected_message(reason: &str) -> String {
+    format!("kmsd is not reachable ({reason}); reconnecting…")
+}
+
+pub const NOT_CONNECTED: &str = "not connected to kmsd";
+
+pub fn lagged(missed: u64) -> String {
+    format!("missed {missed} events; reloading the key list")
+}
+
+pub fn load_failed(what: &str, msg: &str) -> String {
+    format!("could not load {what}: {msg}")
+}
+pub const WHAT_KEYS: &str = "the key list";
+
+pub fn created(k: &KeyInfo) -> String {
+    format!("created {} ({}, tag {})", k.name, k.key_type, k.tag)
+}
+
+pub fn op_done(op: &Op, k: &KeyInfo) -> String {
+    match op {
+        Op::Rotate => format!("rotated {}: v{} is current", k.name, k.current_version),
+        Op::Enable => format!("enabled {}", k.name),
+        Op::Disable => format!("disabled {}", k.name),
+        Op::RequestDeletion => match k.deletion_due_at {
+            Some(t) => format!("{} will be deleted at {} UTC", k.name, datetime(t)),
+            None => format!("deletion of {} requested", k.name),
+        },
+        Op::CancelDeletion => format!("deletion of {} cancelled; the key is disabled", k.name),
+        Op::DeleteNow => format!("{} deleted", k.name),
+        Op::SetRotation { .. } => format!("{}: rotation {}", k.name, rotation_detail(k)),
+        Op::SetMemo(_) => format!("{}: memo saved", k.name),
+    }
+}
+
+pub fn op_failed(op: &Op, name: &str, msg: &str) -> String {
+    let what = match op {
+        Op::Rotate => "rotate",
+        Op::Enable => "enable",
+        Op::Disable => "disable",
+        Op::RequestDeletion => "request deletion of",
+        Op::CancelDeletion => "cancel deletion of",
+        Op::DeleteNow => "delete",
+        Op::SetRotation { .. } => "change the rotation of",
+        Op::SetMemo(_) => "save the memo of",
+    };
+    format!("could not {what} {name}: {msg}")
+}
+
+pub fn version_toggled(name: &str, version: u32, enabled: bool) -> String {
+    let s = if enabled { "enabled" } else { "disabled" };
+    format!("{name} v{version} {s}")
+}
+
+pub fn version_toggle_failed(name: &str, version: u32, msg: &str) -> String {
+    format!("could not change {name} v{version}: {msg}")
+}
+
+/// The message line for an event from the daemon.
+pub fn event_line(e: &Event) -> String {
+    let key = e.key_name.as_deref().or(e.key_tag.as_deref()).unwrap_or("-");
+    let mut s = format!("{} {} {key}", time_of_day(e.time), e.kind.as_str());
+    if let Some(v) = e.version {
+        s.push_str(&format!(" v{v}"));
+    }
+    if !e.message.is_empty() {
+        s.push_str(": ");
+        s.push_str(&e.message);
+    }
+    s.push_str(&format!(" (by {})", e.account));
+    s
+}
+
+pub fn notification_summary(e: &Event) -> String {
+    let key = e.key_name.as_deref().or(e.key_tag.as_deref()).unwrap_or("-");
+    let what = match e.kind {
+        EventKind::StateChanged => match e.state {
+            Some(s) => format!("is now {s}"),
+            None => "changed state".into(),
+        },
+        EventKind::DeletionRequested => "is pending deletion".into(),
+        EventKind::Purged => "was deleted".into(),
+        EventKind::Rotated => match e.version {
+            Some(v) => format!("rotated to v{v}"),
+            None => "rotated".into(),
+        },
+        EventKind::VersionLimitReached => "reached its version limit".into(),
+        EventKind::NonceBudgetLow => "is running out of nonces".into(),
+        other => other.as_str().into(),
+    };
+    format!("kms: {key} {what}")
+}
+
+pub fn notification_body(e: &Event) -> String {
+    if e.message.is_empty() {
+        format!("by {}", e.account)
+    } else {
+        format!("{} (by {})", e.message, e.account)
+    }
+}
+
+pub const NOTIFY_APP: &str = "kms";
+
+// Numbers and times.
+
+/// 1234567 → "1,234,567".
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn utc(t: UnixMillis) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp(t.div_euclid(1000)).ok()
+}
+
+/// "2025-03-01"
+pub fn date(t: UnixMillis) -> String {
+    match utc(t) {
+        Some(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
+        None => "?".into(),
+    }
+}
+
+/// "2025-03-01 14:05"
+pub fn datetime(t: UnixMillis) -> String {
+    match utc(t) {
+        Some(d) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}",
+            d.year(),
+            u8::from(d.month()),
+            d.day(),
+            d.hour(),
+            d.minute()
+        ),
+        None => "?".into(),
+    }
+}
+
+/// "2025-03-01 14:05:09"
+pub fn datetime_secs(t: UnixMillis) -> String {
+    match utc(t) {
+        Some(d) => format!("{} {:02}:{:02}:{:02}", date(t), d.hour(), d.minute(), d.second()),
+        None => "?".into(),
+    }
+}
+
+/// "14:05:09"
+pub fn time_of_day(t: UnixMillis) -> String {
+    match utc(t) {
+        Some(d) => format!("{:02}:{:02}:{:02}", d.hour(), d.minute(), d.second()),
+        None => "?".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Thousands separators land every three digits from the right.
+    #[test]
+    fn counts_group_digits() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1000), "1,000");
+        assert_eq!(count(1_234_567), "1,234,567");
+    }
+
+    /// Times are formatted in UTC, independent of the machine's zone.
+    #[test]
+    fn times_are_utc() {
+        // 2025-03-01T00:00:00Z
+        let t = 1_740_787_200_000;
+        assert_eq!(date(t), "2025-03-01");
+        assert_eq!(datetime(t + 61_000), "2025-03-01 00:01");
+        assert_eq!(time_of_day(t + 3_723_000), "01:02:03");
+    }
+}

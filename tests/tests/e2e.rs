@@ -1,0 +1,525 @@
+//! End to end: the real kmsd binary on a temporary socket, driven by the real kmsctl
+//! binary and the client library (SPEC §1, §3–§5, §10, §11, §14).
+
+#![allow(clippy::unwrap_used)]
+
+use kms_e2e::{DaemonOptions, TestDaemon};
+use kms_shared::model::{KeyState, SignScheme};
+use kms_shared::protocol::{ErrorKind, HistoryQuery};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "kmsctl failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Runs kmsctl expecting an error of `kind`; checks stderr format and exit code.
+fn fails(d: &TestDaemon, args: &[&str], stdin: &[u8], kind: ErrorKind) {
+    let out = d.kmsctl(args, stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(kind.exit_code())),
+        "{args:?}: stderr {stderr}"
+    );
+    // Warnings (the impact of a disable or delete) may come first; the error is a line.
+    let prefix = format!("error: {}: ", kind.as_str());
+    assert!(
+        stderr.lines().any(|l| l.starts_with(&prefix)),
+        "{args:?}: stderr {stderr}"
+    );
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(out)).unwrap()
+}
+
+/// The seed's scenario with kmsctl: create each type, use it, rotate, re-encrypt,
+/// disable/enable, request deletion, cancel, delete now, list --deleted.
+#[test]
+fn seed_scenario_with_kmsctl() {
+    let d = TestDaemon::start();
+    for (name, t) in [
+        ("app-aes", "aes256"),
+        ("app-ec", "ecdsa"),
+        ("app-rsa", "rsa2048"),
+    ] {
+        let k = json(&d.kmsctl(
+            &["--json", "create", name, "--type", t, "--memo", "seed"],
+            b"",
+        ));
+        assert_eq!(k["state"], "enabled");
+        assert_eq!(k["type"], t);
+        assert_eq!(k["current_version"], 1);
+        for field in [
+            "name",
+            "tag",
+            "type",
+            "protection",
+            "state",
+            "convergent",
+            "current_version",
+            "auto_rotation",
+            "rotation_days",
+            "next_rotation_at",
+            "usage_count",
+            "last_used_at",
+            "created_at",
+            "deletion_due_at",
+            "memo",
+        ] {
+            assert!(k.get(field).is_some(), "missing {field}");
+        }
+    }
+    // Binary-safe encrypt/decrypt through stdin/stdout.
+    let secret: Vec<u8> = (0..=255u8).chain([0, 10, 13]).collect();
+    let ct1 = ok(&d.kmsctl(&["encrypt", "app-aes"], &secret));
+    assert!(ct1.starts_with("ncpkms:v1:") && ct1.ends_with('\n'));
+    let out = d.kmsctl(&["decrypt", "app-aes"], ct1.as_bytes());
+    assert!(out.status.success());
+    assert_eq!(out.stdout, secret);
+
+    let rsa_ct = ok(&d.kmsctl(&["encrypt", "app-rsa"], b"short secret"));
+    assert_eq!(
+        d.kmsctl(&["decrypt", "app-rsa"], rsa_ct.as_bytes()).stdout,
+        b"short secret"
+    );
+    for key in ["app-ec", "app-rsa"] {
+        let sig = ok(&d.kmsctl(&["sign", key], b"release.tar.gz"));
+        let sig = sig.trim();
+        assert!(
+            d.kmsctl(&["verify", key, "--signature", sig], b"release.tar.gz")
+                .status
+                .success()
+        );
+        let bad = d.kmsctl(&["verify", key, "--signature", sig], b"tampered");
+        assert_eq!(bad.status.code(), Some(1));
+        assert!(ok(&d.kmsctl(&["public-key", key], b"")).starts_with("-----BEGIN PUBLIC KEY-----"));
+    }
+
+    // Rotate: old ciphertexts still decrypt; re-encrypt moves them to v2.
+    let k = json(&d.kmsctl(&["--json", "rotate", "app-aes"], b""));
+    assert_eq!(k["current_version"], 2);
+    assert_eq!(
+        d.kmsctl(&["decrypt", "app-aes"], ct1.as_bytes()).stdout,
+        secret
+    );
+    let ct2 = ok(&d.kmsctl(&["reencrypt", "app-aes"], ct1.as_bytes()));
+    assert!(ct2.starts_with("ncpkms:v2:"));
+    assert_eq!(
+        d.kmsctl(&["decrypt", "app-aes"], ct2.as_bytes()).stdout,
+        secret
+    );
+    let versions = json(&d.kmsctl(&["--json", "versions", "app-aes"], b""));
+    assert_eq!(versions.as_array().unwrap().len(), 2);
+
+    // Disable → crypto refused; enable → works again.
+    ok(&d.kmsctl(&["disable", "app-aes"], b""));
+    fails(&d, &["encrypt", "app-aes"], b"x", ErrorKind::InvalidState);
+    ok(&d.kmsctl(&["enable", "app-aes"], b""));
+    ok(&d.kmsctl(&["encrypt", "app-aes"], b"x"));
+
+    // Request deletion → everything but cancel refused; cancel → disabled.
+    let k = json(&d.kmsctl(&["--json", "delete", "app-aes"], b""));
+    assert_eq!(k["state"], "pending-deletion");
+    assert!(k["deletion_due_at"].is_string());
+    fails(&d, &["encrypt", "app-aes"], b"x", ErrorKind::InvalidState);
+    fails(&d, &["rotate", "app-aes"], b"", ErrorKind::InvalidState);
+    fails(&d, &["enable", "app-aes"], b"", ErrorKind::InvalidState);
+    fails(&d, &["disable", "app-aes"], b"", ErrorKind::InvalidState);
+    let k = json(&d.kmsctl(&["--json", "cancel-deletion", "app-aes"], b""));
+    assert_eq!(k["state"], "disabled");
+
+    // Delete now needs --yes; then the key is purged and listed only with --deleted.
+    ok(&d.kmsctl(&["delete", "app-aes"], b""));
+    assert_eq!(
+        d.kmsctl(&["delete-now", "app-aes"], b"").status.code(),
+        Some(2)
+    );
+    let k = json(&d.kmsctl(&["--json", "delete-now", "app-aes", "--yes"], b""));
+    assert_eq!(k["state"], "deleted");
+    let live = json(&d.kmsctl(&["--json", "list"], b""));
+    assert!(
+        !live
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["name"] == "app-aes")
+    );
+    let all = json(&d.kmsctl(&["--json", "list", "--deleted"], b""));
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["name"] == "app-aes" && k["state"] == "deleted")
+    );
+
+    // History of the RSA key with kmsctl's JSON fields.
+    let hist = json(&d.kmsctl(&["--json", "history", "app-rsa"], b""));
+    let first = &hist.as_array().unwrap()[0];
+    for field in [
+        "time", "action", "version", "result", "account", "uid", "pid", "client",
+    ] {
+        assert!(first.get(field).is_some(), "history lacks {field}");
+    }
+    assert_eq!(first["client"], "kmsctl");
+}
+
+/// Each error kind through kmsctl, with its exit code and `error: <kind>:` on stderr;
+/// the two protocol-level kinds through a raw socket (kmsctl cannot send bad frames).
+#[test]
+fn every_error_kind() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "errkey", "--type", "aes256"], b""));
+    ok(&d.kmsctl(&["create", "errsig", "--type", "ecdsa"], b""));
+    fails(&d, &["encrypt", "nokey"], b"x", ErrorKind::NotFound);
+    fails(
+        &d,
+        &["create", "errkey", "--type", "aes256"],
+        b"",
+        ErrorKind::AlreadyExists,
+    );
+    fails(
+        &d,
+        &["create", "9bad", "--type", "aes256"],
+        b"",
+        ErrorKind::InvalidArgument,
+    );
+    fails(
+        &d,
+        &["encrypt", "errkey"],
+        &vec![0u8; 32 * 1024 + 1],
+        ErrorKind::TooLarge,
+    );
+    fails(&d, &["sign", "errkey"], b"x", ErrorKind::WrongPurpose);
+    let ct = ok(&d.kmsctl(&["encrypt", "errkey"], b"x"));
+    ok(&d.kmsctl(&["rotate", "errkey"], b""));
+    ok(&d.kmsctl(&["disable-version", "errkey", "1"], b""));
+    fails(
+        &d,
+        &["decrypt", "errkey"],
+        ct.as_bytes(),
+        ErrorKind::VersionDisabled,
+    );
+    let tampered = ct.replacen("ncpkms:v1:", "ncpkms:v2:", 1);
+    fails(
+        &d,
+        &["decrypt", "errkey"],
+        tampered.as_bytes(),
+        ErrorKind::DecryptFailed,
+    );
+    ok(&d.kmsctl(&["disable", "errkey"], b""));
+    fails(&d, &["encrypt", "errkey"], b"x", ErrorKind::InvalidState);
+
+    // version-limit: 99 rotations through the client, the 100th through kmsctl.
+    ok(&d.kmsctl(&["create", "fullkey", "--type", "aes256"], b""));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = d.client().await;
+        for _ in 2..=100 {
+            c.rotate("fullkey").await.unwrap();
+        }
+    });
+    fails(&d, &["rotate", "fullkey"], b"", ErrorKind::VersionLimit);
+
+    // JSON error form on stdout.
+    let out = d.kmsctl(&["--json", "show", "nokey"], b"");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "not-found");
+
+    // permission-denied: another account, reaching a group-shared socket.
+    let mut shared = TestDaemon::start_with(DaemonOptions {
+        extra_args: vec!["--socket-group".into(), "nogroup".into()],
+        ..DaemonOptions::default()
+    });
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(shared.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(kms_e2e::bin("kmsctl"))
+        .arg("--socket")
+        .arg(&shared.socket)
+        .args(["create", "theirs", "--type", "aes256"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(12), "{stderr}");
+    assert!(stderr.starts_with("error: permission-denied: "), "{stderr}");
+    shared.stop();
+
+    // malformed-frame and unsupported-version over a raw socket.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let reply = raw_call(&mut s, &hello(999));
+    assert_eq!(reply_error_kind(&reply), "unsupported-version");
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    raw_call(&mut s, &hello(1));
+    let reply = raw_call(&mut s, &[0xc1, 0xc1]);
+    assert_eq!(reply_error_kind(&reply), "malformed-frame");
+}
+
+fn hello(version: u32) -> Vec<u8> {
+    use kms_shared::protocol::{ClientFrame, Request};
+    kms_shared::codec::encode(&ClientFrame {
+        id: 1,
+        request: Request::Hello {
+            protocol: version,
+            client: "raw".into(),
+        },
+    })
+    .unwrap()
+}
+
+fn raw_call(s: &mut UnixStream, body: &[u8]) -> kms_shared::protocol::ServerFrame {
+    s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_frame(s).unwrap()
+}
+
+fn read_frame(s: &mut UnixStream) -> Option<kms_shared::protocol::ServerFrame> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    kms_shared::codec::decode(&body).ok()
+}
+
+fn reply_error_kind(f: &kms_shared::protocol::ServerFrame) -> String {
+    use kms_shared::protocol::{Outcome, ServerFrame};
+    match f {
+        ServerFrame::Reply {
+            result: Outcome::Err(e),
+            ..
+        } => e.kind.as_str().to_string(),
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+/// Keys, versions, states, usage counts and history survive a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_persistence() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.create_key(spec("keep", "aes256")).await.unwrap();
+    c.create_key(spec("off", "ecdsa")).await.unwrap();
+    let ct = c.encrypt("keep", b"persist", None).await.unwrap();
+    c.rotate("keep").await.unwrap();
+    c.encrypt("keep", b"again", None).await.unwrap();
+    c.disable("off").await.unwrap();
+    c.disable_version("keep", 1).await.unwrap();
+    let before = c.history(hq("keep")).await.unwrap();
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+    d.restart_with(DaemonOptions::default());
+    let c = d.client().await;
+    let k = c.get_key("keep").await.unwrap();
+    assert_eq!((k.current_version, k.usage_count), (2, 2));
+    assert_eq!(c.get_key("off").await.unwrap().state, KeyState::Disabled);
+    assert!(!c.versions("keep").await.unwrap()[0].enabled);
+    c.enable_version("keep", 1).await.unwrap();
+    assert_eq!(c.decrypt("keep", &ct, None).await.unwrap(), b"persist");
+    let after = c.history(hq("keep")).await.unwrap();
+    assert_eq!(&after[after.len() - before.len()..], &before[..]);
+}
+
+fn spec(name: &str, t: &str) -> kms_shared::protocol::CreateKey {
+    kms_shared::protocol::CreateKey {
+        name: name.into(),
+        key_type: t.parse().unwrap(),
+        protection: Default::default(),
+        convergent: false,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+    }
+}
+
+fn hq(key: &str) -> HistoryQuery {
+    HistoryQuery {
+        key: key.into(),
+        limit: Some(1000),
+        ..HistoryQuery::default()
+    }
+}
+
+/// A restart 73 hours later (the daemon under faketime) purges the pending key and rotates
+/// a due key exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_73_hours_later() {
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.create_key(spec("doomed", "aes256")).await.unwrap();
+    let mut auto = spec("daily", "aes256");
+    auto.auto_rotation = true;
+    auto.rotation_days = Some(1);
+    c.create_key(auto).await.unwrap();
+    let doomed = c.request_deletion("doomed").await.unwrap();
+    drop(c);
+    d.restart_with(DaemonOptions {
+        faketime: Some("+73h".into()),
+        ..DaemonOptions::default()
+    });
+    let c = d.client().await;
+    let gone = c.get_key(&doomed.tag).await.unwrap();
+    assert_eq!(gone.state, KeyState::Deleted, "log:\n{}", d.log_text());
+    let daily = c.get_key("daily").await.unwrap();
+    // Three periods passed; one catch-up rotation.
+    assert_eq!(daily.current_version, 2);
+    let next = daily.next_rotation_at.unwrap();
+    let created = daily.created_at;
+    assert!(
+        next > created + 73 * 3_600_000,
+        "next rotation restarts from the restart"
+    );
+}
+
+/// 16 clients × 1,000 pipelined requests are all answered correctly.
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_clients_pipelined() {
+    let d = TestDaemon::start();
+    let setup = d.client().await;
+    setup.create_key(spec("busy", "aes256")).await.unwrap();
+    setup.create_key(spec("busysig", "ecdsa")).await.unwrap();
+    let mut clients = tokio::task::JoinSet::new();
+    for ci in 0..16u32 {
+        let c = Arc::new(d.client().await);
+        clients.spawn(async move {
+            let mut calls = tokio::task::JoinSet::new();
+            for i in 0..1000u32 {
+                let c = c.clone();
+                calls.spawn(async move {
+                    let msg = format!("client {ci} message {i}");
+                    if i % 10 == 0 {
+                        let sig = c.sign("busysig", msg.as_bytes(), SignScheme::Pss).await?;
+                        anyhow::ensure!(
+                            c.verify("busysig", msg.as_bytes(), &sig, SignScheme::Pss)
+                                .await?
+                        );
+                    } else {
+                        let ct = c.encrypt("busy", msg.as_bytes(), None).await?;
+                        anyhow::ensure!(c.decrypt("busy", &ct, None).await? == msg.as_bytes());
+                    }
+                    Ok(())
+                });
+            }
+            let mut n = 0;
+            while let Some(r) = calls.join_next().await {
+                r??;
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>(n)
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = clients.join_next().await {
+        total += r.unwrap().unwrap();
+    }
+    assert_eq!(total, 16_000);
+    let k = setup.get_key("busy").await.unwrap();
+    assert_eq!(k.usage_count, 16 * 900 * 2);
+}
+
+/// Garbage, an oversized length, a truncated frame and an idle connection are refused or
+/// closed while a well-behaved client keeps being served.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_input_leaves_others_served() {
+    let d = TestDaemon::start_with(DaemonOptions {
+        config: Some("idle_timeout_secs = 1\nframe_timeout_secs = 1\n".into()),
+        ..DaemonOptions::default()
+    });
+    let setup = d.client().await;
+    setup.create_key(spec("steady", "aes256")).await.unwrap();
+    drop(setup);
+
+    // A well-behaved client keeps working, with no idle gap, during everything below.
+    let good = d.client().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let worker = tokio::spawn(async move {
+        let mut n = 0u32;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let msg = format!("steady {n}");
+            let ct = good.encrypt("steady", msg.as_bytes(), None).await?;
+            anyhow::ensure!(good.decrypt("steady", &ct, None).await? == msg.as_bytes());
+            n += 1;
+        }
+        Ok::<_, anyhow::Error>(n)
+    });
+
+    let hostile = tokio::task::spawn_blocking({
+        let socket = d.socket.clone();
+        move || {
+            // Oversized length: refused with malformed-frame, then closed.
+            let mut big = UnixStream::connect(&socket).unwrap();
+            big.write_all(&u32::MAX.to_be_bytes()).unwrap();
+            let f = read_frame(&mut big).unwrap();
+            assert_eq!(reply_error_kind(&f), "malformed-frame");
+            assert!(
+                read_frame(&mut big).is_none(),
+                "closed after an oversized frame"
+            );
+
+            // Random bytes instead of a handshake: answered malformed-frame, then closed.
+            let mut junk = UnixStream::connect(&socket).unwrap();
+            junk.write_all(&[0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0xff, 0xfe])
+                .unwrap();
+            junk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let f = read_frame(&mut junk).unwrap();
+            assert_eq!(reply_error_kind(&f), "malformed-frame");
+            assert!(
+                read_frame(&mut junk).is_none(),
+                "closed after a bad handshake"
+            );
+
+            // Truncated frame (half a body, then silence) and an idle connection: both are
+            // closed after their timeouts (1 s here).
+            let mut half = UnixStream::connect(&socket).unwrap();
+            half.write_all(&[0, 0, 0, 100, 1, 2, 3]).unwrap();
+            let mut idle = UnixStream::connect(&socket).unwrap();
+            for s in [&mut half, &mut idle] {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = Vec::new();
+                let r = s.read_to_end(&mut buf);
+                assert!(r.is_ok(), "connection not closed by the daemon: {r:?}");
+            }
+        }
+    });
+    hostile.await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = worker.await.unwrap().unwrap();
+    assert!(served > 10, "the good client was served {served} times");
+}
+
+/// SIGTERM: the daemon exits 0 and removes its socket; a second daemon on the same data
+/// directory is refused while the first runs.
+#[test]
+fn sigterm_and_single_instance() {
+    let mut d = TestDaemon::start();
+    let second = std::process::Command::new(kms_e2e::bin("kmsd"))
+        .arg("--socket")
+        .arg(d.dir.path().join("other.sock"))
+        .arg("--data-dir")
+        .arg(&d.data_dir)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("holds the data directory"));
+    let again = std::process::Command::new(kms_e2e::bin("kmsd"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--data-dir")
+        .arg(d.dir.path().join("data2"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stderr).contains("another kmsd is serving"));
+    assert_eq!(d.stop(), Some(0));
+    assert!(!d.socket.exists());
+}
