@@ -143,7 +143,12 @@ impl Connection {
             }
             if let Request::Subscribe = frame.request {
                 if forwarder.is_none() {
-                    forwarder = Some(tokio::spawn(forward_events(engine.subscribe(), tx.clone())));
+                    forwarder = Some(tokio::spawn(forward_events(
+                        engine.subscribe(),
+                        tx.clone(),
+                        service.clone(),
+                        caller.clone(),
+                    )));
                 }
                 if send(&tx, id, Outcome::Ok(Response::Subscribed))
                     .await
@@ -263,9 +268,12 @@ async fn write_loop(
 async fn forward_events(
     mut events: broadcast::Receiver<kms_shared::protocol::Event>,
     tx: mpsc::Sender<Vec<u8>>,
+    service: Arc<Service>,
+    caller: Arc<Caller>,
 ) {
     loop {
         let frame = match events.recv().await {
+            Ok(ev) if !service.may_see(&caller, &ev) => continue,
             Ok(ev) => ServerFrame::Event(ev),
             Err(broadcast::error::RecvError::Lagged(missed)) => ServerFrame::Lagged { missed },
             Err(broadcast::error::RecvError::Closed) => return,

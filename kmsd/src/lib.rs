@@ -7,6 +7,7 @@
 //! [`crypto`] and [`store`] (the only redb writer, group commit). Beside them:
 //! [`scheduler`] (rotations, purges) and [`shutdown`].
 
+pub mod authz;
 pub mod clock;
 pub mod config;
 pub mod connection;

@@ -12,9 +12,22 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Shortest sleep when something stays due (a failing task is retried, not spun on).
 const RETRY: Duration = Duration::from_secs(1);
 
+/// How often history older than the retention period is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
     let wake = engine.due_changed();
+    let mut last_prune: Option<tokio::time::Instant> = None;
     loop {
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            let e = engine.clone();
+            match tokio::task::spawn_blocking(move || e.prune_history()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "history pruning failed"),
+                Err(e) => tracing::error!(error = %e, "history pruning task failed"),
+            }
+            last_prune = Some(tokio::time::Instant::now());
+        }
         let e = engine.clone();
         match tokio::task::spawn_blocking(move || e.run_due()).await {
             Ok(n) if n > 0 => tracing::debug!(done = n, "scheduled tasks carried out"),

@@ -209,6 +209,13 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
     let account = uzers::get_user_by_uid(uid)
         .map(|u| u.name().to_string_lossy().into_owned())
         .unwrap_or_else(|| uid.to_string());
+    // Group names for group grants: the primary group and the supplementary ones.
+    let groups = uzers::get_user_by_uid(uid)
+        .and_then(|u| uzers::get_user_groups(u.name(), cred.gid()))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g.name().to_string_lossy().into_owned())
+        .collect();
     let client = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_string())
         .unwrap_or_else(|_| "?".into());
@@ -217,6 +224,7 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
         gid: cred.gid(),
         pid,
         account,
+        groups,
         client,
     })
 }

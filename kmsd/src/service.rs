@@ -5,10 +5,11 @@
 //! ECDSA (tens to hundreds of microseconds), key generation, batches and everything that
 //! waits on a commit run on the blocking pool, so no client can stall the reactor.
 
+use crate::authz::{self, Need};
 use crate::engine::{Caller, Engine, EngineError, Pending};
-use kms_shared::model::{KeyType, MAX_AES_PLAINTEXT};
+use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT};
 use kms_shared::protocol::{
-    DaemonStatus, ErrorKind, PROTOCOL_VERSION, Request, Response, WireError,
+    DaemonStatus, ErrorKind, Event, PROTOCOL_VERSION, Request, Response, WireError,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,7 +58,8 @@ impl Service {
     }
 
     async fn dispatch(&self, caller: &Caller, req: Request) -> Reply {
-        self.authorize(caller)?;
+        let (need, key, action) = authz::requirement(&req);
+        self.authorize(caller, need, key, action).await?;
         let e = &self.engine;
         match req {
             // Handled by the connection; harmless if repeated.
@@ -266,6 +268,17 @@ impl Service {
                 })
                 .await
             }
+            Request::Grant(spec) => {
+                self.blocking(caller, move |e, c| e.grant(c, &spec).map(Response::Grant))
+                    .await
+            }
+            Request::Revoke(spec) => {
+                self.blocking(caller, move |e, c| e.revoke(c, &spec).map(Response::Grant))
+                    .await
+            }
+            Request::ListGrants => Ok(Response::Grants {
+                grants: e.grants().to_vec(),
+            }),
             Request::Impact { key, window_ms } => {
                 self.blocking(caller, move |e, _| {
                     e.impact(&key, window_ms).map(Response::Impact)
@@ -275,19 +288,58 @@ impl Service {
         }
     }
 
-    /// Access control until grants exist: root and the daemon's own account are managers;
-    /// anyone else who can reach the socket is refused (SPEC §6).
-    fn authorize(&self, caller: &Caller) -> Result<(), WireError> {
-        if caller.uid == 0 || caller.uid == self.daemon_uid {
+    /// Refuses a request the caller's roles do not cover, naming the missing role, and
+    /// records the refusal in the key's history.
+    async fn authorize(
+        &self,
+        caller: &Caller,
+        need: Need,
+        key: Option<&str>,
+        action: Option<Action>,
+    ) -> Result<(), WireError> {
+        if need == Need::Connected || authz::is_superuser(caller, self.daemon_uid) {
             return Ok(());
         }
-        Err(WireError::new(
+        let entry = key.and_then(|k| self.engine.resolve(k).ok());
+        let tag = entry.as_ref().map(|e| e.rec.tag.as_str());
+        if authz::permits(&self.engine.grants(), caller, need, tag) {
+            return Ok(());
+        }
+        let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
+        let scope = match (&entry, key) {
+            (Some(e), _) => format!("key {}", e.rec.name),
+            // Without a grant, an unknown key is refused like a known one: no probing.
+            (None, Some(k)) => format!("key {k}"),
+            (None, None) => "all keys".to_string(),
+        };
+        let err = WireError::new(
             ErrorKind::PermissionDenied,
             format!(
-                "account {} has no role on this kmsd (only root and the daemon's account are managers)",
-                caller.account
+                "account {} needs the role {} on {scope}",
+                caller.account,
+                roles.join(" or ")
             ),
-        ))
+        );
+        if let (Some(k), Some(a)) = (key, action)
+            && let Some(t) = self
+                .engine
+                .record_refusal(caller, k, a, ErrorKind::PermissionDenied)
+        {
+            let _ = t.wait_async().await;
+        }
+        Err(err)
+    }
+
+    /// Whether a subscriber may see an event: managers see all, others the events of keys
+    /// they have a role on (and global ones if they hold a role on all keys).
+    pub fn may_see(&self, caller: &Caller, event: &Event) -> bool {
+        authz::is_superuser(caller, self.daemon_uid)
+            || authz::permits(
+                &self.engine.grants(),
+                caller,
+                Need::View,
+                event.key_tag.as_deref(),
+            )
     }
 
     fn is_aes(&self, key: &str) -> bool {

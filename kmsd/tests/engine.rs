@@ -21,6 +21,7 @@ fn caller(account: &str) -> Caller {
         gid: 1000,
         pid: 42,
         account: account.into(),
+        groups: Vec::new(),
         client: "engine-test".into(),
     }
 }
@@ -779,4 +780,60 @@ fn root_key_protects_the_store() {
     drop(store);
     fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
     assert_eq!(fx.dec("rsak", &ct).unwrap(), b"data");
+}
+
+/// History older than the retention period is pruned; newer entries stay.
+#[test]
+fn history_retention_prunes_old_entries() {
+    let fx = Fx::with_config(EngineConfig {
+        retention_ms: 10 * DAY_MS,
+        ..EngineConfig::default()
+    });
+    fx.create("oldhist", KeyType::Aes256);
+    for _ in 0..5 {
+        fx.enc("oldhist", b"x").unwrap();
+    }
+    fx.clock.set(T0 + 11 * DAY_MS);
+    fx.enc("oldhist", b"new").unwrap();
+    fx.e().prune_history().unwrap();
+    let h = fx
+        .e()
+        .history(&HistoryQuery {
+            key: "oldhist".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].time, T0 + 11 * DAY_MS);
+    // Usage counts are not history: they stay.
+    assert_eq!(fx.e().get_key("oldhist").unwrap().usage_count, 6);
+}
+
+/// Grants: stored durably, duplicates refused, revoke removes, unknown users refused.
+#[test]
+fn grants_persist() {
+    use kms_shared::model::{Principal, Role};
+    use kms_shared::protocol::GrantSpec;
+    let mut fx = Fx::new();
+    fx.create("gkey", KeyType::Aes256);
+    let spec = GrantSpec {
+        role: Role::KeyUser,
+        user: Some("nobody".into()),
+        group: None,
+        key: Some("gkey".into()),
+    };
+    let g = fx.e().grant(&fx.me, &spec).unwrap();
+    assert_eq!(g.principal, Principal::User("nobody".into()));
+    assert_eq!(kind(fx.e().grant(&fx.me, &spec)), ErrorKind::AlreadyExists);
+    let bad = GrantSpec {
+        user: Some("no-such-user-xyz".into()),
+        ..spec.clone()
+    };
+    assert_eq!(kind(fx.e().grant(&fx.me, &bad)), ErrorKind::InvalidArgument);
+    fx.reopen();
+    assert_eq!(fx.e().grants().len(), 1);
+    fx.e().revoke(&fx.me, &spec).unwrap();
+    assert_eq!(kind(fx.e().revoke(&fx.me, &spec)), ErrorKind::NotFound);
+    fx.reopen();
+    assert!(fx.e().grants().is_empty());
 }

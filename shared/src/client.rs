@@ -6,12 +6,12 @@
 //! abstract socket: those have no permissions).
 
 use crate::codec::{self, FrameError};
-use crate::model::{HistoryEntry, Impact, KeyInfo, SignScheme, VersionInfo};
+use crate::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, SignScheme, VersionInfo};
 use crate::paths;
 use crate::protocol::{
     CiphertextItem, ClientFrame, CreateKey, DEFAULT_MAX_FRAME, DaemonStatus, ErrorKind, Event,
-    HistoryQuery, ItemOutcome, Outcome, PROTOCOL_VERSION, PlaintextItem, Request, Response,
-    ServerFrame, WireError,
+    GrantSpec, HistoryQuery, ItemOutcome, Outcome, PROTOCOL_VERSION, PlaintextItem, Request,
+    Response, ServerFrame, WireError,
 };
 use interprocess::local_socket::tokio::{Stream, prelude::*};
 use interprocess::local_socket::{GenericFilePath, ToFsName};
@@ -479,6 +479,28 @@ impl Client {
             .await?
         {
             Response::Impact(i) => Ok(i),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn grant(&self, spec: GrantSpec) -> Result<GrantInfo, ClientError> {
+        match self.call(Request::Grant(spec)).await? {
+            Response::Grant(g) => Ok(g),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes the grant with the same role, principal and key; returns it.
+    pub async fn revoke(&self, spec: GrantSpec) -> Result<GrantInfo, ClientError> {
+        match self.call(Request::Revoke(spec)).await? {
+            Response::Grant(g) => Ok(g),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn grants(&self) -> Result<Vec<GrantInfo>, ClientError> {
+        match self.call(Request::ListGrants).await? {
+            Response::Grants { grants } => Ok(grants),
             other => Err(unexpected(&other)),
         }
     }

@@ -398,6 +398,97 @@ pub struct AccountUse {
     pub last_used_at: UnixMillis,
 }
 
+/// The roles of SPEC §6; NCP's names are accepted as aliases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything, including create and permissions (`NCP_KMS_MANAGER`).
+    Manager,
+    /// Enable/disable, rotate, rotation settings, memo, request/cancel deletion, history
+    /// (`KMS_KEY_MANAGER`).
+    KeyManager,
+    /// See keys and history (`KMS_KEY_REVIEWER`).
+    KeyReviewer,
+    /// Encrypt, decrypt, re-encrypt, sign, verify, public key, data keys.
+    KeyUser,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::Manager,
+        Role::KeyManager,
+        Role::KeyReviewer,
+        Role::KeyUser,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Manager => "manager",
+            Role::KeyManager => "key-manager",
+            Role::KeyReviewer => "key-reviewer",
+            Role::KeyUser => "key-user",
+        }
+    }
+
+    /// NCP's name for the role.
+    pub fn ncp_name(self) -> &'static str {
+        match self {
+            Role::Manager => "NCP_KMS_MANAGER",
+            Role::KeyManager => "KMS_KEY_MANAGER",
+            Role::KeyReviewer => "KMS_KEY_REVIEWER",
+            Role::KeyUser => "KMS_KEY_USER",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s || r.ncp_name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                format!("unknown role {s:?} (manager, key-manager, key-reviewer or key-user)")
+            })
+    }
+}
+
+/// Who a grant is for: a user or a group, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Principal {
+    User(String),
+    Group(String),
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::User(u) => write!(f, "user {u}"),
+            Principal::Group(g) => write!(f, "group {g}"),
+        }
+    }
+}
+
+/// A role granted to a principal, for all keys or one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantInfo {
+    pub id: u64,
+    pub role: Role,
+    pub principal: Principal,
+    /// The key's tag; `None` for all keys.
+    pub key_tag: Option<String>,
+    pub key_name: Option<String>,
+    pub granted_at: UnixMillis,
+    pub granted_by: String,
+}
+
 /// A rule of SPEC §2 that an input breaks. The message names the rule, never a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -518,6 +609,15 @@ mod tests {
             assert_eq!(a.as_str().parse::<Action>(), Ok(a));
         }
         assert!("nope".parse::<Action>().is_err());
+    }
+
+    /// Roles parse from their names and from NCP's names.
+    #[test]
+    fn role_aliases() {
+        assert_eq!("key-manager".parse::<Role>(), Ok(Role::KeyManager));
+        assert_eq!("NCP_KMS_MANAGER".parse::<Role>(), Ok(Role::Manager));
+        assert_eq!("kms_key_reviewer".parse::<Role>(), Ok(Role::KeyReviewer));
+        assert!("admin".parse::<Role>().is_err());
     }
 
     /// Tags are recognised only as 32 lowercase hex digits.

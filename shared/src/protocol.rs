@@ -7,8 +7,8 @@
 //! `{"encrypt": {...}}` and unit variants are plain strings such as `"status"`.
 
 use crate::model::{
-    Action, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Protection, SignScheme, UnixMillis,
-    VersionInfo,
+    Action, GrantInfo, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Protection, Role,
+    SignScheme, UnixMillis, VersionInfo,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -203,8 +203,14 @@ pub enum Request {
         #[serde(default)]
         window_ms: Option<i64>,
     },
-    /// From now on, events are sent on this connection as `event` frames.
+    /// From now on, events are sent on this connection as `event` frames (only for keys
+    /// the caller may see).
     Subscribe,
+    /// Grants a role (managers only). Exactly one of `user` and `group`.
+    Grant(GrantSpec),
+    /// Removes the grant matching the same fields.
+    Revoke(GrantSpec),
+    ListGrants,
 }
 
 impl Request {
@@ -240,6 +246,9 @@ impl Request {
             Request::History(_) => "history",
             Request::Impact { .. } => "impact",
             Request::Subscribe => "subscribe",
+            Request::Grant(_) => "grant",
+            Request::Revoke(_) => "revoke",
+            Request::ListGrants => "list_grants",
         }
     }
 }
@@ -260,6 +269,19 @@ pub struct CreateKey {
     pub rotation_days: Option<u32>,
     #[serde(default)]
     pub memo: String,
+}
+
+/// What a grant or revoke names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantSpec {
+    pub role: Role,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// A key (tag or name); `None` for all keys.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +374,10 @@ pub enum Response {
     },
     Impact(Impact),
     Subscribed,
+    Grant(GrantInfo),
+    Grants {
+        grants: Vec<GrantInfo>,
+    },
 }
 
 /// The result of one item of a batch.

@@ -194,11 +194,8 @@ impl Field {
     }
 }
 
-pub const PROTECTIONS: [Protection; 3] = [
-    Protection::Basic,
-    Protection::Hsm,
-    Protection::DedicatedHsm,
-];
+pub const PROTECTIONS: [Protection; 3] =
+    [Protection::Basic, Protection::Hsm, Protection::DedicatedHsm];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateForm {
@@ -462,7 +459,8 @@ impl App {
                     .iter()
                     .enumerate()
                     .filter(|(_, k)| {
-                        contains_ignore_case(&k.name, needle) || contains_ignore_case(&k.tag, needle)
+                        contains_ignore_case(&k.name, needle)
+                            || contains_ignore_case(&k.tag, needle)
                     })
                     .map(|(i, _)| i),
             );

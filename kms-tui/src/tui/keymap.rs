@@ -172,7 +172,11 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("?", s::F_HELP),
             ("q", s::F_QUIT),
         ],
-        Mode::Filter => &[("enter", s::F_APPLY), ("esc", s::F_CLEAR), ("↑↓", s::F_MOVE)],
+        Mode::Filter => &[
+            ("enter", s::F_APPLY),
+            ("esc", s::F_CLEAR),
+            ("↑↓", s::F_MOVE),
+        ],
         Mode::Help => &[("esc", s::F_CLOSE)],
         Mode::Form => &[
             ("tab/↑↓", s::F_FIELD),
@@ -205,7 +209,7 @@ pub const HELP: &[(&str, &[Hint])] = &[
         &[
             ("c", s::H_CREATE),
             ("r", s::H_ROTATE),
-            ("d / e", s::H_DISABLE),
+            ("d", s::H_DISABLE),
             ("e", s::H_ENABLE),
             ("x", s::H_DELETE),
             ("u", s::H_UNDELETE),

@@ -52,7 +52,6 @@ pub const L_NAME: &str = "Name";
 pub const L_TYPE: &str = "Type";
 pub const L_STATE: &str = "State";
 pub const L_PROTECTION: &str = "Protection";
-pub const L_HSM: &str = "HSM";
 pub const L_PURPOSE: &str = "Purpose";
 pub const L_CONVERGENT: &str = "Convergent";
 pub const L_CREATED: &str = "Created";
@@ -85,7 +84,11 @@ pub fn state_cell(k: &KeyInfo) -> String {
         KeyState::Deleted => k.deleted_at.map(date),
         KeyState::Enabled | KeyState::Disabled => k.last_used_at.map(date),
     };
-    format!("{:<16} {}", k.state.as_str(), when.unwrap_or_else(|| "-".into()))
+    format!(
+        "{:<16} {}",
+        k.state.as_str(),
+        when.unwrap_or_else(|| "-".into())
+    )
 }
 
 pub fn protection_label(p: Protection) -> &'static str {
@@ -104,7 +107,11 @@ pub fn period_cell(k: &KeyInfo) -> String {
 }
 
 pub fn version_detail(k: &KeyInfo) -> String {
-    format!("v{} of max {}", k.current_version, k.protection.max_versions())
+    format!(
+        "v{} of max {}",
+        k.current_version,
+        k.protection.max_versions()
+    )
 }
 
 pub fn last_used_detail(k: &KeyInfo) -> String {
@@ -169,9 +176,6 @@ pub const H_FIELD: &str = "next / previous field";
 pub const H_CHANGE: &str = "change choice";
 pub const H_SUBMIT: &str = "submit";
 pub const H_CONFIRM: &str = "confirm / cancel";
-pub const H_CANCEL: &str = "cancel";
-pub const H_DONE: &str = "keep filter";
-pub const H_CLOSE: &str = "close";
 
 pub const F_HELP: &str = "help";
 pub const F_FILTER: &str = "filter";
@@ -339,6 +343,7 @@ pub const HI_COL_ACTION: &str = "Action";
 pub const HI_COL_VERSION: &str = "Ver";
 pub const HI_COL_RESULT: &str = "Result";
 pub const HI_COL_ACCOUNT: &str = "Account";
+pub const HI_COL_IDS: &str = "Uid/Pid";
 pub const HI_LOADING: &str = "loading history…";
 pub const HI_EMPTY: &str = "No history entries.";
 
@@ -432,7 +437,11 @@ pub fn version_toggle_failed(name: &str, version: u32, msg: &str) -> String {
 
 /// The message line for an event from the daemon.
 pub fn event_line(e: &Event) -> String {
-    let key = e.key_name.as_deref().or(e.key_tag.as_deref()).unwrap_or("-");
+    let key = e
+        .key_name
+        .as_deref()
+        .or(e.key_tag.as_deref())
+        .unwrap_or("-");
     let mut s = format!("{} {} {key}", time_of_day(e.time), e.kind.as_str());
     if let Some(v) = e.version {
         s.push_str(&format!(" v{v}"));
@@ -446,7 +455,11 @@ pub fn event_line(e: &Event) -> String {
 }
 
 pub fn notification_summary(e: &Event) -> String {
-    let key = e.key_name.as_deref().or(e.key_tag.as_deref()).unwrap_or("-");
+    let key = e
+        .key_name
+        .as_deref()
+        .or(e.key_tag.as_deref())
+        .unwrap_or("-");
     let what = match e.kind {
         EventKind::StateChanged => match e.state {
             Some(s) => format!("is now {s}"),
@@ -520,7 +533,13 @@ pub fn datetime(t: UnixMillis) -> String {
 /// "2025-03-01 14:05:09"
 pub fn datetime_secs(t: UnixMillis) -> String {
     match utc(t) {
-        Some(d) => format!("{} {:02}:{:02}:{:02}", date(t), d.hour(), d.minute(), d.second()),
+        Some(d) => format!(
+            "{} {:02}:{:02}:{:02}",
+            date(t),
+            d.hour(),
+            d.minute(),
+            d.second()
+        ),
         None => "?".into(),
     }
 }

@@ -12,6 +12,7 @@
 
 mod crypto_ops;
 mod error;
+mod grants;
 mod keyring;
 mod lifecycle;
 pub mod schedule;
@@ -25,8 +26,8 @@ use crate::store::records::{DueKind, HistoryRecord};
 use crate::store::{HistoryFilter, Mutation, Store, Ticket, Writer};
 use keyring::Keyring;
 use kms_shared::model::{
-    AccountUse, Action, DAY_MS, HOUR_MS, HistoryEntry, Impact, KeyInfo, KeyState, UnixMillis,
-    VersionInfo,
+    AccountUse, Action, DAY_MS, GrantInfo, HOUR_MS, HistoryEntry, Impact, KeyInfo, KeyState,
+    UnixMillis, VersionInfo,
 };
 use kms_shared::protocol::{ErrorKind, Event, EventKind, HistoryQuery, ResultFilter};
 use std::collections::HashMap;
@@ -74,6 +75,8 @@ pub struct Caller {
     pub pid: u32,
     /// The user name of `uid` (or the number if it has no name).
     pub account: String,
+    /// Names of the groups the uid belongs to (for group grants), read at connect time.
+    pub groups: Vec<String>,
     /// The program name from `/proc/PID/comm`.
     pub client: String,
 }
@@ -86,6 +89,7 @@ impl Caller {
             gid: rustix::process::getgid().as_raw(),
             pid: std::process::id(),
             account: "kmsd".into(),
+            groups: Vec::new(),
             client: "kmsd".into(),
         }
     }
@@ -144,6 +148,8 @@ pub struct Engine {
     event_seq: AtomicU64,
     /// Woken whenever the earliest due date may have changed.
     due_changed: Arc<Notify>,
+    /// Grants, swapped whole on change so checks never wait.
+    grants: RwLock<Arc<Vec<GrantInfo>>>,
 }
 
 impl Engine {
@@ -155,7 +161,8 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
-        let snapshot = store.load()?;
+        let mut snapshot = store.load()?;
+        let grants = std::mem::take(&mut snapshot.grants);
         let keyring = Keyring::from_snapshot(snapshot);
         let writer = store.start_writer()?;
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
@@ -170,6 +177,7 @@ impl Engine {
             events,
             event_seq: AtomicU64::new(1),
             due_changed: Arc::new(Notify::new()),
+            grants: RwLock::new(Arc::new(grants)),
         })
     }
 
@@ -341,6 +349,47 @@ impl Engine {
             }
         }
         done
+    }
+
+    /// Drops history entries older than the retention period (SPEC §7: disk use stays
+    /// bounded). Purged keys' own history goes with their expiry.
+    pub fn prune_history(&self) -> Result<(), EngineError> {
+        let before = self.now().saturating_sub(self.config.retention_ms);
+        self.writer
+            .submit(vec![Mutation::PruneHistory { before }])
+            .wait()
+            .map_err(EngineError::from)
+    }
+
+    /// Publishes an event about no key in particular.
+    fn publish_global(&self, kind: EventKind, caller: &Caller, message: String) {
+        let event = Event {
+            seq: self.event_seq.fetch_add(1, Ordering::Relaxed),
+            time: self.now(),
+            kind,
+            key_tag: None,
+            key_name: None,
+            version: None,
+            state: None,
+            account: caller.account.clone(),
+            message,
+        };
+        tracing::info!(event = kind.as_str(), account = %caller.account, "{}", event.message);
+        let _ = self.events.send(event);
+    }
+
+    /// Records a refusal decided outside the engine (access control) in the key's
+    /// history; resolves when durable. Unknown keys have no history to write to.
+    pub fn record_refusal(
+        &self,
+        caller: &Caller,
+        key: &str,
+        action: Action,
+        kind: ErrorKind,
+    ) -> Option<Ticket> {
+        let entry = self.resolve(key).ok()?;
+        let m = history_mutation(&entry.rec.tag, self.now(), caller, action, None, Some(kind));
+        Some(self.writer.submit(vec![m]))
     }
 
     /// Publishes an event; never waits (a full subscriber lags instead).

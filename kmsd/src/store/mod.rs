@@ -117,6 +117,7 @@ pub struct Snapshot {
     pub usage: Vec<(String, UsageRecord)>,
     pub encryptions: Vec<(String, u32, u64)>,
     pub due: Vec<(UnixMillis, String, DueKind)>,
+    pub grants: Vec<kms_shared::model::GrantInfo>,
 }
 
 /// A history query as the store answers it.
@@ -234,6 +235,11 @@ impl Store {
             let (k, v) = row?;
             let (tag, ver) = k.value();
             snap.encryptions.push((tag.to_string(), ver, v.value()));
+        }
+        for row in tx.open_table(GRANTS)?.iter()? {
+            let (_, v) = row?;
+            snap.grants
+                .push(decode(v.value()).map_err(corrupt("grants"))?);
         }
         for row in tx.open_table(DUE)?.iter()? {
             let (k, _) = row?;

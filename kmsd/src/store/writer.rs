@@ -14,8 +14,8 @@ use super::records::{
     DueKind, HistoryRecord, KeyRecord, UsageRecord, VersionRecord, encode_array, encode_map,
 };
 use super::{
-    DUE, ENCRYPTIONS, HISTORY, KEYS, META, META_HISTORY_SEQ, NAMES, StoreError, USAGE, VERSIONS,
-    decode,
+    DUE, ENCRYPTIONS, GRANTS, HISTORY, KEYS, META, META_HISTORY_SEQ, NAMES, StoreError, USAGE,
+    VERSIONS, decode,
 };
 use kms_shared::model::UnixMillis;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
@@ -66,6 +66,12 @@ pub enum Mutation {
         tag: String,
         version: u32,
         n: u64,
+    },
+    PutGrant(kms_shared::model::GrantInfo),
+    RemoveGrant(u64),
+    /// Removes history entries older than `before` (retention).
+    PruneHistory {
+        before: UnixMillis,
     },
     /// Removes a purged key for good (end of retention): record, versions, counters, history.
     Expunge {
@@ -199,6 +205,7 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
         let mut history = tx.open_table(HISTORY)?;
         let mut usage = tx.open_table(USAGE)?;
         let mut encryptions = tx.open_table(ENCRYPTIONS)?;
+        let mut grants = tx.open_table(GRANTS)?;
         let seq_before = *next_seq;
         for m in group.iter().flat_map(|s| s.mutations.iter()) {
             match m {
@@ -261,6 +268,15 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                         .unwrap_or(0);
                     encryptions.insert((tag.as_str(), *version), old.saturating_add(*n))?;
                 }
+                Mutation::PutGrant(g) => {
+                    grants.insert(g.id, encode_map(g).map_err(enc)?.as_slice())?;
+                }
+                Mutation::RemoveGrant(id) => {
+                    grants.remove(*id)?;
+                }
+                Mutation::PruneHistory { before } => {
+                    prune_history(&keys, &mut history, *before)?;
+                }
                 Mutation::Expunge { tag } => {
                     keys.remove(tag.as_str())?;
                     usage.remove(tag.as_str())?;
@@ -277,6 +293,39 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
         }
     }
     tx.commit()?;
+    Ok(())
+}
+
+/// Deletes, key by key, the oldest history entries until one is recent enough. Entries
+/// of a key are in sequence order, which is time order, so each key costs only what it
+/// deletes plus one read.
+fn prune_history(
+    keys: &redb::Table<&str, &[u8]>,
+    history: &mut redb::Table<(&str, u64), &[u8]>,
+    before: UnixMillis,
+) -> Result<(), StoreError> {
+    let tags: Vec<String> = keys
+        .iter()?
+        .map(|r| r.map(|(k, _)| k.value().to_string()))
+        .collect::<Result<_, _>>()?;
+    for tag in &tags {
+        let t = tag.as_str();
+        let mut old = Vec::new();
+        for row in history.range((t, 0)..=(t, u64::MAX))? {
+            let (k, v) = row?;
+            let rec: HistoryRecord = decode(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "history",
+                message: e.to_string(),
+            })?;
+            if rec.time >= before {
+                break;
+            }
+            old.push(k.value().1);
+        }
+        for seq in old {
+            history.remove((t, seq))?;
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,275 @@
+//! The task that owns the connection to kmsd. It turns effects into requests and their
+//! replies, and the subscription's events, into actions; when the daemon goes away it
+//! says so and reconnects with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kms_shared::client::{Client, ClientError, ConnectOptions, Notification, connect_or_start};
+use kms_shared::protocol::{ErrorKind, HistoryQuery};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use super::action::{Action, Effect, Op};
+use super::app::HISTORY_PAGE;
+use super::strings as s;
+
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs until the effect channel closes (the dashboard quit).
+pub async fn run(
+    opts: ConnectOptions,
+    mut effects: UnboundedReceiver<Effect>,
+    actions: UnboundedSender<Action>,
+) {
+    let mut first = true;
+    let mut retry = FIRST_RETRY;
+    loop {
+        // Autostart only the first time: a daemon that stops later was stopped on
+        // purpose or crashed, and the header should say so rather than hide it.
+        let attempt = if first {
+            connect_or_start(&opts).await
+        } else {
+            Client::connect(&opts.socket_path()).await
+        };
+        first = false;
+        let client = match attempt {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                let reason = describe(&e);
+                if actions.send(Action::Disconnected { reason }).is_err()
+                    || !wait(retry, &mut effects, &actions).await
+                {
+                    return;
+                }
+                retry = (retry * 2).min(MAX_RETRY);
+                continue;
+            }
+        };
+        // Subscribe before anything is loaded, so no change falls between the load and
+        // the first event.
+        let mut notes = match client.subscribe().await {
+            Ok(n) => n,
+            Err(e) => {
+                let reason = describe(&e);
+                if actions.send(Action::Disconnected { reason }).is_err()
+                    || !wait(retry, &mut effects, &actions).await
+                {
+                    return;
+                }
+                retry = (retry * 2).min(MAX_RETRY);
+                continue;
+            }
+        };
+        retry = FIRST_RETRY;
+        let daemon_version = client.daemon_version().to_string();
+        if actions.send(Action::Connected { daemon_version }).is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                eff = effects.recv() => match eff {
+                    None => return,
+                    // Reads of the list run in order, so that the last event's re-read
+                    // is also the last answer applied.
+                    Some(eff @ (Effect::LoadKeys | Effect::GetKey(_))) => {
+                        if let Some(a) = exec(&client, eff).await
+                            && actions.send(a).is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Some(eff) => {
+                        let c = client.clone();
+                        let tx = actions.clone();
+                        tokio::spawn(async move {
+                            if let Some(a) = exec(&c, eff).await {
+                                let _ = tx.send(a);
+                            }
+                        });
+                    }
+                },
+                note = notes.recv() => {
+                    let a = match note {
+                        Some(Notification::Event(e)) => Action::DaemonEvent(e),
+                        Some(Notification::Lagged(n)) => Action::Lagged(n),
+                        // The reader ends the stream when the connection drops.
+                        None => Action::Disconnected { reason: ClientError::Closed.to_string() },
+                    };
+                    let lost = matches!(a, Action::Disconnected { .. });
+                    if actions.send(a).is_err() {
+                        return;
+                    }
+                    if lost {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(client);
+        if !wait(FIRST_RETRY, &mut effects, &actions).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps, answering effects with "not connected" meanwhile. False when the dashboard
+/// has gone.
+async fn wait(
+    d: Duration,
+    effects: &mut UnboundedReceiver<Effect>,
+    actions: &UnboundedSender<Action>,
+) -> bool {
+    let sleep = tokio::time::sleep(d);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return true,
+            eff = effects.recv() => match eff {
+                None => return false,
+                Some(eff) => {
+                    if let Some(a) = failed(eff, s::NOT_CONNECTED)
+                        && actions.send(a).is_err()
+                    {
+                        return false;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// What the user reads: the daemon's own kind and message, or the transport failure.
+fn describe(e: &ClientError) -> String {
+    match e {
+        ClientError::Server(w) => format!("{}: {}", w.kind, w.message),
+        other => other.to_string(),
+    }
+}
+
+async fn exec(c: &Client, eff: Effect) -> Option<Action> {
+    Some(match eff {
+        Effect::LoadKeys => Action::KeysLoaded(
+            c.list_keys(false, 0, None)
+                .await
+                .map(|(keys, _)| keys)
+                .map_err(|e| describe(&e)),
+        ),
+        Effect::GetKey(tag) => {
+            let result = match c.get_key(&tag).await {
+                Ok(k) => Ok(Some(k)),
+                Err(e) if e.kind() == Some(ErrorKind::NotFound) => Ok(None),
+                Err(e) => Err(describe(&e)),
+            };
+            Action::KeyFetched { tag, result }
+        }
+        Effect::Create(spec) => Action::Created(c.create_key(spec).await.map_err(|e| describe(&e))),
+        Effect::Op { op, tag, name } => {
+            let r = match &op {
+                Op::Rotate => c.rotate(&tag).await,
+                Op::Enable => c.enable(&tag).await,
+                Op::Disable => c.disable(&tag).await,
+                Op::RequestDeletion => c.request_deletion(&tag).await,
+                Op::CancelDeletion => c.cancel_deletion(&tag).await,
+                Op::DeleteNow => c.delete_now(&tag).await,
+                Op::SetRotation {
+                    auto_rotation,
+                    rotation_days,
+                } => c.set_rotation(&tag, *auto_rotation, *rotation_days).await,
+                Op::SetMemo(memo) => c.set_memo(&tag, memo).await,
+            };
+            Action::OpDone {
+                op,
+                name,
+                result: r.map_err(|e| describe(&e)),
+            }
+        }
+        Effect::LoadVersions(tag) => Action::VersionsLoaded {
+            result: c.versions(&tag).await.map_err(|e| describe(&e)),
+            tag,
+        },
+        Effect::SetVersionEnabled {
+            tag,
+            name,
+            version,
+            enabled,
+        } => {
+            let r = if enabled {
+                c.enable_version(&tag, version).await
+            } else {
+                c.disable_version(&tag, version).await
+            };
+            Action::VersionToggled {
+                tag,
+                name,
+                version,
+                enabled,
+                result: r.map_err(|e| describe(&e)),
+            }
+        }
+        Effect::LoadHistory { tag, before_seq } => {
+            let query = HistoryQuery {
+                key: tag.clone(),
+                limit: Some(HISTORY_PAGE),
+                before_seq,
+                ..HistoryQuery::default()
+            };
+            Action::HistoryLoaded {
+                tag,
+                before_seq,
+                result: c.history(query).await.map_err(|e| describe(&e)),
+            }
+        }
+        Effect::LoadImpact(tag) => Action::ImpactLoaded {
+            result: c.impact(&tag, None).await.map_err(|e| describe(&e)),
+            tag,
+        },
+        Effect::Notify { .. } => return None,
+    })
+}
+
+/// The reply an effect gets when it cannot be sent, so every waiting view learns why.
+fn failed(eff: Effect, msg: &str) -> Option<Action> {
+    fn e<T>(msg: &str) -> Result<T, String> {
+        Err(msg.to_string())
+    }
+    Some(match eff {
+        Effect::LoadKeys => Action::KeysLoaded(e(msg)),
+        Effect::GetKey(tag) => Action::KeyFetched {
+            tag,
+            result: e(msg),
+        },
+        Effect::Create(_) => Action::Created(e(msg)),
+        Effect::Op { op, name, .. } => Action::OpDone {
+            op,
+            name,
+            result: e(msg),
+        },
+        Effect::LoadVersions(tag) => Action::VersionsLoaded {
+            tag,
+            result: e(msg),
+        },
+        Effect::SetVersionEnabled {
+            tag,
+            name,
+            version,
+            enabled,
+        } => Action::VersionToggled {
+            tag,
+            name,
+            version,
+            enabled,
+            result: e(msg),
+        },
+        Effect::LoadHistory { tag, before_seq } => Action::HistoryLoaded {
+            tag,
+            before_seq,
+            result: e(msg),
+        },
+        Effect::LoadImpact(tag) => Action::ImpactLoaded {
+            tag,
+            result: e(msg),
+        },
+        Effect::Notify { .. } => return None,
+    })
+}

@@ -1,0 +1,111 @@
+//! Confirmations. The destructive ones show the impact first (who used the key lately,
+//! the seed console's warning pop-ups); "delete now" wants the key name typed.
+
+use ratatui::Frame;
+use ratatui::layout::{Position, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Clear, Paragraph};
+
+use super::{layout, theme, wrap};
+use crate::tui::app::{Confirm, ConfirmKind, ImpactState};
+use crate::tui::strings as s;
+
+/// Accounts listed before "… and N more".
+const MAX_ACCOUNTS: usize = 5;
+
+pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
+    let width = 72u16.min(area.width);
+    let text_width = usize::from(width.saturating_sub(4));
+    let k = &c.key;
+    let (title, body) = match c.kind {
+        ConfirmKind::Rotate => (s::confirm_rotate_title(&k.name), s::confirm_rotate_body(k)),
+        ConfirmKind::Disable => (
+            s::confirm_disable_title(&k.name),
+            s::CONFIRM_DISABLE_BODY.to_string(),
+        ),
+        ConfirmKind::RequestDeletion => (
+            s::confirm_delete_title(&k.name),
+            s::CONFIRM_DELETE_BODY.to_string(),
+        ),
+        ConfirmKind::DeleteNow => (
+            s::confirm_delete_now_title(&k.name),
+            s::CONFIRM_DELETE_NOW_BODY.to_string(),
+        ),
+    };
+    let mut lines: Vec<Line> = wrap(&body, text_width)
+        .into_iter()
+        .map(Line::from)
+        .collect();
+    match &c.impact {
+        ImpactState::NotNeeded => {}
+        ImpactState::Loading => {
+            lines.push(Line::default());
+            lines.push(Line::styled(s::IMPACT_LOADING, theme::dim()));
+        }
+        ImpactState::Failed(e) => {
+            lines.push(Line::default());
+            lines.push(Line::styled(s::impact_failed(e), theme::error()));
+        }
+        ImpactState::Loaded(i) => {
+            lines.push(Line::default());
+            let style = if i.recent_uses > 0 {
+                theme::warn()
+            } else {
+                theme::ok()
+            };
+            lines.push(Line::styled(
+                s::impact_summary(i.recent_uses, i.accounts.len(), i.since),
+                style,
+            ));
+            for a in i.accounts.iter().take(MAX_ACCOUNTS) {
+                lines.push(Line::from(s::impact_account(
+                    &a.account,
+                    a.uses,
+                    a.last_used_at,
+                )));
+            }
+            if i.accounts.len() > MAX_ACCOUNTS {
+                lines.push(Line::from(s::impact_more(i.accounts.len() - MAX_ACCOUNTS)));
+            }
+        }
+    }
+    lines.push(Line::default());
+    let mut cursor = None;
+    if c.kind == ConfirmKind::DeleteNow {
+        lines.push(Line::from(s::TYPE_NAME_PROMPT));
+        let input = format!("> {}", c.typed);
+        cursor = Some((input.chars().count() as u16, lines.len() as u16));
+        lines.push(Line::from(Span::styled(input, theme::warn())));
+        if c.mismatch {
+            lines.push(Line::styled(s::TYPE_NAME_MISMATCH, theme::error()));
+        }
+    }
+    let hint = if c.kind == ConfirmKind::DeleteNow {
+        s::CONFIRM_HINT_TYPE
+    } else {
+        s::CONFIRM_HINT_YN
+    };
+    let height = lines.len() as u16 + 2;
+    let popup = layout::popup(area, width, height);
+    let border = if c.kind.needs_impact() {
+        theme::danger_border()
+    } else {
+        theme::border()
+    };
+    let block = Block::bordered()
+        .border_style(border)
+        .title(title)
+        .title_bottom(Line::from(format!(" {hint} ")).right_aligned());
+    let inner = block.inner(popup).inner(ratatui::layout::Margin::new(1, 0));
+    f.render_widget(Clear, popup);
+    f.render_widget(block, popup);
+    f.render_widget(Paragraph::new(lines), inner);
+    if let Some((x, y)) = cursor
+        && y < inner.height
+    {
+        f.set_cursor_position(Position::new(
+            (inner.x + x).min(inner.right().saturating_sub(1)),
+            inner.y + y,
+        ));
+    }
+}

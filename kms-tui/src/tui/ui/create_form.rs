@@ -1,0 +1,123 @@
+//! The create form: every SPEC §2 rule checked as you type, the daemon's refusal shown
+//! in the form if it still says no.
+
+use kms_shared::model::KeyType;
+use ratatui::Frame;
+use ratatui::layout::{Position, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Clear, Paragraph};
+
+use super::{layout, theme, wrap};
+use crate::tui::app::{App, CreateForm, Field};
+use crate::tui::keymap::{self, Mode};
+use crate::tui::strings as s;
+
+const LABEL: usize = 15;
+
+fn label(f: Field) -> &'static str {
+    match f {
+        Field::Name => s::FORM_NAME,
+        Field::Type => s::FORM_TYPE,
+        Field::Protection => s::FORM_PROTECTION,
+        Field::Convergent => s::FORM_CONVERGENT,
+        Field::AutoRotation => s::FORM_AUTO,
+        Field::Days => s::FORM_DAYS,
+        Field::Memo => s::FORM_MEMO,
+    }
+}
+
+fn checkbox(on: bool) -> String {
+    format!("[{}] {}", if on { "x" } else { " " }, s::yes_no(on))
+}
+
+fn value(form: &CreateForm, f: Field) -> String {
+    match f {
+        Field::Name => form.name.clone(),
+        Field::Type => format!(
+            "‹ {} ›  {}",
+            s::type_label(form.key_type),
+            form.key_type.purpose()
+        ),
+        Field::Protection => format!("‹ {} ›", s::protection_label(form.protection)),
+        Field::Convergent if form.key_type != KeyType::Aes256 && !form.convergent => {
+            format!("{}  {}", checkbox(false), s::FORM_AES_ONLY)
+        }
+        Field::Convergent => checkbox(form.convergent),
+        Field::AutoRotation => checkbox(form.auto_rotation),
+        Field::Days => form.days.clone(),
+        Field::Memo => form.memo.clone(),
+    }
+}
+
+pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
+    let width = 76u16.min(area.width);
+    let text_width = usize::from(width.saturating_sub(4));
+    let taken = app.name_taken(&form.name);
+    let mut lines: Vec<Line> = Vec::new();
+    let mut cursor: Option<(u16, u16)> = None;
+    for field in Field::ALL {
+        let focused = form.focus == field;
+        let marker = if focused { "›" } else { " " };
+        let label_style = if focused {
+            theme::label().add_modifier(Modifier::BOLD | Modifier::REVERSED)
+        } else {
+            theme::label()
+        };
+        let v = value(form, field);
+        if focused && field.is_text() {
+            let x = 1 + LABEL + 1 + v.chars().count();
+            cursor = Some((x as u16, lines.len() as u16));
+        }
+        lines.push(Line::from(vec![
+            Span::raw(marker),
+            Span::styled(format!("{:<LABEL$}", label(field)), label_style),
+            Span::raw(" "),
+            Span::raw(v),
+        ]));
+        if let Some(err) = form.shown_error(field, taken) {
+            for l in wrap(&format!("✗ {err}"), text_width.saturating_sub(LABEL + 2)) {
+                lines.push(Line::styled(
+                    format!("{:w$}{l}", "", w = LABEL + 2),
+                    theme::error(),
+                ));
+            }
+        }
+    }
+    lines.push(Line::default());
+    if let Some(e) = &form.daemon_error {
+        for l in wrap(&format!("✗ {}", s::daemon_refused(e)), text_width) {
+            lines.push(Line::styled(l, theme::error()));
+        }
+    } else if form.submitting {
+        lines.push(Line::styled(s::FORM_SUBMITTING, theme::dim()));
+    } else if form.show_all && !form.is_valid(taken) {
+        lines.push(Line::styled(s::FORM_FIX_FIRST, theme::error()));
+    }
+    let hints: Vec<Span> = keymap::footer(Mode::Form)
+        .iter()
+        .flat_map(|(k, what)| {
+            [
+                Span::styled(*k, theme::key_hint()),
+                Span::raw(format!(" {what}  ")),
+            ]
+        })
+        .collect();
+    let height = lines.len() as u16 + 2;
+    let popup = layout::popup(area, width, height);
+    let block = Block::bordered()
+        .border_style(theme::border())
+        .title(s::FORM_TITLE)
+        .title_bottom(Line::from(hints).style(Style::new()));
+    let inner = block.inner(popup);
+    f.render_widget(Clear, popup);
+    f.render_widget(Paragraph::new(lines).block(block), popup);
+    if let Some((x, y)) = cursor
+        && y < inner.height
+    {
+        f.set_cursor_position(Position::new(
+            (inner.x + x).min(inner.right().saturating_sub(1)),
+            inner.y + y,
+        ));
+    }
+}

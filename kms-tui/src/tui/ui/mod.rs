@@ -1,0 +1,85 @@
+//! Drawing: a pure function of the state, one widget per file.
+
+pub mod confirm;
+pub mod create_form;
+pub mod details;
+pub mod footer;
+pub mod header;
+pub mod help;
+pub mod history;
+pub mod key_list;
+pub mod layout;
+pub mod message;
+pub mod prompt;
+pub mod theme;
+pub mod versions;
+
+use ratatui::Frame;
+
+use super::app::{App, Popup, Screen};
+
+pub fn draw(f: &mut Frame, app: &App) {
+    let area = f.area();
+    let [header_area, body, message_area, footer_area] = layout::frame(area);
+    header::render(f, header_area, app);
+    match &app.screen {
+        Screen::Main => {
+            let [table, pane] = layout::main_body(body, area.height);
+            key_list::render(f, table, app);
+            details::render_pane(f, pane, app);
+        }
+        Screen::Details => details::render_screen(f, body, app),
+        Screen::Versions(v) => versions::render(f, body, app, v),
+        Screen::History(h) => history::render(f, body, h),
+    }
+    message::render(f, message_area, app);
+    footer::render(f, footer_area, app.mode());
+    match &app.popup {
+        None => {}
+        Some(Popup::Help) => help::render(f, area),
+        Some(Popup::Create(form)) => create_form::render(f, area, app, form),
+        Some(Popup::Confirm(c)) => confirm::render(f, area, c),
+        Some(Popup::Prompt(p)) => prompt::render(f, area, p),
+    }
+}
+
+/// Greedy word wrap for the pop-ups' prose (whose height must be known before drawing).
+pub fn wrap(text: &str, width: usize) -> Vec<String> {
+    let width = width.max(1);
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        let need = if line.is_empty() {
+            word.chars().count()
+        } else {
+            line.chars().count() + 1 + word.chars().count()
+        };
+        if need > width && !line.is_empty() {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Wrapping never exceeds the width unless one word is longer than it.
+    #[test]
+    fn wrap_respects_width() {
+        let lines = wrap("the quick brown fox jumps over the lazy dog", 10);
+        assert_eq!(
+            lines,
+            ["the quick", "brown fox", "jumps over", "the lazy", "dog"]
+        );
+        assert_eq!(wrap("", 5), Vec::<String>::new());
+    }
+}

@@ -1,0 +1,775 @@
+//! The one place state changes: `update(state, action) -> effects`. No I/O happens here:
+//! requests to the daemon and desktop notifications come out as [`Effect`]s for the
+//! event loop to carry out, and their results come back in as [`Action`]s.
+
+use kms_shared::model::{KeyInfo, KeyState};
+use kms_shared::protocol::{Event, EventKind};
+
+use super::action::{Action, Effect, Op};
+use super::app::{
+    App, Base, Confirm, ConfirmKind, CreateForm, Field, HISTORY_PAGE, HISTORY_PREFETCH,
+    HistoryView, ImpactState, MAX_INPUT, MsgKind, PROTECTIONS, Popup, Prompt, PromptKind, Screen,
+    VersionsView, scroll_offset,
+};
+use super::keymap::{self, Mode};
+use super::strings as s;
+use super::ui::layout;
+use kms_shared::model::KeyType;
+
+/// Applies one action; returns what the outside world must do.
+pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
+    let mut fx = Vec::new();
+    step(app, action, &mut fx);
+    fx
+}
+
+fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
+    match action {
+        Action::Key(key) => {
+            if let Some(a) = keymap::map(app.mode(), key) {
+                step(app, a, fx);
+            }
+        }
+        Action::Resize(w, h) => {
+            app.size = (w, h);
+            app.clamp_selection();
+            let rows = layout::history_rows(app.size);
+            if let Screen::History(hv) = &mut app.screen {
+                hv.offset = scroll_offset(hv.offset, hv.selected, rows, hv.entries.len());
+            }
+        }
+        Action::Tick => {
+            if app.is_connected()
+                && app.popup.is_none()
+                && matches!(app.screen, Screen::Main | Screen::Details)
+                && let Some(k) = app.selected_key()
+            {
+                fx.push(Effect::GetKey(k.tag.clone()));
+            }
+        }
+        Action::Quit => app.should_quit = true,
+
+        Action::Connected { daemon_version } => {
+            app.info(s::connected_message(&daemon_version));
+            app.conn = super::app::Conn::Connected { daemon_version };
+            fx.push(Effect::LoadKeys);
+            reload_view(app, fx);
+        }
+        Action::Disconnected { reason } => {
+            app.error(s::disconnected_message(&reason));
+            app.conn = super::app::Conn::Disconnected { reason };
+        }
+        Action::KeysLoaded(Ok(keys)) => app.set_keys(keys),
+        Action::KeysLoaded(Err(e)) => app.error(s::load_failed(s::WHAT_KEYS, &e)),
+        Action::KeyFetched { tag, result } => match result {
+            Ok(Some(k)) => app.upsert_key(k),
+            Ok(None) => app.remove_key(&tag),
+            // A refresh that failed changes nothing; the next event or reconnect retries.
+            Err(_) => {}
+        },
+        Action::DaemonEvent(e) => on_event(app, e, fx),
+        Action::Lagged(missed) => {
+            app.info(s::lagged(missed));
+            fx.push(Effect::LoadKeys);
+        }
+        Action::Created(result) => on_created(app, result),
+        Action::OpDone { op, name, result } => match result {
+            Ok(k) => {
+                app.success(s::op_done(&op, &k));
+                app.upsert_key(k);
+            }
+            Err(e) => app.error(s::op_failed(&op, &name, &e)),
+        },
+        Action::VersionsLoaded { tag, result } => {
+            if let Screen::Versions(v) = &mut app.screen
+                && v.tag == tag
+            {
+                set_versions(v, result);
+            }
+        }
+        Action::VersionToggled {
+            tag,
+            name,
+            version,
+            enabled,
+            result,
+        } => match result {
+            Ok(versions) => {
+                app.success(s::version_toggled(&name, version, enabled));
+                if let Screen::Versions(v) = &mut app.screen
+                    && v.tag == tag
+                {
+                    set_versions(v, Ok(versions));
+                }
+            }
+            Err(e) => app.error(s::version_toggle_failed(&name, version, &e)),
+        },
+        Action::HistoryLoaded {
+            tag,
+            before_seq,
+            result,
+        } => on_history(app, &tag, before_seq, result, fx),
+        Action::ImpactLoaded { tag, result } => {
+            if let Some(Popup::Confirm(c)) = &mut app.popup
+                && c.key.tag == tag
+            {
+                c.impact = match result {
+                    Ok(i) => ImpactState::Loaded(i),
+                    Err(e) => ImpactState::Failed(e),
+                };
+            }
+        }
+
+        intent => match app.mode() {
+            Mode::Main | Mode::Details => list_intent(app, intent, fx),
+            Mode::Versions => versions_intent(app, intent, fx),
+            Mode::History => history_intent(app, intent, fx),
+            Mode::Filter => filter_intent(app, intent),
+            Mode::Help => {
+                if matches!(intent, Action::Back | Action::Help) {
+                    app.popup = None;
+                }
+            }
+            Mode::Form => form_intent(app, intent, fx),
+            Mode::Confirm => confirm_intent(app, intent, fx),
+            Mode::Prompt => prompt_intent(app, intent, fx),
+        },
+    }
+}
+
+fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
+    let page = app.list_rows().max(1) as isize;
+    match a {
+        Action::Up => app.move_selection(-1),
+        Action::Down => app.move_selection(1),
+        Action::PageUp => app.move_selection(-page),
+        Action::PageDown => app.move_selection(page),
+        Action::Top => app.move_selection(isize::MIN / 2),
+        Action::Bottom => app.move_selection(isize::MAX / 2),
+        Action::Open => match app.screen {
+            Screen::Main if app.selected_key().is_some() => app.screen = Screen::Details,
+            Screen::Details => open_versions(app, Base::Details, fx),
+            _ => {}
+        },
+        Action::Back => match app.screen {
+            Screen::Details => app.screen = Screen::Main,
+            _ if !app.filter.is_empty() => clear_filter(app),
+            _ => {}
+        },
+        Action::StartFilter => app.filter_editing = true,
+        Action::Help => app.popup = Some(Popup::Help),
+        Action::Create => app.popup = Some(Popup::Create(CreateForm::default())),
+        Action::Versions => {
+            let back = base_of(&app.screen);
+            open_versions(app, back, fx);
+        }
+        Action::History => {
+            let back = base_of(&app.screen);
+            open_history(app, back, fx);
+        }
+        other => key_action(app, other, fx),
+    }
+}
+
+fn base_of(screen: &Screen) -> Base {
+    match screen {
+        Screen::Details => Base::Details,
+        Screen::Versions(v) => v.back,
+        Screen::History(h) => h.back,
+        Screen::Main => Base::Main,
+    }
+}
+
+fn back_to(app: &mut App, base: Base) {
+    app.screen = match base {
+        Base::Main => Screen::Main,
+        Base::Details => Screen::Details,
+    };
+}
+
+/// Lifecycle actions on the target key, checked against the state table of SPEC §3
+/// first so the user learns at once why something cannot be done.
+fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
+    let Some(k) = app.target_key().cloned() else {
+        if is_key_action(&a) {
+            app.error(s::NO_KEY_SELECTED);
+        }
+        return;
+    };
+    let refuse = |app: &mut App, what: &str, k: &KeyInfo| {
+        app.error(s::not_allowed(what, &k.name, k.state));
+    };
+    match a {
+        Action::Rotate => {
+            if k.state == KeyState::Enabled {
+                open_confirm(app, ConfirmKind::Rotate, k, fx);
+            } else {
+                refuse(app, s::WHAT_ROTATE, &k);
+            }
+        }
+        Action::Disable => {
+            if k.state == KeyState::Enabled {
+                open_confirm(app, ConfirmKind::Disable, k, fx);
+            } else {
+                refuse(app, s::WHAT_DISABLE, &k);
+            }
+        }
+        Action::Enable => {
+            if k.state == KeyState::Disabled {
+                fx.push(op(Op::Enable, &k));
+            } else {
+                refuse(app, s::WHAT_ENABLE, &k);
+            }
+        }
+        Action::RequestDeletion => {
+            if matches!(k.state, KeyState::Enabled | KeyState::Disabled) {
+                open_confirm(app, ConfirmKind::RequestDeletion, k, fx);
+            } else {
+                refuse(app, s::WHAT_DELETE, &k);
+            }
+        }
+        Action::CancelDeletion => {
+            if k.state == KeyState::PendingDeletion {
+                fx.push(op(Op::CancelDeletion, &k));
+            } else {
+                refuse(app, s::WHAT_UNDELETE, &k);
+            }
+        }
+        Action::DeleteNow => {
+            if k.state == KeyState::PendingDeletion {
+                open_confirm(app, ConfirmKind::DeleteNow, k, fx);
+            } else {
+                refuse(app, s::WHAT_DELETE_NOW, &k);
+            }
+        }
+        Action::ToggleAutoRotation => fx.push(op(
+            Op::SetRotation {
+                auto_rotation: !k.auto_rotation,
+                rotation_days: None,
+            },
+            &k,
+        )),
+        Action::EditPeriod => {
+            app.popup = Some(Popup::Prompt(Prompt {
+                kind: PromptKind::Period,
+                text: k.rotation_days.to_string(),
+                key: k,
+            }));
+        }
+        Action::EditMemo => {
+            app.popup = Some(Popup::Prompt(Prompt {
+                kind: PromptKind::Memo,
+                text: k.memo.clone(),
+                key: k,
+            }));
+        }
+        _ => {}
+    }
+}
+
+fn is_key_action(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::Rotate
+            | Action::Disable
+            | Action::Enable
+            | Action::RequestDeletion
+            | Action::CancelDeletion
+            | Action::DeleteNow
+            | Action::ToggleAutoRotation
+            | Action::EditPeriod
+            | Action::EditMemo
+            | Action::Versions
+            | Action::History
+    )
+}
+
+fn op(op: Op, k: &KeyInfo) -> Effect {
+    Effect::Op {
+        op,
+        tag: k.tag.clone(),
+        name: k.name.clone(),
+    }
+}
+
+fn open_confirm(app: &mut App, kind: ConfirmKind, key: KeyInfo, fx: &mut Vec<Effect>) {
+    let impact = if kind.needs_impact() {
+        fx.push(Effect::LoadImpact(key.tag.clone()));
+        ImpactState::Loading
+    } else {
+        ImpactState::NotNeeded
+    };
+    app.popup = Some(Popup::Confirm(Confirm {
+        kind,
+        key,
+        impact,
+        typed: String::new(),
+        mismatch: false,
+    }));
+}
+
+fn open_versions(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
+    let Some(k) = app.target_key() else {
+        app.error(s::NO_KEY_SELECTED);
+        return;
+    };
+    let (tag, name) = (k.tag.clone(), k.name.clone());
+    fx.push(Effect::LoadVersions(tag.clone()));
+    app.screen = Screen::Versions(VersionsView {
+        tag,
+        name,
+        back,
+        versions: None,
+        selected: 0,
+        error: None,
+    });
+}
+
+fn open_history(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
+    let Some(k) = app.target_key() else {
+        app.error(s::NO_KEY_SELECTED);
+        return;
+    };
+    let (tag, name) = (k.tag.clone(), k.name.clone());
+    fx.push(Effect::LoadHistory {
+        tag: tag.clone(),
+        before_seq: None,
+    });
+    app.screen = Screen::History(HistoryView {
+        tag,
+        name,
+        back,
+        entries: Vec::new(),
+        loading: true,
+        exhausted: false,
+        selected: 0,
+        offset: 0,
+        error: None,
+    });
+}
+
+/// After a reconnect the open sub-view may be stale: fetch it again.
+fn reload_view(app: &mut App, fx: &mut Vec<Effect>) {
+    match &mut app.screen {
+        Screen::Versions(v) => fx.push(Effect::LoadVersions(v.tag.clone())),
+        Screen::History(h) => {
+            h.entries.clear();
+            h.selected = 0;
+            h.offset = 0;
+            h.exhausted = false;
+            h.loading = true;
+            h.error = None;
+            fx.push(Effect::LoadHistory {
+                tag: h.tag.clone(),
+                before_seq: None,
+            });
+        }
+        Screen::Main | Screen::Details => {}
+    }
+}
+
+fn set_versions(v: &mut VersionsView, result: Result<Vec<kms_shared::model::VersionInfo>, String>) {
+    match result {
+        Ok(mut versions) => {
+            // Newest (current) first, as the console lists them.
+            versions.sort_by(|a, b| b.version.cmp(&a.version));
+            if v.selected >= versions.len() {
+                v.selected = versions.len().saturating_sub(1);
+            }
+            v.versions = Some(versions);
+            v.error = None;
+        }
+        Err(e) => v.error = Some(e),
+    }
+}
+
+fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
+    let page = layout::versions_rows(app.size).max(1) as isize;
+    let Screen::Versions(v) = &mut app.screen else {
+        return;
+    };
+    let len = v.versions.as_ref().map_or(0, Vec::len);
+    let moved = |sel: usize, d: isize| -> usize {
+        if len == 0 {
+            0
+        } else {
+            (sel as isize + d).clamp(0, len as isize - 1) as usize
+        }
+    };
+    match a {
+        Action::Up => v.selected = moved(v.selected, -1),
+        Action::Down => v.selected = moved(v.selected, 1),
+        Action::PageUp => v.selected = moved(v.selected, -page),
+        Action::PageDown => v.selected = moved(v.selected, page),
+        Action::Top => v.selected = 0,
+        Action::Bottom => v.selected = len.saturating_sub(1),
+        Action::ToggleVersion => {
+            if let Some(ver) = v.versions.as_ref().and_then(|vs| vs.get(v.selected)) {
+                fx.push(Effect::SetVersionEnabled {
+                    tag: v.tag.clone(),
+                    name: v.name.clone(),
+                    version: ver.version,
+                    enabled: !ver.enabled,
+                });
+            }
+        }
+        Action::Back => {
+            let back = v.back;
+            back_to(app, back);
+        }
+        Action::History => {
+            let back = v.back;
+            open_history(app, back, fx);
+        }
+        Action::Help => app.popup = Some(Popup::Help),
+        Action::Rotate => key_action(app, a, fx),
+        _ => {}
+    }
+}
+
+fn history_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
+    let rows = layout::history_rows(app.size);
+    let page = rows.max(1) as isize;
+    let Screen::History(h) = &mut app.screen else {
+        return;
+    };
+    let len = h.entries.len();
+    let moved = |sel: usize, d: isize| -> usize {
+        if len == 0 {
+            0
+        } else {
+            (sel as isize + d).clamp(0, len as isize - 1) as usize
+        }
+    };
+    match a {
+        Action::Up => h.selected = moved(h.selected, -1),
+        Action::Down => h.selected = moved(h.selected, 1),
+        Action::PageUp => h.selected = moved(h.selected, -page),
+        Action::PageDown => h.selected = moved(h.selected, page),
+        Action::Top => h.selected = 0,
+        Action::Bottom => h.selected = len.saturating_sub(1),
+        Action::Back => {
+            let back = h.back;
+            back_to(app, back);
+            return;
+        }
+        Action::Versions => {
+            let back = h.back;
+            open_versions(app, back, fx);
+            return;
+        }
+        Action::Help => {
+            app.popup = Some(Popup::Help);
+            return;
+        }
+        _ => return,
+    }
+    h.offset = scroll_offset(h.offset, h.selected, rows, len);
+    fetch_more_history(h, fx);
+}
+
+/// Asks for the next (older) page once the selection nears the end of what is loaded.
+fn fetch_more_history(h: &mut HistoryView, fx: &mut Vec<Effect>) {
+    if h.loading || h.exhausted || h.error.is_some() {
+        return;
+    }
+    let Some(last) = h.entries.last() else {
+        return;
+    };
+    if h.selected + HISTORY_PREFETCH >= h.entries.len() {
+        h.loading = true;
+        fx.push(Effect::LoadHistory {
+            tag: h.tag.clone(),
+            before_seq: Some(last.seq),
+        });
+    }
+}
+
+fn on_history(
+    app: &mut App,
+    tag: &str,
+    before_seq: Option<u64>,
+    result: Result<Vec<kms_shared::model::HistoryEntry>, String>,
+    fx: &mut Vec<Effect>,
+) {
+    let rows = layout::history_rows(app.size);
+    let Screen::History(h) = &mut app.screen else {
+        return;
+    };
+    if h.tag != tag {
+        return;
+    }
+    // A page is only appended where it continues what is loaded; anything else is the
+    // answer to a request that a reload has since replaced.
+    let continues = match before_seq {
+        None => true,
+        Some(seq) => h.entries.last().map(|e| e.seq) == Some(seq),
+    };
+    if !continues {
+        return;
+    }
+    h.loading = false;
+    match result {
+        Ok(entries) => {
+            h.exhausted = entries.len() < HISTORY_PAGE as usize;
+            if before_seq.is_none() {
+                h.entries = entries;
+                h.selected = 0;
+                h.offset = 0;
+            } else {
+                h.entries.extend(entries);
+            }
+            h.error = None;
+            h.offset = scroll_offset(h.offset, h.selected, rows, h.entries.len());
+            fetch_more_history(h, fx);
+        }
+        Err(e) => h.error = Some(e),
+    }
+}
+
+fn filter_intent(app: &mut App, a: Action) {
+    let keep = app.selected_key().map(|k| k.tag.clone());
+    match a {
+        Action::Char(c) => {
+            if app.filter.chars().count() < MAX_INPUT {
+                app.filter.push(c);
+                app.refilter(keep.as_deref());
+            }
+        }
+        Action::Backspace => {
+            if app.filter.pop().is_some() {
+                app.refilter(keep.as_deref());
+            }
+        }
+        Action::Submit => app.filter_editing = false,
+        Action::Back => clear_filter(app),
+        Action::Up => app.move_selection(-1),
+        Action::Down => app.move_selection(1),
+        _ => {}
+    }
+}
+
+fn clear_filter(app: &mut App) {
+    let keep = app.selected_key().map(|k| k.tag.clone());
+    app.filter.clear();
+    app.filter_editing = false;
+    app.refilter(keep.as_deref());
+}
+
+fn cycle<T: Copy + PartialEq>(all: &[T], cur: T, forward: bool) -> T {
+    let n = all.len();
+    let i = all.iter().position(|x| *x == cur).unwrap_or(0);
+    all[if forward {
+        (i + 1) % n
+    } else {
+        (i + n - 1) % n
+    }]
+}
+
+fn form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
+    let Some(Popup::Create(form)) = &mut app.popup else {
+        return;
+    };
+    let taken =
+        |name: &str, keys: &[KeyInfo]| keys.binary_search_by(|k| k.name.as_str().cmp(name)).is_ok();
+    let change = |form: &mut CreateForm, forward: bool| {
+        match form.focus {
+            Field::Type => form.key_type = cycle(&KeyType::ALL, form.key_type, forward),
+            Field::Protection => form.protection = cycle(&PROTECTIONS, form.protection, forward),
+            Field::Convergent => form.convergent = !form.convergent,
+            Field::AutoRotation => form.auto_rotation = !form.auto_rotation,
+            Field::Name | Field::Days | Field::Memo => return,
+        }
+        let f = form.focus;
+        form.touch(f);
+        form.daemon_error = None;
+    };
+    match a {
+        Action::NextField => form.focus = form.focus.next(),
+        Action::PrevField => form.focus = form.focus.prev(),
+        Action::Left => change(form, false),
+        Action::Right => change(form, true),
+        Action::Char(c) => {
+            let f = form.focus;
+            if let Some(text) = form.text_mut(f) {
+                if text.chars().count() < MAX_INPUT {
+                    text.push(c);
+                }
+                form.touch(f);
+                form.daemon_error = None;
+            } else if c == ' ' {
+                change(form, true);
+            }
+        }
+        Action::Backspace => {
+            let f = form.focus;
+            if let Some(text) = form.text_mut(f) {
+                text.pop();
+                form.touch(f);
+                form.daemon_error = None;
+            }
+        }
+        Action::Submit => {
+            if form.submitting {
+                return;
+            }
+            match form.spec(taken(&form.name, &app.keys)) {
+                Some(spec) => {
+                    form.submitting = true;
+                    form.daemon_error = None;
+                    fx.push(Effect::Create(spec));
+                }
+                None => form.show_all = true,
+            }
+        }
+        Action::Back => app.popup = None,
+        _ => {}
+    }
+}
+
+fn on_created(app: &mut App, result: Result<KeyInfo, String>) {
+    match result {
+        Ok(k) => {
+            if matches!(app.popup, Some(Popup::Create(_))) {
+                app.popup = None;
+            }
+            app.success(s::created(&k));
+            let tag = k.tag.clone();
+            app.upsert_key(k);
+            if let Some(pos) = app
+                .visible
+                .iter()
+                .position(|&i| app.keys.get(i).is_some_and(|k| k.tag == tag))
+            {
+                app.selected = pos;
+                app.clamp_selection();
+            }
+        }
+        Err(e) => match &mut app.popup {
+            Some(Popup::Create(form)) => {
+                form.submitting = false;
+                form.daemon_error = Some(e);
+            }
+            _ => app.error(s::daemon_refused(&e)),
+        },
+    }
+}
+
+fn confirm_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
+    let Some(Popup::Confirm(c)) = &app.popup else {
+        return;
+    };
+    match a {
+        Action::Yes => {
+            // The impact is what the user is asked to weigh: no answer before it is shown.
+            if c.impact == ImpactState::Loading {
+                return;
+            }
+            let o = match c.kind {
+                ConfirmKind::Rotate => Op::Rotate,
+                ConfirmKind::Disable => Op::Disable,
+                ConfirmKind::RequestDeletion => Op::RequestDeletion,
+                ConfirmKind::DeleteNow => return,
+            };
+            fx.push(op(o, &c.key));
+            app.popup = None;
+        }
+        Action::No => app.popup = None,
+        _ => {}
+    }
+}
+
+fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
+    let current_auto = |app: &App, k: &KeyInfo| {
+        app.key_by_tag(&k.tag)
+            .map_or(k.auto_rotation, |k| k.auto_rotation)
+    };
+    match (&mut app.popup, a) {
+        (Some(Popup::Prompt(p)), Action::Char(c)) => {
+            if p.text.chars().count() < MAX_INPUT {
+                p.text.push(c);
+            }
+        }
+        (Some(Popup::Prompt(p)), Action::Backspace) => {
+            p.text.pop();
+        }
+        (Some(Popup::Confirm(c)), Action::Char(ch)) => {
+            if c.typed.chars().count() < MAX_INPUT {
+                c.typed.push(ch);
+            }
+            c.mismatch = false;
+        }
+        (Some(Popup::Confirm(c)), Action::Backspace) => {
+            c.typed.pop();
+            c.mismatch = false;
+        }
+        (Some(Popup::Prompt(p)), Action::Submit) => {
+            if p.error().is_some() {
+                return;
+            }
+            let p = p.clone();
+            let o = match p.kind {
+                PromptKind::Period => Op::SetRotation {
+                    auto_rotation: current_auto(app, &p.key),
+                    rotation_days: p.text.trim().parse().ok(),
+                },
+                PromptKind::Memo => Op::SetMemo(p.text.clone()),
+            };
+            fx.push(op(o, &p.key));
+            app.popup = None;
+        }
+        (Some(Popup::Confirm(c)), Action::Submit) => {
+            if c.typed == c.key.name {
+                fx.push(op(Op::DeleteNow, &c.key));
+                app.popup = None;
+            } else {
+                c.mismatch = true;
+            }
+        }
+        (_, Action::Back) => app.popup = None,
+        _ => {}
+    }
+}
+
+fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
+    app.set_message(MsgKind::Event, s::event_line(&e));
+    if let Some(tag) = &e.key_tag {
+        fx.push(Effect::GetKey(tag.clone()));
+        if let Screen::Versions(v) = &app.screen
+            && &v.tag == tag
+            && matches!(
+                e.kind,
+                EventKind::Rotated
+                    | EventKind::VersionEnabled
+                    | EventKind::VersionDisabled
+                    | EventKind::StateChanged
+            )
+        {
+            fx.push(Effect::LoadVersions(tag.clone()));
+        }
+    }
+    if notifies(e.kind) {
+        fx.push(Effect::Notify {
+            summary: s::notification_summary(&e),
+            body: s::notification_body(&e),
+        });
+    }
+}
+
+/// Events worth a desktop notification: the ones that change whether a key works.
+fn notifies(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::StateChanged
+            | EventKind::DeletionRequested
+            | EventKind::DeletionCancelled
+            | EventKind::Purged
+            | EventKind::Rotated
+            | EventKind::VersionLimitReached
+            | EventKind::NonceBudgetLow
+    )
+}
+
+#[cfg(test)]
+#[path = "update_tests.rs"]
+mod tests;

@@ -1,0 +1,196 @@
+//! Who may do what (SPEC §6). Identity is the kernel's (the connection's peer
+//! credentials, taken at accept); roles come from grants in the store. Root and the
+//! daemon's own account are managers of everything.
+//!
+//! Pure functions: the service asks [`requirement`] what a request needs and
+//! [`permits`] whether the caller's grants give it.
+
+use crate::engine::Caller;
+use kms_shared::model::{Action, GrantInfo, Principal, Role};
+use kms_shared::protocol::Request;
+
+/// What a request needs, from least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing beyond a connection (handshake, status, subscribe: events are filtered).
+    Connected,
+    /// See a key: any role on it.
+    View,
+    /// History and usage of a key.
+    Review,
+    /// Cryptographic use of a key.
+    Use,
+    /// Lifecycle and settings of a key.
+    Manage,
+    /// Create keys, delete now, permissions, purged keys, backups.
+    Admin,
+}
+
+impl Need {
+    /// The roles that satisfy this need (in the order a refusal names them).
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Need::Connected => &[],
+            Need::View => &[
+                Role::Manager,
+                Role::KeyManager,
+                Role::KeyReviewer,
+                Role::KeyUser,
+            ],
+            Need::Review => &[Role::Manager, Role::KeyManager, Role::KeyReviewer],
+            Need::Use => &[Role::Manager, Role::KeyUser],
+            Need::Manage => &[Role::Manager, Role::KeyManager],
+            Need::Admin => &[Role::Manager],
+        }
+    }
+}
+
+/// What a request needs, the key it names (tag or name), and the history action.
+pub fn requirement(req: &Request) -> (Need, Option<&str>, Option<Action>) {
+    use Request as R;
+    fn k(key: &str) -> Option<&str> {
+        Some(key)
+    }
+    match req {
+        R::Hello { .. } | R::Status | R::Subscribe => (Need::Connected, None, None),
+        R::ListKeys { deleted: true, .. } => (Need::Admin, None, None),
+        R::ListKeys { deleted: false, .. } => (Need::Connected, None, None),
+        R::GetKey { key } => (Need::View, k(key), Some(Action::Show)),
+        R::ListVersions { key } => (Need::View, k(key), Some(Action::Versions)),
+        R::History(q) => (Need::Review, k(&q.key), Some(Action::History)),
+        R::Impact { key, .. } => (Need::Review, k(key), Some(Action::Impact)),
+        R::Encrypt { key, .. } | R::EncryptBatch { key, .. } => {
+            (Need::Use, k(key), Some(Action::Encrypt))
+        }
+        R::Decrypt { key, .. } | R::DecryptBatch { key, .. } => {
+            (Need::Use, k(key), Some(Action::Decrypt))
+        }
+        R::Reencrypt { key, .. } | R::ReencryptBatch { key, .. } => {
+            (Need::Use, k(key), Some(Action::Reencrypt))
+        }
+        R::Sign { key, .. } => (Need::Use, k(key), Some(Action::Sign)),
+        R::Verify { key, .. } => (Need::Use, k(key), Some(Action::Verify)),
+        R::PublicKey { key, .. } => (Need::Use, k(key), Some(Action::PublicKey)),
+        R::DataKey { key, .. } => (Need::Use, k(key), Some(Action::DataKey)),
+        R::Rotate { key } => (Need::Manage, k(key), Some(Action::Rotate)),
+        R::Enable { key } => (Need::Manage, k(key), Some(Action::Enable)),
+        R::Disable { key } => (Need::Manage, k(key), Some(Action::Disable)),
+        R::EnableVersion { key, .. } => (Need::Manage, k(key), Some(Action::EnableVersion)),
+        R::DisableVersion { key, .. } => (Need::Manage, k(key), Some(Action::DisableVersion)),
+        R::SetRotation { key, .. } => (Need::Manage, k(key), Some(Action::SetRotation)),
+        R::SetMemo { key, .. } => (Need::Manage, k(key), Some(Action::SetMemo)),
+        R::RequestDeletion { key } => (Need::Manage, k(key), Some(Action::Delete)),
+        R::CancelDeletion { key } => (Need::Manage, k(key), Some(Action::CancelDeletion)),
+        R::DeleteNow { key } => (Need::Admin, k(key), Some(Action::DeleteNow)),
+        R::CreateKey(_) | R::ListGrants => (Need::Admin, None, None),
+        R::Grant(g) => (Need::Admin, g.key.as_deref(), Some(Action::Grant)),
+        R::Revoke(g) => (Need::Admin, g.key.as_deref(), Some(Action::Revoke)),
+    }
+}
+
+/// Whether the caller is a manager of everything by identity (root, the daemon's uid).
+pub fn is_superuser(caller: &Caller, daemon_uid: u32) -> bool {
+    caller.uid == 0 || caller.uid == daemon_uid
+}
+
+fn applies_to(g: &GrantInfo, caller: &Caller) -> bool {
+    match &g.principal {
+        Principal::User(u) => *u == caller.account,
+        Principal::Group(name) => caller.groups.iter().any(|c| c == name),
+    }
+}
+
+/// Whether `grants` give the caller `need` on the key with this tag (or, with `None`,
+/// on all keys).
+pub fn permits(grants: &[GrantInfo], caller: &Caller, need: Need, key_tag: Option<&str>) -> bool {
+    if need == Need::Connected {
+        return true;
+    }
+    let roles = need.roles();
+    grants.iter().any(|g| {
+        roles.contains(&g.role)
+            && applies_to(g, caller)
+            && (g.key_tag.is_none() || (key_tag.is_some() && g.key_tag.as_deref() == key_tag))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(account: &str, groups: &[&str]) -> Caller {
+        Caller {
+            uid: 2000,
+            gid: 2000,
+            pid: 1,
+            account: account.into(),
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            client: "t".into(),
+        }
+    }
+
+    fn grant(role: Role, p: Principal, key: Option<&str>) -> GrantInfo {
+        GrantInfo {
+            id: 1,
+            role,
+            principal: p,
+            key_tag: key.map(str::to_string),
+            key_name: None,
+            granted_at: 0,
+            granted_by: "root".into(),
+        }
+    }
+
+    /// Each role gives exactly the needs of the SPEC §6 table.
+    #[test]
+    fn role_table() {
+        let c = caller("ann", &[]);
+        let cases = [
+            (Role::Manager, [true, true, true, true, true]),
+            (Role::KeyManager, [true, true, false, true, false]),
+            (Role::KeyReviewer, [true, true, false, false, false]),
+            (Role::KeyUser, [true, false, true, false, false]),
+        ];
+        for (role, expect) in cases {
+            let g = [grant(role, Principal::User("ann".into()), None)];
+            let got = [
+                Need::View,
+                Need::Review,
+                Need::Use,
+                Need::Manage,
+                Need::Admin,
+            ]
+            .map(|n| permits(&g, &c, n, Some("t1")));
+            assert_eq!(got, expect, "{role}");
+        }
+    }
+
+    /// A key-scoped grant covers that key only; a group grant covers its members only.
+    #[test]
+    fn scope_and_groups() {
+        let g = [grant(
+            Role::KeyUser,
+            Principal::Group("apps".into()),
+            Some("t1"),
+        )];
+        assert!(permits(
+            &g,
+            &caller("bob", &["apps"]),
+            Need::Use,
+            Some("t1")
+        ));
+        assert!(!permits(
+            &g,
+            &caller("bob", &["apps"]),
+            Need::Use,
+            Some("t2")
+        ));
+        assert!(!permits(&g, &caller("bob", &["apps"]), Need::Use, None));
+        assert!(!permits(
+            &g,
+            &caller("eve", &["other"]),
+            Need::Use,
+            Some("t1")
+        ));
+    }
+}
