@@ -85,6 +85,7 @@ pub fn requirement(req: &Request) -> (Need, Option<&str>, Option<Action>) {
         R::CreateKey(_) | R::ListGrants => (Need::Admin, None, None),
         R::Grant(g) => (Need::Admin, g.key.as_deref(), Some(Action::Grant)),
         R::Revoke(g) => (Need::Admin, g.key.as_deref(), Some(Action::Revoke)),
+        R::Backup | R::BackupRead { .. } => (Need::Admin, None, None),
     }
 }
 

@@ -5,28 +5,52 @@
 //! [`server`] (accept, peer credentials, limits) → [`connection`] (frames, pipelining) →
 //! [`service`] (one handler per request) → [`engine`] (key rules, versions, states) →
 //! [`crypto`] and [`store`] (the only redb writer, group commit). Beside them:
-//! [`scheduler`] (rotations, purges) and [`shutdown`].
+//! [`scheduler`] (rotations, purges) and [`shutdown`]. Around the daemon: [`systemd`]
+//! (socket activation, sd_notify, process hardening), [`backup`] and [`restore`].
 
 pub mod authz;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod crypto;
 pub mod engine;
+pub mod restore;
 pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod systemd;
 
 use anyhow::Context as _;
 use std::future::Future;
 use std::sync::Arc;
 
 /// Runs the daemon until `stop` resolves, then shuts down gracefully: stops accepting,
-/// answers every request in flight, commits, closes the store, removes the socket.
-pub async fn run(config: config::Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// answers every request in flight, commits, closes the store, removes the socket (if
+/// kmsd bound it: a socket systemd passed stays, systemd listens on it for the next start).
+pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // A no-op when main already claimed it; before any file is opened either way.
+    systemd::claim_listen_fds()?;
     let _lock = server::lock_data_dir(&config.data_dir)?;
+    backup::remove_stale(&config.data_dir);
+    // A store without its root key: creating a fresh key would leave a second, useless
+    // key next to a store it can never open; say what is missing instead.
+    if config.store_path().exists()
+        && !restore::root_key_available(&config.data_dir, config.credentials_dir.as_deref())
+    {
+        anyhow::bail!(
+            "the key store {} exists but its root key does not: neither {} nor the credential \
+             kms-root-key (CREDENTIALS_DIRECTORY) is present; restore the root key that \
+             wrapped this store",
+            config.store_path().display(),
+            config
+                .data_dir
+                .join(crypto::root_key::KEY_FILE_NAME)
+                .display()
+        );
+    }
     let (root, source) =
         crypto::RootKey::load_or_create(&config.data_dir, config.credentials_dir.as_deref())
             .context("cannot load the root key")?;
@@ -49,7 +73,25 @@ pub async fn run(config: config::Config, stop: impl Future<Output = ()>) -> anyh
         );
     }
 
-    let listener = server::bind(&config)?;
+    let (listener, own_socket) = match systemd::take_activated_listener()? {
+        Some(activated) => {
+            // The socket systemd listens on is the one to report, whatever --socket said.
+            if let Some(path) = activated.path
+                && path != config.socket
+            {
+                tracing::info!(socket = %path.display(), "using the socket systemd passed");
+                config.socket = path;
+            }
+            (activated.listener, None)
+        }
+        None => {
+            let listener = server::bind(&config)?;
+            (
+                listener,
+                Some(systemd::OwnSocketFile::bound(&config.socket)),
+            )
+        }
+    };
     let config = Arc::new(config);
     let service = Arc::new(service::Service::new(
         engine.clone(),
@@ -69,20 +111,41 @@ pub async fn run(config: config::Config, stop: impl Future<Output = ()>) -> anyh
         socket = %config.socket.display(),
         data_dir = %config.data_dir.display(),
         keys = engine.live_keys(),
+        activated = own_socket.is_none(),
         "kmsd ready"
     );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // The listener exists (bound or passed), so connections are accepted from here on.
+    systemd::notify_ready(engine.live_keys(), &config.socket);
+    systemd::spawn_notifier(engine.clone(), config.socket.clone(), trigger.handle());
 
     stop.await;
     tracing::info!("shutting down: answering requests in flight");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    systemd::notify_stopping();
     trigger.shutdown().await;
-    let _ = std::fs::remove_file(&config.socket);
+    if let Some(own) = own_socket {
+        own.remove();
+    }
     drop(service);
-    match Arc::try_unwrap(engine) {
-        Ok(engine) => engine.close(),
-        // A blocking task still holds it; every acknowledged write is committed already.
-        Err(_) => tracing::warn!("engine still referenced at shutdown"),
+    // The tasks that were told to stop drop their clones of the engine just after their
+    // shutdown handle, so give them a moment: closing the store cleanly spares the next
+    // start a repair (every acknowledged write is committed either way).
+    let mut engine = engine;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(engine) {
+            Ok(e) => {
+                e.close();
+                break;
+            }
+            Err(still) if std::time::Instant::now() < deadline => {
+                engine = still;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(_) => {
+                tracing::warn!("engine still referenced at shutdown");
+                break;
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -1,6 +1,7 @@
-//! `kmsd`: starts on embedded defaults with no arguments (SPEC §1).
+//! `kmsd`: starts on embedded defaults with no arguments (SPEC §1); `kmsd restore`
+//! brings a backup back while the daemon is stopped (SPEC §9).
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kmsd::config::Config;
 use std::path::PathBuf;
 
@@ -15,17 +16,38 @@ struct Args {
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Directory of the key store and the root key file.
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// TOML configuration file (optional; flags override it).
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Share the socket with this group: 0660 in a 0750 directory.
     #[arg(long)]
     socket_group: Option<String>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Restore a backup made by `kmsctl backup` into the data directory (kmsd stopped)
+    ///
+    /// The backup must open with the root key of this data directory (root.key or the
+    /// kms-root-key credential): copy the original root.key first when restoring into a
+    /// fresh directory. Nothing changes unless the backup passes redb's integrity check
+    /// and loads.
+    Restore {
+        /// The backup file
+        file: PathBuf,
+        /// Replace an existing store (it is kept as kms.redb.before-restore-<millis>)
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
+    // First, before any file is opened: fd 3 must still be the socket systemd passed.
+    let activation = kmsd::systemd::claim_listen_fds();
     let args = Args::parse();
     // Nothing kmsd creates (store, root key, lock, socket) is for other users' eyes.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -37,10 +59,16 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match start(args) {
+    // Before the root key is read.
+    kmsd::systemd::harden_process();
+    let result = activation
+        .map_err(anyhow::Error::from)
+        .and_then(|()| start(args));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kmsd: error: {e:#}");
+            kmsd::systemd::notify_failed(&format!("{e:#}"));
             std::process::ExitCode::FAILURE
         }
     }
@@ -50,6 +78,12 @@ fn start(args: Args) -> anyhow::Result<()> {
     let mut config = Config::defaults();
     if let Some(path) = &args.config {
         config.apply_file(path)?;
+    }
+    if let Some(Cmd::Restore { file, force }) = args.command {
+        if let Some(v) = args.data_dir {
+            config.data_dir = v;
+        }
+        return restore(&config, file, force);
     }
     if let Some(v) = args.socket {
         config.socket = v;
@@ -65,6 +99,28 @@ fn start(args: Args) -> anyhow::Result<()> {
         .thread_name("kmsd")
         .build()?;
     runtime.block_on(kmsd::run(config, stop_signal()))
+}
+
+/// `kmsd restore`: prints what it did, or fails without changing anything.
+fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
+    let done = kmsd::restore::restore(&kmsd::restore::RestoreOptions {
+        file: file.clone(),
+        data_dir: config.data_dir.clone(),
+        credentials_dir: config.credentials_dir.clone(),
+        force,
+    })?;
+    println!(
+        "restored {} ({} keys, {} versions, {} history entries) into {}",
+        file.display(),
+        done.info.keys,
+        done.info.versions,
+        done.info.history,
+        done.store.display()
+    );
+    if let Some(previous) = done.previous {
+        println!("the replaced store is kept as {}", previous.display());
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

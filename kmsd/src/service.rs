@@ -23,6 +23,8 @@ pub struct Service {
     connections: AtomicU64,
     /// The daemon's own uid: it and root are managers (SPEC §6).
     daemon_uid: u32,
+    /// Online backups being streamed (see `backup.rs`).
+    backups: crate::backup::Backups,
 }
 
 type Reply = Result<Response, WireError>;
@@ -36,6 +38,7 @@ impl Service {
             data_dir,
             connections: AtomicU64::new(0),
             daemon_uid: rustix::process::geteuid().as_raw(),
+            backups: crate::backup::Backups::default(),
         }
     }
 
@@ -74,8 +77,20 @@ impl Service {
                 offset,
                 limit,
             } => {
-                let (keys, total) =
-                    e.list_keys(deleted, offset as usize, limit.map(|l| l as usize));
+                let (offset, limit) = (offset as usize, limit.map_or(usize::MAX, |l| l as usize));
+                if authz::is_superuser(caller, self.daemon_uid) || deleted {
+                    let (keys, total) = e.list_keys(deleted, offset, Some(limit));
+                    return Ok(Response::Keys { keys, total });
+                }
+                // Others see the keys they have a role on.
+                let grants = e.grants();
+                let (all, _) = e.list_keys(false, 0, None);
+                let visible: Vec<_> = all
+                    .into_iter()
+                    .filter(|k| authz::permits(&grants, caller, Need::View, Some(&k.tag)))
+                    .collect();
+                let total = visible.len() as u64;
+                let keys = visible.into_iter().skip(offset).take(limit).collect();
                 Ok(Response::Keys { keys, total })
             }
             Request::GetKey { key } => e.get_key(&key).map(Response::Key).map_err(wire),
@@ -284,6 +299,11 @@ impl Service {
                     e.impact(&key, window_ms).map(Response::Impact)
                 })
                 .await
+            }
+            // Managers only (authz: Need::Admin): a snapshot holds every wrapped key.
+            Request::Backup => self.backups.start(e, &self.data_dir, caller).await,
+            Request::BackupRead { snapshot, offset } => {
+                self.backups.read(&snapshot, offset, caller).await
             }
         }
     }

@@ -211,6 +211,15 @@ pub enum Request {
     /// Removes the grant matching the same fields.
     Revoke(GrantSpec),
     ListGrants,
+    /// Starts an online backup (managers only): the daemon snapshots the whole store in
+    /// one read transaction (key material still wrapped under the root key) and answers
+    /// its first `backup_chunk`.
+    Backup,
+    /// The next chunk of a backup snapshot: `offset` = bytes received so far.
+    BackupRead {
+        snapshot: String,
+        offset: u64,
+    },
 }
 
 impl Request {
@@ -249,6 +258,8 @@ impl Request {
             Request::Grant(_) => "grant",
             Request::Revoke(_) => "revoke",
             Request::ListGrants => "list_grants",
+            Request::Backup => "backup",
+            Request::BackupRead { .. } => "backup_read",
         }
     }
 }
@@ -377,6 +388,16 @@ pub enum Response {
     Grant(GrantInfo),
     Grants {
         grants: Vec<GrantInfo>,
+    },
+    /// Bytes `offset..offset + data.len()` of a backup snapshot of `total` bytes; read on
+    /// with `backup_read` until `done` (the daemon then deletes its copy).
+    BackupChunk {
+        snapshot: String,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        total: u64,
+        done: bool,
     },
 }
 

@@ -44,6 +44,10 @@ pub struct DaemonOptions {
     /// Run under `faketime` with this offset (e.g. "+73h"): only the daemon's wall clock moves.
     pub faketime: Option<String>,
     pub extra_args: Vec<String>,
+    /// Extra environment variables of the daemon (e.g. `CREDENTIALS_DIRECTORY`).
+    pub env: Vec<(String, String)>,
+    /// Use this data directory instead of a fresh one inside the temporary directory.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -54,7 +58,10 @@ impl TestDaemon {
     pub fn start_with(opts: DaemonOptions) -> TestDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("run").join("kmsd.sock");
-        let data_dir = dir.path().join("data");
+        let data_dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         let log = dir.path().join("kmsd.log");
         let mut d = TestDaemon {
             dir,
@@ -98,6 +105,7 @@ impl TestDaemon {
             .expect("log file");
         cmd.args(&args)
             .env("KMS_LOG", "debug")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -31,7 +31,9 @@
 //! item's kind (0 if none failed). A closed stdout (`kmsctl list | head -1`) ends the run
 //! quietly with 0.
 
+mod backup;
 mod crypto;
+mod grants;
 mod history;
 mod keys;
 mod lifecycle;
@@ -141,6 +143,18 @@ pub enum Command {
     Watch,
     /// Show the daemon's status
     Status,
+    /// Grant a role to a user or group, for all keys or one key (managers only)
+    Grant(grants::GrantArgs),
+    /// Revoke the grant with the same role, user or group, and key
+    Revoke(grants::GrantArgs),
+    /// List every grant
+    Grants,
+    /// Write a consistent snapshot of the running store to FILE (managers only)
+    ///
+    /// The key material in it stays wrapped under the daemon's root key: keep the root
+    /// key (root.key or the kms-root-key credential) separately; without it the backup
+    /// cannot be restored. Restore with `kmsd restore FILE` while kmsd is stopped.
+    Backup(backup::BackupArgs),
 }
 
 #[derive(Debug, Args)]
@@ -320,6 +334,10 @@ async fn dispatch(ctx: &mut Ctx, command: Command) -> CmdResult {
         Command::SetMemo(a) => lifecycle::set_memo(ctx, a).await,
         Command::History(a) => history::history(ctx, a).await,
         Command::Watch => history::watch(ctx).await,
+        Command::Grant(a) => grants::grant(ctx, a).await,
+        Command::Revoke(a) => grants::revoke(ctx, a).await,
+        Command::Grants => grants::list(ctx).await,
+        Command::Backup(a) => backup::backup(ctx, a).await,
     }
 }
 
@@ -378,6 +396,8 @@ mod tests {
             "status",
             "--json --socket /tmp/s.sock --no-autostart status",
             "status --json",
+            "backup /tmp/kms.redb",
+            "backup /tmp/kms.redb --force",
         ] {
             if let Err(e) = parse(args) {
                 panic!("{args}: {e}");

@@ -312,6 +312,8 @@ pub struct App {
     /// Indices into `keys` of the keys the filter lets through, in list order. Recomputed
     /// only when the filter or the list changes, never per frame.
     pub visible: Vec<usize>,
+    /// The (trimmed) filter `visible` was computed with.
+    pub applied_filter: String,
     /// Position in `visible`.
     pub selected: usize,
     /// First row of `visible` on screen.
@@ -332,6 +334,7 @@ impl App {
             filter: String::new(),
             filter_editing: false,
             visible: Vec::new(),
+            applied_filter: String::new(),
             selected: 0,
             offset: 0,
             screen: Screen::Main,
@@ -458,13 +461,31 @@ impl App {
                 self.keys
                     .iter()
                     .enumerate()
-                    .filter(|(_, k)| {
-                        contains_ignore_case(&k.name, needle)
-                            || contains_ignore_case(&k.tag, needle)
-                    })
+                    .filter(|(_, k)| matches_filter(k, needle))
                     .map(|(i, _)| i),
             );
         }
+        self.applied_filter = needle.to_string();
+        self.reselect(keep);
+    }
+
+    /// The filter changed while the list did not. When the new filter contains the old
+    /// one, every key it lets through was already visible, so only those are checked
+    /// again: typing into the filter gets cheaper with every character.
+    pub fn refilter_typed(&mut self, keep: Option<&str>) {
+        let needle = self.filter.trim();
+        if !needle.contains(self.applied_filter.as_str()) {
+            self.refilter(keep);
+            return;
+        }
+        let keys = &self.keys;
+        self.visible
+            .retain(|&i| keys.get(i).is_some_and(|k| matches_filter(k, needle)));
+        self.applied_filter = needle.to_string();
+        self.reselect(keep);
+    }
+
+    fn reselect(&mut self, keep: Option<&str>) {
         if let Some(tag) = keep
             && let Some(pos) = self
                 .visible
@@ -511,6 +532,10 @@ pub fn scroll_offset(offset: usize, selected: usize, rows: usize, len: usize) ->
     off.min(max_offset)
 }
 
+fn matches_filter(k: &KeyInfo, needle: &str) -> bool {
+    contains_ignore_case(&k.name, needle) || contains_ignore_case(&k.tag, needle)
+}
+
 /// ASCII case-insensitive substring test without allocating: names are ASCII by rule and
 /// tags are lowercase hex, and this runs over every key on each keystroke of the filter.
 pub fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
@@ -545,5 +570,20 @@ mod tests {
         assert!(contains_ignore_case("Payments-01", "PAY"));
         assert!(!contains_ignore_case("Payments-01", "paz"));
         assert!(!contains_ignore_case("ab", "abc"));
+    }
+
+    /// Typing into the filter narrows incrementally and gives exactly what a full
+    /// recompute gives, including after backspace and for case changes.
+    #[test]
+    fn typed_filter_equals_full_filter() {
+        let mut a = App::new((80, 24));
+        a.set_keys(crate::tui::fake::many(500));
+        for f in ["k", "ke", "key-00", "KEY-001", "key-00", "1", "12", ""] {
+            a.filter = f.into();
+            a.refilter_typed(None);
+            let typed = a.visible.clone();
+            a.refilter(None);
+            assert_eq!(typed, a.visible, "filter {f:?}");
+        }
     }
 }

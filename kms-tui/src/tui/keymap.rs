@@ -140,12 +140,13 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
         Mode::Main | Mode::Details => &[
             ("?", s::F_HELP),
             ("/", s::F_FILTER),
-            ("enter", s::F_DETAILS),
             ("c", s::F_CREATE),
             ("r", s::F_ROTATE),
             ("d", s::F_DISABLE),
             ("e", s::F_ENABLE),
             ("x", s::F_DELETE),
+            ("q", s::F_QUIT),
+            ("enter", s::F_DETAILS),
             ("u", s::F_UNDELETE),
             ("D", s::F_DELETE_NOW),
             ("a", s::F_AUTO),
@@ -153,7 +154,6 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("m", s::F_MEMO),
             ("v", s::F_VERSIONS),
             ("h", s::F_HISTORY),
-            ("q", s::F_QUIT),
         ],
         Mode::Versions => &[
             ("esc", s::F_BACK),

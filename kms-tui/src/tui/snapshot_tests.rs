@@ -1,1 +1,415 @@
+//! Snapshot tests: every screen and pop-up drawn into a `TestBackend` at 80×24 and at
+//! 160×40, from fixed data (fixed tags and times), compared as plain text.
 
+#![allow(clippy::unwrap_used)]
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use kms_shared::model::{AccountUse, Impact};
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+
+use super::action::Action;
+use super::app::App;
+use super::fake;
+use super::ui;
+use super::update::update;
+
+const SIZES: [(u16, u16); 2] = [(80, 24), (160, 40)];
+
+fn draw(app: &App) -> String {
+    let (w, h) = app.size;
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| ui::draw(f, app)).unwrap();
+    t.backend().to_string()
+}
+
+fn ch(c: char) -> Action {
+    Action::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
+}
+
+fn code(c: KeyCode) -> Action {
+    Action::Key(KeyEvent::new(c, KeyModifiers::NONE))
+}
+
+fn keys(app: &mut App, text: &str) {
+    for c in text.chars() {
+        update(app, ch(c));
+    }
+}
+
+/// Connected to kmsd 0.1.0, the eight fixture keys loaded, `name` selected.
+fn app(size: (u16, u16), name: &str) -> App {
+    let mut a = App::new(size);
+    update(
+        &mut a,
+        Action::Connected {
+            daemon_version: "0.1.0".into(),
+        },
+    );
+    update(&mut a, Action::KeysLoaded(Ok(fake::keys())));
+    a.message = None;
+    let pos = a
+        .visible
+        .iter()
+        .position(|&i| a.keys[i].name == name)
+        .unwrap();
+    a.selected = pos;
+    a.clamp_selection();
+    a
+}
+
+fn tag_of(a: &App, name: &str) -> String {
+    a.keys.iter().find(|k| k.name == name).unwrap().tag.clone()
+}
+
+/// Draws the scenario at both sizes and compares each with its snapshot.
+fn check(name: &str, scenario: impl Fn((u16, u16)) -> App) {
+    for size in SIZES {
+        let a = scenario(size);
+        let snap = format!("{name}_{}x{}", size.0, size.1);
+        insta::assert_snapshot!(snap.as_str(), draw(&a));
+    }
+}
+
+/// The main list: header with count and connection, table, details pane, footer.
+#[test]
+fn main_list() {
+    check("main_list", |s| app(s, "payments"));
+}
+
+/// Before the daemon answers: the frame is already there, saying it is connecting.
+#[test]
+fn startup_connecting() {
+    check("startup", App::new);
+}
+
+/// The header shows a lost daemon; the last known list stays.
+#[test]
+fn disconnected_header() {
+    check("disconnected", |s| {
+        let mut a = app(s, "payments");
+        update(
+            &mut a,
+            Action::Disconnected {
+                reason: "connection to kmsd closed".into(),
+            },
+        );
+        a
+    });
+}
+
+/// A live event from another client on the message line.
+#[test]
+fn live_event_message() {
+    check("live_event", |s| {
+        let mut a = app(s, "jwt-signing");
+        let k = a.selected_key().unwrap().clone();
+        update(
+            &mut a,
+            Action::DaemonEvent(kms_shared::protocol::Event {
+                seq: 42,
+                time: fake::BASE + 3_723_000,
+                kind: kms_shared::protocol::EventKind::Rotated,
+                key_tag: Some(k.tag.clone()),
+                key_name: Some(k.name.clone()),
+                version: Some(2),
+                state: Some(k.state),
+                account: "bob".into(),
+                message: "rotated to v2".into(),
+            }),
+        );
+        a
+    });
+}
+
+/// The details screen (enter) with every field.
+#[test]
+fn details_screen() {
+    check("details", |s| {
+        let mut a = app(s, "partner-sso");
+        update(&mut a, code(KeyCode::Enter));
+        a
+    });
+}
+
+/// The help overlay.
+#[test]
+fn help_overlay() {
+    check("help", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('?'));
+        a
+    });
+}
+
+/// The create form with a rule broken as typed, shown under its field.
+#[test]
+fn create_form_with_error() {
+    check("create_form_error", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('c'));
+        keys(&mut a, "9lives");
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, ch(' '));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, ch(' '));
+        a
+    });
+}
+
+/// The create form showing the daemon's refusal.
+#[test]
+fn create_form_daemon_error() {
+    check("create_form_daemon_error", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('c'));
+        keys(&mut a, "vault");
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, ch(' '));
+        update(&mut a, code(KeyCode::Enter));
+        update(
+            &mut a,
+            Action::Created(Err(
+                "invalid-argument: hsm keys need a PKCS#11 token and none is configured".into(),
+            )),
+        );
+        a
+    });
+}
+
+/// Disabling asks with the impact: recent uses and the accounts behind them.
+#[test]
+fn confirm_disable_with_impact() {
+    check("confirm_disable", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('d'));
+        let tag = tag_of(&a, "payments");
+        update(
+            &mut a,
+            Action::ImpactLoaded {
+                tag,
+                result: Ok(fake::impact()),
+            },
+        );
+        a
+    });
+}
+
+/// Requesting deletion while the impact is still loading.
+#[test]
+fn confirm_request_deletion_loading() {
+    check("confirm_delete_loading", |s| {
+        let mut a = app(s, "legacy-db");
+        update(&mut a, ch('x'));
+        a
+    });
+}
+
+/// Rotation asks without an impact list.
+#[test]
+fn confirm_rotate() {
+    check("confirm_rotate", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('r'));
+        a
+    });
+}
+
+/// "Delete now" wants the key name typed; a wrong name is flagged.
+#[test]
+fn delete_now_prompt() {
+    check("delete_now", |s| {
+        let mut a = app(s, "old-archive");
+        update(&mut a, ch('D'));
+        let tag = tag_of(&a, "old-archive");
+        update(
+            &mut a,
+            Action::ImpactLoaded {
+                tag: tag.clone(),
+                result: Ok(Impact {
+                    key_tag: tag,
+                    since: fake::BASE - 30 * kms_shared::model::DAY_MS,
+                    recent_uses: 1,
+                    last_used_at: Some(fake::BASE - 20 * kms_shared::model::DAY_MS),
+                    accounts: vec![AccountUse {
+                        account: "alice".into(),
+                        uses: 1,
+                        last_used_at: fake::BASE - 20 * kms_shared::model::DAY_MS,
+                    }],
+                }),
+            },
+        );
+        keys(&mut a, "old-arch");
+        update(&mut a, code(KeyCode::Enter));
+        a
+    });
+}
+
+/// The rotation-period prompt with an out-of-range value.
+#[test]
+fn period_prompt() {
+    check("period_prompt", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('p'));
+        keys(&mut a, "0");
+        a
+    });
+}
+
+/// The memo prompt.
+#[test]
+fn memo_prompt() {
+    check("memo_prompt", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('m'));
+        keys(&mut a, " v2");
+        a
+    });
+}
+
+/// The versions of a key, current first, one disabled.
+#[test]
+fn versions_view() {
+    check("versions", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('v'));
+        let tag = tag_of(&a, "payments");
+        update(
+            &mut a,
+            Action::VersionsLoaded {
+                tag,
+                result: Ok(fake::versions()),
+            },
+        );
+        update(&mut a, ch('j'));
+        a
+    });
+}
+
+/// The history of a key, newest first, with more to load.
+#[test]
+fn history_view() {
+    check("history", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('h'));
+        let tag = tag_of(&a, "payments");
+        update(
+            &mut a,
+            Action::HistoryLoaded {
+                tag,
+                before_seq: None,
+                result: Ok(fake::history(1000, 100)),
+            },
+        );
+        update(&mut a, ch('j'));
+        update(&mut a, ch('j'));
+        a
+    });
+}
+
+/// The filter being typed: header count, matching rows only, input on the message line.
+#[test]
+fn filter_active() {
+    check("filter", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('/'));
+        keys(&mut a, "pa");
+        a
+    });
+}
+
+/// A filter that matches nothing says so.
+#[test]
+fn filter_no_match() {
+    check("filter_no_match", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('/'));
+        keys(&mut a, "zzz");
+        update(&mut a, code(KeyCode::Enter));
+        a
+    });
+}
+
+/// A long list scrolled to the end at both sizes (only visible rows are built).
+#[test]
+fn long_list_scrolled() {
+    check("long_list", |s| {
+        let mut a = App::new(s);
+        update(
+            &mut a,
+            Action::Connected {
+                daemon_version: "0.1.0".into(),
+            },
+        );
+        update(&mut a, Action::KeysLoaded(Ok(fake::many(1000))));
+        a.message = None;
+        update(&mut a, ch('G'));
+        update(&mut a, code(KeyCode::PageUp));
+        a
+    });
+}
+
+/// Drawing never panics at tiny or odd sizes, whatever screen or pop-up is open.
+#[test]
+fn odd_sizes_do_not_panic() {
+    let scenarios: [&dyn Fn(&mut App); 8] = [
+        &|_| {},
+        &|a| update(a, ch('?')).clear(),
+        &|a| update(a, ch('c')).clear(),
+        &|a| update(a, ch('d')).clear(),
+        &|a| update(a, ch('m')).clear(),
+        &|a| update(a, code(KeyCode::Enter)).clear(),
+        &|a| {
+            update(a, ch('h'));
+            let tag = tag_of(a, "payments");
+            update(
+                a,
+                Action::HistoryLoaded {
+                    tag,
+                    before_seq: None,
+                    result: Ok(fake::history(1000, 100)),
+                },
+            );
+        },
+        &|a| {
+            update(a, ch('v'));
+            let tag = tag_of(a, "payments");
+            update(
+                a,
+                Action::VersionsLoaded {
+                    tag,
+                    result: Ok(fake::versions()),
+                },
+            );
+        },
+    ];
+    for size in [
+        (1, 1),
+        (10, 3),
+        (20, 5),
+        (40, 10),
+        (79, 23),
+        (120, 30),
+        (300, 80),
+    ] {
+        for s in scenarios {
+            let mut a = app(size, "payments");
+            s(&mut a);
+            draw(&a);
+        }
+    }
+}
+
+/// The medium width (120 columns) adds protection, created, rotation and memo.
+#[test]
+fn medium_width_columns() {
+    let a = app((120, 30), "payments");
+    let out = draw(&a);
+    let header = out.lines().nth(1).unwrap();
+    for col in ["Name", "Protection", "Created", "Period", "Memo"] {
+        assert!(header.contains(col), "{col} in {header}");
+    }
+    assert!(!header.contains("Tag"), "{header}");
+}

@@ -101,7 +101,7 @@ pub fn type_label(t: KeyType) -> &'static str {
 
 pub fn period_cell(k: &KeyInfo) -> String {
     match (k.auto_rotation, k.next_rotation_at) {
-        (true, Some(next)) => format!("{}d ({})", k.rotation_days, date(next)),
+        (true, Some(next)) => format!("{}d {}", k.rotation_days, date(next)),
         _ => format!("{}d", k.rotation_days),
     }
 }
@@ -155,7 +155,7 @@ pub const H_UP_DOWN: &str = "move";
 pub const H_PAGE: &str = "page up / down";
 pub const H_TOP_BOTTOM: &str = "first / last";
 pub const H_ENTER: &str = "details, then versions";
-pub const H_ESC: &str = "back / close / clear filter";
+pub const H_ESC: &str = "back, close, clear filter";
 pub const H_FILTER: &str = "filter by name or tag";
 pub const H_HELP: &str = "this help";
 pub const H_QUIT: &str = "quit";
@@ -288,8 +288,9 @@ pub fn impact_summary(uses: u64, accounts: usize, since: UnixMillis) -> String {
 }
 
 pub fn impact_account(account: &str, uses: u64, last: UnixMillis) -> String {
+    let noun = if uses == 1 { "use " } else { "uses" };
     format!(
-        "  {account:<16} {:>9} uses   last {}",
+        "  {account:<16} {:>9} {noun}   last {}",
         count(uses),
         datetime(last)
     )
@@ -327,8 +328,7 @@ pub fn versions_state_note(state: KeyState) -> Option<String> {
     match state {
         KeyState::Enabled => None,
         s => Some(format!(
-            "The key is {s}: every version is unusable until the key is enabled; \
-             the flags below come back then."
+            "The key is {s}: no version works until the key is enabled again."
         )),
     }
 }
@@ -486,6 +486,7 @@ pub fn notification_body(e: &Event) -> String {
     }
 }
 
+#[cfg(feature = "desktop-notifications")]
 pub const NOTIFY_APP: &str = "kms";
 
 // Numbers and times.

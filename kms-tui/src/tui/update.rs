@@ -16,6 +16,9 @@ use super::strings as s;
 use super::ui::layout;
 use kms_shared::model::KeyType;
 
+/// Up to this many keys, the periodic refresh re-reads the whole list.
+const TICK_RELOAD_MAX: usize = 2_000;
+
 /// Applies one action; returns what the outside world must do.
 pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
     let mut fx = Vec::new();
@@ -38,15 +41,18 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                 hv.offset = scroll_offset(hv.offset, hv.selected, rows, hv.entries.len());
             }
         }
-        Action::Tick => {
-            if app.is_connected()
-                && app.popup.is_none()
-                && matches!(app.screen, Screen::Main | Screen::Details)
+        // Usage counts change without events. A small list is simply re-read; a large
+        // one only for the key the user is looking at.
+        Action::Tick if app.is_connected() && app.popup.is_none() => {
+            if app.keys.len() <= TICK_RELOAD_MAX {
+                fx.push(Effect::LoadKeys);
+            } else if matches!(app.screen, Screen::Main | Screen::Details)
                 && let Some(k) = app.selected_key()
             {
                 fx.push(Effect::GetKey(k.tag.clone()));
             }
         }
+        Action::Tick => {}
         Action::Quit => app.should_quit = true,
 
         Action::Connected { daemon_version } => {
@@ -372,7 +378,7 @@ fn set_versions(v: &mut VersionsView, result: Result<Vec<kms_shared::model::Vers
     match result {
         Ok(mut versions) => {
             // Newest (current) first, as the console lists them.
-            versions.sort_by(|a, b| b.version.cmp(&a.version));
+            versions.sort_by_key(|v| std::cmp::Reverse(v.version));
             if v.selected >= versions.len() {
                 v.selected = versions.len().saturating_sub(1);
             }
@@ -531,21 +537,25 @@ fn filter_intent(app: &mut App, a: Action) {
     let keep = app.selected_key().map(|k| k.tag.clone());
     match a {
         Action::Char(c) => {
-            if app.filter.chars().count() < MAX_INPUT {
-                app.filter.push(c);
-                app.refilter(keep.as_deref());
-            }
+            push_capped(&mut app.filter, c);
+            app.refilter_typed(keep.as_deref());
         }
         Action::Backspace => {
-            if app.filter.pop().is_some() {
-                app.refilter(keep.as_deref());
-            }
+            app.filter.pop();
+            app.refilter_typed(keep.as_deref());
         }
         Action::Submit => app.filter_editing = false,
         Action::Back => clear_filter(app),
         Action::Up => app.move_selection(-1),
         Action::Down => app.move_selection(1),
         _ => {}
+    }
+}
+
+/// Appends a typed character unless the text is already at the input limit.
+fn push_capped(text: &mut String, c: char) {
+    if text.chars().count() < MAX_INPUT {
+        text.push(c);
     }
 }
 
@@ -592,9 +602,7 @@ fn form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         Action::Char(c) => {
             let f = form.focus;
             if let Some(text) = form.text_mut(f) {
-                if text.chars().count() < MAX_INPUT {
-                    text.push(c);
-                }
+                push_capped(text, c);
                 form.touch(f);
                 form.daemon_error = None;
             } else if c == ' ' {
@@ -686,17 +694,13 @@ fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
     };
     match (&mut app.popup, a) {
         (Some(Popup::Prompt(p)), Action::Char(c)) => {
-            if p.text.chars().count() < MAX_INPUT {
-                p.text.push(c);
-            }
+            push_capped(&mut p.text, c);
         }
         (Some(Popup::Prompt(p)), Action::Backspace) => {
             p.text.pop();
         }
         (Some(Popup::Confirm(c)), Action::Char(ch)) => {
-            if c.typed.chars().count() < MAX_INPUT {
-                c.typed.push(ch);
-            }
+            push_capped(&mut c.typed, ch);
             c.mismatch = false;
         }
         (Some(Popup::Confirm(c)), Action::Backspace) => {

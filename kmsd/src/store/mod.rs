@@ -18,6 +18,7 @@
 //! table holds a fingerprint of the root key so that a store is never opened with the
 //! wrong one.
 
+pub mod backup;
 pub mod records;
 pub mod writer;
 
@@ -145,6 +146,9 @@ impl Store {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
+        if path.exists() {
+            refuse_other_root_key(path, root_fingerprint)?;
+        }
         let db = Database::builder().create(path).map_err(|e| open_err(&e))?;
         let store = Store {
             db: Arc::new(db),
@@ -300,6 +304,33 @@ impl Store {
         let mut db = Arc::try_unwrap(self.db)
             .map_err(|_| StoreError::Db("the store is still in use".into()))?;
         db.check_integrity().map_err(StoreError::db)
+    }
+}
+
+/// Compares the root-key fingerprint through a read-only open first: a read-write open
+/// writes to the file even when the transaction is then abandoned, and a store opened
+/// with the wrong key must stay byte for byte as it was. A store that cannot be opened
+/// read-only (one that needs repair after a crash) is left to the full check in `init`.
+fn refuse_other_root_key(path: &Path, root_fingerprint: &str) -> Result<(), StoreError> {
+    let Ok(db) = redb::ReadOnlyDatabase::open(path) else {
+        return Ok(());
+    };
+    let Ok(tx) = db.begin_read() else {
+        return Ok(());
+    };
+    let Ok(meta) = tx.open_table(META) else {
+        return Ok(());
+    };
+    let stored = meta
+        .get(META_ROOT)?
+        .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+    match stored {
+        Some(stored) if stored != root_fingerprint => Err(StoreError::WrongRootKey {
+            path: path.to_path_buf(),
+            stored,
+            given: root_fingerprint.to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -4,13 +4,12 @@
 use kms_shared::model::KeyType;
 use ratatui::Frame;
 use ratatui::layout::{Position, Rect};
-use ratatui::style::{Modifier, Style};
+use ratatui::style::Modifier;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Clear, Paragraph};
 
 use super::{layout, theme, wrap};
 use crate::tui::app::{App, CreateForm, Field};
-use crate::tui::keymap::{self, Mode};
 use crate::tui::strings as s;
 
 const LABEL: usize = 15;
@@ -94,21 +93,11 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
     } else if form.show_all && !form.is_valid(taken) {
         lines.push(Line::styled(s::FORM_FIX_FIRST, theme::error()));
     }
-    let hints: Vec<Span> = keymap::footer(Mode::Form)
-        .iter()
-        .flat_map(|(k, what)| {
-            [
-                Span::styled(*k, theme::key_hint()),
-                Span::raw(format!(" {what}  ")),
-            ]
-        })
-        .collect();
     let height = lines.len() as u16 + 2;
     let popup = layout::popup(area, width, height);
     let block = Block::bordered()
         .border_style(theme::border())
-        .title(s::FORM_TITLE)
-        .title_bottom(Line::from(hints).style(Style::new()));
+        .title(s::FORM_TITLE);
     let inner = block.inner(popup);
     f.render_widget(Clear, popup);
     f.render_widget(Paragraph::new(lines).block(block), popup);

@@ -21,8 +21,6 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
             app.keys.len(),
             filtered,
         )));
-    } else {
-        left.push(Span::styled(s::LOADING_KEYS, theme::dim()));
     }
     if filtered && !app.filter_editing {
         left.push(Span::styled(

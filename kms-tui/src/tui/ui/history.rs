@@ -84,7 +84,7 @@ pub fn render(f: &mut Frame, area: Rect, h: &HistoryView) {
         ]
     } else {
         vec![
-            Constraint::Length(10),
+            Constraint::Length(12),
             Constraint::Length(16),
             Constraint::Length(15),
             Constraint::Length(4),

@@ -53,7 +53,7 @@ fn width(c: Col) -> Constraint {
         Col::Convergent => Constraint::Length(4),
         Col::Version => Constraint::Length(4),
         Col::Auto => Constraint::Length(4),
-        Col::Period => Constraint::Length(16),
+        Col::Period => Constraint::Length(15),
         Col::Uses => Constraint::Length(9),
         Col::Memo => Constraint::Fill(1),
     }

@@ -1,0 +1,264 @@
+//! `kmsd restore FILE`: brings a backup made by `kmsctl backup` back into a data
+//! directory, with the daemon stopped (SPEC §9).
+//!
+//! Nothing is changed until the backup has been proven good: it is copied next to the
+//! store, and the copy must pass redb's integrity check, name a schema this kmsd reads,
+//! carry the fingerprint of the root key found for this data directory, and load. Only
+//! then is it renamed into place; a store already there is refused, or with `--force`
+//! kept beside it as `kms.redb.before-restore-<millis>`.
+
+use crate::crypto::RootKey;
+use crate::crypto::root_key::{CREDENTIAL_NAME, KEY_FILE_NAME, RootKeyError};
+use crate::server::{self, ServerError};
+use crate::store::StoreError;
+use crate::store::backup::{BackupInfo, verify_backup};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+/// What to restore where.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub file: PathBuf,
+    pub data_dir: PathBuf,
+    /// `$CREDENTIALS_DIRECTORY`, where the root key may come from (as for the daemon).
+    pub credentials_dir: Option<PathBuf>,
+    /// Replace an existing store (kept beside it).
+    pub force: bool,
+}
+
+/// What was done.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub info: BackupInfo,
+    pub store: PathBuf,
+    /// Where the store that was replaced now is.
+    pub previous: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("kmsd is running on {0} (it holds kmsd.lock); stop it before restoring")]
+    DaemonRunning(PathBuf),
+    #[error(transparent)]
+    DataDir(ServerError),
+    #[error(
+        "no root key for {0}: a backup opens only with the root key of the store it was taken \
+         from; copy that root.key into the data directory (mode 0600) or provide it as the \
+         credential kms-root-key"
+    )]
+    NoRootKey(PathBuf),
+    #[error(transparent)]
+    RootKey(#[from] RootKeyError),
+    #[error(
+        "a key store already exists at {0}; repeat with --force to replace it (the old one is \
+         kept as kms.redb.before-restore-<time>)"
+    )]
+    StoreExists(PathBuf),
+    #[error("cannot read the backup {path}: {source}")]
+    ReadBackup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a backup this data directory can use: {source}")]
+    Invalid { path: PathBuf, source: StoreError },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Whether a root key exists for this data directory (the credential or root.key), i.e.
+/// whether loading it would not create a new one.
+pub fn root_key_available(data_dir: &Path, credentials_dir: Option<&Path>) -> bool {
+    credentials_dir.is_some_and(|d| d.join(CREDENTIAL_NAME).exists())
+        || std::fs::symlink_metadata(data_dir.join(KEY_FILE_NAME)).is_ok()
+}
+
+/// Restores `opts.file` into `opts.data_dir` (see the module docs).
+pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    let dir = &opts.data_dir;
+    // The daemon's own lock: held for the whole restore, so no kmsd can start meanwhile.
+    let _lock = server::lock_data_dir(dir).map_err(|e| match e {
+        ServerError::DataDirLocked(d) => RestoreError::DaemonRunning(d),
+        other => RestoreError::DataDir(other),
+    })?;
+
+    // Never create a root key here: a fresh one could not open the backup anyway.
+    if !root_key_available(dir, opts.credentials_dir.as_deref()) {
+        return Err(RestoreError::NoRootKey(dir.clone()));
+    }
+    let (root, _) = RootKey::load_or_create(dir, opts.credentials_dir.as_deref())?;
+
+    let store = dir.join("kms.redb");
+    let exists = std::fs::symlink_metadata(&store).is_ok();
+    if exists && !opts.force {
+        return Err(RestoreError::StoreExists(store));
+    }
+
+    let staged = dir.join("kms.redb.restore-tmp");
+    let _ = std::fs::remove_file(&staged);
+    let result = stage_and_verify(&opts.file, &staged, &root.fingerprint());
+    let info = match result {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged);
+            return Err(e);
+        }
+    };
+
+    let previous = if exists {
+        let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let aside = dir.join(format!("kms.redb.before-restore-{millis}"));
+        std::fs::rename(&store, &aside).map_err(io_err(&store))?;
+        Some(aside)
+    } else {
+        None
+    };
+    // Run as root on a service's directory (owned by kms): the files must stay usable
+    // by the daemon's account.
+    give_to_dir_owner(dir, &staged)?;
+    give_to_dir_owner(dir, &dir.join("kmsd.lock"))?;
+    std::fs::rename(&staged, &store).map_err(io_err(&store))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(Restored {
+        info,
+        store,
+        previous,
+    })
+}
+
+/// When root restores into a directory another account owns, hands `path` to that
+/// account (kmsd under systemd runs as kms and could not open a root-owned store).
+fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), RestoreError> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir).map_err(io_err(dir))?;
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    rustix::fs::chown(
+        path,
+        Some(rustix::fs::Uid::from_raw(meta.uid())),
+        Some(rustix::fs::Gid::from_raw(meta.gid())),
+    )
+    .map_err(|e| RestoreError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// Copies the backup to `staged` (0600, fsynced) and verifies the copy.
+fn stage_and_verify(
+    file: &Path,
+    staged: &Path,
+    fingerprint: &str,
+) -> Result<BackupInfo, RestoreError> {
+    let read_err = |source| RestoreError::ReadBackup {
+        path: file.to_path_buf(),
+        source,
+    };
+    let mut src = File::open(file).map_err(read_err)?;
+    if !src.metadata().map_err(read_err)?.is_file() {
+        return Err(read_err(std::io::Error::other("not a regular file")));
+    }
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(staged)
+        .map_err(io_err(staged))?;
+    std::io::copy(&mut src, &mut dst).map_err(read_err)?;
+    dst.sync_all().map_err(io_err(staged))?;
+    drop(dst);
+    verify_backup(staged, fingerprint).map_err(|source| RestoreError::Invalid {
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn setup() -> (tempfile::TempDir, PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let (root, _) = RootKey::load_or_create(&src, None).unwrap();
+        let fp = root.fingerprint();
+        let store = Store::open(&src.join("kms.redb"), &fp).unwrap();
+        store.snapshot_to(&dir.path().join("b.redb")).unwrap();
+        (dir, src, fp)
+    }
+
+    fn opts(dir: &Path, data: &Path, force: bool) -> RestoreOptions {
+        RestoreOptions {
+            file: dir.join("b.redb"),
+            data_dir: data.to_path_buf(),
+            credentials_dir: None,
+            force,
+        }
+    }
+
+    /// Restore needs the root key, refuses to replace a store without --force, keeps the old one with it.
+    #[test]
+    fn restore_rules() {
+        let (dir, src, _) = setup();
+        let fresh = dir.path().join("fresh");
+        let err = restore(&opts(dir.path(), &fresh, false)).unwrap_err();
+        assert!(matches!(err, RestoreError::NoRootKey(_)), "{err}");
+        assert!(!fresh.join("root.key").exists());
+        std::fs::copy(src.join("root.key"), fresh.join("root.key")).unwrap();
+        let r = restore(&opts(dir.path(), &fresh, false)).unwrap();
+        assert!(r.previous.is_none() && r.store.exists());
+        let err = restore(&opts(dir.path(), &fresh, false)).unwrap_err();
+        assert!(matches!(err, RestoreError::StoreExists(_)), "{err}");
+        let r = restore(&opts(dir.path(), &fresh, true)).unwrap();
+        assert!(r.previous.unwrap().exists());
+        assert!(!fresh.join("kms.redb.restore-tmp").exists());
+    }
+
+    /// A backup taken under another root key is refused and the existing store is left as it was.
+    #[test]
+    fn wrong_root_key_changes_nothing() {
+        let (dir, _, _) = setup();
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let (root, _) = RootKey::load_or_create(&other, None).unwrap();
+        drop(Store::open(&other.join("kms.redb"), &root.fingerprint()).unwrap());
+        let before = std::fs::read(other.join("kms.redb")).unwrap();
+        let err = restore(&opts(dir.path(), &other, true)).unwrap_err();
+        assert!(err.to_string().contains("different root key"), "{err}");
+        assert_eq!(std::fs::read(other.join("kms.redb")).unwrap(), before);
+        let names: Vec<_> = std::fs::read_dir(&other)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("kms.redb"))
+            .collect();
+        assert_eq!(names, vec!["kms.redb".to_string()]);
+    }
+
+    /// A held data-directory lock (a running kmsd) refuses the restore.
+    #[test]
+    fn running_daemon_refuses() {
+        let (dir, src, _) = setup();
+        let _held = server::lock_data_dir(&src).unwrap();
+        let err = restore(&opts(dir.path(), &src, true)).unwrap_err();
+        assert!(matches!(err, RestoreError::DaemonRunning(_)), "{err}");
+    }
+}

@@ -1,0 +1,359 @@
+//! Life under systemd (SPEC §1, §9), none of which needs systemd to be running:
+//!
+//! - socket activation: the listening socket systemd passes as fd 3 (`LISTEN_FDS`);
+//! - `sd_notify`: `READY=1` once the socket accepts, `STATUS=` lines, `STOPPING=1`, and
+//!   `WATCHDOG=1` pings at half of `WATCHDOG_USEC`;
+//! - the hardening the process applies to itself: not dumpable (no core file, no ptrace
+//!   or `/proc/PID/mem` by the same user) and, where the memory-lock limit allows, every
+//!   page locked in RAM so key material never reaches swap.
+//!
+//! Every notification is best effort: without `NOTIFY_SOCKET` they are no-ops, and a
+//! service manager that went away must not take the daemon with it.
+
+use crate::engine::Engine;
+use crate::shutdown::Shutdown;
+use sd_notify::NotifyState;
+use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Why socket activation could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error("socket activation: {0}")]
+    Activation(String),
+}
+
+/// The state of the activation socket: claimed at most once per process.
+enum Activation {
+    Unclaimed,
+    Claimed(Option<StdUnixListener>),
+}
+
+/// Process-wide, because the file descriptor systemd passed is.
+static ACTIVATION: Mutex<Activation> = Mutex::new(Activation::Unclaimed);
+
+/// Takes ownership of the listening socket systemd passed, if `LISTEN_PID`/`LISTEN_FDS`
+/// name this process. Call it first thing in `main`, before any file is opened: a process
+/// started with `LISTEN_FDS` but without fd 3 would otherwise find one of its own files
+/// there. Later calls do nothing; [`take_activated_listener`] hands the socket out.
+pub fn claim_listen_fds() -> Result<(), SystemdError> {
+    let mut state = ACTIVATION.lock().unwrap_or_else(|e| e.into_inner());
+    if let Activation::Claimed(_) = *state {
+        return Ok(());
+    }
+    // Marked claimed before anything can fail: fd 3 is wrapped at most once, so it is
+    // never closed twice, even if validating it fails below.
+    *state = Activation::Claimed(None);
+    let mut fds = sd_notify::listen_fds()
+        .map_err(|e| SystemdError::Activation(format!("invalid LISTEN_FDS/LISTEN_PID: {e}")))?;
+    let Some(fd) = fds.next() else {
+        return Ok(());
+    };
+    if fds.len() > 0 {
+        tracing::warn!(
+            extra = fds.len(),
+            "systemd passed more than one socket; kmsd serves the first"
+        );
+    }
+    let owned = own_passed_fd(fd);
+    let listener = validate_listener(owned)?;
+    *state = Activation::Claimed(Some(listener));
+    Ok(())
+}
+
+/// Wraps the descriptor systemd passed in an [`OwnedFd`].
+#[allow(unsafe_code)]
+fn own_passed_fd(fd: std::os::fd::RawFd) -> OwnedFd {
+    // SAFETY: `fd` is the first descriptor of the socket-activation protocol: LISTEN_PID
+    // names this process and LISTEN_FDS is at least 1, so the service manager opened fd 3
+    // and passed it to us across exec, and `sd_notify::listen_fds` has just set FD_CLOEXEC
+    // on it, which fails on a closed descriptor, so it is open. Nothing else in kmsd owns
+    // it: this runs before kmsd opens any file, and only once per process (the caller
+    // holds ACTIVATION and has marked it claimed), so this OwnedFd is its only owner and
+    // closes it exactly once.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Accepts only what kmsd can serve: a listening AF_UNIX stream socket.
+fn validate_listener(fd: OwnedFd) -> Result<StdUnixListener, SystemdError> {
+    let bad = |what: String| SystemdError::Activation(what);
+    let kind = rustix::net::sockopt::socket_type(&fd)
+        .map_err(|e| bad(format!("fd 3 is not a socket: {e}")))?;
+    if kind != rustix::net::SocketType::STREAM {
+        return Err(bad("fd 3 is not a stream socket (use ListenStream=)".into()));
+    }
+    let family = rustix::net::sockopt::socket_domain(&fd)
+        .map_err(|e| bad(format!("fd 3: cannot read its address family: {e}")))?;
+    if family != rustix::net::AddressFamily::UNIX {
+        return Err(bad(
+            "fd 3 is not a Unix socket (kmsd serves only local clients)".into(),
+        ));
+    }
+    if !rustix::net::sockopt::socket_acceptconn(&fd).unwrap_or(false) {
+        return Err(bad("fd 3 is not listening".into()));
+    }
+    let listener = StdUnixListener::from(fd);
+    // tokio requires it: its reactor never blocks on accept.
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| bad(format!("cannot make fd 3 non-blocking: {e}")))?;
+    Ok(listener)
+}
+
+/// The socket systemd passed, ready for the accept loop.
+pub struct ActivatedSocket {
+    pub listener: tokio::net::UnixListener,
+    /// Its file system path (`None` for an unnamed or abstract socket).
+    pub path: Option<PathBuf>,
+}
+
+/// The activation socket claimed by [`claim_listen_fds`], once; `None` when kmsd was not
+/// socket-activated (it then binds its socket itself). Must run inside the runtime.
+pub fn take_activated_listener() -> Result<Option<ActivatedSocket>, SystemdError> {
+    let listener = {
+        let mut state = ACTIVATION.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *state {
+            Activation::Claimed(l) => l.take(),
+            Activation::Unclaimed => None,
+        }
+    };
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| SystemdError::Activation(format!("cannot register fd 3: {e}")))?;
+    Ok(Some(ActivatedSocket { listener, path }))
+}
+
+/// The socket file kmsd bound itself, so that shutdown removes that file and nothing
+/// else: not a socket systemd owns (it keeps listening there for the next activation),
+/// and not a file that replaced ours in the meantime.
+#[derive(Debug)]
+pub struct OwnSocketFile {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+impl OwnSocketFile {
+    /// Records the file at `path` as the one we just bound.
+    pub fn bound(path: &Path) -> OwnSocketFile {
+        OwnSocketFile {
+            path: path.to_path_buf(),
+            identity: file_identity(path),
+        }
+    }
+
+    /// Removes the socket file if it is still the one we bound.
+    pub fn remove(self) {
+        if self.identity.is_some() && file_identity(&self.path) == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// The `STATUS=` line shown by `systemctl status kmsd`.
+fn status_line(keys: u64, socket: &Path) -> String {
+    let s = if keys == 1 { "" } else { "s" };
+    format!("serving {keys} key{s} on {}", socket.display())
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// `READY=1` with a status line. Call only once the socket accepts connections.
+pub fn notify_ready(keys: u64, socket: &Path) {
+    let status = status_line(keys, socket);
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// `STOPPING=1`: kmsd is answering the requests in flight and closing the store.
+pub fn notify_stopping() {
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: answering requests in flight"),
+    ]);
+}
+
+/// A `STATUS=` line telling why kmsd could not start (shown by `systemctl status`).
+pub fn notify_failed(message: &str) {
+    let status = format!("failed: {message}");
+    notify(&[NotifyState::Status(&status)]);
+}
+
+/// While the daemon runs under a service manager: `WATCHDOG=1` at half the watchdog
+/// interval (if `WATCHDOG_USEC` names this process) and a fresh `STATUS=` line when the
+/// number of keys changes. The ping comes from the runtime and reads the keyring, so a
+/// wedged runtime or a deadlocked keyring stops the pings and systemd restarts kmsd.
+pub fn spawn_notifier(engine: Arc<Engine>, socket: PathBuf, mut shutdown: Shutdown) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    let period = watchdog.map_or(Duration::from_secs(30), |w| {
+        (w / 2).max(Duration::from_millis(10))
+    });
+    if let Some(w) = watchdog {
+        tracing::info!(
+            interval_ms = w.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
+    }
+    tokio::spawn(async move {
+        let mut last_keys = engine.live_keys();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.recv() => return,
+            }
+            let keys = engine.live_keys();
+            let status = status_line(keys, &socket);
+            let mut states = Vec::with_capacity(2);
+            if watchdog.is_some() {
+                states.push(NotifyState::Watchdog);
+            }
+            if keys != last_keys {
+                states.push(NotifyState::Status(&status));
+                last_keys = keys;
+            }
+            if !states.is_empty() {
+                notify(&states);
+            }
+        }
+    });
+}
+
+/// What [`harden_process`] achieved, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryLock {
+    /// Every current and future page is locked (on first touch).
+    Locked,
+    /// Not attempted: without CAP_IPC_LOCK the kernel caps locked memory at this many
+    /// bytes, and `MCL_FUTURE` would then make later allocations fail once it is reached.
+    LimitTooLow(u64),
+    /// The kernel refused.
+    Failed(String),
+}
+
+/// Makes the process non-dumpable and locks its memory where the limit allows; logs
+/// what it did. Called once at start, before the root key is read.
+pub fn harden_process() -> MemoryLock {
+    // No core file, no ptrace or /proc/PID/mem by other processes of the same user:
+    // the process holds the root key and unwrapped key material.
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        tracing::warn!(error = %e, "cannot make the process non-dumpable");
+    }
+    let lock = lock_memory();
+    match &lock {
+        MemoryLock::Locked => tracing::info!("memory locked: key material is never swapped"),
+        MemoryLock::LimitTooLow(limit) => tracing::warn!(
+            memlock_limit = limit,
+            "memory not locked: key material may be swapped; raise LimitMEMLOCK (infinity) \
+             or use encrypted swap"
+        ),
+        MemoryLock::Failed(e) => tracing::warn!(
+            error = %e,
+            "memory not locked: key material may be swapped; raise LimitMEMLOCK (infinity)"
+        ),
+    }
+    lock
+}
+
+fn lock_memory() -> MemoryLock {
+    use rustix::mm::{MlockAllFlags, mlockall};
+    let privileged = rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::IPC_LOCK)
+    });
+    if !privileged
+        && let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Memlock).current
+    {
+        return MemoryLock::LimitTooLow(limit);
+    }
+    // ONFAULT: lock pages as they are touched, not the whole reserved address space
+    // (thread stacks, allocator arenas), so the daemon's resident size stays what it was.
+    match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
+        Ok(()) => MemoryLock::Locked,
+        Err(e) => MemoryLock::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Without LISTEN_PID naming this process nothing is claimed, and claiming twice is harmless.
+    #[test]
+    fn no_activation_without_listen_pid() {
+        // The test harness is not socket-activated (LISTEN_PID, if any, names another pid).
+        claim_listen_fds().unwrap();
+        claim_listen_fds().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { assert!(take_activated_listener().unwrap().is_none()) });
+    }
+
+    /// A listening Unix stream socket passes validation; a datagram socket and a non-listening one do not.
+    #[test]
+    fn validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = StdUnixListener::bind(dir.path().join("s")).unwrap();
+        assert!(validate_listener(OwnedFd::from(l)).is_ok());
+        let d = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let e = validate_listener(OwnedFd::from(d)).err().unwrap();
+        assert!(e.to_string().contains("stream"), "{e}");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let e = validate_listener(OwnedFd::from(a)).err().unwrap();
+        assert!(e.to_string().contains("not listening"), "{e}");
+    }
+
+    /// The socket file is removed only while it is still the one that was bound.
+    #[test]
+    fn own_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        // The listener stays open, so its inode cannot be recycled for the replacement.
+        let _l = StdUnixListener::bind(&p).unwrap();
+        let own = OwnSocketFile::bound(&p);
+        // Replaced by someone else's file: left alone.
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"not ours").unwrap();
+        own.remove();
+        assert!(p.exists());
+        std::fs::remove_file(&p).unwrap();
+        let _l2 = StdUnixListener::bind(&p).unwrap();
+        OwnSocketFile::bound(&p).remove();
+        assert!(!p.exists());
+    }
+
+    /// The status line counts keys in plain words.
+    #[test]
+    fn status_lines() {
+        assert_eq!(
+            status_line(1, Path::new("/run/kms/kmsd.sock")),
+            "serving 1 key on /run/kms/kmsd.sock"
+        );
+        assert_eq!(status_line(0, Path::new("/s")), "serving 0 keys on /s");
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Installs kms as a systemd service: builds the release binaries and installs kmsd,
+# kmsctl and kms-tui with the units, the kms account (sysusers.d) and /run/kms
+# (tmpfiles.d). See docs/service.md.
+#
+#   sudo systemd/install.sh            system service: /usr/local/bin, /etc/systemd/system
+#   systemd/install.sh --user          user service:   ~/.local/bin, ~/.config/systemd/user
+#
+# Options:
+#   --dry-run        print every step, change nothing
+#   --prefix DIR     install under DIR (a staging root, as DESTDIR); skips systemctl
+#   --binaries DIR   take kmsd, kmsctl and kms-tui from DIR instead of building them
+#
+# It never touches a store or a root key: upgrading is running it again, then
+# `systemctl restart kmsd`.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+dry_run=0
+user=0
+prefix=""
+binaries=""
+
+usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --user) user=1 ;;
+    --prefix) prefix="${2:?--prefix needs a directory}"; shift ;;
+    --prefix=*) prefix="${1#--prefix=}" ;;
+    --binaries) binaries="${2:?--binaries needs a directory}"; shift ;;
+    --binaries=*) binaries="${1#--binaries=}" ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "install.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+# Shows a step, and runs it unless --dry-run.
+step() {
+  printf '+ %s\n' "$*"
+  if ((dry_run == 0)); then "$@"; fi
+}
+
+if ((user)); then
+  bindir="${HOME:?}/.local/bin"
+  unitdir="${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user"
+  docdir="${XDG_DATA_HOME:-$HOME/.local/share}/doc/kms"
+  units=("$here/user/kmsd.service" "$here/user/kmsd.socket")
+else
+  bindir=/usr/local/bin
+  unitdir=/etc/systemd/system
+  docdir=/usr/local/share/doc/kms
+  units=("$here/kmsd.service" "$here/kmsd.socket")
+  if ((dry_run == 0)) && [[ -z "$prefix" ]] && ((EUID != 0)); then
+    echo "install.sh: the system service needs root (or use --user, --prefix, --dry-run)" >&2
+    exit 1
+  fi
+fi
+
+if [[ -z "$binaries" ]]; then
+  step cargo build --release --locked --manifest-path "$repo/Cargo.toml" -p kmsd -p kms-tui
+  binaries="${CARGO_TARGET_DIR:-$repo/target}/release"
+fi
+
+step install -d -m 0755 "$prefix$bindir" "$prefix$unitdir" "$prefix$docdir"
+for b in kmsd kmsctl kms-tui; do
+  step install -m 0755 "$binaries/$b" "$prefix$bindir/$b"
+done
+for u in "${units[@]}"; do
+  name="$(basename "$u")"
+  if [[ "$bindir" == /usr/local/bin ]]; then
+    step install -m 0644 "$u" "$prefix$unitdir/$name"
+  else
+    # The units name /usr/local/bin/kmsd; point them at where kmsd was installed.
+    printf '+ sed s|/usr/local/bin/kmsd|%s/kmsd| %s > %s\n' "$bindir" "$u" "$prefix$unitdir/$name"
+    if ((dry_run == 0)); then
+      sed "s|/usr/local/bin/kmsd|$bindir/kmsd|" "$u" >"$prefix$unitdir/$name"
+      chmod 0644 "$prefix$unitdir/$name"
+    fi
+  fi
+done
+if [[ -f "$repo/docs/service.md" ]]; then
+  step install -m 0644 "$repo/docs/service.md" "$prefix$docdir/service.md"
+fi
+if ((user == 0)); then
+  step install -d -m 0755 "$prefix/usr/lib/sysusers.d" "$prefix/usr/lib/tmpfiles.d"
+  step install -m 0644 "$here/kms.sysusers" "$prefix/usr/lib/sysusers.d/kms.conf"
+  step install -m 0644 "$here/kms.tmpfiles" "$prefix/usr/lib/tmpfiles.d/kms.conf"
+fi
+
+# Only a running systemd can take the new account, directory and units now.
+if [[ -z "$prefix" && -d /run/systemd/system ]]; then
+  if ((user)); then
+    step systemctl --user daemon-reload
+    next="systemctl --user enable --now kmsd.socket"
+  else
+    step systemd-sysusers /usr/lib/sysusers.d/kms.conf
+    step systemd-tmpfiles --create /usr/lib/tmpfiles.d/kms.conf
+    step systemctl daemon-reload
+    next="systemctl enable --now kmsd.socket"
+  fi
+  echo "installed; start it with: $next"
+elif [[ -n "$prefix" ]]; then
+  echo "installed under $prefix (systemctl not run)"
+else
+  echo "installed; systemd is not running here, so nothing was enabled"
+fi
+((dry_run == 0)) || echo "(dry run: nothing was changed)"

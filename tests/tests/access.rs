@@ -1,0 +1,384 @@
+//! Access control, events and impact end to end (SPEC §6–§8): a second Unix account
+//! (`kmstest`, created by .ci/install-deps) reaches a group-shared daemon; roles decide.
+
+#![allow(clippy::unwrap_used)]
+
+use kms_e2e::{DaemonOptions, TestDaemon};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const OTHER: &str = "kmstest";
+const GROUP: &str = "kmsclients";
+
+/// A daemon whose socket the `kmsclients` group can reach.
+fn shared_daemon() -> TestDaemon {
+    assert!(
+        uzers_exists(OTHER),
+        "the test account {OTHER} is missing: run .ci/install-deps as root"
+    );
+    let d = TestDaemon::start_with(DaemonOptions {
+        extra_args: vec!["--socket-group".into(), GROUP.into()],
+        ..DaemonOptions::default()
+    });
+    // The temporary directory is 0700; let the other account traverse to the socket.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn uzers_exists(user: &str) -> bool {
+    Command::new("id")
+        .arg(user)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// kmsctl run as the other account.
+fn as_other(d: &TestDaemon, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new("setpriv")
+        .args([
+            &format!("--reuid={OTHER}"),
+            &format!("--regid={OTHER}"),
+            "--init-groups",
+        ])
+        .arg(kms_e2e::bin("kmsctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+fn root_ok(d: &TestDaemon, args: &[&str]) -> String {
+    let o = d.kmsctl(args, b"");
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn denied(o: &Output, role: &str) {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        code(o),
+        Some(12),
+        "expected permission-denied, got: {stderr}"
+    );
+    assert!(stderr.contains("error: permission-denied: "), "{stderr}");
+    assert!(
+        stderr.contains(role),
+        "the refusal names the missing role {role}: {stderr}"
+    );
+}
+
+/// Refused before a grant; a key-scoped grant works on that key only; key-reviewer reads
+/// history but cannot encrypt; key-manager disables but cannot create; a group grant
+/// works for its members; revoke takes effect at once on an open connection; every
+/// refusal is in the history with the account.
+#[test]
+fn roles_for_a_second_user() {
+    let d = shared_daemon();
+    root_ok(&d, &["create", "payroll", "--type", "aes256"]);
+    root_ok(&d, &["create", "billing", "--type", "aes256"]);
+    root_ok(&d, &["create", "signing", "--type", "ecdsa"]);
+
+    // No grant: refused, and nothing listed.
+    denied(&as_other(&d, &["encrypt", "payroll"], b"x"), "key-user");
+    let listed = as_other(&d, &["--json", "list"], b"");
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+
+    // key-user on payroll only.
+    root_ok(
+        &d,
+        &["grant", "key-user", "--user", OTHER, "--key", "payroll"],
+    );
+    let ct = as_other(&d, &["encrypt", "payroll"], b"salary");
+    assert!(
+        ct.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ct.stderr)
+    );
+    let pt = as_other(&d, &["decrypt", "payroll"], &ct.stdout);
+    assert_eq!(pt.stdout, b"salary");
+    denied(&as_other(&d, &["encrypt", "billing"], b"x"), "key-user");
+    let listed: serde_json::Value =
+        serde_json::from_slice(&as_other(&d, &["--json", "list"], b"").stdout).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["payroll"]);
+    // key-user cannot read history.
+    denied(&as_other(&d, &["history", "payroll"], b""), "key-reviewer");
+
+    // key-reviewer (NCP alias) on billing: history yes, encrypt no.
+    root_ok(
+        &d,
+        &[
+            "grant",
+            "KMS_KEY_REVIEWER",
+            "--user",
+            OTHER,
+            "--key",
+            "billing",
+        ],
+    );
+    assert!(as_other(&d, &["history", "billing"], b"").status.success());
+    denied(&as_other(&d, &["encrypt", "billing"], b"x"), "key-user");
+
+    // key-manager on all keys: disable yes, create no, delete-now no.
+    root_ok(&d, &["grant", "key-manager", "--user", OTHER]);
+    let o = as_other(&d, &["disable", "billing"], b"");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    denied(
+        &as_other(&d, &["create", "mine", "--type", "aes256"], b""),
+        "manager",
+    );
+    root_ok(&d, &["enable", "billing"]);
+
+    // A group grant covers the group's members.
+    denied(&as_other(&d, &["sign", "signing"], b"m"), "key-user");
+    root_ok(
+        &d,
+        &["grant", "key-user", "--group", GROUP, "--key", "signing"],
+    );
+    assert!(as_other(&d, &["sign", "signing"], b"m").status.success());
+
+    // Revoke takes effect at once, even on a connection opened before it.
+    let mut persistent = Command::new("setpriv")
+        .args([
+            &format!("--reuid={OTHER}"),
+            &format!("--regid={OTHER}"),
+            "--init-groups",
+        ])
+        .arg(kms_e2e::bin("kms-probe"))
+        .arg(&d.socket)
+        .arg("payroll")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = persistent.stdin.take().unwrap();
+    let mut output = BufReader::new(persistent.stdout.take().unwrap());
+    let mut ask = |input: &mut std::process::ChildStdin| {
+        writeln!(input, "go").unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask(&mut input), "ok");
+    root_ok(
+        &d,
+        &["revoke", "key-user", "--user", OTHER, "--key", "payroll"],
+    );
+    assert_eq!(ask(&mut input), "permission-denied");
+    drop(input);
+    let _ = persistent.wait();
+
+    // Every refusal is in the history, with the account.
+    let hist: serde_json::Value = serde_json::from_str(&root_ok(
+        &d,
+        &["--json", "history", "billing", "--result", "error"],
+    ))
+    .unwrap();
+    let refusals: Vec<_> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["result"] == "permission-denied")
+        .collect();
+    assert!(refusals.len() >= 2, "{hist}");
+    assert!(refusals.iter().all(|h| h["account"] == OTHER));
+    let payroll: serde_json::Value = serde_json::from_str(&root_ok(
+        &d,
+        &["--json", "history", "payroll", "--result", "error"],
+    ))
+    .unwrap();
+    assert!(
+        payroll
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["account"] == OTHER
+                && h["action"] == "encrypt"
+                && h["result"] == "permission-denied")
+    );
+}
+
+fn python_helper() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/peer_identity.py")
+}
+
+/// A connection's identity is fixed at connect: a socket opened by the other account and
+/// handed to a root process still acts as the other account.
+#[test]
+fn identity_survives_fd_passing() {
+    let d = shared_daemon();
+    let o = Command::new("python3")
+        .arg(python_helper())
+        .arg("pass-fd")
+        .arg(&d.socket)
+        .arg(OTHER)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("permission-denied"), "{out}");
+    assert!(
+        lines
+            .next()
+            .unwrap_or("")
+            .contains(&format!("account {OTHER}")),
+        "{out}"
+    );
+}
+
+/// `kmsctl watch` sees created, rotated, state-changed, deletion-requested, purged and
+/// permission-changed events caused by another client.
+#[test]
+fn watch_sees_other_clients_events() {
+    let d = TestDaemon::start();
+    let mut watch = Command::new(kms_e2e::bin("kmsctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Let the subscription land before acting.
+    std::thread::sleep(Duration::from_millis(300));
+    root_ok(&d, &["create", "watched", "--type", "aes256"]);
+    root_ok(&d, &["rotate", "watched"]);
+    root_ok(&d, &["disable", "watched"]);
+    root_ok(&d, &["delete", "watched"]);
+    root_ok(&d, &["delete-now", "watched", "--yes"]);
+    root_ok(&d, &["grant", "key-reviewer", "--user", "nobody"]);
+
+    let want = [
+        "created",
+        "rotated",
+        "state-changed",
+        "deletion-requested",
+        "purged",
+        "permission-changed",
+    ];
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < want.len() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            seen.push(v["kind"].as_str().unwrap_or("?").to_string());
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(seen, want);
+}
+
+/// A subscriber that never reads does not block key operations: the daemon buffers a
+/// bounded amount for it, keeps serving, and tells it how many events it missed.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_subscriber_does_not_block() {
+    use kms_shared::protocol::{ClientFrame, Request, ServerFrame};
+    use std::io::Read;
+    let d = TestDaemon::start();
+    let c = d.client().await;
+    c.create_key(kms_shared::protocol::CreateKey {
+        name: "noisy".into(),
+        key_type: kms_shared::model::KeyType::Aes256,
+        protection: Default::default(),
+        convergent: false,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+    })
+    .await
+    .unwrap();
+
+    let ops = 3000;
+    let run = |c: std::sync::Arc<kms_shared::client::Client>| async move {
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..ops {
+            let c = c.clone();
+            set.spawn(async move { c.set_memo("noisy", &format!("memo {i}")).await.map(|_| ()) });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        start.elapsed()
+    };
+    let c = std::sync::Arc::new(c);
+    let unloaded = run(c.clone()).await;
+
+    // A subscriber that never reads a byte.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    for (id, request) in [
+        (
+            1,
+            Request::Hello {
+                protocol: 1,
+                client: "stalled".into(),
+            },
+        ),
+        (2, Request::Subscribe),
+    ] {
+        let body = kms_shared::codec::encode(&ClientFrame { id, request }).unwrap();
+        stalled
+            .write_all(&(body.len() as u32).to_be_bytes())
+            .unwrap();
+        stalled.write_all(&body).unwrap();
+    }
+    let loaded = tokio::time::timeout(Duration::from_secs(120), run(c.clone()))
+        .await
+        .expect("operations blocked behind a stalled subscriber");
+    println!(
+        "{ops} memo changes: {:.0} ops/s without, {:.0} ops/s with a stalled subscriber",
+        f64::from(ops) / unloaded.as_secs_f64(),
+        f64::from(ops) / loaded.as_secs_f64()
+    );
+
+    // When it finally reads, it learns that it lagged.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut lagged = false;
+    let mut len = [0u8; 4];
+    while stalled.read_exact(&mut len).is_ok() {
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        stalled.read_exact(&mut body).unwrap();
+        if let Ok(ServerFrame::Lagged { missed }) = kms_shared::codec::decode(&body) {
+            assert!(missed > 0);
+            lagged = true;
+            break;
+        }
+    }
+    assert!(lagged, "the stalled subscriber was never told it lagged");
+}
