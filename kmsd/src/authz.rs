@@ -86,6 +86,7 @@ pub fn requirement(req: &Request) -> (Need, Option<&str>, Option<Action>) {
         R::Grant(g) => (Need::Admin, g.key.as_deref(), Some(Action::Grant)),
         R::Revoke(g) => (Need::Admin, g.key.as_deref(), Some(Action::Revoke)),
         R::Backup | R::BackupRead { .. } => (Need::Admin, None, None),
+        R::HsmAdd { .. } | R::HsmList | R::HsmRemove { .. } => (Need::Admin, None, None),
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Where the root key comes from under systemd (`$CREDENTIALS_DIRECTORY`).
     pub credentials_dir: Option<PathBuf>,
+    /// The daemon's PKCS#11 token for `hsm` keys, as given (resolved in `kmsd::run`).
+    pub pkcs11: crate::hsm::Pkcs11Settings,
 }
 
 impl Config {
@@ -45,6 +47,7 @@ impl Config {
             credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
+            pkcs11: Default::default(),
         }
     }
 
@@ -101,6 +104,15 @@ impl Config {
         if let Some(v) = f.nonce_budget {
             self.engine.nonce_budget = v.max(1);
         }
+        if f.pkcs11_module.is_some() {
+            self.pkcs11.module = f.pkcs11_module;
+        }
+        if f.pkcs11_token.is_some() {
+            self.pkcs11.token = f.pkcs11_token;
+        }
+        if f.pkcs11_pin_file.is_some() {
+            self.pkcs11.pin_file = f.pkcs11_pin_file;
+        }
     }
 }
 
@@ -120,6 +132,10 @@ struct FileConfig {
     deletion_delay_hours: Option<f64>,
     retention_days: Option<u32>,
     nonce_budget: Option<u64>,
+    /// The daemon's PKCS#11 token (SPEC §9): module path, token label, PIN file.
+    pkcs11_module: Option<PathBuf>,
+    pkcs11_token: Option<String>,
+    pkcs11_pin_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +166,15 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/x"));
         assert_eq!(c.idle_timeout, Duration::from_secs(2));
         assert_eq!(c.socket, socket);
+        std::fs::write(
+            &p,
+            "pkcs11_module = \"/m.so\"\npkcs11_token = \"t\"\npkcs11_pin_file = \"/pin\"\n",
+        )
+        .unwrap();
+        c.apply_file(&p).unwrap();
+        assert_eq!(c.pkcs11.module, Some(PathBuf::from("/m.so")));
+        assert_eq!(c.pkcs11.token.as_deref(), Some("t"));
+        assert_eq!(c.pkcs11.pin_file, Some(PathBuf::from("/pin")));
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(matches!(c.apply_file(&p), Err(ConfigError::Parse { .. })));
     }

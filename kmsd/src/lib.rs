@@ -15,6 +15,7 @@ pub mod config;
 pub mod connection;
 pub mod crypto;
 pub mod engine;
+pub mod hsm;
 pub mod restore;
 pub mod scheduler;
 pub mod server;
@@ -56,6 +57,13 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
             .context("cannot load the root key")?;
     tracing::info!(?source, "root key loaded");
     let store = store::Store::open(&config.store_path(), &root.fingerprint())?;
+    if let Some(token) = config
+        .pkcs11
+        .resolve(config.credentials_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
+        config.engine.pkcs11 = Some(token);
+    }
     let engine = Arc::new(engine::Engine::open(
         store,
         root,

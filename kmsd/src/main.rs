@@ -24,6 +24,15 @@ struct Args {
     /// Share the socket with this group: 0660 in a 0750 directory.
     #[arg(long)]
     socket_group: Option<String>,
+    /// PKCS#11 module of the daemon's token, for `hsm` keys
+    #[arg(long, value_name = "PATH")]
+    pkcs11_module: Option<PathBuf>,
+    /// Label of the daemon's PKCS#11 token
+    #[arg(long, value_name = "LABEL")]
+    pkcs11_token: Option<String>,
+    /// File holding the token's user PIN [default: the credential kms-pkcs11-pin]
+    #[arg(long, value_name = "FILE")]
+    pkcs11_pin_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -93,6 +102,15 @@ fn start(args: Args) -> anyhow::Result<()> {
     }
     if args.socket_group.is_some() {
         config.socket_group = args.socket_group;
+    }
+    if args.pkcs11_module.is_some() {
+        config.pkcs11.module = args.pkcs11_module;
+    }
+    if args.pkcs11_token.is_some() {
+        config.pkcs11.token = args.pkcs11_token;
+    }
+    if args.pkcs11_pin_file.is_some() {
+        config.pkcs11.pin_file = args.pkcs11_pin_file;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -305,6 +305,28 @@ impl Service {
             Request::BackupRead { snapshot, offset } => {
                 self.backups.read(&snapshot, offset, caller).await
             }
+            // Managers only (authz: Need::Admin); loading a module and logging in blocks.
+            Request::HsmAdd {
+                name,
+                module,
+                token,
+                pin_file,
+            } => {
+                self.blocking(caller, move |e, c| {
+                    e.hsm_add(c, &name, &module, &token, &pin_file)
+                        .map(Response::HsmToken)
+                })
+                .await
+            }
+            Request::HsmList => Ok(Response::HsmTokens {
+                tokens: e.hsm_list(),
+            }),
+            Request::HsmRemove { name } => {
+                self.blocking(caller, move |e, c| {
+                    e.hsm_remove(c, &name).map(Response::HsmToken)
+                })
+                .await
+            }
         }
     }
 
@@ -363,9 +385,11 @@ impl Service {
     }
 
     fn is_aes(&self, key: &str) -> bool {
-        self.engine
-            .resolve(key)
-            .is_ok_and(|k| k.rec.key_type == KeyType::Aes256)
+        // Software AES only: an HSM key waits on a token session, never on the reactor.
+        self.engine.resolve(key).is_ok_and(|k| {
+            k.rec.key_type == KeyType::Aes256
+                && k.rec.protection == kms_shared::model::Protection::Basic
+        })
     }
 
     /// Runs a crypto call inline or on the blocking pool; returns its pending result.

@@ -80,6 +80,7 @@ impl Fx {
             auto_rotation: false,
             rotation_days: None,
             memo: String::new(),
+            hsm: None,
         };
         f(&mut spec);
         self.e().create_key(&self.me, &spec).unwrap()
@@ -388,6 +389,7 @@ fn purposes_and_limits() {
         auto_rotation: false,
         rotation_days: None,
         memo: String::new(),
+        hsm: None,
     };
     assert_eq!(
         kind(e.create_key(me, &bad_name)),

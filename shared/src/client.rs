@@ -10,8 +10,8 @@ use crate::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, SignScheme, Version
 use crate::paths;
 use crate::protocol::{
     CiphertextItem, ClientFrame, CreateKey, DEFAULT_MAX_FRAME, DaemonStatus, ErrorKind, Event,
-    GrantSpec, HistoryQuery, ItemOutcome, Outcome, PROTOCOL_VERSION, PlaintextItem, Request,
-    Response, ServerFrame, WireError,
+    GrantSpec, HistoryQuery, HsmTokenInfo, ItemOutcome, Outcome, PROTOCOL_VERSION, PlaintextItem,
+    Request, Response, ServerFrame, WireError,
 };
 use interprocess::local_socket::tokio::{Stream, prelude::*};
 use interprocess::local_socket::{GenericFilePath, ToFsName};
@@ -501,6 +501,41 @@ impl Client {
     pub async fn grants(&self) -> Result<Vec<GrantInfo>, ClientError> {
         match self.call(Request::ListGrants).await? {
             Response::Grants { grants } => Ok(grants),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Registers a PKCS#11 token for `dedicated-hsm` keys (managers only).
+    pub async fn hsm_add(
+        &self,
+        name: &str,
+        module: &str,
+        token: &str,
+        pin_file: &str,
+    ) -> Result<HsmTokenInfo, ClientError> {
+        let req = Request::HsmAdd {
+            name: name.into(),
+            module: module.into(),
+            token: token.into(),
+            pin_file: pin_file.into(),
+        };
+        match self.call(req).await? {
+            Response::HsmToken(t) => Ok(t),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn hsm_list(&self) -> Result<Vec<HsmTokenInfo>, ClientError> {
+        match self.call(Request::HsmList).await? {
+            Response::HsmTokens { tokens } => Ok(tokens),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Forgets a registered token; refused while it holds keys not yet purged.
+    pub async fn hsm_remove(&self, name: &str) -> Result<HsmTokenInfo, ClientError> {
+        match self.call(Request::HsmRemove { name: name.into() }).await? {
+            Response::HsmToken(t) => Ok(t),
             other => Err(unexpected(&other)),
         }
     }

@@ -220,6 +220,24 @@ pub enum Request {
         snapshot: String,
         offset: u64,
     },
+    /// Registers a PKCS#11 token for `dedicated-hsm` keys (managers only). The daemon
+    /// loads the module, finds the token by label and logs in with the PIN read from
+    /// `pin_file` before it stores the registration (the file's path, never the PIN).
+    HsmAdd {
+        name: String,
+        /// Absolute path of the PKCS#11 module (owned by root, not group/world-writable).
+        module: String,
+        /// The token's label.
+        token: String,
+        /// A file the daemon can read whose first line is the user PIN.
+        pin_file: String,
+    },
+    /// The registered tokens (managers only).
+    HsmList,
+    /// Forgets a registered token; refused while keys not yet purged live on it.
+    HsmRemove {
+        name: String,
+    },
 }
 
 impl Request {
@@ -260,6 +278,9 @@ impl Request {
             Request::ListGrants => "list_grants",
             Request::Backup => "backup",
             Request::BackupRead { .. } => "backup_read",
+            Request::HsmAdd { .. } => "hsm_add",
+            Request::HsmList => "hsm_list",
+            Request::HsmRemove { .. } => "hsm_remove",
         }
     }
 }
@@ -280,6 +301,9 @@ pub struct CreateKey {
     pub rotation_days: Option<u32>,
     #[serde(default)]
     pub memo: String,
+    /// For `dedicated-hsm`: the name of the registered token to create the key on.
+    #[serde(default)]
+    pub hsm: Option<String>,
 }
 
 /// What a grant or revoke names.
@@ -399,6 +423,26 @@ pub enum Response {
         total: u64,
         done: bool,
     },
+    /// A registered token (the answer to `hsm_add` and `hsm_remove`).
+    HsmToken(HsmTokenInfo),
+    HsmTokens {
+        tokens: Vec<HsmTokenInfo>,
+    },
+}
+
+/// A PKCS#11 token registered for `dedicated-hsm` keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmTokenInfo {
+    pub name: String,
+    pub module: String,
+    /// The token's label.
+    pub token: String,
+    pub pin_file: String,
+    pub added_at: UnixMillis,
+    pub added_by: String,
+    /// Keys on this token that are not purged.
+    #[serde(default)]
+    pub keys: u64,
 }
 
 /// The result of one item of a batch.

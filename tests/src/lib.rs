@@ -1,6 +1,8 @@
 //! The end-to-end harness: a real `kmsd` binary on a temporary socket and data directory,
 //! driven through the real client library and the real `kmsctl` binary.
 
+pub mod softhsm;
+
 use kms_shared::client::Client;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -9,11 +11,12 @@ use std::time::{Duration, Instant};
 /// The directory holding the workspace's built binaries (next to the test executable).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> → target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    // A test runs from target/<profile>/deps/, a binary (kms-bench) from target/<profile>/.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir
 }
 
 /// Path of a workspace binary; panics with a clear message if it was not built.

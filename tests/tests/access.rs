@@ -318,6 +318,7 @@ async fn stalled_subscriber_does_not_block() {
         auto_rotation: false,
         rotation_days: None,
         memo: String::new(),
+        hsm: None,
     })
     .await
     .unwrap();

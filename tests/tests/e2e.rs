@@ -339,6 +339,7 @@ fn spec(name: &str, t: &str) -> kms_shared::protocol::CreateKey {
         auto_rotation: false,
         rotation_days: None,
         memo: String::new(),
+        hsm: None,
     }
 }
 

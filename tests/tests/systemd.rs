@@ -428,6 +428,7 @@ async fn aes_key(c: &Client, name: &str) {
         auto_rotation: false,
         rotation_days: None,
         memo: String::new(),
+        hsm: None,
     })
     .await
     .unwrap();
@@ -871,6 +872,7 @@ async fn process_hardening() {
             auto_rotation: false,
             rotation_days: None,
             memo: String::new(),
+            hsm: None,
         })
         .await
         .unwrap();

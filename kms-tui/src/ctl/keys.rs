@@ -28,6 +28,9 @@ pub struct CreateArgs {
     /// Free text, at most 100 characters
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub memo: String,
+    /// The registered token of a dedicated-hsm key (see `kmsctl hsm list`)
+    #[arg(long, value_name = "NAME")]
+    pub hsm: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +59,7 @@ pub async fn create(ctx: &mut Ctx, a: CreateArgs) -> CmdResult {
             auto_rotation: a.auto_rotate,
             rotation_days: a.rotation_days,
             memo: a.memo,
+            hsm: a.hsm,
         })
         .await?;
     ctx.out.key(&key)?;

@@ -35,6 +35,7 @@ mod backup;
 mod crypto;
 mod grants;
 mod history;
+mod hsm;
 mod keys;
 mod lifecycle;
 mod output;
@@ -155,6 +156,9 @@ pub enum Command {
     /// key (root.key or the kms-root-key credential) separately; without it the backup
     /// cannot be restored. Restore with `kmsd restore FILE` while kmsd is stopped.
     Backup(backup::BackupArgs),
+    /// Register, list and remove the PKCS#11 tokens of dedicated-hsm keys (managers only)
+    #[command(subcommand)]
+    Hsm(hsm::HsmCommand),
 }
 
 #[derive(Debug, Args)]
@@ -338,6 +342,7 @@ async fn dispatch(ctx: &mut Ctx, command: Command) -> CmdResult {
         Command::Revoke(a) => grants::revoke(ctx, a).await,
         Command::Grants => grants::list(ctx).await,
         Command::Backup(a) => backup::backup(ctx, a).await,
+        Command::Hsm(c) => hsm::run(ctx, c).await,
     }
 }
 
@@ -398,6 +403,10 @@ mod tests {
             "status --json",
             "backup /tmp/kms.redb",
             "backup /tmp/kms.redb --force",
+            "hsm add vault-a --module /usr/lib/softhsm/libsofthsm2.so --token t --pin-file /p",
+            "hsm list",
+            "hsm remove vault-a",
+            "create k01 --type ecdsa --protection dedicated-hsm --hsm vault-a",
         ] {
             if let Err(e) = parse(args) {
                 panic!("{args}: {e}");
@@ -426,6 +435,8 @@ mod tests {
             "history k01 --limit 0",
             "history k01 --action nope",
             "set-memo k01",
+            "hsm",
+            "hsm add vault-a --token t --pin-file /p",
         ] {
             let e = parse(args).err().unwrap_or_else(|| panic!("{args} parsed"));
             assert_eq!(e.exit_code(), 2, "{args}");

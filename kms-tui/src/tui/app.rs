@@ -286,6 +286,7 @@ impl CreateForm {
             auto_rotation: self.auto_rotation,
             rotation_days: parse_days(&self.days).ok(),
             memo: self.memo.clone(),
+            hsm: None,
         })
     }
 

@@ -301,6 +301,7 @@ fn create_form_validates_and_submits() {
             auto_rotation: true,
             rotation_days: Some(30),
             memo: "order ids".into(),
+            hsm: None,
         })]
     );
     assert!(form(&a).submitting);

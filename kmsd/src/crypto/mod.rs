@@ -48,6 +48,9 @@ pub enum KeyMaterial {
     Aes(AesKey),
     Ecdsa(EcdsaKey),
     Rsa(RsaKey),
+    /// A version of an `hsm` or `dedicated-hsm` key: only where it lives in the token and
+    /// its public half; the secret never leaves the token.
+    Hsm(crate::hsm::HsmKey),
 }
 
 impl KeyMaterial {
@@ -65,16 +68,19 @@ impl KeyMaterial {
             KeyMaterial::Aes(_) => KeyType::Aes256,
             KeyMaterial::Ecdsa(_) => KeyType::Ecdsa,
             KeyMaterial::Rsa(_) => KeyType::Rsa2048,
+            KeyMaterial::Hsm(k) => k.key_type(),
         }
     }
 
     /// Serialized secret for wrapping at rest: AES = 32 raw bytes; ECDSA = the 32-byte
-    /// big-endian scalar; RSA = PKCS#8 DER.
+    /// big-endian scalar; RSA = PKCS#8 DER. Empty for an HSM key: its secret cannot leave
+    /// the token, and HSM versions are never wrapped (the store keeps a reference).
     pub fn to_secret_bytes(&self) -> Zeroizing<Vec<u8>> {
         match self {
             KeyMaterial::Aes(k) => Zeroizing::new(k.raw_bytes().to_vec()),
             KeyMaterial::Ecdsa(k) => k.secret_bytes(),
             KeyMaterial::Rsa(k) => Zeroizing::new(k.pkcs8_der().to_vec()),
+            KeyMaterial::Hsm(_) => Zeroizing::new(Vec::new()),
         }
     }
 
@@ -93,6 +99,7 @@ impl KeyMaterial {
             KeyMaterial::Aes(_) => None,
             KeyMaterial::Ecdsa(k) => Some(k.public_key_pem().to_owned()),
             KeyMaterial::Rsa(k) => Some(k.public_key_pem().to_owned()),
+            KeyMaterial::Hsm(k) => k.public_key_pem().map(str::to_owned),
         }
     }
 

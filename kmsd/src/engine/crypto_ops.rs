@@ -256,6 +256,7 @@ impl Engine {
                 KeyMaterial::Ecdsa(k) => k.sign(message)?,
                 KeyMaterial::Rsa(k) => k.sign(scheme, message)?,
                 KeyMaterial::Aes(_) => return Err(wrong_purpose(e, "sign")),
+                KeyMaterial::Hsm(k) => k.sign(scheme, message)?,
             };
             Ok((v.version, ciphertext::format(v.version, &sig)))
         })
@@ -283,6 +284,7 @@ impl Engine {
                 KeyMaterial::Ecdsa(k) => k.verify(message, &sig),
                 KeyMaterial::Rsa(k) => k.verify(scheme, message, &sig),
                 KeyMaterial::Aes(_) => return Err(wrong_purpose(e, "verify")),
+                KeyMaterial::Hsm(k) => k.verify(scheme, message, &sig),
             };
             Ok((version, valid))
         })
@@ -381,6 +383,20 @@ impl Engine {
                 }
                 KeyMaterial::Rsa(k) => k.encrypt(plaintext)?,
                 KeyMaterial::Ecdsa(_) => return Err(wrong_purpose(&entry, "encrypt")),
+                // AES in the token: the same nonce budget, the same AAD, a random nonce
+                // (convergent keys are refused at creation for HSM levels).
+                KeyMaterial::Hsm(k) if entry.rec.key_type == KeyType::Aes256 => {
+                    let used = v.encryptions.fetch_add(1, Ordering::Relaxed);
+                    if used >= self.config.nonce_budget {
+                        self.rotate_for_budget(&entry.rec.tag, v.version)?;
+                        entry = self.resolve(&entry.rec.tag)?;
+                        require_enabled(&entry)?;
+                        continue;
+                    }
+                    let aad = data_aad(&entry.rec.tag, v.version, context.unwrap_or_default());
+                    k.encrypt_aes(&aad, plaintext)?
+                }
+                KeyMaterial::Hsm(k) => k.rsa_encrypt(plaintext)?,
             };
             return Ok((v.version, ciphertext::format(v.version, &body)));
         }
@@ -416,6 +432,11 @@ impl Engine {
             }
             KeyMaterial::Rsa(k) => k.decrypt(&body)?,
             KeyMaterial::Ecdsa(_) => return Err(wrong_purpose(entry, "decrypt")),
+            KeyMaterial::Hsm(k) if entry.rec.key_type == KeyType::Aes256 => {
+                let aad = data_aad(&entry.rec.tag, version, context.unwrap_or_default());
+                k.decrypt_aes(&aad, &body)?
+            }
+            KeyMaterial::Hsm(k) => k.rsa_decrypt(&body)?,
         };
         Ok((version, pt))
     }

@@ -32,6 +32,9 @@ pub enum EngineError {
     Store(Arc<StoreError>),
     #[error("cryptographic failure: {0}")]
     Crypto(CryptoError),
+    /// A PKCS#11 token failed or refused (its message names the token, never the PIN).
+    #[error("{0}")]
+    Hsm(crate::hsm::HsmError),
 }
 
 impl EngineError {
@@ -48,6 +51,7 @@ impl EngineError {
             EngineError::DecryptFailed => ErrorKind::DecryptFailed,
             EngineError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             EngineError::Store(_) | EngineError::Crypto(_) => ErrorKind::Internal,
+            EngineError::Hsm(e) => e.kind(),
         }
     }
 
@@ -61,6 +65,16 @@ impl From<CryptoError> for EngineError {
         match e {
             CryptoError::DecryptFailed => EngineError::DecryptFailed,
             other => EngineError::Crypto(other),
+        }
+    }
+}
+
+impl From<crate::hsm::HsmError> for EngineError {
+    fn from(e: crate::hsm::HsmError) -> Self {
+        match e {
+            crate::hsm::HsmError::DecryptFailed => EngineError::DecryptFailed,
+            crate::hsm::HsmError::Invalid(m) => EngineError::InvalidArgument(m),
+            other => EngineError::Hsm(other),
         }
     }
 }

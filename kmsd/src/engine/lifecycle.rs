@@ -70,6 +70,10 @@ impl Engine {
                 v.version, entry.rec.name
             ))
         })?;
+        if entry.rec.protection != Protection::Basic {
+            let m = self.load_hsm_material(entry, v, wrapped)?;
+            return Ok(v.material.get_or_init(|| m).clone());
+        }
         let secret = self
             .root
             .unwrap(&wrap_aad(&entry.rec.tag, v.version), wrapped)
@@ -90,6 +94,9 @@ impl Engine {
         version: u32,
         now: UnixMillis,
     ) -> Result<(u32, VersionRecord, Option<Arc<KeyMaterial>>), EngineError> {
+        if rec.protection != Protection::Basic {
+            return self.new_hsm_version(rec, version, now);
+        }
         let material = KeyMaterial::generate(rec.key_type)?;
         let wrapped = self
             .root
@@ -161,7 +168,11 @@ impl Engine {
             change.refusal.as_ref().map(EngineError::kind),
         ));
 
-        self.writer.submit(m).wait()?;
+        if let Err(e) = self.writer.submit(m).wait() {
+            // Versions generated in a token for this change would be orphans there.
+            self.discard_hsm_versions(&change.versions);
+            return Err(e.into());
+        }
 
         // Durable: now publish.
         let mut versions = old.map(|o| o.versions.clone()).unwrap_or_default();
@@ -251,12 +262,7 @@ impl Engine {
         model::validate_convergent(spec.key_type, spec.convergent).map_err(invalid)?;
         let days = spec.rotation_days.unwrap_or(DEFAULT_ROTATION_DAYS);
         model::validate_rotation_days(days).map_err(invalid)?;
-        if spec.protection != Protection::Basic {
-            return Err(EngineError::InvalidArgument(format!(
-                "protection level {} needs a PKCS#11 token and none is configured on this kmsd",
-                spec.protection
-            )));
-        }
+        self.check_protection(spec)?;
 
         let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         if self.ring().by_name.contains_key(&spec.name) {
@@ -271,7 +277,8 @@ impl Engine {
             name: spec.name.clone(),
             key_type: spec.key_type,
             protection: spec.protection,
-            hsm: None,
+            // Only for dedicated-hsm (check_protection refused it elsewhere).
+            hsm: spec.hsm.clone(),
             state: KeyState::Enabled,
             convergent: spec.convergent,
             current_version: 1,
@@ -618,6 +625,8 @@ impl Engine {
     pub fn delete_now(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
         self.change_key(caller, key, Action::DeleteNow, None, |e, now| {
             require_pending(e)?;
+            // Token objects go first: a purge is committed only once they are destroyed.
+            self.destroy_hsm_material(e)?;
             Ok(purge_change(e, now, Action::DeleteNow))
         })
         .map(|e| e.info())
@@ -630,6 +639,7 @@ impl Engine {
             if e.rec.deletion_due_at.is_none_or(|d| d > now) {
                 return Err(EngineError::InvalidState("purge not yet due".into()));
             }
+            self.destroy_hsm_material(e)?;
             Ok(purge_change(e, now, Action::Purge))
         })
     }

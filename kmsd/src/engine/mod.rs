@@ -13,6 +13,7 @@
 mod crypto_ops;
 mod error;
 mod grants;
+mod hsm;
 mod keyring;
 mod lifecycle;
 pub mod schedule;
@@ -47,6 +48,8 @@ pub struct EngineConfig {
     pub nonce_budget: u64,
     /// Buffered events per subscriber before it is told it lagged.
     pub event_buffer: usize,
+    /// The daemon's PKCS#11 token for `hsm` keys (none: `hsm` keys are refused).
+    pub pkcs11: Option<crate::hsm::DaemonToken>,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             retention_ms: 365 * DAY_MS,
             nonce_budget: 1 << 30,
             event_buffer: 1024,
+            pkcs11: None,
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct Engine {
     due_changed: Arc<Notify>,
     /// Grants, swapped whole on change so checks never wait.
     grants: RwLock<Arc<Vec<GrantInfo>>>,
+    /// The daemon's PKCS#11 token and the dedicated ones managers registered.
+    hsm: crate::hsm::Registry,
 }
 
 impl Engine {
@@ -163,6 +169,10 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let mut snapshot = store.load()?;
         let grants = std::mem::take(&mut snapshot.grants);
+        let hsm = crate::hsm::Registry::open(
+            config.pkcs11.as_ref(),
+            std::mem::take(&mut snapshot.hsm_tokens),
+        )?;
         let keyring = Keyring::from_snapshot(snapshot);
         let writer = store.start_writer()?;
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
@@ -178,6 +188,7 @@ impl Engine {
             event_seq: AtomicU64::new(1),
             due_changed: Arc::new(Notify::new()),
             grants: RwLock::new(Arc::new(grants)),
+            hsm,
         })
     }
 

@@ -7,8 +7,8 @@
 //! under the root key, which is never in the store: a backup is useless without it.
 
 use super::{
-    DUE, ENCRYPTIONS, GRANTS, HISTORY, KEYS, META, META_ROOT, META_SCHEMA, NAMES, SCHEMA_VERSION,
-    Store, StoreError, USAGE, VERSIONS, read_u64,
+    DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_ROOT, META_SCHEMA, NAMES,
+    SCHEMA_VERSION, Store, StoreError, USAGE, VERSIONS, read_u64,
 };
 use redb::{
     Database, Key, MultimapTableHandle, ReadTransaction, ReadableDatabase, ReadableTableMetadata,
@@ -20,7 +20,7 @@ use std::path::Path;
 /// Every table of the store, by name. A snapshot refuses a store holding a table missing
 /// here rather than silently leaving it out; the unit tests fail when `Store::open`
 /// creates one this list lacks.
-pub(crate) const TABLES: [&str; 9] = [
+pub(crate) const TABLES: [&str; 10] = [
     "meta",
     "keys",
     "names",
@@ -30,6 +30,7 @@ pub(crate) const TABLES: [&str; 9] = [
     "usage",
     "encryptions",
     "grants",
+    "hsm_tokens",
 ];
 
 /// What a verified backup holds.
@@ -69,7 +70,8 @@ impl Store {
 
     fn copy_into(&self, path: &Path) -> Result<(), StoreError> {
         // The view of the snapshot: taken first, before anything else can take time.
-        let src = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let src = db.begin_read()?;
         let unknown: Vec<String> = src
             .list_tables()?
             .map(|t| t.name().to_string())
@@ -98,6 +100,7 @@ impl Store {
         copy(&src, &tx, USAGE)?;
         copy(&src, &tx, ENCRYPTIONS)?;
         copy(&src, &tx, GRANTS)?;
+        copy(&src, &tx, HSM_TOKENS)?;
         // Durable (the default): the file is complete once this returns.
         tx.commit()?;
         Ok(())
@@ -227,7 +230,7 @@ mod tests {
     fn every_table_is_known() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
-        let tx = store.db.begin_read().unwrap();
+        let tx = store.db.get().unwrap().begin_read().unwrap();
         let mut names: Vec<String> = tx
             .list_tables()
             .unwrap()

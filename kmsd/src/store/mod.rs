@@ -19,16 +19,25 @@
 //! wrong one.
 
 pub mod backup;
+mod handle;
 pub mod records;
 pub mod writer;
 
 use kms_shared::model::{Action, UnixMillis};
-use records::{DueKind, HistoryRecord, KeyRecord, UsageRecord, VersionRecord, decode};
+use records::{
+    DueKind, HistoryRecord, HsmTokenRecord, KeyRecord, UsageRecord, VersionRecord, decode,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use writer::{Mutation, Ticket, Writer};
+
+/// redb's page cache. redb keeps every page it writes in this cache (default 1 GiB), so
+/// with the default the daemon's memory would grow with its history until it held a
+/// gigabyte; the hot set (the newest history pages, counters, the tree roots; keys and
+/// versions live in the engine's memory) is far smaller.
+const CACHE_BYTES: usize = 16 << 20;
 
 /// The schema this build writes. Older schemas are migrated on open; newer are refused.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -52,6 +61,8 @@ pub(crate) const ENCRYPTIONS: TableDefinition<(&str, u32), u64> =
     TableDefinition::new("encryptions");
 /// grants: id → grant record (filled by access control).
 pub(crate) const GRANTS: TableDefinition<u64, &[u8]> = TableDefinition::new("grants");
+/// hsm_tokens: name → HsmTokenRecord (dedicated HSM tokens managers registered).
+pub(crate) const HSM_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("hsm_tokens");
 
 const META_SCHEMA: &str = "schema_version";
 const META_ROOT: &str = "root_key_fingerprint";
@@ -119,6 +130,7 @@ pub struct Snapshot {
     pub encryptions: Vec<(String, u32, u64)>,
     pub due: Vec<(UnixMillis, String, DueKind)>,
     pub grants: Vec<kms_shared::model::GrantInfo>,
+    pub hsm_tokens: Vec<HsmTokenRecord>,
 }
 
 /// A history query as the store answers it.
@@ -135,24 +147,76 @@ pub struct HistoryFilter {
 /// The open key store.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<handle::DbHandle>,
     path: PathBuf,
 }
 
 impl Store {
     /// Opens (or creates) the store at `path` for the root key with this fingerprint.
     pub fn open(path: &Path, root_fingerprint: &str) -> Result<Store, StoreError> {
-        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
+        refuse_panics(path, || Self::open_checked(path, root_fingerprint))
+    }
+
+    fn open_checked(path: &Path, root_fingerprint: &str) -> Result<Store, StoreError> {
         if path.exists() {
             refuse_other_root_key(path, root_fingerprint)?;
+        } else {
+            create_atomically(path, root_fingerprint)?;
         }
-        let db = Database::builder().create(path).map_err(|e| open_err(&e))?;
+        Self::open_file(path, root_fingerprint)
+    }
+
+    fn open_file(path: &Path, root_fingerprint: &str) -> Result<Store, StoreError> {
+        let open = {
+            let path = path.to_path_buf();
+            move || -> Result<Database, StoreError> {
+                let db = Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&path)
+                    .map_err(|e| StoreError::Open {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                verified(db, &path)
+            }
+        };
+        let db = open()?;
         let store = Store {
-            db: Arc::new(db),
+            db: Arc::new(handle::DbHandle::new(db, Box::new(open))),
             path: path.to_path_buf(),
+        };
+        store.init(root_fingerprint)?;
+        Ok(store)
+    }
+
+    /// Opens (or creates) a store on another redb storage backend (tests: simulated power
+    /// loss and I/O errors). `label` names it in errors. The backend is cloned to reopen
+    /// the store after a failed commit, so clones must share the same storage.
+    pub fn open_with_backend<B>(
+        backend: B,
+        label: &Path,
+        root_fingerprint: &str,
+    ) -> Result<Store, StoreError>
+    where
+        B: redb::StorageBackend + Clone,
+    {
+        let open = {
+            let label = label.to_path_buf();
+            move || -> Result<Database, StoreError> {
+                let db = Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .create_with_backend(backend.clone())
+                    .map_err(|e| StoreError::Open {
+                        path: label.clone(),
+                        message: e.to_string(),
+                    })?;
+                verified(db, &label)
+            }
+        };
+        let db = open()?;
+        let store = Store {
+            db: Arc::new(handle::DbHandle::new(db, Box::new(open))),
+            path: label.to_path_buf(),
         };
         store.init(root_fingerprint)?;
         Ok(store)
@@ -164,7 +228,8 @@ impl Store {
 
     /// Creates missing tables, checks the schema and the root key in one transaction.
     fn init(&self, root_fingerprint: &str) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write()?;
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
         writer::make_durable(&mut tx)?;
         {
             let mut meta = tx.open_table(META)?;
@@ -177,6 +242,7 @@ impl Store {
             tx.open_table(HISTORY)?;
             tx.open_table(ENCRYPTIONS)?;
             tx.open_table(GRANTS)?;
+            tx.open_table(HSM_TOKENS)?;
 
             let schema = meta
                 .get(META_SCHEMA)?
@@ -218,7 +284,8 @@ impl Store {
 
     /// Reads everything the engine keeps in memory.
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let mut snap = Snapshot::default();
         for row in tx.open_table(KEYS)?.iter()? {
             let (_, v) = row?;
@@ -245,6 +312,18 @@ impl Store {
             snap.grants
                 .push(decode(v.value()).map_err(corrupt("grants"))?);
         }
+        // Absent in a store written before HSM tokens existed (opened read-only here).
+        match tx.open_table(HSM_TOKENS) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (_, v) = row?;
+                    snap.hsm_tokens
+                        .push(decode(v.value()).map_err(corrupt("hsm_tokens"))?);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         for row in tx.open_table(DUE)?.iter()? {
             let (k, _) = row?;
             let (at, tag, kind) = k.value();
@@ -263,7 +342,8 @@ impl Store {
         tag: &str,
         filter: &HistoryFilter,
     ) -> Result<Vec<(u64, HistoryRecord)>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         let table = tx.open_table(HISTORY)?;
         let upper = filter.before_seq.unwrap_or(u64::MAX);
         let mut out = Vec::new();
@@ -290,7 +370,8 @@ impl Store {
 
     /// Number of history entries of all keys (for status and tests).
     pub fn history_len(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
         Ok(tx.open_table(HISTORY)?.len()?)
     }
 
@@ -301,9 +382,104 @@ impl Store {
 
     /// Runs redb's integrity check (needs exclusive access: call with no writer running).
     pub fn check_integrity(self) -> Result<bool, StoreError> {
-        let mut db = Arc::try_unwrap(self.db)
-            .map_err(|_| StoreError::Db("the store is still in use".into()))?;
+        let mut db = self.db.take_exclusive()?;
         db.check_integrity().map_err(StoreError::db)
+    }
+}
+
+/// Creates a new store under a temporary name, initialised and durable, and renames it
+/// into place: a power loss during the very first start leaves no store or a complete
+/// one, never a half-written file that redb refuses to open ("not a redb database").
+fn create_atomically(path: &Path, root_fingerprint: &str) -> Result<(), StoreError> {
+    let fail = |message: String| StoreError::Open {
+        path: path.to_path_buf(),
+        message,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| fail("the store path has no file name".into()))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(".create-tmp");
+    let tmp = path.with_file_name(tmp_name);
+    // Left over from a start that died while creating the store: it holds nothing.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("cannot remove {}: {e}", tmp.display()))),
+    }
+    // Opening creates the file and commits its tables durably; dropping closes it.
+    drop(
+        Store::open_file(&tmp, root_fingerprint)
+            .map_err(|e| fail(format!("cannot create it: {e}")))?,
+    );
+    std::fs::rename(&tmp, path)
+        .map_err(|e| fail(format!("cannot move the new store into place: {e}")))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail(format!("cannot sync the data directory: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Opens a store file that no daemon holds and runs redb's integrity check on it, for
+/// tools and tests (the crash harness checks the file after every SIGKILL). `Ok(true)`:
+/// the file passed as found (after redb's normal crash recovery on open).
+pub fn check_file(path: &Path) -> Result<bool, StoreError> {
+    refuse_panics(path, || {
+        let mut db = Database::open(path).map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        db.check_integrity().map_err(StoreError::db)
+    })
+}
+
+/// redb verifies page checksums only in its integrity check and repair, and reading
+/// some damaged pages makes it panic instead of returning an error. A damaged store is
+/// refused with a message naming it, not a crash.
+fn refuse_panics<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(StoreError::Open {
+            path: path.to_path_buf(),
+            message: format!(
+                "the store is corrupt (redb failed reading it: {why}); restore the last \
+                 backup with `kmsd restore`"
+            ),
+        })
+    })
+}
+
+/// Runs redb's integrity check on a freshly opened store: it verifies every page's
+/// checksum, which plain reads do not, so a store whose bytes changed on disk is refused
+/// instead of served. A check that fails but repairs (an allocator state rebuilt, an
+/// unfinished commit rolled back) is logged; one that cannot repair refuses the store.
+fn verified(mut db: Database, path: &Path) -> Result<Database, StoreError> {
+    match db.check_integrity() {
+        Ok(true) => Ok(db),
+        Ok(false) => {
+            tracing::warn!(
+                store = %path.display(),
+                "the key store failed redb's integrity check and was repaired to its last \
+                 consistent commit"
+            );
+            Ok(db)
+        }
+        Err(e) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            message: format!(
+                "the store is corrupt (redb's integrity check failed: {e}); restore the last \
+                 backup with `kmsd restore`"
+            ),
+        }),
     }
 }
 

@@ -50,6 +50,8 @@ pub struct VersionRecord {
     pub created_at: UnixMillis,
     pub enabled: bool,
     /// AES-256-GCM under the root key, AAD = key tag and version. `None` after purge.
+    /// For `hsm` and `dedicated-hsm` keys: only a reference to the token objects
+    /// (`hsm::HsmRef`); the material never leaves the token.
     #[serde(with = "kms_shared::protocol::opt_bytes")]
     pub wrapped: Option<Vec<u8>>,
 }
@@ -63,6 +65,20 @@ impl std::fmt::Debug for VersionRecord {
             .field("wrapped", &self.wrapped.as_ref().map(|_| "<wrapped>"))
             .finish()
     }
+}
+
+/// A dedicated HSM token a manager registered (SPEC §9): where it is and the path of its
+/// PIN file. The PIN itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmTokenRecord {
+    pub name: String,
+    /// Absolute path of the PKCS#11 module.
+    pub module: String,
+    /// The token's label.
+    pub token: String,
+    pub pin_file: String,
+    pub added_at: UnixMillis,
+    pub added_by: String,
 }
 
 /// Usage of a key: successful crypto calls and the last of them.

@@ -11,11 +11,12 @@
 //! with the error and nothing of the group is visible; earlier commits are untouched.
 
 use super::records::{
-    DueKind, HistoryRecord, KeyRecord, UsageRecord, VersionRecord, encode_array, encode_map,
+    DueKind, HistoryRecord, HsmTokenRecord, KeyRecord, UsageRecord, VersionRecord, encode_array,
+    encode_map,
 };
 use super::{
-    DUE, ENCRYPTIONS, GRANTS, HISTORY, KEYS, META, META_HISTORY_SEQ, NAMES, StoreError, USAGE,
-    VERSIONS, decode,
+    DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_HISTORY_SEQ, NAMES, StoreError,
+    USAGE, VERSIONS, decode,
 };
 use kms_shared::model::UnixMillis;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
@@ -77,6 +78,10 @@ pub enum Mutation {
     Expunge {
         tag: String,
     },
+    /// Registers (or replaces) a dedicated HSM token.
+    PutHsmToken(HsmTokenRecord),
+    /// Forgets a dedicated HSM token's registration.
+    RemoveHsmToken(String),
 }
 
 /// Resolves when the submission's transaction has committed (or failed).
@@ -112,10 +117,10 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub(super) fn start(db: Arc<Database>) -> Result<Writer, StoreError> {
+    pub(super) fn start(db: Arc<super::handle::DbHandle>) -> Result<Writer, StoreError> {
         let next_seq = {
             use redb::ReadableDatabase;
-            let tx = db.begin_read()?;
+            let tx = db.get()?.begin_read()?;
             let meta = tx.open_table(META)?;
             match meta.get(META_HISTORY_SEQ)? {
                 Some(v) => u64_from(v.value())?,
@@ -164,7 +169,7 @@ pub(super) fn make_durable(tx: &mut WriteTransaction) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn run(db: Arc<Database>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
+fn run(db: Arc<super::handle::DbHandle>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
     let mut group: Vec<Submission> = Vec::new();
     while let Ok(first) = rx.recv() {
         group.push(first);
@@ -175,7 +180,7 @@ fn run(db: Arc<Database>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
             }
         }
         let mut seq = next_seq;
-        let result = commit_group(&db, &group, &mut seq);
+        let result = db.get().and_then(|d| commit_group(&d, &group, &mut seq));
         match result {
             Ok(()) => {
                 next_seq = seq;
@@ -189,6 +194,8 @@ fn run(db: Arc<Database>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
                 for s in group.drain(..) {
                     let _ = s.done.send(Err(e.clone()));
                 }
+                // redb fails every later operation after an I/O error: reopen the file.
+                db.recover();
             }
         }
     }
@@ -284,6 +291,14 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                     versions.retain_in((t, 0)..=(t, u32::MAX), |_, _| false)?;
                     encryptions.retain_in((t, 0)..=(t, u32::MAX), |_, _| false)?;
                     history.retain_in((t, 0)..=(t, u64::MAX), |_, _| false)?;
+                }
+                // Rare: the table is opened only when a registration changes.
+                Mutation::PutHsmToken(rec) => {
+                    tx.open_table(HSM_TOKENS)?
+                        .insert(rec.name.as_str(), encode_map(rec).map_err(enc)?.as_slice())?;
+                }
+                Mutation::RemoveHsmToken(name) => {
+                    tx.open_table(HSM_TOKENS)?.remove(name.as_str())?;
                 }
             }
         }

@@ -1,0 +1,368 @@
+//! One PKCS#11 token: found by label in its module, logged in with its PIN, used through
+//! a [`Pool`] of sessions, and reconnected when it comes back after going away.
+//!
+//! [`Token::run`] is the only way in. It runs an operation on a leased session and, when
+//! the failure says the token or the session is gone (removed device, invalid session or
+//! handle, library not initialised, an object that vanished), forgets the slot and the
+//! idle sessions and tries once more: the slot is looked up again and, if the token is not
+//! listed, the library is re-initialised (rate-limited), which is what SoftHSM2 needs to
+//! see a token directory that came back. A second failure is returned as an `internal`
+//! error naming the token.
+
+use super::module::{Module, State};
+use super::pool::Pool;
+use super::{HsmError, rv_name, rv_of};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::RawAuthPin;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex};
+use zeroize::Zeroizing;
+
+/// Sessions per token: enough to keep both cores busy, few enough for small tokens.
+const SESSIONS: usize = 4;
+
+/// Longest PIN file read (a PIN is a few dozen bytes at most).
+const MAX_PIN_FILE: u64 = 1024;
+
+/// Whether a token decrypts RSA-OAEP with SHA-256 itself (probed on first use).
+pub(crate) const OAEP_UNKNOWN: u8 = 0;
+pub(crate) const OAEP_NATIVE: u8 = 1;
+pub(crate) const OAEP_RAW: u8 = 2;
+
+/// The session a call runs on, and the library generation it belongs to (object handles
+/// are valid within one generation).
+pub struct Call<'a> {
+    pub session: &'a Session,
+    pub generation: u64,
+}
+
+/// Why one attempt of an operation failed.
+pub enum OpError {
+    /// The library refused a call: `op` names it for the message.
+    Ck(&'static str, CkError),
+    /// The object a version needs is not on the token (or the token silently went away).
+    Missing { what: &'static str, version: String },
+    /// A failure already decided (decrypt-failed, bad output).
+    Hsm(HsmError),
+}
+
+impl From<HsmError> for OpError {
+    fn from(e: HsmError) -> Self {
+        OpError::Hsm(e)
+    }
+}
+
+pub struct Token {
+    /// How messages name it, e.g. `kms-a (the daemon's token)`.
+    name: String,
+    label: String,
+    module: Arc<Module>,
+    pin: RawAuthPin,
+    /// The slot found for the label, and the library generation it was found in.
+    slot: Mutex<Option<(u64, Slot)>>,
+    pool: Pool,
+    pub(crate) oaep: AtomicU8,
+}
+
+impl Token {
+    /// Reads the PIN and loads the module; does not talk to the token yet.
+    pub fn open(
+        name: String,
+        module: &Path,
+        label: &str,
+        pin_file: &Path,
+    ) -> Result<Token, HsmError> {
+        let pin = read_pin(pin_file)?;
+        let module = Module::get(module)?;
+        Ok(Token {
+            name,
+            label: label.to_string(),
+            module,
+            pin,
+            slot: Mutex::new(None),
+            pool: Pool::new(SESSIONS),
+            oaep: AtomicU8::new(OAEP_UNKNOWN),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Finds the token and logs in (one session), so configuration errors show at once.
+    pub fn check(&self) -> Result<(), HsmError> {
+        self.run(|_| Ok(()))
+    }
+
+    /// Whether the token is listed right now (not from the cache). A token that went
+    /// away may still answer searches with nothing, so destructive calls ask this first.
+    pub fn ensure_present(&self) -> Result<(), HsmError> {
+        let mut attempt = 0;
+        loop {
+            let st = self.module.read();
+            match self.find_slot(&st) {
+                Ok(slot) => {
+                    *self.lock_slot() = Some((st.generation, slot));
+                    return Ok(());
+                }
+                Err(e) => {
+                    let generation = st.generation;
+                    drop(st);
+                    attempt += 1;
+                    if attempt > 1 || !self.module.reinit(generation) {
+                        return Err(e);
+                    }
+                    self.forget();
+                }
+            }
+        }
+    }
+
+    /// Runs `op` on a logged-in session, retrying once after reconnecting when the
+    /// failure says the token or session went away.
+    pub fn run<T>(
+        &self,
+        mut op: impl FnMut(&Call<'_>) -> Result<T, OpError>,
+    ) -> Result<T, HsmError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= 2;
+            let st = self.module.read();
+            let generation = st.generation;
+            let slot = match self.slot(&st) {
+                Ok(s) => s,
+                Err(e) => {
+                    drop(st);
+                    if !last && self.module.reinit(generation) {
+                        self.forget();
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            let lease = match self.pool.lease(
+                &st.ctx,
+                slot,
+                generation,
+                |s| self.login(s),
+                || HsmError::Busy {
+                    token: self.name.clone(),
+                },
+                |e| self.ck_error("C_OpenSession", &e),
+            ) {
+                Ok(l) => l,
+                Err(e @ HsmError::Pkcs11 { .. }) if !last => {
+                    tracing::debug!(token = %self.name, error = %e, "reconnecting");
+                    drop(st);
+                    self.forget();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(session) = lease.session() else {
+                return Err(HsmError::Busy {
+                    token: self.name.clone(),
+                });
+            };
+            match op(&Call {
+                session,
+                generation,
+            }) {
+                Ok(v) => return Ok(v),
+                Err(OpError::Ck(what, e)) if is_gone(&e) => {
+                    let err = self.ck_error(what, &e);
+                    lease.discard();
+                    drop(st);
+                    self.forget();
+                    if last {
+                        return Err(err);
+                    }
+                    tracing::debug!(token = %self.name, error = %err, "reconnecting");
+                }
+                Err(OpError::Missing { what, version }) => {
+                    drop(lease);
+                    drop(st);
+                    self.forget();
+                    if last {
+                        return Err(HsmError::ObjectMissing {
+                            token: self.name.clone(),
+                            what,
+                            version,
+                        });
+                    }
+                }
+                Err(OpError::Ck(what, e)) => return Err(self.ck_error(what, &e)),
+                Err(OpError::Hsm(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// The error for a refused library call.
+    pub fn ck_error(&self, op: &'static str, e: &CkError) -> HsmError {
+        HsmError::Pkcs11 {
+            token: self.name.clone(),
+            op,
+            rv: rv_name(e),
+        }
+    }
+
+    fn lock_slot(&self) -> std::sync::MutexGuard<'_, Option<(u64, Slot)>> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the slot and the idle sessions: the next call looks the token up again.
+    fn forget(&self) {
+        *self.lock_slot() = None;
+        self.pool.clear();
+    }
+
+    /// The slot holding the token (cached for the library generation).
+    fn slot(&self, st: &State) -> Result<Slot, HsmError> {
+        if let Some((g, s)) = *self.lock_slot()
+            && g == st.generation
+        {
+            return Ok(s);
+        }
+        let slot = self.find_slot(st)?;
+        *self.lock_slot() = Some((st.generation, slot));
+        Ok(slot)
+    }
+
+    fn find_slot(&self, st: &State) -> Result<Slot, HsmError> {
+        let absent = || HsmError::TokenAbsent {
+            token: self.name.clone(),
+            module: self.module.path().to_path_buf(),
+        };
+        let slots = st.ctx.get_slots_with_token().map_err(|_| absent())?;
+        slots
+            .into_iter()
+            .find(|s| {
+                st.ctx
+                    .get_token_info(*s)
+                    .is_ok_and(|info| info.label() == self.label)
+            })
+            .ok_or_else(absent)
+    }
+
+    /// Logs a new session in. Login state is per token, so a session opened while another
+    /// is logged in is already logged in: that answer is success too.
+    fn login(&self, s: &Session) -> Result<(), HsmError> {
+        match s.login_with_raw(UserType::User, &self.pin) {
+            Ok(()) => Ok(()),
+            Err(e) => match rv_of(&e) {
+                Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+                Some(
+                    RvError::PinIncorrect
+                    | RvError::PinInvalid
+                    | RvError::PinLenRange
+                    | RvError::PinLocked
+                    | RvError::PinExpired,
+                ) => Err(HsmError::Login {
+                    token: self.name.clone(),
+                    rv: rv_name(&e),
+                }),
+                _ => Err(self.ck_error("C_Login", &e)),
+            },
+        }
+    }
+}
+
+impl Drop for Token {
+    /// A token let go of (a removed registration) closes its sessions, which also logs
+    /// kmsd out of it once the last one is closed.
+    fn drop(&mut self) {
+        let st = self.module.read();
+        self.pool.close_idle(st.generation);
+    }
+}
+
+/// Failures after which the session, the slot or the library state cannot be trusted.
+fn is_gone(e: &CkError) -> bool {
+    matches!(
+        rv_of(e),
+        Some(
+            RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::SlotIdInvalid
+                | RvError::CryptokiNotInitialized
+                | RvError::UserNotLoggedIn
+                | RvError::ObjectHandleInvalid
+                | RvError::KeyHandleInvalid
+        )
+    )
+}
+
+/// Reads a PIN file: the first line, without its line ending. The buffer is allocated
+/// once at full size (so no copy is left behind by a reallocation) and zeroized on drop.
+fn read_pin(path: &Path) -> Result<RawAuthPin, HsmError> {
+    read_pin_bytes(path).map(|pin| RawAuthPin::new(Box::new(pin)))
+}
+
+/// The PIN bytes of [`read_pin`], in a vector of exactly their length (moved, never
+/// copied, into the `RawAuthPin`, which zeroizes it).
+fn read_pin_bytes(path: &Path) -> Result<Vec<u8>, HsmError> {
+    let fail = |message: String| HsmError::PinFile {
+        path: PathBuf::from(path),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(e.kind().to_string()))?;
+    let mut buf = Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE as usize + 1));
+    file.take(MAX_PIN_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| fail(e.kind().to_string()))?;
+    if buf.len() as u64 > MAX_PIN_FILE {
+        return Err(fail(format!("longer than {MAX_PIN_FILE} bytes")));
+    }
+    let end = buf
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .unwrap_or(buf.len());
+    if end == 0 {
+        return Err(fail("the PIN is empty".into()));
+    }
+    let mut pin = Vec::with_capacity(end);
+    pin.extend_from_slice(&buf[..end]);
+    Ok(pin)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A PIN file's first line is the PIN; empty and oversized files are refused, and the
+    /// message names the file but not its content.
+    #[test]
+    fn pin_file_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pin");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        assert_eq!(read_pin_bytes(&p).unwrap(), b"s3cret");
+        std::fs::write(&p, "s3cret").unwrap();
+        assert_eq!(read_pin_bytes(&p).unwrap(), b"s3cret");
+        std::fs::write(&p, "\n").unwrap();
+        let e = read_pin(&p).err().unwrap().to_string();
+        assert!(e.contains("empty") && e.contains("pin"), "{e}");
+        std::fs::write(&p, vec![b'1'; 2000]).unwrap();
+        let e = read_pin(&p).err().unwrap().to_string();
+        assert!(!e.contains("1111"), "{e}");
+        let e = read_pin(&dir.path().join("none"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot read the PIN file"), "{e}");
+    }
+}

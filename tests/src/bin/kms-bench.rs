@@ -1,0 +1,761 @@
+//! kms-bench: drives a real kmsd over its socket and prints figures (SPEC §13).
+//!
+//! For each case: ops/s and p50/p99/p99.9 latency with C connections × D requests in
+//! flight for S seconds; the same primitive measured in-process in the same run; the
+//! echo round trip of a same-sized frame over the same kind of socket (the floor); and
+//! the daemon's CPU time and peak RSS. `--compare-ssh-agent` measures ssh-agent's P-256
+//! and RSA-2048 signing over its socket with the same connection counts.
+//!
+//! ```text
+//! cargo build --release --workspace
+//! target/release/kms-bench [--conns 16] [--depth 1] [--seconds 3] [--cases aes-enc-1k,…]
+//!                          [--json] [--smoke] [--socket PATH] [--compare-ssh-agent]
+//!                          [--scale KEYS]
+//! ```
+
+use anyhow::{Context, bail};
+use kms_e2e::{DaemonOptions, TestDaemon};
+use kms_shared::client::Client;
+use kms_shared::codec;
+use kms_shared::model::{KeyType, SignScheme};
+use kms_shared::protocol::{ClientFrame, CreateKey, Request};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Clone)]
+struct Opts {
+    conns: usize,
+    depth: usize,
+    seconds: f64,
+    cases: Vec<String>,
+    json: bool,
+    smoke: bool,
+    socket: Option<PathBuf>,
+    ssh_agent: bool,
+    scale: Option<usize>,
+}
+
+const ALL_CASES: &[&str] = &[
+    "aes-enc-1k",
+    "aes-dec-1k",
+    "aes-enc-32k",
+    "aes-dec-32k",
+    "conv-enc-1k",
+    "ecdsa-sign",
+    "ecdsa-verify",
+    "rsa-sign",
+    "rsa-dec",
+    "rsa-enc",
+    "data-key",
+    "reencrypt",
+    "mixed",
+    "rotate",
+    "create",
+];
+
+fn parse_args() -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        conns: 16,
+        depth: 1,
+        seconds: 3.0,
+        cases: ALL_CASES.iter().map(|s| s.to_string()).collect(),
+        json: false,
+        smoke: false,
+        socket: None,
+        ssh_agent: false,
+        scale: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--conns" => o.conns = val()?.parse()?,
+            "--depth" => o.depth = val()?.parse()?,
+            "--seconds" => o.seconds = val()?.parse()?,
+            "--cases" => o.cases = val()?.split(',').map(str::to_string).collect(),
+            "--json" => o.json = true,
+            "--smoke" => o.smoke = true,
+            "--socket" => o.socket = Some(PathBuf::from(val()?)),
+            "--compare-ssh-agent" => o.ssh_agent = true,
+            "--scale" => o.scale = Some(val()?.parse()?),
+            "-h" | "--help" => {
+                println!("see the doc comment of tests/src/bin/kms-bench.rs");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    for c in &o.cases {
+        if !ALL_CASES.contains(&c.as_str()) {
+            bail!("unknown case {c}; cases: {}", ALL_CASES.join(","));
+        }
+    }
+    Ok(o)
+}
+
+/// Latency samples in microseconds and the wall time they took.
+struct Run {
+    lat_us: Vec<u32>,
+    elapsed: Duration,
+    errors: u64,
+}
+
+impl Run {
+    fn ops_per_s(&self) -> f64 {
+        self.lat_us.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&mut self, p: f64) -> u32 {
+        if self.lat_us.is_empty() {
+            return 0;
+        }
+        self.lat_us.sort_unstable();
+        let i = ((self.lat_us.len() as f64 - 1.0) * p).round() as usize;
+        self.lat_us[i]
+    }
+}
+
+/// Runs `op` from `conns` connections with `depth` calls in flight each, for `limit`.
+async fn drive<F, Fut>(clients: &[Arc<Client>], depth: usize, limit: Limit, op: F) -> Run
+where
+    F: Fn(Arc<Client>, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_task_ops = match limit {
+        Limit::Ops(n) => (n / (clients.len() * depth) as u64).max(1),
+        Limit::Time(_) => u64::MAX,
+    };
+    let deadline = match limit {
+        Limit::Time(d) => Some(start + d),
+        Limit::Ops(_) => None,
+    };
+    for (ci, c) in clients.iter().enumerate() {
+        for di in 0..depth {
+            let (c, op) = (c.clone(), op.clone());
+            let seed = (ci * depth + di) as u64 * 1_000_003;
+            tasks.spawn(async move {
+                let mut lat = Vec::with_capacity(4096);
+                let mut errors = 0;
+                let mut i = 0u64;
+                while i < per_task_ops && deadline.is_none_or(|d| Instant::now() < d) {
+                    let t = Instant::now();
+                    if op(c.clone(), seed + i).await.is_err() {
+                        errors += 1;
+                    }
+                    lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    i += 1;
+                }
+                (lat, errors)
+            });
+        }
+    }
+    let mut run = Run {
+        lat_us: Vec::new(),
+        elapsed: Duration::ZERO,
+        errors: 0,
+    };
+    while let Some(r) = tasks.join_next().await {
+        if let Ok((lat, errors)) = r {
+            run.lat_us.extend(lat);
+            run.errors += errors;
+        }
+    }
+    run.elapsed = start.elapsed();
+    run
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Time(Duration),
+    Ops(u64),
+}
+
+/// In-process ops/s of a primitive on one thread.
+fn inproc(seconds: f64, mut f: impl FnMut(u64)) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        for _ in 0..16 {
+            f(n);
+            n += 1;
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The echo floor: a server that returns each frame, same socket type, same framing.
+async fn echo_floor(conns: usize, depth: usize, frame_len: usize, limit: Limit) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("echo.sock");
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+                tokio::spawn(async move {
+                    while let Some(f) = rx.recv().await {
+                        if w.write_all(&f).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                while let Ok(Some(body)) = codec::read_frame(&mut r, u32::MAX).await {
+                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                    f.extend_from_slice(&body);
+                    if tx.send(f).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    // Depth is emulated with one connection per in-flight call (echo has no ids).
+    let body = vec![0x5au8; frame_len];
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_task = match limit {
+        Limit::Ops(n) => (n / (conns * depth) as u64).max(1),
+        Limit::Time(_) => u64::MAX,
+    };
+    for _ in 0..conns * depth {
+        let (path, body) = (path.clone(), body.clone());
+        tasks.spawn(async move {
+            let mut s = tokio::net::UnixStream::connect(&path).await?;
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            let mut n = 0u64;
+            let mut buf = vec![0u8; frame.len()];
+            while n < per_task
+                && match limit {
+                    Limit::Time(d) => start.elapsed() < d,
+                    Limit::Ops(_) => true,
+                }
+            {
+                s.write_all(&frame).await?;
+                s.read_exact(&mut buf).await?;
+                n += 1;
+            }
+            Ok::<_, std::io::Error>(n)
+        });
+    }
+    let mut total = 0u64;
+    while let Some(r) = tasks.join_next().await {
+        total += r??;
+    }
+    server.abort();
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The size of an encoded request frame, for the echo floor.
+fn frame_len(request: Request) -> usize {
+    codec::encode(&ClientFrame { id: 1, request })
+        .map(|b| b.len())
+        .unwrap_or(64)
+}
+
+fn spec(name: &str, t: KeyType, convergent: bool) -> CreateKey {
+    CreateKey {
+        name: name.into(),
+        key_type: t,
+        protection: Default::default(),
+        convergent,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+        hsm: None,
+    }
+}
+
+/// (utime+stime in seconds, peak RSS in KiB) of a process.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    // USER_HZ is 100 on every Linux ABI kmsd targets.
+    let ticks = 100.0;
+    let cpu = fields
+        .get(11)
+        .zip(fields.get(12))
+        .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
+        .map_or(0.0, |t| t / ticks);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (cpu, hwm)
+}
+
+struct Case<'a> {
+    name: &'a str,
+    run: Run,
+    inproc: Option<f64>,
+    floor: f64,
+    cpu_s: f64,
+    rss_kib: u64,
+}
+
+fn report(o: &Opts, c: &mut Case) {
+    let ops = c.run.ops_per_s();
+    let (p50, p99, p999) = (c.run.pct(0.5), c.run.pct(0.99), c.run.pct(0.999));
+    if o.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "op": c.name, "conns": o.conns, "depth": o.depth,
+                "ops": c.run.lat_us.len(), "errors": c.run.errors,
+                "ops_per_s": ops.round(), "p50_us": p50, "p99_us": p99, "p999_us": p999,
+                "inproc_ops_per_s": c.inproc.map(f64::round),
+                "floor_ops_per_s": c.floor.round(),
+                "pct_of_floor": (100.0 * ops / c.floor).round(),
+                "daemon_cpu_s": c.cpu_s, "daemon_peak_rss_kib": c.rss_kib,
+            })
+        );
+    } else {
+        println!(
+            "{:<13} {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  in-proc {:>9}  floor {:>8.0} ({:>3.0}%)  errors {}  cpu {:.1}s  rss {} MiB",
+            c.name,
+            ops,
+            p50,
+            p99,
+            p999,
+            c.inproc.map_or("-".into(), |v| format!("{v:.0}/s")),
+            c.floor,
+            100.0 * ops / c.floor,
+            c.run.errors,
+            c.cpu_s,
+            c.rss_kib / 1024
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = parse_args()?;
+    let daemon = match &o.socket {
+        Some(_) => None,
+        None => Some(TestDaemon::start_with(DaemonOptions {
+            env: vec![("KMS_LOG".into(), "warn".into())],
+            ..DaemonOptions::default()
+        })),
+    };
+    let socket = o
+        .socket
+        .clone()
+        .or_else(|| daemon.as_ref().map(|d| d.socket.clone()))
+        .context("no socket")?;
+    let pid = daemon.as_ref().and_then(TestDaemon::pid);
+    if let Some(n) = o.scale {
+        return scale(&socket, pid, n).await;
+    }
+    let admin = Client::connect(&socket).await?;
+    let tag = std::process::id() % 100_000;
+    let k = |s: &str| format!("b{tag}{s}");
+    for (name, t, conv) in [
+        ("aes", KeyType::Aes256, false),
+        ("conv", KeyType::Aes256, true),
+        ("ec", KeyType::Ecdsa, false),
+        ("rsa", KeyType::Rsa2048, false),
+        ("rot", KeyType::Aes256, false),
+    ] {
+        if admin.get_key(&k(name)).await.is_err() {
+            admin.create_key(spec(&k(name), t, conv)).await?;
+        }
+    }
+    let mut clients = Vec::new();
+    for _ in 0..o.conns {
+        clients.push(Arc::new(Client::connect(&socket).await?));
+    }
+    let limit = if o.smoke {
+        Limit::Ops(200)
+    } else {
+        Limit::Time(Duration::from_secs_f64(o.seconds))
+    };
+    let inproc_s = if o.smoke { 0.05 } else { 0.5 };
+
+    // Inputs prepared once.
+    let pt1k = vec![7u8; 1024];
+    let pt32k = vec![7u8; 32 * 1024];
+    let ct1k = admin.encrypt(&k("aes"), &pt1k, None).await?;
+    let ct32k = admin.encrypt(&k("aes"), &pt32k, None).await?;
+    let rsa_ct = admin.encrypt(&k("rsa"), &[9u8; 64], None).await?;
+    let msg = b"benchmark message to sign".to_vec();
+    let ec_sig = admin.sign(&k("ec"), &msg, SignScheme::Pss).await?;
+
+    // In-process primitives (one thread).
+    let aes = kmsd::crypto::KeyMaterial::generate(KeyType::Aes256)?;
+    let ec = kmsd::crypto::KeyMaterial::generate(KeyType::Ecdsa)?;
+    let rsa = kmsd::crypto::KeyMaterial::generate(KeyType::Rsa2048)?;
+    let (aes, ec, rsa) = (aes.as_aes().context("aes")?, ec.as_ecdsa().context("ec")?, rsa.as_rsa().context("rsa")?);
+    let aes_body1k = aes.encrypt_random(b"aad", &pt1k)?;
+    let aes_body32k = aes.encrypt_random(b"aad", &pt32k)?;
+    let ec_der = ec.sign(&msg)?;
+    let rsa_body = rsa.encrypt(&[9u8; 64])?;
+
+    if !o.json {
+        println!(
+            "kms-bench: {} conns × depth {}, {} per case{}",
+            o.conns,
+            o.depth,
+            if o.smoke { "200 ops".to_string() } else { format!("{} s", o.seconds) },
+            if o.socket.is_some() { " (external daemon)" } else { "" }
+        );
+    }
+    for case in o.cases.clone() {
+        let c = &clients;
+        let (run, inp, request) = match case.as_str() {
+            "aes-enc-1k" | "aes-enc-32k" => {
+                let pt = if case == "aes-enc-1k" { pt1k.clone() } else { pt32k.clone() };
+                let key = k("aes");
+                let req = Request::Encrypt { key: key.clone(), plaintext: pt.clone(), context: None };
+                let inp = inproc(inproc_s, |_| {
+                    let _ = aes.encrypt_random(b"aad", &pt);
+                });
+                let pt = Arc::new(pt);
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, pt) = (key.clone(), pt.clone());
+                    async move { cl.encrypt(&key, &pt, None).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "aes-dec-1k" | "aes-dec-32k" => {
+                let (ct, body) = if case == "aes-dec-1k" { (ct1k.clone(), aes_body1k.clone()) } else { (ct32k.clone(), aes_body32k.clone()) };
+                let key = k("aes");
+                let req = Request::Decrypt { key: key.clone(), ciphertext: ct.clone(), context: None };
+                let inp = inproc(inproc_s, |_| {
+                    let _ = aes.decrypt(b"aad", &body);
+                });
+                let ct = Arc::new(ct);
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, ct) = (key.clone(), ct.clone());
+                    async move { cl.decrypt(&key, &ct, None).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "conv-enc-1k" => {
+                let key = k("conv");
+                let req = Request::Encrypt { key: key.clone(), plaintext: pt1k.clone(), context: Some(b"ctx".to_vec()) };
+                let inp = inproc(inproc_s, |i| {
+                    let _ = aes.encrypt_convergent(b"ctx", b"aad", &i.to_le_bytes());
+                });
+                let run = drive(c, o.depth, limit, move |cl, i| {
+                    let key = key.clone();
+                    async move {
+                        let mut pt = vec![0u8; 1024];
+                        pt[..8].copy_from_slice(&i.to_le_bytes());
+                        cl.encrypt(&key, &pt, Some(b"ctx")).await.map(|_| ()).map_err(Into::into)
+                    }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "ecdsa-sign" | "rsa-sign" => {
+                let key = if case == "ecdsa-sign" { k("ec") } else { k("rsa") };
+                let req = Request::Sign { key: key.clone(), message: msg.clone(), scheme: SignScheme::Pss };
+                let inp = if case == "ecdsa-sign" {
+                    inproc(inproc_s, |_| {
+                        let _ = ec.sign(&msg);
+                    })
+                } else {
+                    inproc(inproc_s, |_| {
+                        let _ = rsa.sign(SignScheme::Pss, &msg);
+                    })
+                };
+                let m = Arc::new(msg.clone());
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, m) = (key.clone(), m.clone());
+                    async move { cl.sign(&key, &m, SignScheme::Pss).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "ecdsa-verify" => {
+                let key = k("ec");
+                let req = Request::Verify { key: key.clone(), message: msg.clone(), signature: ec_sig.clone(), scheme: SignScheme::Pss };
+                let inp = inproc(inproc_s, |_| {
+                    let _ = ec.verify(&msg, &ec_der);
+                });
+                let (m, s) = (Arc::new(msg.clone()), Arc::new(ec_sig.clone()));
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, m, s) = (key.clone(), m.clone(), s.clone());
+                    async move {
+                        anyhow::ensure!(cl.verify(&key, &m, &s, SignScheme::Pss).await?);
+                        Ok(())
+                    }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "rsa-dec" => {
+                let key = k("rsa");
+                let req = Request::Decrypt { key: key.clone(), ciphertext: rsa_ct.clone(), context: None };
+                let inp = inproc(inproc_s, |_| {
+                    let _ = rsa.decrypt(&rsa_body);
+                });
+                let ct = Arc::new(rsa_ct.clone());
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, ct) = (key.clone(), ct.clone());
+                    async move { cl.decrypt(&key, &ct, None).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "rsa-enc" => {
+                let key = k("rsa");
+                let req = Request::Encrypt { key: key.clone(), plaintext: vec![9; 64], context: None };
+                let inp = inproc(inproc_s, |_| {
+                    let _ = rsa.encrypt(&[9u8; 64]);
+                });
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let key = key.clone();
+                    async move { cl.encrypt(&key, &[9u8; 64], None).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "data-key" => {
+                let key = k("aes");
+                let req = Request::DataKey { key: key.clone(), bits: 256, plaintext: true, context: None };
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let key = key.clone();
+                    async move { cl.data_key(&key, 256, true, None).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, None, req)
+            }
+            "reencrypt" => {
+                let key = k("aes");
+                let req = Request::Reencrypt { key: key.clone(), ciphertext: ct1k.clone(), context: None };
+                let ct = Arc::new(ct1k.clone());
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, ct) = (key.clone(), ct.clone());
+                    async move { cl.reencrypt(&key, &ct, None).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, None, req)
+            }
+            "mixed" => {
+                // 60 % AES encrypt/decrypt, 20 % ECDSA sign, 10 % RSA sign, 10 % show.
+                let (aes_k, ec_k, rsa_k) = (k("aes"), k("ec"), k("rsa"));
+                let req = Request::Encrypt { key: aes_k.clone(), plaintext: pt1k.clone(), context: None };
+                let (pt, ct, m) = (Arc::new(pt1k.clone()), Arc::new(ct1k.clone()), Arc::new(msg.clone()));
+                let run = drive(c, o.depth, limit, move |cl, i| {
+                    let (aes_k, ec_k, rsa_k, pt, ct, m) = (aes_k.clone(), ec_k.clone(), rsa_k.clone(), pt.clone(), ct.clone(), m.clone());
+                    async move {
+                        match i % 10 {
+                            0..=2 => cl.encrypt(&aes_k, &pt, None).await.map(|_| ())?,
+                            3..=5 => cl.decrypt(&aes_k, &ct, None).await.map(|_| ())?,
+                            6 | 7 => cl.sign(&ec_k, &m, SignScheme::Pss).await.map(|_| ())?,
+                            8 => cl.sign(&rsa_k, &m, SignScheme::Pss).await.map(|_| ())?,
+                            _ => cl.get_key(&aes_k).await.map(|_| ())?,
+                        }
+                        Ok(())
+                    }
+                })
+                .await;
+                (run, None, req)
+            }
+            "rotate" => {
+                // Rotation keys of their own, so the 100-version limit is not reached.
+                let n = clients.len();
+                let mut names = Vec::new();
+                for i in 0..n {
+                    let name = format!("r{tag}x{i}");
+                    if admin.get_key(&name).await.is_err() {
+                        admin.create_key(spec(&name, KeyType::Aes256, false)).await?;
+                    }
+                    names.push(name);
+                }
+                let names = Arc::new(names);
+                let req = Request::Rotate { key: k("rot") };
+                // At most 99 rotations per key: cap the run by ops.
+                let cap = Limit::Ops((n * 90) as u64);
+                let lim = match limit {
+                    Limit::Ops(x) => Limit::Ops(x.min((n * 90) as u64)),
+                    Limit::Time(_) => cap,
+                };
+                let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let run = drive(c, 1, lim, move |cl, _| {
+                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % names.len();
+                    let name = names[i].clone();
+                    async move { cl.rotate(&name).await.map(|_| ()).map_err(Into::into) }
+                })
+                .await;
+                (run, None, req)
+            }
+            "create" => {
+                let req = Request::CreateKey(spec("c0000000", KeyType::Aes256, false));
+                let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let lim = match limit {
+                    Limit::Ops(x) => Limit::Ops(x),
+                    Limit::Time(d) => Limit::Time(d.min(Duration::from_secs(2))),
+                };
+                let run = drive(c, 1, lim, move |cl, _| {
+                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    async move {
+                        cl.create_key(spec(&format!("c{tag}y{i}"), KeyType::Aes256, false))
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
+                })
+                .await;
+                (run, None, req)
+            }
+            _ => unreachable!("checked in parse_args"),
+        };
+        let floor = echo_floor(o.conns, o.depth, frame_len(request), if o.smoke { Limit::Ops(200) } else { Limit::Time(Duration::from_secs_f64(o.seconds.min(2.0))) }).await?;
+        let (cpu_s, rss_kib) = pid.map(proc_usage).unwrap_or_default();
+        let mut case = Case { name: &case, run, inproc: inp, floor, cpu_s, rss_kib };
+        report(&o, &mut case);
+    }
+    if o.ssh_agent {
+        ssh_agent::compare(&o).await?;
+    }
+    Ok(())
+}
+
+/// Scale mode: N keys × 10 versions and 1,000,000 history entries; start-up time, RSS,
+/// store size, first page of `list` and `show` latency, idle scheduler cost.
+async fn scale(socket: &std::path::Path, pid: Option<u32>, n: usize) -> anyhow::Result<()> {
+    let _ = (socket, pid, n);
+    bail!("--scale is not implemented yet")
+}
+
+mod ssh_agent {
+    //! Minimal ssh-agent protocol client (draft-miller-ssh-agent): list identities, sign.
+    use super::*;
+
+    fn put_string(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        out.extend_from_slice(s);
+    }
+
+    async fn call(s: &mut tokio::net::UnixStream, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let mut f = (msg.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(msg);
+        s.write_all(&f).await?;
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await?;
+        Ok(body)
+    }
+
+    /// Key blobs of the agent's identities.
+    async fn identities(s: &mut tokio::net::UnixStream) -> anyhow::Result<Vec<Vec<u8>>> {
+        let body = call(s, &[11]).await?;
+        anyhow::ensure!(body.first() == Some(&12), "unexpected identities answer");
+        let mut p = 1;
+        let rd = |p: &mut usize, b: &[u8]| -> anyhow::Result<Vec<u8>> {
+            let n = u32::from_be_bytes(b.get(*p..*p + 4).context("short")?.try_into()?) as usize;
+            let v = b.get(*p + 4..*p + 4 + n).context("short")?.to_vec();
+            *p += 4 + n;
+            Ok(v)
+        };
+        let count = u32::from_be_bytes(body.get(1..5).context("short")?.try_into()?);
+        p += 4;
+        let mut keys = Vec::new();
+        for _ in 0..count {
+            keys.push(rd(&mut p, &body)?);
+            rd(&mut p, &body)?; // comment
+        }
+        Ok(keys)
+    }
+
+    pub async fn compare(o: &Opts) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let sock = dir.path().join("agent.sock");
+        let mut agent = std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("ssh-agent")?;
+        for _ in 0..100 {
+            if sock.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (t, bits) in [("ecdsa", "256"), ("rsa", "2048")] {
+            let key = dir.path().join(t);
+            let st = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-N", "", "-t", t, "-b", bits, "-f"])
+                .arg(&key)
+                .status()?;
+            anyhow::ensure!(st.success(), "ssh-keygen failed");
+            let st = std::process::Command::new("ssh-add")
+                .arg("-q")
+                .arg(&key)
+                .env("SSH_AUTH_SOCK", &sock)
+                .stderr(std::process::Stdio::null())
+                .status()?;
+            anyhow::ensure!(st.success(), "ssh-add failed");
+        }
+        let mut probe = tokio::net::UnixStream::connect(&sock).await?;
+        let keys = identities(&mut probe).await?;
+        for blob in keys {
+            // rsa-sha2-256 (flag 2) for RSA; ECDSA P-256 signs with SHA-256 anyway.
+            let (name, flags) = if blob.windows(7).any(|w| w == b"ssh-rsa") {
+                ("ssh-agent-rsa-sign", 2u32)
+            } else {
+                ("ssh-agent-ec-sign", 0)
+            };
+            let limit = if o.smoke { Limit::Ops(200) } else { Limit::Time(Duration::from_secs_f64(o.seconds)) };
+            let start = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            let per = match limit {
+                Limit::Ops(n) => (n / o.conns as u64).max(1),
+                Limit::Time(_) => u64::MAX,
+            };
+            for _ in 0..o.conns {
+                let (sock, blob) = (sock.clone(), blob.clone());
+                tasks.spawn(async move {
+                    let mut s = tokio::net::UnixStream::connect(&sock).await?;
+                    let mut lat = Vec::new();
+                    let mut msg = vec![13u8];
+                    put_string(&mut msg, &blob);
+                    put_string(&mut msg, b"benchmark message to sign");
+                    msg.extend_from_slice(&flags.to_be_bytes());
+                    while (lat.len() as u64) < per
+                        && match limit {
+                            Limit::Time(d) => start.elapsed() < d,
+                            Limit::Ops(_) => true,
+                        }
+                    {
+                        let t = Instant::now();
+                        let r = call(&mut s, &msg).await?;
+                        anyhow::ensure!(r.first() == Some(&14), "agent refused to sign");
+                        lat.push(t.elapsed().as_micros() as u32);
+                    }
+                    Ok::<_, anyhow::Error>(lat)
+                });
+            }
+            let mut run = Run { lat_us: Vec::new(), elapsed: Duration::ZERO, errors: 0 };
+            while let Some(r) = tasks.join_next().await {
+                match r? {
+                    Ok(l) => run.lat_us.extend(l),
+                    Err(_) => run.errors += 1,
+                }
+            }
+            run.elapsed = start.elapsed();
+            let mut case = Case { name, run, inproc: None, floor: f64::NAN, cpu_s: 0.0, rss_kib: 0 };
+            report(o, &mut case);
+        }
+        let _ = agent.kill();
+        let _ = agent.wait();
+        Ok(())
+    }
+}

@@ -1,0 +1,378 @@
+//! Faults of the machine under a real kmsd (SPEC §9, §14): a read-only data directory, a
+//! full disk in the middle of writes, a truncated or corrupted store file, a broken root
+//! key. A wrong or missing root key (refused, store byte for byte unchanged) is covered
+//! by `root_key_from_credentials_directory` in systemd.rs; an injected storage error at
+//! the redb layer by kmsd/tests/reliability.rs.
+//!
+//! The read-only and disk-full cases mount a tmpfs, so they need root (CI runs as root);
+//! as another user they say so and return.
+
+#![allow(clippy::unwrap_used)]
+
+use kms_e2e::{DaemonOptions, TestDaemon, bin};
+use kms_shared::client::Client;
+use kms_shared::model::KeyType;
+use kms_shared::protocol::{CreateKey, ErrorKind};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A mount that is undone when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(dir: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0700"))
+            .arg("tmpfs")
+            .arg(dir));
+        Mount(dir.to_path_buf())
+    }
+
+    /// `dir` itself, read-only from now on.
+    fn read_only(dir: &Path) -> Mount {
+        run(Command::new("mount").arg("--bind").arg(dir).arg(dir));
+        let m = Mount(dir.to_path_buf());
+        run(Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(dir));
+        m
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs kmsd on `data` until it exits (it must, within 30 s); returns (code, stderr).
+fn kmsd_exits(tmp: &Path, data: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(bin("kmsd"))
+        .arg("--socket")
+        .arg(tmp.join("refused.sock"))
+        .arg("--data-dir")
+        .arg(data)
+        .env("KMS_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kmsd kept running on a store it should refuse");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn aes(name: &str) -> CreateKey {
+    CreateKey {
+        name: name.into(),
+        key_type: KeyType::Aes256,
+        protection: Default::default(),
+        convergent: false,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: "m".repeat(100),
+        hsm: None,
+    }
+}
+
+/// A store with two keys and some ciphertexts, stopped cleanly; returns the ciphertexts.
+async fn populated(d: &mut TestDaemon) -> Vec<(Vec<u8>, String)> {
+    let cts = {
+        let c = d.client().await;
+        c.create_key(aes("faulty")).await.unwrap();
+        c.create_key(aes("other")).await.unwrap();
+        let mut cts = Vec::new();
+        for i in 0..40 {
+            let pt = format!("secret {i}").into_bytes();
+            cts.push((pt.clone(), c.encrypt("faulty", &pt, None).await.unwrap()));
+            if i % 10 == 9 {
+                c.rotate("faulty").await.unwrap();
+            }
+        }
+        cts
+    };
+    assert_eq!(d.stop(), Some(0));
+    cts
+}
+
+/// A read-only data directory, empty or holding a store: kmsd exits non-zero at once
+/// with an error naming the directory and the cause, and changes nothing.
+#[test]
+fn read_only_data_directory_is_refused() {
+    if !is_root() {
+        println!("skipped: mounting a read-only directory needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Empty.
+    let empty = tmp.path().join("empty");
+    let _m = Mount::tmpfs(&empty, "1m");
+    let _ro = Mount::read_only(&empty);
+    let (code, err) = kmsd_exits(tmp.path(), &empty);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("kmsd: error:"), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(err.contains(&empty.display().to_string()), "{err}");
+
+    // Holding a store.
+    let mut d = TestDaemon::start();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(populated(&mut d));
+    let store = d.data_dir.join("kms.redb");
+    let before = std::fs::read(&store).unwrap();
+    let _ro = Mount::read_only(&d.data_dir);
+    let (code, err) = kmsd_exits(tmp.path(), &d.data_dir);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(
+        std::fs::read(&store).unwrap() == before,
+        "the store changed"
+    );
+    println!(
+        "read-only data directory: {}",
+        err.lines().last().unwrap_or("")
+    );
+}
+
+/// The disk fills up while keys are created: the failing call is answered `internal`,
+/// reads go on, nothing acknowledged is lost, and once space returns writes succeed
+/// again without a restart; after a restart everything acknowledged is there and the
+/// store passes redb's integrity check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_fails_internal_and_recovers() {
+    if !is_root() {
+        println!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("small");
+    let _m = Mount::tmpfs(&data, "2m");
+    let mut d = TestDaemon::start_with(DaemonOptions {
+        data_dir: Some(data.clone()),
+        ..DaemonOptions::default()
+    });
+    let c = d.client().await;
+    c.create_key(aes("full")).await.unwrap();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let pt = format!("before {i}").into_bytes();
+        acked.push((pt.clone(), c.encrypt("full", &pt, None).await.unwrap()));
+    }
+
+    // Fill the file system.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 16 * 1024]).is_ok() {}
+        while f.write_all(&[0u8; 512]).is_ok() {}
+    }
+    // Create keys until the store cannot grow; everything acknowledged is remembered.
+    let mut created = Vec::new();
+    let mut refused = None;
+    for i in 0..5000 {
+        let name = format!("key{i}");
+        match c.create_key(aes(&name)).await {
+            Ok(_) => created.push(name),
+            Err(e) => {
+                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
+                refused = Some((name, e.to_string()));
+                break;
+            }
+        }
+    }
+    let (lost, message) = refused.expect("the disk never filled");
+    println!("disk full after {} keys: {message}", created.len());
+    // Reads go on; the refused key does not exist; crypto calls either answer right
+    // or fail `internal` (their history entry cannot be made durable), never wrongly.
+    assert!(c.get_key("full").await.is_ok());
+    assert_eq!(
+        c.list_keys(false, 0, None).await.unwrap().1,
+        1 + created.len() as u64
+    );
+    assert_eq!(
+        c.get_key(&lost).await.unwrap_err().kind(),
+        Some(ErrorKind::NotFound)
+    );
+    for (pt, ct) in &acked {
+        match c.decrypt("full", ct, None).await {
+            Ok(back) => assert_eq!(&back, pt),
+            Err(e) => assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}"),
+        }
+    }
+
+    // Space returns: writes succeed again, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.create_key(aes("after")).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
+                assert!(Instant::now() < deadline, "no recovery: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    for (pt, ct) in &acked {
+        assert_eq!(&c.decrypt("full", ct, None).await.unwrap(), pt);
+    }
+    drop(c);
+    assert!(d.log_text().contains("reopened"), "{}", d.log_text());
+
+    // After a restart: everything acknowledged, and a sound store.
+    assert_eq!(d.stop(), Some(0));
+    assert!(kmsd::store::check_file(&data.join("kms.redb")).unwrap());
+    d.restart_with(DaemonOptions {
+        data_dir: Some(data.clone()),
+        ..DaemonOptions::default()
+    });
+    let c = Client::connect(&d.socket).await.unwrap();
+    for name in created.iter().chain([&"after".to_string()]) {
+        c.get_key(name).await.unwrap();
+    }
+    assert!(c.get_key(&lost).await.is_err());
+    for (pt, ct) in &acked {
+        assert_eq!(&c.decrypt("full", ct, None).await.unwrap(), pt);
+    }
+    drop(c);
+    d.stop();
+}
+
+/// A truncated store and a store with a damaged page: kmsd refuses to start with a
+/// clear message naming the store, or (a page no commit uses) starts and serves exactly
+/// the data it had — never other data. A root key file of the wrong size is refused
+/// with a clear error and the store is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_is_refused_never_served_wrong() {
+    let mut d = TestDaemon::start();
+    let cts = populated(&mut d).await;
+    let store = d.data_dir.join("kms.redb");
+    let good = std::fs::read(&store).unwrap();
+    let tmp = d.dir.path().to_path_buf();
+
+    // Truncated to half.
+    std::fs::write(&store, &good[..good.len() / 2]).unwrap();
+    let (code, err) = kmsd_exits(&tmp, &d.data_dir);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("cannot open the key store"), "{err}");
+    assert!(err.contains(&store.display().to_string()), "{err}");
+    println!("truncated: {}", err.lines().last().unwrap_or(""));
+
+    // One 4 KiB page overwritten with garbage, for every page of the file (sampled).
+    let pages = good.len() / 4096;
+    let step = pages.div_ceil(64).max(1);
+    let (mut refused, mut served) = (0, 0);
+    for page in (0..pages).step_by(step) {
+        let mut bad = good.clone();
+        for (i, b) in bad[page * 4096..(page + 1) * 4096].iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(page as u8) ^ 0x5a;
+        }
+        std::fs::write(&store, &bad).unwrap();
+        let mut probe = std::process::Command::new(bin("kmsd"))
+            .arg("--socket")
+            .arg(tmp.join("probe.sock"))
+            .arg("--data-dir")
+            .arg(&d.data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let up = loop {
+            if let Some(status) = probe.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                probe
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert_ne!(status.code(), Some(0));
+                assert!(
+                    err.contains("cannot open the key store") || err.contains("corrupt"),
+                    "page {page}: unclear refusal: {err}"
+                );
+                break false;
+            }
+            if std::os::unix::net::UnixStream::connect(tmp.join("probe.sock")).is_ok() {
+                break true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "page {page}: kmsd neither served nor exited"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if up {
+            // It started: the damage hit no live page. It must serve exactly the data.
+            let c = Client::connect(&tmp.join("probe.sock")).await.unwrap();
+            assert_eq!(c.get_key("faulty").await.unwrap().current_version, 5);
+            for (pt, ct) in &cts {
+                assert_eq!(
+                    &c.decrypt("faulty", ct, None).await.unwrap(),
+                    pt,
+                    "page {page}"
+                );
+            }
+            drop(c);
+            served += 1;
+        } else {
+            refused += 1;
+        }
+        let _ = probe.kill();
+        let _ = probe.wait();
+        let _ = std::fs::remove_file(tmp.join("probe.sock"));
+    }
+    println!("damaged page: refused {refused} times, served correctly {served} times");
+    assert!(refused > 0);
+
+    // A root key file of the wrong size: refused, store untouched.
+    std::fs::write(&store, &good).unwrap();
+    let key = d.data_dir.join("root.key");
+    let real_key = std::fs::read(&key).unwrap();
+    std::fs::write(&key, &real_key[..16]).unwrap();
+    let (code, err) = kmsd_exits(&tmp, &d.data_dir);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("root key"), "{err}");
+    assert!(std::fs::read(&store).unwrap() == good, "the store changed");
+    println!("short root key: {}", err.lines().last().unwrap_or(""));
+
+    // Repaired by hand: the daemon serves everything again.
+    std::fs::write(&key, &real_key).unwrap();
+    d.restart_with(DaemonOptions::default());
+    let c = d.client().await;
+    for (pt, ct) in &cts {
+        assert_eq!(&c.decrypt("faulty", ct, None).await.unwrap(), pt);
+    }
+}
