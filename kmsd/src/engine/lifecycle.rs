@@ -245,7 +245,9 @@ impl Engine {
         version: Option<u32>,
         build: impl FnOnce(&Arc<KeyEntry>, UnixMillis) -> Result<Change, EngineError>,
     ) -> Result<Arc<KeyEntry>, EngineError> {
-        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = self.key_lock(&self.resolve(key)?.rec.tag);
+        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Read again under the lock: another change may have landed meanwhile.
         let entry = self.resolve(key)?;
         let now = self.now();
         match build(&entry, now) {
@@ -383,7 +385,8 @@ impl Engine {
     /// Rotation forced by the nonce budget of `exhausted` (if still current).
     pub(super) fn rotate_for_budget(&self, tag: &str, exhausted: u32) -> Result<(), EngineError> {
         let caller = Caller::daemon();
-        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = self.key_lock(tag);
+        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
         let entry = self.resolve(tag)?;
         if entry.rec.current_version != exhausted {
             return Ok(());
@@ -646,7 +649,8 @@ impl Engine {
 
     /// Forgets a purged key whose retention has ended: metadata, counters and history.
     pub(super) fn expire(&self, tag: &str) -> Result<(), EngineError> {
-        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = self.key_lock(tag);
+        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
         let entry = self.resolve(tag)?;
         let due = due_entries(&entry.rec, self.config.retention_ms);
         let Some((at, DueKind::Expiry)) = due.first().copied() else {

@@ -2,8 +2,9 @@
 //! in-memory keyring. It never sees a socket; the service layer calls it.
 //!
 //! Reads (crypto, show, list) take a read lock on the keyring only long enough to clone an
-//! `Arc` of the key's entry, then run without locks. Lifecycle changes are serialised by
-//! one lifecycle lock and follow one pattern (as Vault's transit engine does): build the
+//! `Arc` of the key's entry, then run without locks. Changes to one key are serialised by
+//! that key's lock (creation, grants and token registrations by one global lock), so
+//! changes to different keys share group commits. All follow one pattern (as Vault's transit engine does): build the
 //! new record, commit it durably, and only then publish it in memory and as an event —
 //! never mutate memory first and roll back after.
 //!
@@ -148,6 +149,9 @@ pub struct Engine {
     keyring: RwLock<Keyring>,
     /// Serialises lifecycle changes (build → commit → publish).
     lifecycle: Mutex<()>,
+    /// One lock per key for changes to that key: changes to different keys run at once
+    /// and share group commits; changes to one key stay serialised.
+    key_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     events: broadcast::Sender<Event>,
     event_seq: AtomicU64,
     /// Woken whenever the earliest due date may have changed.
@@ -184,6 +188,7 @@ impl Engine {
             config,
             keyring: RwLock::new(keyring),
             lifecycle: Mutex::new(()),
+            key_locks: Mutex::default(),
             events,
             event_seq: AtomicU64::new(1),
             due_changed: Arc::new(Notify::new()),
@@ -227,6 +232,16 @@ impl Engine {
     /// Number of keys not purged.
     pub fn live_keys(&self) -> u64 {
         self.ring().by_name.len() as u64
+    }
+
+    /// The change lock of one key (by tag).
+    fn key_lock(&self, tag: &str) -> Arc<Mutex<()>> {
+        self.key_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tag.to_string())
+            .or_default()
+            .clone()
     }
 
     fn ring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
