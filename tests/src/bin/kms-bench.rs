@@ -321,14 +321,14 @@ fn report(o: &Opts, c: &mut Case) {
         );
     } else {
         println!(
-            "{:<13} {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  in-proc {:>9}  floor {:>8.0} ({:>3.0}%)  errors {}  cpu {:.1}s  rss {} MiB",
+            "{:<13} {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  in-proc {:>9}  floor {:>8} ({:>3.0}%)  errors {}  cpu {:.1}s  rss {} MiB",
             c.name,
             ops,
             p50,
             p99,
             p999,
             c.inproc.map_or("-".into(), |v| format!("{v:.0}/s")),
-            c.floor,
+            if c.floor.is_nan() { "-".to_string() } else { format!("{:.0}", c.floor) },
             100.0 * ops / c.floor,
             c.run.errors,
             c.cpu_s,
