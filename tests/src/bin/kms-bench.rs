@@ -188,7 +188,12 @@ fn inproc(seconds: f64, mut f: impl FnMut(u64)) -> f64 {
 }
 
 /// The echo floor: a server that returns each frame, same socket type, same framing.
-async fn echo_floor(conns: usize, depth: usize, frame_len: usize, limit: Limit) -> anyhow::Result<f64> {
+async fn echo_floor(
+    conns: usize,
+    depth: usize,
+    frame_len: usize,
+    limit: Limit,
+) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("echo.sock");
     let listener = tokio::net::UnixListener::bind(&path)?;
@@ -328,7 +333,11 @@ fn report(o: &Opts, c: &mut Case) {
             p99,
             p999,
             c.inproc.map_or("-".into(), |v| format!("{v:.0}/s")),
-            if c.floor.is_nan() { "-".to_string() } else { format!("{:.0}", c.floor) },
+            if c.floor.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.0}", c.floor)
+            },
             100.0 * ops / c.floor,
             c.run.errors,
             c.cpu_s,
@@ -394,7 +403,11 @@ async fn main() -> anyhow::Result<()> {
     let aes = kmsd::crypto::KeyMaterial::generate(KeyType::Aes256)?;
     let ec = kmsd::crypto::KeyMaterial::generate(KeyType::Ecdsa)?;
     let rsa = kmsd::crypto::KeyMaterial::generate(KeyType::Rsa2048)?;
-    let (aes, ec, rsa) = (aes.as_aes().context("aes")?, ec.as_ecdsa().context("ec")?, rsa.as_rsa().context("rsa")?);
+    let (aes, ec, rsa) = (
+        aes.as_aes().context("aes")?,
+        ec.as_ecdsa().context("ec")?,
+        rsa.as_rsa().context("rsa")?,
+    );
     let aes_body1k = aes.encrypt_random(b"aad", &pt1k)?;
     let aes_body32k = aes.encrypt_random(b"aad", &pt32k)?;
     let ec_der = ec.sign(&msg)?;
@@ -405,46 +418,84 @@ async fn main() -> anyhow::Result<()> {
             "kms-bench: {} conns × depth {}, {} per case{}",
             o.conns,
             o.depth,
-            if o.smoke { "200 ops".to_string() } else { format!("{} s", o.seconds) },
-            if o.socket.is_some() { " (external daemon)" } else { "" }
+            if o.smoke {
+                "200 ops".to_string()
+            } else {
+                format!("{} s", o.seconds)
+            },
+            if o.socket.is_some() {
+                " (external daemon)"
+            } else {
+                ""
+            }
         );
     }
     for case in o.cases.clone() {
         let c = &clients;
         let (run, inp, request) = match case.as_str() {
             "aes-enc-1k" | "aes-enc-32k" => {
-                let pt = if case == "aes-enc-1k" { pt1k.clone() } else { pt32k.clone() };
+                let pt = if case == "aes-enc-1k" {
+                    pt1k.clone()
+                } else {
+                    pt32k.clone()
+                };
                 let key = k("aes");
-                let req = Request::Encrypt { key: key.clone(), plaintext: pt.clone(), context: None };
+                let req = Request::Encrypt {
+                    key: key.clone(),
+                    plaintext: pt.clone(),
+                    context: None,
+                };
                 let inp = inproc(inproc_s, |_| {
                     let _ = aes.encrypt_random(b"aad", &pt);
                 });
                 let pt = Arc::new(pt);
                 let run = drive(c, o.depth, limit, move |cl, _| {
                     let (key, pt) = (key.clone(), pt.clone());
-                    async move { cl.encrypt(&key, &pt, None).await.map(|_| ()).map_err(Into::into) }
+                    async move {
+                        cl.encrypt(&key, &pt, None)
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
                 })
                 .await;
                 (run, Some(inp), req)
             }
             "aes-dec-1k" | "aes-dec-32k" => {
-                let (ct, body) = if case == "aes-dec-1k" { (ct1k.clone(), aes_body1k.clone()) } else { (ct32k.clone(), aes_body32k.clone()) };
+                let (ct, body) = if case == "aes-dec-1k" {
+                    (ct1k.clone(), aes_body1k.clone())
+                } else {
+                    (ct32k.clone(), aes_body32k.clone())
+                };
                 let key = k("aes");
-                let req = Request::Decrypt { key: key.clone(), ciphertext: ct.clone(), context: None };
+                let req = Request::Decrypt {
+                    key: key.clone(),
+                    ciphertext: ct.clone(),
+                    context: None,
+                };
                 let inp = inproc(inproc_s, |_| {
                     let _ = aes.decrypt(b"aad", &body);
                 });
                 let ct = Arc::new(ct);
                 let run = drive(c, o.depth, limit, move |cl, _| {
                     let (key, ct) = (key.clone(), ct.clone());
-                    async move { cl.decrypt(&key, &ct, None).await.map(|_| ()).map_err(Into::into) }
+                    async move {
+                        cl.decrypt(&key, &ct, None)
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
                 })
                 .await;
                 (run, Some(inp), req)
             }
             "conv-enc-1k" => {
                 let key = k("conv");
-                let req = Request::Encrypt { key: key.clone(), plaintext: pt1k.clone(), context: Some(b"ctx".to_vec()) };
+                let req = Request::Encrypt {
+                    key: key.clone(),
+                    plaintext: pt1k.clone(),
+                    context: Some(b"ctx".to_vec()),
+                };
                 let inp = inproc(inproc_s, |i| {
                     let _ = aes.encrypt_convergent(b"ctx", b"aad", &i.to_le_bytes());
                 });
@@ -453,15 +504,26 @@ async fn main() -> anyhow::Result<()> {
                     async move {
                         let mut pt = vec![0u8; 1024];
                         pt[..8].copy_from_slice(&i.to_le_bytes());
-                        cl.encrypt(&key, &pt, Some(b"ctx")).await.map(|_| ()).map_err(Into::into)
+                        cl.encrypt(&key, &pt, Some(b"ctx"))
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
                     }
                 })
                 .await;
                 (run, Some(inp), req)
             }
             "ecdsa-sign" | "rsa-sign" => {
-                let key = if case == "ecdsa-sign" { k("ec") } else { k("rsa") };
-                let req = Request::Sign { key: key.clone(), message: msg.clone(), scheme: SignScheme::Pss };
+                let key = if case == "ecdsa-sign" {
+                    k("ec")
+                } else {
+                    k("rsa")
+                };
+                let req = Request::Sign {
+                    key: key.clone(),
+                    message: msg.clone(),
+                    scheme: SignScheme::Pss,
+                };
                 let inp = if case == "ecdsa-sign" {
                     inproc(inproc_s, |_| {
                         let _ = ec.sign(&msg);
@@ -474,14 +536,24 @@ async fn main() -> anyhow::Result<()> {
                 let m = Arc::new(msg.clone());
                 let run = drive(c, o.depth, limit, move |cl, _| {
                     let (key, m) = (key.clone(), m.clone());
-                    async move { cl.sign(&key, &m, SignScheme::Pss).await.map(|_| ()).map_err(Into::into) }
+                    async move {
+                        cl.sign(&key, &m, SignScheme::Pss)
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
                 })
                 .await;
                 (run, Some(inp), req)
             }
             "ecdsa-verify" => {
                 let key = k("ec");
-                let req = Request::Verify { key: key.clone(), message: msg.clone(), signature: ec_sig.clone(), scheme: SignScheme::Pss };
+                let req = Request::Verify {
+                    key: key.clone(),
+                    message: msg.clone(),
+                    signature: ec_sig.clone(),
+                    scheme: SignScheme::Pss,
+                };
                 let inp = inproc(inproc_s, |_| {
                     let _ = ec.verify(&msg, &ec_der);
                 });
@@ -498,48 +570,85 @@ async fn main() -> anyhow::Result<()> {
             }
             "rsa-dec" => {
                 let key = k("rsa");
-                let req = Request::Decrypt { key: key.clone(), ciphertext: rsa_ct.clone(), context: None };
+                let req = Request::Decrypt {
+                    key: key.clone(),
+                    ciphertext: rsa_ct.clone(),
+                    context: None,
+                };
                 let inp = inproc(inproc_s, |_| {
                     let _ = rsa.decrypt(&rsa_body);
                 });
                 let ct = Arc::new(rsa_ct.clone());
                 let run = drive(c, o.depth, limit, move |cl, _| {
                     let (key, ct) = (key.clone(), ct.clone());
-                    async move { cl.decrypt(&key, &ct, None).await.map(|_| ()).map_err(Into::into) }
+                    async move {
+                        cl.decrypt(&key, &ct, None)
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
                 })
                 .await;
                 (run, Some(inp), req)
             }
             "rsa-enc" => {
                 let key = k("rsa");
-                let req = Request::Encrypt { key: key.clone(), plaintext: vec![9; 64], context: None };
+                let req = Request::Encrypt {
+                    key: key.clone(),
+                    plaintext: vec![9; 64],
+                    context: None,
+                };
                 let inp = inproc(inproc_s, |_| {
                     let _ = rsa.encrypt(&[9u8; 64]);
                 });
                 let run = drive(c, o.depth, limit, move |cl, _| {
                     let key = key.clone();
-                    async move { cl.encrypt(&key, &[9u8; 64], None).await.map(|_| ()).map_err(Into::into) }
+                    async move {
+                        cl.encrypt(&key, &[9u8; 64], None)
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
                 })
                 .await;
                 (run, Some(inp), req)
             }
             "data-key" => {
                 let key = k("aes");
-                let req = Request::DataKey { key: key.clone(), bits: 256, plaintext: true, context: None };
+                let req = Request::DataKey {
+                    key: key.clone(),
+                    bits: 256,
+                    plaintext: true,
+                    context: None,
+                };
                 let run = drive(c, o.depth, limit, move |cl, _| {
                     let key = key.clone();
-                    async move { cl.data_key(&key, 256, true, None).await.map(|_| ()).map_err(Into::into) }
+                    async move {
+                        cl.data_key(&key, 256, true, None)
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
                 })
                 .await;
                 (run, None, req)
             }
             "reencrypt" => {
                 let key = k("aes");
-                let req = Request::Reencrypt { key: key.clone(), ciphertext: ct1k.clone(), context: None };
+                let req = Request::Reencrypt {
+                    key: key.clone(),
+                    ciphertext: ct1k.clone(),
+                    context: None,
+                };
                 let ct = Arc::new(ct1k.clone());
                 let run = drive(c, o.depth, limit, move |cl, _| {
                     let (key, ct) = (key.clone(), ct.clone());
-                    async move { cl.reencrypt(&key, &ct, None).await.map(|_| ()).map_err(Into::into) }
+                    async move {
+                        cl.reencrypt(&key, &ct, None)
+                            .await
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    }
                 })
                 .await;
                 (run, None, req)
@@ -547,10 +656,25 @@ async fn main() -> anyhow::Result<()> {
             "mixed" => {
                 // 60 % AES encrypt/decrypt, 20 % ECDSA sign, 10 % RSA sign, 10 % show.
                 let (aes_k, ec_k, rsa_k) = (k("aes"), k("ec"), k("rsa"));
-                let req = Request::Encrypt { key: aes_k.clone(), plaintext: pt1k.clone(), context: None };
-                let (pt, ct, m) = (Arc::new(pt1k.clone()), Arc::new(ct1k.clone()), Arc::new(msg.clone()));
+                let req = Request::Encrypt {
+                    key: aes_k.clone(),
+                    plaintext: pt1k.clone(),
+                    context: None,
+                };
+                let (pt, ct, m) = (
+                    Arc::new(pt1k.clone()),
+                    Arc::new(ct1k.clone()),
+                    Arc::new(msg.clone()),
+                );
                 let run = drive(c, o.depth, limit, move |cl, i| {
-                    let (aes_k, ec_k, rsa_k, pt, ct, m) = (aes_k.clone(), ec_k.clone(), rsa_k.clone(), pt.clone(), ct.clone(), m.clone());
+                    let (aes_k, ec_k, rsa_k, pt, ct, m) = (
+                        aes_k.clone(),
+                        ec_k.clone(),
+                        rsa_k.clone(),
+                        pt.clone(),
+                        ct.clone(),
+                        m.clone(),
+                    );
                     async move {
                         match i % 10 {
                             0..=2 => cl.encrypt(&aes_k, &pt, None).await.map(|_| ())?,
@@ -572,7 +696,9 @@ async fn main() -> anyhow::Result<()> {
                 for i in 0..n {
                     let name = format!("r{tag}x{i}");
                     if admin.get_key(&name).await.is_err() {
-                        admin.create_key(spec(&name, KeyType::Aes256, false)).await?;
+                        admin
+                            .create_key(spec(&name, KeyType::Aes256, false))
+                            .await?;
                     }
                     names.push(name);
                 }
@@ -586,7 +712,8 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 let run = drive(c, 1, lim, move |cl, _| {
-                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % names.len();
+                    let i =
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % names.len();
                     let name = names[i].clone();
                     async move { cl.rotate(&name).await.map(|_| ()).map_err(Into::into) }
                 })
@@ -614,9 +741,26 @@ async fn main() -> anyhow::Result<()> {
             }
             _ => unreachable!("checked in parse_args"),
         };
-        let floor = echo_floor(o.conns, o.depth, frame_len(request), if o.smoke { Limit::Ops(200) } else { Limit::Time(Duration::from_secs_f64(o.seconds.min(2.0))) }).await?;
+        let floor = echo_floor(
+            o.conns,
+            o.depth,
+            frame_len(request),
+            if o.smoke {
+                Limit::Ops(200)
+            } else {
+                Limit::Time(Duration::from_secs_f64(o.seconds.min(2.0)))
+            },
+        )
+        .await?;
         let (cpu_s, rss_kib) = pid.map(proc_usage).unwrap_or_default();
-        let mut case = Case { name: &case, run, inproc: inp, floor, cpu_s, rss_kib };
+        let mut case = Case {
+            name: &case,
+            run,
+            inproc: inp,
+            floor,
+            cpu_s,
+            rss_kib,
+        };
         report(&o, &mut case);
     }
     if o.ssh_agent {
@@ -713,7 +857,11 @@ mod ssh_agent {
             } else {
                 ("ssh-agent-ec-sign", 0)
             };
-            let limit = if o.smoke { Limit::Ops(200) } else { Limit::Time(Duration::from_secs_f64(o.seconds)) };
+            let limit = if o.smoke {
+                Limit::Ops(200)
+            } else {
+                Limit::Time(Duration::from_secs_f64(o.seconds))
+            };
             let start = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
             let per = match limit {
@@ -743,7 +891,11 @@ mod ssh_agent {
                     Ok::<_, anyhow::Error>(lat)
                 });
             }
-            let mut run = Run { lat_us: Vec::new(), elapsed: Duration::ZERO, errors: 0 };
+            let mut run = Run {
+                lat_us: Vec::new(),
+                elapsed: Duration::ZERO,
+                errors: 0,
+            };
             while let Some(r) = tasks.join_next().await {
                 match r? {
                     Ok(l) => run.lat_us.extend(l),
@@ -751,7 +903,14 @@ mod ssh_agent {
                 }
             }
             run.elapsed = start.elapsed();
-            let mut case = Case { name, run, inproc: None, floor: f64::NAN, cpu_s: 0.0, rss_kib: 0 };
+            let mut case = Case {
+                name,
+                run,
+                inproc: None,
+                floor: f64::NAN,
+                cpu_s: 0.0,
+                rss_kib: 0,
+            };
             report(o, &mut case);
         }
         let _ = agent.kill();
