@@ -48,7 +48,10 @@ impl Tmux {
             if s.contains(needle) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "never saw {needle:?}; screen:\n{s}");
+            assert!(
+                Instant::now() < deadline,
+                "never saw {needle:?}; screen:\n{s}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -74,7 +77,17 @@ fn dashboard_session_in_tmux() {
         kms_e2e::bin("kms-tui").display(),
         d.socket.display()
     );
-    t.run(&["new-session", "-d", "-s", "tui", "-x", "100", "-y", "30", &cmd]);
+    t.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "tui",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &cmd,
+    ]);
     t.wait_for("1 key ");
     t.wait_for("existing");
 
@@ -127,7 +140,11 @@ fn dashboard_session_in_tmux() {
         .lines()
         .any(|l| l.contains("existing") && l.contains("disabled"))
     {
-        assert!(Instant::now() < deadline, "state change not shown:\n{}", t.screen());
+        assert!(
+            Instant::now() < deadline,
+            "state change not shown:\n{}",
+            t.screen()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
