@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    let calls: usize = std::env::args().nth(1).map_or(Ok(1_000_000), |a| a.parse())?;
+    let calls: usize = std::env::args()
+        .nth(1)
+        .map_or(Ok(1_000_000), |a| a.parse())?;
     let dir = tempfile::tempdir()?;
     let (root, _) = RootKey::load_or_create(dir.path(), None)?;
     let path = dir.path().join("kms.redb");

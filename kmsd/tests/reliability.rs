@@ -180,8 +180,8 @@ fn failing_writes_fail_internal_and_the_store_recovers() {
 /// clients send them): all under version 1, the version counts exactly 1,000,000, and
 /// no 96-bit nonce repeats.
 ///
-/// About 20 s in a debug build on the reference machine (the dependencies are built
-/// with optimisation); see docs/RELIABILITY.md.
+/// 8 s in a release build, about 30 s in a debug one (the dependencies are optimised),
+/// so it stays in the normal suite; see docs/RELIABILITY.md.
 #[test]
 fn a_million_encryptions_repeat_no_nonce() {
     const N: usize = 1_000_000;
