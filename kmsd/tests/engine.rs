@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use kms_shared::model::{Action, DAY_MS, HOUR_MS, KeyInfo, KeyState, KeyType, SignScheme};
-use kms_shared::protocol::{CiphertextItem, CreateKey, ErrorKind, HistoryQuery, ItemOutcome};
+use kms_shared::protocol::{
+    CiphertextItem, CreateKey, ErrorKind, HistoryQuery, ItemOutcome, PlaintextItem,
+};
 use kms_shared::{ciphertext, model::Protection};
 use kmsd::clock::ManualClock;
 use kmsd::crypto::RootKey;
@@ -742,6 +744,78 @@ fn history_and_usage() {
     assert_eq!(impact.recent_uses, 4);
     assert_eq!(impact.accounts[0].account, "alice");
     assert_eq!(impact.accounts[0].uses, 3);
+}
+
+/// A batch is one call (SPEC §7): one history entry carrying its item and failure counts,
+/// while usage, the impact query and the nonce budget count every successful item. Many
+/// concurrent calls whose counters the writer sums within one group lose no count.
+#[test]
+fn batch_is_one_history_entry_and_counters_add_up() {
+    let mut fx = Fx::new();
+    fx.create("batchk", KeyType::Aes256);
+    let items: Vec<PlaintextItem> = (0..5u8)
+        .map(|i| PlaintextItem {
+            plaintext: vec![i; 16],
+            context: None,
+        })
+        .collect();
+    let out = fx.e().encrypt_batch(&fx.me, "batchk", &items).wait().unwrap();
+    let cts: Vec<String> = out
+        .iter()
+        .map(|o| match o {
+            ItemOutcome::Ciphertext(c) => c.clone(),
+            other => panic!("item failed: {other:?}"),
+        })
+        .collect();
+    let mut back: Vec<CiphertextItem> = cts
+        .iter()
+        .map(|c| CiphertextItem {
+            ciphertext: c.clone(),
+            context: None,
+        })
+        .collect();
+    back[3].ciphertext = "ncpkms:v1:AAAA".into();
+    let out = fx.e().decrypt_batch(&fx.me, "batchk", &back).wait().unwrap();
+    assert_eq!(out.iter().filter(|o| matches!(o, ItemOutcome::Err(_))).count(), 1);
+
+    // 64 single calls from 8 threads at once: they share group commits.
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (e, me) = (fx.e(), caller(&format!("user{t}")));
+            s.spawn(move || {
+                for _ in 0..8 {
+                    e.encrypt(&me, "batchk", b"x", None).wait().unwrap();
+                }
+            });
+        }
+    });
+    fx.reopen();
+    let e = fx.e();
+    let hist = e
+        .history(&HistoryQuery {
+            key: "batchk".into(),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .unwrap();
+    // 64 singles + 2 batches + create.
+    assert_eq!(hist.len(), 67);
+    let batches: Vec<_> = hist.iter().filter(|h| h.items > 1).collect();
+    assert_eq!(batches.len(), 2);
+    let (dec, enc) = (batches[0], batches[1]);
+    assert_eq!((dec.action, dec.items, dec.failed), (Action::Decrypt, 5, 1));
+    assert_eq!(dec.result, "decrypt-failed");
+    assert_eq!(dec.version, Some(1));
+    assert_eq!((enc.action, enc.items, enc.failed), (Action::Encrypt, 5, 0));
+    assert_eq!(enc.result, "ok");
+    assert!(hist.iter().filter(|h| h.items == 1).all(|h| h.failed == 0));
+
+    let k = e.get_key("batchk").unwrap();
+    // 5 encrypted + 4 decrypted + 64 singles.
+    assert_eq!(k.usage_count, 73);
+    assert_eq!(e.impact("batchk", None).unwrap().recent_uses, 73);
+    let v1 = e.versions("batchk").unwrap().remove(0);
+    assert_eq!(v1.encryptions, 69, "nonce budget counts every encryption");
 }
 
 /// The root key file is 0600; the store refuses another root key; wrapped rows do not

@@ -376,6 +376,17 @@ pub struct HistoryEntry {
     pub pid: u32,
     /// The client's program name (from `/proc/PID/comm`), the local stand-in for NCP's IP.
     pub client: String,
+    /// Items of the call: 1, or the item count of a batch call (a batch is one call and
+    /// one entry; its per-item results went to the caller).
+    #[serde(default = "one_item")]
+    pub items: u32,
+    /// How many of the items failed; `result` is then the first failure's kind.
+    #[serde(default)]
+    pub failed: u32,
+}
+
+fn one_item() -> u32 {
+    1
 }
 
 /// Who used a key recently: the data behind the "this key is in use" warnings.

@@ -251,8 +251,9 @@ fn history_entry() -> BoxedStrategy<HistoryEntry> {
             proptest::option::of(any::<u32>()),
         ),
         (text(), text(), any::<u32>(), any::<u32>(), text()),
+        (any::<u32>(), any::<u32>()),
     )
-        .prop_map(|(a, b)| HistoryEntry {
+        .prop_map(|(a, b, c)| HistoryEntry {
             seq: a.0,
             time: a.1,
             key_tag: a.2,
@@ -263,6 +264,8 @@ fn history_entry() -> BoxedStrategy<HistoryEntry> {
             uid: b.2,
             pid: b.3,
             client: b.4,
+            items: c.0,
+            failed: c.1,
         })
         .boxed()
 }

@@ -94,6 +94,8 @@ pub fn history_record(h: &HistoryEntry) -> Record {
         uid,
         pid,
         client,
+        items,
+        failed,
     } = h;
     vec![
         ("seq", json!(seq)),
@@ -106,6 +108,8 @@ pub fn history_record(h: &HistoryEntry) -> Record {
         ("uid", json!(uid)),
         ("pid", json!(pid)),
         ("client", json!(client)),
+        ("items", json!(items)),
+        ("failed", json!(failed)),
     ]
 }
 
@@ -319,6 +323,7 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
             ("ACTION", "action"),
             ("VER", "version"),
             ("RESULT", "result"),
+            ("ITEMS", "items"),
             ("ACCOUNT", "account"),
             ("UID", "uid"),
             ("PID", "pid"),

@@ -207,6 +207,8 @@ pub fn history(top_seq: u64, n: usize) -> Vec<HistoryEntry> {
                 uid: 1000 + (i as u32 % 3),
                 pid: 4000 + i as u32,
                 client: client.into(),
+                items: 1,
+                failed: u32::from(result != "ok"),
             }
         })
         .collect()

@@ -30,10 +30,15 @@ fn data_aad(tag: &str, version: u32, context: &[u8]) -> Vec<u8> {
 /// One audited operation: what goes into the history for it.
 struct Audit {
     action: Action,
+    /// The version used; for a batch, the one every successful item used (else none).
     version: Option<u32>,
+    /// The error of a failed single call, or of a batch's first failed item.
     error: Option<ErrorKind>,
-    /// Encryptions to add to a version's count (nonce budget).
-    encryptions: Option<u32>,
+    /// Items of the call (1 unless a batch) and how many failed.
+    items: u32,
+    failed: u32,
+    /// Encryptions made, per version (the nonce budget); empty for other calls.
+    encryptions: Vec<(u32, u64)>,
 }
 
 impl Audit {
@@ -42,7 +47,28 @@ impl Audit {
             action,
             version: r.as_ref().ok().map(|(v, _)| *v),
             error: r.as_ref().err().map(EngineError::kind),
-            encryptions: None,
+            items: 1,
+            failed: u32::from(r.is_err()),
+            encryptions: Vec::new(),
+        }
+    }
+
+    /// The audit of a batch call: one history entry for all its items.
+    fn batch(action: Action, items: usize) -> Audit {
+        Audit {
+            action,
+            version: None,
+            error: None,
+            items: u32::try_from(items).unwrap_or(u32::MAX),
+            failed: 0,
+            encryptions: Vec::new(),
+        }
+    }
+
+    fn count_encryption(&mut self, version: u32) {
+        match self.encryptions.iter_mut().find(|(v, _)| *v == version) {
+            Some((_, n)) => *n += 1,
+            None => self.encryptions.push((version, 1)),
         }
     }
 }
@@ -61,17 +87,20 @@ impl Engine {
         let mut m = Vec::with_capacity(audits.len() + 2);
         let mut uses = 0u64;
         for a in &audits {
-            m.push(history_mutation(
-                tag, now, caller, a.action, a.version, a.error,
-            ));
-            if a.error.is_none() && a.action.is_crypto() {
-                uses += 1;
+            let mut h = history_mutation(tag, now, caller, a.action, a.version, a.error);
+            if let Mutation::History { record, .. } = &mut h {
+                record.items = a.items;
+                record.failed = a.failed;
             }
-            if let (Some(version), None) = (a.encryptions, a.error) {
+            m.push(h);
+            if a.action.is_crypto() {
+                uses += u64::from(a.items.saturating_sub(a.failed));
+            }
+            for &(version, n) in &a.encryptions {
                 m.push(Mutation::Encryptions {
                     tag: tag.clone(),
                     version,
-                    n: 1,
+                    n,
                 });
             }
         }
@@ -108,12 +137,14 @@ impl Engine {
         };
         let r = op(&entry);
         let mut audit = Audit::of(action, &r);
-        if matches!(
-            action,
-            Action::Encrypt | Action::Reencrypt | Action::DataKey
-        ) && entry.rec.key_type == KeyType::Aes256
+        if let Ok((version, _)) = &r
+            && matches!(
+                action,
+                Action::Encrypt | Action::Reencrypt | Action::DataKey
+            )
+            && entry.rec.key_type == KeyType::Aes256
         {
-            audit.encryptions = audit.version;
+            audit.count_encryption(*version);
         }
         self.audited(caller, &entry, vec![audit], r.map(|(_, v)| v))
     }
@@ -195,7 +226,8 @@ impl Engine {
         })
     }
 
-    /// A batch: per-item results, one history entry per item, one durable submission.
+    /// A batch: per-item results, one history entry for the call (with its item and
+    /// failure counts: SPEC §7 counts a batch as one call), one durable submission.
     fn batch<I>(
         &self,
         caller: &Caller,
@@ -213,30 +245,38 @@ impl Engine {
                 "a batch has at most {MAX_BATCH_ITEMS} items (this one has {})",
                 items.len()
             ));
-            let audit = Audit {
-                action,
-                version: None,
-                error: Some(err.kind()),
-                encryptions: None,
-            };
+            let mut audit = Audit::batch(action, items.len());
+            audit.error = Some(err.kind());
+            audit.failed = audit.items;
             return self.audited(caller, &entry, vec![audit], Err(err));
         }
         let counts_encryptions = action != Action::Decrypt && entry.rec.key_type == KeyType::Aes256;
-        let mut audits = Vec::with_capacity(items.len());
+        let mut audit = Audit::batch(action, items.len());
+        // The version shared by every successful item, if they share one.
+        let mut common: Option<Option<u32>> = None;
         let mut out = Vec::with_capacity(items.len());
         for it in items {
-            let r = op(&entry, it);
-            let mut audit = Audit::of(action, &r);
-            if counts_encryptions {
-                audit.encryptions = audit.version;
-            }
-            audits.push(audit);
-            out.push(match r {
-                Ok((_, o)) => o,
-                Err(e) => ItemOutcome::Err(e.to_wire()),
+            out.push(match op(&entry, it) {
+                Ok((version, o)) => {
+                    common = match common {
+                        None => Some(Some(version)),
+                        Some(Some(v)) if v == version => Some(Some(v)),
+                        Some(_) => Some(None),
+                    };
+                    if counts_encryptions {
+                        audit.count_encryption(version);
+                    }
+                    o
+                }
+                Err(e) => {
+                    audit.failed += 1;
+                    audit.error.get_or_insert(e.kind());
+                    ItemOutcome::Err(e.to_wire())
+                }
             });
         }
-        self.audited(caller, &entry, audits, Ok(out))
+        audit.version = common.flatten();
+        self.audited(caller, &entry, vec![audit], Ok(out))
     }
 
     pub fn sign(

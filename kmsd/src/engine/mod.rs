@@ -312,6 +312,8 @@ impl Engine {
                 uid: r.uid,
                 pid: r.pid,
                 client: r.client,
+                items: r.items,
+                failed: r.failed,
             })
             .collect())
     }
@@ -321,21 +323,22 @@ impl Engine {
     pub fn impact(&self, key: &str, window_ms: Option<i64>) -> Result<Impact, EngineError> {
         let entry = self.resolve(key)?;
         let since = self.now() - window_ms.unwrap_or(30 * DAY_MS).max(0);
+        // Not filtered on `ok`: a batch with one failed item still made successful calls.
         let filter = HistoryFilter {
             limit: usize::MAX,
-            ok: Some(true),
             since: Some(since),
             ..HistoryFilter::default()
         };
         let mut per_account: HashMap<String, (u64, UnixMillis)> = HashMap::new();
         let mut recent = 0;
         for (_, r) in self.store.history(&entry.rec.tag, &filter)? {
-            if !r.action.is_crypto() {
+            let uses = r.succeeded();
+            if !r.action.is_crypto() || uses == 0 {
                 continue;
             }
-            recent += 1;
+            recent += uses;
             let e = per_account.entry(r.account).or_insert((0, r.time));
-            e.0 += 1;
+            e.0 += uses;
             e.1 = e.1.max(r.time);
         }
         let mut accounts: Vec<AccountUse> = per_account
@@ -472,6 +475,8 @@ fn history_mutation(
             uid: caller.uid,
             pid: caller.pid,
             client: caller.client.clone(),
+            items: 1,
+            failed: u32::from(error.is_some()),
         },
     }
 }

@@ -221,6 +221,8 @@ mod tests {
                 uid: 0,
                 pid: 0,
                 client: "c".into(),
+                items: 1,
+                failed: 0,
             },
         }
     }

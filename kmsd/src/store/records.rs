@@ -102,6 +102,28 @@ pub struct HistoryRecord {
     pub uid: u32,
     pub pid: u32,
     pub client: String,
+    /// Items of the call: 1, or the item count of a batch (one entry per call, SPEC §7).
+    /// Absent in entries written before batches were recorded as one call.
+    #[serde(default = "one")]
+    pub items: u32,
+    /// How many of those items failed (1 for a refused single call).
+    #[serde(default)]
+    pub failed: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl HistoryRecord {
+    /// Items that succeeded: what the usage count and the impact query count.
+    pub fn succeeded(&self) -> u64 {
+        // An entry written before the counts existed has `failed` 0 even when refused.
+        if self.failed == 0 && self.result != "ok" {
+            return 0;
+        }
+        u64::from(self.items.saturating_sub(self.failed))
+    }
 }
 
 /// What a due-index entry asks the scheduler to do.
@@ -136,4 +158,41 @@ pub fn encode_array<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::E
 
 pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(b)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// History written before batches carried counts (eight fields) still reads, as one
+    /// call of one item with no failed item.
+    #[test]
+    fn history_without_counts_reads_as_one_item() {
+        let old = (
+            5i64,
+            Action::Encrypt,
+            Some(2u32),
+            "ok",
+            "alice",
+            1000u32,
+            42u32,
+            "app",
+        );
+        let bytes = encode_array(&old).unwrap();
+        let rec: HistoryRecord = decode(&bytes).unwrap();
+        assert_eq!((rec.items, rec.failed, rec.succeeded()), (1, 0, 1));
+        assert_eq!(rec.client, "app");
+        let new = HistoryRecord {
+            items: 9,
+            failed: 2,
+            ..rec
+        };
+        let back: HistoryRecord = decode(&encode_array(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+        assert_eq!(back.succeeded(), 7);
+        let refused = (5i64, Action::Encrypt, None::<u32>, "invalid-state", "a", 0u32, 0u32, "c");
+        let rec: HistoryRecord = decode(&encode_array(&refused).unwrap()).unwrap();
+        assert_eq!(rec.succeeded(), 0);
+    }
 }

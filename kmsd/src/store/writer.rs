@@ -20,6 +20,7 @@ use super::{
 };
 use kms_shared::model::UnixMillis;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc;
 use tokio::sync::oneshot;
@@ -214,6 +215,8 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
         let mut encryptions = tx.open_table(ENCRYPTIONS)?;
         let mut grants = tx.open_table(GRANTS)?;
         let seq_before = *next_seq;
+        let mut pending_uses: PendingUses = HashMap::new();
+        let mut pending_encryptions: PendingEncryptions = HashMap::new();
         for m in group.iter().flat_map(|s| s.mutations.iter()) {
             match m {
                 Mutation::PutKey(rec) => {
@@ -248,32 +251,25 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                     )?;
                     *next_seq += 1;
                 }
+                // Counters are summed over the group and written once per key at the
+                // end: a group of 500 encryptions under one key costs one update, not 500.
                 Mutation::Use {
                     tag,
                     at,
                     account,
                     n,
                 } => {
-                    let mut rec: UsageRecord = match usage.get(tag.as_str())? {
-                        Some(v) => decode(v.value()).map_err(|e| StoreError::Corrupt {
-                            table: "usage",
-                            message: e.to_string(),
-                        })?,
-                        None => UsageRecord::default(),
-                    };
-                    rec.count = rec.count.saturating_add(*n);
-                    rec.last_used_at = Some(*at);
-                    if rec.last_used_by.as_deref() != Some(account.as_str()) {
-                        rec.last_used_by = Some(account.clone());
+                    let u = pending_uses.entry(tag.as_str()).or_insert((0, *at, account));
+                    u.0 = u.0.saturating_add(*n);
+                    if *at >= u.1 {
+                        (u.1, u.2) = (*at, account);
                     }
-                    usage.insert(tag.as_str(), encode_map(&rec).map_err(enc)?.as_slice())?;
                 }
                 Mutation::Encryptions { tag, version, n } => {
-                    let old = encryptions
-                        .get((tag.as_str(), *version))?
-                        .map(|v| v.value())
-                        .unwrap_or(0);
-                    encryptions.insert((tag.as_str(), *version), old.saturating_add(*n))?;
+                    let e = pending_encryptions
+                        .entry((tag.as_str(), *version))
+                        .or_insert(0);
+                    *e = e.saturating_add(*n);
                 }
                 Mutation::PutGrant(g) => {
                     grants.insert(g.id, encode_map(g).map_err(enc)?.as_slice())?;
@@ -285,6 +281,13 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                     prune_history(&keys, &mut history, *before)?;
                 }
                 Mutation::Expunge { tag } => {
+                    // Counters summed so far belong before the removal.
+                    flush_counters(
+                        &mut usage,
+                        &mut encryptions,
+                        &mut pending_uses,
+                        &mut pending_encryptions,
+                    )?;
                     keys.remove(tag.as_str())?;
                     usage.remove(tag.as_str())?;
                     let t = tag.as_str();
@@ -302,12 +305,54 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                 }
             }
         }
+        flush_counters(
+            &mut usage,
+            &mut encryptions,
+            &mut pending_uses,
+            &mut pending_encryptions,
+        )?;
         if *next_seq != seq_before {
             let mut meta = tx.open_table(META)?;
             meta.insert(META_HISTORY_SEQ, next_seq.to_be_bytes().as_slice())?;
         }
     }
     tx.commit()?;
+    Ok(())
+}
+
+/// Successful calls per key in a group: count, time and account of the latest.
+type PendingUses<'a> = HashMap<&'a str, (u64, UnixMillis, &'a String)>;
+/// Encryptions per (key, version) in a group.
+type PendingEncryptions<'a> = HashMap<(&'a str, u32), u64>;
+
+/// Adds the group's summed counters to the stored ones and empties the sums.
+fn flush_counters(
+    usage: &mut redb::Table<&str, &[u8]>,
+    encryptions: &mut redb::Table<(&str, u32), u64>,
+    pending_uses: &mut PendingUses<'_>,
+    pending_encryptions: &mut PendingEncryptions<'_>,
+) -> Result<(), StoreError> {
+    for (tag, (n, at, account)) in pending_uses.drain() {
+        let mut rec: UsageRecord = match usage.get(tag)? {
+            Some(v) => decode(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "usage",
+                message: e.to_string(),
+            })?,
+            None => UsageRecord::default(),
+        };
+        rec.count = rec.count.saturating_add(n);
+        if rec.last_used_at.is_none_or(|t| at >= t) {
+            rec.last_used_at = Some(at);
+            if rec.last_used_by.as_deref() != Some(account.as_str()) {
+                rec.last_used_by = Some(account.clone());
+            }
+        }
+        usage.insert(tag, encode_map(&rec).map_err(enc)?.as_slice())?;
+    }
+    for ((tag, version), n) in pending_encryptions.drain() {
+        let old = encryptions.get((tag, version))?.map(|v| v.value()).unwrap_or(0);
+        encryptions.insert((tag, version), old.saturating_add(n))?;
+    }
     Ok(())
 }
 
