@@ -3,8 +3,8 @@
 //! every behaviour can be tested by feeding actions and looking at state and effects.
 
 use crossterm::event::KeyEvent;
-use kms_shared::model::{HistoryEntry, Impact, KeyInfo, VersionInfo};
-use kms_shared::protocol::{CreateKey, Event};
+use kms_shared::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, VersionInfo};
+use kms_shared::protocol::{CreateKey, Event, GrantSpec, HsmTokenInfo};
 
 /// Everything `update` reacts to: raw input, intents the keymap derived from it, and
 /// results from the daemon task.
@@ -42,6 +42,14 @@ pub enum Action {
     EditMemo,
     Versions,
     History,
+    /// Open the permissions (grants) view.
+    Permissions,
+    /// Open the HSM tokens view.
+    Tokens,
+    /// In the permissions or tokens view: a new grant, a new token.
+    New,
+    /// In the permissions or tokens view: revoke the grant, remove the token.
+    Remove,
     ToggleVersion,
     Yes,
     No,
@@ -94,6 +102,18 @@ pub enum Action {
         tag: String,
         result: Result<Impact, String>,
     },
+    GrantsLoaded(Result<Vec<GrantInfo>, String>),
+    Granted(Result<GrantInfo, String>),
+    Revoked {
+        spec: GrantSpec,
+        result: Result<GrantInfo, String>,
+    },
+    HsmTokensLoaded(Result<Vec<HsmTokenInfo>, String>),
+    HsmAdded(Result<HsmTokenInfo, String>),
+    HsmRemoved {
+        name: String,
+        result: Result<HsmTokenInfo, String>,
+    },
 }
 
 /// A lifecycle change of one key that replies with the key.
@@ -135,6 +155,17 @@ pub enum Effect {
         before_seq: Option<u64>,
     },
     LoadImpact(String),
+    LoadGrants,
+    Grant(GrantSpec),
+    Revoke(GrantSpec),
+    LoadHsmTokens,
+    HsmAdd {
+        name: String,
+        module: String,
+        token: String,
+        pin_file: String,
+    },
+    HsmRemove(String),
     Notify {
         summary: String,
         body: String,

@@ -1,10 +1,11 @@
 //! The dashboard's state. Nothing here does I/O; `update` changes it and `ui` draws it.
 
 use kms_shared::model::{
-    DEFAULT_ROTATION_DAYS, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Protection,
-    VersionInfo, validate_convergent, validate_memo, validate_name, validate_rotation_days,
+    DEFAULT_ROTATION_DAYS, GrantInfo, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Principal,
+    Protection, Role, VersionInfo, validate_convergent, validate_memo, validate_name,
+    validate_rotation_days,
 };
-use kms_shared::protocol::CreateKey;
+use kms_shared::protocol::{CreateKey, GrantSpec, HsmTokenInfo};
 
 use super::keymap::Mode;
 use super::strings;
@@ -47,6 +48,8 @@ pub enum Screen {
     Details,
     Versions(VersionsView),
     History(HistoryView),
+    Grants(GrantsView),
+    Tokens(TokensView),
 }
 
 /// Where esc from a sub-view goes.
@@ -81,12 +84,100 @@ pub struct HistoryView {
     pub error: Option<String>,
 }
 
+/// A key named by tag (what requests carry) and name (what people read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    pub tag: String,
+    pub name: String,
+}
+
+/// Every grant (SPEC §6), as `kmsctl grants` lists them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantsView {
+    pub back: Base,
+    /// The key selected when the view was opened: the grant form offers it as the scope.
+    pub key: Option<KeyRef>,
+    /// `None` while loading.
+    pub grants: Option<Vec<GrantInfo>>,
+    pub selected: usize,
+    pub offset: usize,
+    pub error: Option<String>,
+}
+
+impl GrantsView {
+    pub fn len(&self) -> usize {
+        self.grants.as_ref().map_or(0, Vec::len)
+    }
+
+    pub fn selected_grant(&self) -> Option<&GrantInfo> {
+        self.grants.as_ref().and_then(|g| g.get(self.selected))
+    }
+}
+
+/// The registered PKCS#11 tokens; the list itself lives in [`App::hsm_tokens`] because
+/// the create form needs it too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokensView {
+    pub back: Base,
+    pub selected: usize,
+    pub offset: usize,
+}
+
+/// The dedicated-hsm tokens as last read from the daemon.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HsmTokens {
+    /// `None` until the first answer.
+    pub list: Option<Vec<HsmTokenInfo>>,
+    /// The last load failed (the list, if any, is what an earlier load gave).
+    pub error: Option<String>,
+}
+
+impl HsmTokens {
+    pub fn len(&self) -> usize {
+        self.list.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The choices the create form offers.
+    pub fn choices(&self) -> TokenChoices {
+        match (&self.list, &self.error) {
+            (Some(l), _) => TokenChoices::Loaded(l.iter().map(|t| t.name.clone()).collect()),
+            (None, Some(e)) => TokenChoices::Failed(e.clone()),
+            (None, None) => TokenChoices::Loading,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Popup {
     Help,
     Create(CreateForm),
     Confirm(Confirm),
     Prompt(Prompt),
+    Grant(GrantForm),
+    Token(TokenForm),
+    /// A plain yes/no question about a grant or a token.
+    Ask(Ask),
+}
+
+/// Yes/no questions outside the key lifecycle: nothing to weigh but the thing named.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ask {
+    Revoke(GrantInfo),
+    RemoveToken(HsmTokenInfo),
+}
+
+/// The request that revokes exactly this grant: same role, principal and key.
+pub fn revoke_spec(g: &GrantInfo) -> GrantSpec {
+    let (user, group) = match &g.principal {
+        Principal::User(u) => (Some(u.clone()), None),
+        Principal::Group(gr) => (None, Some(gr.clone())),
+    };
+    GrantSpec {
+        role: g.role,
+        user,
+        group,
+        key: g.key_tag.clone(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +251,8 @@ pub enum Field {
     Name,
     Type,
     Protection,
+    /// The registered token a dedicated-hsm key is created on.
+    Token,
     Convergent,
     AutoRotation,
     Days,
@@ -167,10 +260,11 @@ pub enum Field {
 }
 
 impl Field {
-    pub const ALL: [Field; 7] = [
+    pub const ALL: [Field; 8] = [
         Field::Name,
         Field::Type,
         Field::Protection,
+        Field::Token,
         Field::Convergent,
         Field::AutoRotation,
         Field::Days,
@@ -197,6 +291,14 @@ impl Field {
 pub const PROTECTIONS: [Protection; 3] =
     [Protection::Basic, Protection::Hsm, Protection::DedicatedHsm];
 
+/// The tokens the create form can put a dedicated-hsm key on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenChoices {
+    Loading,
+    Failed(String),
+    Loaded(Vec<String>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateForm {
     pub focus: Field,
@@ -207,9 +309,14 @@ pub struct CreateForm {
     pub auto_rotation: bool,
     pub days: String,
     pub memo: String,
+    /// What the token field can be set to (a copy of [`App::hsm_tokens`], refreshed when
+    /// the list arrives).
+    pub tokens: TokenChoices,
+    /// The chosen token: always one of the loaded choices when there are any.
+    pub token: Option<String>,
     /// Fields the user has changed: only those show their rule, so an empty form does
     /// not open covered in complaints.
-    pub touched: [bool; 7],
+    pub touched: [bool; 8],
     /// After a refused submit every field shows its rule.
     pub show_all: bool,
     pub submitting: bool,
@@ -227,7 +334,9 @@ impl Default for CreateForm {
             auto_rotation: false,
             days: DEFAULT_ROTATION_DAYS.to_string(),
             memo: String::new(),
-            touched: [false; 7],
+            tokens: TokenChoices::Loading,
+            token: None,
+            touched: [false; 8],
             show_all: false,
             submitting: false,
             daemon_error: None,
@@ -250,8 +359,57 @@ impl CreateForm {
                 .map(|e| e.0),
             Field::Days => parse_days(&self.days).err(),
             Field::Memo => validate_memo(&self.memo).err().map(|e| e.0),
+            Field::Token => self.token_error(),
             Field::Type | Field::Protection | Field::AutoRotation => None,
         }
+    }
+
+    /// A dedicated-hsm key needs a registered token; other protections ignore the field.
+    fn token_error(&self) -> Option<String> {
+        if self.protection != Protection::DedicatedHsm {
+            return None;
+        }
+        match (&self.tokens, &self.token) {
+            (TokenChoices::Loading, _) => Some(strings::TOKENS_STILL_LOADING.to_string()),
+            (TokenChoices::Failed(e), _) => Some(strings::tokens_failed(e)),
+            (TokenChoices::Loaded(names), _) if names.is_empty() => {
+                Some(strings::NO_TOKEN_REGISTERED.to_string())
+            }
+            (TokenChoices::Loaded(names), Some(t)) if names.contains(t) => None,
+            (TokenChoices::Loaded(_), _) => Some(strings::CHOOSE_TOKEN.to_string()),
+        }
+    }
+
+    /// Whether a field takes part in the form now: the token only for dedicated-hsm, so
+    /// tab does not stop on a field that cannot be changed.
+    pub fn applies(&self, field: Field) -> bool {
+        field != Field::Token || self.protection == Protection::DedicatedHsm
+    }
+
+    pub fn focus_next(&mut self) {
+        self.focus = self.focus.next();
+        while !self.applies(self.focus) {
+            self.focus = self.focus.next();
+        }
+    }
+
+    pub fn focus_prev(&mut self) {
+        self.focus = self.focus.prev();
+        while !self.applies(self.focus) {
+            self.focus = self.focus.prev();
+        }
+    }
+
+    /// New token choices arrived: keep the chosen token if it is still registered,
+    /// else take the first.
+    pub fn set_tokens(&mut self, choices: TokenChoices) {
+        if let TokenChoices::Loaded(names) = &choices {
+            let keep = self.token.as_ref().is_some_and(|t| names.contains(t));
+            if !keep {
+                self.token = names.first().cloned();
+            }
+        }
+        self.tokens = choices;
     }
 
     /// The error to show under a field now.
@@ -286,7 +444,10 @@ impl CreateForm {
             auto_rotation: self.auto_rotation,
             rotation_days: parse_days(&self.days).ok(),
             memo: self.memo.clone(),
-            hsm: None,
+            hsm: match self.protection {
+                Protection::DedicatedHsm => self.token.clone(),
+                Protection::Basic | Protection::Hsm => None,
+            },
         })
     }
 
@@ -299,6 +460,205 @@ impl CreateForm {
         }
     }
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    User,
+    Group,
+}
+
+impl PrincipalKind {
+    pub const ALL: [PrincipalKind; 2] = [PrincipalKind::User, PrincipalKind::Group];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantField {
+    Role,
+    Kind,
+    Name,
+    Scope,
+}
+
+impl GrantField {
+    pub const ALL: [GrantField; 4] = [
+        GrantField::Role,
+        GrantField::Kind,
+        GrantField::Name,
+        GrantField::Scope,
+    ];
+}
+
+/// The new-grant form of the permissions view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantForm {
+    pub focus: GrantField,
+    pub role: Role,
+    pub kind: PrincipalKind,
+    pub name: String,
+    /// The key the permissions view was opened on, offered as the scope.
+    pub key: Option<KeyRef>,
+    /// The grant is for `key` only (else for all keys).
+    pub one_key: bool,
+    pub name_touched: bool,
+    pub show_all: bool,
+    pub submitting: bool,
+    pub daemon_error: Option<String>,
+}
+
+impl GrantForm {
+    /// Starts at the least powerful role, on the selected key if there is one: the
+    /// narrowest grant is the one that does least harm when submitted by mistake.
+    pub fn new(key: Option<KeyRef>) -> GrantForm {
+        GrantForm {
+            focus: GrantField::Role,
+            role: Role::KeyUser,
+            kind: PrincipalKind::User,
+            name: String::new(),
+            one_key: key.is_some(),
+            key,
+            name_touched: false,
+            show_all: false,
+            submitting: false,
+            daemon_error: None,
+        }
+    }
+
+    /// The daemon checks that the user or group exists; locally only that one is named.
+    pub fn name_error(&self) -> Option<String> {
+        let n = self.name.trim();
+        if n.is_empty() {
+            Some(strings::PRINCIPAL_EMPTY.to_string())
+        } else if n.chars().any(char::is_whitespace) {
+            Some(strings::PRINCIPAL_SPACES.to_string())
+        } else {
+            None
+        }
+    }
+
+    pub fn shown_name_error(&self) -> Option<String> {
+        if self.show_all || self.name_touched {
+            self.name_error()
+        } else {
+            None
+        }
+    }
+
+    pub fn scope_key(&self) -> Option<&KeyRef> {
+        self.key.as_ref().filter(|_| self.one_key)
+    }
+
+    /// The request, if the form is complete.
+    pub fn spec(&self) -> Option<GrantSpec> {
+        if self.name_error().is_some() {
+            return None;
+        }
+        let name = self.name.trim().to_string();
+        let (user, group) = match self.kind {
+            PrincipalKind::User => (Some(name), None),
+            PrincipalKind::Group => (None, Some(name)),
+        };
+        Some(GrantSpec {
+            role: self.role,
+            user,
+            group,
+            key: self.scope_key().map(|k| k.tag.clone()),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenField {
+    #[default]
+    Name,
+    Module,
+    Label,
+    PinFile,
+}
+
+impl TokenField {
+    pub const ALL: [TokenField; 4] = [
+        TokenField::Name,
+        TokenField::Module,
+        TokenField::Label,
+        TokenField::PinFile,
+    ];
+
+    fn index(self) -> usize {
+        TokenField::ALL.iter().position(|f| *f == self).unwrap_or(0)
+    }
+}
+
+/// The register form of the tokens view.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenForm {
+    pub focus: TokenField,
+    pub name: String,
+    pub module: String,
+    pub token: String,
+    pub pin_file: String,
+    pub touched: [bool; 4],
+    pub show_all: bool,
+    pub submitting: bool,
+    pub daemon_error: Option<String>,
+}
+
+impl TokenForm {
+    pub fn text(&self, f: TokenField) -> &str {
+        match f {
+            TokenField::Name => &self.name,
+            TokenField::Module => &self.module,
+            TokenField::Label => &self.token,
+            TokenField::PinFile => &self.pin_file,
+        }
+    }
+
+    pub fn text_mut(&mut self, f: TokenField) -> &mut String {
+        self.touched[f.index()] = true;
+        match f {
+            TokenField::Name => &mut self.name,
+            TokenField::Module => &mut self.module,
+            TokenField::Label => &mut self.token,
+            TokenField::PinFile => &mut self.pin_file,
+        }
+    }
+
+    /// The daemon's own checks that can be made here (it also loads the module and logs
+    /// in to the token, which only it can do).
+    pub fn rule_error(&self, f: TokenField) -> Option<String> {
+        match f {
+            TokenField::Name => validate_name(&self.name)
+                .err()
+                .map(|e| e.0.replace("a key name", strings::TOKEN_NAME_NOUN)),
+            TokenField::Module if !self.module.starts_with('/') => {
+                Some(strings::MODULE_NOT_ABSOLUTE.to_string())
+            }
+            TokenField::Label if self.token.is_empty() || self.token.len() > MAX_TOKEN_LABEL => {
+                Some(strings::token_label_length(MAX_TOKEN_LABEL))
+            }
+            TokenField::PinFile if !self.pin_file.starts_with('/') => {
+                Some(strings::PIN_FILE_NOT_ABSOLUTE.to_string())
+            }
+            TokenField::Module | TokenField::Label | TokenField::PinFile => None,
+        }
+    }
+
+    pub fn shown_error(&self, f: TokenField) -> Option<String> {
+        if self.show_all || self.touched[f.index()] {
+            self.rule_error(f)
+        } else {
+            None
+        }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        TokenField::ALL
+            .iter()
+            .all(|f| self.rule_error(*f).is_none())
+    }
+}
+
+/// PKCS#11 token labels are 32 bytes (CK_TOKEN_INFO.label).
+pub const MAX_TOKEN_LABEL: usize = 32;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct App {
@@ -322,6 +682,8 @@ pub struct App {
     pub screen: Screen,
     pub popup: Option<Popup>,
     pub message: Option<Message>,
+    /// The registered dedicated-hsm tokens, for the tokens view and the create form.
+    pub hsm_tokens: HsmTokens,
     pub should_quit: bool,
 }
 
@@ -341,6 +703,7 @@ impl App {
             screen: Screen::Main,
             popup: None,
             message: None,
+            hsm_tokens: HsmTokens::default(),
             should_quit: false,
         }
     }
@@ -352,12 +715,17 @@ impl App {
             Some(Popup::Confirm(c)) if c.kind == ConfirmKind::DeleteNow => Mode::Prompt,
             Some(Popup::Confirm(_)) => Mode::Confirm,
             Some(Popup::Prompt(_)) => Mode::Prompt,
+            Some(Popup::Grant(_)) => Mode::GrantForm,
+            Some(Popup::Token(_)) => Mode::TokenForm,
+            Some(Popup::Ask(_)) => Mode::Confirm,
             None if self.filter_editing => Mode::Filter,
             None => match self.screen {
                 Screen::Main => Mode::Main,
                 Screen::Details => Mode::Details,
                 Screen::Versions(_) => Mode::Versions,
                 Screen::History(_) => Mode::History,
+                Screen::Grants(_) => Mode::Grants,
+                Screen::Tokens(_) => Mode::Tokens,
             },
         }
     }
@@ -382,6 +750,7 @@ impl App {
             Screen::Versions(v) => self.key_by_tag(&v.tag),
             Screen::History(h) => self.key_by_tag(&h.tag),
             Screen::Main | Screen::Details => self.selected_key(),
+            Screen::Grants(_) | Screen::Tokens(_) => None,
         }
     }
 

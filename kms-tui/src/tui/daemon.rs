@@ -224,6 +224,29 @@ async fn exec(c: &Client, eff: Effect) -> Option<Action> {
             result: c.impact(&tag, None).await.map_err(|e| describe(&e)),
             tag,
         },
+        Effect::LoadGrants => Action::GrantsLoaded(c.grants().await.map_err(|e| describe(&e))),
+        Effect::Grant(spec) => Action::Granted(c.grant(spec).await.map_err(|e| describe(&e))),
+        Effect::Revoke(spec) => Action::Revoked {
+            result: c.revoke(spec.clone()).await.map_err(|e| describe(&e)),
+            spec,
+        },
+        Effect::LoadHsmTokens => {
+            Action::HsmTokensLoaded(c.hsm_list().await.map_err(|e| describe(&e)))
+        }
+        Effect::HsmAdd {
+            name,
+            module,
+            token,
+            pin_file,
+        } => Action::HsmAdded(
+            c.hsm_add(&name, &module, &token, &pin_file)
+                .await
+                .map_err(|e| describe(&e)),
+        ),
+        Effect::HsmRemove(name) => Action::HsmRemoved {
+            result: c.hsm_remove(&name).await.map_err(|e| describe(&e)),
+            name,
+        },
         Effect::Notify { .. } => return None,
     })
 }
@@ -268,6 +291,18 @@ fn failed(eff: Effect, msg: &str) -> Option<Action> {
         },
         Effect::LoadImpact(tag) => Action::ImpactLoaded {
             tag,
+            result: e(msg),
+        },
+        Effect::LoadGrants => Action::GrantsLoaded(e(msg)),
+        Effect::Grant(_) => Action::Granted(e(msg)),
+        Effect::Revoke(spec) => Action::Revoked {
+            spec,
+            result: e(msg),
+        },
+        Effect::LoadHsmTokens => Action::HsmTokensLoaded(e(msg)),
+        Effect::HsmAdd { .. } => Action::HsmAdded(e(msg)),
+        Effect::HsmRemove(name) => Action::HsmRemoved {
+            name,
             result: e(msg),
         },
         Effect::Notify { .. } => return None,

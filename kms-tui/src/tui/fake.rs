@@ -3,9 +3,12 @@
 
 #[cfg(test)]
 use kms_shared::model::{
-    AccountUse, Action as HistoryAction, HOUR_MS, HistoryEntry, Impact, VersionInfo,
+    AccountUse, Action as HistoryAction, GrantInfo, HOUR_MS, HistoryEntry, Impact, Principal, Role,
+    VersionInfo,
 };
 use kms_shared::model::{DAY_MS, KeyInfo, KeyState, KeyType, Protection};
+#[cfg(test)]
+use kms_shared::protocol::HsmTokenInfo;
 
 /// 2025-03-01T00:00:00Z.
 pub const BASE: i64 = 1_740_787_200_000;
@@ -239,4 +242,87 @@ pub fn impact() -> Impact {
             },
         ],
     }
+}
+
+#[cfg(test)]
+/// Five grants: roles for users and groups, on all keys and on one key (payments is
+/// key 1, partner-sso key 6).
+pub fn grants() -> Vec<GrantInfo> {
+    let grant =
+        |id: u64, role, principal, key: Option<(u64, &str)>, days: i64, by: &str| GrantInfo {
+            id,
+            role,
+            principal,
+            key_tag: key.map(|(i, _)| tag(i)),
+            key_name: key.map(|(_, n)| n.to_string()),
+            granted_at: BASE - days * DAY_MS + 9 * HOUR_MS,
+            granted_by: by.into(),
+        };
+    vec![
+        grant(
+            1,
+            Role::Manager,
+            Principal::Group("kms-admins".into()),
+            None,
+            300,
+            "root",
+        ),
+        grant(
+            2,
+            Role::KeyUser,
+            Principal::User("billing".into()),
+            Some((1, "payments")),
+            230,
+            "alice",
+        ),
+        grant(
+            3,
+            Role::KeyReviewer,
+            Principal::Group("auditors".into()),
+            None,
+            120,
+            "alice",
+        ),
+        grant(
+            4,
+            Role::KeyManager,
+            Principal::User("alice".into()),
+            Some((6, "partner-sso")),
+            90,
+            "root",
+        ),
+        grant(
+            5,
+            Role::KeyUser,
+            Principal::User("sso".into()),
+            Some((6, "partner-sso")),
+            30,
+            "alice",
+        ),
+    ]
+}
+
+#[cfg(test)]
+/// Two registered tokens; partner-sso lives on vault-a.
+pub fn tokens() -> Vec<HsmTokenInfo> {
+    vec![
+        HsmTokenInfo {
+            name: "vault-a".into(),
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token: "tenant-a".into(),
+            pin_file: "/etc/kms/hsm/vault-a.pin".into(),
+            added_at: BASE - 60 * DAY_MS + 14 * HOUR_MS,
+            added_by: "root".into(),
+            keys: 1,
+        },
+        HsmTokenInfo {
+            name: "vault-b".into(),
+            module: "/opt/safenet/lunaclient/lib/libCryptoki2_64.so".into(),
+            token: "payments-hsm".into(),
+            pin_file: "/etc/kms/hsm/vault-b.pin".into(),
+            added_at: BASE - 5 * DAY_MS + 10 * HOUR_MS,
+            added_by: "alice".into(),
+            keys: 0,
+        },
+    ]
 }

@@ -16,11 +16,19 @@ pub enum Mode {
     Details,
     Versions,
     History,
+    /// The permissions (grants) view.
+    Grants,
+    /// The HSM tokens view.
+    Tokens,
     /// Typing the filter.
     Filter,
     Help,
     /// The create form.
     Form,
+    /// The new-grant form.
+    GrantForm,
+    /// The register-token form.
+    TokenForm,
     /// A yes/no confirmation.
     Confirm,
     /// A one-line text input: period, memo, or the key name for "delete now".
@@ -61,6 +69,22 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Char('m') => Some(Action::EditMemo),
             Char('v') => Some(Action::Versions),
             Char('h') => Some(Action::History),
+            Char('P') => Some(Action::Permissions),
+            Char('T') => Some(Action::Tokens),
+            _ => None,
+        },
+        Mode::Grants | Mode::Tokens => match key.code {
+            Up | Char('k') => Some(Action::Up),
+            Down | Char('j') => Some(Action::Down),
+            PageUp => Some(Action::PageUp),
+            PageDown => Some(Action::PageDown),
+            Home | Char('g') => Some(Action::Top),
+            End | Char('G') => Some(Action::Bottom),
+            Char('n') => Some(Action::New),
+            Char('x') | Delete => Some(Action::Remove),
+            Esc => Some(Action::Back),
+            Char('?') => Some(Action::Help),
+            Char('q') => Some(Action::Quit),
             _ => None,
         },
         Mode::Versions => match key.code {
@@ -104,7 +128,7 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Esc | Enter | Char('?') | Char('q') => Some(Action::Back),
             _ => None,
         },
-        Mode::Form => match key.code {
+        Mode::Form | Mode::GrantForm | Mode::TokenForm => match key.code {
             Tab | Down => Some(Action::NextField),
             BackTab | Up => Some(Action::PrevField),
             Left => Some(Action::Left),
@@ -154,6 +178,24 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("m", s::F_MEMO),
             ("v", s::F_VERSIONS),
             ("h", s::F_HISTORY),
+            ("P", s::F_PERMISSIONS),
+            ("T", s::F_TOKENS),
+        ],
+        Mode::Grants => &[
+            ("esc", s::F_BACK),
+            ("n", s::F_NEW_GRANT),
+            ("x", s::F_REVOKE),
+            ("↑↓", s::F_MOVE),
+            ("?", s::F_HELP),
+            ("q", s::F_QUIT),
+        ],
+        Mode::Tokens => &[
+            ("esc", s::F_BACK),
+            ("n", s::F_REGISTER),
+            ("x", s::F_REMOVE),
+            ("↑↓", s::F_MOVE),
+            ("?", s::F_HELP),
+            ("q", s::F_QUIT),
         ],
         Mode::Versions => &[
             ("esc", s::F_BACK),
@@ -182,6 +224,17 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("tab/↑↓", s::F_FIELD),
             ("←→/space", s::F_CHANGE),
             ("enter", s::F_SUBMIT),
+            ("esc", s::F_CANCEL),
+        ],
+        Mode::GrantForm => &[
+            ("tab/↑↓", s::F_FIELD),
+            ("←→/space", s::F_CHANGE),
+            ("enter", s::F_GRANT),
+            ("esc", s::F_CANCEL),
+        ],
+        Mode::TokenForm => &[
+            ("tab/↑↓", s::F_FIELD),
+            ("enter", s::F_REGISTER),
             ("esc", s::F_CANCEL),
         ],
         Mode::Confirm => &[("y", s::F_YES), ("n/esc", s::F_NO)],
@@ -229,6 +282,15 @@ pub const HELP: &[(&str, &[Hint])] = &[
             ("← → space", s::H_CHANGE),
             ("enter", s::H_SUBMIT),
             ("y / n", s::H_CONFIRM),
+        ],
+    ),
+    (
+        s::HELP_SECTION_ADMIN,
+        &[
+            ("P", s::H_PERMISSIONS),
+            ("T", s::H_TOKENS),
+            ("n", s::H_NEW),
+            ("x  del", s::H_REMOVE),
         ],
     ),
 ];

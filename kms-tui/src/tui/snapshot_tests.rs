@@ -351,10 +351,153 @@ fn long_list_scrolled() {
     });
 }
 
+/// The permissions view on payments: every grant, the second selected.
+fn permissions(s: (u16, u16)) -> App {
+    let mut a = app(s, "payments");
+    update(&mut a, ch('P'));
+    update(&mut a, Action::GrantsLoaded(Ok(fake::grants())));
+    update(&mut a, ch('j'));
+    a
+}
+
+/// The tokens view with two registered tokens.
+fn tokens(s: (u16, u16)) -> App {
+    let mut a = app(s, "payments");
+    update(&mut a, ch('T'));
+    update(&mut a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+    a
+}
+
+/// Every grant: role, principal, key or all keys, when and by whom.
+#[test]
+fn permissions_view() {
+    check("permissions", permissions);
+}
+
+/// The grant form opened on payments: a group, a name being typed, one key.
+#[test]
+fn grant_form() {
+    check("grant_form", |s| {
+        let mut a = permissions(s);
+        update(&mut a, ch('n'));
+        update(&mut a, code(KeyCode::Left));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, ch(' '));
+        update(&mut a, code(KeyCode::Tab));
+        keys(&mut a, "ops");
+        a
+    });
+}
+
+/// The daemon's refusal of a grant, in the form.
+#[test]
+fn grant_form_refused() {
+    check("grant_form_refused", |s| {
+        let mut a = permissions(s);
+        update(&mut a, ch('n'));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Tab));
+        keys(&mut a, "carol");
+        update(&mut a, code(KeyCode::Enter));
+        update(
+            &mut a,
+            Action::Granted(Err("invalid-argument: no user named \"carol\"".into())),
+        );
+        a
+    });
+}
+
+/// Revoking asks, naming role, principal and scope.
+#[test]
+fn revoke_confirmation() {
+    check("revoke_confirm", |s| {
+        let mut a = permissions(s);
+        update(&mut a, ch('x'));
+        a
+    });
+}
+
+/// The registered tokens: name, label, module, keys, when and by whom.
+#[test]
+fn tokens_view() {
+    check("tokens", tokens);
+}
+
+/// No token registered yet: the view says how to register one.
+#[test]
+fn tokens_view_empty() {
+    check("tokens_empty", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('T'));
+        update(&mut a, Action::HsmTokensLoaded(Ok(Vec::new())));
+        a
+    });
+}
+
+/// The register form half filled, a relative PIN file flagged.
+#[test]
+fn register_token_form() {
+    check("token_form", |s| {
+        let mut a = tokens(s);
+        update(&mut a, ch('n'));
+        keys(&mut a, "vault-c");
+        update(&mut a, code(KeyCode::Tab));
+        keys(&mut a, "/usr/lib/softhsm/libsofthsm2.so");
+        update(&mut a, code(KeyCode::Tab));
+        keys(&mut a, "tenant-c");
+        update(&mut a, code(KeyCode::Tab));
+        keys(&mut a, "tenant-c.pin");
+        a
+    });
+}
+
+/// Removing a token that still holds a key asks first and says kmsd will refuse.
+#[test]
+fn remove_token_confirmation() {
+    check("remove_token_confirm", |s| {
+        let mut a = tokens(s);
+        update(&mut a, ch('x'));
+        a
+    });
+}
+
+/// The create form with dedicated-hsm protection and the second token chosen.
+#[test]
+fn create_form_dedicated_hsm() {
+    check("create_form_token", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('c'));
+        update(&mut a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+        keys(&mut a, "tenant-key");
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Left));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Right));
+        a
+    });
+}
+
+/// Dedicated-hsm with no token registered: the rule says where to register one.
+#[test]
+fn create_form_no_token() {
+    check("create_form_no_token", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('c'));
+        update(&mut a, Action::HsmTokensLoaded(Ok(Vec::new())));
+        keys(&mut a, "tenant-key");
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Tab));
+        update(&mut a, code(KeyCode::Left));
+        update(&mut a, code(KeyCode::Enter));
+        a
+    });
+}
+
 /// Drawing never panics at tiny or odd sizes, whatever screen or pop-up is open.
 #[test]
 fn odd_sizes_do_not_panic() {
-    let scenarios: [&dyn Fn(&mut App); 8] = [
+    let scenarios: [&dyn Fn(&mut App); 14] = [
         &|_| {},
         &|a| update(a, ch('?')).clear(),
         &|a| update(a, ch('c')).clear(),
@@ -383,6 +526,36 @@ fn odd_sizes_do_not_panic() {
                     result: Ok(fake::versions()),
                 },
             );
+        },
+        &|a| {
+            update(a, ch('P'));
+            update(a, Action::GrantsLoaded(Ok(fake::grants())));
+            update(a, ch('G'));
+        },
+        &|a| {
+            update(a, ch('P'));
+            update(a, ch('n'));
+            keys(a, "someone");
+        },
+        &|a| {
+            update(a, ch('P'));
+            update(a, Action::GrantsLoaded(Ok(fake::grants())));
+            update(a, ch('x'));
+        },
+        &|a| {
+            update(a, ch('T'));
+            update(a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+            update(a, ch('G'));
+        },
+        &|a| {
+            update(a, ch('T'));
+            update(a, ch('n'));
+            keys(a, &"/very/long/path".repeat(20));
+        },
+        &|a| {
+            update(a, ch('T'));
+            update(a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+            update(a, ch('x'));
         },
     ];
     for size in [

@@ -3,9 +3,10 @@
 //! time zones read off the screen is the same.
 
 use kms_shared::model::{
-    Action as HistoryAction, KeyInfo, KeyState, KeyType, Protection, UnixMillis,
+    Action as HistoryAction, GrantInfo, KeyInfo, KeyState, KeyType, Principal, Protection, Role,
+    UnixMillis,
 };
-use kms_shared::protocol::{Event, EventKind};
+use kms_shared::protocol::{Event, EventKind, GrantSpec, HsmTokenInfo};
 
 use super::action::Op;
 
@@ -30,6 +31,8 @@ pub const LOADING_KEYS: &str = "loading keys…";
 pub const NO_KEYS: &str = "No keys yet: press c to create one.";
 pub const NO_MATCH: &str = "No key matches the filter (esc clears it).";
 pub const NO_KEY_SELECTED: &str = "no key selected";
+pub const NO_GRANT_SELECTED: &str = "no grant selected";
+pub const NO_TOKEN_SELECTED: &str = "no HSM token selected";
 
 // Key list columns, in the seed console's order.
 pub const COL_NAME: &str = "Name";
@@ -176,6 +179,10 @@ pub const H_FIELD: &str = "next / previous field";
 pub const H_CHANGE: &str = "change choice";
 pub const H_SUBMIT: &str = "submit";
 pub const H_CONFIRM: &str = "confirm / cancel";
+pub const H_PERMISSIONS: &str = "permissions (grants)";
+pub const H_TOKENS: &str = "HSM tokens";
+pub const H_NEW: &str = "new grant, register token";
+pub const H_REMOVE: &str = "revoke grant, remove token";
 
 pub const F_HELP: &str = "help";
 pub const F_FILTER: &str = "filter";
@@ -206,11 +213,19 @@ pub const F_YES: &str = "yes";
 pub const F_NO: &str = "no";
 pub const F_CONFIRM: &str = "confirm";
 pub const F_CLOSE: &str = "close";
+pub const F_PERMISSIONS: &str = "permissions";
+pub const F_TOKENS: &str = "tokens";
+pub const F_NEW_GRANT: &str = "new grant";
+pub const F_REVOKE: &str = "revoke";
+pub const F_REGISTER: &str = "register";
+pub const F_REMOVE: &str = "remove";
+pub const F_GRANT: &str = "grant";
 
 pub const HELP_TITLE: &str = " Help — key bindings ";
 pub const HELP_SECTION_MOVE: &str = "Moving around";
 pub const HELP_SECTION_KEYS: &str = "Key actions";
 pub const HELP_SECTION_VIEWS: &str = "Views, forms and prompts";
+pub const HELP_SECTION_ADMIN: &str = "Permissions and HSM tokens";
 
 pub const FILTER_PROMPT: &str = "/";
 
@@ -223,6 +238,19 @@ pub const FORM_CONVERGENT: &str = "Convergent";
 pub const FORM_AUTO: &str = "Auto rotation";
 pub const FORM_DAYS: &str = "Period (days)";
 pub const FORM_MEMO: &str = "Memo";
+pub const FORM_TOKEN: &str = "HSM token";
+/// The token field when the protection is not dedicated-hsm.
+pub const FORM_NOT_APPLICABLE: &str = "—";
+pub const FORM_TOKENS_LOADING: &str = "loading tokens…";
+pub const FORM_NO_TOKENS: &str = "none registered";
+pub const TOKENS_STILL_LOADING: &str = "the list of HSM tokens is still loading";
+pub const NO_TOKEN_REGISTERED: &str =
+    "no HSM token is registered: register one in the tokens view (esc, then T)";
+pub const CHOOSE_TOKEN: &str = "choose the HSM token to create the key on";
+
+pub fn tokens_failed(msg: &str) -> String {
+    format!("could not load the HSM tokens: {msg}")
+}
 pub const FORM_AES_ONLY: &str = "(AES256 only)";
 pub const FORM_FIX_FIRST: &str = "Fix the marked fields first.";
 pub const FORM_SUBMITTING: &str = "creating…";
@@ -362,6 +390,167 @@ pub fn history_action(a: HistoryAction) -> &'static str {
     a.as_str()
 }
 
+// Permissions view.
+pub const GRANTS_TITLE: &str = " Permissions ";
+pub const G_COL_ROLE: &str = "Role";
+pub const G_COL_NCP: &str = "NCP role";
+pub const G_COL_FOR: &str = "For";
+pub const G_COL_KEY: &str = "Key";
+pub const G_COL_GRANTED: &str = "Granted (UTC)";
+pub const G_COL_BY: &str = "By";
+pub const G_LOADING: &str = "loading grants…";
+pub const G_EMPTY: &str =
+    "No grants: only root and kmsd's own account can use kms. Press n to grant a role.";
+pub const ALL_KEYS: &str = "all keys";
+
+pub fn grants_status(n: usize) -> String {
+    let noun = if n == 1 { "grant" } else { "grants" };
+    format!(
+        "{} {noun} · roles of users and groups, for all keys or one key",
+        count(n as u64)
+    )
+}
+
+pub fn role_label(r: Role) -> &'static str {
+    r.as_str()
+}
+
+/// What a role allows, in a few words (SPEC §6).
+pub fn role_summary(r: Role) -> &'static str {
+    match r {
+        Role::Manager => "everything, including create and permissions",
+        Role::KeyManager => "enable/disable, rotate, settings, deletion, history",
+        Role::KeyReviewer => "see keys and history",
+        Role::KeyUser => "encrypt, decrypt, sign, verify, data keys",
+    }
+}
+
+/// "user alice", "group ops".
+pub fn principal(p: &Principal) -> String {
+    p.to_string()
+}
+
+/// The key a grant is for: its name, or "all keys".
+pub fn grant_key(g: &GrantInfo) -> String {
+    match (&g.key_name, &g.key_tag) {
+        (Some(n), _) => n.clone(),
+        (None, Some(t)) => t.clone(),
+        (None, None) => ALL_KEYS.into(),
+    }
+}
+
+/// "key-user for user alice on payments".
+pub fn grant_label(g: &GrantInfo) -> String {
+    format!(
+        "{} for {} on {}",
+        g.role,
+        principal(&g.principal),
+        grant_key(g)
+    )
+}
+
+/// The same for a request; `key` is the key's name where known.
+pub fn grant_spec_label(spec: &GrantSpec, key: Option<&str>) -> String {
+    let who = match (&spec.user, &spec.group) {
+        (Some(u), _) => format!("user {u}"),
+        (None, Some(g)) => format!("group {g}"),
+        (None, None) => "-".into(),
+    };
+    let on = match (key, &spec.key) {
+        (Some(name), _) => name.to_string(),
+        (None, Some(k)) => k.clone(),
+        (None, None) => ALL_KEYS.into(),
+    };
+    format!("{} for {who} on {on}", spec.role)
+}
+
+// Grant form.
+pub const GRANT_FORM_TITLE: &str = " New grant ";
+pub const GF_ROLE: &str = "Role";
+pub const GF_KIND: &str = "For a";
+pub const GF_NAME: &str = "Name";
+pub const GF_SCOPE: &str = "Keys";
+pub const GF_USER: &str = "user";
+pub const GF_GROUP: &str = "group";
+pub fn gf_one_key(name: &str) -> String {
+    format!("only {name}")
+}
+pub const GF_NOTE: &str = "The user or group must exist on this machine; kmsd checks it.";
+pub const GF_SUBMITTING: &str = "granting…";
+pub const PRINCIPAL_EMPTY: &str = "name the user or group";
+pub const PRINCIPAL_SPACES: &str = "a user or group name has no spaces";
+
+// Revoke confirmation.
+pub const REVOKE_TITLE: &str = " Revoke a grant? ";
+pub fn revoke_body(g: &GrantInfo) -> String {
+    format!(
+        "{} loses the role {} ({}) on {}. Requests that rely on it are refused from now on.",
+        principal(&g.principal),
+        g.role,
+        g.role.ncp_name(),
+        grant_key(g)
+    )
+}
+
+// Tokens view.
+pub const TOKENS_TITLE: &str = " HSM tokens ";
+pub const T_COL_NAME: &str = "Name";
+pub const T_COL_LABEL: &str = "Token label";
+pub const T_COL_MODULE: &str = "Module";
+pub const T_COL_PIN: &str = "PIN file";
+pub const T_COL_KEYS: &str = "Keys";
+pub const T_COL_ADDED: &str = "Added (UTC)";
+/// The date-only column of narrow terminals.
+pub const T_COL_ADDED_SHORT: &str = "Added";
+pub const T_COL_BY: &str = "By";
+pub const T_LOADING: &str = "loading HSM tokens…";
+pub const T_EMPTY: &str = "No HSM token is registered. Press n to register one.";
+
+pub fn tokens_status(n: usize) -> String {
+    let noun = if n == 1 { "token" } else { "tokens" };
+    format!(
+        "{} {noun} · PKCS#11 tokens that dedicated-hsm keys are created on",
+        count(n as u64)
+    )
+}
+
+// Register form.
+pub const TOKEN_FORM_TITLE: &str = " Register HSM token ";
+pub const TF_NAME: &str = "Name";
+pub const TF_MODULE: &str = "Module";
+pub const TF_LABEL: &str = "Token label";
+pub const TF_PIN_FILE: &str = "PIN file";
+pub const TF_NOTE: &str = "kmsd loads the module, finds the token by its label and logs in \
+     with the PIN read from the file before it saves the registration. It keeps the file's \
+     path, never the PIN.";
+pub const TF_SUBMITTING: &str = "registering…";
+pub const TOKEN_NAME_NOUN: &str = "an HSM token name";
+pub const MODULE_NOT_ABSOLUTE: &str = "the module is an absolute path (/usr/lib/…/*.so)";
+pub const PIN_FILE_NOT_ABSOLUTE: &str = "the PIN file is an absolute path";
+pub fn token_label_length(max: usize) -> String {
+    format!("a token label has 1 to {max} bytes")
+}
+
+// Remove-token confirmation.
+pub fn remove_token_title(name: &str) -> String {
+    format!(" Remove HSM token {name}? ")
+}
+pub fn remove_token_body(t: &HsmTokenInfo) -> String {
+    let keys = match t.keys {
+        0 => "No key lives on it.".to_string(),
+        1 => "1 key not yet purged lives on it: kmsd refuses until it is purged.".to_string(),
+        n => format!(
+            "{} keys not yet purged live on it: kmsd refuses until they are purged.",
+            count(n)
+        ),
+    };
+    format!(
+        "kmsd forgets the registration of token {} ({}); the token and its objects are not \
+         touched. {keys}",
+        t.token, t.module
+    )
+}
+
 // Messages.
 pub fn not_allowed(what: &str, name: &str, state: KeyState) -> String {
     format!("{what} is not possible while {name} is {state}")
@@ -391,6 +580,38 @@ pub fn load_failed(what: &str, msg: &str) -> String {
     format!("could not load {what}: {msg}")
 }
 pub const WHAT_KEYS: &str = "the key list";
+
+pub fn granted(g: &GrantInfo) -> String {
+    format!("granted {}", grant_label(g))
+}
+
+pub fn grant_failed(msg: &str) -> String {
+    format!("could not grant: {msg}")
+}
+
+pub fn revoked(g: &GrantInfo) -> String {
+    format!("revoked {}", grant_label(g))
+}
+
+pub fn revoke_failed(what: &str, msg: &str) -> String {
+    format!("could not revoke {what}: {msg}")
+}
+
+pub fn token_added(t: &HsmTokenInfo) -> String {
+    format!("registered HSM token {} (token {})", t.name, t.token)
+}
+
+pub fn token_add_failed(msg: &str) -> String {
+    format!("could not register the HSM token: {msg}")
+}
+
+pub fn token_removed(t: &HsmTokenInfo) -> String {
+    format!("removed HSM token {}", t.name)
+}
+
+pub fn token_remove_failed(name: &str, msg: &str) -> String {
+    format!("could not remove HSM token {name}: {msg}")
+}
 
 pub fn created(k: &KeyInfo) -> String {
     format!("created {} ({}, tag {})", k.name, k.key_type, k.tag)
@@ -491,6 +712,20 @@ pub const NOTIFY_APP: &str = "kms";
 
 // Numbers and times.
 
+/// A path cut to `width` characters from the left ("…/lib/libsofthsm2.so"): its end
+/// says which file it is.
+pub fn path_tail(path: &str, width: usize) -> String {
+    let n = path.chars().count();
+    if n <= width {
+        return path.to_string();
+    }
+    if width == 0 {
+        return String::new();
+    }
+    let tail: String = path.chars().skip(n - (width - 1)).collect();
+    format!("…{tail}")
+}
+
 /// 1234567 → "1,234,567".
 pub fn count(n: u64) -> String {
     let digits = n.to_string();
@@ -564,6 +799,17 @@ mod tests {
         assert_eq!(count(999), "999");
         assert_eq!(count(1000), "1,000");
         assert_eq!(count(1_234_567), "1,234,567");
+    }
+
+    /// Long paths keep their end, marked with an ellipsis, within the width.
+    #[test]
+    fn paths_keep_their_tail() {
+        assert_eq!(path_tail("/usr/lib/x.so", 20), "/usr/lib/x.so");
+        assert_eq!(
+            path_tail("/usr/lib/softhsm/libsofthsm2.so", 12),
+            "…softhsm2.so"
+        );
+        assert_eq!(path_tail("abc", 0), "");
     }
 
     /// Times are formatted in UTC, independent of the machine's zone.

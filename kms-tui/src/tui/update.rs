@@ -9,7 +9,7 @@ use super::action::{Action, Effect, Op};
 use super::app::{
     App, Base, Confirm, ConfirmKind, CreateForm, Field, HISTORY_PAGE, HISTORY_PREFETCH,
     HistoryView, ImpactState, MAX_INPUT, MsgKind, PROTECTIONS, Popup, Prompt, PromptKind, Screen,
-    VersionsView, scroll_offset,
+    TokenChoices, VersionsView, scroll_offset,
 };
 use super::keymap::{self, Mode};
 use super::strings as s;
@@ -40,6 +40,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             if let Screen::History(hv) = &mut app.screen {
                 hv.offset = scroll_offset(hv.offset, hv.selected, rows, hv.entries.len());
             }
+            admin::on_resize(app);
         }
         // Usage counts change without events. A small list is simply re-read; a large
         // one only for the key the user is looking at.
@@ -125,11 +126,19 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                 };
             }
         }
+        Action::GrantsLoaded(result) => admin::on_grants(app, result),
+        Action::Granted(result) => admin::on_granted(app, result, fx),
+        Action::Revoked { spec, result } => admin::on_revoked(app, &spec, result, fx),
+        Action::HsmTokensLoaded(result) => admin::on_tokens(app, result),
+        Action::HsmAdded(result) => admin::on_token_added(app, result, fx),
+        Action::HsmRemoved { name, result } => admin::on_token_removed(app, &name, result, fx),
 
         intent => match app.mode() {
             Mode::Main | Mode::Details => list_intent(app, intent, fx),
             Mode::Versions => versions_intent(app, intent, fx),
             Mode::History => history_intent(app, intent, fx),
+            Mode::Grants => admin::grants_intent(app, intent),
+            Mode::Tokens => admin::tokens_intent(app, intent),
             Mode::Filter => filter_intent(app, intent),
             Mode::Help => {
                 if matches!(intent, Action::Back | Action::Help) {
@@ -137,6 +146,11 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                 }
             }
             Mode::Form => form_intent(app, intent, fx),
+            Mode::GrantForm => admin::grant_form_intent(app, intent, fx),
+            Mode::TokenForm => admin::token_form_intent(app, intent, fx),
+            Mode::Confirm if matches!(app.popup, Some(Popup::Ask(_))) => {
+                admin::ask_intent(app, intent, fx)
+            }
             Mode::Confirm => confirm_intent(app, intent, fx),
             Mode::Prompt => prompt_intent(app, intent, fx),
         },
@@ -164,7 +178,7 @@ fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         },
         Action::StartFilter => app.filter_editing = true,
         Action::Help => app.popup = Some(Popup::Help),
-        Action::Create => app.popup = Some(Popup::Create(CreateForm::default())),
+        Action::Create => open_create(app, fx),
         Action::Versions => {
             let back = base_of(&app.screen);
             open_versions(app, back, fx);
@@ -173,8 +187,25 @@ fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             let back = base_of(&app.screen);
             open_history(app, back, fx);
         }
+        Action::Permissions => {
+            let back = base_of(&app.screen);
+            admin::open_grants(app, back, fx);
+        }
+        Action::Tokens => {
+            let back = base_of(&app.screen);
+            admin::open_tokens(app, back, fx);
+        }
         other => key_action(app, other, fx),
     }
+}
+
+/// The create form starts with the tokens already known and asks for them afresh: the
+/// token field must offer what is registered now.
+fn open_create(app: &mut App, fx: &mut Vec<Effect>) {
+    let mut form = CreateForm::default();
+    admin::load_tokens(app, fx);
+    form.set_tokens(app.hsm_tokens.choices());
+    app.popup = Some(Popup::Create(form));
 }
 
 fn base_of(screen: &Screen) -> Base {
@@ -182,11 +213,13 @@ fn base_of(screen: &Screen) -> Base {
         Screen::Details => Base::Details,
         Screen::Versions(v) => v.back,
         Screen::History(h) => h.back,
+        Screen::Grants(g) => g.back,
+        Screen::Tokens(t) => t.back,
         Screen::Main => Base::Main,
     }
 }
 
-fn back_to(app: &mut App, base: Base) {
+pub(super) fn back_to(app: &mut App, base: Base) {
     app.screen = match base {
         Base::Main => Screen::Main,
         Base::Details => Screen::Details,
@@ -370,7 +403,15 @@ fn reload_view(app: &mut App, fx: &mut Vec<Effect>) {
                 before_seq: None,
             });
         }
+        Screen::Grants(g) => {
+            g.error = None;
+            fx.push(Effect::LoadGrants);
+        }
+        Screen::Tokens(_) => admin::load_tokens(app, fx),
         Screen::Main | Screen::Details => {}
+    }
+    if matches!(app.popup, Some(Popup::Create(_))) {
+        admin::load_tokens(app, fx);
     }
 }
 
@@ -553,7 +594,7 @@ fn filter_intent(app: &mut App, a: Action) {
 }
 
 /// Appends a typed character unless the text is already at the input limit.
-fn push_capped(text: &mut String, c: char) {
+pub(super) fn push_capped(text: &mut String, c: char) {
     if text.chars().count() < MAX_INPUT {
         text.push(c);
     }
@@ -566,7 +607,7 @@ fn clear_filter(app: &mut App) {
     app.refilter(keep.as_deref());
 }
 
-fn cycle<T: Copy + PartialEq>(all: &[T], cur: T, forward: bool) -> T {
+pub(super) fn cycle<T: Copy + PartialEq>(all: &[T], cur: T, forward: bool) -> T {
     let n = all.len();
     let i = all.iter().position(|x| *x == cur).unwrap_or(0);
     all[if forward {
@@ -585,7 +626,18 @@ fn form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
     let change = |form: &mut CreateForm, forward: bool| {
         match form.focus {
             Field::Type => form.key_type = cycle(&KeyType::ALL, form.key_type, forward),
-            Field::Protection => form.protection = cycle(&PROTECTIONS, form.protection, forward),
+            Field::Protection => {
+                form.protection = cycle(&PROTECTIONS, form.protection, forward);
+                // The token's rule depends on the protection: choosing dedicated-hsm
+                // with no token registered says so at once.
+                form.touch(Field::Token);
+            }
+            Field::Token => match &form.tokens {
+                TokenChoices::Loaded(names) if !names.is_empty() => {
+                    form.token = cycle_name(names, form.token.as_deref(), forward);
+                }
+                _ => return,
+            },
             Field::Convergent => form.convergent = !form.convergent,
             Field::AutoRotation => form.auto_rotation = !form.auto_rotation,
             Field::Name | Field::Days | Field::Memo => return,
@@ -595,8 +647,8 @@ fn form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         form.daemon_error = None;
     };
     match a {
-        Action::NextField => form.focus = form.focus.next(),
-        Action::PrevField => form.focus = form.focus.prev(),
+        Action::NextField => form.focus_next(),
+        Action::PrevField => form.focus_prev(),
         Action::Left => change(form, false),
         Action::Right => change(form, true),
         Action::Char(c) => {
@@ -633,6 +685,17 @@ fn form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         Action::Back => app.popup = None,
         _ => {}
     }
+}
+
+/// The name after (or before) `cur` in `names`, wrapping; the first if `cur` is not there.
+fn cycle_name(names: &[String], cur: Option<&str>, forward: bool) -> Option<String> {
+    let n = names.len();
+    let next = match cur.and_then(|c| names.iter().position(|x| x == c)) {
+        Some(i) if forward => (i + 1) % n,
+        Some(i) => (i + n - 1) % n,
+        None => 0,
+    };
+    names.get(next).cloned()
 }
 
 fn on_created(app: &mut App, result: Result<KeyInfo, String>) {
@@ -752,6 +815,14 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
             fx.push(Effect::LoadVersions(tag.clone()));
         }
     }
+    match e.kind {
+        EventKind::PermissionChanged => admin::reload_grants(app, fx),
+        // A key created on or purged from a token changes its key count.
+        EventKind::Created | EventKind::Purged if matches!(app.screen, Screen::Tokens(_)) => {
+            admin::load_tokens(app, fx);
+        }
+        _ => {}
+    }
     if notifies(e.kind) {
         fx.push(Effect::Notify {
             summary: s::notification_summary(&e),
@@ -773,6 +844,9 @@ fn notifies(kind: EventKind) -> bool {
             | EventKind::NonceBudgetLow
     )
 }
+
+#[path = "update_admin.rs"]
+mod admin;
 
 #[cfg(test)]
 #[path = "update_tests.rs"]

@@ -4,13 +4,14 @@
 #![allow(clippy::unwrap_used)]
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use kms_shared::model::{KeyInfo, KeyState, KeyType, Protection};
-use kms_shared::protocol::{CreateKey, Event, EventKind};
+use kms_shared::model::{KeyInfo, KeyState, KeyType, Protection, Role};
+use kms_shared::protocol::{CreateKey, Event, EventKind, GrantSpec};
 
 use super::update;
 use crate::tui::action::{Action, Effect, Op};
 use crate::tui::app::{
-    App, ConfirmKind, Conn, Field, ImpactState, MsgKind, Popup, PromptKind, Screen,
+    App, Ask, Base, ConfirmKind, Conn, Field, GrantField, GrantForm, GrantsView, ImpactState,
+    MsgKind, Popup, PrincipalKind, PromptKind, Screen, TokenChoices, TokenField, TokenForm,
 };
 use crate::tui::fake;
 
@@ -881,4 +882,639 @@ fn actions_without_keys() {
         assert_eq!(a.screen, Screen::Main);
     }
     assert_eq!(a.message.as_ref().unwrap().kind, MsgKind::Error);
+}
+
+// Permissions (grants) view.
+
+fn grants_view(a: &App) -> &GrantsView {
+    match &a.screen {
+        Screen::Grants(g) => g,
+        other => panic!("not the permissions view: {other:?}"),
+    }
+}
+
+fn grant_form(a: &App) -> &GrantForm {
+    match &a.popup {
+        Some(Popup::Grant(f)) => f,
+        other => panic!("no grant form: {other:?}"),
+    }
+}
+
+/// The permissions view opened with P on `name`, its grants loaded.
+fn permissions_on(name: &str) -> App {
+    let mut a = app();
+    select(&mut a, name);
+    update(&mut a, ch('P'));
+    update(&mut a, Action::GrantsLoaded(Ok(fake::grants())));
+    a
+}
+
+/// P opens the permissions view and loads the grants; they show once they arrive, the
+/// selection moves over them, esc goes back where P was pressed.
+#[test]
+fn p_opens_permissions_and_loads_grants() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    assert_eq!(update(&mut a, ch('P')), [Effect::LoadGrants]);
+    let g = grants_view(&a);
+    assert_eq!(g.grants, None, "loading");
+    assert_eq!(g.back, Base::Main);
+    assert_eq!(g.key.as_ref().map(|k| k.tag.as_str()), Some(k.tag.as_str()));
+    update(&mut a, Action::GrantsLoaded(Ok(fake::grants())));
+    assert_eq!(grants_view(&a).len(), 5);
+    update(&mut a, ch('j'));
+    update(&mut a, code(KeyCode::Down));
+    assert_eq!(grants_view(&a).selected_grant().unwrap().id, 3);
+    update(&mut a, ch('G'));
+    assert_eq!(grants_view(&a).selected, 4);
+    update(&mut a, code(KeyCode::PageUp));
+    update(&mut a, ch('k'));
+    assert_eq!(grants_view(&a).selected, 0, "stops at the top");
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Main);
+    // From the details screen esc returns to the details.
+    update(&mut a, code(KeyCode::Enter));
+    update(&mut a, ch('P'));
+    assert_eq!(grants_view(&a).back, Base::Details);
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Details);
+}
+
+/// A reload keeps the selection on the same grant; a failed load says why in the view.
+#[test]
+fn grants_reload_keeps_selection_and_shows_errors() {
+    let mut a = permissions_on("payments");
+    update(&mut a, ch('j'));
+    update(&mut a, ch('j'));
+    let mut fewer = fake::grants();
+    fewer.remove(0);
+    update(&mut a, Action::GrantsLoaded(Ok(fewer)));
+    assert_eq!(grants_view(&a).selected_grant().unwrap().id, 3);
+    update(
+        &mut a,
+        Action::GrantsLoaded(Err("permission-denied: list_grants needs manager".into())),
+    );
+    let g = grants_view(&a);
+    assert_eq!(
+        g.error.as_deref(),
+        Some("permission-denied: list_grants needs manager")
+    );
+    assert_eq!(g.len(), 4, "the last list stays");
+}
+
+/// The grant form starts at key-user for the selected key; ←→ cycle the role, and the
+/// spec names the user and the key's tag.
+#[test]
+fn grant_form_grants_a_user_on_the_selected_key() {
+    let mut a = permissions_on("payments");
+    let tag = a.key_by_tag(&fake::tag(1)).unwrap().tag.clone();
+    assert!(update(&mut a, ch('n')).is_empty());
+    let f = grant_form(&a);
+    assert_eq!(
+        (f.focus, f.role, f.kind),
+        (GrantField::Role, Role::KeyUser, PrincipalKind::User)
+    );
+    assert!(f.one_key);
+    update(&mut a, code(KeyCode::Right));
+    assert_eq!(grant_form(&a).role, Role::Manager, "wraps around Role::ALL");
+    update(&mut a, code(KeyCode::Left));
+    update(&mut a, code(KeyCode::Left));
+    assert_eq!(grant_form(&a).role, Role::KeyReviewer);
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Tab));
+    assert_eq!(grant_form(&a).focus, GrantField::Name);
+    typed(&mut a, "alice");
+    let fx = update(&mut a, code(KeyCode::Enter));
+    assert_eq!(
+        fx,
+        [Effect::Grant(GrantSpec {
+            role: Role::KeyReviewer,
+            user: Some("alice".into()),
+            group: None,
+            key: Some(tag),
+        })]
+    );
+    assert!(grant_form(&a).submitting);
+    assert!(
+        update(&mut a, code(KeyCode::Enter)).is_empty(),
+        "no double submit"
+    );
+    let mut g = fake::grants()[1].clone();
+    g.role = Role::KeyReviewer;
+    g.principal = kms_shared::model::Principal::User("alice".into());
+    let fx = update(&mut a, Action::Granted(Ok(g)));
+    assert_eq!(fx, [Effect::LoadGrants], "the list is re-read");
+    assert_eq!(a.popup, None);
+    let m = a.message.as_ref().unwrap();
+    assert_eq!(m.kind, MsgKind::Success);
+    assert_eq!(m.text, "granted key-reviewer for user alice on payments");
+}
+
+/// A group on all keys: the kind and the scope are cycled with space.
+#[test]
+fn grant_form_grants_a_group_on_all_keys() {
+    let mut a = permissions_on("payments");
+    update(&mut a, ch('n'));
+    update(&mut a, code(KeyCode::Down));
+    update(&mut a, ch(' '));
+    assert_eq!(grant_form(&a).kind, PrincipalKind::Group);
+    update(&mut a, code(KeyCode::Down));
+    typed(&mut a, "ops");
+    update(&mut a, code(KeyCode::Down));
+    assert_eq!(grant_form(&a).focus, GrantField::Scope);
+    update(&mut a, ch(' '));
+    assert!(!grant_form(&a).one_key);
+    let fx = update(&mut a, code(KeyCode::Enter));
+    assert_eq!(
+        fx,
+        [Effect::Grant(GrantSpec {
+            role: Role::KeyUser,
+            user: None,
+            group: Some("ops".into()),
+            key: None,
+        })]
+    );
+}
+
+/// Without keys there is no key to offer: the scope is all keys and cannot change.
+#[test]
+fn grant_form_without_a_key_is_for_all_keys() {
+    let mut a = App::new((80, 24));
+    update(&mut a, Action::KeysLoaded(Ok(Vec::new())));
+    assert_eq!(update(&mut a, ch('P')), [Effect::LoadGrants]);
+    update(&mut a, ch('n'));
+    assert!(!grant_form(&a).one_key);
+    update(&mut a, code(KeyCode::BackTab));
+    assert_eq!(grant_form(&a).focus, GrantField::Scope);
+    update(&mut a, ch(' '));
+    assert!(grant_form(&a).scope_key().is_none());
+    update(&mut a, code(KeyCode::BackTab));
+    typed(&mut a, "root");
+    let fx = update(&mut a, code(KeyCode::Enter));
+    assert!(
+        matches!(&fx[..], [Effect::Grant(GrantSpec { key: None, user: Some(u), .. })] if u == "root")
+    );
+}
+
+/// An empty name is refused locally and flagged; the daemon's refusal lands in the form,
+/// or on the message line if the form was closed meanwhile.
+#[test]
+fn grant_errors_land_in_the_form() {
+    let mut a = permissions_on("payments");
+    update(&mut a, ch('n'));
+    assert_eq!(grant_form(&a).shown_name_error(), None, "untouched");
+    assert!(update(&mut a, code(KeyCode::Enter)).is_empty());
+    assert!(
+        grant_form(&a)
+            .shown_name_error()
+            .unwrap()
+            .contains("name the user")
+    );
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Tab));
+    typed(&mut a, "a b");
+    assert!(update(&mut a, code(KeyCode::Enter)).is_empty());
+    update(&mut a, code(KeyCode::Backspace));
+    update(&mut a, code(KeyCode::Backspace));
+    typed(&mut a, "nobody");
+    assert_eq!(update(&mut a, code(KeyCode::Enter)).len(), 1);
+    update(
+        &mut a,
+        Action::Granted(Err("invalid-argument: no user named \"anobody\"".into())),
+    );
+    let f = grant_form(&a);
+    assert_eq!(
+        f.daemon_error.as_deref(),
+        Some("invalid-argument: no user named \"anobody\"")
+    );
+    assert!(!f.submitting);
+    update(&mut a, code(KeyCode::Enter));
+    update(&mut a, code(KeyCode::Esc));
+    assert!(
+        matches!(a.screen, Screen::Grants(_)),
+        "esc closes only the form"
+    );
+    update(
+        &mut a,
+        Action::Granted(Err("permission-denied: grant needs manager".into())),
+    );
+    let m = a.message.as_ref().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert_eq!(
+        m.text,
+        "could not grant: permission-denied: grant needs manager"
+    );
+}
+
+/// x (or Delete) asks, naming role, principal and scope; y revokes exactly that grant.
+#[test]
+fn x_confirms_then_revokes_the_grant() {
+    let mut a = permissions_on("jwt-signing");
+    update(&mut a, ch('j'));
+    let billing = fake::grants()[1].clone();
+    assert!(update(&mut a, ch('x')).is_empty());
+    assert_eq!(a.popup, Some(Popup::Ask(Ask::Revoke(billing.clone()))));
+    let body = crate::tui::strings::revoke_body(&billing);
+    for part in ["key-user", "user billing", "payments"] {
+        assert!(body.contains(part), "{part} in {body}");
+    }
+    assert!(update(&mut a, ch('n')).is_empty());
+    assert_eq!(a.popup, None);
+    update(&mut a, code(KeyCode::Delete));
+    let fx = update(&mut a, ch('y'));
+    assert_eq!(
+        fx,
+        [Effect::Revoke(GrantSpec {
+            role: Role::KeyUser,
+            user: Some("billing".into()),
+            group: None,
+            key: Some(fake::tag(1)),
+        })]
+    );
+    assert_eq!(a.popup, None);
+    let fx = update(
+        &mut a,
+        Action::Revoked {
+            spec: GrantSpec {
+                role: Role::KeyUser,
+                user: Some("billing".into()),
+                group: None,
+                key: Some(fake::tag(1)),
+            },
+            result: Ok(billing),
+        },
+    );
+    assert_eq!(fx, [Effect::LoadGrants]);
+    assert_eq!(
+        a.message.as_ref().unwrap().text,
+        "revoked key-user for user billing on payments"
+    );
+}
+
+/// A group's grant on all keys revokes with the group and no key; a refusal says why.
+#[test]
+fn revoking_a_group_grant_and_its_refusal() {
+    let mut a = permissions_on("payments");
+    update(&mut a, ch('x'));
+    let fx = update(&mut a, code(KeyCode::Enter));
+    let spec = GrantSpec {
+        role: Role::Manager,
+        user: None,
+        group: Some("kms-admins".into()),
+        key: None,
+    };
+    assert_eq!(fx, [Effect::Revoke(spec.clone())]);
+    let fx = update(
+        &mut a,
+        Action::Revoked {
+            spec,
+            result: Err("permission-denied: revoke needs manager".into()),
+        },
+    );
+    assert!(fx.is_empty());
+    let m = a.message.as_ref().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert_eq!(
+        m.text,
+        "could not revoke manager for group kms-admins on all keys: permission-denied: revoke needs manager"
+    );
+}
+
+/// x with nothing loaded says there is nothing to revoke.
+#[test]
+fn x_without_grants() {
+    let mut a = app();
+    update(&mut a, ch('P'));
+    assert!(update(&mut a, ch('x')).is_empty());
+    assert_eq!(a.popup, None);
+    assert_eq!(a.message.as_ref().unwrap().kind, MsgKind::Error);
+}
+
+fn permission_event() -> Event {
+    Event {
+        seq: 9,
+        time: fake::BASE,
+        kind: EventKind::PermissionChanged,
+        key_tag: None,
+        key_name: None,
+        version: None,
+        state: None,
+        account: "bob".into(),
+        message: "granted key-user to user carol".into(),
+    }
+}
+
+/// Another manager's grant or revoke reloads the open permissions view, and only it.
+#[test]
+fn permission_event_reloads_the_grants() {
+    let mut a = permissions_on("payments");
+    let fx = update(&mut a, Action::DaemonEvent(permission_event()));
+    assert!(fx.contains(&Effect::LoadGrants), "{fx:?}");
+    update(&mut a, code(KeyCode::Esc));
+    let fx = update(&mut a, Action::DaemonEvent(permission_event()));
+    assert!(!fx.contains(&Effect::LoadGrants), "{fx:?}");
+}
+
+/// A reconnect re-reads the open view: grants, or tokens.
+#[test]
+fn reconnect_reloads_grants_and_tokens() {
+    let mut a = permissions_on("payments");
+    let connected = || Action::Connected {
+        daemon_version: "0.1.1".into(),
+    };
+    update(&mut a, Action::Disconnected { reason: "x".into() });
+    assert_eq!(
+        update(&mut a, connected()),
+        [Effect::LoadKeys, Effect::LoadGrants]
+    );
+    update(&mut a, code(KeyCode::Esc));
+    update(&mut a, ch('T'));
+    update(&mut a, Action::Disconnected { reason: "x".into() });
+    assert_eq!(
+        update(&mut a, connected()),
+        [Effect::LoadKeys, Effect::LoadHsmTokens]
+    );
+}
+
+// HSM tokens view.
+
+fn token_form(a: &App) -> &TokenForm {
+    match &a.popup {
+        Some(Popup::Token(f)) => f,
+        other => panic!("no register form: {other:?}"),
+    }
+}
+
+fn tokens_open() -> App {
+    let mut a = app();
+    update(&mut a, ch('T'));
+    update(&mut a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+    a
+}
+
+/// T opens the tokens view and loads the list, which the app keeps; esc goes back.
+#[test]
+fn t_opens_tokens_and_loads_them() {
+    let mut a = app();
+    assert_eq!(update(&mut a, ch('T')), [Effect::LoadHsmTokens]);
+    assert!(matches!(&a.screen, Screen::Tokens(t) if t.back == Base::Main));
+    assert_eq!(a.hsm_tokens.list, None);
+    update(&mut a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+    assert_eq!(a.hsm_tokens.len(), 2);
+    update(&mut a, ch('j'));
+    assert!(matches!(&a.screen, Screen::Tokens(t) if t.selected == 1));
+    update(
+        &mut a,
+        Action::HsmTokensLoaded(Err("permission-denied: hsm_list needs manager".into())),
+    );
+    assert!(a.hsm_tokens.error.as_deref().unwrap().contains("hsm_list"));
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Main);
+}
+
+/// n opens the register form; its four fields go into HsmAdd; success closes the form
+/// and re-reads the list.
+#[test]
+fn register_form_adds_a_token() {
+    let mut a = tokens_open();
+    update(&mut a, ch('n'));
+    assert_eq!(token_form(&a).focus, TokenField::Name);
+    typed(&mut a, "vault-c");
+    update(&mut a, code(KeyCode::Tab));
+    typed(&mut a, "/usr/lib/softhsm/libsofthsm2.so");
+    update(&mut a, code(KeyCode::Down));
+    typed(&mut a, "tenant c");
+    update(&mut a, code(KeyCode::Tab));
+    typed(&mut a, "/etc/kms/c.pin");
+    assert_eq!(token_form(&a).focus, TokenField::PinFile);
+    let fx = update(&mut a, code(KeyCode::Enter));
+    assert_eq!(
+        fx,
+        [Effect::HsmAdd {
+            name: "vault-c".into(),
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token: "tenant c".into(),
+            pin_file: "/etc/kms/c.pin".into(),
+        }]
+    );
+    assert!(token_form(&a).submitting);
+    let mut t = fake::tokens()[0].clone();
+    t.name = "vault-c".into();
+    t.token = "tenant c".into();
+    let fx = update(&mut a, Action::HsmAdded(Ok(t)));
+    assert_eq!(fx, [Effect::LoadHsmTokens]);
+    assert_eq!(a.popup, None);
+    assert_eq!(
+        a.message.as_ref().unwrap().text,
+        "registered HSM token vault-c (token tenant c)"
+    );
+}
+
+/// What can be checked here is checked before sending; the daemon's refusal (a wrong
+/// PIN, say) shows in the form.
+#[test]
+fn register_form_rules_and_refusal() {
+    let mut a = tokens_open();
+    update(&mut a, ch('n'));
+    assert!(update(&mut a, code(KeyCode::Enter)).is_empty());
+    let f = token_form(&a);
+    assert!(f.show_all);
+    assert!(
+        f.shown_error(TokenField::Name)
+            .unwrap()
+            .contains("HSM token name")
+    );
+    assert!(
+        f.shown_error(TokenField::Module)
+            .unwrap()
+            .contains("absolute")
+    );
+    assert!(f.shown_error(TokenField::Label).is_some());
+    assert!(
+        f.shown_error(TokenField::PinFile)
+            .unwrap()
+            .contains("absolute")
+    );
+    typed(&mut a, "vault-c");
+    update(&mut a, code(KeyCode::Tab));
+    typed(&mut a, "/m.so");
+    update(&mut a, code(KeyCode::Tab));
+    typed(&mut a, "t");
+    update(&mut a, code(KeyCode::Tab));
+    typed(&mut a, "pin");
+    assert!(
+        update(&mut a, code(KeyCode::Enter)).is_empty(),
+        "relative PIN file"
+    );
+    for _ in 0..3 {
+        update(&mut a, code(KeyCode::Backspace));
+    }
+    typed(&mut a, "/pin");
+    assert_eq!(update(&mut a, code(KeyCode::Enter)).len(), 1);
+    update(
+        &mut a,
+        Action::HsmAdded(Err(
+            "invalid-argument: cannot register HSM token vault-c: the PIN is wrong".into(),
+        )),
+    );
+    let f = token_form(&a);
+    assert!(!f.submitting);
+    assert!(f.daemon_error.as_deref().unwrap().contains("PIN is wrong"));
+}
+
+/// x asks before removing; y sends the removal; the daemon's refusal (keys still on the
+/// token) reaches the message line.
+#[test]
+fn x_confirms_then_removes_the_token() {
+    let mut a = tokens_open();
+    assert!(update(&mut a, ch('x')).is_empty());
+    assert_eq!(
+        a.popup,
+        Some(Popup::Ask(Ask::RemoveToken(fake::tokens()[0].clone())))
+    );
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.popup, None);
+    update(&mut a, code(KeyCode::Delete));
+    assert_eq!(
+        update(&mut a, ch('y')),
+        [Effect::HsmRemove("vault-a".into())]
+    );
+    let fx = update(
+        &mut a,
+        Action::HsmRemoved {
+            name: "vault-a".into(),
+            result: Err("invalid-state: HSM token vault-a still holds 1 key(s) not purged".into()),
+        },
+    );
+    assert!(fx.is_empty());
+    let m = a.message.as_ref().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert!(
+        m.text
+            .starts_with("could not remove HSM token vault-a: invalid-state"),
+        "{}",
+        m.text
+    );
+    update(&mut a, ch('j'));
+    update(&mut a, ch('x'));
+    update(&mut a, ch('y'));
+    let fx = update(
+        &mut a,
+        Action::HsmRemoved {
+            name: "vault-b".into(),
+            result: Ok(fake::tokens()[1].clone()),
+        },
+    );
+    assert_eq!(fx, [Effect::LoadHsmTokens]);
+    assert_eq!(
+        a.message.as_ref().unwrap().text,
+        "removed HSM token vault-b"
+    );
+}
+
+/// The create form loads the tokens when it opens; with dedicated-hsm ←→ pick one and
+/// the request carries it. Other protections skip the field and send no token.
+#[test]
+fn create_form_picks_a_token_for_dedicated_hsm() {
+    let mut a = app();
+    assert_eq!(update(&mut a, ch('c')), [Effect::LoadHsmTokens]);
+    assert_eq!(form(&a).tokens, TokenChoices::Loading);
+    update(&mut a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+    assert_eq!(
+        form(&a).tokens,
+        TokenChoices::Loaded(vec!["vault-a".into(), "vault-b".into()])
+    );
+    assert_eq!(form(&a).token.as_deref(), Some("vault-a"));
+    typed(&mut a, "orders");
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Tab));
+    assert_eq!(form(&a).focus, Field::Protection);
+    update(&mut a, code(KeyCode::Tab));
+    assert_eq!(form(&a).focus, Field::Convergent, "no token for basic keys");
+    update(&mut a, code(KeyCode::BackTab));
+    update(&mut a, code(KeyCode::Left));
+    assert_eq!(form(&a).protection, Protection::DedicatedHsm);
+    assert_eq!(form(&a).shown_error(Field::Token, false), None);
+    update(&mut a, code(KeyCode::Tab));
+    assert_eq!(form(&a).focus, Field::Token);
+    update(&mut a, code(KeyCode::Right));
+    assert_eq!(form(&a).token.as_deref(), Some("vault-b"));
+    update(&mut a, ch(' '));
+    update(&mut a, code(KeyCode::Left));
+    assert_eq!(
+        form(&a).token.as_deref(),
+        Some("vault-b"),
+        "wraps both ways"
+    );
+    let fx = update(&mut a, code(KeyCode::Enter));
+    assert_eq!(
+        fx,
+        [Effect::Create(CreateKey {
+            name: "orders".into(),
+            key_type: KeyType::Aes256,
+            protection: Protection::DedicatedHsm,
+            convergent: false,
+            auto_rotation: false,
+            rotation_days: Some(90),
+            memo: String::new(),
+            hsm: Some("vault-b".into()),
+        })]
+    );
+    // The same form with hsm protection sends no token.
+    let mut a = app();
+    update(&mut a, ch('c'));
+    update(&mut a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+    typed(&mut a, "orders");
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Right));
+    let fx = update(&mut a, code(KeyCode::Enter));
+    assert!(
+        matches!(&fx[..], [Effect::Create(c)] if c.protection == Protection::Hsm && c.hsm.is_none()),
+        "{fx:?}"
+    );
+}
+
+/// With no token registered, dedicated-hsm shows the rule at once and submit is refused
+/// locally; a token registered meanwhile is picked up when the list arrives.
+#[test]
+fn create_form_without_tokens_refuses_dedicated_hsm() {
+    let mut a = app();
+    update(&mut a, ch('c'));
+    update(&mut a, Action::HsmTokensLoaded(Ok(Vec::new())));
+    typed(&mut a, "orders");
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Left));
+    assert_eq!(form(&a).protection, Protection::DedicatedHsm);
+    let err = form(&a).shown_error(Field::Token, false).unwrap();
+    assert!(err.contains("register one in the tokens view"), "{err}");
+    assert!(err.contains('T'), "{err}");
+    assert!(update(&mut a, code(KeyCode::Enter)).is_empty());
+    assert!(form(&a).show_all);
+    update(&mut a, Action::HsmTokensLoaded(Ok(fake::tokens())));
+    assert_eq!(form(&a).shown_error(Field::Token, false), None);
+    let fx = update(&mut a, code(KeyCode::Enter));
+    assert!(
+        matches!(&fx[..], [Effect::Create(c)] if c.hsm.as_deref() == Some("vault-a")),
+        "{fx:?}"
+    );
+}
+
+/// A failed token load is a rule error of dedicated-hsm, not a silent empty list.
+#[test]
+fn create_form_token_load_failure() {
+    let mut a = app();
+    update(&mut a, ch('c'));
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Left));
+    let err = form(&a).shown_error(Field::Token, false).unwrap();
+    assert!(err.contains("still loading"), "{err}");
+    update(
+        &mut a,
+        Action::HsmTokensLoaded(Err("not connected to kmsd".into())),
+    );
+    let err = form(&a).shown_error(Field::Token, false).unwrap();
+    assert!(err.contains("not connected"), "{err}");
 }

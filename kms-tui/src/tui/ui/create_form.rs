@@ -1,7 +1,7 @@
 //! The create form: every SPEC §2 rule checked as you type, the daemon's refusal shown
 //! in the form if it still says no.
 
-use kms_shared::model::KeyType;
+use kms_shared::model::{KeyType, Protection};
 use ratatui::Frame;
 use ratatui::layout::{Position, Rect};
 use ratatui::style::Modifier;
@@ -9,7 +9,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Clear, Paragraph};
 
 use super::{layout, theme, wrap};
-use crate::tui::app::{App, CreateForm, Field};
+use crate::tui::app::{App, CreateForm, Field, TokenChoices};
 use crate::tui::strings as s;
 
 const LABEL: usize = 15;
@@ -19,6 +19,7 @@ fn label(f: Field) -> &'static str {
         Field::Name => s::FORM_NAME,
         Field::Type => s::FORM_TYPE,
         Field::Protection => s::FORM_PROTECTION,
+        Field::Token => s::FORM_TOKEN,
         Field::Convergent => s::FORM_CONVERGENT,
         Field::AutoRotation => s::FORM_AUTO,
         Field::Days => s::FORM_DAYS,
@@ -39,6 +40,15 @@ fn value(form: &CreateForm, f: Field) -> String {
             form.key_type.purpose()
         ),
         Field::Protection => format!("‹ {} ›", s::protection_label(form.protection)),
+        Field::Token if form.protection != Protection::DedicatedHsm => {
+            s::FORM_NOT_APPLICABLE.to_string()
+        }
+        Field::Token => match (&form.tokens, &form.token) {
+            (TokenChoices::Loading, _) => s::FORM_TOKENS_LOADING.to_string(),
+            (TokenChoices::Loaded(_), Some(t)) => format!("‹ {t} ›"),
+            (TokenChoices::Loaded(_), None) => s::FORM_NO_TOKENS.to_string(),
+            (TokenChoices::Failed(_), _) => s::FORM_NOT_APPLICABLE.to_string(),
+        },
         Field::Convergent if form.key_type != KeyType::Aes256 && !form.convergent => {
             format!("{}  {}", checkbox(false), s::FORM_AES_ONLY)
         }

@@ -22,12 +22,12 @@ fn section(title: &str, hints: &[Hint], out: &mut Vec<Line<'static>>) {
 }
 
 pub fn render(f: &mut Frame, area: Rect) {
-    // Two columns: the first two sections on the left, the rest on the right, so the
-    // whole list fits an 80×24 terminal.
+    // Two columns, sections alternating between them, so the whole list fits an 80×24
+    // terminal.
     let mut left = Vec::new();
     let mut right = Vec::new();
     for (i, (title, hints)) in keymap::HELP.iter().enumerate() {
-        let col = if i == 1 { &mut right } else { &mut left };
+        let col = if i % 2 == 1 { &mut right } else { &mut left };
         if !col.is_empty() {
             col.push(Line::default());
         }

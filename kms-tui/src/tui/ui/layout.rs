@@ -55,6 +55,14 @@ pub fn history_rows(size: (u16, u16)) -> usize {
     view_rows(size)
 }
 
+pub fn grants_rows(size: (u16, u16)) -> usize {
+    view_rows(size)
+}
+
+pub fn tokens_rows(size: (u16, u16)) -> usize {
+    view_rows(size)
+}
+
 /// A pop-up of at most `w`×`h`, centred, never larger than the screen.
 pub fn popup(area: Rect, w: u16, h: u16) -> Rect {
     area.centered(

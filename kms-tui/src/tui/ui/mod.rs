@@ -1,9 +1,12 @@
 //! Drawing: a pure function of the state, one widget per file.
 
+pub mod ask;
 pub mod confirm;
 pub mod create_form;
 pub mod details;
 pub mod footer;
+pub mod grant_form;
+pub mod grants;
 pub mod header;
 pub mod help;
 pub mod history;
@@ -12,6 +15,8 @@ pub mod layout;
 pub mod message;
 pub mod prompt;
 pub mod theme;
+pub mod token_form;
+pub mod tokens;
 pub mod versions;
 
 use ratatui::Frame;
@@ -31,6 +36,8 @@ pub fn draw(f: &mut Frame, app: &App) {
         Screen::Details => details::render_screen(f, body, app),
         Screen::Versions(v) => versions::render(f, body, app, v),
         Screen::History(h) => history::render(f, body, h),
+        Screen::Grants(g) => grants::render(f, body, g),
+        Screen::Tokens(t) => tokens::render(f, body, t, &app.hsm_tokens),
     }
     message::render(f, message_area, app);
     footer::render(f, footer_area, app.mode());
@@ -40,6 +47,9 @@ pub fn draw(f: &mut Frame, app: &App) {
         Some(Popup::Create(form)) => create_form::render(f, area, app, form),
         Some(Popup::Confirm(c)) => confirm::render(f, area, c),
         Some(Popup::Prompt(p)) => prompt::render(f, area, p),
+        Some(Popup::Grant(g)) => grant_form::render(f, area, g),
+        Some(Popup::Token(t)) => token_form::render(f, area, t),
+        Some(Popup::Ask(q)) => ask::render(f, area, q),
     }
 }
 

@@ -1,0 +1,111 @@
+//! The new-grant form: role, user or group, its name, and all keys or the selected one.
+
+use ratatui::Frame;
+use ratatui::layout::{Position, Rect};
+use ratatui::style::Modifier;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Clear, Paragraph};
+
+use super::{layout, theme, wrap};
+use crate::tui::app::{GrantField, GrantForm, PrincipalKind};
+use crate::tui::strings as s;
+
+const LABEL: usize = 15;
+
+fn label(f: GrantField) -> &'static str {
+    match f {
+        GrantField::Role => s::GF_ROLE,
+        GrantField::Kind => s::GF_KIND,
+        GrantField::Name => s::GF_NAME,
+        GrantField::Scope => s::GF_SCOPE,
+    }
+}
+
+fn value(form: &GrantForm, f: GrantField) -> String {
+    match f {
+        GrantField::Role => format!("‹ {} ›  {}", s::role_label(form.role), form.role.ncp_name()),
+        GrantField::Kind => format!(
+            "‹ {} ›",
+            match form.kind {
+                PrincipalKind::User => s::GF_USER,
+                PrincipalKind::Group => s::GF_GROUP,
+            }
+        ),
+        GrantField::Name => form.name.clone(),
+        GrantField::Scope => match (&form.key, form.scope_key()) {
+            (_, Some(k)) => format!("‹ {} ›", s::gf_one_key(&k.name)),
+            (Some(_), None) => format!("‹ {} ›", s::ALL_KEYS),
+            // Nothing to choose from: no arrows.
+            (None, _) => s::ALL_KEYS.to_string(),
+        },
+    }
+}
+
+pub fn render(f: &mut Frame, area: Rect, form: &GrantForm) {
+    let width = 70u16.min(area.width);
+    let text_width = usize::from(width.saturating_sub(4));
+    let indent = " ".repeat(LABEL + 2);
+    let mut lines: Vec<Line> = Vec::new();
+    let mut cursor: Option<(u16, u16)> = None;
+    for field in GrantField::ALL {
+        let focused = form.focus == field;
+        let label_style = if focused {
+            theme::label().add_modifier(Modifier::BOLD | Modifier::REVERSED)
+        } else {
+            theme::label()
+        };
+        let v = value(form, field);
+        if focused && field == GrantField::Name {
+            let x = 1 + LABEL + 1 + v.chars().count();
+            cursor = Some((x as u16, lines.len() as u16));
+        }
+        lines.push(Line::from(vec![
+            Span::raw(if focused { "›" } else { " " }),
+            Span::styled(format!("{:<LABEL$}", label(field)), label_style),
+            Span::raw(" "),
+            Span::raw(v),
+        ]));
+        match field {
+            // What the role allows, so the choice is made knowing it.
+            GrantField::Role => lines.push(Line::styled(
+                format!("{indent}{}", s::role_summary(form.role)),
+                theme::dim(),
+            )),
+            GrantField::Name => {
+                if let Some(err) = form.shown_name_error() {
+                    for l in wrap(&format!("✗ {err}"), text_width.saturating_sub(LABEL + 2)) {
+                        lines.push(Line::styled(format!("{indent}{l}"), theme::error()));
+                    }
+                }
+            }
+            GrantField::Kind | GrantField::Scope => {}
+        }
+    }
+    lines.push(Line::default());
+    if let Some(e) = &form.daemon_error {
+        for l in wrap(&format!("✗ {}", s::daemon_refused(e)), text_width) {
+            lines.push(Line::styled(l, theme::error()));
+        }
+    } else if form.submitting {
+        lines.push(Line::styled(s::GF_SUBMITTING, theme::dim()));
+    } else {
+        for l in wrap(s::GF_NOTE, text_width) {
+            lines.push(Line::styled(l, theme::dim()));
+        }
+    }
+    let popup = layout::popup(area, width, lines.len() as u16 + 2);
+    let block = Block::bordered()
+        .border_style(theme::border())
+        .title(s::GRANT_FORM_TITLE);
+    let inner = block.inner(popup);
+    f.render_widget(Clear, popup);
+    f.render_widget(Paragraph::new(lines).block(block), popup);
+    if let Some((x, y)) = cursor
+        && y < inner.height
+    {
+        f.set_cursor_position(Position::new(
+            (inner.x + x).min(inner.right().saturating_sub(1)),
+            inner.y + y,
+        ));
+    }
+}

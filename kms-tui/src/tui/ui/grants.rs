@@ -1,0 +1,106 @@
+//! Every grant: who has which role, on which key (SPEC §6), as `kmsctl grants` lists them.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+
+use super::layout::{self, Tier};
+use super::theme;
+use crate::tui::app::{GrantsView, scroll_offset};
+use crate::tui::strings as s;
+
+pub fn render(f: &mut Frame, area: Rect, g: &GrantsView) {
+    let block = Block::bordered()
+        .border_style(theme::border())
+        .title(s::GRANTS_TITLE);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let [status_area, table_area] = inner.layout(&Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(0),
+    ]));
+    let status = match (&g.error, &g.grants) {
+        (Some(e), _) => Line::styled(format!(" {e}"), theme::error()),
+        (None, None) => Line::styled(format!(" {}", s::G_LOADING), theme::dim()),
+        (None, Some(list)) => {
+            Line::styled(format!(" {}", s::grants_status(list.len())), theme::dim())
+        }
+    };
+    f.render_widget(Paragraph::new(status), status_area);
+    let Some(grants) = &g.grants else {
+        return;
+    };
+
+    // Wider terminals also show NCP's name of the role and the time to the second.
+    let wide = layout::tier(area.width) != Tier::Compact;
+    let rows_fit = usize::from(table_area.height.saturating_sub(1));
+    let offset = scroll_offset(g.offset, g.selected, rows_fit, grants.len());
+    let end = (offset + rows_fit).min(grants.len());
+    let rows = grants[offset..end].iter().map(|gr| {
+        let mut cells = vec![Cell::from(s::role_label(gr.role))];
+        if wide {
+            cells.push(Cell::from(gr.role.ncp_name()));
+        }
+        let key_style = if gr.key_tag.is_none() {
+            theme::warn()
+        } else {
+            ratatui::style::Style::new()
+        };
+        cells.extend([
+            Cell::from(s::principal(&gr.principal)),
+            Cell::from(s::grant_key(gr)).style(key_style),
+            Cell::from(if wide {
+                s::datetime_secs(gr.granted_at)
+            } else {
+                s::datetime(gr.granted_at)
+            }),
+            Cell::from(gr.granted_by.clone()),
+        ]);
+        Row::new(cells)
+    });
+    let mut titles = vec![Cell::from(s::G_COL_ROLE)];
+    let widths: Vec<Constraint> = if wide {
+        titles.push(Cell::from(s::G_COL_NCP));
+        vec![
+            Constraint::Length(12),
+            Constraint::Length(16),
+            Constraint::Length(24),
+            Constraint::Length(15),
+            Constraint::Length(19),
+            Constraint::Fill(1),
+        ]
+    } else {
+        vec![
+            Constraint::Length(12),
+            Constraint::Length(16),
+            Constraint::Length(15),
+            Constraint::Length(16),
+            Constraint::Fill(1),
+        ]
+    };
+    titles.extend([
+        Cell::from(s::G_COL_FOR),
+        Cell::from(s::G_COL_KEY),
+        Cell::from(s::G_COL_GRANTED),
+        Cell::from(s::G_COL_BY),
+    ]);
+    let table = Table::new(rows, widths)
+        .header(Row::new(titles).style(theme::table_header()))
+        .column_spacing(1)
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(theme::HIGHLIGHT)
+        .highlight_spacing(HighlightSpacing::Always);
+    let mut state = TableState::default();
+    if !grants.is_empty() {
+        state.select(Some(g.selected.saturating_sub(offset)));
+    }
+    f.render_stateful_widget(table, table_area, &mut state);
+    if grants.is_empty() && table_area.height > 1 {
+        let at = Rect::new(table_area.x, table_area.y + 1, table_area.width, 1);
+        f.render_widget(
+            Paragraph::new(s::G_EMPTY).centered().style(theme::dim()),
+            at,
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! The register-token form: four text fields, the daemon's checks that can be made
+//! here shown as you type, its refusal (module, label, PIN) shown in the form.
+
+use ratatui::Frame;
+use ratatui::layout::{Position, Rect};
+use ratatui::style::Modifier;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Clear, Paragraph};
+
+use super::{layout, theme, wrap};
+use crate::tui::app::{TokenField, TokenForm};
+use crate::tui::strings as s;
+
+const LABEL: usize = 12;
+
+fn label(f: TokenField) -> &'static str {
+    match f {
+        TokenField::Name => s::TF_NAME,
+        TokenField::Module => s::TF_MODULE,
+        TokenField::Label => s::TF_LABEL,
+        TokenField::PinFile => s::TF_PIN_FILE,
+    }
+}
+
+pub fn render(f: &mut Frame, area: Rect, form: &TokenForm) {
+    let width = 76u16.min(area.width);
+    let text_width = usize::from(width.saturating_sub(4));
+    let value_width = text_width.saturating_sub(LABEL + 2);
+    let mut lines: Vec<Line> = Vec::new();
+    let mut cursor: Option<(u16, u16)> = None;
+    for field in TokenField::ALL {
+        let focused = form.focus == field;
+        let label_style = if focused {
+            theme::label().add_modifier(Modifier::BOLD | Modifier::REVERSED)
+        } else {
+            theme::label()
+        };
+        // A long path shows its end, where the typing happens.
+        let v = s::path_tail(form.text(field), value_width.saturating_sub(1));
+        if focused {
+            let x = 1 + LABEL + 1 + v.chars().count();
+            cursor = Some((x as u16, lines.len() as u16));
+        }
+        lines.push(Line::from(vec![
+            Span::raw(if focused { "›" } else { " " }),
+            Span::styled(format!("{:<LABEL$}", label(field)), label_style),
+            Span::raw(" "),
+            Span::raw(v),
+        ]));
+        if let Some(err) = form.shown_error(field) {
+            for l in wrap(&format!("✗ {err}"), value_width) {
+                lines.push(Line::styled(
+                    format!("{:w$}{l}", "", w = LABEL + 2),
+                    theme::error(),
+                ));
+            }
+        }
+    }
+    lines.push(Line::default());
+    if let Some(e) = &form.daemon_error {
+        for l in wrap(&format!("✗ {}", s::daemon_refused(e)), text_width) {
+            lines.push(Line::styled(l, theme::error()));
+        }
+    } else if form.submitting {
+        lines.push(Line::styled(s::TF_SUBMITTING, theme::dim()));
+    } else if form.show_all && !form.is_valid() {
+        lines.push(Line::styled(s::FORM_FIX_FIRST, theme::error()));
+    } else {
+        for l in wrap(s::TF_NOTE, text_width) {
+            lines.push(Line::styled(l, theme::dim()));
+        }
+    }
+    let popup = layout::popup(area, width, lines.len() as u16 + 2);
+    let block = Block::bordered()
+        .border_style(theme::border())
+        .title(s::TOKEN_FORM_TITLE);
+    let inner = block.inner(popup);
+    f.render_widget(Clear, popup);
+    f.render_widget(Paragraph::new(lines).block(block), popup);
+    if let Some((x, y)) = cursor
+        && y < inner.height
+    {
+        f.set_cursor_position(Position::new(
+            (inner.x + x).min(inner.right().saturating_sub(1)),
+            inner.y + y,
+        ));
+    }
+}

@@ -1,0 +1,132 @@
+//! The PKCS#11 tokens registered for dedicated-hsm keys.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+
+use super::layout::{self, Tier};
+use super::theme;
+use crate::tui::app::{HsmTokens, TokensView, scroll_offset};
+use crate::tui::strings as s;
+
+/// Fixed columns (name, label, keys, added, by) and the gaps between all columns at
+/// each width; the paths get the rest.
+const COMPACT_FIXED: u16 = 15 + 16 + 4 + 10 + 8 + 5;
+const WIDE_FIXED: u16 = 15 + 20 + 5 + 19 + 12 + 6;
+
+pub fn render(f: &mut Frame, area: Rect, t: &TokensView, tokens: &HsmTokens) {
+    let block = Block::bordered()
+        .border_style(theme::border())
+        .title(s::TOKENS_TITLE);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let [status_area, table_area] = inner.layout(&Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(0),
+    ]));
+    let status = match (&tokens.error, &tokens.list) {
+        (Some(e), _) => Line::styled(format!(" {e}"), theme::error()),
+        (None, None) => Line::styled(format!(" {}", s::T_LOADING), theme::dim()),
+        (None, Some(list)) => {
+            Line::styled(format!(" {}", s::tokens_status(list.len())), theme::dim())
+        }
+    };
+    f.render_widget(Paragraph::new(status), status_area);
+    let Some(list) = &tokens.list else {
+        return;
+    };
+
+    let wide = layout::tier(area.width) != Tier::Compact;
+    // The highlight column takes one more.
+    let paths = table_area
+        .width
+        .saturating_sub(1 + if wide { WIDE_FIXED } else { COMPACT_FIXED });
+    let (module_w, pin_w) = if wide {
+        (paths - paths / 2, paths / 2)
+    } else {
+        (paths, 0)
+    };
+    let rows_fit = usize::from(table_area.height.saturating_sub(1));
+    let offset = scroll_offset(t.offset, t.selected, rows_fit, list.len());
+    let end = (offset + rows_fit).min(list.len());
+    let rows = list[offset..end].iter().map(|tok| {
+        let mut cells = vec![
+            Cell::from(tok.name.clone()),
+            Cell::from(tok.token.clone()),
+            // Module paths share a long prefix: the end names the library.
+            Cell::from(s::path_tail(&tok.module, usize::from(module_w))),
+        ];
+        if wide {
+            cells.push(Cell::from(s::path_tail(&tok.pin_file, usize::from(pin_w))));
+        }
+        let keys_style = if tok.keys > 0 {
+            theme::warn()
+        } else {
+            ratatui::style::Style::new()
+        };
+        cells.extend([
+            Cell::from(Line::from(s::count(tok.keys)).right_aligned()).style(keys_style),
+            Cell::from(if wide {
+                s::datetime_secs(tok.added_at)
+            } else {
+                s::date(tok.added_at)
+            }),
+            Cell::from(tok.added_by.clone()),
+        ]);
+        Row::new(cells)
+    });
+    let mut titles = vec![
+        Cell::from(s::T_COL_NAME),
+        Cell::from(s::T_COL_LABEL),
+        Cell::from(s::T_COL_MODULE),
+    ];
+    let widths: Vec<Constraint> = if wide {
+        titles.push(Cell::from(s::T_COL_PIN));
+        vec![
+            Constraint::Length(15),
+            Constraint::Length(20),
+            Constraint::Length(module_w),
+            Constraint::Length(pin_w),
+            Constraint::Length(5),
+            Constraint::Length(19),
+            Constraint::Length(12),
+        ]
+    } else {
+        vec![
+            Constraint::Length(15),
+            Constraint::Length(16),
+            Constraint::Length(module_w),
+            Constraint::Length(4),
+            Constraint::Length(10),
+            Constraint::Length(8),
+        ]
+    };
+    titles.extend([
+        Cell::from(Line::from(s::T_COL_KEYS).right_aligned()),
+        Cell::from(if wide {
+            s::T_COL_ADDED
+        } else {
+            s::T_COL_ADDED_SHORT
+        }),
+        Cell::from(s::T_COL_BY),
+    ]);
+    let table = Table::new(rows, widths)
+        .header(Row::new(titles).style(theme::table_header()))
+        .column_spacing(1)
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(theme::HIGHLIGHT)
+        .highlight_spacing(HighlightSpacing::Always);
+    let mut state = TableState::default();
+    if !list.is_empty() {
+        state.select(Some(t.selected.saturating_sub(offset)));
+    }
+    f.render_stateful_widget(table, table_area, &mut state);
+    if list.is_empty() && table_area.height > 1 {
+        let at = Rect::new(table_area.x, table_area.y + 1, table_area.width, 1);
+        f.render_widget(
+            Paragraph::new(s::T_EMPTY).centered().style(theme::dim()),
+            at,
+        );
+    }
+}
