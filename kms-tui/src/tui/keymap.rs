@@ -294,3 +294,85 @@ pub const HELP: &[(&str, &[Hint])] = &[
         ],
     ),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODES: [Mode; 13] = [
+        Mode::Main,
+        Mode::Details,
+        Mode::Versions,
+        Mode::History,
+        Mode::Grants,
+        Mode::Tokens,
+        Mode::Filter,
+        Mode::Help,
+        Mode::Form,
+        Mode::GrantForm,
+        Mode::TokenForm,
+        Mode::Confirm,
+        Mode::Prompt,
+    ];
+
+    /// The keys a footer hint names ("tab/↑↓" is tab, up and down).
+    fn keys_of(hint: &str) -> Vec<KeyCode> {
+        // A lone character is that key, even the `/` that separates the others.
+        if hint.chars().count() == 1 {
+            return hint.chars().map(KeyCode::Char).collect();
+        }
+        hint.split('/')
+            .flat_map(|part| match part {
+                "↑↓" => vec![KeyCode::Up, KeyCode::Down],
+                "←→" => vec![KeyCode::Left, KeyCode::Right],
+                "tab" => vec![KeyCode::Tab],
+                "esc" => vec![KeyCode::Esc],
+                "enter" => vec![KeyCode::Enter],
+                "space" => vec![KeyCode::Char(' ')],
+                "PgUp" => vec![KeyCode::PageUp],
+                "PgDn" => vec![KeyCode::PageDown],
+                single if single.chars().count() == 1 => {
+                    single.chars().map(KeyCode::Char).collect()
+                }
+                other => panic!("footer key {other:?} not understood by this test"),
+            })
+            .collect()
+    }
+
+    /// Every key a footer shows does something in that mode.
+    #[test]
+    fn footer_hints_are_bound() {
+        for mode in MODES {
+            for (hint, what) in footer(mode) {
+                for code in keys_of(hint) {
+                    let key = KeyEvent::new(code, KeyModifiers::NONE);
+                    assert!(
+                        map(mode, key).is_some(),
+                        "{mode:?}: {hint} ({what}) is shown but not bound"
+                    );
+                }
+            }
+        }
+    }
+
+    /// P and T open the new views from the list and the details, and nowhere they would
+    /// shadow typing.
+    #[test]
+    fn permissions_and_tokens_keys() {
+        let key = |c| KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE);
+        for mode in [Mode::Main, Mode::Details] {
+            assert_eq!(map(mode, key('P')), Some(Action::Permissions));
+            assert_eq!(map(mode, key('T')), Some(Action::Tokens));
+        }
+        for mode in [Mode::Grants, Mode::Tokens] {
+            assert_eq!(map(mode, key('n')), Some(Action::New));
+            assert_eq!(map(mode, key('x')), Some(Action::Remove));
+            let del = KeyEvent::new(KeyCode::Delete, KeyModifiers::NONE);
+            assert_eq!(map(mode, del), Some(Action::Remove));
+        }
+        for mode in [Mode::Filter, Mode::Form, Mode::GrantForm, Mode::TokenForm] {
+            assert_eq!(map(mode, key('P')), Some(Action::Char('P')));
+            assert_eq!(map(mode, key('T')), Some(Action::Char('T')));
+        }
+    }
+}
