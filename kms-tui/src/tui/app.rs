@@ -612,7 +612,8 @@ impl TokenForm {
         }
     }
 
-    pub fn text_mut(&mut self, f: TokenField) -> &mut String {
+    /// The text of a field, to be changed: the field counts as touched from now on.
+    pub fn edit(&mut self, f: TokenField) -> &mut String {
         self.touched[f.index()] = true;
         match f {
             TokenField::Name => &mut self.name,

@@ -70,9 +70,14 @@ pub async fn run(
             tokio::select! {
                 eff = effects.recv() => match eff {
                     None => return,
-                    // Reads of the list run in order, so that the last event's re-read
+                    // Reads of the lists run in order, so that the last event's re-read
                     // is also the last answer applied.
-                    Some(eff @ (Effect::LoadKeys | Effect::GetKey(_))) => {
+                    Some(
+                        eff @ (Effect::LoadKeys
+                        | Effect::GetKey(_)
+                        | Effect::LoadGrants
+                        | Effect::LoadHsmTokens),
+                    ) => {
                         if let Some(a) = exec(&client, eff).await
                             && actions.send(a).is_err()
                         {

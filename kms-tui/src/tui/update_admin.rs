@@ -178,11 +178,11 @@ pub(super) fn token_form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) 
         Action::NextField => form.focus = cycle(&TokenField::ALL, form.focus, true),
         Action::PrevField => form.focus = cycle(&TokenField::ALL, form.focus, false),
         Action::Char(c) => {
-            push_capped(form.text_mut(form.focus), c);
+            push_capped(form.edit(form.focus), c);
             form.daemon_error = None;
         }
         Action::Backspace => {
-            form.text_mut(form.focus).pop();
+            form.edit(form.focus).pop();
             form.daemon_error = None;
         }
         Action::Submit => {
