@@ -759,7 +759,11 @@ fn batch_is_one_history_entry_and_counters_add_up() {
             context: None,
         })
         .collect();
-    let out = fx.e().encrypt_batch(&fx.me, "batchk", &items).wait().unwrap();
+    let out = fx
+        .e()
+        .encrypt_batch(&fx.me, "batchk", &items)
+        .wait()
+        .unwrap();
     let cts: Vec<String> = out
         .iter()
         .map(|o| match o {
@@ -775,8 +779,17 @@ fn batch_is_one_history_entry_and_counters_add_up() {
         })
         .collect();
     back[3].ciphertext = "ncpkms:v1:AAAA".into();
-    let out = fx.e().decrypt_batch(&fx.me, "batchk", &back).wait().unwrap();
-    assert_eq!(out.iter().filter(|o| matches!(o, ItemOutcome::Err(_))).count(), 1);
+    let out = fx
+        .e()
+        .decrypt_batch(&fx.me, "batchk", &back)
+        .wait()
+        .unwrap();
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, ItemOutcome::Err(_)))
+            .count(),
+        1
+    );
 
     // 64 single calls from 8 threads at once: they share group commits.
     std::thread::scope(|s| {

@@ -1,6 +1,7 @@
 //! The end-to-end harness: a real `kmsd` binary on a temporary socket and data directory,
 //! driven through the real client library and the real `kmsctl` binary.
 
+pub mod scale;
 pub mod softhsm;
 
 use kms_shared::client::Client;

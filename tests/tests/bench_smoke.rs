@@ -4,7 +4,9 @@
 #[test]
 fn kms_bench_smoke_runs_every_case() {
     let out = std::process::Command::new(kms_e2e::bin("kms-bench"))
-        .args(["--smoke", "--conns", "2", "--depth", "2", "--json"])
+        .args([
+            "--smoke", "--conns", "2", "--depth", "2", "--batch", "8", "--json",
+        ])
         .output()
         .expect("run kms-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -17,7 +19,7 @@ fn kms_bench_smoke_runs_every_case() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect();
-    assert_eq!(cases.len(), 15, "{stdout}");
+    assert_eq!(cases.len(), 17, "{stdout}");
     for c in &cases {
         for field in [
             "op",
@@ -33,5 +35,33 @@ fn kms_bench_smoke_runs_every_case() {
         }
         assert_eq!(c["errors"], 0, "{c}");
         assert!(c["ops"].as_u64().unwrap_or(0) > 0, "{c}");
+    }
+}
+
+/// The scale mode on a small store: populated offline, served by a real daemon that lists,
+/// shows and decrypts from it.
+#[test]
+fn kms_bench_scale_smoke() {
+    let out = std::process::Command::new(kms_e2e::bin("kms-bench"))
+        .args(["--smoke", "--scale", "300", "--json"])
+        .output()
+        .expect("run kms-bench");
+    assert!(
+        out.status.success(),
+        "kms-bench --scale failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["keys"], 300, "{v}");
+    assert_eq!(v["history_entries"], 3000, "{v}");
+    for field in [
+        "startup_ms_median",
+        "rss_mib_after_start",
+        "list_first_page_p99_us",
+        "show_p99_us",
+        "idle_cpu_ms_per_s",
+        "store_mib",
+    ] {
+        assert!(v.get(field).is_some(), "{field} missing in {v}");
     }
 }

@@ -45,8 +45,9 @@ impl Change {
     }
 }
 
-/// AAD binding wrapped material to its key and version.
-fn wrap_aad(tag: &str, version: u32) -> Vec<u8> {
+/// AAD binding wrapped material to its key and version (public so that tools which write
+/// a store the way the engine would, such as the scale benchmark, cannot drift from it).
+pub fn wrap_aad(tag: &str, version: u32) -> Vec<u8> {
     let mut aad = Vec::with_capacity(48);
     aad.extend_from_slice(b"kms/wrap\0");
     aad.extend_from_slice(tag.as_bytes());

@@ -21,6 +21,7 @@ pub mod schedule;
 
 pub use error::EngineError;
 pub use keyring::{KeyEntry, VersionEntry};
+pub use lifecycle::wrap_aad;
 
 use crate::clock::Clock;
 use crate::crypto::RootKey;

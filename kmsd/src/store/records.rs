@@ -191,7 +191,16 @@ mod tests {
         let back: HistoryRecord = decode(&encode_array(&new).unwrap()).unwrap();
         assert_eq!(back, new);
         assert_eq!(back.succeeded(), 7);
-        let refused = (5i64, Action::Encrypt, None::<u32>, "invalid-state", "a", 0u32, 0u32, "c");
+        let refused = (
+            5i64,
+            Action::Encrypt,
+            None::<u32>,
+            "invalid-state",
+            "a",
+            0u32,
+            0u32,
+            "c",
+        );
         let rec: HistoryRecord = decode(&encode_array(&refused).unwrap()).unwrap();
         assert_eq!(rec.succeeded(), 0);
     }

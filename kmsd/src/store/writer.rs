@@ -259,7 +259,9 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                     account,
                     n,
                 } => {
-                    let u = pending_uses.entry(tag.as_str()).or_insert((0, *at, account));
+                    let u = pending_uses
+                        .entry(tag.as_str())
+                        .or_insert((0, *at, account));
                     u.0 = u.0.saturating_add(*n);
                     if *at >= u.1 {
                         (u.1, u.2) = (*at, account);
@@ -350,7 +352,10 @@ fn flush_counters(
         usage.insert(tag, encode_map(&rec).map_err(enc)?.as_slice())?;
     }
     for ((tag, version), n) in pending_encryptions.drain() {
-        let old = encryptions.get((tag, version))?.map(|v| v.value()).unwrap_or(0);
+        let old = encryptions
+            .get((tag, version))?
+            .map(|v| v.value())
+            .unwrap_or(0);
         encryptions.insert((tag, version), old.saturating_add(n))?;
     }
     Ok(())

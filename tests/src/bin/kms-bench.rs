@@ -10,15 +10,22 @@
 //! cargo build --release --workspace
 //! target/release/kms-bench [--conns 16] [--depth 1] [--seconds 3] [--cases aes-enc-1k,…]
 //!                          [--json] [--smoke] [--socket PATH] [--compare-ssh-agent]
-//!                          [--scale KEYS]
+//!                          [--batch ITEMS] [--scale KEYS]
 //! ```
+//!
+//! The `*-batch` cases send ITEMS (default 64) operations per call; their ops/s count
+//! operations (items), their latencies are per call, and their echo floor moves the same
+//! batch frames. CPU is the daemon's user+system time during the case (excluding the echo
+//! floor's, which runs in this process).
 
 use anyhow::{Context, bail};
 use kms_e2e::{DaemonOptions, TestDaemon};
 use kms_shared::client::Client;
 use kms_shared::codec;
-use kms_shared::model::{KeyType, SignScheme};
-use kms_shared::protocol::{ClientFrame, CreateKey, Request};
+use kms_shared::model::{KeyType, MAX_BATCH_ITEMS, SignScheme};
+use kms_shared::protocol::{
+    CiphertextItem, ClientFrame, CreateKey, ItemOutcome, PlaintextItem, Request,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,11 +42,15 @@ struct Opts {
     socket: Option<PathBuf>,
     ssh_agent: bool,
     scale: Option<usize>,
+    /// Items per call of the `*-batch` cases.
+    batch: usize,
 }
 
 const ALL_CASES: &[&str] = &[
     "aes-enc-1k",
     "aes-dec-1k",
+    "aes-enc-1k-batch",
+    "aes-dec-1k-batch",
     "aes-enc-32k",
     "aes-dec-32k",
     "conv-enc-1k",
@@ -66,6 +77,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         socket: None,
         ssh_agent: false,
         scale: None,
+        batch: 64,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -80,6 +92,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--socket" => o.socket = Some(PathBuf::from(val()?)),
             "--compare-ssh-agent" => o.ssh_agent = true,
             "--scale" => o.scale = Some(val()?.parse()?),
+            "--batch" => o.batch = val()?.parse::<usize>()?.clamp(1, MAX_BATCH_ITEMS),
             "-h" | "--help" => {
                 println!("see the doc comment of tests/src/bin/kms-bench.rs");
                 std::process::exit(0);
@@ -256,6 +269,14 @@ async fn echo_floor(
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
+/// A batch call succeeds when every item did.
+fn all_ok(items: Vec<ItemOutcome>) -> anyhow::Result<()> {
+    match items.iter().find(|i| matches!(i, ItemOutcome::Err(_))) {
+        Some(e) => bail!("batch item failed: {e:?}"),
+        None => Ok(()),
+    }
+}
+
 /// The size of an encoded request frame, for the echo floor.
 fn frame_len(request: Request) -> usize {
     codec::encode(&ClientFrame { id: 1, request })
@@ -302,6 +323,8 @@ fn proc_usage(pid: u32) -> (f64, u64) {
 struct Case<'a> {
     name: &'a str,
     run: Run,
+    /// Operations per call: the item count of a batch case, else 1.
+    per_call: usize,
     inproc: Option<f64>,
     floor: f64,
     cpu_s: f64,
@@ -309,14 +332,14 @@ struct Case<'a> {
 }
 
 fn report(o: &Opts, c: &mut Case) {
-    let ops = c.run.ops_per_s();
+    let ops = c.run.ops_per_s() * c.per_call as f64;
     let (p50, p99, p999) = (c.run.pct(0.5), c.run.pct(0.99), c.run.pct(0.999));
     if o.json {
         println!(
             "{}",
             serde_json::json!({
-                "op": c.name, "conns": o.conns, "depth": o.depth,
-                "ops": c.run.lat_us.len(), "errors": c.run.errors,
+                "op": c.name, "conns": o.conns, "depth": o.depth, "items_per_call": c.per_call,
+                "ops": c.run.lat_us.len() * c.per_call, "errors": c.run.errors,
                 "ops_per_s": ops.round(), "p50_us": p50, "p99_us": p99, "p999_us": p999,
                 "inproc_ops_per_s": c.inproc.map(f64::round),
                 "floor_ops_per_s": c.floor.round(),
@@ -349,6 +372,9 @@ fn report(o: &Opts, c: &mut Case) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = parse_args()?;
+    if let Some(n) = o.scale {
+        return scale(&o, n).await;
+    }
     let daemon = match &o.socket {
         Some(_) => None,
         None => Some(TestDaemon::start_with(DaemonOptions {
@@ -362,9 +388,6 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| daemon.as_ref().map(|d| d.socket.clone()))
         .context("no socket")?;
     let pid = daemon.as_ref().and_then(TestDaemon::pid);
-    if let Some(n) = o.scale {
-        return scale(&socket, pid, n).await;
-    }
     let admin = Client::connect(&socket).await?;
     let tag = std::process::id() % 100_000;
     let k = |s: &str| format!("b{tag}{s}");
@@ -430,9 +453,57 @@ async fn main() -> anyhow::Result<()> {
             }
         );
     }
+    let mut cpu_before = pid.map_or(0.0, |p| proc_usage(p).0);
     for case in o.cases.clone() {
         let c = &clients;
+        let per_call = if case.ends_with("-batch") { o.batch } else { 1 };
         let (run, inp, request) = match case.as_str() {
+            "aes-enc-1k-batch" => {
+                let key = k("aes");
+                let items: Vec<PlaintextItem> = (0..o.batch)
+                    .map(|_| PlaintextItem {
+                        plaintext: pt1k.clone(),
+                        context: None,
+                    })
+                    .collect();
+                let req = Request::EncryptBatch {
+                    key: key.clone(),
+                    items: items.clone(),
+                };
+                let inp = inproc(inproc_s, |_| {
+                    let _ = aes.encrypt_random(b"aad", &pt1k);
+                });
+                let items = Arc::new(items);
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, items) = (key.clone(), items.clone());
+                    async move { all_ok(cl.encrypt_batch(&key, (*items).clone()).await?) }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
+            "aes-dec-1k-batch" => {
+                let key = k("aes");
+                let items: Vec<CiphertextItem> = (0..o.batch)
+                    .map(|_| CiphertextItem {
+                        ciphertext: ct1k.clone(),
+                        context: None,
+                    })
+                    .collect();
+                let req = Request::DecryptBatch {
+                    key: key.clone(),
+                    items: items.clone(),
+                };
+                let inp = inproc(inproc_s, |_| {
+                    let _ = aes.decrypt(b"aad", &aes_body1k);
+                });
+                let items = Arc::new(items);
+                let run = drive(c, o.depth, limit, move |cl, _| {
+                    let (key, items) = (key.clone(), items.clone());
+                    async move { all_ok(cl.decrypt_batch(&key, (*items).clone()).await?) }
+                })
+                .await;
+                (run, Some(inp), req)
+            }
             "aes-enc-1k" | "aes-enc-32k" => {
                 let pt = if case == "aes-enc-1k" {
                     pt1k.clone()
@@ -741,21 +812,26 @@ async fn main() -> anyhow::Result<()> {
             }
             _ => unreachable!("checked in parse_args"),
         };
-        let floor = echo_floor(
-            o.conns,
-            o.depth,
-            frame_len(request),
-            if o.smoke {
-                Limit::Ops(200)
-            } else {
-                Limit::Time(Duration::from_secs_f64(o.seconds.min(2.0)))
-            },
-        )
-        .await?;
-        let (cpu_s, rss_kib) = pid.map(proc_usage).unwrap_or_default();
+        // The floor moves the same frames, so it counts the same operations per frame.
+        let floor = per_call as f64
+            * echo_floor(
+                o.conns,
+                o.depth,
+                frame_len(request),
+                if o.smoke {
+                    Limit::Ops(200)
+                } else {
+                    Limit::Time(Duration::from_secs_f64(o.seconds.min(2.0)))
+                },
+            )
+            .await?;
+        let (cpu_now, rss_kib) = pid.map(proc_usage).unwrap_or_default();
+        let cpu_s = cpu_now - cpu_before;
+        cpu_before = cpu_now;
         let mut case = Case {
             name: &case,
             run,
+            per_call,
             inproc: inp,
             floor,
             cpu_s,
@@ -769,11 +845,123 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Scale mode: N keys × 10 versions and 1,000,000 history entries; start-up time, RSS,
-/// store size, first page of `list` and `show` latency, idle scheduler cost.
-async fn scale(socket: &std::path::Path, pid: Option<u32>, n: usize) -> anyhow::Result<()> {
-    let _ = (socket, pid, n);
-    bail!("--scale is not implemented yet")
+/// Scale mode: N keys × 10 versions (and as many history entries), written offline, then
+/// a real kmsd started on them three times: start-up to READY (the socket accepts), RSS,
+/// store size, `list` first page and `show` latency, and the daemon's CPU when idle (the
+/// scheduler with N/2 rotations scheduled, none due).
+async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
+    const VERSIONS: u32 = 10;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let t = Instant::now();
+    {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || kms_e2e::scale::populate(&data, n, VERSIONS)).await??;
+    }
+    let populate_s = t.elapsed().as_secs_f64();
+    let store_bytes = std::fs::metadata(data.join("kms.redb"))?.len();
+    let opts = DaemonOptions {
+        env: vec![("KMS_LOG".into(), "warn".into())],
+        data_dir: Some(data.clone()),
+        ..DaemonOptions::default()
+    };
+    let mut startups = Vec::new();
+    let mut daemon: Option<TestDaemon> = None;
+    for _ in 0..3 {
+        if let Some(mut d) = daemon.take() {
+            d.stop();
+        }
+        let t = Instant::now();
+        let d = tokio::task::spawn_blocking({
+            let opts = opts.clone();
+            move || TestDaemon::start_with(opts)
+        })
+        .await?;
+        startups.push(t.elapsed().as_secs_f64() * 1000.0);
+        daemon = Some(d);
+    }
+    let d = daemon.context("no daemon")?;
+    let pid = d.pid().context("no pid")?;
+    let rss_after_start = rss_kib(pid);
+    let c = Client::connect(&d.socket).await?;
+    let (first, total) = c.list_keys(false, 0, Some(50)).await?;
+    anyhow::ensure!(
+        total as usize == n && first.len() == 50.min(n),
+        "list saw {total} keys"
+    );
+    let rounds = if o.smoke { 20 } else { 200 };
+    let mut list_us = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        c.list_keys(false, 0, Some(50)).await?;
+        list_us.push(t.elapsed().as_micros() as u32);
+    }
+    let mut show_us = Vec::new();
+    for i in 0..rounds {
+        let name = kms_e2e::scale::key_name((i * 7919) % n);
+        let t = Instant::now();
+        let k = c.get_key(&name).await?;
+        show_us.push(t.elapsed().as_micros() as u32);
+        anyhow::ensure!(
+            k.current_version == VERSIONS,
+            "{name} has {}",
+            k.current_version
+        );
+    }
+    // A key from the middle still decrypts what it encrypts: the store is real.
+    let probe = kms_e2e::scale::key_name(n / 2);
+    let ct = c.encrypt(&probe, b"scale probe", None).await?;
+    anyhow::ensure!(c.decrypt(&probe, &ct, None).await? == b"scale probe");
+    let idle_s = if o.smoke { 1.0 } else { 10.0 };
+    let cpu0 = proc_usage(pid).0;
+    tokio::time::sleep(Duration::from_secs_f64(idle_s)).await;
+    let idle_cpu_ms_per_s = (proc_usage(pid).0 - cpu0) * 1000.0 / idle_s;
+    let rss_after_queries = rss_kib(pid);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut su = startups.clone();
+    let (mut l, mut s) = (Run::from(list_us), Run::from(show_us));
+    let out = serde_json::json!({
+        "op": "scale", "keys": n, "versions_per_key": VERSIONS,
+        "history_entries": n * VERSIONS as usize,
+        "populate_s": (populate_s * 10.0).round() / 10.0,
+        "store_mib": store_bytes / (1 << 20),
+        "startup_ms": startups.iter().map(|v| v.round()).collect::<Vec<_>>(),
+        "startup_ms_median": med(&mut su).round(),
+        "rss_mib_after_start": rss_after_start / 1024,
+        "rss_mib_after_queries": rss_after_queries / 1024,
+        "list_first_page_p50_us": l.pct(0.5), "list_first_page_p99_us": l.pct(0.99),
+        "show_p50_us": s.pct(0.5), "show_p99_us": s.pct(0.99),
+        "idle_cpu_ms_per_s": (idle_cpu_ms_per_s * 100.0).round() / 100.0,
+    });
+    if o.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+impl From<Vec<u32>> for Run {
+    fn from(lat_us: Vec<u32>) -> Run {
+        Run {
+            lat_us,
+            elapsed: Duration::ZERO,
+            errors: 0,
+        }
+    }
+}
+
+/// Current resident set of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 mod ssh_agent {
@@ -906,6 +1094,7 @@ mod ssh_agent {
             let mut case = Case {
                 name,
                 run,
+                per_call: 1,
                 inproc: None,
                 floor: f64::NAN,
                 cpu_s: 0.0,
