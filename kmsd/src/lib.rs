@@ -56,7 +56,12 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         crypto::RootKey::load_or_create(&config.data_dir, config.credentials_dir.as_deref())
             .context("cannot load the root key")?;
     tracing::info!(?source, "root key loaded");
+    let opening = std::time::Instant::now();
     let store = store::Store::open(&config.store_path(), &root.fingerprint())?;
+    tracing::info!(
+        ms = opening.elapsed().as_millis() as u64,
+        "store opened and its integrity checked"
+    );
     if let Some(token) = config
         .pkcs11
         .resolve(config.credentials_dir.as_deref())
@@ -64,12 +69,18 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     {
         config.engine.pkcs11 = Some(token);
     }
+    let loading = std::time::Instant::now();
     let engine = Arc::new(engine::Engine::open(
         store,
         root,
         Arc::new(clock::SystemClock),
         config.engine.clone(),
     )?);
+    tracing::info!(
+        ms = loading.elapsed().as_millis() as u64,
+        keys = engine.live_keys(),
+        "keyring loaded"
+    );
 
     // Catch up on rotations and purges that fell due while the daemon was down, once.
     let e = engine.clone();

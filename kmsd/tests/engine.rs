@@ -858,7 +858,7 @@ fn root_key_protects_the_store() {
     let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
     let snap = store.load().unwrap();
     assert!(!snap.versions.is_empty());
-    for (tag, v, rec) in &snap.versions {
+    for (tag, v, rec) in snap.version_rows() {
         let mut aad = b"kms/wrap\0".to_vec();
         aad.extend_from_slice(tag.as_bytes());
         aad.extend_from_slice(&v.to_be_bytes());

@@ -386,23 +386,21 @@ async fn hsm_objects_stay_in_the_token_and_purge_destroys_them() {
         let snap = store.load().unwrap();
         for k in &keys {
             let versions: Vec<_> = snap
-                .versions
-                .iter()
+                .version_rows()
                 .filter(|(t, _, _)| *t == k.tag)
                 .collect();
             assert_eq!(versions.len(), 2);
             for (_, v, rec) in versions {
                 let wrapped = rec.wrapped.as_ref().unwrap();
                 let r = kmsd::hsm::HsmRef::decode(wrapped).expect("an HSM reference");
-                assert_eq!(r.id, kmsd::hsm::object_id(&k.tag, *v));
+                assert_eq!(r.id, kmsd::hsm::object_id(&k.tag, v));
                 assert_eq!(r.token, token.label);
                 assert!(wrapped.len() < 64, "{} bytes", wrapped.len());
             }
         }
         let basic = snap.keys.iter().find(|k| k.name == "o-basic").unwrap();
         let (_, _, rec) = snap
-            .versions
-            .iter()
+            .version_rows()
             .find(|(t, _, _)| *t == basic.tag)
             .unwrap();
         assert!(kmsd::hsm::HsmRef::decode(rec.wrapped.as_ref().unwrap()).is_none());

@@ -199,7 +199,7 @@ async fn no_key_material_in_store_logs_or_errors() {
     let snapshot = store.load().unwrap();
     drop(store);
     let mut secrets = Vec::new();
-    for (tag, version, rec) in &snapshot.versions {
+    for (tag, version, rec) in snapshot.version_rows() {
         let mut aad = b"kms/wrap\0".to_vec();
         aad.extend_from_slice(tag.as_bytes());
         aad.extend_from_slice(&version.to_be_bytes());

@@ -160,12 +160,16 @@ pub struct Keyring {
 
 impl Keyring {
     pub fn from_snapshot(s: Snapshot) -> Keyring {
-        let mut versions: HashMap<String, Vec<Arc<VersionEntry>>> = HashMap::new();
-        for (tag, v, rec) in s.versions {
-            versions
-                .entry(tag)
-                .or_default()
-                .push(Arc::new(VersionEntry::new(v, rec)));
+        let mut versions: HashMap<String, Vec<Arc<VersionEntry>>> =
+            HashMap::with_capacity(s.version_groups.len());
+        let mut rows = s.versions.into_iter();
+        for (tag, n) in s.version_groups {
+            let entries = rows
+                .by_ref()
+                .take(n)
+                .map(|(v, rec)| Arc::new(VersionEntry::new(v, rec)))
+                .collect();
+            versions.insert(tag, entries);
         }
         for (tag, v, n) in s.encryptions {
             if let Some(e) = versions

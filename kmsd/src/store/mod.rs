@@ -124,13 +124,28 @@ db_err!(
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub keys: Vec<KeyRecord>,
-    /// (tag, version, record), ordered by tag then version.
-    pub versions: Vec<(String, u32, VersionRecord)>,
+    /// Every version, ordered by key tag, then version; `version_groups` says which rows
+    /// belong to which key. Flat, with one tag string per key rather than per version:
+    /// at a million versions the per-row strings and vectors were most of the start-up.
+    pub versions: Vec<(u32, VersionRecord)>,
+    /// (tag, number of its rows in `versions`), in the same order.
+    pub version_groups: Vec<(String, usize)>,
     pub usage: Vec<(String, UsageRecord)>,
     pub encryptions: Vec<(String, u32, u64)>,
     pub due: Vec<(UnixMillis, String, DueKind)>,
     pub grants: Vec<kms_shared::model::GrantInfo>,
     pub hsm_tokens: Vec<HsmTokenRecord>,
+}
+
+impl Snapshot {
+    /// Every version as (tag, version, record), in store order.
+    pub fn version_rows(&self) -> impl Iterator<Item = (&str, u32, &VersionRecord)> {
+        self.version_groups
+            .iter()
+            .flat_map(|(t, n)| std::iter::repeat_n(t.as_str(), *n))
+            .zip(&self.versions)
+            .map(|(t, (v, rec))| (t, *v, rec))
+    }
 }
 
 /// A history query as the store answers it.
@@ -295,7 +310,11 @@ impl Store {
             let (k, v) = row?;
             let (tag, ver) = k.value();
             let rec: VersionRecord = decode(v.value()).map_err(corrupt("versions"))?;
-            snap.versions.push((tag.to_string(), ver, rec));
+            match snap.version_groups.last_mut() {
+                Some((t, n)) if t == tag => *n += 1,
+                _ => snap.version_groups.push((tag.to_string(), 1)),
+            }
+            snap.versions.push((ver, rec));
         }
         for row in tx.open_table(USAGE)?.iter()? {
             let (k, v) = row?;

@@ -10,7 +10,7 @@
 //! cargo build --release --workspace
 //! target/release/kms-bench [--conns 16] [--depth 1] [--seconds 3] [--cases aes-enc-1k,…]
 //!                          [--json] [--smoke] [--socket PATH] [--compare-ssh-agent]
-//!                          [--batch ITEMS] [--scale KEYS]
+//!                          [--batch ITEMS] [--scale KEYS [--data-dir DIR]]
 //! ```
 //!
 //! The `*-batch` cases send ITEMS (default 64) operations per call; their ops/s count
@@ -44,6 +44,8 @@ struct Opts {
     scale: Option<usize>,
     /// Items per call of the `*-batch` cases.
     batch: usize,
+    /// Scale mode: the data directory to populate (kept), or to reuse if it has a store.
+    data_dir: Option<PathBuf>,
 }
 
 const ALL_CASES: &[&str] = &[
@@ -78,6 +80,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         ssh_agent: false,
         scale: None,
         batch: 64,
+        data_dir: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -92,6 +95,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--socket" => o.socket = Some(PathBuf::from(val()?)),
             "--compare-ssh-agent" => o.ssh_agent = true,
             "--scale" => o.scale = Some(val()?.parse()?),
+            "--data-dir" => o.data_dir = Some(PathBuf::from(val()?)),
             "--batch" => o.batch = val()?.parse::<usize>()?.clamp(1, MAX_BATCH_ITEMS),
             "-h" | "--help" => {
                 println!("see the doc comment of tests/src/bin/kms-bench.rs");
@@ -852,9 +856,12 @@ async fn main() -> anyhow::Result<()> {
 async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
     const VERSIONS: u32 = 10;
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
+    let data = o
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| dir.path().join("data"));
     let t = Instant::now();
-    {
+    if !data.join("kms.redb").exists() {
         let data = data.clone();
         tokio::task::spawn_blocking(move || kms_e2e::scale::populate(&data, n, VERSIONS)).await??;
     }
