@@ -3,8 +3,8 @@
 //! time zones read off the screen is the same.
 
 use kms_shared::model::{
-    Action as HistoryAction, GrantInfo, KeyInfo, KeyState, KeyType, Principal, Protection, Role,
-    UnixMillis,
+    Action as HistoryAction, GrantInfo, HistoryEntry, KeyInfo, KeyState, KeyType, Principal,
+    Protection, Role, UnixMillis,
 };
 use kms_shared::protocol::{Event, EventKind, GrantSpec, HsmTokenInfo};
 
@@ -388,6 +388,16 @@ pub fn history_status(n: usize, loading: bool, exhausted: bool) -> String {
 
 pub fn history_action(a: HistoryAction) -> &'static str {
     a.as_str()
+}
+
+/// The result column: a batch call (one entry for many items) shows its item count, and
+/// how many of them failed.
+pub fn history_result(e: &HistoryEntry) -> String {
+    match (e.items, e.failed) {
+        (1, _) => e.result.clone(),
+        (n, 0) => format!("{} ×{n}", e.result),
+        (n, f) => format!("{} {f}/{n}", e.result),
+    }
 }
 
 // Permissions view.
@@ -791,6 +801,19 @@ pub fn time_of_day(t: UnixMillis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch entry says how many items it covered and how many failed.
+    #[test]
+    fn history_result_shows_batches() {
+        let mut e = crate::tui::fake::history(1, 1).remove(0);
+        e.result = "ok".into();
+        assert_eq!(history_result(&e), "ok");
+        e.items = 64;
+        assert_eq!(history_result(&e), "ok ×64");
+        e.failed = 3;
+        e.result = "decrypt-failed".into();
+        assert_eq!(history_result(&e), "decrypt-failed 3/64");
+    }
 
     /// Thousands separators land every three digits from the right.
     #[test]

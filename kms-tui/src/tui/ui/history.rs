@@ -55,7 +55,7 @@ pub fn render(f: &mut Frame, area: Rect, h: &HistoryView) {
             Cell::from(time),
             Cell::from(s::history_action(e.action)),
             Cell::from(e.version.map(|v| format!("v{v}")).unwrap_or_default()),
-            Cell::from(e.result.clone()).style(result_style),
+            Cell::from(s::history_result(e)).style(result_style),
             Cell::from(e.account.clone()),
         ];
         if wide {
