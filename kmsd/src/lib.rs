@@ -112,11 +112,14 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         }
     };
     let config = Arc::new(config);
-    let service = Arc::new(service::Service::new(
-        engine.clone(),
-        config.socket.clone(),
-        config.data_dir.clone(),
-    ));
+    let service = Arc::new(
+        service::Service::new(
+            engine.clone(),
+            config.socket.clone(),
+            config.data_dir.clone(),
+        )
+        .context("cannot start the crypto threads")?,
+    );
     let trigger = shutdown::ShutdownTrigger::new();
     tokio::spawn(scheduler::run(engine.clone(), trigger.handle()));
     tokio::spawn(server::serve(
