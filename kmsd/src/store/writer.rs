@@ -405,3 +405,60 @@ fn u64_from(b: &[u8]) -> Result<u64, StoreError> {
     })?;
     Ok(u64::from_be_bytes(arr))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn uses(tag: &str, account: &str, at: UnixMillis, n: u64) -> Mutation {
+        Mutation::Use {
+            tag: tag.into(),
+            at,
+            account: account.into(),
+            n,
+        }
+    }
+
+    /// Counters summed within a group land once per key with the latest use; a key
+    /// expunged later in the same group keeps no counter summed before its removal, while
+    /// counters added after it, and other keys' counters, survive.
+    #[test]
+    fn group_counters_sum_and_respect_expunge() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fingerprint").unwrap();
+        let writer = store.start_writer().unwrap();
+        let enc = |tag: &str, version, n| Mutation::Encryptions {
+            tag: tag.into(),
+            version,
+            n,
+        };
+        writer
+            .submit(vec![
+                uses("a", "alice", 10, 2),
+                uses("a", "bob", 30, 1),
+                uses("a", "carol", 20, 4),
+                enc("a", 1, 5),
+                enc("a", 1, 2),
+                uses("gone", "alice", 10, 3),
+                enc("gone", 1, 3),
+                Mutation::Expunge { tag: "gone".into() },
+                uses("b", "dave", 5, 1),
+            ])
+            .wait()
+            .unwrap();
+        writer.shutdown();
+        let snap = store.load().unwrap();
+        let usage: std::collections::HashMap<_, _> = snap.usage.into_iter().collect();
+        let a = &usage["a"];
+        assert_eq!(a.count, 7);
+        assert_eq!(
+            (a.last_used_at, a.last_used_by.as_deref()),
+            (Some(30), Some("bob"))
+        );
+        assert_eq!(usage["b"].count, 1);
+        assert!(!usage.contains_key("gone"), "{usage:?}");
+        assert_eq!(snap.encryptions, vec![("a".to_string(), 1, 7)]);
+    }
+}

@@ -462,48 +462,50 @@ async fn main() -> anyhow::Result<()> {
         let c = &clients;
         let per_call = if case.ends_with("-batch") { o.batch } else { 1 };
         let (run, inp, request) = match case.as_str() {
-            "aes-enc-1k-batch" => {
+            "aes-enc-1k-batch" | "aes-dec-1k-batch" => {
+                let encrypt = case == "aes-enc-1k-batch";
                 let key = k("aes");
-                let items: Vec<PlaintextItem> = (0..o.batch)
+                let plain: Vec<PlaintextItem> = (0..o.batch)
                     .map(|_| PlaintextItem {
                         plaintext: pt1k.clone(),
                         context: None,
                     })
                     .collect();
-                let req = Request::EncryptBatch {
-                    key: key.clone(),
-                    items: items.clone(),
-                };
-                let inp = inproc(inproc_s, |_| {
-                    let _ = aes.encrypt_random(b"aad", &pt1k);
-                });
-                let items = Arc::new(items);
-                let run = drive(c, o.depth, limit, move |cl, _| {
-                    let (key, items) = (key.clone(), items.clone());
-                    async move { all_ok(cl.encrypt_batch(&key, (*items).clone()).await?) }
-                })
-                .await;
-                (run, Some(inp), req)
-            }
-            "aes-dec-1k-batch" => {
-                let key = k("aes");
-                let items: Vec<CiphertextItem> = (0..o.batch)
+                let sealed: Vec<CiphertextItem> = (0..o.batch)
                     .map(|_| CiphertextItem {
                         ciphertext: ct1k.clone(),
                         context: None,
                     })
                     .collect();
-                let req = Request::DecryptBatch {
-                    key: key.clone(),
-                    items: items.clone(),
+                let req = if encrypt {
+                    Request::EncryptBatch {
+                        key: key.clone(),
+                        items: plain.clone(),
+                    }
+                } else {
+                    Request::DecryptBatch {
+                        key: key.clone(),
+                        items: sealed.clone(),
+                    }
                 };
                 let inp = inproc(inproc_s, |_| {
-                    let _ = aes.decrypt(b"aad", &aes_body1k);
+                    if encrypt {
+                        let _ = aes.encrypt_random(b"aad", &pt1k);
+                    } else {
+                        let _ = aes.decrypt(b"aad", &aes_body1k);
+                    }
                 });
-                let items = Arc::new(items);
+                let (plain, sealed) = (Arc::new(plain), Arc::new(sealed));
                 let run = drive(c, o.depth, limit, move |cl, _| {
-                    let (key, items) = (key.clone(), items.clone());
-                    async move { all_ok(cl.decrypt_batch(&key, (*items).clone()).await?) }
+                    let (key, plain, sealed) = (key.clone(), plain.clone(), sealed.clone());
+                    async move {
+                        let out = if encrypt {
+                            cl.encrypt_batch(&key, (*plain).clone()).await?
+                        } else {
+                            cl.decrypt_batch(&key, (*sealed).clone()).await?
+                        };
+                        all_ok(out)
+                    }
                 })
                 .await;
                 (run, Some(inp), req)

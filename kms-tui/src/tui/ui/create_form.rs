@@ -3,12 +3,11 @@
 
 use kms_shared::model::{KeyType, Protection};
 use ratatui::Frame;
-use ratatui::layout::{Position, Rect};
+use ratatui::layout::Rect;
 use ratatui::style::Modifier;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Clear, Paragraph};
 
-use super::{layout, theme, wrap};
+use super::{theme, wrap};
 use crate::tui::app::{App, CreateForm, Field, TokenChoices};
 use crate::tui::strings as s;
 
@@ -103,20 +102,5 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
     } else if form.show_all && !form.is_valid(taken) {
         lines.push(Line::styled(s::FORM_FIX_FIRST, theme::error()));
     }
-    let height = lines.len() as u16 + 2;
-    let popup = layout::popup(area, width, height);
-    let block = Block::bordered()
-        .border_style(theme::border())
-        .title(s::FORM_TITLE);
-    let inner = block.inner(popup);
-    f.render_widget(Clear, popup);
-    f.render_widget(Paragraph::new(lines).block(block), popup);
-    if let Some((x, y)) = cursor
-        && y < inner.height
-    {
-        f.set_cursor_position(Position::new(
-            (inner.x + x).min(inner.right().saturating_sub(1)),
-            inner.y + y,
-        ));
-    }
+    super::form_popup(f, area, width, s::FORM_TITLE, lines, cursor);
 }

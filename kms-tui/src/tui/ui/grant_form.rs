@@ -1,12 +1,11 @@
 //! The new-grant form: role, user or group, its name, and all keys or the selected one.
 
 use ratatui::Frame;
-use ratatui::layout::{Position, Rect};
+use ratatui::layout::Rect;
 use ratatui::style::Modifier;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Clear, Paragraph};
 
-use super::{layout, theme, wrap};
+use super::{theme, wrap};
 use crate::tui::app::{GrantField, GrantForm, PrincipalKind};
 use crate::tui::strings as s;
 
@@ -93,19 +92,5 @@ pub fn render(f: &mut Frame, area: Rect, form: &GrantForm) {
             lines.push(Line::styled(l, theme::dim()));
         }
     }
-    let popup = layout::popup(area, width, lines.len() as u16 + 2);
-    let block = Block::bordered()
-        .border_style(theme::border())
-        .title(s::GRANT_FORM_TITLE);
-    let inner = block.inner(popup);
-    f.render_widget(Clear, popup);
-    f.render_widget(Paragraph::new(lines).block(block), popup);
-    if let Some((x, y)) = cursor
-        && y < inner.height
-    {
-        f.set_cursor_position(Position::new(
-            (inner.x + x).min(inner.right().saturating_sub(1)),
-            inner.y + y,
-        ));
-    }
+    super::form_popup(f, area, width, s::GRANT_FORM_TITLE, lines, cursor);
 }

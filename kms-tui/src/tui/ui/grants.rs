@@ -1,9 +1,8 @@
 //! Every grant: who has which role, on which key (SPEC §6), as `kmsctl grants` lists them.
 
 use ratatui::Frame;
-use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::text::Line;
-use ratatui::widgets::{Block, Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::layout::{Constraint, Rect};
+use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
 
 use super::layout::{self, Tier};
 use super::theme;
@@ -11,24 +10,14 @@ use crate::tui::app::{GrantsView, scroll_offset};
 use crate::tui::strings as s;
 
 pub fn render(f: &mut Frame, area: Rect, g: &GrantsView) {
-    let block = Block::bordered()
-        .border_style(theme::border())
-        .title(s::GRANTS_TITLE);
-    let inner = block.inner(area);
-    f.render_widget(block, area);
-    let [status_area, table_area] = inner.layout(&Layout::vertical([
-        Constraint::Length(1),
-        Constraint::Min(0),
-    ]));
-    let status = match (&g.error, &g.grants) {
-        (Some(e), _) => Line::styled(format!(" {e}"), theme::error()),
-        (None, None) => Line::styled(format!(" {}", s::G_LOADING), theme::dim()),
-        (None, Some(list)) => {
-            Line::styled(format!(" {}", s::grants_status(list.len())), theme::dim())
-        }
-    };
-    f.render_widget(Paragraph::new(status), status_area);
-    let Some(grants) = &g.grants else {
+    let (table_area, Some(grants)) = super::list_frame(
+        f,
+        area,
+        s::GRANTS_TITLE,
+        (&g.error, &g.grants),
+        s::G_LOADING,
+        s::grants_status,
+    ) else {
         return;
     };
 

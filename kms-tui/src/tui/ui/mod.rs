@@ -20,6 +20,9 @@ pub mod tokens;
 pub mod versions;
 
 use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Position, Rect};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Clear, Paragraph};
 
 use super::app::{App, Popup, Screen};
 
@@ -76,6 +79,58 @@ pub fn wrap(text: &str, width: usize) -> Vec<String> {
         lines.push(line);
     }
     lines
+}
+
+/// Draws a form's lines in a bordered pop-up `width` wide, and puts the terminal cursor at
+/// `cursor` (column, line inside the border) when that line is on screen.
+pub fn form_popup(
+    f: &mut Frame,
+    area: Rect,
+    width: u16,
+    title: &str,
+    lines: Vec<Line<'_>>,
+    cursor: Option<(u16, u16)>,
+) {
+    let popup = layout::popup(area, width, lines.len() as u16 + 2);
+    let block = Block::bordered().border_style(theme::border()).title(title);
+    let inner = block.inner(popup);
+    f.render_widget(Clear, popup);
+    f.render_widget(Paragraph::new(lines).block(block), popup);
+    if let Some((x, y)) = cursor
+        && y < inner.height
+    {
+        f.set_cursor_position(Position::new(
+            (inner.x + x).min(inner.right().saturating_sub(1)),
+            inner.y + y,
+        ));
+    }
+}
+
+/// A bordered list view with one status line on top: "loading", the load error, or what
+/// `loaded` says of the list. Returns the area below the status line and the list, if
+/// loaded.
+pub fn list_frame<'a, T>(
+    f: &mut Frame,
+    area: Rect,
+    title: &str,
+    (error, list): (&Option<String>, &'a Option<Vec<T>>),
+    loading: &str,
+    loaded: impl FnOnce(usize) -> String,
+) -> (Rect, Option<&'a [T]>) {
+    let block = Block::bordered().border_style(theme::border()).title(title);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let [status_area, table_area] = inner.layout(&Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(0),
+    ]));
+    let status = match (error, list) {
+        (Some(e), _) => Line::styled(format!(" {e}"), theme::error()),
+        (None, None) => Line::styled(format!(" {loading}"), theme::dim()),
+        (None, Some(l)) => Line::styled(format!(" {}", loaded(l.len())), theme::dim()),
+    };
+    f.render_widget(Paragraph::new(status), status_area);
+    (table_area, list.as_deref())
 }
 
 #[cfg(test)]

@@ -2,12 +2,11 @@
 //! here shown as you type, its refusal (module, label, PIN) shown in the form.
 
 use ratatui::Frame;
-use ratatui::layout::{Position, Rect};
+use ratatui::layout::Rect;
 use ratatui::style::Modifier;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Clear, Paragraph};
 
-use super::{layout, theme, wrap};
+use super::{theme, wrap};
 use crate::tui::app::{TokenField, TokenForm};
 use crate::tui::strings as s;
 
@@ -70,19 +69,5 @@ pub fn render(f: &mut Frame, area: Rect, form: &TokenForm) {
             lines.push(Line::styled(l, theme::dim()));
         }
     }
-    let popup = layout::popup(area, width, lines.len() as u16 + 2);
-    let block = Block::bordered()
-        .border_style(theme::border())
-        .title(s::TOKEN_FORM_TITLE);
-    let inner = block.inner(popup);
-    f.render_widget(Clear, popup);
-    f.render_widget(Paragraph::new(lines).block(block), popup);
-    if let Some((x, y)) = cursor
-        && y < inner.height
-    {
-        f.set_cursor_position(Position::new(
-            (inner.x + x).min(inner.right().saturating_sub(1)),
-            inner.y + y,
-        ));
-    }
+    super::form_popup(f, area, width, s::TOKEN_FORM_TITLE, lines, cursor);
 }

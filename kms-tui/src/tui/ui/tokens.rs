@@ -1,9 +1,9 @@
 //! The PKCS#11 tokens registered for dedicated-hsm keys.
 
 use ratatui::Frame;
-use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::layout::{Constraint, Rect};
 use ratatui::text::Line;
-use ratatui::widgets::{Block, Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
 
 use super::layout::{self, Tier};
 use super::theme;
@@ -16,24 +16,14 @@ const COMPACT_FIXED: u16 = 15 + 16 + 4 + 10 + 8 + 5;
 const WIDE_FIXED: u16 = 15 + 20 + 5 + 19 + 12 + 6;
 
 pub fn render(f: &mut Frame, area: Rect, t: &TokensView, tokens: &HsmTokens) {
-    let block = Block::bordered()
-        .border_style(theme::border())
-        .title(s::TOKENS_TITLE);
-    let inner = block.inner(area);
-    f.render_widget(block, area);
-    let [status_area, table_area] = inner.layout(&Layout::vertical([
-        Constraint::Length(1),
-        Constraint::Min(0),
-    ]));
-    let status = match (&tokens.error, &tokens.list) {
-        (Some(e), _) => Line::styled(format!(" {e}"), theme::error()),
-        (None, None) => Line::styled(format!(" {}", s::T_LOADING), theme::dim()),
-        (None, Some(list)) => {
-            Line::styled(format!(" {}", s::tokens_status(list.len())), theme::dim())
-        }
-    };
-    f.render_widget(Paragraph::new(status), status_area);
-    let Some(list) = &tokens.list else {
+    let (table_area, Some(list)) = super::list_frame(
+        f,
+        area,
+        s::TOKENS_TITLE,
+        (&tokens.error, &tokens.list),
+        s::T_LOADING,
+        s::tokens_status,
+    ) else {
         return;
     };
 
