@@ -156,7 +156,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     loop {
         match Arc::try_unwrap(engine) {
             Ok(e) => {
-                e.close();
+                e.close().close();
                 break;
             }
             Err(still) if std::time::Instant::now() < deadline => {

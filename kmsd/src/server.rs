@@ -37,6 +37,9 @@ fn path_err(path: &Path, message: impl std::fmt::Display) -> ServerError {
     }
 }
 
+/// The sticky bit: a directory shared by users (/tmp), whose mode kmsd must not change.
+const STICKY: u32 = 0o1000;
+
 /// Holds the data directory's lock for the daemon's lifetime (released on drop/exit).
 #[derive(Debug)]
 pub struct DataDirLock {
@@ -47,6 +50,14 @@ pub struct DataDirLock {
 pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
     std::fs::create_dir_all(dir).map_err(|e| path_err(dir, format!("cannot create: {e}")))?;
     let meta = std::fs::metadata(dir).map_err(|e| path_err(dir, e))?;
+    if meta.mode() & STICKY != 0 {
+        // A shared directory such as /tmp: making it 0700 would break every other user
+        // of it, and keys do not belong in a directory others can add files to.
+        return Err(path_err(
+            dir,
+            "is a shared directory (sticky bit, like /tmp); use a private subdirectory",
+        ));
+    }
     if meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| path_err(dir, format!("cannot restrict to 0700: {e}")))?;
@@ -124,6 +135,13 @@ fn prepare_socket_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), S
     let meta = std::fs::symlink_metadata(dir).map_err(|e| path_err(dir, e))?;
     if !meta.is_dir() {
         return Err(path_err(dir, "is not a directory"));
+    }
+    if meta.mode() & STICKY != 0 {
+        // A shared directory such as /tmp (kmsd run by root with `--socket /tmp/x.sock`):
+        // its mode is not ours to change. The socket file's own mode (0600 or 0660, and
+        // created under umask 077) keeps other users out; the sticky bit keeps them from
+        // replacing it.
+        return Ok(());
     }
     let me = rustix::process::geteuid().as_raw();
     if meta.uid() != me {
@@ -227,4 +245,37 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
         groups,
         client,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// `kmsd --socket /tmp/kmsd.sock` once made /tmp 0700 when run by root. A shared
+    /// (sticky) directory keeps its mode; the data directory may not be one.
+    #[test]
+    fn shared_directories_keep_their_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+
+        prepare_socket_dir(&shared, 0o700, None).unwrap();
+        let mode = std::fs::metadata(&shared).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o1777);
+
+        let err = lock_data_dir(&shared).unwrap_err().to_string();
+        assert!(err.contains("shared directory"), "{err}");
+        let mode = std::fs::metadata(&shared).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o1777);
+
+        // A private directory of ours is still made private.
+        let own = tmp.path().join("own");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_socket_dir(&own, 0o700, None).unwrap();
+        assert_eq!(std::fs::metadata(&own).unwrap().mode() & 0o7777, 0o700);
+    }
 }

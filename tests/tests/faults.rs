@@ -267,6 +267,63 @@ async fn full_disk_fails_internal_and_recovers() {
     d.stop();
 }
 
+/// The full page check at open runs unless the file is untouched since a clean stop:
+/// skipped after SIGTERM, run after SIGKILL (no record of a clean stop), run when the file
+/// changed after a clean stop, and the data is served the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_page_check_unless_untouched_since_a_clean_stop() {
+    const SKIPPED: &str = "full page check skipped";
+    const CHECKED: &str = "checking every page of the store";
+    let mut d = TestDaemon::start();
+    assert!(
+        d.log_text().contains("no record of a clean stop"),
+        "{}",
+        d.log_text()
+    );
+    let cts = populated(&mut d).await;
+    let since = |d: &TestDaemon, from: usize| d.log_text()[from..].to_string();
+
+    let mark = d.log_text().len();
+    d.restart_with(DaemonOptions::default());
+    let log = since(&d, mark);
+    assert!(log.contains(SKIPPED) && !log.contains(CHECKED), "{log}");
+    let c = d.client().await;
+    assert_eq!(
+        c.decrypt("faulty", &cts[0].1, None).await.unwrap(),
+        cts[0].0
+    );
+    drop(c);
+
+    d.kill();
+    let mark = d.log_text().len();
+    d.restart_with(DaemonOptions::default());
+    let log = since(&d, mark);
+    assert!(
+        log.contains("reason=\"no record of a clean stop\""),
+        "{log}"
+    );
+    assert!(!log.contains(SKIPPED), "{log}");
+    assert_eq!(d.stop(), Some(0));
+
+    // The same bytes written back: the file changed in the kernel's eyes.
+    let store = d.data_dir.join("kms.redb");
+    let bytes = std::fs::read(&store).unwrap();
+    std::fs::write(&store, &bytes).unwrap();
+    let mark = d.log_text().len();
+    d.restart_with(DaemonOptions::default());
+    let log = since(&d, mark);
+    assert!(
+        log.contains("reason=\"the file changed after the last clean stop\""),
+        "{log}"
+    );
+    let c = d.client().await;
+    for (pt, ct) in &cts {
+        assert_eq!(&c.decrypt("faulty", ct, None).await.unwrap(), pt);
+    }
+    drop(c);
+    d.stop();
+}
+
 /// A truncated store and a store with a damaged page: kmsd refuses to start with a
 /// clear message naming the store, or (a page no commit uses) starts and serves exactly
 /// the data it had — never other data. A root key file of the wrong size is refused

@@ -385,25 +385,19 @@ async fn hsm_objects_stay_in_the_token_and_purge_destroys_them() {
         let store = kmsd::store::Store::open(&copy, &root.fingerprint()).unwrap();
         let snap = store.load().unwrap();
         for k in &keys {
-            let versions: Vec<_> = snap
-                .version_rows()
-                .filter(|(t, _, _)| *t == k.tag)
-                .collect();
+            let versions = store.versions(&k.tag).unwrap();
             assert_eq!(versions.len(), 2);
-            for (_, v, rec) in versions {
-                let wrapped = rec.wrapped.as_ref().unwrap();
+            for v in versions {
+                let wrapped = v.record.wrapped.as_ref().unwrap();
                 let r = kmsd::hsm::HsmRef::decode(wrapped).expect("an HSM reference");
-                assert_eq!(r.id, kmsd::hsm::object_id(&k.tag, v));
+                assert_eq!(r.id, kmsd::hsm::object_id(&k.tag, v.version));
                 assert_eq!(r.token, token.label);
                 assert!(wrapped.len() < 64, "{} bytes", wrapped.len());
             }
         }
         let basic = snap.keys.iter().find(|k| k.name == "o-basic").unwrap();
-        let (_, _, rec) = snap
-            .version_rows()
-            .find(|(t, _, _)| *t == basic.tag)
-            .unwrap();
-        assert!(kmsd::hsm::HsmRef::decode(rec.wrapped.as_ref().unwrap()).is_none());
+        let v1 = &store.versions(&basic.tag).unwrap()[0];
+        assert!(kmsd::hsm::HsmRef::decode(v1.record.wrapped.as_ref().unwrap()).is_none());
     }
 
     d.restart_with(hsm.daemon_options(&token));

@@ -197,18 +197,19 @@ async fn no_key_material_in_store_logs_or_errors() {
     let (root, _) = RootKey::load_or_create(&d.data_dir, None).unwrap();
     let store = Store::open(&d.data_dir.join("kms.redb"), &root.fingerprint()).unwrap();
     let snapshot = store.load().unwrap();
-    drop(store);
     let mut secrets = Vec::new();
-    for (tag, version, rec) in snapshot.version_rows() {
-        let mut aad = b"kms/wrap\0".to_vec();
-        aad.extend_from_slice(tag.as_bytes());
-        aad.extend_from_slice(&version.to_be_bytes());
-        let wrapped = rec.wrapped.as_ref().unwrap();
-        secrets.push((
-            format!("{tag} v{version}"),
-            root.unwrap(&aad, wrapped).unwrap().to_vec(),
-        ));
+    for key in &snapshot.keys {
+        let tag = &key.tag;
+        for v in store.versions(tag).unwrap() {
+            let aad = kmsd::engine::wrap_aad(tag, v.version);
+            let wrapped = v.record.wrapped.as_ref().unwrap();
+            secrets.push((
+                format!("{tag} v{}", v.version),
+                root.unwrap(&aad, wrapped).unwrap().to_vec(),
+            ));
+        }
     }
+    drop(store);
     assert_eq!(secrets.len(), 5, "4 keys, one rotated");
 
     // Where it must not be.

@@ -288,9 +288,7 @@ impl Engine {
     ) -> Pending<String> {
         self.single(caller, key, Action::Sign, |e| {
             check_sign_input(e, message)?;
-            let v = e
-                .current()
-                .ok_or_else(|| EngineError::InvalidState("key has no current version".into()))?;
+            let v = self.current_of(e)?;
             check_version_enabled(e, v.version, v.record.enabled)?;
             let sig = match &*self.material(e, v)? {
                 KeyMaterial::Ecdsa(k) => k.sign(message)?,
@@ -315,7 +313,7 @@ impl Engine {
             check_sign_input(e, message)?;
             let (version, sig) = ciphertext::parse(signature)
                 .map_err(|f| EngineError::InvalidArgument(format!("signature: {f}")))?;
-            let Some(v) = e.version(version) else {
+            let Some(v) = self.version_of(e, version)? else {
                 // A signature naming a version this key never had cannot be valid.
                 return Ok((version, false));
             };
@@ -343,7 +341,7 @@ impl Engine {
                 return Err(wrong_purpose(e, "have a public key"));
             }
             let n = version.unwrap_or(e.rec.current_version);
-            let v = e.version(n).ok_or_else(|| {
+            let v = self.version_of(e, n)?.ok_or_else(|| {
                 EngineError::NotFound(format!("key {} has no version {n}", e.rec.name))
             })?;
             check_version_enabled(e, n, v.record.enabled)?;
@@ -400,10 +398,7 @@ impl Engine {
         let mut entry = entry.clone();
         // At most one forced rotation per call: after it the new version has a fresh budget.
         for _ in 0..2 {
-            let v = entry
-                .current()
-                .ok_or_else(|| EngineError::InvalidState("key has no current version".into()))?
-                .clone();
+            let v = self.current_of(&entry)?.clone();
             check_version_enabled(&entry, v.version, v.record.enabled)?;
             let material = self.material(&entry, &v)?;
             let body = match &*material {
@@ -460,7 +455,9 @@ impl Engine {
         let (version, body) = ciphertext::parse(ct)
             .map_err(|f| EngineError::InvalidArgument(format!("ciphertext: {f}")))?;
         // A prefix naming a version this key does not have is a modified ciphertext.
-        let v = entry.version(version).ok_or(EngineError::DecryptFailed)?;
+        let v = self
+            .version_of(entry, version)?
+            .ok_or(EngineError::DecryptFailed)?;
         check_version_enabled(entry, version, v.record.enabled)?;
         let pt = match &*self.material(entry, v)? {
             KeyMaterial::Aes(k) => {

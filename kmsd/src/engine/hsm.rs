@@ -157,7 +157,7 @@ impl Engine {
         }
         let token = self.token_for(&e.rec)?;
         let mut destroyed = 0;
-        for v in &e.versions {
+        for v in self.versions_of(e)? {
             let Some(wrapped) = &v.record.wrapped else {
                 continue;
             };

@@ -1,14 +1,15 @@
-//! The in-memory keyring: every key's metadata, its versions with lazily unwrapped and
-//! cached material, its counters, and the due index mirrored from the store.
+//! The in-memory keyring: every key's metadata and counters, the due index mirrored from
+//! the store, and the versions of the keys used since start (read from the store on a
+//! key's first use, their material unwrapped on a version's first use, both then kept).
 //!
 //! Entries are immutable behind `Arc`s: a change builds a new entry and swaps it in.
-//! Counters and the material cache are shared between an entry and its successors, so a
-//! swap loses no count and unwraps nothing twice.
+//! Counters, the loaded versions and the material cache are shared between an entry and
+//! its successors, so a swap loses no count, reads nothing twice and unwraps nothing twice.
 
 use super::schedule::DueEntry;
 use crate::crypto::KeyMaterial;
-use crate::store::Snapshot;
 use crate::store::records::{DueKind, KeyRecord, UsageRecord, VersionRecord};
+use crate::store::{Snapshot, StoredVersion};
 use kms_shared::model::{KeyInfo, KeyState, UnixMillis, VersionInfo, is_tag};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +76,13 @@ impl VersionEntry {
         }
     }
 
+    /// A version as read from the store, with its encryption count.
+    pub fn from_stored(s: StoredVersion) -> Self {
+        let e = VersionEntry::new(s.version, s.record);
+        e.encryptions.store(s.encryptions, Ordering::Relaxed);
+        e
+    }
+
     /// The same version with another record (flag change, purge), sharing caches.
     pub fn with_record(&self, record: VersionRecord) -> Self {
         let material = if record.wrapped.is_some() {
@@ -102,22 +110,53 @@ impl VersionEntry {
     }
 }
 
-/// One key: metadata, versions (index = version - 1), usage.
+/// A key's versions (index = version - 1), empty until first read from the store.
+///
+/// Why loading once per cell is safe against concurrent changes: a change that touches
+/// versions runs under the key's lock and loads the cell of the entry it replaces before
+/// committing, and its successor gets a new, already loaded cell; changes that leave the
+/// versions alone pass the same cell on. So a cell is never first loaded after a commit
+/// that changed its versions, and every generation sharing a cell shares its counters.
+#[derive(Default)]
+pub struct VersionsCell(OnceLock<Vec<Arc<VersionEntry>>>);
+
+impl VersionsCell {
+    pub fn loaded(versions: Vec<Arc<VersionEntry>>) -> Self {
+        VersionsCell(OnceLock::from(versions))
+    }
+
+    /// The versions, reading them with `load` if this cell has not been loaded yet (if two
+    /// threads race, both read the same committed rows and the first to finish wins).
+    pub fn get_or_load<E>(
+        &self,
+        load: impl FnOnce() -> Result<Vec<Arc<VersionEntry>>, E>,
+    ) -> Result<&[Arc<VersionEntry>], E> {
+        if let Some(v) = self.0.get() {
+            return Ok(v);
+        }
+        let loaded = load()?;
+        Ok(self.0.get_or_init(|| loaded))
+    }
+}
+
+/// Version `v` in a key's versions.
+pub fn find_version(versions: &[Arc<VersionEntry>], v: u32) -> Option<&Arc<VersionEntry>> {
+    let at = v.checked_sub(1)? as usize;
+    match versions.get(at) {
+        Some(e) if e.version == v => Some(e),
+        // Not dense (never written so, but a store is read, not trusted): search.
+        _ => versions.iter().find(|e| e.version == v),
+    }
+}
+
+/// One key: metadata, versions, usage.
 pub struct KeyEntry {
     pub rec: KeyRecord,
-    pub versions: Vec<Arc<VersionEntry>>,
+    pub versions: Arc<VersionsCell>,
     pub usage: Arc<UsageCell>,
 }
 
 impl KeyEntry {
-    pub fn version(&self, v: u32) -> Option<&Arc<VersionEntry>> {
-        v.checked_sub(1).and_then(|i| self.versions.get(i as usize))
-    }
-
-    pub fn current(&self) -> Option<&Arc<VersionEntry>> {
-        self.version(self.rec.current_version)
-    }
-
     pub fn info(&self) -> KeyInfo {
         let r = &self.rec;
         KeyInfo {
@@ -141,10 +180,6 @@ impl KeyEntry {
             memo: r.memo.clone(),
         }
     }
-
-    pub fn version_infos(&self) -> Vec<VersionInfo> {
-        self.versions.iter().map(|v| v.info()).collect()
-    }
 }
 
 /// All keys, by tag and by name, and the due index.
@@ -160,33 +195,12 @@ pub struct Keyring {
 
 impl Keyring {
     pub fn from_snapshot(s: Snapshot) -> Keyring {
-        let mut versions: HashMap<String, Vec<Arc<VersionEntry>>> =
-            HashMap::with_capacity(s.version_groups.len());
-        let mut rows = s.versions.into_iter();
-        for (tag, n) in s.version_groups {
-            let entries = rows
-                .by_ref()
-                .take(n)
-                .map(|(v, rec)| Arc::new(VersionEntry::new(v, rec)))
-                .collect();
-            versions.insert(tag, entries);
-        }
-        for (tag, v, n) in s.encryptions {
-            if let Some(e) = versions
-                .get(&tag)
-                .and_then(|vs| vs.iter().find(|e| e.version == v))
-            {
-                e.encryptions.store(n, Ordering::Relaxed);
-            }
-        }
         let mut usage: HashMap<String, UsageRecord> = s.usage.into_iter().collect();
         let mut ring = Keyring::default();
         for rec in s.keys {
-            let mut vs = versions.remove(&rec.tag).unwrap_or_default();
-            vs.sort_by_key(|v| v.version);
             let u = usage.remove(&rec.tag).unwrap_or_default();
             let entry = KeyEntry {
-                versions: vs,
+                versions: Arc::default(),
                 usage: Arc::new(UsageCell::from_record(u)),
                 rec,
             };

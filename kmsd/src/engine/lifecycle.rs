@@ -4,7 +4,7 @@
 //! commits it durably and only then publishes it.
 
 use super::schedule::{anchor_after_rotation, due_entries};
-use super::{Caller, Engine, EngineError, KeyEntry, VersionEntry, history_mutation};
+use super::{Caller, Engine, EngineError, KeyEntry, VersionEntry, VersionsCell, history_mutation};
 use crate::crypto::{self, KeyMaterial};
 use crate::store::Mutation;
 use crate::store::records::{DueKind, KeyRecord, VersionRecord};
@@ -169,6 +169,17 @@ impl Engine {
             change.refusal.as_ref().map(EngineError::kind),
         ));
 
+        // The versions this change edits, read before the commit (see `VersionsCell`).
+        let base = match old {
+            Some(o) if !change.versions.is_empty() => match self.versions_of(o) {
+                Ok(vs) => Some(vs.to_vec()),
+                Err(e) => {
+                    self.discard_hsm_versions(&change.versions);
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         if let Err(e) = self.writer.submit(m).wait() {
             // Versions generated in a token for this change would be orphans there.
             self.discard_hsm_versions(&change.versions);
@@ -176,25 +187,13 @@ impl Engine {
         }
 
         // Durable: now publish.
-        let mut versions = old.map(|o| o.versions.clone()).unwrap_or_default();
-        for (v, vrec, material) in change.versions {
-            let idx = (v - 1) as usize;
-            let entry = match (versions.get(idx), material) {
-                (Some(existing), _) => existing.with_record(vrec),
-                (None, material) => {
-                    let e = VersionEntry::new(v, vrec);
-                    if let Some(mat) = material {
-                        let _ = e.material.set(mat);
-                    }
-                    e
-                }
-            };
-            if idx < versions.len() {
-                versions[idx] = Arc::new(entry);
-            } else {
-                versions.push(Arc::new(entry));
-            }
-        }
+        let versions = match old {
+            Some(o) if change.versions.is_empty() => o.versions.clone(),
+            _ => Arc::new(VersionsCell::loaded(edited_versions(
+                base.unwrap_or_default(),
+                change.versions,
+            ))),
+        };
         let entry = Arc::new(KeyEntry {
             rec: change.rec,
             versions,
@@ -490,7 +489,7 @@ impl Engine {
                     e.rec.name, e.rec.state
                 )));
             }
-            let v = e.version(version).ok_or_else(|| {
+            let v = self.version_of(e, version)?.ok_or_else(|| {
                 EngineError::NotFound(format!("key {} has no version {version}", e.rec.name))
             })?;
             let mut change = Change::new(e.rec.clone(), action);
@@ -512,7 +511,7 @@ impl Engine {
             }
             Ok(change)
         })
-        .map(|e| e.version_infos())
+        .and_then(|e| self.version_infos(&e))
     }
 
     /// Auto rotation on/off and its period. Switching on starts the period now; changing
@@ -631,7 +630,12 @@ impl Engine {
             require_pending(e)?;
             // Token objects go first: a purge is committed only once they are destroyed.
             self.destroy_hsm_material(e)?;
-            Ok(purge_change(e, now, Action::DeleteNow))
+            Ok(purge_change(
+                e,
+                self.versions_of(e)?,
+                now,
+                Action::DeleteNow,
+            ))
         })
         .map(|e| e.info())
     }
@@ -644,7 +648,7 @@ impl Engine {
                 return Err(EngineError::InvalidState("purge not yet due".into()));
             }
             self.destroy_hsm_material(e)?;
-            Ok(purge_change(e, now, Action::Purge))
+            Ok(purge_change(e, self.versions_of(e)?, now, Action::Purge))
         })
     }
 
@@ -687,8 +691,40 @@ fn require_pending(e: &KeyEntry) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// A key's versions after a committed change: edited ones replaced (sharing their
+/// caches), new ones appended with their fresh material.
+fn edited_versions(
+    mut versions: Vec<Arc<VersionEntry>>,
+    edits: Vec<(u32, VersionRecord, Option<Arc<KeyMaterial>>)>,
+) -> Vec<Arc<VersionEntry>> {
+    for (v, vrec, material) in edits {
+        let idx = (v - 1) as usize;
+        let entry = match (versions.get(idx), material) {
+            (Some(existing), _) => existing.with_record(vrec),
+            (None, material) => {
+                let e = VersionEntry::new(v, vrec);
+                if let Some(mat) = material {
+                    let _ = e.material.set(mat);
+                }
+                e
+            }
+        };
+        if idx < versions.len() {
+            versions[idx] = Arc::new(entry);
+        } else {
+            versions.push(Arc::new(entry));
+        }
+    }
+    versions
+}
+
 /// Destroys the material of every version; keeps metadata and history.
-fn purge_change(e: &KeyEntry, now: UnixMillis, action: Action) -> Change {
+fn purge_change(
+    e: &KeyEntry,
+    versions: &[Arc<VersionEntry>],
+    now: UnixMillis,
+    action: Action,
+) -> Change {
     let mut rec = e.rec.clone();
     rec.state = KeyState::Deleted;
     rec.deleted_at = Some(now);
@@ -698,7 +734,7 @@ fn purge_change(e: &KeyEntry, now: UnixMillis, action: Action) -> Change {
         None,
         format!("key {} purged; its material is destroyed", e.rec.name),
     );
-    for v in &e.versions {
+    for v in versions {
         let mut vrec = v.record.clone();
         vrec.wrapped = None;
         change.versions.push((v.version, vrec, None));

@@ -20,7 +20,7 @@ mod lifecycle;
 pub mod schedule;
 
 pub use error::EngineError;
-pub use keyring::{KeyEntry, VersionEntry};
+pub use keyring::{KeyEntry, VersionEntry, VersionsCell};
 pub use lifecycle::wrap_aad;
 
 use crate::clock::Clock;
@@ -198,9 +198,12 @@ impl Engine {
         })
     }
 
-    /// Stops the writer after it has committed everything queued.
-    pub fn close(self) {
-        self.writer.shutdown();
+    /// Stops the writer after it has committed everything queued, and returns the store
+    /// (to [`Store::close`] it; dropping it closes it too, without recording a clean stop).
+    pub fn close(self) -> Store {
+        let Engine { store, writer, .. } = self;
+        writer.shutdown();
+        store
     }
 
     pub fn now(&self) -> UnixMillis {
@@ -284,7 +287,39 @@ impl Engine {
     /// `versions`: every version of a key.
     pub fn versions(&self, key: &str) -> Result<Vec<VersionInfo>, EngineError> {
         let entry = self.resolve(key)?;
-        Ok(entry.version_infos())
+        self.version_infos(&entry)
+    }
+
+    fn version_infos(&self, entry: &KeyEntry) -> Result<Vec<VersionInfo>, EngineError> {
+        Ok(self.versions_of(entry)?.iter().map(|v| v.info()).collect())
+    }
+
+    /// A key's versions (index = version - 1), read from the store on the key's first use.
+    fn versions_of<'a>(&self, e: &'a KeyEntry) -> Result<&'a [Arc<VersionEntry>], EngineError> {
+        e.versions.get_or_load(|| {
+            let stored = self.store.versions(&e.rec.tag)?;
+            Ok::<_, EngineError>(
+                stored
+                    .into_iter()
+                    .map(|s| Arc::new(VersionEntry::from_stored(s)))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Version `v` of a key, if it has one.
+    fn version_of<'a>(
+        &self,
+        e: &'a KeyEntry,
+        v: u32,
+    ) -> Result<Option<&'a Arc<VersionEntry>>, EngineError> {
+        Ok(keyring::find_version(self.versions_of(e)?, v))
+    }
+
+    /// The current version of a key (`None` only in a store damaged past decoding).
+    fn current_of<'a>(&self, e: &'a KeyEntry) -> Result<&'a Arc<VersionEntry>, EngineError> {
+        self.version_of(e, e.rec.current_version)?
+            .ok_or_else(|| EngineError::InvalidState("key has no current version".into()))
     }
 
     /// `history`: newest first, paged, filtered.

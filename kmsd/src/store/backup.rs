@@ -186,7 +186,7 @@ pub fn verify_backup(path: &Path, root_fingerprint: &str) -> Result<BackupInfo, 
     drop(db);
     // The same checks the daemon makes on open, and every record decodes.
     let store = Store::open(path, root_fingerprint)?;
-    store.load()?;
+    store.check_records()?;
     debug_assert_eq!(schema, info.schema);
     Ok(info)
 }

@@ -14,11 +14,16 @@
 //! - a crash at any instant leaves the last committed transaction; with two-phase commit
 //!   the commit slot is never half-written, and quick repair makes the reopen fast.
 //!
+//! A clean stop is recorded next to the file ([`clean_stop`]) so that the next open can
+//! skip redb's full integrity check when the file is untouched since; every other open
+//! checks every page before anything is served.
+//!
 //! The root key never enters this file: versions hold only wrapped material, and the meta
 //! table holds a fingerprint of the root key so that a store is never opened with the
 //! wrong one.
 
 pub mod backup;
+pub mod clean_stop;
 mod handle;
 pub mod records;
 pub mod writer;
@@ -120,32 +125,24 @@ db_err!(
     redb::SetDurabilityError
 );
 
-/// Everything the engine loads at start-up.
+/// Everything the engine loads at start-up: metadata, counters and indexes, not the
+/// versions. Versions are read per key on first use ([`Store::versions`]): at 100,000
+/// keys × 10 versions, reading them all was most of the start-up time and the memory.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub keys: Vec<KeyRecord>,
-    /// Every version, ordered by key tag, then version; `version_groups` says which rows
-    /// belong to which key. Flat, with one tag string per key rather than per version:
-    /// at a million versions the per-row strings and vectors were most of the start-up.
-    pub versions: Vec<(u32, VersionRecord)>,
-    /// (tag, number of its rows in `versions`), in the same order.
-    pub version_groups: Vec<(String, usize)>,
     pub usage: Vec<(String, UsageRecord)>,
-    pub encryptions: Vec<(String, u32, u64)>,
     pub due: Vec<(UnixMillis, String, DueKind)>,
     pub grants: Vec<kms_shared::model::GrantInfo>,
     pub hsm_tokens: Vec<HsmTokenRecord>,
 }
 
-impl Snapshot {
-    /// Every version as (tag, version, record), in store order.
-    pub fn version_rows(&self) -> impl Iterator<Item = (&str, u32, &VersionRecord)> {
-        self.version_groups
-            .iter()
-            .flat_map(|(t, n)| std::iter::repeat_n(t.as_str(), *n))
-            .zip(&self.versions)
-            .map(|(t, (v, rec))| (t, *v, rec))
-    }
+/// One stored version of a key with the encryptions made under it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredVersion {
+    pub version: u32,
+    pub record: VersionRecord,
+    pub encryptions: u64,
 }
 
 /// A history query as the store answers it.
@@ -164,6 +161,9 @@ pub struct HistoryFilter {
 pub struct Store {
     db: Arc<handle::DbHandle>,
     path: PathBuf,
+    /// When every page of this file was last verified (Unix seconds); `None` for stores
+    /// on other backends, which have no clean-stop record.
+    checked_at: Option<u64>,
 }
 
 impl Store {
@@ -178,27 +178,54 @@ impl Store {
         } else {
             create_atomically(path, root_fingerprint)?;
         }
-        Self::open_file(path, root_fingerprint)
+        // Read (and removed) before the open, which writes to the file.
+        let record = clean_stop::CleanStop::take(path);
+        let now = clean_stop::now_s();
+        let (check, checked_at) = match clean_stop::CleanStop::matches(record.as_ref(), path, now) {
+            Ok(at) => {
+                tracing::info!(
+                    last_full_check_s_ago = now.saturating_sub(at),
+                    "the store is as its last clean stop left it; full page check skipped"
+                );
+                (false, at)
+            }
+            Err(why) => {
+                tracing::info!(reason = why.as_str(), "checking every page of the store");
+                (true, now)
+            }
+        };
+        Self::open_file(path, root_fingerprint, check, checked_at)
     }
 
-    fn open_file(path: &Path, root_fingerprint: &str) -> Result<Store, StoreError> {
-        let open = {
+    fn open_file(
+        path: &Path,
+        root_fingerprint: &str,
+        check: bool,
+        checked_at: u64,
+    ) -> Result<Store, StoreError> {
+        let create = {
             let path = path.to_path_buf();
             move || -> Result<Database, StoreError> {
-                let db = Database::builder()
+                Database::builder()
                     .set_cache_size(CACHE_BYTES)
                     .create(&path)
                     .map_err(|e| StoreError::Open {
                         path: path.clone(),
                         message: e.to_string(),
-                    })?;
-                verified(db, &path)
+                    })
             }
         };
-        let db = open()?;
+        let db = create()?;
+        let db = if check { verified(db, path)? } else { db };
+        // A reopen after an I/O error always checks in full.
+        let reopen = {
+            let path = path.to_path_buf();
+            move || verified(create()?, &path)
+        };
         let store = Store {
-            db: Arc::new(handle::DbHandle::new(db, Box::new(open))),
+            db: Arc::new(handle::DbHandle::new(db, Box::new(reopen))),
             path: path.to_path_buf(),
+            checked_at: Some(checked_at),
         };
         store.init(root_fingerprint)?;
         Ok(store)
@@ -232,6 +259,7 @@ impl Store {
         let store = Store {
             db: Arc::new(handle::DbHandle::new(db, Box::new(open))),
             path: label.to_path_buf(),
+            checked_at: None,
         };
         store.init(root_fingerprint)?;
         Ok(store)
@@ -306,25 +334,10 @@ impl Store {
             let (_, v) = row?;
             snap.keys.push(decode(v.value()).map_err(corrupt("keys"))?);
         }
-        for row in tx.open_table(VERSIONS)?.iter()? {
-            let (k, v) = row?;
-            let (tag, ver) = k.value();
-            let rec: VersionRecord = decode(v.value()).map_err(corrupt("versions"))?;
-            match snap.version_groups.last_mut() {
-                Some((t, n)) if t == tag => *n += 1,
-                _ => snap.version_groups.push((tag.to_string(), 1)),
-            }
-            snap.versions.push((ver, rec));
-        }
         for row in tx.open_table(USAGE)?.iter()? {
             let (k, v) = row?;
             let rec: UsageRecord = decode(v.value()).map_err(corrupt("usage"))?;
             snap.usage.push((k.value().to_string(), rec));
-        }
-        for row in tx.open_table(ENCRYPTIONS)?.iter()? {
-            let (k, v) = row?;
-            let (tag, ver) = k.value();
-            snap.encryptions.push((tag.to_string(), ver, v.value()));
         }
         for row in tx.open_table(GRANTS)?.iter()? {
             let (_, v) = row?;
@@ -353,6 +366,43 @@ impl Store {
             snap.due.push((at, tag.to_string(), kind));
         }
         Ok(snap)
+    }
+
+    /// Every version of one key, in order, with its encryption count.
+    pub fn versions(&self, tag: &str) -> Result<Vec<StoredVersion>, StoreError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(VERSIONS)?.range((tag, 0)..=(tag, u32::MAX))? {
+            let (k, v) = row?;
+            out.push(StoredVersion {
+                version: k.value().1,
+                record: decode(v.value()).map_err(corrupt("versions"))?,
+                encryptions: 0,
+            });
+        }
+        let counts = tx.open_table(ENCRYPTIONS)?;
+        for row in counts.range((tag, 0)..=(tag, u32::MAX))? {
+            let (k, n) = row?;
+            let version = k.value().1;
+            if let Some(v) = out.iter_mut().find(|v| v.version == version) {
+                v.encryptions = n.value();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes every record of the store, versions included (a restored backup is checked
+    /// this way before it replaces anything: the daemon itself reads versions lazily).
+    pub fn check_records(&self) -> Result<(), StoreError> {
+        self.load()?;
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        for row in tx.open_table(VERSIONS)?.iter()? {
+            let (_, v) = row?;
+            decode::<VersionRecord>(v.value()).map_err(corrupt("versions"))?;
+        }
+        Ok(())
     }
 
     /// A key's history, newest first, filtered.
@@ -399,6 +449,30 @@ impl Store {
         Writer::start(self.db.clone())
     }
 
+    /// Closes the store once nothing else uses it (stop the writer first) and records the
+    /// clean stop, so that the next open can skip the full page check. A store still in
+    /// use is left to be dropped, unrecorded: the next open then checks it in full.
+    pub fn close(self) {
+        let Some(checked_at) = self.checked_at else {
+            return;
+        };
+        match self.db.take_exclusive() {
+            Ok(db) => {
+                drop(db);
+                if let Err(e) = clean_stop::CleanStop::record(&self.path, checked_at) {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot record the clean stop; the next start checks every page"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the store was not closed cleanly; the next start checks every page"
+            ),
+        }
+    }
+
     /// Runs redb's integrity check (needs exclusive access: call with no writer running).
     pub fn check_integrity(self) -> Result<bool, StoreError> {
         let mut db = self.db.take_exclusive()?;
@@ -428,7 +502,7 @@ fn create_atomically(path: &Path, root_fingerprint: &str) -> Result<(), StoreErr
     }
     // Opening creates the file and commits its tables durably; dropping closes it.
     drop(
-        Store::open_file(&tmp, root_fingerprint)
+        Store::open_file(&tmp, root_fingerprint, false, clean_stop::now_s())
             .map_err(|e| fail(format!("cannot create it: {e}")))?,
     );
     std::fs::rename(&tmp, path)

@@ -434,8 +434,19 @@ mod tests {
             version,
             n,
         };
+        let version = |tag: &str| Mutation::PutVersion {
+            tag: tag.into(),
+            version: 1,
+            record: crate::store::records::VersionRecord {
+                created_at: 1,
+                enabled: true,
+                wrapped: None,
+            },
+        };
         writer
             .submit(vec![
+                version("a"),
+                version("gone"),
                 uses("a", "alice", 10, 2),
                 uses("a", "bob", 30, 1),
                 uses("a", "carol", 20, 4),
@@ -459,6 +470,13 @@ mod tests {
         );
         assert_eq!(usage["b"].count, 1);
         assert!(!usage.contains_key("gone"), "{usage:?}");
-        assert_eq!(snap.encryptions, vec![("a".to_string(), 1, 7)]);
+        let counts: Vec<(u32, u64)> = store
+            .versions("a")
+            .unwrap()
+            .iter()
+            .map(|v| (v.version, v.encryptions))
+            .collect();
+        assert_eq!(counts, vec![(1, 7)]);
+        assert!(store.versions("gone").unwrap().is_empty());
     }
 }
