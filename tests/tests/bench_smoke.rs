@@ -55,7 +55,8 @@ fn kms_bench_scale_smoke() {
     assert_eq!(v["keys"], 300, "{v}");
     assert_eq!(v["history_entries"], 3000, "{v}");
     for field in [
-        "startup_ms_median",
+        "startup_ms_after_clean_stop_median",
+        "startup_ms_after_kill_median",
         "rss_mib_after_start",
         "list_first_page_p99_us",
         "show_p99_us",
