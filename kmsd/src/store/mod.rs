@@ -12,7 +12,9 @@
 //! - a history entry and the usage/encryption counters of a crypto call are durable before
 //!   the call is answered; many calls share one commit (group commit);
 //! - a crash at any instant leaves the last committed transaction; with two-phase commit
-//!   the commit slot is never half-written, and quick repair makes the reopen fast.
+//!   the commit slot is never half-written (no reliance on checksums, which a crafted
+//!   history entry could collide). The reopen after a crash runs redb's full repair,
+//!   which verifies every page's checksum (quick repair is off: see `writer`).
 //!
 //! A clean stop is recorded next to the file ([`clean_stop`]) so that the next open can
 //! skip redb's full integrity check when the file is untouched since; every other open
@@ -187,27 +189,31 @@ impl Store {
                     last_full_check_s_ago = now.saturating_sub(at),
                     "the store is as its last clean stop left it; full page check skipped"
                 );
-                (false, at)
+                (None, at)
             }
-            Err(why) => {
-                tracing::info!(reason = why.as_str(), "checking every page of the store");
-                (true, now)
-            }
+            Err(why) => (Some(why), now),
         };
         Self::open_file(path, root_fingerprint, check, checked_at)
     }
 
+    /// Opens the file; `check` says why every page must be verified (`None`: no need).
     fn open_file(
         path: &Path,
         root_fingerprint: &str,
-        check: bool,
+        check: Option<clean_stop::CheckReason>,
         checked_at: u64,
     ) -> Result<Store, StoreError> {
+        let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let create = {
             let path = path.to_path_buf();
+            let repaired = repaired.clone();
             move || -> Result<Database, StoreError> {
+                let repaired = repaired.clone();
                 Database::builder()
                     .set_cache_size(CACHE_BYTES)
+                    .set_repair_callback(move |_| {
+                        repaired.store(true, std::sync::atomic::Ordering::Relaxed);
+                    })
                     .create(&path)
                     .map_err(|e| StoreError::Open {
                         path: path.clone(),
@@ -216,7 +222,19 @@ impl Store {
             }
         };
         let db = create()?;
-        let db = if check { verified(db, path)? } else { db };
+        // redb's repair after an unclean stop has just verified every page; checking again
+        // would read the whole file a second time.
+        let db = match check {
+            _ if repaired.load(std::sync::atomic::Ordering::Relaxed) => {
+                tracing::info!("the store was repaired after an unclean stop; every page verified");
+                db
+            }
+            Some(why) => {
+                tracing::info!(reason = why.as_str(), "checking every page of the store");
+                verified(db, path)?
+            }
+            None => db,
+        };
         // A reopen after an I/O error always checks in full.
         let reopen = {
             let path = path.to_path_buf();
@@ -502,7 +520,7 @@ fn create_atomically(path: &Path, root_fingerprint: &str) -> Result<(), StoreErr
     }
     // Opening creates the file and commits its tables durably; dropping closes it.
     drop(
-        Store::open_file(&tmp, root_fingerprint, false, clean_stop::now_s())
+        Store::open_file(&tmp, root_fingerprint, None, clean_stop::now_s())
             .map_err(|e| fail(format!("cannot create it: {e}")))?,
     );
     std::fs::rename(&tmp, path)

@@ -162,11 +162,16 @@ impl Writer {
     }
 }
 
-/// Commits with an fsync, two-phase commit and quick repair (see the module docs).
+/// Commits with an fsync and two-phase commit, without quick repair (see the module docs).
 pub(super) fn make_durable(tx: &mut WriteTransaction) -> Result<(), StoreError> {
     tx.set_durability(Durability::Immediate)?;
     tx.set_two_phase_commit(true);
-    tx.set_quick_repair(true);
+    // Quick repair saves the allocator state in every commit so that a reopen after a
+    // crash skips redb's full repair. kmsd verifies every page after a crash anyway (see
+    // `clean_stop`), and redb's full repair is that verification, so the saved state
+    // would buy nothing and cost every commit: without it, 16 clients encrypting 1 KiB
+    // ran 3,994 -> 5,696 calls/s (medians of 3, side by side).
+    tx.set_quick_repair(false);
     Ok(())
 }
 
