@@ -177,6 +177,8 @@ pub(super) fn make_durable(tx: &mut WriteTransaction) -> Result<(), StoreError> 
 
 fn run(db: Arc<super::handle::DbHandle>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
     let mut group: Vec<Submission> = Vec::new();
+    // For the log at the end: calls per commit is what group commit is for.
+    let (mut commits, mut submissions) = (0u64, 0u64);
     while let Ok(first) = rx.recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -185,6 +187,8 @@ fn run(db: Arc<super::handle::DbHandle>, rx: mpsc::Receiver<Submission>, mut nex
                 Err(_) => break,
             }
         }
+        commits += 1;
+        submissions += group.len() as u64;
         let mut seq = next_seq;
         let result = db.get().and_then(|d| commit_group(&d, &group, &mut seq));
         match result {
@@ -205,6 +209,7 @@ fn run(db: Arc<super::handle::DbHandle>, rx: mpsc::Receiver<Submission>, mut nex
             }
         }
     }
+    tracing::info!(commits, submissions, "store writer stopped");
 }
 
 fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Result<(), StoreError> {
