@@ -60,7 +60,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     let store = store::Store::open(&config.store_path(), &root.fingerprint())?;
     tracing::info!(
         ms = opening.elapsed().as_millis() as u64,
-        "store opened and its integrity checked"
+        "store opened (pages verified unless untouched since a clean stop)"
     );
     if let Some(token) = config
         .pkcs11

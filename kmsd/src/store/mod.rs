@@ -42,8 +42,8 @@ pub use writer::{Mutation, Ticket, Writer};
 
 /// redb's page cache. redb keeps every page it writes in this cache (default 1 GiB), so
 /// with the default the daemon's memory would grow with its history until it held a
-/// gigabyte; the hot set (the newest history pages, counters, the tree roots; keys and
-/// versions live in the engine's memory) is far smaller.
+/// gigabyte; the hot set (the newest history pages, counters, the tree roots; keys, and
+/// the versions of keys in use, live in the engine's memory) is far smaller.
 const CACHE_BYTES: usize = 16 << 20;
 
 /// The schema this build writes. Older schemas are migrated on open; newer are refused.
