@@ -89,9 +89,15 @@ impl Backups {
                 let _ = std::fs::remove_file(&s.path);
             }
         });
-        let store = engine.store().clone();
+        let engine = engine.clone();
         let p = path.clone();
-        let total = match tokio::task::spawn_blocking(move || store.snapshot_to(&p)).await {
+        // Settled first: every call acknowledged before the backup began is then in redb,
+        // which is what the snapshot copies (the journal is not part of a backup).
+        let snapshot = move || match engine.settle() {
+            Ok(()) => engine.store().snapshot_to(&p),
+            Err(e) => Err(crate::store::StoreError::Db(e.to_string())),
+        };
+        let total = match tokio::task::spawn_blocking(snapshot).await {
             Ok(Ok(total)) => total,
             Ok(Err(e)) => {
                 self.forget(&id);

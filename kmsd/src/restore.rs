@@ -5,7 +5,7 @@
 //! store, and the copy must pass redb's integrity check, name a schema this kmsd reads,
 //! carry the fingerprint of the root key found for this data directory, and load. Only
 //! then is it renamed into place; a store already there is refused, or with `--force`
-//! kept beside it as `kms.redb.before-restore-<millis>`.
+//! kept beside it as `kms.redb.before-restore-<millis>` (its call journal with it).
 
 use crate::crypto::RootKey;
 use crate::crypto::root_key::{CREDENTIAL_NAME, KEY_FILE_NAME, RootKeyError};
@@ -119,6 +119,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         let aside = dir.join(format!("kms.redb.before-restore-{millis}"));
         std::fs::rename(&store, &aside).map_err(io_err(&store))?;
+        // Calls a crash left in the old store's journal go with it: opened under its new
+        // name, it folds them in. (The restored store would ignore them anyway: a backup
+        // carries no journal generation.)
+        let journal = crate::store::journal::path_for(&store);
+        if journal.exists() {
+            let moved = crate::store::journal::path_for(&aside);
+            std::fs::rename(&journal, &moved).map_err(io_err(&journal))?;
+        }
         Some(aside)
     } else {
         None
@@ -248,7 +256,7 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(&other)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.starts_with("kms.redb"))
+            .filter(|n| n.starts_with("kms.redb") && n != "kms.redb.journal")
             .collect();
         assert_eq!(names, vec!["kms.redb".to_string()]);
     }

@@ -218,6 +218,12 @@ impl Engine {
         &self.store
     }
 
+    /// Waits until every call acknowledged so far is in the store's redb file, not only in
+    /// its journal: before reading history from the store or copying it. Blocks.
+    pub fn settle(&self) -> Result<(), EngineError> {
+        self.writer.settle().map_err(EngineError::from)
+    }
+
     /// A new subscription to the engine's events.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -333,6 +339,7 @@ impl Engine {
             since: q.since,
         };
         let tag = &entry.rec.tag;
+        self.settle()?;
         Ok(self
             .store
             .history(tag, &filter)?
@@ -367,6 +374,7 @@ impl Engine {
         };
         let mut per_account: HashMap<String, (u64, UnixMillis)> = HashMap::new();
         let mut recent = 0;
+        self.settle()?;
         for (_, r) in self.store.history(&entry.rec.tag, &filter)? {
             let uses = r.succeeded();
             if !r.action.is_crypto() || uses == 0 {

@@ -7,8 +7,8 @@
 //! under the root key, which is never in the store: a backup is useless without it.
 
 use super::{
-    DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_ROOT, META_SCHEMA, NAMES,
-    SCHEMA_VERSION, Store, StoreError, USAGE, VERSIONS, read_u64,
+    DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_JOURNAL_GENERATION, META_ROOT,
+    META_SCHEMA, NAMES, SCHEMA_VERSION, Store, StoreError, USAGE, VERSIONS, read_u64,
 };
 use redb::{
     Database, Key, MultimapTableHandle, ReadTransaction, ReadableDatabase, ReadableTableMetadata,
@@ -101,6 +101,9 @@ impl Store {
         copy(&src, &tx, ENCRYPTIONS)?;
         copy(&src, &tx, GRANTS)?;
         copy(&src, &tx, HSM_TOKENS)?;
+        // The journal beside this store is not part of the copy: a store restored from it
+        // must not adopt it (see `journal`).
+        tx.open_table(META)?.remove(META_JOURNAL_GENERATION)?;
         // Durable (the default): the file is complete once this returns.
         tx.commit()?;
         Ok(())
@@ -264,6 +267,8 @@ mod tests {
             }
         });
         let snap = dir.path().join("snap.redb");
+        // As the daemon does: calls still only in the journal are folded in first.
+        writer.settle().unwrap();
         let size = store.snapshot_to(&snap).unwrap();
         bg.join().unwrap();
         assert_eq!(size, std::fs::metadata(&snap).unwrap().len());

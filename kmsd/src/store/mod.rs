@@ -3,14 +3,16 @@
 //! # Durability
 //!
 //! Every write goes through the [`writer`]: one thread owns all write transactions, and
-//! each transaction commits with `Durability::Immediate`, two-phase commit and quick
-//! repair. A write is acknowledged (its [`Ticket`] resolves) only after the transaction
-//! holding it has committed, i.e. after redb's `fsync` returned. So:
+//! each transaction commits with `Durability::Immediate` and two-phase commit. A write is
+//! acknowledged (its [`Ticket`] resolves) only after it is durable. So:
 //!
-//! - a lifecycle change (create, rotate, state, version flag, settings) is durable before
-//!   the engine publishes it in memory or answers the caller;
+//! - a lifecycle change (create, rotate, state, version flag, settings) is committed to
+//!   redb before the engine publishes it in memory or answers the caller;
 //! - a history entry and the usage/encryption counters of a crypto call are durable before
-//!   the call is answered; many calls share one commit (group commit);
+//!   the call is answered; many calls share one write (group commit). Calls are first
+//!   written to the [`journal`] beside the store (one `fdatasync` per group, a SHA-256 per
+//!   record) and folded into redb in batches, always before any other change is committed
+//!   and before history is read; opening the store folds what a crash left there;
 //! - a crash at any instant leaves the last committed transaction; with two-phase commit
 //!   the commit slot is never half-written (no reliance on checksums, which a crafted
 //!   history entry could collide). The reopen after a crash runs redb's full repair,
@@ -27,6 +29,7 @@
 pub mod backup;
 pub mod clean_stop;
 mod handle;
+pub mod journal;
 pub mod records;
 pub mod writer;
 
@@ -74,6 +77,9 @@ pub(crate) const HSM_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new
 const META_SCHEMA: &str = "schema_version";
 const META_ROOT: &str = "root_key_fingerprint";
 pub(crate) const META_HISTORY_SEQ: &str = "history_seq";
+/// The generation of the call journal's live records ([`journal`]). A backup leaves it
+/// out, so a restored store never adopts the journal beside it.
+pub(crate) const META_JOURNAL_GENERATION: &str = "journal_generation";
 
 /// Why the store could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +130,8 @@ db_err!(
     redb::TableError,
     redb::StorageError,
     redb::CommitError,
-    redb::SetDurabilityError
+    redb::SetDurabilityError,
+    journal::JournalError
 );
 
 /// Everything the engine loads at start-up: metadata, counters and indexes, not the
@@ -166,6 +173,8 @@ pub struct Store {
     /// When every page of this file was last verified (Unix seconds); `None` for stores
     /// on other backends, which have no clean-stop record.
     checked_at: Option<u64>,
+    /// The call journal while no writer runs (stores on other backends have none).
+    journal: writer::JournalSlot,
 }
 
 impl Store {
@@ -244,8 +253,10 @@ impl Store {
             db: Arc::new(handle::DbHandle::new(db, Box::new(reopen))),
             path: path.to_path_buf(),
             checked_at: Some(checked_at),
+            journal: writer::JournalSlot::default(),
         };
         store.init(root_fingerprint)?;
+        store.open_journal()?;
         Ok(store)
     }
 
@@ -278,6 +289,7 @@ impl Store {
             db: Arc::new(handle::DbHandle::new(db, Box::new(open))),
             path: label.to_path_buf(),
             checked_at: None,
+            journal: writer::JournalSlot::default(),
         };
         store.init(root_fingerprint)?;
         Ok(store)
@@ -340,6 +352,52 @@ impl Store {
             }
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Folds the calls a previous run left in the journal into redb (a crash between a
+    /// call's answer and its fold), then opens the journal for the writer under a new
+    /// generation, stored in the same transaction: every record already there is dead.
+    fn open_journal(&self) -> Result<(), StoreError> {
+        let path = journal::path_for(&self.path);
+        let db = self.db.get()?;
+        let (current, mut next_seq) = {
+            let tx = db.begin_read()?;
+            let meta = tx.open_table(META)?;
+            let current = match meta.get(META_JOURNAL_GENERATION)? {
+                Some(v) => Some(journal::Generation::try_from(v.value()).map_err(|_| {
+                    StoreError::Corrupt {
+                        table: "meta",
+                        message: "journal generation is not 16 bytes".into(),
+                    }
+                })?),
+                None => None,
+            };
+            let seq = match meta.get(META_HISTORY_SEQ)? {
+                Some(v) => read_u64(v.value())?,
+                None => 1,
+            };
+            (current, seq)
+        };
+        let calls = match &current {
+            Some(g) => journal::recover(&path, g)?,
+            None => Vec::new(),
+        };
+        let generation = journal::new_generation()
+            .map_err(|e| StoreError::Db(format!("cannot draw a journal generation: {e}")))?;
+        writer::fold(&db, &calls, &mut next_seq, &generation)?;
+        if !calls.is_empty() {
+            let entries = calls
+                .iter()
+                .filter(|c| matches!(c, journal::CallOp::History { .. }))
+                .count();
+            tracing::info!(
+                history_entries = entries,
+                "calls acknowledged before the last stop folded in from the journal"
+            );
+        }
+        let journal = journal::Journal::open(&path, generation)?;
+        *self.journal.lock().unwrap_or_else(|e| e.into_inner()) = Some(journal);
         Ok(())
     }
 
@@ -464,7 +522,7 @@ impl Store {
 
     /// Starts the single writer thread.
     pub fn start_writer(&self) -> Result<Writer, StoreError> {
-        Writer::start(self.db.clone())
+        Writer::start(self.db.clone(), self.journal.clone())
     }
 
     /// Closes the store once nothing else uses it (stop the writer first) and records the
@@ -523,6 +581,9 @@ fn create_atomically(path: &Path, root_fingerprint: &str) -> Result<(), StoreErr
         Store::open_file(&tmp, root_fingerprint, None, clean_stop::now_s())
             .map_err(|e| fail(format!("cannot create it: {e}")))?,
     );
+    // The empty journal that open made belongs to the temporary name; the store's own is
+    // made by its first open under its real one.
+    let _ = std::fs::remove_file(journal::path_for(&tmp));
     std::fs::rename(&tmp, path)
         .map_err(|e| fail(format!("cannot move the new store into place: {e}")))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

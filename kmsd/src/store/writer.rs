@@ -9,24 +9,38 @@
 //!
 //! If the commit fails (disk full, I/O error), every submission of the group is answered
 //! with the error and nothing of the group is visible; earlier commits are untouched.
+//!
+//! A group made only of crypto calls (history entries and counters) goes to the call
+//! journal instead ([`super::journal`]): one record, one `fdatasync`, then the answers. The
+//! journaled calls are kept here as pending [`CallOp`]s and folded into redb — in one
+//! transaction that also starts a new journal generation — when enough are pending, when
+//! the journal is half full, in front of any other change (in the same transaction, so
+//! redb sees every change in acknowledgement order), when a reader asks
+//! ([`Writer::settle`]) and when the writer stops.
 
+use super::journal::{self, CallOp, Generation, Journal, JournalError};
 use super::records::{
     DueKind, HistoryRecord, HsmTokenRecord, KeyRecord, UsageRecord, VersionRecord, encode_array,
     encode_map,
 };
 use super::{
-    DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_HISTORY_SEQ, NAMES, StoreError,
-    USAGE, VERSIONS, decode,
+    DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_HISTORY_SEQ,
+    META_JOURNAL_GENERATION, NAMES, StoreError, USAGE, VERSIONS, decode,
 };
 use kms_shared::model::UnixMillis;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// Most submissions applied in one transaction.
 pub const MAX_GROUP: usize = 4096;
+
+/// Journaled call effects kept pending before a fold is due (~2,000 calls: a fold of
+/// that many takes a few milliseconds, paid once per that many calls).
+const FOLD_AFTER_OPS: usize = 6_000;
 
 /// One change to the store.
 pub enum Mutation {
@@ -83,6 +97,42 @@ pub enum Mutation {
     PutHsmToken(HsmTokenRecord),
     /// Forgets a dedicated HSM token's registration.
     RemoveHsmToken(String),
+    /// Changes nothing: folds the journaled calls into redb ([`Writer::settle`]).
+    Settle,
+}
+
+impl Mutation {
+    /// Whether this is an effect of a crypto call, which the journal can hold.
+    fn is_call(&self) -> bool {
+        matches!(
+            self,
+            Mutation::History { .. } | Mutation::Use { .. } | Mutation::Encryptions { .. }
+        )
+    }
+
+    /// The journaled form; a history entry gets its sequence number here.
+    fn into_call_op(self, next_seq: &mut u64) -> Option<CallOp> {
+        Some(match self {
+            Mutation::History { tag, record } => {
+                let seq = *next_seq;
+                *next_seq += 1;
+                CallOp::History { tag, seq, record }
+            }
+            Mutation::Use {
+                tag,
+                at,
+                account,
+                n,
+            } => CallOp::Use {
+                tag,
+                at,
+                account,
+                n,
+            },
+            Mutation::Encryptions { tag, version, n } => CallOp::Encryptions { tag, version, n },
+            _ => return None,
+        })
+    }
 }
 
 /// Resolves when the submission's transaction has committed (or failed).
@@ -115,10 +165,20 @@ struct Submission {
 pub struct Writer {
     tx: mpsc::Sender<Submission>,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Journaled calls not yet folded into redb (0: redb holds every acknowledged call).
+    unfolded: Arc<AtomicU64>,
 }
 
+/// Where the store keeps its journal while no writer runs.
+pub(super) type JournalSlot = Arc<Mutex<Option<Journal>>>;
+
 impl Writer {
-    pub(super) fn start(db: Arc<super::handle::DbHandle>) -> Result<Writer, StoreError> {
+    /// Starts the writer thread; it takes the journal from `slot` (if there is one) and
+    /// puts it back when it stops.
+    pub(super) fn start(
+        db: Arc<super::handle::DbHandle>,
+        slot: JournalSlot,
+    ) -> Result<Writer, StoreError> {
         let next_seq = {
             use redb::ReadableDatabase;
             let tx = db.get()?.begin_read()?;
@@ -129,14 +189,39 @@ impl Writer {
             }
         };
         let (tx, rx) = mpsc::channel::<Submission>();
+        let unfolded = Arc::new(AtomicU64::new(0));
+        let state = State {
+            journal: slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
+            db,
+            pending: Vec::new(),
+            journal_failed: false,
+            next_seq,
+            unfolded: unfolded.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("kmsd-store-writer".into())
-            .spawn(move || run(db, rx, next_seq))
+            .spawn(move || {
+                let journal = run(state, rx);
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = journal;
+            })
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Writer {
             tx,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            unfolded,
         })
+    }
+
+    /// Returns once every call acknowledged so far is in redb, not only in the journal
+    /// (for readers of history and counters in redb: queries, backups). Free when nothing
+    /// is pending; otherwise one fold. Blocks: call it off the async runtime.
+    pub fn settle(&self) -> Result<(), Arc<StoreError>> {
+        // Acquire: pairs with the writer's release before it answers a journaled call, so
+        // a call answered before this check is seen here.
+        if self.unfolded.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        self.submit(vec![Mutation::Settle]).wait()
     }
 
     /// Queues mutations that land in one transaction; the ticket resolves when durable.
@@ -175,10 +260,26 @@ pub(super) fn make_durable(tx: &mut WriteTransaction) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn run(db: Arc<super::handle::DbHandle>, rx: mpsc::Receiver<Submission>, mut next_seq: u64) {
+/// The writer thread's state.
+struct State {
+    db: Arc<super::handle::DbHandle>,
+    /// `None` for stores without a file of their own (test backends): every group is then
+    /// a redb commit.
+    journal: Option<Journal>,
+    /// Calls in the journal and not yet in redb, in acknowledgement order.
+    pending: Vec<CallOp>,
+    /// An append failed: the journal's tail is unknown until the next fold restarts it.
+    journal_failed: bool,
+    next_seq: u64,
+    unfolded: Arc<AtomicU64>,
+}
+
+/// Serves submissions until every sender is gone, then folds what is pending; returns the
+/// journal for the store to keep.
+fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
     let mut group: Vec<Submission> = Vec::new();
     // For the log at the end: calls per commit is what group commit is for.
-    let (mut commits, mut submissions) = (0u64, 0u64);
+    let (mut commits, mut submissions, mut folds) = (0u64, 0u64, 0u64);
     while let Ok(first) = rx.recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -189,30 +290,159 @@ fn run(db: Arc<super::handle::DbHandle>, rx: mpsc::Receiver<Submission>, mut nex
         }
         commits += 1;
         submissions += group.len() as u64;
-        let mut seq = next_seq;
-        let result = db.get().and_then(|d| commit_group(&d, &group, &mut seq));
-        match result {
-            Ok(()) => {
-                next_seq = seq;
-                for s in group.drain(..) {
-                    let _ = s.done.send(Ok(()));
-                }
+        let journaled = st.journal.is_some()
+            && !st.journal_failed
+            && group.iter().all(|s| s.mutations.iter().all(Mutation::is_call));
+        let result = if journaled {
+            st.append(&mut group)
+        } else {
+            folds += u64::from(!st.pending.is_empty());
+            st.commit(Vec::new(), &group)
+        };
+        // Release: a reader that sees an answer also sees the count (see `settle`).
+        st.unfolded
+            .store(st.pending.len() as u64, Ordering::Release);
+        answer(&mut group, result);
+        if st.fold_due() {
+            folds += 1;
+            // A failure is logged; the calls stay pending (and journaled) and the fold is
+            // tried again with the next group.
+            let _ = st.commit(Vec::new(), &[]);
+            st.unfolded
+                .store(st.pending.len() as u64, Ordering::Release);
+        }
+    }
+    if !st.pending.is_empty() {
+        folds += 1;
+        // On failure the calls stay in the journal; the next open folds them.
+        let _ = st.commit(Vec::new(), &[]);
+    }
+    tracing::info!(commits, submissions, folds, "store writer stopped");
+    st.journal
+}
+
+fn answer(group: &mut Vec<Submission>, result: Result<(), StoreError>) {
+    match result {
+        Ok(()) => {
+            for s in group.drain(..) {
+                let _ = s.done.send(Ok(()));
             }
-            Err(e) => {
-                tracing::error!(error = %e, submissions = group.len(), "store commit failed");
-                let e = Arc::new(e);
-                for s in group.drain(..) {
-                    let _ = s.done.send(Err(e.clone()));
-                }
-                // redb fails every later operation after an I/O error: reopen the file.
-                db.recover();
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for s in group.drain(..) {
+                let _ = s.done.send(Err(e.clone()));
             }
         }
     }
-    tracing::info!(commits, submissions, "store writer stopped");
 }
 
-fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Result<(), StoreError> {
+impl State {
+    /// Journals a group of calls: one record, durable before this returns.
+    fn append(&mut self, group: &mut [Submission]) -> Result<(), StoreError> {
+        let mut seq = self.next_seq;
+        let ops: Vec<CallOp> = group
+            .iter_mut()
+            .flat_map(|s| std::mem::take(&mut s.mutations))
+            .filter_map(|m| m.into_call_op(&mut seq))
+            .collect();
+        // Sequence numbers are spent even if the append fails: history may have gaps,
+        // never duplicates.
+        self.next_seq = seq;
+        let Some(journal) = self.journal.as_mut() else {
+            return self.commit(ops, &[]);
+        };
+        match journal.append(&ops) {
+            Ok(()) => {
+                self.pending.extend(ops);
+                Ok(())
+            }
+            // Larger than the room left (a huge group): straight to redb, with the
+            // pending calls, which restarts the journal.
+            Err(JournalError::Full(_)) => self.commit(ops, &[]),
+            Err(e) => {
+                tracing::error!(error = %e, "call journal append failed; folding into the store");
+                self.journal_failed = true;
+                Err(StoreError::Db(e.to_string()))
+            }
+        }
+    }
+
+    fn fold_due(&self) -> bool {
+        !self.pending.is_empty()
+            && (self.pending.len() >= FOLD_AFTER_OPS
+                || self
+                    .journal
+                    .as_ref()
+                    .is_some_and(|j| j.used() >= journal::CAPACITY / 2))
+    }
+
+    /// One redb transaction: the pending calls, then `calls`, then the group's mutations;
+    /// with a journal, also a new generation, and the journal restarts under it once
+    /// committed. On failure the pending calls stay pending, `calls` are dropped (their
+    /// callers get the error) and the database is reopened.
+    fn commit(&mut self, calls: Vec<CallOp>, group: &[Submission]) -> Result<(), StoreError> {
+        let settle_only = group
+            .iter()
+            .all(|s| s.mutations.iter().all(|m| matches!(m, Mutation::Settle)));
+        if calls.is_empty() && settle_only && self.pending.is_empty() && !self.journal_failed {
+            return Ok(());
+        }
+        let generation = match &self.journal {
+            Some(_) => Some(journal::new_generation().map_err(|e| {
+                StoreError::Db(format!("cannot draw a journal generation: {e}"))
+            })?),
+            None => None,
+        };
+        let acknowledged = self.pending.len();
+        self.pending.extend(calls);
+        let mut seq = self.next_seq;
+        let result = self.db.get().and_then(|d| {
+            commit_group(&d, &self.pending, group, &mut seq, generation.as_ref())
+        });
+        match result {
+            Ok(()) => {
+                self.next_seq = seq;
+                self.pending.clear();
+                if let (Some(j), Some(g)) = (self.journal.as_mut(), generation) {
+                    j.restart(g);
+                    self.journal_failed = false;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, submissions = group.len(), "store commit failed");
+                // `calls` were never acknowledged, and the journal does not hold them
+                // (they came here because they did not fit).
+                self.pending.truncate(acknowledged);
+                // redb fails every later operation after an I/O error: reopen the file.
+                self.db.recover();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Applies journaled calls in one durable transaction that stores the journal's next
+/// `generation` (the store's open folds what a previous run left).
+pub(super) fn fold(
+    db: &Database,
+    calls: &[CallOp],
+    next_seq: &mut u64,
+    generation: &Generation,
+) -> Result<(), StoreError> {
+    commit_group(db, calls, &[], next_seq, Some(generation))
+}
+
+/// Applies journaled calls, then a group's mutations, in one durable transaction; stores
+/// `generation` (the journal's next) with them.
+fn commit_group(
+    db: &Database,
+    calls: &[CallOp],
+    group: &[Submission],
+    next_seq: &mut u64,
+    generation: Option<&Generation>,
+) -> Result<(), StoreError> {
     let mut tx = db.begin_write()?;
     make_durable(&mut tx)?;
     {
@@ -227,6 +457,29 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
         let seq_before = *next_seq;
         let mut pending_uses: PendingUses = HashMap::new();
         let mut pending_encryptions: PendingEncryptions = HashMap::new();
+        for op in calls {
+            match op {
+                CallOp::History { tag, seq, record } => {
+                    history.insert(
+                        (tag.as_str(), *seq),
+                        encode_array(record).map_err(enc)?.as_slice(),
+                    )?;
+                    *next_seq = (*next_seq).max(seq.saturating_add(1));
+                }
+                CallOp::Use {
+                    tag,
+                    at,
+                    account,
+                    n,
+                } => add_use(&mut pending_uses, tag, *at, account, *n),
+                CallOp::Encryptions { tag, version, n } => {
+                    let e = pending_encryptions
+                        .entry((tag.as_str(), *version))
+                        .or_insert(0);
+                    *e = e.saturating_add(*n);
+                }
+            }
+        }
         for m in group.iter().flat_map(|s| s.mutations.iter()) {
             match m {
                 Mutation::PutKey(rec) => {
@@ -268,15 +521,7 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                     at,
                     account,
                     n,
-                } => {
-                    let u = pending_uses
-                        .entry(tag.as_str())
-                        .or_insert((0, *at, account));
-                    u.0 = u.0.saturating_add(*n);
-                    if *at >= u.1 {
-                        (u.1, u.2) = (*at, account);
-                    }
-                }
+                } => add_use(&mut pending_uses, tag, *at, account, *n),
                 Mutation::Encryptions { tag, version, n } => {
                     let e = pending_encryptions
                         .entry((tag.as_str(), *version))
@@ -315,6 +560,7 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
                 Mutation::RemoveHsmToken(name) => {
                     tx.open_table(HSM_TOKENS)?.remove(name.as_str())?;
                 }
+                Mutation::Settle => {}
             }
         }
         flush_counters(
@@ -323,9 +569,12 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
             &mut pending_uses,
             &mut pending_encryptions,
         )?;
-        if *next_seq != seq_before {
+        if *next_seq != seq_before || generation.is_some() {
             let mut meta = tx.open_table(META)?;
             meta.insert(META_HISTORY_SEQ, next_seq.to_be_bytes().as_slice())?;
+            if let Some(g) = generation {
+                meta.insert(META_JOURNAL_GENERATION, g.as_slice())?;
+            }
         }
     }
     tx.commit()?;
@@ -334,6 +583,20 @@ fn commit_group(db: &Database, group: &[Submission], next_seq: &mut u64) -> Resu
 
 /// Successful calls per key in a group: count, time and account of the latest.
 type PendingUses<'a> = HashMap<&'a str, (u64, UnixMillis, &'a String)>;
+
+fn add_use<'a>(
+    uses: &mut PendingUses<'a>,
+    tag: &'a str,
+    at: UnixMillis,
+    account: &'a String,
+    n: u64,
+) {
+    let u = uses.entry(tag).or_insert((0, at, account));
+    u.0 = u.0.saturating_add(n);
+    if at >= u.1 {
+        (u.1, u.2) = (at, account);
+    }
+}
 /// Encryptions per (key, version) in a group.
 type PendingEncryptions<'a> = HashMap<(&'a str, u32), u64>;
 
