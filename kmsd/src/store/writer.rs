@@ -694,6 +694,191 @@ mod tests {
         }
     }
 
+    fn call(tag: &str, time: UnixMillis) -> Vec<Mutation> {
+        vec![
+            Mutation::History {
+                tag: tag.into(),
+                record: HistoryRecord {
+                    time,
+                    action: kms_shared::model::Action::Encrypt,
+                    version: Some(1),
+                    result: "ok".into(),
+                    account: "alice".into(),
+                    uid: 1000,
+                    pid: 7,
+                    client: "test".into(),
+                    items: 1,
+                    failed: 0,
+                },
+            },
+            uses(tag, "alice", time, 1),
+            Mutation::Encryptions {
+                tag: tag.into(),
+                version: 1,
+                n: 1,
+            },
+        ]
+    }
+
+    fn version_one(tag: &str) -> Mutation {
+        Mutation::PutVersion {
+            tag: tag.into(),
+            version: 1,
+            record: crate::store::records::VersionRecord {
+                created_at: 1,
+                enabled: true,
+                wrapped: None,
+            },
+        }
+    }
+
+    /// The store and its journal as a crash would leave them at this instant (a copy of
+    /// both files while the writer runs), under `to`.
+    fn crash_image(store: &Store, to: &std::path::Path) -> std::path::PathBuf {
+        let image = to.join("kms.redb");
+        std::fs::copy(store.path(), &image).unwrap();
+        std::fs::copy(journal::path_for(store.path()), journal::path_for(&image)).unwrap();
+        image
+    }
+
+    /// (sequence numbers and times of the key's history, oldest first; usage count;
+    /// encryptions under version 1), as redb holds them.
+    fn stored(store: &Store, tag: &str) -> (Vec<(u64, UnixMillis)>, u64, u64) {
+        let filter = crate::store::HistoryFilter {
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        let history = store
+            .history(tag, &filter)
+            .unwrap()
+            .into_iter()
+            .rev()
+            .map(|(seq, r)| (seq, r.time))
+            .collect();
+        let usage = store
+            .load()
+            .unwrap()
+            .usage
+            .into_iter()
+            .find(|(t, _)| t == tag)
+            .map_or(0, |(_, u)| u.count);
+        let enc = store
+            .versions(tag)
+            .unwrap()
+            .first()
+            .map_or(0, |v| v.encryptions);
+        (history, usage, enc)
+    }
+
+    /// Calls answered from the journal alone (redb does not have them yet) survive a
+    /// crash: the next open folds them in with their counters and sequence numbers, and
+    /// only once (a second open adds nothing); calls made after that continue the
+    /// sequence. A settle, and a clean stop, put them in redb without any crash.
+    #[test]
+    fn journaled_calls_survive_a_crash_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(vec![version_one("a")]).wait().unwrap();
+        for t in 0..10 {
+            writer.submit(call("a", t)).wait().unwrap();
+        }
+        assert_eq!(writer.unfolded.load(Ordering::Acquire), 30);
+        assert_eq!(store.history_len().unwrap(), 0, "folded too early");
+        let crashed = tempfile::tempdir().unwrap();
+        let image = crash_image(&store, crashed.path());
+
+        writer.settle().unwrap();
+        assert_eq!(writer.unfolded.load(Ordering::Acquire), 0);
+        let want: Vec<(u64, UnixMillis)> = (0..10).map(|t| (t as u64 + 1, t)).collect();
+        assert_eq!(stored(&store, "a"), (want.clone(), 10, 10));
+        writer.submit(call("a", 10)).wait().unwrap();
+        writer.shutdown();
+        assert_eq!(stored(&store, "a").0.len(), 11, "the stop did not fold");
+        drop(store);
+
+        for open in 0..2 {
+            let store = Store::open(&image, "fp").unwrap();
+            assert_eq!(stored(&store, "a"), (want.clone(), 10, 10), "open {open}");
+            drop(store);
+        }
+        let store = Store::open(&image, "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(call("a", 10)).wait().unwrap();
+        writer.settle().unwrap();
+        let (history, usage, _) = stored(&store, "a");
+        assert_eq!((history.last().copied(), usage), (Some((11, 10)), 11));
+        writer.shutdown();
+    }
+
+    /// The record a crash tore (the last group, never answered) is dropped and the ones
+    /// before it are kept; a lifecycle change folds the journal first, so the key it
+    /// expunges keeps nothing the journal held.
+    #[test]
+    fn torn_record_dropped_and_changes_fold_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer
+            .submit(vec![version_one("a"), version_one("b")])
+            .wait()
+            .unwrap();
+        for t in 0..3 {
+            writer.submit(call("a", t)).wait().unwrap();
+        }
+        let crashed = tempfile::tempdir().unwrap();
+        let image = crash_image(&store, crashed.path());
+        let journal_file = journal::path_for(&image);
+        let mut bytes = std::fs::read(&journal_file).unwrap();
+        let third = bytes
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| w == b"KMSJ")
+            .nth(2)
+            .unwrap()
+            .0;
+        bytes[third + 40] ^= 1;
+        std::fs::write(&journal_file, &bytes).unwrap();
+        let restored = Store::open(&image, "fp").unwrap();
+        let (history, usage, enc) = stored(&restored, "a");
+        assert_eq!((history.len(), usage, enc), (2, 2, 2));
+        drop(restored);
+
+        writer.submit(call("b", 5)).wait().unwrap();
+        writer
+            .submit(vec![Mutation::Expunge { tag: "b".into() }])
+            .wait()
+            .unwrap();
+        assert_eq!(writer.unfolded.load(Ordering::Acquire), 0);
+        assert_eq!(stored(&store, "b"), (vec![], 0, 0));
+        assert_eq!(stored(&store, "a").0.len(), 3);
+        writer.shutdown();
+    }
+
+    /// Enough pending calls fold on their own, without a reader or a change asking.
+    #[test]
+    fn pending_calls_fold_when_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(vec![version_one("a")]).wait().unwrap();
+        let calls = FOLD_AFTER_OPS / 3 + 10;
+        let tickets: Vec<Ticket> = (0..calls)
+            .map(|t| writer.submit(call("a", t as i64)))
+            .collect();
+        for t in tickets {
+            t.wait().unwrap();
+        }
+        // The fold runs after the answers; this call is served after it.
+        writer.submit(call("a", 0)).wait().unwrap();
+        assert!(
+            store.history_len().unwrap() >= (FOLD_AFTER_OPS / 3) as u64,
+            "no fold after {calls} calls"
+        );
+        writer.shutdown();
+        assert_eq!(store.history_len().unwrap(), calls as u64 + 1);
+    }
+
     /// Counters summed within a group land once per key with the latest use; a key
     /// expunged later in the same group keeps no counter summed before its removal, while
     /// counters added after it, and other keys' counters, survive.
