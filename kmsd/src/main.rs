@@ -116,7 +116,8 @@ fn start(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("kmsd")
         .build()?;
-    runtime.block_on(kmsd::run(config, stop_signal()))
+    // The handlers are installed before `run` binds the socket.
+    runtime.block_on(async { kmsd::run(config, stop_signal()).await })
 }
 
 /// `kmsd restore`: prints what it did, or fails without changing anything.
@@ -141,18 +142,23 @@ fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn stop_signal() {
+/// Installs the SIGTERM and SIGINT handlers at once and resolves on either. Installed
+/// when this is called, not when first awaited: a stop sent as soon as the socket answers
+/// (a service manager, a test) must be the clean one, never the signal's default exit.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

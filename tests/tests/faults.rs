@@ -174,7 +174,8 @@ async fn full_disk_fails_internal_and_recovers() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("small");
-    let _m = Mount::tmpfs(&data, "2m");
+    // Room for the call journal (2 MiB, allocated at start) and a little store.
+    let _m = Mount::tmpfs(&data, "4m");
     let mut d = TestDaemon::start_with(DaemonOptions {
         data_dir: Some(data.clone()),
         ..DaemonOptions::default()

@@ -42,6 +42,9 @@ pub const MAX_GROUP: usize = 4096;
 /// that many takes a few milliseconds, paid once per that many calls).
 const FOLD_AFTER_OPS: usize = 6_000;
 
+/// How long after a failed fold the next is tried on its own.
+const FOLD_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One change to the store.
 pub enum Mutation {
     PutKey(KeyRecord),
@@ -195,6 +198,7 @@ impl Writer {
             db,
             pending: Vec::new(),
             journal_failed: false,
+            fold_not_before: None,
             next_seq,
             unfolded: unfolded.clone(),
         };
@@ -270,6 +274,10 @@ struct State {
     pending: Vec<CallOp>,
     /// An append failed: the journal's tail is unknown until the next fold restarts it.
     journal_failed: bool,
+    /// After a fold failed (disk full, I/O error), the next one is not tried on its own
+    /// before this: each failure reopens and verifies the file. Until then the journal
+    /// keeps taking calls while it has room.
+    fold_not_before: Option<std::time::Instant>,
     next_seq: u64,
     unfolded: Arc<AtomicU64>,
 }
@@ -280,6 +288,8 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
     let mut group: Vec<Submission> = Vec::new();
     // For the log at the end: calls per commit is what group commit is for.
     let (mut commits, mut submissions, mut folds) = (0u64, 0u64, 0u64);
+    // The longest fold on its own: how long calls queued behind it waited.
+    let mut fold_max = std::time::Duration::ZERO;
     while let Ok(first) = rx.recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -306,8 +316,12 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
         if st.fold_due() {
             folds += 1;
             // A failure is logged; the calls stay pending (and journaled) and the fold is
-            // tried again with the next group.
-            let _ = st.commit(Vec::new(), &[]);
+            // tried again a little later.
+            let started = std::time::Instant::now();
+            if st.commit(Vec::new(), &[]).is_err() {
+                st.fold_not_before = Some(std::time::Instant::now() + FOLD_RETRY);
+            }
+            fold_max = fold_max.max(started.elapsed());
             st.unfolded
                 .store(st.pending.len() as u64, Ordering::Release);
         }
@@ -317,7 +331,13 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
         // On failure the calls stay in the journal; the next open folds them.
         let _ = st.commit(Vec::new(), &[]);
     }
-    tracing::info!(commits, submissions, folds, "store writer stopped");
+    tracing::info!(
+        commits,
+        submissions,
+        folds,
+        fold_ms_max = fold_max.as_secs_f64() * 1000.0,
+        "store writer stopped"
+    );
     st.journal
 }
 
@@ -370,6 +390,9 @@ impl State {
 
     fn fold_due(&self) -> bool {
         !self.pending.is_empty()
+            && self
+                .fold_not_before
+                .is_none_or(|t| std::time::Instant::now() >= t)
             && (self.pending.len() >= FOLD_AFTER_OPS
                 || self
                     .journal
@@ -404,6 +427,7 @@ impl State {
             Ok(()) => {
                 self.next_seq = seq;
                 self.pending.clear();
+                self.fold_not_before = None;
                 if let (Some(j), Some(g)) = (self.journal.as_mut(), generation) {
                     j.restart(g);
                     self.journal_failed = false;
