@@ -117,6 +117,10 @@ impl VersionEntry {
 /// committing, and its successor gets a new, already loaded cell; changes that leave the
 /// versions alone pass the same cell on. So a cell is never first loaded after a commit
 /// that changed its versions, and every generation sharing a cell shares its counters.
+///
+/// Why a first load never misses encryption counts still in the call journal (not yet in
+/// redb): a call counts encryptions only after its key's cell was loaded, and unloaded
+/// cells are made only at start-up, after opening the store folded the journal in.
 #[derive(Default)]
 pub struct VersionsCell(OnceLock<Vec<Arc<VersionEntry>>>);
 
