@@ -314,7 +314,10 @@ mod tests {
         let (a, b, c) = (call("a", 1, "x"), call("b", 2, "y"), call("c", 3, "z"));
         j.append(&a).unwrap();
         j.append(&b).unwrap();
-        assert_eq!(recover(&path, &g1).unwrap(), [a.clone(), b.clone()].concat());
+        assert_eq!(
+            recover(&path, &g1).unwrap(),
+            [a.clone(), b.clone()].concat()
+        );
         j.restart(g2);
         assert!(recover(&path, &g2).unwrap().is_empty());
         j.append(&c).unwrap();

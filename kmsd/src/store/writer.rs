@@ -197,6 +197,7 @@ impl Writer {
             journal: slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
             db,
             pending: Vec::new(),
+            staged: None,
             journal_failed: false,
             fold_not_before: None,
             next_seq,
@@ -272,6 +273,11 @@ struct State {
     journal: Option<Journal>,
     /// Calls in the journal and not yet in redb, in acknowledgement order.
     pending: Vec<CallOp>,
+    /// The next fold's transaction, open, holding the first `.1` pending calls: each
+    /// journaled group is applied to it right after its answers, so that a fold is only
+    /// a commit and the calls queued behind it wait less. Nothing in it is durable or
+    /// visible until it commits; `pending` stays the reference (a failure drops it).
+    staged: Option<(WriteTransaction, usize)>,
     /// An append failed: the journal's tail is unknown until the next fold restarts it.
     journal_failed: bool,
     /// After a fold failed (disk full, I/O error), the next one is not tried on its own
@@ -302,7 +308,9 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
         submissions += group.len() as u64;
         let journaled = st.journal.is_some()
             && !st.journal_failed
-            && group.iter().all(|s| s.mutations.iter().all(Mutation::is_call));
+            && group
+                .iter()
+                .all(|s| s.mutations.iter().all(Mutation::is_call));
         let result = if journaled {
             st.append(&mut group)
         } else {
@@ -324,6 +332,8 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
             fold_max = fold_max.max(started.elapsed());
             st.unfolded
                 .store(st.pending.len() as u64, Ordering::Release);
+        } else if journaled {
+            st.stage();
         }
     }
     if !st.pending.is_empty() {
@@ -388,6 +398,24 @@ impl State {
         }
     }
 
+    /// Applies the pending calls the open transaction lacks to it (opening it first). A
+    /// failure only drops the transaction: the fold then starts from `pending` afresh.
+    fn stage(&mut self) {
+        let mut seq = self.next_seq;
+        let staged = match self.staged.take() {
+            Some(open) => Ok(open),
+            None => self.db.get().and_then(|db| begin(&db)).map(|tx| (tx, 0)),
+        };
+        let result = staged.and_then(|(tx, applied)| {
+            apply_calls(&tx, &self.pending[applied..], &mut seq)?;
+            Ok((tx, self.pending.len()))
+        });
+        match result {
+            Ok(open) => self.staged = Some(open),
+            Err(e) => tracing::warn!(error = %e, "cannot stage journaled calls; the fold will"),
+        }
+    }
+
     fn fold_due(&self) -> bool {
         !self.pending.is_empty()
             && self
@@ -411,17 +439,23 @@ impl State {
         if calls.is_empty() && settle_only && self.pending.is_empty() && !self.journal_failed {
             return Ok(());
         }
-        let generation = match &self.journal {
-            Some(_) => Some(journal::new_generation().map_err(|e| {
-                StoreError::Db(format!("cannot draw a journal generation: {e}"))
-            })?),
-            None => None,
-        };
+        let generation =
+            match &self.journal {
+                Some(_) => Some(journal::new_generation().map_err(|e| {
+                    StoreError::Db(format!("cannot draw a journal generation: {e}"))
+                })?),
+                None => None,
+            };
         let acknowledged = self.pending.len();
         self.pending.extend(calls);
         let mut seq = self.next_seq;
-        let result = self.db.get().and_then(|d| {
-            commit_group(&d, &self.pending, group, &mut seq, generation.as_ref())
+        let staged = match self.staged.take() {
+            Some(open) => Ok(open),
+            None => self.db.get().and_then(|db| begin(&db)).map(|tx| (tx, 0)),
+        };
+        let result = staged.and_then(|(tx, applied)| {
+            apply_calls(&tx, &self.pending[applied..], &mut seq)?;
+            finish(tx, group, &mut seq, generation.as_ref())
         });
         match result {
             Ok(()) => {
@@ -467,8 +501,71 @@ fn commit_group(
     next_seq: &mut u64,
     generation: Option<&Generation>,
 ) -> Result<(), StoreError> {
+    let tx = begin(db)?;
+    apply_calls(&tx, calls, next_seq)?;
+    finish(tx, group, next_seq, generation)
+}
+
+/// A write transaction that commits durably (see [`make_durable`]).
+fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {
     let mut tx = db.begin_write()?;
     make_durable(&mut tx)?;
+    Ok(tx)
+}
+
+/// Applies journaled calls to an open transaction.
+fn apply_calls(
+    tx: &WriteTransaction,
+    calls: &[CallOp],
+    next_seq: &mut u64,
+) -> Result<(), StoreError> {
+    if calls.is_empty() {
+        return Ok(());
+    }
+    let mut history = tx.open_table(HISTORY)?;
+    let mut usage = tx.open_table(USAGE)?;
+    let mut encryptions = tx.open_table(ENCRYPTIONS)?;
+    let mut pending_uses: PendingUses = HashMap::new();
+    let mut pending_encryptions: PendingEncryptions = HashMap::new();
+    for op in calls {
+        match op {
+            CallOp::History { tag, seq, record } => {
+                history.insert(
+                    (tag.as_str(), *seq),
+                    encode_array(record).map_err(enc)?.as_slice(),
+                )?;
+                *next_seq = (*next_seq).max(seq.saturating_add(1));
+            }
+            CallOp::Use {
+                tag,
+                at,
+                account,
+                n,
+            } => add_use(&mut pending_uses, tag, *at, account, *n),
+            CallOp::Encryptions { tag, version, n } => {
+                let e = pending_encryptions
+                    .entry((tag.as_str(), *version))
+                    .or_insert(0);
+                *e = e.saturating_add(*n);
+            }
+        }
+    }
+    flush_counters(
+        &mut usage,
+        &mut encryptions,
+        &mut pending_uses,
+        &mut pending_encryptions,
+    )
+}
+
+/// Applies a group's mutations to `tx`, stores the history sequence (and the journal's
+/// next `generation`) and commits.
+fn finish(
+    tx: WriteTransaction,
+    group: &[Submission],
+    next_seq: &mut u64,
+    generation: Option<&Generation>,
+) -> Result<(), StoreError> {
     {
         let mut keys = tx.open_table(KEYS)?;
         let mut names = tx.open_table(NAMES)?;
@@ -478,32 +575,8 @@ fn commit_group(
         let mut usage = tx.open_table(USAGE)?;
         let mut encryptions = tx.open_table(ENCRYPTIONS)?;
         let mut grants = tx.open_table(GRANTS)?;
-        let seq_before = *next_seq;
         let mut pending_uses: PendingUses = HashMap::new();
         let mut pending_encryptions: PendingEncryptions = HashMap::new();
-        for op in calls {
-            match op {
-                CallOp::History { tag, seq, record } => {
-                    history.insert(
-                        (tag.as_str(), *seq),
-                        encode_array(record).map_err(enc)?.as_slice(),
-                    )?;
-                    *next_seq = (*next_seq).max(seq.saturating_add(1));
-                }
-                CallOp::Use {
-                    tag,
-                    at,
-                    account,
-                    n,
-                } => add_use(&mut pending_uses, tag, *at, account, *n),
-                CallOp::Encryptions { tag, version, n } => {
-                    let e = pending_encryptions
-                        .entry((tag.as_str(), *version))
-                        .or_insert(0);
-                    *e = e.saturating_add(*n);
-                }
-            }
-        }
         for m in group.iter().flat_map(|s| s.mutations.iter()) {
             match m {
                 Mutation::PutKey(rec) => {
@@ -593,12 +666,10 @@ fn commit_group(
             &mut pending_uses,
             &mut pending_encryptions,
         )?;
-        if *next_seq != seq_before || generation.is_some() {
-            let mut meta = tx.open_table(META)?;
-            meta.insert(META_HISTORY_SEQ, next_seq.to_be_bytes().as_slice())?;
-            if let Some(g) = generation {
-                meta.insert(META_JOURNAL_GENERATION, g.as_slice())?;
-            }
+        let mut meta = tx.open_table(META)?;
+        meta.insert(META_HISTORY_SEQ, next_seq.to_be_bytes().as_slice())?;
+        if let Some(g) = generation {
+            meta.insert(META_JOURNAL_GENERATION, g.as_slice())?;
         }
     }
     tx.commit()?;
