@@ -292,8 +292,9 @@ struct State {
 /// journal for the store to keep.
 fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
     let mut group: Vec<Submission> = Vec::new();
-    // For the log at the end: calls per commit is what group commit is for.
-    let (mut commits, mut submissions, mut folds) = (0u64, 0u64, 0u64);
+    // For the log at the end: submissions per group is what group commit is for (a group
+    // is one write: a journal record or a redb commit).
+    let (mut groups, mut submissions, mut folds) = (0u64, 0u64, 0u64);
     // The longest fold on its own: how long calls queued behind it waited.
     let mut fold_max = std::time::Duration::ZERO;
     while let Ok(first) = rx.recv() {
@@ -304,7 +305,7 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
                 Err(_) => break,
             }
         }
-        commits += 1;
+        groups += 1;
         submissions += group.len() as u64;
         let journaled = st.journal.is_some()
             && !st.journal_failed
@@ -342,7 +343,7 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
         let _ = st.commit(Vec::new(), &[]);
     }
     tracing::info!(
-        commits,
+        groups,
         submissions,
         folds,
         fold_ms_max = fold_max.as_secs_f64() * 1000.0,
@@ -402,10 +403,7 @@ impl State {
     /// failure only drops the transaction: the fold then starts from `pending` afresh.
     fn stage(&mut self) {
         let mut seq = self.next_seq;
-        let staged = match self.staged.take() {
-            Some(open) => Ok(open),
-            None => self.db.get().and_then(|db| begin(&db)).map(|tx| (tx, 0)),
-        };
+        let staged = self.take_staged();
         let result = staged.and_then(|(tx, applied)| {
             apply_calls(&tx, &self.pending[applied..], &mut seq)?;
             Ok((tx, self.pending.len()))
@@ -413,6 +411,15 @@ impl State {
         match result {
             Ok(open) => self.staged = Some(open),
             Err(e) => tracing::warn!(error = %e, "cannot stage journaled calls; the fold will"),
+        }
+    }
+
+    /// The open transaction of the next fold and how many pending calls it holds; a new
+    /// one (holding none) if there is none.
+    fn take_staged(&mut self) -> Result<(WriteTransaction, usize), StoreError> {
+        match self.staged.take() {
+            Some(open) => Ok(open),
+            None => Ok((begin(&*self.db.get()?)?, 0)),
         }
     }
 
@@ -449,10 +456,7 @@ impl State {
         let acknowledged = self.pending.len();
         self.pending.extend(calls);
         let mut seq = self.next_seq;
-        let staged = match self.staged.take() {
-            Some(open) => Ok(open),
-            None => self.db.get().and_then(|db| begin(&db)).map(|tx| (tx, 0)),
-        };
+        let staged = self.take_staged();
         let result = staged.and_then(|(tx, applied)| {
             apply_calls(&tx, &self.pending[applied..], &mut seq)?;
             finish(tx, group, &mut seq, generation.as_ref())
