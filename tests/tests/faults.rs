@@ -268,6 +268,61 @@ async fn full_disk_fails_internal_and_recovers() {
     d.stop();
 }
 
+/// A data directory with no room for the call journal (a 2 MiB file the store keeps
+/// beside it) still serves: kmsd says it runs without the journal, and every call is then
+/// committed to the store itself — answered, counted and in the history, also after a
+/// SIGKILL and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_room_for_the_journal_still_serves() {
+    if !is_root() {
+        println!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("small");
+    let _m = Mount::tmpfs(&data, "2m");
+    let opts = DaemonOptions {
+        data_dir: Some(data.clone()),
+        ..DaemonOptions::default()
+    };
+    let mut d = TestDaemon::start_with(opts.clone());
+    assert!(
+        d.log_text().contains("running without the call journal"),
+        "{}",
+        d.log_text()
+    );
+    let c = d.client().await;
+    c.create_key(aes("nojournal")).await.unwrap();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let pt = format!("call {i}").into_bytes();
+        acked.push((pt.clone(), c.encrypt("nojournal", &pt, None).await.unwrap()));
+    }
+    drop(c);
+    d.kill();
+    d.restart_with(opts);
+    let c = Client::connect(&d.socket).await.unwrap();
+    assert_eq!(c.get_key("nojournal").await.unwrap().usage_count, 20);
+    let history = c
+        .history(kms_shared::protocol::HistoryQuery {
+            key: "nojournal".into(),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let encrypts = history
+        .iter()
+        .filter(|h| h.action == kms_shared::model::Action::Encrypt)
+        .count();
+    assert_eq!(encrypts, 20);
+    for (pt, ct) in &acked {
+        assert_eq!(&c.decrypt("nojournal", ct, None).await.unwrap(), pt);
+    }
+    drop(c);
+    d.stop();
+}
+
 /// Every page is verified at open unless the file is untouched since a clean stop: not
 /// after SIGTERM; after SIGKILL by redb's repair (and not a second time); when the file
 /// changed after a clean stop, by the full check. The data is served the same either way.

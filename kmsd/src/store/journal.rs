@@ -196,6 +196,7 @@ impl Journal {
             path: path.to_path_buf(),
             source,
         };
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -209,8 +210,17 @@ impl Journal {
             // Real zeros rather than a sparse or fallocated range: an overwrite of
             // written blocks is the cheap case for fdatasync.
             let zeros = vec![0u8; (CAPACITY - len) as usize];
-            file.write_all_at(&zeros, len).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            let allocated = file
+                .write_all_at(&zeros, len)
+                .and_then(|()| file.sync_all());
+            if let Err(e) = allocated {
+                // Give back what was taken: on a full disk the store needs it more.
+                let _ = file.set_len(len);
+                if !existed {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(io(e));
+            }
             if let Some(dir) = path.parent() {
                 File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
             }
