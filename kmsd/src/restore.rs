@@ -236,9 +236,26 @@ mod tests {
         assert!(r.previous.is_none() && r.store.exists());
         let err = restore(&opts(dir.path(), &fresh, false)).unwrap_err();
         assert!(matches!(err, RestoreError::StoreExists(_)), "{err}");
+        // The daemon ran on it: its call journal exists, and goes aside with it.
+        let fp = RootKey::load_or_create(&fresh, None)
+            .unwrap()
+            .0
+            .fingerprint();
+        drop(Store::open(&r.store, &fp).unwrap());
+        let journal = crate::store::journal::path_for(&r.store);
+        assert!(journal.exists());
         let r = restore(&opts(dir.path(), &fresh, true)).unwrap();
-        assert!(r.previous.unwrap().exists());
-        assert!(!fresh.join("kms.redb.restore-tmp").exists());
+        let previous = r.previous.unwrap();
+        assert!(previous.exists());
+        assert!(crate::store::journal::path_for(&previous).exists());
+        assert!(!journal.exists());
+        // Nothing left of the staged copy, its journal included.
+        let left: Vec<_> = std::fs::read_dir(&fresh)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains("restore-tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     /// A backup taken under another root key is refused and the existing store is left as it was.
