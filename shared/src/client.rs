@@ -580,6 +580,9 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Bytes read from the socket at a time by [`read_loop`].
+const READ_BUFFER: usize = 16 * 1024;
+
 /// Reads frames until the connection ends, routing replies to their callers and
 /// notifications to the subscription. Dropping the pending senders on exit wakes every
 /// caller with `Closed`.
@@ -588,7 +591,9 @@ async fn read_loop(
     pending: Pending,
     events: mpsc::UnboundedSender<Notification>,
 ) {
-    let mut recv = &*stream;
+    // Buffered: one read takes a reply and whatever else has arrived, instead of a read
+    // for the length, one for the body and one that finds nothing.
+    let mut recv = tokio::io::BufReader::with_capacity(READ_BUFFER, &*stream);
     loop {
         let body = match codec::read_frame(&mut recv, MAX_REPLY_FRAME).await {
             Ok(Some(body)) => body,

@@ -217,7 +217,9 @@ async fn echo_floor(
     let server = tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
+                let (r, mut w) = s.into_split();
+                // Read as kmsd and the client library read: buffered, 16 KiB at a time.
+                let mut r = tokio::io::BufReader::with_capacity(16 * 1024, r);
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
                 tokio::spawn(async move {
                     while let Some(f) = rx.recv().await {
@@ -271,6 +273,95 @@ async fn echo_floor(
     }
     server.abort();
     Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// What one durable group of calls costs on this machine: kmsd's own call journal
+/// appending records of `CALLS_PER_RECORD` encrypt calls (history entry and counters each)
+/// on a file in the system's temporary directory, timed by wall clock and by this thread's
+/// CPU clock. Every answered crypto call waits for one such append, shared with the other
+/// calls of its group; the wall time bounds calls/s at a given number in flight, the CPU
+/// time is what the group pays before any crypto or IPC.
+fn journal_cost(o: &Opts, seconds: f64) -> anyhow::Result<()> {
+    use kmsd::store::journal::{self, CallOp, Journal};
+    const CALLS_PER_RECORD: usize = 8;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kms.redb.journal");
+    let generation = journal::new_generation()?;
+    let mut j = Journal::open(&path, generation)?;
+    let ops: Vec<CallOp> = (0..CALLS_PER_RECORD as u64)
+        .flat_map(|i| {
+            let tag = format!("{:032x}", i % 2);
+            let record = kmsd::store::records::HistoryRecord {
+                time: 1_764_000_000_000,
+                action: kms_shared::model::Action::Encrypt,
+                version: Some(1),
+                result: "ok".into(),
+                account: "bench".into(),
+                uid: 1000,
+                pid: 4242,
+                client: "kms-bench".into(),
+                items: 1,
+                failed: 0,
+            };
+            [
+                CallOp::History {
+                    tag: tag.clone(),
+                    seq: i,
+                    record,
+                },
+                CallOp::Use {
+                    tag: tag.clone(),
+                    at: 1_764_000_000_000,
+                    account: "bench".into(),
+                    n: 1,
+                },
+                CallOp::Encryptions {
+                    tag,
+                    version: 1,
+                    n: 1,
+                },
+            ]
+        })
+        .collect();
+    let thread_cpu = || {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    };
+    let (start, cpu_start) = (Instant::now(), thread_cpu());
+    let mut lat = Vec::new();
+    while start.elapsed().as_secs_f64() < seconds {
+        if j.used() >= journal::CAPACITY / 2 {
+            j.restart(generation);
+        }
+        let t = Instant::now();
+        j.append(&ops)?;
+        lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    let appends = lat.len();
+    let cpu_us = (thread_cpu() - cpu_start).as_secs_f64() * 1e6 / appends as f64;
+    let mut run = Run::from(lat);
+    let (p50, p99) = (run.pct(0.50), run.pct(0.99));
+    if o.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "op": "journal-append",
+                "calls_per_record": CALLS_PER_RECORD,
+                "appends": appends,
+                "direct_io": j.is_direct(),
+                "p50_us": p50,
+                "p99_us": p99,
+                "cpu_us_per_append": cpu_us,
+            })
+        );
+    } else {
+        println!(
+            "journal append ({CALLS_PER_RECORD} calls, durable{}): p50 {p50} µs  p99 {p99} µs  \
+             cpu {cpu_us:.1} µs per append  ({appends} appends)",
+            if j.is_direct() { ", direct I/O" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// A batch call succeeds when every item did.
@@ -456,6 +547,9 @@ async fn main() -> anyhow::Result<()> {
                 ""
             }
         );
+    }
+    if !o.smoke || o.json {
+        journal_cost(&o, inproc_s * 2.0)?;
     }
     let mut cpu_before = pid.map_or(0.0, |p| proc_usage(p).0);
     for case in o.cases.clone() {
