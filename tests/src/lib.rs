@@ -38,6 +38,9 @@ pub struct TestDaemon {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The child leads a process group of its own (a `faketime` wrapper runs kmsd as its
+    /// child, and SIGKILL cannot be forwarded: killing the group reaches kmsd too).
+    own_group: bool,
 }
 
 /// How to start a daemon.
@@ -73,6 +76,7 @@ impl TestDaemon {
             data_dir,
             log,
             child: None,
+            own_group: false,
         };
         d.spawn(&opts);
         d
@@ -94,10 +98,12 @@ impl TestDaemon {
         args.extend(opts.extra_args.iter().cloned());
         let mut cmd = match &opts.faketime {
             Some(offset) => {
+                use std::os::unix::process::CommandExt as _;
                 let mut c = Command::new("faketime");
                 c.arg("-f").arg(offset).arg(bin("kmsd"));
                 // Shift only the wall clock; tokio's timers keep real monotonic time.
                 c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+                c.process_group(0);
                 c
             }
             None => Command::new(bin("kmsd")),
@@ -115,6 +121,7 @@ impl TestDaemon {
             .stderr(log);
         let child = cmd.spawn().expect("spawn kmsd");
         self.child = Some(child);
+        self.own_group = opts.faketime.is_some();
         self.wait_ready();
     }
 
@@ -160,7 +167,15 @@ impl TestDaemon {
     /// SIGKILL and wait.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            match rustix::process::Pid::from_raw(child.id() as i32) {
+                Some(pgid) if self.own_group => {
+                    let _ =
+                        rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+                }
+                _ => {
+                    let _ = child.kill();
+                }
+            }
             let _ = child.wait();
         }
     }
@@ -192,6 +207,22 @@ impl TestDaemon {
         }
         child.wait_with_output().expect("kmsctl output")
     }
+}
+
+/// Processes whose command line names `path` (a daemon's data directory), other than
+/// zombies (their command line is empty).
+pub fn processes_naming(path: &Path) -> Vec<u32> {
+    let needle = path.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
 }
 
 impl Drop for TestDaemon {

@@ -15,10 +15,19 @@ fn kms_bench_smoke_runs_every_case() {
         "kms-bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let cases: Vec<serde_json::Value> = stdout
+    let (journal, cases): (Vec<serde_json::Value>, Vec<serde_json::Value>) = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect();
+        .partition(|c: &serde_json::Value| c["op"] == "journal-append");
+    // The cost of one durable journal record, measured before the cases.
+    assert_eq!(journal.len(), 1, "{stdout}");
+    for field in ["p50_us", "p99_us", "cpu_us_per_append", "direct_io"] {
+        assert!(
+            journal[0].get(field).is_some(),
+            "{field} missing in {stdout}"
+        );
+    }
+    assert!(journal[0]["appends"].as_u64().unwrap_or(0) > 0, "{stdout}");
     assert_eq!(cases.len(), 17, "{stdout}");
     for c in &cases {
         for field in [

@@ -380,6 +380,18 @@ async fn restart_73_hours_later() {
         next > created + 73 * 3_600_000,
         "next rotation restarts from the restart"
     );
+    // Killing the daemon kills kmsd, not only the faketime wrapper it runs under.
+    drop(c);
+    d.kill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !kms_e2e::processes_naming(&d.data_dir).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kmsd outlived its faketime wrapper: {:?}",
+            kms_e2e::processes_naming(&d.data_dir)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// 16 clients × 1,000 pipelined requests are all answered correctly.
