@@ -360,7 +360,7 @@ impl Journal {
                 rustix::io::ReadWriteFlags::DSYNC,
             )?;
             // A short direct write ends on a block boundary; anything else is an error.
-            if n == 0 || n % BLOCK != 0 {
+            if n == 0 || !n.is_multiple_of(BLOCK) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::WriteZero,
                     format!(
@@ -373,7 +373,7 @@ impl Journal {
         }
         if let Some(last) = blocks.pop() {
             // The last block is the tail unless the record ended exactly on its end.
-            *self.tail = if (lead + record.len()) % BLOCK == 0 {
+            *self.tail = if (lead + record.len()).is_multiple_of(BLOCK) {
                 Block::ZERO
             } else {
                 last
