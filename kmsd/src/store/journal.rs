@@ -391,15 +391,31 @@ impl Journal {
     }
 }
 
-/// The journal opened for direct, synchronous writes (refused by file systems without
-/// `O_DIRECT`, such as tmpfs).
+/// The journal opened for direct, synchronous writes, after one such write has worked:
+/// tmpfs refuses `O_DIRECT` at open, but a file system that needs a larger alignment, or
+/// a kernel without `RWF_DSYNC`, would refuse only the write, and every record would then
+/// fail. The probe writes zeros over the first block, which holds nothing live: the
+/// journal is opened after the open's fold, under a generation no record carries yet.
 fn open_direct(path: &Path) -> std::io::Result<File> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::open(
         path,
-        OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC,
+        OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::empty(),
     )?;
+    let zero = Box::new(Block::ZERO);
+    let n = rustix::io::pwritev2(
+        &fd,
+        &[std::io::IoSlice::new(&zero.0)],
+        0,
+        rustix::io::ReadWriteFlags::DSYNC,
+    )?;
+    if n != BLOCK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            format!("direct write of one block wrote {n} bytes"),
+        ));
+    }
     Ok(File::from(fd))
 }
 

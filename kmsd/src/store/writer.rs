@@ -170,6 +170,9 @@ pub struct Writer {
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Journaled calls not yet folded into redb (0: redb holds every acknowledged call).
     unfolded: Arc<AtomicU64>,
+    /// Tests: the next commit reports a failure after it has landed (see `State::commit`).
+    #[cfg(test)]
+    land_then_fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where the store keeps its journal while no writer runs.
@@ -193,6 +196,8 @@ impl Writer {
         };
         let (tx, rx) = mpsc::channel::<Submission>();
         let unfolded = Arc::new(AtomicU64::new(0));
+        #[cfg(test)]
+        let land_then_fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = State {
             journal: slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
             db,
@@ -202,6 +207,9 @@ impl Writer {
             fold_not_before: None,
             next_seq,
             unfolded: unfolded.clone(),
+            uncertain: None,
+            #[cfg(test)]
+            land_then_fail: land_then_fail.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("kmsd-store-writer".into())
@@ -214,6 +222,8 @@ impl Writer {
             tx,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
             unfolded,
+            #[cfg(test)]
+            land_then_fail,
         })
     }
 
@@ -286,6 +296,12 @@ struct State {
     fold_not_before: Option<std::time::Instant>,
     next_seq: u64,
     unfolded: Arc<AtomicU64>,
+    /// A fold that failed in a way that may still have committed (the store could not be
+    /// read back afterwards): its generation. Until the stored generation is known, the
+    /// journal takes no records and the next commit first settles the question.
+    uncertain: Option<Generation>,
+    #[cfg(test)]
+    land_then_fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Serves submissions until every sender is gone, then folds what is pending; returns the
@@ -440,6 +456,13 @@ impl State {
     /// committed. On failure the pending calls stay pending, `calls` are dropped (their
     /// callers get the error) and the database is reopened.
     fn commit(&mut self, calls: Vec<CallOp>, group: &[Submission]) -> Result<(), StoreError> {
+        if let Some(g) = self.uncertain {
+            let landed = self.stored_generation()? == Some(g);
+            self.uncertain = None;
+            if landed {
+                self.folded(g);
+            }
+        }
         let settle_only = group
             .iter()
             .all(|s| s.mutations.iter().all(|m| matches!(m, Mutation::Settle)));
@@ -461,15 +484,24 @@ impl State {
             apply_calls(&tx, &self.pending[applied..], &mut seq)?;
             finish(tx, group, &mut seq, generation.as_ref())
         });
+        #[cfg(test)]
+        let result =
+            result.and_then(
+                |()| match self.land_then_fail.swap(false, Ordering::Relaxed) {
+                    true => Err(StoreError::Db(
+                        "injected: the commit landed, then failed".into(),
+                    )),
+                    false => Ok(()),
+                },
+            );
         match result {
             Ok(()) => {
                 self.next_seq = seq;
+                if let Some(g) = generation {
+                    self.folded(g);
+                }
                 self.pending.clear();
                 self.fold_not_before = None;
-                if let (Some(j), Some(g)) = (self.journal.as_mut(), generation) {
-                    j.restart(g);
-                    self.journal_failed = false;
-                }
                 Ok(())
             }
             Err(e) => {
@@ -479,9 +511,53 @@ impl State {
                 self.pending.truncate(acknowledged);
                 // redb fails every later operation after an I/O error: reopen the file.
                 self.db.recover();
-                Err(e)
+                // redb can fail a commit after it became durable (an fsync error after
+                // the new header was written, or a failure while freeing pages after the
+                // commit). The journal generation the transaction stored tells: if it
+                // landed, the pending calls are in redb and must not be applied again,
+                // and the journal must go on under the stored generation, or the next
+                // open would not find what it acknowledges.
+                let Some(g) = generation else {
+                    return Err(e);
+                };
+                match self.stored_generation() {
+                    Ok(stored) if stored == Some(g) => {
+                        tracing::warn!("the failed commit had landed; it counts as committed");
+                        self.next_seq = seq;
+                        self.folded(g);
+                        self.pending.clear();
+                        self.fold_not_before = None;
+                        Ok(())
+                    }
+                    Ok(_) => Err(e),
+                    Err(read) => {
+                        tracing::error!(error = %read, "cannot tell whether the commit landed; the call journal waits");
+                        self.uncertain = Some(g);
+                        self.journal_failed = true;
+                        Err(e)
+                    }
+                }
             }
         }
+    }
+
+    /// After a fold under `g` committed: nothing is pending, the journal starts over
+    /// under `g`.
+    fn folded(&mut self, g: Generation) {
+        self.pending.clear();
+        if let Some(j) = self.journal.as_mut() {
+            j.restart(g);
+            self.journal_failed = false;
+        }
+    }
+
+    /// The journal generation redb holds now.
+    fn stored_generation(&self) -> Result<Option<Generation>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.get()?.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let stored = meta.get(META_JOURNAL_GENERATION)?;
+        Ok(stored.and_then(|v| Generation::try_from(v.value()).ok()))
     }
 }
 
@@ -951,6 +1027,37 @@ mod tests {
         assert_eq!(writer.unfolded.load(Ordering::Acquire), 0);
         assert_eq!(stored(&store, "b"), (vec![], 0, 0));
         assert_eq!(stored(&store, "a").0.len(), 3);
+        writer.shutdown();
+    }
+
+    /// A fold whose commit landed but reported a failure (redb can fail after the new
+    /// header is durable) is recognised by the journal generation it stored: the pending
+    /// calls are not applied a second time, and the calls journaled after it carry the
+    /// stored generation, so a crash keeps them.
+    #[test]
+    fn a_fold_that_landed_despite_an_error_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(vec![version_one("a")]).wait().unwrap();
+        for t in 0..5 {
+            writer.submit(call("a", t)).wait().unwrap();
+        }
+        writer.land_then_fail.store(true, Ordering::Relaxed);
+        writer.settle().unwrap();
+        let want: Vec<(u64, UnixMillis)> = (0..5).map(|t| (t as u64 + 1, t)).collect();
+        assert_eq!(stored(&store, "a"), (want, 5, 5));
+        writer.submit(call("a", 5)).wait().unwrap();
+        assert_eq!(writer.unfolded.load(Ordering::Acquire), 3, "not journaled");
+        let crashed = tempfile::tempdir().unwrap();
+        let image = crash_image(&store, crashed.path());
+        let restored = Store::open(&image, "fp").unwrap();
+        let (history, usage, enc) = stored(&restored, "a");
+        assert_eq!((history.len(), usage, enc), (6, 6, 6), "after a crash");
+        drop(restored);
+        writer.settle().unwrap();
+        let (history, usage, enc) = stored(&store, "a");
+        assert_eq!((history.len(), usage, enc), (6, 6, 6), "without a crash");
         writer.shutdown();
     }
 
