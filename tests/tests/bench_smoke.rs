@@ -45,6 +45,41 @@ fn kms_bench_smoke_runs_every_case() {
         assert_eq!(c["errors"], 0, "{c}");
         assert!(c["ops"].as_u64().unwrap_or(0) > 0, "{c}");
     }
+    // Where the daemon's CPU went, by thread: signing runs on the crypto pool, and every
+    // journaled call costs the store writer something.
+    let case = |op: &str| {
+        cases
+            .iter()
+            .find(|c| c["op"] == op)
+            .unwrap_or_else(|| panic!("no {op} in {stdout}"))
+    };
+    let sign = case("ecdsa-sign");
+    assert!(
+        sign["daemon_cpu_us_per_op"]["crypto"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{sign}"
+    );
+    assert!(
+        sign["inproc_all_cores_ops_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{sign}"
+    );
+    let aes = case("aes-enc-1k");
+    assert!(
+        aes["daemon_cpu_us_per_op"]["writer"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{aes}"
+    );
+    assert!(
+        aes["daemon_cpu_us_per_op"]["reactor"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{aes}"
+    );
 }
 
 /// The scale mode on a small store: populated offline, served by a real daemon that lists,

@@ -201,17 +201,40 @@ enum Limit {
     Ops(u64),
 }
 
-/// In-process ops/s of a primitive on one thread.
-fn inproc(seconds: f64, mut f: impl FnMut(u64)) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < seconds {
-        for _ in 0..16 {
-            f(n);
-            n += 1;
+/// A primitive measured in-process, in the same run as the daemon case.
+#[derive(Debug, Clone, Copy)]
+struct InProc {
+    /// Ops/s on one thread.
+    one: f64,
+    /// Ops/s of `threads` threads running it at once: what this machine's cores give
+    /// together, which on a shared or virtual machine is less than `one × threads`.
+    all: f64,
+    threads: usize,
+}
+
+/// Runs `f` for `seconds` on one thread, then for `seconds` on every core at once.
+fn inproc(seconds: f64, f: impl Fn(u64) + Sync) -> InProc {
+    let run = |f: &(dyn Fn(u64) + Sync)| {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed().as_secs_f64() < seconds {
+            for _ in 0..16 {
+                f(n);
+                n += 1;
+            }
         }
-    }
-    n as f64 / start.elapsed().as_secs_f64()
+        n as f64 / start.elapsed().as_secs_f64()
+    };
+    let one = run(&f);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let all = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| run(&f))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0.0))
+            .sum::<f64>()
+    });
+    InProc { one, all, threads }
 }
 
 /// The echo floor: a server that returns each frame, same socket type, same framing.
@@ -402,20 +425,24 @@ fn spec(name: &str, t: KeyType, convergent: bool) -> CreateKey {
     }
 }
 
-/// (utime+stime in seconds, peak RSS in KiB) of a process.
-fn proc_usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// utime+stime of a `/proc/.../stat` line, in seconds.
+fn stat_cpu_s(stat: &str) -> f64 {
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
         .unwrap_or_default();
     // USER_HZ is 100 on every Linux ABI kmsd targets.
     let ticks = 100.0;
-    let cpu = fields
+    fields
         .get(11)
         .zip(fields.get(12))
         .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
-        .map_or(0.0, |t| t / ticks);
+        .map_or(0.0, |t| t / ticks)
+}
+
+/// (utime+stime in seconds, peak RSS in KiB) of a process.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let cpu = stat_cpu_s(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default());
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm = status
         .lines()
@@ -425,20 +452,93 @@ fn proc_usage(pid: u32) -> (f64, u64) {
     (cpu, hwm)
 }
 
+/// CPU seconds of kmsd's threads by role (the names kmsd gives them): the tokio workers
+/// that read, decode and answer requests, the crypto pool, and the store writer (journal
+/// records and folds). Where a call's CPU goes is what decides what to make cheaper.
+#[derive(Debug, Clone, Copy, Default)]
+struct ThreadCpu {
+    reactor: f64,
+    crypto: f64,
+    writer: f64,
+    other: f64,
+}
+
+impl ThreadCpu {
+    fn read(pid: u32) -> ThreadCpu {
+        let mut t = ThreadCpu::default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return t;
+        };
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            // Nanoseconds on a CPU (schedstat's first field): clock-tick precision (10 ms)
+            // would read zero for the writer over a smoke run.
+            let cpu = std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(0.0, |ns| ns / 1e9);
+            match comm.trim() {
+                "kmsd" => t.reactor += cpu,
+                c if c.starts_with("kmsd-crypto") => t.crypto += cpu,
+                c if c.starts_with("kmsd-store-wri") => t.writer += cpu,
+                _ => t.other += cpu,
+            }
+        }
+        t
+    }
+
+    fn since(self, before: ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            reactor: self.reactor - before.reactor,
+            crypto: self.crypto - before.crypto,
+            writer: self.writer - before.writer,
+            other: self.other - before.other,
+        }
+    }
+
+    /// Microseconds per operation, by role.
+    fn per_op_us(self, ops: f64) -> [(&'static str, f64); 4] {
+        let us = |s: f64| if ops > 0.0 { s * 1e6 / ops } else { 0.0 };
+        [
+            ("reactor", us(self.reactor)),
+            ("crypto", us(self.crypto)),
+            ("writer", us(self.writer)),
+            ("other", us(self.other)),
+        ]
+    }
+}
+
+/// The pid of the process serving `socket`, from the connection's peer credentials
+/// (`SO_PEERCRED`): how `--socket` runs find the daemon to read its CPU time.
+fn peer_pid(socket: &std::path::Path) -> Option<u32> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let cred = rustix::net::sockopt::socket_peercred(&stream).ok()?;
+    u32::try_from(cred.pid.as_raw_nonzero().get()).ok()
+}
+
 struct Case<'a> {
     name: &'a str,
     run: Run,
     /// Operations per call: the item count of a batch case, else 1.
     per_call: usize,
-    inproc: Option<f64>,
+    inproc: Option<InProc>,
     floor: f64,
     cpu_s: f64,
+    /// The daemon's CPU during the case, by thread role.
+    threads: ThreadCpu,
     rss_kib: u64,
 }
 
 fn report(o: &Opts, c: &mut Case) {
     let ops = c.run.ops_per_s() * c.per_call as f64;
     let (p50, p99, p999) = (c.run.pct(0.5), c.run.pct(0.99), c.run.pct(0.999));
+    let done = (c.run.lat_us.len() * c.per_call) as f64;
+    let per_op: serde_json::Map<String, serde_json::Value> = c
+        .threads
+        .per_op_us(done)
+        .into_iter()
+        .map(|(role, us)| (role.to_string(), ((us * 10.0).round() / 10.0).into()))
+        .collect();
     if o.json {
         println!(
             "{}",
@@ -446,21 +546,25 @@ fn report(o: &Opts, c: &mut Case) {
                 "op": c.name, "conns": o.conns, "depth": o.depth, "items_per_call": c.per_call,
                 "ops": c.run.lat_us.len() * c.per_call, "errors": c.run.errors,
                 "ops_per_s": ops.round(), "p50_us": p50, "p99_us": p99, "p999_us": p999,
-                "inproc_ops_per_s": c.inproc.map(f64::round),
+                "inproc_ops_per_s": c.inproc.map(|i| i.one.round()),
+                "inproc_all_cores_ops_per_s": c.inproc.map(|i| i.all.round()),
+                "inproc_threads": c.inproc.map(|i| i.threads),
                 "floor_ops_per_s": c.floor.round(),
                 "pct_of_floor": (100.0 * ops / c.floor).round(),
                 "daemon_cpu_s": c.cpu_s, "daemon_peak_rss_kib": c.rss_kib,
+                "daemon_cpu_us_per_op": per_op,
             })
         );
     } else {
         println!(
-            "{:<13} {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  in-proc {:>9}  floor {:>8} ({:>3.0}%)  errors {}  cpu {:.1}s  rss {} MiB",
+            "{:<13} {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  in-proc {:>9} ({} on all cores)  floor {:>8} ({:>3.0}%)  errors {}  cpu {:.1}s  rss {} MiB",
             c.name,
             ops,
             p50,
             p99,
             p999,
-            c.inproc.map_or("-".into(), |v| format!("{v:.0}/s")),
+            c.inproc.map_or("-".into(), |v| format!("{:.0}/s", v.one)),
+            c.inproc.map_or("-".into(), |v| format!("{:.0}/s", v.all)),
             if c.floor.is_nan() {
                 "-".to_string()
             } else {
@@ -471,6 +575,15 @@ fn report(o: &Opts, c: &mut Case) {
             c.cpu_s,
             c.rss_kib / 1024
         );
+        if c.cpu_s > 0.0 {
+            let roles: Vec<String> = c
+                .threads
+                .per_op_us(done)
+                .iter()
+                .map(|(role, us)| format!("{role} {us:.1}"))
+                .collect();
+            println!("{:<13} daemon CPU per op, µs: {}", "", roles.join(", "));
+        }
     }
 }
 
@@ -492,7 +605,10 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| daemon.as_ref().map(|d| d.socket.clone()))
         .context("no socket")?;
-    let pid = daemon.as_ref().and_then(TestDaemon::pid);
+    let pid = daemon
+        .as_ref()
+        .and_then(TestDaemon::pid)
+        .or_else(|| peer_pid(&socket));
     let admin = Client::connect(&socket).await?;
     let tag = std::process::id() % 100_000;
     let k = |s: &str| format!("b{tag}{s}");
@@ -562,6 +678,7 @@ async fn main() -> anyhow::Result<()> {
         journal_cost(&o, inproc_s * 2.0)?;
     }
     let mut cpu_before = pid.map_or(0.0, |p| proc_usage(p).0);
+    let mut threads_before = pid.map(ThreadCpu::read).unwrap_or_default();
     for case in o.cases.clone() {
         let c = &clients;
         let per_call = if case.ends_with("-batch") { o.batch } else { 1 };
@@ -938,6 +1055,9 @@ async fn main() -> anyhow::Result<()> {
         let (cpu_now, rss_kib) = pid.map(proc_usage).unwrap_or_default();
         let cpu_s = cpu_now - cpu_before;
         cpu_before = cpu_now;
+        let threads_now = pid.map(ThreadCpu::read).unwrap_or_default();
+        let threads = threads_now.since(threads_before);
+        threads_before = threads_now;
         let mut case = Case {
             name: &case,
             run,
@@ -945,6 +1065,7 @@ async fn main() -> anyhow::Result<()> {
             inproc: inp,
             floor,
             cpu_s,
+            threads,
             rss_kib,
         };
         report(&o, &mut case);
@@ -1228,6 +1349,7 @@ mod ssh_agent {
                 inproc: None,
                 floor: f64::NAN,
                 cpu_s: 0.0,
+                threads: ThreadCpu::default(),
                 rss_kib: 0,
             };
             report(o, &mut case);
