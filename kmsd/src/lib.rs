@@ -140,7 +140,18 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     systemd::notify_ready(engine.live_keys(), &config.socket);
     systemd::spawn_notifier(engine.clone(), config.socket.clone(), trigger.handle());
 
-    stop.await;
+    // A writer thread that died leaves a daemon that refuses every call while looking
+    // healthy to its service manager (the watchdog is fed from the runtime): stop instead,
+    // with an error, so that systemd restarts kmsd (Restart=on-failure). Every answered
+    // call is in the journal or the store; the next start folds the journal and, since
+    // this is not recorded as a clean stop, verifies every page of the store.
+    let writer_failed = tokio::select! {
+        () = stop => false,
+        () = engine.writer_failed() => true,
+    };
+    if writer_failed {
+        tracing::error!("the store writer stopped: shutting down so that kmsd is restarted");
+    }
     tracing::info!("shutting down: answering requests in flight");
     systemd::notify_stopping();
     trigger.shutdown().await;
@@ -156,7 +167,10 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     loop {
         match Arc::try_unwrap(engine) {
             Ok(e) => {
-                e.close().close();
+                let store = e.close();
+                if !writer_failed {
+                    store.close();
+                }
                 break;
             }
             Err(still) if std::time::Instant::now() < deadline => {
@@ -170,5 +184,8 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         }
     }
     tracing::info!("stopped");
+    if writer_failed {
+        anyhow::bail!("the store writer thread died (see the log above); restart kmsd");
+    }
     Ok(())
 }

@@ -206,6 +206,12 @@ impl Engine {
         store
     }
 
+    /// Resolves if the store's writer thread dies (a bug): from then on no call can be
+    /// answered durably, and the daemon stops rather than refuse everything.
+    pub async fn writer_failed(&self) {
+        self.writer.failed().await
+    }
+
     pub fn now(&self) -> UnixMillis {
         self.clock.now()
     }

@@ -170,9 +170,25 @@ pub struct Writer {
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Journaled calls not yet folded into redb (0: redb holds every acknowledged call).
     unfolded: Arc<AtomicU64>,
+    /// Set if the thread died of a panic.
+    exit: Arc<WriterExit>,
     /// Tests: the next commit reports a failure after it has landed (see `State::commit`).
     #[cfg(test)]
     land_then_fail: Arc<std::sync::atomic::AtomicBool>,
+    /// Tests: the thread panics on the next group it takes.
+    #[cfg(test)]
+    panic_next: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How the writer thread ended. A panic there is a bug (or redb meeting a page it cannot
+/// read) and leaves the daemon unable to answer any call durably: every submission
+/// resolves to [`StoreError::WriterGone`] from then on. The daemon waits on
+/// [`Writer::failed`] and stops, so that the service manager restarts it rather than
+/// leaving a process that looks healthy and refuses everything.
+#[derive(Default)]
+struct WriterExit {
+    panicked: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
 }
 
 /// Where the store keeps its journal while no writer runs.
@@ -196,8 +212,11 @@ impl Writer {
         };
         let (tx, rx) = mpsc::channel::<Submission>();
         let unfolded = Arc::new(AtomicU64::new(0));
+        let exit = Arc::new(WriterExit::default());
         #[cfg(test)]
         let land_then_fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        #[cfg(test)]
+        let panic_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = State {
             journal: slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
             db,
@@ -210,20 +229,41 @@ impl Writer {
             uncertain: None,
             #[cfg(test)]
             land_then_fail: land_then_fail.clone(),
+            #[cfg(test)]
+            panic_next: panic_next.clone(),
         };
+        let exited = exit.clone();
         let thread = std::thread::Builder::new()
             .name("kmsd-store-writer".into())
             .spawn(move || {
-                let journal = run(state, rx);
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = journal;
+                // Unwinding drops the queue, so every submission waiting in it, and every
+                // one made later, resolves to WriterGone: no call is answered as durable
+                // that was not. The journal is dropped unreturned; its records stay on disk
+                // for the next open to fold.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(state, rx))) {
+                    Ok(journal) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = journal,
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(panic = %why, "the store writer thread panicked");
+                        exited.panicked.store(true, Ordering::Release);
+                        exited.notify.notify_one();
+                    }
+                }
             })
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Writer {
             tx,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
             unfolded,
+            exit,
             #[cfg(test)]
             land_then_fail,
+            #[cfg(test)]
+            panic_next,
         })
     }
 
@@ -237,6 +277,21 @@ impl Writer {
             return Ok(());
         }
         self.submit(vec![Mutation::Settle]).wait()
+    }
+
+    /// Whether the writer thread died of a panic (see [`WriterExit`]).
+    pub fn has_failed(&self) -> bool {
+        self.exit.panicked.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the writer thread has died of a panic; never if it runs or stops
+    /// normally.
+    pub async fn failed(&self) {
+        // `notify_one` keeps a permit if no one waits yet, so a panic between the check
+        // and the wait is not missed.
+        while !self.has_failed() {
+            self.exit.notify.notified().await;
+        }
     }
 
     /// Queues mutations that land in one transaction; the ticket resolves when durable.
@@ -302,6 +357,8 @@ struct State {
     uncertain: Option<Generation>,
     #[cfg(test)]
     land_then_fail: Arc<std::sync::atomic::AtomicBool>,
+    #[cfg(test)]
+    panic_next: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Serves submissions until every sender is gone, then folds what is pending; returns the
@@ -314,6 +371,10 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
     // The longest fold on its own: how long calls queued behind it waited.
     let mut fold_max = std::time::Duration::ZERO;
     while let Ok(first) = rx.recv() {
+        #[cfg(test)]
+        if st.panic_next.swap(false, Ordering::Relaxed) {
+            panic!("test: the writer panics");
+        }
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -1059,6 +1120,59 @@ mod tests {
         let (history, usage, enc) = stored(&store, "a");
         assert_eq!((history.len(), usage, enc), (6, 6, 6), "without a crash");
         writer.shutdown();
+    }
+
+    /// A writer thread that panics answers nothing as durable, refuses every later
+    /// submission, and says so, so that the daemon can stop; the calls it had journaled
+    /// are still on disk for the next open.
+    #[test]
+    fn a_panicked_writer_refuses_and_reports_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let store = Store::open(&path, "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(vec![version_one("a")]).wait().unwrap();
+        for t in 0..3 {
+            writer.submit(call("a", t)).wait().unwrap();
+        }
+        assert!(!writer.has_failed());
+        writer.panic_next.store(true, Ordering::Relaxed);
+        let refused = writer.submit(call("a", 3)).wait();
+        assert!(
+            matches!(
+                refused.as_ref().map_err(|e| &**e),
+                Err(StoreError::WriterGone)
+            ),
+            "{refused:?}"
+        );
+        let later = writer.submit(call("a", 4)).wait();
+        assert!(
+            matches!(
+                later.as_ref().map_err(|e| &**e),
+                Err(StoreError::WriterGone)
+            ),
+            "{later:?}"
+        );
+        assert!(writer.has_failed());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), writer.failed())
+                .await
+                .expect("failed() resolves after a panic")
+        });
+        writer.shutdown();
+        // Not a clean stop: the store is dropped, and the next open folds the journal.
+        drop(store);
+        let reopened = Store::open(&path, "fp").unwrap();
+        let (history, usage, _) = stored(&reopened, "a");
+        assert_eq!(
+            (history.len(), usage),
+            (3, 3),
+            "the acknowledged calls, no more"
+        );
     }
 
     /// Enough pending calls fold on their own, without a reader or a change asking.
