@@ -13,9 +13,12 @@ use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT};
 use kms_shared::protocol::{
     DaemonStatus, ErrorKind, Event, PROTOCOL_VERSION, Request, Response, WireError,
 };
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Wake, Waker};
 
 pub struct Service {
     engine: Arc<Engine>,
@@ -120,12 +123,11 @@ impl Service {
             } => {
                 let inline = plaintext.len() <= MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
-                let p = self
-                    .run(inline, move |e| {
-                        e.encrypt(&c, &key, &plaintext, context.as_deref())
-                    })
-                    .await?;
-                finish(p, |ciphertext| Response::Ciphertext { ciphertext }).await
+                self.run(inline, move |e| {
+                    e.encrypt(&c, &key, &plaintext, context.as_deref())
+                })
+                .await
+                .map(|ciphertext| Response::Ciphertext { ciphertext })
             }
             Request::Decrypt {
                 key,
@@ -134,12 +136,11 @@ impl Service {
             } => {
                 let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
-                let p = self
-                    .run(inline, move |e| {
-                        e.decrypt(&c, &key, &ciphertext, context.as_deref())
-                    })
-                    .await?;
-                finish(p, |plaintext| Response::Plaintext { plaintext }).await
+                self.run(inline, move |e| {
+                    e.decrypt(&c, &key, &ciphertext, context.as_deref())
+                })
+                .await
+                .map(|plaintext| Response::Plaintext { plaintext })
             }
             Request::Reencrypt {
                 key,
@@ -148,33 +149,29 @@ impl Service {
             } => {
                 let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
-                let p = self
-                    .run(inline, move |e| {
-                        e.reencrypt(&c, &key, &ciphertext, context.as_deref())
-                    })
-                    .await?;
-                finish(p, |ciphertext| Response::Ciphertext { ciphertext }).await
+                self.run(inline, move |e| {
+                    e.reencrypt(&c, &key, &ciphertext, context.as_deref())
+                })
+                .await
+                .map(|ciphertext| Response::Ciphertext { ciphertext })
             }
             Request::EncryptBatch { key, items } => {
                 let c = caller.clone();
-                let p = self
-                    .run(false, move |e| e.encrypt_batch(&c, &key, &items))
-                    .await?;
-                finish(p, |items| Response::Batch { items }).await
+                self.run(false, move |e| e.encrypt_batch(&c, &key, &items))
+                    .await
+                    .map(|items| Response::Batch { items })
             }
             Request::DecryptBatch { key, items } => {
                 let c = caller.clone();
-                let p = self
-                    .run(false, move |e| e.decrypt_batch(&c, &key, &items))
-                    .await?;
-                finish(p, |items| Response::Batch { items }).await
+                self.run(false, move |e| e.decrypt_batch(&c, &key, &items))
+                    .await
+                    .map(|items| Response::Batch { items })
             }
             Request::ReencryptBatch { key, items } => {
                 let c = caller.clone();
-                let p = self
-                    .run(false, move |e| e.reencrypt_batch(&c, &key, &items))
-                    .await?;
-                finish(p, |items| Response::Batch { items }).await
+                self.run(false, move |e| e.reencrypt_batch(&c, &key, &items))
+                    .await
+                    .map(|items| Response::Batch { items })
             }
             Request::Sign {
                 key,
@@ -182,10 +179,9 @@ impl Service {
                 scheme,
             } => {
                 let c = caller.clone();
-                let p = self
-                    .run(false, move |e| e.sign(&c, &key, &message, scheme))
-                    .await?;
-                finish(p, |signature| Response::Signature { signature }).await
+                self.run(false, move |e| e.sign(&c, &key, &message, scheme))
+                    .await
+                    .map(|signature| Response::Signature { signature })
             }
             Request::Verify {
                 key,
@@ -194,19 +190,17 @@ impl Service {
                 scheme,
             } => {
                 let c = caller.clone();
-                let p = self
-                    .run(false, move |e| {
-                        e.verify(&c, &key, &message, &signature, scheme)
-                    })
-                    .await?;
-                finish(p, |valid| Response::Verified { valid }).await
+                self.run(false, move |e| {
+                    e.verify(&c, &key, &message, &signature, scheme)
+                })
+                .await
+                .map(|valid| Response::Verified { valid })
             }
             Request::PublicKey { key, version } => {
                 let c = caller.clone();
-                let p = self
-                    .run(false, move |e| e.public_key(&c, &key, version))
-                    .await?;
-                finish(p, |(version, pem)| Response::PublicKey { version, pem }).await
+                self.run(false, move |e| e.public_key(&c, &key, version))
+                    .await
+                    .map(|(version, pem)| Response::PublicKey { version, pem })
             }
             Request::DataKey {
                 key,
@@ -215,17 +209,15 @@ impl Service {
                 context,
             } => {
                 let c = caller.clone();
-                let p = self
-                    .run(false, move |e| {
-                        e.data_key(&c, &key, bits, plaintext, context.as_deref())
-                    })
-                    .await?;
-                finish(p, move |(ciphertext, plaintext)| Response::DataKey {
+                self.run(false, move |e| {
+                    e.data_key(&c, &key, bits, plaintext, context.as_deref())
+                })
+                .await
+                .map(move |(ciphertext, plaintext)| Response::DataKey {
                     ciphertext,
                     plaintext,
                     bits,
                 })
-                .await
             }
             Request::CreateKey(spec) => {
                 self.blocking(caller, move |e, c| {
@@ -407,24 +399,40 @@ impl Service {
         })
     }
 
-    /// Runs a crypto call inline or on the crypto pool; returns its pending result.
+    /// Runs a crypto call inline or on the crypto pool and waits until its history entry
+    /// is durable; returns its result.
+    ///
+    /// A call on the pool wakes this task once, when its answer is final: the pool thread
+    /// hands the wait for durability to [`complete_on_wake`], so the writer thread, whose
+    /// answer is what the call waits for, finishes it and sends the result here. Handing
+    /// the pending call back first and then waiting here cost a second wake-up of the
+    /// reactor per call.
     async fn run<T: Send + 'static>(
         &self,
         inline: bool,
         f: impl FnOnce(&Engine) -> Pending<T> + Send + 'static,
-    ) -> Result<Pending<T>, WireError> {
+    ) -> Result<T, WireError> {
         if inline {
-            return Ok(f(&self.engine));
+            return f(&self.engine).wait_async().await.map_err(wire);
         }
         let engine = self.engine.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         self.crypto.spawn(move || {
-            let _ = done.send(f(&engine));
+            let pending = f(&engine);
+            complete_on_wake(async move {
+                let _ = done.send(pending.wait_async().await);
+            });
         });
-        result.await.map_err(|_| {
-            tracing::error!("a crypto task ended without an answer");
-            WireError::new(ErrorKind::Internal, "the request could not be completed")
-        })
+        match result.await {
+            Ok(r) => r.map_err(wire),
+            Err(_) => {
+                tracing::error!("a crypto task ended without an answer");
+                Err(WireError::new(
+                    ErrorKind::Internal,
+                    "the request could not be completed",
+                ))
+            }
+        }
     }
 
     /// Runs a call that may wait on a commit or read the store, on the blocking pool.
@@ -456,8 +464,33 @@ impl Service {
     }
 }
 
-async fn finish<T>(p: Pending<T>, f: impl FnOnce(T) -> Response) -> Reply {
-    p.wait_async().await.map(f).map_err(wire)
+/// Polls `fut` now and then on whichever thread wakes it, until it completes: no executor
+/// and no thread of its own. For futures whose wake-ups come from cheap events (here, the
+/// store writer answering a submission), so that what follows the event runs right there.
+fn complete_on_wake(fut: impl Future<Output = ()> + Send + 'static) {
+    struct Task {
+        fut: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+    }
+    impl Task {
+        fn poll(self: &Arc<Self>) {
+            let waker = Waker::from(self.clone());
+            let mut slot = self.fut.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = slot.as_mut()
+                && f.as_mut().poll(&mut Context::from_waker(&waker)).is_ready()
+            {
+                *slot = None;
+            }
+        }
+    }
+    impl Wake for Task {
+        fn wake(self: Arc<Self>) {
+            self.poll();
+        }
+    }
+    Arc::new(Task {
+        fut: Mutex::new(Some(Box::pin(fut))),
+    })
+    .poll();
 }
 
 fn wire(e: EngineError) -> WireError {
@@ -470,4 +503,50 @@ fn wire(e: EngineError) -> WireError {
 fn join_error(e: tokio::task::JoinError) -> WireError {
     tracing::error!(error = %e, "request task failed");
     WireError::new(ErrorKind::Internal, "the request could not be completed")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::complete_on_wake;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// The future finishes on the thread that wakes it, with the value sent there.
+    #[test]
+    fn completes_when_woken_from_another_thread() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let (out_tx, out_rx) = mpsc::channel();
+        complete_on_wake(async move {
+            let _ = out_tx.send((rx.await, std::thread::current().name().map(String::from)));
+        });
+        assert!(out_rx.try_recv().is_err(), "nothing to complete with yet");
+        std::thread::Builder::new()
+            .name("waker".into())
+            .spawn(move || tx.send(7).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        let (value, thread) = out_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(value, Ok(7));
+        assert_eq!(thread.as_deref(), Some("waker"));
+    }
+
+    /// A sender that goes away still completes the future (with the error), and one that
+    /// is ready at once completes on the spot.
+    #[test]
+    fn completes_on_drop_and_when_ready_at_once() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let (out_tx, out_rx) = mpsc::channel();
+        complete_on_wake(async move {
+            let _ = out_tx.send(rx.await.is_err());
+        });
+        drop(tx);
+        assert!(out_rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        let (out_tx, out_rx) = mpsc::channel();
+        complete_on_wake(async move {
+            let _ = out_tx.send(1);
+        });
+        assert_eq!(out_rx.try_recv(), Ok(1));
+    }
 }
