@@ -53,33 +53,14 @@ fn kms_bench_smoke_runs_every_case() {
             .find(|c| c["op"] == op)
             .unwrap_or_else(|| panic!("no {op} in {stdout}"))
     };
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
     let sign = case("ecdsa-sign");
-    assert!(
-        sign["daemon_cpu_us_per_op"]["crypto"]
-            .as_f64()
-            .unwrap_or(0.0)
-            > 0.0,
-        "{sign}"
-    );
-    assert!(
-        sign["inproc_all_cores_ops_per_s"].as_f64().unwrap_or(0.0) > 0.0,
-        "{sign}"
-    );
+    assert!(num(&sign["daemon_cpu_us_per_op"]["crypto"]) > 0.0, "{sign}");
+    assert!(num(&sign["inproc_all_cores_ops_per_s"]) > 0.0, "{sign}");
     let aes = case("aes-enc-1k");
-    assert!(
-        aes["daemon_cpu_us_per_op"]["writer"]
-            .as_f64()
-            .unwrap_or(0.0)
-            > 0.0,
-        "{aes}"
-    );
-    assert!(
-        aes["daemon_cpu_us_per_op"]["reactor"]
-            .as_f64()
-            .unwrap_or(0.0)
-            > 0.0,
-        "{aes}"
-    );
+    assert!(num(&aes["daemon_cpu_us_per_op"]["writer"]) > 0.0, "{aes}");
+    assert!(num(&aes["daemon_cpu_us_per_op"]["reactor"]) > 0.0, "{aes}");
+    assert!(num(&aes["client_cpu_us_per_op"]) > 0.0, "{aes}");
 }
 
 /// The scale mode on a small store: populated offline, served by a real daemon that lists,

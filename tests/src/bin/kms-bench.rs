@@ -127,6 +127,9 @@ struct Run {
     lat_us: Vec<u32>,
     elapsed: Duration,
     errors: u64,
+    /// CPU time of this benchmark process while it drove the case: the client's share
+    /// of the two cores it and the daemon compete for.
+    client_cpu_s: f64,
 }
 
 impl Run {
@@ -151,6 +154,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let start = Instant::now();
+    let cpu_before = own_cpu_s();
     let mut tasks = tokio::task::JoinSet::new();
     let per_task_ops = match limit {
         Limit::Ops(n) => (n / (clients.len() * depth) as u64).max(1),
@@ -184,6 +188,7 @@ where
         lat_us: Vec::new(),
         elapsed: Duration::ZERO,
         errors: 0,
+        client_cpu_s: 0.0,
     };
     while let Some(r) = tasks.join_next().await {
         if let Ok((lat, errors)) = r {
@@ -192,7 +197,25 @@ where
         }
     }
     run.elapsed = start.elapsed();
+    run.client_cpu_s = own_cpu_s() - cpu_before;
     run
+}
+
+/// CPU seconds of every thread of this process, summed from schedstat (nanoseconds,
+/// where `stat` counts 10 ms ticks).
+fn own_cpu_s() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks.flatten().map(|t| thread_cpu_s(&t.path())).sum()
+}
+
+/// CPU seconds of one thread (`/proc/PID/task/TID`): schedstat's first field, in ns.
+fn thread_cpu_s(task: &std::path::Path) -> f64 {
+    std::fs::read_to_string(task.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -471,12 +494,9 @@ impl ThreadCpu {
         };
         for task in tasks.flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            // Nanoseconds on a CPU (schedstat's first field): clock-tick precision (10 ms)
-            // would read zero for the writer over a smoke run.
-            let cpu = std::fs::read_to_string(task.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-                .map_or(0.0, |ns| ns / 1e9);
+            // Nanoseconds (schedstat): clock-tick precision (10 ms) would read zero for
+            // the writer over a smoke run.
+            let cpu = thread_cpu_s(&task.path());
             match comm.trim() {
                 "kmsd" => t.reactor += cpu,
                 c if c.starts_with("kmsd-crypto") => t.crypto += cpu,
@@ -553,6 +573,7 @@ fn report(o: &Opts, c: &mut Case) {
                 "pct_of_floor": (100.0 * ops / c.floor).round(),
                 "daemon_cpu_s": c.cpu_s, "daemon_peak_rss_kib": c.rss_kib,
                 "daemon_cpu_us_per_op": per_op,
+                "client_cpu_us_per_op": if done > 0.0 { (c.run.client_cpu_s * 1e7 / done).round() / 10.0 } else { 0.0 },
             })
         );
     } else {
@@ -582,7 +603,12 @@ fn report(o: &Opts, c: &mut Case) {
                 .iter()
                 .map(|(role, us)| format!("{role} {us:.1}"))
                 .collect();
-            println!("{:<13} daemon CPU per op, µs: {}", "", roles.join(", "));
+            println!(
+                "{:<13} CPU per op, µs: daemon {}; client {:.1}",
+                "",
+                roles.join(", "),
+                c.run.client_cpu_s * 1e6 / done.max(1.0)
+            );
         }
     }
 }
@@ -1201,6 +1227,7 @@ impl From<Vec<u32>> for Run {
             lat_us,
             elapsed: Duration::ZERO,
             errors: 0,
+            client_cpu_s: 0.0,
         }
     }
 }
@@ -1334,6 +1361,7 @@ mod ssh_agent {
                 lat_us: Vec::new(),
                 elapsed: Duration::ZERO,
                 errors: 0,
+                client_cpu_s: 0.0,
             };
             while let Some(r) = tasks.join_next().await {
                 match r? {
