@@ -178,6 +178,9 @@ pub struct Writer {
     /// Tests: the thread panics on the next group it takes.
     #[cfg(test)]
     panic_next: Arc<std::sync::atomic::AtomicBool>,
+    /// Tests: the next read of the stored journal generation fails.
+    #[cfg(test)]
+    generation_unreadable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How the writer thread ended. A panic there is a bug (or redb meeting a page it cannot
@@ -217,6 +220,8 @@ impl Writer {
         let land_then_fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
         #[cfg(test)]
         let panic_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        #[cfg(test)]
+        let generation_unreadable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = State {
             journal: slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
             db,
@@ -231,6 +236,8 @@ impl Writer {
             land_then_fail: land_then_fail.clone(),
             #[cfg(test)]
             panic_next: panic_next.clone(),
+            #[cfg(test)]
+            generation_unreadable: generation_unreadable.clone(),
         };
         let exited = exit.clone();
         let thread = std::thread::Builder::new()
@@ -264,6 +271,8 @@ impl Writer {
             land_then_fail,
             #[cfg(test)]
             panic_next,
+            #[cfg(test)]
+            generation_unreadable,
         })
     }
 
@@ -359,6 +368,8 @@ struct State {
     land_then_fail: Arc<std::sync::atomic::AtomicBool>,
     #[cfg(test)]
     panic_next: Arc<std::sync::atomic::AtomicBool>,
+    #[cfg(test)]
+    generation_unreadable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Serves submissions until every sender is gone, then folds what is pending; returns the
@@ -567,6 +578,11 @@ impl State {
             }
             Err(e) => {
                 tracing::error!(error = %e, submissions = group.len(), "store commit failed");
+                // The sequence numbers the transaction gave out are spent, as a failed
+                // append's are: if it landed after all (below), its entries hold them,
+                // and handing them out again would overwrite those entries. History may
+                // have gaps, never duplicates.
+                self.next_seq = seq;
                 // `calls` were never acknowledged, and the journal does not hold them
                 // (they came here because they did not fit).
                 self.pending.truncate(acknowledged);
@@ -584,7 +600,6 @@ impl State {
                 match self.stored_generation() {
                     Ok(stored) if stored == Some(g) => {
                         tracing::warn!("the failed commit had landed; it counts as committed");
-                        self.next_seq = seq;
                         self.folded(g);
                         self.pending.clear();
                         self.fold_not_before = None;
@@ -615,6 +630,10 @@ impl State {
     /// The journal generation redb holds now.
     fn stored_generation(&self) -> Result<Option<Generation>, StoreError> {
         use redb::ReadableDatabase;
+        #[cfg(test)]
+        if self.generation_unreadable.swap(false, Ordering::Relaxed) {
+            return Err(StoreError::Db("injected: the store cannot be read".into()));
+        }
         let tx = self.db.get()?.begin_read()?;
         let meta = tx.open_table(META)?;
         let stored = meta.get(META_JOURNAL_GENERATION)?;
@@ -1122,6 +1141,52 @@ mod tests {
         writer.shutdown();
     }
 
+    /// A fold that failed, landed, and could not be read back at once (the store was
+    /// unreadable for a moment): the journal waits, the next commit finds that it landed,
+    /// and nothing is lost or counted twice — in particular no history sequence number
+    /// the landed fold used is given out again (which would overwrite its entries).
+    #[test]
+    fn a_fold_whose_outcome_was_unknown_is_settled_by_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(vec![version_one("a")]).wait().unwrap();
+        for t in 0..5 {
+            writer.submit(call("a", t)).wait().unwrap();
+        }
+        writer.land_then_fail.store(true, Ordering::Relaxed);
+        writer.generation_unreadable.store(true, Ordering::Relaxed);
+        // A change with a history entry of its own folds the five calls and fails after
+        // landing; whether it landed cannot be read back.
+        let mut change = vec![version_one("a")];
+        change.extend(call("a", 5));
+        assert!(
+            writer.submit(change).wait().is_err(),
+            "the outcome was unknown"
+        );
+        // The journal waits, so this call is committed to redb, after the question is
+        // settled: it landed, so the change's entry is there and must stay.
+        writer.submit(call("a", 6)).wait().unwrap();
+        let (history, usage, enc) = stored(&store, "a");
+        let times: Vec<UnixMillis> = history.iter().map(|(_, t)| *t).collect();
+        assert_eq!(times, (0..7).collect::<Vec<_>>(), "{history:?}");
+        assert_eq!((usage, enc), (7, 7));
+        // Journaling resumes, under the generation that landed.
+        writer.submit(call("a", 7)).wait().unwrap();
+        assert_eq!(
+            writer.unfolded.load(Ordering::Acquire),
+            3,
+            "journaled again"
+        );
+        let crashed = tempfile::tempdir().unwrap();
+        let image = crash_image(&store, crashed.path());
+        let restored = Store::open(&image, "fp").unwrap();
+        let (history, usage, enc) = stored(&restored, "a");
+        assert_eq!((history.len(), usage, enc), (8, 8, 8), "after a crash");
+        drop(restored);
+        writer.shutdown();
+    }
+
     /// A writer thread that panics answers nothing as durable, refuses every later
     /// submission, and says so, so that the daemon can stop; the calls it had journaled
     /// are still on disk for the next open.
@@ -1153,7 +1218,7 @@ mod tests {
             ),
             "{later:?}"
         );
-        assert!(writer.has_failed());
+        // The report follows the unwinding that refused the calls: wait for it.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -1163,6 +1228,7 @@ mod tests {
                 .await
                 .expect("failed() resolves after a panic")
         });
+        assert!(writer.has_failed());
         writer.shutdown();
         // Not a clean stop: the store is dropped, and the next open folds the journal.
         drop(store);
