@@ -1117,24 +1117,14 @@ mod tests {
     #[test]
     fn a_fold_that_landed_despite_an_error_counts_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
-        let writer = store.start_writer().unwrap();
-        writer.submit(vec![version_one("a")]).wait().unwrap();
-        for t in 0..5 {
-            writer.submit(call("a", t)).wait().unwrap();
-        }
+        let (store, writer) = writer_with_calls(dir.path(), 5);
         writer.land_then_fail.store(true, Ordering::Relaxed);
         writer.settle().unwrap();
         let want: Vec<(u64, UnixMillis)> = (0..5).map(|t| (t as u64 + 1, t)).collect();
         assert_eq!(stored(&store, "a"), (want, 5, 5));
         writer.submit(call("a", 5)).wait().unwrap();
         assert_eq!(writer.unfolded.load(Ordering::Acquire), 3, "not journaled");
-        let crashed = tempfile::tempdir().unwrap();
-        let image = crash_image(&store, crashed.path());
-        let restored = Store::open(&image, "fp").unwrap();
-        let (history, usage, enc) = stored(&restored, "a");
-        assert_eq!((history.len(), usage, enc), (6, 6, 6), "after a crash");
-        drop(restored);
+        assert_eq!(after_crash(&store), (6, 6, 6), "after a crash");
         writer.settle().unwrap();
         let (history, usage, enc) = stored(&store, "a");
         assert_eq!((history.len(), usage, enc), (6, 6, 6), "without a crash");
@@ -1148,12 +1138,7 @@ mod tests {
     #[test]
     fn a_fold_whose_outcome_was_unknown_is_settled_by_the_next_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
-        let writer = store.start_writer().unwrap();
-        writer.submit(vec![version_one("a")]).wait().unwrap();
-        for t in 0..5 {
-            writer.submit(call("a", t)).wait().unwrap();
-        }
+        let (store, writer) = writer_with_calls(dir.path(), 5);
         writer.land_then_fail.store(true, Ordering::Relaxed);
         writer.generation_unreadable.store(true, Ordering::Relaxed);
         // A change with a history entry of its own folds the five calls and fails after
@@ -1178,12 +1163,7 @@ mod tests {
             3,
             "journaled again"
         );
-        let crashed = tempfile::tempdir().unwrap();
-        let image = crash_image(&store, crashed.path());
-        let restored = Store::open(&image, "fp").unwrap();
-        let (history, usage, enc) = stored(&restored, "a");
-        assert_eq!((history.len(), usage, enc), (8, 8, 8), "after a crash");
-        drop(restored);
+        assert_eq!(after_crash(&store), (8, 8, 8), "after a crash");
         writer.shutdown();
     }
 
@@ -1193,13 +1173,7 @@ mod tests {
     #[test]
     fn a_panicked_writer_refuses_and_reports_itself() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kms.redb");
-        let store = Store::open(&path, "fp").unwrap();
-        let writer = store.start_writer().unwrap();
-        writer.submit(vec![version_one("a")]).wait().unwrap();
-        for t in 0..3 {
-            writer.submit(call("a", t)).wait().unwrap();
-        }
+        let (store, writer) = writer_with_calls(dir.path(), 3);
         assert!(!writer.has_failed());
         writer.panic_next.store(true, Ordering::Relaxed);
         let refused = writer.submit(call("a", 3)).wait();
@@ -1232,13 +1206,33 @@ mod tests {
         writer.shutdown();
         // Not a clean stop: the store is dropped, and the next open folds the journal.
         drop(store);
-        let reopened = Store::open(&path, "fp").unwrap();
+        let reopened = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
         let (history, usage, _) = stored(&reopened, "a");
         assert_eq!(
             (history.len(), usage),
             (3, 3),
             "the acknowledged calls, no more"
         );
+    }
+
+    /// A store in `dir` with key "a" (version 1) and `n` journaled calls on it.
+    fn writer_with_calls(dir: &std::path::Path, n: i64) -> (Store, Writer) {
+        let store = Store::open(&dir.join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(vec![version_one("a")]).wait().unwrap();
+        for t in 0..n {
+            writer.submit(call("a", t)).wait().unwrap();
+        }
+        (store, writer)
+    }
+
+    /// (history entries, usage count, encryption count) of key "a" in a copy of `store`
+    /// taken as a crash would leave it.
+    fn after_crash(store: &Store) -> (usize, u64, u64) {
+        let crashed = tempfile::tempdir().unwrap();
+        let restored = Store::open(&crash_image(store, crashed.path()), "fp").unwrap();
+        let (history, usage, enc) = stored(&restored, "a");
+        (history.len(), usage, enc)
     }
 
     /// Enough pending calls fold on their own, without a reader or a change asking.
