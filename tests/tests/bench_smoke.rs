@@ -91,3 +91,34 @@ fn kms_bench_scale_smoke() {
         assert!(v.get(field).is_some(), "{field} missing in {v}");
     }
 }
+
+/// The side-by-side script (tests/bench/side_by_side.py) drives kms-bench against the
+/// daemons it alternates and summarises them, so the measurements in PERFORMANCE.md can be
+/// repeated.
+#[test]
+fn side_by_side_script_runs() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/side_by_side.py");
+    let kmsd = kms_e2e::bin("kmsd");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("--bench")
+        .arg(kms_e2e::bin("kms-bench"))
+        .args(["--rounds", "1", "--cases", "aes-enc-1k"])
+        .arg(&kmsd)
+        .arg(&kmsd)
+        .args(["--", "--smoke", "--conns", "2"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3 ({e}); install it (see .ci/install-deps)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "side_by_side.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("aes-enc-1k")).count(),
+        3,
+        "two runs and one median line: {stdout}"
+    );
+    assert!(stdout.contains("medians of 1 rounds"), "{stdout}");
+}
