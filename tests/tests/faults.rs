@@ -174,8 +174,8 @@ async fn full_disk_fails_internal_and_recovers() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("small");
-    // Room for the call journal (2 MiB, allocated at start) and a little store.
-    let _m = Mount::tmpfs(&data, "4m");
+    // Room for the call journal (8 MiB, allocated at start) and a little store.
+    let _m = Mount::tmpfs(&data, "12m");
     let mut d = TestDaemon::start_with(DaemonOptions {
         data_dir: Some(data.clone()),
         ..DaemonOptions::default()
@@ -268,7 +268,7 @@ async fn full_disk_fails_internal_and_recovers() {
     d.stop();
 }
 
-/// A data directory with no room for the call journal (a 2 MiB file the store keeps
+/// A data directory with no room for the call journal (an 8 MiB file the store keeps
 /// beside it) still serves: kmsd says it runs without the journal, and every call is then
 /// committed to the store itself — answered, counted and in the history, also after a
 /// SIGKILL and a restart.
