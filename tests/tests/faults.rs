@@ -180,6 +180,12 @@ async fn full_disk_fails_internal_and_recovers() {
         data_dir: Some(data.clone()),
         ..DaemonOptions::default()
     });
+    // The journal fitted: the calls below go through it, as on a disk with room.
+    assert!(
+        !d.log_text().contains("running without the call journal"),
+        "{}",
+        d.log_text()
+    );
     let c = d.client().await;
     c.create_key(aes("full")).await.unwrap();
     let mut acked = Vec::new();
