@@ -463,6 +463,14 @@ mod tests {
         ]
     }
 
+    /// A new journal under `g` in a temporary directory (kept alive by the first value).
+    fn fresh(g: Generation) -> (tempfile::TempDir, PathBuf, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let journal = Journal::open(&path, g).unwrap();
+        (dir, path, journal)
+    }
+
     /// Records read back in order; a restart under a new generation makes every older
     /// record dead, even the ones not overwritten; the old generation still reads its own.
     #[test]
@@ -492,10 +500,8 @@ mod tests {
     /// the records before it are kept, it and everything after are not.
     #[test]
     fn a_torn_record_ends_the_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
         let g = [9u8; 16];
-        let mut j = Journal::open(&path, g).unwrap();
+        let (_dir, path, mut j) = fresh(g);
         let first = call("a", 1, "first");
         j.append(&first).unwrap();
         // The second record starts on the next block boundary.
@@ -575,10 +581,8 @@ mod tests {
     /// a fresh block and both read back.
     #[test]
     fn record_ending_on_a_block_boundary() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
         let g = [7u8; 16];
-        let mut j = Journal::open(&path, g).unwrap();
+        let (_dir, path, mut j) = fresh(g);
         // Grow a record's client name until the record is exactly one block.
         let mut name = String::new();
         let first = loop {
@@ -602,10 +606,8 @@ mod tests {
     /// block of an earlier record.
     #[test]
     fn a_torn_write_leaves_the_records_before_it_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
         let g = [2u8; 16];
-        let mut j = Journal::open(&path, g).unwrap();
+        let (_dir, path, mut j) = fresh(g);
         let before: Vec<CallOp> = (0..5).flat_map(|i| call("a", i, "acknowledged")).collect();
         for i in 0..5 {
             j.append(&call("a", i, "acknowledged")).unwrap();
@@ -674,10 +676,8 @@ mod tests {
     /// A record that does not fit is refused before anything is written.
     #[test]
     fn full_journal_refuses_without_writing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
         let g = [3u8; 16];
-        let mut j = Journal::open(&path, g).unwrap();
+        let (_dir, path, mut j) = fresh(g);
         let huge: Vec<CallOp> = (0..300_000).flat_map(|i| call("k", i, "big")).collect();
         assert!(matches!(j.append(&huge), Err(JournalError::Full(_))));
         assert_eq!(j.used(), 0);
