@@ -116,6 +116,21 @@ pub fn permits(grants: &[GrantInfo], caller: &Caller, need: Need, key_tag: Optio
     })
 }
 
+/// The tags of the keys `grants` give the caller `need` on one by one (grants on all keys
+/// are not in it: ask [`permits`] with `None` for those).
+pub fn granted_tags(
+    grants: &[GrantInfo],
+    caller: &Caller,
+    need: Need,
+) -> std::collections::BTreeSet<String> {
+    let roles = need.roles();
+    grants
+        .iter()
+        .filter(|g| roles.contains(&g.role) && applies_to(g, caller))
+        .filter_map(|g| g.key_tag.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +209,30 @@ mod tests {
             Need::Use,
             Some("t1")
         ));
+    }
+
+    /// The tags a caller's grants name one by one, for the roles that give `need`: its
+    /// user and group grants, not other principals', not grants on all keys.
+    #[test]
+    fn granted_tags_of_a_caller() {
+        let me = caller("alice", &["ops"]);
+        let grants = vec![
+            grant(
+                Role::KeyReviewer,
+                Principal::User("alice".into()),
+                Some("t1"),
+            ),
+            grant(Role::KeyUser, Principal::Group("ops".into()), Some("t2")),
+            grant(Role::KeyReviewer, Principal::User("bob".into()), Some("t3")),
+            grant(
+                Role::KeyReviewer,
+                Principal::Group("other".into()),
+                Some("t4"),
+            ),
+            grant(Role::KeyReviewer, Principal::User("alice".into()), None),
+        ];
+        let tags = granted_tags(&grants, &me, Need::View);
+        assert_eq!(tags.into_iter().collect::<Vec<_>>(), vec!["t1", "t2"]);
+        assert!(granted_tags(&grants, &me, Need::Admin).is_empty());
     }
 }

@@ -21,6 +21,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio::time::timeout;
+use zeroize::Zeroize;
 
 pub struct Connection {
     stream: UnixStream,
@@ -92,12 +93,17 @@ impl Connection {
                 Ok(None) => break ReadEnd::Closed,
                 Err(end) => break end,
             };
-            let frame: ClientFrame = match codec::decode(&body) {
+            // The id of an undecodable request, if it can be read, to answer it by.
+            let decoded = codec::decode::<ClientFrame>(&body)
+                .map_err(|e| (e, codec::decode::<IdOnly>(&body).map_or(0, |f| f.id)));
+            // The body may hold a plaintext; the decoded request has its own copy.
+            let mut body = body;
+            body.zeroize();
+            let frame: ClientFrame = match decoded {
                 Ok(f) => f,
-                Err(e) => {
+                Err((e, id)) => {
                     // The framing is intact, so answer (with the id if it can be read) and go
                     // on; before the handshake there is no protocol to stay in step with.
-                    let id = codec::decode::<IdOnly>(&body).map(|f| f.id).unwrap_or(0);
                     let err = WireError::new(
                         ErrorKind::MalformedFrame,
                         format!("undecodable request: {e}"),
@@ -247,28 +253,69 @@ fn encode(frame: &ServerFrame) -> Result<Vec<u8>, ()> {
     })
 }
 
+/// Bytes of queued replies coalesced into one write.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 /// Writes frames as they come, coalescing whatever is queued into one write. A client
 /// that does not read for `stall` is disconnected.
+///
+/// Replies carry plaintexts and data keys, and the coalescing buffer lives as long as the
+/// connection: every frame and every byte of the buffer is zeroized once written, and the
+/// buffer never grows (a reallocation would free a copy unwiped). A frame larger than the
+/// buffer is written on its own.
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Vec<u8>>,
     stall: std::time::Duration,
 ) {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(frame) = rx.recv().await {
-        buf.extend_from_slice(&frame);
-        while buf.len() < 256 * 1024 {
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
+    let mut next = rx.recv().await;
+    'frames: while let Some(mut frame) = next.take() {
+        loop {
+            if frame.len() > WRITE_BUFFER - buf.len() {
+                // The buffer first, then this frame where it fits; a large one directly.
+                if !buf.is_empty() && !write_wiped(&mut wr, &mut buf, stall).await {
+                    frame.zeroize();
+                    break 'frames;
+                }
+                if frame.len() > WRITE_BUFFER {
+                    if !write_wiped(&mut wr, &mut frame, stall).await {
+                        break 'frames;
+                    }
+                    break;
+                }
+            }
+            buf.extend_from_slice(&frame);
+            frame.zeroize();
             match rx.try_recv() {
-                Ok(f) => buf.extend_from_slice(&f),
+                Ok(f) => frame = f,
                 Err(_) => break,
             }
         }
-        match timeout(stall, wr.write_all(&buf)).await {
-            Ok(Ok(())) => buf.clear(),
-            _ => break,
+        if !buf.is_empty() && !write_wiped(&mut wr, &mut buf, stall).await {
+            break;
         }
+        next = rx.recv().await;
+    }
+    // Replies that will never be written are wiped too.
+    rx.close();
+    while let Ok(mut frame) = rx.try_recv() {
+        frame.zeroize();
     }
     let _ = wr.shutdown().await;
+}
+
+/// Writes `bytes` within `stall`, then zeroizes and empties them (keeping the capacity).
+/// False when the client is gone or stalled.
+async fn write_wiped(
+    wr: &mut OwnedWriteHalf,
+    bytes: &mut Vec<u8>,
+    stall: std::time::Duration,
+) -> bool {
+    let written = matches!(timeout(stall, wr.write_all(bytes)).await, Ok(Ok(())));
+    bytes.as_mut_slice().zeroize();
+    bytes.clear();
+    written
 }
 
 /// Forwards engine events to a subscriber; tells it when it lagged behind.
@@ -289,5 +336,48 @@ async fn forward_events(
         if tx.send(bytes).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Frames of every size relative to the coalescing buffer — small ones that share a
+    /// write, one that fills the rest exactly, one that does not fit beside queued ones,
+    /// ones larger than the buffer — reach the peer whole and in order.
+    #[tokio::test]
+    async fn write_loop_keeps_frames_whole_and_in_order() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (_rd, wr) = ours.into_split();
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+        let sizes = [
+            10,
+            WRITE_BUFFER - 10,
+            1,
+            WRITE_BUFFER / 2,
+            WRITE_BUFFER / 2 + 1,
+            3 * WRITE_BUFFER + 7,
+            5,
+            WRITE_BUFFER,
+            2,
+        ];
+        let frames: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
+        let expected: Vec<u8> = frames.concat();
+        for f in frames {
+            tx.send(f).await.unwrap();
+        }
+        drop(tx);
+        let writer = tokio::spawn(write_loop(wr, rx, std::time::Duration::from_secs(10)));
+        let mut got = Vec::new();
+        theirs.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes differ");
     }
 }

@@ -9,7 +9,7 @@
 
 use crate::authz::{self, Need};
 use crate::engine::{Caller, Engine, EngineError, Pending};
-use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT};
+use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS};
 use kms_shared::protocol::{
     DaemonStatus, ErrorKind, Event, PROTOCOL_VERSION, Request, Response, WireError,
 };
@@ -100,15 +100,19 @@ impl Service {
                     let (keys, total) = e.list_keys(deleted, offset, Some(limit));
                     return Ok(Response::Keys { keys, total });
                 }
-                // Others see the keys they have a role on.
+                // Others see the keys they have a role on: all of them with a grant on all
+                // keys, else those their grants name (looked up by tag: never a walk of
+                // every key, which at 100,000 keys would hold a worker for milliseconds).
                 let grants = e.grants();
-                let (all, _) = e.list_keys(false, 0, None);
-                let visible: Vec<_> = all
-                    .into_iter()
-                    .filter(|k| authz::permits(&grants, caller, Need::View, Some(&k.tag)))
-                    .collect();
-                let total = visible.len() as u64;
-                let keys = visible.into_iter().skip(offset).take(limit).collect();
+                let (keys, total) = if authz::permits(&grants, caller, Need::View, None) {
+                    e.list_keys(false, offset, Some(limit))
+                } else {
+                    e.list_keys_of(
+                        &authz::granted_tags(&grants, caller, Need::View),
+                        offset,
+                        limit,
+                    )
+                };
                 Ok(Response::Keys { keys, total })
             }
             Request::GetKey { key } => e.get_key(&key).map(Response::Key).map_err(wire),
@@ -157,21 +161,30 @@ impl Service {
             }
             Request::EncryptBatch { key, items } => {
                 let c = caller.clone();
-                self.run(false, move |e| e.encrypt_batch(&c, &key, &items))
-                    .await
-                    .map(|items| Response::Batch { items })
+                // An oversized batch is refused without waiting for the crypto pool.
+                self.run(items.len() > MAX_BATCH_ITEMS, move |e| {
+                    e.encrypt_batch(&c, &key, &items)
+                })
+                .await
+                .map(|items| Response::Batch { items })
             }
             Request::DecryptBatch { key, items } => {
                 let c = caller.clone();
-                self.run(false, move |e| e.decrypt_batch(&c, &key, &items))
-                    .await
-                    .map(|items| Response::Batch { items })
+                // An oversized batch is refused without waiting for the crypto pool.
+                self.run(items.len() > MAX_BATCH_ITEMS, move |e| {
+                    e.decrypt_batch(&c, &key, &items)
+                })
+                .await
+                .map(|items| Response::Batch { items })
             }
             Request::ReencryptBatch { key, items } => {
                 let c = caller.clone();
-                self.run(false, move |e| e.reencrypt_batch(&c, &key, &items))
-                    .await
-                    .map(|items| Response::Batch { items })
+                // An oversized batch is refused without waiting for the crypto pool.
+                self.run(items.len() > MAX_BATCH_ITEMS, move |e| {
+                    e.reencrypt_batch(&c, &key, &items)
+                })
+                .await
+                .map(|items| Response::Batch { items })
             }
             Request::Sign {
                 key,
@@ -355,11 +368,11 @@ impl Service {
             return Ok(());
         }
         let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
-        let scope = match (&entry, key) {
-            (Some(e), _) => format!("key {}", e.rec.name),
-            // Without a grant, an unknown key is refused like a known one: no probing.
-            (None, Some(k)) => format!("key {k}"),
-            (None, None) => "all keys".to_string(),
+        // The key as the caller named it, known or not: a refusal tells nothing about a
+        // key the caller may not see (not its name when asked by tag, nor that it exists).
+        let scope = match key {
+            Some(k) => format!("key {k}"),
+            None => "all keys".to_string(),
         };
         let err = WireError::new(
             ErrorKind::PermissionDenied,
@@ -374,7 +387,11 @@ impl Service {
                 .engine
                 .record_refusal(caller, k, a, ErrorKind::PermissionDenied)
         {
-            let _ = t.wait_async().await;
+            // A refusal is answered once it is in the history; if it cannot be recorded,
+            // the call fails with the store's error, as a refused lifecycle change does.
+            if let Err(store) = t.wait_async().await {
+                return Err(wire(EngineError::Store(store)));
+            }
         }
         Err(err)
     }

@@ -614,6 +614,36 @@ fn deletion_wait_with_injected_clock() {
     assert_eq!(kind(e.get_key(&tag)), ErrorKind::NotFound);
 }
 
+/// Listing the keys of a set of tags (what a caller with grants on some keys sees): live
+/// keys only, ordered by name, paged, with the total; unknown and deleted tags left out.
+#[test]
+fn list_keys_of_tags() {
+    let fx = Fx::new();
+    let e = fx.e();
+    let tag = |n: &str| fx.create(n, KeyType::Aes256).tag;
+    let (c, a, b) = (tag("key-c"), tag("key-a"), tag("key-b"));
+    let (gone, other) = (tag("key-gone"), tag("key-other"));
+    e.request_deletion(&fx.me, "key-gone").unwrap();
+    fx.clock.set(T0 + 72 * HOUR_MS);
+    assert_eq!(e.run_due(), 1);
+    let tags: std::collections::BTreeSet<String> = [c, a.clone(), b, gone, "f".repeat(32)]
+        .into_iter()
+        .collect();
+    let names = |keys: Vec<KeyInfo>| keys.into_iter().map(|k| k.name).collect::<Vec<_>>();
+
+    let (keys, total) = e.list_keys_of(&tags, 0, usize::MAX);
+    assert_eq!(names(keys), ["key-a", "key-b", "key-c"]);
+    assert_eq!(total, 3);
+    let (keys, total) = e.list_keys_of(&tags, 1, 1);
+    assert_eq!((names(keys), total), (vec!["key-b".to_string()], 3));
+    let (keys, total) = e.list_keys_of(&tags, 5, 10);
+    assert_eq!((keys.len(), total), (0, 3));
+    let (keys, _) = e.list_keys_of(&[a].into_iter().collect(), 0, 10);
+    assert_eq!(names(keys), ["key-a"]);
+    // A key whose tag is not in the set is not listed, though it is live.
+    assert!(e.list_keys(false, 0, None).0.iter().any(|k| k.tag == other));
+}
+
 /// The deletion delay has a floor of one hour even if configured lower.
 #[test]
 fn deletion_delay_floor() {

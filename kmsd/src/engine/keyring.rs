@@ -273,6 +273,31 @@ impl Keyring {
         (page, total as u64)
     }
 
+    /// A page of the live keys among `tags`, ordered by name like [`Keyring::list`], and
+    /// how many there are. Costs the size of `tags`, not of the keyring: what a caller
+    /// with grants on a few keys lists.
+    pub fn list_of(
+        &self,
+        tags: &BTreeSet<String>,
+        offset: usize,
+        limit: usize,
+    ) -> (Vec<KeyInfo>, u64) {
+        let mut live: Vec<&Arc<KeyEntry>> = tags
+            .iter()
+            .filter_map(|t| self.by_tag.get(t))
+            .filter(|e| self.by_name.get(&e.rec.name) == Some(&e.rec.tag))
+            .collect();
+        live.sort_unstable_by(|a, b| a.rec.name.cmp(&b.rec.name));
+        let total = live.len() as u64;
+        let page = live
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|e| e.info())
+            .collect();
+        (page, total)
+    }
+
     /// Moves the due entries of `tag` from `old` to `new` (both derived from records).
     pub fn replace_due(
         &mut self,

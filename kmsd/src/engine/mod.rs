@@ -296,6 +296,16 @@ impl Engine {
         ring.list(deleted, offset, limit.unwrap_or(usize::MAX))
     }
 
+    /// `list` for a caller who may see only the keys with these tags.
+    pub fn list_keys_of(
+        &self,
+        tags: &std::collections::BTreeSet<String>,
+        offset: usize,
+        limit: usize,
+    ) -> (Vec<KeyInfo>, u64) {
+        self.ring().list_of(tags, offset, limit)
+    }
+
     /// `versions`: every version of a key.
     pub fn versions(&self, key: &str) -> Result<Vec<VersionInfo>, EngineError> {
         let entry = self.resolve(key)?;
