@@ -44,8 +44,14 @@ fn run() -> Result<(), String> {
         return respawn();
     };
     let token = Arc::new(
-        Token::open(LABEL.into(), Path::new(MODULE), LABEL, Path::new(&pin_file))
-            .map_err(|e| e.to_string())?,
+        Token::open(
+            LABEL.into(),
+            Path::new(MODULE),
+            LABEL,
+            Path::new(&pin_file),
+            None,
+        )
+        .map_err(|e| e.to_string())?,
     );
     token.check().map_err(|e| e.to_string())?;
     let per = Duration::from_secs_f64(secs);

@@ -192,8 +192,25 @@ impl TestDaemon {
 
     /// Runs `kmsctl --socket <this daemon> args…` with `stdin`.
     pub fn kmsctl(&self, args: &[&str], stdin: &[u8]) -> Output {
+        self.run_kmsctl(Command::new(bin("kmsctl")), args, stdin)
+    }
+
+    /// `kmsctl` as another account (`setpriv`, which needs root): its uid, gid and groups.
+    pub fn kmsctl_as(&self, account: &str, args: &[&str], stdin: &[u8]) -> Output {
+        let mut setpriv = Command::new("setpriv");
+        setpriv
+            .args([
+                &format!("--reuid={account}"),
+                &format!("--regid={account}"),
+                "--init-groups",
+            ])
+            .arg(bin("kmsctl"));
+        self.run_kmsctl(setpriv, args, stdin)
+    }
+
+    fn run_kmsctl(&self, mut command: Command, args: &[&str], stdin: &[u8]) -> Output {
         use std::io::Write;
-        let mut child = Command::new(bin("kmsctl"))
+        let mut child = command
             .arg("--socket")
             .arg(&self.socket)
             .args(args)

@@ -37,23 +37,7 @@ fn uzers_exists(user: &str) -> bool {
 
 /// kmsctl run as the other account.
 fn as_other(d: &TestDaemon, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new("setpriv")
-        .args([
-            &format!("--reuid={OTHER}"),
-            &format!("--regid={OTHER}"),
-            "--init-groups",
-        ])
-        .arg(kms_e2e::bin("kmsctl"))
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
+    d.kmsctl_as(OTHER, args, stdin)
 }
 
 fn code(o: &Output) -> Option<i32> {

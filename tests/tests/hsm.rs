@@ -844,3 +844,69 @@ async fn pin_from_credential_and_wrong_pin() {
     );
     assert!(!stderr.contains("9999-wrong"), "{stderr}");
 }
+
+/// kmsd reads a dedicated token's PIN file with its own rights. A manager who is not root
+/// or kmsd's account (`kmstest`, created by .ci/install-deps, granted manager on all keys)
+/// may register a token only with a PIN file of their own: a root-owned file holding the
+/// right PIN and kmsd's root key are refused alike, naming neither content nor whether
+/// the file exists; the same PIN in a file the manager owns is accepted.
+#[test]
+fn a_manager_registers_a_token_only_with_their_own_pin_file() {
+    const OTHER: &str = "kmstest";
+    let hsm = SoftHsm::new();
+    let token = hsm.init_token("kms-daemon", PIN);
+    let mut options = hsm.daemon_options(&token);
+    options
+        .extra_args
+        .extend(["--socket-group".to_string(), "kmsclients".to_string()]);
+    let d = TestDaemon::start_with(options);
+    // The temporary directories are 0700; let the other account traverse to the socket.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    ok(&d.kmsctl(&["grant", "manager", "--user", OTHER], b""));
+    let second = hsm.init_token("tenant-c", "pin-c-9182");
+    let add = |pin_file: &std::path::Path| {
+        d.kmsctl_as(
+            OTHER,
+            &[
+                "hsm",
+                "add",
+                "vault-c",
+                "--module",
+                softhsm::MODULE,
+                "--token",
+                "tenant-c",
+                "--pin-file",
+                pin_file.to_str().unwrap(),
+            ],
+            b"",
+        )
+    };
+
+    let root_key = d.data_dir.join("root.key");
+    assert!(root_key.exists(), "the test expects kmsd's root key there");
+    let mut refusals = Vec::new();
+    for file in [
+        &second.pin_file,
+        &root_key,
+        &d.data_dir.join("no-such-file"),
+    ] {
+        let err = fails(&add(file), ErrorKind::InvalidArgument);
+        assert!(err.contains("owned by uid"), "{err}");
+        assert!(!err.contains("pin-c-9182"), "{err}");
+        refusals.push(err.replace(file.to_str().unwrap(), "PATH"));
+    }
+    assert!(refusals.iter().all(|r| *r == refusals[0]), "{refusals:?}");
+
+    let theirs = d.dir.path().join("tenant-c.pin");
+    std::fs::copy(&second.pin_file, &theirs).unwrap();
+    let uid = Command::new("id").args(["-u", OTHER]).output().unwrap();
+    let uid: u32 = String::from_utf8(uid.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::os::unix::fs::chown(&theirs, Some(uid), None).unwrap();
+    let added = ok(&add(&theirs));
+    assert!(added.contains("vault-c"), "{added}");
+}

@@ -245,11 +245,16 @@ impl Engine {
             )));
         }
         let refused = |e: HsmError| invalid(format!("cannot register HSM token {name}: {e}"));
+        // Root and kmsd's own account may name any PIN file kmsd can read; another manager
+        // only one of their own (see `HsmTokenRecord::pin_owner`).
+        let pin_owner = (caller.uid != 0 && caller.uid != rustix::process::geteuid().as_raw())
+            .then_some(caller.uid);
         let t = Token::open(
             format!("{token} (dedicated token {name})"),
             Path::new(module),
             token,
             Path::new(pin_file),
+            pin_owner,
         )
         .map_err(refused)?;
         t.check().map_err(refused)?;
@@ -260,6 +265,7 @@ impl Engine {
             pin_file: pin_file.to_string(),
             added_at: self.now(),
             added_by: caller.account.clone(),
+            pin_owner,
         };
         self.writer
             .submit(vec![Mutation::PutHsmToken(record.clone())])

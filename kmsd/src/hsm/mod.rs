@@ -259,6 +259,7 @@ impl Registry {
                     &d.module,
                     &d.token,
                     &d.pin_file,
+                    None,
                 )?;
                 match t.check() {
                     Ok(()) => {
@@ -323,6 +324,7 @@ impl Registry {
             Path::new(&r.module),
             &r.token,
             Path::new(&r.pin_file),
+            r.pin_owner,
         )?);
         *slot = Some(t.clone());
         Ok(t)

@@ -70,13 +70,15 @@ pub struct Token {
 
 impl Token {
     /// Reads the PIN and loads the module; does not talk to the token yet.
+    /// With `pin_owner`, the PIN file must be a regular file that account owns.
     pub fn open(
         name: String,
         module: &Path,
         label: &str,
         pin_file: &Path,
+        pin_owner: Option<u32>,
     ) -> Result<Token, HsmError> {
-        let pin = read_pin(pin_file)?;
+        let pin = read_pin(pin_file, pin_owner)?;
         let module = Module::get(module)?;
         Ok(Token {
             name,
@@ -307,18 +309,35 @@ fn is_gone(e: &CkError) -> bool {
 
 /// Reads a PIN file: the first line, without its line ending. The buffer is allocated
 /// once at full size (so no copy is left behind by a reallocation) and zeroized on drop.
-fn read_pin(path: &Path) -> Result<RawAuthPin, HsmError> {
-    read_pin_bytes(path).map(|pin| RawAuthPin::new(Box::new(pin)))
+fn read_pin(path: &Path, owner: Option<u32>) -> Result<RawAuthPin, HsmError> {
+    read_pin_bytes(path, owner).map(|pin| RawAuthPin::new(Box::new(pin)))
 }
 
 /// The PIN bytes of [`read_pin`], in a vector of exactly their length (moved, never
 /// copied, into the `RawAuthPin`, which zeroizes it).
-fn read_pin_bytes(path: &Path) -> Result<Vec<u8>, HsmError> {
+///
+/// With `owner`, the file opened (symlinks followed) must be a regular file that uid
+/// owns, checked on the open file itself so that nothing can be swapped in between;
+/// every failure then gives the same message, so that a manager cannot probe which
+/// files exist through kmsd.
+fn read_pin_bytes(path: &Path, owner: Option<u32>) -> Result<Vec<u8>, HsmError> {
+    use std::os::unix::fs::MetadataExt;
     let fail = |message: String| HsmError::PinFile {
         path: PathBuf::from(path),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|e| fail(e.kind().to_string()))?;
+    let file = match owner {
+        None => std::fs::File::open(path).map_err(|e| fail(e.kind().to_string()))?,
+        Some(uid) => std::fs::File::open(path)
+            .ok()
+            .filter(|f| f.metadata().is_ok_and(|m| m.is_file() && m.uid() == uid))
+            .ok_or_else(|| {
+                fail(format!(
+                    "not a regular file owned by uid {uid}, the account that registered \
+                     the token (kmsd reads it with its own rights)"
+                ))
+            })?,
+    };
     let mut buf = Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE as usize + 1));
     file.take(MAX_PIN_FILE + 1)
         .read_to_end(&mut buf)
@@ -350,19 +369,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pin");
         std::fs::write(&p, "s3cret\n").unwrap();
-        assert_eq!(read_pin_bytes(&p).unwrap(), b"s3cret");
+        assert_eq!(read_pin_bytes(&p, None).unwrap(), b"s3cret");
         std::fs::write(&p, "s3cret").unwrap();
-        assert_eq!(read_pin_bytes(&p).unwrap(), b"s3cret");
+        assert_eq!(read_pin_bytes(&p, None).unwrap(), b"s3cret");
         std::fs::write(&p, "\n").unwrap();
-        let e = read_pin(&p).err().unwrap().to_string();
+        let e = read_pin(&p, None).err().unwrap().to_string();
         assert!(e.contains("empty") && e.contains("pin"), "{e}");
         std::fs::write(&p, vec![b'1'; 2000]).unwrap();
-        let e = read_pin(&p).err().unwrap().to_string();
+        let e = read_pin(&p, None).err().unwrap().to_string();
         assert!(!e.contains("1111"), "{e}");
-        let e = read_pin(&dir.path().join("none"))
+        let e = read_pin(&dir.path().join("none"), None)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("cannot read the PIN file"), "{e}");
+    }
+
+    /// A PIN file read for a manager who is not root or kmsd's account must be a regular
+    /// file that manager owns; a file of another owner, a missing file, a directory and
+    /// a symlink to another's file all get the same refusal.
+    #[test]
+    fn pin_file_owner_rule() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pin");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        let mine = std::fs::metadata(&p).unwrap().uid();
+        assert_eq!(read_pin_bytes(&p, Some(mine)).unwrap(), b"s3cret");
+        let other = mine.wrapping_add(4242);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let refusals: Vec<String> = [
+            (p.clone(), other),
+            (dir.path().join("none"), other),
+            (dir.path().to_path_buf(), mine),
+            (link, other),
+        ]
+        .into_iter()
+        .map(|(path, uid)| {
+            let e = read_pin(&path, Some(uid)).err().unwrap().to_string();
+            e.replace(&path.display().to_string(), "PATH")
+                .replace(&format!("uid {uid}"), "uid N")
+        })
+        .collect();
+        assert!(
+            refusals[0].contains("not a regular file owned by uid"),
+            "{}",
+            refusals[0]
+        );
+        assert!(refusals.iter().all(|r| *r == refusals[0]), "{refusals:?}");
     }
 }

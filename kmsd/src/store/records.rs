@@ -79,6 +79,12 @@ pub struct HsmTokenRecord {
     pub pin_file: String,
     pub added_at: UnixMillis,
     pub added_by: String,
+    /// The account (uid) that must own the PIN file, when a manager other than root or
+    /// kmsd's own account registered the token: kmsd reads the file with its own rights,
+    /// and must not read, for such a manager, a file that manager could not (the root
+    /// key, say). Absent in records written before the rule existed.
+    #[serde(default)]
+    pub pin_owner: Option<u32>,
 }
 
 /// Usage of a key: successful crypto calls and the last of them.
