@@ -18,6 +18,9 @@ pub struct Config {
     pub socket_group: Option<String>,
     pub max_frame: u32,
     pub max_connections: usize,
+    /// Connections one account may hold at once (root and kmsd's own account excepted),
+    /// so that no local user can take every connection and lock the others out.
+    pub max_connections_per_account: usize,
     /// Requests in flight on one connection before the daemon stops reading from it.
     pub max_in_flight: usize,
     /// A connection with no complete frame for this long is closed (not subscribers).
@@ -40,6 +43,7 @@ impl Config {
             socket_group: None,
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 1024,
+            max_connections_per_account: 256,
             max_in_flight: 256,
             idle_timeout: Duration::from_secs(300),
             frame_timeout: Duration::from_secs(10),
@@ -86,6 +90,9 @@ impl Config {
         if let Some(v) = f.max_connections {
             self.max_connections = v.max(1);
         }
+        if let Some(v) = f.max_connections_per_account {
+            self.max_connections_per_account = v.max(1);
+        }
         if let Some(v) = f.max_in_flight {
             self.max_in_flight = v.max(1);
         }
@@ -125,6 +132,7 @@ struct FileConfig {
     socket_group: Option<String>,
     max_frame: Option<u32>,
     max_connections: Option<usize>,
+    max_connections_per_account: Option<usize>,
     max_in_flight: Option<usize>,
     idle_timeout_secs: Option<f64>,
     frame_timeout_secs: Option<f64>,

@@ -198,6 +198,26 @@ struct IdOnly {
     id: u64,
 }
 
+/// Answers a connection the daemon will not serve: its first request (the hello, read
+/// within `wait`) gets `err` by its id, then the connection is closed.
+pub async fn refuse(stream: UnixStream, err: WireError, wait: std::time::Duration) {
+    /// A hello is a few dozen bytes; a larger first frame is not read.
+    const MAX_HELLO: u32 = 4096;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(1024, rd);
+    let id = match read_body(&mut rd, MAX_HELLO, wait, wait).await {
+        Ok(Some(body)) => codec::decode::<IdOnly>(&body).map_or(0, |f| f.id),
+        _ => 0,
+    };
+    if let Ok(frame) = encode(&ServerFrame::Reply {
+        id,
+        result: Outcome::Err(err),
+    }) {
+        let _ = timeout(wait, wr.write_all(&frame)).await;
+    }
+    let _ = wr.shutdown().await;
+}
+
 /// Bytes read from the socket at a time. One read takes every frame that has arrived (a
 /// 1 KiB request and the next ones a pipelining client sent), where reading the length
 /// and then the body cost two reads per frame and a third that found nothing. Larger

@@ -10,6 +10,7 @@ use crate::connection::Connection;
 use crate::engine::{Caller, Engine};
 use crate::service::Service;
 use crate::shutdown::Shutdown;
+use kms_shared::protocol::{ErrorKind, WireError};
 use rustix::fs::{FlockOperation, Mode, flock};
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -176,6 +177,11 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let limit = Arc::new(Semaphore::new(config.max_connections));
+    let per_account = ConnectionsPerAccount::new(config.max_connections_per_account);
+    // Connections being refused for their account's limit: a refusal waits (briefly) for
+    // the client's hello to answer it, without holding one of the `limit` slots.
+    let refusing = Arc::new(Semaphore::new(REFUSING));
+    let daemon_uid = rustix::process::geteuid().as_raw();
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -203,6 +209,27 @@ pub async fn serve(
                 continue;
             }
         };
+        let exempt = crate::authz::is_superuser(&caller, daemon_uid);
+        let Some(account_slot) = per_account.take(caller.uid, exempt) else {
+            drop(permit);
+            tracing::debug!(account = %caller.account, "connection limit of the account reached");
+            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                let err = WireError::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "account {} already has {} connections to kmsd, the most one account \
+                         may hold",
+                        caller.account, config.max_connections_per_account
+                    ),
+                );
+                let wait = config.frame_timeout;
+                tokio::spawn(async move {
+                    crate::connection::refuse(stream, err, wait).await;
+                    drop(refusal);
+                });
+            }
+            continue;
+        };
         let conn = Connection::new(
             stream,
             caller,
@@ -213,8 +240,61 @@ pub async fn serve(
         );
         tokio::spawn(async move {
             conn.run().await;
+            drop(account_slot);
             drop(permit);
         });
+    }
+}
+
+/// Refusals answered at once at most; beyond them a refused connection is just closed.
+const REFUSING: usize = 64;
+
+/// Open connections per account (uid), against `max_connections_per_account`.
+#[derive(Clone)]
+struct ConnectionsPerAccount {
+    max: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+}
+
+/// One connection of an account; gives its place back when dropped.
+struct AccountSlot {
+    uid: u32,
+    of: ConnectionsPerAccount,
+}
+
+impl ConnectionsPerAccount {
+    fn new(max: usize) -> Self {
+        ConnectionsPerAccount {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for one more connection of `uid`, unless it holds the most already
+    /// (`exempt` accounts are counted but never refused).
+    fn take(&self, uid: u32, exempt: bool) -> Option<AccountSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(uid).or_insert(0);
+        if *n >= self.max && !exempt {
+            return None;
+        }
+        *n += 1;
+        Some(AccountSlot {
+            uid,
+            of: self.clone(),
+        })
+    }
+}
+
+impl Drop for AccountSlot {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
     }
 }
 

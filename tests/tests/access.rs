@@ -15,12 +15,18 @@ const GROUP: &str = "kmsclients";
 
 /// A daemon whose socket the `kmsclients` group can reach.
 fn shared_daemon() -> TestDaemon {
+    shared_daemon_with(None)
+}
+
+/// `shared_daemon` with these lines of configuration.
+fn shared_daemon_with(config: Option<&str>) -> TestDaemon {
     assert!(
         uzers_exists(OTHER),
         "the test account {OTHER} is missing: run .ci/install-deps as root"
     );
     let d = TestDaemon::start_with(DaemonOptions {
         extra_args: vec!["--socket-group".into(), GROUP.into()],
+        config: config.map(str::to_string),
         ..DaemonOptions::default()
     });
     // The temporary directory is 0700; let the other account traverse to the socket.
@@ -366,4 +372,71 @@ async fn stalled_subscriber_does_not_block() {
         }
     }
     assert!(lagged, "the stalled subscriber was never told it lagged");
+}
+
+/// One account holds at most `max_connections_per_account` connections at once, so that
+/// no local user can take every connection: the next is refused `permission-denied`,
+/// naming the limit, while root (exempt) still connects; a closed connection gives its
+/// place back.
+#[test]
+fn connections_per_account_are_capped() {
+    let d = shared_daemon_with(Some("max_connections_per_account = 2\n"));
+    let connections = || -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_str(&root_ok(&d, &["--json", "status"])).unwrap();
+        status["connections"].as_u64().unwrap()
+    };
+    let base = connections();
+    // Two subscribers as the other account hold two connections.
+    let watch = || {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={OTHER}"),
+                &format!("--regid={OTHER}"),
+                "--init-groups",
+            ])
+            .arg(kms_e2e::bin("kmsctl"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("watch")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut watchers = vec![watch(), watch()];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connections() < base + 2 {
+        assert!(Instant::now() < deadline, "the watchers never connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let refused = as_other(&d, &["status"], b"");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("permission-denied") && stderr.contains("2 connections"),
+        "{stderr}"
+    );
+    root_ok(&d, &["status"]);
+
+    let mut gone = watchers.remove(0);
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = as_other(&d, &["status"], b"");
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place was not given back: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for mut w in watchers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
 }
