@@ -391,16 +391,17 @@ impl Engine {
         let mut per_account: HashMap<String, (u64, UnixMillis)> = HashMap::new();
         let mut recent = 0;
         self.settle()?;
-        for (_, r) in self.store.history(&entry.rec.tag, &filter)? {
+        // Visited, not collected: a busy key's 30 days can be millions of entries.
+        self.store.visit_history(&entry.rec.tag, &filter, |_, r| {
             let uses = r.succeeded();
             if !r.action.is_crypto() || uses == 0 {
-                continue;
+                return;
             }
             recent += uses;
             let e = per_account.entry(r.account).or_insert((0, r.time));
             e.0 += uses;
             e.1 = e.1.max(r.time);
-        }
+        })?;
         let mut accounts: Vec<AccountUse> = per_account
             .into_iter()
             .map(|(account, (uses, last_used_at))| AccountUse {

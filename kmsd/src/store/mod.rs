@@ -493,11 +493,25 @@ impl Store {
         tag: &str,
         filter: &HistoryFilter,
     ) -> Result<Vec<(u64, HistoryRecord)>, StoreError> {
+        let mut out = Vec::new();
+        self.visit_history(tag, filter, |seq, rec| out.push((seq, rec)))?;
+        Ok(out)
+    }
+
+    /// Hands each entry [`Store::history`] would return to `visit`, without collecting
+    /// them: a summary of a long window (`impact`) then costs its own size, not the
+    /// window's.
+    pub fn visit_history(
+        &self,
+        tag: &str,
+        filter: &HistoryFilter,
+        mut visit: impl FnMut(u64, HistoryRecord),
+    ) -> Result<(), StoreError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
         let table = tx.open_table(HISTORY)?;
         let upper = filter.before_seq.unwrap_or(u64::MAX);
-        let mut out = Vec::new();
+        let mut visited = 0;
         for row in table.range((tag, 0)..(tag, upper))?.rev() {
             let (k, v) = row?;
             let rec: HistoryRecord = decode(v.value()).map_err(corrupt("history"))?;
@@ -511,12 +525,13 @@ impl Store {
             if filter.ok.is_some_and(|ok| ok != (rec.result == "ok")) {
                 continue;
             }
-            out.push((k.value().1, rec));
-            if out.len() >= filter.limit {
+            visit(k.value().1, rec);
+            visited += 1;
+            if visited >= filter.limit {
                 break;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Number of history entries of all keys (for status and tests).
