@@ -45,10 +45,11 @@ impl Need {
     }
 }
 
-/// What a request needs, the key it names (tag or name), and the history action.
-pub fn requirement(req: &Request) -> (Need, Option<&str>, Option<Action>) {
+/// What a request needs, the key it names (tag or name: mutable, so that the service can
+/// pin it to the tag it authorized), and the history action.
+pub fn requirement(req: &mut Request) -> (Need, Option<&mut String>, Option<Action>) {
     use Request as R;
-    fn k(key: &str) -> Option<&str> {
+    fn k(key: &mut String) -> Option<&mut String> {
         Some(key)
     }
     match req {
@@ -57,7 +58,7 @@ pub fn requirement(req: &Request) -> (Need, Option<&str>, Option<Action>) {
         R::ListKeys { deleted: false, .. } => (Need::Connected, None, None),
         R::GetKey { key } => (Need::View, k(key), Some(Action::Show)),
         R::ListVersions { key } => (Need::View, k(key), Some(Action::Versions)),
-        R::History(q) => (Need::Review, k(&q.key), Some(Action::History)),
+        R::History(q) => (Need::Review, k(&mut q.key), Some(Action::History)),
         R::Impact { key, .. } => (Need::Review, k(key), Some(Action::Impact)),
         R::Encrypt { key, .. } | R::EncryptBatch { key, .. } => {
             (Need::Use, k(key), Some(Action::Encrypt))
@@ -83,8 +84,8 @@ pub fn requirement(req: &Request) -> (Need, Option<&str>, Option<Action>) {
         R::CancelDeletion { key } => (Need::Manage, k(key), Some(Action::CancelDeletion)),
         R::DeleteNow { key } => (Need::Admin, k(key), Some(Action::DeleteNow)),
         R::CreateKey(_) | R::ListGrants => (Need::Admin, None, None),
-        R::Grant(g) => (Need::Admin, g.key.as_deref(), Some(Action::Grant)),
-        R::Revoke(g) => (Need::Admin, g.key.as_deref(), Some(Action::Revoke)),
+        R::Grant(g) => (Need::Admin, g.key.as_mut(), Some(Action::Grant)),
+        R::Revoke(g) => (Need::Admin, g.key.as_mut(), Some(Action::Revoke)),
         R::Backup | R::BackupRead { .. } => (Need::Admin, None, None),
         R::HsmAdd { .. } | R::HsmList | R::HsmRemove { .. } => (Need::Admin, None, None),
     }
@@ -234,5 +235,37 @@ mod tests {
         let tags = granted_tags(&grants, &me, Need::View);
         assert_eq!(tags.into_iter().collect::<Vec<_>>(), vec!["t1", "t2"]);
         assert!(granted_tags(&grants, &me, Need::Admin).is_empty());
+    }
+
+    /// The key `requirement` returns is the request's own field: writing a tag through it
+    /// changes the key the request runs on (what the service does once authorized).
+    #[test]
+    fn requirement_key_is_the_requests_field() {
+        use kms_shared::protocol::{GrantSpec, HistoryQuery};
+        let mut requests = vec![
+            Request::GetKey { key: "name".into() },
+            Request::Sign {
+                key: "name".into(),
+                message: b"m".to_vec(),
+                scheme: Default::default(),
+            },
+            Request::History(HistoryQuery {
+                key: "name".into(),
+                ..Default::default()
+            }),
+            Request::DeleteNow { key: "name".into() },
+            Request::Grant(GrantSpec {
+                role: Role::KeyUser,
+                user: Some("bob".into()),
+                group: None,
+                key: Some("name".into()),
+            }),
+        ];
+        for r in &mut requests {
+            let (_, key, _) = requirement(r);
+            *key.expect("each of these requests names a key") = "t".repeat(32);
+            assert!(format!("{r:?}").contains(&"t".repeat(32)), "{r:?}");
+            assert!(!format!("{r:?}").contains("\"name\""), "{r:?}");
+        }
     }
 }

@@ -78,9 +78,16 @@ impl Service {
         r
     }
 
-    async fn dispatch(&self, caller: &Caller, req: Request) -> Reply {
-        let (need, key, action) = authz::requirement(&req);
-        self.authorize(caller, need, key, action).await?;
+    async fn dispatch(&self, caller: &Caller, mut req: Request) -> Reply {
+        let (need, key, action) = authz::requirement(&mut req);
+        let authorized = self
+            .authorize(caller, need, key.as_deref().map(String::as_str), action)
+            .await?;
+        // The call runs on the key it was authorized for: by tag, not by a name that a
+        // purge and a new key could give to another key while the call waits its turn.
+        if let (Some(key), Some(tag)) = (key, authorized) {
+            *key = tag;
+        }
         let e = &self.engine;
         match req {
             // Handled by the connection; harmless if repeated.
@@ -351,21 +358,22 @@ impl Service {
     }
 
     /// Refuses a request the caller's roles do not cover, naming the missing role, and
-    /// records the refusal in the key's history.
+    /// records the refusal in the key's history. Permitted on a key it resolved (a caller
+    /// who is not a manager by identity), returns that key's tag.
     async fn authorize(
         &self,
         caller: &Caller,
         need: Need,
         key: Option<&str>,
         action: Option<Action>,
-    ) -> Result<(), WireError> {
+    ) -> Result<Option<String>, WireError> {
         if need == Need::Connected || authz::is_superuser(caller, self.daemon_uid) {
-            return Ok(());
+            return Ok(None);
         }
         let entry = key.and_then(|k| self.engine.resolve(k).ok());
         let tag = entry.as_ref().map(|e| e.rec.tag.as_str());
         if authz::permits(&self.engine.grants(), caller, need, tag) {
-            return Ok(());
+            return Ok(tag.map(str::to_string));
         }
         let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
         // The key as the caller named it, known or not: a refusal tells nothing about a
