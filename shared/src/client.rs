@@ -570,9 +570,7 @@ impl Client {
 }
 
 fn unexpected(resp: &Response) -> ClientError {
-    let s = format!("{resp:?}");
-    let name = s.split(['(', ' ', '{']).next().unwrap_or("?");
-    ClientError::Unexpected(format!("reply of kind {name}"))
+    ClientError::Unexpected(format!("reply of kind {}", resp.kind()))
 }
 
 fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -430,6 +430,35 @@ pub enum Response {
     },
 }
 
+impl Response {
+    /// The variant's name on the wire, e.g. `"data_key"`: for messages about a reply,
+    /// which must not format the reply itself (it may carry a plaintext or a data key).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Hello { .. } => "hello",
+            Response::Status(_) => "status",
+            Response::Key(_) => "key",
+            Response::Keys { .. } => "keys",
+            Response::Versions { .. } => "versions",
+            Response::Ciphertext { .. } => "ciphertext",
+            Response::Plaintext { .. } => "plaintext",
+            Response::Signature { .. } => "signature",
+            Response::Verified { .. } => "verified",
+            Response::PublicKey { .. } => "public_key",
+            Response::DataKey { .. } => "data_key",
+            Response::Batch { .. } => "batch",
+            Response::History { .. } => "history",
+            Response::Impact(_) => "impact",
+            Response::Subscribed => "subscribed",
+            Response::Grant(_) => "grant",
+            Response::Grants { .. } => "grants",
+            Response::BackupChunk { .. } => "backup_chunk",
+            Response::HsmToken(_) => "hsm_token",
+            Response::HsmTokens { .. } => "hsm_tokens",
+        }
+    }
+}
+
 /// A PKCS#11 token registered for `dedicated-hsm` keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HsmTokenInfo {
@@ -631,5 +660,38 @@ pub mod opt_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
         Option::<serde_bytes::ByteBuf>::deserialize(d).map(|o| o.map(|b| b.into_vec()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `Response::kind` is the name the variant has on the wire (the key of its
+    /// MessagePack map), for replies with and without fields.
+    #[test]
+    fn response_kind_is_the_wire_name() {
+        let replies = [
+            Response::Subscribed,
+            Response::DataKey {
+                ciphertext: "c".into(),
+                plaintext: Some(vec![1, 2, 3]),
+                bits: 256,
+            },
+            Response::Plaintext { plaintext: vec![9] },
+            Response::Verified { valid: true },
+            Response::Grants { grants: Vec::new() },
+        ];
+        for r in replies {
+            let bytes = crate::codec::encode(&r).unwrap();
+            // A unit variant is its name; any other a one-entry map from its name.
+            let name = rmp_serde::from_slice::<String>(&bytes).unwrap_or_else(|_| {
+                let map: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+                    rmp_serde::from_slice(&bytes).unwrap();
+                map.into_keys().next().unwrap()
+            });
+            assert_eq!(r.kind(), name);
+        }
     }
 }
