@@ -85,11 +85,11 @@ impl VersionEntry {
 
     /// The same version with another record (flag change, purge), sharing caches.
     pub fn with_record(&self, record: VersionRecord) -> Self {
-        let material = if record.wrapped.is_some() {
+        let material = if record.wrapped.is_some() && record.enabled {
             self.material.clone()
         } else {
-            // Purged: drop the cache so the material is zeroized once the last reader
-            // of the old entry lets go.
+            // Purged or disabled: drop the cache so the material is zeroized once the
+            // last reader of the old entry lets go (a re-enabled version unwraps again).
             Arc::default()
         };
         VersionEntry {
@@ -311,5 +311,37 @@ impl Keyring {
         for (at, kind) in new {
             self.due.insert((*at, tag.to_string(), *kind));
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn record(enabled: bool, wrapped: bool) -> VersionRecord {
+        VersionRecord {
+            created_at: 0,
+            enabled,
+            wrapped: wrapped.then(|| vec![1, 2, 3]),
+        }
+    }
+
+    /// A flag change keeps the unwrapped material (and the encryption count) shared; a
+    /// disabled or purged version lets go of it, so it is zeroized once no call holds it.
+    #[test]
+    fn material_is_kept_only_while_usable() {
+        let v = VersionEntry::new(1, record(true, true));
+        let aes = crate::crypto::AesKey::generate().unwrap();
+        assert!(v.material.set(Arc::new(KeyMaterial::Aes(aes))).is_ok());
+        v.encryptions.store(7, Ordering::Relaxed);
+
+        let same = v.with_record(record(true, true));
+        assert!(same.material.get().is_some());
+        assert!(Arc::ptr_eq(&same.material, &v.material));
+        let disabled = v.with_record(record(false, true));
+        assert!(disabled.material.get().is_none());
+        assert_eq!(disabled.encryptions.load(Ordering::Relaxed), 7);
+        assert!(v.with_record(record(true, false)).material.get().is_none());
     }
 }
