@@ -195,17 +195,9 @@ impl TestDaemon {
         self.run_kmsctl(Command::new(bin("kmsctl")), args, stdin)
     }
 
-    /// `kmsctl` as another account (`setpriv`, which needs root): its uid, gid and groups.
+    /// `kmsctl` as another account: see [`kmsctl_as_account`].
     pub fn kmsctl_as(&self, account: &str, args: &[&str], stdin: &[u8]) -> Output {
-        let mut setpriv = Command::new("setpriv");
-        setpriv
-            .args([
-                &format!("--reuid={account}"),
-                &format!("--regid={account}"),
-                "--init-groups",
-            ])
-            .arg(bin("kmsctl"));
-        self.run_kmsctl(setpriv, args, stdin)
+        self.run_kmsctl(kmsctl_as_account(account), args, stdin)
     }
 
     fn run_kmsctl(&self, mut command: Command, args: &[&str], stdin: &[u8]) -> Output {
@@ -224,6 +216,20 @@ impl TestDaemon {
         }
         child.wait_with_output().expect("kmsctl output")
     }
+}
+
+/// A `kmsctl` command (no arguments yet) run as another account by `setpriv`, which
+/// needs root: the account's uid, gid and groups.
+pub fn kmsctl_as_account(account: &str) -> Command {
+    let mut setpriv = Command::new("setpriv");
+    setpriv
+        .args([
+            &format!("--reuid={account}"),
+            &format!("--regid={account}"),
+            "--init-groups",
+        ])
+        .arg(bin("kmsctl"));
+    setpriv
 }
 
 /// Processes whose command line names `path` (a daemon's data directory), other than

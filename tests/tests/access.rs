@@ -389,13 +389,7 @@ fn connections_per_account_are_capped() {
     let base = connections();
     // Two subscribers as the other account hold two connections.
     let watch = || {
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={OTHER}"),
-                &format!("--regid={OTHER}"),
-                "--init-groups",
-            ])
-            .arg(kms_e2e::bin("kmsctl"))
+        kms_e2e::kmsctl_as_account(OTHER)
             .arg("--socket")
             .arg(&d.socket)
             .arg("watch")
