@@ -32,6 +32,8 @@ pub struct Service {
     backups: crate::backup::Backups,
     /// CPU-bound crypto: one thread per core. Nothing on it waits for a commit.
     crypto: rayon::ThreadPool,
+    /// Each account's share of the work queued on `crypto`.
+    pool_shares: PoolShares,
 }
 
 type Reply = Result<Response, WireError>;
@@ -57,6 +59,7 @@ impl Service {
             daemon_uid: rustix::process::geteuid().as_raw(),
             backups: crate::backup::Backups::default(),
             crypto,
+            pool_shares: PoolShares::new(POOL_SHARE),
         })
     }
 
@@ -134,7 +137,7 @@ impl Service {
             } => {
                 let inline = plaintext.len() <= MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
-                self.run(inline, move |e| {
+                self.run(caller, inline, 1, move |e| {
                     e.encrypt(&c, &key, &plaintext, context.as_deref())
                 })
                 .await
@@ -147,7 +150,7 @@ impl Service {
             } => {
                 let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
-                self.run(inline, move |e| {
+                self.run(caller, inline, 1, move |e| {
                     e.decrypt(&c, &key, &ciphertext, context.as_deref())
                 })
                 .await
@@ -160,7 +163,7 @@ impl Service {
             } => {
                 let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
                 let c = caller.clone();
-                self.run(inline, move |e| {
+                self.run(caller, inline, 1, move |e| {
                     e.reencrypt(&c, &key, &ciphertext, context.as_deref())
                 })
                 .await
@@ -169,27 +172,36 @@ impl Service {
             Request::EncryptBatch { key, items } => {
                 let c = caller.clone();
                 // An oversized batch is refused without waiting for the crypto pool.
-                self.run(items.len() > MAX_BATCH_ITEMS, move |e| {
-                    e.encrypt_batch(&c, &key, &items)
-                })
+                self.run(
+                    caller,
+                    items.len() > MAX_BATCH_ITEMS,
+                    items.len(),
+                    move |e| e.encrypt_batch(&c, &key, &items),
+                )
                 .await
                 .map(|items| Response::Batch { items })
             }
             Request::DecryptBatch { key, items } => {
                 let c = caller.clone();
                 // An oversized batch is refused without waiting for the crypto pool.
-                self.run(items.len() > MAX_BATCH_ITEMS, move |e| {
-                    e.decrypt_batch(&c, &key, &items)
-                })
+                self.run(
+                    caller,
+                    items.len() > MAX_BATCH_ITEMS,
+                    items.len(),
+                    move |e| e.decrypt_batch(&c, &key, &items),
+                )
                 .await
                 .map(|items| Response::Batch { items })
             }
             Request::ReencryptBatch { key, items } => {
                 let c = caller.clone();
                 // An oversized batch is refused without waiting for the crypto pool.
-                self.run(items.len() > MAX_BATCH_ITEMS, move |e| {
-                    e.reencrypt_batch(&c, &key, &items)
-                })
+                self.run(
+                    caller,
+                    items.len() > MAX_BATCH_ITEMS,
+                    items.len(),
+                    move |e| e.reencrypt_batch(&c, &key, &items),
+                )
                 .await
                 .map(|items| Response::Batch { items })
             }
@@ -199,9 +211,11 @@ impl Service {
                 scheme,
             } => {
                 let c = caller.clone();
-                self.run(false, move |e| e.sign(&c, &key, &message, scheme))
-                    .await
-                    .map(|signature| Response::Signature { signature })
+                self.run(caller, false, 1, move |e| {
+                    e.sign(&c, &key, &message, scheme)
+                })
+                .await
+                .map(|signature| Response::Signature { signature })
             }
             Request::Verify {
                 key,
@@ -210,7 +224,7 @@ impl Service {
                 scheme,
             } => {
                 let c = caller.clone();
-                self.run(false, move |e| {
+                self.run(caller, false, 1, move |e| {
                     e.verify(&c, &key, &message, &signature, scheme)
                 })
                 .await
@@ -218,7 +232,7 @@ impl Service {
             }
             Request::PublicKey { key, version } => {
                 let c = caller.clone();
-                self.run(false, move |e| e.public_key(&c, &key, version))
+                self.run(caller, false, 1, move |e| e.public_key(&c, &key, version))
                     .await
                     .map(|(version, pem)| Response::PublicKey { version, pem })
             }
@@ -229,7 +243,7 @@ impl Service {
                 context,
             } => {
                 let c = caller.clone();
-                self.run(false, move |e| {
+                self.run(caller, false, 1, move |e| {
                     e.data_key(&c, &key, bits, plaintext, context.as_deref())
                 })
                 .await
@@ -434,16 +448,22 @@ impl Service {
     /// reactor per call.
     async fn run<T: Send + 'static>(
         &self,
+        caller: &Caller,
         inline: bool,
+        work: usize,
         f: impl FnOnce(&Engine) -> Pending<T> + Send + 'static,
     ) -> Result<T, WireError> {
         if inline {
             return f(&self.engine).wait_async().await.map_err(wire);
         }
+        // The pool serves accounts in turn: one cannot queue more than its share of work
+        // (items) ahead of everyone else's.
+        let share = self.pool_shares.acquire(caller.uid, work).await;
         let engine = self.engine.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         self.crypto.spawn(move || {
             let pending = f(&engine);
+            drop(share);
             complete_on_wake(async move {
                 let _ = done.send(pending.wait_async().await);
             });
@@ -525,6 +545,43 @@ fn wire(e: EngineError) -> WireError {
     e.to_wire()
 }
 
+/// Items of crypto work one account may have queued or running on the pool at once: two
+/// full batches (RSA: ~0.9 s of both threads), far more than its single calls need (one
+/// each) however many connections make them.
+const POOL_SHARE: usize = 2 * MAX_BATCH_ITEMS;
+
+/// Per-account budgets of pool work. The pool itself is first come, first served; without
+/// a budget one account with many large batches in flight would put minutes of work
+/// ahead of every other account's signature.
+struct PoolShares {
+    per_account: usize,
+    accounts: Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl PoolShares {
+    fn new(per_account: usize) -> Self {
+        PoolShares {
+            per_account,
+            accounts: Mutex::default(),
+        }
+    }
+
+    /// Waits until `uid` may add `work` items (at most its whole share) to the pool; the
+    /// permit gives them back when dropped. (`None` only if the budget were closed, which
+    /// nothing does: the work then goes ahead unbudgeted.)
+    async fn acquire(&self, uid: u32, work: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let budget = {
+            let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+            accounts
+                .entry(uid)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_account)))
+                .clone()
+        };
+        let n = u32::try_from(work.clamp(1, self.per_account)).unwrap_or(u32::MAX);
+        budget.acquire_many_owned(n).await.ok()
+    }
+}
+
 fn join_error(e: tokio::task::JoinError) -> WireError {
     tracing::error!(error = %e, "request task failed");
     WireError::new(ErrorKind::Internal, "the request could not be completed")
@@ -536,6 +593,28 @@ mod tests {
     use super::complete_on_wake;
     use std::sync::mpsc;
     use std::time::Duration;
+
+    /// An account that holds its whole share waits for more; another account does not;
+    /// the share comes back when the permit is dropped.
+    #[tokio::test]
+    async fn pool_shares_are_per_account() {
+        let shares = std::sync::Arc::new(super::PoolShares::new(10));
+        let big = shares.acquire(1, 1_000).await.unwrap();
+        assert_eq!(
+            big.num_permits(),
+            10,
+            "work beyond the share takes the whole share"
+        );
+        let s = shares.clone();
+        let waiting = tokio::spawn(async move { s.acquire(1, 1).await.map(|p| p.num_permits()) });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "account 1 is over its share");
+        assert_eq!(shares.acquire(2, 3).await.unwrap().num_permits(), 3);
+        drop(big);
+        assert_eq!(waiting.await.unwrap(), Some(1));
+    }
 
     /// The future finishes on the thread that wakes it, with the value sent there.
     #[test]
