@@ -6,7 +6,7 @@
 //! one thread per core, so that 16 clients signing at once are 2 threads taking turns
 //! rather than 16 threads the scheduler switches between; key generation and everything
 //! that waits on a commit run on tokio's blocking pool. No client can stall the reactor,
-//! and no account can queue more than its share of work on the pool ([`PoolShares`]).
+//! and no account can queue more than its share of work on the pool (`PoolShares`).
 
 use crate::authz::{self, Need};
 use crate::engine::{Caller, Engine, EngineError, Pending};
