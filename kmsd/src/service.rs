@@ -12,7 +12,7 @@ use crate::authz::{self, Need};
 use crate::engine::{Caller, Engine, EngineError, Pending};
 use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS};
 use kms_shared::protocol::{
-    DaemonStatus, ErrorKind, Event, PROTOCOL_VERSION, Request, Response, WireError,
+    DaemonStatus, ErrorKind, Event, ItemOutcome, PROTOCOL_VERSION, Request, Response, WireError,
 };
 use std::future::Future;
 use std::path::PathBuf;
@@ -38,6 +38,9 @@ pub struct Service {
 }
 
 type Reply = Result<Response, WireError>;
+
+/// An engine batch call: `Engine::encrypt_batch` and its siblings.
+type BatchOp<I> = fn(&Engine, &Caller, &str, &[I]) -> Pending<Vec<ItemOutcome>>;
 
 impl Service {
     pub fn new(
@@ -171,40 +174,14 @@ impl Service {
                 .map(|ciphertext| Response::Ciphertext { ciphertext })
             }
             Request::EncryptBatch { key, items } => {
-                let c = caller.clone();
-                // An oversized batch is refused without waiting for the crypto pool.
-                self.run(
-                    caller,
-                    items.len() > MAX_BATCH_ITEMS,
-                    items.len(),
-                    move |e| e.encrypt_batch(&c, &key, &items),
-                )
-                .await
-                .map(|items| Response::Batch { items })
+                self.batch(caller, key, items, Engine::encrypt_batch).await
             }
             Request::DecryptBatch { key, items } => {
-                let c = caller.clone();
-                // An oversized batch is refused without waiting for the crypto pool.
-                self.run(
-                    caller,
-                    items.len() > MAX_BATCH_ITEMS,
-                    items.len(),
-                    move |e| e.decrypt_batch(&c, &key, &items),
-                )
-                .await
-                .map(|items| Response::Batch { items })
+                self.batch(caller, key, items, Engine::decrypt_batch).await
             }
             Request::ReencryptBatch { key, items } => {
-                let c = caller.clone();
-                // An oversized batch is refused without waiting for the crypto pool.
-                self.run(
-                    caller,
-                    items.len() > MAX_BATCH_ITEMS,
-                    items.len(),
-                    move |e| e.reencrypt_batch(&c, &key, &items),
-                )
-                .await
-                .map(|items| Response::Batch { items })
+                self.batch(caller, key, items, Engine::reencrypt_batch)
+                    .await
             }
             Request::Sign {
                 key,
@@ -479,6 +456,22 @@ impl Service {
                 ))
             }
         }
+    }
+
+    /// A batch call on the crypto pool, one share item per batch item; an oversized
+    /// batch is refused inline, without waiting for the pool.
+    async fn batch<I: Send + Sync + 'static>(
+        &self,
+        caller: &Caller,
+        key: String,
+        items: Vec<I>,
+        op: BatchOp<I>,
+    ) -> Reply {
+        let c = caller.clone();
+        let (oversized, work) = (items.len() > MAX_BATCH_ITEMS, items.len());
+        self.run(caller, oversized, work, move |e| op(e, &c, &key, &items))
+            .await
+            .map(|items| Response::Batch { items })
     }
 
     /// Runs a call that may wait on a commit or read the store, on the blocking pool.
