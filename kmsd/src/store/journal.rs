@@ -237,6 +237,9 @@ pub struct Journal {
     index: u64,
     /// Where the last record ends (the next starts at the next block boundary).
     offset: u64,
+    /// Tests: every append writes its record, then reports an I/O error.
+    #[cfg(test)]
+    fail_after_writing: bool,
 }
 
 impl Journal {
@@ -305,6 +308,8 @@ impl Journal {
             generation,
             index: 0,
             offset: 0,
+            #[cfg(test)]
+            fail_after_writing: false,
         })
     }
 
@@ -342,21 +347,43 @@ impl Journal {
         for (block, chunk) in blocks.iter_mut().zip(record.chunks(BLOCK)) {
             block.0[..chunk.len()].copy_from_slice(chunk);
         }
-        let written = if self.direct {
-            self.write_direct(&blocks, start)
-        } else {
-            let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.0).collect();
-            self.file
-                .write_all_at(&bytes, start)
-                .and_then(|()| self.file.sync_data())
-        };
-        written.map_err(|source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        let written = self.write_blocks(&blocks, start);
+        #[cfg(test)]
+        let written = written.and_then(|()| match self.fail_after_writing {
+            true => Err(std::io::Error::other(
+                "injected: the record was written, then failed",
+            )),
+            false => Ok(()),
+        });
+        if let Err(source) = written {
+            // A write that reported an error may still have reached the disk, whole: a
+            // record whose calls were answered with the error, which the next open would
+            // adopt as done. Zeros over its first block end the journal before it (see
+            // `whole_records`); if they cannot be written either, the disk is failing and
+            // the record stays, on the side of too much history rather than too little.
+            if let Err(e) = self.write_blocks(&[Block::ZERO], start) {
+                tracing::error!(error = %e, "cannot erase a failed call journal record");
+            }
+            return Err(JournalError::Io {
+                path: self.path.clone(),
+                source,
+            });
+        }
         self.offset = start + total as u64;
         self.index += 1;
         Ok(())
+    }
+
+    /// One durable write of whole `blocks` at `offset`: direct, or through the page cache
+    /// and `fdatasync`.
+    fn write_blocks(&self, blocks: &[Block], offset: u64) -> std::io::Result<()> {
+        if self.direct {
+            return self.write_direct(blocks, offset);
+        }
+        let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.0).collect();
+        self.file
+            .write_all_at(&bytes, offset)
+            .and_then(|()| self.file.sync_data())
     }
 
     /// One durable direct write of whole `blocks` at `offset` (repeated if the kernel
@@ -494,6 +521,29 @@ mod tests {
         // The first g1 record was overwritten; the second is intact but out of order.
         assert!(recover(&path, &g1).unwrap().is_empty());
         assert!(recover(&dir.path().join("absent"), &g1).unwrap().is_empty());
+    }
+
+    /// A record whose write reported an error, though it reached the disk whole, is not
+    /// adopted: its calls were answered with the error. Its first block is zeroed, so the
+    /// journal ends before it, whether it took one block or several, written directly or
+    /// through the page cache; the records before it stay.
+    #[test]
+    fn a_record_whose_write_failed_is_not_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = [6u8; 16];
+        for (name, allow_direct) in [("direct", true), ("buffered", false)] {
+            for failed in [call("f", 9, "small"), call("f", 9, &"c".repeat(3 * BLOCK))] {
+                let path = dir.path().join(name);
+                let _ = std::fs::remove_file(&path);
+                let mut j = Journal::open_with(&path, g, allow_direct).unwrap();
+                let kept = [call("a", 1, "x"), call("b", 2, "y")].concat();
+                j.append(&kept[..3]).unwrap();
+                j.append(&kept[3..]).unwrap();
+                j.fail_after_writing = true;
+                assert!(j.append(&failed).is_err());
+                assert_eq!(recover(&path, &g).unwrap(), kept, "{name}");
+            }
+        }
     }
 
     /// A record torn anywhere (any byte changed, or cut short) ends the journal there:

@@ -172,9 +172,10 @@ pub struct Writer {
     unfolded: Arc<AtomicU64>,
     /// Set if the thread died of a panic.
     exit: Arc<WriterExit>,
-    /// Tests: the next commit reports a failure after it has landed (see `State::commit`).
+    /// Tests: the next N commits report a failure after they have landed (see
+    /// `State::commit`).
     #[cfg(test)]
-    land_then_fail: Arc<std::sync::atomic::AtomicBool>,
+    land_then_fail: Arc<std::sync::atomic::AtomicU32>,
     /// Tests: the thread panics on the next group it takes.
     #[cfg(test)]
     panic_next: Arc<std::sync::atomic::AtomicBool>,
@@ -217,7 +218,7 @@ impl Writer {
         let unfolded = Arc::new(AtomicU64::new(0));
         let exit = Arc::new(WriterExit::default());
         #[cfg(test)]
-        let land_then_fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let land_then_fail = Arc::new(std::sync::atomic::AtomicU32::new(0));
         #[cfg(test)]
         let panic_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         #[cfg(test)]
@@ -365,7 +366,7 @@ struct State {
     /// journal takes no records and the next commit first settles the question.
     uncertain: Option<Generation>,
     #[cfg(test)]
-    land_then_fail: Arc<std::sync::atomic::AtomicBool>,
+    land_then_fail: Arc<std::sync::atomic::AtomicU32>,
     #[cfg(test)]
     panic_next: Arc<std::sync::atomic::AtomicBool>,
     #[cfg(test)]
@@ -529,11 +530,12 @@ impl State {
     /// callers get the error) and the database is reopened.
     fn commit(&mut self, calls: Vec<CallOp>, group: &[Submission]) -> Result<(), StoreError> {
         if let Some(g) = self.uncertain {
-            let landed = self.stored_generation()? == Some(g);
-            self.uncertain = None;
-            if landed {
-                self.folded(g);
+            // The journal still takes no records (`journal_failed`): this commit, once it
+            // reports success, restarts it (see `confirm`).
+            if self.stored_generation()? == Some(g) {
+                self.pending.clear();
             }
+            self.uncertain = None;
         }
         let settle_only = group
             .iter()
@@ -541,13 +543,10 @@ impl State {
         if calls.is_empty() && settle_only && self.pending.is_empty() && !self.journal_failed {
             return Ok(());
         }
-        let generation =
-            match &self.journal {
-                Some(_) => Some(journal::new_generation().map_err(|e| {
-                    StoreError::Db(format!("cannot draw a journal generation: {e}"))
-                })?),
-                None => None,
-            };
+        let generation = match &self.journal {
+            Some(_) => Some(draw_generation()?),
+            None => None,
+        };
         let acknowledged = self.pending.len();
         self.pending.extend(calls);
         let mut seq = self.next_seq;
@@ -557,15 +556,7 @@ impl State {
             finish(tx, group, &mut seq, generation.as_ref())
         });
         #[cfg(test)]
-        let result =
-            result.and_then(
-                |()| match self.land_then_fail.swap(false, Ordering::Relaxed) {
-                    true => Err(StoreError::Db(
-                        "injected: the commit landed, then failed".into(),
-                    )),
-                    false => Ok(()),
-                },
-            );
+        let result = result.and_then(|()| self.injected_failure_after_landing());
         match result {
             Ok(()) => {
                 self.next_seq = seq;
@@ -599,11 +590,10 @@ impl State {
                 };
                 match self.stored_generation() {
                     Ok(stored) if stored == Some(g) => {
-                        tracing::warn!("the failed commit had landed; it counts as committed");
-                        self.folded(g);
+                        tracing::warn!("the failed commit reads back as landed; confirming it");
                         self.pending.clear();
                         self.fold_not_before = None;
-                        Ok(())
+                        self.confirm()
                     }
                     Ok(_) => Err(e),
                     Err(read) => {
@@ -614,6 +604,51 @@ impl State {
                     }
                 }
             }
+        }
+    }
+
+    /// After a failed commit that reads back as landed: its calls are in redb as redb now
+    /// reads, and not pending. But after an `fsync` error Linux marks the pages that did
+    /// not reach the disk clean, so the read-back may come from memory while the disk
+    /// holds the previous header; the journal's records are then the only durable copy
+    /// of those calls. So the journal is not restarted on that read-back: it takes no
+    /// records (calls commit to redb one group at a time) until a commit reports success,
+    /// which rewrites the header and so makes the landed commit durable, and that commit
+    /// restarts it. One is tried at once, holding nothing but a new generation; the
+    /// caller's answer is its result.
+    fn confirm(&mut self) -> Result<(), StoreError> {
+        self.journal_failed = true;
+        let g = draw_generation()?;
+        let mut seq = self.next_seq;
+        let result = self.db.get().and_then(|db| fold(&db, &[], &mut seq, &g));
+        #[cfg(test)]
+        let result = result.and_then(|()| self.injected_failure_after_landing());
+        self.next_seq = seq;
+        match result {
+            Ok(()) => {
+                self.folded(g);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot confirm the landed commit; the call journal waits for the next commit");
+                self.db.recover();
+                Err(e)
+            }
+        }
+    }
+
+    /// Tests: a commit that landed reports a failure while `land_then_fail` counts down.
+    #[cfg(test)]
+    fn injected_failure_after_landing(&self) -> Result<(), StoreError> {
+        let failed = self
+            .land_then_fail
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        match failed {
+            true => Err(StoreError::Db(
+                "injected: the commit landed, then failed".into(),
+            )),
+            false => Ok(()),
         }
     }
 
@@ -639,6 +674,11 @@ impl State {
         let stored = meta.get(META_JOURNAL_GENERATION)?;
         Ok(stored.and_then(|v| Generation::try_from(v.value()).ok()))
     }
+}
+
+fn draw_generation() -> Result<Generation, StoreError> {
+    journal::new_generation()
+        .map_err(|e| StoreError::Db(format!("cannot draw a journal generation: {e}")))
 }
 
 /// Applies journaled calls in one durable transaction that stores the journal's next
@@ -1118,7 +1158,7 @@ mod tests {
     fn a_fold_that_landed_despite_an_error_counts_once() {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer) = writer_with_calls(dir.path(), 5);
-        writer.land_then_fail.store(true, Ordering::Relaxed);
+        writer.land_then_fail.store(1, Ordering::Relaxed);
         writer.settle().unwrap();
         let want: Vec<(u64, UnixMillis)> = (0..5).map(|t| (t as u64 + 1, t)).collect();
         assert_eq!(stored(&store, "a"), (want, 5, 5));
@@ -1131,6 +1171,46 @@ mod tests {
         writer.shutdown();
     }
 
+    /// A fold that failed but reads back as landed, and whose confirming commit fails
+    /// too. After an `fsync` error the read-back may come from pages that never reached
+    /// the disk, so until a commit reports success the journal keeps the folded calls'
+    /// records (nothing is journaled over them): a disk that kept the old store header
+    /// still finds every acknowledged call. Nothing counts twice either way.
+    #[test]
+    fn a_landed_fold_keeps_the_journal_until_a_commit_confirms_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = writer_with_calls(dir.path(), 5);
+        // What the disk holds if the fold's new header never reaches it.
+        let old = tempfile::tempdir().unwrap();
+        let old_disk = crash_image(&store, old.path());
+        writer.land_then_fail.store(2, Ordering::Relaxed);
+        assert!(writer.settle().is_err(), "the fold is not confirmed");
+        let want: Vec<(u64, UnixMillis)> = (0..5).map(|t| (t as u64 + 1, t)).collect();
+        assert_eq!(stored(&store, "a"), (want, 5, 5), "in redb once");
+        // Not journaled: committed to redb, which confirms the fold.
+        writer.submit(call("a", 5)).wait().unwrap();
+        assert_eq!(writer.unfolded.load(Ordering::Acquire), 0, "not journaled");
+        // The old header with the journal as it is now: the five calls are there.
+        std::fs::copy(
+            journal::path_for(store.path()),
+            journal::path_for(&old_disk),
+        )
+        .unwrap();
+        let reopened = Store::open(&old_disk, "fp").unwrap();
+        assert_eq!(stored(&reopened, "a").0.len(), 5, "kept by the journal");
+        drop(reopened);
+        // Journaling resumes after the confirming commit.
+        writer.submit(call("a", 6)).wait().unwrap();
+        assert_eq!(writer.unfolded.load(Ordering::Acquire), 3, "journaled");
+        assert_eq!(after_crash(&store), (7, 7, 7), "after a crash");
+        writer.settle().unwrap();
+        let (history, usage, enc) = stored(&store, "a");
+        let times: Vec<UnixMillis> = history.iter().map(|(_, t)| *t).collect();
+        assert_eq!(times, (0..7).collect::<Vec<_>>(), "{history:?}");
+        assert_eq!((usage, enc), (7, 7));
+        writer.shutdown();
+    }
+
     /// A fold that failed, landed, and could not be read back at once (the store was
     /// unreadable for a moment): the journal waits, the next commit finds that it landed,
     /// and nothing is lost or counted twice — in particular no history sequence number
@@ -1139,7 +1219,7 @@ mod tests {
     fn a_fold_whose_outcome_was_unknown_is_settled_by_the_next_commit() {
         let dir = tempfile::tempdir().unwrap();
         let (store, writer) = writer_with_calls(dir.path(), 5);
-        writer.land_then_fail.store(true, Ordering::Relaxed);
+        writer.land_then_fail.store(1, Ordering::Relaxed);
         writer.generation_unreadable.store(true, Ordering::Relaxed);
         // A change with a history entry of its own folds the five calls and fails after
         // landing; whether it landed cannot be read back.
