@@ -23,6 +23,9 @@ pub struct Config {
     pub max_connections_per_account: usize,
     /// Requests in flight on one connection before the daemon stops reading from it.
     pub max_in_flight: usize,
+    /// Bytes one connection may hold in the daemon's memory (requests read and not yet
+    /// answered, replies not yet written) before the daemon stops reading from it.
+    pub max_buffered_bytes: usize,
     /// A connection with no complete frame for this long is closed (not subscribers).
     pub idle_timeout: Duration,
     /// A frame whose length has arrived must be complete within this time.
@@ -45,6 +48,7 @@ impl Config {
             max_connections: 1024,
             max_connections_per_account: 256,
             max_in_flight: 256,
+            max_buffered_bytes: 8 << 20,
             idle_timeout: Duration::from_secs(300),
             frame_timeout: Duration::from_secs(10),
             engine: EngineConfig::default(),
@@ -96,6 +100,9 @@ impl Config {
         if let Some(v) = f.max_in_flight {
             self.max_in_flight = v.max(1);
         }
+        if let Some(v) = f.max_buffered_bytes {
+            self.max_buffered_bytes = v.max(64 << 10);
+        }
         if let Some(v) = f.idle_timeout_secs {
             self.idle_timeout = Duration::from_secs_f64(v.max(0.01));
         }
@@ -134,6 +141,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_connections_per_account: Option<usize>,
     max_in_flight: Option<usize>,
+    max_buffered_bytes: Option<usize>,
     idle_timeout_secs: Option<f64>,
     frame_timeout_secs: Option<f64>,
     /// Never below 1 hour, whatever is written here (SPEC §3).

@@ -4,7 +4,8 @@
 //! Three kinds of tasks share the socket: the reader (this task), one task per request in
 //! flight, and a writer that owns the write half. Replies and events reach the writer over
 //! a bounded channel, so a client that stops reading slows only itself: its requests wait
-//! for the channel, its reader stops taking new ones once `max_in_flight` are pending, and
+//! for the channel, its reader stops taking new ones once `max_in_flight` are pending or
+//! the connection holds `max_buffered_bytes` of requests and replies ([`Buffered`]), and
 //! its event forwarder falls behind the broadcast and is told how many events it missed.
 
 use crate::config::Config;
@@ -16,10 +17,11 @@ use kms_shared::protocol::{
     ClientFrame, ErrorKind, Outcome, PROTOCOL_VERSION, Request, Response, ServerFrame, WireError,
 };
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 use tokio::time::timeout;
 use zeroize::Zeroize;
 
@@ -71,7 +73,12 @@ impl Connection {
         let (rd, wr) = stream.into_split();
         let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
         let (tx, rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(16) * 2);
-        let writer = tokio::spawn(write_loop(wr, rx, config.idle_timeout));
+        let buffered = Arc::new(Buffered::new(config.max_buffered_bytes));
+        let tx = Outbox {
+            tx,
+            buffered: buffered.clone(),
+        };
+        let writer = tokio::spawn(write_loop(wr, rx, config.idle_timeout, buffered.clone()));
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         let caller = Arc::new(caller);
         let mut handshaken = false;
@@ -84,6 +91,16 @@ impl Connection {
             } else {
                 config.idle_timeout
             };
+            // A client that sends and does not read stops being read here: its requests and
+            // replies stay within the budget (plus one frame), not `max_in_flight` of each.
+            tokio::select! {
+                () = buffered.below_limit() => {}
+                _ = shutdown.recv() => break ReadEnd::Closed,
+            }
+            if tx.is_closed() {
+                // The writer gave up on this client (it stopped reading).
+                break ReadEnd::Closed;
+            }
             let body = tokio::select! {
                 r = read_body(&mut rd, config.max_frame, idle, config.frame_timeout) => r,
                 _ = shutdown.recv() => break ReadEnd::Closed,
@@ -97,6 +114,7 @@ impl Connection {
             let decoded = codec::decode::<ClientFrame>(&body)
                 .map_err(|e| (e, codec::decode::<IdOnly>(&body).map_or(0, |f| f.id)));
             // The body may hold a plaintext; the decoded request has its own copy.
+            let request_len = body.len();
             let mut body = body;
             body.zeroize();
             let frame: ClientFrame = match decoded {
@@ -108,7 +126,7 @@ impl Connection {
                         ErrorKind::MalformedFrame,
                         format!("undecodable request: {e}"),
                     );
-                    if send(&tx, id, Outcome::Err(err)).await.is_err() || !handshaken {
+                    if tx.reply(id, Outcome::Err(err)).await.is_err() || !handshaken {
                         break ReadEnd::Closed;
                     }
                     continue;
@@ -123,7 +141,7 @@ impl Connection {
                             protocol: PROTOCOL_VERSION,
                             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
                         };
-                        if send(&tx, id, Outcome::Ok(hello)).await.is_err() {
+                        if tx.reply(id, Outcome::Ok(hello)).await.is_err() {
                             break ReadEnd::Closed;
                         }
                         continue;
@@ -135,7 +153,7 @@ impl Connection {
                                 "kmsd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"
                             ),
                         );
-                        let _ = send(&tx, id, Outcome::Err(err)).await;
+                        let _ = tx.reply(id, Outcome::Err(err)).await;
                         break ReadEnd::Closed;
                     }
                     _ => {
@@ -143,7 +161,7 @@ impl Connection {
                             ErrorKind::UnsupportedVersion,
                             "the first request on a connection must be hello (version handshake)",
                         );
-                        let _ = send(&tx, id, Outcome::Err(err)).await;
+                        let _ = tx.reply(id, Outcome::Err(err)).await;
                         break ReadEnd::Closed;
                     }
                 }
@@ -157,7 +175,8 @@ impl Connection {
                         caller.clone(),
                     )));
                 }
-                if send(&tx, id, Outcome::Ok(Response::Subscribed))
+                if tx
+                    .reply(id, Outcome::Ok(Response::Subscribed))
                     .await
                     .is_err()
                 {
@@ -169,17 +188,20 @@ impl Connection {
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break ReadEnd::Closed;
             };
+            // The request counts until its reply is queued (which then counts instead).
+            let request = buffered.hold(request_len);
             let (service, caller, tx) = (service.clone(), caller.clone(), tx.clone());
             tokio::spawn(async move {
                 let outcome = service.handle(&caller, frame.request).await;
-                let _ = send(&tx, id, outcome.into()).await;
+                let _ = tx.reply(id, outcome.into()).await;
+                drop(request);
                 drop(permit);
             });
         };
 
         if let ReadEnd::Fatal(err) = end {
             tracing::debug!(account = %caller.account, error = %err, "closing connection");
-            let _ = send(&tx, 0, Outcome::Err(err)).await;
+            let _ = tx.reply(0, Outcome::Err(err)).await;
         }
         // Answer everything in flight before closing (graceful shutdown included).
         let max = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
@@ -261,9 +283,91 @@ async fn read_body(
     }
 }
 
-async fn send(tx: &mpsc::Sender<Vec<u8>>, id: u64, result: Outcome) -> Result<(), ()> {
-    let frame = encode(&ServerFrame::Reply { id, result })?;
-    tx.send(frame).await.map_err(|_| ())
+/// What one connection holds in the daemon's memory, in bytes: requests read and not yet
+/// answered, replies and events not yet written. Tasks only count, never wait, so nothing
+/// can deadlock on it; the reader waits (stops reading) while the count is at the limit.
+/// A client that sends and never reads thus holds about the limit plus one frame (and
+/// what its requests in flight grow into as replies), where it held up to
+/// `max_in_flight` requests and twice as many queued replies, hundreds of MiB with large
+/// frames, until the write timed out.
+struct Buffered {
+    bytes: AtomicUsize,
+    limit: usize,
+    drained: Notify,
+}
+
+impl Buffered {
+    fn new(limit: usize) -> Buffered {
+        Buffered {
+            bytes: AtomicUsize::new(0),
+            limit,
+            drained: Notify::new(),
+        }
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn sub(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        if before >= self.limit && before - n < self.limit {
+            // One waiter (the reader); a permit is kept if it is not waiting yet.
+            self.drained.notify_one();
+        }
+    }
+
+    /// `n` bytes counted until the returned guard is dropped.
+    fn hold(self: &Arc<Self>, n: usize) -> Held {
+        self.add(n);
+        Held(self.clone(), n)
+    }
+
+    /// Returns once the connection holds less than its limit.
+    async fn below_limit(&self) {
+        while self.bytes.load(Ordering::Acquire) >= self.limit {
+            self.drained.notified().await;
+        }
+    }
+}
+
+/// Bytes counted in a [`Buffered`] while this lives.
+struct Held(Arc<Buffered>, usize);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.sub(self.1);
+    }
+}
+
+/// The way to the connection's writer: every frame queued counts in [`Buffered`] until
+/// [`write_loop`] has taken it.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Vec<u8>>,
+    buffered: Arc<Buffered>,
+}
+
+impl Outbox {
+    async fn reply(&self, id: u64, result: Outcome) -> Result<(), ()> {
+        let frame = encode(&ServerFrame::Reply { id, result })?;
+        self.send(frame).await
+    }
+
+    async fn send(&self, frame: Vec<u8>) -> Result<(), ()> {
+        self.buffered.add(frame.len());
+        if let Err(mpsc::error::SendError(mut frame)) = self.tx.send(frame).await {
+            // The writer is gone: the frame (a plaintext, maybe) is dropped, wiped.
+            self.buffered.sub(frame.len());
+            frame.zeroize();
+            return Err(());
+        }
+        Ok(())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 fn encode(frame: &ServerFrame) -> Result<Vec<u8>, ()> {
@@ -287,11 +391,14 @@ async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Vec<u8>>,
     stall: std::time::Duration,
+    buffered: Arc<Buffered>,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
     let mut next = rx.recv().await;
     'frames: while let Some(mut frame) = next.take() {
         loop {
+            // Taken: it counts no longer (the buffer it may be copied into is bounded).
+            let _taken = Held(buffered.clone(), frame.len());
             if frame.len() > WRITE_BUFFER - buf.len() {
                 // The buffer first, then this frame where it fits; a large one directly.
                 if !buf.is_empty() && !write_wiped(&mut wr, &mut buf, stall).await {
@@ -320,6 +427,7 @@ async fn write_loop(
     // Replies that will never be written are wiped too.
     rx.close();
     while let Ok(mut frame) = rx.try_recv() {
+        buffered.sub(frame.len());
         frame.zeroize();
     }
     let _ = wr.shutdown().await;
@@ -341,7 +449,7 @@ async fn write_wiped(
 /// Forwards engine events to a subscriber; tells it when it lagged behind.
 async fn forward_events(
     mut events: broadcast::Receiver<kms_shared::protocol::Event>,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: Outbox,
     service: Arc<Service>,
     caller: Arc<Caller>,
 ) {
@@ -364,6 +472,29 @@ async fn forward_events(
 mod tests {
     use super::*;
 
+    /// The reader waits while the connection holds its limit or more, and goes on once
+    /// enough is written or answered; counting never waits.
+    #[tokio::test]
+    async fn the_reader_waits_while_the_connection_is_over_its_budget() {
+        let short = std::time::Duration::from_millis(50);
+        let b = Arc::new(Buffered::new(100));
+        let request = b.hold(60);
+        timeout(short, b.below_limit()).await.unwrap();
+        let reply = b.hold(60);
+        assert!(timeout(short, b.below_limit()).await.is_err(), "120 of 100");
+        let reader = tokio::spawn({
+            let b = b.clone();
+            async move { b.below_limit().await }
+        });
+        drop(request);
+        timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(reply);
+        assert_eq!(b.bytes.load(Ordering::Acquire), 0);
+    }
+
     /// Frames of every size relative to the coalescing buffer — small ones that share a
     /// write, one that fills the rest exactly, one that does not fit beside queued ones,
     /// ones larger than the buffer — reach the peer whole and in order.
@@ -372,6 +503,11 @@ mod tests {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (_rd, wr) = ours.into_split();
         let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+        let buffered = Arc::new(Buffered::new(usize::MAX));
+        let tx = Outbox {
+            tx,
+            buffered: buffered.clone(),
+        };
         let sizes = [
             10,
             WRITE_BUFFER - 10,
@@ -393,11 +529,17 @@ mod tests {
             tx.send(f).await.unwrap();
         }
         drop(tx);
-        let writer = tokio::spawn(write_loop(wr, rx, std::time::Duration::from_secs(10)));
+        let writer = tokio::spawn(write_loop(
+            wr,
+            rx,
+            std::time::Duration::from_secs(10),
+            buffered.clone(),
+        ));
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes differ");
+        assert_eq!(buffered.bytes.load(Ordering::Acquire), 0, "all counted out");
     }
 }

@@ -238,3 +238,113 @@ async fn hostile_connections_leave_a_good_client_served() {
         (1 + 2 * attempts as u64) * CALLS as u64
     );
 }
+
+/// Writes one frame, `timeout` per write call; returns how much of it was written if a
+/// write timed out (the daemon stopped reading).
+fn write_within(s: &mut UnixStream, frame: &[u8]) -> Result<(), usize> {
+    let mut done = 0;
+    while done < frame.len() {
+        match s.write(&frame[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(done),
+        }
+    }
+    Ok(())
+}
+
+fn read_reply(s: &mut UnixStream) -> ServerFrame {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    kms_shared::codec::decode::<ServerFrame>(&body).unwrap()
+}
+
+/// A client that sends requests and never reads the replies holds a bounded part of the
+/// daemon's memory: kmsd stops reading from it once the connection holds
+/// `max_buffered_bytes` (here 1 MiB) of requests and unwritten replies — about 40
+/// requests of 32 KiB with the socket buffers — where it used to take `max_in_flight`
+/// (256) requests and queue twice as many replies (~780 requests, ~35 MiB) before
+/// stopping. When the client reads again, every request it sent is answered, in full.
+#[test]
+fn a_client_that_stops_reading_stops_being_read() {
+    use kms_shared::protocol::{ClientFrame, PROTOCOL_VERSION, Request, Response};
+    let d = TestDaemon::start_with(DaemonOptions {
+        config: Some("max_buffered_bytes = 1048576\n".into()),
+        ..DaemonOptions::default()
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = d.client().await;
+        c.create_key(CreateKey {
+            name: "sink".into(),
+            key_type: KeyType::Aes256,
+            protection: Default::default(),
+            convergent: false,
+            auto_rotation: false,
+            rotation_days: None,
+            memo: String::new(),
+            hsm: None,
+        })
+        .await
+        .unwrap();
+    });
+    let frame = |id: u64, request: Request| {
+        kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()
+    };
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let hello = Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "non-reader".into(),
+    };
+    s.write_all(&frame(0, hello)).unwrap();
+    assert!(matches!(
+        read_reply(&mut s),
+        ServerFrame::Reply {
+            result: Outcome::Ok(Response::Hello { .. }),
+            ..
+        }
+    ));
+    // Send until a write has made no progress for 5 s.
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let plaintext = vec![0x42u8; 32 * 1024];
+    let mut sent = 0u64;
+    let partial = loop {
+        let request = Request::Encrypt {
+            key: "sink".into(),
+            plaintext: plaintext.clone(),
+            context: None,
+        };
+        let bytes = frame(sent + 1, request);
+        match write_within(&mut s, &bytes) {
+            Ok(()) => sent += 1,
+            Err(done) => break bytes[done..].to_vec(),
+        }
+        assert!(sent < 2000, "the daemon never stopped reading");
+    };
+    eprintln!("kmsd stopped reading after {sent} requests of 32 KiB");
+    assert!(
+        sent < 150,
+        "{sent} requests of 32 KiB were taken from a client that reads nothing"
+    );
+    // Read again: the rest of the cut frame goes out, and every request is answered.
+    let mut writer = s.try_clone().unwrap();
+    let finish = std::thread::spawn(move || writer.write_all(&partial).unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < sent as usize + 1 {
+        match read_reply(&mut s) {
+            ServerFrame::Reply {
+                id,
+                result: Outcome::Ok(Response::Ciphertext { .. }),
+            } => assert!(answered.insert(id), "request {id} answered twice"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    finish.join().unwrap();
+    assert_eq!(
+        answered.into_iter().collect::<Vec<_>>(),
+        (1..=sent + 1).collect::<Vec<_>>()
+    );
+}
