@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let items: Vec<PlaintextItem> = (0..1000)
         .map(|_| PlaintextItem {
-            plaintext: vec![1u8; 64],
+            plaintext: (vec![1u8; 64]).into(),
             context: None,
         })
         .collect();

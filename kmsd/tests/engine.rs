@@ -92,7 +92,7 @@ impl Fx {
         self.e().encrypt(&self.me, key, pt, None).wait()
     }
 
-    fn dec(&self, key: &str, ct: &str) -> Result<Vec<u8>, EngineError> {
+    fn dec(&self, key: &str, ct: &str) -> Result<kms_shared::protocol::Secret, EngineError> {
         self.e().decrypt(&self.me, key, ct, None).wait()
     }
 }
@@ -353,7 +353,7 @@ fn convergent_encryption() {
 
     let items: Vec<_> = (0..10_000u32)
         .map(|i| kms_shared::protocol::PlaintextItem {
-            plaintext: i.to_be_bytes().to_vec(),
+            plaintext: (i.to_be_bytes().to_vec()).into(),
             context: Some(b"one-context".to_vec()),
         })
         .collect();
@@ -571,7 +571,7 @@ fn signatures_data_keys_reencrypt() {
         )
         .wait()
         .unwrap();
-    assert_eq!(batch[0], ItemOutcome::Plaintext(b"keep me".to_vec()));
+    assert_eq!(batch[0], ItemOutcome::Plaintext(b"keep me".to_vec().into()));
     assert!(matches!(&batch[1], ItemOutcome::Err(w) if w.kind == ErrorKind::DecryptFailed));
 }
 
@@ -860,7 +860,7 @@ fn batch_is_one_history_entry_and_counters_add_up() {
     fx.create("batchk", KeyType::Aes256);
     let items: Vec<PlaintextItem> = (0..5u8)
         .map(|i| PlaintextItem {
-            plaintext: vec![i; 16],
+            plaintext: (vec![i; 16]).into(),
             context: None,
         })
         .collect();

@@ -201,7 +201,7 @@ fn a_million_encryptions_repeat_no_nonce() {
     e.create_key(&c, &aes("million")).unwrap();
     let items: Vec<PlaintextItem> = (0..MAX_BATCH_ITEMS)
         .map(|_| PlaintextItem {
-            plaintext: b"n".to_vec(),
+            plaintext: (b"n".to_vec()).into(),
             context: None,
         })
         .collect();

@@ -11,7 +11,7 @@ use crate::paths;
 use crate::protocol::{
     CiphertextItem, ClientFrame, CreateKey, DEFAULT_MAX_FRAME, DaemonStatus, ErrorKind, Event,
     GrantSpec, HistoryQuery, HsmTokenInfo, ItemOutcome, Outcome, PROTOCOL_VERSION, PlaintextItem,
-    Request, Response, ServerFrame, WireError,
+    Request, Response, Secret, ServerFrame, WireError,
 };
 use interprocess::local_socket::tokio::{Stream, prelude::*};
 use interprocess::local_socket::{GenericFilePath, ToFsName};
@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use zeroize::Zeroizing;
 
 /// Why a call did not get a reply from the daemon, or got an error.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +154,11 @@ impl Client {
     /// Sends one request and waits for its reply. Other calls may be in flight meanwhile.
     pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = codec::encode_frame(&ClientFrame { id, request }, DEFAULT_MAX_FRAME)?;
+        // The frame may hold a plaintext: wiped once written.
+        let frame = Zeroizing::new(codec::encode_frame(
+            &ClientFrame { id, request },
+            DEFAULT_MAX_FRAME,
+        )?);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let written = {
@@ -232,18 +237,19 @@ impl Client {
     ) -> Result<String, ClientError> {
         self.ciphertext_call(Request::Encrypt {
             key: key.into(),
-            plaintext: plaintext.to_vec(),
+            plaintext: plaintext.to_vec().into(),
             context: context.map(<[u8]>::to_vec),
         })
         .await
     }
 
+    /// The plaintext, wiped from memory when the returned value is dropped.
     pub async fn decrypt(
         &self,
         key: &str,
         ciphertext: &str,
         context: Option<&[u8]>,
-    ) -> Result<Vec<u8>, ClientError> {
+    ) -> Result<Secret, ClientError> {
         match self
             .call(Request::Decrypt {
                 key: key.into(),
@@ -365,14 +371,15 @@ impl Client {
         }
     }
 
-    /// A fresh data key wrapped under the key's current version, and in plaintext if asked.
+    /// A fresh data key wrapped under the key's current version, and in plaintext if asked
+    /// (wiped from memory when dropped).
     pub async fn data_key(
         &self,
         key: &str,
         bits: u32,
         plaintext: bool,
         context: Option<&[u8]>,
-    ) -> Result<(String, Option<Vec<u8>>), ClientError> {
+    ) -> Result<(String, Option<Secret>), ClientError> {
         match self
             .call(Request::DataKey {
                 key: key.into(),
@@ -593,8 +600,10 @@ async fn read_loop(
     // for the length, one for the body and one that finds nothing.
     let mut recv = tokio::io::BufReader::with_capacity(READ_BUFFER, &*stream);
     loop {
+        // The body may hold a plaintext or a data key; the decoded reply has its own copy
+        // (a `Secret`), and this one is wiped.
         let body = match codec::read_frame(&mut recv, MAX_REPLY_FRAME).await {
-            Ok(Some(body)) => body,
+            Ok(Some(body)) => Zeroizing::new(body),
             Ok(None) | Err(_) => break,
         };
         match codec::decode::<ServerFrame>(&body) {

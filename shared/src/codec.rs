@@ -7,6 +7,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use zeroize::Zeroize;
 
 /// Why a frame could not be read or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +36,10 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 
 /// Encodes a message with its length prefix, ready to write.
 pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; 4];
+    let mut out = WipingWriter(Vec::with_capacity(1024));
+    out.0.extend_from_slice(&[0u8; 4]);
     rmp_serde::encode::write_named(&mut out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let mut out = std::mem::take(&mut out.0);
     let len = out.len() - 4;
     let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge { len: u32::MAX, max })?;
     if len32 > max {
@@ -44,6 +47,35 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameErr
     }
     out[..4].copy_from_slice(&len32.to_be_bytes());
     Ok(out)
+}
+
+/// The buffer a frame is encoded into. A frame may hold a plaintext or a data key, and a
+/// `Vec` that grows frees its old buffer, a copy of the frame's beginning, unwiped; this
+/// one wipes the old buffer when it grows. Dropped (on an encoding error), it wipes all.
+struct WipingWriter(Vec<u8>);
+
+impl std::io::Write for WipingWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let need = self.0.len() + bytes.len();
+        if need > self.0.capacity() {
+            let mut larger = Vec::with_capacity(need.max(2 * self.0.capacity()));
+            larger.extend_from_slice(&self.0);
+            // Zeroizing a Vec wipes its whole capacity.
+            std::mem::replace(&mut self.0, larger).zeroize();
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for WipingWriter {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
 }
 
 /// Reads one frame body. `Ok(None)` is a clean end of stream between frames.
@@ -100,7 +132,7 @@ mod tests {
             id: 7,
             request: Request::Encrypt {
                 key: "k1".into(),
-                plaintext: vec![0, 1, 2, 255],
+                plaintext: vec![0, 1, 2, 255].into(),
                 context: Some(b"ctx".to_vec()),
             },
         };
@@ -143,7 +175,7 @@ mod tests {
     fn bytes_are_binary() {
         let body = encode(&Request::Encrypt {
             key: "k".into(),
-            plaintext: vec![1, 2, 3],
+            plaintext: vec![1, 2, 3].into(),
             context: None,
         })
         .unwrap();

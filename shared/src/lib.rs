@@ -5,6 +5,7 @@
 //! - [`codec`]: the length-prefixed MessagePack frames;
 //! - [`ciphertext`]: the `ncpkms:v{N}:` format (parse and format only, no crypto);
 //! - [`paths`]: where the socket and the data live;
+//! - [`secret`]: plaintexts and data keys, wiped when dropped;
 //! - [`client`]: the async client library.
 
 pub mod ciphertext;
@@ -13,3 +14,4 @@ pub mod codec;
 pub mod model;
 pub mod paths;
 pub mod protocol;
+pub mod secret;

@@ -10,6 +10,7 @@ use crate::model::{
     Action, GrantInfo, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Protection, Role,
     SignScheme, UnixMillis, VersionInfo,
 };
+pub use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -97,8 +98,7 @@ pub enum Request {
     },
     Encrypt {
         key: String,
-        #[serde(with = "serde_bytes")]
-        plaintext: Vec<u8>,
+        plaintext: Secret,
         #[serde(default, with = "opt_bytes")]
         context: Option<Vec<u8>>,
     },
@@ -321,8 +321,7 @@ pub struct GrantSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlaintextItem {
-    #[serde(with = "serde_bytes")]
-    pub plaintext: Vec<u8>,
+    pub plaintext: Secret,
     #[serde(default, with = "opt_bytes")]
     pub context: Option<Vec<u8>>,
 }
@@ -381,8 +380,7 @@ pub enum Response {
         ciphertext: String,
     },
     Plaintext {
-        #[serde(with = "serde_bytes")]
-        plaintext: Vec<u8>,
+        plaintext: Secret,
     },
     Signature {
         signature: String,
@@ -396,8 +394,8 @@ pub enum Response {
     },
     DataKey {
         ciphertext: String,
-        #[serde(default, with = "opt_bytes")]
-        plaintext: Option<Vec<u8>>,
+        #[serde(default)]
+        plaintext: Option<Secret>,
         bits: u32,
     },
     /// Per-item results of a batch request, in request order.
@@ -479,7 +477,7 @@ pub struct HsmTokenInfo {
 #[serde(rename_all = "snake_case")]
 pub enum ItemOutcome {
     Ciphertext(String),
-    Plaintext(#[serde(with = "serde_bytes")] Vec<u8>),
+    Plaintext(Secret),
     Err(WireError),
 }
 
@@ -676,10 +674,12 @@ mod tests {
             Response::Subscribed,
             Response::DataKey {
                 ciphertext: "c".into(),
-                plaintext: Some(vec![1, 2, 3]),
+                plaintext: Some(vec![1, 2, 3].into()),
                 bits: 256,
             },
-            Response::Plaintext { plaintext: vec![9] },
+            Response::Plaintext {
+                plaintext: vec![9].into(),
+            },
             Response::Verified { valid: true },
             Response::Grants { grants: Vec::new() },
         ];

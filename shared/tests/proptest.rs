@@ -448,8 +448,10 @@ fn history_query() -> BoxedStrategy<HistoryQuery> {
 
 fn plaintext_items() -> BoxedStrategy<Vec<PlaintextItem>> {
     vec(
-        (bytes(), opt_bytes())
-            .prop_map(|(plaintext, context)| PlaintextItem { plaintext, context }),
+        (bytes(), opt_bytes()).prop_map(|(plaintext, context)| PlaintextItem {
+            plaintext: plaintext.into(),
+            context,
+        }),
         0..4,
     )
     .boxed()
@@ -530,7 +532,7 @@ fn request() -> BoxedStrategy<Request> {
         key().prop_map(|key| Request::ListVersions { key }),
         (key(), bytes(), opt_bytes()).prop_map(|(key, plaintext, context)| Request::Encrypt {
             key,
-            plaintext,
+            plaintext: plaintext.into(),
             context
         }),
         (key(), text(), opt_bytes()).prop_map(|(key, ciphertext, context)| Request::Decrypt {
@@ -639,7 +641,7 @@ const RESPONSE_VARIANTS: usize = 20;
 fn item_outcome() -> BoxedStrategy<ItemOutcome> {
     prop_oneof![
         text().prop_map(ItemOutcome::Ciphertext),
-        bytes().prop_map(ItemOutcome::Plaintext),
+        bytes().prop_map(|p| ItemOutcome::Plaintext(p.into())),
         wire_error().prop_map(ItemOutcome::Err),
     ]
     .boxed()
@@ -666,14 +668,16 @@ fn response() -> BoxedStrategy<Response> {
             .prop_map(|(keys, total)| Response::Keys { keys, total }),
         vec(version_info(), 0..4).prop_map(|versions| Response::Versions { versions }),
         text().prop_map(|ciphertext| Response::Ciphertext { ciphertext }),
-        bytes().prop_map(|plaintext| Response::Plaintext { plaintext }),
+        bytes().prop_map(|plaintext| Response::Plaintext {
+            plaintext: plaintext.into()
+        }),
         text().prop_map(|signature| Response::Signature { signature }),
         any::<bool>().prop_map(|valid| Response::Verified { valid }),
         (any::<u32>(), text()).prop_map(|(version, pem)| Response::PublicKey { version, pem }),
         (text(), opt_bytes(), any::<u32>()).prop_map(|(ciphertext, plaintext, bits)| {
             Response::DataKey {
                 ciphertext,
-                plaintext,
+                plaintext: plaintext.map(Into::into),
                 bits,
             }
         }),

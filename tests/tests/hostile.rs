@@ -313,7 +313,7 @@ fn a_client_that_stops_reading_stops_being_read() {
     let partial = loop {
         let request = Request::Encrypt {
             key: "sink".into(),
-            plaintext: plaintext.clone(),
+            plaintext: (plaintext.clone()).into(),
             context: None,
         };
         let bytes = frame(sent + 1, request);

@@ -161,7 +161,7 @@ pub async fn cipher(ctx: &mut Ctx, op: CipherOp, a: CipherArgs) -> CmdResult {
         CipherOp::Decrypt => {
             let pt = c.decrypt(&a.key, &a.input.read_text()?, context).await?;
             ctx.out
-                .emit(|| json!({"plaintext": b64(&pt)}), || pt.as_slice())?;
+                .emit(|| json!({"plaintext": b64(&pt)}), || pt.as_bytes())?;
         }
     }
     Ok(0)
@@ -303,7 +303,10 @@ impl Chunk {
         self.slots.push(None);
         let context = context.map(<[u8]>::to_vec);
         match item {
-            Item::Plain(plaintext) => self.plain.push(PlaintextItem { plaintext, context }),
+            Item::Plain(plaintext) => self.plain.push(PlaintextItem {
+                plaintext: plaintext.into(),
+                context,
+            }),
             Item::Cipher(ciphertext) => self.cipher.push(CiphertextItem {
                 ciphertext,
                 context,
@@ -464,7 +467,7 @@ mod tests {
     #[test]
     fn result_lines() {
         let ct = ItemOutcome::Ciphertext("ncpkms:v2:AA==".into());
-        let pt = ItemOutcome::Plaintext(b"hi".to_vec());
+        let pt = ItemOutcome::Plaintext(b"hi".to_vec().into());
         let err = ItemOutcome::Err(WireError::new(ErrorKind::DecryptFailed, "tampered"));
         assert_eq!(outcome_line(false, &ct), "ncpkms:v2:AA==");
         assert_eq!(outcome_line(false, &pt), "aGk=");

@@ -158,7 +158,9 @@ pub(crate) fn seal(
     out.extend_from_slice(nonce);
     out.extend_from_slice(plaintext);
     let nonce = Nonce::from(*nonce);
-    match cipher.encrypt_inout_detached(&nonce, aad, (&mut out[NONCE_LEN..]).into()) {
+    let sealed = cipher.encrypt_inout_detached(&nonce, aad, (&mut out[NONCE_LEN..]).into());
+    wipe_stack();
+    match sealed {
         Ok(tag) => {
             out.extend_from_slice(tag.as_slice());
             Ok(out)
@@ -186,10 +188,22 @@ pub(crate) fn open(
     let nonce = Nonce::try_from(nonce).map_err(|_| CryptoError::DecryptFailed)?;
     let tag = Tag::try_from(tag).map_err(|_| CryptoError::DecryptFailed)?;
     let mut out = Zeroizing::new(ciphertext.to_vec());
-    cipher
-        .decrypt_inout_detached(&nonce, aad, out.as_mut_slice().into(), &tag)
-        .map_err(|_| CryptoError::DecryptFailed)?;
+    let opened = cipher.decrypt_inout_detached(&nonce, aad, out.as_mut_slice().into(), &tag);
+    wipe_stack();
+    opened.map_err(|_| CryptoError::DecryptFailed)?;
     Ok(out)
+}
+
+/// Overwrites the stack below the caller's frame, where the cipher has just run. AES-GCM
+/// works on blocks of the plaintext in stack arrays, and those stay behind until later
+/// calls happen to overwrite them: the last data keys a thread encrypted or decrypted
+/// were found there (`data_keys_leave_no_copy_in_daemon_memory`, tests/tests/secrets.rs).
+/// 8 KiB covers the cipher's frames with room to spare; zeroing it costs ~0.1 µs.
+#[inline(never)]
+fn wipe_stack() {
+    let mut scratch = [0u64; 1024];
+    // Opaque to the optimiser, so the zeros are really written where the cipher's frames were.
+    std::hint::black_box(&mut scratch);
 }
 
 #[cfg(test)]

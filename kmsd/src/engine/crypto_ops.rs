@@ -10,7 +10,7 @@ use kms_shared::model::{
     Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS, MAX_CONTEXT, MAX_RSA_PLAINTEXT,
     MAX_SIGN_MESSAGE, SignScheme,
 };
-use kms_shared::protocol::{CiphertextItem, ErrorKind, ItemOutcome, PlaintextItem};
+use kms_shared::protocol::{CiphertextItem, ErrorKind, ItemOutcome, PlaintextItem, Secret};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zeroize::Zeroizing;
@@ -167,10 +167,10 @@ impl Engine {
         key: &str,
         ciphertext: &str,
         context: Option<&[u8]>,
-    ) -> Pending<Vec<u8>> {
+    ) -> Pending<Secret> {
         self.single(caller, key, Action::Decrypt, |e| {
             self.decrypt_with(e, ciphertext, context)
-                .map(|(v, p)| (v, p.to_vec()))
+                .map(|(v, p)| (v, Secret::from(p)))
         })
     }
 
@@ -208,7 +208,7 @@ impl Engine {
     ) -> Pending<Vec<ItemOutcome>> {
         self.batch(caller, key, Action::Decrypt, items, |e, it| {
             self.decrypt_with(e, &it.ciphertext, it.context.as_deref())
-                .map(|(v, p)| (v, ItemOutcome::Plaintext(p.to_vec())))
+                .map(|(v, p)| (v, ItemOutcome::Plaintext(p.into())))
         })
     }
 
@@ -362,7 +362,7 @@ impl Engine {
         bits: u32,
         with_plaintext: bool,
         context: Option<&[u8]>,
-    ) -> Pending<(String, Option<Vec<u8>>)> {
+    ) -> Pending<(String, Option<Secret>)> {
         self.single(caller, key, Action::DataKey, |e| {
             if !matches!(bits, 128 | 256 | 512) {
                 return Err(EngineError::InvalidArgument(format!(
@@ -371,7 +371,7 @@ impl Engine {
             }
             let dk = crate::crypto::random_bytes(bits as usize / 8)?;
             let (v, ct) = self.encrypt_with(e, &dk, context)?;
-            Ok((v, (ct, with_plaintext.then(|| dk.to_vec()))))
+            Ok((v, (ct, with_plaintext.then(|| Secret::from(dk)))))
         })
     }
 

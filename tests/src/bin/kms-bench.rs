@@ -714,7 +714,7 @@ async fn main() -> anyhow::Result<()> {
                 let key = k("aes");
                 let plain: Vec<PlaintextItem> = (0..o.batch)
                     .map(|_| PlaintextItem {
-                        plaintext: pt1k.clone(),
+                        plaintext: (pt1k.clone()).into(),
                         context: None,
                     })
                     .collect();
@@ -766,7 +766,7 @@ async fn main() -> anyhow::Result<()> {
                 let key = k("aes");
                 let req = Request::Encrypt {
                     key: key.clone(),
-                    plaintext: pt.clone(),
+                    plaintext: (pt.clone()).into(),
                     context: None,
                 };
                 let inp = inproc(inproc_s, |_| {
@@ -817,7 +817,7 @@ async fn main() -> anyhow::Result<()> {
                 let key = k("conv");
                 let req = Request::Encrypt {
                     key: key.clone(),
-                    plaintext: pt1k.clone(),
+                    plaintext: (pt1k.clone()).into(),
                     context: Some(b"ctx".to_vec()),
                 };
                 let inp = inproc(inproc_s, |i| {
@@ -919,7 +919,7 @@ async fn main() -> anyhow::Result<()> {
                 let key = k("rsa");
                 let req = Request::Encrypt {
                     key: key.clone(),
-                    plaintext: vec![9; 64],
+                    plaintext: (vec![9; 64]).into(),
                     context: None,
                 };
                 let inp = inproc(inproc_s, |_| {
@@ -982,7 +982,7 @@ async fn main() -> anyhow::Result<()> {
                 let (aes_k, ec_k, rsa_k) = (k("aes"), k("ec"), k("rsa"));
                 let req = Request::Encrypt {
                     key: aes_k.clone(),
-                    plaintext: pt1k.clone(),
+                    plaintext: (pt1k.clone()).into(),
                     context: None,
                 };
                 let (pt, ct, m) = (
