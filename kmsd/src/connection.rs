@@ -12,13 +12,13 @@ use crate::config::Config;
 use crate::engine::{Caller, Engine};
 use crate::service::Service;
 use crate::shutdown::Shutdown;
-use kms_shared::codec;
+use kms_shared::codec::{self, WipingBufReader};
 use kms_shared::protocol::{
     ClientFrame, ErrorKind, Outcome, PROTOCOL_VERSION, Request, Response, ServerFrame, WireError,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
@@ -71,7 +71,7 @@ impl Connection {
         service.connection_opened();
         tracing::debug!(account = %caller.account, pid = caller.pid, client = %caller.client, "connected");
         let (rd, wr) = stream.into_split();
-        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let mut rd = WipingBufReader::with_capacity(READ_BUFFER, rd);
         let (tx, rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(16) * 2);
         let buffered = Arc::new(Buffered::new(config.max_buffered_bytes));
         let tx = Outbox {
@@ -199,6 +199,9 @@ impl Connection {
             });
         };
 
+        // The read buffer held requests (plaintexts): wiped now, not when the replies
+        // still in flight are done.
+        drop(rd);
         if let ReadEnd::Fatal(err) = end {
             tracing::debug!(account = %caller.account, error = %err, "closing connection");
             let _ = tx.reply(0, Outcome::Err(err)).await;
@@ -226,7 +229,7 @@ pub async fn refuse(stream: UnixStream, err: WireError, wait: std::time::Duratio
     /// A hello is a few dozen bytes; a larger first frame is not read.
     const MAX_HELLO: u32 = 4096;
     let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(1024, rd);
+    let mut rd = WipingBufReader::with_capacity(1024, rd);
     let id = match read_body(&mut rd, MAX_HELLO, wait, wait).await {
         Ok(Some(body)) => codec::decode::<IdOnly>(&body).map_or(0, |f| f.id),
         _ => 0,
@@ -248,7 +251,7 @@ const READ_BUFFER: usize = 16 * 1024;
 
 /// Reads one frame body: the length within `idle`, the body within `frame_timeout`.
 async fn read_body(
-    rd: &mut BufReader<OwnedReadHalf>,
+    rd: &mut WipingBufReader<OwnedReadHalf>,
     max: u32,
     idle: std::time::Duration,
     frame_timeout: std::time::Duration,

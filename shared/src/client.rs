@@ -598,7 +598,7 @@ async fn read_loop(
 ) {
     // Buffered: one read takes a reply and whatever else has arrived, instead of a read
     // for the length, one for the body and one that finds nothing.
-    let mut recv = tokio::io::BufReader::with_capacity(READ_BUFFER, &*stream);
+    let mut recv = codec::WipingBufReader::with_capacity(READ_BUFFER, &*stream);
     loop {
         // The body may hold a plaintext or a data key; the decoded reply has its own copy
         // (a `Secret`), and this one is wiped.

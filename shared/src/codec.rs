@@ -6,7 +6,9 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use zeroize::Zeroize;
 
 /// Why a frame could not be read or decoded.
@@ -75,6 +77,58 @@ impl std::io::Write for WipingWriter {
 impl Drop for WipingWriter {
     fn drop(&mut self) {
         self.0.zeroize();
+    }
+}
+
+/// A buffered reader whose buffer is wiped when it is dropped. Frames pass through a
+/// socket's read buffer whole — requests with plaintexts, replies with data keys — and
+/// tokio's `BufReader` frees its buffer as it is. Like it, reads at least as large as
+/// the buffer bypass it.
+pub struct WipingBufReader<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    /// The unread bytes are `buf[pos..filled]`.
+    pos: usize,
+    filled: usize,
+}
+
+impl<R> WipingBufReader<R> {
+    pub fn with_capacity(capacity: usize, inner: R) -> WipingBufReader<R> {
+        WipingBufReader {
+            inner,
+            buf: vec![0u8; capacity].into_boxed_slice(),
+            pos: 0,
+            filled: 0,
+        }
+    }
+}
+
+impl<R> Drop for WipingBufReader<R> {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for WipingBufReader<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.pos == me.filled {
+            if out.remaining() >= me.buf.len() {
+                return Pin::new(&mut me.inner).poll_read(cx, out);
+            }
+            let mut fill = ReadBuf::new(&mut me.buf);
+            ready!(Pin::new(&mut me.inner).poll_read(cx, &mut fill))?;
+            me.filled = fill.filled().len();
+            me.pos = 0;
+        }
+        let n = out.remaining().min(me.filled - me.pos);
+        out.put_slice(&me.buf[me.pos..me.pos + n]);
+        me.pos += n;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -168,6 +222,27 @@ mod tests {
             read_frame(&mut rd, 1024).await,
             Err(FrameError::Truncated)
         ));
+    }
+
+    /// Frames smaller and larger than the reader's buffer, and one cut across two of its
+    /// fills, read back whole through `WipingBufReader`, then a clean end.
+    #[tokio::test]
+    async fn wiping_reader_reads_what_was_written() {
+        let bodies: Vec<Vec<u8>> = [3usize, 60, 64, 65, 200, 7]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 7 + j) as u8).collect())
+            .collect();
+        let mut stream = Vec::new();
+        for b in &bodies {
+            stream.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            stream.extend_from_slice(b);
+        }
+        let mut rd = WipingBufReader::with_capacity(64, &stream[..]);
+        for b in &bodies {
+            assert_eq!(&read_frame(&mut rd, 1024).await.unwrap().unwrap(), b);
+        }
+        assert!(read_frame(&mut rd, 1024).await.unwrap().is_none());
     }
 
     /// Byte strings go on the wire as MessagePack `bin`, not as arrays of integers.

@@ -297,14 +297,17 @@ fn writable_memory(pid: u32) -> Option<Vec<u8>> {
     Some(all)
 }
 
-/// Data keys leave no copy in kmsd's memory once answered (SPEC §9: key material is
-/// zeroized when dropped). kmsd generates 64 data keys and returns them in plaintext, and
-/// decrypts each one's wrapped copy (so each also travels in a `plaintext` reply); then
-/// every writable page of kmsd (heap, thread stacks) is searched for either half of any
-/// of the 64 keys. Replies carry them as `Secret`s, wiped when dropped, encoded into
+/// Data keys and plaintexts leave no copy in kmsd's memory once answered (SPEC §9: key
+/// material is zeroized when dropped). kmsd generates 64 data keys and returns them in
+/// plaintext, and decrypts each one's wrapped copy (so each also travels in a
+/// `plaintext` reply); another connection encrypts 64 plaintexts and closes; then every
+/// writable page of kmsd (heap, thread stacks) is searched for either half of any of
+/// them. Replies carry them as `Secret`s, wiped when dropped, encoded into
 /// frames that are wiped as they grow and once written, and the cipher's stack is
 /// overwritten after each call. Without `Secret`'s wipe 5 of 64 keys were found (freed
-/// reply buffers); without the stack wipe, the last two (tokio worker stacks). Needs
+/// reply buffers); without the stack wipe, the last two (tokio worker stacks); with
+/// tokio's `BufReader` on the socket instead of `WipingBufReader`, the last plaintext
+/// (its freed read buffer). Needs
 /// root to read a non-dumpable process's memory; says so and passes otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_keys_leave_no_copy_in_daemon_memory() {
@@ -321,8 +324,26 @@ async fn data_keys_leave_no_copy_in_daemon_memory() {
         assert_eq!(again, plaintext);
         keys.push(plaintext.to_vec());
     }
-    // Calls still finishing (history, answers) have let go by the time this answers.
-    c.status().await.unwrap();
+    // Request plaintexts, on a connection of their own that is closed before the search
+    // (an open connection's read buffer holds its latest requests).
+    let plaintexts: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|k| k.iter().map(|b| b ^ 0x5a).collect())
+        .collect();
+    let other = d.client().await;
+    for pt in &plaintexts {
+        other.encrypt("mem-aes", pt, None).await.unwrap();
+    }
+    drop(other);
+    // Until kmsd has closed it; calls still finishing have let go by then too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.status().await.unwrap().connections > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection stays open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let pid = d.pid().unwrap();
     let Some(memory) = writable_memory(pid) else {
         eprintln!("cannot read kmsd's memory (not root?): not checked");
@@ -333,6 +354,7 @@ async fn data_keys_leave_no_copy_in_daemon_memory() {
     assert!(memchr::memmem::find(&memory, b"mem-aes").is_some());
     let found: Vec<usize> = keys
         .iter()
+        .chain(&plaintexts)
         .enumerate()
         .filter(|(_, k)| {
             // Either half: freeing a small buffer writes the allocator's links over its
@@ -344,7 +366,7 @@ async fn data_keys_leave_no_copy_in_daemon_memory() {
         .collect();
     assert!(
         found.is_empty(),
-        "{} of 64 data keys are still in kmsd's memory (keys {found:?})",
+        "{} of 128 secrets are still in kmsd's memory: {found:?} (0-63 data keys, 64-127 plaintexts)",
         found.len()
     );
 }
