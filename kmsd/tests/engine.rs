@@ -1033,3 +1033,32 @@ fn grants_persist() {
     fx.reopen();
     assert!(fx.e().grants().is_empty());
 }
+
+/// A key that cannot be used (disabled, pending deletion) keeps no unwrapped material in
+/// memory: it is dropped with the change and unwrapped again when the key is next used
+/// after it is enabled. Encryption counts carry across.
+#[test]
+fn unusable_keys_hold_no_unwrapped_material() {
+    let fx = Fx::new();
+    let e = fx.e();
+    let tag = fx.create("idle", KeyType::Aes256).tag;
+    let cached = |e: &Engine| {
+        let entry = e.resolve(&tag).unwrap();
+        let versions = entry.versions.get().map(<[_]>::to_vec).unwrap_or_default();
+        versions.iter().filter(|v| v.has_material()).count()
+    };
+    let ct = fx.enc("idle", b"before").unwrap();
+    assert_eq!(cached(e), 1, "unwrapped on first use");
+    e.disable(&fx.me, "idle").unwrap();
+    assert_eq!(cached(e), 0, "dropped when disabled");
+    e.set_memo(&fx.me, "idle", "still disabled").unwrap();
+    assert_eq!(cached(e), 0);
+    e.enable(&fx.me, "idle").unwrap();
+    assert_eq!(fx.dec("idle", &ct).unwrap(), b"before");
+    assert_eq!(cached(e), 1, "unwrapped again");
+    fx.enc("idle", b"after").unwrap();
+    let encryptions = e.versions(&tag).unwrap()[0].encryptions;
+    assert_eq!(encryptions, 2, "counts kept across the change");
+    e.request_deletion(&fx.me, "idle").unwrap();
+    assert_eq!(cached(e), 0, "dropped when pending deletion");
+}

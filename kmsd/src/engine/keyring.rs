@@ -100,6 +100,22 @@ impl VersionEntry {
         }
     }
 
+    /// The same version without its unwrapped material (see
+    /// [`VersionsCell::without_material`]).
+    fn without_material(&self) -> Self {
+        VersionEntry {
+            version: self.version,
+            record: self.record.clone(),
+            material: Arc::default(),
+            encryptions: self.encryptions.clone(),
+        }
+    }
+
+    /// Whether the unwrapped material is cached.
+    pub fn has_material(&self) -> bool {
+        self.material.get().is_some()
+    }
+
     pub fn info(&self) -> VersionInfo {
         VersionInfo {
             version: self.version,
@@ -140,6 +156,29 @@ impl VersionsCell {
         }
         let loaded = load()?;
         Ok(self.0.get_or_init(|| loaded))
+    }
+
+    /// The versions, if this cell has been loaded.
+    pub fn get(&self) -> Option<&[Arc<VersionEntry>]> {
+        self.0.get().map(Vec::as_slice)
+    }
+
+    /// For a key that can no longer be used (disabled, pending deletion): the same
+    /// versions, loaded and sharing their counters, without the unwrapped material, which
+    /// is zeroized once the last call holding the old entry lets go; the key's next use
+    /// after it is enabled again unwraps again. An unloaded cell holds no material and is
+    /// passed on as it is (a call that resolved the key just before the change can still
+    /// load it and cache material there: a call racing a lifecycle change, docs/RELIABILITY.md).
+    pub fn without_material(self: &Arc<Self>) -> Arc<VersionsCell> {
+        match self.0.get() {
+            None => self.clone(),
+            Some(versions) => Arc::new(VersionsCell::loaded(
+                versions
+                    .iter()
+                    .map(|v| Arc::new(v.without_material()))
+                    .collect(),
+            )),
+        }
     }
 }
 
@@ -343,5 +382,23 @@ mod tests {
         assert!(disabled.material.get().is_none());
         assert_eq!(disabled.encryptions.load(Ordering::Relaxed), 7);
         assert!(v.with_record(record(true, false)).material.get().is_none());
+    }
+
+    /// A key that can no longer be used keeps its versions and their counters, not their
+    /// material; a cell never loaded has none and is passed on.
+    #[test]
+    fn without_material_keeps_versions_and_counters() {
+        let v = VersionEntry::new(1, record(true, true));
+        let aes = crate::crypto::AesKey::generate().unwrap();
+        assert!(v.material.set(Arc::new(KeyMaterial::Aes(aes))).is_ok());
+        let cell = Arc::new(VersionsCell::loaded(vec![Arc::new(v)]));
+        let without = cell.without_material();
+        let (old, new) = (&cell.get().unwrap()[0], &without.get().unwrap()[0]);
+        assert!(old.has_material() && !new.has_material());
+        assert_eq!(new.record, old.record);
+        new.encryptions.fetch_add(3, Ordering::Relaxed);
+        assert_eq!(old.encryptions.load(Ordering::Relaxed), 3, "shared");
+        let unloaded = Arc::new(VersionsCell::default());
+        assert!(Arc::ptr_eq(&unloaded.without_material(), &unloaded));
     }
 }

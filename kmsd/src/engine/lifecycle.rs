@@ -188,6 +188,10 @@ impl Engine {
 
         // Durable: now publish.
         let versions = match old {
+            // A key that cannot be used any more lets go of its unwrapped material.
+            Some(o) if change.versions.is_empty() && change.rec.state != KeyState::Enabled => {
+                o.versions.without_material()
+            }
             Some(o) if change.versions.is_empty() => o.versions.clone(),
             _ => Arc::new(VersionsCell::loaded(edited_versions(
                 base.unwrap_or_default(),
