@@ -72,13 +72,13 @@ impl Connection {
         tracing::debug!(account = %caller.account, pid = caller.pid, client = %caller.client, "connected");
         let (rd, wr) = stream.into_split();
         let mut rd = WipingBufReader::with_capacity(READ_BUFFER, rd);
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(config.max_in_flight.max(16) * 2);
+        let (tx, rx) = mpsc::channel::<Queued>(config.max_in_flight.max(16) * 2);
         let buffered = Arc::new(Buffered::new(config.max_buffered_bytes));
         let tx = Outbox {
             tx,
             buffered: buffered.clone(),
         };
-        let writer = tokio::spawn(write_loop(wr, rx, config.idle_timeout, buffered.clone()));
+        let writer = tokio::spawn(write_loop(wr, rx, config.idle_timeout));
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         let caller = Arc::new(caller);
         let mut handshaken = false;
@@ -93,16 +93,17 @@ impl Connection {
             };
             // A client that sends and does not read stops being read here: its requests and
             // replies stay within the budget (plus one frame), not `max_in_flight` of each.
+            // A writer that gave up on this client (it stopped reading) ends the reader too.
             tokio::select! {
+                biased;
                 () = buffered.below_limit() => {}
+                () = tx.closed() => break ReadEnd::Closed,
                 _ = shutdown.recv() => break ReadEnd::Closed,
             }
-            if tx.is_closed() {
-                // The writer gave up on this client (it stopped reading).
-                break ReadEnd::Closed;
-            }
             let body = tokio::select! {
+                biased;
                 r = read_body(&mut rd, config.max_frame, idle, config.frame_timeout) => r,
+                () = tx.closed() => break ReadEnd::Closed,
                 _ = shutdown.recv() => break ReadEnd::Closed,
             };
             let body = match body {
@@ -271,9 +272,10 @@ async fn read_body(
                 format!("frame of {n} bytes exceeds the maximum of {max}"),
             )));
         }
-        let mut body = vec![0u8; n as usize];
+        // A body cut short by an error or the timeout is wiped too.
+        let mut body = zeroize::Zeroizing::new(vec![0u8; n as usize]);
         rd.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>(Ok(body))
+        Ok::<_, std::io::Error>(Ok(std::mem::take(&mut *body)))
     };
     match timeout(frame_timeout, rest).await {
         Err(_) => Err(ReadEnd::Fatal(WireError::new(
@@ -343,11 +345,24 @@ impl Drop for Held {
     }
 }
 
-/// The way to the connection's writer: every frame queued counts in [`Buffered`] until
-/// [`write_loop`] has taken it.
+/// A frame on its way to the client: counted in the connection's [`Buffered`], and wiped
+/// (a reply may hold a plaintext or a data key) when dropped, wherever that happens:
+/// written, copied into the write buffer, or never taken because the writer gave up.
+struct Queued {
+    bytes: Vec<u8>,
+    _held: Held,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+    }
+}
+
+/// The way to the connection's writer.
 #[derive(Clone)]
 struct Outbox {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Queued>,
     buffered: Arc<Buffered>,
 }
 
@@ -357,19 +372,18 @@ impl Outbox {
         self.send(frame).await
     }
 
+    /// Queues a frame; if the writer is gone it is dropped (wiped, not counted).
     async fn send(&self, frame: Vec<u8>) -> Result<(), ()> {
-        self.buffered.add(frame.len());
-        if let Err(mpsc::error::SendError(mut frame)) = self.tx.send(frame).await {
-            // The writer is gone: the frame (a plaintext, maybe) is dropped, wiped.
-            self.buffered.sub(frame.len());
-            frame.zeroize();
-            return Err(());
-        }
-        Ok(())
+        let queued = Queued {
+            _held: self.buffered.hold(frame.len()),
+            bytes: frame,
+        };
+        self.tx.send(queued).await.map_err(|_| ())
     }
 
-    fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+    /// Resolves once the writer has given up on the client.
+    async fn closed(&self) {
+        self.tx.closed().await
     }
 }
 
@@ -392,31 +406,28 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// buffer is written on its own.
 async fn write_loop(
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Queued>,
     stall: std::time::Duration,
-    buffered: Arc<Buffered>,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
     let mut next = rx.recv().await;
+    // A frame is dropped (wiped, no longer counted) once written or copied into `buf`,
+    // which is bounded and wiped after each write.
     'frames: while let Some(mut frame) = next.take() {
         loop {
-            // Taken: it counts no longer (the buffer it may be copied into is bounded).
-            let _taken = Held(buffered.clone(), frame.len());
-            if frame.len() > WRITE_BUFFER - buf.len() {
+            if frame.bytes.len() > WRITE_BUFFER - buf.len() {
                 // The buffer first, then this frame where it fits; a large one directly.
                 if !buf.is_empty() && !write_wiped(&mut wr, &mut buf, stall).await {
-                    frame.zeroize();
                     break 'frames;
                 }
-                if frame.len() > WRITE_BUFFER {
-                    if !write_wiped(&mut wr, &mut frame, stall).await {
+                if frame.bytes.len() > WRITE_BUFFER {
+                    if !write_wiped(&mut wr, &mut frame.bytes, stall).await {
                         break 'frames;
                     }
                     break;
                 }
             }
-            buf.extend_from_slice(&frame);
-            frame.zeroize();
+            buf.extend_from_slice(&frame.bytes);
             match rx.try_recv() {
                 Ok(f) => frame = f,
                 Err(_) => break,
@@ -427,11 +438,11 @@ async fn write_loop(
         }
         next = rx.recv().await;
     }
-    // Replies that will never be written are wiped too.
+    // Replies that will never be written are dropped, so wiped; so are any sent after
+    // this (their senders get an error, or `rx` drops them).
     rx.close();
-    while let Ok(mut frame) = rx.try_recv() {
-        buffered.sub(frame.len());
-        frame.zeroize();
+    while let Ok(frame) = rx.try_recv() {
+        drop(frame);
     }
     let _ = wr.shutdown().await;
 }
@@ -505,7 +516,7 @@ mod tests {
     async fn write_loop_keeps_frames_whole_and_in_order() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (_rd, wr) = ours.into_split();
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+        let (tx, rx) = mpsc::channel::<Queued>(64);
         let buffered = Arc::new(Buffered::new(usize::MAX));
         let tx = Outbox {
             tx,
@@ -532,12 +543,7 @@ mod tests {
             tx.send(f).await.unwrap();
         }
         drop(tx);
-        let writer = tokio::spawn(write_loop(
-            wr,
-            rx,
-            std::time::Duration::from_secs(10),
-            buffered.clone(),
-        ));
+        let writer = tokio::spawn(write_loop(wr, rx, std::time::Duration::from_secs(10)));
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap();

@@ -41,14 +41,14 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: u32) -> Result<Vec<u8>, FrameErr
     let mut out = WipingWriter(Vec::with_capacity(1024));
     out.0.extend_from_slice(&[0u8; 4]);
     rmp_serde::encode::write_named(&mut out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
-    let mut out = std::mem::take(&mut out.0);
-    let len = out.len() - 4;
+    // Refused frames are wiped with `out`.
+    let len = out.0.len() - 4;
     let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge { len: u32::MAX, max })?;
     if len32 > max {
         return Err(FrameError::TooLarge { len: len32, max });
     }
-    out[..4].copy_from_slice(&len32.to_be_bytes());
-    Ok(out)
+    out.0[..4].copy_from_slice(&len32.to_be_bytes());
+    Ok(std::mem::take(&mut out.0))
 }
 
 /// The buffer a frame is encoded into. A frame may hold a plaintext or a data key, and a

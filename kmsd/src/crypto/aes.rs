@@ -158,7 +158,7 @@ pub(crate) fn seal(
     out.extend_from_slice(nonce);
     out.extend_from_slice(plaintext);
     let nonce = Nonce::from(*nonce);
-    let sealed = cipher.encrypt_inout_detached(&nonce, aad, (&mut out[NONCE_LEN..]).into());
+    let sealed = encrypt_in_place(cipher, &nonce, aad, &mut out[NONCE_LEN..]);
     wipe_stack();
     match sealed {
         Ok(tag) => {
@@ -188,17 +188,42 @@ pub(crate) fn open(
     let nonce = Nonce::try_from(nonce).map_err(|_| CryptoError::DecryptFailed)?;
     let tag = Tag::try_from(tag).map_err(|_| CryptoError::DecryptFailed)?;
     let mut out = Zeroizing::new(ciphertext.to_vec());
-    let opened = cipher.decrypt_inout_detached(&nonce, aad, out.as_mut_slice().into(), &tag);
+    let opened = decrypt_in_place(cipher, &nonce, aad, &mut out, &tag);
     wipe_stack();
     opened.map_err(|_| CryptoError::DecryptFailed)?;
     Ok(out)
 }
 
-/// Overwrites the stack below the caller's frame, where the cipher has just run. AES-GCM
-/// works on blocks of the plaintext in stack arrays, and those stay behind until later
-/// calls happen to overwrite them: the last data keys a thread encrypted or decrypted
-/// were found there (`data_keys_leave_no_copy_in_daemon_memory`, tests/tests/secrets.rs).
-/// 8 KiB covers the cipher's frames with room to spare; zeroing it costs ~0.1 µs.
+/// The cipher, in a frame of its own below its caller's (never inlined into it), so that
+/// [`wipe_stack`], called next by the same caller, covers everything it left.
+#[inline(never)]
+fn encrypt_in_place(
+    cipher: &Aes256Gcm,
+    nonce: &aes_gcm::aead::Nonce<Aes256Gcm>,
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<Tag, aes_gcm::Error> {
+    cipher.encrypt_inout_detached(nonce, aad, buf.into())
+}
+
+/// See [`encrypt_in_place`].
+#[inline(never)]
+fn decrypt_in_place(
+    cipher: &Aes256Gcm,
+    nonce: &aes_gcm::aead::Nonce<Aes256Gcm>,
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &Tag,
+) -> Result<(), aes_gcm::Error> {
+    cipher.decrypt_inout_detached(nonce, aad, buf.into(), tag)
+}
+
+/// Overwrites the stack below the caller's frame, where the cipher has just run (see
+/// [`encrypt_in_place`]). AES-GCM works on blocks of the plaintext in stack arrays, and
+/// those stay behind until later calls happen to overwrite them: the last data keys a
+/// thread encrypted or decrypted were found there
+/// (`data_keys_leave_no_copy_in_daemon_memory`, tests/tests/secrets.rs). 8 KiB covers the
+/// cipher's frames with room to spare; zeroing it costs ~0.1 µs.
 #[inline(never)]
 fn wipe_stack() {
     let mut scratch = [0u64; 1024];

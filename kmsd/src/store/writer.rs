@@ -426,7 +426,9 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
             st.stage();
         }
     }
-    if !st.pending.is_empty() {
+    // Also after a failure the journal is waiting on (a fold to confirm, a failed
+    // append): a commit that succeeds settles it.
+    if !st.pending.is_empty() || st.journal_failed {
         folds += 1;
         // On failure the calls stay in the journal; the next open folds them.
         let _ = st.commit(Vec::new(), &[]);
