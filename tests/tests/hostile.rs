@@ -36,6 +36,20 @@ async fn measure(c: &Client, label: &str) -> Vec<Duration> {
     lat
 }
 
+/// A plain AES-256 key named `name`.
+fn aes_key(name: &str) -> CreateKey {
+    CreateKey {
+        name: name.into(),
+        key_type: KeyType::Aes256,
+        protection: Default::default(),
+        convergent: false,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+        hsm: None,
+    }
+}
+
 fn percentile(lat: &[Duration], p: f64) -> Duration {
     let mut v = lat.to_vec();
     v.sort();
@@ -186,18 +200,7 @@ async fn hostile_connections_leave_a_good_client_served() {
         ..DaemonOptions::default()
     });
     let c = d.client().await;
-    c.create_key(CreateKey {
-        name: "steady".into(),
-        key_type: KeyType::Aes256,
-        protection: Default::default(),
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    })
-    .await
-    .unwrap();
+    c.create_key(aes_key("steady")).await.unwrap();
     measure(&c, "warm-up").await;
 
     let attack = Attack::default();
@@ -277,18 +280,7 @@ fn a_client_that_stops_reading_stops_being_read() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = d.client().await;
-        c.create_key(CreateKey {
-            name: "sink".into(),
-            key_type: KeyType::Aes256,
-            protection: Default::default(),
-            convergent: false,
-            auto_rotation: false,
-            rotation_days: None,
-            memo: String::new(),
-            hsm: None,
-        })
-        .await
-        .unwrap();
+        c.create_key(aes_key("sink")).await.unwrap();
     });
     let frame = |id: u64, request: Request| {
         kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()
