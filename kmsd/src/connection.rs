@@ -433,6 +433,9 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        // Taken (copied or written): wiped and no longer counted now, not when the next
+        // frame comes — the reader may be waiting on the count to go down.
+        drop(frame);
         if !buf.is_empty() && !write_wiped(&mut wr, &mut buf, stall).await {
             break;
         }
@@ -507,6 +510,34 @@ mod tests {
             .unwrap();
         drop(reply);
         assert_eq!(b.bytes.load(Ordering::Acquire), 0);
+    }
+
+    /// A frame the writer has taken counts no longer, and is wiped, at once — not when
+    /// the next frame comes (the reader may be waiting on the count to go down).
+    #[tokio::test]
+    async fn a_written_frame_stops_counting_at_once() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (_rd, wr) = ours.into_split();
+        let (tx, rx) = mpsc::channel::<Queued>(8);
+        let buffered = Arc::new(Buffered::new(usize::MAX));
+        let tx = Outbox {
+            tx,
+            buffered: buffered.clone(),
+        };
+        let writer = tokio::spawn(write_loop(wr, rx, std::time::Duration::from_secs(10)));
+        tx.send(vec![7u8; 100]).await.unwrap();
+        let mut got = [0u8; 100];
+        theirs.read_exact(&mut got).await.unwrap();
+        let uncounted = async {
+            while buffered.bytes.load(Ordering::Acquire) != 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        timeout(std::time::Duration::from_secs(10), uncounted)
+            .await
+            .expect("the written frame is still counted");
+        drop(tx);
+        writer.await.unwrap();
     }
 
     /// Frames of every size relative to the coalescing buffer — small ones that share a

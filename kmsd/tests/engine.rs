@@ -1041,7 +1041,12 @@ fn grants_persist() {
 fn unusable_keys_hold_no_unwrapped_material() {
     let fx = Fx::new();
     let e = fx.e();
-    let tag = fx.create("idle", KeyType::Aes256).tag;
+    let tag = fx
+        .create_with("idle", KeyType::Aes256, |s| {
+            s.auto_rotation = true;
+            s.rotation_days = Some(1);
+        })
+        .tag;
     let cached = |e: &Engine| {
         let entry = e.resolve(&tag).unwrap();
         let versions = entry.versions.get().map(<[_]>::to_vec).unwrap_or_default();
@@ -1053,12 +1058,24 @@ fn unusable_keys_hold_no_unwrapped_material() {
     assert_eq!(cached(e), 0, "dropped when disabled");
     e.set_memo(&fx.me, "idle", "still disabled").unwrap();
     assert_eq!(cached(e), 0);
+    // Rotation goes on while the key is disabled; the new version's fresh material is
+    // not kept either.
+    fx.clock.set(T0 + DAY_MS);
+    assert_eq!(e.run_due(), 1);
+    assert_eq!(e.versions(&tag).unwrap().len(), 2);
+    assert_eq!(cached(e), 0, "not kept after a rotation while disabled");
     e.enable(&fx.me, "idle").unwrap();
     assert_eq!(fx.dec("idle", &ct).unwrap(), b"before");
     assert_eq!(cached(e), 1, "unwrapped again");
     fx.enc("idle", b"after").unwrap();
-    let encryptions = e.versions(&tag).unwrap()[0].encryptions;
-    assert_eq!(encryptions, 2, "counts kept across the change");
+    assert_eq!(cached(e), 2, "the new version too");
+    let encryptions: Vec<u64> = e
+        .versions(&tag)
+        .unwrap()
+        .iter()
+        .map(|v| v.encryptions)
+        .collect();
+    assert_eq!(encryptions, [1, 1], "counts kept across the changes");
     e.request_deletion(&fx.me, "idle").unwrap();
     assert_eq!(cached(e), 0, "dropped when pending deletion");
 }

@@ -154,9 +154,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len as usize];
+    // A reply cut short (a plaintext, maybe) is wiped.
+    let mut body = zeroize::Zeroizing::new(vec![0u8; len as usize]);
     match r.read_exact(&mut body).await {
-        Ok(_) => Ok(Some(body)),
+        Ok(_) => Ok(Some(std::mem::take(&mut *body))),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
         Err(e) => Err(e.into()),
     }

@@ -4,7 +4,9 @@
 //!
 //! Entries are immutable behind `Arc`s: a change builds a new entry and swaps it in.
 //! Counters, the loaded versions and the material cache are shared between an entry and
-//! its successors, so a swap loses no count, reads nothing twice and unwraps nothing twice.
+//! its successors, so a swap loses no count, reads nothing twice and, while the key stays
+//! usable, unwraps nothing twice (a key that is disabled or pending deletion lets go of
+//! its material: [`VersionsCell::without_material`]).
 
 use super::schedule::DueEntry;
 use crate::crypto::KeyMaterial;
@@ -131,8 +133,10 @@ impl VersionEntry {
 /// Why loading once per cell is safe against concurrent changes: a change that touches
 /// versions runs under the key's lock and loads the cell of the entry it replaces before
 /// committing, and its successor gets a new, already loaded cell; changes that leave the
-/// versions alone pass the same cell on. So a cell is never first loaded after a commit
-/// that changed its versions, and every generation sharing a cell shares its counters.
+/// versions alone pass the same cell on (or, for a key left unusable, a loaded copy
+/// without material that shares the counters: [`VersionsCell::without_material`]). So a
+/// cell is never first loaded after a commit that changed its versions, and every
+/// generation shares its counters.
 ///
 /// Why a first load never misses encryption counts still in the call journal (not yet in
 /// redb): a call counts encryptions only after its key's cell was loaded, and unloaded

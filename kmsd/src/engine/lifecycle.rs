@@ -188,15 +188,17 @@ impl Engine {
 
         // Durable: now publish.
         let versions = match old {
-            // A key that cannot be used any more lets go of its unwrapped material.
-            Some(o) if change.versions.is_empty() && change.rec.state != KeyState::Enabled => {
-                o.versions.without_material()
-            }
             Some(o) if change.versions.is_empty() => o.versions.clone(),
             _ => Arc::new(VersionsCell::loaded(edited_versions(
                 base.unwrap_or_default(),
                 change.versions,
             ))),
+        };
+        // A key that cannot be used (disabled, pending deletion; also when such a key is
+        // rotated) keeps no unwrapped material.
+        let versions = match change.rec.state {
+            KeyState::Enabled => versions,
+            _ => versions.without_material(),
         };
         let entry = Arc::new(KeyEntry {
             rec: change.rec,
