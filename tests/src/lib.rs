@@ -31,6 +31,23 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A plain key: basic protection, no automatic rotation, no memo.
+pub fn key_spec(
+    name: &str,
+    key_type: kms_shared::model::KeyType,
+) -> kms_shared::protocol::CreateKey {
+    kms_shared::protocol::CreateKey {
+        name: name.into(),
+        key_type,
+        protection: Default::default(),
+        convergent: false,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+        hsm: None,
+    }
+}
+
 /// A running kmsd in its own temporary directory.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,

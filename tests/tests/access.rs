@@ -300,16 +300,10 @@ async fn stalled_subscriber_does_not_block() {
     use std::io::Read;
     let d = TestDaemon::start();
     let c = d.client().await;
-    c.create_key(kms_shared::protocol::CreateKey {
-        name: "noisy".into(),
-        key_type: kms_shared::model::KeyType::Aes256,
-        protection: Default::default(),
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    })
+    c.create_key(kms_e2e::key_spec(
+        "noisy",
+        kms_shared::model::KeyType::Aes256,
+    ))
     .await
     .unwrap();
 

@@ -331,16 +331,7 @@ async fn restart_persistence() {
 }
 
 fn spec(name: &str, t: &str) -> kms_shared::protocol::CreateKey {
-    kms_shared::protocol::CreateKey {
-        name: name.into(),
-        key_type: t.parse().unwrap(),
-        protection: Default::default(),
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    }
+    kms_e2e::key_spec(name, t.parse().unwrap())
 }
 
 fn hq(key: &str) -> HistoryQuery {

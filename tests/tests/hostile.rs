@@ -5,10 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kms_e2e::{DaemonOptions, TestDaemon};
+use kms_e2e::{DaemonOptions, TestDaemon, key_spec};
 use kms_shared::client::Client;
 use kms_shared::model::KeyType;
-use kms_shared::protocol::{CreateKey, ErrorKind, Outcome, ServerFrame};
+use kms_shared::protocol::{ErrorKind, Outcome, ServerFrame};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -34,20 +34,6 @@ async fn measure(c: &Client, label: &str) -> Vec<Duration> {
         assert_eq!(back, pt, "{label}: wrong plaintext for call {i}");
     }
     lat
-}
-
-/// A plain AES-256 key named `name`.
-fn aes_key(name: &str) -> CreateKey {
-    CreateKey {
-        name: name.into(),
-        key_type: KeyType::Aes256,
-        protection: Default::default(),
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    }
 }
 
 fn percentile(lat: &[Duration], p: f64) -> Duration {
@@ -200,7 +186,9 @@ async fn hostile_connections_leave_a_good_client_served() {
         ..DaemonOptions::default()
     });
     let c = d.client().await;
-    c.create_key(aes_key("steady")).await.unwrap();
+    c.create_key(key_spec("steady", KeyType::Aes256))
+        .await
+        .unwrap();
     measure(&c, "warm-up").await;
 
     let attack = Attack::default();
@@ -280,7 +268,9 @@ fn a_client_that_stops_reading_stops_being_read() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = d.client().await;
-        c.create_key(aes_key("sink")).await.unwrap();
+        c.create_key(key_spec("sink", KeyType::Aes256))
+            .await
+            .unwrap();
     });
     let frame = |id: u64, request: Request| {
         kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()

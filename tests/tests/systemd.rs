@@ -420,18 +420,9 @@ fn socket_activation_with_kmsctl() {
 }
 
 async fn aes_key(c: &Client, name: &str) {
-    c.create_key(CreateKey {
-        name: name.into(),
-        key_type: KeyType::Aes256,
-        protection: Default::default(),
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    })
-    .await
-    .unwrap();
+    c.create_key(kms_e2e::key_spec(name, KeyType::Aes256))
+        .await
+        .unwrap();
 }
 
 /// What the load tasks got answered.
