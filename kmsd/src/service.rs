@@ -440,7 +440,8 @@ impl Service {
         let engine = self.engine.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         self.crypto.spawn(move || {
-            let pending = f(&engine);
+            let pending = in_own_frames(f, &engine);
+            crate::crypto::wipe_stack::<POOL_STACK_WORDS>();
             drop(share);
             complete_on_wake(async move {
                 let _ = done.send(pending.wait_async().await);
@@ -574,6 +575,19 @@ impl PoolShares {
         let n = u32::try_from(work.clamp(1, self.per_account)).unwrap_or(u32::MAX);
         budget.acquire_many_owned(n).await.ok()
     }
+}
+
+/// Stack overwritten on a pool thread after each call (32 KiB, ~1 µs beside a signature's
+/// 60–300 µs): an ECDSA signature leaves its nonce there, which with the signature gives
+/// away the private key (`signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory`,
+/// tests/tests/secrets.rs); aws-lc's RSA works deeper than p256.
+const POOL_STACK_WORDS: usize = 4096;
+
+/// Runs a pool call in frames below its caller's, never inlined into it, so that
+/// [`crate::crypto::wipe_stack`] right after covers all of them.
+#[inline(never)]
+fn in_own_frames<T>(f: impl FnOnce(&Engine) -> T, engine: &Engine) -> T {
+    f(engine)
 }
 
 fn join_error(e: tokio::task::JoinError) -> WireError {

@@ -370,3 +370,128 @@ async fn data_keys_leave_no_copy_in_daemon_memory() {
         found.len()
     );
 }
+
+/// The nonce of an ECDSA signature (and its inverse) is the private key to anyone who
+/// also has the signature: d = (s·k − z) / r. Neither may stay in kmsd's memory once the
+/// signature is answered, or the key outlives its deletion there. Likewise RSA-OAEP
+/// plaintexts, encrypted and decrypted on the crypto pool. kmsd signs 64 messages with a
+/// P-256 key and encrypts and decrypts 64 random 32-byte plaintexts with an RSA key; the
+/// connection closes; every writable page of kmsd is searched for either half of every
+/// nonce k, −k, k⁻¹ (big- and little-endian: p256 keeps scalars as little-endian limbs)
+/// and every plaintext. The nonces are recomputed from the signatures and the key's
+/// material, read from the store after kmsd stops, and checked against each signature's
+/// r. Needs root, like the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
+    use p256::elliptic_curve::ops::Reduce;
+    use p256::elliptic_curve::point::AffineCoordinates;
+    use p256::{FieldBytes, ProjectivePoint, Scalar};
+    use sha2::Digest;
+
+    let mut d = TestDaemon::start();
+    let c = d.client().await;
+    c.create_key(spec("mem-ec", KeyType::Ecdsa, false))
+        .await
+        .unwrap();
+    c.create_key(spec("mem-rsa", KeyType::Rsa2048, false))
+        .await
+        .unwrap();
+    let other = d.client().await;
+    let mut signed = Vec::new();
+    for i in 0..64 {
+        let message = format!("message {i} to sign").into_bytes();
+        let signature = other
+            .sign("mem-ec", &message, SignScheme::Pss)
+            .await
+            .unwrap();
+        signed.push((message, signature));
+    }
+    let mut random = vec![0u8; 64 * 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut random,
+    )
+    .unwrap();
+    let plaintexts: Vec<Vec<u8>> = random.chunks(32).map(<[u8]>::to_vec).collect();
+    for pt in &plaintexts {
+        let ct = other.encrypt("mem-rsa", pt, None).await.unwrap();
+        assert_eq!(*other.decrypt("mem-rsa", &ct, None).await.unwrap(), **pt);
+    }
+    drop(other);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.status().await.unwrap().connections > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection stays open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let memory = writable_memory(d.pid().unwrap());
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+    let Some(memory) = memory else {
+        eprintln!("cannot read kmsd's memory (not root?): not checked");
+        return;
+    };
+    assert!(memchr::memmem::find(&memory, b"mem-ec").is_some());
+
+    // The signing key, from the store.
+    let (root, _) = RootKey::load_or_create(&d.data_dir, None).unwrap();
+    let store = Store::open(&d.data_dir.join("kms.redb"), &root.fingerprint()).unwrap();
+    let snapshot = store.load().unwrap();
+    let tag = &snapshot
+        .keys
+        .iter()
+        .find(|k| k.name == "mem-ec")
+        .unwrap()
+        .tag;
+    let version = store.versions(tag).unwrap().remove(0);
+    let aad = kmsd::engine::wrap_aad(tag, version.version);
+    let secret = root
+        .unwrap(&aad, version.record.wrapped.as_ref().unwrap())
+        .unwrap();
+    let private = p256::ecdsa::SigningKey::from_slice(&secret).unwrap();
+    let d_scalar: Scalar = **private.as_nonzero_scalar();
+
+    let mut needles: Vec<Vec<u8>> = Vec::new();
+    for (message, signature) in &signed {
+        let (_, der) = kms_shared::ciphertext::parse(signature).unwrap();
+        let sig = p256::ecdsa::Signature::from_der(&der).unwrap();
+        let (r, s): (Scalar, Scalar) = (*sig.r(), *sig.s());
+        let z = <Scalar as Reduce<FieldBytes>>::reduce(&sha2::Sha256::digest(message));
+        let s_inv = Option::<Scalar>::from(s.invert()).unwrap();
+        let k = s_inv * (z + r * d_scalar);
+        // The recomputed nonce is the signature's: x(k·G) mod n = r.
+        let x = (ProjectivePoint::GENERATOR * k).to_affine().x();
+        assert_eq!(<Scalar as Reduce<FieldBytes>>::reduce(&x), r);
+        let k_inv = Option::<Scalar>::from(k.invert()).unwrap();
+        for value in [k, -k, k_inv] {
+            let be = value.to_bytes().to_vec();
+            let le: Vec<u8> = be.iter().rev().copied().collect();
+            needles.push(be);
+            needles.push(le);
+        }
+    }
+    let nonces_found = needles
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            n.chunks(16)
+                .any(|half| memchr::memmem::find(&memory, half).is_some())
+        })
+        .map(|(i, _)| i / 6)
+        .collect::<std::collections::BTreeSet<_>>();
+    let plaintexts_found: Vec<usize> = plaintexts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            p.chunks(16)
+                .any(|half| memchr::memmem::find(&memory, half).is_some())
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        nonces_found.is_empty() && plaintexts_found.is_empty(),
+        "still in kmsd's memory: the nonces of signatures {nonces_found:?}, RSA plaintexts {plaintexts_found:?}"
+    );
+}

@@ -147,6 +147,10 @@ fn convergent_nonce(mut mac: Hmac<Sha256>, aad: &[u8], plaintext: &[u8]) -> [u8;
     nonce
 }
 
+/// Stack overwritten after each seal or open (8 KiB): the cipher's frames with room to
+/// spare, ~0.1 µs.
+const AES_STACK_WORDS: usize = 1024;
+
 /// AES-GCM encryption to `nonce || ciphertext || tag` in one allocation.
 pub(crate) fn seal(
     cipher: &Aes256Gcm,
@@ -159,7 +163,7 @@ pub(crate) fn seal(
     out.extend_from_slice(plaintext);
     let nonce = Nonce::from(*nonce);
     let sealed = encrypt_in_place(cipher, &nonce, aad, &mut out[NONCE_LEN..]);
-    wipe_stack();
+    super::wipe_stack::<AES_STACK_WORDS>();
     match sealed {
         Ok(tag) => {
             out.extend_from_slice(tag.as_slice());
@@ -189,13 +193,18 @@ pub(crate) fn open(
     let tag = Tag::try_from(tag).map_err(|_| CryptoError::DecryptFailed)?;
     let mut out = Zeroizing::new(ciphertext.to_vec());
     let opened = decrypt_in_place(cipher, &nonce, aad, &mut out, &tag);
-    wipe_stack();
+    super::wipe_stack::<AES_STACK_WORDS>();
     opened.map_err(|_| CryptoError::DecryptFailed)?;
     Ok(out)
 }
 
 /// The cipher, in a frame of its own below its caller's (never inlined into it), so that
-/// [`wipe_stack`], called next by the same caller, covers everything it left.
+/// [`super::wipe_stack`], called next by the same caller, covers everything it left.
+///
+/// AES-GCM works on blocks of the plaintext in stack arrays, and those stay behind until
+/// later calls happen to overwrite them: the last data keys a thread encrypted or
+/// decrypted were found there (`data_keys_leave_no_copy_in_daemon_memory`,
+/// tests/tests/secrets.rs).
 #[inline(never)]
 fn encrypt_in_place(
     cipher: &Aes256Gcm,
@@ -216,19 +225,6 @@ fn decrypt_in_place(
     tag: &Tag,
 ) -> Result<(), aes_gcm::Error> {
     cipher.decrypt_inout_detached(nonce, aad, buf.into(), tag)
-}
-
-/// Overwrites the stack below the caller's frame, where the cipher has just run (see
-/// [`encrypt_in_place`]). AES-GCM works on blocks of the plaintext in stack arrays, and
-/// those stay behind until later calls happen to overwrite them: the last data keys a
-/// thread encrypted or decrypted were found there
-/// (`data_keys_leave_no_copy_in_daemon_memory`, tests/tests/secrets.rs). 8 KiB covers the
-/// cipher's frames with room to spare; zeroing it costs ~0.1 µs.
-#[inline(never)]
-fn wipe_stack() {
-    let mut scratch = [0u64; 1024];
-    // Opaque to the optimiser, so the zeros are really written where the cipher's frames were.
-    std::hint::black_box(&mut scratch);
 }
 
 #[cfg(test)]

@@ -125,6 +125,18 @@ impl KeyMaterial {
     }
 }
 
+/// Overwrites `WORDS` × 8 bytes of stack below the caller's frame, where a call it made
+/// has just returned. Ciphers and signers keep secrets in stack arrays (AES-GCM's blocks
+/// of plaintext, an ECDSA signature's nonce), and those stay behind until later calls
+/// happen to overwrite them; the caller runs the call in a frame of its own (never
+/// inlined into the caller's), so that this covers what it left.
+#[inline(never)]
+pub(crate) fn wipe_stack<const WORDS: usize>() {
+    let mut scratch = [0u64; WORDS];
+    // Opaque to the optimiser, so the zeros are really written where the call's frames were.
+    std::hint::black_box(&mut scratch);
+}
+
 /// Helpers shared by the module's tests.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
