@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The directory holding the workspace's built binaries (next to the test executable).
+/// The directory holding the workspace's built binaries: `KMS_BIN_DIR` if set (to run the
+/// tests against another build, e.g. `target/release`), else next to the test executable.
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KMS_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     // A test runs from target/<profile>/deps/, a binary (kms-bench) from target/<profile>/.
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();

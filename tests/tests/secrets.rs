@@ -297,6 +297,36 @@ fn writable_memory(pid: u32) -> Option<Vec<u8>> {
     Some(all)
 }
 
+/// Waits until kmsd has closed every connection but `c`'s (so their read buffers are
+/// wiped); calls still finishing have let go by then too.
+async fn until_only_connection(c: &kms_shared::client::Client) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.status().await.unwrap().connections > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection stays open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The indexes of the `secrets` of which either 16-byte half is somewhere in `memory`:
+/// either half, because freeing a small buffer writes the allocator's links over its
+/// first 16 bytes.
+fn found_in<S: AsRef<[u8]>>(memory: &[u8], secrets: impl IntoIterator<Item = S>) -> Vec<usize> {
+    secrets
+        .into_iter()
+        .enumerate()
+        .filter(|(_, secret)| {
+            secret
+                .as_ref()
+                .chunks(16)
+                .any(|half| memchr::memmem::find(memory, half).is_some())
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Data keys and plaintexts leave no copy in kmsd's memory once answered (SPEC §9: key
 /// material is zeroized when dropped). kmsd generates 64 data keys and returns them in
 /// plaintext, and decrypts each one's wrapped copy (so each also travels in a
@@ -335,15 +365,7 @@ async fn data_keys_leave_no_copy_in_daemon_memory() {
         other.encrypt("mem-aes", pt, None).await.unwrap();
     }
     drop(other);
-    // Until kmsd has closed it; calls still finishing have let go by then too.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while c.status().await.unwrap().connections > 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connection stays open"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    until_only_connection(&c).await;
     let pid = d.pid().unwrap();
     let Some(memory) = writable_memory(pid) else {
         eprintln!("cannot read kmsd's memory (not root?): not checked");
@@ -352,18 +374,7 @@ async fn data_keys_leave_no_copy_in_daemon_memory() {
     assert!(memory.len() > 1 << 20, "read {} bytes", memory.len());
     // The memory read is kmsd's: the key's name is in its keyring.
     assert!(memchr::memmem::find(&memory, b"mem-aes").is_some());
-    let found: Vec<usize> = keys
-        .iter()
-        .chain(&plaintexts)
-        .enumerate()
-        .filter(|(_, k)| {
-            // Either half: freeing a small buffer writes the allocator's links over its
-            // first 16 bytes.
-            k.chunks(16)
-                .any(|half| memchr::memmem::find(&memory, half).is_some())
-        })
-        .map(|(i, _)| i)
-        .collect();
+    let found = found_in(&memory, keys.iter().chain(&plaintexts));
     assert!(
         found.is_empty(),
         "{} of 128 secrets are still in kmsd's memory: {found:?} (0-63 data keys, 64-127 plaintexts)",
@@ -397,15 +408,6 @@ async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
         .await
         .unwrap();
     let other = d.client().await;
-    let mut signed = Vec::new();
-    for i in 0..64 {
-        let message = format!("message {i} to sign").into_bytes();
-        let signature = other
-            .sign("mem-ec", &message, SignScheme::Pss)
-            .await
-            .unwrap();
-        signed.push((message, signature));
-    }
     let mut random = vec![0u8; 64 * 32];
     std::io::Read::read_exact(
         &mut std::fs::File::open("/dev/urandom").unwrap(),
@@ -417,15 +419,18 @@ async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
         let ct = other.encrypt("mem-rsa", pt, None).await.unwrap();
         assert_eq!(*other.decrypt("mem-rsa", &ct, None).await.unwrap(), **pt);
     }
-    drop(other);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while c.status().await.unwrap().connections > 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connection stays open"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    // Signatures last: nothing else runs on the pool after them.
+    let mut signed = Vec::new();
+    for i in 0..64 {
+        let message = format!("message {i} to sign").into_bytes();
+        let signature = other
+            .sign("mem-ec", &message, SignScheme::Pss)
+            .await
+            .unwrap();
+        signed.push((message, signature));
     }
+    drop(other);
+    until_only_connection(&c).await;
     let memory = writable_memory(d.pid().unwrap());
     drop(c);
     assert_eq!(d.stop(), Some(0));
@@ -472,24 +477,12 @@ async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
             needles.push(le);
         }
     }
-    let nonces_found = needles
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| {
-            n.chunks(16)
-                .any(|half| memchr::memmem::find(&memory, half).is_some())
-        })
-        .map(|(i, _)| i / 6)
-        .collect::<std::collections::BTreeSet<_>>();
-    let plaintexts_found: Vec<usize> = plaintexts
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| {
-            p.chunks(16)
-                .any(|half| memchr::memmem::find(&memory, half).is_some())
-        })
-        .map(|(i, _)| i)
+    // Six needles per signature.
+    let nonces_found: std::collections::BTreeSet<usize> = found_in(&memory, &needles)
+        .into_iter()
+        .map(|i| i / 6)
         .collect();
+    let plaintexts_found = found_in(&memory, &plaintexts);
     assert!(
         nonces_found.is_empty() && plaintexts_found.is_empty(),
         "still in kmsd's memory: the nonces of signatures {nonces_found:?}, RSA plaintexts {plaintexts_found:?}"
