@@ -580,7 +580,8 @@ impl PoolShares {
 /// Stack overwritten on a pool thread after each call (32 KiB, ~1 µs beside a signature's
 /// 60–300 µs): an ECDSA signature leaves its nonce there, which with the signature gives
 /// away the private key (`signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory`,
-/// tests/tests/secrets.rs); aws-lc's RSA works deeper than p256.
+/// tests/tests/secrets.rs). Four times the AES wipe, because how deep aws-lc's RSA or a
+/// PKCS#11 module goes is not known here.
 const POOL_STACK_WORDS: usize = 4096;
 
 /// Runs a pool call in frames below its caller's, never inlined into it, so that
