@@ -8,7 +8,6 @@
 use kms_e2e::{DaemonOptions, TestDaemon, bin};
 use kms_shared::client::Client;
 use kms_shared::model::KeyType;
-use kms_shared::protocol::CreateKey;
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
@@ -855,18 +854,7 @@ async fn process_hardening() {
         ("mdwe-rsa", KeyType::Rsa2048),
         ("mdwe-ec", KeyType::Ecdsa),
     ] {
-        c.create_key(CreateKey {
-            name: name.into(),
-            key_type: t,
-            protection: Default::default(),
-            convergent: false,
-            auto_rotation: false,
-            rotation_days: None,
-            memo: String::new(),
-            hsm: None,
-        })
-        .await
-        .unwrap();
+        c.create_key(kms_e2e::key_spec(name, t)).await.unwrap();
     }
     let ct = c.encrypt("mdwe-aes", b"x", None).await.unwrap();
     assert_eq!(c.decrypt("mdwe-aes", &ct, None).await.unwrap(), b"x");

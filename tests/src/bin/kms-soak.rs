@@ -127,14 +127,8 @@ impl Counters {
 
 fn create(name: &str, key_type: KeyType) -> CreateKey {
     CreateKey {
-        name: name.into(),
-        key_type,
-        protection: Default::default(),
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
         memo: "kms-soak".into(),
-        hsm: None,
+        ..kms_e2e::key_spec(name, key_type)
     }
 }
 
