@@ -201,13 +201,11 @@ where
     run
 }
 
-/// CPU seconds of every thread of this process, summed from schedstat (nanoseconds,
-/// where `stat` counts 10 ms ticks).
+/// CPU seconds of this process so far, threads that have exited included (a sum over
+/// `/proc/self/task` loses a thread's time when it ends and can go backwards).
 fn own_cpu_s() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    tasks.flatten().map(|t| thread_cpu_s(&t.path())).sum()
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// CPU seconds of one thread (`/proc/PID/task/TID`): schedstat's first field, in ns.
