@@ -191,9 +191,16 @@ impl Connection {
             };
             // The request counts until its reply is queued (which then counts instead).
             let request = buffered.hold(request_len);
+            let request_body = match service.start_inline(&caller, frame.request) {
+                Ok((reply, durable)) => {
+                    queue_when_durable(id, reply, durable, tx.clone(), (request, permit));
+                    continue;
+                }
+                Err(body) => body,
+            };
             let (service, caller, tx) = (service.clone(), caller.clone(), tx.clone());
             tokio::spawn(async move {
-                let outcome = service.handle(&caller, frame.request).await;
+                let outcome = service.handle(&caller, request_body).await;
                 let _ = tx.reply(id, outcome.into()).await;
                 drop(request);
                 drop(permit);
@@ -217,6 +224,48 @@ impl Connection {
         let _ = writer.await;
         service.connection_closed();
     }
+}
+
+/// Queues the reply of a call that ran on the reader (an AES call: microseconds) once its
+/// history entry is durable, from the thread that learns it is: the store writer, which
+/// answers a whole group of calls at once. A task per call, woken one by one, cost a
+/// spawn and a wake-up of the reactor per call; here the writer's answers only wake the
+/// connection's writer task, once for all of them. `held` (the request's byte count and
+/// in-flight permit) is released when the reply is queued.
+///
+/// The reply is encoded now, on the reactor, so that the writer thread only moves it; if
+/// the entry cannot be made durable, it is wiped and the store's error sent instead.
+fn queue_when_durable<H: Send + 'static>(
+    id: u64,
+    reply: Result<Response, WireError>,
+    durable: crate::engine::Durable,
+    tx: Outbox,
+    held: H,
+) {
+    // Wiped however the future ends (a decrypt's reply holds the plaintext).
+    let mut encoded = encode(&ServerFrame::Reply {
+        id,
+        result: reply.into(),
+    })
+    .map(zeroize::Zeroizing::new);
+    // Unconstrained: the first poll runs here, on a reactor thread, where tokio's
+    // cooperative budget could make it wake itself while it is being polled.
+    crate::service::complete_on_wake(tokio::task::unconstrained(async move {
+        let frame = match durable.wait().await {
+            Ok(()) => match &mut encoded {
+                Ok(f) => Ok(std::mem::take(&mut **f)),
+                Err(()) => Err(()),
+            },
+            Err(e) => encode(&ServerFrame::Reply {
+                id,
+                result: Outcome::Err(crate::service::wire(e)),
+            }),
+        };
+        if let Ok(frame) = frame {
+            let _ = tx.send(frame).await;
+        }
+        drop(held);
+    }));
 }
 
 #[derive(serde::Deserialize)]

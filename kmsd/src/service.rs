@@ -9,7 +9,7 @@
 //! and no account can queue more than its share of work on the pool (`PoolShares`).
 
 use crate::authz::{self, Need};
-use crate::engine::{Caller, Engine, EngineError, Pending};
+use crate::engine::{Caller, Durable, Engine, EngineError, Pending};
 use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS};
 use kms_shared::protocol::{
     DaemonStatus, ErrorKind, Event, ItemOutcome, PROTOCOL_VERSION, Request, Response, WireError,
@@ -134,44 +134,13 @@ impl Service {
                 .versions(&key)
                 .map(|versions| Response::Versions { versions })
                 .map_err(wire),
-            Request::Encrypt {
-                key,
-                plaintext,
-                context,
-            } => {
-                let inline = plaintext.len() <= MAX_AES_PLAINTEXT && self.is_aes(&key);
+            req @ (Request::Encrypt { .. }
+            | Request::Decrypt { .. }
+            | Request::Reencrypt { .. }) => {
+                let inline = self.runs_inline(&req);
                 let c = caller.clone();
-                self.run(caller, inline, 1, move |e| {
-                    e.encrypt(&c, &key, &plaintext, context.as_deref())
-                })
-                .await
-                .map(|ciphertext| Response::Ciphertext { ciphertext })
-            }
-            Request::Decrypt {
-                key,
-                ciphertext,
-                context,
-            } => {
-                let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
-                let c = caller.clone();
-                self.run(caller, inline, 1, move |e| {
-                    e.decrypt(&c, &key, &ciphertext, context.as_deref())
-                })
-                .await
-                .map(|plaintext| Response::Plaintext { plaintext })
-            }
-            Request::Reencrypt {
-                key,
-                ciphertext,
-                context,
-            } => {
-                let inline = ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(&key);
-                let c = caller.clone();
-                self.run(caller, inline, 1, move |e| {
-                    e.reencrypt(&c, &key, &ciphertext, context.as_deref())
-                })
-                .await
-                .map(|ciphertext| Response::Ciphertext { ciphertext })
+                self.run(caller, inline, 1, move |e| cipher_call(e, &c, req))
+                    .await
             }
             Request::EncryptBatch { key, items } => {
                 self.batch(caller, key, items, Engine::encrypt_batch).await
@@ -359,13 +328,8 @@ impl Service {
         key: Option<&str>,
         action: Option<Action>,
     ) -> Result<Option<String>, WireError> {
-        if need == Need::Connected || authz::is_superuser(caller, self.daemon_uid) {
-            return Ok(None);
-        }
-        let entry = key.and_then(|k| self.engine.resolve(k).ok());
-        let tag = entry.as_ref().map(|e| e.rec.tag.as_str());
-        if authz::permits(&self.engine.grants(), caller, need, tag) {
-            return Ok(tag.map(str::to_string));
+        if let Some(permitted) = self.permitted(caller, need, key) {
+            return Ok(permitted);
         }
         let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
         // The key as the caller named it, known or not: a refusal tells nothing about a
@@ -394,6 +358,66 @@ impl Service {
             }
         }
         Err(err)
+    }
+
+    /// `Some` if the caller's roles permit the request, with the tag of the key it resolved
+    /// (a caller who is not a manager by identity); `None` if they do not.
+    fn permitted(&self, caller: &Caller, need: Need, key: Option<&str>) -> Option<Option<String>> {
+        if need == Need::Connected || authz::is_superuser(caller, self.daemon_uid) {
+            return Some(None);
+        }
+        let entry = key.and_then(|k| self.engine.resolve(k).ok());
+        let tag = entry.as_ref().map(|e| e.rec.tag.clone());
+        authz::permits(&self.engine.grants(), caller, need, tag.as_deref()).then_some(tag)
+    }
+
+    /// Starts a call that runs on the reactor (an AES encrypt, decrypt or re-encrypt of at
+    /// most `MAX_AES_PLAINTEXT` with a software key) by a caller whose roles permit it: its
+    /// reply is ready now, and may be sent once the [`Durable`] half succeeds. Every other
+    /// request, and one the caller's roles do not permit (its refusal is recorded by
+    /// [`Service::handle`]), is handed back.
+    ///
+    /// This is how a connection answers pipelined AES calls without a task each: the reply
+    /// waits on the store writer's answer and is queued by the thread that delivers it.
+    pub fn start_inline(
+        &self,
+        caller: &Caller,
+        mut req: Request,
+    ) -> Result<(Reply, Durable), Request> {
+        if !self.runs_inline(&req) {
+            return Err(req);
+        }
+        let (need, key, _) = authz::requirement(&mut req);
+        let Some(permitted) = self.permitted(caller, need, key.as_deref().map(String::as_str))
+        else {
+            return Err(req);
+        };
+        if let (Some(key), Some(tag)) = (key, permitted) {
+            *key = tag;
+        }
+        let kind = req.kind();
+        let (result, durable) = cipher_call(&self.engine, caller, req).split();
+        let reply = result.map_err(wire);
+        if let Err(e) = &reply {
+            tracing::debug!(request = kind, account = %caller.account, error = %e.kind, "refused");
+        }
+        Ok((reply, durable))
+    }
+
+    /// Whether a request is an AES call cheap enough for the reactor (microseconds).
+    fn runs_inline(&self, req: &Request) -> bool {
+        match req {
+            Request::Encrypt { key, plaintext, .. } => {
+                plaintext.len() <= MAX_AES_PLAINTEXT && self.is_aes(key)
+            }
+            Request::Decrypt {
+                key, ciphertext, ..
+            }
+            | Request::Reencrypt {
+                key, ciphertext, ..
+            } => ciphertext.len() <= 2 * MAX_AES_PLAINTEXT && self.is_aes(key),
+            _ => false,
+        }
     }
 
     /// Whether a subscriber may see an event: managers see all, others the events of keys
@@ -504,10 +528,42 @@ impl Service {
     }
 }
 
+/// Encrypt, decrypt or re-encrypt; any other request is refused as an invalid argument
+/// (only these three are ever passed here).
+fn cipher_call(e: &Engine, caller: &Caller, req: Request) -> Pending<Response> {
+    match req {
+        Request::Encrypt {
+            key,
+            plaintext,
+            context,
+        } => e
+            .encrypt(caller, &key, &plaintext, context.as_deref())
+            .map(|ciphertext| Response::Ciphertext { ciphertext }),
+        Request::Decrypt {
+            key,
+            ciphertext,
+            context,
+        } => e
+            .decrypt(caller, &key, &ciphertext, context.as_deref())
+            .map(|plaintext| Response::Plaintext { plaintext }),
+        Request::Reencrypt {
+            key,
+            ciphertext,
+            context,
+        } => e
+            .reencrypt(caller, &key, &ciphertext, context.as_deref())
+            .map(|ciphertext| Response::Ciphertext { ciphertext }),
+        other => Pending::failed(EngineError::InvalidArgument(format!(
+            "{} is not encrypt, decrypt or re-encrypt",
+            other.kind()
+        ))),
+    }
+}
+
 /// Polls `fut` now and then on whichever thread wakes it, until it completes: no executor
 /// and no thread of its own. For futures whose wake-ups come from cheap events (here, the
 /// store writer answering a submission), so that what follows the event runs right there.
-fn complete_on_wake(fut: impl Future<Output = ()> + Send + 'static) {
+pub(crate) fn complete_on_wake(fut: impl Future<Output = ()> + Send + 'static) {
     struct Task {
         fut: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
     }
@@ -533,7 +589,7 @@ fn complete_on_wake(fut: impl Future<Output = ()> + Send + 'static) {
     .poll();
 }
 
-fn wire(e: EngineError) -> WireError {
+pub(crate) fn wire(e: EngineError) -> WireError {
     if e.kind() == ErrorKind::Internal {
         tracing::error!(error = %e, "internal error");
     }

@@ -236,3 +236,116 @@ fn a_million_encryptions_repeat_no_nonce() {
     );
     e.close();
 }
+
+/// Sends `frames` in one write (pipelined) and reads as many replies: each by id.
+async fn pipelined(
+    stream: &mut tokio::net::UnixStream,
+    frames: &[(u64, kms_shared::protocol::Request)],
+) -> std::collections::HashMap<u64, kms_shared::protocol::Outcome> {
+    use kms_shared::codec;
+    use kms_shared::protocol::{ClientFrame, ServerFrame};
+    use tokio::io::AsyncWriteExt;
+    let mut bytes = Vec::new();
+    for (id, request) in frames {
+        let frame = ClientFrame {
+            id: *id,
+            request: request.clone(),
+        };
+        bytes.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
+    }
+    stream.write_all(&bytes).await.unwrap();
+    let mut replies = std::collections::HashMap::new();
+    while replies.len() < frames.len() {
+        let body = codec::read_frame(stream, u32::MAX).await.unwrap().unwrap();
+        match codec::decode::<ServerFrame>(&body).unwrap() {
+            ServerFrame::Reply { id, result } => assert!(replies.insert(id, result).is_none()),
+            other => panic!("not a reply: {other:?}"),
+        }
+    }
+    replies
+}
+
+/// Pipelined AES calls, which a connection answers without a task each (the store
+/// writer queues their replies), are answered only once their history entries are
+/// durable: while every write fails each is answered `internal` by its own id, never
+/// with its ciphertext; once writes work again each gets a ciphertext that decrypts, and
+/// the key counts exactly the calls answered with one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_aes_calls_are_answered_once_durable() {
+    use kms_shared::protocol::{Outcome, PROTOCOL_VERSION, Request, Response};
+    let disk = Disk::default();
+    let engine = Arc::new(engine_on(disk.clone()));
+    let c = me();
+    // The engine blocks on the store writer: off the runtime's own wait.
+    use tokio::task::block_in_place as sync;
+    sync(|| engine.create_key(&c, &aes("piped")).unwrap());
+    let service = kmsd::service::Service::new(engine.clone(), "s".into(), "d".into()).unwrap();
+    let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+    let trigger = kmsd::shutdown::ShutdownTrigger::new();
+    let conn = kmsd::connection::Connection::new(
+        ours,
+        c.clone(),
+        engine.clone(),
+        Arc::new(service),
+        Arc::new(kmsd::config::Config::defaults()),
+        trigger.handle(),
+    );
+    let served = tokio::spawn(conn.run());
+    let hello = Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "reliability".into(),
+    };
+    let replies = pipelined(&mut theirs, &[(1, hello)]).await;
+    assert!(matches!(replies[&1], Outcome::Ok(Response::Hello { .. })));
+    let encrypt = |i: u64| Request::Encrypt {
+        key: "piped".into(),
+        plaintext: format!("call {i}").into_bytes().into(),
+        context: None,
+    };
+    let usage_before = sync(|| engine.get_key("piped").unwrap().usage_count);
+
+    disk.full.store(true, Ordering::SeqCst);
+    let calls: Vec<_> = (10..26).map(|i| (i, encrypt(i))).collect();
+    let replies = pipelined(&mut theirs, &calls).await;
+    for (id, _) in &calls {
+        match &replies[id] {
+            Outcome::Err(e) => assert_eq!(e.kind, ErrorKind::Internal, "{e}"),
+            Outcome::Ok(r) => panic!("call {id} answered {r:?} with the disk full"),
+        }
+    }
+
+    disk.full.store(false, Ordering::SeqCst);
+    // The store is reopened at most every 200 ms after a failed reopen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut answered = 0u64;
+    let mut id = 100;
+    while answered == 0 {
+        assert!(std::time::Instant::now() < deadline, "no recovery");
+        id += 1;
+        if let Outcome::Ok(_) = &pipelined(&mut theirs, &[(id, encrypt(id))]).await[&id] {
+            answered += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let calls: Vec<_> = (1000..1032).map(|i| (i, encrypt(i))).collect();
+    let replies = pipelined(&mut theirs, &calls).await;
+    for (id, _) in &calls {
+        let Outcome::Ok(Response::Ciphertext { ciphertext }) = &replies[id] else {
+            panic!("call {id}: {:?}", replies[id]);
+        };
+        let plaintext = sync(|| {
+            engine
+                .decrypt(&c, "piped", ciphertext, None)
+                .wait()
+                .unwrap()
+        });
+        assert_eq!(&plaintext[..], format!("call {id}").as_bytes());
+        answered += 1;
+    }
+    // The decryptions above count too (one each).
+    let usage = sync(|| engine.get_key("piped").unwrap().usage_count);
+    assert_eq!(usage, usage_before + answered + calls.len() as u64);
+    drop(theirs);
+    served.await.unwrap();
+    sync(|| Arc::try_unwrap(engine).ok().unwrap().close());
+}

@@ -119,6 +119,20 @@ impl<T> Pending<T> {
         }
     }
 
+    /// A call refused before it ran: nothing to record.
+    pub fn failed(e: EngineError) -> Self {
+        Pending::ready(Err(e))
+    }
+
+    /// The result mapped, the wait unchanged.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Pending<U> {
+        Pending {
+            result: self.result.map(f),
+            ticket: self.ticket,
+            on_durable: self.on_durable,
+        }
+    }
+
     pub fn wait(self) -> Result<T, EngineError> {
         if let Some(t) = self.ticket {
             t.wait()?;
@@ -137,6 +151,35 @@ impl<T> Pending<T> {
             f();
         }
         self.result
+    }
+
+    /// The result now, and what it waits for apart: a reply can be prepared while its
+    /// history entry is being written, and sent only once [`Durable::wait`] succeeds.
+    pub fn split(self) -> (Result<T, EngineError>, Durable) {
+        let durable = Durable {
+            ticket: self.ticket,
+            on_durable: self.on_durable,
+        };
+        (self.result, durable)
+    }
+}
+
+/// The durability half of a [`Pending`] (see [`Pending::split`]).
+#[must_use = "the result is not durable until waited for"]
+pub struct Durable {
+    ticket: Option<Ticket>,
+    on_durable: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Durable {
+    pub async fn wait(self) -> Result<(), EngineError> {
+        Pending {
+            result: Ok(()),
+            ticket: self.ticket,
+            on_durable: self.on_durable,
+        }
+        .wait_async()
+        .await
     }
 }
 
