@@ -2,7 +2,9 @@
 //! forwards events after a `subscribe`.
 //!
 //! Three kinds of tasks share the socket: the reader (this task), one task per request in
-//! flight, and a writer that owns the write half. Replies and events reach the writer over
+//! flight, and a writer that owns the write half. Small AES calls are the exception: the
+//! reader computes them itself and the thread that makes their history entry durable
+//! queues the reply ([`queue_when_durable`]). Replies and events reach the writer over
 //! a bounded channel, so a client that stops reading slows only itself: its requests wait
 //! for the channel, its reader stops taking new ones once `max_in_flight` are pending or
 //! the connection holds `max_buffered_bytes` of requests and replies ([`Buffered`]), and
