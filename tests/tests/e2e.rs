@@ -431,6 +431,54 @@ async fn sixteen_clients_pipelined() {
     assert_eq!(k.usage_count, 16 * 900 * 2);
 }
 
+/// Calls abandoned by their callers (a timeout, a dropped future) while other calls are in
+/// flight on the same client leave it usable: a frame queued by an abandoned call goes out
+/// whole with the next write or not at all, and every call that is awaited gets its own
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_calls_leave_the_client_usable() {
+    let d = TestDaemon::start();
+    let c = Arc::new(d.client().await);
+    c.create_key(spec("abandon", "aes256")).await.unwrap();
+    for round in 0..20u32 {
+        let mut calls = Vec::new();
+        for i in 0..32u32 {
+            let c = c.clone();
+            calls.push(tokio::spawn(async move {
+                let msg = format!("round {round} call {i}");
+                let ct = c.encrypt("abandon", msg.as_bytes(), None).await?;
+                anyhow::ensure!(c.decrypt("abandon", &ct, None).await? == msg.as_bytes());
+                Ok(())
+            }));
+        }
+        // Every other call is dropped at a different point: before it runs, while its
+        // frame waits in the queue, or while its answer is on the way.
+        for _ in 0..round % 4 {
+            tokio::task::yield_now().await;
+        }
+        for (i, call) in calls.iter().enumerate() {
+            if i % 2 == 1 {
+                call.abort();
+            }
+        }
+        for (i, call) in calls.into_iter().enumerate() {
+            let answered = tokio::time::timeout(std::time::Duration::from_secs(20), call).await;
+            match answered.unwrap_or_else(|_| panic!("round {round} call {i}: no answer")) {
+                Ok(r) => r.unwrap(),
+                Err(e) => assert!(i % 2 == 1 && e.is_cancelled(), "call {i}: {e}"),
+            }
+        }
+    }
+    for i in 0..50u32 {
+        let msg = format!("after {i}");
+        let ct = c.encrypt("abandon", msg.as_bytes(), None).await.unwrap();
+        assert_eq!(
+            c.decrypt("abandon", &ct, None).await.unwrap(),
+            msg.as_bytes()
+        );
+    }
+}
+
 /// Garbage, an oversized length, a truncated frame and an idle connection are refused or
 /// closed while a well-behaved client keeps being served.
 #[tokio::test(flavor = "multi_thread")]
