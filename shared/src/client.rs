@@ -182,7 +182,7 @@ impl Client {
             let _guard = self.write_lock.lock().await;
             // Empty if an earlier writer took this call's frame along.
             let frames = std::mem::take(&mut *lock(&self.queued));
-            write_frames(&self.stream, frames).await
+            write_frames(&self.stream, &self.queued, frames).await
         };
         if let Err(e) = written {
             lock(&self.pending).remove(&id);
@@ -610,18 +610,67 @@ const READ_BUFFER: usize = 16 * 1024;
 /// Reads frames until the connection ends, routing replies to their callers and
 /// notifications to the subscription. Dropping the pending senders on exit wakes every
 /// caller with `Closed`.
-/// Writes queued frames in one write (a single frame as it is), wiping every copy.
-async fn write_frames(stream: &Stream, frames: Vec<Zeroizing<Vec<u8>>>) -> std::io::Result<()> {
-    match frames.as_slice() {
-        [] => Ok(()),
-        [frame] => (&*stream).write_all(frame).await,
-        many => {
-            let mut all = Zeroizing::new(Vec::with_capacity(many.iter().map(|f| f.len()).sum()));
-            for f in many {
+/// Writes queued frames in one write, wiping every copy.
+///
+/// If the calling future is dropped part way (a caller's timeout while the daemon is not
+/// reading), the bytes not yet written — the rest of a frame cut short, and frames of
+/// other calls taken along — are put back at the head of the queue, so that the next write
+/// sends them first: the daemon never sees half a frame followed by another, and no other
+/// call's frame is lost. Callers hold `write_lock` around this, so nothing is queued ahead
+/// of them meanwhile.
+async fn write_frames(
+    stream: &Stream,
+    queued: &StdMutex<Vec<Zeroizing<Vec<u8>>>>,
+    frames: Vec<Zeroizing<Vec<u8>>>,
+) -> std::io::Result<()> {
+    let bytes = match frames.len() {
+        0 => return Ok(()),
+        1 => frames.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut all = Zeroizing::new(Vec::with_capacity(frames.iter().map(|f| f.len()).sum()));
+            for f in &frames {
                 all.extend_from_slice(f);
             }
-            drop(frames);
-            (&*stream).write_all(&all).await
+            all
+        }
+    };
+    let mut unwritten = Unwritten {
+        queued,
+        bytes,
+        written: 0,
+    };
+    while unwritten.written < unwritten.bytes.len() {
+        match (&*stream)
+            .write(&unwritten.bytes[unwritten.written..])
+            .await
+        {
+            Ok(0) => {
+                unwritten.written = unwritten.bytes.len();
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            Ok(n) => unwritten.written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The connection is gone; nothing is put back.
+            Err(e) => {
+                unwritten.written = unwritten.bytes.len();
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes being written; what is left of them when dropped goes back to the queue's head.
+struct Unwritten<'a> {
+    queued: &'a StdMutex<Vec<Zeroizing<Vec<u8>>>>,
+    bytes: Zeroizing<Vec<u8>>,
+    written: usize,
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if let Some(rest) = self.bytes.get(self.written..).filter(|r| !r.is_empty()) {
+            lock(self.queued).insert(0, Zeroizing::new(rest.to_vec()));
         }
     }
 }

@@ -479,6 +479,52 @@ async fn abandoned_calls_leave_the_client_usable() {
     }
 }
 
+/// Calls abandoned while one of them is writing — the daemon is not reading, the socket
+/// is full — leave the connection whole: the bytes the writer had not written yet go out
+/// first with the next write, so the daemon never sees a frame cut short followed by
+/// another one (which would turn the stream into garbage for it and fail every call on
+/// the connection), and later calls are answered.
+#[tokio::test(flavor = "current_thread")]
+async fn calls_abandoned_mid_write_leave_the_stream_whole() {
+    let d = TestDaemon::start();
+    let c = Arc::new(d.client().await);
+    c.create_key(spec("midwrite", "aes256")).await.unwrap();
+    let pid = rustix::process::Pid::from_raw(d.pid().unwrap() as i32).unwrap();
+    let call = |i: u32| {
+        let c = c.clone();
+        async move {
+            let msg = vec![i as u8; 32 * 1024];
+            let ct = c.encrypt("midwrite", &msg, None).await?;
+            anyhow::ensure!(c.decrypt("midwrite", &ct, None).await? == msg);
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    // 40 calls of 32 KiB, more than the socket holds, all given up after 500 ms: one of
+    // them is writing (blocked, part of it written) when it is dropped.
+    let abandoned: Vec<_> = (0..40)
+        .map(|i| {
+            let call = call(i);
+            tokio::spawn(tokio::time::timeout(Duration::from_millis(500), call))
+        })
+        .collect();
+    for a in abandoned {
+        assert!(
+            a.await.unwrap().is_err(),
+            "answered while the daemon was stopped"
+        );
+    }
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    let later: Vec<_> = (100..104).map(|i| tokio::spawn(call(i))).collect();
+    for (i, call) in later.into_iter().enumerate() {
+        let answered = tokio::time::timeout(Duration::from_secs(20), call).await;
+        answered
+            .unwrap_or_else(|_| panic!("call {i}: no answer"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+}
+
 /// Garbage, an oversized length, a truncated frame and an idle connection are refused or
 /// closed while a well-behaved client keeps being served.
 #[tokio::test(flavor = "multi_thread")]
