@@ -607,9 +607,6 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Bytes read from the socket at a time by [`read_loop`].
 const READ_BUFFER: usize = 16 * 1024;
 
-/// Reads frames until the connection ends, routing replies to their callers and
-/// notifications to the subscription. Dropping the pending senders on exit wakes every
-/// caller with `Closed`.
 /// Writes queued frames in one write, wiping every copy.
 ///
 /// If the calling future is dropped part way (a caller's timeout while the daemon is not
@@ -675,6 +672,9 @@ impl Drop for Unwritten<'_> {
     }
 }
 
+/// Reads frames until the connection ends, routing replies to their callers and
+/// notifications to the subscription. Dropping the pending senders on exit wakes every
+/// caller with `Closed`.
 async fn read_loop(
     stream: Arc<Stream>,
     pending: Pending,
