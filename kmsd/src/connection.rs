@@ -2,16 +2,17 @@
 //! forwards events after a `subscribe`.
 //!
 //! Three kinds of tasks share the socket: the reader (this task), one task per request in
-//! flight, and a writer that owns the write half. Small AES calls are the exception: the
-//! reader computes them itself and the thread that makes their history entry durable
-//! queues the reply ([`queue_when_durable`]). Replies and events reach the writer over
+//! flight, and a writer that owns the write half. Crypto calls are the exception: the
+//! reader computes a small AES call itself and hands a signature (and the other single
+//! pool calls) to the crypto pool, and the thread that makes the call's history entry
+//! durable queues the reply ([`queue_when_durable`]). Replies and events reach the writer over
 //! a bounded channel, so a client that stops reading slows only itself: its requests wait
 //! for the channel, its reader stops taking new ones once `max_in_flight` are pending or
 //! the connection holds `max_buffered_bytes` of requests and replies ([`Buffered`]), and
 //! its event forwarder falls behind the broadcast and is told how many events it missed.
 
 use crate::config::Config;
-use crate::engine::{Caller, Engine};
+use crate::engine::{Caller, Durable, Engine};
 use crate::service::Service;
 use crate::shutdown::Shutdown;
 use kms_shared::codec::{self, WipingBufReader};
@@ -193,19 +194,18 @@ impl Connection {
             };
             // The request counts until its reply is queued (which then counts instead).
             let request = buffered.hold(request_len);
-            let request_body = match service.start_inline(&caller, frame.request) {
-                Ok((reply, durable)) => {
-                    queue_when_durable(id, reply, durable, tx.clone(), (request, permit));
-                    continue;
-                }
-                Err(body) => body,
+            let answer = {
+                let tx = tx.clone();
+                move |reply, durable| queue_when_durable(id, reply, durable, tx, (request, permit))
             };
-            let (service, caller, tx) = (service.clone(), caller.clone(), tx.clone());
+            let (request, answer) = match service.start(&caller, frame.request, answer) {
+                Ok(()) => continue,
+                Err(not_started) => not_started,
+            };
+            let (service, caller) = (service.clone(), caller.clone());
             tokio::spawn(async move {
-                let outcome = service.handle(&caller, request_body).await;
-                let _ = tx.reply(id, outcome.into()).await;
-                drop(request);
-                drop(permit);
+                let reply = service.handle(&caller, request).await;
+                answer(reply, Durable::done());
             });
         };
 
@@ -228,19 +228,21 @@ impl Connection {
     }
 }
 
-/// Queues the reply of a call that ran on the reader (an AES call: microseconds) once its
-/// history entry is durable, from the thread that learns it is: the store writer, which
-/// answers a whole group of calls at once. A task per call, woken one by one, cost a
-/// spawn and a wake-up of the reactor per call; here the writer's answers only wake the
-/// connection's writer task, once for all of them. `held` (the request's byte count and
-/// in-flight permit) is released when the reply is queued.
+/// Queues the reply of a call once its history entry is durable, from the thread that
+/// learns it is: for a call started without a task ([`Service::start`]: an AES call on the
+/// reader, a signature on the pool) the store writer, which answers a whole group of calls
+/// at once. A task per call, woken one by one, cost a spawn and a wake-up of the reactor
+/// per call; here the writer's answers only wake the connection's writer task, once for
+/// all of them. `held` (the request's byte count and in-flight permit) is released when
+/// the reply is queued.
 ///
-/// The reply is encoded now, on the reactor, so that the writer thread only moves it; if
-/// the entry cannot be made durable, it is wiped and the store's error sent instead.
+/// The reply is encoded now, on the thread that computed it, so that the writer thread
+/// only moves it; if the entry cannot be made durable, it is wiped and the store's error
+/// sent instead.
 fn queue_when_durable<H: Send + 'static>(
     id: u64,
     reply: Result<Response, WireError>,
-    durable: crate::engine::Durable,
+    durable: Durable,
     tx: Outbox,
     held: H,
 ) {
@@ -250,8 +252,8 @@ fn queue_when_durable<H: Send + 'static>(
         result: reply.into(),
     })
     .map(zeroize::Zeroizing::new);
-    // Unconstrained: the first poll runs here, on a reactor thread, where tokio's
-    // cooperative budget could make it wake itself while it is being polled.
+    // Unconstrained: the first poll runs here, on a reactor thread (or a pool thread), where
+    // tokio's cooperative budget could make it wake itself while it is being polled.
     crate::service::complete_on_wake(tokio::task::unconstrained(async move {
         let frame = match durable.wait().await {
             Ok(()) => match &mut encoded {

@@ -152,53 +152,13 @@ impl Service {
                 self.batch(caller, key, items, Engine::reencrypt_batch)
                     .await
             }
-            Request::Sign {
-                key,
-                message,
-                scheme,
-            } => {
+            req @ (Request::Sign { .. }
+            | Request::Verify { .. }
+            | Request::PublicKey { .. }
+            | Request::DataKey { .. }) => {
                 let c = caller.clone();
-                self.run(caller, false, 1, move |e| {
-                    e.sign(&c, &key, &message, scheme)
-                })
-                .await
-                .map(|signature| Response::Signature { signature })
-            }
-            Request::Verify {
-                key,
-                message,
-                signature,
-                scheme,
-            } => {
-                let c = caller.clone();
-                self.run(caller, false, 1, move |e| {
-                    e.verify(&c, &key, &message, &signature, scheme)
-                })
-                .await
-                .map(|valid| Response::Verified { valid })
-            }
-            Request::PublicKey { key, version } => {
-                let c = caller.clone();
-                self.run(caller, false, 1, move |e| e.public_key(&c, &key, version))
+                self.run(caller, false, 1, move |e| pool_call(e, &c, req))
                     .await
-                    .map(|(version, pem)| Response::PublicKey { version, pem })
-            }
-            Request::DataKey {
-                key,
-                bits,
-                plaintext,
-                context,
-            } => {
-                let c = caller.clone();
-                self.run(caller, false, 1, move |e| {
-                    e.data_key(&c, &key, bits, plaintext, context.as_deref())
-                })
-                .await
-                .map(move |(ciphertext, plaintext)| Response::DataKey {
-                    ciphertext,
-                    plaintext,
-                    bits,
-                })
             }
             Request::CreateKey(spec) => {
                 self.blocking(caller, move |e, c| {
@@ -371,37 +331,78 @@ impl Service {
         authz::permits(&self.engine.grants(), caller, need, tag.as_deref()).then_some(tag)
     }
 
-    /// Starts a call that runs on the reader (an AES encrypt, decrypt or re-encrypt of at
-    /// most [`ON_READER_MAX`] bytes with a software key) by a caller whose roles permit it: its
-    /// reply is ready now, and may be sent once the [`Durable`] half succeeds. Every other
-    /// request, and one the caller's roles do not permit (its refusal is recorded by
-    /// [`Service::handle`]), is handed back.
+    /// Starts a call without a task of its own, for a caller whose roles permit it:
     ///
-    /// This is how a connection answers pipelined AES calls without a task each: the reply
-    /// waits on the store writer's answer and is queued by the thread that delivers it.
-    pub fn start_inline(
+    /// - an AES encrypt, decrypt or re-encrypt of at most [`ON_READER_MAX`] bytes with a
+    ///   software key runs here, on the reader, and `answer` is called before this returns;
+    /// - a signature, a verification, a public key or a data key goes to the crypto pool
+    ///   if the caller's account has room in its share of it, and `answer` is called on
+    ///   the pool thread once the call is computed.
+    ///
+    /// `answer` gets the reply, which may be sent once the [`Durable`] half succeeds. Every
+    /// other request — one the caller's roles do not permit (its refusal is recorded by
+    /// [`Service::handle`]), or one whose account must wait for its share of the pool — is
+    /// handed back with `answer`.
+    ///
+    /// This is how a connection answers its calls without a task each: the reply waits on
+    /// the store writer's answer and is queued by the thread that delivers it. A task
+    /// spawned per call, woken again when the call was durable, cost the reactor a spawn
+    /// and a second poll per call.
+    pub fn start<A>(
         &self,
-        caller: &Caller,
+        caller: &Arc<Caller>,
         mut req: Request,
-    ) -> Result<(Reply, Durable), Request> {
-        if !self.is_aes_call_within(&req, ON_READER_MAX) {
-            return Err(req);
+        answer: A,
+    ) -> Result<(), (Request, A)>
+    where
+        A: FnOnce(Reply, Durable) + Send + 'static,
+    {
+        let inline = self.is_aes_call_within(&req, ON_READER_MAX);
+        if !inline && !runs_on_pool(&req) {
+            return Err((req, answer));
         }
+        // Taken before the request is changed (below), so that it can be handed back as
+        // it came; given back at once if the roles do not permit the call.
+        let share = if inline {
+            None
+        } else {
+            match self.pool_shares.try_acquire(caller.uid, 1) {
+                Some(share) => Some(share),
+                None => return Err((req, answer)),
+            }
+        };
         let (need, key, _) = authz::requirement(&mut req);
         let Some(permitted) = self.permitted(caller, need, key.as_deref().map(String::as_str))
         else {
-            return Err(req);
+            return Err((req, answer));
         };
         if let (Some(key), Some(tag)) = (key, permitted) {
             *key = tag;
         }
         let kind = req.kind();
-        let (result, durable) = cipher_call(&self.engine, caller, req).split();
-        let reply = result.map_err(wire);
-        if let Err(e) = &reply {
-            tracing::debug!(request = kind, account = %caller.account, error = %e.kind, "refused");
+        if inline {
+            let (result, durable) = cipher_call(&self.engine, caller, req).split();
+            answer(logged(kind, caller, result), durable);
+            return Ok(());
         }
-        Ok((reply, durable))
+        let (engine, caller) = (self.engine.clone(), caller.clone());
+        self.crypto.spawn(move || {
+            // A panic is a bug, never input (SPEC §14); the call is still answered.
+            let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                in_own_frames(|e| pool_call(e, &caller, req), &engine)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!(request = kind, "a crypto call panicked");
+                Pending::failed(EngineError::Crypto(crate::crypto::CryptoError::Internal(
+                    "the call failed",
+                )))
+            });
+            crate::crypto::wipe_stack::<POOL_STACK_WORDS>();
+            drop(share);
+            let (result, durable) = pending.split();
+            answer(logged(kind, &caller, result), durable);
+        });
+        Ok(())
     }
 
     /// Whether a request is an AES call cheap enough for the reactor (microseconds).
@@ -564,6 +565,69 @@ fn cipher_call(e: &Engine, caller: &Caller, req: Request) -> Pending<Response> {
     }
 }
 
+/// Whether a request is one of the single calls [`pool_call`] makes.
+fn runs_on_pool(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Sign { .. }
+            | Request::Verify { .. }
+            | Request::PublicKey { .. }
+            | Request::DataKey { .. }
+    )
+}
+
+/// A signature, a verification, a public key or a data key: the single calls that run on
+/// the crypto pool. Any other request is refused as an invalid argument (only these four
+/// are ever passed here).
+fn pool_call(e: &Engine, caller: &Caller, req: Request) -> Pending<Response> {
+    match req {
+        Request::Sign {
+            key,
+            message,
+            scheme,
+        } => e
+            .sign(caller, &key, &message, scheme)
+            .map(|signature| Response::Signature { signature }),
+        Request::Verify {
+            key,
+            message,
+            signature,
+            scheme,
+        } => e
+            .verify(caller, &key, &message, &signature, scheme)
+            .map(|valid| Response::Verified { valid }),
+        Request::PublicKey { key, version } => e
+            .public_key(caller, &key, version)
+            .map(|(version, pem)| Response::PublicKey { version, pem }),
+        Request::DataKey {
+            key,
+            bits,
+            plaintext,
+            context,
+        } => e
+            .data_key(caller, &key, bits, plaintext, context.as_deref())
+            .map(move |(ciphertext, plaintext)| Response::DataKey {
+                ciphertext,
+                plaintext,
+                bits,
+            }),
+        other => Pending::failed(EngineError::InvalidArgument(format!(
+            "{} is not a signature, verification, public key or data key",
+            other.kind()
+        ))),
+    }
+}
+
+/// The reply to a call started by [`Service::start`], its refusal logged as
+/// [`Service::handle`] logs one.
+fn logged(kind: &'static str, caller: &Caller, result: Result<Response, EngineError>) -> Reply {
+    let reply = result.map_err(wire);
+    if let Err(e) = &reply {
+        tracing::debug!(request = kind, account = %caller.account, error = %e.kind, "refused");
+    }
+    reply
+}
+
 /// Polls `fut` now and then on whichever thread wakes it, until it completes: no executor
 /// and no thread of its own. For futures whose wake-ups come from cheap events (here, the
 /// store writer answering a submission), so that what follows the event runs right there.
@@ -628,19 +692,26 @@ impl PoolShares {
         }
     }
 
+    /// One item of `uid`'s share if it has room now; `None` if it must wait.
+    fn try_acquire(&self, uid: u32, work: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = u32::try_from(work.clamp(1, self.per_account)).unwrap_or(u32::MAX);
+        self.budget(uid).try_acquire_many_owned(n).ok()
+    }
+
+    fn budget(&self, uid: u32) -> Arc<tokio::sync::Semaphore> {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        accounts
+            .entry(uid)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_account)))
+            .clone()
+    }
+
     /// Waits until `uid` may add `work` items (at most its whole share) to the pool; the
     /// permit gives them back when dropped. (`None` only if the budget were closed, which
     /// nothing does: the work then goes ahead unbudgeted.)
     async fn acquire(&self, uid: u32, work: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let budget = {
-            let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-            accounts
-                .entry(uid)
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_account)))
-                .clone()
-        };
         let n = u32::try_from(work.clamp(1, self.per_account)).unwrap_or(u32::MAX);
-        budget.acquire_many_owned(n).await.ok()
+        self.budget(uid).acquire_many_owned(n).await.ok()
     }
 }
 

@@ -265,20 +265,75 @@ async fn pipelined(
     replies
 }
 
-/// Pipelined AES calls, which a connection answers without a task each (the store
+/// Pipelined AES calls, which a connection's reader runs itself (no task per call; the store
 /// writer queues their replies), are answered only once their history entries are
 /// durable: while every write fails each is answered `internal` by its own id, never
 /// with its ciphertext; once writes work again each gets a ciphertext that decrypts, and
 /// the key counts exactly the calls answered with one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_aes_calls_are_answered_once_durable() {
+    use kms_shared::protocol::{Request, Response};
+    let encrypt = |i: u64| Request::Encrypt {
+        key: "piped".into(),
+        plaintext: format!("call {i}").into_bytes().into(),
+        context: None,
+    };
+    let decrypts = |e: &Engine, c: &Caller, id: u64, reply: &Response| {
+        let Response::Ciphertext { ciphertext } = reply else {
+            panic!("call {id}: {reply:?}");
+        };
+        let plaintext = e.decrypt(c, "piped", ciphertext, None).wait().unwrap();
+        assert_eq!(&plaintext[..], format!("call {id}").as_bytes());
+    };
+    answered_once_durable(aes("piped"), encrypt, decrypts).await;
+}
+
+/// The same for signatures, which the reader hands to the crypto pool and the pool thread
+/// answers without a task: never a signature before its entry is durable, and afterwards
+/// signatures that verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_signatures_are_answered_once_durable() {
+    use kms_shared::model::SignScheme;
+    use kms_shared::protocol::{Request, Response};
+    let sign = |i: u64| Request::Sign {
+        key: "piped".into(),
+        message: format!("call {i}").into_bytes(),
+        scheme: SignScheme::default(),
+    };
+    let verifies = |e: &Engine, c: &Caller, id: u64, reply: &Response| {
+        let Response::Signature { signature } = reply else {
+            panic!("call {id}: {reply:?}");
+        };
+        let message = format!("call {id}").into_bytes();
+        let valid = e.verify(c, "piped", &message, signature, SignScheme::default());
+        assert!(
+            valid.wait().unwrap(),
+            "call {id}: the signature does not verify"
+        );
+    };
+    let spec = CreateKey {
+        key_type: KeyType::Ecdsa,
+        ..aes("piped")
+    };
+    answered_once_durable(spec, sign, verifies).await;
+}
+
+/// Serves one connection over an engine whose disk fails every write, then works again:
+/// `call(id)` made while the disk is full must each be answered `internal`; made after,
+/// each answer must pass `check` (which makes one counted call on the key), and the key's
+/// usage count must equal the calls answered with a result.
+async fn answered_once_durable(
+    spec: CreateKey,
+    call: impl Fn(u64) -> kms_shared::protocol::Request,
+    check: impl Fn(&Engine, &Caller, u64, &kms_shared::protocol::Response),
+) {
     use kms_shared::protocol::{Outcome, PROTOCOL_VERSION, Request, Response};
     let disk = Disk::default();
     let engine = Arc::new(engine_on(disk.clone()));
     let c = me();
     // The engine blocks on the store writer: off the runtime's own wait.
     use tokio::task::block_in_place as sync;
-    sync(|| engine.create_key(&c, &aes("piped")).unwrap());
+    let key = sync(|| engine.create_key(&c, &spec).unwrap()).name;
     let service = kmsd::service::Service::new(engine.clone(), "s".into(), "d".into()).unwrap();
     let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
     let trigger = kmsd::shutdown::ShutdownTrigger::new();
@@ -297,15 +352,10 @@ async fn pipelined_aes_calls_are_answered_once_durable() {
     };
     let replies = pipelined(&mut theirs, &[(1, hello)]).await;
     assert!(matches!(replies[&1], Outcome::Ok(Response::Hello { .. })));
-    let encrypt = |i: u64| Request::Encrypt {
-        key: "piped".into(),
-        plaintext: format!("call {i}").into_bytes().into(),
-        context: None,
-    };
-    let usage_before = sync(|| engine.get_key("piped").unwrap().usage_count);
+    let usage_before = sync(|| engine.get_key(&key).unwrap().usage_count);
 
     disk.full.store(true, Ordering::SeqCst);
-    let calls: Vec<_> = (10..26).map(|i| (i, encrypt(i))).collect();
+    let calls: Vec<_> = (10..26).map(|i| (i, call(i))).collect();
     let replies = pipelined(&mut theirs, &calls).await;
     for (id, _) in &calls {
         match &replies[id] {
@@ -322,28 +372,22 @@ async fn pipelined_aes_calls_are_answered_once_durable() {
     while answered == 0 {
         assert!(std::time::Instant::now() < deadline, "no recovery");
         id += 1;
-        if let Outcome::Ok(_) = &pipelined(&mut theirs, &[(id, encrypt(id))]).await[&id] {
+        if let Outcome::Ok(_) = &pipelined(&mut theirs, &[(id, call(id))]).await[&id] {
             answered += 1;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let calls: Vec<_> = (1000..1032).map(|i| (i, encrypt(i))).collect();
+    let calls: Vec<_> = (1000..1032).map(|i| (i, call(i))).collect();
     let replies = pipelined(&mut theirs, &calls).await;
     for (id, _) in &calls {
-        let Outcome::Ok(Response::Ciphertext { ciphertext }) = &replies[id] else {
+        let Outcome::Ok(reply) = &replies[id] else {
             panic!("call {id}: {:?}", replies[id]);
         };
-        let plaintext = sync(|| {
-            engine
-                .decrypt(&c, "piped", ciphertext, None)
-                .wait()
-                .unwrap()
-        });
-        assert_eq!(&plaintext[..], format!("call {id}").as_bytes());
+        sync(|| check(&engine, &c, *id, reply));
         answered += 1;
     }
-    // The decryptions above count too (one each).
-    let usage = sync(|| engine.get_key("piped").unwrap().usage_count);
+    // The checks above count too (one each).
+    let usage = sync(|| engine.get_key(&key).unwrap().usage_count);
     assert_eq!(usage, usage_before + answered + calls.len() as u64);
     drop(theirs);
     served.await.unwrap();

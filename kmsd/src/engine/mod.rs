@@ -172,6 +172,15 @@ pub struct Durable {
 }
 
 impl Durable {
+    /// Nothing to wait for: the reply of a call that wrote nothing, or that waited for
+    /// its record itself.
+    pub fn done() -> Durable {
+        Durable {
+            ticket: None,
+            on_durable: None,
+        }
+    }
+
     pub async fn wait(self) -> Result<(), EngineError> {
         Pending {
             result: Ok(()),
