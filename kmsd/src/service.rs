@@ -7,6 +7,10 @@
 //! rather than 16 threads the scheduler switches between; key generation and everything
 //! that waits on a commit run on tokio's blocking pool. No client can stall the reactor,
 //! and no account can queue more than its share of work on the pool (`PoolShares`).
+//!
+//! A connection starts its crypto calls with [`Service::start`] where it can: no task per
+//! call, the reply waiting on the call's record and queued by the thread that learns it
+//! is durable. Everything else, and every refusal, goes through [`Service::handle`].
 
 use crate::authz::{self, Need};
 use crate::engine::{Caller, Durable, Engine, EngineError, Pending};
@@ -665,7 +669,7 @@ pub(crate) fn wire(e: EngineError) -> WireError {
 }
 
 /// The largest AES call (plaintext bytes) a connection's reader runs itself
-/// ([`Service::start_inline`]). A 1 KiB call costs about a microsecond, less than the task
+/// ([`Service::start`]). A 1 KiB call costs about a microsecond, less than the task
 /// it would otherwise be spawned as; a 32 KiB call costs tens, and run one after another
 /// on the reader, a pipelining client's calls used one core where tasks use all of them
 /// (1 × 32 decrypt 32 KiB: 7,406 -> 5,948/s, medians of 3 side by side).
