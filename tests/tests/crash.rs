@@ -9,7 +9,7 @@ use std::process::Command;
 
 /// 50 SIGKILLs under load from several clients: every acknowledged ciphertext decrypts,
 /// every acknowledged rotation, state change and grant is there, usage and history hold
-/// every acknowledged call, and the store passes redb's integrity check after each kill.
+/// every acknowledged call (encryptions, decryptions, signatures, verifications), and the store passes redb's integrity check after each kill.
 #[test]
 fn fifty_kills_lose_nothing_acknowledged() {
     let out = Command::new(kms_e2e::bin("kms-crash"))
@@ -32,5 +32,6 @@ fn fifty_kills_lose_nothing_acknowledged() {
     // The harness must have had real load to check.
     assert!(report["acknowledged"]["encryptions"].as_u64().unwrap() >= 500);
     assert!(report["acknowledged"]["rotations"].as_u64().unwrap() >= 20);
+    assert!(report["acknowledged"]["signatures"].as_u64().unwrap() >= 100);
     assert!(report["checked"]["ciphertexts_decrypted"].as_u64().unwrap() >= 500);
 }

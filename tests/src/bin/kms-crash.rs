@@ -1,6 +1,6 @@
 //! kms-crash: crash safety under load (SPEC §9). Drives a real kmsd from several
-//! clients — encryptions (pipelined), decryptions of earlier answers, rotations, key
-//! creations, disable/enable, a `key-reviewer` grant to `nobody` granted and revoked,
+//! clients — encryptions (pipelined), decryptions of earlier answers, ECDSA signatures
+//! and verifications (pipelined), rotations, key creations, disable/enable, a `key-reviewer` grant to `nobody` granted and revoked,
 //! history reads — kills it with SIGKILL at a random moment, and before restarting it:
 //!
 //! - every other kill, runs redb's integrity check on the store file as the kill left it
@@ -122,6 +122,7 @@ struct AckedCiphertext {
 #[derive(Debug, Default, Clone)]
 struct Acked {
     encryptions: u64,
+    signatures: u64,
     decryptions: u64,
     rotations: u64,
     creates: u64,
@@ -177,7 +178,10 @@ impl Model {
             .iteration_calls
             .entry((key.to_string(), action))
             .or_default() += 1;
-        if matches!(action, Action::Encrypt | Action::Decrypt) {
+        if matches!(
+            action,
+            Action::Encrypt | Action::Decrypt | Action::Sign | Action::Verify
+        ) {
             *self.uses.entry(key.to_string()).or_default() += 1;
         }
     }
@@ -265,6 +269,51 @@ async fn encrypter(c: Arc<Client>, m: Shared, mut rng: Rng, label: String) {
             Err(e) if died(&e) => return,
             Err(e) => {
                 lock(&m).unexpected.push(format!("encrypt {key}: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// The ECDSA key the signers use.
+const SIGNER: &str = "signer";
+
+/// Signs with the ECDSA key (and now and then verifies an answer through the daemon),
+/// one call at a time on a connection other signers share, until the daemon dies.
+async fn signer(c: Arc<Client>, m: Shared, mut rng: Rng, label: String) {
+    use kms_shared::model::SignScheme;
+    for n in 0u64.. {
+        let message = format!("{label}-{n}").into_bytes();
+        let signature = match c.sign(SIGNER, &message, SignScheme::default()).await {
+            Ok(s) => s,
+            Err(e) if died(&e) => return,
+            Err(e) => {
+                lock(&m).unexpected.push(format!("sign: {e}"));
+                return;
+            }
+        };
+        {
+            let mut m = lock(&m);
+            m.count(SIGNER, Action::Sign);
+            m.acked.signatures += 1;
+        }
+        if rng.below(8) != 0 {
+            continue;
+        }
+        match c
+            .verify(SIGNER, &message, &signature, SignScheme::default())
+            .await
+        {
+            Ok(true) => lock(&m).count(SIGNER, Action::Verify),
+            Ok(false) => {
+                lock(&m).unexpected.push(format!(
+                    "an acknowledged signature of {label}-{n} does not verify"
+                ));
+                return;
+            }
+            Err(e) if died(&e) => return,
+            Err(e) => {
+                lock(&m).unexpected.push(format!("verify: {e}"));
                 return;
             }
         }
@@ -488,6 +537,16 @@ async fn verify_model(
         checked.usage_checks += 1;
     }
 
+    // The signing key counts every acknowledged signature and verification.
+    let info = c.get_key(SIGNER).await.context("the signing key lost")?;
+    let used = m.uses.get(SIGNER).copied().unwrap_or(0);
+    ensure!(
+        info.usage_count >= used,
+        "{SIGNER}: usage count {} < {used} acknowledged signatures and verifications",
+        info.usage_count
+    );
+    checked.usage_checks += 1;
+
     // The toggled state.
     let state = c.get_key(&m.state_key).await?.state;
     match (m.state, m.state_in_flight.take()) {
@@ -641,6 +700,7 @@ impl Report {
             "elapsed_s": self.elapsed_s,
             "acknowledged": {
                 "encryptions": a.encryptions,
+                "signatures": a.signatures,
                 "decryptions": a.decryptions,
                 "rotations": a.rotations,
                 "creates": a.creates,
@@ -673,6 +733,11 @@ async fn run(o: &Opts, d: &mut TestDaemon, checked: &mut Checked) -> anyhow::Res
         for name in ["pool0", "pool1", "pool2", "toggled", "granted"] {
             c.create_key(spec(name)).await?;
         }
+        c.create_key(CreateKey {
+            key_type: KeyType::Ecdsa,
+            ..spec(SIGNER)
+        })
+        .await?;
         let mut model = lock(&m);
         for i in 0..3 {
             model.keys.push(PoolKey {
@@ -705,6 +770,15 @@ async fn run(o: &Opts, d: &mut TestDaemon, checked: &mut Checked) -> anyhow::Res
                     format!("k{kill}-c{e}-d{depth}"),
                 )));
             }
+        }
+        let c = Arc::new(d.client().await);
+        for depth in 0..4 {
+            tasks.push(tokio::spawn(signer(
+                c.clone(),
+                m.clone(),
+                rng.fork(),
+                format!("k{kill}-s{depth}"),
+            )));
         }
         tasks.push(tokio::spawn(lifecycle(
             d.client().await,
