@@ -9,7 +9,8 @@ use std::process::Command;
 
 /// 50 SIGKILLs under load from several clients: every acknowledged ciphertext decrypts,
 /// every acknowledged rotation, state change and grant is there, usage and history hold
-/// every acknowledged call (encryptions, decryptions, signatures, verifications), and the store passes redb's integrity check after each kill.
+/// every acknowledged call (encryptions, decryptions, signatures, verifications), and the
+/// store passes redb's integrity check after each kill.
 #[test]
 fn fifty_kills_lose_nothing_acknowledged() {
     let out = Command::new(kms_e2e::bin("kms-crash"))

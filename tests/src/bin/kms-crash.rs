@@ -1,7 +1,8 @@
 //! kms-crash: crash safety under load (SPEC §9). Drives a real kmsd from several
 //! clients — encryptions (pipelined), decryptions of earlier answers, ECDSA signatures
-//! and verifications (pipelined), rotations, key creations, disable/enable, a `key-reviewer` grant to `nobody` granted and revoked,
-//! history reads — kills it with SIGKILL at a random moment, and before restarting it:
+//! and verifications (pipelined), rotations, key creations, disable/enable, a
+//! `key-reviewer` grant to `nobody` granted and revoked, history reads — kills it with
+//! SIGKILL at a random moment, and before restarting it:
 //!
 //! - every other kill, runs redb's integrity check on the store file as the kill left it
 //!   (`kmsd::store::check_file`); on the others the restarted daemon recovers the file
