@@ -68,7 +68,18 @@ pub enum Notification {
 /// Replies can be larger than requests (a full key list); still bounded.
 const MAX_REPLY_FRAME: u32 = 256 * 1024 * 1024;
 
-type Pending = Arc<StdMutex<HashMap<u64, oneshot::Sender<Outcome>>>>;
+/// Calls waiting for their reply, by id.
+type Pending = Arc<StdMutex<PendingCalls>>;
+
+#[derive(Default)]
+struct PendingCalls {
+    calls: HashMap<u64, oneshot::Sender<Outcome>>,
+    /// The connection has ended (set by the reader as it stops, with `calls` emptied):
+    /// a call made after that fails at once. Without it such a call could wait for ever:
+    /// its frame written (and failed) by another call's combined write, its own write had
+    /// nothing left to write, and no reader was left to drop its sender.
+    closed: bool,
+}
 
 /// A connection to kmsd.
 pub struct Client {
@@ -168,8 +179,11 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         let in_flight = {
             let mut pending = lock(&self.pending);
-            pending.insert(id, tx);
-            pending.len()
+            if pending.closed {
+                return Err(ClientError::Closed);
+            }
+            pending.calls.insert(id, tx);
+            pending.calls.len()
         };
         lock(&self.queued).push(frame);
         if in_flight > 1 {
@@ -185,7 +199,7 @@ impl Client {
             write_frames(&self.stream, &self.queued, frames).await
         };
         if let Err(e) = written {
-            lock(&self.pending).remove(&id);
+            lock(&self.pending).calls.remove(&id);
             return Err(FrameError::Io(e).into());
         }
         match rx.await {
@@ -692,7 +706,7 @@ async fn read_loop(
         };
         match codec::decode::<ServerFrame>(&body) {
             Ok(ServerFrame::Reply { id, result }) => {
-                if let Some(tx) = lock(&pending).remove(&id) {
+                if let Some(tx) = lock(&pending).calls.remove(&id) {
                     let _ = tx.send(result);
                 }
             }
@@ -705,7 +719,9 @@ async fn read_loop(
             Err(_) => break,
         }
     }
-    lock(&pending).clear();
+    let mut pending = lock(&pending);
+    pending.closed = true;
+    pending.calls.clear();
 }
 
 /// How a client finds (and, if allowed, starts) its daemon (SPEC §1).

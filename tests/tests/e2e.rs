@@ -431,6 +431,47 @@ async fn sixteen_clients_pipelined() {
     assert_eq!(k.usage_count, 16 * 900 * 2);
 }
 
+/// When the daemon dies, every call on the client ends with an error, promptly: those in
+/// flight, and those made after the connection ended, however many are made at once. A
+/// call made after the reader had stopped used to wait for ever when another call's
+/// combined write took its frame along (and failed): nothing was left to answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_the_daemon_dies_fail_promptly() {
+    for round in 0..10u32 {
+        let mut d = TestDaemon::start();
+        let c = Arc::new(d.client().await);
+        c.create_key(spec("dies", "aes256")).await.unwrap();
+        let mut callers = Vec::new();
+        for i in 0..8u32 {
+            let c = c.clone();
+            callers.push(tokio::spawn(async move {
+                // Calls until one fails, then four more at once.
+                while c.encrypt("dies", b"x", None).await.is_ok() {}
+                let after: Vec<_> = (0..4)
+                    .map(|_| {
+                        let c = c.clone();
+                        tokio::spawn(async move { c.encrypt("dies", b"x", None).await })
+                    })
+                    .collect();
+                for a in after {
+                    assert!(
+                        a.await.unwrap().is_err(),
+                        "call {i}: answered by a dead daemon"
+                    );
+                }
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20 + 7 * u64::from(round))).await;
+        d.kill();
+        for (i, caller) in callers.into_iter().enumerate() {
+            tokio::time::timeout(std::time::Duration::from_secs(20), caller)
+                .await
+                .unwrap_or_else(|_| panic!("round {round} caller {i}: a call never ended"))
+                .unwrap();
+        }
+    }
+}
+
 /// Calls abandoned by their callers (a timeout, a dropped future) while other calls are in
 /// flight on the same client leave it usable: a frame queued by an abandoned call goes out
 /// whole with the next write or not at all, and every call that is awaited gets its own
