@@ -74,11 +74,19 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        self.apply(f);
-        Ok(())
+        self.apply(f)
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })
     }
 
-    fn apply(&mut self, f: FileConfig) {
+    /// Applies the file's values; a value no daemon could run with (a deletion delay of
+    /// `inf` hours, a timeout of -1 s) is refused with its key, never clamped into
+    /// something else: `inf` once overflowed the deletion due date into the past, which
+    /// purged a key at once.
+    fn apply(&mut self, f: FileConfig) -> Result<(), (&'static str, String)> {
         if let Some(v) = f.socket {
             self.socket = v;
         }
@@ -104,12 +112,19 @@ impl Config {
             self.max_buffered_bytes = v.max(64 << 10);
         }
         if let Some(v) = f.idle_timeout_secs {
-            self.idle_timeout = Duration::from_secs_f64(v.max(0.01));
+            self.idle_timeout = seconds("idle_timeout_secs", v)?;
         }
         if let Some(v) = f.frame_timeout_secs {
-            self.frame_timeout = Duration::from_secs_f64(v.max(0.01));
+            self.frame_timeout = seconds("frame_timeout_secs", v)?;
         }
         if let Some(v) = f.deletion_delay_hours {
+            if !(0.0..=MAX_DELETION_DELAY_HOURS).contains(&v) {
+                return Err((
+                    "deletion_delay_hours",
+                    format!("{v} is not a number of hours from 1 to {MAX_DELETION_DELAY_HOURS}"),
+                ));
+            }
+            // Below 1 hour is raised to it when applied (SPEC §3).
             self.engine.deletion_delay_ms = (v * HOUR_MS as f64) as i64;
         }
         if let Some(v) = f.retention_days {
@@ -127,7 +142,26 @@ impl Config {
         if f.pkcs11_pin_file.is_some() {
             self.pkcs11.pin_file = f.pkcs11_pin_file;
         }
+        Ok(())
     }
+}
+
+/// The longest deletion wait a config may set: ten years.
+const MAX_DELETION_DELAY_HOURS: f64 = 10.0 * 365.0 * 24.0;
+
+/// The longest timeout a config may set: a year (a subscriber's idle time is unlimited
+/// anyway).
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 86_400.0;
+
+/// A timeout from the config file: at least 10 ms, at most [`MAX_TIMEOUT_SECS`].
+fn seconds(key: &'static str, v: f64) -> Result<Duration, (&'static str, String)> {
+    if !(0.0..=MAX_TIMEOUT_SECS).contains(&v) {
+        return Err((
+            key,
+            format!("{v} is not a number of seconds from 0.01 to {MAX_TIMEOUT_SECS}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(v.max(0.01)))
 }
 
 /// The config file's keys; every one optional.
@@ -163,6 +197,12 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
 }
 
 #[cfg(test)]
@@ -193,5 +233,40 @@ mod tests {
         assert_eq!(c.pkcs11.pin_file, Some(PathBuf::from("/pin")));
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(matches!(c.apply_file(&p), Err(ConfigError::Parse { .. })));
+    }
+
+    /// Values no daemon could run with are refused by name, and change nothing; `inf`
+    /// hours once made a deletion due in the past.
+    #[test]
+    fn impossible_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kmsd.toml");
+        for text in [
+            "deletion_delay_hours = inf",
+            "deletion_delay_hours = nan",
+            "deletion_delay_hours = 1e18",
+            "deletion_delay_hours = -5",
+            "idle_timeout_secs = inf",
+            "frame_timeout_secs = -1",
+            "frame_timeout_secs = nan",
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let mut c = Config::defaults();
+            let err = c.apply_file(&p).unwrap_err();
+            let key = text.split(' ').next().unwrap();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+                "{text}: {err}"
+            );
+            assert_eq!(c.engine.deletion_delay_ms, 72 * HOUR_MS, "{text}");
+        }
+        std::fs::write(&p, "deletion_delay_hours = 0.25\nframe_timeout_secs = 0\n").unwrap();
+        let mut c = Config::defaults();
+        c.apply_file(&p).unwrap();
+        assert_eq!(c.engine.effective_deletion_delay(), HOUR_MS);
+        assert_eq!(c.frame_timeout, Duration::from_millis(10));
+        std::fs::write(&p, "deletion_delay_hours = 87600\n").unwrap();
+        c.apply_file(&p).unwrap();
+        assert_eq!(c.engine.effective_deletion_delay(), 87_600 * HOUR_MS);
     }
 }

@@ -597,14 +597,15 @@ impl Engine {
             }
             let mut rec = e.rec.clone();
             rec.state = KeyState::PendingDeletion;
-            rec.deletion_due_at = Some(now + delay);
+            let due = now.saturating_add(delay);
+            rec.deletion_due_at = Some(due);
             Ok(Change::new(rec, Action::Delete).event(
                 EventKind::DeletionRequested,
                 None,
                 format!(
                     "deletion of key {} requested; it will be purged at {}",
                     e.rec.name,
-                    model::format_time(now + delay)
+                    model::format_time(due)
                 ),
             ))
         })
