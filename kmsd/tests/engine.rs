@@ -729,27 +729,73 @@ fn auto_rotation_stops_at_limit() {
     for _ in 2..=100 {
         e.rotate(me, "full").unwrap();
     }
-    fx.clock.set(T0 + DAY_MS);
-    e.run_due();
+    // Reaching the last version says so at once (not when the next rotation falls due,
+    // which may be two years away) and drops the schedule that could only fail.
+    let limit_events = |events: &mut tokio::sync::broadcast::Receiver<_>| {
+        let mut n = Vec::new();
+        while let Ok(ev) = events.try_recv() {
+            let ev: kms_shared::protocol::Event = ev;
+            if ev.kind == kms_shared::protocol::EventKind::VersionLimitReached {
+                n.push(ev.version);
+            }
+        }
+        n
+    };
+    assert_eq!(limit_events(&mut events), [Some(100)]);
     let k = e.get_key("full").unwrap();
     assert_eq!(k.current_version, 100);
     assert_eq!(k.next_rotation_at, None);
+    assert_eq!(
+        e.rotate(me, "full").unwrap_err().kind(),
+        ErrorKind::VersionLimit
+    );
+    fx.clock.set(T0 + DAY_MS);
+    e.run_due();
+    assert_eq!(e.get_key("full").unwrap().current_version, 100);
     let h = e
         .history(&HistoryQuery {
             key: "full".into(),
-            limit: Some(1),
+            limit: Some(2),
             ..Default::default()
         })
         .unwrap();
     assert_eq!(
-        (h[0].action, h[0].result.as_str()),
-        (Action::AutoRotate, "version-limit")
+        h.iter()
+            .map(|h| (h.action, h.result.as_str()))
+            .collect::<Vec<_>>(),
+        [(Action::Rotate, "version-limit"), (Action::Rotate, "ok")]
     );
-    let mut saw_limit = false;
-    while let Ok(ev) = events.try_recv() {
-        saw_limit |= ev.kind == kms_shared::protocol::EventKind::VersionLimitReached;
+    // Nothing more is announced for a refused rotation, nor by the scheduler.
+    assert!(limit_events(&mut events).is_empty());
+}
+
+/// A key that spends its last version's nonce budget: encryptions are refused with
+/// `version-limit`, and that is announced once, not once per refused call.
+#[test]
+fn nonce_budget_at_the_version_limit_is_announced_once() {
+    let fx = Fx::with_config(EngineConfig {
+        nonce_budget: 2,
+        ..EngineConfig::default()
+    });
+    fx.create("spent", KeyType::Aes256);
+    for _ in 2..=100 {
+        fx.e().rotate(&fx.me, "spent").unwrap();
     }
-    assert!(saw_limit);
+    let mut events = fx.e().subscribe();
+    for _ in 0..2 {
+        fx.enc("spent", b"p").unwrap();
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            fx.enc("spent", b"p").unwrap_err().kind(),
+            ErrorKind::VersionLimit
+        );
+    }
+    let mut low = 0;
+    while let Ok(ev) = events.try_recv() {
+        low += usize::from(ev.kind == kms_shared::protocol::EventKind::NonceBudgetLow);
+    }
+    assert_eq!(low, 1);
 }
 
 /// The nonce budget: at the threshold the version is retired by a rotation, with an event.

@@ -349,6 +349,26 @@ impl Engine {
         );
         change.version = Some(v);
         change.versions.push(self.new_version(&e.rec, v, now)?);
+        if v == max {
+            // The last version the key may have: say so now, not when the next rotation
+            // (up to 730 days away, or a forced one for the nonce budget) is refused, and
+            // drop the schedule that could only fail (SPEC §4).
+            change.rec.rotation_stopped = true;
+            let stopped = if e.rec.auto_rotation {
+                "; automatic rotation stopped"
+            } else {
+                ""
+            };
+            change = change.event(
+                EventKind::VersionLimitReached,
+                Some(v),
+                format!(
+                    "key {} now has version {v}, the last of the {max} allowed for {} keys{stopped}; \
+                     create a new key before it needs rotating again",
+                    e.rec.name, e.rec.protection
+                ),
+            );
+        }
         Ok(change)
     }
 
@@ -388,8 +408,16 @@ impl Engine {
         })
     }
 
-    /// Rotation forced by the nonce budget of `exhausted` (if still current).
-    pub(super) fn rotate_for_budget(&self, tag: &str, exhausted: u32) -> Result<(), EngineError> {
+    /// Rotation forced by the nonce budget of `exhausted` (if still current). `used` is
+    /// the count the calling encryption drew: when the rotation is impossible (the version
+    /// limit), only the first call over the budget (`used == budget`) announces it, not
+    /// every refused call after it.
+    pub(super) fn rotate_for_budget(
+        &self,
+        tag: &str,
+        exhausted: u32,
+        used: u64,
+    ) -> Result<(), EngineError> {
         let caller = Caller::daemon();
         let lock = self.key_lock(tag);
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -412,6 +440,7 @@ impl Engine {
                     entry.rec.name
                 ),
             ),
+            Err(e) if used > self.config.nonce_budget => return Err(e),
             Err(e) => {
                 self.publish(
                     EventKind::NonceBudgetLow,
