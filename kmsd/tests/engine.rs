@@ -1080,6 +1080,76 @@ fn grants_persist() {
     assert!(fx.e().grants().is_empty());
 }
 
+/// Grants follow the key's states (SPEC §3): no new grant once deletion is requested,
+/// revoke in any state, the key's grants removed with its purge (in the store too); and
+/// every refused grant or revoke that names a key is in that key's history.
+#[test]
+fn grants_follow_the_key_states() {
+    use kms_shared::model::Role;
+    use kms_shared::protocol::{EventKind, GrantSpec};
+    let mut fx = Fx::new();
+    fx.create("gone", KeyType::Aes256);
+    fx.create("kept", KeyType::Aes256);
+    let spec = |role, key: &str| GrantSpec {
+        role,
+        user: Some("nobody".into()),
+        group: None,
+        key: Some(key.into()),
+    };
+    let e = fx.e();
+    e.grant(&fx.me, &spec(Role::KeyUser, "gone")).unwrap();
+    e.grant(&fx.me, &spec(Role::KeyReviewer, "gone")).unwrap();
+    e.grant(&fx.me, &spec(Role::KeyUser, "kept")).unwrap();
+    assert_eq!(
+        kind(e.grant(&fx.me, &spec(Role::KeyUser, "gone"))),
+        ErrorKind::AlreadyExists
+    );
+    let mut nobody_such = spec(Role::KeyUser, "gone");
+    nobody_such.user = Some("no-such-user-xyz".into());
+    assert_eq!(kind(e.grant(&fx.me, &nobody_such)), ErrorKind::InvalidArgument);
+    e.request_deletion(&fx.me, "gone").unwrap();
+    assert_eq!(
+        kind(e.grant(&fx.me, &spec(Role::KeyManager, "gone"))),
+        ErrorKind::InvalidState
+    );
+    e.revoke(&fx.me, &spec(Role::KeyReviewer, "gone")).unwrap();
+    let refused = e
+        .history(&HistoryQuery {
+            key: "gone".into(),
+            ..Default::default()
+        })
+        .unwrap()
+        .iter()
+        .filter(|h| h.action == Action::Grant && h.result != "ok")
+        .map(|h| h.result.clone())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        refused,
+        ["invalid-state", "invalid-argument", "already-exists"]
+    );
+
+    let mut events = e.subscribe();
+    let tag = e.delete_now(&fx.me, "gone").unwrap().tag;
+    let keys_of = |e: &Engine| {
+        e.grants()
+            .iter()
+            .map(|g| g.key_name.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys_of(e), ["kept"]);
+    let mut changed = 0;
+    while let Ok(ev) = events.try_recv() {
+        changed += usize::from(ev.kind == EventKind::PermissionChanged);
+    }
+    assert_eq!(changed, 1);
+    assert_eq!(
+        kind(e.revoke(&fx.me, &spec(Role::KeyUser, &tag))),
+        ErrorKind::NotFound
+    );
+    fx.reopen();
+    assert_eq!(keys_of(fx.e()), ["kept"]);
+}
+
 /// A key that cannot be used (disabled, pending deletion) keeps no unwrapped material in
 /// memory: it is dropped with the change and unwrapped again when the key is next used
 /// after it is enabled. Encryption counts carry across.

@@ -1,7 +1,7 @@
 //! Grants: roles given to users and groups, for all keys or one key (SPEC §6). Kept in
 //! the store's grants table and mirrored in memory for the per-request check.
 
-use super::{Caller, Engine, EngineError, history_mutation};
+use super::{Caller, Engine, EngineError, history_mutation, keyring::KeyEntry};
 use crate::store::Mutation;
 use kms_shared::model::{Action, GrantInfo, KeyState, Principal};
 use kms_shared::protocol::{EventKind, GrantSpec};
@@ -16,17 +16,14 @@ impl Engine {
             .clone()
     }
 
-    /// Validates a spec into (principal, key tag, key name).
-    fn grant_target(
-        &self,
-        spec: &GrantSpec,
-    ) -> Result<(Principal, Option<String>, Option<String>), EngineError> {
-        let principal = match (&spec.user, &spec.group) {
+    /// The principal a spec names.
+    fn grant_principal(spec: &GrantSpec) -> Result<Principal, EngineError> {
+        match (&spec.user, &spec.group) {
             (Some(u), None) => {
                 if uzers::get_user_by_name(u).is_none() {
                     return Err(EngineError::InvalidArgument(format!("no user named {u:?}")));
                 }
-                Principal::User(u.clone())
+                Ok(Principal::User(u.clone()))
             }
             (None, Some(g)) => {
                 if uzers::get_group_by_name(g).is_none() {
@@ -34,89 +31,145 @@ impl Engine {
                         "no group named {g:?}"
                     )));
                 }
-                Principal::Group(g.clone())
+                Ok(Principal::Group(g.clone()))
             }
-            _ => {
-                return Err(EngineError::InvalidArgument(
-                    "a grant names exactly one of a user or a group".into(),
-                ));
-            }
-        };
-        let (tag, name) = match &spec.key {
-            Some(k) => {
-                let e = self.resolve(k)?;
-                if e.rec.state == KeyState::Deleted {
-                    return Err(EngineError::InvalidState(format!(
-                        "key {} is deleted",
-                        e.rec.name
-                    )));
-                }
-                (Some(e.rec.tag.clone()), Some(e.rec.name.clone()))
-            }
-            None => (None, None),
-        };
-        Ok((principal, tag, name))
+            _ => Err(EngineError::InvalidArgument(
+                "a grant names exactly one of a user or a group".into(),
+            )),
+        }
     }
 
-    /// Grants a role; a duplicate is `already-exists`.
+    /// Runs a grant or revoke under the change lock of the key it names (so that it cannot
+    /// cross a deletion request or a purge), and records a refusal in that key's history
+    /// as every refused call that names a key is (SPEC §6, §7). `check` gets the key as it
+    /// is under the lock and returns what to commit, or why not.
+    fn on_grant_key<T>(
+        &self,
+        caller: &Caller,
+        spec: &GrantSpec,
+        action: Action,
+        check: impl FnOnce(Option<&KeyEntry>) -> Result<(Mutation, GrantInfo, T), EngineError>,
+    ) -> Result<T, EngineError> {
+        let entry = match &spec.key {
+            None => None,
+            Some(k) => match self.resolve(k) {
+                Ok(e) => Some(e),
+                // A grant left on a key that no longer exists at all (a store from before
+                // grants were removed with their key's purge) can still be revoked by tag.
+                Err(_)
+                    if action == Action::Revoke
+                        && self
+                            .grants()
+                            .iter()
+                            .any(|g| g.key_tag.as_deref() == Some(k)) =>
+                {
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let Some(entry) = entry else {
+            let (m, grant, out) = check(None)?;
+            self.change_grants(caller, action, m, &grant)?;
+            return Ok(out);
+        };
+        let lock = self.key_lock(&entry.rec.tag);
+        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.resolve(&entry.rec.tag)?;
+        match check(Some(&entry)) {
+            Ok((m, grant, out)) => {
+                self.change_grants(caller, action, m, &grant)?;
+                Ok(out)
+            }
+            Err(e) => Err(self.refuse(caller, &entry, action, None, e)),
+        }
+    }
+
+    /// Grants a role; a duplicate is `already-exists`. A key-scoped grant needs the key
+    /// enabled or disabled (SPEC §3: no permission changes once deletion is requested).
     pub fn grant(&self, caller: &Caller, spec: &GrantSpec) -> Result<GrantInfo, EngineError> {
         let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
-        let (principal, key_tag, key_name) = self.grant_target(spec)?;
-        let current = self.grants();
-        if current
-            .iter()
-            .any(|g| g.role == spec.role && g.principal == principal && g.key_tag == key_tag)
-        {
-            return Err(EngineError::AlreadyExists(format!(
-                "{principal} already has {} on {}",
-                spec.role,
-                key_name.as_deref().unwrap_or("all keys")
-            )));
-        }
-        let grant = GrantInfo {
-            id: current.iter().map(|g| g.id).max().unwrap_or(0) + 1,
-            role: spec.role,
-            principal,
-            key_tag,
-            key_name,
-            granted_at: self.now(),
-            granted_by: caller.account.clone(),
-        };
-        self.change_grants(
-            caller,
-            Action::Grant,
-            Mutation::PutGrant(grant.clone()),
-            &grant,
-            |v| v.push(grant.clone()),
-        )?;
-        Ok(grant)
-    }
-
-    /// Removes the grant with the same role, principal and key.
-    pub fn revoke(&self, caller: &Caller, spec: &GrantSpec) -> Result<GrantInfo, EngineError> {
-        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
-        let (principal, key_tag, key_name) = self.grant_target(spec)?;
-        let found = self
-            .grants()
-            .iter()
-            .find(|g| g.role == spec.role && g.principal == principal && g.key_tag == key_tag)
-            .cloned()
-            .ok_or_else(|| {
-                EngineError::NotFound(format!(
-                    "{principal} has no {} grant on {}",
+        self.on_grant_key(caller, spec, Action::Grant, |entry| {
+            let principal = Self::grant_principal(spec)?;
+            if let Some(e) = entry
+                && !matches!(e.rec.state, KeyState::Enabled | KeyState::Disabled)
+            {
+                return Err(EngineError::InvalidState(format!(
+                    "key {} is {}; permissions can be changed on an enabled or disabled key",
+                    e.rec.name, e.rec.state
+                )));
+            }
+            let key_tag = entry.map(|e| e.rec.tag.clone());
+            let key_name = entry.map(|e| e.rec.name.clone());
+            let current = self.grants();
+            if current
+                .iter()
+                .any(|g| g.role == spec.role && g.principal == principal && g.key_tag == key_tag)
+            {
+                return Err(EngineError::AlreadyExists(format!(
+                    "{principal} already has {} on {}",
                     spec.role,
                     key_name.as_deref().unwrap_or("all keys")
-                ))
-            })?;
-        let id = found.id;
-        self.change_grants(
-            caller,
-            Action::Revoke,
-            Mutation::RemoveGrant(id),
-            &found,
-            |v| v.retain(|g| g.id != id),
-        )?;
-        Ok(found)
+                )));
+            }
+            let grant = GrantInfo {
+                id: current.iter().map(|g| g.id).max().unwrap_or(0) + 1,
+                role: spec.role,
+                principal,
+                key_tag,
+                key_name,
+                granted_at: self.now(),
+                granted_by: caller.account.clone(),
+            };
+            Ok((Mutation::PutGrant(grant.clone()), grant.clone(), grant))
+        })
+    }
+
+    /// Removes the grant with the same role, principal and key, in any state of the key:
+    /// taking access away is always allowed.
+    pub fn revoke(&self, caller: &Caller, spec: &GrantSpec) -> Result<GrantInfo, EngineError> {
+        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        self.on_grant_key(caller, spec, Action::Revoke, |entry| {
+            let principal = match (&spec.user, &spec.group) {
+                // A user or group deleted from the system since may still hold a grant.
+                (Some(u), None) => Principal::User(u.clone()),
+                (None, Some(g)) => Principal::Group(g.clone()),
+                _ => Self::grant_principal(spec)?,
+            };
+            let key_tag = entry
+                .map(|e| e.rec.tag.clone())
+                .or_else(|| spec.key.clone());
+            let found = self
+                .grants()
+                .iter()
+                .find(|g| g.role == spec.role && g.principal == principal && g.key_tag == key_tag)
+                .cloned()
+                .ok_or_else(|| {
+                    EngineError::NotFound(format!(
+                        "{principal} has no {} grant on {}",
+                        spec.role,
+                        entry.map_or("all keys", |e| e.rec.name.as_str())
+                    ))
+                })?;
+            Ok((Mutation::RemoveGrant(found.id), found.clone(), found))
+        })
+    }
+
+    /// The grants on one key: removed with its purge.
+    pub(super) fn grants_on(&self, tag: &str) -> Vec<GrantInfo> {
+        self.grants()
+            .iter()
+            .filter(|g| g.key_tag.as_deref() == Some(tag))
+            .cloned()
+            .collect()
+    }
+
+    /// Drops grants from the in-memory list once their removal is durable.
+    pub(super) fn forget_grants(&self, ids: &[u64]) {
+        let mut guard = self.grants.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = (**guard).clone();
+        next.retain(|g| !ids.contains(&g.id));
+        *guard = Arc::new(next);
     }
 
     /// Commits a grant change, then swaps the in-memory list and announces it.
@@ -126,7 +179,6 @@ impl Engine {
         action: Action,
         mutation: Mutation,
         grant: &GrantInfo,
-        edit: impl FnOnce(&mut Vec<GrantInfo>),
     ) -> Result<(), EngineError> {
         let now = self.now();
         let mut m = vec![mutation];
@@ -137,7 +189,10 @@ impl Engine {
         {
             let mut guard = self.grants.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**guard).clone();
-            edit(&mut next);
+            next.retain(|g| g.id != grant.id);
+            if action == Action::Grant {
+                next.push(grant.clone());
+            }
             *guard = Arc::new(next);
         }
         let verb = if action == Action::Grant {

@@ -157,8 +157,15 @@ impl Engine {
                 name: rec.name.clone(),
                 tag: tag.clone(),
             });
-        } else if was_live && rec.state == KeyState::Deleted {
+        }
+        // A purge takes the key's grants with it, in the same commit: a purged key is
+        // visible to managers only (SPEC §3), and a grant left on it could never be
+        // changed again. Grants on a key change only under its lock (held here).
+        let mut purged_grants = Vec::new();
+        if was_live && rec.state == KeyState::Deleted {
             m.push(Mutation::RemoveName(rec.name.clone()));
+            purged_grants = self.grants_on(&tag);
+            m.extend(purged_grants.iter().map(|g| Mutation::RemoveGrant(g.id)));
         }
         m.push(history_mutation(
             &tag,
@@ -216,11 +223,20 @@ impl Engine {
         for (kind, version, message) in change.events {
             self.publish(kind, &entry, version, caller, message);
         }
+        if !purged_grants.is_empty() {
+            self.forget_grants(&purged_grants.iter().map(|g| g.id).collect::<Vec<_>>());
+            let message = format!(
+                "{} grant(s) on key {} removed with its purge",
+                purged_grants.len(),
+                entry.rec.name
+            );
+            self.publish(EventKind::PermissionChanged, &entry, None, caller, message);
+        }
         Ok(entry)
     }
 
     /// Records a refused lifecycle call in the history and returns the refusal.
-    fn refuse(
+    pub(super) fn refuse(
         &self,
         caller: &Caller,
         entry: &KeyEntry,
@@ -251,10 +267,13 @@ impl Engine {
         version: Option<u32>,
         build: impl FnOnce(&Arc<KeyEntry>, UnixMillis) -> Result<Change, EngineError>,
     ) -> Result<Arc<KeyEntry>, EngineError> {
-        let lock = self.key_lock(&self.resolve(key)?.rec.tag);
+        let tag = self.resolve(key)?.rec.tag.clone();
+        let lock = self.key_lock(&tag);
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
-        // Read again under the lock: another change may have landed meanwhile.
-        let entry = self.resolve(key)?;
+        // Read again under the lock: another change may have landed meanwhile. By tag: a
+        // name may have passed to a new key meanwhile (the old one purged), whose changes
+        // take another lock; building on it here could write back a stale version count.
+        let entry = self.resolve(&tag)?;
         let now = self.now();
         match build(&entry, now) {
             Ok(change) => self.apply(caller, Some(&entry), change),
