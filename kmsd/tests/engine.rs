@@ -769,6 +769,32 @@ fn auto_rotation_stops_at_limit() {
     assert!(limit_events(&mut events).is_empty());
 }
 
+/// The forced rotation also works when the encryption runs inside a single-threaded
+/// tokio runtime (a program embedding the engine), where a blocking wait would panic.
+#[tokio::test(flavor = "current_thread")]
+async fn nonce_budget_rotation_inside_a_single_threaded_runtime() {
+    let fx = Fx::with_config(EngineConfig {
+        nonce_budget: 2,
+        ..EngineConfig::default()
+    });
+    // Lifecycle calls block on their commit: off the runtime, as kmsd runs them.
+    std::thread::scope(|s| {
+        s.spawn(|| fx.create("inrt", KeyType::Aes256))
+            .join()
+            .unwrap()
+    });
+    let mut versions = Vec::new();
+    for _ in 0..5 {
+        let ct = fx
+            .e()
+            .encrypt(&fx.me, "inrt", b"p", None)
+            .wait_async()
+            .await;
+        versions.push(ciphertext::parse(&ct.unwrap()).unwrap().0);
+    }
+    assert_eq!(versions, [1, 1, 2, 2, 3]);
+}
+
 /// A key that spends its last version's nonce budget: encryptions are refused with
 /// `version-limit`, and that is announced once, not once per refused call.
 #[test]
@@ -1106,7 +1132,10 @@ fn grants_follow_the_key_states() {
     );
     let mut nobody_such = spec(Role::KeyUser, "gone");
     nobody_such.user = Some("no-such-user-xyz".into());
-    assert_eq!(kind(e.grant(&fx.me, &nobody_such)), ErrorKind::InvalidArgument);
+    assert_eq!(
+        kind(e.grant(&fx.me, &nobody_such)),
+        ErrorKind::InvalidArgument
+    );
     e.request_deletion(&fx.me, "gone").unwrap();
     assert_eq!(
         kind(e.grant(&fx.me, &spec(Role::KeyManager, "gone"))),

@@ -96,6 +96,10 @@ fn aes(name: &str) -> CreateKey {
 }
 
 fn engine_on(disk: Disk) -> Engine {
+    engine_with(disk, EngineConfig::default())
+}
+
+fn engine_with(disk: Disk, config: EngineConfig) -> Engine {
     let root = RootKey::from_bytes([0x33; 32]);
     let store =
         Store::open_with_backend(disk, Path::new("faulty.redb"), &root.fingerprint()).unwrap();
@@ -103,9 +107,42 @@ fn engine_on(disk: Disk) -> Engine {
         store,
         root,
         Arc::new(ManualClock::new(1_700_000_000_000)),
-        EngineConfig::default(),
+        config,
     )
     .unwrap()
+}
+
+/// A real `Connection` serving `caller` over one end of a socket pair, handshake done:
+/// the other end, the task serving it (ends when the other end is dropped) and the
+/// daemon's shutdown trigger (dropping it shuts the connection down).
+async fn serve(
+    engine: &Arc<Engine>,
+    caller: &Caller,
+) -> (
+    tokio::net::UnixStream,
+    tokio::task::JoinHandle<()>,
+    kmsd::shutdown::ShutdownTrigger,
+) {
+    use kms_shared::protocol::{Outcome, PROTOCOL_VERSION, Request, Response};
+    let service = kmsd::service::Service::new(engine.clone(), "s".into(), "d".into()).unwrap();
+    let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+    let trigger = kmsd::shutdown::ShutdownTrigger::new();
+    let conn = kmsd::connection::Connection::new(
+        ours,
+        caller.clone(),
+        engine.clone(),
+        Arc::new(service),
+        Arc::new(kmsd::config::Config::defaults()),
+        trigger.handle(),
+    );
+    let served = tokio::spawn(conn.run());
+    let hello = Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "reliability".into(),
+    };
+    let replies = pipelined(&mut theirs, &[(1, hello)]).await;
+    assert!(matches!(replies[&1], Outcome::Ok(Response::Hello { .. })));
+    (theirs, served, trigger)
 }
 
 /// While every write fails, lifecycle and crypto calls fail with `internal` (a call is
@@ -318,6 +355,63 @@ async fn pipelined_signatures_are_answered_once_durable() {
     answered_once_durable(spec, sign, verifies).await;
 }
 
+/// An AES version that reaches its nonce budget is rotated inside the encryption that
+/// crosses it, which may run on the connection's reader (up to 4 KiB) or on a request task
+/// (up to 32 KiB): both tokio workers. The rotation waits for its commit there. It once
+/// panicked the worker (tokio refuses a blocking wait on it): the call went unanswered,
+/// the connection died, and the committed rotation was never published. Every call must
+/// be answered with a ciphertext of the current version, and the key must be where its
+/// last ciphertext says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encryptions_over_the_nonce_budget_rotate_and_are_answered() {
+    use kms_shared::protocol::{Outcome, Request, Response};
+    let engine = Arc::new(engine_with(
+        Disk::default(),
+        EngineConfig {
+            nonce_budget: 5,
+            ..EngineConfig::default()
+        },
+    ));
+    let c = me();
+    use tokio::task::block_in_place as sync;
+    sync(|| engine.create_key(&c, &aes("budget")).unwrap());
+    let (mut theirs, served, _shutdown) = serve(&engine, &c).await;
+    let mut last = 0;
+    for (round, size) in [(1u64, 1024), (2, 8 * 1024), (3, 1024)] {
+        let calls: Vec<_> = (0..12)
+            .map(|i| {
+                let request = Request::Encrypt {
+                    key: "budget".into(),
+                    plaintext: vec![i as u8; size].into(),
+                    context: None,
+                };
+                (round * 100 + i, request)
+            })
+            .collect();
+        let replies = pipelined(&mut theirs, &calls).await;
+        let mut versions = Vec::new();
+        for (id, _) in &calls {
+            let Outcome::Ok(Response::Ciphertext { ciphertext }) = &replies[id] else {
+                panic!("call {id}: {:?}", replies[id]);
+            };
+            versions.push(ciphertext::parse(ciphertext).unwrap().0);
+        }
+        versions.sort_unstable();
+        assert!(versions[0] >= last, "round {round}: {versions:?}");
+        last = versions[11];
+        // 12 calls over budgets of 5: at least two rotations per round.
+        assert!(
+            versions[11] >= versions[0] + 2,
+            "round {round}: {versions:?}"
+        );
+    }
+    let info = sync(|| engine.get_key("budget").unwrap());
+    assert_eq!(info.current_version, last);
+    drop(theirs);
+    served.await.unwrap();
+    sync(|| Arc::try_unwrap(engine).ok().unwrap().close());
+}
+
 /// Serves one connection over an engine whose disk fails every write, then works again:
 /// `call(id)` made while the disk is full must each be answered `internal`; made after,
 /// each answer must pass `check` (which makes one counted call on the key), and the key's
@@ -327,31 +421,14 @@ async fn answered_once_durable(
     call: impl Fn(u64) -> kms_shared::protocol::Request,
     check: impl Fn(&Engine, &Caller, u64, &kms_shared::protocol::Response),
 ) {
-    use kms_shared::protocol::{Outcome, PROTOCOL_VERSION, Request, Response};
+    use kms_shared::protocol::Outcome;
     let disk = Disk::default();
     let engine = Arc::new(engine_on(disk.clone()));
     let c = me();
     // The engine blocks on the store writer: off the runtime's own wait.
     use tokio::task::block_in_place as sync;
     let key = sync(|| engine.create_key(&c, &spec).unwrap()).name;
-    let service = kmsd::service::Service::new(engine.clone(), "s".into(), "d".into()).unwrap();
-    let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
-    let trigger = kmsd::shutdown::ShutdownTrigger::new();
-    let conn = kmsd::connection::Connection::new(
-        ours,
-        c.clone(),
-        engine.clone(),
-        Arc::new(service),
-        Arc::new(kmsd::config::Config::defaults()),
-        trigger.handle(),
-    );
-    let served = tokio::spawn(conn.run());
-    let hello = Request::Hello {
-        protocol: PROTOCOL_VERSION,
-        client: "reliability".into(),
-    };
-    let replies = pipelined(&mut theirs, &[(1, hello)]).await;
-    assert!(matches!(replies[&1], Outcome::Ok(Response::Hello { .. })));
+    let (mut theirs, served, _shutdown) = serve(&engine, &c).await;
     let usage_before = sync(|| engine.get_key(&key).unwrap().usage_count);
 
     disk.full.store(true, Ordering::SeqCst);

@@ -437,6 +437,17 @@ impl Engine {
         exhausted: u32,
         used: u64,
     ) -> Result<(), EngineError> {
+        // The encryption that crosses the budget may run on a tokio worker (the
+        // connection's reader runs small AES calls itself), and this waits for a commit.
+        super::blocking_section(|| self.rotate_for_budget_now(tag, exhausted, used))
+    }
+
+    fn rotate_for_budget_now(
+        &self,
+        tag: &str,
+        exhausted: u32,
+        used: u64,
+    ) -> Result<(), EngineError> {
         let caller = Caller::daemon();
         let lock = self.key_lock(tag);
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());

@@ -192,6 +192,27 @@ impl Durable {
     }
 }
 
+/// Runs `f`, which waits for a commit, on whatever thread calls. The engine's blocking
+/// calls run on the blocking or crypto pools, but a few are reached from code that runs
+/// on a tokio worker (the rotation forced by an AES version's nonce budget, inside an AES
+/// call on the connection's reader), where tokio refuses a blocking wait with a panic: on
+/// the multi-threaded runtime the worker hands its other tasks over first
+/// (`block_in_place`); on a single-threaded one `f` runs on a thread of its own while this
+/// one waits. Rare (once per 2^30 encryptions of a version), so its cost does not matter;
+/// that it never panics and never stalls other connections does.
+fn blocking_section<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => f(),
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(f)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }),
+    }
+}
+
 /// The engine. Cheap to share: wrap it in an `Arc`.
 pub struct Engine {
     store: Store,
