@@ -72,6 +72,8 @@ impl Connection {
             mut shutdown,
         } = self;
         service.connection_opened();
+        // Counted closed however this ends (a panic included), after everything below.
+        let _opened = Opened(service.clone());
         tracing::debug!(account = %caller.account, pid = caller.pid, client = %caller.client, "connected");
         let (rd, wr) = stream.into_split();
         let mut rd = WipingBufReader::with_capacity(READ_BUFFER, rd);
@@ -85,7 +87,7 @@ impl Connection {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         let caller = Arc::new(caller);
         let mut handshaken = false;
-        let mut forwarder: Option<tokio::task::JoinHandle<()>> = None;
+        let mut forwarder: Option<Forwarder> = None;
 
         let end = loop {
             let idle = if forwarder.is_some() {
@@ -97,17 +99,20 @@ impl Connection {
             // A client that sends and does not read stops being read here: its requests and
             // replies stay within the budget (plus one frame), not `max_in_flight` of each.
             // A writer that gave up on this client (it stopped reading) ends the reader too.
+            // Shutdown and a writer that gave up come first: a client that writes faster
+            // than it is answered always has a frame ready, and must not keep a stopping
+            // daemon (or a connection whose client stopped reading) reading for ever.
             tokio::select! {
                 biased;
-                () = buffered.below_limit() => {}
-                () = tx.closed() => break ReadEnd::Closed,
                 _ = shutdown.recv() => break ReadEnd::Closed,
+                () = tx.closed() => break ReadEnd::Closed,
+                () = buffered.below_limit() => {}
             }
             let body = tokio::select! {
                 biased;
-                r = read_body(&mut rd, config.max_frame, idle, config.frame_timeout) => r,
-                () = tx.closed() => break ReadEnd::Closed,
                 _ = shutdown.recv() => break ReadEnd::Closed,
+                () = tx.closed() => break ReadEnd::Closed,
+                r = read_body(&mut rd, config.max_frame, idle, config.frame_timeout) => r,
             };
             let body = match body {
                 Ok(Some(b)) => b,
@@ -172,12 +177,12 @@ impl Connection {
             }
             if let Request::Subscribe = frame.request {
                 if forwarder.is_none() {
-                    forwarder = Some(tokio::spawn(forward_events(
+                    forwarder = Some(Forwarder(tokio::spawn(forward_events(
                         engine.subscribe(),
                         tx.clone(),
                         service.clone(),
                         caller.clone(),
-                    )));
+                    ))));
                 }
                 if tx
                     .reply(id, Outcome::Ok(Response::Subscribed))
@@ -195,12 +200,26 @@ impl Connection {
             // The request counts until its reply is queued (which then counts instead).
             let request = buffered.hold(request_len);
             let answer = {
-                let tx = tx.clone();
-                move |reply, durable| queue_when_durable(id, reply, durable, tx, (request, permit))
+                let owed = ReplyOwed {
+                    id,
+                    owed: Some((tx.clone(), (request, permit))),
+                };
+                move |reply, durable| owed.send(reply, durable)
             };
-            let (request, answer) = match service.start(&caller, frame.request, answer) {
-                Ok(()) => continue,
-                Err(not_started) => not_started,
+            // The reader runs engine code itself (small AES calls): a panic there (a bug,
+            // never input) costs that request an `internal` answer, not the connection.
+            // The request handed back is moved, not copied: its size costs nothing.
+            #[allow(clippy::result_large_err)]
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                service.start(&caller, frame.request, answer)
+            }));
+            let (request, answer) = match started {
+                Ok(Ok(())) => continue,
+                Ok(Err(not_started)) => not_started,
+                Err(_) => {
+                    tracing::error!(account = %caller.account, "a request panicked on the reader");
+                    continue;
+                }
             };
             let (service, caller) = (service.clone(), caller.clone());
             tokio::spawn(async move {
@@ -219,12 +238,60 @@ impl Connection {
         // Answer everything in flight before closing (graceful shutdown included).
         let max = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
         let _ = in_flight.acquire_many(max).await;
-        if let Some(f) = forwarder {
-            f.abort();
-        }
+        // The forwarder holds a sender: stopped first, so that the writer sees the end.
+        drop(forwarder);
         drop(tx);
         let _ = writer.await;
-        service.connection_closed();
+    }
+}
+
+/// The event forwarder of a subscribed connection, stopped when the connection ends
+/// however it ends: left running, it would keep the connection's writer (and the socket)
+/// open, so its client would never see the end.
+struct Forwarder(tokio::task::JoinHandle<()>);
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counts the connection closed when dropped.
+struct Opened(Arc<Service>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
+
+/// One request's reply, owed. `send` queues it once its record is durable; dropped unsent
+/// (a panic in the code computing the reply: a bug, never input), it answers `internal`,
+/// so that no request goes unanswered — a client would wait for it for ever — and its
+/// in-flight permit and byte count (`held`) are given back either way.
+struct ReplyOwed<H: Send + 'static> {
+    id: u64,
+    owed: Option<(Outbox, H)>,
+}
+
+impl<H: Send + 'static> ReplyOwed<H> {
+    fn send(mut self, reply: Result<Response, WireError>, durable: Durable) {
+        if let Some((tx, held)) = self.owed.take() {
+            queue_when_durable(self.id, reply, durable, tx, held);
+        }
+    }
+}
+
+impl<H: Send + 'static> Drop for ReplyOwed<H> {
+    fn drop(&mut self) {
+        if let Some((tx, held)) = self.owed.take() {
+            tracing::error!(
+                id = self.id,
+                "a request ended without its reply; answered internal"
+            );
+            let err = WireError::new(ErrorKind::Internal, "the request could not be completed");
+            queue_when_durable(self.id, Err(err), Durable::done(), tx, held);
+        }
     }
 }
 
@@ -541,6 +608,48 @@ async fn forward_events(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A reply owed and dropped unsent (the code computing it panicked) answers `internal`
+    /// by its id, and gives back what the request held; one sent answers as sent, once.
+    #[tokio::test]
+    async fn a_reply_dropped_unsent_answers_internal() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let buffered = Arc::new(Buffered::new(1 << 20));
+        let outbox = Outbox {
+            tx,
+            buffered: buffered.clone(),
+        };
+        let owe = |id| ReplyOwed {
+            id,
+            owed: Some((outbox.clone(), buffered.hold(100))),
+        };
+        let panicked = owe(7);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _owed = panicked;
+            panic!("a bug");
+        }));
+        assert!(unwound.is_err());
+        owe(8).send(Ok(Response::Subscribed), Durable::done());
+        let mut replies = Vec::new();
+        for _ in 0..2 {
+            let frame = timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let body = &frame.bytes[4..];
+            match codec::decode::<ServerFrame>(body).unwrap() {
+                ServerFrame::Reply { id, result } => replies.push((id, result)),
+                other => panic!("{other:?}"),
+            }
+        }
+        replies.sort_by_key(|r| r.0);
+        assert!(matches!(&replies[0], (7, Outcome::Err(e)) if e.kind == ErrorKind::Internal));
+        assert!(matches!(
+            &replies[1],
+            (8, Outcome::Ok(Response::Subscribed))
+        ));
+        assert!(rx.try_recv().is_err(), "answered twice");
+    }
 
     /// The reader waits while the connection holds its limit or more, and goes on once
     /// enough is written or answered; counting never waits.

@@ -368,7 +368,10 @@ async fn encryptions_over_the_nonce_budget_rotate_and_are_answered() {
     let engine = Arc::new(engine_with(
         Disk::default(),
         EngineConfig {
-            nonce_budget: 5,
+            // Well above the calls that can run at once (an encryption that rotated and
+            // finds the new version spent as well is refused, a case a real budget of
+            // 2^30 never meets).
+            nonce_budget: 40,
             ..EngineConfig::default()
         },
     ));
@@ -378,14 +381,14 @@ async fn encryptions_over_the_nonce_budget_rotate_and_are_answered() {
     let (mut theirs, served, _shutdown) = serve(&engine, &c).await;
     let mut last = 0;
     for (round, size) in [(1u64, 1024), (2, 8 * 1024), (3, 1024)] {
-        let calls: Vec<_> = (0..12)
+        let calls: Vec<_> = (0..100)
             .map(|i| {
                 let request = Request::Encrypt {
                     key: "budget".into(),
-                    plaintext: vec![i as u8; size].into(),
+                    plaintext: vec![(i % 256) as u8; size].into(),
                     context: None,
                 };
-                (round * 100 + i, request)
+                (round * 1000 + i, request)
             })
             .collect();
         let replies = pipelined(&mut theirs, &calls).await;
@@ -398,10 +401,10 @@ async fn encryptions_over_the_nonce_budget_rotate_and_are_answered() {
         }
         versions.sort_unstable();
         assert!(versions[0] >= last, "round {round}: {versions:?}");
-        last = versions[11];
-        // 12 calls over budgets of 5: at least two rotations per round.
+        last = versions[99];
+        // 100 calls over budgets of 40: at least two rotations per round.
         assert!(
-            versions[11] >= versions[0] + 2,
+            versions[99] >= versions[0] + 2,
             "round {round}: {versions:?}"
         );
     }
@@ -410,6 +413,44 @@ async fn encryptions_over_the_nonce_budget_rotate_and_are_answered() {
     drop(theirs);
     served.await.unwrap();
     sync(|| Arc::try_unwrap(engine).ok().unwrap().close());
+}
+
+/// A client that writes requests faster than they are answered always has one ready to
+/// read; a shutdown must still stop the connection's reader (the daemon answers what it
+/// has read and closes) instead of reading for as long as the client writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_a_client_that_never_stops_writing() {
+    use kms_shared::codec;
+    use kms_shared::protocol::{ClientFrame, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = Arc::new(engine_on(Disk::default()));
+    let (theirs, served, trigger) = serve(&engine, &me()).await;
+    let (mut rd, mut wr) = theirs.into_split();
+    let mut burst = Vec::new();
+    for id in 0..64 {
+        let frame = ClientFrame {
+            id: 10 + id,
+            request: Request::Status,
+        };
+        burst.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
+    }
+    let writer = tokio::spawn(async move { while wr.write_all(&burst).await.is_ok() {} });
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while rd.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), trigger.shutdown())
+        .await
+        .expect("the connection kept reading after the shutdown");
+    served.await.unwrap();
+    // The daemon closed its end: the client's reader sees the end, its writer an error.
+    tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    writer.abort();
+    tokio::task::block_in_place(|| Arc::try_unwrap(engine).ok().unwrap().close());
 }
 
 /// Serves one connection over an engine whose disk fails every write, then works again:
