@@ -315,7 +315,7 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
         .map(|g| g.name().to_string_lossy().into_owned())
         .collect();
     let client = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_string())
+        .map(|s| program_name(&s))
         .unwrap_or_else(|_| "?".into());
     Ok(Caller {
         uid,
@@ -327,10 +327,28 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
     })
 }
 
+/// The program name as history records it: `comm` without its newline, control
+/// characters as `?`. A process names itself, so the name is the caller's text: kept out
+/// of every reader's terminal as control sequences (kmsctl escapes them as well).
+fn program_name(comm: &str) -> String {
+    comm.trim_end_matches('\n')
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A program name with control characters is recorded with `?` in their place.
+    #[test]
+    fn program_names_lose_their_control_characters() {
+        assert_eq!(program_name("kmsctl\n"), "kmsctl");
+        assert_eq!(program_name("a\r\u{1b}[K\n"), "a??[K");
+        assert_eq!(program_name("tab\there "), "tab?here ");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     /// `kmsd --socket /tmp/kmsd.sock` once made /tmp 0700 when run by root. A shared

@@ -205,11 +205,34 @@ pub fn list_json<T>(items: &[T], record: fn(&T) -> Record) -> Value {
     Value::Array(items.iter().map(|i| to_json(record(i))).collect())
 }
 
+/// Text from the daemon made safe for a terminal: control characters (an escape sequence
+/// could rewrite the screen, a carriage return hide a history entry) and the Unicode
+/// controls that reorder text are shown escaped (`\u{1b}`), everything else as it is.
+/// History holds program names, which any local process chooses for itself.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(needs_escape) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if needs_escape(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// A JSON value as a table cell or a `field: value` value: strings unquoted, null as `-`.
 pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(", "),
         Value::Object(m) => m
             .iter()
@@ -230,15 +253,19 @@ pub fn lines(record: &Record) -> String {
 /// Columns padded to their widest cell, two spaces apart; the last column is not padded
 /// so that lines carry no trailing blanks.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
         }
     }
     let header: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
+    for row in std::iter::once(&header).chain(&rows) {
         let last = row.len().saturating_sub(1);
         for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
             if i == last {
@@ -498,5 +525,35 @@ mod tests {
         assert_eq!(header.find("TAG"), row.find("0123"));
         assert!(row.contains(" 90d "));
         assert!(!t.lines().any(|l| l.ends_with(' ')));
+    }
+
+    /// Text from the daemon reaches the terminal with its control characters escaped: a
+    /// program named `a\r\x1b[K` could otherwise blank its own line in `kmsctl history`.
+    #[test]
+    fn control_characters_are_escaped_in_text_output() {
+        let entry = HistoryEntry {
+            seq: 1,
+            time: 1_690_000_000_000,
+            key_tag: "0123456789abcdef0123456789abcdef".into(),
+            version: Some(1),
+            action: kms_shared::model::Action::Encrypt,
+            result: "ok".into(),
+            account: "mallory".into(),
+            uid: 1001,
+            pid: 7,
+            client: "a\r\u{1b}[K\u{202e}x".into(),
+            items: 1,
+            failed: 0,
+        };
+        let text = history_table(std::slice::from_ref(&entry));
+        assert!(!text.contains(['\r', '\u{1b}', '\u{202e}']), "{text:?}");
+        assert!(text.contains("a\\u{d}\\u{1b}[K\\u{202e}x"), "{text}");
+        let mut record = history_record(&entry);
+        record.retain(|(k, _)| *k == "client");
+        assert_eq!(lines(&record), "client: a\\u{d}\\u{1b}[K\\u{202e}x\n");
+        // JSON keeps the string as it is (escaped by JSON itself).
+        let json = to_json(history_record(&entry));
+        assert_eq!(json["client"], "a\r\u{1b}[K\u{202e}x");
+        assert_eq!(printable("plain — ünïcode"), "plain — ünïcode");
     }
 }
