@@ -65,6 +65,11 @@ impl Fx {
     /// Closes the store and opens it again from disk.
     fn reopen(&mut self) {
         let config = self.e().config().clone();
+        self.reopen_with(config);
+    }
+
+    /// Closes the store and opens it again with another configuration.
+    fn reopen_with(&mut self, config: EngineConfig) {
         self.engine.take().unwrap().close();
         self.engine = Some(open_with(self.dir.path(), self.clock.clone(), config));
     }
@@ -1104,6 +1109,36 @@ fn grants_persist() {
     assert_eq!(kind(fx.e().revoke(&fx.me, &spec)), ErrorKind::NotFound);
     fx.reopen();
     assert!(fx.e().grants().is_empty());
+}
+
+/// The due index follows the keys under the retention of this run: a purged key's expiry
+/// moves when the retention setting changes between runs (it was kept at the old date, and
+/// a longer retention made the scheduler retry the expiry every second for a year), and
+/// an expired key leaves no due entry behind.
+#[test]
+fn expiry_follows_the_retention_setting() {
+    let mut fx = Fx::new();
+    fx.create("old", KeyType::Aes256);
+    let e = fx.e();
+    e.request_deletion(&fx.me, "old").unwrap();
+    let tag = e.delete_now(&fx.me, "old").unwrap().tag;
+    let retention = |days| EngineConfig {
+        retention_ms: days * DAY_MS,
+        ..EngineConfig::default()
+    };
+    assert_eq!(fx.e().next_due(), Some(T0 + 365 * DAY_MS));
+    fx.reopen_with(retention(730));
+    assert_eq!(fx.e().next_due(), Some(T0 + 730 * DAY_MS));
+    fx.clock.set(T0 + 400 * DAY_MS);
+    assert_eq!(fx.e().run_due(), 0);
+    assert!(fx.e().resolve(&tag).is_ok(), "kept for 730 days");
+    fx.reopen_with(retention(30));
+    assert_eq!(fx.e().next_due(), Some(T0 + 30 * DAY_MS));
+    assert_eq!(fx.e().run_due(), 1);
+    assert!(fx.e().resolve(&tag).is_err(), "expired");
+    assert_eq!(fx.e().next_due(), None);
+    fx.reopen_with(retention(730));
+    assert_eq!(fx.e().next_due(), None, "a stored row outlived its key");
 }
 
 /// Grants follow the key's states (SPEC §3): no new grant once deletion is requested,

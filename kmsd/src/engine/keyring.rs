@@ -241,10 +241,18 @@ pub struct Keyring {
 }
 
 impl Keyring {
-    pub fn from_snapshot(s: Snapshot) -> Keyring {
+    /// The keyring of a store's snapshot. The due index is derived from the key records
+    /// (with this run's retention), not taken from the stored one: an expiry stored under
+    /// another retention setting, or a row left behind, would otherwise be retried every
+    /// second for ever. [`Engine::open`](super::Engine::open) then makes the stored index
+    /// match.
+    pub fn from_snapshot(s: Snapshot, retention_ms: i64) -> Keyring {
         let mut usage: HashMap<String, UsageRecord> = s.usage.into_iter().collect();
         let mut ring = Keyring::default();
         for rec in s.keys {
+            for (at, kind) in super::schedule::due_entries(&rec, retention_ms) {
+                ring.due.insert((at, rec.tag.clone(), kind));
+            }
             let u = usage.remove(&rec.tag).unwrap_or_default();
             let entry = KeyEntry {
                 versions: Arc::default(),
@@ -253,7 +261,6 @@ impl Keyring {
             };
             ring.put(Arc::new(entry));
         }
-        ring.due = s.due.into_iter().collect();
         ring
     }
 

@@ -230,6 +230,8 @@ pub struct Engine {
     event_seq: AtomicU64,
     /// Woken whenever the earliest due date may have changed.
     due_changed: Arc<Notify>,
+    /// Scheduled tasks that failed, and when each may be tried again.
+    due_retries: Mutex<schedule::Retries>,
     /// Grants, swapped whole on change so checks never wait.
     grants: RwLock<Arc<Vec<GrantInfo>>>,
     /// The daemon's PKCS#11 token and the dedicated ones managers registered.
@@ -251,8 +253,33 @@ impl Engine {
             config.pkcs11.as_ref(),
             std::mem::take(&mut snapshot.hsm_tokens),
         )?;
-        let keyring = Keyring::from_snapshot(snapshot);
+        let stored_due: std::collections::BTreeSet<_> =
+            std::mem::take(&mut snapshot.due).into_iter().collect();
+        let keyring = Keyring::from_snapshot(snapshot, config.retention_ms);
         let writer = store.start_writer()?;
+        let repair: Vec<Mutation> =
+            stored_due
+                .difference(&keyring.due)
+                .map(|(at, tag, kind)| Mutation::RemoveDue {
+                    at: *at,
+                    tag: tag.clone(),
+                    kind: *kind,
+                })
+                .chain(keyring.due.difference(&stored_due).map(|(at, tag, kind)| {
+                    Mutation::AddDue {
+                        at: *at,
+                        tag: tag.clone(),
+                        kind: *kind,
+                    }
+                }))
+                .collect();
+        if !repair.is_empty() {
+            tracing::info!(
+                entries = repair.len(),
+                "due index brought in line with the keys (retention changed, or rows left over)"
+            );
+            writer.submit(repair).wait()?;
+        }
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
         Ok(Engine {
             store,
@@ -266,6 +293,7 @@ impl Engine {
             events,
             event_seq: AtomicU64::new(1),
             due_changed: Arc::new(Notify::new()),
+            due_retries: Mutex::default(),
             grants: RwLock::new(Arc::new(grants)),
             hsm,
         })
@@ -313,9 +341,14 @@ impl Engine {
         self.due_changed.clone()
     }
 
-    /// The earliest due date of any scheduled rotation, purge or expiry.
+    /// The earliest due date of any scheduled rotation, purge or expiry (for one that
+    /// failed, when it may be tried again).
     pub fn next_due(&self) -> Option<UnixMillis> {
-        schedule::next_due(&self.ring().due)
+        let ring = self.ring();
+        self.due_retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next(&ring.due)
     }
 
     /// Number of keys not purged.
@@ -495,20 +528,31 @@ impl Engine {
 
     /// Carries out everything due at the engine clock's `now`: automatic rotations,
     /// purges at the end of the deletion wait, expiry of purged keys' metadata. Returns
-    /// how many entries were handled. Failures are logged and retried on the next call.
+    /// how many entries were handled. A failed task is logged and tried again after 1 s,
+    /// 2 s, 4 s, … up to an hour ([`schedule::Retries`]), not on every call.
     pub fn run_due(&self) -> usize {
         let now = self.now();
         let due = schedule::due_at(&self.ring().due, now);
+        let retries = || self.due_retries.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = 0;
         for (at, tag, kind) in due {
+            if !retries().ready(&tag, kind, now) {
+                continue;
+            }
             let r = match kind {
                 DueKind::Rotation => self.auto_rotate(&tag, at, now).map(|_| ()),
                 DueKind::Deletion => self.purge_due(&tag).map(|_| ()),
                 DueKind::Expiry => self.expire(&tag),
             };
             match r {
-                Ok(()) => done += 1,
-                Err(e) => tracing::warn!(key = %tag, ?kind, error = %e, "scheduled task failed"),
+                Ok(()) => {
+                    retries().forget(&tag, kind);
+                    done += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %tag, ?kind, error = %e, "scheduled task failed");
+                    retries().failed(&tag, kind, now);
+                }
             }
         }
         done

@@ -3,7 +3,7 @@
 
 use crate::store::records::{DueKind, KeyRecord};
 use kms_shared::model::{KeyState, UnixMillis};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 /// One entry of the due index: at `at`, do `kind` to key `tag`.
 pub type DueEntry = (UnixMillis, String, DueKind);
@@ -45,6 +45,59 @@ pub fn next_due(index: &BTreeSet<DueEntry>) -> Option<UnixMillis> {
     index.first().map(|(at, _, _)| *at)
 }
 
+/// The first retry of a failed scheduled task, doubled after each further failure.
+const FIRST_RETRY_MS: i64 = 1_000;
+/// The longest wait between retries: a task that keeps failing (a token that is gone, a
+/// full disk) is tried, and its refusal recorded in history, at most this often.
+const LAST_RETRY_MS: i64 = 3_600_000;
+
+/// Due entries whose task failed, and when each may be tried again (exponential backoff).
+/// Kept in memory: after a restart every due task is tried at once.
+#[derive(Debug, Default)]
+pub struct Retries(HashMap<(String, DueKind), (u32, UnixMillis)>);
+
+impl Retries {
+    /// Whether the task of `tag`/`kind` may run at `now`.
+    pub fn ready(&self, tag: &str, kind: DueKind, now: UnixMillis) -> bool {
+        self.0
+            .get(&(tag.to_owned(), kind))
+            .is_none_or(|(_, at)| *at <= now)
+    }
+
+    /// Records a failure at `now`: the next try waits 1 s, 2 s, 4 s, … up to an hour.
+    pub fn failed(&mut self, tag: &str, kind: DueKind, now: UnixMillis) {
+        let failures = self.0.get(&(tag.to_owned(), kind)).map_or(0, |(n, _)| *n);
+        let wait = FIRST_RETRY_MS
+            .saturating_mul(1i64 << failures.min(32))
+            .min(LAST_RETRY_MS);
+        self.0.insert(
+            (tag.to_owned(), kind),
+            (failures.saturating_add(1), now.saturating_add(wait)),
+        );
+    }
+
+    /// Forgets the failures of a task that succeeded (or is no longer due).
+    pub fn forget(&mut self, tag: &str, kind: DueKind) {
+        self.0.remove(&(tag.to_owned(), kind));
+    }
+
+    /// The earliest time something in `index` may run: its due date, or its retry time
+    /// if it failed. Looks at the failed entries and the first one that did not.
+    pub fn next(&self, index: &BTreeSet<DueEntry>) -> Option<UnixMillis> {
+        let mut next: Option<UnixMillis> = None;
+        for (at, tag, kind) in index {
+            match self.0.get(&(tag.clone(), *kind)) {
+                Some((_, retry)) => {
+                    let t = (*at).max(*retry);
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                }
+                None => return Some(next.map_or(*at, |n| n.min(*at))),
+            }
+        }
+        next
+    }
+}
+
 /// The new rotation anchor after an automatic rotation that was due at `due` and runs at
 /// `now`. On time, the schedule keeps its rhythm (anchor = due). After a gap longer than
 /// a period (the daemon was down), the key is rotated once and the period restarts from
@@ -75,6 +128,32 @@ mod tests {
         let due = 100 * DAY_MS;
         let now = due + 400 * DAY_MS;
         assert_eq!(anchor_after_rotation(due, now, 90 * DAY_MS), now);
+    }
+
+    /// A failing task waits 1 s, 2 s, 4 s, … (at most an hour) between tries, and the next
+    /// wake-up is the earliest of the other due dates and the retry times.
+    #[test]
+    fn failed_tasks_back_off() {
+        let mut idx = BTreeSet::new();
+        idx.insert((10, "a".to_string(), DueKind::Deletion));
+        idx.insert((5_000, "b".to_string(), DueKind::Rotation));
+        let mut r = Retries::default();
+        assert_eq!(r.next(&idx), Some(10));
+        r.failed("a", DueKind::Deletion, 100);
+        assert!(!r.ready("a", DueKind::Deletion, 1_099));
+        assert!(r.ready("a", DueKind::Deletion, 1_100));
+        assert!(r.ready("a", DueKind::Rotation, 100), "per task");
+        assert_eq!(r.next(&idx), Some(1_100));
+        r.failed("a", DueKind::Deletion, 1_100);
+        assert_eq!(r.next(&idx), Some(3_100));
+        r.failed("a", DueKind::Deletion, 3_100);
+        assert_eq!(r.next(&idx), Some(5_000), "b is due before a's retry");
+        for _ in 0..40 {
+            r.failed("a", DueKind::Deletion, 0);
+        }
+        assert!(r.ready("a", DueKind::Deletion, LAST_RETRY_MS));
+        r.forget("a", DueKind::Deletion);
+        assert_eq!(r.next(&idx), Some(10));
     }
 
     /// `due_at` returns exactly the entries at or before `now`, in time order.
