@@ -756,15 +756,30 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
             ) => {}
         Err(e) => return Err(e),
     }
-    spawn_daemon()?;
+    let mut started = spawn_daemon(&path)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let exited = started.child.try_wait().ok().flatten();
         match Client::connect(&path).await {
-            Ok(c) => return Ok(c),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
+            Ok(c) => {
+                started.reap();
+                return Ok(c);
+            }
+            // Ended without answering: say why now, not after the 10 s (another kmsd
+            // that won a race would have answered above).
+            Err(_) if exited.is_some() => {
                 return Err(ClientError::Autostart(format!(
-                    "kmsd did not answer on {} within 10 s: {e}",
+                    "kmsd exited ({}) before it answered{}",
+                    exited.map_or_else(String::new, |s| s.to_string()),
+                    started.log_tail()
+                )));
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                let tail = started.log_tail();
+                started.reap();
+                return Err(ClientError::Autostart(format!(
+                    "kmsd did not answer on {} within 10 s: {e}{tail}",
                     path.display()
                 )));
             }
@@ -773,25 +788,88 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
     }
 }
 
-fn spawn_daemon() -> Result<(), ClientError> {
+/// A kmsd started by [`connect_or_start`].
+struct Started {
+    child: std::process::Child,
+    /// Where its output goes (it has no terminal), if that file could be opened.
+    log: Option<PathBuf>,
+}
+
+impl Started {
+    /// The last lines of its log, to quote in an error: why it did not start.
+    fn log_tail(&self) -> String {
+        const LINES: usize = 5;
+        let Some(log) = &self.log else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(LINES)..].join("\n  ");
+        if tail.is_empty() {
+            format!(" (its log, {}, is empty)", log.display())
+        } else {
+            format!("; its log ({}) ends:\n  {tail}", log.display())
+        }
+    }
+
+    /// Reaps it in the background when it exits while this process runs.
+    fn reap(self) {
+        let mut child = self.child;
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+    }
+}
+
+/// The log of a kmsd a client started: `kmsd.log` in its data directory, begun anew at
+/// each autostart (such a daemon has no terminal and no journal to write to).
+fn open_autostart_log() -> Option<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = paths::default_data_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .ok()?;
+    let path = dir.join("kmsd.log");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .ok()?;
+    Some((path, file))
+}
+
+/// Starts kmsd for the default socket `socket`.
+fn spawn_daemon(socket: &Path) -> Result<Started, ClientError> {
     use std::os::unix::process::CommandExt;
     let beside = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("kmsd")))
         .filter(|p| p.is_file());
     let program = beside.unwrap_or_else(|| PathBuf::from("kmsd"));
+    let (log, stderr) = match open_autostart_log() {
+        Some((path, file)) => (Some(path), std::process::Stdio::from(file)),
+        None => (None, std::process::Stdio::null()),
+    };
     let mut cmd = std::process::Command::new(&program);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
+        // Not holding the client's working directory (a mount it would keep busy); a
+        // relative `$KMS_SOCKET` is passed on as the path it means here.
+        .current_dir("/")
+        .env(
+            "KMS_SOCKET",
+            std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf()),
+        )
         // Its own process group, so a Ctrl-C in the client's terminal does not stop it.
         .process_group(0);
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| ClientError::Autostart(format!("{}: {e}", program.display())))?;
-    // Reap it in the background if it exits while we run (e.g. another kmsd won a race).
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
-    Ok(())
+    Ok(Started { child, log })
 }
