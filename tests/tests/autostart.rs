@@ -2,6 +2,8 @@
 //! `kmsd` beside its own executable, as the README's first command relies on; a daemon
 //! that cannot start is reported at once, with the reason from its log.
 
+#![allow(clippy::unwrap_used)]
+
 use kms_e2e::bin;
 use std::path::Path;
 use std::process::{Command, Output};
