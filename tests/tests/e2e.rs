@@ -176,6 +176,72 @@ fn seed_scenario_with_kmsctl() {
 
 /// Each error kind through kmsctl, with its exit code and `error: <kind>:` on stderr;
 /// the two protocol-level kinds through a raw socket (kmsctl cannot send bad frames).
+/// `disable` and `delete` warn that a key is in use before they act, and only when the
+/// action applies: a second `disable` is refused without a warning first.
+#[test]
+fn impact_warnings_only_before_actions_that_apply() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "inuse", "--type", "aes256"], b""));
+    ok(&d.kmsctl(&["encrypt", "inuse"], b"x"));
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let first = d.kmsctl(&["disable", "inuse"], b"");
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(
+        stderr(&first).starts_with("warning: inuse was used 1 times"),
+        "{}",
+        stderr(&first)
+    );
+    let again = d.kmsctl(&["disable", "inuse"], b"");
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).starts_with("error: invalid-state"),
+        "{}",
+        stderr(&again)
+    );
+    let delete = d.kmsctl(&["delete", "inuse"], b"");
+    assert!(
+        stderr(&delete).starts_with("warning: "),
+        "{}",
+        stderr(&delete)
+    );
+    let again = d.kmsctl(&["delete", "inuse"], b"");
+    assert!(
+        stderr(&again).starts_with("error: invalid-state"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+/// A command line kmsctl refuses follows `--json` like every other error: one JSON line
+/// on stdout with kind `usage`, exit 2; without `--json`, clap's message on stderr.
+#[test]
+fn usage_errors_follow_json() {
+    let kmsctl = |args: &[&str]| {
+        std::process::Command::new(kms_e2e::bin("kmsctl"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = kmsctl(&["--json", "--no-autostart", "create", "payments"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "usage");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--type"), "{message}");
+    let out = kmsctl(&["--no-autostart", "create", "payments"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--type"));
+    let out = kmsctl(&["--json", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+}
+
 #[test]
 fn every_error_kind() {
     let d = TestDaemon::start();

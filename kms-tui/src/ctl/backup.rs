@@ -68,11 +68,16 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
 
 /// Streams the snapshot into `tmp`; returns its size once it is complete and fsynced.
 async fn fetch(ctx: &mut Ctx, tmp: &Path) -> Result<u64, CtlError> {
-    // Truncates a FILE.tmp a previous, interrupted run left behind.
+    // Replaces a FILE.tmp a previous, interrupted run left behind: removed, then created
+    // anew and exclusively, so that a link planted under that name (a shared directory)
+    // is never followed into someone else's file.
+    match std::fs::remove_file(tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(tmp, e)),
+        _ => {}
+    }
     let mut out = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(tmp)
         .map_err(|e| io(tmp, e))?;

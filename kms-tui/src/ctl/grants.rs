@@ -2,18 +2,19 @@
 
 use super::output::{self, Record};
 use super::{CmdResult, Ctx};
-use clap::Args;
+use clap::{ArgGroup, Args};
 use kms_shared::model::{GrantInfo, Principal, Role};
 use kms_shared::protocol::GrantSpec;
 use serde_json::json;
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("principal").required(true).args(["user", "group"])))]
 pub struct GrantArgs {
     /// manager, key-manager, key-reviewer or key-user (NCP names are accepted too)
     #[arg(value_parser = parse_role)]
     pub role: Role,
     /// The user the role is for
-    #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+    #[arg(long)]
     pub user: Option<String>,
     /// The group the role is for
     #[arg(long)]

@@ -5,7 +5,7 @@ use super::output::accounts_summary;
 use super::{CmdResult, Ctx};
 use clap::{ArgGroup, Args};
 use kms_shared::client::Client;
-use kms_shared::model::{DAY_MS, Impact};
+use kms_shared::model::{DAY_MS, Impact, KeyState};
 
 /// The window of the usage shown before a destructive action (the console's).
 const IMPACT_DAYS: i64 = 30;
@@ -57,11 +57,11 @@ pub async fn run(ctx: &mut Ctx, op: Op, key: &str) -> CmdResult {
         Op::Rotate => c.rotate(key).await?,
         Op::Enable => c.enable(key).await?,
         Op::Disable => {
-            warn_impact(c, key).await;
+            warn_impact(c, key, &[KeyState::Enabled]).await;
             c.disable(key).await?
         }
         Op::Delete => {
-            warn_impact(c, key).await;
+            warn_impact(c, key, &[KeyState::Enabled, KeyState::Disabled]).await;
             c.request_deletion(key).await?
         }
         Op::CancelDeletion => c.cancel_deletion(key).await?,
@@ -86,10 +86,19 @@ pub async fn set_memo(ctx: &mut Ctx, a: SetMemoArgs) -> CmdResult {
     Ok(0)
 }
 
-/// The console's "this key is in use" warning, on stderr so that stdout stays parseable.
-/// The warning is advice: if it cannot be fetched the action still goes ahead, and the
-/// action's own reply reports any real problem (a missing key, a refusal).
-async fn warn_impact(client: &Client, key: &str) {
+/// The console's "this key is in use" warning, on stderr so that stdout stays parseable,
+/// given only when the key is in a state the action applies to (`from`): a warning
+/// followed by "the key is already disabled" misleads. The warning is advice: if it
+/// cannot be fetched the action still goes ahead, and the action's own reply reports any
+/// real problem (a missing key, a refusal).
+async fn warn_impact(client: &Client, key: &str, from: &[KeyState]) {
+    if !client
+        .get_key(key)
+        .await
+        .is_ok_and(|k| from.contains(&k.state))
+    {
+        return;
+    }
     if let Ok(impact) = client.impact(key, Some(IMPACT_DAYS * DAY_MS)).await
         && let Some(w) = impact_warning(key, &impact)
     {

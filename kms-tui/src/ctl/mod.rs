@@ -262,10 +262,41 @@ pub struct Ctx {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return ExitCode::from(bad_command_line(&e)),
+    };
     let json = cli.json;
     let code = run(cli).unwrap_or_else(|e| report(&e, json));
     ExitCode::from(code)
+}
+
+/// A command line clap refused (or `--help`, `--version`). A script that asked for
+/// `--json` gets the refusal as every other error, a JSON line on stdout with kind
+/// `usage`; otherwise clap prints it (with its suggestions), as it prints help.
+fn bad_command_line(e: &clap::Error) -> u8 {
+    use clap::error::ErrorKind as K;
+    let json = std::env::args_os().any(|a| a == "--json");
+    let is_help = matches!(e.kind(), K::DisplayHelp | K::DisplayVersion);
+    if !json || is_help || e.kind() == K::DisplayHelpOnMissingArgumentOrSubcommand {
+        let _ = e.print();
+        return u8::try_from(e.exit_code()).unwrap_or(EX_USAGE);
+    }
+    report(&CtlError::Usage(usage_message(e)), true)
+}
+
+/// clap's message as one plain line: without its `error: ` prefix, the usage lines and
+/// the pointer to `--help` (the JSON consumer is a program).
+fn usage_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn report(e: &CtlError, json: bool) -> u8 {

@@ -519,7 +519,7 @@ impl Engine {
         self.change_key(caller, key, action, None, |e, _| {
             if e.rec.state != from {
                 return Err(EngineError::InvalidState(format!(
-                    "key {} is {}; {action} applies to a {from} key only",
+                    "key {} is {}; {action} applies only to a key that is {from}",
                     e.rec.name, e.rec.state
                 )));
             }
