@@ -90,7 +90,7 @@ pub struct Client {
     /// holds `write_lock` writes every frame queued by then in one write: calls made
     /// together (a pipelining client) cost one system call here and one read in the
     /// daemon, not one each. Wiped once written.
-    queued: StdMutex<Vec<Zeroizing<Vec<u8>>>>,
+    queued: StdMutex<Vec<Queued>>,
     pending: Pending,
     next_id: AtomicU64,
     events: StdMutex<Option<mpsc::UnboundedReceiver<Notification>>>,
@@ -185,7 +185,13 @@ impl Client {
             pending.calls.insert(id, tx);
             pending.calls.len()
         };
-        lock(&self.queued).push(frame);
+        lock(&self.queued).push(Queued { call: id, frame });
+        // Dropped before its frame is taken by a write (a caller's timeout while the
+        // socket is busy), the call takes its frame back: a call given up is not sent.
+        let mut unsent = Unsent {
+            client: self,
+            id: Some(id),
+        };
         if in_flight > 1 {
             // Other calls are in flight on this connection: let those ready to run queue
             // their frames first, so that one write takes them all. A lone call writes at
@@ -196,10 +202,15 @@ impl Client {
             let _guard = self.write_lock.lock().await;
             // Empty if an earlier writer took this call's frame along.
             let frames = std::mem::take(&mut *lock(&self.queued));
+            // Taken (by this write or an earlier one): from here it is sent, or failed.
+            unsent.id = None;
             write_frames(&self.stream, &self.queued, frames).await
         };
         if let Err(e) = written {
-            lock(&self.pending).calls.remove(&id);
+            // The connection is broken (a Unix socket's write fails when its peer is
+            // gone): every call waiting on it ends now, those whose frames this write took
+            // along included, and later calls fail at once.
+            close_pending(&self.pending);
             return Err(FrameError::Io(e).into());
         }
         match rx.await {
@@ -631,16 +642,22 @@ const READ_BUFFER: usize = 16 * 1024;
 /// of them meanwhile.
 async fn write_frames(
     stream: &Stream,
-    queued: &StdMutex<Vec<Zeroizing<Vec<u8>>>>,
-    frames: Vec<Zeroizing<Vec<u8>>>,
+    queued: &StdMutex<Vec<Queued>>,
+    frames: Vec<Queued>,
 ) -> std::io::Result<()> {
     let bytes = match frames.len() {
         0 => return Ok(()),
-        1 => frames.into_iter().next().unwrap_or_default(),
+        1 => frames
+            .into_iter()
+            .next()
+            .map(|q| q.frame)
+            .unwrap_or_default(),
         _ => {
-            let mut all = Zeroizing::new(Vec::with_capacity(frames.iter().map(|f| f.len()).sum()));
-            for f in &frames {
-                all.extend_from_slice(f);
+            let mut all = Zeroizing::new(Vec::with_capacity(
+                frames.iter().map(|q| q.frame.len()).sum(),
+            ));
+            for q in &frames {
+                all.extend_from_slice(&q.frame);
             }
             all
         }
@@ -673,7 +690,7 @@ async fn write_frames(
 
 /// Bytes being written; what is left of them when dropped goes back to the queue's head.
 struct Unwritten<'a> {
-    queued: &'a StdMutex<Vec<Zeroizing<Vec<u8>>>>,
+    queued: &'a StdMutex<Vec<Queued>>,
     bytes: Zeroizing<Vec<u8>>,
     written: usize,
 }
@@ -681,7 +698,14 @@ struct Unwritten<'a> {
 impl Drop for Unwritten<'_> {
     fn drop(&mut self) {
         if let Some(rest) = self.bytes.get(self.written..).filter(|r| !r.is_empty()) {
-            lock(self.queued).insert(0, Zeroizing::new(rest.to_vec()));
+            // Part of a frame, or frames of several calls: no longer any one call's.
+            lock(self.queued).insert(
+                0,
+                Queued {
+                    call: 0,
+                    frame: Zeroizing::new(rest.to_vec()),
+                },
+            );
         }
     }
 }
@@ -719,9 +743,40 @@ async fn read_loop(
             Err(_) => break,
         }
     }
-    let mut pending = lock(&pending);
+    close_pending(&pending);
+}
+
+/// Ends every call waiting on the connection (each sees `Closed`) and makes later calls
+/// fail at once.
+fn close_pending(pending: &Pending) {
+    let mut pending = lock(pending);
     pending.closed = true;
     pending.calls.clear();
+}
+
+/// A frame waiting for the socket, and the call it belongs to (0: the rest of a write cut
+/// short, which belongs to no one call and is always sent).
+struct Queued {
+    call: u64,
+    frame: Zeroizing<Vec<u8>>,
+}
+
+/// A call whose frame is queued and not yet taken by a write. Dropped so (the caller gave
+/// up), it removes its frame and its pending entry: a call given up before it was sent is
+/// never sent later, with some other call's write.
+struct Unsent<'a> {
+    client: &'a Client,
+    /// `None` once the frame has been taken by a write.
+    id: Option<u64>,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            lock(&self.client.queued).retain(|q| q.call != id);
+            lock(&self.client.pending).calls.remove(&id);
+        }
+    }
 }
 
 /// How a client finds (and, if allowed, starts) its daemon (SPEC §1).

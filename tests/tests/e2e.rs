@@ -586,6 +586,46 @@ async fn abandoned_calls_leave_the_client_usable() {
     }
 }
 
+/// A call given up before its frame was written (another call holds the socket, which
+/// the daemon is not reading) is never sent: it used to go out later with some other
+/// call's write, so a `rotate` that timed out still rotated the key, at a moment nobody
+/// chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_before_it_was_sent_is_never_sent() {
+    let d = TestDaemon::start();
+    let c = Arc::new(d.client().await);
+    c.create_key(spec("unsent", "aes256")).await.unwrap();
+    let pid = rustix::process::Pid::from_raw(d.pid().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    // More than the socket holds: one of these is blocked in its write, holding it.
+    let fillers: Vec<_> = (0..40u8)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let msg = vec![i; 32 * 1024];
+                let call = c.encrypt("unsent", &msg, None);
+                tokio::time::timeout(Duration::from_secs(2), call).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rotate = tokio::time::timeout(Duration::from_millis(300), c.rotate("unsent")).await;
+    assert!(rotate.is_err(), "answered while the daemon was stopped");
+    for f in fillers {
+        assert!(
+            f.await.unwrap().is_err(),
+            "answered while the daemon was stopped"
+        );
+    }
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    // Later calls write whatever is still queued, then get their answers.
+    for i in 0..4u8 {
+        let ct = c.encrypt("unsent", &[i], None).await.unwrap();
+        assert_eq!(&c.decrypt("unsent", &ct, None).await.unwrap()[..], [i]);
+    }
+    assert_eq!(c.get_key("unsent").await.unwrap().current_version, 1);
+}
+
 /// Calls abandoned while one of them is writing — the daemon is not reading, the socket
 /// is full — leave the connection whole: the bytes the writer had not written yet go out
 /// first with the next write, so the daemon never sees a frame cut short followed by
