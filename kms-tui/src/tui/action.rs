@@ -4,7 +4,7 @@
 
 use crossterm::event::KeyEvent;
 use kms_shared::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, VersionInfo};
-use kms_shared::protocol::{CreateKey, Event, GrantSpec, HsmTokenInfo};
+use kms_shared::protocol::{CreateKey, Event, EventKind, GrantSpec, HsmTokenInfo};
 
 /// Everything `update` reacts to: raw input, intents the keymap derived from it, and
 /// results from the daemon task.
@@ -167,6 +167,8 @@ pub enum Effect {
     },
     HsmRemove(String),
     Notify {
+        /// What happened, for counting when several are shown as one.
+        kind: EventKind,
         summary: String,
         body: String,
     },

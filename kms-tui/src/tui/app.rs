@@ -187,12 +187,25 @@ pub enum ConfirmKind {
     RequestDeletion,
     /// Confirmed by typing the key's name rather than `y`.
     DeleteNow,
+    /// One version's own flag off (the versions view); `current` when it is the version
+    /// new encryption and signing use.
+    DisableVersion {
+        version: u32,
+        current: bool,
+    },
 }
 
 impl ConfirmKind {
     /// Destructive confirmations show who would be affected before asking.
     pub fn needs_impact(self) -> bool {
         !matches!(self, ConfirmKind::Rotate)
+    }
+
+    /// Whether enter answers yes. Destructive confirmations want an explicit `y`, so that
+    /// the enter that opened something (a version, in the versions view) or a key repeat
+    /// cannot disable or delete anything.
+    pub fn enter_confirms(self) -> bool {
+        matches!(self, ConfirmKind::Rotate)
     }
 }
 

@@ -139,8 +139,11 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Char(c) => Some(Action::Char(c)),
             _ => None,
         },
+        // Enter is not yes: only confirmations that destroy nothing take it as yes
+        // (`ConfirmKind::enter_confirms`); the others want `y`.
         Mode::Confirm => match key.code {
-            Char('y') | Char('Y') | Enter => Some(Action::Yes),
+            Char('y') | Char('Y') => Some(Action::Yes),
+            Enter => Some(Action::Submit),
             Char('n') | Char('N') | Esc => Some(Action::No),
             _ => None,
         },
@@ -281,7 +284,8 @@ pub const HELP: &[(&str, &[Hint])] = &[
             ("tab ↑↓", s::H_FIELD),
             ("← → space", s::H_CHANGE),
             ("enter", s::H_SUBMIT),
-            ("y / n", s::H_CONFIRM),
+            ("y", s::H_YES),
+            ("n  esc", s::H_NO),
         ],
     ),
     (

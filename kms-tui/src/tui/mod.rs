@@ -28,7 +28,10 @@ use anyhow::Context;
 use clap::Parser;
 use crossterm::event::{Event as TermEvent, KeyEventKind};
 use kms_shared::client::ConnectOptions;
-use tokio::sync::mpsc::{self, UnboundedSender};
+use ratatui::Terminal;
+use ratatui::backend::Backend;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 use action::{Action, Effect};
 use app::App;
@@ -76,7 +79,9 @@ pub fn main() -> ExitCode {
     // may keep the process alive after the user quit.
     rt.shutdown_background();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Ended::Quit) => ExitCode::SUCCESS,
+        // As a shell reports a process the signal ended: 128 + its number.
+        Ok(Ended::Signal(n)) => ExitCode::from(u8::try_from(128 + n).unwrap_or(u8::MAX)),
         Err(e) => {
             eprintln!("kms-tui: {e:#}");
             ExitCode::FAILURE
@@ -84,7 +89,54 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// How the event loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// `q`, ctrl-c, or the input closed.
+    Quit,
+    /// SIGTERM, SIGHUP, SIGQUIT or SIGINT (its number).
+    Signal(i32),
+}
+
+/// The signals that end the dashboard the way `q` does, so that the terminal is restored
+/// before the process goes. Ctrl-C in raw mode is a key, not SIGINT, and stays one; a
+/// SIGINT sent with kill is caught here like the others.
+struct Signals {
+    streams: [(Signal, i32); 4],
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        let on = |kind: SignalKind| -> std::io::Result<(Signal, i32)> {
+            Ok((signal(kind)?, kind.as_raw_value()))
+        };
+        Ok(Signals {
+            streams: [
+                on(SignalKind::terminate())?,
+                on(SignalKind::hangup())?,
+                on(SignalKind::quit())?,
+                on(SignalKind::interrupt())?,
+            ],
+        })
+    }
+
+    /// Waits for the next of the signals; returns its number.
+    async fn recv(&mut self) -> i32 {
+        let [(term, t), (hup, h), (quit, q), (int, i)] = &mut self.streams;
+        tokio::select! {
+            Some(()) = term.recv() => *t,
+            Some(()) = hup.recv() => *h,
+            Some(()) = quit.recv() => *q,
+            Some(()) = int.recv() => *i,
+            // The signal driver is gone (the runtime is shutting down): nothing to wait for.
+            else => std::future::pending().await,
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<Ended> {
+    // Before the terminal goes raw: a signal from then on restores it.
+    let mut signals = Signals::new().context("cannot listen for signals")?;
     let opts = ConnectOptions {
         socket: args.socket,
         autostart: !args.no_autostart,
@@ -113,30 +165,74 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     drop(action_tx);
+    let notifier = notify::Notifier::start();
 
-    while let Some(action) = action_rx.recv().await {
-        let mut effects = update::update(&mut app, action);
+    event_loop(
+        &mut terminal,
+        &mut app,
+        &mut action_rx,
+        &effect_tx,
+        &notifier,
+        &mut signals,
+    )
+    .await
+}
+
+/// Applies actions, carries out their effects and redraws, until the user quits, a
+/// signal says to, or nothing can send actions any more.
+async fn event_loop<B: Backend>(
+    terminal: &mut Terminal<B>,
+    app: &mut App,
+    action_rx: &mut UnboundedReceiver<Action>,
+    effect_tx: &UnboundedSender<Effect>,
+    notifier: &notify::Notifier,
+    signals: &mut Signals,
+) -> anyhow::Result<Ended>
+where
+    B::Error: Send + Sync + 'static,
+{
+    loop {
+        let action = tokio::select! {
+            // A signal goes first, even behind a burst of events.
+            biased;
+            signo = signals.recv() => {
+                update::update(app, Action::Quit);
+                return Ok(Ended::Signal(signo));
+            }
+            action = action_rx.recv() => match action {
+                Some(a) => a,
+                None => return Ok(Ended::Quit),
+            },
+        };
+        let mut effects = update::update(app, action);
         // A burst of events costs one frame, not one per event.
         for _ in 0..MAX_BATCH {
             match action_rx.try_recv() {
-                Ok(a) => effects.extend(update::update(&mut app, a)),
+                Ok(a) => effects.extend(update::update(app, a)),
                 Err(_) => break,
             }
         }
         for effect in effects {
             match effect {
-                Effect::Notify { summary, body } => notify::send(summary, body),
+                Effect::Notify {
+                    kind,
+                    summary,
+                    body,
+                } => notifier.send(notify::Note {
+                    kind,
+                    summary,
+                    body,
+                }),
                 other => {
                     let _ = effect_tx.send(other);
                 }
             }
         }
         if app.should_quit {
-            break;
+            return Ok(Ended::Quit);
         }
-        terminal.draw(|f| ui::draw(f, &app))?;
+        terminal.draw(|f| ui::draw(f, app))?;
     }
-    Ok(())
 }
 
 /// Reads the terminal on a plain thread (crossterm's reads block) and forwards keys and
@@ -160,5 +256,56 @@ fn spawn_input(tx: UnboundedSender<Action>) {
     if let Err(e) = spawned {
         // Without input the dashboard can still show live state; say why keys are dead.
         eprintln!("kms-tui: cannot read the keyboard: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use ratatui::backend::TestBackend;
+
+    use super::*;
+
+    /// SIGTERM, SIGHUP, SIGQUIT and SIGINT each end the event loop the way `q` does (so
+    /// the terminal guard restores the terminal), even while nothing else happens.
+    #[test]
+    fn signals_end_the_event_loop() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for (name, number) in [("TERM", 15), ("HUP", 1), ("QUIT", 3), ("INT", 2)] {
+                let mut signals = Signals::new().unwrap();
+                // Kept open: the loop must end because of the signal, not a closed channel.
+                let (_action_tx, mut action_rx) = mpsc::unbounded_channel();
+                let (effect_tx, _effect_rx) = mpsc::unbounded_channel();
+                let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+                let mut app = App::new((80, 24));
+                let status = std::process::Command::new("kill")
+                    .arg(format!("-{name}"))
+                    .arg(std::process::id().to_string())
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                let ended = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    event_loop(
+                        &mut terminal,
+                        &mut app,
+                        &mut action_rx,
+                        &effect_tx,
+                        &notify::Notifier::disabled(),
+                        &mut signals,
+                    ),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("SIG{name} did not end the loop"))
+                .unwrap();
+                assert_eq!(ended, Ended::Signal(number), "SIG{name}");
+                assert!(app.should_quit, "SIG{name}");
+            }
+        });
     }
 }

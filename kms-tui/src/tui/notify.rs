@@ -2,6 +2,31 @@
 //! `desktop-notifications` feature. Without a D-Bus session bus there is nobody to show
 //! them: the event is already on the message line, so nothing else is done, and a
 //! failing notification daemon is ignored for the same reason.
+//!
+//! One thread shows them, fed by a bounded queue: a D-Bus that is slow or never answers
+//! holds up that one thread, never the UI, and never costs more than [`QUEUE`] waiting
+//! notes. What does not fit is counted and dropped; whatever queued up while the thread
+//! was busy goes out as one notification. The thread is never joined: quitting does not
+//! wait for D-Bus.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+
+use kms_shared::protocol::EventKind;
+
+use super::strings as s;
+
+/// Notifications that may wait while one is being shown.
+pub const QUEUE: usize = 64;
+
+/// One notification asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub kind: EventKind,
+    pub summary: String,
+    pub body: String,
+}
 
 /// Whether notifications can be shown at all in this session.
 pub fn available() -> bool {
@@ -9,25 +34,209 @@ pub fn available() -> bool {
         && std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some_and(|v| !v.is_empty())
 }
 
-/// Shows a notification without blocking the caller.
-pub fn send(summary: String, body: String) {
-    if !available() {
-        return;
+/// The sending end; cheap, never blocks.
+#[derive(Debug)]
+pub struct Notifier {
+    /// `None` when notifications are not available (or the thread could not start).
+    tx: Option<SyncSender<Note>>,
+    /// Notes dropped because the queue was full, since the thread last looked.
+    dropped: Arc<AtomicU64>,
+}
+
+impl Notifier {
+    /// The notifier of this session: a thread showing desktop notifications when a
+    /// D-Bus session bus is there, else one that does nothing.
+    pub fn start() -> Notifier {
+        if available() {
+            Notifier::spawn(QUEUE, show_desktop)
+        } else {
+            Notifier::disabled()
+        }
     }
-    #[cfg(feature = "desktop-notifications")]
-    {
-        // A plain thread: D-Bus may be slow or hang, and the UI must not wait for it,
-        // nor must quitting wait for it.
-        let _ = std::thread::Builder::new()
+
+    /// Shows nothing.
+    pub fn disabled() -> Notifier {
+        Notifier {
+            tx: None,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// One thread calling `show` for each (coalesced) notification, with up to `queue`
+    /// notes waiting.
+    pub fn spawn(queue: usize, show: impl FnMut(String, String) + Send + 'static) -> Notifier {
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&dropped);
+        let spawned = std::thread::Builder::new()
             .name("notify".into())
-            .spawn(move || {
-                let _ = notify_rust::Notification::new()
-                    .appname(super::strings::NOTIFY_APP)
-                    .summary(&summary)
-                    .body(&body)
-                    .show();
-            });
+            .spawn(move || run(&rx, &counter, show));
+        match spawned {
+            Ok(_) => Notifier {
+                tx: Some(tx),
+                dropped,
+            },
+            // Nobody to show them: the message line still has every event.
+            Err(_) => Notifier::disabled(),
+        }
     }
-    #[cfg(not(feature = "desktop-notifications"))]
+
+    /// Queues a notification without blocking; drops it (counted) when the queue is full.
+    pub fn send(&self, note: Note) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        match tx.try_send(note) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// Shows one desktop notification; blocks for as long as D-Bus takes. A failure is
+/// ignored: the event is on the message line already.
+#[cfg(feature = "desktop-notifications")]
+fn show_desktop(summary: String, body: String) {
+    let _ = notify_rust::Notification::new()
+        .appname(s::NOTIFY_APP)
+        .summary(&summary)
+        .body(&body)
+        .show();
+}
+
+/// Without the feature [`available`] is false and nothing is ever shown.
+#[cfg(not(feature = "desktop-notifications"))]
+fn show_desktop(summary: String, body: String) {
     let _ = (summary, body);
+}
+
+/// The notifier thread: waits for a note, takes everything queued behind it, shows one
+/// notification for the lot.
+fn run(rx: &Receiver<Note>, dropped: &AtomicU64, mut show: impl FnMut(String, String)) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        let (summary, body) = coalesce(batch, lost);
+        show(summary, body);
+    }
+}
+
+/// One notification for `batch` plus `lost` dropped notes: a single note as it is, else
+/// the number of events and how many of each kind.
+pub fn coalesce(mut batch: Vec<Note>, lost: u64) -> (String, String) {
+    if batch.len() == 1 && lost == 0 {
+        let n = batch.remove(0);
+        return (n.summary, n.body);
+    }
+    let mut kinds: Vec<(EventKind, u64)> = Vec::new();
+    for n in &batch {
+        match kinds.iter_mut().find(|(k, _)| *k == n.kind) {
+            Some((_, c)) => *c += 1,
+            None => kinds.push((n.kind, 1)),
+        }
+    }
+    let total = batch.len() as u64 + lost;
+    (
+        s::notification_batch_summary(total),
+        s::notification_batch_body(&kinds, lost),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn note(kind: EventKind, summary: &str) -> Note {
+        Note {
+            kind,
+            summary: summary.into(),
+            body: "by alice".into(),
+        }
+    }
+
+    /// A lone event is shown as it is; several become one notification counting kinds.
+    #[test]
+    fn batches_are_coalesced() {
+        let one = coalesce(vec![note(EventKind::Rotated, "kms: a rotated to v2")], 0);
+        assert_eq!(one, ("kms: a rotated to v2".into(), "by alice".into()));
+        let mut batch = vec![note(EventKind::Rotated, "r"); 10];
+        batch.push(note(EventKind::StateChanged, "s"));
+        batch.push(note(EventKind::StateChanged, "s"));
+        assert_eq!(
+            coalesce(batch, 0),
+            (
+                "kms: 12 events".into(),
+                "10 rotated, 2 state-changed".into()
+            )
+        );
+        assert_eq!(
+            coalesce(vec![note(EventKind::Purged, "p")], 5),
+            (
+                "kms: 6 events".into(),
+                "1 purged, 5 more not shown (too many at once)".into()
+            )
+        );
+    }
+
+    /// With a D-Bus that never answers, events queue behind the one being shown on a
+    /// single thread; past the queue's bound they are dropped and counted, and what
+    /// queued up goes out as one notification when the thread is free again.
+    #[test]
+    fn one_thread_bounded_queue() {
+        let (shown_tx, shown) = mpsc::channel();
+        let (release, gate) = mpsc::channel::<()>();
+        let notifier = Notifier::spawn(4, move |summary, body| {
+            shown_tx
+                .send((std::thread::current().id(), summary, body))
+                .unwrap();
+            // The "D-Bus" answers only when the test says so.
+            let _ = gate.recv();
+        });
+        notifier.send(note(EventKind::Rotated, "kms: first"));
+        let wait = Duration::from_secs(10);
+        let (first_thread, summary, _) = shown.recv_timeout(wait).unwrap();
+        assert_eq!(summary, "kms: first");
+        // The thread is stuck in "D-Bus": 4 fit in the queue, 36 are dropped.
+        for _ in 0..38 {
+            notifier.send(note(EventKind::Rotated, "r"));
+        }
+        notifier.send(note(EventKind::StateChanged, "s"));
+        notifier.send(note(EventKind::StateChanged, "s"));
+        assert_eq!(notifier.dropped.load(Ordering::Relaxed), 36);
+        release.send(()).unwrap();
+        let (thread, summary, body) = shown.recv_timeout(wait).unwrap();
+        assert_eq!(thread, first_thread, "one thread shows everything");
+        assert_eq!(summary, "kms: 40 events");
+        assert_eq!(body, "4 rotated, 36 more not shown (too many at once)");
+        release.send(()).unwrap();
+        assert!(
+            shown.recv_timeout(Duration::from_millis(200)).is_err(),
+            "nothing else was queued"
+        );
+        // Sending after the thread is idle again shows the single event as it is.
+        notifier.send(note(EventKind::Purged, "kms: gone"));
+        let (thread, summary, _) = shown.recv_timeout(wait).unwrap();
+        assert_eq!((thread, summary.as_str()), (first_thread, "kms: gone"));
+        release.send(()).unwrap();
+    }
+
+    /// Without a session bus nothing is queued and no thread waits on anything.
+    #[test]
+    fn disabled_does_nothing() {
+        let n = Notifier::disabled();
+        for _ in 0..1000 {
+            n.send(note(EventKind::Rotated, "r"));
+        }
+        assert!(n.tx.is_none());
+        assert_eq!(n.dropped.load(Ordering::Relaxed), 0);
+    }
 }

@@ -288,6 +288,75 @@ fn versions_view() {
     });
 }
 
+/// Disabling the current version asks, says what stops working, and shows the impact.
+#[test]
+fn confirm_disable_current_version() {
+    check("confirm_disable_version", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('v'));
+        let tag = tag_of(&a, "payments");
+        update(
+            &mut a,
+            Action::VersionsLoaded {
+                tag: tag.clone(),
+                result: Ok(fake::versions()),
+            },
+        );
+        update(&mut a, ch(' '));
+        update(
+            &mut a,
+            Action::ImpactLoaded {
+                tag,
+                result: Ok(fake::impact()),
+            },
+        );
+        a
+    });
+}
+
+/// A long error (and a long account name) in a confirmation is wrapped inside the pop-up
+/// at 80 columns instead of being cut off at its border.
+#[test]
+fn confirm_long_lines_wrap() {
+    let mut a = app((80, 24), "payments");
+    update(&mut a, ch('d'));
+    let tag = tag_of(&a, "payments");
+    update(
+        &mut a,
+        Action::ImpactLoaded {
+            tag: tag.clone(),
+            result: Err(
+                "permission-denied: reading recent usage needs the key-reviewer \
+                 role on payments or on all keys; ask a manager: tail-of-the-error"
+                    .into(),
+            ),
+        },
+    );
+    let out = draw(&a);
+    for part in ["needs the key-reviewer", "tail-of-the-error"] {
+        assert!(out.contains(part), "{part} is shown:\n{out}");
+    }
+    insta::assert_snapshot!("confirm_long_error_80x24", out);
+
+    let mut a = app((80, 24), "payments");
+    update(&mut a, ch('x'));
+    let mut impact = fake::impact();
+    impact.accounts[0].account = "svc-payments-settlement-batch-nightly-eu-west".into();
+    update(
+        &mut a,
+        Action::ImpactLoaded {
+            tag,
+            result: Ok(impact),
+        },
+    );
+    let out = draw(&a);
+    assert!(
+        out.contains("svc-payments-settlement-batch-nightly-eu-west"),
+        "{out}"
+    );
+    assert!(out.contains("│   2025-02-28 22:00 "), "{out}");
+}
+
 /// The history of a key, newest first, with more to load.
 #[test]
 fn history_view() {
@@ -497,7 +566,7 @@ fn create_form_no_token() {
 /// Drawing never panics at tiny or odd sizes, whatever screen or pop-up is open.
 #[test]
 fn odd_sizes_do_not_panic() {
-    let scenarios: [&dyn Fn(&mut App); 14] = [
+    let scenarios: [&dyn Fn(&mut App); 15] = [
         &|_| {},
         &|a| update(a, ch('?')).clear(),
         &|a| update(a, ch('c')).clear(),
@@ -524,6 +593,25 @@ fn odd_sizes_do_not_panic() {
                 Action::VersionsLoaded {
                     tag,
                     result: Ok(fake::versions()),
+                },
+            );
+        },
+        &|a| {
+            update(a, ch('v'));
+            let tag = tag_of(a, "payments");
+            update(
+                a,
+                Action::VersionsLoaded {
+                    tag: tag.clone(),
+                    result: Ok(fake::versions()),
+                },
+            );
+            update(a, ch(' '));
+            update(
+                a,
+                Action::ImpactLoaded {
+                    tag,
+                    result: Err("permission-denied: ".repeat(20)),
                 },
             );
         },

@@ -174,11 +174,12 @@ pub const H_PERIOD: &str = "rotation period";
 pub const H_MEMO: &str = "memo";
 pub const H_VERSIONS: &str = "versions";
 pub const H_HISTORY: &str = "history";
-pub const H_TOGGLE_VERSION: &str = "enable/disable version";
+pub const H_TOGGLE_VERSION: &str = "enable; disable asks y/n";
 pub const H_FIELD: &str = "next / previous field";
 pub const H_CHANGE: &str = "change choice";
 pub const H_SUBMIT: &str = "submit";
-pub const H_CONFIRM: &str = "confirm / cancel";
+pub const H_YES: &str = "yes (enter: rotate only)";
+pub const H_NO: &str = "no, cancel";
 pub const H_PERMISSIONS: &str = "permissions (grants)";
 pub const H_TOKENS: &str = "HSM tokens";
 pub const H_NEW: &str = "new grant, register token";
@@ -291,9 +292,31 @@ pub fn confirm_delete_now_title(name: &str) -> String {
 }
 pub const CONFIRM_DELETE_NOW_BODY: &str = "The key material is destroyed at once and cannot be \
      recovered: anything still encrypted under it is lost. Check who used it:";
+pub fn confirm_disable_version_title(name: &str, version: u32) -> String {
+    format!(" Disable v{version} of {name}? ")
+}
+pub fn confirm_disable_version_body(version: u32, current: bool) -> String {
+    if current {
+        format!(
+            "v{version} is the current version: encryption and signing are refused until \
+             v{version} is enabled again or the key is rotated, and data encrypted or signed \
+             under v{version} cannot be decrypted or verified meanwhile. Check who uses the key:"
+        )
+    } else {
+        format!(
+            "Data encrypted or signed under v{version} cannot be decrypted or verified until \
+             v{version} is enabled again; the other versions keep working. Check who uses \
+             the key:"
+        )
+    }
+}
 pub const TYPE_NAME_PROMPT: &str = "Type the key name to confirm:";
 pub const TYPE_NAME_MISMATCH: &str = "that is not the key's name";
 pub const CONFIRM_HINT_YN: &str = "y confirm · n/esc cancel";
+/// The hint of a confirmation that destroys nothing (rotation), where enter is yes too.
+pub const CONFIRM_HINT_YN_ENTER: &str = "y/enter confirm · n/esc cancel";
+/// Enter in a destructive confirmation.
+pub const CONFIRM_NEEDS_Y: &str = "press y to confirm (enter does not), n or esc to cancel";
 pub const CONFIRM_HINT_TYPE: &str = "enter delete · esc cancel";
 pub const IMPACT_LOADING: &str = "loading recent usage…";
 
@@ -715,6 +738,26 @@ pub fn notification_body(e: &Event) -> String {
     } else {
         format!("{} (by {})", e.message, e.account)
     }
+}
+
+/// The one notification for events that queued up while another was being shown.
+pub fn notification_batch_summary(events: u64) -> String {
+    format!("kms: {} events", count(events))
+}
+
+/// "10 rotated, 2 state-changed", and how many were dropped without being counted.
+pub fn notification_batch_body(kinds: &[(EventKind, u64)], dropped: u64) -> String {
+    let mut parts: Vec<String> = kinds
+        .iter()
+        .map(|(k, n)| format!("{} {}", count(*n), k.as_str()))
+        .collect();
+    if dropped > 0 {
+        parts.push(format!(
+            "{} more not shown (too many at once)",
+            count(dropped)
+        ));
+    }
+    parts.join(", ")
 }
 
 #[cfg(feature = "desktop-notifications")]

@@ -451,13 +451,28 @@ fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         Action::Top => v.selected = 0,
         Action::Bottom => v.selected = len.saturating_sub(1),
         Action::ToggleVersion => {
-            if let Some(ver) = v.versions.as_ref().and_then(|vs| vs.get(v.selected)) {
+            let Some(ver) = v.versions.as_ref().and_then(|vs| vs.get(v.selected)) else {
+                return;
+            };
+            if !ver.enabled {
+                // Enabling breaks nothing: at once.
                 fx.push(Effect::SetVersionEnabled {
                     tag: v.tag.clone(),
                     name: v.name.clone(),
                     version: ver.version,
-                    enabled: !ver.enabled,
+                    enabled: true,
                 });
+                return;
+            }
+            // Disabling refuses everything that needs this version (all encryption and
+            // signing when it is the current one): ask first, showing who uses the key.
+            let (version, tag) = (ver.version, v.tag.clone());
+            match app.key_by_tag(&tag).cloned() {
+                Some(k) => {
+                    let current = k.current_version == version;
+                    open_confirm(app, ConfirmKind::DisableVersion { version, current }, k, fx);
+                }
+                None => app.error(s::NO_KEY_SELECTED),
             }
         }
         Action::Back => {
@@ -731,23 +746,36 @@ fn confirm_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         return;
     };
     match a {
-        Action::Yes => {
-            // The impact is what the user is asked to weigh: no answer before it is shown.
-            if c.impact == ImpactState::Loading {
-                return;
-            }
-            let o = match c.kind {
-                ConfirmKind::Rotate => Op::Rotate,
-                ConfirmKind::Disable => Op::Disable,
-                ConfirmKind::RequestDeletion => Op::RequestDeletion,
-                ConfirmKind::DeleteNow => return,
-            };
-            fx.push(op(o, &c.key));
-            app.popup = None;
+        Action::Yes => {}
+        Action::Submit if c.kind.enter_confirms() => {}
+        Action::Submit => {
+            app.info(s::CONFIRM_NEEDS_Y);
+            return;
         }
-        Action::No => app.popup = None,
-        _ => {}
+        Action::No => {
+            app.popup = None;
+            return;
+        }
+        _ => return,
     }
+    // The impact is what the user is asked to weigh: no answer before it is shown.
+    if c.impact == ImpactState::Loading {
+        return;
+    }
+    let effect = match c.kind {
+        ConfirmKind::Rotate => op(Op::Rotate, &c.key),
+        ConfirmKind::Disable => op(Op::Disable, &c.key),
+        ConfirmKind::RequestDeletion => op(Op::RequestDeletion, &c.key),
+        ConfirmKind::DisableVersion { version, .. } => Effect::SetVersionEnabled {
+            tag: c.key.tag.clone(),
+            name: c.key.name.clone(),
+            version,
+            enabled: false,
+        },
+        ConfirmKind::DeleteNow => return,
+    };
+    fx.push(effect);
+    app.popup = None;
 }
 
 fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
@@ -825,6 +853,7 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
     }
     if notifies(e.kind) {
         fx.push(Effect::Notify {
+            kind: e.kind,
             summary: s::notification_summary(&e),
             body: s::notification_body(&e),
         });

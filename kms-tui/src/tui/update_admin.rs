@@ -221,6 +221,8 @@ pub(super) fn ask_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             });
             app.popup = None;
         }
+        // Revoking and removing take something away: enter is not yes.
+        Action::Submit => app.info(s::CONFIRM_NEEDS_Y),
         Action::No => app.popup = None,
         _ => {}
     }

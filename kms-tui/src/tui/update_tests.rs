@@ -463,10 +463,73 @@ fn impact_failure_is_shown() {
     assert!(
         matches!(&a.popup, Some(Popup::Confirm(c)) if matches!(c.impact, ImpactState::Failed(_)))
     );
+    assert_eq!(update(&mut a, ch('y')), [op(Op::RequestDeletion, &k)]);
+}
+
+/// Enter is not yes in a destructive confirmation (disable, request deletion, disable a
+/// version, revoke, remove a token): it says to press y and leaves the question open.
+/// Rotation destroys nothing and still takes enter.
+#[test]
+fn enter_does_not_confirm_destructive_actions() {
+    let enter_refused = |a: &mut App, what: &str| {
+        assert!(update(a, code(KeyCode::Enter)).is_empty(), "{what}");
+        assert!(a.popup.is_some(), "{what}: still asking");
+        assert_eq!(
+            a.message.as_ref().unwrap().text,
+            crate::tui::strings::CONFIRM_NEEDS_Y,
+            "{what}"
+        );
+        update(a, code(KeyCode::Esc));
+        assert_eq!(a.popup, None, "{what}: esc cancels");
+    };
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    for key in ['d', 'x'] {
+        update(&mut a, ch(key));
+        update(
+            &mut a,
+            Action::ImpactLoaded {
+                tag: k.tag.clone(),
+                result: Ok(fake::impact()),
+            },
+        );
+        enter_refused(&mut a, &format!("{key}"));
+    }
+    update(&mut a, ch('v'));
+    update(
+        &mut a,
+        Action::VersionsLoaded {
+            tag: k.tag.clone(),
+            result: Ok(fake::versions()),
+        },
+    );
+    update(&mut a, ch(' '));
+    update(
+        &mut a,
+        Action::ImpactLoaded {
+            tag: k.tag.clone(),
+            result: Ok(fake::impact()),
+        },
+    );
+    enter_refused(&mut a, "disable version");
+    update(&mut a, code(KeyCode::Esc));
+
+    let mut a = permissions_on("payments");
+    update(&mut a, ch('x'));
+    enter_refused(&mut a, "revoke");
+    let mut a = tokens_open();
+    update(&mut a, ch('x'));
+    enter_refused(&mut a, "remove token");
+
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('r'));
     assert_eq!(
         update(&mut a, code(KeyCode::Enter)),
-        [op(Op::RequestDeletion, &k)]
+        [op(Op::Rotate, &k)],
+        "rotation takes enter"
     );
+    assert_eq!(a.popup, None);
 }
 
 /// e enables a disabled key at once (not destructive, no confirmation).
@@ -597,7 +660,8 @@ fn m_sets_the_memo() {
     assert_eq!(a.popup, None);
 }
 
-/// v lists versions newest first; space/enter toggles the selected one's flag.
+/// v lists versions newest first; space/enter enables the selected one at once, or asks
+/// before disabling it.
 #[test]
 fn v_lists_and_toggles_versions() {
     let mut a = app();
@@ -631,9 +695,33 @@ fn v_lists_and_toggles_versions() {
         version,
         enabled,
     };
+    // Enabling is at once.
     assert_eq!(update(&mut a, ch(' ')), [toggle(1, true)]);
+    assert_eq!(a.popup, None);
+    // Disabling asks first, with the impact; y is ignored until the impact is in.
     update(&mut a, ch('k'));
-    assert_eq!(update(&mut a, code(KeyCode::Enter)), [toggle(2, false)]);
+    assert_eq!(
+        update(&mut a, code(KeyCode::Enter)),
+        [Effect::LoadImpact(k.tag.clone())]
+    );
+    assert!(matches!(
+        &a.popup,
+        Some(Popup::Confirm(c)) if c.kind == ConfirmKind::DisableVersion { version: 2, current: false }
+    ));
+    assert!(update(&mut a, ch('y')).is_empty(), "impact still loading");
+    update(
+        &mut a,
+        Action::ImpactLoaded {
+            tag: k.tag.clone(),
+            result: Ok(fake::impact()),
+        },
+    );
+    assert_eq!(update(&mut a, ch('y')), [toggle(2, false)]);
+    assert_eq!(a.popup, None);
+    assert!(
+        matches!(a.screen, Screen::Versions(_)),
+        "back in the versions"
+    );
     let mut vs = fake::versions();
     vs[1].enabled = false;
     update(
@@ -653,6 +741,46 @@ fn v_lists_and_toggles_versions() {
     assert_eq!(a.message.as_ref().unwrap().text, "payments v2 disabled");
     update(&mut a, code(KeyCode::Esc));
     assert_eq!(a.screen, Screen::Main);
+}
+
+/// Disabling the current version asks, and says it is the current one; n or esc leave
+/// it enabled.
+#[test]
+fn disabling_the_current_version_asks() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    assert_eq!(k.current_version, 3);
+    update(&mut a, ch('v'));
+    update(
+        &mut a,
+        Action::VersionsLoaded {
+            tag: k.tag.clone(),
+            result: Ok(fake::versions()),
+        },
+    );
+    for cancel in [ch('n'), code(KeyCode::Esc)] {
+        assert_eq!(
+            update(&mut a, ch(' ')),
+            [Effect::LoadImpact(k.tag.clone())],
+            "asks instead of disabling"
+        );
+        assert!(matches!(
+            &a.popup,
+            Some(Popup::Confirm(c)) if c.kind == ConfirmKind::DisableVersion { version: 3, current: true }
+                && c.key.tag == k.tag
+        ));
+        assert!(update(&mut a, cancel).is_empty());
+        assert_eq!(a.popup, None);
+    }
+    let body = crate::tui::strings::confirm_disable_version_body(3, true);
+    assert!(body.contains("current version"), "{body}");
+    assert!(
+        body.contains("encryption and signing are refused"),
+        "{body}"
+    );
+    assert!(body.contains("rotated"), "{body}");
+    let body = crate::tui::strings::confirm_disable_version_body(2, false);
+    assert!(!body.contains("current"), "{body}");
 }
 
 /// h loads the newest page; scrolling near its end loads the next with before_seq.
@@ -1156,7 +1284,7 @@ fn x_confirms_then_revokes_the_grant() {
 fn revoking_a_group_grant_and_its_refusal() {
     let mut a = permissions_on("payments");
     update(&mut a, ch('x'));
-    let fx = update(&mut a, code(KeyCode::Enter));
+    let fx = update(&mut a, ch('y'));
     let spec = GrantSpec {
         role: Role::Manager,
         user: None,

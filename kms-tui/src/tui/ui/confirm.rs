@@ -3,8 +3,9 @@
 
 use ratatui::Frame;
 use ratatui::layout::{Position, Rect};
+use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Clear, Paragraph};
+use ratatui::widgets::{Block, Clear, Paragraph, Wrap};
 
 use super::{layout, theme, wrap};
 use crate::tui::app::{Confirm, ConfirmKind, ImpactState};
@@ -31,6 +32,10 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
             s::confirm_delete_now_title(&k.name),
             s::CONFIRM_DELETE_NOW_BODY.to_string(),
         ),
+        ConfirmKind::DisableVersion { version, current } => (
+            s::confirm_disable_version_title(&k.name, version),
+            s::confirm_disable_version_body(version, current),
+        ),
     };
     let mut lines: Vec<Line> = wrap(&body, text_width)
         .into_iter()
@@ -44,7 +49,7 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
         }
         ImpactState::Failed(e) => {
             lines.push(Line::default());
-            lines.push(Line::styled(s::impact_failed(e), theme::error()));
+            push_wrapped(&mut lines, s::impact_failed(e), text_width, theme::error());
         }
         ImpactState::Loaded(i) => {
             lines.push(Line::default());
@@ -53,16 +58,19 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
             } else {
                 theme::ok()
             };
-            lines.push(Line::styled(
+            push_wrapped(
+                &mut lines,
                 s::impact_summary(i.recent_uses, i.accounts.len(), i.since),
+                text_width,
                 style,
-            ));
+            );
             for a in i.accounts.iter().take(MAX_ACCOUNTS) {
-                lines.push(Line::from(s::impact_account(
-                    &a.account,
-                    a.uses,
-                    a.last_used_at,
-                )));
+                push_wrapped(
+                    &mut lines,
+                    s::impact_account(&a.account, a.uses, a.last_used_at),
+                    text_width,
+                    Style::new(),
+                );
             }
             if i.accounts.len() > MAX_ACCOUNTS {
                 lines.push(Line::from(s::impact_more(i.accounts.len() - MAX_ACCOUNTS)));
@@ -77,11 +85,18 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
         cursor = Some((input.chars().count() as u16, lines.len() as u16));
         lines.push(Line::from(Span::styled(input, theme::warn())));
         if c.mismatch {
-            lines.push(Line::styled(s::TYPE_NAME_MISMATCH, theme::error()));
+            push_wrapped(
+                &mut lines,
+                s::TYPE_NAME_MISMATCH.to_string(),
+                text_width,
+                theme::error(),
+            );
         }
     }
     let hint = if c.kind == ConfirmKind::DeleteNow {
         s::CONFIRM_HINT_TYPE
+    } else if c.kind.enter_confirms() {
+        s::CONFIRM_HINT_YN_ENTER
     } else {
         s::CONFIRM_HINT_YN
     };
@@ -99,7 +114,9 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
     let inner = block.inner(popup).inner(ratatui::layout::Margin::new(1, 0));
     f.render_widget(Clear, popup);
     f.render_widget(block, popup);
-    f.render_widget(Paragraph::new(lines), inner);
+    // The lines are wrapped to the width already (the height depends on it); a word
+    // longer than the whole width is still broken rather than cut off.
+    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), inner);
     if let Some((x, y)) = cursor
         && y < inner.height
     {
@@ -107,5 +124,21 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
             (inner.x + x).min(inner.right().saturating_sub(1)),
             inner.y + y,
         ));
+    }
+}
+
+/// Adds `text` in `style`: as one line when it fits (keeping its column layout), else
+/// word-wrapped to `width` under its own indentation, so that an error or a long account
+/// name is read in full.
+fn push_wrapped(lines: &mut Vec<Line<'static>>, text: String, width: usize, style: Style) {
+    if text.chars().count() <= width {
+        lines.push(Line::styled(text, style));
+        return;
+    }
+    let body = text.trim_start();
+    let indent = &text[..text.len() - body.len()];
+    let indent = if indent.len() * 2 > width { "" } else { indent };
+    for l in wrap(body, width - indent.len()) {
+        lines.push(Line::styled(format!("{indent}{l}"), style));
     }
 }

@@ -1,4 +1,5 @@
-//! The versions of one key; space toggles a version's own enabled flag.
+//! The versions of one key; space or enter enables a version at once, or asks before
+//! disabling it.
 
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
