@@ -118,13 +118,25 @@ pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
     }
     let listener =
         UnixListener::bind(path).map_err(|e| path_err(path, format!("cannot bind: {e}")))?;
-    if let Some(gid) = group {
-        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
-            .map_err(|e| path_err(path, format!("cannot set the group: {e}")))?;
-    }
+    set_group(path, group)?;
     rustix::fs::chmod(path, Mode::from_raw_mode(sock_mode))
         .map_err(|e| path_err(path, format!("cannot set the mode: {e}")))?;
     Ok(listener)
+}
+
+/// Gives `path` the group `gid`, unless it has it already: under the system unit
+/// (`Group=kms`) it always has, and the unit's syscall filter refuses `chown` (@privileged)
+/// — kmsd binding its socket itself, without the socket unit, then failed to start.
+fn set_group(path: &Path, group: Option<u32>) -> Result<(), ServerError> {
+    let Some(gid) = group else {
+        return Ok(());
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| path_err(path, e))?;
+    if meta.gid() == gid {
+        return Ok(());
+    }
+    rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+        .map_err(|e| path_err(path, format!("cannot set the group: {e}")))
 }
 
 /// Creates the socket directory or checks that an existing one is ours and private: a
@@ -156,10 +168,7 @@ fn prepare_socket_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), S
         }
         return Ok(());
     }
-    if let Some(gid) = group {
-        rustix::fs::chown(dir, None, Some(rustix::fs::Gid::from_raw(gid)))
-            .map_err(|e| path_err(dir, format!("cannot set the group: {e}")))?;
-    }
+    set_group(dir, group)?;
     if meta.mode() & 0o777 != mode {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
             .map_err(|e| path_err(dir, format!("cannot set mode {mode:o}: {e}")))?;

@@ -811,6 +811,17 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
             ) => {}
         Err(e) => return Err(e),
     }
+    let system = Path::new(paths::SYSTEM_SOCKET);
+    if path != system && !paths::autostart_allowed_in(&paths::Env::current(), system.exists()) {
+        return Err(ClientError::Autostart(format!(
+            "no kmsd answers on {}, and none is started there because the system kmsd \
+             listens on {}: use --socket {} (or set KMS_SOCKET) to reach it, or set \
+             KMS_SOCKET to where a daemon of your own should listen",
+            path.display(),
+            system.display(),
+            system.display()
+        )));
+    }
     let mut started = spawn_daemon(&path)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

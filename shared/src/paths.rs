@@ -30,6 +30,18 @@ impl Env {
     }
 }
 
+/// The socket of the system service (systemd/kmsd.socket): root's default when no
+/// runtime directory is set, everyone else's by `--socket` or `$KMS_SOCKET`.
+pub const SYSTEM_SOCKET: &str = "/run/kms/kmsd.sock";
+
+/// Whether clients may start a daemon of their own for `env`: not when the system
+/// service's socket exists and `$KMS_SOCKET` does not say otherwise. A kms group member
+/// would silently get a private daemon instead of the shared one, and root (whose data
+/// directory is the system store, `/var/lib/kms`) would take that store from the service.
+pub fn autostart_allowed_in(env: &Env, system_socket_exists: bool) -> bool {
+    env.kms_socket.is_some() || !system_socket_exists
+}
+
 /// `$KMS_SOCKET`, else `$XDG_RUNTIME_DIR/kms/kmsd.sock`, else `/run/kms/kmsd.sock` for root,
 /// else `/tmp/kms-$UID/kmsd.sock`.
 pub fn socket_path_in(env: &Env) -> PathBuf {
@@ -40,7 +52,7 @@ pub fn socket_path_in(env: &Env) -> PathBuf {
         return PathBuf::from(d).join("kms").join("kmsd.sock");
     }
     if env.uid == 0 {
-        return PathBuf::from("/run/kms/kmsd.sock");
+        return PathBuf::from(SYSTEM_SOCKET);
     }
     PathBuf::from(format!("/tmp/kms-{}/kmsd.sock", env.uid))
 }
@@ -75,6 +87,23 @@ pub fn default_data_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With the system service's socket present, clients start no daemon of their own
+    /// unless `$KMS_SOCKET` names where they want one.
+    #[test]
+    fn no_autostart_beside_the_system_service() {
+        let mut env = Env {
+            uid: 1000,
+            xdg_runtime_dir: Some("/run/user/1000".into()),
+            ..Env::default()
+        };
+        assert!(autostart_allowed_in(&env, false));
+        assert!(!autostart_allowed_in(&env, true));
+        env.uid = 0;
+        assert!(!autostart_allowed_in(&env, true));
+        env.kms_socket = Some("/tmp/mine.sock".into());
+        assert!(autostart_allowed_in(&env, true));
+    }
 
     /// Each rule of SPEC §1 in order of precedence.
     #[test]
