@@ -214,7 +214,14 @@ impl Engine {
                 "the PIN file path must be absolute (got {pin_file})"
             )));
         }
-        hsm::check_module_path(Path::new(module))?;
+        // Registered (and loaded) as the file the path resolves to.
+        let module_path = hsm::check_module_path(Path::new(module))?;
+        let Some(module) = module_path.to_str() else {
+            return Err(invalid(format!(
+                "the PKCS#11 module path {} is not UTF-8",
+                module_path.display()
+            )));
+        };
 
         let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         if self.hsm.is_registered(name) {

@@ -319,9 +319,12 @@ impl Registry {
             return Ok(t.clone());
         }
         let r = &d.record;
+        // Checked again: the module was checked when registered, but what is there now is
+        // what would be loaded.
+        let module = check_module_path(Path::new(&r.module))?;
         let t = Arc::new(Token::open(
             format!("{} (dedicated token {})", r.token, r.name),
-            Path::new(&r.module),
+            &module,
             &r.token,
             Path::new(&r.pin_file),
             r.pin_owner,
@@ -376,10 +379,14 @@ impl Registry {
     }
 }
 
-/// Checks a module path a manager names before the daemon loads it: loading a library
-/// runs its code inside kmsd, so it must be a regular file that only root (or kmsd's own
-/// account) can change.
-pub fn check_module_path(path: &Path) -> Result<(), HsmError> {
+/// Checks a module path a manager names before the daemon loads it, and returns the
+/// path to load: the file it resolves to. Loading a library runs its code inside kmsd, so
+/// it must be a regular file that only root (or kmsd's own account) can change — and so
+/// must every directory above it, and the path must be the file itself, not a link: the
+/// check once looked through a link the manager owned, who could then point it at a
+/// library of their own before the next start loaded it. Checked at registration and
+/// again before every load of a dedicated token.
+pub fn check_module_path(path: &Path) -> Result<PathBuf, HsmError> {
     use std::os::unix::fs::MetadataExt;
     if !path.is_absolute() {
         return Err(HsmError::Invalid(format!(
@@ -387,12 +394,14 @@ pub fn check_module_path(path: &Path) -> Result<(), HsmError> {
             path.display()
         )));
     }
-    let meta = std::fs::metadata(path).map_err(|e| {
+    let unusable = |e: std::io::Error| {
         HsmError::Invalid(format!(
             "cannot use the PKCS#11 module {}: {e}",
             path.display()
         ))
-    })?;
+    };
+    let canonical = std::fs::canonicalize(path).map_err(unusable)?;
+    let meta = std::fs::metadata(&canonical).map_err(unusable)?;
     if !meta.is_file() {
         return Err(HsmError::Invalid(format!(
             "the PKCS#11 module {} is not a regular file",
@@ -400,20 +409,26 @@ pub fn check_module_path(path: &Path) -> Result<(), HsmError> {
         )));
     }
     let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != me {
+    let trusted = |m: &std::fs::Metadata| (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0;
+    if !trusted(&meta) {
         return Err(HsmError::Invalid(format!(
-            "the PKCS#11 module {} must be owned by root or by kmsd's account (uid {me}): \
-             kmsd runs its code",
-            path.display()
+            "the PKCS#11 module {} must be owned by root or by kmsd's account (uid {me}) and \
+             writable by no one else: kmsd runs its code",
+            canonical.display()
         )));
     }
-    if meta.mode() & 0o022 != 0 {
-        return Err(HsmError::Invalid(format!(
-            "the PKCS#11 module {} is writable by group or others: kmsd runs its code",
-            path.display()
-        )));
+    for dir in canonical.ancestors().skip(1) {
+        let m = std::fs::metadata(dir).map_err(unusable)?;
+        if !trusted(&m) {
+            return Err(HsmError::Invalid(format!(
+                "the PKCS#11 module {} is in {}, which others than root and kmsd's account \
+                 can change: kmsd runs its code",
+                canonical.display(),
+                dir.display()
+            )));
+        }
     }
-    Ok(())
+    Ok(canonical)
 }
 
 #[cfg(test)]
@@ -459,18 +474,36 @@ mod tests {
         assert_eq!(d.pin_file, dir.path().join(PIN_CREDENTIAL));
     }
 
-    /// Relative, missing and group-writable module paths are refused.
+    /// Relative, missing and group-writable module paths are refused, and so is a module in
+    /// a directory others can write to (a link there could be pointed elsewhere later); a
+    /// link is resolved to the file it names, which is what gets loaded.
     #[test]
     fn module_path_checks() {
+        use std::os::unix::fs::PermissionsExt;
         assert!(check_module_path(Path::new("lib.so")).is_err());
         assert!(check_module_path(Path::new("/nonexistent/lib.so")).is_err());
+        // A system file (root's, in root's directories) passes, as a module there would.
+        let system = std::fs::canonicalize("/bin/sh").unwrap();
+        assert_eq!(check_module_path(Path::new("/bin/sh")).unwrap(), system);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.so");
         std::fs::write(&p, b"x").unwrap();
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert!(check_module_path(&p).is_err());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        check_module_path(&p).unwrap();
+        // The file is fine, but it sits in a directory others may write to (here the temp
+        // directory, or /tmp above it when the temp directory is private).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_module_path(&p).unwrap_err().to_string();
+        assert!(err.contains("which others"), "{err}");
+        // A link the manager controls, to a module root owns: what passes (and is stored
+        // and loaded) is the file it names, so pointing the link elsewhere later changes
+        // nothing; pointed at their own file, it is refused.
+        let link = dir.path().join("lib.so");
+        std::os::unix::fs::symlink(&system, &link).unwrap();
+        assert_eq!(check_module_path(&link).ok(), Some(system));
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(check_module_path(&link).is_err());
     }
 }
