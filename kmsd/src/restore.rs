@@ -157,10 +157,14 @@ fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), RestoreError> {
     if meta.uid() == 0 {
         return Ok(());
     }
-    rustix::fs::chown(
+    // The file itself, never what a link there names: the directory's owner could put
+    // a link to any file in its place, and root would hand that file over.
+    rustix::fs::chownat(
+        rustix::fs::CWD,
         path,
         Some(rustix::fs::Uid::from_raw(meta.uid())),
         Some(rustix::fs::Gid::from_raw(meta.gid())),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
     )
     .map_err(|e| RestoreError::Io {
         path: path.to_path_buf(),

@@ -64,12 +64,19 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
             .map_err(|e| path_err(dir, format!("cannot restrict to 0700: {e}")))?;
     }
     let lock_path = dir.join("kmsd.lock");
+    // Not through a link: kmsd (or `kmsd restore`) run by root on a directory another
+    // account can write would otherwise open, and a restore hand over, any file.
+    use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(crate::store::journal::NOFOLLOW)
         .open(&lock_path)
         .map_err(|e| path_err(&lock_path, e))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(path_err(&lock_path, "is not a regular file"));
+    }
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(DataDirLock { _file: file }),
         Err(rustix::io::Errno::WOULDBLOCK) => Err(ServerError::DataDirLocked(dir.to_path_buf())),
@@ -350,6 +357,25 @@ fn program_name(comm: &str) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A `kmsd.lock` that is a link is refused, and the file it names left alone: kmsd
+    /// (or a restore) run by root in a directory another account can write must not
+    /// open, lock or hand over a file of someone else's choosing.
+    #[test]
+    fn a_linked_lock_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, data.join("kmsd.lock")).unwrap();
+        assert!(lock_data_dir(&data).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::remove_file(data.join("kmsd.lock")).unwrap();
+        let _lock = lock_data_dir(&data).unwrap();
+    }
 
     /// A program name with control characters is recorded with `?` in their place.
     #[test]

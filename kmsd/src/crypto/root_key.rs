@@ -246,7 +246,10 @@ fn hex_value(c: u8) -> Option<u8> {
     }
 }
 
-/// Creates `path` (mode 0600, O_EXCL) with 32 CSPRNG bytes, fsyncs it and its directory.
+/// Creates `path` (mode 0600) with 32 CSPRNG bytes: written and fsynced under a temporary
+/// name, then linked into place (which fails if `path` exists) and the directory fsynced.
+/// A crash or power loss leaves either no key file or a whole one; a key file created in
+/// place could be left empty, and every later start refused it as malformed.
 fn create_key_file(dir: &Path, path: &Path) -> Result<RootKey, RootKeyError> {
     let create_err = |source| RootKeyError::Create {
         path: path.to_owned(),
@@ -254,22 +257,25 @@ fn create_key_file(dir: &Path, path: &Path) -> Result<RootKey, RootKeyError> {
     };
     let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
     fill_random(key.as_mut_slice()).map_err(|_| RootKeyError::Rng)?;
+    // A name of its own (two creators, should they ever race, never share a file; the
+    // link decides which key is the key).
+    let mut tmp = path.as_os_str().to_owned();
+    let suffix = crate::crypto::random_tag().map_err(|_| RootKeyError::Rng)?;
+    tmp.push(format!(".tmp-{suffix}"));
+    let tmp = std::path::PathBuf::from(tmp);
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
+        .open(&tmp)
         .map_err(create_err)?;
     let written = file
         .write_all(key.as_slice())
-        .and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        drop(file);
-        // Best effort: do not leave a short key file behind.
-        let _ = std::fs::remove_file(path);
-        return Err(create_err(e));
-    }
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::hard_link(&tmp, path));
     drop(file);
+    let _ = std::fs::remove_file(&tmp);
+    written.map_err(create_err)?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(create_err)?;
@@ -307,6 +313,12 @@ mod tests {
         // The file holds the key that from_bytes would build.
         let bytes: [u8; 32] = fs::read(&path).unwrap().try_into().unwrap();
         assert_eq!(RootKey::from_bytes(bytes).fingerprint(), k1.fingerprint());
+        // Written under a temporary name and linked into place: only the key is left.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["root.key"]);
     }
 
     /// Two fresh data dirs get different root keys (the key is random, not constant).

@@ -84,7 +84,10 @@ impl Store {
                 unknown.join(", ")
             )));
         }
+        // The daemon's cache size, not redb's 1 GiB default: a snapshot of a large store
+        // would otherwise hold hundreds of MiB in kmsd (locked in memory under the unit).
         let dst = Database::builder()
+            .set_cache_size(super::CACHE_BYTES)
             .create(path)
             .map_err(|e| StoreError::Open {
                 path: path.to_path_buf(),

@@ -87,8 +87,19 @@ impl CleanStop {
 
     /// Reads and removes the record of `store` (a record is good for one open only).
     pub fn take(store: &Path) -> Option<CleanStop> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = record_path(store);
-        let bytes = std::fs::read(&path).ok()?;
+        // A record is a few dozen bytes; a link (to /dev/zero, say) is not followed.
+        let mut bytes = Vec::new();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(super::journal::NOFOLLOW)
+            .open(&path)
+            .ok()?
+            .take(4096)
+            .read_to_end(&mut bytes)
+            .ok()?;
         // If the record cannot be removed, the next open must not trust it: refuse it now.
         std::fs::remove_file(&path).ok()?;
         rmp_serde::from_slice(&bytes).ok()
@@ -125,6 +136,7 @@ impl CleanStop {
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
+                .custom_flags(super::journal::NOFOLLOW)
                 .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;

@@ -82,6 +82,9 @@ const MAGIC: [u8; 4] = *b"KMSJ";
 const HEADER_LEN: usize = 4 + 4 + 16 + 8;
 const DIGEST_LEN: usize = 32;
 
+/// `O_NOFOLLOW` for `OpenOptions::custom_flags`.
+pub(crate) const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+
 /// Which fold period a record belongs to (random, stored in the meta table).
 pub type Generation = [u8; 16];
 
@@ -159,7 +162,11 @@ pub fn recover(path: &Path, generation: &Generation) -> Result<Vec<CallOp>, Jour
         source,
     };
     let mut buf = Vec::new();
-    match File::open(path) {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(NOFOLLOW)
+        .open(path)
+    {
         Ok(f) => {
             f.take(CAPACITY).read_to_end(&mut buf).map_err(io)?;
         }
@@ -261,14 +268,21 @@ impl Journal {
             source,
         };
         let existed = path.exists();
+        // Never through a link: kmsd may run as root on a directory another account can
+        // write (a restore), and growing the file a link names would write 8 MiB of zeros
+        // over it.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(NOFOLLOW)
             .open(path)
             .map_err(io)?;
+        if !file.metadata().map_err(io)?.is_file() {
+            return Err(io(std::io::Error::other("not a regular file")));
+        }
         let len = file.metadata().map_err(io)?.len();
         if len < CAPACITY {
             // Real zeros rather than a sparse or fallocated range: an overwrite of
