@@ -390,7 +390,9 @@ async fn hsm_objects_stay_in_the_token_and_purge_destroys_them() {
             for v in versions {
                 let wrapped = v.record.wrapped.as_ref().unwrap();
                 let r = kmsd::hsm::HsmRef::decode(wrapped).expect("an HSM reference");
-                assert_eq!(r.id, kmsd::hsm::object_id(&k.tag, v.version));
+                // The tag and version, then 8 random bytes of this generation.
+                assert_eq!(r.id.len(), 28);
+                assert_eq!(r.id[..20], kmsd::hsm::object_id(&k.tag, v.version));
                 assert_eq!(r.token, token.label);
                 assert!(wrapped.len() < 64, "{} bytes", wrapped.len());
             }
@@ -445,6 +447,69 @@ async fn restart_finds_hsm_objects_again() {
         let k = c.get_key(name).await.unwrap();
         use_key(&c, &k, &msg).await;
     }
+}
+
+/// A store restored from a backup shares the token with the store it came from. When it
+/// rotates a key to a version number the other store already has, it must make objects of
+/// its own: with ids fixed by tag and version it destroyed the other store's objects of
+/// that version (generation replaces objects with its id), and what was encrypted under
+/// them could never be decrypted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_store_never_destroys_the_other_stores_objects() {
+    let (hsm, token, a) = hsm_daemon();
+    let c = a.client().await;
+    c.create_key(spec("shared", KeyType::Aes256, Protection::Hsm))
+        .await
+        .unwrap();
+    let backup = a.dir.path().join("backup.redb");
+    ok(&a.kmsctl(&["backup", backup.to_str().unwrap()], b""));
+    c.rotate("shared").await.unwrap();
+    let under_v2 = c
+        .encrypt("shared", b"made by A under v2", None)
+        .await
+        .unwrap();
+    assert!(under_v2.starts_with("ncpkms:v2:"), "{under_v2}");
+
+    // B: the backup restored into a fresh directory with A's root key, on the same token.
+    let b_dir = tempfile::tempdir().unwrap();
+    let b_data = b_dir.path().join("data");
+    std::fs::create_dir(&b_data).unwrap();
+    std::fs::copy(a.data_dir.join("root.key"), b_data.join("root.key")).unwrap();
+    let out = Command::new(bin("kmsd"))
+        .arg("restore")
+        .arg(&backup)
+        .arg("--data-dir")
+        .arg(&b_data)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = TestDaemon::start_with(DaemonOptions {
+        data_dir: Some(b_data),
+        ..hsm.daemon_options(&token)
+    });
+    let cb = b.client().await;
+    assert_eq!(cb.get_key("shared").await.unwrap().current_version, 1);
+    cb.rotate("shared").await.unwrap();
+    let b_v2 = cb.encrypt("shared", b"made by B", None).await.unwrap();
+    assert_eq!(
+        &cb.decrypt("shared", &b_v2, None).await.unwrap()[..],
+        b"made by B"
+    );
+
+    // A's version 2 is A's still.
+    assert_eq!(
+        &c.decrypt("shared", &under_v2, None).await.unwrap()[..],
+        b"made by A under v2"
+    );
+    assert_eq!(
+        kind_of(c.decrypt("shared", &b_v2, None).await),
+        ErrorKind::DecryptFailed
+    );
 }
 
 /// A dedicated token end to end with kmsctl: register a second SoftHSM2 token, create keys

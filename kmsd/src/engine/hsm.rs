@@ -96,7 +96,9 @@ impl Engine {
         now: UnixMillis,
     ) -> Result<(u32, VersionRecord, Option<Arc<KeyMaterial>>), EngineError> {
         let token = self.token_for(rec)?;
-        let id = hsm::object_id(&rec.tag, version);
+        let mut salt = [0u8; 8];
+        crate::crypto::fill_random(&mut salt)?;
+        let id = hsm::fresh_object_id(&rec.tag, version, salt);
         let what = format!("version {version} of key {}", rec.name);
         let key = HsmKey::generate(
             token.clone(),

@@ -211,8 +211,20 @@ impl HsmRef {
     }
 }
 
-/// The `CKA_ID` of a key version: the 16 bytes of the tag, then the version (big endian).
-/// Found again after a restart from the tag and version alone.
+/// The `CKA_ID` of a new key version: [`object_id`] and 8 random bytes (`salt`), so that no two
+/// generations share an id. Generation replaces objects with its id (leftovers of a
+/// version never committed), and with ids fixed by tag and version a store restored from
+/// a backup, rotating to a version number the live store already had, destroyed that
+/// version's objects — data under it lost, even for the store kept aside. The id is kept
+/// in the version's reference ([`HsmRef`]).
+pub fn fresh_object_id(tag: &str, version: u32, salt: [u8; 8]) -> Vec<u8> {
+    let mut id = object_id(tag, version);
+    id.extend_from_slice(&salt);
+    id
+}
+
+/// The `CKA_ID` of a key version made before ids had a random part: the 16 bytes of the
+/// tag, then the version (big endian); still how such versions are found.
 pub fn object_id(tag: &str, version: u32) -> Vec<u8> {
     let mut id = Vec::with_capacity(20);
     let bytes = tag.as_bytes();
