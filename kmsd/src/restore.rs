@@ -115,27 +115,59 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         }
     };
 
+    // Run as root on a service's directory (owned by kms): the files must stay usable
+    // by the daemon's account. Done first: nothing has changed yet if it fails.
+    let handed_over = give_to_dir_owner(dir, &staged)
+        .and_then(|()| give_to_dir_owner(dir, &dir.join("kmsd.lock")));
+    if let Err(e) = handed_over {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    // The old store is never missing: kept under a second name (a link) first, then
+    // replaced in one rename. A failure or a crash anywhere leaves `kms.redb` the old
+    // store or the restored one — never nothing, which the next start would have taken
+    // for a new data directory and served empty.
+    let journal = crate::store::journal::path_for(&store);
     let previous = if exists {
         let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         let aside = dir.join(format!("kms.redb.before-restore-{millis}"));
-        std::fs::rename(&store, &aside).map_err(io_err(&store))?;
-        // Calls a crash left in the old store's journal go with it: opened under its new
-        // name, it folds them in. (The restored store would ignore them anyway: a backup
-        // carries no journal generation.)
-        let journal = crate::store::journal::path_for(&store);
-        if journal.exists() {
-            let moved = crate::store::journal::path_for(&aside);
-            std::fs::rename(&journal, &moved).map_err(io_err(&journal))?;
+        let aside_journal = crate::store::journal::path_for(&aside);
+        let linked = std::fs::hard_link(&store, &aside)
+            .map_err(io_err(&store))
+            .and_then(|()| match std::fs::symlink_metadata(&journal) {
+                // Calls a crash left in the old store's journal go with it: opened under
+                // its new name, it folds them in.
+                Ok(_) => std::fs::hard_link(&journal, &aside_journal).map_err(io_err(&journal)),
+                Err(_) => Ok(()),
+            });
+        if let Err(e) = linked {
+            let _ = std::fs::remove_file(&aside);
+            let _ = std::fs::remove_file(&staged);
+            return Err(e);
         }
         Some(aside)
     } else {
         None
     };
-    // Run as root on a service's directory (owned by kms): the files must stay usable
-    // by the daemon's account.
-    give_to_dir_owner(dir, &staged)?;
-    give_to_dir_owner(dir, &dir.join("kmsd.lock"))?;
-    std::fs::rename(&staged, &store).map_err(io_err(&store))?;
+    if let Err(e) = std::fs::rename(&staged, &store) {
+        if let Some(aside) = &previous {
+            let _ = std::fs::remove_file(crate::store::journal::path_for(aside));
+            let _ = std::fs::remove_file(aside);
+        }
+        let _ = std::fs::remove_file(&staged);
+        return Err(io_err(&store)(e));
+    }
+    // The old journal's name goes (its content stays under the old store's new name): the
+    // restored store must not take over that file. A backup carries no journal
+    // generation, so it would ignore the records, but it would write over them.
+    if previous.is_some() {
+        match std::fs::remove_file(&journal) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err(&journal)(e));
+            }
+            _ => {}
+        }
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))?;
