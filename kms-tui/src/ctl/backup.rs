@@ -49,7 +49,24 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
             return Err(e);
         }
     };
-    std::fs::rename(&tmp, &a.file).map_err(|e| io(&a.file, e))?;
+    // Without --force, FILE must not exist when it is made, not only when the backup
+    // began: linked into place (which fails if FILE exists), never renamed over it.
+    let placed = if a.force {
+        std::fs::rename(&tmp, &a.file)
+    } else {
+        std::fs::hard_link(&tmp, &a.file).and_then(|()| std::fs::remove_file(&tmp))
+    };
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+            CtlError::Wire(WireError::new(
+                ErrorKind::AlreadyExists,
+                format!("{} exists; use --force to replace it", a.file.display()),
+            ))
+        } else {
+            io(&a.file, e)
+        });
+    }
     // The rename itself must survive a crash too.
     let dir = match a.file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
