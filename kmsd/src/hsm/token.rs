@@ -191,9 +191,13 @@ impl Token {
                     tracing::debug!(token = %self.name, error = %err, "reconnecting");
                 }
                 Err(OpError::Missing { what, version }) => {
+                    // The session is sound (the token answered it): back to the pool, and
+                    // the idle ones closed before they are let go of — dropped unclosed,
+                    // each miss leaked sessions in the module, without bound.
                     drop(lease);
                     drop(st);
-                    self.forget();
+                    *self.lock_slot() = None;
+                    self.pool.close_idle(generation);
                     if last {
                         return Err(HsmError::ObjectMissing {
                             token: self.name.clone(),
