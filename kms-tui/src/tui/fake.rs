@@ -217,6 +217,24 @@ pub fn history(top_seq: u64, n: usize) -> Vec<HistoryEntry> {
         .collect()
 }
 
+/// The versions of `tag` loaded, as the daemon task reports them.
+#[cfg(test)]
+pub fn versions_loaded(tag: String) -> super::action::Action {
+    super::action::Action::VersionsLoaded {
+        tag,
+        result: Ok(versions()),
+    }
+}
+
+/// The impact of `tag` loaded, as the daemon task reports it.
+#[cfg(test)]
+pub fn impact_loaded(tag: String) -> super::action::Action {
+    super::action::Action::ImpactLoaded {
+        tag,
+        result: Ok(impact()),
+    }
+}
+
 #[cfg(test)]
 pub fn impact() -> Impact {
     Impact {

@@ -186,13 +186,7 @@ fn confirm_disable_with_impact() {
         let mut a = app(s, "payments");
         update(&mut a, ch('d'));
         let tag = tag_of(&a, "payments");
-        update(
-            &mut a,
-            Action::ImpactLoaded {
-                tag,
-                result: Ok(fake::impact()),
-            },
-        );
+        update(&mut a, fake::impact_loaded(tag));
         a
     });
 }
@@ -276,13 +270,7 @@ fn versions_view() {
         let mut a = app(s, "payments");
         update(&mut a, ch('v'));
         let tag = tag_of(&a, "payments");
-        update(
-            &mut a,
-            Action::VersionsLoaded {
-                tag,
-                result: Ok(fake::versions()),
-            },
-        );
+        update(&mut a, fake::versions_loaded(tag));
         update(&mut a, ch('j'));
         a
     });
@@ -295,21 +283,9 @@ fn confirm_disable_current_version() {
         let mut a = app(s, "payments");
         update(&mut a, ch('v'));
         let tag = tag_of(&a, "payments");
-        update(
-            &mut a,
-            Action::VersionsLoaded {
-                tag: tag.clone(),
-                result: Ok(fake::versions()),
-            },
-        );
+        update(&mut a, fake::versions_loaded(tag.clone()));
         update(&mut a, ch(' '));
-        update(
-            &mut a,
-            Action::ImpactLoaded {
-                tag,
-                result: Ok(fake::impact()),
-            },
-        );
+        update(&mut a, fake::impact_loaded(tag));
         a
     });
 }

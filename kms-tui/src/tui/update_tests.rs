@@ -434,13 +434,7 @@ fn d_shows_impact_then_disables() {
     assert_eq!(update(&mut a, ch('d')), [Effect::LoadImpact(k.tag.clone())]);
     assert!(update(&mut a, ch('y')).is_empty(), "impact still loading");
     assert!(a.popup.is_some());
-    update(
-        &mut a,
-        Action::ImpactLoaded {
-            tag: k.tag.clone(),
-            result: Ok(fake::impact()),
-        },
-    );
+    update(&mut a, fake::impact_loaded(k.tag.clone()));
     assert!(
         matches!(&a.popup, Some(Popup::Confirm(c)) if matches!(c.impact, ImpactState::Loaded(_)))
     );
@@ -486,31 +480,13 @@ fn enter_does_not_confirm_destructive_actions() {
     let k = select(&mut a, "payments");
     for key in ['d', 'x'] {
         update(&mut a, ch(key));
-        update(
-            &mut a,
-            Action::ImpactLoaded {
-                tag: k.tag.clone(),
-                result: Ok(fake::impact()),
-            },
-        );
+        update(&mut a, fake::impact_loaded(k.tag.clone()));
         enter_refused(&mut a, &format!("{key}"));
     }
     update(&mut a, ch('v'));
-    update(
-        &mut a,
-        Action::VersionsLoaded {
-            tag: k.tag.clone(),
-            result: Ok(fake::versions()),
-        },
-    );
+    update(&mut a, fake::versions_loaded(k.tag.clone()));
     update(&mut a, ch(' '));
-    update(
-        &mut a,
-        Action::ImpactLoaded {
-            tag: k.tag.clone(),
-            result: Ok(fake::impact()),
-        },
-    );
+    update(&mut a, fake::impact_loaded(k.tag.clone()));
     enter_refused(&mut a, "disable version");
     update(&mut a, code(KeyCode::Esc));
 
@@ -548,13 +524,7 @@ fn x_requests_deletion() {
     let k = select(&mut a, "legacy-db");
     assert_eq!(update(&mut a, ch('x')), [Effect::LoadImpact(k.tag.clone())]);
     assert!(matches!(&a.popup, Some(Popup::Confirm(c)) if c.kind == ConfirmKind::RequestDeletion));
-    update(
-        &mut a,
-        Action::ImpactLoaded {
-            tag: k.tag.clone(),
-            result: Ok(fake::impact()),
-        },
-    );
+    update(&mut a, fake::impact_loaded(k.tag.clone()));
     assert_eq!(update(&mut a, ch('Y')), [op(Op::RequestDeletion, &k)]);
 }
 
@@ -670,13 +640,7 @@ fn v_lists_and_toggles_versions() {
         update(&mut a, ch('v')),
         [Effect::LoadVersions(k.tag.clone())]
     );
-    update(
-        &mut a,
-        Action::VersionsLoaded {
-            tag: k.tag.clone(),
-            result: Ok(fake::versions()),
-        },
-    );
+    update(&mut a, fake::versions_loaded(k.tag.clone()));
     let Screen::Versions(v) = &a.screen else {
         panic!()
     };
@@ -709,13 +673,7 @@ fn v_lists_and_toggles_versions() {
         Some(Popup::Confirm(c)) if c.kind == ConfirmKind::DisableVersion { version: 2, current: false }
     ));
     assert!(update(&mut a, ch('y')).is_empty(), "impact still loading");
-    update(
-        &mut a,
-        Action::ImpactLoaded {
-            tag: k.tag.clone(),
-            result: Ok(fake::impact()),
-        },
-    );
+    update(&mut a, fake::impact_loaded(k.tag.clone()));
     assert_eq!(update(&mut a, ch('y')), [toggle(2, false)]);
     assert_eq!(a.popup, None);
     assert!(
@@ -751,13 +709,7 @@ fn disabling_the_current_version_asks() {
     let k = select(&mut a, "payments");
     assert_eq!(k.current_version, 3);
     update(&mut a, ch('v'));
-    update(
-        &mut a,
-        Action::VersionsLoaded {
-            tag: k.tag.clone(),
-            result: Ok(fake::versions()),
-        },
-    );
+    update(&mut a, fake::versions_loaded(k.tag.clone()));
     for cancel in [ch('n'), code(KeyCode::Esc)] {
         assert_eq!(
             update(&mut a, ch(' ')),
