@@ -28,6 +28,26 @@ use anyhow::Context as _;
 use std::future::Future;
 use std::sync::Arc;
 
+/// kmsd's exit status when a restart cannot help and could do harm (`EX_CONFIG`): the
+/// daemon's PKCS#11 token refused its PIN, and a token that counts failed logins locks
+/// the PIN after a few. The unit file names it in `RestartPreventExitStatus=`, so
+/// `Restart=on-failure` does not present the PIN again every second.
+pub const EXIT_NO_RESTART: u8 = 78;
+
+/// The exit status for an error that stopped kmsd: [`EXIT_NO_RESTART`] or 1.
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    let refused_pin = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<engine::EngineError>(),
+            Some(engine::EngineError::Hsm(hsm::HsmError::Login { .. }))
+        ) || matches!(
+            cause.downcast_ref::<hsm::HsmError>(),
+            Some(hsm::HsmError::Login { .. })
+        )
+    });
+    if refused_pin { EXIT_NO_RESTART } else { 1 }
+}
+
 /// Runs the daemon until `stop` resolves, then shuts down gracefully: stops accepting,
 /// answers every request in flight, commits, closes the store, removes the socket (if
 /// kmsd bound it: a socket systemd passed stays, systemd listens on it for the next start).

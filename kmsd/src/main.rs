@@ -78,7 +78,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("kmsd: error: {e:#}");
             kmsd::systemd::notify_failed(&format!("{e:#}"));
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(kmsd::exit_status(&e))
         }
     }
 }

@@ -902,12 +902,68 @@ async fn pin_from_credential_and_wrong_pin() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    // 78 (EX_CONFIG): the unit's RestartPreventExitStatus, so systemd does not present
+    // the refused PIN again every second until the token locks it.
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
         stderr.contains("kms-cred") && stderr.contains("PIN"),
         "{stderr}"
     );
     assert!(!stderr.contains("9999-wrong"), "{stderr}");
+}
+
+/// A PIN the token refused is presented once, not on every call, new session or
+/// reconnection (tokens that count failed logins lock the PIN after a few): later calls
+/// fail at once saying so, and once the PIN file holds another PIN the next call
+/// presents it and works, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_pin_is_presented_once_until_the_pin_file_changes() {
+    let hsm = SoftHsm::new();
+    let daemon_token = hsm.init_token("kms-daemon", PIN);
+    let vault = hsm.init_token("kms-vault", PIN);
+    let mut d = TestDaemon::start_with(hsm.daemon_options(&daemon_token));
+    let c = d.client().await;
+    c.hsm_add(
+        "vault",
+        softhsm::MODULE,
+        &vault.label,
+        &vault.pin_file.display().to_string(),
+    )
+    .await
+    .unwrap();
+    let mut dk = spec("pin-dk", KeyType::Aes256, Protection::DedicatedHsm);
+    dk.hsm = Some("vault".into());
+    c.create_key(dk).await.unwrap();
+    let ct = c.encrypt("pin-dk", b"behind a pin", None).await.unwrap();
+    drop(c);
+
+    // The PIN file now holds a wrong PIN; the dedicated token opens on first use.
+    std::fs::write(&vault.pin_file, "0000-wrong\n").unwrap();
+    d.restart_with(hsm.daemon_options(&daemon_token));
+    let c = d.client().await;
+    for _ in 0..5 {
+        let m = message_of(c.decrypt("pin-dk", &ct, None).await);
+        assert!(
+            m.contains("kms-vault") && m.contains("does not present it again"),
+            "{m}"
+        );
+        assert!(!m.contains("0000-wrong") && !m.contains(PIN), "{m}");
+    }
+    let presented = d.log_text().matches("the token refused the PIN").count();
+    assert_eq!(
+        presented, 1,
+        "the refused PIN was presented {presented} times"
+    );
+
+    std::fs::write(&vault.pin_file, format!("{PIN}\n")).unwrap();
+    assert_eq!(
+        c.decrypt("pin-dk", &ct, None).await.unwrap(),
+        b"behind a pin"
+    );
+    assert!(
+        !d.log_text().contains(PIN),
+        "the PIN is in the daemon's log"
+    );
 }
 
 /// kmsd reads a dedicated token's PIN file with its own rights. A manager who is not root

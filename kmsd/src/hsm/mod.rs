@@ -71,8 +71,18 @@ pub enum HsmError {
     PinFile { path: PathBuf, message: String },
     #[error("PKCS#11 token {token} is not present (module {module})")]
     TokenAbsent { token: String, module: PathBuf },
-    #[error("PKCS#11 token {token} refused the PIN ({rv})")]
-    Login { token: String, rv: String },
+    /// The token refused the PIN. It is not presented again until the PIN file holds
+    /// another: tokens that count failed logins lock the PIN after a few.
+    #[error(
+        "PKCS#11 token {token} refused the PIN ({rv}); kmsd does not present it again (tokens \
+         lock their PIN after a few failed logins) until the PIN file {} holds another",
+        pin_file.display()
+    )]
+    Login {
+        token: String,
+        rv: String,
+        pin_file: PathBuf,
+    },
     #[error("PKCS#11 token {token}: {op} failed: {rv}")]
     Pkcs11 {
         token: String,

@@ -20,6 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 /// Sessions per token: enough to keep both cores busy, few enough for small tokens.
@@ -61,11 +62,26 @@ pub struct Token {
     name: String,
     label: String,
     module: Arc<Module>,
-    pin: RawAuthPin,
+    pin: Mutex<Pin>,
+    pin_file: PathBuf,
+    pin_owner: Option<u32>,
     /// The slot found for the label, and the library generation it was found in.
     slot: Mutex<Option<(u64, Slot)>>,
     pool: Pool,
     pub(crate) oaep: AtomicU8,
+}
+
+/// The PIN presented at login, and whether the token refused it.
+///
+/// A refused PIN is never presented again. Tokens that count failed logins lock the user
+/// PIN after a few (three on many smart cards), and without this every new session,
+/// every reconnection and every call that needs one would present it once more. The PIN
+/// file is read again when a login is needed: only a different PIN is tried.
+struct Pin {
+    /// Zeroized on drop; each login gets its own `RawAuthPin` copy (zeroized as well).
+    current: Zeroizing<Vec<u8>>,
+    /// The token's answer to `current` (`CKR_PIN_INCORRECT`, …), once it refused it.
+    refused: Option<String>,
 }
 
 impl Token {
@@ -84,7 +100,12 @@ impl Token {
             name,
             label: label.to_string(),
             module,
-            pin,
+            pin: Mutex::new(Pin {
+                current: pin,
+                refused: None,
+            }),
+            pin_file: pin_file.to_path_buf(),
+            pin_owner,
             slot: Mutex::new(None),
             pool: Pool::new(SESSIONS),
             oaep: AtomicU8::new(OAEP_UNKNOWN),
@@ -260,9 +281,23 @@ impl Token {
     }
 
     /// Logs a new session in. Login state is per token, so a session opened while another
-    /// is logged in is already logged in: that answer is success too.
+    /// is logged in is already logged in: that answer is success too. A PIN the token
+    /// refused is not presented again (see [`Pin`]).
     fn login(&self, s: &Session) -> Result<(), HsmError> {
-        match s.login_with_raw(UserType::User, &self.pin) {
+        let mut pin = self.pin.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rv) = &pin.refused {
+            let refused = || self.login_refused(rv.clone());
+            // A failure to read the file is the same answer: the refused PIN stays.
+            let fresh = read_pin(&self.pin_file, self.pin_owner).map_err(|_| refused())?;
+            if bool::from(fresh.as_slice().ct_eq(pin.current.as_slice())) {
+                return Err(refused());
+            }
+            tracing::info!(token = %self.name, "the PIN file holds another PIN; presenting it");
+            pin.current = fresh;
+            pin.refused = None;
+        }
+        let raw = RawAuthPin::new(Box::new(pin.current.to_vec()));
+        match s.login_with_raw(UserType::User, &raw) {
             Ok(()) => Ok(()),
             Err(e) => match rv_of(&e) {
                 Some(RvError::UserAlreadyLoggedIn) => Ok(()),
@@ -272,12 +307,27 @@ impl Token {
                     | RvError::PinLenRange
                     | RvError::PinLocked
                     | RvError::PinExpired,
-                ) => Err(HsmError::Login {
-                    token: self.name.clone(),
-                    rv: rv_name(&e),
-                }),
+                ) => {
+                    let rv = rv_name(&e);
+                    tracing::warn!(
+                        token = %self.name,
+                        rv = %rv,
+                        pin_file = %self.pin_file.display(),
+                        "the token refused the PIN; it is not presented again until the PIN file holds another"
+                    );
+                    pin.refused = Some(rv.clone());
+                    Err(self.login_refused(rv))
+                }
                 _ => Err(self.ck_error("C_Login", &e)),
             },
+        }
+    }
+
+    fn login_refused(&self, rv: String) -> HsmError {
+        HsmError::Login {
+            token: self.name.clone(),
+            rv,
+            pin_file: self.pin_file.clone(),
         }
     }
 }
@@ -312,19 +362,14 @@ fn is_gone(e: &CkError) -> bool {
 }
 
 /// Reads a PIN file: the first line, without its line ending. The buffer is allocated
-/// once at full size (so no copy is left behind by a reallocation) and zeroized on drop.
-fn read_pin(path: &Path, owner: Option<u32>) -> Result<RawAuthPin, HsmError> {
-    read_pin_bytes(path, owner).map(|pin| RawAuthPin::new(Box::new(pin)))
-}
-
-/// The PIN bytes of [`read_pin`], in a vector of exactly their length (moved, never
-/// copied, into the `RawAuthPin`, which zeroizes it).
+/// once at full size (so no copy is left behind by a reallocation) and zeroized on drop,
+/// and so is the PIN, in a vector of exactly its length.
 ///
 /// With `owner`, the file opened (symlinks followed) must be a regular file that uid
 /// owns, checked on the open file itself so that nothing can be swapped in between;
 /// every failure then gives the same message, so that a manager cannot probe which
 /// files exist through kmsd.
-fn read_pin_bytes(path: &Path, owner: Option<u32>) -> Result<Vec<u8>, HsmError> {
+fn read_pin(path: &Path, owner: Option<u32>) -> Result<Zeroizing<Vec<u8>>, HsmError> {
     use std::os::unix::fs::MetadataExt;
     let fail = |message: String| HsmError::PinFile {
         path: PathBuf::from(path),
@@ -356,7 +401,7 @@ fn read_pin_bytes(path: &Path, owner: Option<u32>) -> Result<Vec<u8>, HsmError> 
     if end == 0 {
         return Err(fail("the PIN is empty".into()));
     }
-    let mut pin = Vec::with_capacity(end);
+    let mut pin = Zeroizing::new(Vec::with_capacity(end));
     pin.extend_from_slice(&buf[..end]);
     Ok(pin)
 }
@@ -373,9 +418,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pin");
         std::fs::write(&p, "s3cret\n").unwrap();
-        assert_eq!(read_pin_bytes(&p, None).unwrap(), b"s3cret");
+        assert_eq!(*read_pin(&p, None).unwrap(), b"s3cret");
         std::fs::write(&p, "s3cret").unwrap();
-        assert_eq!(read_pin_bytes(&p, None).unwrap(), b"s3cret");
+        assert_eq!(*read_pin(&p, None).unwrap(), b"s3cret");
         std::fs::write(&p, "\n").unwrap();
         let e = read_pin(&p, None).err().unwrap().to_string();
         assert!(e.contains("empty") && e.contains("pin"), "{e}");
@@ -399,7 +444,7 @@ mod tests {
         let p = dir.path().join("pin");
         std::fs::write(&p, "s3cret\n").unwrap();
         let mine = std::fs::metadata(&p).unwrap().uid();
-        assert_eq!(read_pin_bytes(&p, Some(mine)).unwrap(), b"s3cret");
+        assert_eq!(*read_pin(&p, Some(mine)).unwrap(), b"s3cret");
         let other = mine.wrapping_add(4242);
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&p, &link).unwrap();
