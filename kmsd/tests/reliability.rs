@@ -5,6 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::Disk;
+
 use kms_shared::ciphertext;
 use kms_shared::model::{KeyType, MAX_BATCH_ITEMS, Protection};
 use kms_shared::protocol::{CreateKey, ErrorKind, ItemOutcome, PlaintextItem};
@@ -12,64 +16,10 @@ use kmsd::clock::ManualClock;
 use kmsd::crypto::RootKey;
 use kmsd::engine::{Caller, Engine, EngineConfig};
 use kmsd::store::Store;
-use redb::StorageBackend;
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
-/// An in-memory disk whose writes fail with ENOSPC while `full` is set. Clones share it.
-#[derive(Debug, Clone, Default)]
-struct Disk {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    full: Arc<AtomicBool>,
-}
-
-fn enospc() -> std::io::Error {
-    std::io::Error::from_raw_os_error(28)
-}
-
-impl StorageBackend for Disk {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        Ok(self.bytes.lock().unwrap().len() as u64)
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        let b = self.bytes.lock().unwrap();
-        let start = offset as usize;
-        let src = b
-            .get(start..start + out.len())
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        let mut b = self.bytes.lock().unwrap();
-        if self.full.load(Ordering::SeqCst) && len as usize > b.len() {
-            return Err(enospc());
-        }
-        b.resize(len as usize, 0);
-        Ok(())
-    }
-
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        if self.full.load(Ordering::SeqCst) {
-            return Err(enospc());
-        }
-        let mut b = self.bytes.lock().unwrap();
-        let start = offset as usize;
-        if b.len() < start + data.len() {
-            b.resize(start + data.len(), 0);
-        }
-        b[start..start + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-}
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 fn me() -> Caller {
     Caller {

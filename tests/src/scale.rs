@@ -119,6 +119,7 @@ fn key_mutations(
         rotation_days,
         rotation_anchor: auto_rotation.then_some(now),
         rotation_stopped: false,
+        token_objects_left: false,
         created_at: now,
         deletion_due_at: None,
         deleted_at: None,

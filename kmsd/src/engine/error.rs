@@ -35,6 +35,10 @@ pub enum EngineError {
     /// A PKCS#11 token failed or refused (its message names the token, never the PIN).
     #[error("{0}")]
     Hsm(crate::hsm::HsmError),
+    /// The store holds what this daemon cannot use (a broken reference): no request
+    /// could fix it.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl EngineError {
@@ -50,7 +54,9 @@ impl EngineError {
             EngineError::VersionLimit(_) => ErrorKind::VersionLimit,
             EngineError::DecryptFailed => ErrorKind::DecryptFailed,
             EngineError::PermissionDenied(_) => ErrorKind::PermissionDenied,
-            EngineError::Store(_) | EngineError::Crypto(_) => ErrorKind::Internal,
+            EngineError::Store(_) | EngineError::Crypto(_) | EngineError::Internal(_) => {
+                ErrorKind::Internal
+            }
             EngineError::Hsm(e) => e.kind(),
         }
     }

@@ -73,14 +73,17 @@ impl Engine {
                 .ok_or(EngineError::Hsm(HsmError::NotConfigured)),
             Protection::DedicatedHsm => {
                 let name = rec.hsm.as_deref().ok_or_else(|| {
-                    EngineError::InvalidState(format!(
+                    EngineError::Internal(format!(
                         "key {} is dedicated-hsm but names no token",
                         rec.name
                     ))
                 })?;
                 // An unregistered token here is a broken store, not a bad request.
                 self.hsm.dedicated(name).map_err(|e| match e {
-                    HsmError::Invalid(m) => EngineError::InvalidState(m),
+                    HsmError::Invalid(m) => EngineError::Internal(format!(
+                        "key {} lives on a token that is not registered: {m}",
+                        rec.name
+                    )),
                     other => EngineError::Hsm(other),
                 })
             }
@@ -132,9 +135,9 @@ impl Engine {
     ) -> Result<Arc<KeyMaterial>, EngineError> {
         let what = format!("version {} of key {}", v.version, entry.rec.name);
         let reference = HsmRef::decode(wrapped).ok_or_else(|| {
-            EngineError::Hsm(HsmError::Invalid(format!(
+            EngineError::Internal(format!(
                 "the store's reference to {what} is not an HSM reference"
-            )))
+            ))
         })?;
         let token = self.token_for(&entry.rec)?;
         if reference.token != token.label() {
@@ -150,9 +153,20 @@ impl Engine {
         Ok(Arc::new(KeyMaterial::Hsm(key)))
     }
 
-    /// Destroys the token objects of every version of an HSM key (before its purge is
-    /// committed, so a purge never forgets objects it could not destroy; destroying
-    /// again what is already gone is harmless).
+    /// Refuses to purge an HSM key while its token cannot be reached: the purge would be
+    /// committed with its objects left for the scheduler to destroy later; asked now, the
+    /// caller can try again once the token is back. Basic keys pass.
+    pub(super) fn require_token_present(&self, e: &KeyEntry) -> Result<(), EngineError> {
+        if e.rec.protection == Protection::Basic {
+            return Ok(());
+        }
+        self.token_for(&e.rec)?.ensure_present()?;
+        Ok(())
+    }
+
+    /// Destroys the token objects of every version of an HSM key (after its purge is
+    /// committed, from the references the versions keep until then; destroying again
+    /// what is already gone is harmless).
     pub(super) fn destroy_hsm_material(&self, e: &KeyEntry) -> Result<(), EngineError> {
         if e.rec.protection == Protection::Basic {
             return Ok(());
@@ -306,7 +320,8 @@ impl Engine {
         if !keys.is_empty() {
             let shown: Vec<&str> = keys.iter().take(5).map(String::as_str).collect();
             return Err(EngineError::InvalidState(format!(
-                "HSM token {name} still holds {} key(s) not purged ({}{}); delete and purge them first",
+                "HSM token {name} still holds {} key(s) not purged or whose objects are not yet \
+                 destroyed ({}{}); delete and purge them first",
                 keys.len(),
                 shown.join(", "),
                 if keys.len() > shown.len() {
@@ -324,7 +339,8 @@ impl Engine {
         Ok(info(record, 0))
     }
 
-    /// Names of the keys not yet purged on a dedicated token.
+    /// Names of the keys on a dedicated token not yet purged, or purged with objects
+    /// still to destroy there.
     fn keys_on(&self, name: &str) -> Vec<String> {
         let ring = self.ring();
         let mut names: Vec<String> = ring
@@ -333,7 +349,7 @@ impl Engine {
             .filter(|e| {
                 e.rec.protection == Protection::DedicatedHsm
                     && e.rec.hsm.as_deref() == Some(name)
-                    && e.rec.state != KeyState::Deleted
+                    && (e.rec.state != KeyState::Deleted || e.rec.token_objects_left)
             })
             .map(|e| e.rec.name.clone())
             .collect();

@@ -25,6 +25,8 @@ struct Change {
     /// Recorded in history instead of `ok` (a scheduled rotation stopped by the limit).
     refusal: Option<EngineError>,
     events: Vec<(EventKind, Option<u32>, String)>,
+    /// Whether the change is an entry of the key's history (housekeeping is not).
+    recorded: bool,
 }
 
 impl Change {
@@ -36,7 +38,14 @@ impl Change {
             version: None,
             refusal: None,
             events: Vec::new(),
+            recorded: true,
         }
+    }
+
+    /// A change that is no entry of the key's history: the daemon's own housekeeping.
+    fn unrecorded(mut self) -> Self {
+        self.recorded = false;
+        self
     }
 
     fn event(mut self, kind: EventKind, version: Option<u32>, message: String) -> Self {
@@ -65,12 +74,20 @@ impl Engine {
         if let Some(m) = v.material.get() {
             return Ok(m.clone());
         }
-        let wrapped = v.record.wrapped.as_ref().ok_or_else(|| {
-            EngineError::InvalidState(format!(
-                "version {} of key {} has been destroyed",
-                v.version, entry.rec.name
-            ))
-        })?;
+        // A purged HSM key keeps its references until its token objects are destroyed
+        // (`token_objects_left`); they are never to be used again.
+        let purged = entry.rec.state == KeyState::Deleted;
+        let wrapped = v
+            .record
+            .wrapped
+            .as_ref()
+            .filter(|_| !purged)
+            .ok_or_else(|| {
+                EngineError::InvalidState(format!(
+                    "version {} of key {} has been destroyed",
+                    v.version, entry.rec.name
+                ))
+            })?;
         if entry.rec.protection != Protection::Basic {
             let m = self.load_hsm_material(entry, v, wrapped)?;
             return Ok(v.material.get_or_init(|| m).clone());
@@ -167,14 +184,16 @@ impl Engine {
             purged_grants = self.grants_on(&tag);
             m.extend(purged_grants.iter().map(|g| Mutation::RemoveGrant(g.id)));
         }
-        m.push(history_mutation(
-            &tag,
-            now,
-            caller,
-            change.action,
-            change.version,
-            change.refusal.as_ref().map(EngineError::kind),
-        ));
+        if change.recorded {
+            m.push(history_mutation(
+                &tag,
+                now,
+                caller,
+                change.action,
+                change.version,
+                change.refusal.as_ref().map(EngineError::kind),
+            ));
+        }
 
         // The versions this change edits, read before the commit (see `VersionsCell`).
         let base = match old {
@@ -188,8 +207,18 @@ impl Engine {
             _ => None,
         };
         if let Err(e) = self.writer.submit(m).wait() {
-            // Versions generated in a token for this change would be orphans there.
-            self.discard_hsm_versions(&change.versions);
+            // Versions generated in a token for this change would be orphans there —
+            // unless the change may have been stored after all: then they may be what
+            // the store refers to, and an orphan is the lesser harm.
+            if e.may_have_landed() {
+                tracing::warn!(
+                    key = %change.rec.name,
+                    versions = change.versions.len(),
+                    "keeping the token objects of a change that may have been stored"
+                );
+            } else {
+                self.discard_hsm_versions(&change.versions);
+            }
             return Err(e.into());
         }
 
@@ -313,6 +342,7 @@ impl Engine {
             rotation_days: days,
             rotation_anchor: spec.auto_rotation.then_some(now),
             rotation_stopped: false,
+            token_objects_left: false,
             created_at: now,
             deletion_due_at: None,
             deleted_at: None,
@@ -694,8 +724,7 @@ impl Engine {
     pub fn delete_now(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
         self.change_key(caller, key, Action::DeleteNow, None, |e, now| {
             require_pending(e)?;
-            // Token objects go first: a purge is committed only once they are destroyed.
-            self.destroy_hsm_material(e)?;
+            self.require_token_present(e)?;
             Ok(purge_change(
                 e,
                 self.versions_of(e)?,
@@ -703,7 +732,7 @@ impl Engine {
                 Action::DeleteNow,
             ))
         })
-        .map(|e| e.info())
+        .map(|e| self.destroy_token_objects_after_purge(e).info())
     }
 
     /// The scheduled purge at the end of the deletion wait.
@@ -713,9 +742,59 @@ impl Engine {
             if e.rec.deletion_due_at.is_none_or(|d| d > now) {
                 return Err(EngineError::InvalidState("purge not yet due".into()));
             }
-            self.destroy_hsm_material(e)?;
+            self.require_token_present(e)?;
             Ok(purge_change(e, self.versions_of(e)?, now, Action::Purge))
         })
+        .map(|e| self.destroy_token_objects_after_purge(e))
+    }
+
+    /// Right after a purge: destroys the key's token objects, and on failure leaves them to
+    /// the scheduler (`DueKind::DestroyObjects`, retried with backoff). Returns the entry
+    /// as it stands afterwards.
+    fn destroy_token_objects_after_purge(&self, purged: Arc<KeyEntry>) -> Arc<KeyEntry> {
+        if !purged.rec.token_objects_left {
+            return purged;
+        }
+        match self.destroy_token_objects(&purged.rec.tag) {
+            Ok(Some(entry)) => entry,
+            Ok(None) => purged,
+            Err(e) => {
+                tracing::warn!(
+                    key = %purged.rec.name,
+                    error = %e,
+                    "the purged key's token objects are not destroyed yet; the scheduler tries again"
+                );
+                purged
+            }
+        }
+    }
+
+    /// Destroys the token objects of a purged HSM key, then forgets its references. A
+    /// purge is committed before its objects are destroyed: destroyed first, a purge
+    /// whose commit failed (or may have failed) left a key that could be cancelled back
+    /// to use with no material. Returns the entry afterwards, or `None` if there was
+    /// nothing left to destroy.
+    pub(super) fn destroy_token_objects(
+        &self,
+        tag: &str,
+    ) -> Result<Option<Arc<KeyEntry>>, EngineError> {
+        let lock = self.key_lock(tag);
+        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.resolve(tag)?;
+        if !entry.rec.token_objects_left {
+            return Ok(None);
+        }
+        self.destroy_hsm_material(&entry)?;
+        let mut rec = entry.rec.clone();
+        rec.token_objects_left = false;
+        let mut change = Change::new(rec, Action::Purge).unrecorded();
+        for v in self.versions_of(&entry)? {
+            let mut vrec = v.record.clone();
+            vrec.wrapped = None;
+            change.versions.push((v.version, vrec, None));
+        }
+        self.apply(&Caller::daemon(), Some(&entry), change)
+            .map(Some)
     }
 
     /// Forgets a purged key whose retention has ended: metadata, counters and history.
@@ -795,15 +874,21 @@ fn purge_change(
     rec.state = KeyState::Deleted;
     rec.deleted_at = Some(now);
     rec.deletion_due_at = None;
+    // An HSM key's versions keep their references (no material) until the objects are
+    // destroyed, right after this commit (`destroy_token_objects`).
+    let in_token = rec.protection != Protection::Basic;
+    rec.token_objects_left = in_token && versions.iter().any(|v| v.record.wrapped.is_some());
     let mut change = Change::new(rec, action).event(
         EventKind::Purged,
         None,
         format!("key {} purged; its material is destroyed", e.rec.name),
     );
-    for v in versions {
-        let mut vrec = v.record.clone();
-        vrec.wrapped = None;
-        change.versions.push((v.version, vrec, None));
+    if !in_token {
+        for v in versions {
+            let mut vrec = v.record.clone();
+            vrec.wrapped = None;
+            change.versions.push((v.version, vrec, None));
+        }
     }
     change
 }

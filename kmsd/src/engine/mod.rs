@@ -543,6 +543,7 @@ impl Engine {
                 DueKind::Rotation => self.auto_rotate(&tag, at, now).map(|_| ()),
                 DueKind::Deletion => self.purge_due(&tag).map(|_| ()),
                 DueKind::Expiry => self.expire(&tag),
+                DueKind::DestroyObjects => self.destroy_token_objects(&tag).map(|_| ()),
             };
             match r {
                 Ok(()) => {

@@ -22,8 +22,13 @@ pub fn due_entries(rec: &KeyRecord, retention_ms: i64) -> Vec<(UnixMillis, DueKi
             }
         }
         KeyState::Deleted => {
+            // Metadata outlives the token objects: a key forgotten with objects left
+            // would leave them in the token for good.
             if let Some(at) = rec.deleted_at {
-                out.push((at.saturating_add(retention_ms), DueKind::Expiry));
+                out.push(match rec.token_objects_left {
+                    true => (at, DueKind::DestroyObjects),
+                    false => (at.saturating_add(retention_ms), DueKind::Expiry),
+                });
             }
         }
         KeyState::Enabled | KeyState::Disabled => {}

@@ -110,6 +110,19 @@ pub enum StoreError {
     },
     #[error("the store writer has stopped")]
     WriterGone,
+    /// A commit failed, but it may have been stored all the same: it reads back as
+    /// stored (and could not be confirmed), or whether it was could not be read back, or
+    /// the store has no journal whose generation would tell (see the writer's `commit`).
+    /// Whatever the change made outside the store (objects in a token) must be kept.
+    #[error("{0} (the change may have been stored all the same)")]
+    Unsettled(Box<StoreError>),
+}
+
+impl StoreError {
+    /// Whether the failed change may be in the store anyway (see [`StoreError::Unsettled`]).
+    pub fn may_have_landed(&self) -> bool {
+        matches!(self, StoreError::Unsettled(_))
+    }
 }
 
 impl StoreError {

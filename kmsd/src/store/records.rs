@@ -27,6 +27,12 @@ pub struct KeyRecord {
     /// Set when the version limit stopped auto rotation (an event asked for a new key).
     #[serde(default)]
     pub rotation_stopped: bool,
+    /// Set by the purge of an HSM key until its token objects are destroyed: the purge is
+    /// committed first and the objects destroyed after it, retried by the scheduler
+    /// (`DueKind::DestroyObjects`) while the token cannot be reached. Until then the
+    /// versions keep their references (never used again), so nothing is forgotten.
+    #[serde(default)]
+    pub token_objects_left: bool,
     pub created_at: UnixMillis,
     pub deletion_due_at: Option<UnixMillis>,
     pub deleted_at: Option<UnixMillis>,
@@ -139,6 +145,8 @@ pub enum DueKind {
     Deletion = 2,
     /// End of the retention of a purged key's metadata and history.
     Expiry = 3,
+    /// The token objects of a purged HSM key are still to be destroyed.
+    DestroyObjects = 4,
 }
 
 impl DueKind {
@@ -147,6 +155,7 @@ impl DueKind {
             1 => Some(DueKind::Rotation),
             2 => Some(DueKind::Deletion),
             3 => Some(DueKind::Expiry),
+            4 => Some(DueKind::DestroyObjects),
             _ => None,
         }
     }

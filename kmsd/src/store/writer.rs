@@ -587,22 +587,23 @@ impl State {
                 // landed, the pending calls are in redb and must not be applied again,
                 // and the journal must go on under the stored generation, or the next
                 // open would not find what it acknowledges.
+                let unsettled = |e| StoreError::Unsettled(Box::new(e));
                 let Some(g) = generation else {
-                    return Err(e);
+                    return Err(unsettled(e));
                 };
                 match self.stored_generation() {
                     Ok(stored) if stored == Some(g) => {
                         tracing::warn!("the failed commit reads back as landed; confirming it");
                         self.pending.clear();
                         self.fold_not_before = None;
-                        self.confirm()
+                        self.confirm().map_err(unsettled)
                     }
                     Ok(_) => Err(e),
                     Err(read) => {
                         tracing::error!(error = %read, "cannot tell whether the commit landed; the call journal waits");
                         self.uncertain = Some(g);
                         self.journal_failed = true;
-                        Err(e)
+                        Err(unsettled(e))
                     }
                 }
             }

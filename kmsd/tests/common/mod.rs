@@ -1,0 +1,87 @@
+//! What several of the engine's integration tests share: an in-memory disk that fails on
+//! command.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use redb::StorageBackend;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// An in-memory disk. Clones share it. Its writes fail with ENOSPC while `full` is set;
+/// [`Disk::fail_commit_after_header`] makes the `sync_data` that follows the next commit's
+/// final header write fail with EIO, once: the commit reports a failure and is stored
+/// all the same (what redb does when an fsync fails after its new header was written).
+#[derive(Debug, Clone, Default)]
+pub struct Disk {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    pub full: Arc<AtomicBool>,
+    /// Header writes (offset 0) still to come before a `sync_data` fails.
+    header_writes_left: Arc<AtomicU64>,
+    /// The next `sync_data` fails.
+    fail_next_sync: Arc<AtomicBool>,
+}
+
+impl Disk {
+    /// The next commit (two-phase: its header is written twice, each write followed by
+    /// an fsync) fails at the fsync after its second header write, which has landed.
+    pub fn fail_commit_after_header(&self) {
+        self.header_writes_left.store(2, Ordering::SeqCst);
+    }
+}
+
+fn enospc() -> std::io::Error {
+    std::io::Error::from_raw_os_error(28)
+}
+
+impl StorageBackend for Disk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.bytes.lock().unwrap().len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let b = self.bytes.lock().unwrap();
+        let start = offset as usize;
+        let src = b
+            .get(start..start + out.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let mut b = self.bytes.lock().unwrap();
+        if self.full.load(Ordering::SeqCst) && len as usize > b.len() {
+            return Err(enospc());
+        }
+        b.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(enospc());
+        }
+        if offset == 0
+            && self
+                .header_writes_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                == Ok(1)
+        {
+            self.fail_next_sync.store(true, Ordering::SeqCst);
+        }
+        let mut b = self.bytes.lock().unwrap();
+        let start = offset as usize;
+        if b.len() < start + data.len() {
+            b.resize(start + data.len(), 0);
+        }
+        b[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
