@@ -30,6 +30,8 @@ pub enum Action {
     Back,
     StartFilter,
     Help,
+    /// `M`: the last message in full, in a pop-up.
+    FullMessage,
     Create,
     Rotate,
     Disable,

@@ -9,7 +9,7 @@ use kms_shared::protocol::{CreateKey, GrantSpec, HsmTokenInfo};
 
 use super::keymap::Mode;
 use super::strings;
-use super::ui::layout;
+use super::ui::{layout, message};
 
 /// History entries fetched per request; scrolling near the end fetches the next page.
 pub const HISTORY_PAGE: u32 = 100;
@@ -157,6 +157,17 @@ pub enum Popup {
     Token(TokenForm),
     /// A plain yes/no question about a grant or a token.
     Ask(Ask),
+    /// The last message in full (`M`), for one too long for the message area.
+    Message(FullMessage),
+}
+
+/// The message the pop-up shows: a copy, so that a live event arriving meanwhile does
+/// not swap the text being read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullMessage {
+    pub message: Message,
+    /// First wrapped line shown.
+    pub scroll: usize,
 }
 
 /// Yes/no questions outside the key lifecycle: nothing to weigh but the thing named.
@@ -732,6 +743,7 @@ impl App {
             Some(Popup::Grant(_)) => Mode::GrantForm,
             Some(Popup::Token(_)) => Mode::TokenForm,
             Some(Popup::Ask(_)) => Mode::Confirm,
+            Some(Popup::Message(_)) => Mode::Message,
             None if self.filter_editing => Mode::Filter,
             None => match self.screen {
                 Screen::Main => Mode::Main,
@@ -776,7 +788,21 @@ impl App {
 
     /// Rows of keys the list shows at the current size.
     pub fn list_rows(&self) -> usize {
-        layout::list_rows(self.size)
+        layout::list_rows(self.size, self.message_rows())
+    }
+
+    /// Rows the message area takes now: as many as the message needs, wrapped to the
+    /// terminal's width, up to a third of the screen; one for the filter being typed, a
+    /// short message, or none.
+    pub fn message_rows(&self) -> u16 {
+        match &self.message {
+            Some(m) if !self.filter_editing => {
+                let max = layout::message_max_rows(self.size.1);
+                let rows = message::area_lines(&m.text, self.size.0, max).len();
+                u16::try_from(rows).unwrap_or(max).clamp(1, max)
+            }
+            _ => 1,
+        }
     }
 
     pub fn info(&mut self, text: impl Into<String>) {

@@ -33,6 +33,8 @@ pub enum Mode {
     Confirm,
     /// A one-line text input: period, memo, or the key name for "delete now".
     Prompt,
+    /// The last message in full.
+    Message,
 }
 
 /// The action a key means in a mode, if any.
@@ -56,6 +58,7 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Esc => Some(Action::Back),
             Char('/') => Some(Action::StartFilter),
             Char('?') => Some(Action::Help),
+            Char('M') => Some(Action::FullMessage),
             Char('q') => Some(Action::Quit),
             Char('c') => Some(Action::Create),
             Char('r') => Some(Action::Rotate),
@@ -84,6 +87,7 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Char('x') | Delete => Some(Action::Remove),
             Esc => Some(Action::Back),
             Char('?') => Some(Action::Help),
+            Char('M') => Some(Action::FullMessage),
             Char('q') => Some(Action::Quit),
             _ => None,
         },
@@ -99,6 +103,7 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Char('h') => Some(Action::History),
             Esc => Some(Action::Back),
             Char('?') => Some(Action::Help),
+            Char('M') => Some(Action::FullMessage),
             Char('q') => Some(Action::Quit),
             _ => None,
         },
@@ -112,6 +117,7 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Char('v') => Some(Action::Versions),
             Esc => Some(Action::Back),
             Char('?') => Some(Action::Help),
+            Char('M') => Some(Action::FullMessage),
             Char('q') => Some(Action::Quit),
             _ => None,
         },
@@ -126,6 +132,16 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
         },
         Mode::Help => match key.code {
             Esc | Enter | Char('?') | Char('q') => Some(Action::Back),
+            _ => None,
+        },
+        Mode::Message => match key.code {
+            Up | Char('k') => Some(Action::Up),
+            Down | Char('j') => Some(Action::Down),
+            PageUp => Some(Action::PageUp),
+            PageDown => Some(Action::PageDown),
+            Home | Char('g') => Some(Action::Top),
+            End | Char('G') => Some(Action::Bottom),
+            Esc | Enter | Char('M') | Char('q') => Some(Action::Back),
             _ => None,
         },
         Mode::Form | Mode::GrantForm | Mode::TokenForm => match key.code {
@@ -223,6 +239,7 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("↑↓", s::F_MOVE),
         ],
         Mode::Help => &[("esc", s::F_CLOSE)],
+        Mode::Message => &[("esc", s::F_CLOSE), ("↑↓", s::F_SCROLL)],
         Mode::Form => &[
             ("tab/↑↓", s::F_FIELD),
             ("←→/space", s::F_CHANGE),
@@ -257,6 +274,7 @@ pub const HELP: &[(&str, &[Hint])] = &[
             ("esc", s::H_ESC),
             ("/", s::H_FILTER),
             ("?", s::H_HELP),
+            ("M", s::H_MESSAGE),
             ("q  ctrl-c", s::H_QUIT),
         ],
     ),
@@ -303,7 +321,7 @@ pub const HELP: &[(&str, &[Hint])] = &[
 mod tests {
     use super::*;
 
-    const MODES: [Mode; 13] = [
+    const MODES: [Mode; 14] = [
         Mode::Main,
         Mode::Details,
         Mode::Versions,
@@ -317,6 +335,7 @@ mod tests {
         Mode::TokenForm,
         Mode::Confirm,
         Mode::Prompt,
+        Mode::Message,
     ];
 
     /// The keys a footer hint names ("tab/↑↓" is tab, up and down).
@@ -356,6 +375,27 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// M shows the last message from every view, closes its own pop-up, and stays a
+    /// letter where text is typed.
+    #[test]
+    fn m_shows_the_message() {
+        let key = KeyEvent::new(KeyCode::Char('M'), KeyModifiers::NONE);
+        for mode in [
+            Mode::Main,
+            Mode::Details,
+            Mode::Versions,
+            Mode::History,
+            Mode::Grants,
+            Mode::Tokens,
+        ] {
+            assert_eq!(map(mode, key), Some(Action::FullMessage), "{mode:?}");
+        }
+        assert_eq!(map(Mode::Message, key), Some(Action::Back));
+        for mode in [Mode::Filter, Mode::Form, Mode::Prompt] {
+            assert_eq!(map(mode, key), Some(Action::Char('M')), "{mode:?}");
         }
     }
 

@@ -333,6 +333,72 @@ fn confirm_long_lines_wrap() {
     assert!(out.contains("│   2025-02-28 22:00 "), "{out}");
 }
 
+/// The daemon's refusal of a rotation: it names the key, the token and the reason, and
+/// ends with what to do.
+const LONG_REFUSAL: &str = "failed-precondition: HSM token vault-a (label tenant-a) refused \
+     the login: the PIN file /etc/kms/hsm/vault-a.pin is not readable by kmsd; give it mode \
+     0400 and owner kms";
+
+/// A long error on a narrow terminal takes as many rows as it needs, so its end (why it
+/// was refused, what to do) is on screen; the list gives up those rows and keeps the
+/// selected key in view.
+#[test]
+fn long_error_message_wraps() {
+    let mut a = app((60, 20), "payments");
+    update(
+        &mut a,
+        Action::OpDone {
+            op: super::action::Op::Rotate,
+            name: "partner-sso".into(),
+            result: Err(LONG_REFUSAL.into()),
+        },
+    );
+    let out = draw(&a);
+    for part in [
+        "could not rotate partner-sso",
+        "vault-a.pin",
+        "0400 and owner kms",
+    ] {
+        assert!(out.contains(part), "{part} is shown:\n{out}");
+    }
+    assert!(
+        out.contains("›payments"),
+        "the selected key stays in view:\n{out}"
+    );
+    insta::assert_snapshot!("long_error_message_60x20", out);
+}
+
+/// Too long even for a third of the screen: the message area says how to see the rest,
+/// and `M` shows all of it in a pop-up that scrolls to its end.
+#[test]
+fn long_message_popup() {
+    let mut a = app((40, 12), "payments");
+    update(
+        &mut a,
+        Action::OpDone {
+            op: super::action::Op::Rotate,
+            name: "partner-sso".into(),
+            result: Err(LONG_REFUSAL.into()),
+        },
+    );
+    let out = draw(&a);
+    assert!(out.contains(super::strings::MESSAGE_MORE), "{out}");
+    insta::assert_snapshot!("long_message_cut_40x12", out);
+
+    update(&mut a, ch('M'));
+    let out = draw(&a);
+    assert!(out.contains("and owner kms"), "{out}");
+    insta::assert_snapshot!("long_message_popup_40x12", out);
+
+    // Shorter than the message: the pop-up scrolls, down to its last line.
+    update(&mut a, Action::Resize(40, 8));
+    update(&mut a, code(KeyCode::End));
+    let out = draw(&a);
+    assert!(out.contains("and owner kms"), "{out}");
+    assert!(out.contains(super::strings::MESSAGE_SCROLL_HINT), "{out}");
+    insta::assert_snapshot!("long_message_popup_scrolled_40x8", out);
+}
+
 /// The history of a key, newest first, with more to load.
 #[test]
 fn history_view() {
@@ -542,8 +608,16 @@ fn create_form_no_token() {
 /// Drawing never panics at tiny or odd sizes, whatever screen or pop-up is open.
 #[test]
 fn odd_sizes_do_not_panic() {
-    let scenarios: [&dyn Fn(&mut App); 15] = [
+    let scenarios: [&dyn Fn(&mut App); 17] = [
         &|_| {},
+        &|a| {
+            update(a, Action::KeysLoaded(Err(LONG_REFUSAL.repeat(20))));
+        },
+        &|a| {
+            update(a, Action::KeysLoaded(Err(LONG_REFUSAL.repeat(20))));
+            update(a, ch('M'));
+            update(a, code(KeyCode::PageDown));
+        },
         &|a| update(a, ch('?')).clear(),
         &|a| update(a, ch('c')).clear(),
         &|a| update(a, ch('d')).clear(),

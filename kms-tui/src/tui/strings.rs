@@ -162,6 +162,7 @@ pub const H_ESC: &str = "back, close, clear filter";
 pub const H_FILTER: &str = "filter by name or tag";
 pub const H_HELP: &str = "this help";
 pub const H_QUIT: &str = "quit";
+pub const H_MESSAGE: &str = "last message in full";
 pub const H_CREATE: &str = "create a key";
 pub const H_ROTATE: &str = "rotate now";
 pub const H_DISABLE: &str = "disable";
@@ -221,6 +222,7 @@ pub const F_REVOKE: &str = "revoke";
 pub const F_REGISTER: &str = "register";
 pub const F_REMOVE: &str = "remove";
 pub const F_GRANT: &str = "grant";
+pub const F_SCROLL: &str = "scroll";
 
 pub const HELP_TITLE: &str = " Help — key bindings ";
 pub const HELP_SECTION_MOVE: &str = "Moving around";
@@ -229,6 +231,12 @@ pub const HELP_SECTION_VIEWS: &str = "Views, forms and prompts";
 pub const HELP_SECTION_ADMIN: &str = "Permissions and HSM tokens";
 
 pub const FILTER_PROMPT: &str = "/";
+
+// The message area and its pop-up.
+/// Ends the last row of a message too long for the message area.
+pub const MESSAGE_MORE: &str = "… (M shows all)";
+pub const MESSAGE_TITLE: &str = " Last message ";
+pub const MESSAGE_SCROLL_HINT: &str = "↑↓ scroll";
 
 // Create form.
 pub const FORM_TITLE: &str = " Create key ";

@@ -7,13 +7,14 @@ use kms_shared::protocol::{Event, EventKind};
 
 use super::action::{Action, Effect, Op};
 use super::app::{
-    App, Base, Confirm, ConfirmKind, CreateForm, Field, HISTORY_PAGE, HISTORY_PREFETCH,
-    HistoryView, ImpactState, MAX_INPUT, MsgKind, PROTECTIONS, Popup, Prompt, PromptKind, Screen,
-    TokenChoices, VersionsView, scroll_offset,
+    App, Base, Confirm, ConfirmKind, CreateForm, Field, FullMessage, HISTORY_PAGE,
+    HISTORY_PREFETCH, HistoryView, ImpactState, MAX_INPUT, MsgKind, PROTECTIONS, Popup, Prompt,
+    PromptKind, Screen, TokenChoices, VersionsView, scroll_offset,
 };
 use super::keymap::{self, Mode};
 use super::strings as s;
 use super::ui::layout;
+use super::ui::message as ui_message;
 use kms_shared::model::KeyType;
 
 /// Up to this many keys, the periodic refresh re-reads the whole list.
@@ -22,8 +23,24 @@ const TICK_RELOAD_MAX: usize = 2_000;
 /// Applies one action; returns what the outside world must do.
 pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
     let mut fx = Vec::new();
+    let message_rows = app.message_rows();
     step(app, action, &mut fx);
+    // A message that takes more (or fewer) rows than the last one changes the size of
+    // every list, as a resize does.
+    if app.message_rows() != message_rows {
+        relayout(app);
+    }
     fx
+}
+
+/// Keeps every scroll window valid after the lists' heights changed.
+fn relayout(app: &mut App) {
+    app.clamp_selection();
+    let rows = layout::history_rows(app.size, app.message_rows());
+    if let Screen::History(hv) = &mut app.screen {
+        hv.offset = scroll_offset(hv.offset, hv.selected, rows, hv.entries.len());
+    }
+    admin::on_resize(app);
 }
 
 fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
@@ -35,12 +52,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
         }
         Action::Resize(w, h) => {
             app.size = (w, h);
-            app.clamp_selection();
-            let rows = layout::history_rows(app.size);
-            if let Screen::History(hv) = &mut app.screen {
-                hv.offset = scroll_offset(hv.offset, hv.selected, rows, hv.entries.len());
-            }
-            admin::on_resize(app);
+            relayout(app);
         }
         // Usage counts change without events. A small list is simply re-read; a large
         // one only for the key the user is looking at.
@@ -55,6 +67,11 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
         }
         Action::Tick => {}
         Action::Quit => app.should_quit = true,
+        Action::FullMessage if app.popup.is_none() => {
+            if let Some(message) = app.message.clone() {
+                app.popup = Some(Popup::Message(FullMessage { message, scroll: 0 }));
+            }
+        }
 
         Action::Connected { daemon_version } => {
             app.info(s::connected_message(&daemon_version));
@@ -145,6 +162,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                     app.popup = None;
                 }
             }
+            Mode::Message => message_intent(app, intent),
             Mode::Form => form_intent(app, intent, fx),
             Mode::GrantForm => admin::grant_form_intent(app, intent, fx),
             Mode::TokenForm => admin::token_form_intent(app, intent, fx),
@@ -431,7 +449,7 @@ fn set_versions(v: &mut VersionsView, result: Result<Vec<kms_shared::model::Vers
 }
 
 fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
-    let page = layout::versions_rows(app.size).max(1) as isize;
+    let page = layout::versions_rows(app.size, app.message_rows()).max(1) as isize;
     let Screen::Versions(v) = &mut app.screen else {
         return;
     };
@@ -490,7 +508,7 @@ fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
 }
 
 fn history_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
-    let rows = layout::history_rows(app.size);
+    let rows = layout::history_rows(app.size, app.message_rows());
     let page = rows.max(1) as isize;
     let Screen::History(h) = &mut app.screen else {
         return;
@@ -554,7 +572,7 @@ fn on_history(
     result: Result<Vec<kms_shared::model::HistoryEntry>, String>,
     fx: &mut Vec<Effect>,
 ) {
-    let rows = layout::history_rows(app.size);
+    let rows = layout::history_rows(app.size, app.message_rows());
     let Screen::History(h) = &mut app.screen else {
         return;
     };
@@ -587,6 +605,31 @@ fn on_history(
         }
         Err(e) => h.error = Some(e),
     }
+}
+
+/// Scrolling the full-message pop-up, and closing it.
+fn message_intent(app: &mut App, a: Action) {
+    let size = app.size;
+    let Some(Popup::Message(m)) = &mut app.popup else {
+        return;
+    };
+    let text = &m.message.text;
+    let last = ui_message::max_scroll(text, size);
+    let page = ui_message::popup_page(text, size);
+    m.scroll = match a {
+        Action::Up => m.scroll.saturating_sub(1),
+        Action::Down => m.scroll.saturating_add(1),
+        Action::PageUp => m.scroll.saturating_sub(page),
+        Action::PageDown => m.scroll.saturating_add(page),
+        Action::Top => 0,
+        Action::Bottom => last,
+        Action::Back => {
+            app.popup = None;
+            return;
+        }
+        _ => return,
+    }
+    .min(last);
 }
 
 fn filter_intent(app: &mut App, a: Action) {

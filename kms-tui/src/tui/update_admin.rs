@@ -64,7 +64,7 @@ pub(super) fn open_tokens(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
 }
 
 pub(super) fn grants_intent(app: &mut App, a: Action) {
-    let rows = layout::grants_rows(app.size);
+    let rows = layout::grants_rows(app.size, app.message_rows());
     let Screen::Grants(g) = &mut app.screen else {
         return;
     };
@@ -89,7 +89,7 @@ pub(super) fn grants_intent(app: &mut App, a: Action) {
 }
 
 pub(super) fn tokens_intent(app: &mut App, a: Action) {
-    let rows = layout::tokens_rows(app.size);
+    let rows = layout::tokens_rows(app.size, app.message_rows());
     let len = app.hsm_tokens.len();
     let Screen::Tokens(t) = &mut app.screen else {
         return;
@@ -229,7 +229,7 @@ pub(super) fn ask_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
 }
 
 pub(super) fn on_grants(app: &mut App, result: Result<Vec<GrantInfo>, String>) {
-    let rows = layout::grants_rows(app.size);
+    let rows = layout::grants_rows(app.size, app.message_rows());
     let Screen::Grants(g) = &mut app.screen else {
         return;
     };
@@ -312,7 +312,7 @@ pub(super) fn on_tokens(app: &mut App, result: Result<Vec<HsmTokenInfo>, String>
     if let Some(Popup::Create(form)) = &mut app.popup {
         form.set_tokens(choices);
     }
-    let rows = layout::tokens_rows(app.size);
+    let rows = layout::tokens_rows(app.size, app.message_rows());
     let list = app.hsm_tokens.list.as_deref().unwrap_or_default();
     if let Screen::Tokens(t) = &mut app.screen {
         t.selected = keep
@@ -369,16 +369,18 @@ pub(super) fn on_token_removed(
     }
 }
 
-/// Keeps the scroll windows of these views valid after a resize.
+/// Keeps the scroll windows of these views valid after a resize (or a message that
+/// changed the height of the message area).
 pub(super) fn on_resize(app: &mut App) {
     let len = app.hsm_tokens.len();
+    let (size, message_rows) = (app.size, app.message_rows());
     match &mut app.screen {
         Screen::Grants(g) => {
-            let rows = layout::grants_rows(app.size);
+            let rows = layout::grants_rows(size, message_rows);
             g.offset = scroll_offset(g.offset, g.selected, rows, g.len());
         }
         Screen::Tokens(t) => {
-            let rows = layout::tokens_rows(app.size);
+            let rows = layout::tokens_rows(size, message_rows);
             t.offset = scroll_offset(t.offset, t.selected, rows, len);
         }
         _ => {}

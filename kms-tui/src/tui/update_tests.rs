@@ -14,6 +14,7 @@ use crate::tui::app::{
     MsgKind, Popup, PrincipalKind, PromptKind, Screen, TokenChoices, TokenField, TokenForm,
 };
 use crate::tui::fake;
+use crate::tui::keymap::Mode;
 
 fn ch(c: char) -> Action {
     Action::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
@@ -1597,4 +1598,110 @@ fn create_form_token_load_failure() {
     );
     let err = form(&a).shown_error(Field::Token, false).unwrap();
     assert!(err.contains("not connected"), "{err}");
+}
+
+/// A refusal long enough to wrap onto three rows at 80 columns.
+const LONG_ERROR: &str = "failed-precondition: HSM token vault-a (label tenant-a) refused the \
+     login: the PIN file /etc/kms/hsm/vault-a.pin is not readable by kmsd; give it mode 0400 \
+     and owner kms";
+
+fn refuse_rotation(a: &mut App) {
+    update(
+        a,
+        Action::OpDone {
+            op: Op::Rotate,
+            name: "partner-sso".into(),
+            result: Err(LONG_ERROR.into()),
+        },
+    );
+}
+
+/// A long message takes the rows it needs from the list (up to a third of the screen),
+/// and the list scrolls so that the selected key stays in view; a short one gives them
+/// back.
+#[test]
+fn long_message_takes_rows_from_the_list() {
+    let mut a = App::new((80, 24));
+    update(&mut a, Action::KeysLoaded(Ok(fake::many(100))));
+    assert_eq!(a.message_rows(), 1);
+    assert_eq!(a.list_rows(), 12);
+    // The last row of the page.
+    for _ in 0..11 {
+        update(&mut a, ch('j'));
+    }
+    assert_eq!((a.selected, a.offset), (11, 0));
+
+    refuse_rotation(&mut a);
+    assert_eq!(a.message_rows(), 3);
+    assert_eq!(a.list_rows(), 10);
+    assert_eq!(
+        (a.selected, a.offset),
+        (11, 2),
+        "the selection stays in view"
+    );
+
+    // The filter being typed is one row; the message comes back after it.
+    update(&mut a, ch('/'));
+    assert_eq!(a.message_rows(), 1);
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(a.message_rows(), 3);
+
+    // At most a third of the screen, however narrow.
+    update(&mut a, Action::Resize(30, 12));
+    assert_eq!(a.message_rows(), 4);
+
+    update(&mut a, Action::Resize(80, 24));
+    update(&mut a, Action::Lagged(3));
+    assert_eq!(a.message_rows(), 1);
+    assert_eq!(a.list_rows(), 12);
+}
+
+/// M shows the last message in full: a copy that a live event does not replace, scrolled
+/// with the movement keys no further than its end, closed with esc or M.
+#[test]
+fn m_shows_the_last_message_in_full() {
+    let mut a = app();
+    a.message = None;
+    update(&mut a, ch('M'));
+    assert_eq!(a.popup, None, "nothing to show");
+
+    refuse_rotation(&mut a);
+    let shown = a.message.clone().unwrap();
+    update(&mut a, ch('M'));
+    let full = |a: &App| match &a.popup {
+        Some(Popup::Message(m)) => m.clone(),
+        other => panic!("no message pop-up: {other:?}"),
+    };
+    assert_eq!(full(&a).message, shown);
+    assert_eq!(a.mode(), Mode::Message);
+
+    let k = select(&mut a, "payments");
+    update(
+        &mut a,
+        Action::DaemonEvent(event(EventKind::StateChanged, &k)),
+    );
+    assert_eq!(full(&a).message, shown, "the text being read stays");
+
+    // Fits at 80×24: nothing to scroll.
+    update(&mut a, ch('j'));
+    assert_eq!(full(&a).scroll, 0);
+    // On a small screen it scrolls down to its last line and back.
+    update(&mut a, Action::Resize(30, 8));
+    update(&mut a, code(KeyCode::Down));
+    assert_eq!(full(&a).scroll, 1);
+    update(&mut a, code(KeyCode::End));
+    let last = full(&a).scroll;
+    assert!(last > 1);
+    update(&mut a, code(KeyCode::PageDown));
+    update(&mut a, ch('j'));
+    assert_eq!(full(&a).scroll, last, "no further than the end");
+    update(&mut a, ch('g'));
+    assert_eq!(full(&a).scroll, 0);
+
+    for close in [code(KeyCode::Esc), ch('M')] {
+        update(&mut a, close);
+        assert_eq!(a.popup, None);
+        update(&mut a, ch('M'));
+        assert!(matches!(a.popup, Some(Popup::Message(_))));
+    }
 }

@@ -1,5 +1,6 @@
-//! Where everything goes. Pure functions of the terminal size, shared by drawing and by
-//! `update` (which needs page sizes without touching the terminal).
+//! Where everything goes. Pure functions of the terminal size and of the height of the
+//! message area (which grows with a long message), shared by drawing and by `update`
+//! (which needs page sizes without touching the terminal).
 
 use ratatui::layout::{Constraint, Layout, Rect};
 
@@ -8,12 +9,18 @@ const DETAILS_PANE: u16 = 8;
 /// Below this height the details pane gives its rows to the list.
 const DETAILS_MIN_HEIGHT: u16 = 18;
 
-/// header, body, message line, footer.
-pub fn frame(area: Rect) -> [Rect; 4] {
+/// The most rows the message area takes on a screen `height` rows high: a third of it,
+/// so that a long message never hides the list it is about.
+pub fn message_max_rows(height: u16) -> u16 {
+    (height / 3).max(1)
+}
+
+/// header, body, message area (`message_rows` high, as `App::message_rows` says), footer.
+pub fn frame(area: Rect, message_rows: u16) -> [Rect; 4] {
     area.layout(&Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(0),
-        Constraint::Length(1),
+        Constraint::Length(message_rows),
         Constraint::Length(1),
     ]))
 }
@@ -31,36 +38,36 @@ pub fn main_body(body: Rect, total_height: u16) -> [Rect; 2] {
     ]))
 }
 
-fn body_of(size: (u16, u16)) -> Rect {
-    let [_, body, _, _] = frame(Rect::new(0, 0, size.0, size.1));
+fn body_of(size: (u16, u16), message_rows: u16) -> Rect {
+    let [_, body, _, _] = frame(Rect::new(0, 0, size.0, size.1), message_rows);
     body
 }
 
 /// Key rows visible in the list (the table's header row excluded).
-pub fn list_rows(size: (u16, u16)) -> usize {
-    let [table, _] = main_body(body_of(size), size.1);
+pub fn list_rows(size: (u16, u16), message_rows: u16) -> usize {
+    let [table, _] = main_body(body_of(size, message_rows), size.1);
     usize::from(table.height.saturating_sub(1))
 }
 
 /// Rows of a bordered sub-view with a status line and a column header.
-fn view_rows(size: (u16, u16)) -> usize {
-    usize::from(body_of(size).height.saturating_sub(4))
+fn view_rows(size: (u16, u16), message_rows: u16) -> usize {
+    usize::from(body_of(size, message_rows).height.saturating_sub(4))
 }
 
-pub fn versions_rows(size: (u16, u16)) -> usize {
-    view_rows(size)
+pub fn versions_rows(size: (u16, u16), message_rows: u16) -> usize {
+    view_rows(size, message_rows)
 }
 
-pub fn history_rows(size: (u16, u16)) -> usize {
-    view_rows(size)
+pub fn history_rows(size: (u16, u16), message_rows: u16) -> usize {
+    view_rows(size, message_rows)
 }
 
-pub fn grants_rows(size: (u16, u16)) -> usize {
-    view_rows(size)
+pub fn grants_rows(size: (u16, u16), message_rows: u16) -> usize {
+    view_rows(size, message_rows)
 }
 
-pub fn tokens_rows(size: (u16, u16)) -> usize {
-    view_rows(size)
+pub fn tokens_rows(size: (u16, u16), message_rows: u16) -> usize {
+    view_rows(size, message_rows)
 }
 
 /// A pop-up of at most `w`×`h`, centred, never larger than the screen.
@@ -97,7 +104,18 @@ mod tests {
     /// At 80×24 the list shows twelve keys above the details pane.
     #[test]
     fn list_rows_at_80x24() {
-        assert_eq!(list_rows((80, 24)), 12);
-        assert_eq!(list_rows((80, 10)), 6);
+        assert_eq!(list_rows((80, 24), 1), 12);
+        assert_eq!(list_rows((80, 10), 1), 6);
+    }
+
+    /// A message on three rows takes two rows from the list; the message area never
+    /// takes more than a third of the screen, nor less than one row.
+    #[test]
+    fn message_rows_take_from_the_list() {
+        assert_eq!(list_rows((80, 24), 3), 10);
+        assert_eq!(message_max_rows(24), 8);
+        assert_eq!(message_max_rows(40), 13);
+        assert_eq!(message_max_rows(2), 1);
+        assert_eq!(message_max_rows(0), 1);
     }
 }

@@ -28,7 +28,7 @@ use super::app::{App, Popup, Screen};
 
 pub fn draw(f: &mut Frame, app: &App) {
     let area = f.area();
-    let [header_area, body, message_area, footer_area] = layout::frame(area);
+    let [header_area, body, message_area, footer_area] = layout::frame(area, app.message_rows());
     header::render(f, header_area, app);
     match &app.screen {
         Screen::Main => {
@@ -53,6 +53,7 @@ pub fn draw(f: &mut Frame, app: &App) {
         Some(Popup::Grant(g)) => grant_form::render(f, area, g),
         Some(Popup::Token(t)) => token_form::render(f, area, t),
         Some(Popup::Ask(q)) => ask::render(f, area, q),
+        Some(Popup::Message(m)) => message::render_popup(f, area, m),
     }
 }
 
