@@ -49,7 +49,7 @@ fn run() -> Result<(), String> {
             Path::new(MODULE),
             LABEL,
             Path::new(&pin_file),
-            None,
+            kmsd::hsm::PinFile::Daemon,
         )
         .map_err(|e| e.to_string())?,
     );

@@ -765,7 +765,7 @@ async fn hsm_refusals() {
     drop(c);
     drop(d);
 
-    let (_hsm, _token, d) = hsm_daemon();
+    let (hsm, _token, d) = hsm_daemon();
     let c = d.client().await;
     let mut conv = spec("conv", KeyType::Aes256, Protection::Hsm);
     conv.convergent = true;
@@ -783,6 +783,24 @@ async fn hsm_refusals() {
         kind_of(c.create_key(basic).await),
         ErrorKind::InvalidArgument
     );
+
+    // A FIFO as a registered token's PIN file is refused at once: opened blocking, it held
+    // the registration (and every lifecycle change behind its lock) until someone wrote
+    // to it.
+    let second = hsm.init_token("kms-fifo", PIN);
+    let fifo = hsm.dir.path().join("pin.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let fifo = fifo.display().to_string();
+    let add = c.hsm_add("fifo", softhsm::MODULE, &second.label, &fifo);
+    let r = tokio::time::timeout(Duration::from_secs(20), add)
+        .await
+        .expect("hsm_add hangs on a FIFO PIN file");
+    let m = message_of(r);
+    assert!(m.contains("not a regular file"), "{m}");
+    c.create_key(spec("after-fifo", KeyType::Aes256, Protection::Basic))
+        .await
+        .unwrap();
 }
 
 /// A token that goes away gives internal errors naming it (never the PIN), a purge then is

@@ -239,34 +239,41 @@ impl Engine {
             )));
         };
 
-        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
-        if self.hsm.is_registered(name) {
-            return Err(EngineError::AlreadyExists(format!(
-                "an HSM token is already registered as {name:?}"
-            )));
-        }
+        // Whether the name, and the token, are free. Asked before the token is opened (a
+        // quick refusal) and again under the lifecycle lock, since the token is opened and
+        // logged in without it: a slow token, or a login, must not hold up every other
+        // lifecycle change.
         let same = |m: &Path, label: &str| {
             label == token && std::fs::canonicalize(m).ok() == std::fs::canonicalize(module).ok()
         };
-        if let Some(other) = self
-            .hsm
-            .records()
-            .into_iter()
-            .find(|r| same(Path::new(&r.module), &r.token))
-        {
-            return Err(EngineError::AlreadyExists(format!(
-                "token {token} of {module} is already registered as {:?}",
-                other.name
-            )));
-        }
-        if let Some(d) = self.config.pkcs11.as_ref()
-            && same(&d.module, &d.token)
-        {
-            return Err(invalid(format!(
-                "token {token} is the daemon's own token (protection hsm); a dedicated token \
-                 is another one"
-            )));
-        }
+        let check_free = || -> Result<(), EngineError> {
+            if self.hsm.is_registered(name) {
+                return Err(EngineError::AlreadyExists(format!(
+                    "an HSM token is already registered as {name:?}"
+                )));
+            }
+            if let Some(other) = self
+                .hsm
+                .records()
+                .into_iter()
+                .find(|r| same(Path::new(&r.module), &r.token))
+            {
+                return Err(EngineError::AlreadyExists(format!(
+                    "token {token} of {module} is already registered as {:?}",
+                    other.name
+                )));
+            }
+            if let Some(d) = self.config.pkcs11.as_ref()
+                && same(&d.module, &d.token)
+            {
+                return Err(invalid(format!(
+                    "token {token} is the daemon's own token (protection hsm); a dedicated \
+                     token is another one"
+                )));
+            }
+            Ok(())
+        };
+        check_free()?;
         let refused = |e: HsmError| invalid(format!("cannot register HSM token {name}: {e}"));
         // Root and kmsd's own account may name any PIN file kmsd can read; another manager
         // only one of their own (see `HsmTokenRecord::pin_owner`).
@@ -277,10 +284,12 @@ impl Engine {
             Path::new(module),
             token,
             Path::new(pin_file),
-            pin_owner,
+            hsm::PinFile::Registered { owner: pin_owner },
         )
         .map_err(refused)?;
         t.check().map_err(refused)?;
+        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        check_free()?;
         let record = HsmTokenRecord {
             name: name.to_string(),
             module: module.to_string(),

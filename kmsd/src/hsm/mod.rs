@@ -47,7 +47,7 @@ pub mod pool;
 pub mod token;
 
 pub use key::HsmKey;
-pub use token::Token;
+pub use token::{PinFile, Token};
 
 use crate::store::records::HsmTokenRecord;
 use cryptoki::error::{Error as CkError, RvError};
@@ -281,7 +281,7 @@ impl Registry {
                     &d.module,
                     &d.token,
                     &d.pin_file,
-                    None,
+                    PinFile::Daemon,
                 )?;
                 match t.check() {
                     Ok(()) => {
@@ -349,7 +349,7 @@ impl Registry {
             &module,
             &r.token,
             Path::new(&r.pin_file),
-            r.pin_owner,
+            PinFile::Registered { owner: r.pin_owner },
         )?);
         *slot = Some(t.clone());
         Ok(t)

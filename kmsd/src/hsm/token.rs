@@ -20,6 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -64,11 +65,47 @@ pub struct Token {
     module: Arc<Module>,
     pin: Mutex<Pin>,
     pin_file: PathBuf,
-    pin_owner: Option<u32>,
+    pin_rule: PinFile,
     /// The slot found for the label, and the library generation it was found in.
     slot: Mutex<Option<(u64, Slot)>>,
     pool: Pool,
     pub(crate) oaep: AtomicU8,
+    /// When this token, not listed, may next have its library re-initialised.
+    absent: Mutex<AbsentBackoff>,
+}
+
+/// The longest wait between re-initialisations for a token that stays away.
+const ABSENT_MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// How often a token that is not listed may have its library re-initialised: at once the
+/// first time, then after 1 s, 2 s, 4 s, … up to [`ABSENT_MAX_WAIT`]. A re-initialisation
+/// finalises the whole library, so every other token of it (the daemon's own among them)
+/// loses its sessions and logs in again; a dedicated token unplugged for good must not
+/// make that happen every second. Seeing the token again starts over.
+#[derive(Debug, Default)]
+struct AbsentBackoff {
+    /// Re-initialisations that did not bring the token back, in a row.
+    misses: u32,
+    not_before: Option<Instant>,
+}
+
+impl AbsentBackoff {
+    fn allows(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|t| now >= t)
+    }
+
+    /// A re-initialisation at `now` did not bring the token back.
+    fn missed(&mut self, now: Instant) {
+        let wait = Duration::from_secs(1)
+            .saturating_mul(1 << self.misses.min(16))
+            .min(ABSENT_MAX_WAIT);
+        self.misses = self.misses.saturating_add(1);
+        self.not_before = Some(now + wait);
+    }
+
+    fn found(&mut self) {
+        *self = AbsentBackoff::default();
+    }
 }
 
 /// The PIN presented at login, and whether the token refused it.
@@ -86,15 +123,15 @@ struct Pin {
 
 impl Token {
     /// Reads the PIN and loads the module; does not talk to the token yet.
-    /// With `pin_owner`, the PIN file must be a regular file that account owns.
+    /// `pin_rule` says how the PIN file is read ([`PinFile`]).
     pub fn open(
         name: String,
         module: &Path,
         label: &str,
         pin_file: &Path,
-        pin_owner: Option<u32>,
+        pin_rule: PinFile,
     ) -> Result<Token, HsmError> {
-        let pin = read_pin(pin_file, pin_owner)?;
+        let pin = read_pin(pin_file, pin_rule)?;
         let module = Module::get(module)?;
         Ok(Token {
             name,
@@ -105,10 +142,11 @@ impl Token {
                 refused: None,
             }),
             pin_file: pin_file.to_path_buf(),
-            pin_owner,
+            pin_rule,
             slot: Mutex::new(None),
             pool: Pool::new(SESSIONS),
             oaep: AtomicU8::new(OAEP_UNKNOWN),
+            absent: Mutex::new(AbsentBackoff::default()),
         })
     }
 
@@ -134,13 +172,14 @@ impl Token {
             match self.find_slot(&st) {
                 Ok(slot) => {
                     *self.lock_slot() = Some((st.generation, slot));
+                    self.token_found();
                     return Ok(());
                 }
                 Err(e) => {
                     let generation = st.generation;
                     drop(st);
                     attempt += 1;
-                    if attempt > 1 || !self.module.reinit(generation) {
+                    if attempt > 1 || !self.reinit_for_absence(generation) {
                         return Err(e);
                     }
                     self.forget();
@@ -165,7 +204,7 @@ impl Token {
                 Ok(s) => s,
                 Err(e) => {
                     drop(st);
-                    if !last && self.module.reinit(generation) {
+                    if !last && self.reinit_for_absence(generation) {
                         self.forget();
                         continue;
                     }
@@ -246,6 +285,28 @@ impl Token {
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Re-initialises the library because this token is not listed, if its backoff
+    /// allows ([`AbsentBackoff`]); whether the generation moved on. The retry that follows
+    /// finds the token or not, which [`Token::slot`] and [`Token::ensure_present`] record.
+    fn reinit_for_absence(&self, seen: u64) -> bool {
+        let now = Instant::now();
+        let mut backoff = self.absent.lock().unwrap_or_else(|e| e.into_inner());
+        if !backoff.allows(now) {
+            return false;
+        }
+        // Counted as a miss until the token is seen again (`found`).
+        backoff.missed(now);
+        drop(backoff);
+        self.module.reinit(seen)
+    }
+
+    fn token_found(&self) {
+        self.absent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .found();
+    }
+
     /// Forgets the slot and the idle sessions: the next call looks the token up again.
     fn forget(&self) {
         *self.lock_slot() = None;
@@ -261,6 +322,7 @@ impl Token {
         }
         let slot = self.find_slot(st)?;
         *self.lock_slot() = Some((st.generation, slot));
+        self.token_found();
         Ok(slot)
     }
 
@@ -288,7 +350,7 @@ impl Token {
         if let Some(rv) = &pin.refused {
             let refused = || self.login_refused(rv.clone());
             // A failure to read the file is the same answer: the refused PIN stays.
-            let fresh = read_pin(&self.pin_file, self.pin_owner).map_err(|_| refused())?;
+            let fresh = read_pin(&self.pin_file, self.pin_rule).map_err(|_| refused())?;
             if bool::from(fresh.as_slice().ct_eq(pin.current.as_slice())) {
                 return Err(refused());
             }
@@ -361,23 +423,48 @@ fn is_gone(e: &CkError) -> bool {
     )
 }
 
+/// Whose PIN file it is, which decides how it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinFile {
+    /// The daemon's own token, named by its administrator at start: any file kmsd can
+    /// read, a pipe included.
+    Daemon,
+    /// A dedicated token registered over the socket: a regular file, opened without
+    /// blocking (a FIFO would hold the registration until someone wrote to it), and
+    /// with `owner` one that account owns.
+    Registered { owner: Option<u32> },
+}
+
 /// Reads a PIN file: the first line, without its line ending. The buffer is allocated
 /// once at full size (so no copy is left behind by a reallocation) and zeroized on drop,
 /// and so is the PIN, in a vector of exactly its length.
 ///
-/// With `owner`, the file opened (symlinks followed) must be a regular file that uid
-/// owns, checked on the open file itself so that nothing can be swapped in between;
-/// every failure then gives the same message, so that a manager cannot probe which
-/// files exist through kmsd.
-fn read_pin(path: &Path, owner: Option<u32>) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-    use std::os::unix::fs::MetadataExt;
+/// For a registered token the file opened (symlinks followed) must be a regular file
+/// (with an owner, one that uid owns), checked on the open file itself so that nothing
+/// can be swapped in between; with an owner every failure gives the same message, so
+/// that a manager cannot probe which files exist through kmsd.
+fn read_pin(path: &Path, rule: PinFile) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let fail = |message: String| HsmError::PinFile {
         path: PathBuf::from(path),
         message,
     };
-    let file = match owner {
-        None => std::fs::File::open(path).map_err(|e| fail(e.kind().to_string()))?,
-        Some(uid) => std::fs::File::open(path)
+    let open_nonblocking = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)
+    };
+    let file = match rule {
+        PinFile::Daemon => std::fs::File::open(path).map_err(|e| fail(e.kind().to_string()))?,
+        PinFile::Registered { owner: None } => {
+            let file = open_nonblocking().map_err(|e| fail(e.kind().to_string()))?;
+            if !file.metadata().is_ok_and(|m| m.is_file()) {
+                return Err(fail("not a regular file".into()));
+            }
+            file
+        }
+        PinFile::Registered { owner: Some(uid) } => open_nonblocking()
             .ok()
             .filter(|f| f.metadata().is_ok_and(|m| m.is_file() && m.uid() == uid))
             .ok_or_else(|| {
@@ -411,6 +498,29 @@ fn read_pin(path: &Path, owner: Option<u32>) -> Result<Zeroizing<Vec<u8>>, HsmEr
 mod tests {
     use super::*;
 
+    /// A token that stays away has its library re-initialised at once, then after 1 s,
+    /// 2 s, 4 s, … up to a minute; seeing it again starts over.
+    #[test]
+    fn an_absent_token_backs_off() {
+        let t0 = Instant::now();
+        let mut b = AbsentBackoff::default();
+        assert!(b.allows(t0));
+        b.missed(t0);
+        assert!(!b.allows(t0 + Duration::from_millis(999)));
+        assert!(b.allows(t0 + Duration::from_secs(1)));
+        let t1 = t0 + Duration::from_secs(1);
+        b.missed(t1);
+        assert!(!b.allows(t1 + Duration::from_millis(1_999)));
+        assert!(b.allows(t1 + Duration::from_secs(2)));
+        for _ in 0..40 {
+            b.missed(t1);
+        }
+        assert!(!b.allows(t1 + ABSENT_MAX_WAIT - Duration::from_millis(1)));
+        assert!(b.allows(t1 + ABSENT_MAX_WAIT));
+        b.found();
+        assert!(b.allows(t1));
+    }
+
     /// A PIN file's first line is the PIN; empty and oversized files are refused, and the
     /// message names the file but not its content.
     #[test]
@@ -418,16 +528,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pin");
         std::fs::write(&p, "s3cret\n").unwrap();
-        assert_eq!(*read_pin(&p, None).unwrap(), b"s3cret");
+        assert_eq!(*read_pin(&p, PinFile::Daemon).unwrap(), b"s3cret");
         std::fs::write(&p, "s3cret").unwrap();
-        assert_eq!(*read_pin(&p, None).unwrap(), b"s3cret");
+        assert_eq!(*read_pin(&p, PinFile::Daemon).unwrap(), b"s3cret");
         std::fs::write(&p, "\n").unwrap();
-        let e = read_pin(&p, None).err().unwrap().to_string();
+        let e = read_pin(&p, PinFile::Daemon).err().unwrap().to_string();
         assert!(e.contains("empty") && e.contains("pin"), "{e}");
         std::fs::write(&p, vec![b'1'; 2000]).unwrap();
-        let e = read_pin(&p, None).err().unwrap().to_string();
+        let e = read_pin(&p, PinFile::Daemon).err().unwrap().to_string();
         assert!(!e.contains("1111"), "{e}");
-        let e = read_pin(&dir.path().join("none"), None)
+        let e = read_pin(&dir.path().join("none"), PinFile::Daemon)
             .err()
             .unwrap()
             .to_string();
@@ -444,7 +554,10 @@ mod tests {
         let p = dir.path().join("pin");
         std::fs::write(&p, "s3cret\n").unwrap();
         let mine = std::fs::metadata(&p).unwrap().uid();
-        assert_eq!(*read_pin(&p, Some(mine)).unwrap(), b"s3cret");
+        assert_eq!(
+            *read_pin(&p, PinFile::Registered { owner: Some(mine) }).unwrap(),
+            b"s3cret"
+        );
         let other = mine.wrapping_add(4242);
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&p, &link).unwrap();
@@ -456,7 +569,10 @@ mod tests {
         ]
         .into_iter()
         .map(|(path, uid)| {
-            let e = read_pin(&path, Some(uid)).err().unwrap().to_string();
+            let e = read_pin(&path, PinFile::Registered { owner: Some(uid) })
+                .err()
+                .unwrap()
+                .to_string();
             e.replace(&path.display().to_string(), "PATH")
                 .replace(&format!("uid {uid}"), "uid N")
         })
