@@ -1127,7 +1127,14 @@ fn expiry_follows_the_retention_setting() {
         ..EngineConfig::default()
     };
     assert_eq!(fx.e().next_due(), Some(T0 + 365 * DAY_MS));
-    fx.reopen_with(retention(730));
+    // Opened from the daemon's runtime, as kmsd does: the repair's wait for its commit
+    // panicked there ("Cannot block the current thread from within a runtime"), so kmsd
+    // could not start after a retention change.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    runtime.block_on(async { fx.reopen_with(retention(730)) });
     assert_eq!(fx.e().next_due(), Some(T0 + 730 * DAY_MS));
     fx.clock.set(T0 + 400 * DAY_MS);
     assert_eq!(fx.e().run_due(), 0);

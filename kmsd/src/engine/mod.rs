@@ -278,7 +278,8 @@ impl Engine {
                 entries = repair.len(),
                 "due index brought in line with the keys (retention changed, or rows left over)"
             );
-            writer.submit(repair).wait()?;
+            // Engine::open runs on kmsd's runtime, where a blocking wait panics.
+            blocking_section(|| writer.submit(repair).wait())?;
         }
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
         Ok(Engine {
