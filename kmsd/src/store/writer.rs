@@ -509,8 +509,10 @@ impl State {
     /// one (holding none) if there is none.
     fn take_staged(&mut self) -> Result<(WriteTransaction, usize), StoreError> {
         match self.staged.take() {
-            Some(open) => Ok(open),
-            None => Ok((begin(&*self.db.get()?)?, 0)),
+            // Never more than are pending (see `commit`); if it were, dropping the
+            // transaction and starting afresh is always right.
+            Some(open) if open.1 <= self.pending.len() => Ok(open),
+            _ => Ok((begin(&*self.db.get()?)?, 0)),
         }
     }
 
@@ -535,7 +537,11 @@ impl State {
             // The journal still takes no records (`journal_failed`): this commit, once it
             // reports success, restarts it (see `confirm`).
             if self.stored_generation()? == Some(g) {
+                // Landed: the pending calls are in redb. A transaction staged with them
+                // since (the run loop stages after every journaled group, and after a
+                // group too large for the journal too) would apply them again.
                 self.pending.clear();
+                self.staged = None;
             }
             self.uncertain = None;
         }
@@ -1247,6 +1253,39 @@ mod tests {
             "journaled again"
         );
         assert_eq!(after_crash(&store), (8, 8, 8), "after a crash");
+        writer.shutdown();
+    }
+
+    /// The same, when the failed commit was a group of calls too large for the journal
+    /// (committed to redb directly): the run loop staged the pending calls into an open
+    /// transaction after the failure, and the commit that settled the question cleared
+    /// them but kept that transaction, then indexed past the end of the calls it held —
+    /// the writer panicked (and, had it not, would have counted the calls twice).
+    #[test]
+    fn an_unknown_outcome_of_an_oversized_group_is_settled_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = writer_with_calls(dir.path(), 5);
+        // 3,000 calls with a 4 KiB client name each: ~12 MiB, more than the journal holds.
+        let big: Vec<Mutation> = (5..3_005)
+            .flat_map(|t| {
+                let mut c = call("a", t);
+                if let Mutation::History { record, .. } = &mut c[0] {
+                    record.client = "c".repeat(4096);
+                }
+                c
+            })
+            .collect();
+        writer.land_then_fail.store(1, Ordering::Relaxed);
+        writer.generation_unreadable.store(true, Ordering::Relaxed);
+        assert!(
+            writer.submit(big).wait().is_err(),
+            "the outcome was unknown"
+        );
+        writer.submit(call("a", 3_005)).wait().unwrap();
+        assert!(!writer.has_failed());
+        let (history, usage, enc) = stored(&store, "a");
+        assert_eq!(history.len(), 3_006, "every call once");
+        assert_eq!((usage, enc), (3_006, 3_006));
         writer.shutdown();
     }
 
