@@ -1148,6 +1148,34 @@ fn expiry_follows_the_retention_setting() {
     assert_eq!(fx.e().next_due(), None, "a stored row outlived its key");
 }
 
+/// A grant id is never given twice: not after the highest grant is revoked, and not
+/// after a restart (ids were the highest present plus one, so a revoked grant's id went
+/// to the next grant, and a client remembering grants by id mixed them up).
+#[test]
+fn grant_ids_are_never_reused() {
+    use kms_shared::model::Role;
+    use kms_shared::protocol::GrantSpec;
+    let mut fx = Fx::new();
+    fx.create("ids", KeyType::Aes256);
+    let spec = |role| GrantSpec {
+        role,
+        user: Some("nobody".into()),
+        group: None,
+        key: Some("ids".into()),
+    };
+    let e = fx.e();
+    let first = e.grant(&fx.me, &spec(Role::KeyUser)).unwrap().id;
+    let second = e.grant(&fx.me, &spec(Role::KeyReviewer)).unwrap().id;
+    assert!(second > first);
+    e.revoke(&fx.me, &spec(Role::KeyReviewer)).unwrap();
+    let third = e.grant(&fx.me, &spec(Role::KeyManager)).unwrap().id;
+    assert!(third > second, "{third} reuses {second}");
+    e.revoke(&fx.me, &spec(Role::KeyManager)).unwrap();
+    fx.reopen();
+    let fourth = fx.e().grant(&fx.me, &spec(Role::KeyManager)).unwrap().id;
+    assert!(fourth > third, "{fourth} reuses {third} after a restart");
+}
+
 /// Grants follow the key's states (SPEC §3): no new grant once deletion is requested,
 /// revoke in any state, the key's grants removed with its purge (in the store too); and
 /// every refused grant or revoke that names a key is in that key's history.

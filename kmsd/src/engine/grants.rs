@@ -6,6 +6,7 @@ use crate::store::Mutation;
 use kms_shared::model::{Action, GrantInfo, KeyState, Principal};
 use kms_shared::protocol::{EventKind, GrantSpec};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 impl Engine {
     /// The current grants (cheap: a shared snapshot).
@@ -113,7 +114,12 @@ impl Engine {
                 )));
             }
             let grant = GrantInfo {
-                id: current.iter().map(|g| g.id).max().unwrap_or(0) + 1,
+                // Never an id given before, even to a grant since revoked.
+                id: current
+                    .iter()
+                    .map(|g| g.id)
+                    .fold(self.last_grant_id.load(Ordering::Acquire), u64::max)
+                    .saturating_add(1),
                 role: spec.role,
                 principal,
                 key_tag,
@@ -182,7 +188,11 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let now = self.now();
         let mut m = vec![mutation];
-        if let Some(tag) = &grant.key_tag {
+        // In the key's history, if it still has one: a grant can outlive its key (revoked
+        // by tag), and an entry for no key would never be pruned with it.
+        if let Some(tag) = &grant.key_tag
+            && self.resolve(tag).is_ok()
+        {
             m.push(history_mutation(tag, now, caller, action, None, None));
         }
         self.writer.submit(m).wait()?;
@@ -192,6 +202,7 @@ impl Engine {
             next.retain(|g| g.id != grant.id);
             if action == Action::Grant {
                 next.push(grant.clone());
+                self.last_grant_id.fetch_max(grant.id, Ordering::AcqRel);
             }
             *guard = Arc::new(next);
         }

@@ -234,6 +234,8 @@ pub struct Engine {
     due_retries: Mutex<schedule::Retries>,
     /// Grants, swapped whole on change so checks never wait.
     grants: RwLock<Arc<Vec<GrantInfo>>>,
+    /// The highest grant id ever given (ids are never reused; see the store's meta).
+    last_grant_id: AtomicU64,
     /// The daemon's PKCS#11 token and the dedicated ones managers registered.
     hsm: crate::hsm::Registry,
 }
@@ -249,6 +251,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let mut snapshot = store.load()?;
         let grants = std::mem::take(&mut snapshot.grants);
+        let last_grant_id = snapshot.last_grant_id;
         let hsm = crate::hsm::Registry::open(
             config.pkcs11.as_ref(),
             std::mem::take(&mut snapshot.hsm_tokens),
@@ -296,6 +299,7 @@ impl Engine {
             due_changed: Arc::new(Notify::new()),
             due_retries: Mutex::default(),
             grants: RwLock::new(Arc::new(grants)),
+            last_grant_id: AtomicU64::new(last_grant_id),
             hsm,
         })
     }

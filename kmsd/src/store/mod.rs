@@ -77,9 +77,19 @@ pub(crate) const HSM_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new
 const META_SCHEMA: &str = "schema_version";
 const META_ROOT: &str = "root_key_fingerprint";
 pub(crate) const META_HISTORY_SEQ: &str = "history_seq";
+/// The highest grant id ever given: ids are not reused after a revoke (a client that
+/// remembers a grant by id must never find another grant under it).
+pub(crate) const META_LAST_GRANT_ID: &str = "last_grant_id";
 /// The generation of the call journal's live records ([`journal`]). A backup leaves it
 /// out, so a restored store never adopts the journal beside it.
 pub(crate) const META_JOURNAL_GENERATION: &str = "journal_generation";
+
+/// How far out of time order history entries may be. An entry's sequence number is
+/// given by the writer, its time when its call started: two calls racing (or a batch
+/// that took long) are numbered in another order than they began, by up to the time a
+/// call takes. A minute covers that with room to spare; a walk that stops at the first
+/// entry outside a time window goes on for that much further.
+pub(crate) const HISTORY_TIME_SLACK_MS: i64 = 60_000;
 
 /// Why the store could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +166,8 @@ pub struct Snapshot {
     pub usage: Vec<(String, UsageRecord)>,
     pub due: Vec<(UnixMillis, String, DueKind)>,
     pub grants: Vec<kms_shared::model::GrantInfo>,
+    /// The highest grant id ever given (stored, or of a grant still there).
+    pub last_grant_id: u64,
     pub hsm_tokens: Vec<HsmTokenRecord>,
 }
 
@@ -439,6 +451,11 @@ impl Store {
             snap.grants
                 .push(decode(v.value()).map_err(corrupt("grants"))?);
         }
+        let stored_last = match tx.open_table(META)?.get(META_LAST_GRANT_ID)? {
+            Some(v) => read_u64(v.value())?,
+            None => 0,
+        };
+        snap.last_grant_id = snap.grants.iter().map(|g| g.id).fold(stored_last, u64::max);
         // Absent in a store written before HSM tokens existed (opened read-only here).
         match tx.open_table(HSM_TOKENS) {
             Ok(t) => {
@@ -528,9 +545,15 @@ impl Store {
         for row in table.range((tag, 0)..(tag, upper))?.rev() {
             let (k, v) = row?;
             let rec: HistoryRecord = decode(v.value()).map_err(corrupt("history"))?;
-            if filter.since.is_some_and(|s| rec.time < s) {
-                // Sequence numbers grow with time, so nothing older can match.
-                break;
+            if let Some(since) = filter.since
+                && rec.time < since
+            {
+                // Sequence numbers grow with time, give or take the slack: nothing
+                // further can match.
+                if rec.time < since.saturating_sub(HISTORY_TIME_SLACK_MS) {
+                    break;
+                }
+                continue;
             }
             if filter.action.is_some_and(|a| a != rec.action) {
                 continue;
@@ -716,7 +739,7 @@ fn refuse_other_root_key(path: &Path, root_fingerprint: &str) -> Result<(), Stor
     }
 }
 
-fn read_u64(b: &[u8]) -> Result<u64, StoreError> {
+pub(crate) fn read_u64(b: &[u8]) -> Result<u64, StoreError> {
     let arr: [u8; 8] = b.try_into().map_err(|_| StoreError::Corrupt {
         table: "meta",
         message: "a counter is not 8 bytes".into(),

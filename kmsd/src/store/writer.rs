@@ -24,8 +24,9 @@ use super::records::{
     encode_map,
 };
 use super::{
-    DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_HISTORY_SEQ,
-    META_JOURNAL_GENERATION, NAMES, StoreError, USAGE, VERSIONS, decode,
+    DUE, ENCRYPTIONS, GRANTS, HISTORY, HISTORY_TIME_SLACK_MS, HSM_TOKENS, KEYS, META,
+    META_HISTORY_SEQ, META_JOURNAL_GENERATION, META_LAST_GRANT_ID, NAMES, StoreError, USAGE,
+    VERSIONS, decode,
 };
 use kms_shared::model::UnixMillis;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
@@ -210,7 +211,7 @@ impl Writer {
             let tx = db.get()?.begin_read()?;
             let meta = tx.open_table(META)?;
             match meta.get(META_HISTORY_SEQ)? {
-                Some(v) => u64_from(v.value())?,
+                Some(v) => super::read_u64(v.value())?,
                 None => 1,
             }
         };
@@ -786,6 +787,7 @@ fn finish(
         let mut grants = tx.open_table(GRANTS)?;
         let mut pending_uses: PendingUses = HashMap::new();
         let mut pending_encryptions: PendingEncryptions = HashMap::new();
+        let mut last_grant_id: Option<u64> = None;
         for m in group.iter().flat_map(|s| s.mutations.iter()) {
             match m {
                 Mutation::PutKey(rec) => {
@@ -836,6 +838,7 @@ fn finish(
                 }
                 Mutation::PutGrant(g) => {
                     grants.insert(g.id, encode_map(g).map_err(enc)?.as_slice())?;
+                    last_grant_id = last_grant_id.max(Some(g.id));
                 }
                 Mutation::RemoveGrant(id) => {
                     grants.remove(*id)?;
@@ -877,6 +880,13 @@ fn finish(
         )?;
         let mut meta = tx.open_table(META)?;
         meta.insert(META_HISTORY_SEQ, next_seq.to_be_bytes().as_slice())?;
+        if let Some(id) = last_grant_id {
+            let stored = match meta.get(META_LAST_GRANT_ID)? {
+                Some(v) => super::read_u64(v.value())?,
+                None => 0,
+            };
+            meta.insert(META_LAST_GRANT_ID, id.max(stored).to_be_bytes().as_slice())?;
+        }
         if let Some(g) = generation {
             meta.insert(META_JOURNAL_GENERATION, g.as_slice())?;
         }
@@ -938,49 +948,64 @@ fn flush_counters(
     Ok(())
 }
 
-/// Deletes, key by key, the oldest history entries until one is recent enough. Entries
-/// of a key are in sequence order, which is time order, so each key costs only what it
-/// deletes plus one read.
+/// Removes history entries older than `before`, key by key, walking the tags the history
+/// table holds (not the keys table: an entry committed after its key's expiry, by a call
+/// that raced it, has no key left and goes whatever its time). Entries are in sequence
+/// order and their times, taken when a call starts, are not quite (see
+/// [`HISTORY_TIME_SLACK_MS`]): the walk of a key stops only past `before` and the slack.
 fn prune_history(
     keys: &redb::Table<&str, &[u8]>,
     history: &mut redb::Table<(&str, u64), &[u8]>,
     before: UnixMillis,
 ) -> Result<(), StoreError> {
-    let tags: Vec<String> = keys
-        .iter()?
-        .map(|r| r.map(|(k, _)| k.value().to_string()))
-        .collect::<Result<_, _>>()?;
-    for tag in &tags {
+    let stop_at = before.saturating_add(HISTORY_TIME_SLACK_MS);
+    let mut next_tag = history.first()?.map(|(k, _)| k.value().0.to_string());
+    while let Some(tag) = next_tag.take() {
         let t = tag.as_str();
+        let orphan = keys.get(t)?.is_none();
         let mut old = Vec::new();
         for row in history.range((t, 0)..=(t, u64::MAX))? {
             let (k, v) = row?;
-            let rec: HistoryRecord = decode(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "history",
-                message: e.to_string(),
-            })?;
-            if rec.time >= before {
-                break;
+            if !orphan {
+                let rec: HistoryRecord = decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "history",
+                    message: e.to_string(),
+                })?;
+                if rec.time >= stop_at {
+                    break;
+                }
+                if rec.time >= before {
+                    continue;
+                }
             }
             old.push(k.value().1);
         }
         for seq in old {
             history.remove((t, seq))?;
         }
+        // The first entry of the next tag: past every sequence number of this one.
+        next_tag = match history.range((t, u64::MAX)..)?.next() {
+            Some(row) => {
+                let (k, _) = row?;
+                let next = k.value().0;
+                match next == t {
+                    // (t, u64::MAX) itself: look past it.
+                    true => history
+                        .range((t, u64::MAX)..)?
+                        .nth(1)
+                        .transpose()?
+                        .map(|(k, _)| k.value().0.to_string()),
+                    false => Some(next.to_string()),
+                }
+            }
+            None => None,
+        };
     }
     Ok(())
 }
 
 fn enc(e: rmp_serde::encode::Error) -> StoreError {
     StoreError::Db(format!("record encoding failed: {e}"))
-}
-
-fn u64_from(b: &[u8]) -> Result<u64, StoreError> {
-    let arr: [u8; 8] = b.try_into().map_err(|_| StoreError::Corrupt {
-        table: "meta",
-        message: "history sequence is not 8 bytes".into(),
-    })?;
-    Ok(u64::from_be_bytes(arr))
 }
 
 #[cfg(test)]
@@ -1286,6 +1311,71 @@ mod tests {
         let (history, usage, enc) = stored(&store, "a");
         assert_eq!(history.len(), 3_006, "every call once");
         assert_eq!((usage, enc), (3_006, 3_006));
+        writer.shutdown();
+    }
+
+    fn key_record(tag: &str) -> Mutation {
+        use kms_shared::model::{KeyState, KeyType, Protection};
+        Mutation::PutKey(crate::store::records::KeyRecord {
+            tag: tag.into(),
+            name: tag.into(),
+            key_type: KeyType::Aes256,
+            protection: Protection::Basic,
+            hsm: None,
+            state: KeyState::Enabled,
+            convergent: false,
+            current_version: 1,
+            auto_rotation: false,
+            rotation_days: 90,
+            rotation_anchor: None,
+            rotation_stopped: false,
+            token_objects_left: false,
+            created_at: 0,
+            deletion_due_at: None,
+            deleted_at: None,
+            memo: String::new(),
+        })
+    }
+
+    /// Pruning goes past an entry numbered before older ones (its call started later:
+    /// times are out of sequence order by up to the time a call takes), and removes the
+    /// entries of a tag with no key left (committed after the key's expiry by a call
+    /// that raced it), which no walk of the keys table ever reached. `since` likewise
+    /// looks past such an entry.
+    #[test]
+    fn history_walks_allow_for_out_of_order_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer
+            .submit(vec![key_record("k"), version_one("k"), version_one("gone")])
+            .wait()
+            .unwrap();
+        for t in [5_000, 6_100, 5_990, 7_000] {
+            writer.submit(call("k", t)).wait().unwrap();
+        }
+        writer.submit(call("gone", 9_000_000)).wait().unwrap();
+        writer.submit(vec![Mutation::Settle]).wait().unwrap();
+        let filter = crate::store::HistoryFilter {
+            since: Some(6_000),
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        let recent: Vec<UnixMillis> = store
+            .history("k", &filter)
+            .unwrap()
+            .iter()
+            .map(|(_, r)| r.time)
+            .collect();
+        assert_eq!(recent, vec![7_000, 6_100]);
+
+        writer
+            .submit(vec![Mutation::PruneHistory { before: 6_050 }])
+            .wait()
+            .unwrap();
+        let kept: Vec<UnixMillis> = stored(&store, "k").0.iter().map(|(_, t)| *t).collect();
+        assert_eq!(kept, vec![6_100, 7_000]);
+        assert!(stored(&store, "gone").0.is_empty(), "an orphan entry stays");
         writer.shutdown();
     }
 
