@@ -83,9 +83,11 @@ impl Config {
     }
 
     /// Applies the file's values; a value no daemon could run with (a deletion delay of
-    /// `inf` hours, a timeout of -1 s) is refused with its key, never clamped into
-    /// something else: `inf` once overflowed the deletion due date into the past, which
-    /// purged a key at once.
+    /// `inf` hours, a timeout of -1 s, 2^63 connections, no retention) is refused with its
+    /// key, never clamped into something else: `inf` once overflowed the deletion due date
+    /// into the past, which purged a key at once, and a count beyond what tokio's
+    /// semaphores hold panicked the accept loop or every connection after kmsd said it was
+    /// ready. Only the two byte sizes are still raised to their floor, as documented.
     fn apply(&mut self, f: FileConfig) -> Result<(), (&'static str, String)> {
         if let Some(v) = f.socket {
             self.socket = v;
@@ -97,19 +99,21 @@ impl Config {
             self.socket_group = f.socket_group;
         }
         if let Some(v) = f.max_frame {
-            self.max_frame = v.max(1024);
+            self.max_frame = at_most("max_frame", v, MAX_FRAME)?.max(1024);
         }
         if let Some(v) = f.max_connections {
-            self.max_connections = v.max(1);
+            self.max_connections = count("max_connections", v, MAX_CONNECTIONS)?;
         }
         if let Some(v) = f.max_connections_per_account {
-            self.max_connections_per_account = v.max(1);
+            self.max_connections_per_account =
+                count("max_connections_per_account", v, MAX_CONNECTIONS)?;
         }
         if let Some(v) = f.max_in_flight {
-            self.max_in_flight = v.max(1);
+            self.max_in_flight = count("max_in_flight", v, MAX_IN_FLIGHT)?;
         }
         if let Some(v) = f.max_buffered_bytes {
-            self.max_buffered_bytes = v.max(64 << 10);
+            self.max_buffered_bytes =
+                at_most("max_buffered_bytes", v, MAX_BUFFERED_BYTES)?.max(64 << 10);
         }
         if let Some(v) = f.idle_timeout_secs {
             self.idle_timeout = seconds("idle_timeout_secs", v)?;
@@ -128,10 +132,12 @@ impl Config {
             self.engine.deletion_delay_ms = (v * HOUR_MS as f64) as i64;
         }
         if let Some(v) = f.retention_days {
-            self.engine.retention_ms = i64::from(v) * DAY_MS;
+            // 0 would prune all history at once and forget purged keys the moment they go.
+            let days = count("retention_days", v, MAX_RETENTION_DAYS)?;
+            self.engine.retention_ms = i64::from(days) * DAY_MS;
         }
         if let Some(v) = f.nonce_budget {
-            self.engine.nonce_budget = v.max(1);
+            self.engine.nonce_budget = count("nonce_budget", v, MAX_NONCE_BUDGET)?;
         }
         if f.pkcs11_module.is_some() {
             self.pkcs11.module = f.pkcs11_module;
@@ -144,6 +150,57 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The most connections (`max_connections`, `max_connections_per_account`) a config may
+/// allow. tokio's semaphores hold at most `usize::MAX >> 3` permits and panic beyond; a
+/// daemon runs out of file descriptors long before this anyway.
+pub const MAX_CONNECTIONS: usize = 65_536;
+
+/// The most requests in flight per connection (`max_in_flight`): a semaphore's permits, a
+/// reply queue of twice as many frames, and `acquire_many` takes a `u32`.
+pub const MAX_IN_FLIGHT: usize = 65_536;
+
+/// The largest client frame a config may allow: a full batch (1,024 items of 32 KiB) with
+/// room to spare. The reader allocates a frame's body as its length says, so each
+/// connection could otherwise make kmsd allocate up to 4 GiB on a client's word.
+const MAX_FRAME: u32 = 64 << 20;
+
+/// The most bytes one connection may hold (`max_buffered_bytes`); beyond this the budget
+/// bounds nothing a machine has.
+const MAX_BUFFERED_BYTES: usize = 1 << 30;
+
+/// The longest retention a config may set: a hundred years.
+const MAX_RETENTION_DAYS: u32 = 100 * 365;
+
+/// The largest nonce budget a config may set. SPEC §5: a version must stop encrypting
+/// well before 2^32 random 96-bit nonces (NIST SP 800-38D's bound for a collision
+/// chance of 2^-32); the default is 2^30.
+const MAX_NONCE_BUDGET: u64 = 1 << 31;
+
+/// `v` if it is at most `max`, else refused by `key`.
+fn at_most<T: PartialOrd + std::fmt::Display>(
+    key: &'static str,
+    v: T,
+    max: T,
+) -> Result<T, (&'static str, String)> {
+    if v > max {
+        return Err((key, format!("{v} is more than the maximum of {max}")));
+    }
+    Ok(v)
+}
+
+/// `v` if it is from 1 to `max`, else refused by `key` (0 could as well mean "none" as
+/// "no limit"; it is neither).
+fn count<T: PartialOrd + std::fmt::Display + From<u8>>(
+    key: &'static str,
+    v: T,
+    max: T,
+) -> Result<T, (&'static str, String)> {
+    if v < T::from(1) || v > max {
+        return Err((key, format!("{v} is not a number from 1 to {max}")));
+    }
+    Ok(v)
 }
 
 /// The longest deletion wait a config may set: ten years.
@@ -268,5 +325,68 @@ mod tests {
         std::fs::write(&p, "deletion_delay_hours = 87600\n").unwrap();
         c.apply_file(&p).unwrap();
         assert_eq!(c.engine.effective_deletion_delay(), 87_600 * HOUR_MS);
+    }
+
+    /// Counts beyond what the daemon can hold, and counts of zero, are refused by name:
+    /// 2^63 connections or requests in flight passed the config and panicked tokio's
+    /// semaphore in the accept loop or in every connection (after READY), more than 2^32
+    /// in flight broke `acquire_many`, a nonce budget could pass SPEC §5's bound, and a
+    /// retention of 0 days pruned all history at once. The largest allowed values are taken.
+    #[test]
+    fn out_of_range_counts_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kmsd.toml");
+        let huge = i64::MAX;
+        for text in [
+            format!("max_connections = {huge}"),
+            "max_connections = 65537".into(),
+            "max_connections = 0".into(),
+            format!("max_connections_per_account = {huge}"),
+            "max_connections_per_account = 0".into(),
+            format!("max_in_flight = {huge}"),
+            "max_in_flight = 4294967296".into(),
+            "max_in_flight = 0".into(),
+            "max_frame = 4294967295".into(),
+            format!("max_buffered_bytes = {huge}"),
+            "retention_days = 0".into(),
+            "retention_days = 4294967295".into(),
+            "nonce_budget = 0".into(),
+            "nonce_budget = 2147483649".into(),
+            "nonce_budget = 4294967296".into(),
+        ] {
+            std::fs::write(&p, &text).unwrap();
+            let mut c = Config::defaults();
+            let err = c.apply_file(&p).unwrap_err();
+            let key = text.split(' ').next().unwrap();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+                "{text}: {err}"
+            );
+            assert_eq!(c.max_connections, 1024, "{text}");
+            assert_eq!(c.max_in_flight, 256, "{text}");
+            assert_eq!(c.engine.retention_ms, 365 * DAY_MS, "{text}");
+            assert_eq!(c.engine.nonce_budget, 1 << 30, "{text}");
+        }
+        std::fs::write(
+            &p,
+            "max_connections = 65536\nmax_connections_per_account = 65536\n\
+             max_in_flight = 65536\nmax_frame = 67108864\nmax_buffered_bytes = 1073741824\n\
+             retention_days = 1\nnonce_budget = 2147483648\n",
+        )
+        .unwrap();
+        let mut c = Config::defaults();
+        c.apply_file(&p).unwrap();
+        assert_eq!(c.max_connections, 65_536);
+        assert_eq!(c.max_connections_per_account, 65_536);
+        assert_eq!(c.max_in_flight, 65_536);
+        assert_eq!(c.max_frame, 64 << 20);
+        assert_eq!(c.max_buffered_bytes, 1 << 30);
+        assert_eq!(c.engine.retention_ms, DAY_MS);
+        assert_eq!(c.engine.nonce_budget, 1 << 31);
+        // The byte sizes are still raised to their floor, as documented.
+        std::fs::write(&p, "max_frame = 1\nmax_buffered_bytes = 1\n").unwrap();
+        c.apply_file(&p).unwrap();
+        assert_eq!(c.max_frame, 1024);
+        assert_eq!(c.max_buffered_bytes, 64 << 10);
     }
 }

@@ -10,6 +10,12 @@
 //! for the channel, its reader stops taking new ones once `max_in_flight` are pending or
 //! the connection holds `max_buffered_bytes` of requests and replies ([`Buffered`]), and
 //! its event forwarder falls behind the broadcast and is told how many events it missed.
+//!
+//! A stopping daemon answers what its connections have read, within bounds: a client that
+//! does not read its replies is given [`SHUTDOWN_WRITE_GRACE`] per write, and no connection
+//! takes longer than [`SHUTDOWN_DRAIN_LIMIT`] to close, so that kmsd stops (and records a
+//! clean stop) well inside the service manager's stop timeout. Replies dropped then were
+//! never sent: every call answered before was durable first, as always.
 
 use crate::config::Config;
 use crate::engine::{Caller, Durable, Engine};
@@ -21,12 +27,26 @@ use kms_shared::protocol::{
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 use tokio::time::timeout;
 use zeroize::Zeroize;
+
+/// Once the daemon stops, how long one write may wait for a client that does not read.
+/// A client reading its replies takes far less per write (at most 64 KiB, or one frame);
+/// one that does not read would otherwise keep the daemon for the writer's stall timeout
+/// (`idle_timeout`, 300 s), past systemd's `TimeoutStopSec=30s`, which then kills kmsd
+/// without a clean stop (and the next start verifies every page).
+pub const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(2);
+
+/// Once the daemon stops, the longest a connection takes to answer its calls in flight
+/// and write the replies, however slowly its client reads. A call that takes longer is
+/// not answered (its effects are durable or not, as for a client that went away); with
+/// the 5 s kmsd then waits for the engine, the stop stays well inside `TimeoutStopSec`.
+pub const SHUTDOWN_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 pub struct Connection {
     stream: UnixStream,
@@ -77,14 +97,17 @@ impl Connection {
         tracing::debug!(account = %caller.account, pid = caller.pid, client = %caller.client, "connected");
         let (rd, wr) = stream.into_split();
         let mut rd = WipingBufReader::with_capacity(READ_BUFFER, rd);
-        let (tx, rx) = mpsc::channel::<Queued>(config.max_in_flight.max(16) * 2);
+        // Config refuses more than this; a Config built in code could still hold any
+        // count, and tokio's semaphore and channel panic on huge ones.
+        let max_in_flight = config.max_in_flight.clamp(1, crate::config::MAX_IN_FLIGHT);
+        let (tx, rx) = mpsc::channel::<Queued>(max_in_flight.max(16) * 2);
         let buffered = Arc::new(Buffered::new(config.max_buffered_bytes));
         let tx = Outbox {
             tx,
             buffered: buffered.clone(),
         };
-        let writer = tokio::spawn(write_loop(wr, rx, config.idle_timeout));
-        let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+        let mut writer = tokio::spawn(write_loop(wr, rx, config.idle_timeout, shutdown.clone()));
+        let in_flight = Arc::new(Semaphore::new(max_in_flight));
         let caller = Arc::new(caller);
         let mut handshaken = false;
         let mut forwarder: Option<Forwarder> = None;
@@ -135,7 +158,9 @@ impl Connection {
                         ErrorKind::MalformedFrame,
                         format!("undecodable request: {e}"),
                     );
-                    if tx.reply(id, Outcome::Err(err)).await.is_err() || !handshaken {
+                    if !reply_unless_stopping(&tx, &mut shutdown, id, Outcome::Err(err)).await
+                        || !handshaken
+                    {
                         break ReadEnd::Closed;
                     }
                     continue;
@@ -150,7 +175,8 @@ impl Connection {
                             protocol: PROTOCOL_VERSION,
                             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
                         };
-                        if tx.reply(id, Outcome::Ok(hello)).await.is_err() {
+                        if !reply_unless_stopping(&tx, &mut shutdown, id, Outcome::Ok(hello)).await
+                        {
                             break ReadEnd::Closed;
                         }
                         continue;
@@ -162,7 +188,7 @@ impl Connection {
                                 "kmsd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"
                             ),
                         );
-                        let _ = tx.reply(id, Outcome::Err(err)).await;
+                        reply_unless_stopping(&tx, &mut shutdown, id, Outcome::Err(err)).await;
                         break ReadEnd::Closed;
                     }
                     _ => {
@@ -170,7 +196,7 @@ impl Connection {
                             ErrorKind::UnsupportedVersion,
                             "the first request on a connection must be hello (version handshake)",
                         );
-                        let _ = tx.reply(id, Outcome::Err(err)).await;
+                        reply_unless_stopping(&tx, &mut shutdown, id, Outcome::Err(err)).await;
                         break ReadEnd::Closed;
                     }
                 }
@@ -184,18 +210,23 @@ impl Connection {
                         caller.clone(),
                     ))));
                 }
-                if tx
-                    .reply(id, Outcome::Ok(Response::Subscribed))
-                    .await
-                    .is_err()
-                {
+                let subscribed = Outcome::Ok(Response::Subscribed);
+                if !reply_unless_stopping(&tx, &mut shutdown, id, subscribed).await {
                     break ReadEnd::Closed;
                 }
                 continue;
             }
             // Backpressure: stop reading while this client has too many requests pending.
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                break ReadEnd::Closed;
+            // Their replies may be waiting for a client that does not read: shutdown (and a
+            // writer that gave up) must not wait for them here.
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.recv() => break ReadEnd::Closed,
+                () = tx.closed() => break ReadEnd::Closed,
+                p = in_flight.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break ReadEnd::Closed,
+                },
             };
             // The request counts until its reply is queued (which then counts instead).
             let request = buffered.hold(request_len);
@@ -231,17 +262,37 @@ impl Connection {
         // The read buffer held requests (plaintexts): wiped now, not when the replies
         // still in flight are done.
         drop(rd);
-        if let ReadEnd::Fatal(err) = end {
-            tracing::debug!(account = %caller.account, error = %err, "closing connection");
-            let _ = tx.reply(0, Outcome::Err(err)).await;
-        }
         // Answer everything in flight before closing (graceful shutdown included).
-        let max = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
-        let _ = in_flight.acquire_many(max).await;
-        // The forwarder holds a sender: stopped first, so that the writer sees the end.
-        drop(forwarder);
-        drop(tx);
-        let _ = writer.await;
+        let drain = async {
+            if let ReadEnd::Fatal(err) = end {
+                tracing::debug!(account = %caller.account, error = %err, "closing connection");
+                let _ = tx.reply(0, Outcome::Err(err)).await;
+            }
+            let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+            let _ = in_flight.acquire_many(all).await;
+            // The forwarder holds a sender: stopped first, so that the writer sees the end.
+            drop(forwarder);
+            drop(tx);
+            let _ = (&mut writer).await;
+        };
+        // The writer gives up on a client that does not read (SHUTDOWN_WRITE_GRACE); this
+        // bounds what remains: calls still running, a client reading a trickle.
+        let stopped_long_ago = async {
+            shutdown.recv().await;
+            tokio::time::sleep(SHUTDOWN_DRAIN_LIMIT).await;
+        };
+        tokio::select! {
+            () = drain => {}
+            () = stopped_long_ago => {
+                tracing::warn!(
+                    account = %caller.account,
+                    "shutting down: closing a connection whose replies were not all written"
+                );
+                // Dropping its queue wipes the replies in it; its buffer wipes itself.
+                writer.abort();
+                let _ = writer.await;
+            }
+        }
     }
 }
 
@@ -337,6 +388,22 @@ fn queue_when_durable<H: Send + 'static>(
         }
         drop(held);
     }));
+}
+
+/// Queues a reply from the reader, unless the daemon stops first: a client that does not
+/// read fills the queue, and the reader must then stop, not wait for it. False if the
+/// reply was not queued.
+async fn reply_unless_stopping(
+    tx: &Outbox,
+    shutdown: &mut Shutdown,
+    id: u64,
+    result: Outcome,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.recv() => false,
+        r = tx.reply(id, result) => r.is_ok(),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -518,18 +585,22 @@ fn encode(frame: &ServerFrame) -> Result<Vec<u8>, ()> {
 const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Writes frames as they come, coalescing whatever is queued into one write. A client
-/// that does not read for `stall` is disconnected.
+/// that does not read for `stall` is disconnected; once the daemon stops, one that does
+/// not read for [`SHUTDOWN_WRITE_GRACE`].
 ///
 /// Replies carry plaintexts and data keys, and the coalescing buffer lives as long as the
 /// connection: every frame and every byte of the buffer is zeroized once written, and the
 /// buffer never grows (a reallocation would free a copy unwiped). A frame larger than the
-/// buffer is written on its own.
+/// buffer is written on its own. The buffer is wiped also when this task is aborted in
+/// the middle of a write (a stopping connection past [`SHUTDOWN_DRAIN_LIMIT`]).
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Queued>,
-    stall: std::time::Duration,
+    stall: Duration,
+    mut shutdown: Shutdown,
 ) {
-    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
+    let mut buf = zeroize::Zeroizing::new(Vec::<u8>::with_capacity(WRITE_BUFFER));
+    let (buf, shutdown) = (&mut *buf, &mut shutdown);
     let mut next = rx.recv().await;
     // A frame is dropped (wiped, no longer counted) once written or copied into `buf`,
     // which is bounded and wiped after each write.
@@ -537,11 +608,11 @@ async fn write_loop(
         loop {
             if frame.bytes.len() > WRITE_BUFFER - buf.len() {
                 // The buffer first, then this frame where it fits; a large one directly.
-                if !buf.is_empty() && !write_wiped(&mut wr, &mut buf, stall).await {
+                if !buf.is_empty() && !write_wiped(&mut wr, buf, stall, shutdown).await {
                     break 'frames;
                 }
                 if frame.bytes.len() > WRITE_BUFFER {
-                    if !write_wiped(&mut wr, &mut frame.bytes, stall).await {
+                    if !write_wiped(&mut wr, &mut frame.bytes, stall, shutdown).await {
                         break 'frames;
                     }
                     break;
@@ -556,7 +627,7 @@ async fn write_loop(
         // Taken (copied or written): wiped and no longer counted now, not when the next
         // frame comes — the reader may be waiting on the count to go down.
         drop(frame);
-        if !buf.is_empty() && !write_wiped(&mut wr, &mut buf, stall).await {
+        if !buf.is_empty() && !write_wiped(&mut wr, buf, stall, shutdown).await {
             break;
         }
         next = rx.recv().await;
@@ -570,14 +641,23 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
-/// Writes `bytes` within `stall`, then zeroizes and empties them (keeping the capacity).
-/// False when the client is gone or stalled.
+/// Writes `bytes` within `stall` (within [`SHUTDOWN_WRITE_GRACE`] of the daemon's stop, if
+/// that comes first), then zeroizes and empties them (keeping the capacity). False when
+/// the client is gone or stalled.
 async fn write_wiped(
     wr: &mut OwnedWriteHalf,
     bytes: &mut Vec<u8>,
-    stall: std::time::Duration,
+    stall: Duration,
+    shutdown: &mut Shutdown,
 ) -> bool {
-    let written = matches!(timeout(stall, wr.write_all(bytes)).await, Ok(Ok(())));
+    let grace_after_stop = async {
+        shutdown.recv().await;
+        tokio::time::sleep(SHUTDOWN_WRITE_GRACE).await;
+    };
+    let written = tokio::select! {
+        r = timeout(stall, wr.write_all(bytes)) => matches!(r, Ok(Ok(()))),
+        () = grace_after_stop => false,
+    };
     bytes.as_mut_slice().zeroize();
     bytes.clear();
     written
@@ -686,7 +766,13 @@ mod tests {
             tx,
             buffered: buffered.clone(),
         };
-        let writer = tokio::spawn(write_loop(wr, rx, std::time::Duration::from_secs(10)));
+        let running = crate::shutdown::ShutdownTrigger::new();
+        let writer = tokio::spawn(write_loop(
+            wr,
+            rx,
+            Duration::from_secs(10),
+            running.handle(),
+        ));
         tx.send(vec![7u8; 100]).await.unwrap();
         let mut got = [0u8; 100];
         theirs.read_exact(&mut got).await.unwrap();
@@ -736,7 +822,13 @@ mod tests {
             tx.send(f).await.unwrap();
         }
         drop(tx);
-        let writer = tokio::spawn(write_loop(wr, rx, std::time::Duration::from_secs(10)));
+        let running = crate::shutdown::ShutdownTrigger::new();
+        let writer = tokio::spawn(write_loop(
+            wr,
+            rx,
+            Duration::from_secs(10),
+            running.handle(),
+        ));
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap();

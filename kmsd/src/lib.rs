@@ -142,7 +142,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     );
     let trigger = shutdown::ShutdownTrigger::new();
     tokio::spawn(scheduler::run(engine.clone(), trigger.handle()));
-    tokio::spawn(server::serve(
+    let mut serving = tokio::spawn(server::serve(
         listener,
         engine.clone(),
         service.clone(),
@@ -165,12 +165,27 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     // with an error, so that systemd restarts kmsd (Restart=on-failure). Every answered
     // call is in the journal or the store; the next start folds the journal and, since
     // this is not recorded as a clean stop, verifies every page of the store.
-    let writer_failed = tokio::select! {
-        () = stop => false,
-        () = engine.writer_failed() => true,
+    // An accept loop that ended (it returns only when told to stop) or panicked leaves a
+    // daemon serving nothing, equally healthy-looking: the same, but the store is sound,
+    // so it is closed cleanly.
+    let failure = tokio::select! {
+        () = stop => None,
+        () = engine.writer_failed() => Some(Failure::Writer),
+        ended = &mut serving => Some(Failure::AcceptLoop(match ended {
+            Ok(()) => "it returned".to_string(),
+            Err(e) => e.to_string(),
+        })),
     };
-    if writer_failed {
-        tracing::error!("the store writer stopped: shutting down so that kmsd is restarted");
+    let writer_failed = matches!(failure, Some(Failure::Writer));
+    match &failure {
+        Some(Failure::Writer) => {
+            tracing::error!("the store writer stopped: shutting down so that kmsd is restarted")
+        }
+        Some(Failure::AcceptLoop(why)) => tracing::error!(
+            reason = %why,
+            "the accept loop stopped: shutting down so that kmsd is restarted"
+        ),
+        None => {}
     }
     tracing::info!("shutting down: answering requests in flight");
     systemd::notify_stopping();
@@ -204,8 +219,21 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         }
     }
     tracing::info!("stopped");
-    if writer_failed {
-        anyhow::bail!("the store writer thread died (see the log above); restart kmsd");
+    match failure {
+        Some(Failure::Writer) => {
+            anyhow::bail!("the store writer thread died (see the log above); restart kmsd")
+        }
+        Some(Failure::AcceptLoop(why)) => {
+            anyhow::bail!("the accept loop stopped ({why}); restart kmsd")
+        }
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// What stopped kmsd other than being asked to.
+enum Failure {
+    /// The store writer thread died: calls are refused, the store is not closed cleanly.
+    Writer,
+    /// The task accepting connections ended or panicked (why): nothing is served.
+    AcceptLoop(String),
 }

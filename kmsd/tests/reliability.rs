@@ -403,6 +403,76 @@ async fn shutdown_stops_a_client_that_never_stops_writing() {
     tokio::task::block_in_place(|| Arc::try_unwrap(engine).ok().unwrap().close());
 }
 
+/// A client that pipelines requests and never reads its replies fills the socket's buffers
+/// and the connection's reply queue: the daemon's writer waits in a write, the requests
+/// in flight wait for the queue, and the reader for a free slot among them. A shutdown
+/// must still end the connection within a short grace, dropping the replies that cannot
+/// be written; it used to wait for the writer's stall timeout (`idle_timeout`, 300 s),
+/// past systemd's stop timeout, which then killed kmsd without a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_a_client_that_never_reads() {
+    use kms_shared::codec;
+    use kms_shared::protocol::{ClientFrame, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = Arc::new(engine_on(Disk::default()));
+    let (theirs, served, trigger) = serve(&engine, &me()).await;
+    let (mut rd, mut wr) = theirs.into_split();
+    // Far more than the socket buffers, the reply queue and the requests in flight hold
+    // together, so the daemon stops reading long before the last one.
+    let mut burst = Vec::new();
+    for id in 0..100_000 {
+        let frame = ClientFrame {
+            id: 10 + id,
+            request: Request::Status,
+        };
+        burst.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
+    }
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&burst).await;
+        wr
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !writer.is_finished(),
+        "the daemon read every request: the test needs a stalled connection"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(10), trigger.shutdown())
+        .await
+        .expect("the connection waited for a client that does not read");
+    served.await.unwrap();
+    // The daemon closed its end: the client reads what was written, then the end.
+    let drained = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while rd.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), drained)
+        .await
+        .expect("the daemon's end is still open");
+    writer.abort();
+    close_when_released(engine).await;
+}
+
+/// Closes the engine once the tasks of a connection that ended have let go of it.
+async fn close_when_released(mut engine: Arc<Engine>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Arc::try_unwrap(engine) {
+            Ok(e) => {
+                tokio::task::block_in_place(|| e.close());
+                return;
+            }
+            Err(still) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the engine is still held"
+                );
+                engine = still;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 /// Serves one connection over an engine whose disk fails every write, then works again:
 /// `call(id)` made while the disk is full must each be answered `internal`; made after,
 /// each answer must pass `check` (which makes one counted call on the key), and the key's
