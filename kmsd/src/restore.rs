@@ -91,6 +91,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         ServerError::DataDirLocked(d) => RestoreError::DaemonRunning(d),
         other => RestoreError::DataDir(other),
     })?;
+    // At once, not after the backup is verified: run as root, a restore that fails
+    // leaves the lock behind, and the daemon's account could not open it again.
+    give_to_dir_owner(dir, &dir.join("kmsd.lock"))?;
 
     // Never create a root key here: a fresh one could not open the backup anyway.
     if !root_key_available(dir, opts.credentials_dir.as_deref()) {
@@ -117,9 +120,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
 
     // Run as root on a service's directory (owned by kms): the files must stay usable
     // by the daemon's account. Done first: nothing has changed yet if it fails.
-    let handed_over = give_to_dir_owner(dir, &staged)
-        .and_then(|()| give_to_dir_owner(dir, &dir.join("kmsd.lock")));
-    if let Err(e) = handed_over {
+    if let Err(e) = give_to_dir_owner(dir, &staged) {
         let _ = std::fs::remove_file(&staged);
         return Err(e);
     }
@@ -312,6 +313,33 @@ mod tests {
             .filter(|n| n.starts_with("kms.redb") && n != "kms.redb.journal")
             .collect();
         assert_eq!(names, vec!["kms.redb".to_string()]);
+    }
+
+    /// Root restoring into a directory of another account: a restore that fails still
+    /// leaves the lock to that account (it was handed over only after the backup was
+    /// verified, so a bad backup left a root-owned lock the daemon could not open).
+    /// Needs root (CI runs as root); as another user there is nothing to hand over.
+    #[test]
+    fn a_failed_restore_leaves_the_lock_to_the_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to hand files to another account");
+            return;
+        }
+        let (dir, src, _) = setup();
+        let nobody = |p: &Path| {
+            rustix::fs::chown(
+                p,
+                Some(rustix::fs::Uid::from_raw(65534)),
+                Some(rustix::fs::Gid::from_raw(65534)),
+            )
+            .unwrap()
+        };
+        nobody(&src);
+        std::fs::write(dir.path().join("b.redb"), b"not a store").unwrap();
+        assert!(restore(&opts(dir.path(), &src, true)).is_err());
+        let lock = std::fs::metadata(src.join("kmsd.lock")).unwrap();
+        assert_eq!((lock.uid(), lock.gid()), (65534, 65534));
     }
 
     /// A held data-directory lock (a running kmsd) refuses the restore.

@@ -75,7 +75,9 @@ pub enum Request {
     /// Must be the first request on a connection.
     Hello {
         protocol: u32,
-        /// Free text for logs only; the daemon trusts the kernel, not this.
+        /// The client's own name for itself. The daemon does not use it: history and
+        /// logs name the process from the kernel (`/proc/PID/comm` of the peer), which
+        /// the client cannot choose.
         #[serde(default)]
         client: String,
     },

@@ -843,7 +843,11 @@ fn edited_versions(
     edits: Vec<(u32, VersionRecord, Option<Arc<KeyMaterial>>)>,
 ) -> Vec<Arc<VersionEntry>> {
     for (v, vrec, material) in edits {
-        let idx = (v - 1) as usize;
+        // Versions count from 1; a version 0 can only come from a corrupt store.
+        let Some(idx) = v.checked_sub(1).map(|i| i as usize) else {
+            tracing::warn!(version = v, "a version 0 in the store is ignored");
+            continue;
+        };
         let entry = match (versions.get(idx), material) {
             (Some(existing), _) => existing.with_record(vrec),
             (None, material) => {

@@ -267,6 +267,16 @@ impl Journal {
             path: path.to_path_buf(),
             source,
         };
+        // A journal that shares its file with another name (a hard link: `kmsd restore`
+        // keeps the replaced store's journal under the aside name by linking it, and a
+        // crash before the old name is unlinked leaves both) belongs to that other store:
+        // writing here would overwrite its calls. This store gets a file of its own.
+        if let Ok(meta) = std::fs::symlink_metadata(path)
+            && meta.is_file()
+            && std::os::unix::fs::MetadataExt::nlink(&meta) > 1
+        {
+            std::fs::remove_file(path).map_err(io)?;
+        }
         let existed = path.exists();
         // Never through a link: kmsd may run as root on a directory another account can
         // write (a restore), and growing the file a link names would write 8 MiB of zeros
@@ -514,6 +524,36 @@ mod tests {
 
     /// Records read back in order; a restart under a new generation makes every older
     /// record dead, even the ones not overwritten; the old generation still reads its own.
+    /// A journal file with a second name (the replaced store's journal, linked aside by a
+    /// restore that crashed before unlinking the old name) is left to that name: the
+    /// store opening here gets a new file, and the other keeps its records.
+    #[test]
+    fn a_journal_linked_elsewhere_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb.journal");
+        let aside = dir.path().join("kms.redb.before-restore-1.journal");
+        let g = new_generation().unwrap();
+        let mut j = Journal::open(&path, g).unwrap();
+        j.append(&[CallOp::Encryptions {
+            tag: "k".into(),
+            version: 1,
+            n: 1,
+        }])
+        .unwrap();
+        drop(j);
+        let before = std::fs::read(&path).unwrap();
+        std::fs::hard_link(&path, &aside).unwrap();
+        let _fresh = Journal::open(&path, new_generation().unwrap()).unwrap();
+        assert_eq!(
+            std::fs::read(&aside).unwrap(),
+            before,
+            "the other store's journal"
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&aside).unwrap().nlink(), 1);
+        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 1);
+    }
+
     #[test]
     fn records_of_the_current_generation_only() {
         let dir = tempfile::tempdir().unwrap();

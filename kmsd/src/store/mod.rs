@@ -399,7 +399,7 @@ impl Store {
                 None => None,
             };
             let seq = match meta.get(META_HISTORY_SEQ)? {
-                Some(v) => read_u64(v.value())?,
+                Some(v) => read_history_seq(v.value())?,
                 None => 1,
             };
             (current, seq)
@@ -737,6 +737,19 @@ fn refuse_other_root_key(path: &Path, root_fingerprint: &str) -> Result<(), Stor
         }),
         _ => Ok(()),
     }
+}
+
+/// The next history sequence number as stored. One far beyond any count of calls is a
+/// corrupt store: counting on from it would wrap round onto existing entries.
+pub(crate) fn read_history_seq(b: &[u8]) -> Result<u64, StoreError> {
+    let seq = read_u64(b)?;
+    if seq > 1 << 62 {
+        return Err(StoreError::Corrupt {
+            table: "meta",
+            message: format!("the next history sequence number {seq} is impossible"),
+        });
+    }
+    Ok(seq)
 }
 
 pub(crate) fn read_u64(b: &[u8]) -> Result<u64, StoreError> {

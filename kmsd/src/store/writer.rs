@@ -211,7 +211,7 @@ impl Writer {
             let tx = db.get()?.begin_read()?;
             let meta = tx.open_table(META)?;
             match meta.get(META_HISTORY_SEQ)? {
-                Some(v) => super::read_u64(v.value())?,
+                Some(v) => super::read_history_seq(v.value())?,
                 None => 1,
             }
         };
