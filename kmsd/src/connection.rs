@@ -665,7 +665,7 @@ async fn write_wiped(
 
 /// Forwards engine events to a subscriber; tells it when it lagged behind.
 async fn forward_events(
-    mut events: broadcast::Receiver<kms_shared::protocol::Event>,
+    mut events: broadcast::Receiver<crate::engine::Published>,
     tx: Outbox,
     service: Arc<Service>,
     caller: Arc<Caller>,
@@ -673,7 +673,7 @@ async fn forward_events(
     loop {
         let frame = match events.recv().await {
             Ok(ev) if !service.may_see(&caller, &ev) => continue,
-            Ok(ev) => ServerFrame::Event(ev),
+            Ok(ev) => ServerFrame::Event(ev.event),
             Err(broadcast::error::RecvError::Lagged(missed)) => ServerFrame::Lagged { missed },
             Err(broadcast::error::RecvError::Closed) => return,
         };

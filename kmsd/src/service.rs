@@ -13,10 +13,10 @@
 //! is durable. Everything else, and every refusal, goes through [`Service::handle`].
 
 use crate::authz::{self, Need};
-use crate::engine::{Caller, Durable, Engine, EngineError, Pending};
+use crate::engine::{Caller, Durable, Engine, EngineError, Pending, Published};
 use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS};
 use kms_shared::protocol::{
-    DaemonStatus, ErrorKind, Event, ItemOutcome, PROTOCOL_VERSION, Request, Response, WireError,
+    DaemonStatus, ErrorKind, ItemOutcome, PROTOCOL_VERSION, Request, Response, WireError,
 };
 use std::future::Future;
 use std::path::PathBuf;
@@ -431,14 +431,10 @@ impl Service {
 
     /// Whether a subscriber may see an event: managers see all, others the events of keys
     /// they have a role on (and global ones if they hold a role on all keys).
-    pub fn may_see(&self, caller: &Caller, event: &Event) -> bool {
+    /// Judged by the grants in force when the event was published ([`Published`]).
+    pub fn may_see(&self, caller: &Caller, event: &Published) -> bool {
         authz::is_superuser(caller, self.daemon_uid)
-            || authz::permits(
-                &self.engine.grants(),
-                caller,
-                Need::View,
-                event.key_tag.as_deref(),
-            )
+            || authz::permits(&event.grants, caller, Need::View, event.key_tag.as_deref())
     }
 
     fn is_aes(&self, key: &str) -> bool {

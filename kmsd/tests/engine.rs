@@ -736,10 +736,10 @@ fn auto_rotation_stops_at_limit() {
     }
     // Reaching the last version says so at once (not when the next rotation falls due,
     // which may be two years away) and drops the schedule that could only fail.
-    let limit_events = |events: &mut tokio::sync::broadcast::Receiver<_>| {
+    let limit_events = |events: &mut tokio::sync::broadcast::Receiver<kmsd::engine::Published>| {
         let mut n = Vec::new();
         while let Ok(ev) = events.try_recv() {
-            let ev: kms_shared::protocol::Event = ev;
+            let ev: kms_shared::protocol::Event = ev.event;
             if ev.kind == kms_shared::protocol::EventKind::VersionLimitReached {
                 n.push(ev.version);
             }
@@ -1174,6 +1174,66 @@ fn grant_ids_are_never_reused() {
     fx.reopen();
     let fourth = fx.e().grant(&fx.me, &spec(Role::KeyManager)).unwrap().id;
     assert!(fourth > third, "{fourth} reuses {third} after a restart");
+}
+
+/// A subscriber sees the events its grants allowed when they were published: the
+/// holder of a grant on a key sees the key's purge and the removal of its grants with
+/// it, and the revoke of its own grant — all of which it missed when events were judged
+/// by the grants at the time they were forwarded, a moment after those were gone.
+#[test]
+fn subscribers_see_what_their_grants_allowed_when_it_happened() {
+    use kms_shared::model::Role;
+    use kms_shared::protocol::{EventKind, GrantSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let e = Arc::new(open_with(dir.path(), clock, EngineConfig::default()));
+    let service = kmsd::service::Service::new(e.clone(), "s".into(), "d".into()).unwrap();
+    let root = caller("root");
+    let root = Caller { uid: 0, ..root };
+    let nobody = Caller {
+        uid: 65534,
+        gid: 65534,
+        account: "nobody".into(),
+        ..caller("nobody")
+    };
+    let spec = |role, key: &str| GrantSpec {
+        role,
+        user: Some("nobody".into()),
+        group: None,
+        key: Some(key.into()),
+    };
+    let aes = |name: &str| CreateKey {
+        name: name.into(),
+        key_type: KeyType::Aes256,
+        protection: kms_shared::model::Protection::Basic,
+        convergent: false,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+        hsm: None,
+    };
+    e.create_key(&root, &aes("watched")).unwrap();
+    e.create_key(&root, &aes("revoked")).unwrap();
+    let mut events = e.subscribe();
+    e.grant(&root, &spec(Role::KeyUser, "watched")).unwrap();
+    e.grant(&root, &spec(Role::KeyUser, "revoked")).unwrap();
+    e.revoke(&root, &spec(Role::KeyUser, "revoked")).unwrap();
+    e.request_deletion(&root, "watched").unwrap();
+    e.delete_now(&root, "watched").unwrap();
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if service.may_see(&nobody, &ev) {
+            seen.push((ev.kind, ev.key_name.clone().unwrap_or_default()));
+        }
+    }
+    let has = |kind, key: &str| seen.iter().any(|(k, n)| *k == kind && n == key);
+    assert!(has(EventKind::PermissionChanged, "revoked"), "its revoke: {seen:?}");
+    assert!(has(EventKind::Purged, "watched"), "the purge: {seen:?}");
+    let permission_events = seen
+        .iter()
+        .filter(|(k, n)| *k == EventKind::PermissionChanged && n == "watched")
+        .count();
+    assert_eq!(permission_events, 2, "its grant and their removal: {seen:?}");
 }
 
 /// Grants follow the key's states (SPEC §3): no new grant once deletion is requested,

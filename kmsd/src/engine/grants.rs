@@ -196,7 +196,7 @@ impl Engine {
             m.push(history_mutation(tag, now, caller, action, None, None));
         }
         self.writer.submit(m).wait()?;
-        {
+        let swap = || {
             let mut guard = self.grants.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**guard).clone();
             next.retain(|g| g.id != grant.id);
@@ -205,7 +205,7 @@ impl Engine {
                 self.last_grant_id.fetch_max(grant.id, Ordering::AcqRel);
             }
             *guard = Arc::new(next);
-        }
+        };
         let verb = if action == Action::Grant {
             "granted to"
         } else {
@@ -217,11 +217,20 @@ impl Engine {
             grant.key_name.as_deref().unwrap_or("all keys"),
             grant.principal
         );
+        // An event is shown to whom the grants in force at its publication allow
+        // (`Published`): a grant is announced once in force, so its grantee sees it; a
+        // revoke while still in force, so the account it is taken from learns of it.
+        if action == Action::Grant {
+            swap();
+        }
         match grant.key_tag.as_deref().and_then(|t| self.resolve(t).ok()) {
             Some(entry) => {
                 self.publish(EventKind::PermissionChanged, &entry, None, caller, message)
             }
             None => self.publish_global(EventKind::PermissionChanged, caller, message),
+        }
+        if action != Action::Grant {
+            swap();
         }
         Ok(())
     }

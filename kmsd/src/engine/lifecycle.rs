@@ -253,13 +253,15 @@ impl Engine {
             self.publish(kind, &entry, version, caller, message);
         }
         if !purged_grants.is_empty() {
-            self.forget_grants(&purged_grants.iter().map(|g| g.id).collect::<Vec<_>>());
+            // Announced while the grants are still in force, so that their holders learn
+            // of it (see `Published`).
             let message = format!(
                 "{} grant(s) on key {} removed with its purge",
                 purged_grants.len(),
                 entry.rec.name
             );
             self.publish(EventKind::PermissionChanged, &entry, None, caller, message);
+            self.forget_grants(&purged_grants.iter().map(|g| g.id).collect::<Vec<_>>());
         }
         Ok(entry)
     }

@@ -213,6 +213,30 @@ fn blocking_section<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
+/// An event as published, with the grants in force then. Who may see it is decided by
+/// those, not by the grants when a subscriber's connection gets round to forwarding it:
+/// a purge removes the key's grants right after announcing it, and a revoke is announced
+/// to the account it was revoked from (see `grants::change_grants`).
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub event: Event,
+    pub grants: Arc<Vec<GrantInfo>>,
+}
+
+impl Published {
+    fn new(event: Event, grants: Arc<Vec<GrantInfo>>) -> Published {
+        Published { event, grants }
+    }
+}
+
+impl std::ops::Deref for Published {
+    type Target = Event;
+
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
+
 /// The engine. Cheap to share: wrap it in an `Arc`.
 pub struct Engine {
     store: Store,
@@ -226,7 +250,7 @@ pub struct Engine {
     /// One lock per key for changes to that key: changes to different keys run at once
     /// and share group commits; changes to one key stay serialised.
     key_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Published>,
     event_seq: AtomicU64,
     /// Woken whenever the earliest due date may have changed.
     due_changed: Arc<Notify>,
@@ -337,7 +361,7 @@ impl Engine {
     }
 
     /// A new subscription to the engine's events.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Published> {
         self.events.subscribe()
     }
 
@@ -588,7 +612,7 @@ impl Engine {
             message,
         };
         tracing::info!(event = kind.as_str(), account = %caller.account, "{}", event.message);
-        let _ = self.events.send(event);
+        let _ = self.events.send(Published::new(event, self.grants()));
     }
 
     /// Records a refusal decided outside the engine (access control) in the key's
@@ -635,7 +659,7 @@ impl Engine {
             event.message
         );
         // No subscribers is not an error.
-        let _ = self.events.send(event);
+        let _ = self.events.send(Published::new(event, self.grants()));
     }
 }
 
