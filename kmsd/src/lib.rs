@@ -54,7 +54,7 @@ pub fn exit_status(e: &anyhow::Error) -> u8 {
 pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
     // A no-op when main already claimed it; before any file is opened either way.
     systemd::claim_listen_fds()?;
-    let _lock = server::lock_data_dir(&config.data_dir)?;
+    let _lock = server::lock_data_dir_to_serve(&config.data_dir)?;
     backup::remove_stale(&config.data_dir);
     // A store without its root key: creating a fresh key would leave a second, useless
     // key next to a store it can never open; say what is missing instead.

@@ -29,6 +29,17 @@ pub enum ServerError {
     Path { path: PathBuf, message: String },
     #[error("unknown group {0:?} for --socket-group")]
     UnknownGroup(String),
+    /// A data directory of another account: kmsd serves only its own account's store.
+    #[error(
+        "the data directory {path} belongs to {owner}, not to {me} that kmsd runs as: \
+         refusing to serve another account's store (run kmsd as {owner}; for the system \
+         service: systemctl start kmsd.socket)"
+    )]
+    ForeignDataDir {
+        path: PathBuf,
+        owner: String,
+        me: String,
+    },
 }
 
 fn path_err(path: &Path, message: impl std::fmt::Display) -> ServerError {
@@ -47,7 +58,44 @@ pub struct DataDirLock {
     _file: File,
 }
 
+/// The account name of `uid` for messages, or the number.
+fn account_name(uid: u32) -> String {
+    uzers::get_user_by_uid(uid)
+        .map(|u| format!("{} (uid {uid})", u.name().to_string_lossy()))
+        .unwrap_or_else(|| format!("uid {uid}"))
+}
+
+/// Refuses a data directory that exists and belongs to another account than kmsd's
+/// effective one. Root's default data directory is `/var/lib/kms`, the system service's
+/// store (owned by `kms`): a root kmsd there, started by hand or by a root client while
+/// the service was stopped, served the service's keys under other rules and left root's
+/// files in its directory, which the service could no longer open.
+pub fn check_data_dir_owner(dir: &Path) -> Result<(), ServerError> {
+    let me = rustix::process::geteuid().as_raw();
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.uid() != me => Err(ServerError::ForeignDataDir {
+            path: dir.to_path_buf(),
+            owner: account_name(meta.uid()),
+            me: account_name(me),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// [`lock_data_dir`] for a daemon about to serve the directory: refused, before anything
+/// is created or opened in it, unless it belongs to kmsd's account
+/// ([`check_data_dir_owner`]).
+pub fn lock_data_dir_to_serve(dir: &Path) -> Result<DataDirLock, ServerError> {
+    check_data_dir_owner(dir)?;
+    lock_data_dir(dir)
+}
+
 /// Creates the data directory (0700) and takes its exclusive lock: one daemon per store.
+///
+/// A directory of another account is refused, except to root: `kmsd restore` run by root
+/// restores into the service's directory (owned by `kms`) and hands the files it writes
+/// over to that account. A daemon locks with [`lock_data_dir_to_serve`], which refuses
+/// such a directory to root as well.
 pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
     std::fs::create_dir_all(dir).map_err(|e| path_err(dir, format!("cannot create: {e}")))?;
     let meta = std::fs::metadata(dir).map_err(|e| path_err(dir, e))?;
@@ -59,7 +107,11 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
             "is a shared directory (sticky bit, like /tmp); use a private subdirectory",
         ));
     }
-    if meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o077 != 0 {
+    let me = rustix::process::geteuid();
+    if !me.is_root() {
+        check_data_dir_owner(dir)?;
+    }
+    if meta.uid() == me.as_raw() && meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| path_err(dir, format!("cannot restrict to 0700: {e}")))?;
     }
@@ -86,7 +138,12 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
 
 /// Binds the socket: a private directory (0700, or 0750 with the group), a stale socket
 /// file replaced, a live one refused, the socket 0600 (or 0660 with the group).
+///
+/// Refuses first a data directory of another account ([`check_data_dir_owner`]): kmsd
+/// never serves another account's store, even where its caller locked the directory
+/// without that check.
 pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
+    check_data_dir_owner(&config.data_dir)?;
     let path = &config.socket;
     let group = match &config.socket_group {
         Some(name) => Some(
@@ -123,17 +180,47 @@ pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
             }
         }
     }
-    let listener =
-        UnixListener::bind(path).map_err(|e| path_err(path, format!("cannot bind: {e}")))?;
+    let listener = bind_with_mode(path, sock_mode)?;
+    // From here an error removes the socket file again (the one just bound, only).
+    let bound = crate::systemd::OwnSocketFile::bound(path);
     set_group(path, group)?;
-    rustix::fs::chmod(path, Mode::from_raw_mode(sock_mode))
-        .map_err(|e| path_err(path, format!("cannot set the mode: {e}")))?;
+    // A default ACL on the directory overrides the umask: never a socket more open than
+    // asked.
+    let meta = std::fs::symlink_metadata(path).map_err(|e| path_err(path, e))?;
+    if meta.mode() & 0o777 & !sock_mode != 0 {
+        return Err(path_err(
+            path,
+            format!(
+                "was created with mode {:o} instead of {sock_mode:o} (a default ACL on its \
+                 directory?); refusing to serve it",
+                meta.mode() & 0o777
+            ),
+        ));
+    }
+    bound.keep();
     Ok(listener)
 }
 
-/// Gives `path` the group `gid`, unless it has it already: under the system unit
-/// (`Group=kms`) it always has, and the unit's syscall filter refuses `chown` (@privileged)
-/// — kmsd binding its socket itself, without the socket unit, then failed to start.
+/// Binds `path` so that the socket file is created with `mode` (0600 or 0660) and is
+/// never chmod'ed by path afterwards: a chmod through the path follows a link put there
+/// in between, and Linux has no chmod that does not follow (`fchmodat`'s
+/// `AT_SYMLINK_NOFOLLOW` is refused; a socket's descriptor does not reach its file). So
+/// the umask is narrowed around the bind, to give the file `mode` from the start, and put
+/// back at once. The umask is the process's: this runs at start-up, before kmsd has
+/// threads that create files (the store writer is idle, nothing else runs yet), and the
+/// umask it sets is no wider for owners than kmsd's own 077.
+fn bind_with_mode(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    let previous = rustix::process::umask(Mode::from_raw_mode(0o777 & !mode));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(previous);
+    bound.map_err(|e| path_err(path, format!("cannot bind: {e}")))
+}
+
+/// Gives the socket file `path` the group `gid`, unless it has it already: under the
+/// system unit (`Group=kms`) it always has, and the unit's syscall filter refuses `chown`
+/// (@privileged) — kmsd binding its socket itself, without the socket unit, then failed
+/// to start. The file itself, never what a link in its place names (`fchownat` with
+/// `AT_SYMLINK_NOFOLLOW`).
 fn set_group(path: &Path, group: Option<u32>) -> Result<(), ServerError> {
     let Some(gid) = group else {
         return Ok(());
@@ -142,43 +229,128 @@ fn set_group(path: &Path, group: Option<u32>) -> Result<(), ServerError> {
     if meta.gid() == gid {
         return Ok(());
     }
-    rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
-        .map_err(|e| path_err(path, format!("cannot set the group: {e}")))
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        path,
+        None,
+        Some(rustix::fs::Gid::from_raw(gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| path_err(path, format!("cannot set the group: {e}")))
 }
 
-/// Creates the socket directory or checks that an existing one is ours and private: a
-/// directory another user created (say in /tmp) could be used to intercept clients.
+/// Makes the socket directory, or checks an existing one. Only a directory kmsd creates
+/// here gets the socket's mode (0700, or 0750 with `group`) and group: an existing one
+/// (a home directory, `$XDG_RUNTIME_DIR`, a directory an administrator prepared) is
+/// refused if it lets others in, never changed — kmsd once made a 0700 home directory
+/// 0750 and gave it to the socket's group.
 fn prepare_socket_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), ServerError> {
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(|e| path_err(dir, format!("cannot create: {e}")))?;
+    match std::fs::symlink_metadata(dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| path_err(parent, format!("cannot create: {e}")))?;
+            }
+            match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
+                Ok(()) => return adopt_created_dir(dir, mode, group),
+                // Made by someone else meanwhile: checked as any existing directory.
+                Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(path_err(dir, format!("cannot create: {e}"))),
+            }
+        }
+        Err(e) => return Err(path_err(dir, e)),
     }
+    check_existing_socket_dir(dir, group)
+}
+
+/// Gives the directory kmsd just made its mode and group, through a descriptor of the
+/// directory itself (not a link, and the same one kmsd made): it must be a directory
+/// of kmsd's account, still 0700. In a directory others may write (the `/tmp/kms-$UID`
+/// fallback), anything found otherwise was put there by someone else.
+fn adopt_created_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), ServerError> {
+    use rustix::fs::OFlags;
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| path_err(dir, format!("cannot open the directory just created: {e}")))?;
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(|e| path_err(dir, e))?;
+    let me = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o777 != 0o700 {
+        return Err(path_err(
+            dir,
+            "is not the private directory kmsd just created (replaced meanwhile?); \
+             refusing to put the socket there",
+        ));
+    }
+    if let Some(gid) = group
+        && meta.gid() != gid
+    {
+        rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| path_err(dir, format!("cannot set the group: {e}")))?;
+    }
+    if mode != 0o700 {
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))
+            .map_err(|e| path_err(dir, format!("cannot set mode {mode:o}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Checks, without changing it, a socket directory that already existed: a directory (not
+/// a link) of kmsd's account or root's, which group and others cannot write unless it is
+/// sticky. A directory another account made (say `/tmp/kms-1000`, before its owner) could
+/// be used to intercept clients or replace the socket.
+fn check_existing_socket_dir(dir: &Path, group: Option<u32>) -> Result<(), ServerError> {
     let meta = std::fs::symlink_metadata(dir).map_err(|e| path_err(dir, e))?;
+    if meta.file_type().is_symlink() {
+        return Err(path_err(
+            dir,
+            "is a symbolic link; refusing to put the socket behind it",
+        ));
+    }
     if !meta.is_dir() {
         return Err(path_err(dir, "is not a directory"));
     }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(path_err(
+            dir,
+            format!(
+                "belongs to {}, neither kmsd's account nor root; refusing to put the socket \
+                 there (another account may have created it to intercept clients)",
+                account_name(meta.uid())
+            ),
+        ));
+    }
     if meta.mode() & STICKY != 0 {
         // A shared directory such as /tmp (kmsd run by root with `--socket /tmp/x.sock`):
-        // its mode is not ours to change. The socket file's own mode (0600 or 0660, and
-        // created under umask 077) keeps other users out; the sticky bit keeps them from
-        // replacing it.
+        // the socket file's own mode (0600 or 0660, given at bind) keeps other users
+        // out; the sticky bit keeps them from replacing it.
         return Ok(());
     }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
-        // A directory owned by someone else (e.g. systemd's RuntimeDirectory owned by root
-        // for a system daemon) is acceptable only if others cannot write to it.
-        if meta.mode() & 0o022 != 0 {
-            return Err(path_err(
-                dir,
-                "is owned by another user and writable by others; refusing to put the socket there",
-            ));
+    if meta.mode() & 0o022 != 0 {
+        return Err(path_err(
+            dir,
+            format!(
+                "is writable by group or others (mode {:o}); refusing to put the socket \
+                 there (kmsd does not change a directory it did not create)",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    if let Some(gid) = group {
+        let group_searches = meta.gid() == gid && meta.mode() & 0o010 != 0;
+        if !group_searches && meta.mode() & 0o001 == 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{:o}", meta.mode() & 0o7777),
+                "the socket group cannot reach the socket through this directory, which kmsd \
+                 did not create and leaves as it is"
+            );
         }
-        return Ok(());
-    }
-    set_group(dir, group)?;
-    if meta.mode() & 0o777 != mode {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| path_err(dir, format!("cannot set mode {mode:o}: {e}")))?;
     }
     Ok(())
 }
@@ -386,6 +558,27 @@ mod tests {
     }
     use std::os::unix::fs::PermissionsExt;
 
+    fn mode_of(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn chown(p: &Path, uid: u32) {
+        rustix::fs::chown(p, Some(rustix::fs::Uid::from_raw(uid)), None).unwrap();
+    }
+
+    /// Giving files to other accounts needs root (as the tests run in CI).
+    fn root() -> bool {
+        let root = rustix::process::geteuid().is_root();
+        if !root {
+            eprintln!("skipped: needs root to give directories to other uids");
+        }
+        root
+    }
+
     /// `kmsd --socket /tmp/kmsd.sock` once made /tmp 0700 when run by root. A shared
     /// (sticky) directory keeps its mode; the data directory may not be one.
     #[test]
@@ -393,22 +586,122 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let shared = tmp.path().join("shared");
         std::fs::create_dir(&shared).unwrap();
-        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        chmod(&shared, 0o1777);
 
         prepare_socket_dir(&shared, 0o700, None).unwrap();
-        let mode = std::fs::metadata(&shared).unwrap().mode() & 0o7777;
-        assert_eq!(mode, 0o1777);
+        assert_eq!(mode_of(&shared), 0o1777);
 
         let err = lock_data_dir(&shared).unwrap_err().to_string();
         assert!(err.contains("shared directory"), "{err}");
-        let mode = std::fs::metadata(&shared).unwrap().mode() & 0o7777;
-        assert_eq!(mode, 0o1777);
+        assert_eq!(mode_of(&shared), 0o1777);
+    }
 
-        // A private directory of ours is still made private.
+    /// A socket directory that existed is checked, never changed: kmsd once made a 0700
+    /// home directory 0750 and gave it to the `--socket-group`, and opened a 0755 one's
+    /// mode to its own idea. One that group or others may write is refused as it is.
+    #[test]
+    fn existing_socket_directories_are_never_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        chmod(&home, 0o700);
+        let gid = std::fs::metadata(&home).unwrap().gid();
+        // Any group other than the directory's, for `--socket-group`.
+        let other_gid = if gid == 4242 { 4243 } else { 4242 };
+        if root() {
+            prepare_socket_dir(&home, 0o750, Some(other_gid)).unwrap();
+            assert_eq!(mode_of(&home), 0o700);
+            assert_eq!(std::fs::metadata(&home).unwrap().gid(), gid);
+        }
+        chmod(&home, 0o755);
+        prepare_socket_dir(&home, 0o700, None).unwrap();
+        assert_eq!(mode_of(&home), 0o755);
+
+        for open in [0o775, 0o757] {
+            chmod(&home, open);
+            let err = prepare_socket_dir(&home, 0o700, None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("writable by group or others"), "{err}");
+            assert_eq!(mode_of(&home), open);
+        }
+    }
+
+    /// A directory kmsd creates gets the socket's mode and group; missing parents are
+    /// made on the way.
+    #[test]
+    fn created_socket_directories_get_their_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let private = tmp.path().join("a/b/run");
+        prepare_socket_dir(&private, 0o700, None).unwrap();
+        assert_eq!(mode_of(&private), 0o700);
+        if root() {
+            let shared = tmp.path().join("shared-run");
+            prepare_socket_dir(&shared, 0o750, Some(4242)).unwrap();
+            assert_eq!(mode_of(&shared), 0o750);
+            assert_eq!(std::fs::metadata(&shared).unwrap().gid(), 4242);
+        }
+    }
+
+    /// The `/tmp/kms-$UID` fallback taken by someone else first: a directory of another
+    /// account (not writable by others, so it used to be accepted), or a link in its
+    /// place, is refused and left alone.
+    #[test]
+    fn a_socket_directory_of_another_account_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        chmod(tmp.path(), 0o1777);
+        let target = tmp.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        chmod(&target, 0o700);
+        let link = tmp.path().join("kms-1000");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = prepare_socket_dir(&link, 0o700, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        std::fs::remove_file(&link).unwrap();
+        if !root() {
+            return;
+        }
+        let squat = tmp.path().join("kms-1000");
+        std::fs::create_dir(&squat).unwrap();
+        chmod(&squat, 0o755);
+        chown(&squat, 4242);
+        let err = prepare_socket_dir(&squat, 0o700, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("uid 4242"), "{err}");
+        assert_eq!(mode_of(&squat), 0o755);
+        assert_eq!(std::fs::metadata(&squat).unwrap().uid(), 4242);
+        // Root's own directories (systemd's, /run) are accepted.
+        chown(&squat, 0);
+        prepare_socket_dir(&squat, 0o700, None).unwrap();
+    }
+
+    /// A data directory of another account is not served: checked before anything is
+    /// created in it. (A root kmsd used to serve, and fill with root's files, the system
+    /// service's `/var/lib/kms`.) `kmsd restore` as root still locks it: it hands over
+    /// what it writes there to the directory's owner.
+    #[test]
+    fn a_data_directory_of_another_account_is_not_served() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        chmod(&data, 0o700);
+        chown(&data, 4242);
+        let err = lock_data_dir_to_serve(&data).unwrap_err();
+        assert!(matches!(err, ServerError::ForeignDataDir { .. }), "{err}");
+        assert!(err.to_string().contains("uid 4242"), "{err}");
+        assert!(!data.join("kmsd.lock").exists());
+        let err = check_data_dir_owner(&data).unwrap_err();
+        assert!(matches!(err, ServerError::ForeignDataDir { .. }), "{err}");
+        // The restore's lock.
+        drop(lock_data_dir(&data).unwrap());
+        // The daemon's own directory.
         let own = tmp.path().join("own");
-        std::fs::create_dir(&own).unwrap();
-        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
-        prepare_socket_dir(&own, 0o700, None).unwrap();
-        assert_eq!(std::fs::metadata(&own).unwrap().mode() & 0o7777, 0o700);
+        drop(lock_data_dir_to_serve(&own).unwrap());
     }
 }

@@ -135,7 +135,9 @@ pub fn take_activated_listener() -> Result<Option<ActivatedSocket>, SystemdError
 
 /// The socket file kmsd bound itself, so that shutdown removes that file and nothing
 /// else: not a socket systemd owns (it keeps listening there for the next activation),
-/// and not a file that replaced ours in the meantime.
+/// and not a file that replaced ours in the meantime. Dropped without [`Self::keep`],
+/// it removes the file as [`Self::remove`] does: a start that fails after the bind
+/// (the socket's group, the crypto threads) leaves no socket file behind.
 #[derive(Debug)]
 pub struct OwnSocketFile {
     path: PathBuf,
@@ -153,6 +155,18 @@ impl OwnSocketFile {
 
     /// Removes the socket file if it is still the one we bound.
     pub fn remove(self) {
+        drop(self);
+    }
+
+    /// Leaves the file in place: its removal is someone else's now (another
+    /// `OwnSocketFile` that outlives this one).
+    pub fn keep(mut self) {
+        self.identity = None;
+    }
+}
+
+impl Drop for OwnSocketFile {
+    fn drop(&mut self) {
         if self.identity.is_some() && file_identity(&self.path) == self.identity {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -345,6 +359,35 @@ mod tests {
         let _l2 = StdUnixListener::bind(&p).unwrap();
         OwnSocketFile::bound(&p).remove();
         assert!(!p.exists());
+    }
+
+    /// Dropped without `remove` (an error after the bind), the file bound is removed all
+    /// the same; a file that replaced it is not, and `keep` leaves it. (There was no
+    /// Drop: a start that failed after its bind left the socket file behind.)
+    #[test]
+    fn own_socket_file_removed_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let _l = StdUnixListener::bind(&p).unwrap();
+        let own = OwnSocketFile::bound(&p);
+        let failed_start = || -> Result<(), String> {
+            let _own = own;
+            Err("the crypto threads did not start".into())
+        };
+        assert!(failed_start().is_err());
+        assert!(!p.exists(), "the socket file outlived the failed start");
+
+        let _l2 = StdUnixListener::bind(&p).unwrap();
+        let own = OwnSocketFile::bound(&p);
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"not ours").unwrap();
+        drop(own);
+        assert!(p.exists());
+        std::fs::remove_file(&p).unwrap();
+
+        let _l3 = StdUnixListener::bind(&p).unwrap();
+        OwnSocketFile::bound(&p).keep();
+        assert!(p.exists());
     }
 
     /// The status line counts keys in plain words.

@@ -1227,13 +1227,19 @@ fn subscribers_see_what_their_grants_allowed_when_it_happened() {
         }
     }
     let has = |kind, key: &str| seen.iter().any(|(k, n)| *k == kind && n == key);
-    assert!(has(EventKind::PermissionChanged, "revoked"), "its revoke: {seen:?}");
+    assert!(
+        has(EventKind::PermissionChanged, "revoked"),
+        "its revoke: {seen:?}"
+    );
     assert!(has(EventKind::Purged, "watched"), "the purge: {seen:?}");
     let permission_events = seen
         .iter()
         .filter(|(k, n)| *k == EventKind::PermissionChanged && n == "watched")
         .count();
-    assert_eq!(permission_events, 2, "its grant and their removal: {seen:?}");
+    assert_eq!(
+        permission_events, 2,
+        "its grant and their removal: {seen:?}"
+    );
 }
 
 /// Grants follow the key's states (SPEC §3): no new grant once deletion is requested,

@@ -44,6 +44,87 @@ pub enum ClientError {
     Unexpected(String),
     #[error("could not start kmsd: {0}")]
     Autostart(String),
+    /// The daemon on the socket is not one this client may trust with its data: nothing
+    /// was sent to it (see [`Distrust`]).
+    #[error(
+        "refusing the kmsd on {path}: it runs as uid {uid}, which is neither yours (uid {me}) \
+         nor root's, and {reason}; nothing was sent to it"
+    )]
+    UntrustedDaemon {
+        path: PathBuf,
+        uid: u32,
+        me: u32,
+        reason: Distrust,
+    },
+    /// The kernel would not say who serves the socket: refused like an untrusted daemon.
+    #[error("refusing the kmsd on {path}: cannot read its credentials: {source}")]
+    PeerCredentials {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Nothing answers on the system service's socket, and no client starts a daemon
+    /// there (see [`paths::NoAutostart::SystemSocket`]).
+    #[error(
+        "the system kmsd is not running: nothing answers on {path}. Start it with \
+         `systemctl start kmsd.socket` (as root); clients never start a daemon of their \
+         own on the system service's socket"
+    )]
+    SystemServiceDown { path: PathBuf },
+    /// The data directory a started daemon would use belongs to another account (root's
+    /// session while the system service, whose store is root's default data directory,
+    /// is stopped): no daemon is started on it.
+    #[error(
+        "no kmsd answers on {socket}, and none is started: its data directory {data_dir} \
+         belongs to uid {owner}, not to you (uid {me}). If that is the system service's \
+         store, start the service (`systemctl start kmsd.socket`); otherwise set \
+         XDG_DATA_HOME to a directory of your own"
+    )]
+    ForeignDataDir {
+        socket: PathBuf,
+        data_dir: PathBuf,
+        owner: u32,
+        me: u32,
+    },
+}
+
+/// Why the directory holding a socket does not vouch for the daemon serving it. A daemon
+/// that runs as neither the client's account nor root is trusted only when it owns that
+/// directory and the directory's parent is root's and closed to others (as `/run/kms`,
+/// which systemd creates for the system service's account, in `/run`): only root could
+/// have given it that directory. A directory in `/tmp` proves nothing — any user can
+/// create `/tmp/kms-1000` before its owner does, and serve a daemon there that would
+/// receive the plaintexts meant for the real one.
+#[derive(Debug, thiserror::Error)]
+pub enum Distrust {
+    #[error("the directory holding the socket, {dir}, belongs to uid {owner}, not to it")]
+    ForeignDirectory { dir: PathBuf, owner: u32 },
+    #[error("the directory holding the socket, {dir}, is a symbolic link")]
+    LinkedDirectory { dir: PathBuf },
+    #[error(
+        "{parent}, the directory holding its socket directory {dir}, belongs to uid {owner}, \
+         not root: any account able to write there could have made {dir}"
+    )]
+    ParentNotRoot {
+        dir: PathBuf,
+        parent: PathBuf,
+        owner: u32,
+    },
+    #[error(
+        "{parent}, the directory holding its socket directory {dir}, is writable by others \
+         (mode {mode:o}): any user could have created {dir}"
+    )]
+    ParentWritable {
+        dir: PathBuf,
+        parent: PathBuf,
+        mode: u32,
+    },
+    #[error("the socket has no directory to vouch for it")]
+    NoDirectory,
+    #[error("{dir} cannot be inspected: {source}")]
+    Inspect {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -124,6 +205,8 @@ impl Client {
             .to_fs_name::<GenericFilePath>()
             .map_err(connect_err)?;
         let stream = Stream::connect(name).await.map_err(connect_err)?;
+        // Before a single byte is sent: the first request could be an encryption.
+        check_daemon(path, &stream)?;
         let stream = Arc::new(stream);
         let pending: Pending = Arc::default();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -779,6 +862,104 @@ impl Drop for Unsent<'_> {
     }
 }
 
+/// Accepts the daemon on `stream`, just connected to `path`, only if this client may
+/// trust it with its requests (the rule is [`Distrust`]'s). Every connection is checked,
+/// whatever chose the path (`--socket`, `$KMS_SOCKET`, a default): the kernel's record of
+/// who listens is the only thing a squatter cannot forge.
+fn check_daemon(path: &Path, stream: &Stream) -> Result<(), ClientError> {
+    let unknown = |source| ClientError::PeerCredentials {
+        path: path.to_path_buf(),
+        source,
+    };
+    // SO_PEERCRED: the credentials of the process that listened (systemd, for a socket
+    // it passes to kmsd: root for the system service, the user for a user service).
+    let creds = stream.peer_creds().map_err(unknown)?;
+    let uid = creds
+        .euid()
+        .ok_or_else(|| unknown(std::io::Error::other("the system does not report it")))?;
+    let me = rustix::process::getuid().as_raw();
+    let effective = rustix::process::geteuid().as_raw();
+    trust_daemon(path, uid, &[me, effective]).map_err(|reason| ClientError::UntrustedDaemon {
+        path: path.to_path_buf(),
+        uid,
+        me,
+        reason,
+    })
+}
+
+/// Opens a directory only to inspect it: no read permission needed (a group member may
+/// only search `/run/kms`), and never a directory of its own choosing behind a link.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const INSPECT_ONLY: rustix::fs::OFlags = rustix::fs::OFlags::PATH;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const INSPECT_ONLY: rustix::fs::OFlags = rustix::fs::OFlags::RDONLY;
+
+/// Whether a daemon running as `peer`, serving `socket`, may be trusted by a client whose
+/// own uids are `mine` (real and effective): see [`Distrust`].
+fn trust_daemon(socket: &Path, peer: u32, mine: &[u32]) -> Result<(), Distrust> {
+    use rustix::fs::{Mode, OFlags};
+    use std::os::unix::fs::MetadataExt as _;
+    if peer == 0 || mine.contains(&peer) {
+        return Ok(());
+    }
+    let dir = std::path::absolute(socket)
+        .ok()
+        .and_then(|s| s.parent().map(Path::to_path_buf))
+        .ok_or(Distrust::NoDirectory)?;
+    let inspect = |dir: &Path, source: std::io::Error| Distrust::Inspect {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    // The directory itself (O_NOFOLLOW), never where a link there leads: a link made in
+    // /tmp may lead to any directory its maker owns in a root-owned parent (their home in
+    // /home, their runtime directory in /run/user).
+    let flags = INSPECT_ONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::open(&dir, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(Distrust::LinkedDirectory { dir });
+            }
+            return Err(inspect(&dir, e.into()));
+        }
+    };
+    // The parent the kernel knows (`..` of the directory opened), however the path was
+    // spelled; opened before the directory's descriptor becomes a File below.
+    let parent_fd = rustix::fs::openat(
+        &fd,
+        "..",
+        INSPECT_ONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| inspect(&dir, e.into()))?;
+    let owner = std::fs::File::from(fd)
+        .metadata()
+        .map_err(|e| inspect(&dir, e))?
+        .uid();
+    if owner != peer {
+        return Err(Distrust::ForeignDirectory { dir, owner });
+    }
+    let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+    let meta = std::fs::File::from(parent_fd)
+        .metadata()
+        .map_err(|e| inspect(&parent, e))?;
+    if meta.uid() != 0 {
+        return Err(Distrust::ParentNotRoot {
+            dir,
+            parent,
+            owner: meta.uid(),
+        });
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(Distrust::ParentWritable {
+            dir,
+            parent,
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
 /// How a client finds (and, if allowed, starts) its daemon (SPEC §1).
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -798,7 +979,8 @@ impl ConnectOptions {
 
 /// Connects as the options say; with autostart, launches `kmsd` (the one next to this
 /// executable, else on `PATH`) in the background when no daemon answers on the default
-/// socket, and waits up to 10 s for it to accept.
+/// socket, and waits up to 10 s for it to accept. Never on the system service's socket
+/// (that is the service's to serve), and never on another account's data directory.
 pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientError> {
     let path = opts.socket_path();
     match Client::connect(&path).await {
@@ -811,18 +993,26 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
             ) => {}
         Err(e) => return Err(e),
     }
+    let env = paths::Env::current();
     let system = Path::new(paths::SYSTEM_SOCKET);
-    if path != system && !paths::autostart_allowed_in(&paths::Env::current(), system.exists()) {
-        return Err(ClientError::Autostart(format!(
-            "no kmsd answers on {}, and none is started there because the system kmsd \
-             listens on {}: use --socket {} (or set KMS_SOCKET) to reach it, or set \
-             KMS_SOCKET to where a daemon of your own should listen",
-            path.display(),
-            system.display(),
-            system.display()
-        )));
+    match paths::autostart_refused_in(&env, &path, system.exists()) {
+        None => {}
+        Some(paths::NoAutostart::SystemSocket) => {
+            return Err(ClientError::SystemServiceDown { path });
+        }
+        Some(paths::NoAutostart::SystemServiceListens) => {
+            return Err(ClientError::Autostart(format!(
+                "no kmsd answers on {}, and none is started there because the system kmsd \
+                 listens on {}: use --socket {} (or set KMS_SOCKET) to reach it, or set \
+                 KMS_SOCKET to where a daemon of your own should listen",
+                path.display(),
+                system.display(),
+                system.display()
+            )));
+        }
     }
-    let mut started = spawn_daemon(&path)?;
+    let data_dir = autostart_data_dir(&env, &path)?;
+    let mut started = spawn_daemon(&path, &data_dir)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -831,6 +1021,13 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
             Ok(c) => {
                 started.reap();
                 return Ok(c);
+            }
+            // Someone else's daemon got the socket first: waiting cannot make it ours.
+            Err(
+                e @ (ClientError::UntrustedDaemon { .. } | ClientError::PeerCredentials { .. }),
+            ) => {
+                started.reap();
+                return Err(e);
             }
             // Ended without answering: say why now, not after the 10 s (another kmsd
             // that won a race would have answered above).
@@ -851,6 +1048,28 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
             }
             Err(_) => {}
         }
+    }
+}
+
+/// The data directory of the daemon about to be started for `socket`: what kmsd itself
+/// would choose in the environment it is given (the client's, without
+/// `$STATE_DIRECTORY`), made absolute here since kmsd runs from `/`. Refused when it
+/// exists and belongs to another account: root's default is `/var/lib/kms`, the system
+/// service's store, and a root daemon there would take it from the service (and leave
+/// root's files in it).
+fn autostart_data_dir(env: &paths::Env, socket: &Path) -> Result<PathBuf, ClientError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = paths::autostart_data_dir_in(env);
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    let me = rustix::process::geteuid().as_raw();
+    match std::fs::metadata(&dir) {
+        Ok(meta) if meta.uid() != me => Err(ClientError::ForeignDataDir {
+            socket: socket.to_path_buf(),
+            data_dir: dir,
+            owner: meta.uid(),
+            me,
+        }),
+        _ => Ok(dir),
     }
 }
 
@@ -887,15 +1106,14 @@ impl Started {
     }
 }
 
-/// The log of a kmsd a client started: `kmsd.log` in its data directory, begun anew at
-/// each autostart (such a daemon has no terminal and no journal to write to).
-fn open_autostart_log() -> Option<(PathBuf, std::fs::File)> {
+/// The log of a kmsd a client started: `kmsd.log` in its data directory `dir`, begun
+/// anew at each autostart (such a daemon has no terminal and no journal to write to).
+fn open_autostart_log(dir: &Path) -> Option<(PathBuf, std::fs::File)> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let dir = paths::default_data_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&dir)
+        .create(dir)
         .ok()?;
     let path = dir.join("kmsd.log");
     let file = std::fs::OpenOptions::new()
@@ -909,22 +1127,50 @@ fn open_autostart_log() -> Option<(PathBuf, std::fs::File)> {
     Some((path, file))
 }
 
-/// Starts kmsd for the default socket `socket`.
-fn spawn_daemon(socket: &Path) -> Result<Started, ClientError> {
+/// What systemd tells the process it starts, about that service. A client run by a
+/// service passes it on to the kmsd it starts unless removed, and kmsd would take it for
+/// its own: `STATE_DIRECTORY` as its data directory (the client service's state, see
+/// [`paths::autostart_data_dir_in`]), `CREDENTIALS_DIRECTORY` as where its root key comes
+/// from, `NOTIFY_SOCKET`/`WATCHDOG_*` to report to the client's service manager (as if
+/// it were the client's main process), `LISTEN_*` to take a socket passed to the client.
+const SERVICE_ENVIRONMENT: &[&str] = &[
+    "STATE_DIRECTORY",
+    "CREDENTIALS_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+    "CACHE_DIRECTORY",
+    "LOGS_DIRECTORY",
+    "CONFIGURATION_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// Starts kmsd for the default socket `socket`, on the data directory `data_dir`.
+fn spawn_daemon(socket: &Path, data_dir: &Path) -> Result<Started, ClientError> {
     use std::os::unix::process::CommandExt;
     let beside = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("kmsd")))
         .filter(|p| p.is_file());
     let program = beside.unwrap_or_else(|| PathBuf::from("kmsd"));
-    let (log, stderr) = match open_autostart_log() {
+    let (log, stderr) = match open_autostart_log(data_dir) {
         Some((path, file)) => (Some(path), std::process::Stdio::from(file)),
         None => (None, std::process::Stdio::null()),
     };
     let mut cmd = std::process::Command::new(&program);
+    for name in SERVICE_ENVIRONMENT {
+        cmd.env_remove(name);
+    }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
+        // The directory the client resolved, where its log already is: the daemon does
+        // not resolve it again from an environment it might read differently.
+        .arg("--data-dir")
+        .arg(data_dir)
         // Not holding the client's working directory (a mount it would keep busy); a
         // relative `$KMS_SOCKET` is passed on as the path it means here.
         .current_dir("/")
@@ -938,4 +1184,138 @@ fn spawn_daemon(socket: &Path) -> Result<Started, ClientError> {
         .spawn()
         .map_err(|e| ClientError::Autostart(format!("{}: {e}", program.display())))?;
     Ok(Started { child, log })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// A fresh directory in the system's temporary directory, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!(
+                "kms-shared-{name}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
+            std::fs::create_dir(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn chown(p: &Path, uid: u32) {
+        rustix::fs::chown(p, Some(rustix::fs::Uid::from_raw(uid)), None).unwrap();
+    }
+
+    /// Giving directories to other accounts needs root (as the tests run in CI).
+    fn root() -> bool {
+        let root = rustix::process::geteuid().is_root();
+        if !root {
+            eprintln!("skipped: needs root to give directories to other uids");
+        }
+        root
+    }
+
+    const ME: u32 = 1000;
+    const OTHER: u32 = 4242;
+
+    /// The squatted default socket: another user made `/tmp/kms-1000` (their own
+    /// directory, 0755) before its owner and serves a daemon there. Refused, because
+    /// /tmp lets anyone create that directory; accepted only if the daemon is the
+    /// client's own account or root. (Clients used to connect to it and send it
+    /// plaintexts.)
+    #[test]
+    fn a_daemon_in_a_directory_squatted_in_tmp_is_refused() {
+        if !root() {
+            return;
+        }
+        let squat = Scratch::new("squat");
+        chmod(&squat.0, 0o755);
+        chown(&squat.0, OTHER);
+        let socket = squat.0.join("kmsd.sock");
+        let err = trust_daemon(&socket, OTHER, &[ME]).unwrap_err();
+        assert!(
+            matches!(&err, Distrust::ParentWritable { parent, .. } if *parent == std::env::temp_dir()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        // The client's own daemon, or root's, is trusted wherever it listens.
+        trust_daemon(&socket, ME, &[ME]).unwrap();
+        trust_daemon(&socket, 0, &[ME]).unwrap();
+        // The error a client reports names the socket, the daemon's uid and why.
+        let shown = ClientError::UntrustedDaemon {
+            path: socket.clone(),
+            uid: OTHER,
+            me: ME,
+            reason: err,
+        }
+        .to_string();
+        assert!(shown.contains(&socket.display().to_string()), "{shown}");
+        assert!(shown.contains("uid 4242"), "{shown}");
+        assert!(shown.contains("uid 1000"), "{shown}");
+    }
+
+    /// The system service's layout: `/run/kms` belongs to the daemon's account, in
+    /// root's `/run` (0755). Such a directory vouches for its owner only: another
+    /// account serving there, a parent that is not root's, one others may write, or a
+    /// link in place of the directory, and it does not.
+    #[test]
+    fn only_a_directory_root_gave_the_daemon_vouches_for_it() {
+        if !root() {
+            return;
+        }
+        let base = Scratch::new("vouch");
+        chmod(&base.0, 0o755);
+        let run = base.0.join("run");
+        std::fs::create_dir(&run).unwrap();
+        chmod(&run, 0o750);
+        chown(&run, OTHER);
+        let socket = run.join("kmsd.sock");
+        trust_daemon(&socket, OTHER, &[ME]).unwrap();
+        // However the path is spelled.
+        trust_daemon(&base.0.join("run/../run/./kmsd.sock"), OTHER, &[ME]).unwrap();
+
+        let err = trust_daemon(&socket, OTHER + 1, &[ME]).unwrap_err();
+        assert!(
+            matches!(err, Distrust::ForeignDirectory { owner: OTHER, .. }),
+            "{err}"
+        );
+
+        let link = base.0.join("link");
+        std::os::unix::fs::symlink(&run, &link).unwrap();
+        let err = trust_daemon(&link.join("kmsd.sock"), OTHER, &[ME]).unwrap_err();
+        assert!(matches!(err, Distrust::LinkedDirectory { .. }), "{err}");
+
+        chmod(&base.0, 0o775);
+        let err = trust_daemon(&socket, OTHER, &[ME]).unwrap_err();
+        assert!(
+            matches!(err, Distrust::ParentWritable { mode: 0o775, .. }),
+            "{err}"
+        );
+        chmod(&base.0, 0o755);
+        chown(&base.0, OTHER);
+        let err = trust_daemon(&socket, OTHER, &[ME]).unwrap_err();
+        assert!(
+            matches!(err, Distrust::ParentNotRoot { owner: OTHER, .. }),
+            "{err}"
+        );
+        chown(&base.0, 0);
+    }
 }

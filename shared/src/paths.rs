@@ -1,7 +1,7 @@
 //! Where the socket and the data live (SPEC §1). The daemon and every client resolve the
 //! socket with [`default_socket_path`], so they cannot disagree.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The environment a resolution depends on, so the rules can be tested without touching
 /// the process environment.
@@ -34,12 +34,68 @@ impl Env {
 /// runtime directory is set, everyone else's by `--socket` or `$KMS_SOCKET`.
 pub const SYSTEM_SOCKET: &str = "/run/kms/kmsd.sock";
 
-/// Whether clients may start a daemon of their own for `env`: not when the system
-/// service's socket exists and `$KMS_SOCKET` does not say otherwise. A kms group member
-/// would silently get a private daemon instead of the shared one, and root (whose data
-/// directory is the system store, `/var/lib/kms`) would take that store from the service.
-pub fn autostart_allowed_in(env: &Env, system_socket_exists: bool) -> bool {
-    env.kms_socket.is_some() || !system_socket_exists
+/// Why a client starts no daemon of its own where no daemon answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAutostart {
+    /// The socket is the system service's ([`SYSTEM_SOCKET`]), however it was chosen
+    /// (root's default, `$KMS_SOCKET`): a daemon started there by a client would run as
+    /// that client's account on the service's store (root's data directory is
+    /// `/var/lib/kms`), e.g. while an administrator has stopped the service to restore it.
+    SystemSocket,
+    /// The system service's socket exists and `$KMS_SOCKET` does not say otherwise: a kms
+    /// group member would silently get a private daemon instead of the shared one.
+    SystemServiceListens,
+}
+
+/// Whether clients may start a daemon of their own on `socket` for `env`, and if not,
+/// why not (see [`NoAutostart`]).
+pub fn autostart_refused_in(
+    env: &Env,
+    socket: &Path,
+    system_socket_exists: bool,
+) -> Option<NoAutostart> {
+    if is_system_socket(socket) {
+        return Some(NoAutostart::SystemSocket);
+    }
+    if env.kms_socket.is_none() && system_socket_exists {
+        return Some(NoAutostart::SystemServiceListens);
+    }
+    None
+}
+
+/// Whether `path` names the system service's socket: spelled differently
+/// (`/run/kms/./kmsd.sock`, a relative path from `/run`) or through a link to its
+/// directory (`/var/run/kms/kmsd.sock`, `/var/run` being a link to `/run`).
+pub fn is_system_socket(path: &Path) -> bool {
+    let system = Path::new(SYSTEM_SOCKET);
+    let Some(normal) = lexically_normal(path) else {
+        return false;
+    };
+    if normal == system {
+        return true;
+    }
+    // The same directory reached another way: compare where both directories lead.
+    let same_name = normal.file_name() == system.file_name();
+    let resolved = |p: &Path| p.parent().and_then(|d| std::fs::canonicalize(d).ok());
+    same_name && resolved(&normal).is_some_and(|d| Some(d) == resolved(system))
+}
+
+/// `path` made absolute, without `.` components, and with `..` applied to the component
+/// before it (as the kernel would, unless that component is a link).
+fn lexically_normal(path: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).ok()?;
+    let mut out = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    Some(out)
 }
 
 /// `$KMS_SOCKET`, else `$XDG_RUNTIME_DIR/kms/kmsd.sock`, else `/run/kms/kmsd.sock` for root,
@@ -84,6 +140,19 @@ pub fn default_data_dir() -> PathBuf {
     data_dir_in(&Env::current())
 }
 
+/// The data directory of a daemon a client starts (autostart) for `env`: as
+/// [`data_dir_in`], without `$STATE_DIRECTORY`. In a client's environment that variable
+/// is the state directory of the client's own service (systemd sets it for a unit with
+/// `StateDirectory=`), not kmsd's: a daemon started from such a service would have kept
+/// its keys among that service's files, and a second client of the same account outside
+/// it would have started another daemon on another store.
+pub fn autostart_data_dir_in(env: &Env) -> PathBuf {
+    data_dir_in(&Env {
+        state_directory: None,
+        ..env.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,12 +166,80 @@ mod tests {
             xdg_runtime_dir: Some("/run/user/1000".into()),
             ..Env::default()
         };
-        assert!(autostart_allowed_in(&env, false));
-        assert!(!autostart_allowed_in(&env, true));
+        let own = socket_path_in(&env);
+        assert_eq!(autostart_refused_in(&env, &own, false), None);
+        assert_eq!(
+            autostart_refused_in(&env, &own, true),
+            Some(NoAutostart::SystemServiceListens)
+        );
         env.uid = 0;
-        assert!(!autostart_allowed_in(&env, true));
+        assert_eq!(
+            autostart_refused_in(&env, &socket_path_in(&env), true),
+            Some(NoAutostart::SystemServiceListens)
+        );
         env.kms_socket = Some("/tmp/mine.sock".into());
-        assert!(autostart_allowed_in(&env, true));
+        assert_eq!(
+            autostart_refused_in(&env, &socket_path_in(&env), true),
+            None
+        );
+    }
+
+    /// No daemon is ever started on the system service's socket: not for root, whose
+    /// default it is without a session, while the service is stopped (its socket gone),
+    /// nor when `$KMS_SOCKET` names it, however spelled. (It used to be allowed in both
+    /// cases: root's client then started a root kmsd on the service's store.)
+    #[test]
+    fn never_autostart_on_the_system_socket() {
+        let mut env = Env {
+            uid: 0,
+            ..Env::default()
+        };
+        let root_default = socket_path_in(&env);
+        assert_eq!(root_default, Path::new(SYSTEM_SOCKET));
+        for exists in [false, true] {
+            assert_eq!(
+                autostart_refused_in(&env, &root_default, exists),
+                Some(NoAutostart::SystemSocket)
+            );
+        }
+        env.uid = 1000;
+        for spelled in [
+            "/run/kms/kmsd.sock",
+            "/run/kms/./kmsd.sock",
+            "//run/kms/kmsd.sock",
+            "/run/kms/../kms/kmsd.sock",
+        ] {
+            env.kms_socket = Some(spelled.into());
+            assert_eq!(
+                autostart_refused_in(&env, &socket_path_in(&env), false),
+                Some(NoAutostart::SystemSocket),
+                "{spelled}"
+            );
+        }
+        assert!(!is_system_socket(Path::new("/run/kms/other.sock")));
+        assert!(!is_system_socket(Path::new("/run/kmsd.sock")));
+    }
+
+    /// The data directory of an autostarted daemon never comes from the client's
+    /// `$STATE_DIRECTORY` (the client's own service's), and is otherwise kmsd's default.
+    #[test]
+    fn autostart_data_dir_ignores_the_clients_state_directory() {
+        let mut env = Env {
+            uid: 1000,
+            home: Some("/home/u".into()),
+            state_directory: Some("/var/lib/some-app".into()),
+            ..Env::default()
+        };
+        assert_eq!(
+            autostart_data_dir_in(&env),
+            PathBuf::from("/home/u/.local/share/kms")
+        );
+        env.xdg_data_home = Some("/xdg".into());
+        assert_eq!(autostart_data_dir_in(&env), PathBuf::from("/xdg/kms"));
+        // Without the variable (as in the daemon's environment, where the client removes
+        // it), kmsd's own default is the same directory.
+        env.state_directory = None;
+        assert_eq!(autostart_data_dir_in(&env), data_dir_in(&env));
     }
 
     /// Each rule of SPEC §1 in order of precedence.

@@ -10,14 +10,22 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// `kmsctl ARGS` (the program at `kmsctl`) on the default socket of an environment inside
-/// `dir`: `$KMS_SOCKET` and `$STATE_DIRECTORY` point there, so nothing outside is touched.
+/// `dir`: `$KMS_SOCKET` and `$XDG_DATA_HOME` point there (a started daemon's data directory
+/// is `dir/xdg/kms`), so nothing outside is touched.
 fn kmsctl_in(dir: &Path, kmsctl: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(kmsctl);
+    cmd.env("KMS_SOCKET", dir.join("run/kmsd.sock"));
+    kmsctl_with(dir, &mut cmd, &[], args)
+}
+
+/// `kmsctl_in` with the socket `cmd`'s environment says, and the variables `env` on top.
+fn kmsctl_with(dir: &Path, cmd: &mut Command, env: &[(&str, String)], args: &[&str]) -> Output {
     cmd.args(args)
-        .env("KMS_SOCKET", dir.join("run/kmsd.sock"))
-        .env("STATE_DIRECTORY", dir.join("data"))
+        .env("XDG_DATA_HOME", dir.join("xdg"))
+        .env_remove("STATE_DIRECTORY")
         .env_remove("CREDENTIALS_DIRECTORY")
-        .env("KMS_LOG", "info");
+        .env("KMS_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)));
     // A file just written may still be open in a child another test forked meanwhile
     // (until that child's exec): "text file busy" for a moment.
     for _ in 0..100 {
@@ -28,7 +36,7 @@ fn kmsctl_in(dir: &Path, kmsctl: &Path, args: &[&str]) -> Output {
             other => return other.unwrap(),
         }
     }
-    panic!("{} stayed busy", kmsctl.display());
+    panic!("{:?} stayed busy", cmd.get_program());
 }
 
 #[test]
@@ -40,7 +48,7 @@ fn a_client_starts_the_daemon_on_the_default_socket() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pid = status["pid"].as_u64().unwrap() as i32;
     // The started daemon has no terminal: its log is kept in its data directory.
-    let log = dir.path().join("data/kmsd.log");
+    let log = dir.path().join("xdg/kms/kmsd.log");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ready")) {
         assert!(Instant::now() < deadline, "no log at {}", log.display());
@@ -59,11 +67,16 @@ fn a_client_starts_the_daemon_on_the_default_socket() {
     );
     assert!(!out.status.success());
     assert!(!explicit.exists());
-    rustix::process::kill_process(
+    stop_daemon(pid);
+}
+
+/// SIGTERM to a daemon a client started, and waits until it is gone (or a zombie: its
+/// parent, the client, has exited without reaping it).
+fn stop_daemon(pid: i32) {
+    let _ = rustix::process::kill_process(
         rustix::process::Pid::from_raw(pid).unwrap(),
         rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while Path::new(&format!("/proc/{pid}")).exists() {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -73,6 +86,151 @@ fn a_client_starts_the_daemon_on_the_default_socket() {
         assert!(Instant::now() < deadline, "kmsd {pid} did not stop");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// kmsctl's `--json` answer: the status, or the error's message. A daemon it started
+/// is stopped (a test that expects none must not leave one behind when it fails).
+fn status_or_error(out: &Output) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    if let Some(pid) = v["pid"].as_u64() {
+        stop_daemon(pid as i32);
+        return Ok(v);
+    }
+    Err(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// A client run by a systemd service (a unit with `StateDirectory=`, credentials, socket
+/// activation, a watchdog) passes none of that service's environment to the kmsd it
+/// starts: the daemon's data directory is the one kmsd's own defaults give the account
+/// (here `$XDG_DATA_HOME/kms`), never the client service's state directory, and its
+/// root key is its own `root.key`, not the client service's credential. (It used to
+/// inherit all of it: the keys went into the other service's state directory, under
+/// that service's credential.)
+#[test]
+fn the_started_daemon_gets_none_of_the_clients_service_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client-state");
+    std::fs::create_dir(&state).unwrap();
+    let credentials = dir.path().join("client-credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("kms-root-key"), [7u8; 32]).unwrap();
+    let service: Vec<(&str, String)> = vec![
+        ("STATE_DIRECTORY", state.display().to_string()),
+        ("CREDENTIALS_DIRECTORY", credentials.display().to_string()),
+        (
+            "NOTIFY_SOCKET",
+            dir.path().join("notify").display().to_string(),
+        ),
+        ("LISTEN_FDS", "1".into()),
+        ("LISTEN_PID", "1".into()),
+        ("LISTEN_FDNAMES", "client".into()),
+        ("WATCHDOG_USEC", "30000000".into()),
+        ("WATCHDOG_PID", "1".into()),
+    ];
+    let mut cmd = Command::new(bin("kmsctl"));
+    cmd.env("KMS_SOCKET", dir.path().join("run/kmsd.sock"));
+    let out = kmsctl_with(dir.path(), &mut cmd, &service, &["--json", "status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pid = status["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{status} {stderr}"));
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    stop_daemon(pid as i32);
+    let data = dir.path().join("xdg/kms");
+    assert_eq!(status["data_dir"].as_str(), data.to_str(), "{stderr}");
+    assert!(
+        std::fs::read_dir(&state).unwrap().next().is_none(),
+        "the daemon wrote into the client service's state directory"
+    );
+    assert!(
+        data.join("root.key").exists(),
+        "the daemon took the client service's credential for its root key"
+    );
+    let environ = String::from_utf8_lossy(&environ);
+    for (name, _) in &service {
+        assert!(
+            !environ
+                .split('\0')
+                .any(|v| v.starts_with(&format!("{name}="))),
+            "kmsd inherited {name}"
+        );
+    }
+}
+
+/// Root without a session defaults to the system service's socket. While the service is
+/// stopped (its socket gone, as for a restore), root's clients used to start a root kmsd
+/// there, on root's default data directory: the service's store. Now no client starts a
+/// daemon on that socket, however it was chosen: it says the service is not running and
+/// how to start it, and creates nothing in /run/kms.
+#[test]
+fn no_daemon_is_started_on_the_system_socket() {
+    let system = Path::new("/run/kms/kmsd.sock");
+    if system.exists() {
+        eprintln!(
+            "skipped: a system kmsd is installed here ({})",
+            system.display()
+        );
+        return;
+    }
+    let run_kms_existed = Path::new("/run/kms").exists();
+    let dir = tempfile::tempdir().unwrap();
+    let root = rustix::process::geteuid().is_root();
+    for by_kms_socket in [false, true] {
+        if !by_kms_socket && !root {
+            // Only root's default is the system socket.
+            continue;
+        }
+        let mut cmd = Command::new(bin("kmsctl"));
+        cmd.env_remove("XDG_RUNTIME_DIR");
+        if by_kms_socket {
+            cmd.env("KMS_SOCKET", "/run/kms/./kmsd.sock");
+        } else {
+            cmd.env_remove("KMS_SOCKET");
+        }
+        let out = kmsctl_with(dir.path(), &mut cmd, &[], &["--json", "status"]);
+        let result = status_or_error(&out);
+        if !run_kms_existed {
+            let _ = std::fs::remove_file(system);
+            let _ = std::fs::remove_dir("/run/kms");
+        }
+        let message = result.expect_err("a daemon was started on the system socket");
+        assert!(message.contains("system kmsd is not running"), "{message}");
+        assert!(message.contains("systemctl start kmsd.socket"), "{message}");
+        assert_eq!(out.status.code(), Some(69), "{message}");
+        assert!(!dir.path().join("xdg/kms").exists(), "{message}");
+    }
+    assert_eq!(Path::new("/run/kms").exists(), run_kms_existed);
+}
+
+/// A client whose data directory belongs to another account (root's default is
+/// /var/lib/kms, the system service's store, owned by kms) starts no daemon on it and
+/// writes nothing there. (Root's client used to start a root kmsd on it.)
+#[test]
+fn no_daemon_is_started_on_another_accounts_data_directory() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to give a directory to another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("xdg/kms");
+    std::fs::create_dir_all(&data).unwrap();
+    rustix::fs::chown(&data, Some(rustix::fs::Uid::from_raw(4242)), None).unwrap();
+    let out = kmsctl_in(dir.path(), &bin("kmsctl"), &["--json", "status"]);
+    let message = status_or_error(&out).expect_err("a daemon was started");
+    assert!(message.contains("belongs to uid 4242"), "{message}");
+    assert!(message.contains(data.to_str().unwrap()), "{message}");
+    assert!(std::fs::read_dir(&data).unwrap().next().is_none());
+    assert!(!dir.path().join("run/kmsd.sock").exists());
 }
 
 /// A kmsd that exits at once is reported as such, with its last words, without waiting
