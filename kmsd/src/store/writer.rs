@@ -845,6 +845,14 @@ fn finish(
                 }
                 Mutation::PruneHistory { before } => {
                     prune_history(&keys, &mut history, *before)?;
+                    // Counters summed so far in this group count as stored for this.
+                    flush_counters(
+                        &mut usage,
+                        &mut encryptions,
+                        &mut pending_uses,
+                        &mut pending_encryptions,
+                    )?;
+                    remove_orphan_counters(&keys, &mut usage, &mut encryptions)?;
                 }
                 Mutation::Expunge { tag } => {
                     // Counters summed so far belong before the removal.
@@ -1000,6 +1008,42 @@ fn prune_history(
             }
             None => None,
         };
+    }
+    Ok(())
+}
+
+/// Removes the usage and encryption counters of tags with no key: a call that raced its
+/// key's expiry folds its counters after the key's rows were removed, and nothing else
+/// would ever remove them (the counters of a key that exists are left alone). Usage rows
+/// are one per key; the encryptions table is walked a tag at a time, skipping each tag's
+/// versions with one seek.
+fn remove_orphan_counters(
+    keys: &redb::Table<&str, &[u8]>,
+    usage: &mut redb::Table<&str, &[u8]>,
+    encryptions: &mut redb::Table<(&str, u32), u64>,
+) -> Result<(), StoreError> {
+    let mut orphans = Vec::new();
+    for row in usage.iter()? {
+        let (tag, _) = row?;
+        if keys.get(tag.value())?.is_none() {
+            orphans.push(tag.value().to_string());
+        }
+    }
+    for tag in &orphans {
+        usage.remove(tag.as_str())?;
+    }
+    let mut next_tag = encryptions.first()?.map(|(k, _)| k.value().0.to_string());
+    while let Some(tag) = next_tag.take() {
+        let t = tag.as_str();
+        if keys.get(t)?.is_none() {
+            encryptions.retain_in((t, 0)..=(t, u32::MAX), |_, _| false)?;
+        }
+        // (t, u32::MAX) is a valid version number: past it, or past its row if it has one.
+        next_tag = encryptions
+            .range((t, u32::MAX)..)?
+            .map(|row| row.map(|(k, _)| k.value().0.to_string()))
+            .find(|next| next.as_ref().map_or(true, |n| n != t))
+            .transpose()?;
     }
     Ok(())
 }
@@ -1376,6 +1420,64 @@ mod tests {
         let kept: Vec<UnixMillis> = stored(&store, "k").0.iter().map(|(_, t)| *t).collect();
         assert_eq!(kept, vec![6_100, 7_000]);
         assert!(stored(&store, "gone").0.is_empty(), "an orphan entry stays");
+        writer.shutdown();
+    }
+
+    /// Pruning also removes the usage and encryption counters of tags with no key (folded
+    /// after the key's expiry by calls that raced it: nothing removed them before), and
+    /// leaves those of keys that exist, whatever their age.
+    #[test]
+    fn pruning_removes_counters_of_keys_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer
+            .submit(vec![
+                key_record("a"),
+                key_record("k"),
+                key_record("z"),
+                version_one("a"),
+                version_one("k"),
+                version_one("z"),
+            ])
+            .wait()
+            .unwrap();
+        for tag in ["a", "k", "z"] {
+            writer.submit(call(tag, 5_000)).wait().unwrap();
+        }
+        // The key "k" expires; a call that resolved it before lands after.
+        writer
+            .submit(vec![Mutation::Expunge { tag: "k".into() }])
+            .wait()
+            .unwrap();
+        let mut late = call("k", 5_001);
+        late.push(Mutation::Encryptions {
+            tag: "k".into(),
+            version: u32::MAX,
+            n: 1,
+        });
+        writer.submit(late).wait().unwrap();
+        writer.submit(vec![Mutation::Settle]).wait().unwrap();
+        let counters = |tag: &str| {
+            let (_, usage, _) = stored(&store, tag);
+            use redb::ReadableDatabase as _;
+            let tx = store.db.get().unwrap().begin_read().unwrap();
+            let enc = tx
+                .open_table(ENCRYPTIONS)
+                .unwrap()
+                .range((tag, 0)..=(tag, u32::MAX))
+                .unwrap()
+                .count();
+            (usage, enc)
+        };
+        assert_eq!(counters("k"), (1, 2), "the race leaves counters behind");
+        writer
+            .submit(vec![Mutation::PruneHistory { before: 0 }])
+            .wait()
+            .unwrap();
+        assert_eq!(counters("k"), (0, 0), "the orphan counters stay");
+        assert_eq!(counters("a"), (1, 1));
+        assert_eq!(counters("z"), (1, 1));
         writer.shutdown();
     }
 
