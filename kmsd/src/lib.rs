@@ -141,7 +141,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         .context("cannot start the crypto threads")?,
     );
     let trigger = shutdown::ShutdownTrigger::new();
-    tokio::spawn(scheduler::run(engine.clone(), trigger.handle()));
+    let mut scheduling = tokio::spawn(scheduler::run(engine.clone(), trigger.handle()));
     let mut serving = tokio::spawn(server::serve(
         listener,
         engine.clone(),
@@ -166,24 +166,32 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     // call is in the journal or the store; the next start folds the journal and, since
     // this is not recorded as a clean stop, verifies every page of the store.
     // An accept loop that ended (it returns only when told to stop) or panicked leaves a
-    // daemon serving nothing, equally healthy-looking: the same, but the store is sound,
-    // so it is closed cleanly.
+    // daemon serving nothing, equally healthy-looking, and a scheduler that did leaves one
+    // that never rotates or purges again: the same, but the store is sound, so it is
+    // closed cleanly.
+    let ended = |task: &'static str, result: Result<(), tokio::task::JoinError>| {
+        Some(Failure::Task {
+            task,
+            why: match result {
+                Ok(()) => "it returned".to_string(),
+                Err(e) => e.to_string(),
+            },
+        })
+    };
     let failure = tokio::select! {
         () = stop => None,
         () = engine.writer_failed() => Some(Failure::Writer),
-        ended = &mut serving => Some(Failure::AcceptLoop(match ended {
-            Ok(()) => "it returned".to_string(),
-            Err(e) => e.to_string(),
-        })),
+        result = &mut serving => ended("accept loop", result),
+        result = &mut scheduling => ended("scheduler", result),
     };
     let writer_failed = matches!(failure, Some(Failure::Writer));
     match &failure {
         Some(Failure::Writer) => {
             tracing::error!("the store writer stopped: shutting down so that kmsd is restarted")
         }
-        Some(Failure::AcceptLoop(why)) => tracing::error!(
+        Some(Failure::Task { task, why }) => tracing::error!(
             reason = %why,
-            "the accept loop stopped: shutting down so that kmsd is restarted"
+            "the {task} stopped: shutting down so that kmsd is restarted"
         ),
         None => {}
     }
@@ -223,8 +231,8 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         Some(Failure::Writer) => {
             anyhow::bail!("the store writer thread died (see the log above); restart kmsd")
         }
-        Some(Failure::AcceptLoop(why)) => {
-            anyhow::bail!("the accept loop stopped ({why}); restart kmsd")
+        Some(Failure::Task { task, why }) => {
+            anyhow::bail!("the {task} stopped ({why}); restart kmsd")
         }
         None => Ok(()),
     }
@@ -234,6 +242,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
 enum Failure {
     /// The store writer thread died: calls are refused, the store is not closed cleanly.
     Writer,
-    /// The task accepting connections ended or panicked (why): nothing is served.
-    AcceptLoop(String),
+    /// A task that runs for the daemon's life (the accept loop, the scheduler) ended or
+    /// panicked (why): nothing is served, or nothing falls due any more.
+    Task { task: &'static str, why: String },
 }
