@@ -192,7 +192,9 @@ fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         Action::Back => match app.screen {
             Screen::Details => app.screen = Screen::Main,
             _ if !app.filter.is_empty() => clear_filter(app),
-            _ => {}
+            // Nothing left to go back from: esc dismisses the message, giving a long
+            // one's rows back to the list.
+            _ => app.message = None,
         },
         Action::StartFilter => app.filter_editing = true,
         Action::Help => app.popup = Some(Popup::Help),

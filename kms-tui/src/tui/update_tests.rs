@@ -161,6 +161,26 @@ fn enter_and_esc_walk_screens() {
     assert_eq!(a.screen, Screen::Main);
 }
 
+/// On the list, with nothing to go back from, esc dismisses the message: a long one
+/// gives its rows back to the list. Esc clears a filter before the message.
+#[test]
+fn esc_dismisses_the_message_last() {
+    let mut a = app();
+    let rows = a.list_rows();
+    a.error("a refusal long enough to wrap over several rows of the message area: ".repeat(8));
+    assert!(a.message_rows() > 1);
+    assert!(a.list_rows() < rows);
+    update(&mut a, ch('/'));
+    typed(&mut a, "pa");
+    update(&mut a, code(KeyCode::Enter));
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.filter, "");
+    assert!(a.message.is_some(), "the filter goes first");
+    update(&mut a, code(KeyCode::Esc));
+    assert!(a.message.is_none());
+    assert_eq!(a.list_rows(), rows);
+}
+
 /// `/` filters live by name as you type; enter keeps the filter; esc clears it.
 #[test]
 fn slash_filters_live() {
