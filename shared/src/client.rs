@@ -34,6 +34,15 @@ pub enum ClientError {
     },
     #[error("the daemon refused the request: {0}")]
     Server(#[from] WireError),
+    /// The request does not fit in a frame: refused before anything was sent (the
+    /// connection is unaffected). Its kind is `too-large`, as the daemon's own refusals
+    /// of oversized inputs.
+    #[error(
+        "the request is {len} bytes, more than the {max} one frame may carry; nothing was          sent (AES-256 plaintexts are at most {aes} bytes, messages to sign {sign}: split          the data, or encrypt it under a data key)",
+        aes = crate::model::MAX_AES_PLAINTEXT,
+        sign = crate::model::MAX_SIGN_MESSAGE
+    )]
+    RequestTooLarge { len: u64, max: u32 },
     #[error("connection to kmsd lost: {0}")]
     Frame(#[from] FrameError),
     #[error("connection to kmsd closed")]
@@ -132,6 +141,7 @@ impl ClientError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             ClientError::Server(e) => Some(e.kind),
+            ClientError::RequestTooLarge { .. } => Some(ErrorKind::TooLarge),
             ClientError::VersionMismatch { .. } => Some(ErrorKind::UnsupportedVersion),
             _ => None,
         }
@@ -255,10 +265,17 @@ impl Client {
     pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // The frame may hold a plaintext: wiped once written.
-        let frame = Zeroizing::new(codec::encode_frame(
-            &ClientFrame { id, request },
-            DEFAULT_MAX_FRAME,
-        )?);
+        let frame = Zeroizing::new(
+            codec::encode_frame(&ClientFrame { id, request }, DEFAULT_MAX_FRAME).map_err(|e| {
+                match e {
+                    FrameError::TooLarge { len, max } => ClientError::RequestTooLarge {
+                        len: u64::from(len),
+                        max,
+                    },
+                    other => ClientError::Frame(other),
+                }
+            })?,
+        );
         let (tx, rx) = oneshot::channel();
         let in_flight = {
             let mut pending = lock(&self.pending);

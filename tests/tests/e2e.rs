@@ -266,6 +266,16 @@ fn every_error_kind() {
         &vec![0u8; 32 * 1024 + 1],
         ErrorKind::TooLarge,
     );
+    // Beyond what a frame carries, the client refuses before sending: too-large as well,
+    // not a lost connection (it was exit 69, "connection to kmsd lost").
+    for cmd in ["encrypt", "sign"] {
+        fails(
+            &d,
+            &[cmd, "errkey"],
+            &vec![0u8; 1_100_000],
+            ErrorKind::TooLarge,
+        );
+    }
     fails(&d, &["sign", "errkey"], b"x", ErrorKind::WrongPurpose);
     let ct = ok(&d.kmsctl(&["encrypt", "errkey"], b"x"));
     ok(&d.kmsctl(&["rotate", "errkey"], b""));

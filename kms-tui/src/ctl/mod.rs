@@ -230,6 +230,9 @@ impl From<ClientError> for CtlError {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::Server(w) => CtlError::Wire(w),
+            ClientError::RequestTooLarge { .. } => {
+                CtlError::Wire(WireError::new(ErrorKind::TooLarge, e.to_string()))
+            }
             ClientError::VersionMismatch { .. } => {
                 CtlError::Wire(WireError::new(ErrorKind::UnsupportedVersion, e.to_string()))
             }
@@ -556,6 +559,11 @@ mod tests {
             assert_eq!(e.kind(), kind.as_str());
             assert!((3..=15).contains(&e.exit_code()));
         }
+        let large = CtlError::from(ClientError::RequestTooLarge {
+            len: 2_000_000,
+            max: 1_048_576,
+        });
+        assert_eq!((large.kind(), large.exit_code()), ("too-large", 6));
         let closed = CtlError::from(ClientError::Closed);
         assert_eq!((closed.kind(), closed.exit_code()), ("connect", 69));
         let mismatch = CtlError::from(ClientError::VersionMismatch {
