@@ -176,7 +176,7 @@ const MAX_RETENTION_DAYS: u32 = 100 * 365;
 /// The largest nonce budget a config may set. SPEC §5: a version must stop encrypting
 /// well before 2^32 random 96-bit nonces (NIST SP 800-38D's bound for a collision
 /// chance of 2^-32); the default is 2^30.
-const MAX_NONCE_BUDGET: u64 = 1 << 31;
+pub const MAX_NONCE_BUDGET: u64 = 1 << 31;
 
 /// `v` if it is at most `max`, else refused by `key`.
 fn at_most<T: PartialOrd + std::fmt::Display>(

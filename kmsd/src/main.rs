@@ -136,6 +136,13 @@ fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
         done.info.history,
         done.store.display()
     );
+    if done.budgets_spent > 0 {
+        println!(
+            "{} AES key(s) will rotate at their next encryption: the backup cannot count \
+             the encryptions made since it was taken",
+            done.budgets_spent
+        );
+    }
     if let Some(previous) = done.previous {
         println!("the replaced store is kept as {}", previous.display());
     }

@@ -31,6 +31,10 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone)]
 pub struct Restored {
     pub info: BackupInfo,
+    /// AES versions counted as having spent their encryption budget (see
+    /// [`crate::store::backup::spend_restored_budgets`]): each rotates at its next
+    /// encryption.
+    pub budgets_spent: u64,
     pub store: PathBuf,
     /// Where the store that was replaced now is.
     pub previous: Option<PathBuf>,
@@ -110,8 +114,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     let staged = dir.join("kms.redb.restore-tmp");
     let _ = std::fs::remove_file(&staged);
     let result = stage_and_verify(&opts.file, &staged, &root.fingerprint());
-    let info = match result {
-        Ok(info) => info,
+    let (info, budgets_spent) = match result {
+        Ok(done) => done,
         Err(e) => {
             let _ = std::fs::remove_file(&staged);
             return Err(e);
@@ -174,6 +178,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         .map_err(io_err(dir))?;
     Ok(Restored {
         info,
+        budgets_spent,
         store,
         previous,
     })
@@ -205,12 +210,13 @@ fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), RestoreError> {
     })
 }
 
-/// Copies the backup to `staged` (0600, fsynced) and verifies the copy.
+/// Copies the backup to `staged` (0600, fsynced), verifies the copy, and counts its AES
+/// versions' encryption budgets as spent (returned: how many).
 fn stage_and_verify(
     file: &Path,
     staged: &Path,
     fingerprint: &str,
-) -> Result<BackupInfo, RestoreError> {
+) -> Result<(BackupInfo, u64), RestoreError> {
     let read_err = |source| RestoreError::ReadBackup {
         path: file.to_path_buf(),
         source,
@@ -228,10 +234,15 @@ fn stage_and_verify(
     std::io::copy(&mut src, &mut dst).map_err(read_err)?;
     dst.sync_all().map_err(io_err(staged))?;
     drop(dst);
-    verify_backup(staged, fingerprint).map_err(|source| RestoreError::Invalid {
+    let invalid = |source| RestoreError::Invalid {
         path: file.to_path_buf(),
         source,
-    })
+    };
+    let info = verify_backup(staged, fingerprint).map_err(invalid)?;
+    let spent =
+        crate::store::backup::spend_restored_budgets(staged, crate::config::MAX_NONCE_BUDGET)
+            .map_err(invalid)?;
+    Ok((info, spent))
 }
 
 #[cfg(test)]

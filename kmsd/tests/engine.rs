@@ -1360,3 +1360,71 @@ fn unusable_keys_hold_no_unwrapped_material() {
     e.request_deletion(&fx.me, "idle").unwrap();
     assert_eq!(cached(e), 0, "dropped when pending deletion");
 }
+
+/// A backup cannot know how many encryptions were made under a version after it was
+/// taken: a restored count would let that version go on past its budget with random
+/// nonces, once per restore. The restore counts every AES key's current version as spent
+/// (the largest budget kmsd accepts), so its next encryption rotates; convergent keys
+/// (no budget) and other purposes are left alone, and the restored ciphertexts still
+/// decrypt. (It used to restore the count as it was: the key went on under version 1.)
+#[test]
+fn a_restored_store_rotates_its_aes_keys_before_encrypting() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let config = EngineConfig {
+        nonce_budget: 10,
+        ..EngineConfig::default()
+    };
+    let me = caller("root");
+    let aes = |name: &str, convergent| CreateKey {
+        name: name.into(),
+        key_type: KeyType::Aes256,
+        protection: kms_shared::model::Protection::Basic,
+        convergent,
+        auto_rotation: false,
+        rotation_days: None,
+        memo: String::new(),
+        hsm: None,
+    };
+    let backup = dir.path().join("backup.redb");
+    let old = {
+        let e = open_with(&src, clock.clone(), config.clone());
+        e.create_key(&me, &aes("random", false)).unwrap();
+        e.create_key(&me, &aes("dedupe", true)).unwrap();
+        let old = e.encrypt(&me, "random", b"before", None).wait().unwrap();
+        e.encrypt(&me, "dedupe", b"d", Some(b"ctx")).wait().unwrap();
+        e.store().snapshot_to(&backup).unwrap();
+        // Made after the backup: the restored store cannot count these.
+        for _ in 0..8 {
+            e.encrypt(&me, "random", b"after", None).wait().unwrap();
+        }
+        e.close().close();
+        old
+    };
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    std::fs::copy(src.join("root.key"), dst.join("root.key")).unwrap();
+    let done = kmsd::restore::restore(&kmsd::restore::RestoreOptions {
+        file: backup,
+        data_dir: dst.clone(),
+        credentials_dir: None,
+        force: false,
+    })
+    .unwrap();
+    assert_eq!(done.budgets_spent, 1, "only the random-nonce AES key");
+
+    let e = open_with(&dst, clock, config);
+    let ct = e.encrypt(&me, "random", b"again", None).wait().unwrap();
+    assert!(
+        ct.starts_with("ncpkms:v2:"),
+        "{ct}: encrypted under the restored version"
+    );
+    assert_eq!(e.get_key("random").unwrap().current_version, 2);
+    let plain = e.decrypt(&me, "random", &old, None).wait().unwrap();
+    assert_eq!(&plain[..], b"before");
+    let dedupe = e.encrypt(&me, "dedupe", b"d", Some(b"ctx")).wait().unwrap();
+    assert!(dedupe.starts_with("ncpkms:v1:"), "{dedupe}");
+    e.close().close();
+}

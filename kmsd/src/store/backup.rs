@@ -17,6 +17,48 @@ use redb::{
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
+/// Counts the current version of every AES key (not convergent: no budget applies to
+/// those) in the restored store at `path` as having made at least `spent` encryptions,
+/// the largest budget kmsd accepts, so that its first encryption rotates the key. A backup
+/// cannot know how many encryptions were made under that version after it was taken, with
+/// random nonces that the restored count would let the version repeat past its budget.
+/// Returns how many versions were marked. Run on the staged copy, before it is in place.
+pub fn spend_restored_budgets(path: &Path, spent: u64) -> Result<u64, StoreError> {
+    use super::records::{KeyRecord, decode};
+    use kms_shared::model::KeyType;
+    use redb::ReadableTable as _;
+    let db = Database::builder()
+        .open(path)
+        .map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let tx = db.begin_write()?;
+    let mut marked = 0;
+    {
+        let keys = tx.open_table(KEYS)?;
+        let mut counts = tx.open_table(ENCRYPTIONS)?;
+        for row in keys.iter()? {
+            let (_, v) = row?;
+            let rec: KeyRecord = decode(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "keys",
+                message: e.to_string(),
+            })?;
+            if rec.key_type != KeyType::Aes256 || rec.convergent {
+                continue;
+            }
+            let at = (rec.tag.as_str(), rec.current_version);
+            let now = counts.get(at)?.map_or(0, |n| n.value());
+            if now < spent {
+                counts.insert(at, spent)?;
+                marked += 1;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(marked)
+}
+
 /// Every table of the store, by name. A snapshot refuses a store holding a table missing
 /// here rather than silently leaving it out; the unit tests fail when `Store::open`
 /// creates one this list lacks.
