@@ -817,6 +817,13 @@ impl App {
         self.set_message(MsgKind::Error, text);
     }
 
+    /// Removes the message if it is `text`: a hint that no longer applies.
+    pub fn clear_message_if(&mut self, text: &str) {
+        if self.message.as_ref().is_some_and(|m| m.text == text) {
+            self.message = None;
+        }
+    }
+
     pub fn set_message(&mut self, kind: MsgKind, text: impl Into<String>) {
         self.message = Some(Message {
             kind,

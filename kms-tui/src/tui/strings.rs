@@ -269,7 +269,12 @@ pub fn name_taken(name: &str) -> String {
     format!("a key named {name:?} already exists")
 }
 
+/// A failed action as the user reads it: a refusal is the daemon's, but with no daemon
+/// connected nothing refused it.
 pub fn daemon_refused(msg: &str) -> String {
+    if msg == NOT_CONNECTED {
+        return format!("{NOT_CONNECTED}: nothing was done (reconnecting)");
+    }
     format!("kmsd refused: {msg}")
 }
 
@@ -852,6 +857,18 @@ pub fn time_of_day(t: UnixMillis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With no daemon connected, a failed action does not claim kmsd refused it.
+    #[test]
+    fn not_connected_is_not_a_refusal() {
+        assert_eq!(
+            daemon_refused("not-found: no key x"),
+            "kmsd refused: not-found: no key x"
+        );
+        let offline = daemon_refused(NOT_CONNECTED);
+        assert!(!offline.contains("refused"), "{offline}");
+        assert!(offline.starts_with(NOT_CONNECTED), "{offline}");
+    }
 
     /// A batch entry says how many items it covered and how many failed.
     #[test]

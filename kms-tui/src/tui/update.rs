@@ -799,6 +799,7 @@ fn confirm_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         }
         Action::No => {
             app.popup = None;
+            app.clear_message_if(s::CONFIRM_NEEDS_Y);
             return;
         }
         _ => return,
@@ -821,6 +822,7 @@ fn confirm_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
     };
     fx.push(effect);
     app.popup = None;
+    app.clear_message_if(s::CONFIRM_NEEDS_Y);
 }
 
 fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {

@@ -220,10 +220,14 @@ pub(super) fn ask_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
                 Ask::RemoveToken(t) => Effect::HsmRemove(t.name.clone()),
             });
             app.popup = None;
+            app.clear_message_if(s::CONFIRM_NEEDS_Y);
         }
         // Revoking and removing take something away: enter is not yes.
         Action::Submit => app.info(s::CONFIRM_NEEDS_Y),
-        Action::No => app.popup = None,
+        Action::No => {
+            app.popup = None;
+            app.clear_message_if(s::CONFIRM_NEEDS_Y);
+        }
         _ => {}
     }
 }

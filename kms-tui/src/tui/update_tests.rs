@@ -496,6 +496,8 @@ fn enter_does_not_confirm_destructive_actions() {
         );
         update(a, code(KeyCode::Esc));
         assert_eq!(a.popup, None, "{what}: esc cancels");
+        // The hint went with the question (it stayed on screen after it).
+        assert_eq!(a.message, None, "{what}: the hint outlived the question");
     };
     let mut a = app();
     let k = select(&mut a, "payments");
