@@ -36,6 +36,9 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &VersionsView) {
         return;
     };
     let current = key.map(|k| k.current_version);
+    // Only AES encryptions are counted (they spend the nonce budget): a count of 0 for an
+    // RSA key that did encrypt would mislead.
+    let counted = key.is_none_or(|k| k.key_type == kms_shared::model::KeyType::Aes256);
     let rows_fit = usize::from(table_area.height.saturating_sub(1));
     let offset = scroll_offset(0, v.selected, rows_fit, versions.len());
     let end = (offset + rows_fit).min(versions.len());
@@ -59,7 +62,14 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &VersionsView) {
             Cell::from(format!("v{}", ver.version)),
             Cell::from(status),
             Cell::from(s::datetime(ver.created_at)),
-            Cell::from(Line::from(s::count(ver.encryptions)).right_aligned()),
+            Cell::from(
+                Line::from(if counted {
+                    s::count(ver.encryptions)
+                } else {
+                    "-".to_string()
+                })
+                .right_aligned(),
+            ),
         ])
         .style(style)
     });
