@@ -149,7 +149,10 @@ impl HsmTokens {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Popup {
-    Help,
+    /// The key bindings; `scroll` is the first line shown when they do not fit.
+    Help {
+        scroll: usize,
+    },
     Create(CreateForm),
     Confirm(Confirm),
     Prompt(Prompt),
@@ -735,7 +738,7 @@ impl App {
 
     pub fn mode(&self) -> Mode {
         match &self.popup {
-            Some(Popup::Help) => Mode::Help,
+            Some(Popup::Help { .. }) => Mode::Help,
             Some(Popup::Create(_)) => Mode::Form,
             Some(Popup::Confirm(c)) if c.kind == ConfirmKind::DeleteNow => Mode::Prompt,
             Some(Popup::Confirm(_)) => Mode::Confirm,

@@ -132,6 +132,12 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
         },
         Mode::Help => match key.code {
             Esc | Enter | Char('?') | Char('q') => Some(Action::Back),
+            Up | Char('k') => Some(Action::Up),
+            Down | Char('j') => Some(Action::Down),
+            PageUp => Some(Action::PageUp),
+            PageDown => Some(Action::PageDown),
+            Home | Char('g') => Some(Action::Top),
+            End | Char('G') => Some(Action::Bottom),
             _ => None,
         },
         Mode::Message => match key.code {
@@ -238,7 +244,7 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("esc", s::F_CLEAR),
             ("↑↓", s::F_MOVE),
         ],
-        Mode::Help => &[("esc", s::F_CLOSE)],
+        Mode::Help => &[("esc", s::F_CLOSE), ("↑↓", s::F_SCROLL)],
         Mode::Message => &[("esc", s::F_CLOSE), ("↑↓", s::F_SCROLL)],
         Mode::Form => &[
             ("tab/↑↓", s::F_FIELD),

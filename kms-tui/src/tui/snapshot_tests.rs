@@ -755,3 +755,26 @@ fn medium_width_columns() {
     }
     assert!(!header.contains("Tag"), "{header}");
 }
+
+/// On a screen too small for the help (60×15), it shows one column and scrolls to its last
+/// line; it used to show the first dozen bindings and cut the rest (history, permissions,
+/// tokens) with no way to reach them.
+#[test]
+fn help_scrolls_on_a_small_screen() {
+    let mut a = app((60, 15), "payments");
+    update(&mut a, ch('?'));
+    let first = draw(&a);
+    assert!(first.contains("scroll"), "{first}");
+    let last_hint = crate::tui::strings::H_TOKENS;
+    assert!(!first.contains(last_hint), "{first}");
+    update(&mut a, code(KeyCode::End));
+    let end = draw(&a);
+    assert!(end.contains(last_hint), "{end}");
+    // Scrolling back up and past the top stops at the first line.
+    for _ in 0..100 {
+        update(&mut a, code(KeyCode::Up));
+    }
+    assert_eq!(draw(&a), first);
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.popup, None);
+}

@@ -13,6 +13,7 @@ use super::app::{
 };
 use super::keymap::{self, Mode};
 use super::strings as s;
+use super::ui::help as ui_help;
 use super::ui::layout;
 use super::ui::message as ui_message;
 use kms_shared::model::KeyType;
@@ -157,11 +158,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             Mode::Grants => admin::grants_intent(app, intent),
             Mode::Tokens => admin::tokens_intent(app, intent),
             Mode::Filter => filter_intent(app, intent),
-            Mode::Help => {
-                if matches!(intent, Action::Back | Action::Help) {
-                    app.popup = None;
-                }
-            }
+            Mode::Help => help_intent(app, intent),
             Mode::Message => message_intent(app, intent),
             Mode::Form => form_intent(app, intent, fx),
             Mode::GrantForm => admin::grant_form_intent(app, intent, fx),
@@ -197,7 +194,7 @@ fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             _ => app.message = None,
         },
         Action::StartFilter => app.filter_editing = true,
-        Action::Help => app.popup = Some(Popup::Help),
+        Action::Help => app.popup = Some(Popup::Help { scroll: 0 }),
         Action::Create => open_create(app, fx),
         Action::Versions => {
             let back = base_of(&app.screen);
@@ -503,7 +500,7 @@ fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             let back = v.back;
             open_history(app, back, fx);
         }
-        Action::Help => app.popup = Some(Popup::Help),
+        Action::Help => app.popup = Some(Popup::Help { scroll: 0 }),
         Action::Rotate => key_action(app, a, fx),
         _ => {}
     }
@@ -541,7 +538,7 @@ fn history_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             return;
         }
         Action::Help => {
-            app.popup = Some(Popup::Help);
+            app.popup = Some(Popup::Help { scroll: 0 });
             return;
         }
         _ => return,
@@ -607,6 +604,29 @@ fn on_history(
         }
         Err(e) => h.error = Some(e),
     }
+}
+
+/// Scrolling the help (on a screen too small for it), and closing it.
+fn help_intent(app: &mut App, a: Action) {
+    let size = ratatui::layout::Rect::new(0, 0, app.size.0, app.size.1);
+    let (last, page) = (ui_help::max_scroll(size), ui_help::page(size));
+    let Some(Popup::Help { scroll }) = &mut app.popup else {
+        return;
+    };
+    *scroll = match a {
+        Action::Up => scroll.saturating_sub(1),
+        Action::Down => scroll.saturating_add(1),
+        Action::PageUp => scroll.saturating_sub(page),
+        Action::PageDown => scroll.saturating_add(page),
+        Action::Top => 0,
+        Action::Bottom => last,
+        Action::Back | Action::Help => {
+            app.popup = None;
+            return;
+        }
+        _ => return,
+    }
+    .min(last);
 }
 
 /// Scrolling the full-message pop-up, and closing it.

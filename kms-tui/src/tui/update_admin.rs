@@ -83,7 +83,7 @@ pub(super) fn grants_intent(app: &mut App, a: Action) {
             let back = g.back;
             back_to(app, back);
         }
-        Action::Help => app.popup = Some(Popup::Help),
+        Action::Help => app.popup = Some(Popup::Help { scroll: 0 }),
         _ => {}
     }
 }
@@ -117,7 +117,7 @@ pub(super) fn tokens_intent(app: &mut App, a: Action) {
             let back = t.back;
             back_to(app, back);
         }
-        Action::Help => app.popup = Some(Popup::Help),
+        Action::Help => app.popup = Some(Popup::Help { scroll: 0 }),
         _ => {}
     }
 }

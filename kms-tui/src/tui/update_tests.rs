@@ -242,7 +242,7 @@ fn question_mark_toggles_help() {
     let mut a = app();
     for close in [code(KeyCode::Esc), ch('?'), ch('q')] {
         update(&mut a, ch('?'));
-        assert_eq!(a.popup, Some(Popup::Help));
+        assert_eq!(a.popup, Some(Popup::Help { scroll: 0 }));
         update(&mut a, close);
         assert_eq!(a.popup, None);
         assert!(!a.should_quit);

@@ -21,34 +21,94 @@ fn section(title: &str, hints: &[Hint], out: &mut Vec<Line<'static>>) {
     }
 }
 
-pub fn render(f: &mut Frame, area: Rect) {
-    // Two columns, sections alternating between them, so the whole list fits an 80×24
-    // terminal.
+/// Width of the two-column help; narrower screens get one column.
+const TWO_COLUMNS: u16 = 78;
+/// Width of the one-column help.
+const ONE_COLUMN: u16 = 40;
+
+/// The help's lines as laid out on `area`: two columns (sections alternating, so the whole
+/// list fits an 80×24 terminal) when the screen is wide enough, else one.
+fn columns(area: Rect) -> (Vec<Line<'static>>, Vec<Line<'static>>) {
+    let two = area.width >= TWO_COLUMNS;
     let mut left = Vec::new();
     let mut right = Vec::new();
     for (i, (title, hints)) in keymap::HELP.iter().enumerate() {
-        let col = if i % 2 == 1 { &mut right } else { &mut left };
+        let col = if two && i % 2 == 1 {
+            &mut right
+        } else {
+            &mut left
+        };
         if !col.is_empty() {
             col.push(Line::default());
         }
         section(title, hints, col);
     }
-    let height = left.len().max(right.len()) as u16 + 2;
-    let popup = layout::popup(area, 78, height);
+    (left, right)
+}
+
+/// The pop-up on `area` and how many lines of it show at once, for `lines` lines.
+fn popup_rect(area: Rect, lines: usize) -> (Rect, usize) {
+    let width = if area.width >= TWO_COLUMNS {
+        TWO_COLUMNS
+    } else {
+        ONE_COLUMN.max(area.width.min(TWO_COLUMNS))
+    };
+    let wanted = u16::try_from(lines).unwrap_or(u16::MAX).saturating_add(2);
+    let popup = layout::popup(area, width, wanted);
+    (popup, usize::from(popup.height.saturating_sub(2)))
+}
+
+fn lines_and_rows(area: Rect) -> (usize, usize) {
+    let (left, right) = columns(area);
+    let lines = left.len().max(right.len());
+    (lines, popup_rect(area, lines).1)
+}
+
+/// The furthest the help scrolls on `area`: its last line at the bottom.
+pub fn max_scroll(area: Rect) -> usize {
+    let (lines, rows) = lines_and_rows(area);
+    lines.saturating_sub(rows)
+}
+
+/// Lines the help scrolls by with PgUp/PgDn.
+pub fn page(area: Rect) -> usize {
+    lines_and_rows(area).1.max(1)
+}
+
+pub fn render(f: &mut Frame, area: Rect, scroll: usize) {
+    let (left, right) = columns(area);
+    let lines = left.len().max(right.len());
+    let (popup, rows) = popup_rect(area, lines);
+    let scroll = scroll.min(lines.saturating_sub(rows));
+    let hint = if lines > rows {
+        format!(" ↑↓ {} · esc {} ", s::F_SCROLL, s::F_CLOSE)
+    } else {
+        format!(" esc {} ", s::F_CLOSE)
+    };
     let block = Block::bordered()
         .border_style(theme::border())
         .title(s::HELP_TITLE)
-        .title_bottom(Line::from(format!(" esc {} ", s::F_CLOSE)).right_aligned());
+        .title_bottom(Line::from(hint).right_aligned());
     let inner = block.inner(popup);
     f.render_widget(Clear, popup);
     f.render_widget(block, popup);
+    let shown = |col: Vec<Line<'static>>| -> Vec<Line<'static>> {
+        col.into_iter().skip(scroll).take(rows).collect()
+    };
+    if right.is_empty() {
+        f.render_widget(
+            Paragraph::new(shown(left)),
+            inner.inner(ratatui::layout::Margin::new(1, 0)),
+        );
+        return;
+    }
     let [l, r] = inner.layout(&Layout::horizontal([
         Constraint::Percentage(50),
         Constraint::Percentage(50),
     ]));
     f.render_widget(
-        Paragraph::new(left),
+        Paragraph::new(shown(left)),
         l.inner(ratatui::layout::Margin::new(1, 0)),
     );
-    f.render_widget(Paragraph::new(right), r);
+    f.render_widget(Paragraph::new(shown(right)), r);
 }

@@ -46,7 +46,7 @@ pub fn draw(f: &mut Frame, app: &App) {
     footer::render(f, footer_area, app.mode());
     match &app.popup {
         None => {}
-        Some(Popup::Help) => help::render(f, area),
+        Some(Popup::Help { scroll }) => help::render(f, area, *scroll),
         Some(Popup::Create(form)) => create_form::render(f, area, app, form),
         Some(Popup::Confirm(c)) => confirm::render(f, area, c),
         Some(Popup::Prompt(p)) => prompt::render(f, area, p),
