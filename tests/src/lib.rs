@@ -253,6 +253,43 @@ pub fn kmsctl_as_account(account: &str) -> Command {
     setpriv
 }
 
+/// SIGTERM to a daemon a client started, and waits until it is gone (or a zombie: its
+/// parent, the client, has exited without reaping it).
+pub fn stop_started_daemon(pid: i32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.contains(") Z ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "kmsd {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `kmsctl --json status`'s answer: the status, or the error's message. A daemon it
+/// started is stopped (a test that expects none must not leave one behind when it fails).
+pub fn status_or_error(out: &Output) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    if let Some(pid) = v["pid"].as_u64() {
+        stop_started_daemon(pid as i32);
+        return Ok(v);
+    }
+    Err(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
 /// Processes whose command line names `path` (a daemon's data directory), other than
 /// zombies (their command line is empty).
 pub fn processes_naming(path: &Path) -> Vec<u32> {

@@ -67,45 +67,7 @@ fn a_client_starts_the_daemon_on_the_default_socket() {
     );
     assert!(!out.status.success());
     assert!(!explicit.exists());
-    stop_daemon(pid);
-}
-
-/// SIGTERM to a daemon a client started, and waits until it is gone (or a zombie: its
-/// parent, the client, has exited without reaping it).
-fn stop_daemon(pid: i32) {
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid).unwrap(),
-        rustix::process::Signal::TERM,
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.contains(") Z ") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "kmsd {pid} did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// kmsctl's `--json` answer: the status, or the error's message. A daemon it started
-/// is stopped (a test that expects none must not leave one behind when it fails).
-fn status_or_error(out: &Output) -> Result<serde_json::Value, String> {
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    if let Some(pid) = v["pid"].as_u64() {
-        stop_daemon(pid as i32);
-        return Ok(v);
-    }
-    Err(v["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
+    kms_e2e::stop_started_daemon(pid);
 }
 
 /// A client run by a systemd service (a unit with `StateDirectory=`, credentials, socket
@@ -145,7 +107,7 @@ fn the_started_daemon_gets_none_of_the_clients_service_environment() {
         .as_u64()
         .unwrap_or_else(|| panic!("{status} {stderr}"));
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    stop_daemon(pid as i32);
+    kms_e2e::stop_started_daemon(pid as i32);
     let data = dir.path().join("xdg/kms");
     assert_eq!(status["data_dir"].as_str(), data.to_str(), "{stderr}");
     assert!(
@@ -198,7 +160,7 @@ fn no_daemon_is_started_on_the_system_socket() {
             cmd.env_remove("KMS_SOCKET");
         }
         let out = kmsctl_with(dir.path(), &mut cmd, &[], &["--json", "status"]);
-        let result = status_or_error(&out);
+        let result = kms_e2e::status_or_error(&out);
         if !run_kms_existed {
             let _ = std::fs::remove_file(system);
             let _ = std::fs::remove_dir("/run/kms");
@@ -226,7 +188,7 @@ fn no_daemon_is_started_on_another_accounts_data_directory() {
     std::fs::create_dir_all(&data).unwrap();
     rustix::fs::chown(&data, Some(rustix::fs::Uid::from_raw(4242)), None).unwrap();
     let out = kmsctl_in(dir.path(), &bin("kmsctl"), &["--json", "status"]);
-    let message = status_or_error(&out).expect_err("a daemon was started");
+    let message = kms_e2e::status_or_error(&out).expect_err("a daemon was started");
     assert!(message.contains("belongs to uid 4242"), "{message}");
     assert!(message.contains(data.to_str().unwrap()), "{message}");
     assert!(std::fs::read_dir(&data).unwrap().next().is_none());

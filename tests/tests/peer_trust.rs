@@ -120,27 +120,6 @@ fn kmsctl_on(dir: &Path, socket: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// The status kmsctl printed, or its error message. A daemon it started is stopped.
-fn status_or_error(out: &Output) -> Result<serde_json::Value, String> {
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    if let Some(pid) = v["pid"].as_u64() {
-        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-        return Ok(v);
-    }
-    Err(v["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
-}
-
 /// Another account made the victim's `/tmp/kms-$UID` first (its own directory, 0755, in
 /// a world-writable sticky directory, as /tmp) and serves a kmsd there. The victim's
 /// client refuses it, by `$KMS_SOCKET` and by `--socket`, naming the socket, the daemon's
@@ -169,7 +148,8 @@ fn a_daemon_of_another_account_is_trusted_only_in_a_directory_root_gave_it() {
         ),
         kmsctl_on(t.path(), &socket, &["encrypt", "any-key"]),
     ] {
-        let message = status_or_error(&out).expect_err("the squatter's daemon was trusted");
+        let message =
+            kms_e2e::status_or_error(&out).expect_err("the squatter's daemon was trusted");
         assert!(
             message.contains(&format!("refusing the kmsd on {}", socket.display())),
             "{message}"
@@ -188,7 +168,7 @@ fn a_daemon_of_another_account_is_trusted_only_in_a_directory_root_gave_it() {
     let socket = kms.join("kmsd.sock");
     let _service = OthersDaemon::start(&socket, &kms.join("data"), &t.path().join("run.log"));
     let out = kmsctl_on(t.path(), &socket, &["status"]);
-    let status = status_or_error(&out).expect("the service-shaped daemon was refused");
+    let status = kms_e2e::status_or_error(&out).expect("the service-shaped daemon was refused");
     assert_eq!(status["socket"].as_str(), socket.to_str());
 }
 
@@ -206,7 +186,8 @@ fn kmsd_refuses_a_socket_directory_another_account_made() {
     let squat = dir_of(&tmp.join("kms-0"), uid, 0o755);
     let socket = squat.join("kmsd.sock");
     let out = kmsctl_on(t.path(), &socket, &["status"]);
-    let message = status_or_error(&out).expect_err("kmsd served in the other account's directory");
+    let message =
+        kms_e2e::status_or_error(&out).expect_err("kmsd served in the other account's directory");
     assert!(message.contains("exited"), "{message}");
     assert!(
         message.contains(&format!("belongs to {OTHER} (uid {uid})")),
