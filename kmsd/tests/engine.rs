@@ -1042,7 +1042,7 @@ fn root_key_protects_the_store() {
     let mut rows = 0;
     for key in &snap.keys {
         for v in store.versions(&key.tag).unwrap() {
-            let aad = kmsd::engine::wrap_aad(&key.tag, v.version);
+            let aad = kmsd::engine::wrap_aad(&key.tag, v.version, key.key_type);
             let wrapped = v.record.wrapped.as_ref().unwrap();
             assert!(root.unwrap(&aad, wrapped).is_ok());
             assert!(other.unwrap(&aad, wrapped).is_err());
@@ -1427,4 +1427,154 @@ fn a_restored_store_rotates_its_aes_keys_before_encrypting() {
     let dedupe = e.encrypt(&me, "dedupe", b"d", Some(b"ctx")).wait().unwrap();
     assert!(dedupe.starts_with("ncpkms:v1:"), "{dedupe}");
     e.close().close();
+}
+
+// The store's tables as redb names them, for tests that edit a closed store the way
+// someone with write access to the file (and no root key) could.
+use redb::ReadableTable as _;
+const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+const KEYS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("keys");
+const VERSIONS: redb::TableDefinition<(&str, u32), &[u8]> = redb::TableDefinition::new("versions");
+
+/// Schema 1's wrapping AAD (tag and version), written out here rather than taken from the
+/// engine so that the test holds the old format fixed.
+fn schema1_aad(tag: &str, version: u32) -> Vec<u8> {
+    [
+        b"kms/wrap\0".as_slice(),
+        tag.as_bytes(),
+        &version.to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// A store written before schema 2 (material bound to its key's tag and version only) is
+/// re-wrapped once when the engine opens it: every key still decrypts, signs and gives
+/// the same public key, and the material is then bound to the key's type.
+#[test]
+fn a_schema_1_store_is_rewrapped_and_its_keys_still_work() {
+    use kmsd::store::records::{KeyRecord, VersionRecord, decode, encode_map};
+    let mut fx = Fx::new();
+    fx.create("aes", KeyType::Aes256);
+    let before = fx.enc("aes", b"kept").unwrap();
+    fx.e().rotate(&fx.me, "aes").unwrap();
+    fx.create_with("dedupe", KeyType::Aes256, |k| k.convergent = true);
+    let deduped = fx
+        .e()
+        .encrypt(&fx.me, "dedupe", b"d", Some(b"c"))
+        .wait()
+        .unwrap();
+    let mut public = Vec::new();
+    for (name, t) in [("ecc", KeyType::Ecdsa), ("rsa", KeyType::Rsa2048)] {
+        fx.create(name, t);
+        public.push(fx.e().public_key(&fx.me, name, None).wait().unwrap());
+    }
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+
+    // Back to schema 1, as a kmsd of before schema 2 left it.
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    let mut rewrapped = 0;
+    {
+        let db = redb::Database::create(dir.join("kms.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let keys: Vec<KeyRecord> = tx
+                .open_table(KEYS)
+                .unwrap()
+                .iter()
+                .unwrap()
+                .map(|row| decode(row.unwrap().1.value()).unwrap())
+                .collect();
+            let mut versions = tx.open_table(VERSIONS).unwrap();
+            for key in &keys {
+                let mut stored: Vec<(u32, VersionRecord)> = Vec::new();
+                for row in versions
+                    .range((key.tag.as_str(), 0)..=(key.tag.as_str(), u32::MAX))
+                    .unwrap()
+                {
+                    let (k, v) = row.unwrap();
+                    stored.push((k.value().1, decode(v.value()).unwrap()));
+                }
+                for (version, mut rec) in stored {
+                    let aad = kmsd::engine::wrap_aad(&key.tag, version, key.key_type);
+                    let secret = root.unwrap(&aad, rec.wrapped.as_ref().unwrap()).unwrap();
+                    rec.wrapped =
+                        Some(root.wrap(&schema1_aad(&key.tag, version), &secret).unwrap());
+                    versions
+                        .insert(
+                            (key.tag.as_str(), version),
+                            encode_map(&rec).unwrap().as_slice(),
+                        )
+                        .unwrap();
+                    rewrapped += 1;
+                }
+            }
+            let mut meta = tx.open_table(META).unwrap();
+            meta.insert("schema_version", 1u64.to_be_bytes().as_slice())
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    assert_eq!(rewrapped, 5, "aes v1 and v2, dedupe, ecc, rsa");
+    let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
+    assert_eq!(store.schema().unwrap(), 1);
+    drop(store);
+
+    for round in 0..2 {
+        fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+        assert_eq!(
+            fx.e().store().schema().unwrap(),
+            kmsd::store::SCHEMA_VERSION
+        );
+        assert_eq!(fx.dec("aes", &before).unwrap(), b"kept", "round {round}");
+        let again = fx
+            .e()
+            .encrypt(&fx.me, "dedupe", b"d", Some(b"c"))
+            .wait()
+            .unwrap();
+        assert_eq!(again, deduped, "the convergent key is the same key");
+        for (name, want) in ["ecc", "rsa"].into_iter().zip(&public) {
+            assert_eq!(&fx.e().public_key(&fx.me, name, None).wait().unwrap(), want);
+        }
+        fx.e()
+            .sign(&fx.me, "ecc", b"m", SignScheme::Pss)
+            .wait()
+            .unwrap();
+        fx.engine.take().unwrap().close().close();
+    }
+}
+
+/// Wrapped material is bound to its key's type: an AES key relabelled ECDSA in the store
+/// (by someone who can write the file but has no root key) does not open, rather than
+/// serving its bytes as a P-256 scalar and publishing k·G.
+#[test]
+fn a_key_relabelled_in_the_store_does_not_open_as_another_type() {
+    use kmsd::store::records::{KeyRecord, decode, encode_map};
+    let mut fx = Fx::new();
+    fx.create("aes", KeyType::Aes256);
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+    {
+        let db = redb::Database::create(dir.join("kms.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut keys = tx.open_table(KEYS).unwrap();
+            let (tag, mut rec) = {
+                let row = keys.first().unwrap().unwrap();
+                let rec: KeyRecord = decode(row.1.value()).unwrap();
+                (row.0.value().to_string(), rec)
+            };
+            rec.key_type = KeyType::Ecdsa;
+            keys.insert(tag.as_str(), encode_map(&rec).unwrap().as_slice())
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    let got = fx.e().public_key(&fx.me, "aes", None).wait();
+    assert_eq!(kind(got), ErrorKind::Internal);
+    assert_eq!(
+        kind(fx.e().sign(&fx.me, "aes", b"m", SignScheme::Pss).wait()),
+        ErrorKind::Internal
+    );
 }

@@ -72,7 +72,10 @@ fn key_mutations(
     }
     for v in 1..=versions {
         let material = KeyMaterial::generate(KeyType::Aes256)?;
-        let wrapped = root.wrap(&wrap_aad(&tag, v), &material.to_secret_bytes())?;
+        let wrapped = root.wrap(
+            &wrap_aad(&tag, v, KeyType::Aes256),
+            &material.to_secret_bytes(),
+        )?;
         m.push(Mutation::PutVersion {
             tag: tag.clone(),
             version: v,

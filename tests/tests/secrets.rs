@@ -201,7 +201,7 @@ async fn no_key_material_in_store_logs_or_errors() {
     for key in &snapshot.keys {
         let tag = &key.tag;
         for v in store.versions(tag).unwrap() {
-            let aad = kmsd::engine::wrap_aad(tag, v.version);
+            let aad = kmsd::engine::wrap_aad(tag, v.version, key.key_type);
             let wrapped = v.record.wrapped.as_ref().unwrap();
             secrets.push((
                 format!("{tag} v{}", v.version),
@@ -444,14 +444,10 @@ async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
     let (root, _) = RootKey::load_or_create(&d.data_dir, None).unwrap();
     let store = Store::open(&d.data_dir.join("kms.redb"), &root.fingerprint()).unwrap();
     let snapshot = store.load().unwrap();
-    let tag = &snapshot
-        .keys
-        .iter()
-        .find(|k| k.name == "mem-ec")
-        .unwrap()
-        .tag;
+    let key = snapshot.keys.iter().find(|k| k.name == "mem-ec").unwrap();
+    let tag = &key.tag;
     let version = store.versions(tag).unwrap().remove(0);
-    let aad = kmsd::engine::wrap_aad(tag, version.version);
+    let aad = kmsd::engine::wrap_aad(tag, version.version, key.key_type);
     let secret = root
         .unwrap(&aad, version.record.wrapped.as_ref().unwrap())
         .unwrap();

@@ -5,12 +5,12 @@
 
 use super::schedule::{anchor_after_rotation, due_entries};
 use super::{Caller, Engine, EngineError, KeyEntry, VersionEntry, VersionsCell, history_mutation};
-use crate::crypto::{self, KeyMaterial};
+use crate::crypto::{self, KeyMaterial, RootKey};
 use crate::store::Mutation;
 use crate::store::records::{DueKind, KeyRecord, VersionRecord};
 use kms_shared::model::{
-    self, Action, DAY_MS, DEFAULT_ROTATION_DAYS, KeyInfo, KeyState, Protection, UnixMillis,
-    VersionInfo,
+    self, Action, DAY_MS, DEFAULT_ROTATION_DAYS, KeyInfo, KeyState, KeyType, Protection,
+    UnixMillis, VersionInfo,
 };
 use kms_shared::protocol::{CreateKey, EventKind};
 use std::sync::Arc;
@@ -54,14 +54,45 @@ impl Change {
     }
 }
 
-/// AAD binding wrapped material to its key and version (public so that tools which write
-/// a store the way the engine would, such as the scale benchmark, cannot drift from it).
-pub fn wrap_aad(tag: &str, version: u32) -> Vec<u8> {
+/// AAD binding wrapped material to its key, version and type (public so that tools which
+/// write a store the way the engine would, such as the scale benchmark, cannot drift from
+/// it). The type is bound since store schema 2: without it, someone who can edit the store
+/// (not knowing the root key) could relabel an AES key as ECDSA and have the daemon use
+/// its bytes as a signing scalar, publishing k·G.
+pub fn wrap_aad(tag: &str, version: u32, key_type: KeyType) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64);
+    aad.extend_from_slice(b"kms/wrap/2\0");
+    // Tags have a fixed form today; the length keeps the encoding unambiguous anyway.
+    aad.extend_from_slice(&(tag.len() as u32).to_be_bytes());
+    aad.extend_from_slice(tag.as_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(key_type.as_str().as_bytes());
+    aad
+}
+
+/// The AAD of store schema 1 (tag and version only), read once to re-wrap a store
+/// written before schema 2 ([`crate::store::Store::upgrade_wraps`]).
+fn wrap_aad_schema1(tag: &str, version: u32) -> Vec<u8> {
     let mut aad = Vec::with_capacity(48);
     aad.extend_from_slice(b"kms/wrap\0");
     aad.extend_from_slice(tag.as_bytes());
     aad.extend_from_slice(&version.to_be_bytes());
     aad
+}
+
+/// Re-wraps a version's material of store schema 1 for schema 2; `None` if it does not
+/// open under this root key.
+pub(super) fn rewrap_schema1(
+    root: &RootKey,
+    rec: &KeyRecord,
+    version: u32,
+    wrapped: &[u8],
+) -> Option<Vec<u8>> {
+    let secret = root
+        .unwrap(&wrap_aad_schema1(&rec.tag, version), wrapped)
+        .ok()?;
+    root.wrap(&wrap_aad(&rec.tag, version, rec.key_type), &secret)
+        .ok()
 }
 
 impl Engine {
@@ -94,7 +125,10 @@ impl Engine {
         }
         let secret = self
             .root
-            .unwrap(&wrap_aad(&entry.rec.tag, v.version), wrapped)
+            .unwrap(
+                &wrap_aad(&entry.rec.tag, v.version, entry.rec.key_type),
+                wrapped,
+            )
             .map_err(|_| {
                 EngineError::Crypto(crypto::CryptoError::Internal(
                     "wrapped key material does not open under this root key",
@@ -116,9 +150,10 @@ impl Engine {
             return self.new_hsm_version(rec, version, now);
         }
         let material = KeyMaterial::generate(rec.key_type)?;
-        let wrapped = self
-            .root
-            .wrap(&wrap_aad(&rec.tag, version), &material.to_secret_bytes())?;
+        let wrapped = self.root.wrap(
+            &wrap_aad(&rec.tag, version, rec.key_type),
+            &material.to_secret_bytes(),
+        )?;
         Ok((
             version,
             VersionRecord {

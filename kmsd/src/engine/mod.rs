@@ -273,6 +273,15 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
+        if let Some(done) = store.upgrade_wraps(|rec, version, wrapped| {
+            lifecycle::rewrap_schema1(&root, rec, version, wrapped)
+        })? {
+            tracing::info!(
+                rewrapped = done.rewrapped,
+                unopened = done.unopened,
+                "store schema 1 upgraded: key material re-wrapped, bound to its key's type"
+            );
+        }
         let mut snapshot = store.load()?;
         let grants = std::mem::take(&mut snapshot.grants);
         let last_grant_id = snapshot.last_grant_id;

@@ -33,9 +33,10 @@ pub mod journal;
 pub mod records;
 pub mod writer;
 
-use kms_shared::model::{Action, UnixMillis};
+use kms_shared::model::{Action, Protection, UnixMillis};
 use records::{
     DueKind, HistoryRecord, HsmTokenRecord, KeyRecord, UsageRecord, VersionRecord, decode,
+    encode_map,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -50,7 +51,15 @@ pub use writer::{Mutation, Ticket, Writer};
 const CACHE_BYTES: usize = 16 << 20;
 
 /// The schema this build writes. Older schemas are migrated on open; newer are refused.
-pub const SCHEMA_VERSION: u64 = 1;
+///
+/// - 1: the first.
+/// - 2: wrapped key material is bound to its key's type as well as its tag and version
+///   (`engine::wrap_aad`). The records are encoded as in schema 1; a store of schema 1 is
+///   re-wrapped once, when the engine opens it ([`Store::upgrade_wraps`]).
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// The first schema whose wrapped material is bound to its key's type.
+pub const TYPED_WRAPS_SCHEMA: u64 = 2;
 
 /// meta: small named values (schema version, root-key fingerprint, history sequence).
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -169,6 +178,15 @@ pub struct Snapshot {
     /// The highest grant id ever given (stored, or of a grant still there).
     pub last_grant_id: u64,
     pub hsm_tokens: Vec<HsmTokenRecord>,
+}
+
+/// What [`Store::upgrade_wraps`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WrapUpgrade {
+    /// Versions re-wrapped.
+    pub rewrapped: u64,
+    /// Versions whose material did not open, left as they were.
+    pub unopened: u64,
 }
 
 /// One stored version of a key with the encryptions made under it.
@@ -347,6 +365,8 @@ impl Store {
                 .map(|v| read_u64(v.value()))
                 .transpose()?;
             match schema {
+                // A new store. An older one keeps its number until what changed since
+                // has been brought up to date (`upgrade_wraps`).
                 None => {
                     meta.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
                 }
@@ -430,6 +450,80 @@ impl Store {
             ),
         }
         Ok(())
+    }
+
+    /// The schema the store is at.
+    pub fn schema(&self) -> Result<u64, StoreError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let found = meta
+            .get(META_SCHEMA)?
+            .map(|v| read_u64(v.value()))
+            .transpose()?;
+        found.ok_or(StoreError::Corrupt {
+            table: "meta",
+            message: "no schema version".into(),
+        })
+    }
+
+    /// Brings a store of schema 1 to [`TYPED_WRAPS_SCHEMA`]: every version of every
+    /// `basic` key (the others hold token references, not wrapped material) is handed to
+    /// `rewrap` with its key, and stored as it returns it, all in one durable transaction
+    /// together with the new schema number, so a crash leaves the store all old or all
+    /// new. `rewrap` returns `None` for material that does not open: it is left as it
+    /// was, and fails on use as it would have before. Call before the writer starts.
+    /// Returns `None` when the store needed nothing.
+    pub fn upgrade_wraps(
+        &self,
+        mut rewrap: impl FnMut(&KeyRecord, u32, &[u8]) -> Option<Vec<u8>>,
+    ) -> Result<Option<WrapUpgrade>, StoreError> {
+        if self.schema()? >= TYPED_WRAPS_SCHEMA {
+            return Ok(None);
+        }
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
+        writer::make_durable(&mut tx)?;
+        let mut done = WrapUpgrade::default();
+        {
+            let keys: Vec<KeyRecord> = {
+                let table = tx.open_table(KEYS)?;
+                let mut keys = Vec::new();
+                for row in table.iter()? {
+                    let (_, v) = row?;
+                    keys.push(decode(v.value()).map_err(corrupt("keys"))?);
+                }
+                keys
+            };
+            let mut versions = tx.open_table(VERSIONS)?;
+            for key in keys.iter().filter(|k| k.protection == Protection::Basic) {
+                // One key's versions at a time: the memory is one key's, not the store's.
+                let mut stored = Vec::new();
+                for row in versions.range((key.tag.as_str(), 0)..=(key.tag.as_str(), u32::MAX))? {
+                    let (k, v) = row?;
+                    let rec: VersionRecord = decode(v.value()).map_err(corrupt("versions"))?;
+                    stored.push((k.value().1, rec));
+                }
+                for (version, mut rec) in stored {
+                    let Some(wrapped) = rec.wrapped.as_deref() else {
+                        continue;
+                    };
+                    match rewrap(key, version, wrapped) {
+                        Some(new) => {
+                            rec.wrapped = Some(new);
+                            let bytes = encode_map(&rec).map_err(writer::enc)?;
+                            versions.insert((key.tag.as_str(), version), bytes.as_slice())?;
+                            done.rewrapped += 1;
+                        }
+                        None => done.unopened += 1,
+                    }
+                }
+            }
+            let mut meta = tx.open_table(META)?;
+            meta.insert(META_SCHEMA, TYPED_WRAPS_SCHEMA.to_be_bytes().as_slice())?;
+        }
+        tx.commit()?;
+        Ok(Some(done))
     }
 
     /// Reads everything the engine keeps in memory.

@@ -1048,7 +1048,7 @@ fn remove_orphan_counters(
     Ok(())
 }
 
-fn enc(e: rmp_serde::encode::Error) -> StoreError {
+pub(super) fn enc(e: rmp_serde::encode::Error) -> StoreError {
     StoreError::Db(format!("record encoding failed: {e}"))
 }
 
