@@ -298,6 +298,10 @@ fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
                 refuse(app, s::WHAT_DELETE_NOW, &k);
             }
         }
+        // The daemon changes rotation settings only of a key that is enabled or disabled.
+        Action::ToggleAutoRotation | Action::EditPeriod if !settings_allowed(k.state) => {
+            refuse(app, s::WHAT_ROTATION_SETTINGS, &k);
+        }
         Action::ToggleAutoRotation => fx.push(op(
             Op::SetRotation {
                 auto_rotation: !k.auto_rotation,
@@ -321,6 +325,12 @@ fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         }
         _ => {}
     }
+}
+
+/// The states in which the daemon changes a key's rotation settings or one version's
+/// flag (`set_rotation`, `enable_version`, `disable_version`).
+fn settings_allowed(state: KeyState) -> bool {
+    matches!(state, KeyState::Enabled | KeyState::Disabled)
 }
 
 fn is_key_action(a: &Action) -> bool {
@@ -471,19 +481,35 @@ fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             let Some(ver) = v.versions.as_ref().and_then(|vs| vs.get(v.selected)) else {
                 return;
             };
-            if !ver.enabled {
+            let (version, enabled, tag) = (ver.version, ver.enabled, v.tag.clone());
+            // Refused here as the daemon would refuse it, before any question is asked.
+            if let Some(k) = app.key_by_tag(&tag)
+                && !settings_allowed(k.state)
+            {
+                let what = if enabled {
+                    s::WHAT_DISABLE_VERSION
+                } else {
+                    s::WHAT_ENABLE_VERSION
+                };
+                let msg = s::not_allowed(what, &k.name, k.state);
+                app.error(msg);
+                return;
+            }
+            let Screen::Versions(v) = &app.screen else {
+                return;
+            };
+            if !enabled {
                 // Enabling breaks nothing: at once.
                 fx.push(Effect::SetVersionEnabled {
-                    tag: v.tag.clone(),
+                    tag,
                     name: v.name.clone(),
-                    version: ver.version,
+                    version,
                     enabled: true,
                 });
                 return;
             }
             // Disabling refuses everything that needs this version (all encryption and
             // signing when it is the current one): ask first, showing who uses the key.
-            let (version, tag) = (ver.version, v.tag.clone());
             match app.key_by_tag(&tag).cloned() {
                 Some(k) => {
                     let current = k.current_version == version;

@@ -447,6 +447,46 @@ fn forbidden_actions_explain() {
     }
 }
 
+/// A key pending deletion keeps its rotation settings and its versions' flags: the daemon
+/// refuses `set_rotation` and `enable_version`/`disable_version` then. `p` opened the
+/// period dialog anyway (and `a`, space in the versions view sent or asked for what would
+/// be refused); they are refused at once, naming the state. The memo may still change.
+#[test]
+fn pending_deletion_refuses_rotation_and_version_changes() {
+    let mut a = app();
+    let k = select(&mut a, "old-archive");
+    assert_eq!(k.state, KeyState::PendingDeletion);
+    for c in ['p', 'a'] {
+        assert!(update(&mut a, ch(c)).is_empty(), "{c}");
+        assert_eq!(a.popup, None, "{c}");
+        let m = a.message.clone().unwrap();
+        assert_eq!(m.kind, MsgKind::Error, "{c}");
+        assert_eq!(
+            m.text,
+            "changing automatic rotation or its period is not possible while old-archive is pending-deletion"
+        );
+    }
+    update(&mut a, ch('v'));
+    update(&mut a, fake::versions_loaded(k.tag.clone()));
+    // v3 (on top) is enabled, v1 (the last, after G) disabled: neither way is sent.
+    for (moved, what) in [(None, "disabling"), (Some(ch('G')), "enabling")] {
+        if let Some(m) = moved {
+            update(&mut a, m);
+        }
+        assert!(update(&mut a, ch(' ')).is_empty(), "{what}");
+        assert_eq!(a.popup, None, "{what}");
+        let m = a.message.clone().unwrap();
+        assert_eq!(m.kind, MsgKind::Error);
+        assert_eq!(
+            m.text,
+            format!("{what} a version is not possible while old-archive is pending-deletion")
+        );
+    }
+    update(&mut a, code(KeyCode::Esc));
+    update(&mut a, ch('m'));
+    assert!(matches!(&a.popup, Some(Popup::Prompt(p)) if p.kind == PromptKind::Memo));
+}
+
 /// d shows the impact before y can disable; y is ignored until the impact is in.
 #[test]
 fn d_shows_impact_then_disables() {
