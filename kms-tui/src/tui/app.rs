@@ -216,7 +216,7 @@ impl ConfirmKind {
     }
 
     /// Whether enter answers yes. Destructive confirmations want an explicit `y`, so that
-    /// the enter that opened something (a version, in the versions view) or a key repeat
+    /// the enter that opened something (details, then the versions view) or a key repeat
     /// cannot disable or delete anything.
     pub fn enter_confirms(self) -> bool {
         matches!(self, ConfirmKind::Rotate)

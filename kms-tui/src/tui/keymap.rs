@@ -98,7 +98,10 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             PageDown => Some(Action::PageDown),
             Home | Char('g') => Some(Action::Top),
             End | Char('G') => Some(Action::Bottom),
-            Enter | Char(' ') => Some(Action::ToggleVersion),
+            Char(' ') => Some(Action::ToggleVersion),
+            // Not a toggle: enter opens things elsewhere, and here it would enable a
+            // disabled version at once. It says which key toggles.
+            Enter => Some(Action::Open),
             Char('r') => Some(Action::Rotate),
             Char('h') => Some(Action::History),
             Esc => Some(Action::Back),

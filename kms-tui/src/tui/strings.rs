@@ -607,6 +607,7 @@ pub const WHAT_ENABLE: &str = "enabling";
 pub const WHAT_DELETE: &str = "a deletion request";
 pub const WHAT_UNDELETE: &str = "cancelling deletion";
 pub const WHAT_DELETE_NOW: &str = "deleting now";
+pub const VERSIONS_ENTER: &str = "space enables or disables the selected version";
 pub const WHAT_ROTATION_SETTINGS: &str = "changing automatic rotation or its period";
 pub const WHAT_ENABLE_VERSION: &str = "enabling a version";
 pub const WHAT_DISABLE_VERSION: &str = "disabling a version";

@@ -477,6 +477,7 @@ fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         Action::PageDown => v.selected = moved(v.selected, page),
         Action::Top => v.selected = 0,
         Action::Bottom => v.selected = len.saturating_sub(1),
+        Action::Open => app.info(s::VERSIONS_ENTER),
         Action::ToggleVersion => {
             let Some(ver) = v.versions.as_ref().and_then(|vs| vs.get(v.selected)) else {
                 return;

@@ -693,7 +693,7 @@ fn m_sets_the_memo() {
     assert_eq!(a.popup, None);
 }
 
-/// v lists versions newest first; space/enter enables the selected one at once, or asks
+/// v lists versions newest first; space enables the selected one at once, or asks
 /// before disabling it.
 #[test]
 fn v_lists_and_toggles_versions() {
@@ -727,10 +727,7 @@ fn v_lists_and_toggles_versions() {
     assert_eq!(a.popup, None);
     // Disabling asks first, with the impact; y is ignored until the impact is in.
     update(&mut a, ch('k'));
-    assert_eq!(
-        update(&mut a, code(KeyCode::Enter)),
-        [Effect::LoadImpact(k.tag.clone())]
-    );
+    assert_eq!(update(&mut a, ch(' ')), [Effect::LoadImpact(k.tag.clone())]);
     assert!(matches!(
         &a.popup,
         Some(Popup::Confirm(c)) if c.kind == ConfirmKind::DisableVersion { version: 2, current: false }
@@ -762,6 +759,32 @@ fn v_lists_and_toggles_versions() {
     assert_eq!(a.message.as_ref().unwrap().text, "payments v2 disabled");
     update(&mut a, code(KeyCode::Esc));
     assert_eq!(a.screen, Screen::Main);
+}
+
+/// Enter in the versions view toggled the version as space does, though the footer and
+/// the help name only space: on a disabled version it enabled it at once. It toggles
+/// nothing now and says which key does.
+#[test]
+fn enter_in_the_versions_view_does_not_toggle() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('v'));
+    update(&mut a, fake::versions_loaded(k.tag.clone()));
+    for at in [ch('g'), ch('G')] {
+        // v3 (enabled, current) and v1 (disabled).
+        update(&mut a, at);
+        assert!(update(&mut a, code(KeyCode::Enter)).is_empty());
+        assert_eq!(a.popup, None);
+        assert!(matches!(a.screen, Screen::Versions(_)));
+        let m = a.message.clone().unwrap();
+        assert_eq!(m.kind, MsgKind::Info);
+        assert_eq!(m.text, "space enables or disables the selected version");
+    }
+    assert!(
+        crate::tui::keymap::footer(Mode::Versions)
+            .iter()
+            .all(|(key, _)| !key.contains("enter"))
+    );
 }
 
 /// Disabling the current version asks, and says it is the current one; n or esc leave
