@@ -2,9 +2,11 @@
 //! work is heavy, wait until the call's history entry is durable, map errors to the wire.
 //!
 //! Where work runs: AES on at most 32 KiB costs microseconds and runs inline; RSA and
-//! ECDSA (tens to hundreds of microseconds), batches and HSM calls run on the crypto pool,
-//! one thread per core, so that 16 clients signing at once are 2 threads taking turns
-//! rather than 16 threads the scheduler switches between; key generation and everything
+//! ECDSA (tens to hundreds of microseconds) and batches run on the crypto pool, one thread
+//! per core, so that 16 clients signing at once are 2 threads taking turns rather than 16
+//! threads the scheduler switches between; calls of keys in a PKCS#11 token run on a pool
+//! of their own (a token's call may wait milliseconds on the device, and must not hold up
+//! the software keys' crypto behind it); key generation and everything
 //! that waits on a commit run on tokio's blocking pool. No client can stall the reactor,
 //! and no account can queue more than its share of work on the pool (`PoolShares`).
 //!
@@ -37,6 +39,8 @@ pub struct Service {
     backups: crate::backup::Backups,
     /// CPU-bound crypto: one thread per core. Nothing on it waits for a commit.
     crypto: rayon::ThreadPool,
+    /// Calls of keys in a PKCS#11 token, which wait on the token ([`TOKEN_THREADS`]).
+    token: rayon::ThreadPool,
     /// Each account's share of the work queued on `crypto`.
     pool_shares: PoolShares,
 }
@@ -58,6 +62,11 @@ impl Service {
             // reply channel is dropped) and the thread keeps serving.
             .panic_handler(|_| tracing::error!("a crypto task panicked"))
             .build()?;
+        let token = rayon::ThreadPoolBuilder::new()
+            .num_threads(TOKEN_THREADS)
+            .thread_name(|i| format!("kmsd-token-{i}"))
+            .panic_handler(|_| tracing::error!("a token task panicked"))
+            .build()?;
         Ok(Service {
             started_at: engine.now(),
             engine,
@@ -67,6 +76,7 @@ impl Service {
             daemon_uid: rustix::process::geteuid().as_raw(),
             backups: crate::backup::Backups::default(),
             crypto,
+            token,
             pool_shares: PoolShares::new(POOL_SHARE),
         })
     }
@@ -142,9 +152,11 @@ impl Service {
             | Request::Decrypt { .. }
             | Request::Reencrypt { .. }) => {
                 let inline = self.runs_inline(&req);
-                let c = caller.clone();
-                self.run(caller, inline, 1, move |e| cipher_call(e, &c, req))
-                    .await
+                let (c, in_token) = (caller.clone(), self.runs_on_token_pool(&req));
+                self.run(caller, in_token, inline, 1, move |e| {
+                    cipher_call(e, &c, req)
+                })
+                .await
             }
             Request::EncryptBatch { key, items } => {
                 self.batch(caller, key, items, Engine::encrypt_batch).await
@@ -160,8 +172,8 @@ impl Service {
             | Request::Verify { .. }
             | Request::PublicKey { .. }
             | Request::DataKey { .. }) => {
-                let c = caller.clone();
-                self.run(caller, false, 1, move |e| pool_call(e, &c, req))
+                let (c, in_token) = (caller.clone(), self.runs_on_token_pool(&req));
+                self.run(caller, in_token, false, 1, move |e| pool_call(e, &c, req))
                     .await
             }
             Request::CreateKey(spec) => {
@@ -389,8 +401,9 @@ impl Service {
             answer(logged(kind, caller, result), durable);
             return Ok(());
         }
+        let pool = self.pool_for(self.runs_on_token_pool(&req));
         let (engine, caller) = (self.engine.clone(), caller.clone());
-        self.crypto.spawn(move || {
+        pool.spawn(move || {
             // A panic is a bug, never input (SPEC §14); the call is still answered.
             let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 in_own_frames(|e| pool_call(e, &caller, req), &engine)
@@ -437,6 +450,23 @@ impl Service {
             || authz::permits(&event.grants, caller, Need::View, event.key_tag.as_deref())
     }
 
+    /// Whether a request is a crypto call of a key in a PKCS#11 token, which runs on the
+    /// token pool when it does not run inline; every other call that leaves the reactor
+    /// runs on the crypto pool (a key that does not resolve is refused there, cheaply).
+    pub fn runs_on_token_pool(&self, req: &Request) -> bool {
+        crypto_call_key(req).is_some_and(|key| self.in_token(key))
+    }
+
+    fn in_token(&self, key: &str) -> bool {
+        self.engine
+            .resolve(key)
+            .is_ok_and(|k| k.rec.protection != kms_shared::model::Protection::Basic)
+    }
+
+    fn pool_for(&self, in_token: bool) -> &rayon::ThreadPool {
+        if in_token { &self.token } else { &self.crypto }
+    }
+
     fn is_aes(&self, key: &str) -> bool {
         // Software AES only: an HSM key waits on a token session, never on the reactor.
         self.engine.resolve(key).is_ok_and(|k| {
@@ -456,6 +486,7 @@ impl Service {
     async fn run<T: Send + 'static>(
         &self,
         caller: &Caller,
+        in_token: bool,
         inline: bool,
         work: usize,
         f: impl FnOnce(&Engine) -> Pending<T> + Send + 'static,
@@ -463,12 +494,13 @@ impl Service {
         if inline {
             return f(&self.engine).wait_async().await.map_err(wire);
         }
+        let pool = self.pool_for(in_token);
         // The pool serves accounts in turn: one cannot queue more than its share of work
         // (items) ahead of everyone else's.
         let share = self.pool_shares.acquire(caller.uid, work).await;
         let engine = self.engine.clone();
         let (done, result) = tokio::sync::oneshot::channel();
-        self.crypto.spawn(move || {
+        pool.spawn(move || {
             let pending = in_own_frames(f, &engine);
             crate::crypto::wipe_stack::<POOL_STACK_WORDS>();
             drop(share);
@@ -499,9 +531,12 @@ impl Service {
     ) -> Reply {
         let c = caller.clone();
         let (oversized, work) = (items.len() > MAX_BATCH_ITEMS, items.len());
-        self.run(caller, oversized, work, move |e| op(e, &c, &key, &items))
-            .await
-            .map(|items| Response::Batch { items })
+        let in_token = self.in_token(&key);
+        self.run(caller, in_token, oversized, work, move |e| {
+            op(e, &c, &key, &items)
+        })
+        .await
+        .map(|items| Response::Batch { items })
     }
 
     /// Runs a call that may wait on a commit or read the store, on the blocking pool.
@@ -562,6 +597,23 @@ fn cipher_call(e: &Engine, caller: &Caller, req: Request) -> Pending<Response> {
             "{} is not encrypt, decrypt or re-encrypt",
             other.kind()
         ))),
+    }
+}
+
+/// The key a crypto call names (`None` for any other request).
+fn crypto_call_key(req: &Request) -> Option<&str> {
+    match req {
+        Request::Encrypt { key, .. }
+        | Request::Decrypt { key, .. }
+        | Request::Reencrypt { key, .. }
+        | Request::EncryptBatch { key, .. }
+        | Request::DecryptBatch { key, .. }
+        | Request::ReencryptBatch { key, .. }
+        | Request::Sign { key, .. }
+        | Request::Verify { key, .. }
+        | Request::PublicKey { key, .. }
+        | Request::DataKey { key, .. } => Some(key),
+        _ => None,
     }
 }
 
@@ -675,6 +727,11 @@ const ON_READER_MAX: usize = 4 * 1024;
 /// full batches (RSA: ~0.9 s of both threads), far more than its single calls need (one
 /// each) however many connections make them.
 const POOL_SHARE: usize = 2 * MAX_BATCH_ITEMS;
+
+/// Threads for calls of keys in PKCS#11 tokens: as many as one token has sessions, so that a token's calls go on in parallel as far as it allows. They
+/// spend most of their time waiting on the token, so they take no core from the crypto
+/// pool while a token is slow; with a token as fast as SoftHSM they share the cores.
+const TOKEN_THREADS: usize = crate::hsm::token::SESSIONS;
 
 /// Per-account budgets of pool work. The pool itself is first come, first served; without
 /// a budget one account with many large batches in flight would put minutes of work

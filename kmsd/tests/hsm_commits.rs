@@ -5,145 +5,27 @@
 //! happen), and the objects of a rotation whose commit failed but may have been stored
 //! are kept.
 //!
-//! SoftHSM2 reads `SOFTHSM2_CONF` when the library is first initialised in the process,
-//! so this file holds one test (its own process) that sets it before anything loads the
-//! module.
+//! One test: the process's SoftHSM2 configuration is set once (`common::softhsm`).
 
 #![allow(clippy::unwrap_used)]
-// `std::env::set_var` is unsafe since edition 2024: sound here, before any other thread
-// of this test reads the environment (one test in this binary, set first thing).
-#![allow(unsafe_code)]
 
 mod common;
 
 use common::Disk;
-use kms_shared::model::{KeyState, KeyType, Protection};
-use kms_shared::protocol::{CreateKey, ErrorKind};
-use kmsd::clock::ManualClock;
-use kmsd::crypto::RootKey;
-use kmsd::engine::{Caller, Engine, EngineConfig};
-use kmsd::hsm::DaemonToken;
-use kmsd::store::Store;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const LABEL: &str = "kms-commits";
-
-fn me() -> Caller {
-    Caller {
-        uid: 0,
-        gid: 0,
-        pid: 1,
-        account: "root".into(),
-        groups: Vec::new(),
-        client: "hsm-commits".into(),
-    }
-}
-
-fn hsm_aes(name: &str) -> CreateKey {
-    CreateKey {
-        name: name.into(),
-        key_type: KeyType::Aes256,
-        protection: Protection::Hsm,
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    }
-}
-
-/// A SoftHSM2 token directory with one initialised token, and its PIN file.
-struct Token {
-    dir: tempfile::TempDir,
-    pin_file: PathBuf,
-}
-
-impl Token {
-    fn new() -> Token {
-        assert!(
-            Path::new(MODULE).is_file(),
-            "this test needs SoftHSM2 ({MODULE}): apt-get install softhsm2 (.ci/install-deps)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("tokens")).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.path().join("tokens").display()
-            ),
-        )
-        .unwrap();
-        // SAFETY: see the crate attribute above; no other thread is running yet.
-        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", LABEL])
-            .args(["--pin", "1234", "--so-pin", "5678"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pin_file = dir.path().join("pin");
-        std::fs::write(&pin_file, "1234\n").unwrap();
-        Token { dir, pin_file }
-    }
-
-    /// Key objects in the token: SoftHSM2's file store keeps one `<uuid>.object` file per
-    /// object beside the token's own `token.object`.
-    fn objects(&self) -> usize {
-        let mut n = 0;
-        for token in std::fs::read_dir(self.dir.path().join("tokens")).unwrap() {
-            for f in std::fs::read_dir(token.unwrap().path()).unwrap() {
-                let name = f.unwrap().file_name().into_string().unwrap();
-                n += usize::from(name.ends_with(".object") && name != "token.object");
-            }
-        }
-        n
-    }
-
-    fn engine_on(&self, disk: &Disk) -> Engine {
-        let root = RootKey::from_bytes([0x44; 32]);
-        let store = Store::open_with_backend(
-            disk.clone(),
-            Path::new("hsm-commits.redb"),
-            &root.fingerprint(),
-        )
-        .unwrap();
-        let config = EngineConfig {
-            pkcs11: Some(DaemonToken {
-                module: MODULE.into(),
-                token: LABEL.into(),
-                pin_file: self.pin_file.clone(),
-            }),
-            ..EngineConfig::default()
-        };
-        Engine::open(
-            store,
-            root,
-            Arc::new(ManualClock::new(1_700_000_000_000)),
-            config,
-        )
-        .unwrap()
-    }
-}
+use common::softhsm::{Token, hsm_key, me};
+use kms_shared::model::{KeyState, KeyType};
+use kms_shared::protocol::ErrorKind;
 
 #[test]
 fn token_objects_outlive_every_commit_that_may_need_them() {
-    let token = Token::new();
+    let token = Token::new("kms-commits");
     let c = me();
 
     // 1. A rotation whose commit fails after its header was written: the caller gets an
     //    error, but the store has the new version, so its objects must stay.
     let disk = Disk::default();
     let e = token.engine_on(&disk);
-    e.create_key(&c, &hsm_aes("rot")).unwrap();
+    e.create_key(&c, &hsm_key("rot", KeyType::Aes256)).unwrap();
     e.rotate(&c, "rot").unwrap();
     assert_eq!(token.objects(), 2);
     disk.fail_commit_after_header();
@@ -168,7 +50,7 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
     // 2. A purge whose commit fails and was not stored (the disk is full): the key can be
     //    cancelled back to use with all its material. It used to lose it: the objects
     //    were destroyed before the commit.
-    e.create_key(&c, &hsm_aes("kept")).unwrap();
+    e.create_key(&c, &hsm_key("kept", KeyType::Aes256)).unwrap();
     let ct = e.encrypt(&c, "kept", b"still here", None).wait().unwrap();
     e.request_deletion(&c, "kept").unwrap();
     let objects = token.objects();

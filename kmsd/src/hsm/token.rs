@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 /// Sessions per token: enough to keep both cores busy, few enough for small tokens.
-const SESSIONS: usize = 4;
+pub(crate) const SESSIONS: usize = 4;
 
 /// Longest PIN file read (a PIN is a few dozen bytes at most).
 const MAX_PIN_FILE: u64 = 1024;
