@@ -61,6 +61,13 @@ pub enum Action {
     PrevField,
     Left,
     Right,
+    /// In a text field: the cursor to the start, to the end (Home/End, ctrl-a/ctrl-e).
+    LineStart,
+    LineEnd,
+    /// In a text field: the character after the cursor (Delete).
+    DeleteForward,
+    /// In a text field: everything before the cursor (ctrl-u).
+    ClearToStart,
     Submit,
 
     // From the daemon task.

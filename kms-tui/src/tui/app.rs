@@ -238,6 +238,8 @@ pub struct Confirm {
     pub impact: ImpactState,
     /// What was typed, for `DeleteNow`.
     pub typed: String,
+    /// The cursor in the text being typed, as the characters after it (0: at the end).
+    pub cursor_back: usize,
     pub mismatch: bool,
 }
 
@@ -252,6 +254,8 @@ pub struct Prompt {
     pub kind: PromptKind,
     pub key: KeyInfo,
     pub text: String,
+    /// The cursor in the text being typed, as the characters after it (0: at the end).
+    pub cursor_back: usize,
 }
 
 impl Prompt {
@@ -336,6 +340,9 @@ pub struct CreateForm {
     pub auto_rotation: bool,
     pub days: String,
     pub memo: String,
+    /// The cursor in the focused text field, as the characters after it (0: at the end;
+    /// moving to another field puts it at that field's end).
+    pub cursor_back: usize,
     /// What the token field can be set to (a copy of [`App::hsm_tokens`], refreshed when
     /// the list arrives).
     pub tokens: TokenChoices,
@@ -361,6 +368,7 @@ impl Default for CreateForm {
             auto_rotation: false,
             days: DEFAULT_ROTATION_DAYS.to_string(),
             memo: String::new(),
+            cursor_back: 0,
             tokens: TokenChoices::Loading,
             token: None,
             touched: [false; 8],
@@ -414,6 +422,7 @@ impl CreateForm {
     }
 
     pub fn focus_next(&mut self) {
+        self.cursor_back = 0;
         self.focus = self.focus.next();
         while !self.applies(self.focus) {
             self.focus = self.focus.next();
@@ -421,6 +430,7 @@ impl CreateForm {
     }
 
     pub fn focus_prev(&mut self) {
+        self.cursor_back = 0;
         self.focus = self.focus.prev();
         while !self.applies(self.focus) {
             self.focus = self.focus.prev();
@@ -522,6 +532,8 @@ pub struct GrantForm {
     pub role: Role,
     pub kind: PrincipalKind,
     pub name: String,
+    /// The cursor in the name, as the characters after it (0: at the end).
+    pub cursor_back: usize,
     /// The key the permissions view was opened on, offered as the scope.
     pub key: Option<KeyRef>,
     /// The grant is for `key` only (else for all keys).
@@ -541,6 +553,7 @@ impl GrantForm {
             role: Role::KeyUser,
             kind: PrincipalKind::User,
             name: String::new(),
+            cursor_back: 0,
             one_key: key.is_some(),
             key,
             name_touched: false,
@@ -623,6 +636,8 @@ pub struct TokenForm {
     pub module: String,
     pub token: String,
     pub pin_file: String,
+    /// The cursor in the focused field, as the characters after it (0: at the end).
+    pub cursor_back: usize,
     pub touched: [bool; 4],
     pub show_all: bool,
     pub submitting: bool,

@@ -43,6 +43,9 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
     if key.modifiers.contains(KeyModifiers::CONTROL) {
         return match key.code {
             Char('c') => Some(Action::Quit),
+            Char('a') if has_text(mode) => Some(Action::LineStart),
+            Char('e') if has_text(mode) => Some(Action::LineEnd),
+            Char('u') if has_text(mode) => Some(Action::ClearToStart),
             _ => None,
         };
     }
@@ -156,13 +159,9 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
         Mode::Form | Mode::GrantForm | Mode::TokenForm => match key.code {
             Tab | Down => Some(Action::NextField),
             BackTab | Up => Some(Action::PrevField),
-            Left => Some(Action::Left),
-            Right => Some(Action::Right),
             Enter => Some(Action::Submit),
             Esc => Some(Action::Back),
-            Backspace => Some(Action::Backspace),
-            Char(c) => Some(Action::Char(c)),
-            _ => None,
+            other => text_key(other),
         },
         // Enter is not yes: only confirmations that destroy nothing take it as yes
         // (`ConfirmKind::enter_confirms`); the others want `y`.
@@ -175,10 +174,32 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
         Mode::Prompt => match key.code {
             Enter => Some(Action::Submit),
             Esc => Some(Action::Back),
-            Backspace => Some(Action::Backspace),
-            Char(c) => Some(Action::Char(c)),
-            _ => None,
+            other => text_key(other),
         },
+    }
+}
+
+/// The modes whose pop-up has a text field (forms and one-line prompts).
+fn has_text(mode: Mode) -> bool {
+    matches!(
+        mode,
+        Mode::Form | Mode::GrantForm | Mode::TokenForm | Mode::Prompt
+    )
+}
+
+/// Editing keys of a text field. In a form, ←/→ on a field that is not text change its
+/// value instead (`update` decides by the focused field).
+fn text_key(code: KeyCode) -> Option<Action> {
+    use KeyCode::*;
+    match code {
+        Left => Some(Action::Left),
+        Right => Some(Action::Right),
+        Home => Some(Action::LineStart),
+        End => Some(Action::LineEnd),
+        Backspace => Some(Action::Backspace),
+        Delete => Some(Action::DeleteForward),
+        Char(c) => Some(Action::Char(c)),
+        _ => None,
     }
 }
 
@@ -324,6 +345,7 @@ pub const HELP: &[(&str, &[Hint])] = &[
             ("x  del", s::H_REMOVE),
         ],
     ),
+    (s::HELP_SECTION_TEXT, &[("^A ^E ^U", s::H_TEXT_KEYS)]),
 ];
 
 #[cfg(test)]

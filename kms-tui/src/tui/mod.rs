@@ -10,6 +10,7 @@ mod app;
 mod bench;
 mod daemon;
 mod fake;
+mod input;
 mod keymap;
 mod notify;
 mod strings;

@@ -771,3 +771,55 @@ fn help_scrolls_on_a_small_screen() {
     update(&mut a, code(KeyCode::Esc));
     assert_eq!(a.popup, None);
 }
+
+/// The screen and where the terminal cursor was left.
+fn draw_with_cursor(app: &App) -> (String, (u16, u16)) {
+    use ratatui::backend::Backend as _;
+    let (w, h) = app.size;
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| ui::draw(f, app)).unwrap();
+    let p = t.backend_mut().get_cursor_position().unwrap();
+    (t.backend().to_string(), (p.x, p.y))
+}
+
+/// The column (in cells) where `needle` starts on row `y` of a drawn screen.
+fn column_of(screen: &str, y: u16, needle: &str) -> u16 {
+    let line = screen.lines().nth(usize::from(y)).unwrap();
+    // Each row is drawn quoted: `"…"`.
+    let line = line.strip_prefix('"').unwrap();
+    let at = line
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle} in {line}"));
+    line[..at].chars().count() as u16
+}
+
+/// The terminal cursor is drawn where the text cursor is, in the prompts and the forms;
+/// a text longer than its field shows the part around the cursor.
+#[test]
+fn text_cursor_is_drawn_where_it_is() {
+    let mut a = app((80, 24), "payments");
+    update(&mut a, ch('m'));
+    update(&mut a, code(KeyCode::Home));
+    for _ in 0..4 {
+        update(&mut a, code(KeyCode::Right));
+    }
+    let (screen, (x, y)) = draw_with_cursor(&a);
+    assert_eq!(x, column_of(&screen, y, " tokens (PCI)"), "{screen}");
+    update(&mut a, code(KeyCode::Esc));
+
+    update(&mut a, ch('c'));
+    keys(&mut a, &"abcdefghij".repeat(8));
+    update(&mut a, code(KeyCode::Home));
+    for _ in 0..3 {
+        update(&mut a, code(KeyCode::Right));
+    }
+    let (screen, (x, y)) = draw_with_cursor(&a);
+    assert_eq!(x, column_of(&screen, y, "defghij"), "{screen}");
+    update(&mut a, code(KeyCode::End));
+    let (screen, (x, y)) = draw_with_cursor(&a);
+    let row = screen.lines().nth(usize::from(y)).unwrap();
+    // The start is cut (…), the end shown, the cursor right after it.
+    assert!(row.contains("Name            …"), "{screen}");
+    assert!(row.contains("hij │"), "{screen}");
+    assert_eq!(x, column_of(&screen, y, "hij │") + 3, "{screen}");
+}

@@ -178,6 +178,7 @@ pub const H_HISTORY: &str = "history";
 pub const H_TOGGLE_VERSION: &str = "enable; disable asks y/n";
 pub const H_FIELD: &str = "next / previous field";
 pub const H_CHANGE: &str = "change choice";
+pub const H_TEXT_KEYS: &str = "start, end, clear before";
 pub const H_SUBMIT: &str = "submit";
 pub const H_YES: &str = "yes (enter: rotate only)";
 pub const H_NO: &str = "no, cancel";
@@ -229,6 +230,7 @@ pub const HELP_SECTION_MOVE: &str = "Moving around";
 pub const HELP_SECTION_KEYS: &str = "Key actions";
 pub const HELP_SECTION_VIEWS: &str = "Views, forms and prompts";
 pub const HELP_SECTION_ADMIN: &str = "Permissions and HSM tokens";
+pub const HELP_SECTION_TEXT: &str = "Text fields: ← → home end del";
 
 pub const FILTER_PROMPT: &str = "/";
 

@@ -11,6 +11,7 @@ use super::app::{
     HISTORY_PREFETCH, HistoryView, ImpactState, MAX_INPUT, MsgKind, PROTECTIONS, Popup, Prompt,
     PromptKind, Screen, TokenChoices, VersionsView, scroll_offset,
 };
+use super::input::{self, Edit};
 use super::keymap::{self, Mode};
 use super::strings as s;
 use super::ui::help as ui_help;
@@ -313,6 +314,7 @@ fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             app.popup = Some(Popup::Prompt(Prompt {
                 kind: PromptKind::Period,
                 text: k.rotation_days.to_string(),
+                cursor_back: 0,
                 key: k,
             }));
         }
@@ -320,6 +322,7 @@ fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             app.popup = Some(Popup::Prompt(Prompt {
                 kind: PromptKind::Memo,
                 text: k.memo.clone(),
+                cursor_back: 0,
                 key: k,
             }));
         }
@@ -370,6 +373,7 @@ fn open_confirm(app: &mut App, kind: ConfirmKind, key: KeyInfo, fx: &mut Vec<Eff
         key,
         impact,
         typed: String::new(),
+        cursor_back: 0,
         mismatch: false,
     }));
 }
@@ -700,6 +704,21 @@ fn filter_intent(app: &mut App, a: Action) {
     }
 }
 
+/// The edit an action means in a text field, if any.
+pub(super) fn text_edit(a: &Action) -> Option<Edit> {
+    Some(match a {
+        Action::Char(c) => Edit::Insert(*c),
+        Action::Backspace => Edit::Backspace,
+        Action::DeleteForward => Edit::Delete,
+        Action::Left => Edit::Left,
+        Action::Right => Edit::Right,
+        Action::LineStart => Edit::Home,
+        Action::LineEnd => Edit::End,
+        Action::ClearToStart => Edit::ClearToStart,
+        _ => return None,
+    })
+}
+
 /// Appends a typed character unless the text is already at the input limit.
 pub(super) fn push_capped(text: &mut String, c: char) {
     if text.chars().count() < MAX_INPUT {
@@ -753,29 +772,24 @@ fn form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         form.touch(f);
         form.daemon_error = None;
     };
+    if let Some(edit) = text_edit(&a) {
+        let f = form.focus;
+        let mut back = form.cursor_back;
+        if let Some(text) = form.text_mut(f) {
+            if input::apply(text, &mut back, edit) {
+                form.touch(f);
+                form.daemon_error = None;
+            }
+            form.cursor_back = back;
+            return;
+        }
+    }
     match a {
         Action::NextField => form.focus_next(),
         Action::PrevField => form.focus_prev(),
         Action::Left => change(form, false),
         Action::Right => change(form, true),
-        Action::Char(c) => {
-            let f = form.focus;
-            if let Some(text) = form.text_mut(f) {
-                push_capped(text, c);
-                form.touch(f);
-                form.daemon_error = None;
-            } else if c == ' ' {
-                change(form, true);
-            }
-        }
-        Action::Backspace => {
-            let f = form.focus;
-            if let Some(text) = form.text_mut(f) {
-                text.pop();
-                form.touch(f);
-                form.daemon_error = None;
-            }
-        }
+        Action::Char(' ') => change(form, true),
         Action::Submit => {
             if form.submitting {
                 return;
@@ -877,21 +891,21 @@ fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         app.key_by_tag(&k.tag)
             .map_or(k.auto_rotation, |k| k.auto_rotation)
     };
+    if let Some(edit) = text_edit(&a) {
+        match &mut app.popup {
+            Some(Popup::Prompt(p)) => {
+                input::apply(&mut p.text, &mut p.cursor_back, edit);
+            }
+            Some(Popup::Confirm(c)) => {
+                // A changed name is no longer the one found wrong.
+                let changed = input::apply(&mut c.typed, &mut c.cursor_back, edit);
+                c.mismatch &= !changed;
+            }
+            _ => {}
+        }
+        return;
+    }
     match (&mut app.popup, a) {
-        (Some(Popup::Prompt(p)), Action::Char(c)) => {
-            push_capped(&mut p.text, c);
-        }
-        (Some(Popup::Prompt(p)), Action::Backspace) => {
-            p.text.pop();
-        }
-        (Some(Popup::Confirm(c)), Action::Char(ch)) => {
-            push_capped(&mut c.typed, ch);
-            c.mismatch = false;
-        }
-        (Some(Popup::Confirm(c)), Action::Backspace) => {
-            c.typed.pop();
-            c.mismatch = false;
-        }
         (Some(Popup::Prompt(p)), Action::Submit) => {
             if p.error().is_some() {
                 return;

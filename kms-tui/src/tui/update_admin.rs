@@ -4,12 +4,13 @@
 use kms_shared::model::{GrantInfo, Role};
 use kms_shared::protocol::{GrantSpec, HsmTokenInfo};
 
-use super::{back_to, cycle, push_capped};
+use super::{back_to, cycle, text_edit};
 use crate::tui::action::{Action, Effect};
 use crate::tui::app::{
     App, Ask, Base, GrantField, GrantForm, GrantsView, KeyRef, Popup, PrincipalKind, Screen,
     TokenField, TokenForm, TokensView, revoke_spec, scroll_offset,
 };
+use crate::tui::input;
 use crate::tui::strings as s;
 use crate::tui::ui::layout;
 
@@ -136,22 +137,27 @@ pub(super) fn grant_form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) 
         }
         form.daemon_error = None;
     };
+    if form.focus == GrantField::Name
+        && let Some(edit) = text_edit(&a)
+    {
+        if input::apply(&mut form.name, &mut form.cursor_back, edit) {
+            form.name_touched = true;
+            form.daemon_error = None;
+        }
+        return;
+    }
     match a {
-        Action::NextField => form.focus = cycle(&GrantField::ALL, form.focus, true),
-        Action::PrevField => form.focus = cycle(&GrantField::ALL, form.focus, false),
+        Action::NextField => {
+            form.focus = cycle(&GrantField::ALL, form.focus, true);
+            form.cursor_back = 0;
+        }
+        Action::PrevField => {
+            form.focus = cycle(&GrantField::ALL, form.focus, false);
+            form.cursor_back = 0;
+        }
         Action::Left => change(form, false),
         Action::Right => change(form, true),
-        Action::Char(c) if form.focus == GrantField::Name => {
-            push_capped(&mut form.name, c);
-            form.name_touched = true;
-            form.daemon_error = None;
-        }
         Action::Char(' ') => change(form, true),
-        Action::Backspace if form.focus == GrantField::Name => {
-            form.name.pop();
-            form.name_touched = true;
-            form.daemon_error = None;
-        }
         Action::Submit => {
             if form.submitting {
                 return;
@@ -174,16 +180,25 @@ pub(super) fn token_form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) 
     let Some(Popup::Token(form)) = &mut app.popup else {
         return;
     };
-    match a {
-        Action::NextField => form.focus = cycle(&TokenField::ALL, form.focus, true),
-        Action::PrevField => form.focus = cycle(&TokenField::ALL, form.focus, false),
-        Action::Char(c) => {
-            push_capped(form.edit(form.focus), c);
+    if let Some(edit) = text_edit(&a) {
+        let mut back = form.cursor_back;
+        let mut text = form.text(form.focus).to_string();
+        if input::apply(&mut text, &mut back, edit) {
+            // Only a change counts as touching the field (a cursor move does not).
+            *form.edit(form.focus) = text;
             form.daemon_error = None;
         }
-        Action::Backspace => {
-            form.edit(form.focus).pop();
-            form.daemon_error = None;
+        form.cursor_back = back;
+        return;
+    }
+    match a {
+        Action::NextField => {
+            form.focus = cycle(&TokenField::ALL, form.focus, true);
+            form.cursor_back = 0;
+        }
+        Action::PrevField => {
+            form.focus = cycle(&TokenField::ALL, form.focus, false);
+            form.cursor_back = 0;
         }
         Action::Submit => {
             if form.submitting {

@@ -1790,3 +1790,120 @@ fn m_shows_the_last_message_in_full() {
         assert!(matches!(a.popup, Some(Popup::Message(_))));
     }
 }
+
+fn ctrl(c: char) -> Action {
+    Action::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL))
+}
+
+/// Text fields edit at a cursor: ←/→, Home/End and ctrl-a/ctrl-e move it, Delete removes
+/// the character after it, ctrl-u everything before it. They used to take only typing and
+/// Backspace at the end. In the create form ←/→ still change the fields that are not text.
+#[test]
+fn text_fields_edit_at_the_cursor() {
+    let mut a = app();
+    update(&mut a, ch('c'));
+    typed(&mut a, "pamnts");
+    for _ in 0..4 {
+        update(&mut a, code(KeyCode::Left));
+    }
+    typed(&mut a, "y");
+    assert_eq!(form(&a).name, "paymnts");
+    update(&mut a, code(KeyCode::Right));
+    typed(&mut a, "e");
+    assert_eq!(form(&a).name, "payments");
+    update(&mut a, code(KeyCode::Home));
+    update(&mut a, code(KeyCode::Delete));
+    typed(&mut a, "P");
+    assert_eq!(form(&a).name, "Payments");
+    update(&mut a, code(KeyCode::End));
+    typed(&mut a, "1");
+    update(&mut a, ctrl('a'));
+    typed(&mut a, "k");
+    update(&mut a, ctrl('e'));
+    typed(&mut a, "2");
+    assert_eq!(form(&a).name, "kPayments12");
+    for _ in 0..2 {
+        update(&mut a, code(KeyCode::Left));
+    }
+    update(&mut a, ctrl('u'));
+    assert_eq!(form(&a).name, "12");
+    assert_eq!(form(&a).cursor_back, 2);
+    // Another field starts with the cursor at its end; ←/→ on a choice change it.
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Right));
+    assert_eq!(form(&a).key_type, KeyType::Ecdsa);
+    for _ in 0..5 {
+        update(&mut a, code(KeyCode::Tab));
+    }
+    assert_eq!(form(&a).focus, Field::Memo);
+    assert_eq!(form(&a).cursor_back, 0);
+    update(&mut a, code(KeyCode::Esc));
+
+    // The one-line prompts, the typed name of "delete now", the grant and token forms.
+    select(&mut a, "payments");
+    update(&mut a, ch('m'));
+    update(&mut a, ctrl('a'));
+    update(&mut a, code(KeyCode::Delete));
+    typed(&mut a, "C");
+    assert!(matches!(&a.popup, Some(Popup::Prompt(p)) if p.text == "Card tokens (PCI)"));
+    update(&mut a, code(KeyCode::Esc));
+    select(&mut a, "old-archive");
+    update(&mut a, ch('D'));
+    typed(&mut a, "old-archve");
+    for _ in 0..2 {
+        update(&mut a, code(KeyCode::Left));
+    }
+    typed(&mut a, "i");
+    let k = a.selected_key().unwrap().clone();
+    assert_eq!(
+        update(&mut a, code(KeyCode::Enter)),
+        [op(Op::DeleteNow, &k)]
+    );
+    let mut a = permissions_on("payments");
+    update(&mut a, ch('n'));
+    update(&mut a, code(KeyCode::Tab));
+    update(&mut a, code(KeyCode::Tab));
+    typed(&mut a, "alce");
+    update(&mut a, code(KeyCode::Left));
+    update(&mut a, code(KeyCode::Left));
+    typed(&mut a, "i");
+    assert_eq!(grant_form(&a).name, "alice");
+    let mut a = tokens_open();
+    update(&mut a, ch('n'));
+    typed(&mut a, "vault");
+    update(&mut a, code(KeyCode::Home));
+    typed(&mut a, "a-");
+    assert_eq!(token_form(&a).name, "a-vault");
+}
+
+/// Characters of several bytes are moved over and deleted whole: nothing panics and
+/// nothing is split.
+#[test]
+fn text_fields_take_non_ascii() {
+    let mut a = app();
+    select(&mut a, "payments");
+    update(&mut a, ch('m'));
+    update(&mut a, ctrl('u'));
+    typed(&mut a, "ключ 🔑 日本");
+    update(&mut a, code(KeyCode::Left));
+    update(&mut a, code(KeyCode::Backspace));
+    update(&mut a, code(KeyCode::Home));
+    update(&mut a, code(KeyCode::Delete));
+    update(&mut a, code(KeyCode::Right));
+    typed(&mut a, "é");
+    let Some(Popup::Prompt(p)) = &a.popup else {
+        panic!()
+    };
+    assert_eq!(p.text, "лéюч 🔑 本");
+    update(&mut a, code(KeyCode::End));
+    for _ in 0..3 {
+        update(&mut a, code(KeyCode::Left));
+    }
+    update(&mut a, ctrl('u'));
+    assert!(matches!(&a.popup, Some(Popup::Prompt(p)) if p.text == "🔑 本"));
+    for _ in 0..5 {
+        update(&mut a, code(KeyCode::Delete));
+        update(&mut a, code(KeyCode::Backspace));
+    }
+    assert!(matches!(&a.popup, Some(Popup::Prompt(p)) if p.text.is_empty()));
+}

@@ -9,6 +9,7 @@ use ratatui::widgets::{Block, Clear, Paragraph, Wrap};
 
 use super::{layout, theme, wrap};
 use crate::tui::app::{Confirm, ConfirmKind, ImpactState};
+use crate::tui::input;
 use crate::tui::strings as s;
 
 /// Accounts listed before "… and N more".
@@ -81,9 +82,12 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
     let mut cursor = None;
     if c.kind == ConfirmKind::DeleteNow {
         lines.push(Line::from(s::TYPE_NAME_PROMPT));
-        let input = format!("> {}", c.typed);
-        cursor = Some((input.chars().count() as u16, lines.len() as u16));
-        lines.push(Line::from(Span::styled(input, theme::warn())));
+        let (shown, column) = input::view(&c.typed, c.cursor_back, text_width.saturating_sub(2));
+        cursor = Some((2 + column, lines.len() as u16));
+        lines.push(Line::from(Span::styled(
+            format!("> {shown}"),
+            theme::warn(),
+        )));
         if c.mismatch {
             push_wrapped(
                 &mut lines,

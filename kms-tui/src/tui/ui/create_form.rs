@@ -9,6 +9,7 @@ use ratatui::text::{Line, Span};
 
 use super::{theme, wrap};
 use crate::tui::app::{App, CreateForm, Field, TokenChoices};
+use crate::tui::input;
 use crate::tui::strings as s;
 
 const LABEL: usize = 15;
@@ -53,6 +54,7 @@ fn value(form: &CreateForm, f: Field) -> String {
         }
         Field::Convergent => checkbox(form.convergent),
         Field::AutoRotation => checkbox(form.auto_rotation),
+        // Text fields are drawn by `input::field`, around the cursor.
         Field::Days => form.days.clone(),
         Field::Memo => form.memo.clone(),
     }
@@ -61,6 +63,8 @@ fn value(form: &CreateForm, f: Field) -> String {
 pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
     let width = 76u16.min(area.width);
     let text_width = usize::from(width.saturating_sub(4));
+    // Inside the border: the marker, the label and a space come before the value.
+    let value_width = usize::from(width.saturating_sub(2)).saturating_sub(LABEL + 2);
     let taken = app.name_taken(&form.name);
     let mut lines: Vec<Line> = Vec::new();
     let mut cursor: Option<(u16, u16)> = None;
@@ -72,10 +76,13 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
         } else {
             theme::label()
         };
-        let v = value(form, field);
-        if focused && field.is_text() {
-            let x = 1 + LABEL + 1 + v.chars().count();
-            cursor = Some((x as u16, lines.len() as u16));
+        let mut v = value(form, field);
+        if field.is_text() {
+            let (shown, x) = input::field(&v, form.cursor_back, focused, value_width);
+            if focused {
+                cursor = Some((x + (LABEL + 2) as u16, lines.len() as u16));
+            }
+            v = shown;
         }
         lines.push(Line::from(vec![
             Span::raw(marker),

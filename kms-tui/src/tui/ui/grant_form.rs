@@ -7,6 +7,7 @@ use ratatui::text::{Line, Span};
 
 use super::{theme, wrap};
 use crate::tui::app::{GrantField, GrantForm, PrincipalKind};
+use crate::tui::input;
 use crate::tui::strings as s;
 
 const LABEL: usize = 15;
@@ -43,6 +44,8 @@ fn value(form: &GrantForm, f: GrantField) -> String {
 pub fn render(f: &mut Frame, area: Rect, form: &GrantForm) {
     let width = 70u16.min(area.width);
     let text_width = usize::from(width.saturating_sub(4));
+    // Inside the border: the marker, the label and a space come before the value.
+    let value_width = usize::from(width.saturating_sub(2)).saturating_sub(LABEL + 2);
     let indent = " ".repeat(LABEL + 2);
     let mut lines: Vec<Line> = Vec::new();
     let mut cursor: Option<(u16, u16)> = None;
@@ -53,10 +56,13 @@ pub fn render(f: &mut Frame, area: Rect, form: &GrantForm) {
         } else {
             theme::label()
         };
-        let v = value(form, field);
-        if focused && field == GrantField::Name {
-            let x = 1 + LABEL + 1 + v.chars().count();
-            cursor = Some((x as u16, lines.len() as u16));
+        let mut v = value(form, field);
+        if field == GrantField::Name {
+            let (shown, x) = input::field(&v, form.cursor_back, focused, value_width);
+            if focused {
+                cursor = Some((x + (LABEL + 2) as u16, lines.len() as u16));
+            }
+            v = shown;
         }
         lines.push(Line::from(vec![
             Span::raw(if focused { "›" } else { " " }),

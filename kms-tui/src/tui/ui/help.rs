@@ -26,14 +26,14 @@ const TWO_COLUMNS: u16 = 78;
 /// Width of the one-column help.
 const ONE_COLUMN: u16 = 40;
 
-/// The help's lines as laid out on `area`: two columns (sections alternating, so the whole
-/// list fits an 80×24 terminal) when the screen is wide enough, else one.
+/// The help's lines as laid out on `area`: two columns (each section in the shorter one,
+/// so that the whole list fits an 80×24 terminal) when the screen is wide enough, else one.
 fn columns(area: Rect) -> (Vec<Line<'static>>, Vec<Line<'static>>) {
     let two = area.width >= TWO_COLUMNS;
     let mut left = Vec::new();
     let mut right = Vec::new();
-    for (i, (title, hints)) in keymap::HELP.iter().enumerate() {
-        let col = if two && i % 2 == 1 {
+    for (title, hints) in keymap::HELP {
+        let col = if two && right.len() < left.len() {
             &mut right
         } else {
             &mut left

@@ -7,6 +7,7 @@ use ratatui::widgets::{Block, Clear, Paragraph};
 
 use super::{layout, theme, wrap};
 use crate::tui::app::{Prompt, PromptKind};
+use crate::tui::input;
 use crate::tui::strings as s;
 
 pub fn render(f: &mut Frame, area: Rect, p: &Prompt) {
@@ -16,10 +17,11 @@ pub fn render(f: &mut Frame, area: Rect, p: &Prompt) {
         PromptKind::Period => (s::period_prompt_title(&p.key.name), s::PERIOD_PROMPT),
         PromptKind::Memo => (s::memo_prompt_title(&p.key.name), s::MEMO_PROMPT),
     };
-    let input = format!("> {}", p.text);
+    // "> " and the text, with a cell left for the cursor.
+    let (shown, column) = input::view(&p.text, p.cursor_back, text_width.saturating_sub(2));
     let mut lines = vec![
         Line::from(label),
-        Line::styled(input.clone(), theme::warn()),
+        Line::styled(format!("> {shown}"), theme::warn()),
     ];
     if let Some(e) = p.error() {
         for l in wrap(&format!("✗ {e}"), text_width) {
@@ -36,7 +38,7 @@ pub fn render(f: &mut Frame, area: Rect, p: &Prompt) {
     f.render_widget(block, popup);
     f.render_widget(Paragraph::new(lines), inner);
     if inner.height > 1 {
-        let x = (inner.x + input.chars().count() as u16).min(inner.right().saturating_sub(1));
+        let x = (inner.x + 2 + column).min(inner.right().saturating_sub(1));
         f.set_cursor_position(Position::new(x, inner.y + 1));
     }
 }

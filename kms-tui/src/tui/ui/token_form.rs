@@ -8,6 +8,7 @@ use ratatui::text::{Line, Span};
 
 use super::{theme, wrap};
 use crate::tui::app::{TokenField, TokenForm};
+use crate::tui::input;
 use crate::tui::strings as s;
 
 const LABEL: usize = 12;
@@ -34,11 +35,12 @@ pub fn render(f: &mut Frame, area: Rect, form: &TokenForm) {
         } else {
             theme::label()
         };
-        // A long path shows its end, where the typing happens.
-        let v = s::path_tail(form.text(field), value_width.saturating_sub(1));
+        // A long path shows its end, where typing happens, or the part around the cursor
+        // moved back into it.
+        let back = if focused { form.cursor_back } else { 0 };
+        let (v, x) = input::view(form.text(field), back, value_width);
         if focused {
-            let x = 1 + LABEL + 1 + v.chars().count();
-            cursor = Some((x as u16, lines.len() as u16));
+            cursor = Some((x + (LABEL + 2) as u16, lines.len() as u16));
         }
         lines.push(Line::from(vec![
             Span::raw(if focused { "›" } else { " " }),
