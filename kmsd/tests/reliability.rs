@@ -73,16 +73,33 @@ async fn serve(
     tokio::task::JoinHandle<()>,
     kmsd::shutdown::ShutdownTrigger,
 ) {
+    serve_with(engine, caller, kmsd::config::Config::defaults()).await
+}
+
+/// [`serve`] with another configuration.
+async fn serve_with(
+    engine: &Arc<Engine>,
+    caller: &Caller,
+    config: kmsd::config::Config,
+) -> (
+    tokio::net::UnixStream,
+    tokio::task::JoinHandle<()>,
+    kmsd::shutdown::ShutdownTrigger,
+) {
     use kms_shared::protocol::{Outcome, PROTOCOL_VERSION, Request, Response};
     let service = kmsd::service::Service::new(engine.clone(), "s".into(), "d".into()).unwrap();
     let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+    // The daemon's send buffer as Linux sizes it by default (`net.core.wmem_default`,
+    // 212,992 bytes; the kernel doubles the value set), so that how long a slow reader
+    // takes to make room does not depend on the machine.
+    rustix::net::sockopt::set_socket_send_buffer_size(&ours, 212_992 / 2).unwrap();
     let trigger = kmsd::shutdown::ShutdownTrigger::new();
     let conn = kmsd::connection::Connection::new(
         ours,
         caller.clone(),
         engine.clone(),
         Arc::new(service),
-        Arc::new(kmsd::config::Config::defaults()),
+        Arc::new(config),
         trigger.handle(),
     );
     let served = tokio::spawn(conn.run());
@@ -452,13 +469,95 @@ async fn shutdown_stops_a_client_that_never_reads() {
     close_when_released(engine).await;
 }
 
+/// Once kmsd stops, a connection has `SHUTDOWN_DRAIN_LIMIT` (10 s) to answer what it has
+/// read and write the replies, however slowly its client reads. A client reading a
+/// trickle — fast enough that each write finishes within the 2 s write grace, too slow
+/// to take the replies queued for it in 10 s — is cut off at the limit, with its writes
+/// still going on, instead of holding the stop past systemd's `TimeoutStopSec`. On
+/// tokio's paused clock: the test takes no 10 s of real time.
+#[tokio::test(start_paused = true)]
+async fn shutdown_cuts_off_a_client_reading_a_trickle_at_the_drain_limit() {
+    use kms_shared::codec;
+    use kms_shared::protocol::{ClientFrame, Request};
+    use kmsd::connection::{SHUTDOWN_DRAIN_LIMIT, SHUTDOWN_WRITE_GRACE};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::{Duration, Instant, sleep};
+    let engine = Arc::new(engine_on(Disk::default()));
+    // Room for many replies queued, so that what is owed at the stop takes the trickle
+    // far longer than the limit.
+    let config = kmsd::config::Config {
+        max_in_flight: 65_536,
+        ..kmsd::config::Config::defaults()
+    };
+    let (theirs, served, trigger) = serve_with(&engine, &me(), config).await;
+    let (mut rd, mut wr) = theirs.into_split();
+    let mut burst = Vec::new();
+    for id in 0..100_000 {
+        let frame = ClientFrame {
+            id: 10 + id,
+            request: Request::Status,
+        };
+        burst.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
+    }
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&burst).await;
+        wr
+    });
+    sleep(Duration::from_millis(500)).await;
+    assert!(
+        !writer.is_finished(),
+        "the daemon read every request: the test needs replies owed at the stop"
+    );
+    // 4 KiB every 25 ms: 160 KiB/s. A Unix socket wakes its writer only once the reader
+    // has emptied three quarters of the send buffer (~160 KiB here), so each of the
+    // daemon's writes waits about a second, inside the write grace.
+    let trickle = tokio::spawn(async move {
+        let (mut bytes, mut last_data) = (0usize, Instant::now());
+        let mut buf = [0u8; 4096];
+        loop {
+            sleep(Duration::from_millis(25)).await;
+            match rd.read(&mut buf).await {
+                Ok(n) if n > 0 => (bytes, last_data) = (bytes + n, Instant::now()),
+                _ => return (bytes, last_data, Instant::now()),
+            }
+        }
+    });
+    let stop = Instant::now();
+    trigger.shutdown().await;
+    served.await.unwrap();
+    let closed = stop.elapsed();
+    // The client then reads what the socket still holds, and the end.
+    let (bytes, last_data, _) = trickle.await.unwrap();
+    assert!(
+        bytes > 1 << 20,
+        "the client read {bytes} bytes: the trickle did not get going"
+    );
+    assert!(
+        closed >= SHUTDOWN_DRAIN_LIMIT
+            && closed <= SHUTDOWN_DRAIN_LIMIT + Duration::from_millis(500),
+        "the connection closed {closed:?} after the stop, not at the drain limit"
+    );
+    let still_writing = last_data - stop;
+    assert!(
+        still_writing >= SHUTDOWN_DRAIN_LIMIT - SHUTDOWN_WRITE_GRACE / 2,
+        "the replies stopped coming {still_writing:?} after the stop: the test needs \
+         writes going on until the limit"
+    );
+    writer.abort();
+    close_when_released(engine).await;
+}
+
 /// Closes the engine once the tasks of a connection that ended have let go of it.
 async fn close_when_released(mut engine: Arc<Engine>) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match Arc::try_unwrap(engine) {
             Ok(e) => {
-                tokio::task::block_in_place(|| e.close());
+                // A test on the current-thread runtime has nothing else to run meanwhile.
+                match tokio::runtime::Handle::current().runtime_flavor() {
+                    tokio::runtime::RuntimeFlavor::CurrentThread => drop(e.close()),
+                    _ => drop(tokio::task::block_in_place(|| e.close())),
+                }
                 return;
             }
             Err(still) => {
