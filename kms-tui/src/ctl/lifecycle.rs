@@ -20,18 +20,48 @@ pub enum Op {
     DeleteNow,
 }
 
+// One of the two flags is required; `missing_mode` says so in words (clap's own message
+// only lists the group).
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("mode").required(true).args(["auto_rotate", "no_auto_rotate"])))]
+#[command(
+    group(ArgGroup::new("mode").args(["auto_rotate", "no_auto_rotate"])),
+    override_usage = "kmsctl set-rotation <--auto-rotate|--no-auto-rotate> [--rotation-days <N>] <KEY>"
+)]
 pub struct SetRotationArgs {
     /// Key tag or name
     pub key: String,
+    /// Rotate automatically, every --rotation-days (else the key's period)
     #[arg(long)]
     pub auto_rotate: bool,
+    /// Do not rotate automatically (--rotation-days only sets the period)
     #[arg(long)]
     pub no_auto_rotate: bool,
     /// Rotation period, 1–730 days (moves the next rotation date at once)
     #[arg(long, value_name = "N")]
     pub rotation_days: Option<u32>,
+}
+
+impl SetRotationArgs {
+    /// Why the command line cannot be run: neither --auto-rotate nor --no-auto-rotate
+    /// (kmsd's `set_rotation` always sets the flag, and a period alone does not say it).
+    pub fn missing_mode(&self) -> Option<String> {
+        if self.auto_rotate || self.no_auto_rotate {
+            return None;
+        }
+        Some(match self.rotation_days {
+            Some(n) => format!(
+                "--rotation-days alone does not say whether {key} rotates: add --auto-rotate \
+                 to rotate it automatically every {n} days, or --no-auto-rotate to set the \
+                 period with automatic rotation off",
+                key = self.key
+            ),
+            None => format!(
+                "set-rotation needs --auto-rotate (rotate {key} automatically) or \
+                 --no-auto-rotate (stop), and optionally --rotation-days N",
+                key = self.key
+            ),
+        })
+    }
 }
 
 #[derive(Debug, Args)]

@@ -127,6 +127,10 @@ pub enum Command {
     /// Disable one version of a key
     DisableVersion(keys::VersionArgs),
     /// Turn automatic rotation on or off and set its period
+    ///
+    /// One of --auto-rotate or --no-auto-rotate is required: `--auto-rotate
+    /// --rotation-days 30` rotates every 30 days, `--no-auto-rotate --rotation-days 30` only
+    /// sets the period.
     SetRotation(lifecycle::SetRotationArgs),
     /// Replace a key's memo
     SetMemo(lifecycle::SetMemoArgs),
@@ -326,6 +330,11 @@ fn run(cli: Cli) -> CmdResult {
             a.key
         )));
     }
+    if let Command::SetRotation(a) = &cli.command
+        && let Some(message) = a.missing_mode()
+    {
+        return Err(CtlError::Usage(message));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -460,7 +469,6 @@ mod tests {
             "verify k01",
             "sign k01 --scheme raw",
             "data-key k01 --bits 100",
-            "set-rotation k01",
             "set-rotation k01 --auto-rotate --no-auto-rotate",
             "enable-version k01",
             "enable-version k01 x",
@@ -538,6 +546,36 @@ mod tests {
         let e = run(cli).unwrap_err();
         assert_eq!((e.kind(), e.exit_code()), ("usage", 2));
         assert!(e.message().contains("--yes"));
+    }
+
+    /// `set-rotation` without --auto-rotate or --no-auto-rotate is a usage error (2) that
+    /// says which flag to add, before any connection; with --rotation-days N it names N.
+    /// clap's own refusal only listed "<--auto-rotate|--no-auto-rotate>".
+    #[test]
+    fn set_rotation_says_which_flag_to_add() {
+        let cli =
+            parse("--socket /nonexistent/kms.sock set-rotation k01 --rotation-days 30").unwrap();
+        let e = run(cli).unwrap_err();
+        assert_eq!((e.kind(), e.exit_code()), ("usage", 2));
+        assert_eq!(
+            e.message(),
+            "--rotation-days alone does not say whether k01 rotates: add --auto-rotate to \
+             rotate it automatically every 30 days, or --no-auto-rotate to set the period \
+             with automatic rotation off"
+        );
+        let cli = parse("--socket /nonexistent/kms.sock set-rotation k01").unwrap();
+        let e = run(cli).unwrap_err();
+        assert_eq!((e.kind(), e.exit_code()), ("usage", 2));
+        assert!(e.message().contains("--auto-rotate"), "{}", e.message());
+        assert!(e.message().contains("--no-auto-rotate"), "{}", e.message());
+        // Either flag goes on to the daemon (here: none listening, 69).
+        for flag in ["--auto-rotate", "--no-auto-rotate"] {
+            let cli = parse(&format!(
+                "--socket /nonexistent/kms.sock set-rotation k01 {flag} --rotation-days 30"
+            ))
+            .unwrap();
+            assert_eq!(run(cli).unwrap_err().kind(), "connect", "{flag}");
+        }
     }
 
     /// An explicit socket with nobody listening is a connect error (69), never a hang.
