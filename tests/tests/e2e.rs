@@ -778,3 +778,48 @@ fn sigterm_and_single_instance() {
     assert_eq!(d.stop(), Some(0));
     assert!(!d.socket.exists());
 }
+
+/// The client library's example (shared/examples/envelope.rs), run as a user would run
+/// it against a real daemon: it creates its key, seals data under a data key from kms,
+/// and opens it again with the data key kms unwraps; a second run finds the key there.
+/// Built by `cargo test --workspace` (or `cargo build --examples`).
+#[test]
+fn the_envelope_example_runs_against_a_real_daemon() {
+    let d = TestDaemon::start();
+    let example = kms_e2e::bin_dir().join("examples").join("envelope");
+    assert!(
+        example.is_file(),
+        "{} not found: cargo build --workspace --examples",
+        example.display()
+    );
+    let run = |text: &str| {
+        let out = std::process::Command::new(&example)
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg(text)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let first = run("attack at dawn");
+    assert!(first.contains("created key envelope-demo"), "{first}");
+    assert!(first.contains("wrapped data key: ncpkms:v1:"), "{first}");
+    assert!(
+        first.lines().any(|l| l == "opened: attack at dawn"),
+        "{first}"
+    );
+    let second = run("ünïcödé too");
+    assert!(!second.contains("created key"), "{second}");
+    assert!(
+        second.lines().any(|l| l == "opened: ünïcödé too"),
+        "{second}"
+    );
+    let info = json(&d.kmsctl(&["show", "envelope-demo", "--json"], b""));
+    assert_eq!(info["usage_count"], 4, "{info}");
+}
