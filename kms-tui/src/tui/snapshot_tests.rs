@@ -823,3 +823,18 @@ fn text_cursor_is_drawn_where_it_is() {
     assert!(row.contains("hij │"), "{screen}");
     assert_eq!(x, column_of(&screen, y, "hij │") + 3, "{screen}");
 }
+
+/// The date beside a key's state is its last use, or, pending deletion, when the deletion
+/// is due: the title says both ("State / last use" put a due date under "last use").
+#[test]
+fn pending_deletion_date_is_titled_due() {
+    for size in SIZES {
+        let out = draw(&app(size, "payments"));
+        let header = out.lines().nth(1).unwrap();
+        assert!(header.contains("State            Used / due"), "{header}");
+        let pending = out.lines().find(|l| l.contains("old-archive")).unwrap();
+        // fake: old-archive is due 2025-03-04, under the title's column.
+        assert!(pending.contains("pending-deletion 2025-03-04"), "{pending}");
+        assert_eq!(header.find("Used / due"), pending.find("2025-03-04"));
+    }
+}

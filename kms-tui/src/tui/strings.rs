@@ -38,7 +38,9 @@ pub const NO_TOKEN_SELECTED: &str = "no HSM token selected";
 pub const COL_NAME: &str = "Name";
 pub const COL_PROTECTION: &str = "Protection";
 pub const COL_TYPE: &str = "Type";
-pub const COL_STATE: &str = "State / last use";
+pub const COL_STATE: &str = "State";
+/// The date beside the state: the last use, or when a pending deletion is due.
+pub const COL_WHEN: &str = "Used / due";
 pub const COL_CREATED: &str = "Created";
 pub const COL_TAG: &str = "Tag";
 pub const COL_CONVERGENT: &str = "Conv";
@@ -81,17 +83,15 @@ pub fn state_label(s: KeyState) -> &'static str {
 
 /// The state column: the state, then the date that matters for it (last use, or when a
 /// pending deletion becomes final), as the seed console shows it.
-pub fn state_cell(k: &KeyInfo) -> String {
+/// The list's date beside the state ([`COL_WHEN`]): when a pending deletion is due (or a
+/// purge happened), else the last use.
+pub fn when_cell(k: &KeyInfo) -> String {
     let when = match k.state {
         KeyState::PendingDeletion => k.deletion_due_at.map(date),
         KeyState::Deleted => k.deleted_at.map(date),
         KeyState::Enabled | KeyState::Disabled => k.last_used_at.map(date),
     };
-    format!(
-        "{:<16} {}",
-        k.state.as_str(),
-        when.unwrap_or_else(|| "-".into())
-    )
+    when.unwrap_or_else(|| "-".into())
 }
 
 pub fn protection_label(p: Protection) -> &'static str {

@@ -1,7 +1,7 @@
 //! The key table. Only the rows on screen are built: with 100,000 keys a frame costs
 //! the same as with twenty.
 
-use kms_shared::model::KeyInfo;
+use kms_shared::model::{KeyInfo, KeyState};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Rect};
 use ratatui::text::Line;
@@ -18,6 +18,8 @@ enum Col {
     Protection,
     Type,
     State,
+    /// Last use, or when a pending deletion is due.
+    When,
     Created,
     Tag,
     Convergent,
@@ -31,13 +33,13 @@ enum Col {
 fn columns(tier: Tier) -> &'static [Col] {
     use Col::*;
     match tier {
-        Tier::Compact => &[Name, Type, State, Version, Uses],
+        Tier::Compact => &[Name, Type, State, When, Version, Uses],
         Tier::Medium => &[
-            Name, Protection, Type, State, Created, Version, Auto, Period, Uses, Memo,
+            Name, Protection, Type, State, When, Created, Version, Auto, Period, Uses, Memo,
         ],
         Tier::Full => &[
-            Name, Protection, Type, State, Created, Tag, Convergent, Version, Auto, Period, Uses,
-            Memo,
+            Name, Protection, Type, State, When, Created, Tag, Convergent, Version, Auto, Period,
+            Uses, Memo,
         ],
     }
 }
@@ -47,7 +49,8 @@ fn width(c: Col) -> Constraint {
         Col::Name => Constraint::Length(15),
         Col::Protection => Constraint::Length(13),
         Col::Type => Constraint::Length(7),
-        Col::State => Constraint::Length(27),
+        Col::State => Constraint::Length(16),
+        Col::When => Constraint::Length(10),
         Col::Created => Constraint::Length(10),
         Col::Tag => Constraint::Length(32),
         Col::Convergent => Constraint::Length(4),
@@ -65,6 +68,7 @@ fn title(c: Col) -> Cell<'static> {
         Col::Protection => s::COL_PROTECTION,
         Col::Type => s::COL_TYPE,
         Col::State => s::COL_STATE,
+        Col::When => s::COL_WHEN,
         Col::Created => s::COL_CREATED,
         Col::Tag => s::COL_TAG,
         Col::Convergent => s::COL_CONVERGENT,
@@ -82,7 +86,12 @@ fn cell(c: Col, k: &KeyInfo) -> Cell<'static> {
         Col::Name => Cell::from(k.name.clone()),
         Col::Protection => Cell::from(s::protection_label(k.protection)),
         Col::Type => Cell::from(s::type_label(k.key_type)),
-        Col::State => Cell::from(s::state_cell(k)).style(theme::state(k.state)),
+        Col::State => Cell::from(k.state.as_str()).style(theme::state(k.state)),
+        // A deletion date goes with its state.
+        Col::When if k.state == KeyState::PendingDeletion => {
+            Cell::from(s::when_cell(k)).style(theme::state(k.state))
+        }
+        Col::When => Cell::from(s::when_cell(k)),
         Col::Created => Cell::from(s::date(k.created_at)),
         Col::Tag => Cell::from(k.tag.clone()),
         Col::Convergent => Cell::from(s::yes_no(k.convergent)),
