@@ -600,9 +600,10 @@ impl Engine {
     /// Drops history entries older than the retention period (SPEC §7: disk use stays
     /// bounded). Purged keys' own history goes with their expiry.
     pub fn prune_history(&self) -> Result<(), EngineError> {
-        let before = self.now().saturating_sub(self.config.retention_ms);
+        let now = self.now();
+        let before = now.saturating_sub(self.config.retention_ms);
         self.writer
-            .submit(vec![Mutation::PruneHistory { before }])
+            .submit(vec![Mutation::PruneHistory { before, now }])
             .wait()
             .map_err(EngineError::from)
     }

@@ -89,9 +89,11 @@ pub enum Mutation {
     },
     PutGrant(kms_shared::model::GrantInfo),
     RemoveGrant(u64),
-    /// Removes history entries older than `before` (retention).
+    /// Removes history entries older than `before` (retention); `now` is the time of the
+    /// prune (entries dated after it are out of time order: see `prune_history`).
     PruneHistory {
         before: UnixMillis,
+        now: UnixMillis,
     },
     /// Removes a purged key for good (end of retention): record, versions, counters, history.
     Expunge {
@@ -843,8 +845,8 @@ fn finish(
                 Mutation::RemoveGrant(id) => {
                     grants.remove(*id)?;
                 }
-                Mutation::PruneHistory { before } => {
-                    prune_history(&keys, &mut history, *before)?;
+                Mutation::PruneHistory { before, now } => {
+                    prune_history(&keys, &mut history, *before, *now)?;
                     // Counters summed so far in this group count as stored for this.
                     flush_counters(
                         &mut usage,
@@ -965,8 +967,10 @@ fn prune_history(
     keys: &redb::Table<&str, &[u8]>,
     history: &mut redb::Table<(&str, u64), &[u8]>,
     before: UnixMillis,
+    now: UnixMillis,
 ) -> Result<(), StoreError> {
     let stop_at = before.saturating_add(HISTORY_TIME_SLACK_MS);
+    let future = now.saturating_add(HISTORY_TIME_SLACK_MS);
     let mut next_tag = history.first()?.map(|(k, _)| k.value().0.to_string());
     while let Some(tag) = next_tag.take() {
         let t = tag.as_str();
@@ -979,6 +983,13 @@ fn prune_history(
                     table: "history",
                     message: e.to_string(),
                 })?;
+                // Dated after now: written while the clock was ahead (and since set
+                // back), so out of time order with the entries after it. Kept until
+                // its date is old enough, and walked past: stopping there would keep
+                // every later entry of the key as long as the clock was ahead.
+                if rec.time > future {
+                    continue;
+                }
                 if rec.time >= stop_at {
                     break;
                 }
@@ -1414,12 +1425,55 @@ mod tests {
         assert_eq!(recent, vec![7_000, 6_100]);
 
         writer
-            .submit(vec![Mutation::PruneHistory { before: 6_050 }])
+            .submit(vec![Mutation::PruneHistory {
+                before: 6_050,
+                now: 100_000,
+            }])
             .wait()
             .unwrap();
         let kept: Vec<UnixMillis> = stored(&store, "k").0.iter().map(|(_, t)| *t).collect();
         assert_eq!(kept, vec![6_100, 7_000]);
         assert!(stored(&store, "gone").0.is_empty(), "an orphan entry stays");
+        writer.shutdown();
+    }
+
+    /// An entry dated after the time of the prune (made while the clock was ahead, and
+    /// the clock since set back) does not stop the walk: the older entries after it go,
+    /// and it stays until its own date is older than the retention. Pruning used to stop
+    /// at it, keeping every later entry of the key for as long as the clock had been
+    /// ahead.
+    #[test]
+    fn pruning_walks_past_an_entry_dated_in_the_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer
+            .submit(vec![key_record("k"), version_one("k")])
+            .wait()
+            .unwrap();
+        let year = 365 * kms_shared::model::DAY_MS;
+        for t in [5_000, 5_000 + year, 5_100, 5_200, 90_000] {
+            writer.submit(call("k", t)).wait().unwrap();
+        }
+        writer.submit(vec![Mutation::Settle]).wait().unwrap();
+        let prune = |before, now| {
+            writer
+                .submit(vec![Mutation::PruneHistory { before, now }])
+                .wait()
+                .unwrap();
+            let (history, _, _) = stored(&store, "k");
+            history.iter().map(|(_, t)| *t).collect::<Vec<_>>()
+        };
+        assert_eq!(prune(80_000, 100_000), vec![5_000 + year, 90_000]);
+        assert_eq!(
+            prune(5_000 + year, 5_000 + 2 * year),
+            vec![5_000 + year],
+            "kept while its date is within the retention"
+        );
+        assert_eq!(
+            prune(5_001 + year, 5_001 + 2 * year),
+            Vec::<UnixMillis>::new()
+        );
         writer.shutdown();
     }
 
@@ -1472,7 +1526,7 @@ mod tests {
         };
         assert_eq!(counters("k"), (1, 2), "the race leaves counters behind");
         writer
-            .submit(vec![Mutation::PruneHistory { before: 0 }])
+            .submit(vec![Mutation::PruneHistory { before: 0, now: 0 }])
             .wait()
             .unwrap();
         assert_eq!(counters("k"), (0, 0), "the orphan counters stay");
