@@ -838,3 +838,62 @@ fn pending_deletion_date_is_titled_due() {
         assert_eq!(header.find("Used / due"), pending.find("2025-03-04"));
     }
 }
+
+/// On a screen narrower than a tier's columns, whole columns are left out, the least
+/// useful first (memo, tag, …, then the date, version and uses), rather than every
+/// column cut short ("pending" for pending-deletion, "202" for a date, ",840" for
+/// 12,840). The name and the state stay longest.
+#[test]
+fn narrow_screens_drop_whole_columns() {
+    use crate::tui::strings as s;
+    let titles = [
+        s::COL_NAME,
+        s::COL_PROTECTION,
+        s::COL_TYPE,
+        s::COL_STATE,
+        s::COL_WHEN,
+        s::COL_CREATED,
+        s::COL_TAG,
+        s::COL_CONVERGENT,
+        s::COL_VERSION,
+        s::COL_AUTO,
+        s::COL_PERIOD,
+        s::COL_USES,
+        s::COL_MEMO,
+    ];
+    for w in [
+        33, 40, 45, 50, 56, 60, 66, 67, 79, 80, 119, 120, 159, 160, 200,
+    ] {
+        let out = draw(&app((w, 24), "payments"));
+        let header = out.lines().nth(1).unwrap().trim_matches('"');
+        // Every word of the header belongs to a whole title.
+        let mut rest = header.to_string();
+        let mut shown = Vec::new();
+        for t in titles {
+            if let Some(at) = rest.find(&format!(" {t}")) {
+                rest.replace_range(at..at + 1 + t.len(), "");
+                shown.push(t);
+            }
+        }
+        assert!(rest.trim().is_empty(), "{w}: {rest:?} left of {header:?}");
+        assert!(shown.contains(&s::COL_NAME), "{w}: {header}");
+        assert!(shown.contains(&s::COL_STATE), "{w}: {header}");
+        let row = |name: &str| out.lines().find(|l| l.contains(name)).unwrap().to_string();
+        assert!(
+            row("old-archive").contains("pending-deletion"),
+            "{w}\n{out}"
+        );
+        if shown.contains(&s::COL_WHEN) {
+            assert!(row("old-archive").contains("2025-03-04"), "{w}\n{out}");
+        }
+        if shown.contains(&s::COL_USES) {
+            assert!(row("payments").contains("12,840"), "{w}\n{out}");
+            assert!(row("legacy-db").contains("1,000,000"), "{w}\n{out}");
+        }
+        if w >= 80 {
+            for t in [s::COL_TYPE, s::COL_WHEN, s::COL_VERSION, s::COL_USES] {
+                assert!(shown.contains(&t), "{w}: {t} in {header}");
+            }
+        }
+    }
+}

@@ -44,6 +44,54 @@ fn columns(tier: Tier) -> &'static [Col] {
     }
 }
 
+/// Which columns go first when the screen is too narrow for a tier's columns (the
+/// smallest tier needs 67): higher numbers are dropped first, whole, rather than every
+/// column being cut short. The name is always kept.
+fn priority(c: Col) -> u8 {
+    match c {
+        Col::Name => 0,
+        Col::State => 1,
+        Col::Type => 2,
+        Col::Uses => 3,
+        Col::Version => 4,
+        Col::When => 5,
+        Col::Protection => 6,
+        Col::Period => 7,
+        Col::Auto => 8,
+        Col::Created => 9,
+        Col::Memo => 10,
+        Col::Tag => 11,
+        Col::Convergent => 12,
+    }
+}
+
+/// The narrowest a column is shown: its width, or for the memo (which takes what is
+/// left) its title.
+fn min_width(c: Col) -> usize {
+    match width(c) {
+        Constraint::Length(n) => usize::from(n),
+        _ => s::COL_MEMO.chars().count(),
+    }
+}
+
+/// `cols` without the lowest-priority ones that do not fit in `width` (the highlight
+/// column and one space between columns included).
+fn fit(cols: &[Col], width: u16) -> Vec<Col> {
+    let need = |cs: &[Col]| {
+        theme::HIGHLIGHT.chars().count()
+            + cs.iter().map(|c| min_width(*c)).sum::<usize>()
+            + cs.len().saturating_sub(1)
+    };
+    let mut kept = cols.to_vec();
+    while kept.len() > 1 && need(&kept) > usize::from(width) {
+        let Some(last) = kept.iter().copied().max_by_key(|c| priority(*c)) else {
+            break;
+        };
+        kept.retain(|c| *c != last);
+    }
+    kept
+}
+
 fn width(c: Col) -> Constraint {
     match c {
         Col::Name => Constraint::Length(15),
@@ -104,7 +152,7 @@ fn cell(c: Col, k: &KeyInfo) -> Cell<'static> {
 }
 
 pub fn render(f: &mut Frame, area: Rect, app: &App) {
-    let cols = columns(layout::tier(area.width));
+    let cols = fit(columns(layout::tier(area.width)), area.width);
     let header = Row::new(cols.iter().map(|c| title(*c))).style(theme::table_header());
     let rows_fit = usize::from(area.height.saturating_sub(1));
     // The offset is kept by `update`; recomputed here only as a guard against a size
