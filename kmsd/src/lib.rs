@@ -112,7 +112,8 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         );
     }
 
-    let (listener, own_socket) = match systemd::take_activated_listener()? {
+    // `_socket_lock`: held while kmsd serves a socket it bound itself (`server::bind`).
+    let (listener, own_socket, _socket_lock) = match systemd::take_activated_listener()? {
         Some(activated) => {
             // The socket systemd listens on is the one to report, whatever --socket said.
             if let Some(path) = activated.path
@@ -121,13 +122,14 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
                 tracing::info!(socket = %path.display(), "using the socket systemd passed");
                 config.socket = path;
             }
-            (activated.listener, None)
+            (activated.listener, None, None)
         }
         None => {
-            let listener = server::bind(&config)?;
+            let (listener, lock) = server::bind(&config)?;
             (
                 listener,
                 Some(systemd::OwnSocketFile::bound(&config.socket)),
+                Some(lock),
             )
         }
     };

@@ -115,7 +115,15 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| path_err(dir, format!("cannot restrict to 0700: {e}")))?;
     }
-    let lock_path = dir.join("kmsd.lock");
+    match lock_file(&dir.join("kmsd.lock"))? {
+        Some(file) => Ok(DataDirLock { _file: file }),
+        None => Err(ServerError::DataDirLocked(dir.to_path_buf())),
+    }
+}
+
+/// Opens (creating it) and locks a lock file, exclusively and without waiting; `None` if
+/// another process holds it.
+fn lock_file(lock_path: &Path) -> Result<Option<File>, ServerError> {
     // Not through a link: kmsd (or `kmsd restore`) run by root on a directory another
     // account can write would otherwise open, and a restore hand over, any file.
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -124,25 +132,35 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
         .truncate(false)
         .write(true)
         .custom_flags(crate::store::journal::NOFOLLOW)
-        .open(&lock_path)
-        .map_err(|e| path_err(&lock_path, e))?;
+        .open(lock_path)
+        .map_err(|e| path_err(lock_path, e))?;
     if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return Err(path_err(&lock_path, "is not a regular file"));
+        return Err(path_err(lock_path, "is not a regular file"));
     }
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(DataDirLock { _file: file }),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServerError::DataDirLocked(dir.to_path_buf())),
-        Err(e) => Err(path_err(&lock_path, e)),
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(path_err(lock_path, e)),
     }
+}
+
+/// Held while kmsd serves the socket it bound: see [`bind`].
+pub struct SocketLock {
+    _file: File,
 }
 
 /// Binds the socket: a private directory (0700, or 0750 with the group), a stale socket
 /// file replaced, a live one refused, the socket 0600 (or 0660 with the group).
 ///
+/// The probe for a live socket, the removal of a stale one and the bind are made under a
+/// lock beside the socket (`<socket>.lock`), held while the socket is served: two kmsd
+/// starting at once on one socket path (with different data directories) could otherwise
+/// both find it stale, and the second remove the socket the first had just bound.
+///
 /// Refuses first a data directory of another account ([`check_data_dir_owner`]): kmsd
 /// never serves another account's store, even where its caller locked the directory
 /// without that check.
-pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
+pub fn bind(config: &Config) -> Result<(UnixListener, SocketLock), ServerError> {
     check_data_dir_owner(&config.data_dir)?;
     let path = &config.socket;
     let group = match &config.socket_group {
@@ -163,6 +181,11 @@ pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
         (0o700, 0o600)
     };
     prepare_socket_dir(dir, dir_mode, group)?;
+    let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
+    lock_name.push(".lock");
+    let Some(lock) = lock_file(&dir.join(lock_name))? else {
+        return Err(ServerError::AlreadyServing(path.clone()));
+    };
 
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -198,7 +221,7 @@ pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
         ));
     }
     bound.keep();
-    Ok(listener)
+    Ok((listener, SocketLock { _file: lock }))
 }
 
 /// Binds `path` so that the socket file is created with `mode` (0600 or 0660) and is
@@ -547,6 +570,47 @@ mod tests {
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         std::fs::remove_file(data.join("kmsd.lock")).unwrap();
         let _lock = lock_data_dir(&data).unwrap();
+    }
+
+    /// The probe for a live socket, the removal of a stale one and the bind happen under
+    /// the socket's lock: while another kmsd holds it (between its own probe and bind, or
+    /// serving), a second refuses the socket as served and leaves the file alone. Two
+    /// starting at once could both find the socket stale, and the second remove the one
+    /// the first had just bound.
+    #[tokio::test]
+    async fn the_socket_is_probed_and_replaced_under_its_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::defaults();
+        config.socket = tmp.path().join("run/kmsd.sock");
+        config.data_dir = tmp.path().join("data");
+        std::fs::create_dir_all(tmp.path().join("run")).unwrap();
+        chmod(&tmp.path().join("run"), 0o700);
+        drop(std::os::unix::net::UnixListener::bind(&config.socket).unwrap());
+        let answers = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        assert!(!answers(&config.socket), "precondition: a stale socket");
+
+        let other = lock_file(&tmp.path().join("run/kmsd.sock.lock"))
+            .unwrap()
+            .unwrap();
+        let refused = bind(&config).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(refused, ServerError::AlreadyServing(_)),
+            "{refused}"
+        );
+        assert!(
+            std::fs::symlink_metadata(&config.socket).is_ok(),
+            "the socket file was removed under another daemon's lock"
+        );
+        drop(other);
+
+        let (_listener, _lock) = bind(&config).unwrap();
+        assert!(answers(&config.socket), "the stale socket was replaced");
+        let refused = bind(&config).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(refused, ServerError::AlreadyServing(_)),
+            "{refused}"
+        );
+        assert!(answers(&config.socket));
     }
 
     /// A program name with control characters is recorded with `?` in their place.
