@@ -63,3 +63,33 @@ fn grant_accepts_a_numeric_uid_or_gid() {
         "error: invalid-argument: no account has uid 4242424\n"
     );
 }
+
+/// `kmsctl versions` shows `-` for the encryptions of RSA and ECDSA versions (kmsd counts
+/// only AES encryptions, and reports 0 for the others: RSA showed 0 after encrypting),
+/// null with --json; AES versions keep their count. `enable-version` prints the same.
+#[test]
+fn versions_count_only_aes_encryptions() {
+    let d = TestDaemon::start();
+    for (name, t) in [("aes", "aes256"), ("rsa", "rsa2048"), ("ecc", "ecdsa")] {
+        ok(&d.kmsctl(&["create", name, "--type", t], b""));
+    }
+    ok(&d.kmsctl(&["encrypt", "aes"], b"x"));
+    ok(&d.kmsctl(&["encrypt", "rsa"], b"x"));
+    let count_of = |key: &str| {
+        let text = ok(&d.kmsctl(&["versions", key], b""));
+        let row = text.lines().nth(1).unwrap().to_string();
+        let v = json(&d.kmsctl(&["--json", "versions", key], b""));
+        (
+            row.split_whitespace().last().unwrap().to_string(),
+            v[0]["encryptions"].clone(),
+        )
+    };
+    assert_eq!(count_of("aes"), ("1".into(), 1.into()));
+    assert_eq!(count_of("rsa"), ("-".into(), serde_json::Value::Null));
+    assert_eq!(count_of("ecc"), ("-".into(), serde_json::Value::Null));
+    let enabled = ok(&d.kmsctl(&["enable-version", "rsa", "1"], b""));
+    assert!(
+        enabled.lines().nth(1).unwrap().ends_with("  -"),
+        "{enabled}"
+    );
+}

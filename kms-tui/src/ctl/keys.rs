@@ -83,7 +83,8 @@ pub async fn show(ctx: &mut Ctx, key: &str) -> CmdResult {
 
 pub async fn versions(ctx: &mut Ctx, key: &str) -> CmdResult {
     let versions = ctx.client.versions(key).await?;
-    ctx.out.versions(&versions)?;
+    let key_type = ctx.client.get_key(key).await?.key_type;
+    ctx.out.versions(&versions, key_type)?;
     Ok(0)
 }
 
@@ -93,7 +94,9 @@ pub async fn set_version(ctx: &mut Ctx, a: VersionArgs, enabled: bool) -> CmdRes
     } else {
         ctx.client.disable_version(&a.key, a.version).await?
     };
-    ctx.out.versions(&versions)?;
+    // The versions say nothing of the key's type, which says whether they are counted.
+    let key_type = ctx.client.get_key(&a.key).await?.key_type;
+    ctx.out.versions(&versions, key_type)?;
     Ok(0)
 }
 

@@ -90,6 +90,9 @@ pub enum Command {
     /// Show one key
     Show(KeyArg),
     /// List a key's versions
+    ///
+    /// ENCRYPTIONS counts the AES encryptions made with each version (what the nonce
+    /// budget limits); ECDSA and RSA versions show `-` (null with --json).
     Versions(KeyArg),
     /// Encrypt stdin with the key's current version
     ///

@@ -4,7 +4,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use kms_shared::model::{HistoryEntry, Impact, KeyInfo, UnixMillis, VersionInfo, format_time};
+use kms_shared::model::{
+    HistoryEntry, Impact, KeyInfo, KeyType, UnixMillis, VersionInfo, format_time,
+};
 use kms_shared::protocol::{DaemonStatus, Event, WireError};
 use serde_json::{Map, Value, json};
 use std::io::{self, Write};
@@ -67,18 +69,25 @@ pub fn key_record(k: &KeyInfo) -> Record {
     ]
 }
 
-pub fn version_record(v: &VersionInfo) -> Record {
+/// A version of a key of `key_type`. Only AES encryptions are counted (they spend the
+/// nonce budget): for the other types the count is null (`-` in text), not a 0 that reads
+/// as "never used".
+pub fn version_record(v: &VersionInfo, key_type: KeyType) -> Record {
     let VersionInfo {
         version,
         enabled,
         created_at,
         encryptions,
     } = v;
+    let encryptions = match key_type {
+        KeyType::Aes256 => json!(encryptions),
+        KeyType::Ecdsa | KeyType::Rsa2048 => Value::Null,
+    };
     vec![
         ("version", json!(version)),
         ("enabled", json!(enabled)),
         ("created_at", time(Some(*created_at))),
-        ("encryptions", json!(encryptions)),
+        ("encryptions", encryptions),
     ]
 }
 
@@ -309,7 +318,7 @@ pub fn keys_table(keys: &[KeyInfo]) -> String {
 }
 
 /// A table of some of a record's fields: `(header, field)` per column.
-fn record_table<T>(items: &[T], record: fn(&T) -> Record, columns: &[(&str, &str)]) -> String {
+fn record_table<T>(items: &[T], record: impl Fn(&T) -> Record, columns: &[(&str, &str)]) -> String {
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|i| {
@@ -328,10 +337,10 @@ fn record_table<T>(items: &[T], record: fn(&T) -> Record, columns: &[(&str, &str
     table(&headers, &rows)
 }
 
-pub fn versions_table(versions: &[VersionInfo]) -> String {
+pub fn versions_table(versions: &[VersionInfo], key_type: KeyType) -> String {
     record_table(
         versions,
-        version_record,
+        |v| version_record(v, key_type),
         &[
             ("VERSION", "version"),
             ("ENABLED", "enabled"),
@@ -431,8 +440,18 @@ impl Printer {
         }
     }
 
-    pub fn versions(&mut self, v: &[VersionInfo]) -> io::Result<()> {
-        self.emit(|| list_json(v, version_record), || versions_table(v))
+    /// The versions of a key of `key_type`.
+    pub fn versions(&mut self, v: &[VersionInfo], key_type: KeyType) -> io::Result<()> {
+        self.emit(
+            || {
+                Value::Array(
+                    v.iter()
+                        .map(|x| to_json(version_record(x, key_type)))
+                        .collect(),
+                )
+            },
+            || versions_table(v, key_type),
+        )
     }
 
     /// An `ncpkms:` string: the bare line, or `{"<field>": value}`.
@@ -525,6 +544,37 @@ mod tests {
         assert_eq!(header.find("TAG"), row.find("0123"));
         assert!(row.contains(" 90d "));
         assert!(!t.lines().any(|l| l.ends_with(' ')));
+    }
+
+    /// Only AES encryptions are counted: an RSA or ECDSA version shows `-` (null in
+    /// JSON), not the 0 kmsd reports, which read as "never used" after encrypting.
+    #[test]
+    fn versions_count_only_aes_encryptions() {
+        let v = VersionInfo {
+            version: 1,
+            enabled: true,
+            created_at: 1_690_000_000_000,
+            encryptions: 0,
+        };
+        for key_type in [KeyType::Rsa2048, KeyType::Ecdsa] {
+            let t = versions_table(std::slice::from_ref(&v), key_type);
+            assert_eq!(
+                t.lines().nth(1).unwrap(),
+                "1        true     2023-07-22T04:26:40Z  -"
+            );
+            let json = to_json(version_record(&v, key_type));
+            assert_eq!(json["encryptions"], Value::Null);
+        }
+        let aes = VersionInfo {
+            encryptions: 12,
+            ..v
+        };
+        let t = versions_table(std::slice::from_ref(&aes), KeyType::Aes256);
+        assert!(t.lines().nth(1).unwrap().ends_with("  12"), "{t}");
+        assert_eq!(
+            to_json(version_record(&aes, KeyType::Aes256))["encryptions"],
+            12
+        );
     }
 
     /// Text from the daemon reaches the terminal with its control characters escaped: a
