@@ -93,3 +93,21 @@ fn versions_count_only_aes_encryptions() {
         "{enabled}"
     );
 }
+
+/// `kmsctl show` prints `memo: -` for a key without memo, as for every other empty field
+/// (it printed `memo: ` with nothing after it); JSON keeps `""`.
+#[test]
+fn show_prints_an_empty_memo_as_a_dash() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "plain", "--type", "aes256"], b""));
+    let text = ok(&d.kmsctl(&["show", "plain"], b""));
+    assert!(text.ends_with("\nmemo: -\n"), "{text}");
+    assert!(text.contains("\nhsm: -\n"), "{text}");
+    assert_eq!(
+        json(&d.kmsctl(&["--json", "show", "plain"], b""))["memo"],
+        ""
+    );
+    ok(&d.kmsctl(&["set-memo", "plain", "card vault"], b""));
+    let text = ok(&d.kmsctl(&["show", "plain"], b""));
+    assert!(text.ends_with("\nmemo: card vault\n"), "{text}");
+}

@@ -237,10 +237,12 @@ fn needs_escape(c: char) -> bool {
     c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
-/// A JSON value as a table cell or a `field: value` value: strings unquoted, null as `-`.
+/// A JSON value as a table cell or a `field: value` value: strings unquoted, null and the
+/// empty string (a key without memo) as `-`.
 pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
         Value::String(s) => printable(s),
         Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(", "),
         Value::Object(m) => m
@@ -536,6 +538,14 @@ mod tests {
         let text = lines(&key_record(&k));
         assert!(text.starts_with("name: payments\ntag: "));
         assert!(text.contains("\ndeletion_due_at: -\n"));
+        // An empty memo is `-` like the other empty fields (it printed "memo: "), in text
+        // only: JSON keeps the empty string.
+        let no_memo = KeyInfo {
+            memo: String::new(),
+            ..k.clone()
+        };
+        assert!(lines(&key_record(&no_memo)).ends_with("\nmemo: -\n"));
+        assert_eq!(to_json(key_record(&no_memo))["memo"], "");
         let t = keys_table(&[k]);
         let mut rows = t.lines();
         let header = rows.next().unwrap();
