@@ -111,3 +111,21 @@ fn show_prints_an_empty_memo_as_a_dash() {
     let text = ok(&d.kmsctl(&["show", "plain"], b""));
     assert!(text.ends_with("\nmemo: card vault\n"), "{text}");
 }
+
+/// What `enable-version --help` says: kmsd sets a version's flag idempotently (PROTOCOL
+/// §5.6), so enabling an enabled version (or disabling a disabled one) exits 0, while
+/// enabling an enabled key is invalid-state, exit 7. kmsctl passes both answers on.
+#[test]
+fn version_flags_are_idempotent_unlike_key_states() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "vkey", "--type", "aes256"], b""));
+    ok(&d.kmsctl(&["enable-version", "vkey", "1"], b""));
+    ok(&d.kmsctl(&["disable-version", "vkey", "1"], b""));
+    ok(&d.kmsctl(&["disable-version", "vkey", "1"], b""));
+    ok(&d.kmsctl(&["enable-version", "vkey", "1"], b""));
+    let out = d.kmsctl(&["enable", "vkey"], b"");
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: invalid-state: "));
+    let help = d.kmsctl(&["enable-version", "--help"], b"");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("idempotently"));
+}

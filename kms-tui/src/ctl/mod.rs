@@ -126,8 +126,15 @@ pub enum Command {
     /// Disable a key (shows its recent usage first)
     Disable(KeyArg),
     /// Enable one version of a key
+    ///
+    /// A version already enabled is left so and the command succeeds (kmsd sets a
+    /// version's flag idempotently), unlike `enable` of an enabled key, which is
+    /// invalid-state (exit 7).
     EnableVersion(keys::VersionArgs),
     /// Disable one version of a key
+    ///
+    /// A version already disabled is left so and the command succeeds (kmsd sets a
+    /// version's flag idempotently), unlike `disable` of a disabled key (exit 7).
     DisableVersion(keys::VersionArgs),
     /// Turn automatic rotation on or off and set its period
     ///
