@@ -96,10 +96,16 @@ pub fn is_superuser(caller: &Caller, daemon_uid: u32) -> bool {
     caller.uid == 0 || caller.uid == daemon_uid
 }
 
+/// Whether a grant is the caller's: its name, and the uid or gid that name had when the
+/// grant was made (a name given to another account since does not carry the grant).
 fn applies_to(g: &GrantInfo, caller: &Caller) -> bool {
+    let same_id = |id: u32| g.principal_id.is_none_or(|granted| granted == id);
     match &g.principal {
-        Principal::User(u) => *u == caller.account,
-        Principal::Group(name) => caller.groups.iter().any(|c| c == name),
+        Principal::User(u) => *u == caller.account && same_id(caller.uid),
+        Principal::Group(name) => caller
+            .groups
+            .iter()
+            .any(|(group, gid)| group == name && same_id(*gid)),
     }
 }
 
@@ -142,7 +148,7 @@ mod tests {
             gid: 2000,
             pid: 1,
             account: account.into(),
-            groups: groups.iter().map(|s| s.to_string()).collect(),
+            groups: groups.iter().map(|s| (s.to_string(), 3000)).collect(),
             client: "t".into(),
         }
     }
@@ -156,6 +162,7 @@ mod tests {
             key_name: None,
             granted_at: 0,
             granted_by: "root".into(),
+            principal_id: None,
         }
     }
 
@@ -266,6 +273,34 @@ mod tests {
             *key.expect("each of these requests names a key") = "t".repeat(32);
             assert!(format!("{r:?}").contains(&"t".repeat(32)), "{r:?}");
             assert!(!format!("{r:?}").contains("\"name\""), "{r:?}");
+        }
+    }
+
+    /// A grant is its principal's by name and by the uid or gid the name had when it was
+    /// granted: an account that takes the name later (its uid differs) has none of it; a
+    /// grant from before ids were recorded goes by name. It used to go by name alone.
+    #[test]
+    fn grants_follow_the_id_the_name_had() {
+        let bound = |p: Principal, id: Option<u32>| GrantInfo {
+            principal_id: id,
+            ..grant(Role::KeyUser, p, None)
+        };
+        let alice = caller("alice", &["ops"]);
+        let alice_user = |id| bound(Principal::User("alice".into()), id);
+        let ops = |id| bound(Principal::Group("ops".into()), id);
+        for (g, applies) in [
+            (alice_user(Some(2000)), true),
+            (alice_user(Some(2001)), false),
+            (alice_user(None), true),
+            (ops(Some(3000)), true),
+            (ops(Some(3001)), false),
+            (ops(None), true),
+        ] {
+            assert_eq!(
+                permits(std::slice::from_ref(&g), &alice, Need::Use, None),
+                applies,
+                "{g:?}"
+            );
         }
     }
 }

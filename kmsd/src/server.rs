@@ -523,7 +523,7 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
         .and_then(|u| uzers::get_user_groups(u.name(), cred.gid()))
         .unwrap_or_default()
         .into_iter()
-        .map(|g| g.name().to_string_lossy().into_owned())
+        .map(|g| (g.name().to_string_lossy().into_owned(), g.gid()))
         .collect();
     let client = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| program_name(&s))

@@ -1578,3 +1578,57 @@ fn a_key_relabelled_in_the_store_does_not_open_as_another_type() {
         ErrorKind::Internal
     );
 }
+
+/// A grant records the uid (or gid) its name has when it is made; a grant stored before
+/// kmsd recorded ids is bound to the name's id when the engine opens the store, once.
+#[test]
+fn grants_are_bound_to_the_id_of_their_name() {
+    use kms_shared::model::{GrantInfo, Principal, Role};
+    use kms_shared::protocol::GrantSpec;
+    let nobody = uzers::get_user_by_name("nobody").unwrap().uid();
+    let mut fx = Fx::new();
+    let spec = GrantSpec {
+        role: Role::KeyReviewer,
+        user: Some("nobody".into()),
+        group: None,
+        key: None,
+    };
+    let g = fx.e().grant(&fx.me, &spec).unwrap();
+    assert_eq!(g.principal_id, Some(nobody));
+
+    // A grant as a kmsd before ids left it in the store.
+    let legacy = GrantInfo {
+        id: 77,
+        role: Role::KeyUser,
+        principal: Principal::User("nobody".into()),
+        key_tag: None,
+        key_name: None,
+        granted_at: T0,
+        granted_by: "root".into(),
+        principal_id: None,
+    };
+    let dir = fx.dir.path().to_path_buf();
+    let store = fx.engine.take().unwrap().close();
+    let writer = store.start_writer().unwrap();
+    writer
+        .submit(vec![kmsd::store::Mutation::PutGrant(legacy)])
+        .wait()
+        .unwrap();
+    writer.shutdown();
+    store.close();
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    let grants = fx.e().grants();
+    let legacy = grants.iter().find(|g| g.id == 77).unwrap();
+    assert_eq!(legacy.principal_id, Some(nobody), "bound at open");
+    fx.engine.take().unwrap().close().close();
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    let stored = Store::open(&dir.join("kms.redb"), &root.fingerprint())
+        .unwrap()
+        .load()
+        .unwrap()
+        .grants;
+    assert!(
+        stored.iter().all(|g| g.principal_id == Some(nobody)),
+        "{stored:?}"
+    );
+}

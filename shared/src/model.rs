@@ -498,6 +498,12 @@ pub struct GrantInfo {
     pub key_name: Option<String>,
     pub granted_at: UnixMillis,
     pub granted_by: String,
+    /// The uid (a user) or gid (a group) the name had when the grant was made: the grant
+    /// applies to that account or group only, never to one that takes the name later (an
+    /// account deleted and its name given to a new uid). `None` on a grant made before
+    /// kmsd recorded it, until kmsd binds it to the name's id at its next start.
+    #[serde(default)]
+    pub principal_id: Option<u32>,
 }
 
 /// A rule of SPEC §2 that an input breaks. The message names the rule, never a secret.

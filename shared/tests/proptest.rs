@@ -287,16 +287,20 @@ fn grant_info() -> BoxedStrategy<GrantInfo> {
         proptest::option::of(text()),
         millis(),
         text(),
+        proptest::option::of(any::<u32>()),
     )
         .prop_map(
-            |(id, role, principal, key_tag, key_name, granted_at, granted_by)| GrantInfo {
-                id,
-                role,
-                principal,
-                key_tag,
-                key_name,
-                granted_at,
-                granted_by,
+            |(id, role, principal, key_tag, key_name, granted_at, granted_by, principal_id)| {
+                GrantInfo {
+                    id,
+                    role,
+                    principal,
+                    key_tag,
+                    key_name,
+                    granted_at,
+                    granted_by,
+                    principal_id,
+                }
             },
         )
         .boxed()

@@ -92,6 +92,7 @@ pub fn grant_record(g: &GrantInfo) -> Record {
         key_name,
         granted_at,
         granted_by,
+        principal_id,
     } = g;
     let (kind, name) = match principal {
         Principal::User(u) => ("user", u),
@@ -102,6 +103,8 @@ pub fn grant_record(g: &GrantInfo) -> Record {
         ("role", json!(role.as_str())),
         ("principal_type", json!(kind)),
         ("principal", json!(name)),
+        // The uid or gid the name had when granted: the grant is that account's or group's.
+        ("principal_id", json!(principal_id)),
         ("key_tag", json!(key_tag)),
         ("key_name", json!(key_name)),
         ("granted_at", output::time(Some(*granted_at))),

@@ -275,6 +275,7 @@ pub fn grants() -> Vec<GrantInfo> {
             key_name: key.map(|(_, n)| n.to_string()),
             granted_at: BASE - days * DAY_MS + 9 * HOUR_MS,
             granted_by: by.into(),
+            principal_id: Some(2000 + id as u32),
         };
     vec![
         grant(

@@ -17,27 +17,38 @@ impl Engine {
             .clone()
     }
 
-    /// The principal a spec names.
-    fn grant_principal(spec: &GrantSpec) -> Result<Principal, EngineError> {
-        match (&spec.user, &spec.group) {
-            (Some(u), None) => {
-                if uzers::get_user_by_name(u).is_none() {
-                    return Err(EngineError::InvalidArgument(format!("no user named {u:?}")));
-                }
-                Ok(Principal::User(u.clone()))
+    /// The principal a spec names, and the uid or gid its name has now.
+    fn grant_principal(spec: &GrantSpec) -> Result<(Principal, u32), EngineError> {
+        let principal = match (&spec.user, &spec.group) {
+            (Some(u), None) => Principal::User(u.clone()),
+            (None, Some(g)) => Principal::Group(g.clone()),
+            _ => {
+                return Err(EngineError::InvalidArgument(
+                    "a grant names exactly one of a user or a group".into(),
+                ));
             }
-            (None, Some(g)) => {
-                if uzers::get_group_by_name(g).is_none() {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "no group named {g:?}"
-                    )));
-                }
-                Ok(Principal::Group(g.clone()))
-            }
-            _ => Err(EngineError::InvalidArgument(
-                "a grant names exactly one of a user or a group".into(),
-            )),
-        }
+        };
+        let id = principal_id(&principal).ok_or_else(|| {
+            EngineError::InvalidArgument(match &principal {
+                Principal::User(u) => format!("no user named {u:?}"),
+                Principal::Group(g) => format!("no group named {g:?}"),
+            })
+        })?;
+        Ok((principal, id))
+    }
+
+    /// Binds grants made before kmsd recorded the uid or gid of their name to the id the
+    /// name has now (at start-up, once per grant); a name that no longer exists stays
+    /// unbound. Returns what to store.
+    pub(super) fn bind_principal_ids(grants: &mut [GrantInfo]) -> Vec<Mutation> {
+        grants
+            .iter_mut()
+            .filter(|g| g.principal_id.is_none())
+            .filter_map(|g| {
+                g.principal_id = Some(principal_id(&g.principal)?);
+                Some(Mutation::PutGrant(g.clone()))
+            })
+            .collect()
     }
 
     /// Runs a grant or revoke under the change lock of the key it names (so that it cannot
@@ -91,7 +102,7 @@ impl Engine {
     pub fn grant(&self, caller: &Caller, spec: &GrantSpec) -> Result<GrantInfo, EngineError> {
         let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         self.on_grant_key(caller, spec, Action::Grant, |entry| {
-            let principal = Self::grant_principal(spec)?;
+            let (principal, id) = Self::grant_principal(spec)?;
             if let Some(e) = entry
                 && !matches!(e.rec.state, KeyState::Enabled | KeyState::Disabled)
             {
@@ -103,15 +114,20 @@ impl Engine {
             let key_tag = entry.map(|e| e.rec.tag.clone());
             let key_name = entry.map(|e| e.rec.name.clone());
             let current = self.grants();
-            if current
+            if let Some(held) = current
                 .iter()
-                .any(|g| g.role == spec.role && g.principal == principal && g.key_tag == key_tag)
+                .find(|g| g.role == spec.role && g.principal == principal && g.key_tag == key_tag)
             {
-                return Err(EngineError::AlreadyExists(format!(
-                    "{principal} already has {} on {}",
-                    spec.role,
-                    key_name.as_deref().unwrap_or("all keys")
-                )));
+                let on = key_name.as_deref().unwrap_or("all keys");
+                return Err(EngineError::AlreadyExists(match held.principal_id {
+                    Some(other) if other != id => format!(
+                        "{principal} already has {} on {on}, granted when that name was id \
+                         {other} (it is {id} now, so that grant applies to no one): revoke \
+                         it first",
+                        spec.role
+                    ),
+                    _ => format!("{principal} already has {} on {on}", spec.role),
+                }));
             }
             let grant = GrantInfo {
                 // Never an id given before, even to a grant since revoked.
@@ -126,6 +142,7 @@ impl Engine {
                 key_name,
                 granted_at: self.now(),
                 granted_by: caller.account.clone(),
+                principal_id: Some(id),
             };
             Ok((Mutation::PutGrant(grant.clone()), grant.clone(), grant))
         })
@@ -140,7 +157,7 @@ impl Engine {
                 // A user or group deleted from the system since may still hold a grant.
                 (Some(u), None) => Principal::User(u.clone()),
                 (None, Some(g)) => Principal::Group(g.clone()),
-                _ => Self::grant_principal(spec)?,
+                _ => Self::grant_principal(spec)?.0,
             };
             let key_tag = entry
                 .map(|e| e.rec.tag.clone())
@@ -233,5 +250,13 @@ impl Engine {
             swap();
         }
         Ok(())
+    }
+}
+
+/// The uid of a user's name, or the gid of a group's, as the system resolves it now.
+fn principal_id(principal: &Principal) -> Option<u32> {
+    match principal {
+        Principal::User(u) => uzers::get_user_by_name(u).map(|u| u.uid()),
+        Principal::Group(g) => uzers::get_group_by_name(g).map(|g| g.gid()),
     }
 }

@@ -81,8 +81,9 @@ pub struct Caller {
     pub pid: u32,
     /// The user name of `uid` (or the number if it has no name).
     pub account: String,
-    /// Names of the groups the uid belongs to (for group grants), read at connect time.
-    pub groups: Vec<String>,
+    /// Names and gids of the groups the uid belongs to (for group grants), read at
+    /// connect time.
+    pub groups: Vec<(String, u32)>,
     /// The program name from `/proc/PID/comm`.
     pub client: String,
 }
@@ -283,7 +284,8 @@ impl Engine {
             );
         }
         let mut snapshot = store.load()?;
-        let grants = std::mem::take(&mut snapshot.grants);
+        let mut grants = std::mem::take(&mut snapshot.grants);
+        let bound = Engine::bind_principal_ids(&mut grants);
         let last_grant_id = snapshot.last_grant_id;
         let hsm = crate::hsm::Registry::open(
             config.pkcs11.as_ref(),
@@ -316,6 +318,13 @@ impl Engine {
             );
             // Engine::open runs on kmsd's runtime, where a blocking wait panics.
             blocking_section(|| writer.submit(repair).wait())?;
+        }
+        if !bound.is_empty() {
+            tracing::info!(
+                grants = bound.len(),
+                "grants bound to the uid or gid their name has (made before kmsd recorded it)"
+            );
+            blocking_section(|| writer.submit(bound).wait())?;
         }
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
         Ok(Engine {
