@@ -387,20 +387,11 @@ async fn encryptions_over_the_nonce_budget_rotate_and_are_answered() {
 /// has read and closes) instead of reading for as long as the client writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_a_client_that_never_stops_writing() {
-    use kms_shared::codec;
-    use kms_shared::protocol::{ClientFrame, Request};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let engine = Arc::new(engine_on(Disk::default()));
     let (theirs, served, trigger) = serve(&engine, &me()).await;
     let (mut rd, mut wr) = theirs.into_split();
-    let mut burst = Vec::new();
-    for id in 0..64 {
-        let frame = ClientFrame {
-            id: 10 + id,
-            request: Request::Status,
-        };
-        burst.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
-    }
+    let burst = status_burst(64);
     let writer = tokio::spawn(async move { while wr.write_all(&burst).await.is_ok() {} });
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
@@ -428,22 +419,13 @@ async fn shutdown_stops_a_client_that_never_stops_writing() {
 /// past systemd's stop timeout, which then killed kmsd without a clean stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_a_client_that_never_reads() {
-    use kms_shared::codec;
-    use kms_shared::protocol::{ClientFrame, Request};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let engine = Arc::new(engine_on(Disk::default()));
     let (theirs, served, trigger) = serve(&engine, &me()).await;
     let (mut rd, mut wr) = theirs.into_split();
     // Far more than the socket buffers, the reply queue and the requests in flight hold
     // together, so the daemon stops reading long before the last one.
-    let mut burst = Vec::new();
-    for id in 0..100_000 {
-        let frame = ClientFrame {
-            id: 10 + id,
-            request: Request::Status,
-        };
-        burst.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
-    }
+    let burst = status_burst(100_000);
     let writer = tokio::spawn(async move {
         let _ = wr.write_all(&burst).await;
         wr
@@ -477,8 +459,6 @@ async fn shutdown_stops_a_client_that_never_reads() {
 /// tokio's paused clock: the test takes no 10 s of real time.
 #[tokio::test(start_paused = true)]
 async fn shutdown_cuts_off_a_client_reading_a_trickle_at_the_drain_limit() {
-    use kms_shared::codec;
-    use kms_shared::protocol::{ClientFrame, Request};
     use kmsd::connection::{SHUTDOWN_DRAIN_LIMIT, SHUTDOWN_WRITE_GRACE};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::{Duration, Instant, sleep};
@@ -491,14 +471,7 @@ async fn shutdown_cuts_off_a_client_reading_a_trickle_at_the_drain_limit() {
     };
     let (theirs, served, trigger) = serve_with(&engine, &me(), config).await;
     let (mut rd, mut wr) = theirs.into_split();
-    let mut burst = Vec::new();
-    for id in 0..100_000 {
-        let frame = ClientFrame {
-            id: 10 + id,
-            request: Request::Status,
-        };
-        burst.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
-    }
+    let burst = status_burst(100_000);
     let writer = tokio::spawn(async move {
         let _ = wr.write_all(&burst).await;
         wr
@@ -545,6 +518,21 @@ async fn shutdown_cuts_off_a_client_reading_a_trickle_at_the_drain_limit() {
     );
     writer.abort();
     close_when_released(engine).await;
+}
+
+/// `n` pipelined `status` requests (ids from 10), encoded as a client sends them.
+fn status_burst(n: u64) -> Vec<u8> {
+    use kms_shared::codec;
+    use kms_shared::protocol::{ClientFrame, Request};
+    let mut burst = Vec::new();
+    for id in 0..n {
+        let frame = ClientFrame {
+            id: 10 + id,
+            request: Request::Status,
+        };
+        burst.extend(codec::encode_frame(&frame, u32::MAX).unwrap());
+    }
+    burst
 }
 
 /// Closes the engine once the tasks of a connection that ended have let go of it.

@@ -270,6 +270,24 @@ pub fn stop_started_daemon(pid: i32) {
     }
 }
 
+/// The stdout of a kmsctl run that must succeed; otherwise panics with its exit code and
+/// stderr.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "kmsctl failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a kmsctl `--json` run that must succeed printed.
+pub fn json(out: &Output) -> serde_json::Value {
+    let stdout = ok(out);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 /// `kmsctl --json status`'s answer: the status, or the error's message. A daemon it
 /// started is stopped (a test that expects none must not leave one behind when it fails).
 pub fn status_or_error(out: &Output) -> Result<serde_json::Value, String> {

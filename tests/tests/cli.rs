@@ -3,22 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kms_e2e::TestDaemon;
-use std::process::Output;
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "kmsctl failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_str(&ok(out)).unwrap()
-}
+use kms_e2e::{TestDaemon, json, ok};
 
 /// `grant --user 0` grants to the account of uid 0 (grants name accounts: kmsd refused
 /// "no user named \"0\""), `--group 0` to its group; `revoke` takes the number as well; a

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kms_e2e::{DaemonOptions, TestDaemon};
+use kms_e2e::{DaemonOptions, TestDaemon, json, ok};
 use kms_shared::model::{KeyState, SignScheme};
 use kms_shared::protocol::{ErrorKind, HistoryQuery};
 use std::io::{Read, Write};
@@ -11,16 +11,6 @@ use std::os::unix::net::UnixStream;
 use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "kmsctl failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 /// Runs kmsctl expecting an error of `kind`; checks stderr format and exit code.
 fn fails(d: &TestDaemon, args: &[&str], stdin: &[u8], kind: ErrorKind) {
@@ -37,10 +27,6 @@ fn fails(d: &TestDaemon, args: &[&str], stdin: &[u8], kind: ErrorKind) {
         stderr.lines().any(|l| l.starts_with(&prefix)),
         "{args:?}: stderr {stderr}"
     );
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_str(&ok(out)).unwrap()
 }
 
 /// The seed's scenario with kmsctl: create each type, use it, rotate, re-encrypt,

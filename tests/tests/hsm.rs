@@ -6,7 +6,7 @@
 
 use base64::Engine as _;
 use kms_e2e::softhsm::{self, SoftHsm, TokenInfo, parse_objects};
-use kms_e2e::{DaemonOptions, TestDaemon, bin};
+use kms_e2e::{DaemonOptions, TestDaemon, bin, json, ok};
 use kms_shared::client::Client;
 use kms_shared::model::{KeyInfo, KeyType, Protection, SignScheme};
 use kms_shared::protocol::{CreateKey, ErrorKind};
@@ -46,20 +46,6 @@ fn message_of<T: std::fmt::Debug>(r: Result<T, kms_shared::client::ClientError>)
         kms_shared::client::ClientError::Server(w) => w.message,
         other => panic!("not a daemon error: {other}"),
     }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "kmsctl failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_str(&ok(out)).unwrap()
 }
 
 fn fails(out: &Output, kind: ErrorKind) -> String {
