@@ -5,7 +5,7 @@
 
 use kms_shared::model::{Action, DAY_MS, KeyState, KeyType, Protection, UnixMillis};
 use kmsd::crypto::{KeyMaterial, RootKey, random_tag};
-use kmsd::engine::wrap_aad;
+use kmsd::engine::{wrap_aad, wrap_aad_schema1};
 use kmsd::store::records::{DueKind, HistoryRecord, KeyRecord, VersionRecord};
 use kmsd::store::{Mutation, Store};
 use std::path::Path;
@@ -18,8 +18,14 @@ pub fn key_name(i: usize) -> String {
     format!("scale-{i:07}")
 }
 
-/// Creates `data_dir` (root key and store) holding `keys` keys of `versions` versions.
-pub fn populate(data_dir: &Path, keys: usize, versions: u32) -> anyhow::Result<()> {
+/// Creates `data_dir` (root key and store) holding `keys` keys of `versions` versions, as
+/// a kmsd of store schema `schema` would have left it (1: material wrapped without its
+/// key's type, which the next start upgrades; 2: today's).
+pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(schema, 1 | 2),
+        "kms-bench writes stores of schema 1 or 2"
+    );
     std::fs::create_dir_all(data_dir)?;
     let (root, _) = RootKey::load_or_create(data_dir, None)?;
     let store = Store::open(&data_dir.join("kms.redb"), &root.fingerprint())?;
@@ -35,7 +41,15 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32) -> anyhow::Result<(
         for k in i..end {
             // Every other key rotates automatically, so the scheduler has a due index of
             // keys/2 entries to keep (none due for a year).
-            key_mutations(&root, &mut m, &key_name(k), versions, now, k % 2 == 0)?;
+            key_mutations(
+                &root,
+                &mut m,
+                &key_name(k),
+                versions,
+                now,
+                k % 2 == 0,
+                schema,
+            )?;
         }
         in_flight.push_back(writer.submit(m));
         // A few transactions queued keep the writer busy while the next is built.
@@ -50,6 +64,9 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32) -> anyhow::Result<(
         t.wait().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     writer.shutdown();
+    if schema == 1 {
+        store.mark_schema(1)?;
+    }
     Ok(())
 }
 
@@ -60,6 +77,7 @@ fn key_mutations(
     versions: u32,
     now: UnixMillis,
     auto_rotation: bool,
+    schema: u64,
 ) -> anyhow::Result<()> {
     let tag = random_tag()?;
     let rotation_days = kms_shared::model::DEFAULT_ROTATION_DAYS;
@@ -72,10 +90,11 @@ fn key_mutations(
     }
     for v in 1..=versions {
         let material = KeyMaterial::generate(KeyType::Aes256)?;
-        let wrapped = root.wrap(
-            &wrap_aad(&tag, v, KeyType::Aes256),
-            &material.to_secret_bytes(),
-        )?;
+        let aad = match schema {
+            1 => wrap_aad_schema1(&tag, v),
+            _ => wrap_aad(&tag, v, KeyType::Aes256),
+        };
+        let wrapped = root.wrap(&aad, &material.to_secret_bytes())?;
         m.push(Mutation::PutVersion {
             tag: tag.clone(),
             version: v,

@@ -67,8 +67,22 @@ fn kms_bench_smoke_runs_every_case() {
 /// shows and decrypts from it.
 #[test]
 fn kms_bench_scale_smoke() {
+    scale_smoke(&[]);
+}
+
+/// The same on a store written as a kmsd of schema 1 left it (key material wrapped without
+/// its type): the daemon's first start upgrades it, and every start after serves it.
+#[test]
+fn kms_bench_scale_smoke_upgrades_a_schema_1_store() {
+    let v = scale_smoke(&["--scale-schema", "1"]);
+    assert_eq!(v["schema_populated"], 1, "{v}");
+    assert!(v.get("rss_mib_peak_first_start").is_some(), "{v}");
+}
+
+fn scale_smoke(args: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(kms_e2e::bin("kms-bench"))
         .args(["--smoke", "--scale", "300", "--json"])
+        .args(args)
         .output()
         .expect("run kms-bench");
     assert!(
@@ -90,6 +104,7 @@ fn kms_bench_scale_smoke() {
     ] {
         assert!(v.get(field).is_some(), "{field} missing in {v}");
     }
+    v
 }
 
 /// The side-by-side script (tests/bench/side_by_side.py) drives kms-bench against the

@@ -71,8 +71,10 @@ pub fn wrap_aad(tag: &str, version: u32, key_type: KeyType) -> Vec<u8> {
 }
 
 /// The AAD of store schema 1 (tag and version only), read once to re-wrap a store
-/// written before schema 2 ([`crate::store::Store::upgrade_wraps`]).
-fn wrap_aad_schema1(tag: &str, version: u32) -> Vec<u8> {
+/// written before schema 2 ([`crate::store::Store::upgrade_wraps`]). Public for tools
+/// that write a store as a kmsd of schema 1 left it (`kms-bench --scale-schema 1`, which
+/// measures the upgrade).
+pub fn wrap_aad_schema1(tag: &str, version: u32) -> Vec<u8> {
     let mut aad = Vec::with_capacity(48);
     aad.extend_from_slice(b"kms/wrap\0");
     aad.extend_from_slice(tag.as_bytes());

@@ -21,7 +21,7 @@ pub mod schedule;
 
 pub use error::EngineError;
 pub use keyring::{KeyEntry, VersionEntry, VersionsCell};
-pub use lifecycle::wrap_aad;
+pub use lifecycle::{wrap_aad, wrap_aad_schema1};
 
 use crate::clock::Clock;
 use crate::crypto::RootKey;

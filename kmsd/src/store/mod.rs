@@ -467,6 +467,23 @@ impl Store {
         })
     }
 
+    /// Marks the store as of an older schema. Never called by kmsd: for tools that write a
+    /// store as an older kmsd left it (`kms-bench --scale-schema 1`), to measure what the
+    /// upgrade costs. Refuses a schema this build does not know.
+    #[doc(hidden)]
+    pub fn mark_schema(&self, schema: u64) -> Result<(), StoreError> {
+        if !(1..=SCHEMA_VERSION).contains(&schema) {
+            return Err(StoreError::Db(format!("no schema {schema}")));
+        }
+        let db = self.db.get()?;
+        let mut tx = db.begin_write()?;
+        writer::make_durable(&mut tx)?;
+        tx.open_table(META)?
+            .insert(META_SCHEMA, schema.to_be_bytes().as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Brings a store of schema 1 to [`TYPED_WRAPS_SCHEMA`]: every version of every
     /// `basic` key (the others hold token references, not wrapped material) is handed to
     /// `rewrap` with its key, and stored as it returns it, all in one durable transaction

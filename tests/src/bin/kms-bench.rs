@@ -10,7 +10,7 @@
 //! cargo build --release --workspace
 //! target/release/kms-bench [--conns 16] [--depth 1] [--seconds 3] [--cases aes-enc-1k,…]
 //!                          [--json] [--smoke] [--socket PATH] [--compare-ssh-agent]
-//!                          [--batch ITEMS] [--scale KEYS [--data-dir DIR]]
+//!                          [--batch ITEMS] [--scale KEYS [--data-dir DIR] [--scale-schema 1]]
 //! ```
 //!
 //! The `*-batch` cases send ITEMS (default 64) operations per call; their ops/s count
@@ -46,6 +46,8 @@ struct Opts {
     batch: usize,
     /// Scale mode: the data directory to populate (kept), or to reuse if it has a store.
     data_dir: Option<PathBuf>,
+    /// Scale mode: the store schema to populate (1: the first start measures the upgrade).
+    scale_schema: u64,
 }
 
 const USAGE: &str = "\
@@ -55,7 +57,7 @@ what one durable journal record costs on this machine.
 
 usage: kms-bench [--conns 16] [--depth 1] [--seconds 3] [--cases CASE,...] [--json]
                  [--smoke] [--socket PATH] [--compare-ssh-agent] [--batch ITEMS]
-       kms-bench --scale KEYS [--data-dir DIR]
+       kms-bench --scale KEYS [--data-dir DIR] [--scale-schema 1]
 ";
 
 const ALL_CASES: &[&str] = &[
@@ -91,6 +93,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         scale: None,
         batch: 64,
         data_dir: None,
+        scale_schema: kmsd::store::SCHEMA_VERSION,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -105,6 +108,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--socket" => o.socket = Some(PathBuf::from(val()?)),
             "--compare-ssh-agent" => o.ssh_agent = true,
             "--scale" => o.scale = Some(val()?.parse()?),
+            "--scale-schema" => o.scale_schema = val()?.parse()?,
             "--data-dir" => o.data_dir = Some(PathBuf::from(val()?)),
             "--batch" => o.batch = val()?.parse::<usize>()?.clamp(1, MAX_BATCH_ITEMS),
             "-h" | "--help" => {
@@ -1114,7 +1118,9 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
     let t = Instant::now();
     if !data.join("kms.redb").exists() {
         let data = data.clone();
-        tokio::task::spawn_blocking(move || kms_e2e::scale::populate(&data, n, VERSIONS)).await??;
+        let schema = o.scale_schema;
+        tokio::task::spawn_blocking(move || kms_e2e::scale::populate(&data, n, VERSIONS, schema))
+            .await??;
     }
     let populate_s = t.elapsed().as_secs_f64();
     let store_bytes = std::fs::metadata(data.join("kms.redb"))?.len();
@@ -1133,6 +1139,9 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
         anyhow::Ok((d, t.elapsed().as_secs_f64() * 1000.0))
     };
     let (mut daemon, first_ms) = start(opts.clone()).await?;
+    // Of a store of schema 1, the first start includes its upgrade (every version
+    // re-wrapped in one transaction): its memory is the peak of that start.
+    let rss_peak_first = daemon.pid().map_or(0, |pid| status_kib(pid, "VmHWM:"));
     let (mut after_kill, mut after_clean) = (Vec::new(), Vec::new());
     let mut rss_after_kill = 0;
     for _ in 0..3 {
@@ -1199,7 +1208,9 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
         "history_entries": n * VERSIONS as usize,
         "populate_s": (populate_s * 10.0).round() / 10.0,
         "store_mib": store_bytes / (1 << 20),
+        "schema_populated": o.scale_schema,
         "startup_ms_first": first_ms.round(),
+        "rss_mib_peak_first_start": rss_peak_first / 1024,
         "startup_ms_after_kill": after_kill.iter().map(|v| v.round()).collect::<Vec<_>>(),
         "startup_ms_after_kill_median": med(&mut after_kill.clone()).round(),
         "startup_ms_after_clean_stop": after_clean.iter().map(|v| v.round()).collect::<Vec<_>>(),
@@ -1232,10 +1243,15 @@ impl From<Vec<u32>> for Run {
 
 /// Current resident set of a process in KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB figure of `/proc/PID/status` (`VmRSS:`, `VmHWM:` the peak resident set).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
