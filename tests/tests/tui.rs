@@ -62,14 +62,21 @@ impl Tmux {
 impl Tmux {
     /// Starts kms-tui on `d`'s socket in a 100×30 pane and waits for its first frame.
     fn start(d: &TestDaemon, name: &str) -> Tmux {
-        let t = Tmux {
-            socket: format!("kms-tui-{name}-{}", std::process::id()),
-        };
         let cmd = format!(
             "{} --socket {} --no-autostart",
             kms_e2e::bin("kms-tui").display(),
             d.socket.display()
         );
+        let t = Tmux::launch(name, &cmd);
+        t.wait_for("● connected");
+        t
+    }
+
+    /// Runs the shell command `cmd` in a 100×30 pane of a tmux server of its own.
+    fn launch(name: &str, cmd: &str) -> Tmux {
+        let t = Tmux {
+            socket: format!("kms-tui-{name}-{}", std::process::id()),
+        };
         t.run(&[
             "new-session",
             "-d",
@@ -79,9 +86,8 @@ impl Tmux {
             "100",
             "-y",
             "30",
-            &cmd,
+            cmd,
         ]);
-        t.wait_for("● connected");
         t
     }
 
@@ -317,4 +323,185 @@ fn hsm_tokens_in_tmux() {
     t.keys(&["Escape"]);
     t.keys(&["q"]);
     t.wait_quit();
+}
+
+/// A dashboard allowed to autostart (the default socket, here `$KMS_SOCKET` in a
+/// temporary directory, as tests/tests/autostart.rs isolates it) and every kmsd it
+/// started. Dropping it ends the dashboard first, so that it starts no daemon while they
+/// are stopped, then stops them.
+struct AutostartedTui {
+    tmux: Tmux,
+    dir: tempfile::TempDir,
+}
+
+impl AutostartedTui {
+    fn start(name: &str) -> AutostartedTui {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let cmd = format!(
+            "env -u STATE_DIRECTORY -u CREDENTIALS_DIRECTORY -u DBUS_SESSION_BUS_ADDRESS \
+             KMS_SOCKET={} XDG_DATA_HOME={} XDG_RUNTIME_DIR={} HOME={} {}",
+            p.join("run/kmsd.sock").display(),
+            p.join("xdg").display(),
+            p.display(),
+            p.display(),
+            kms_e2e::bin("kms-tui").display(),
+        );
+        let tmux = Tmux::launch(name, &cmd);
+        AutostartedTui { tmux, dir }
+    }
+
+    /// `kmsctl --socket <the default socket> ARGS`: an explicit socket, which never
+    /// autostarts, so every daemon there is the dashboard's.
+    fn kmsctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(kms_e2e::bin("kmsctl"))
+            .arg("--socket")
+            .arg(self.dir.path().join("run/kmsd.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The pid of the daemon answering on the socket, if one does.
+    fn daemon_pid(&self) -> Option<i32> {
+        let out = self.kmsctl(&["--json", "status"]);
+        if !out.status.success() {
+            return None;
+        }
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        status["pid"].as_u64().map(|p| p as i32)
+    }
+
+    /// The kmsd processes serving the data directory the dashboard starts them on.
+    fn daemons(&self) -> Vec<u32> {
+        kms_e2e::processes_naming(&self.dir.path().join("xdg/kms"))
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "kmsd")
+            })
+            .collect()
+    }
+}
+
+impl Drop for AutostartedTui {
+    fn drop(&mut self) {
+        let pane = self
+            .tmux
+            .run(&["display-message", "-p", "-t", "tui", "#{pane_pid}"]);
+        self.tmux.run(&["kill-server"]);
+        if let Ok(pid) = pane.trim().parse::<u32>() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for pid in self.daemons() {
+            kms_e2e::stop_started_daemon(pid as i32);
+        }
+    }
+}
+
+/// The kmsd the dashboard autostarted dies (SIGKILL, as a crash or the OOM killer would):
+/// the dashboard starts one again by itself, as its launch did, subscribes again and
+/// shows the keys, a change made afterwards included. (It used to only retry connecting,
+/// showing "disconnected" until the user quit and relaunched it.)
+#[test]
+fn a_killed_autostarted_daemon_is_started_again() {
+    let tui = AutostartedTui::start("restart");
+    let t = &tui.tmux;
+    t.wait_for("● connected");
+    kms_e2e::ok(&tui.kmsctl(&["create", "survivor", "--type", "aes256"]));
+    t.wait_for("survivor");
+    let first = tui.daemon_pid().expect("the dashboard started a daemon");
+    assert_eq!(tui.daemons(), [first as u32], "one daemon, the dashboard's");
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(first).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let second = loop {
+        match tui.daemon_pid() {
+            Some(pid) if pid != first => break pid,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no daemon was started again; screen:\n{}",
+            t.screen()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(tui.daemons(), [second as u32], "one daemon, the new one");
+    t.wait_for("● connected");
+    t.wait_for("survivor");
+    // The events come again: a key made now appears without a key press.
+    kms_e2e::ok(&tui.kmsctl(&["create", "after", "--type", "ecdsa"]));
+    t.wait_for("2 keys");
+    t.wait_for("after");
+}
+
+/// A kmsd that dies at every start is not started in a tight loop: the dashboard starts
+/// it again 1 s after the launch's start, then 2 s after that (doubling to 30 s), and
+/// the message line says when the next start is. The `kmsd` beside this copy of
+/// kms-tui only records when it was started and exits.
+#[test]
+fn a_daemon_that_keeps_dying_is_started_with_backoff() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let tui = p.join("kms-tui");
+    if std::fs::hard_link(kms_e2e::bin("kms-tui"), &tui).is_err() {
+        std::fs::copy(kms_e2e::bin("kms-tui"), &tui).unwrap();
+    }
+    let starts = p.join("starts");
+    std::fs::write(
+        p.join("kmsd"),
+        format!(
+            "#!/bin/sh\ndate +%s.%N >> {}\necho 'kmsd: dies on purpose' >&2\nexit 3\n",
+            starts.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(p.join("kmsd"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cmd = format!(
+        "env -u STATE_DIRECTORY -u CREDENTIALS_DIRECTORY -u DBUS_SESSION_BUS_ADDRESS \
+         KMS_SOCKET={} XDG_DATA_HOME={} {}",
+        p.join("run/kmsd.sock").display(),
+        p.join("xdg").display(),
+        tui.display(),
+    );
+    let t = Tmux::launch("backoff", &cmd);
+    let times = || -> Vec<f64> {
+        std::fs::read_to_string(&starts)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while times().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "started {} times; screen:\n{}",
+            times().len(),
+            t.screen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = t.wait_for("starting it again in");
+    assert!(s.contains("dies on purpose"), "the reason is shown:\n{s}");
+    let at = times();
+    // The launch's start, then 1 s and 2 s later (measured from when each start failed,
+    // so a little more).
+    assert!(at[1] - at[0] >= 0.9, "starts at {at:?}");
+    assert!(at[2] - at[1] >= 1.9, "starts at {at:?}");
+    // No fourth start before the 4 s after the third are over.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(times().len(), 3, "starts at {at:?}");
 }

@@ -6,6 +6,8 @@ use crossterm::event::KeyEvent;
 use kms_shared::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, VersionInfo};
 use kms_shared::protocol::{CreateKey, Event, EventKind, GrantSpec, HsmTokenInfo};
 
+use super::retry::Next;
+
 /// Everything `update` reacts to: raw input, intents the keymap derived from it, and
 /// results from the daemon task.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,9 +76,13 @@ pub enum Action {
     Connected {
         daemon_version: String,
     },
+    /// The connection failed or was lost, and what comes next.
     Disconnected {
         reason: String,
+        next: Next,
     },
+    /// kmsd is being started again (the backoff allowed it).
+    StartingDaemon,
     KeysLoaded(Result<Vec<KeyInfo>, String>),
     /// `Ok(None)`: the daemon no longer knows the key.
     KeyFetched {

@@ -1,20 +1,35 @@
 //! The task that owns the connection to kmsd. It turns effects into requests and their
 //! replies, and the subscription's events, into actions; when the daemon goes away it
-//! says so and reconnects with backoff.
+//! says so and reconnects, starting kmsd again when it may, with backoff
+//! ([`super::retry`]).
 
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use kms_shared::client::{Client, ClientError, ConnectOptions, Notification, connect_or_start};
+use kms_shared::paths;
 use kms_shared::protocol::{ErrorKind, HistoryQuery};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::action::{Action, Effect, Op};
 use super::app::HISTORY_PAGE;
+use super::retry::{Attempt, Retry};
 use super::strings as s;
 
-const FIRST_RETRY: Duration = Duration::from_millis(250);
-const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Whether the dashboard may start kmsd when none answers, by the rules its launch
+/// follows (`connect_or_start`): the default socket, autostart not turned off, and not
+/// the system service's socket nor a default that the system service's would shadow.
+fn may_start(opts: &ConnectOptions) -> bool {
+    opts.autostart
+        && opts.socket.is_none()
+        && paths::autostart_refused_in(
+            &paths::Env::current(),
+            &opts.socket_path(),
+            Path::new(paths::SYSTEM_SOCKET).exists(),
+        )
+        .is_none()
+}
 
 /// Runs until the effect channel closes (the dashboard quit).
 pub async fn run(
@@ -22,121 +37,136 @@ pub async fn run(
     mut effects: UnboundedReceiver<Effect>,
     actions: UnboundedSender<Action>,
 ) {
-    let mut first = true;
-    let mut retry = FIRST_RETRY;
+    let mut retry = Retry::new(may_start(&opts));
+    // The launch connects as kmsctl does (starting kmsd if it may, or saying why it may
+    // not); later attempts start one only when the backoff says so.
+    let mut attempt = if retry.may_start() {
+        Attempt::Start
+    } else {
+        Attempt::Connect
+    };
+    let mut launch = true;
     loop {
-        // Autostart only the first time: a daemon that stops later was stopped on
-        // purpose or crashed, and the header should say so rather than hide it.
-        let attempt = if first {
-            connect_or_start(&opts).await
-        } else {
-            Client::connect(&opts.socket_path()).await
-        };
-        first = false;
-        let client = match attempt {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                let reason = describe(&e);
-                if actions.send(Action::Disconnected { reason }).is_err()
-                    || !wait(retry, &mut effects, &actions).await
-                {
-                    return;
-                }
-                retry = (retry * 2).min(MAX_RETRY);
-                continue;
-            }
-        };
-        // Subscribe before anything is loaded, so no change falls between the load and
-        // the first event.
-        let mut notes = match client.subscribe().await {
-            Ok(n) => n,
-            Err(e) => {
-                let reason = describe(&e);
-                if actions.send(Action::Disconnected { reason }).is_err()
-                    || !wait(retry, &mut effects, &actions).await
-                {
-                    return;
-                }
-                retry = (retry * 2).min(MAX_RETRY);
-                continue;
-            }
-        };
-        retry = FIRST_RETRY;
-        let daemon_version = client.daemon_version().to_string();
-        if actions.send(Action::Connected { daemon_version }).is_err() {
+        if attempt == Attempt::Start && !launch && actions.send(Action::StartingDaemon).is_err() {
             return;
         }
-        loop {
-            tokio::select! {
-                eff = effects.recv() => match eff {
-                    None => return,
-                    // Reads of the lists run in order, so that the last event's re-read
-                    // is also the last answer applied.
-                    Some(
-                        eff @ (Effect::LoadKeys
-                        | Effect::GetKey(_)
-                        | Effect::LoadGrants
-                        | Effect::LoadHsmTokens),
-                    ) => {
-                        if let Some(a) = exec(&client, eff).await
-                            && actions.send(a).is_err()
-                        {
-                            return;
+        let connecting = async {
+            let client = if launch || attempt == Attempt::Start {
+                connect_or_start(&opts).await?
+            } else {
+                Client::connect(&opts.socket_path()).await?
+            };
+            // Subscribe before anything is loaded, so no change falls between the load
+            // and the first event.
+            let notes = client.subscribe().await?;
+            Ok::<_, ClientError>((Arc::new(client), notes))
+        };
+        let Some(result) = offline(connecting, &mut effects, &actions).await else {
+            return;
+        };
+        if attempt == Attempt::Start {
+            retry.started(Instant::now());
+        }
+        launch = false;
+        let reason = match result {
+            Ok((client, notes)) => {
+                retry.connected(Instant::now());
+                let daemon_version = client.daemon_version().to_string();
+                if actions.send(Action::Connected { daemon_version }).is_err() {
+                    return;
+                }
+                let Some(reason) = serve(&client, notes, &mut effects, &actions).await else {
+                    return;
+                };
+                retry.lost(Instant::now());
+                reason
+            }
+            Err(e) => describe(&e),
+        };
+        let now = Instant::now();
+        let plan = retry.plan(now);
+        let next = plan.next(now);
+        if actions.send(Action::Disconnected { reason, next }).is_err() {
+            return;
+        }
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(plan.at));
+        if offline(sleep, &mut effects, &actions).await.is_none() {
+            return;
+        }
+        attempt = plan.attempt;
+    }
+}
+
+/// Carries out effects on `client` and passes its events on, until the connection is
+/// lost (the reason) or the dashboard has gone (`None`).
+async fn serve(
+    client: &Arc<Client>,
+    mut notes: UnboundedReceiver<Notification>,
+    effects: &mut UnboundedReceiver<Effect>,
+    actions: &UnboundedSender<Action>,
+) -> Option<String> {
+    loop {
+        tokio::select! {
+            eff = effects.recv() => match eff {
+                None => return None,
+                // Reads of the lists run in order, so that the last event's re-read
+                // is also the last answer applied.
+                Some(
+                    eff @ (Effect::LoadKeys
+                    | Effect::GetKey(_)
+                    | Effect::LoadGrants
+                    | Effect::LoadHsmTokens),
+                ) => {
+                    if let Some(a) = exec(client, eff).await
+                        && actions.send(a).is_err()
+                    {
+                        return None;
+                    }
+                }
+                Some(eff) => {
+                    let c = client.clone();
+                    let tx = actions.clone();
+                    tokio::spawn(async move {
+                        if let Some(a) = exec(&c, eff).await {
+                            let _ = tx.send(a);
                         }
-                    }
-                    Some(eff) => {
-                        let c = client.clone();
-                        let tx = actions.clone();
-                        tokio::spawn(async move {
-                            if let Some(a) = exec(&c, eff).await {
-                                let _ = tx.send(a);
-                            }
-                        });
-                    }
-                },
-                note = notes.recv() => {
-                    let a = match note {
-                        Some(Notification::Event(e)) => Action::DaemonEvent(e),
-                        Some(Notification::Lagged(n)) => Action::Lagged(n),
-                        // The reader ends the stream when the connection drops.
-                        None => Action::Disconnected { reason: ClientError::Closed.to_string() },
-                    };
-                    let lost = matches!(a, Action::Disconnected { .. });
-                    if actions.send(a).is_err() {
-                        return;
-                    }
-                    if lost {
-                        break;
-                    }
+                    });
+                }
+            },
+            note = notes.recv() => {
+                let a = match note {
+                    Some(Notification::Event(e)) => Action::DaemonEvent(e),
+                    Some(Notification::Lagged(n)) => Action::Lagged(n),
+                    // The reader ends the stream when the connection drops.
+                    None => return Some(ClientError::Closed.to_string()),
+                };
+                if actions.send(a).is_err() {
+                    return None;
                 }
             }
-        }
-        drop(client);
-        if !wait(FIRST_RETRY, &mut effects, &actions).await {
-            return;
         }
     }
 }
 
-/// Sleeps, answering effects with "not connected" meanwhile. False when the dashboard
-/// has gone.
-async fn wait(
-    d: Duration,
+/// Runs `work` (a wait, or an attempt to connect or start kmsd), answering effects with
+/// "not connected" meanwhile: nothing the user asks for is held back to be done later on
+/// a daemon that may be another. `None` when the dashboard has gone.
+async fn offline<T>(
+    work: impl Future<Output = T>,
     effects: &mut UnboundedReceiver<Effect>,
     actions: &UnboundedSender<Action>,
-) -> bool {
-    let sleep = tokio::time::sleep(d);
-    tokio::pin!(sleep);
+) -> Option<T> {
+    tokio::pin!(work);
     loop {
         tokio::select! {
-            () = &mut sleep => return true,
+            out = &mut work => return Some(out),
             eff = effects.recv() => match eff {
-                None => return false,
+                None => return None,
                 Some(eff) => {
                     if let Some(a) = failed(eff, s::NOT_CONNECTED)
                         && actions.send(a).is_err()
                     {
-                        return false;
+                        return None;
                     }
                 }
             },

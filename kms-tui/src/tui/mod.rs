@@ -13,6 +13,7 @@ mod fake;
 mod input;
 mod keymap;
 mod notify;
+mod retry;
 mod strings;
 mod terminal;
 mod ui;
@@ -45,7 +46,8 @@ struct Args {
     /// is never started for an explicit socket.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Do not start kmsd when none answers on the default socket.
+    /// Do not start kmsd when none answers on the default socket (at launch, nor again
+    /// when it goes away: the dashboard then only reconnects).
     #[arg(long)]
     no_autostart: bool,
     /// Draw N frames of a 100,000-key list off-screen and print the median frame time.

@@ -92,6 +92,7 @@ fn disconnected_header() {
             &mut a,
             Action::Disconnected {
                 reason: "connection to kmsd closed".into(),
+                next: super::retry::Next::Start(std::time::Duration::from_secs(4)),
             },
         );
         a

@@ -8,7 +8,10 @@ use kms_shared::model::{
 };
 use kms_shared::protocol::{Event, EventKind, GrantSpec, HsmTokenInfo};
 
+use std::time::Duration;
+
 use super::action::Op;
+use super::retry::Next;
 
 pub const SERVICE_NAME: &str = "Key Management Service";
 pub const CONNECTING: &str = "◌ connecting…";
@@ -618,9 +621,29 @@ pub fn connected_message(daemon_version: &str) -> String {
     format!("connected to kmsd {daemon_version}")
 }
 
-pub fn disconnected_message(reason: &str) -> String {
-    format!("kmsd is not reachable ({reason}); reconnecting…")
+pub fn disconnected_message(reason: &str, next: Next) -> String {
+    match next {
+        Next::Connect(d) => format!(
+            "kmsd is not reachable ({reason}); reconnecting {}",
+            within(d)
+        ),
+        Next::Start(d) => format!(
+            "kmsd is not reachable ({reason}); starting it again {}",
+            within(d)
+        ),
+    }
 }
+
+/// "now", or "in N s" (whole seconds, rounded up).
+fn within(d: Duration) -> String {
+    if d.is_zero() {
+        return "now".into();
+    }
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    format!("in {secs} s")
+}
+
+pub const STARTING_DAEMON: &str = "starting kmsd again…";
 
 pub const NOT_CONNECTED: &str = "not connected to kmsd";
 

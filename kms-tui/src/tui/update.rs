@@ -81,10 +81,11 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             fx.push(Effect::LoadKeys);
             reload_view(app, fx);
         }
-        Action::Disconnected { reason } => {
-            app.error(s::disconnected_message(&reason));
+        Action::Disconnected { reason, next } => {
+            app.error(s::disconnected_message(&reason, next));
             app.conn = super::app::Conn::Disconnected { reason };
         }
+        Action::StartingDaemon => app.info(s::STARTING_DAEMON),
         Action::KeysLoaded(Ok(keys)) => app.set_keys(keys),
         Action::KeysLoaded(Err(e)) => app.error(s::load_failed(s::WHAT_KEYS, &e)),
         Action::KeyFetched { tag, result } => match result {

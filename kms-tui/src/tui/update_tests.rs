@@ -8,6 +8,8 @@ use kms_shared::model::{KeyInfo, KeyState, KeyType, Protection, Role};
 use kms_shared::protocol::{CreateKey, Event, EventKind, GrantSpec};
 
 use super::update;
+use std::time::Duration;
+
 use crate::tui::action::{Action, Effect, Op};
 use crate::tui::app::{
     App, Ask, Base, ConfirmKind, Conn, Field, GrantField, GrantForm, GrantsView, ImpactState,
@@ -15,6 +17,7 @@ use crate::tui::app::{
 };
 use crate::tui::fake;
 use crate::tui::keymap::Mode;
+use crate::tui::retry::Next;
 
 fn ch(c: char) -> Action {
     Action::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE))
@@ -963,10 +966,16 @@ fn disconnect_and_reconnect() {
         &mut a,
         Action::Disconnected {
             reason: "connection closed".into(),
+            next: Next::Connect(Duration::from_millis(250)),
         },
     );
     assert!(matches!(a.conn, Conn::Disconnected { .. }));
-    assert_eq!(a.message.as_ref().unwrap().kind, MsgKind::Error);
+    let m = a.message.clone().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert_eq!(
+        m.text,
+        "kmsd is not reachable (connection closed); reconnecting in 1 s"
+    );
     assert_eq!(a.keys.len(), 8, "the last known list stays on screen");
     let fx = update(
         &mut a,
@@ -976,6 +985,61 @@ fn disconnect_and_reconnect() {
     );
     assert_eq!(fx, [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]);
     assert!(a.is_connected());
+}
+
+/// A dashboard that may start kmsd says when it will, and when it does.
+#[test]
+fn restarting_the_daemon_is_shown() {
+    let mut a = app();
+    update(
+        &mut a,
+        Action::Disconnected {
+            reason: "connection closed".into(),
+            next: Next::Start(Duration::from_millis(3_900)),
+        },
+    );
+    assert_eq!(
+        a.message.as_ref().unwrap().text,
+        "kmsd is not reachable (connection closed); starting it again in 4 s"
+    );
+    update(
+        &mut a,
+        Action::Disconnected {
+            reason: "connection closed".into(),
+            next: Next::Start(Duration::ZERO),
+        },
+    );
+    assert!(
+        a.message
+            .as_ref()
+            .unwrap()
+            .text
+            .ends_with("starting it again now"),
+        "{:?}",
+        a.message
+    );
+    assert!(update(&mut a, Action::StartingDaemon).is_empty());
+    let m = a.message.clone().unwrap();
+    assert_eq!(
+        (m.kind, m.text.as_str()),
+        (MsgKind::Info, "starting kmsd again…")
+    );
+    assert!(matches!(a.conn, Conn::Disconnected { .. }));
+    let fx = update(
+        &mut a,
+        Action::Connected {
+            daemon_version: "0.1.0".into(),
+        },
+    );
+    assert_eq!(fx, [Effect::LoadKeys], "the list is loaded again");
+}
+
+/// The connection lost, reconnecting soon.
+fn lost() -> Action {
+    Action::Disconnected {
+        reason: "x".into(),
+        next: Next::Connect(Duration::from_millis(250)),
+    }
 }
 
 /// The tick re-reads a small list whole, a large one only for the selected key, and
@@ -998,7 +1062,7 @@ fn tick_refreshes_usage() {
     update(&mut a, ch('?'));
     assert!(update(&mut a, Action::Tick).is_empty());
     update(&mut a, code(KeyCode::Esc));
-    update(&mut a, Action::Disconnected { reason: "x".into() });
+    update(&mut a, lost());
     assert!(update(&mut a, Action::Tick).is_empty());
 }
 
@@ -1388,14 +1452,14 @@ fn reconnect_reloads_grants_and_tokens() {
     let connected = || Action::Connected {
         daemon_version: "0.1.1".into(),
     };
-    update(&mut a, Action::Disconnected { reason: "x".into() });
+    update(&mut a, lost());
     assert_eq!(
         update(&mut a, connected()),
         [Effect::LoadKeys, Effect::LoadGrants]
     );
     update(&mut a, code(KeyCode::Esc));
     update(&mut a, ch('T'));
-    update(&mut a, Action::Disconnected { reason: "x".into() });
+    update(&mut a, lost());
     assert_eq!(
         update(&mut a, connected()),
         [Effect::LoadKeys, Effect::LoadHsmTokens]
