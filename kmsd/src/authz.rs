@@ -6,7 +6,7 @@
 //! [`permits`] whether the caller's grants give it.
 
 use crate::engine::Caller;
-use kms_shared::model::{Action, GrantInfo, Principal, Role};
+use kms_shared::model::{Action, GrantInfo, NO_PRINCIPAL_ID, Principal, Role};
 use kms_shared::protocol::Request;
 
 /// What a request needs, from least to most.
@@ -99,7 +99,11 @@ pub fn is_superuser(caller: &Caller, daemon_uid: u32) -> bool {
 /// Whether a grant is the caller's: its name, and the uid or gid that name had when the
 /// grant was made (a name given to another account since does not carry the grant).
 fn applies_to(g: &GrantInfo, caller: &Caller) -> bool {
-    let same_id = |id: u32| g.principal_id.is_none_or(|granted| granted == id);
+    let same_id = |id: u32| match g.principal_id {
+        None => true,
+        Some(NO_PRINCIPAL_ID) => false,
+        Some(granted) => granted == id,
+    };
     match &g.principal {
         Principal::User(u) => *u == caller.account && same_id(caller.uid),
         Principal::Group(name) => caller
@@ -292,9 +296,11 @@ mod tests {
             (alice_user(Some(2000)), true),
             (alice_user(Some(2001)), false),
             (alice_user(None), true),
+            (alice_user(Some(NO_PRINCIPAL_ID)), false),
             (ops(Some(3000)), true),
             (ops(Some(3001)), false),
             (ops(None), true),
+            (ops(Some(NO_PRINCIPAL_ID)), false),
         ] {
             assert_eq!(
                 permits(std::slice::from_ref(&g), &alice, Need::Use, None),

@@ -1583,7 +1583,7 @@ fn a_key_relabelled_in_the_store_does_not_open_as_another_type() {
 /// kmsd recorded ids is bound to the name's id when the engine opens the store, once.
 #[test]
 fn grants_are_bound_to_the_id_of_their_name() {
-    use kms_shared::model::{GrantInfo, Principal, Role};
+    use kms_shared::model::{GrantInfo, NO_PRINCIPAL_ID, Principal, Role};
     use kms_shared::protocol::GrantSpec;
     let nobody = uzers::get_user_by_name("nobody").unwrap().uid();
     let mut fx = Fx::new();
@@ -1610,8 +1610,18 @@ fn grants_are_bound_to_the_id_of_their_name() {
     let dir = fx.dir.path().to_path_buf();
     let store = fx.engine.take().unwrap().close();
     let writer = store.start_writer().unwrap();
+    // And one whose name no account has now (deleted since): it must not go to whoever
+    // is given the name next.
+    let orphan = GrantInfo {
+        id: 78,
+        principal: Principal::User("gone-user-xyz".into()),
+        ..legacy.clone()
+    };
     writer
-        .submit(vec![kmsd::store::Mutation::PutGrant(legacy)])
+        .submit(vec![
+            kmsd::store::Mutation::PutGrant(legacy),
+            kmsd::store::Mutation::PutGrant(orphan),
+        ])
         .wait()
         .unwrap();
     writer.shutdown();
@@ -1620,6 +1630,12 @@ fn grants_are_bound_to_the_id_of_their_name() {
     let grants = fx.e().grants();
     let legacy = grants.iter().find(|g| g.id == 77).unwrap();
     assert_eq!(legacy.principal_id, Some(nobody), "bound at open");
+    let orphan = grants.iter().find(|g| g.id == 78).unwrap();
+    assert_eq!(
+        orphan.principal_id,
+        Some(NO_PRINCIPAL_ID),
+        "bound to no one"
+    );
     fx.engine.take().unwrap().close().close();
     let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
     let stored = Store::open(&dir.join("kms.redb"), &root.fingerprint())
@@ -1627,8 +1643,11 @@ fn grants_are_bound_to_the_id_of_their_name() {
         .load()
         .unwrap()
         .grants;
+    let ids: Vec<_> = stored.iter().map(|g| (g.id, g.principal_id)).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(
-        stored.iter().all(|g| g.principal_id == Some(nobody)),
-        "{stored:?}"
+        ids.iter()
+            .all(|(id, p)| *p == Some(if *id == 78 { NO_PRINCIPAL_ID } else { nobody })),
+        "{ids:?}"
     );
 }

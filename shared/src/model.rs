@@ -501,10 +501,16 @@ pub struct GrantInfo {
     /// The uid (a user) or gid (a group) the name had when the grant was made: the grant
     /// applies to that account or group only, never to one that takes the name later (an
     /// account deleted and its name given to a new uid). `None` on a grant made before
-    /// kmsd recorded it, until kmsd binds it to the name's id at its next start.
+    /// kmsd recorded it, until kmsd binds it at its next start: to the id the name has
+    /// then, or to [`NO_PRINCIPAL_ID`] if no account or group has the name.
     #[serde(default)]
     pub principal_id: Option<u32>,
 }
+
+/// The `principal_id` of a grant whose name belonged to no account or group when kmsd
+/// bound it: `(uid_t)-1`, which is no one's id (to the kernel it means "no change"), so
+/// the grant applies to no one.
+pub const NO_PRINCIPAL_ID: u32 = u32::MAX;
 
 /// A rule of SPEC §2 that an input breaks. The message names the rule, never a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,7 +3,7 @@
 
 use super::{Caller, Engine, EngineError, history_mutation, keyring::KeyEntry};
 use crate::store::Mutation;
-use kms_shared::model::{Action, GrantInfo, KeyState, Principal};
+use kms_shared::model::{Action, GrantInfo, KeyState, NO_PRINCIPAL_ID, Principal};
 use kms_shared::protocol::{EventKind, GrantSpec};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -37,16 +37,19 @@ impl Engine {
         Ok((principal, id))
     }
 
-    /// Binds grants made before kmsd recorded the uid or gid of their name to the id the
-    /// name has now (at start-up, once per grant); a name that no longer exists stays
-    /// unbound. Returns what to store.
+    /// Binds grants made before kmsd recorded the uid or gid of their name (at start-up,
+    /// once per grant): to the id the name has now, or, for a name no account or group
+    /// has, to [`NO_PRINCIPAL_ID`], which no caller has. Left unbound, such a grant would
+    /// go to whoever is next given the name. (A lookup that fails because the user
+    /// database cannot be reached looks the same: the grant then applies to no one, the
+    /// safe side, and is granted again.) Returns what to store.
     pub(super) fn bind_principal_ids(grants: &mut [GrantInfo]) -> Vec<Mutation> {
         grants
             .iter_mut()
             .filter(|g| g.principal_id.is_none())
-            .filter_map(|g| {
-                g.principal_id = Some(principal_id(&g.principal)?);
-                Some(Mutation::PutGrant(g.clone()))
+            .map(|g| {
+                g.principal_id = Some(principal_id(&g.principal).unwrap_or(NO_PRINCIPAL_ID));
+                Mutation::PutGrant(g.clone())
             })
             .collect()
     }
@@ -120,6 +123,12 @@ impl Engine {
             {
                 let on = key_name.as_deref().unwrap_or("all keys");
                 return Err(EngineError::AlreadyExists(match held.principal_id {
+                    Some(NO_PRINCIPAL_ID) => format!(
+                        "{principal} already has {} on {on}, granted before kmsd recorded ids, \
+                         when no account or group had that name (it applies to no one): \
+                         revoke it first",
+                        spec.role
+                    ),
                     Some(other) if other != id => format!(
                         "{principal} already has {} on {on}, granted when that name was id \
                          {other} (it is {id} now, so that grant applies to no one): revoke \
