@@ -127,13 +127,22 @@ fn lock_file(lock_path: &Path) -> Result<Option<File>, ServerError> {
     // Not through a link: kmsd (or `kmsd restore`) run by root on a directory another
     // account can write would otherwise open, and a restore hand over, any file.
     use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .custom_flags(crate::store::journal::NOFOLLOW)
-        .open(lock_path)
-        .map_err(|e| path_err(lock_path, e))?;
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .create(write)
+            .truncate(false)
+            .write(write)
+            .read(!write)
+            .custom_flags(crate::store::journal::NOFOLLOW)
+            .open(lock_path)
+    };
+    // A lock file left by root (kmsd once run as root on the same directory) cannot be
+    // opened for writing by the service's account; locking needs only a descriptor.
+    let file = match open(true) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => open(false),
+        opened => opened,
+    }
+    .map_err(|e| path_err(lock_path, e))?;
     if !file.metadata().is_ok_and(|m| m.is_file()) {
         return Err(path_err(lock_path, "is not a regular file"));
     }
@@ -149,11 +158,20 @@ pub struct SocketLock {
     _file: File,
 }
 
+/// `.<socket name>.lock` beside the socket: hidden, and never the data directory's
+/// `kmsd.lock`, even with the socket inside the data directory and named `kmsd`.
+fn socket_lock_path(socket: &Path, dir: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(socket.file_name().unwrap_or_default());
+    name.push(".lock");
+    dir.join(name)
+}
+
 /// Binds the socket: a private directory (0700, or 0750 with the group), a stale socket
 /// file replaced, a live one refused, the socket 0600 (or 0660 with the group).
 ///
 /// The probe for a live socket, the removal of a stale one and the bind are made under a
-/// lock beside the socket (`<socket>.lock`), held while the socket is served: two kmsd
+/// lock beside the socket (`.<socket name>.lock`), held while the socket is served: two kmsd
 /// starting at once on one socket path (with different data directories) could otherwise
 /// both find it stale, and the second remove the socket the first had just bound.
 ///
@@ -181,9 +199,7 @@ pub fn bind(config: &Config) -> Result<(UnixListener, SocketLock), ServerError> 
         (0o700, 0o600)
     };
     prepare_socket_dir(dir, dir_mode, group)?;
-    let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
-    lock_name.push(".lock");
-    let Some(lock) = lock_file(&dir.join(lock_name))? else {
+    let Some(lock) = lock_file(&socket_lock_path(path, dir))? else {
         return Err(ServerError::AlreadyServing(path.clone()));
     };
 
@@ -589,7 +605,7 @@ mod tests {
         let answers = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
         assert!(!answers(&config.socket), "precondition: a stale socket");
 
-        let other = lock_file(&tmp.path().join("run/kmsd.sock.lock"))
+        let other = lock_file(&tmp.path().join("run/.kmsd.sock.lock"))
             .unwrap()
             .unwrap();
         let refused = bind(&config).map(|_| ()).unwrap_err();
@@ -611,6 +627,20 @@ mod tests {
             "{refused}"
         );
         assert!(answers(&config.socket));
+    }
+
+    /// A socket inside the data directory named `kmsd` has its lock beside it, not in the
+    /// data directory's `kmsd.lock`, which the daemon already holds: such a kmsd refused to
+    /// start, "another kmsd is serving".
+    #[tokio::test]
+    async fn a_socket_named_kmsd_in_the_data_directory_is_served() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::defaults();
+        config.data_dir = tmp.path().join("data");
+        config.socket = config.data_dir.join("kmsd");
+        let _data = lock_data_dir_to_serve(&config.data_dir).unwrap();
+        let (_listener, _lock) = bind(&config).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&config.socket).is_ok());
     }
 
     /// A program name with control characters is recorded with `?` in their place.
