@@ -41,6 +41,8 @@ pub struct Service {
     crypto: rayon::ThreadPool,
     /// Calls of keys in a PKCS#11 token, which wait on the token ([`TOKEN_THREADS`]).
     token: rayon::ThreadPool,
+    /// Calls that ran on a token pool thread, counted where they ran.
+    token_thread_calls: Arc<AtomicU64>,
     /// Each account's share of the work queued on `crypto`.
     pool_shares: PoolShares,
 }
@@ -64,7 +66,7 @@ impl Service {
             .build()?;
         let token = rayon::ThreadPoolBuilder::new()
             .num_threads(TOKEN_THREADS)
-            .thread_name(|i| format!("kmsd-token-{i}"))
+            .thread_name(|i| format!("{TOKEN_THREAD}{i}"))
             .panic_handler(|_| tracing::error!("a token task panicked"))
             .build()?;
         Ok(Service {
@@ -77,6 +79,7 @@ impl Service {
             backups: crate::backup::Backups::default(),
             crypto,
             token,
+            token_thread_calls: Arc::default(),
             pool_shares: PoolShares::new(POOL_SHARE),
         })
     }
@@ -403,7 +406,9 @@ impl Service {
         }
         let pool = self.pool_for(self.runs_on_token_pool(&req));
         let (engine, caller) = (self.engine.clone(), caller.clone());
+        let counted = self.token_thread_calls.clone();
         pool.spawn(move || {
+            count_token_thread(&counted);
             // A panic is a bug, never input (SPEC §14); the call is still answered.
             let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 in_own_frames(|e| pool_call(e, &caller, req), &engine)
@@ -467,6 +472,13 @@ impl Service {
         if in_token { &self.token } else { &self.crypto }
     }
 
+    /// How many calls have run on a token pool thread: what shows that token calls reach
+    /// that pool, not only that they are meant to (kmsd/tests/hsm_pool.rs).
+    #[doc(hidden)]
+    pub fn calls_run_on_token_threads(&self) -> u64 {
+        self.token_thread_calls.load(Ordering::Relaxed)
+    }
+
     fn is_aes(&self, key: &str) -> bool {
         // Software AES only: an HSM key waits on a token session, never on the reactor.
         self.engine.resolve(key).is_ok_and(|k| {
@@ -500,7 +512,9 @@ impl Service {
         let share = self.pool_shares.acquire(caller.uid, work).await;
         let engine = self.engine.clone();
         let (done, result) = tokio::sync::oneshot::channel();
+        let counted = self.token_thread_calls.clone();
         pool.spawn(move || {
+            count_token_thread(&counted);
             let pending = in_own_frames(f, &engine);
             crate::crypto::wipe_stack::<POOL_STACK_WORDS>();
             drop(share);
@@ -727,6 +741,19 @@ const ON_READER_MAX: usize = 4 * 1024;
 /// full batches (RSA: ~0.9 s of both threads), far more than its single calls need (one
 /// each) however many connections make them.
 const POOL_SHARE: usize = 2 * MAX_BATCH_ITEMS;
+
+/// The name of the token pool's threads, before their number.
+const TOKEN_THREAD: &str = "kmsd-token-";
+
+/// Counts a call on the thread it runs on, if that is a token pool thread.
+fn count_token_thread(counted: &AtomicU64) {
+    if std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with(TOKEN_THREAD))
+    {
+        counted.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Threads for calls of keys in PKCS#11 tokens: as many as one token has sessions, so that a token's calls go on in parallel as far as it allows. They
 /// spend most of their time waiting on the token, so they take no core from the crypto

@@ -131,5 +131,37 @@ fn token_calls_run_on_a_pool_of_their_own() {
             panic!("no plaintext")
         };
         assert_eq!(&plaintext[..], b"plaintext");
+        let batch = Request::EncryptBatch {
+            key: "tok-aes".into(),
+            items: vec![PlaintextItem {
+                plaintext: b"x".to_vec().into(),
+                context: None,
+            }],
+        };
+        assert!(matches!(
+            service.handle(&c, batch).await,
+            Ok(Response::Batch { .. })
+        ));
+        for soft in [sign("soft-ec"), encrypt("soft-aes")] {
+            assert!(service.handle(&c, soft).await.is_ok());
+        }
     });
+    // And as a connection starts its calls, without a task.
+    let caller = Arc::new(c);
+    for key in ["tok-ec", "soft-ec"] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let started = service.start(&caller, sign(key), move |reply, _durable| {
+            let _ = tx.send(reply.is_ok());
+        });
+        assert!(started.is_ok(), "{key}: handed back");
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(30)),
+            Ok(true),
+            "{key}"
+        );
+    }
+    // Where they ran, counted on the threads themselves: the token keys' sign, verify,
+    // encrypt, decrypt and batch through `handle`, and the sign through `start`; none of
+    // the software keys' calls.
+    assert_eq!(service.calls_run_on_token_threads(), 6);
 }

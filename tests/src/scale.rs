@@ -29,6 +29,10 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> any
     std::fs::create_dir_all(data_dir)?;
     let (root, _) = RootKey::load_or_create(data_dir, None)?;
     let store = Store::open(&data_dir.join("kms.redb"), &root.fingerprint())?;
+    // Marked first: a populate cut short leaves a store that reads as what it holds.
+    if schema == 1 {
+        store.mark_schema(1)?;
+    }
     let writer = store.start_writer()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -64,9 +68,6 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> any
         t.wait().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     writer.shutdown();
-    if schema == 1 {
-        store.mark_schema(1)?;
-    }
     Ok(())
 }
 

@@ -55,7 +55,8 @@ impl KeyRecord {
 pub struct VersionRecord {
     pub created_at: UnixMillis,
     pub enabled: bool,
-    /// AES-256-GCM under the root key, AAD = key tag and version. `None` after purge.
+    /// AES-256-GCM under the root key, AAD = key tag, version and type (`engine::wrap_aad`;
+    /// tag and version only in a store of schema 1). `None` after purge.
     /// For `hsm` and `dedicated-hsm` keys: only a reference to the token objects
     /// (`hsm::HsmRef`); the material never leaves the token.
     #[serde(with = "kms_shared::protocol::opt_bytes")]

@@ -501,7 +501,8 @@ impl ThreadCpu {
             let cpu = thread_cpu_s(&task.path());
             match comm.trim() {
                 "kmsd" => t.reactor += cpu,
-                c if c.starts_with("kmsd-crypto") => t.crypto += cpu,
+                // The crypto pool, and the token pool (calls of keys in a PKCS#11 token).
+                c if c.starts_with("kmsd-crypto") || c.starts_with("kmsd-token") => t.crypto += cpu,
                 c if c.starts_with("kmsd-store-wri") => t.writer += cpu,
                 _ => t.other += cpu,
             }
