@@ -33,7 +33,24 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes one message body.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    rmp_serde::from_slice(body).map_err(|e| FrameError::Decode(e.to_string()))
+    decode_bounded(body).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// The deepest nesting of arrays and maps a MessagePack value may have here. The
+/// protocol's messages nest about ten deep. rmp-serde's own limit (1,024) let a 1 KiB
+/// frame of nested arrays under a field the decoder skips recurse 1,024 calls deep, past
+/// the 2 MiB stack of a tokio worker in a debug build; a stack overflow aborts the whole
+/// daemon, it cannot be caught like a panic.
+pub const MAX_DEPTH: usize = 64;
+
+/// Decodes MessagePack with nesting bounded by [`MAX_DEPTH`]: everything kms decodes
+/// (frames, and the daemon's store records and journal) goes through here.
+pub fn decode_bounded<'a, T: serde::Deserialize<'a>>(
+    bytes: &'a [u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
 }
 
 /// Encodes a message with its length prefix, ready to write.
@@ -197,6 +214,37 @@ mod tests {
         let back: ClientFrame = decode(&body).unwrap();
         assert_eq!(back, msg);
         assert!(read_frame(&mut rd, 1024).await.unwrap().is_none());
+    }
+
+    /// A request whose unknown field holds arrays nested 1,023 deep (a 1 KiB frame) is
+    /// refused as undecodable on a thread with a tokio worker's 2 MiB stack; with
+    /// rmp-serde's own depth limit it overflowed that stack in a debug build, which
+    /// aborts the process. Nesting up to the limit still decodes.
+    #[test]
+    fn deep_nesting_is_refused_within_a_workers_stack() {
+        fn frame(depth: usize) -> Vec<u8> {
+            let mut b = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa3, b'z', b'z', b'z'];
+            b.extend(std::iter::repeat_n(0x91, depth));
+            b.push(0xc0);
+            b.extend_from_slice(b"\xa7request\xa6status");
+            b
+        }
+        let decoded = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                (
+                    decode::<ClientFrame>(&frame(1023)).map(|f| f.id),
+                    decode::<ClientFrame>(&frame(MAX_DEPTH - 2)).map(|f| f.id),
+                )
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        match decoded.0 {
+            Err(FrameError::Decode(e)) => assert!(e.contains("depth"), "{e}"),
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        assert_eq!(decoded.1.unwrap(), 1);
     }
 
     /// An announced length over the maximum is refused before the body is read.

@@ -10,8 +10,8 @@
 use kms_shared::ciphertext;
 use kms_shared::codec;
 use kms_shared::model::{
-    ACTIONS, AccountUse, Action, GrantInfo, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Principal,
-    Protection, Role, SignScheme, VersionInfo,
+    ACTIONS, AccountUse, Action, GrantInfo, HistoryEntry, Impact, KeyInfo, KeyState, KeyType,
+    Principal, Protection, Role, SignScheme, VersionInfo,
 };
 use kms_shared::protocol::{
     CiphertextItem, ClientFrame, CreateKey, DaemonStatus, ErrorKind, Event, EventKind, GrantSpec,

@@ -330,3 +330,54 @@ fn a_client_that_stops_reading_stops_being_read() {
         (1..=sent + 1).collect::<Vec<_>>()
     );
 }
+
+/// A request with arrays nested 1,023 deep under a field kmsd does not know (a 1 KiB
+/// frame) is answered `malformed-frame`, and the connection and the daemon go on
+/// serving. With rmp-serde's own depth limit, skipping that field overflowed the
+/// reader's stack in a debug build, which aborts kmsd.
+#[test]
+fn a_deeply_nested_request_is_refused_and_kmsd_serves_on() {
+    use kms_shared::protocol::{ClientFrame, PROTOCOL_VERSION, Request, Response};
+    let d = TestDaemon::start();
+    let frame = |id: u64, request: Request| {
+        kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()
+    };
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let hello = Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "deep".into(),
+    };
+    s.write_all(&frame(0, hello)).unwrap();
+    assert!(matches!(
+        read_reply(&mut s),
+        ServerFrame::Reply {
+            result: Outcome::Ok(Response::Hello { .. }),
+            ..
+        }
+    ));
+    // {"id": 5, "zzz": [[[…nil…]]], "request": "status"}
+    let mut body = vec![0x83, 0xa2, b'i', b'd', 0x05, 0xa3, b'z', b'z', b'z'];
+    body.extend(std::iter::repeat_n(0x91, 1023));
+    body.push(0xc0);
+    body.extend_from_slice(b"\xa7request\xa6status");
+    let mut deep = (body.len() as u32).to_be_bytes().to_vec();
+    deep.extend_from_slice(&body);
+    s.write_all(&deep).unwrap();
+    // Answered by id 0: reading the id alone also skips the field, and fails the same way.
+    match read_reply(&mut s) {
+        ServerFrame::Reply {
+            id: 0,
+            result: Outcome::Err(e),
+        } => assert_eq!(e.kind, ErrorKind::MalformedFrame, "{e:?}"),
+        other => panic!("expected malformed-frame, got {other:?}"),
+    }
+    s.write_all(&frame(6, Request::Status)).unwrap();
+    assert!(matches!(
+        read_reply(&mut s),
+        ServerFrame::Reply {
+            id: 6,
+            result: Outcome::Ok(Response::Status(_)),
+        }
+    ));
+}

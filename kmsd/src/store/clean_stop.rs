@@ -102,7 +102,7 @@ impl CleanStop {
             .ok()?;
         // If the record cannot be removed, the next open must not trust it: refuse it now.
         std::fs::remove_file(&path).ok()?;
-        rmp_serde::from_slice(&bytes).ok()
+        super::records::decode(&bytes).ok()
     }
 
     /// `Ok(checked_at)` if the store file is as recorded and was checked recently enough.

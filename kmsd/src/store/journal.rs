@@ -176,7 +176,7 @@ pub fn recover(path: &Path, generation: &Generation) -> Result<Vec<CallOp>, Jour
     let mut ops = Vec::new();
     for (index, payload) in whole_records(&buf, generation).enumerate() {
         let mut group: Vec<CallOp> =
-            rmp_serde::from_slice(payload).map_err(|e| JournalError::Corrupt {
+            super::records::decode(payload).map_err(|e| JournalError::Corrupt {
                 path: path.to_path_buf(),
                 index: index as u64,
                 message: e.to_string(),

@@ -172,8 +172,10 @@ pub fn encode_array<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::E
     rmp_serde::to_vec(v)
 }
 
+/// Decodes a record, its nesting bounded (`kms_shared::codec::MAX_DEPTH`): a damaged
+/// store must be refused as corrupt, not overflow the stack of the thread reading it.
 pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
-    rmp_serde::from_slice(b)
+    kms_shared::codec::decode_bounded(b)
 }
 
 #[cfg(test)]
