@@ -228,8 +228,10 @@ impl Connection {
                     Err(_) => break ReadEnd::Closed,
                 },
             };
-            // The request counts until its reply is queued (which then counts instead).
-            let request = buffered.hold(request_len);
+            // The request counts until its reply is queued (which then counts instead); a
+            // request whose reply can be far larger (a key list, a history page, a batch)
+            // counts as that reply, so that the reader stops while they fill the budget.
+            let request = buffered.hold(request_len.max(service.reply_estimate(&frame.request)));
             let answer = {
                 let owed = ReplyOwed {
                     id,

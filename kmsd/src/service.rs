@@ -127,24 +127,30 @@ impl Service {
                 limit,
             } => {
                 let (offset, limit) = (offset as usize, limit.map_or(usize::MAX, |l| l as usize));
-                if authz::is_superuser(caller, self.daemon_uid) || deleted {
-                    let (keys, total) = e.list_keys(deleted, offset, Some(limit));
-                    return Ok(Response::Keys { keys, total });
-                }
-                // Others see the keys they have a role on: all of them with a grant on all
-                // keys, else those their grants name (looked up by tag: never a walk of
-                // every key, which at 100,000 keys would hold a worker for milliseconds).
-                let grants = e.grants();
-                let (keys, total) = if authz::permits(&grants, caller, Need::View, None) {
-                    e.list_keys(false, offset, Some(limit))
-                } else {
-                    e.list_keys_of(
-                        &authz::granted_tags(&grants, caller, Need::View),
-                        offset,
-                        limit,
-                    )
-                };
-                Ok(Response::Keys { keys, total })
+                let superuser = authz::is_superuser(caller, self.daemon_uid);
+                // Off the reactor: a whole list of 100,000 keys takes tens of milliseconds
+                // to build, which every other connection on a worker would wait out.
+                self.blocking(caller, move |e, caller| {
+                    if superuser || deleted {
+                        let (keys, total) = e.list_keys(deleted, offset, Some(limit));
+                        return Ok(Response::Keys { keys, total });
+                    }
+                    // Others see the keys they have a role on: all of them with a grant on
+                    // all keys, else those their grants name (looked up by tag: never a
+                    // walk of every key).
+                    let grants = e.grants();
+                    let (keys, total) = if authz::permits(&grants, caller, Need::View, None) {
+                        e.list_keys(false, offset, Some(limit))
+                    } else {
+                        e.list_keys_of(
+                            &authz::granted_tags(&grants, caller, Need::View),
+                            offset,
+                            limit,
+                        )
+                    };
+                    Ok(Response::Keys { keys, total })
+                })
+                .await
             }
             Request::GetKey { key } => e.get_key(&key).map(Response::Key).map_err(wire),
             Request::ListVersions { key } => e
@@ -425,6 +431,31 @@ impl Service {
             answer(logged(kind, &caller, result), durable);
         });
         Ok(())
+    }
+
+    /// At most how many bytes the reply to `req` encodes to, where that can be far more
+    /// than the request: a key list, a history page, a batch, the grants. A connection
+    /// counts this against its buffer budget from the moment it reads the request
+    /// (`connection.rs`), so a client that pipelines such requests and does not read is
+    /// stopped being read once their replies would fill the budget, not 256 requests
+    /// later (256 full lists of 100,000 keys are ~7 GiB). 0 for every other request: its
+    /// own size bounds its reply.
+    pub fn reply_estimate(&self, req: &Request) -> usize {
+        match req {
+            Request::ListKeys { limit, .. } => {
+                let limit = limit.map_or(usize::MAX, |l| l as usize);
+                limit.min(self.engine.all_keys()) * REPLY_BYTES_PER_KEY
+            }
+            Request::History(q) => {
+                crate::engine::history_limit(q.limit) * REPLY_BYTES_PER_HISTORY_ENTRY
+            }
+            Request::EncryptBatch { items, .. } => items.len() * REPLY_BYTES_PER_ITEM,
+            Request::DecryptBatch { items, .. } | Request::ReencryptBatch { items, .. } => {
+                items.len() * REPLY_BYTES_PER_ITEM
+            }
+            Request::ListGrants => self.engine.grants().len() * REPLY_BYTES_PER_GRANT,
+            _ => 0,
+        }
     }
 
     /// Whether a request is an AES call cheap enough for the reactor (microseconds).
@@ -736,6 +767,15 @@ pub(crate) fn wire(e: EngineError) -> WireError {
 /// on the reader, a pipelining client's calls used one core where tasks use all of them
 /// (1 × 32 decrypt 32 KiB: 7,406 -> 5,948/s, medians of 3 side by side).
 const ON_READER_MAX: usize = 4 * 1024;
+
+/// Upper estimates of reply sizes ([`Service::reply_estimate`]), generous on purpose: a
+/// key's entry with a 256-byte memo and a PEM public key, a history entry with its account,
+/// program and error message, a batch item's ciphertext or error beside what the request
+/// already brought, a grant.
+const REPLY_BYTES_PER_KEY: usize = 1024;
+const REPLY_BYTES_PER_HISTORY_ENTRY: usize = 512;
+const REPLY_BYTES_PER_ITEM: usize = 512;
+const REPLY_BYTES_PER_GRANT: usize = 256;
 
 /// Items of crypto work one account may have queued or running on the pool at once: two
 /// full batches (RSA: ~0.9 s of both threads), far more than its single calls need (one

@@ -381,3 +381,80 @@ fn a_deeply_nested_request_is_refused_and_kmsd_serves_on() {
         }
     ));
 }
+
+/// kmsd's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A client that pipelines key lists and reads none of the replies is stopped being read
+/// once the replies it asked for would fill its connection's budget. Each request is a
+/// few dozen bytes and its reply ~600 KiB (1,000 keys with a 300-byte memo each):
+/// counted by their own size, all 256 were taken at once and their replies held for a
+/// client that never reads them (kmsd grew by 78 MiB in a debug build); counted by their
+/// replies, a handful is (12 MiB).
+#[test]
+fn pipelined_key_lists_are_held_to_the_connection_budget() {
+    use kms_shared::protocol::{ClientFrame, PROTOCOL_VERSION, Request, Response};
+    const KEYS: usize = 1000;
+    let d = TestDaemon::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = d.client().await;
+        for i in 0..KEYS {
+            let mut spec = key_spec(&format!("k{i:04}"), KeyType::Aes256);
+            spec.memo = "가".repeat(100);
+            c.create_key(spec).await.unwrap();
+        }
+    });
+    let pid = d.pid().unwrap();
+    let frame = |id: u64, request: Request| {
+        kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()
+    };
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let hello = Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "list-hoarder".into(),
+    };
+    s.write_all(&frame(0, hello)).unwrap();
+    assert!(matches!(
+        read_reply(&mut s),
+        ServerFrame::Reply {
+            result: Outcome::Ok(Response::Hello { .. }),
+            ..
+        }
+    ));
+    let before = rss_kib(pid);
+    let list = Request::ListKeys {
+        deleted: false,
+        offset: 0,
+        limit: None,
+    };
+    for id in 1..=256 {
+        s.write_all(&frame(id, list.clone())).unwrap();
+    }
+    // Whatever kmsd takes, it has taken and answered (into its queue) well within this.
+    std::thread::sleep(Duration::from_secs(3));
+    let grown_mib = rss_kib(pid).saturating_sub(before) / 1024;
+    eprintln!("kmsd grew by {grown_mib} MiB holding key lists for a client that reads none");
+    assert!(
+        grown_mib < 32,
+        "kmsd grew by {grown_mib} MiB holding replies for a client that does not read"
+    );
+    // Read again: every list is answered, in full.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    for _ in 1..=256 {
+        match read_reply(&mut s) {
+            ServerFrame::Reply {
+                result: Outcome::Ok(Response::Keys { keys, total }),
+                ..
+            } => assert_eq!((keys.len(), total), (KEYS, KEYS as u64)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

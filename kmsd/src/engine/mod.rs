@@ -403,6 +403,11 @@ impl Engine {
         self.ring().by_name.len() as u64
     }
 
+    /// Keys of every state, purged ones within retention included: the most a list holds.
+    pub fn all_keys(&self) -> usize {
+        self.ring().by_tag.len()
+    }
+
     /// The change lock of one key (by tag).
     fn key_lock(&self, tag: &str) -> Arc<Mutex<()>> {
         self.key_locks
@@ -501,7 +506,7 @@ impl Engine {
     pub fn history(&self, q: &HistoryQuery) -> Result<Vec<HistoryEntry>, EngineError> {
         let entry = self.resolve(&q.key)?;
         let filter = HistoryFilter {
-            limit: q.limit.unwrap_or(100).clamp(1, 1000) as usize,
+            limit: history_limit(q.limit),
             before_seq: q.before_seq,
             action: q.action,
             ok: q.result.map(|r| r == ResultFilter::Ok),
@@ -717,4 +722,9 @@ fn require_enabled(entry: &KeyEntry) -> Result<(), EngineError> {
             entry.rec.name
         ))),
     }
+}
+
+/// Entries in one page of history: 100 unless asked, at most 1,000.
+pub fn history_limit(asked: Option<u32>) -> usize {
+    asked.unwrap_or(100).clamp(1, 1000) as usize
 }
