@@ -619,6 +619,35 @@ fn deletion_wait_with_injected_clock() {
     assert_eq!(kind(e.get_key(&tag)), ErrorKind::NotFound);
 }
 
+/// A wall clock stepped forward past the deletion date (a machine without a real-time
+/// clock setting its time after the request) does not purge the key: the whole 72-hour
+/// wait must pass, and the key can be cancelled meanwhile. The due date stays the one
+/// stored; once the wait has passed the key is purged as usual. Before, the step alone
+/// destroyed the key at the next scheduler pass.
+#[test]
+fn a_wall_clock_step_does_not_cut_the_deletion_wait_short() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create("doomed", KeyType::Aes256);
+    fx.create("kept", KeyType::Aes256);
+    let tag = e.request_deletion(me, "doomed").unwrap().tag;
+    e.request_deletion(me, "kept").unwrap();
+    fx.clock.advance(HOUR_MS);
+    // Stepped a week ahead, with one hour of the wait passed.
+    fx.clock.step(T0 + 7 * DAY_MS);
+    assert_eq!(e.run_due(), 0);
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::PendingDeletion);
+    // Not spun on: the next wake-up is when the rest of the wait has passed.
+    assert_eq!(e.next_due(), Some(T0 + 7 * DAY_MS + 71 * HOUR_MS));
+    e.cancel_deletion(me, "kept").unwrap();
+    fx.clock.advance(71 * HOUR_MS - 1);
+    assert_eq!(e.run_due(), 0);
+    fx.clock.advance(1);
+    assert_eq!(e.run_due(), 1);
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::Deleted);
+    assert_eq!(e.get_key("kept").unwrap().state, KeyState::Disabled);
+}
+
 /// Listing the keys of a set of tags (what a caller with grants on some keys sees): live
 /// keys only, ordered by name, paged, with the total; unknown and deleted tags left out.
 #[test]

@@ -716,6 +716,7 @@ impl Engine {
     /// Deletion request: `pending-deletion` until now + the deletion delay.
     pub fn request_deletion(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
         let delay = self.config.effective_deletion_delay();
+        let ends = self.clock.elapsed_ms().saturating_add(delay);
         self.change_key(caller, key, Action::Delete, None, |e, now| {
             if !matches!(e.rec.state, KeyState::Enabled | KeyState::Disabled) {
                 return Err(EngineError::InvalidState(format!(
@@ -737,7 +738,10 @@ impl Engine {
                 ),
             ))
         })
-        .map(|e| e.info())
+        .map(|e| {
+            self.set_deletion_wait(&e.rec.tag, Some(ends));
+            e.info()
+        })
     }
 
     /// Cancels a deletion request: the key becomes `disabled`.
@@ -756,7 +760,10 @@ impl Engine {
                 ),
             ))
         })
-        .map(|e| e.info())
+        .map(|e| {
+            self.set_deletion_wait(&e.rec.tag, None);
+            e.info()
+        })
     }
 
     /// Purges a key waiting for deletion at once.

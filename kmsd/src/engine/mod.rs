@@ -257,6 +257,9 @@ pub struct Engine {
     due_changed: Arc<Notify>,
     /// Scheduled tasks that failed, and when each may be tried again.
     due_retries: Mutex<schedule::Retries>,
+    /// Deletions requested in this run, by tag: when their wait ends on the clock a step
+    /// of the wall clock does not move ([`Clock::elapsed_ms`]). See [`Engine::run_due`].
+    deletion_waits: Mutex<HashMap<String, i64>>,
     /// Grants, swapped whole on change so checks never wait.
     grants: RwLock<Arc<Vec<GrantInfo>>>,
     /// The highest grant id ever given (ids are never reused; see the store's meta).
@@ -340,6 +343,7 @@ impl Engine {
             event_seq: AtomicU64::new(1),
             due_changed: Arc::new(Notify::new()),
             due_retries: Mutex::default(),
+            deletion_waits: Mutex::default(),
             grants: RwLock::new(Arc::new(grants)),
             last_grant_id: AtomicU64::new(last_grant_id),
             hsm,
@@ -591,6 +595,18 @@ impl Engine {
             if !retries().ready(&tag, kind, now) {
                 continue;
             }
+            // A deletion requested in this run is purged only once its whole wait has
+            // passed, not when the wall clock says so: a clock stepped forward (a machine
+            // without a real-time clock setting its time after the request) would
+            // otherwise destroy the key at once, with no time left to cancel. Deletions
+            // from an earlier run have only their stored date to go by.
+            if kind == DueKind::Deletion
+                && let Some(left) = self.deletion_wait_left(&tag)
+            {
+                tracing::info!(key = %tag, left_ms = left, "the wall clock moved ahead of the deletion wait; the purge waits it out");
+                retries().wait(&tag, kind, now.saturating_add(left));
+                continue;
+            }
             let r = match kind {
                 DueKind::Rotation => self.auto_rotate(&tag, at, now).map(|_| ()),
                 DueKind::Deletion => self.purge_due(&tag).map(|_| ()),
@@ -600,6 +616,9 @@ impl Engine {
             match r {
                 Ok(()) => {
                     retries().forget(&tag, kind);
+                    if kind == DueKind::Deletion {
+                        self.set_deletion_wait(&tag, None);
+                    }
                     done += 1;
                 }
                 Err(e) => {
@@ -609,6 +628,31 @@ impl Engine {
             }
         }
         done
+    }
+
+    /// How much of the deletion wait of `tag`, requested in this run, is still to pass
+    /// on the clock a wall-clock step does not move; `None` if none is (or it was not
+    /// requested in this run).
+    fn deletion_wait_left(&self, tag: &str) -> Option<i64> {
+        let ends = *self
+            .deletion_waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tag)?;
+        let left = ends.saturating_sub(self.clock.elapsed_ms());
+        (left > 0).then_some(left)
+    }
+
+    /// Remembers (`Some`: when it ends) or forgets the deletion wait of `tag`.
+    fn set_deletion_wait(&self, tag: &str, ends: Option<i64>) {
+        let mut waits = self
+            .deletion_waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match ends {
+            Some(at) => waits.insert(tag.to_owned(), at),
+            None => waits.remove(tag),
+        };
     }
 
     /// Drops history entries older than the retention period (SPEC §7: disk use stays

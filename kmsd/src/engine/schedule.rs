@@ -81,6 +81,12 @@ impl Retries {
         );
     }
 
+    /// Holds a task back until `at` without counting a failure.
+    pub fn wait(&mut self, tag: &str, kind: DueKind, at: UnixMillis) {
+        let failures = self.0.get(&(tag.to_owned(), kind)).map_or(0, |(n, _)| *n);
+        self.0.insert((tag.to_owned(), kind), (failures, at));
+    }
+
     /// Forgets the failures of a task that succeeded (or is no longer due).
     pub fn forget(&mut self, tag: &str, kind: DueKind) {
         self.0.remove(&(tag.to_owned(), kind));
