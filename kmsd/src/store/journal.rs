@@ -70,7 +70,6 @@ use kms_shared::model::UnixMillis;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::Read as _;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -157,24 +156,60 @@ pub fn new_generation() -> Result<Generation, std::io::Error> {
 
 /// The calls journaled under `generation`, in order (empty if there is no file).
 pub fn recover(path: &Path, generation: &Generation) -> Result<Vec<CallOp>, JournalError> {
-    let io = |source| JournalError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut buf = Vec::new();
     match OpenOptions::new()
         .read(true)
         .custom_flags(NOFOLLOW)
         .open(path)
     {
-        Ok(f) => {
-            f.take(CAPACITY).read_to_end(&mut buf).map_err(io)?;
+        Ok(f) => recover_from(&f, path, generation),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// How much of the journal is read at a time while looking for its records.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// [`recover`] from an open file. The file is read from its start only as far as the
+/// records of `generation` go: the rest (most of the file, after a clean stop all of it)
+/// holds nothing live, so an unreadable sector there must not keep the store from
+/// opening, as it did when the whole file was read first.
+fn recover_from(
+    file: &impl std::os::unix::fs::FileExt,
+    path: &Path,
+    generation: &Generation,
+) -> Result<Vec<CallOp>, JournalError> {
+    let mut buf = Vec::new();
+    loop {
+        let (_, end) = scan(&buf, generation);
+        if !may_continue_past(&buf, end, generation) {
+            break;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(e)),
+        let at = buf.len();
+        if at as u64 >= CAPACITY {
+            break;
+        }
+        buf.resize(at + READ_CHUNK, 0);
+        match file.read_at(&mut buf[at..], at as u64) {
+            Ok(0) => {
+                buf.truncate(at);
+                break;
+            }
+            Ok(n) => buf.truncate(at + n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(at),
+            Err(source) => {
+                return Err(JournalError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
     }
     let mut ops = Vec::new();
-    for (index, payload) in whole_records(&buf, generation).enumerate() {
+    for (index, payload) in scan(&buf, generation).0.into_iter().enumerate() {
         let mut group: Vec<CallOp> =
             super::records::decode(payload).map_err(|e| JournalError::Corrupt {
                 path: path.to_path_buf(),
@@ -186,26 +221,41 @@ pub fn recover(path: &Path, generation: &Generation) -> Result<Vec<CallOp>, Jour
     Ok(ops)
 }
 
-/// The payloads of the whole records of `generation` at the start of `buf`, in order.
-fn whole_records<'a>(
-    buf: &'a [u8],
-    generation: &'a Generation,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
-    let mut offset = 0usize;
-    let mut index = 0u64;
-    std::iter::from_fn(move || {
+/// The payloads of the whole records of `generation` at the start of `buf`, in order,
+/// and the offset where the last of them ends.
+fn scan<'a>(buf: &'a [u8], generation: &Generation) -> (Vec<&'a [u8]>, usize) {
+    let (mut payloads, mut offset) = (Vec::new(), 0usize);
+    loop {
+        let index = payloads.len() as u64;
         // Where the last record ended (journals written before records were aligned),
         // else the next block boundary.
-        let (at, record) = match whole_record_at(buf, offset, generation, index) {
-            Some(r) => (offset, r),
-            None => {
-                let aligned = offset.checked_next_multiple_of(BLOCK)?;
-                (aligned, whole_record_at(buf, aligned, generation, index)?)
-            }
+        let found = match whole_record_at(buf, offset, generation, index) {
+            Some(r) => Some((offset, r)),
+            None => offset.checked_next_multiple_of(BLOCK).and_then(|aligned| {
+                whole_record_at(buf, aligned, generation, index).map(|r| (aligned, r))
+            }),
+        };
+        let Some((at, record)) = found else {
+            return (payloads, offset);
         };
         offset = at + record.len();
-        index += 1;
-        Some(&record[HEADER_LEN..record.len() - DIGEST_LEN])
+        payloads.push(&record[HEADER_LEN..record.len() - DIGEST_LEN]);
+    }
+}
+
+/// Whether a record of `generation` might follow the one that ends at `end` beyond what
+/// `buf` holds: where the scan looks next (`end`, then the next block boundary), `buf`
+/// ends before a header, or holds the header of the next record with its body cut off.
+fn may_continue_past(buf: &[u8], end: usize, generation: &Generation) -> bool {
+    let aligned = end.checked_next_multiple_of(BLOCK).unwrap_or(end);
+    [end, aligned].into_iter().any(|at| {
+        let Some(header) = buf.get(at..at.saturating_add(HEADER_LEN)) else {
+            return true;
+        };
+        header[..4] == MAGIC && header[8..24] == generation[..] && {
+            let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            at + HEADER_LEN + len as usize + DIGEST_LEN > buf.len()
+        }
     })
 }
 
@@ -383,7 +433,7 @@ impl Journal {
             // A write that reported an error may still have reached the disk, whole: a
             // record whose calls were answered with the error, which the next open would
             // adopt as done. Zeros over its first block end the journal before it (see
-            // `whole_records`); if they cannot be written either, the disk is failing and
+            // `scan`); if they cannot be written either, the disk is failing and
             // the record stays, on the side of too much history rather than too little.
             if let Err(e) = self.write_blocks(&[Block::ZERO], start) {
                 tracing::error!(error = %e, "cannot erase a failed call journal record");
@@ -575,6 +625,46 @@ mod tests {
         // The first g1 record was overwritten; the second is intact but out of order.
         assert!(recover(&path, &g1).unwrap().is_empty());
         assert!(recover(&dir.path().join("absent"), &g1).unwrap().is_empty());
+    }
+
+    /// The journal file with reads failing (`EIO`) at and after an offset: a bad sector.
+    struct BadSectorsFrom(File, u64);
+
+    impl std::os::unix::fs::FileExt for BadSectorsFrom {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            if offset >= self.1 {
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+            let end = buf.len().min((self.1 - offset) as usize);
+            self.0.read_at(&mut buf[..end], offset)
+        }
+
+        fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<usize> {
+            unreachable!("recovery only reads")
+        }
+    }
+
+    /// An unreadable sector after the live records (the dead rest of the file, most of it)
+    /// does not keep the journal from being recovered: it is read only as far as its
+    /// records go. Before, the whole file was read first and any error failed the open.
+    /// A sector that cuts a live record off still fails it, as it must.
+    #[test]
+    fn an_unreadable_sector_past_the_records_is_not_read() {
+        let g = [3u8; 16];
+        let (_dir, path, mut j) = fresh(g);
+        let (a, big) = (call("a", 1, "x"), call("b", 2, &"c".repeat(300 * 1024)));
+        j.append(&a).unwrap();
+        j.append(&big).unwrap();
+        drop(j);
+        let open = || File::open(&path).unwrap();
+        let recovered = recover_from(&BadSectorsFrom(open(), 1 << 20), &path, &g).unwrap();
+        assert_eq!(recovered, [a.clone(), big].concat());
+        // The second record starts at 4 KiB and runs past 256 KiB: cut off there.
+        let err = recover_from(&BadSectorsFrom(open(), 256 * 1024), &path, &g).unwrap_err();
+        assert!(matches!(err, JournalError::Io { .. }), "{err}");
+        // Nothing live: nothing beyond the first block is needed.
+        let empty = recover_from(&BadSectorsFrom(open(), 4096), &path, &[9u8; 16]).unwrap();
+        assert!(empty.is_empty());
     }
 
     /// A record whose write reported an error, though it reached the disk whole, is not
