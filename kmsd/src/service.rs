@@ -316,6 +316,8 @@ impl Service {
         if let Some(permitted) = self.permitted(caller, need, key) {
             return Ok(permitted);
         }
+        let resolved = key.and_then(|k| self.engine.resolve(k).ok());
+        let need = need_on(need, resolved.as_deref());
         let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
         // The key as the caller named it, known or not: a refusal tells nothing about a
         // key the caller may not see (not its name when asked by tag, nor that it exists).
@@ -352,6 +354,7 @@ impl Service {
             return Some(None);
         }
         let entry = key.and_then(|k| self.engine.resolve(k).ok());
+        let need = need_on(need, entry.as_deref());
         let tag = entry.as_ref().map(|e| e.rec.tag.clone());
         authz::permits(&self.engine.grants(), caller, need, tag.as_deref()).then_some(tag)
     }
@@ -712,6 +715,17 @@ fn pool_call(e: &Engine, caller: &Caller, req: Request) -> Pending<Response> {
             "{} is not a signature, verification, public key or data key",
             other.kind()
         ))),
+    }
+}
+
+/// What a request that needs `need` needs on this key. A purged key's metadata and
+/// history are the managers' (SPEC §3: `list --deleted`): a role to view or review all
+/// keys does not reach the keys purged. (A crypto call on one is refused by its state.)
+fn need_on(need: Need, key: Option<&crate::engine::KeyEntry>) -> Need {
+    let purged = key.is_some_and(|e| e.rec.state == kms_shared::model::KeyState::Deleted);
+    match need {
+        Need::View | Need::Review if purged => Need::Admin,
+        other => other,
     }
 }
 

@@ -210,6 +210,31 @@ fn roles_for_a_second_user() {
     );
 }
 
+/// A purged key's metadata and history are the managers' (SPEC §3): a key-reviewer on all
+/// keys reads a live key and its history, but not a purged key's, asked by its tag; a
+/// manager still does. Before, a role on all keys reached the purged keys too.
+#[test]
+fn a_purged_key_is_for_managers_to_see() {
+    let d = shared_daemon();
+    root_ok(&d, &["create", "live", "--type", "aes256"]);
+    let created: serde_json::Value = serde_json::from_str(&root_ok(
+        &d,
+        &["--json", "create", "gone", "--type", "aes256"],
+    ))
+    .unwrap();
+    let tag = created["tag"].as_str().unwrap().to_string();
+    root_ok(&d, &["delete", "gone"]);
+    root_ok(&d, &["delete-now", "--yes", "gone"]);
+    root_ok(&d, &["grant", "key-reviewer", "--user", OTHER]);
+    assert!(as_other(&d, &["show", "live"], b"").status.success());
+    assert!(as_other(&d, &["history", "live"], b"").status.success());
+    denied(&as_other(&d, &["show", &tag], b""), "manager");
+    denied(&as_other(&d, &["history", &tag], b""), "manager");
+    let shown: serde_json::Value =
+        serde_json::from_str(&root_ok(&d, &["--json", "show", &tag])).unwrap();
+    assert_eq!(shown["state"], "deleted");
+}
+
 fn python_helper() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("python/peer_identity.py")
 }
