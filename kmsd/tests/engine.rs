@@ -1460,7 +1460,7 @@ fn a_restored_store_rotates_its_aes_keys_before_encrypting() {
 
 // The store's tables as redb names them, for tests that edit a closed store the way
 // someone with write access to the file (and no root key) could.
-use redb::ReadableTable as _;
+use redb::{ReadableDatabase as _, ReadableTable as _};
 const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
 const KEYS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("keys");
 const VERSIONS: redb::TableDefinition<(&str, u32), &[u8]> = redb::TableDefinition::new("versions");
@@ -1476,32 +1476,11 @@ fn schema1_aad(tag: &str, version: u32) -> Vec<u8> {
     .concat()
 }
 
-/// A store written before schema 2 (material bound to its key's tag and version only) is
-/// re-wrapped once when the engine opens it: every key still decrypts, signs and gives
-/// the same public key, and the material is then bound to the key's type.
-#[test]
-fn a_schema_1_store_is_rewrapped_and_its_keys_still_work() {
+/// Takes a closed store back to schema 1, as a kmsd of before schema 2 left it: every
+/// version's material wrapped under schema 1's AAD, and the schema number 1. Returns how
+/// many versions it re-wrapped.
+fn back_to_schema_1(dir: &Path, root: &RootKey) -> usize {
     use kmsd::store::records::{KeyRecord, VersionRecord, decode, encode_map};
-    let mut fx = Fx::new();
-    fx.create("aes", KeyType::Aes256);
-    let before = fx.enc("aes", b"kept").unwrap();
-    fx.e().rotate(&fx.me, "aes").unwrap();
-    fx.create_with("dedupe", KeyType::Aes256, |k| k.convergent = true);
-    let deduped = fx
-        .e()
-        .encrypt(&fx.me, "dedupe", b"d", Some(b"c"))
-        .wait()
-        .unwrap();
-    let mut public = Vec::new();
-    for (name, t) in [("ecc", KeyType::Ecdsa), ("rsa", KeyType::Rsa2048)] {
-        fx.create(name, t);
-        public.push(fx.e().public_key(&fx.me, name, None).wait().unwrap());
-    }
-    let dir = fx.dir.path().to_path_buf();
-    fx.engine.take().unwrap().close().close();
-
-    // Back to schema 1, as a kmsd of before schema 2 left it.
-    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
     let mut rewrapped = 0;
     {
         let db = redb::Database::create(dir.join("kms.redb")).unwrap();
@@ -1544,6 +1523,34 @@ fn a_schema_1_store_is_rewrapped_and_its_keys_still_work() {
         }
         tx.commit().unwrap();
     }
+    rewrapped
+}
+
+/// A store written before schema 2 (material bound to its key's tag and version only) is
+/// re-wrapped once when the engine opens it: every key still decrypts, signs and gives
+/// the same public key, and the material is then bound to the key's type.
+#[test]
+fn a_schema_1_store_is_rewrapped_and_its_keys_still_work() {
+    let mut fx = Fx::new();
+    fx.create("aes", KeyType::Aes256);
+    let before = fx.enc("aes", b"kept").unwrap();
+    fx.e().rotate(&fx.me, "aes").unwrap();
+    fx.create_with("dedupe", KeyType::Aes256, |k| k.convergent = true);
+    let deduped = fx
+        .e()
+        .encrypt(&fx.me, "dedupe", b"d", Some(b"c"))
+        .wait()
+        .unwrap();
+    let mut public = Vec::new();
+    for (name, t) in [("ecc", KeyType::Ecdsa), ("rsa", KeyType::Rsa2048)] {
+        fx.create(name, t);
+        public.push(fx.e().public_key(&fx.me, name, None).wait().unwrap());
+    }
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    let rewrapped = back_to_schema_1(&dir, &root);
     assert_eq!(rewrapped, 5, "aes v1 and v2, dedupe, ecc, rsa");
     let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
     assert_eq!(store.schema().unwrap(), 1);
@@ -1565,6 +1572,94 @@ fn a_schema_1_store_is_rewrapped_and_its_keys_still_work() {
         for (name, want) in ["ecc", "rsa"].into_iter().zip(&public) {
             assert_eq!(&fx.e().public_key(&fx.me, name, None).wait().unwrap(), want);
         }
+        fx.e()
+            .sign(&fx.me, "ecc", b"m", SignScheme::Pss)
+            .wait()
+            .unwrap();
+        fx.engine.take().unwrap().close().close();
+    }
+}
+
+/// The stored versions, row by row, as bytes.
+fn stored_versions(dir: &Path) -> Vec<((String, u32), Vec<u8>)> {
+    let db = redb::Database::create(dir.join("kms.redb")).unwrap();
+    let tx = db.begin_read().unwrap();
+    tx.open_table(VERSIONS)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|row| {
+            let (k, v) = row.unwrap();
+            let (tag, version) = k.value();
+            ((tag.to_string(), version), v.value().to_vec())
+        })
+        .collect()
+}
+
+/// A wrap that fails while a schema-1 store is re-wrapped (here: as if the random source
+/// failed) fails the open and changes nothing: the store stays at schema 1 with every
+/// version's material as it was, and the next open upgrades it, every key still working.
+/// Skipping that version and writing schema 2 anyway (as for material that does not open)
+/// would leave it under schema 1's AAD, which a schema-2 store never reads: lost for good.
+#[test]
+fn a_wrap_failing_during_the_schema_upgrade_fails_the_open_and_loses_nothing() {
+    let mut fx = Fx::new();
+    fx.create("aes", KeyType::Aes256);
+    let first = fx.enc("aes", b"first").unwrap();
+    fx.e().rotate(&fx.me, "aes").unwrap();
+    let second = fx.enc("aes", b"second").unwrap();
+    fx.create("ecc", KeyType::Ecdsa);
+    let public = fx.e().public_key(&fx.me, "ecc", None).wait().unwrap();
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    assert_eq!(back_to_schema_1(&dir, &root), 3, "aes v1 and v2, ecc");
+    let before = stored_versions(&dir);
+
+    // The second of the three re-wraps fails: one version is re-wrapped in the upgrade's
+    // transaction before it, which must not be kept either.
+    let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
+    assert_eq!(store.schema().unwrap(), 1);
+    root.fail_a_wrap(1);
+    let err = match Engine::open(store, root, fx.clock.clone(), EngineConfig::default()) {
+        Ok(e) => {
+            let schema = e.store().schema().unwrap();
+            e.close().close();
+            panic!("the open succeeded though a re-wrap failed (store now at schema {schema})");
+        }
+        Err(e) => e,
+    };
+    match &err {
+        EngineError::Store(e) => assert!(
+            matches!(&**e, kmsd::store::StoreError::Upgrade(u) if u.from == 1 && u.to == 2),
+            "{e}"
+        ),
+        other => panic!("not a store upgrade error: {other}"),
+    }
+    assert!(err.to_string().contains("re-wrapped"), "{err}");
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
+    assert_eq!(store.schema().unwrap(), 1, "nothing committed");
+    drop(store);
+    assert_eq!(
+        stored_versions(&dir),
+        before,
+        "the wrapped material is unchanged"
+    );
+
+    // The next start, with a working random source, upgrades the store.
+    for round in 0..2 {
+        fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+        assert_eq!(
+            fx.e().store().schema().unwrap(),
+            kmsd::store::SCHEMA_VERSION
+        );
+        assert_eq!(fx.dec("aes", &first).unwrap(), b"first", "round {round}");
+        assert_eq!(fx.dec("aes", &second).unwrap(), b"second", "round {round}");
+        assert_eq!(
+            fx.e().public_key(&fx.me, "ecc", None).wait().unwrap(),
+            public
+        );
         fx.e()
             .sign(&fx.me, "ecc", b"m", SignScheme::Pss)
             .wait()

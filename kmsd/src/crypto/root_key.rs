@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::KeyInit;
@@ -83,6 +84,9 @@ pub struct RootKey {
     wrap_cipher: Aes256Gcm,
     /// Public check value, see [`RootKey::fingerprint`].
     fingerprint: String,
+    /// Tests: a wrap to come fails as if the random source had (see
+    /// [`RootKey::fail_a_wrap`]). 0: none.
+    wrap_fault: AtomicU32,
 }
 
 impl RootKey {
@@ -151,6 +155,7 @@ impl RootKey {
         Self {
             wrap_cipher,
             fingerprint,
+            wrap_fault: AtomicU32::new(0),
         }
     }
 
@@ -164,9 +169,31 @@ impl RootKey {
     /// Wraps `secret` under the root key: AES-256-GCM with a fresh random nonce; returns
     /// `nonce || ciphertext || tag`. `aad` must bind the key tag and version.
     pub fn wrap(&self, aad: &[u8], secret: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        if self.injected_wrap_fault() {
+            return Err(CryptoError::Rng);
+        }
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce)?;
         seal(&self.wrap_cipher, &nonce, aad, secret)
+    }
+
+    /// Makes one wrap to come fail with [`CryptoError::Rng`], as if the random source had
+    /// failed: the one after `after` more that succeed. Never called by kmsd: for tests
+    /// (kmsd/tests/engine.rs) of what a failed wrap must leave behind, which the OS
+    /// CSPRNG cannot be made to do on demand. Public (not `cfg(test)`) because the
+    /// integration tests build the library without it.
+    #[doc(hidden)]
+    pub fn fail_a_wrap(&self, after: u32) {
+        self.wrap_fault
+            .store(after.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether this wrap is the one [`RootKey::fail_a_wrap`] asked to fail. A plain load
+    /// when no failure is asked for.
+    fn injected_wrap_fault(&self) -> bool {
+        self.wrap_fault
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            == Ok(1)
     }
 
     /// Unwraps what [`RootKey::wrap`] produced with the same `aad`; anything else is
@@ -464,6 +491,22 @@ mod tests {
             k.unwrap(b"tag:v1", &w[..27]),
             Err(CryptoError::DecryptFailed)
         ));
+    }
+
+    /// `fail_a_wrap(n)` fails exactly the wrap after the next `n`, with `Rng`, and no other.
+    #[test]
+    fn an_injected_wrap_failure_hits_one_wrap() {
+        let k = RootKey::from_bytes([1u8; 32]);
+        k.fail_a_wrap(1);
+        let w = k.wrap(b"aad", b"s").unwrap();
+        assert!(matches!(k.wrap(b"aad", b"s"), Err(CryptoError::Rng)));
+        assert_eq!(*k.unwrap(b"aad", &w).unwrap(), b"s");
+        for _ in 0..3 {
+            assert!(k.wrap(b"aad", b"s").is_ok());
+        }
+        k.fail_a_wrap(0);
+        assert!(matches!(k.wrap(b"aad", b"s"), Err(CryptoError::Rng)));
+        assert!(k.wrap(b"aad", b"s").is_ok());
     }
 
     /// The fingerprint is stable, 16 hex chars, differs between keys, and does not reveal the wrap subkey.

@@ -82,19 +82,23 @@ pub fn wrap_aad_schema1(tag: &str, version: u32) -> Vec<u8> {
     aad
 }
 
-/// Re-wraps a version's material of store schema 1 for schema 2; `None` if it does not
-/// open under this root key.
+/// Re-wraps a version's material of store schema 1 for schema 2: `Ok(None)` if it does
+/// not open under this root key (for good: it is left as it is), `Err` if the new wrap
+/// failed (a passing fault, e.g. the random source: the upgrade must not go on without
+/// this version, see [`crate::store::Store::upgrade_wraps`]).
 pub(super) fn rewrap_schema1(
     root: &RootKey,
     rec: &KeyRecord,
     version: u32,
     wrapped: &[u8],
-) -> Option<Vec<u8>> {
-    let secret = root
-        .unwrap(&wrap_aad_schema1(&rec.tag, version), wrapped)
-        .ok()?;
+) -> Result<Option<Vec<u8>>, crypto::CryptoError> {
+    let secret = match root.unwrap(&wrap_aad_schema1(&rec.tag, version), wrapped) {
+        Ok(secret) => secret,
+        Err(crypto::CryptoError::DecryptFailed) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     root.wrap(&wrap_aad(&rec.tag, version, rec.key_type), &secret)
-        .ok()
+        .map(Some)
 }
 
 impl Engine {

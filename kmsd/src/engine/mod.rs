@@ -277,6 +277,9 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
+        // A wrap that fails here fails the open (`StoreError::Upgrade`) with the store
+        // untouched, at schema 1: the next start tries again. Going on without that version
+        // would lose it for good (see `Store::upgrade_wraps`).
         if let Some(done) = store.upgrade_wraps(|rec, version, wrapped| {
             lifecycle::rewrap_schema1(&root, rec, version, wrapped)
         })? {

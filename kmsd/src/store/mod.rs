@@ -129,12 +129,36 @@ pub enum StoreError {
     },
     #[error("the store writer has stopped")]
     WriterGone,
+    /// A schema upgrade could not re-wrap a version's material; nothing was committed.
+    /// Boxed: the details would make every `StoreError` (and `Result`) larger.
+    #[error(transparent)]
+    Upgrade(Box<UpgradeError>),
     /// A commit failed, but it may have been stored all the same: it reads back as
     /// stored (and could not be confirmed), or whether it was could not be read back, or
     /// the store has no journal whose generation would tell (see the writer's `commit`).
     /// Whatever the change made outside the store (objects in a token) must be kept.
     #[error("{0} (the change may have been stored all the same)")]
     Unsettled(Box<StoreError>),
+}
+
+/// Why a schema upgrade stopped before it committed ([`StoreError::Upgrade`]): it could
+/// not re-wrap a version's material (the wrap failed, e.g. the random source did). The
+/// store is still at schema `from`, untouched, and the next open tries the upgrade again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot upgrade the key store {path} from schema {from} to {to}: version {version} of \
+     key {name} ({tag}) could not be re-wrapped: {source}; nothing was changed (the store \
+     is still at schema {from}), the next start tries again"
+)]
+pub struct UpgradeError {
+    pub path: PathBuf,
+    pub from: u64,
+    pub to: u64,
+    pub name: String,
+    pub tag: String,
+    pub version: u32,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl StoreError {
@@ -488,14 +512,22 @@ impl Store {
     /// `basic` key (the others hold token references, not wrapped material) is handed to
     /// `rewrap` with its key, and stored as it returns it, all in one durable transaction
     /// together with the new schema number, so a crash leaves the store all old or all
-    /// new. `rewrap` returns `None` for material that does not open: it is left as it
-    /// was, and fails on use as it would have before. Call before the writer starts.
-    /// Returns `None` when the store needed nothing.
-    pub fn upgrade_wraps(
+    /// new. `rewrap` returns `Ok(None)` for material that does not open: it is left as it
+    /// was (counted in [`WrapUpgrade::unopened`]), and fails on use as it would have
+    /// before. An `Err` from `rewrap` (the new wrap failed: a passing fault such as the
+    /// random source failing) aborts the whole transaction and is returned as
+    /// [`StoreError::Upgrade`]: the store stays at schema 1, untouched, and the next open
+    /// tries again. Call before the writer starts. Returns `None` when the store needed
+    /// nothing.
+    pub fn upgrade_wraps<E>(
         &self,
-        mut rewrap: impl FnMut(&KeyRecord, u32, &[u8]) -> Option<Vec<u8>>,
-    ) -> Result<Option<WrapUpgrade>, StoreError> {
-        if self.schema()? >= TYPED_WRAPS_SCHEMA {
+        mut rewrap: impl FnMut(&KeyRecord, u32, &[u8]) -> Result<Option<Vec<u8>>, E>,
+    ) -> Result<Option<WrapUpgrade>, StoreError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let from = self.schema()?;
+        if from >= TYPED_WRAPS_SCHEMA {
             return Ok(None);
         }
         let db = self.db.get()?;
@@ -526,13 +558,29 @@ impl Store {
                         continue;
                     };
                     match rewrap(key, version, wrapped) {
-                        Some(new) => {
+                        Ok(Some(new)) => {
                             rec.wrapped = Some(new);
                             let bytes = encode_map(&rec).map_err(writer::enc)?;
                             versions.insert((key.tag.as_str(), version), bytes.as_slice())?;
                             done.rewrapped += 1;
                         }
-                        None => done.unopened += 1,
+                        Ok(None) => done.unopened += 1,
+                        // Never skipped like material that does not open: schema 2 is read
+                        // only with schema 2's AAD, so a version left under schema 1's once
+                        // the new schema is committed could never be opened again, its data
+                        // lost for good. Returning drops `tx` uncommitted (redb aborts it):
+                        // nothing of this upgrade is stored.
+                        Err(e) => {
+                            return Err(StoreError::Upgrade(Box::new(UpgradeError {
+                                path: self.path.clone(),
+                                from,
+                                to: TYPED_WRAPS_SCHEMA,
+                                name: key.name.clone(),
+                                tag: key.tag.clone(),
+                                version,
+                                source: Box::new(e),
+                            })));
+                        }
                     }
                 }
             }
