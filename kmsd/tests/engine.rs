@@ -648,6 +648,57 @@ fn a_wall_clock_step_does_not_cut_the_deletion_wait_short() {
     assert_eq!(e.get_key("kept").unwrap().state, KeyState::Disabled);
 }
 
+/// Refusals of one account's action on one key are recorded together: the first of a
+/// second at once, the others of that second as one entry counting them (`items`, dated
+/// at the last), written by the scheduler's pass, at the stop, or before history is read.
+/// 1,000 refusals in a second were 1,000 durable entries, which any account that may
+/// connect could write at the journal's speed with no role at all.
+#[test]
+fn refusals_in_a_burst_are_recorded_together() {
+    let mut fx = Fx::new();
+    let tag = fx.create("guarded", KeyType::Aes256).tag;
+    let mallory = caller("mallory");
+    let refuse = |e: &Engine, n: usize| {
+        for _ in 0..n {
+            if let Some(t) = e.record_refusal(
+                &mallory,
+                "guarded",
+                Action::Encrypt,
+                ErrorKind::PermissionDenied,
+            ) {
+                t.wait().unwrap();
+            }
+        }
+    };
+    let refusals = |e: &Engine| {
+        let hist = e
+            .history(&HistoryQuery {
+                key: tag.clone(),
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .unwrap();
+        let denied: Vec<_> = hist
+            .iter()
+            .filter(|h| h.result == "permission-denied" && h.account == "mallory")
+            .collect();
+        assert!(denied.iter().all(|h| h.items == h.failed));
+        (denied.len(), denied.iter().map(|h| h.items).sum::<u32>())
+    };
+    // Reading history records what was counted so far: it shows every refusal.
+    refuse(fx.e(), 1000);
+    assert_eq!(refusals(fx.e()), (2, 1000));
+    // Counted, then recorded as the engine closes.
+    refuse(fx.e(), 5);
+    fx.reopen();
+    assert_eq!(refusals(fx.e()), (3, 1005));
+    // A new second opens a new window, whose first refusal is recorded at once.
+    fx.clock.advance(1000);
+    refuse(fx.e(), 3);
+    fx.e().run_due();
+    assert_eq!(refusals(fx.e()), (5, 1008));
+}
+
 /// Listing the keys of a set of tags (what a caller with grants on some keys sees): live
 /// keys only, ordered by name, paged, with the total; unknown and deleted tags left out.
 #[test]

@@ -17,6 +17,7 @@ mod grants;
 mod hsm;
 mod keyring;
 mod lifecycle;
+mod refusals;
 pub mod schedule;
 
 pub use error::EngineError;
@@ -260,6 +261,8 @@ pub struct Engine {
     /// Deletions requested in this run, by tag: when their wait ends on the clock a step
     /// of the wall clock does not move ([`Clock::elapsed_ms`]). See [`Engine::run_due`].
     deletion_waits: Mutex<HashMap<String, i64>>,
+    /// Refusals counted, to be recorded together ([`refusals`]).
+    refusals: refusals::Refusals,
     /// Grants, swapped whole on change so checks never wait.
     grants: RwLock<Arc<Vec<GrantInfo>>>,
     /// The highest grant id ever given (ids are never reused; see the store's meta).
@@ -347,6 +350,7 @@ impl Engine {
             due_changed: Arc::new(Notify::new()),
             due_retries: Mutex::default(),
             deletion_waits: Mutex::default(),
+            refusals: refusals::Refusals::default(),
             grants: RwLock::new(Arc::new(grants)),
             last_grant_id: AtomicU64::new(last_grant_id),
             hsm,
@@ -356,6 +360,15 @@ impl Engine {
     /// Stops the writer after it has committed everything queued, and returns the store
     /// (to [`Store::close`] it; dropping it closes it too, without recording a clean stop).
     pub fn close(self) -> Store {
+        // Queued, not waited for (this may run on the async runtime): the writer commits
+        // everything queued before it stops.
+        let counted = self.refusals.all();
+        if !counted.is_empty() {
+            drop(
+                self.writer
+                    .submit(counted.into_iter().map(counted_refusals).collect()),
+            );
+        }
         let Engine { store, writer, .. } = self;
         writer.shutdown();
         store
@@ -511,6 +524,7 @@ impl Engine {
 
     /// `history`: newest first, paged, filtered.
     pub fn history(&self, q: &HistoryQuery) -> Result<Vec<HistoryEntry>, EngineError> {
+        self.record_counted_refusals(self.refusals.counts(self.clock.elapsed_ms()));
         let entry = self.resolve(&q.key)?;
         let filter = HistoryFilter {
             limit: history_limit(q.limit),
@@ -590,6 +604,7 @@ impl Engine {
     /// how many entries were handled. A failed task is logged and tried again after 1 s,
     /// 2 s, 4 s, … up to an hour ([`schedule::Retries`]), not on every call.
     pub fn run_due(&self) -> usize {
+        self.record_counted_refusals(self.refusals.over(self.clock.elapsed_ms()));
         let now = self.now();
         let due = schedule::due_at(&self.ring().due, now);
         let retries = || self.due_retries.lock().unwrap_or_else(|e| e.into_inner());
@@ -696,8 +711,27 @@ impl Engine {
         kind: ErrorKind,
     ) -> Option<Ticket> {
         let entry = self.resolve(key).ok()?;
-        let m = history_mutation(&entry.rec.tag, self.now(), caller, action, None, Some(kind));
-        Some(self.writer.submit(vec![m]))
+        let tag = &entry.rec.tag;
+        let now = self.now();
+        let over =
+            self.refusals
+                .refused(caller, tag, action, kind, now, self.clock.elapsed_ms())?;
+        let mut batch: Vec<Mutation> = over.into_iter().map(counted_refusals).collect();
+        batch.push(history_mutation(tag, now, caller, action, None, Some(kind)));
+        Some(self.writer.submit(batch))
+    }
+
+    /// Records refusals that were counted, not recorded one by one ([`refusals`]), and
+    /// waits until they are durable (so that history read afterwards has them). Blocks:
+    /// call it off the async runtime (the scheduler's pass is).
+    fn record_counted_refusals(&self, counted: Vec<refusals::Counted>) {
+        if counted.is_empty() {
+            return;
+        }
+        let batch = counted.into_iter().map(counted_refusals).collect();
+        if let Err(e) = self.writer.submit(batch).wait() {
+            tracing::warn!(error = %e, "refusals counted together could not be recorded");
+        }
     }
 
     /// Publishes an event; never waits (a full subscriber lags instead).
@@ -758,6 +792,16 @@ fn history_mutation(
             failed: u32::from(error.is_some()),
         },
     }
+}
+
+/// The history entry of refusals counted together: one entry, `items` and `failed` the
+/// count.
+fn counted_refusals(c: refusals::Counted) -> Mutation {
+    let mut m = history_mutation(&c.tag, c.at, &c.caller, c.action, None, Some(c.kind));
+    if let Mutation::History { record, .. } = &mut m {
+        (record.items, record.failed) = (c.n, c.n);
+    }
+    m
 }
 
 /// A key is usable for crypto only when enabled (SPEC §3).

@@ -96,9 +96,11 @@ pub(crate) const META_JOURNAL_GENERATION: &str = "journal_generation";
 /// How far out of time order history entries may be. An entry's sequence number is
 /// given by the writer, its time when its call started: two calls racing (or a batch
 /// that took long) are numbered in another order than they began, by up to the time a
-/// call takes. A minute covers that with room to spare; a walk that stops at the first
-/// entry outside a time window goes on for that much further.
-pub(crate) const HISTORY_TIME_SLACK_MS: i64 = 60_000;
+/// call takes; refusals counted together are recorded up to a window and a scheduler
+/// pass (~61 s) after the last of them, which dates their entry (`engine::refusals`).
+/// Two minutes cover that with room to spare; a walk that stops at the first entry
+/// outside a time window goes on for that much further.
+pub(crate) const HISTORY_TIME_SLACK_MS: i64 = 120_000;
 
 /// Why the store could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,183 @@
+//! Refusals recorded together. Every refusal goes into the key's history (SPEC §6), but
+//! one entry per refusal let any account that may connect, with no role at all, write
+//! durable history as fast as the journal takes it (tens of thousands of entries a
+//! second, kept for the retention period) by asking for a key it may not use, over and
+//! over. So the refusals of one account, for one action on one key, are counted in
+//! windows of [`WINDOW_MS`]: the first of a window is recorded at once (and answered once
+//! it is durable, as before), the others of the window only counted, and their count is
+//! recorded as one entry (`items` = `failed` = the count, dated at the last of them) once
+//! the window is over: by the next such refusal, by the scheduler's next pass (within a
+//! minute) or when the daemon stops. A crash loses the counts not yet recorded, at most
+//! a window's worth per account, key and action.
+
+use super::Caller;
+use kms_shared::model::{Action, UnixMillis};
+use kms_shared::protocol::ErrorKind;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// How long the refusals after the first of a window are only counted.
+pub const WINDOW_MS: i64 = 1_000;
+
+/// Windows kept at most; past it, windows that are over are recorded and dropped, and a
+/// refusal that still finds no room is recorded on its own.
+const MAX_WINDOWS: usize = 16_384;
+
+/// Refusals of one account, action and key, counted since the window opened.
+pub struct Counted {
+    pub tag: String,
+    pub action: Action,
+    pub kind: ErrorKind,
+    /// The last refusal counted: who (its process and program), and when.
+    pub caller: Caller,
+    pub at: UnixMillis,
+    pub n: u32,
+}
+
+struct Window {
+    /// When the window opened, in [`crate::clock::Clock::elapsed_ms`].
+    opened: i64,
+    counted: Option<Counted>,
+}
+
+type WindowKey = (u32, String, Action, ErrorKind);
+
+#[derive(Default)]
+pub struct Refusals(Mutex<HashMap<WindowKey, Window>>);
+
+impl Refusals {
+    /// A refusal of `caller`'s `action` on the key `tag`, at wall time `at` and `elapsed`.
+    /// `Some` with the counts to record now if this refusal opens a window (the caller
+    /// records it too, and waits for it); `None` if it was only counted.
+    pub fn refused(
+        &self,
+        caller: &Caller,
+        tag: &str,
+        action: Action,
+        kind: ErrorKind,
+        at: UnixMillis,
+        elapsed: i64,
+    ) -> Option<Vec<Counted>> {
+        let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (caller.uid, tag.to_owned(), action, kind);
+        let mut over = Vec::new();
+        if let Some(w) = windows.get_mut(&key) {
+            if elapsed.saturating_sub(w.opened) < WINDOW_MS {
+                let n = w.counted.as_ref().map_or(0, |c| c.n);
+                w.counted = Some(Counted {
+                    tag: tag.to_owned(),
+                    action,
+                    kind,
+                    caller: caller.clone(),
+                    at,
+                    n: n.saturating_add(1),
+                });
+                return None;
+            }
+            over.extend(w.counted.take());
+        }
+        if windows.len() >= MAX_WINDOWS && !windows.contains_key(&key) {
+            over.extend(take_over(&mut windows, elapsed));
+            if windows.len() >= MAX_WINDOWS {
+                return Some(over);
+            }
+        }
+        windows.insert(
+            key,
+            Window {
+                opened: elapsed,
+                counted: None,
+            },
+        );
+        Some(over)
+    }
+
+    /// The counts of the windows that are over at `elapsed`, which are dropped.
+    pub fn over(&self, elapsed: i64) -> Vec<Counted> {
+        take_over(
+            &mut self.0.lock().unwrap_or_else(|e| e.into_inner()),
+            elapsed,
+        )
+    }
+
+    /// Every count not yet recorded (the daemon stops).
+    pub fn all(&self) -> Vec<Counted> {
+        self.over(i64::MAX)
+    }
+
+    /// Every count not yet recorded, the windows still open staying open (history is
+    /// about to be read, and must show every refusal made before).
+    pub fn counts(&self, elapsed: i64) -> Vec<Counted> {
+        let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = take_over(&mut windows, elapsed);
+        counts.extend(windows.values_mut().filter_map(|w| w.counted.take()));
+        counts
+    }
+}
+
+fn take_over(windows: &mut HashMap<WindowKey, Window>, elapsed: i64) -> Vec<Counted> {
+    let mut counts = Vec::new();
+    windows.retain(|_, w| {
+        let open = elapsed.saturating_sub(w.opened) < WINDOW_MS;
+        if !open {
+            counts.extend(w.counted.take());
+        }
+        open
+    });
+    counts
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn caller(uid: u32) -> Caller {
+        Caller {
+            uid,
+            gid: uid,
+            pid: 7,
+            account: format!("u{uid}"),
+            groups: Vec::new(),
+            client: "probe".into(),
+        }
+    }
+
+    /// The first refusal of a window is recorded, the others counted; the count comes
+    /// out once the window is over (or with the next refusal after it), and other
+    /// accounts, keys and actions have windows of their own.
+    #[test]
+    fn a_window_records_its_first_refusal_and_counts_the_rest() {
+        let r = Refusals::default();
+        let deny = ErrorKind::PermissionDenied;
+        let refuse = |uid, tag, action, elapsed| {
+            r.refused(&caller(uid), tag, action, deny, 1_000 + elapsed, elapsed)
+        };
+        assert_eq!(refuse(1, "t", Action::Encrypt, 0).unwrap().len(), 0);
+        for ms in 1..=9 {
+            assert!(refuse(1, "t", Action::Encrypt, ms * 100).is_none());
+        }
+        assert!(refuse(2, "t", Action::Encrypt, 500).is_some());
+        assert!(refuse(1, "u", Action::Encrypt, 500).is_some());
+        assert!(refuse(1, "t", Action::Decrypt, 500).is_some());
+        assert!(r.over(999).is_empty());
+        let over = r.over(1_000);
+        assert_eq!(over.len(), 1);
+        assert_eq!(
+            (over[0].n, over[0].at, over[0].tag.as_str()),
+            (9, 1_900, "t")
+        );
+        // Without a pass of the scheduler, the next refusal after the window carries it.
+        assert!(refuse(1, "t", Action::Encrypt, 2_000).unwrap().is_empty());
+        assert!(refuse(1, "t", Action::Encrypt, 2_001).is_none());
+        let carried = refuse(1, "t", Action::Encrypt, 3_000).unwrap();
+        assert_eq!(carried.len(), 1);
+        assert_eq!(carried[0].n, 1);
+        assert!(refuse(1, "t", Action::Encrypt, 3_001).is_none());
+        // History about to be read: counted so far, the window staying open.
+        assert_eq!(r.counts(3_002).iter().map(|c| c.n).sum::<u32>(), 1);
+        assert!(refuse(1, "t", Action::Encrypt, 3_003).is_none());
+        assert_eq!(r.all().iter().map(|c| c.n).sum::<u32>(), 1);
+        assert!(r.all().is_empty());
+    }
+}
