@@ -244,6 +244,31 @@ fn write_within(s: &mut UnixStream, frame: &[u8]) -> Result<(), usize> {
     Ok(())
 }
 
+/// A request frame, length prefix included.
+fn frame(id: u64, request: kms_shared::protocol::Request) -> Vec<u8> {
+    let frame = kms_shared::protocol::ClientFrame { id, request };
+    kms_shared::codec::encode_frame(&frame, u32::MAX).unwrap()
+}
+
+/// A connection to `socket` that has made its handshake as `client`.
+fn handshaken(socket: &Path, client: &str) -> UnixStream {
+    use kms_shared::protocol::{PROTOCOL_VERSION, Request, Response};
+    let mut s = UnixStream::connect(socket).unwrap();
+    let hello = Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        client: client.into(),
+    };
+    s.write_all(&frame(0, hello)).unwrap();
+    assert!(matches!(
+        read_reply(&mut s),
+        ServerFrame::Reply {
+            result: Outcome::Ok(Response::Hello { .. }),
+            ..
+        }
+    ));
+    s
+}
+
 fn read_reply(s: &mut UnixStream) -> ServerFrame {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).unwrap();
@@ -260,7 +285,7 @@ fn read_reply(s: &mut UnixStream) -> ServerFrame {
 /// stopping. When the client reads again, every request it sent is answered, in full.
 #[test]
 fn a_client_that_stops_reading_stops_being_read() {
-    use kms_shared::protocol::{ClientFrame, PROTOCOL_VERSION, Request, Response};
+    use kms_shared::protocol::{Request, Response};
     let d = TestDaemon::start_with(DaemonOptions {
         config: Some("max_buffered_bytes = 1048576\n".into()),
         ..DaemonOptions::default()
@@ -272,22 +297,7 @@ fn a_client_that_stops_reading_stops_being_read() {
             .await
             .unwrap();
     });
-    let frame = |id: u64, request: Request| {
-        kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()
-    };
-    let mut s = UnixStream::connect(&d.socket).unwrap();
-    let hello = Request::Hello {
-        protocol: PROTOCOL_VERSION,
-        client: "non-reader".into(),
-    };
-    s.write_all(&frame(0, hello)).unwrap();
-    assert!(matches!(
-        read_reply(&mut s),
-        ServerFrame::Reply {
-            result: Outcome::Ok(Response::Hello { .. }),
-            ..
-        }
-    ));
+    let mut s = handshaken(&d.socket, "non-reader");
     // Send until a write has made no progress for 5 s.
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let plaintext = vec![0x42u8; 32 * 1024];
@@ -337,25 +347,10 @@ fn a_client_that_stops_reading_stops_being_read() {
 /// reader's stack in a debug build, which aborts kmsd.
 #[test]
 fn a_deeply_nested_request_is_refused_and_kmsd_serves_on() {
-    use kms_shared::protocol::{ClientFrame, PROTOCOL_VERSION, Request, Response};
+    use kms_shared::protocol::{Request, Response};
     let d = TestDaemon::start();
-    let frame = |id: u64, request: Request| {
-        kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()
-    };
-    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let mut s = handshaken(&d.socket, "deep");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let hello = Request::Hello {
-        protocol: PROTOCOL_VERSION,
-        client: "deep".into(),
-    };
-    s.write_all(&frame(0, hello)).unwrap();
-    assert!(matches!(
-        read_reply(&mut s),
-        ServerFrame::Reply {
-            result: Outcome::Ok(Response::Hello { .. }),
-            ..
-        }
-    ));
     // {"id": 5, "zzz": [[[…nil…]]], "request": "status"}
     let mut body = vec![0x83, 0xa2, b'i', b'd', 0x05, 0xa3, b'z', b'z', b'z'];
     body.extend(std::iter::repeat_n(0x91, 1023));
@@ -400,7 +395,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// replies, a handful is (12 MiB).
 #[test]
 fn pipelined_key_lists_are_held_to_the_connection_budget() {
-    use kms_shared::protocol::{ClientFrame, PROTOCOL_VERSION, Request, Response};
+    use kms_shared::protocol::{Request, Response};
     const KEYS: usize = 1000;
     let d = TestDaemon::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -413,22 +408,7 @@ fn pipelined_key_lists_are_held_to_the_connection_budget() {
         }
     });
     let pid = d.pid().unwrap();
-    let frame = |id: u64, request: Request| {
-        kms_shared::codec::encode_frame(&ClientFrame { id, request }, u32::MAX).unwrap()
-    };
-    let mut s = UnixStream::connect(&d.socket).unwrap();
-    let hello = Request::Hello {
-        protocol: PROTOCOL_VERSION,
-        client: "list-hoarder".into(),
-    };
-    s.write_all(&frame(0, hello)).unwrap();
-    assert!(matches!(
-        read_reply(&mut s),
-        ServerFrame::Reply {
-            result: Outcome::Ok(Response::Hello { .. }),
-            ..
-        }
-    ));
+    let mut s = handshaken(&d.socket, "list-hoarder");
     let before = rss_kib(pid);
     let list = Request::ListKeys {
         deleted: false,
