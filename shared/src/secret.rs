@@ -5,6 +5,7 @@
 //! dropped, and none is printed by `Debug` (a reply logged by mistake shows a length, not
 //! the key). On the wire it is MessagePack binary, like any other bytes.
 
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -110,10 +111,46 @@ impl Serialize for Secret {
 }
 
 impl<'de> Deserialize<'de> for Secret {
-    /// Into the secret's own buffer (MessagePack `bin`; an array of integers is accepted
-    /// too, as serde_bytes does).
+    /// Into the secret's own buffer, from MessagePack `bin` only. An array of integers
+    /// (which serde_bytes' `ByteBuf` accepts too) is refused, and so is a `str`: read
+    /// element by element into a growing `Vec`, every growth would free the old buffer,
+    /// a partial copy of the secret, unwiped, and an error part-way would drop the
+    /// partial copy unwiped. A `bin` is copied once, at its exact length, or taken over.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
-        serde_bytes::ByteBuf::deserialize(d).map(|b| Secret(b.into_vec()))
+        d.deserialize_byte_buf(SecretVisitor)
+    }
+}
+
+/// Accepts byte strings only; see `Secret`'s `Deserialize`.
+struct SecretVisitor;
+
+impl<'de> Visitor<'de> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a byte string (`bin`)")
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Secret, E> {
+        Ok(Secret(v.to_vec()))
+    }
+
+    fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Secret, E> {
+        Ok(Secret(v.to_vec()))
+    }
+
+    /// Takes the buffer over: no copy is left behind.
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Secret, E> {
+        Ok(Secret(v))
+    }
+
+    /// Refused without reading a single element.
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _seq: A) -> Result<Secret, A::Error> {
+        Err(de::Error::invalid_type(de::Unexpected::Seq, &self))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Secret, E> {
+        Err(E::invalid_type(de::Unexpected::Str(v), &self))
     }
 }
 
@@ -135,6 +172,96 @@ mod tests {
         assert_eq!(back, b"key material");
         assert_eq!(format!("{s:?}"), "Secret(12 bytes)");
         assert!(!format!("{:?}", Some(&s)).contains("107"), "no byte values");
+    }
+
+    /// An `encrypt` request whose plaintext is `bin` decodes, the same bytes come back.
+    #[test]
+    fn encrypt_plaintext_as_bin_round_trips() {
+        use crate::protocol::{ClientFrame, Request};
+        let frame = ClientFrame {
+            id: 7,
+            request: Request::Encrypt {
+                key: "key1".into(),
+                plaintext: Secret::from(&b"hi there"[..]),
+                context: None,
+            },
+        };
+        let body = crate::codec::encode(&frame).unwrap();
+        let back: ClientFrame = crate::codec::decode(&body).unwrap();
+        assert_eq!(back, frame);
+    }
+
+    /// An `encrypt` request whose plaintext is an array of integers (not `bin`), or a
+    /// `str`, is a decode error (`malformed-frame`): a secret is never read element by
+    /// element into a growing `Vec` that leaves unwiped copies behind.
+    #[test]
+    fn encrypt_plaintext_as_array_or_str_is_refused() {
+        use crate::codec::FrameError;
+        use crate::protocol::ClientFrame;
+
+        // The same frame as above, but `plaintext` is a Vec<u8> without serde_bytes,
+        // which rmp_serde writes as an array of integers.
+        #[derive(Serialize)]
+        struct EncryptArr {
+            key: String,
+            plaintext: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Req {
+            Encrypt(EncryptArr),
+        }
+        #[derive(Serialize)]
+        struct Frame {
+            id: u64,
+            request: Req,
+        }
+        let frame = Frame {
+            id: 7,
+            request: Req::Encrypt(EncryptArr {
+                key: "key1".into(),
+                plaintext: b"hi there".to_vec(),
+            }),
+        };
+        let body = crate::codec::encode(&frame).unwrap();
+        // `a9 "plaintext"` then a fixarray of 8 (0x98), not bin8 (0xc4).
+        let at = body.windows(9).position(|w| w == b"plaintext").unwrap() + 9;
+        assert_eq!(body[at], 0x98, "the plaintext is an array on the wire");
+        match crate::codec::decode::<ClientFrame>(&body) {
+            Err(FrameError::Decode(msg)) => {
+                assert!(msg.contains("byte string (`bin`)"), "{msg}")
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+
+        // The same with the plaintext as a `str`.
+        #[derive(Serialize)]
+        struct EncryptStr {
+            key: String,
+            plaintext: String,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "snake_case")]
+        enum ReqStr {
+            Encrypt(EncryptStr),
+        }
+        #[derive(Serialize)]
+        struct FrameStr {
+            id: u64,
+            request: ReqStr,
+        }
+        let body = crate::codec::encode(&FrameStr {
+            id: 7,
+            request: ReqStr::Encrypt(EncryptStr {
+                key: "key1".into(),
+                plaintext: "hi there".into(),
+            }),
+        })
+        .unwrap();
+        assert!(matches!(
+            crate::codec::decode::<ClientFrame>(&body),
+            Err(FrameError::Decode(_))
+        ));
     }
 
     /// Taking over a `Zeroizing` buffer keeps its bytes and leaves it empty.
