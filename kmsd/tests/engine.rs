@@ -648,6 +648,26 @@ fn a_wall_clock_step_does_not_cut_the_deletion_wait_short() {
     assert_eq!(e.get_key("kept").unwrap().state, KeyState::Disabled);
 }
 
+/// A scheduled task held back (or failed) waits its time on the clock a wall-clock step
+/// does not move: a wall clock stepped ahead and then set right again does not stall the
+/// purge by the size of the step. Before, its retry time was a wall-clock date, a week
+/// later than meant once the clock was set back.
+#[test]
+fn a_wall_clock_set_back_does_not_stall_a_held_purge() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create("doomed", KeyType::Aes256);
+    let tag = e.request_deletion(me, "doomed").unwrap().tag;
+    fx.clock.advance(HOUR_MS);
+    fx.clock.step(T0 + 7 * DAY_MS);
+    assert_eq!(e.run_due(), 0);
+    fx.clock.step(T0 + HOUR_MS);
+    fx.clock.advance(71 * HOUR_MS);
+    assert_eq!(e.next_due(), Some(T0 + 72 * HOUR_MS));
+    assert_eq!(e.run_due(), 1);
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::Deleted);
+}
+
 /// Refusals of one account's action on one key are recorded together: the first of a
 /// second at once, the others of that second as one entry counting them (`items`, dated
 /// at the last), written by the scheduler's pass, at the stop, or before history is read.

@@ -415,7 +415,7 @@ impl Engine {
         self.due_retries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .next(&ring.due)
+            .next(&ring.due, self.now(), self.clock.elapsed_ms())
     }
 
     /// Number of keys not purged.
@@ -605,12 +605,12 @@ impl Engine {
     /// 2 s, 4 s, … up to an hour ([`schedule::Retries`]), not on every call.
     pub fn run_due(&self) -> usize {
         self.record_counted_refusals(self.refusals.over(self.clock.elapsed_ms()));
-        let now = self.now();
+        let (now, elapsed) = (self.now(), self.clock.elapsed_ms());
         let due = schedule::due_at(&self.ring().due, now);
         let retries = || self.due_retries.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = 0;
         for (at, tag, kind) in due {
-            if !retries().ready(&tag, kind, now) {
+            if !retries().ready(&tag, kind, elapsed) {
                 continue;
             }
             // A deletion requested in this run is purged only once its whole wait has
@@ -622,7 +622,7 @@ impl Engine {
                 && let Some(left) = self.deletion_wait_left(&tag)
             {
                 tracing::info!(key = %tag, left_ms = left, "the wall clock moved ahead of the deletion wait; the purge waits it out");
-                retries().wait(&tag, kind, now.saturating_add(left));
+                retries().wait(&tag, kind, elapsed.saturating_add(left));
                 continue;
             }
             let r = match kind {
@@ -641,7 +641,7 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(key = %tag, ?kind, error = %e, "scheduled task failed");
-                    retries().failed(&tag, kind, now);
+                    retries().failed(&tag, kind, elapsed);
                 }
             }
         }

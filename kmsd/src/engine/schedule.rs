@@ -57,34 +57,36 @@ const FIRST_RETRY_MS: i64 = 1_000;
 const LAST_RETRY_MS: i64 = 3_600_000;
 
 /// Due entries whose task failed, and when each may be tried again (exponential backoff).
-/// Kept in memory: after a restart every due task is tried at once.
+/// Kept in memory: after a restart every due task is tried at once. Retry times are on the
+/// clock a step of the wall clock does not move ([`crate::clock::Clock::elapsed_ms`]): by
+/// the wall clock, a clock set back by a week stalled a failed task for that week.
 #[derive(Debug, Default)]
-pub struct Retries(HashMap<(String, DueKind), (u32, UnixMillis)>);
+pub struct Retries(HashMap<(String, DueKind), (u32, i64)>);
 
 impl Retries {
-    /// Whether the task of `tag`/`kind` may run at `now`.
-    pub fn ready(&self, tag: &str, kind: DueKind, now: UnixMillis) -> bool {
+    /// Whether the task of `tag`/`kind` may run at `elapsed`.
+    pub fn ready(&self, tag: &str, kind: DueKind, elapsed: i64) -> bool {
         self.0
             .get(&(tag.to_owned(), kind))
-            .is_none_or(|(_, at)| *at <= now)
+            .is_none_or(|(_, at)| *at <= elapsed)
     }
 
-    /// Records a failure at `now`: the next try waits 1 s, 2 s, 4 s, … up to an hour.
-    pub fn failed(&mut self, tag: &str, kind: DueKind, now: UnixMillis) {
+    /// Records a failure at `elapsed`: the next try waits 1 s, 2 s, 4 s, … up to an hour.
+    pub fn failed(&mut self, tag: &str, kind: DueKind, elapsed: i64) {
         let failures = self.0.get(&(tag.to_owned(), kind)).map_or(0, |(n, _)| *n);
         let wait = FIRST_RETRY_MS
             .saturating_mul(1i64 << failures.min(32))
             .min(LAST_RETRY_MS);
         self.0.insert(
             (tag.to_owned(), kind),
-            (failures.saturating_add(1), now.saturating_add(wait)),
+            (failures.saturating_add(1), elapsed.saturating_add(wait)),
         );
     }
 
-    /// Holds a task back until `at` without counting a failure.
-    pub fn wait(&mut self, tag: &str, kind: DueKind, at: UnixMillis) {
+    /// Holds a task back until `elapsed` reads `until`, without counting a failure.
+    pub fn wait(&mut self, tag: &str, kind: DueKind, until: i64) {
         let failures = self.0.get(&(tag.to_owned(), kind)).map_or(0, |(n, _)| *n);
-        self.0.insert((tag.to_owned(), kind), (failures, at));
+        self.0.insert((tag.to_owned(), kind), (failures, until));
     }
 
     /// Forgets the failures of a task that succeeded (or is no longer due).
@@ -92,14 +94,20 @@ impl Retries {
         self.0.remove(&(tag.to_owned(), kind));
     }
 
-    /// The earliest time something in `index` may run: its due date, or its retry time
-    /// if it failed. Looks at the failed entries and the first one that did not.
-    pub fn next(&self, index: &BTreeSet<DueEntry>) -> Option<UnixMillis> {
+    /// The earliest wall-clock time something in `index` may run, at wall time `now` and
+    /// `elapsed`: its due date, or, if it failed, its retry time as the wall clock will
+    /// read it. Looks at the failed entries and the first one that did not.
+    pub fn next(
+        &self,
+        index: &BTreeSet<DueEntry>,
+        now: UnixMillis,
+        elapsed: i64,
+    ) -> Option<UnixMillis> {
         let mut next: Option<UnixMillis> = None;
         for (at, tag, kind) in index {
             match self.0.get(&(tag.clone(), *kind)) {
                 Some((_, retry)) => {
-                    let t = (*at).max(*retry);
+                    let t = (*at).max(now.saturating_add(retry.saturating_sub(elapsed)));
                     next = Some(next.map_or(t, |n| n.min(t)));
                 }
                 None => return Some(next.map_or(*at, |n| n.min(*at))),
@@ -124,7 +132,7 @@ pub fn anchor_after_rotation(due: UnixMillis, now: UnixMillis, period_ms: i64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kms_shared::model::DAY_MS;
+    use kms_shared::model::{DAY_MS, HOUR_MS};
 
     /// On time, the next rotation is one period after the previous due date.
     #[test]
@@ -149,22 +157,32 @@ mod tests {
         idx.insert((10, "a".to_string(), DueKind::Deletion));
         idx.insert((5_000, "b".to_string(), DueKind::Rotation));
         let mut r = Retries::default();
-        assert_eq!(r.next(&idx), Some(10));
+        // The wall clock and `elapsed` read the same here, but where said.
+        let next = |r: &Retries, t| r.next(&idx, t, t);
+        assert_eq!(next(&r, 0), Some(10));
         r.failed("a", DueKind::Deletion, 100);
         assert!(!r.ready("a", DueKind::Deletion, 1_099));
         assert!(r.ready("a", DueKind::Deletion, 1_100));
         assert!(r.ready("a", DueKind::Rotation, 100), "per task");
-        assert_eq!(r.next(&idx), Some(1_100));
+        assert_eq!(next(&r, 100), Some(1_100));
         r.failed("a", DueKind::Deletion, 1_100);
-        assert_eq!(r.next(&idx), Some(3_100));
+        assert_eq!(next(&r, 1_100), Some(3_100));
         r.failed("a", DueKind::Deletion, 3_100);
-        assert_eq!(r.next(&idx), Some(5_000), "b is due before a's retry");
+        assert_eq!(next(&r, 3_100), Some(5_000), "b is due before a's retry");
+        // Retry times are on `elapsed`: with the wall clock an hour ahead of it, a's
+        // retry (4 s away) is an hour later by the wall clock, still after b's due date.
+        assert_eq!(r.next(&idx, 3_100 + HOUR_MS, 3_100), Some(5_000));
+        let only_a: BTreeSet<_> = idx.iter().filter(|e| e.1 == "a").cloned().collect();
+        assert_eq!(
+            r.next(&only_a, 3_100 + HOUR_MS, 3_100),
+            Some(3_100 + HOUR_MS + 4_000)
+        );
         for _ in 0..40 {
             r.failed("a", DueKind::Deletion, 0);
         }
         assert!(r.ready("a", DueKind::Deletion, LAST_RETRY_MS));
         r.forget("a", DueKind::Deletion);
-        assert_eq!(r.next(&idx), Some(10));
+        assert_eq!(next(&r, 0), Some(10));
     }
 
     /// `due_at` returns exactly the entries at or before `now`, in time order.
