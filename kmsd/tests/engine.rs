@@ -102,6 +102,16 @@ impl Fx {
     }
 }
 
+/// The newest 1,000 entries of a key's history (the most one page holds).
+fn history_page(e: &Engine, key: &str) -> Vec<kms_shared::model::HistoryEntry> {
+    e.history(&HistoryQuery {
+        key: key.into(),
+        limit: Some(1000),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 fn kind<T: std::fmt::Debug>(r: Result<T, EngineError>) -> ErrorKind {
     r.unwrap_err().kind()
 }
@@ -185,13 +195,7 @@ fn state_table() {
     ] {
         assert_eq!(kind(r), ErrorKind::InvalidState);
     }
-    let hist = e
-        .history(&HistoryQuery {
-            key: tag.clone(),
-            limit: Some(1000),
-            ..Default::default()
-        })
-        .unwrap();
+    let hist = history_page(e, &tag);
     // The refusals after the purge are recorded too, newest first.
     assert_eq!(
         (hist[0].action, hist[0].result.as_str()),
@@ -691,13 +695,7 @@ fn refusals_in_a_burst_are_recorded_together() {
         }
     };
     let refusals = |e: &Engine| {
-        let hist = e
-            .history(&HistoryQuery {
-                key: tag.clone(),
-                limit: Some(1000),
-                ..Default::default()
-            })
-            .unwrap();
+        let hist = history_page(e, &tag);
         let denied: Vec<_> = hist
             .iter()
             .filter(|h| h.result == "permission-denied" && h.account == "mallory")
@@ -1086,13 +1084,7 @@ fn batch_is_one_history_entry_and_counters_add_up() {
     });
     fx.reopen();
     let e = fx.e();
-    let hist = e
-        .history(&HistoryQuery {
-            key: "batchk".into(),
-            limit: Some(1000),
-            ..Default::default()
-        })
-        .unwrap();
+    let hist = history_page(e, "batchk");
     // 64 singles + 2 batches + create.
     assert_eq!(hist.len(), 67);
     let batches: Vec<_> = hist.iter().filter(|h| h.items > 1).collect();
