@@ -305,7 +305,7 @@ fn prepare_socket_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), S
 
 /// Gives the directory kmsd just made its mode and group, through a descriptor of the
 /// directory itself (not a link, and the same one kmsd made): it must be a directory
-/// of kmsd's account, still 0700. In a directory others may write (the `/tmp/kms-$UID`
+/// of kmsd's account that group and others cannot enter. In a directory others may write (the `/tmp/kms-$UID`
 /// fallback), anything found otherwise was put there by someone else.
 fn adopt_created_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), ServerError> {
     use rustix::fs::OFlags;
@@ -318,7 +318,10 @@ fn adopt_created_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), Se
     let file = File::from(fd);
     let meta = file.metadata().map_err(|e| path_err(dir, e))?;
     let me = rustix::process::geteuid().as_raw();
-    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o777 != 0o700 {
+    // Made 0700, less what the umask takes away: the owner's bits may be fewer (the
+    // umask is the process's, and `bind_with_mode` narrows it for a moment), never the
+    // group's or others' more.
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
         return Err(path_err(
             dir,
             "is not the private directory kmsd just created (replaced meanwhile?); \
@@ -331,7 +334,7 @@ fn adopt_created_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<(), Se
         rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)))
             .map_err(|e| path_err(dir, format!("cannot set the group: {e}")))?;
     }
-    if mode != 0o700 {
+    if meta.mode() & 0o777 != mode {
         rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))
             .map_err(|e| path_err(dir, format!("cannot set mode {mode:o}: {e}")))?;
     }
