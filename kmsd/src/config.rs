@@ -139,6 +139,9 @@ impl Config {
         if let Some(v) = f.nonce_budget {
             self.engine.nonce_budget = count("nonce_budget", v, MAX_NONCE_BUDGET)?;
         }
+        if let Some(v) = f.history_scan {
+            self.engine.history_scan = count("history_scan", v, MAX_HISTORY_SCAN)?;
+        }
         if f.pkcs11_module.is_some() {
             self.pkcs11.module = f.pkcs11_module;
         }
@@ -177,6 +180,9 @@ const MAX_RETENTION_DAYS: u32 = 100 * 365;
 /// well before 2^32 random 96-bit nonces (NIST SP 800-38D's bound for a collision
 /// chance of 2^-32); the default is 2^30.
 pub const MAX_NONCE_BUDGET: u64 = 1 << 31;
+
+/// The most history entries a config may let one query read: ~3 s of one core.
+const MAX_HISTORY_SCAN: usize = 10_000_000;
 
 /// `v` if it is at most `max`, else refused by `key`.
 fn at_most<T: PartialOrd + std::fmt::Display>(
@@ -239,6 +245,8 @@ struct FileConfig {
     deletion_delay_hours: Option<f64>,
     retention_days: Option<u32>,
     nonce_budget: Option<u64>,
+    /// History entries one `history` or `impact` request reads at most.
+    history_scan: Option<usize>,
     /// The daemon's PKCS#11 token (SPEC §9): module path, token label, PIN file.
     pkcs11_module: Option<PathBuf>,
     pkcs11_token: Option<String>,
@@ -353,6 +361,8 @@ mod tests {
             "nonce_budget = 0".into(),
             "nonce_budget = 2147483649".into(),
             "nonce_budget = 4294967296".into(),
+            "history_scan = 0".into(),
+            "history_scan = 10000001".into(),
         ] {
             std::fs::write(&p, &text).unwrap();
             let mut c = Config::defaults();
@@ -366,12 +376,13 @@ mod tests {
             assert_eq!(c.max_in_flight, 256, "{text}");
             assert_eq!(c.engine.retention_ms, 365 * DAY_MS, "{text}");
             assert_eq!(c.engine.nonce_budget, 1 << 30, "{text}");
+            assert_eq!(c.engine.history_scan, 1_000_000, "{text}");
         }
         std::fs::write(
             &p,
             "max_connections = 65536\nmax_connections_per_account = 65536\n\
              max_in_flight = 65536\nmax_frame = 67108864\nmax_buffered_bytes = 1073741824\n\
-             retention_days = 1\nnonce_budget = 2147483648\n",
+             retention_days = 1\nnonce_budget = 2147483648\nhistory_scan = 10000000\n",
         )
         .unwrap();
         let mut c = Config::defaults();
@@ -383,6 +394,7 @@ mod tests {
         assert_eq!(c.max_buffered_bytes, 1 << 30);
         assert_eq!(c.engine.retention_ms, DAY_MS);
         assert_eq!(c.engine.nonce_budget, 1 << 31);
+        assert_eq!(c.engine.history_scan, 10_000_000);
         // The byte sizes are still raised to their floor, as documented.
         std::fs::write(&p, "max_frame = 1\nmax_buffered_bytes = 1\n").unwrap();
         c.apply_file(&p).unwrap();

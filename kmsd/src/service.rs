@@ -45,6 +45,10 @@ pub struct Service {
     token_thread_calls: Arc<AtomicU64>,
     /// Each account's share of the work queued on `crypto`.
     pool_shares: PoolShares,
+    /// History scans (`history`, `impact`) take turns per account: one at a time each, so
+    /// that one account's queries, however many it sends, keep at most one core busy
+    /// reading history (each is bounded too: `EngineConfig::history_scan`).
+    scan_turns: PoolShares,
 }
 
 type Reply = Result<Response, WireError>;
@@ -81,6 +85,7 @@ impl Service {
             token,
             token_thread_calls: Arc::default(),
             pool_shares: PoolShares::new(POOL_SHARE),
+            scan_turns: PoolShares::new(1),
         })
     }
 
@@ -251,8 +256,12 @@ impl Service {
                     .await
             }
             Request::History(q) => {
+                let _turn = self.scan_turns.acquire(caller.uid, 1).await;
                 self.blocking(caller, move |e, _| {
-                    e.history(&q).map(|entries| Response::History { entries })
+                    e.history_page(&q).map(|page| Response::History {
+                        entries: page.entries,
+                        resume_before_seq: page.resume_before_seq,
+                    })
                 })
                 .await
             }
@@ -268,6 +277,7 @@ impl Service {
                 grants: e.grants().to_vec(),
             }),
             Request::Impact { key, window_ms } => {
+                let _turn = self.scan_turns.acquire(caller.uid, 1).await;
                 self.blocking(caller, move |e, _| {
                     e.impact(&key, window_ms).map(Response::Impact)
                 })
@@ -450,7 +460,7 @@ impl Service {
                 limit.min(self.engine.all_keys()) * REPLY_BYTES_PER_KEY
             }
             Request::History(q) => {
-                crate::engine::history_limit(q.limit) * REPLY_BYTES_PER_HISTORY_ENTRY
+                kms_shared::protocol::history_page_limit(q.limit) * REPLY_BYTES_PER_HISTORY_ENTRY
             }
             Request::EncryptBatch { items, .. } => items.len() * REPLY_BYTES_PER_ITEM,
             Request::DecryptBatch { items, .. } | Request::ReencryptBatch { items, .. } => {
@@ -814,9 +824,9 @@ fn count_token_thread(counted: &AtomicU64) {
 /// pool while a token is slow; with a token as fast as SoftHSM they share the cores.
 const TOKEN_THREADS: usize = crate::hsm::token::SESSIONS;
 
-/// Per-account budgets of pool work. The pool itself is first come, first served; without
-/// a budget one account with many large batches in flight would put minutes of work
-/// ahead of every other account's signature.
+/// Per-account budgets: of pool work, and of history scans (one at a time). The pool
+/// itself is first come, first served; without a budget one account with many large
+/// batches in flight would put minutes of work ahead of every other account's signature.
 struct PoolShares {
     per_account: usize,
     accounts: Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Semaphore>>>,

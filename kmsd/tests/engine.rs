@@ -1838,3 +1838,69 @@ fn grants_are_bound_to_the_id_of_their_name() {
         "{ids:?}"
     );
 }
+
+/// A history query or an impact reads at most `history_scan` entries: one that would
+/// have to read a long history (a filter that matches nothing old) stops there and says
+/// where to go on, and going on from there finds what a full read would have found.
+#[test]
+fn history_scans_are_bounded_and_resumable() {
+    let fx = Fx::with_config(EngineConfig {
+        history_scan: 10,
+        ..EngineConfig::default()
+    });
+    let e = fx.e();
+    fx.create("scank", KeyType::Aes256);
+    for _ in 0..25 {
+        fx.enc("scank", b"x").unwrap();
+    }
+    // The one `create` entry lies under 25 encryptions: three bounded reads away.
+    let mut query = HistoryQuery {
+        key: "scank".into(),
+        action: Some(Action::Create),
+        ..Default::default()
+    };
+    let mut pages = Vec::new();
+    let found = loop {
+        let page = e.history_page(&query).unwrap();
+        pages.push(page.entries.len());
+        match page.resume_before_seq {
+            Some(seq) => query.before_seq = Some(seq),
+            None => break page.entries,
+        }
+        assert!(pages.len() < 10, "no end: {pages:?}");
+    };
+    assert_eq!(pages, vec![0, 0, 1], "entries per bounded read");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].action, Action::Create);
+    // A page filled before the bound ends without a resume point.
+    let newest = e
+        .history_page(&HistoryQuery {
+            key: "scank".into(),
+            limit: Some(5),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(newest.entries.len(), 5);
+    assert_eq!(newest.resume_before_seq, None);
+    // Impact counts the entries it read and says how far back that was.
+    let impact = e.impact("scank", None).unwrap();
+    assert_eq!(impact.recent_uses, 10);
+    assert_eq!(impact.counted_back_to, Some(T0));
+    // With the whole history under the bound, nothing is cut short.
+    let fx = Fx::new();
+    fx.create("fullk", KeyType::Aes256);
+    for _ in 0..25 {
+        fx.enc("fullk", b"x").unwrap();
+    }
+    let impact = fx.e().impact("fullk", None).unwrap();
+    assert_eq!((impact.recent_uses, impact.counted_back_to), (25, None));
+    let page = fx
+        .e()
+        .history_page(&HistoryQuery {
+            key: "fullk".into(),
+            action: Some(Action::Create),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((page.entries.len(), page.resume_before_seq), (1, None));
+}

@@ -10,8 +10,8 @@ use crate::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, SignScheme, Version
 use crate::paths;
 use crate::protocol::{
     CiphertextItem, ClientFrame, CreateKey, DEFAULT_MAX_FRAME, DaemonStatus, ErrorKind, Event,
-    GrantSpec, HistoryQuery, HsmTokenInfo, ItemOutcome, Outcome, PROTOCOL_VERSION, PlaintextItem,
-    Request, Response, Secret, ServerFrame, WireError,
+    GrantSpec, HistoryPage, HistoryQuery, HsmTokenInfo, ItemOutcome, Outcome, PROTOCOL_VERSION,
+    PlaintextItem, Request, Response, Secret, ServerFrame, WireError, history_page_limit,
 };
 use interprocess::local_socket::tokio::{Stream, prelude::*};
 use interprocess::local_socket::{GenericFilePath, ToFsName};
@@ -614,10 +614,40 @@ impl Client {
         self.key_call(Request::DeleteNow { key: key.into() }).await
     }
 
-    pub async fn history(&self, query: HistoryQuery) -> Result<Vec<HistoryEntry>, ClientError> {
+    /// One page of history as the daemon answers it: it reads a bounded number of
+    /// entries per request, so a page may be short (even empty) with
+    /// `resume_before_seq` saying where to go on.
+    pub async fn history_page(&self, query: HistoryQuery) -> Result<HistoryPage, ClientError> {
         match self.call(Request::History(query)).await? {
-            Response::History { entries } => Ok(entries),
+            Response::History {
+                entries,
+                resume_before_seq,
+            } => Ok(HistoryPage {
+                entries,
+                resume_before_seq,
+            }),
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Up to `limit` entries (100 unless set, at most 1,000) matching the query, newest
+    /// first: the pages the daemon stopped short at its scan bound are followed, so this
+    /// returns fewer only when no older entry matches.
+    pub async fn history(&self, mut query: HistoryQuery) -> Result<Vec<HistoryEntry>, ClientError> {
+        let mut entries: Vec<HistoryEntry> = Vec::new();
+        let asked = query.limit;
+        loop {
+            let page = self.history_page(query.clone()).await?;
+            entries.extend(page.entries);
+            let Some(resume) = page.resume_before_seq else {
+                return Ok(entries);
+            };
+            let want = history_page_limit(asked);
+            if entries.len() >= want {
+                return Ok(entries);
+            }
+            query.limit = u32::try_from(want - entries.len()).ok();
+            query.before_seq = Some(resume);
         }
     }
 

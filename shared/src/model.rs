@@ -400,6 +400,11 @@ pub struct Impact {
     pub last_used_at: Option<UnixMillis>,
     /// Distinct accounts with successful crypto calls in the window, most active first.
     pub accounts: Vec<AccountUse>,
+    /// Set when the daemon stopped counting at its bound on history entries read per
+    /// request (PROTOCOL.md §5.7) before the window's start: the figures above then count
+    /// only the newest entries, back to one dated this, and are lower bounds.
+    #[serde(default)]
+    pub counted_back_to: Option<UnixMillis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -353,6 +353,28 @@ pub struct HistoryQuery {
     pub since: Option<UnixMillis>,
 }
 
+/// Entries in one page of history when a query sets no `limit`.
+pub const HISTORY_PAGE_DEFAULT: u32 = 100;
+/// The most entries one page of history holds (a larger `limit` is clamped to it).
+pub const HISTORY_PAGE_MAX: u32 = 1000;
+
+/// Entries in one page of history for a query's `limit`, as the daemon clamps it.
+pub fn history_page_limit(asked: Option<u32>) -> usize {
+    asked
+        .unwrap_or(HISTORY_PAGE_DEFAULT)
+        .clamp(1, HISTORY_PAGE_MAX) as usize
+}
+
+/// One page of a key's history, newest first, as [`crate::client::Client::history_page`]
+/// returns it (the `history` reply).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryPage {
+    pub entries: Vec<HistoryEntry>,
+    /// Set when the daemon stopped at its bound on entries read per request before it had
+    /// `limit` entries: older entries may still match; ask again with this as `before_seq`.
+    pub resume_before_seq: Option<u64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResultFilter {
@@ -406,6 +428,11 @@ pub enum Response {
     },
     History {
         entries: Vec<HistoryEntry>,
+        /// Set when the daemon stopped reading at its bound on entries read per request
+        /// before it had `limit` entries (PROTOCOL.md §5.7): older entries may still match;
+        /// ask again with this as `before_seq`. `entries` may then be short, even empty.
+        #[serde(default)]
+        resume_before_seq: Option<u64>,
     },
     Impact(Impact),
     Subscribed,

@@ -319,14 +319,16 @@ fn impact() -> BoxedStrategy<Impact> {
             }),
             0..3,
         ),
+        proptest::option::of(millis()),
     )
         .prop_map(
-            |(key_tag, since, recent_uses, last_used_at, accounts)| Impact {
+            |(key_tag, since, recent_uses, last_used_at, accounts, counted_back_to)| Impact {
                 key_tag,
                 since,
                 recent_uses,
                 last_used_at,
                 accounts,
+                counted_back_to,
             },
         )
         .boxed()
@@ -661,7 +663,14 @@ fn response() -> BoxedStrategy<Response> {
             }
         }),
         vec(item_outcome(), 0..6).prop_map(|items| Response::Batch { items }),
-        vec(history_entry(), 0..3).prop_map(|entries| Response::History { entries }),
+        (
+            vec(history_entry(), 0..3),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(entries, resume_before_seq)| Response::History {
+                entries,
+                resume_before_seq
+            }),
         impact().prop_map(Response::Impact),
         Just(Response::Subscribed),
         grant_info().prop_map(Response::Grant),

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use kms_e2e::{DaemonOptions, TestDaemon, json, ok};
-use kms_shared::model::{KeyState, SignScheme};
+use kms_shared::model::{Action, KeyState, SignScheme};
 use kms_shared::protocol::{ErrorKind, HistoryQuery};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -808,4 +808,40 @@ fn the_envelope_example_runs_against_a_real_daemon() {
     );
     let info = json(&d.kmsctl(&["show", "envelope-demo", "--json"], b""));
     assert_eq!(info["usage_count"], 4, "{info}");
+}
+
+/// The daemon reads a bounded number of history entries per request (`history_scan`):
+/// a query whose matches lie deeper is answered short with a place to go on, and the
+/// client library and kmsctl follow it, so callers still get what they asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn history_queries_past_the_scan_bound_are_followed() {
+    let d = TestDaemon::start_with(DaemonOptions {
+        config: Some("history_scan = 10\n".into()),
+        ..DaemonOptions::default()
+    });
+    let c = d.client().await;
+    c.create_key(spec("deep", "aes256")).await.unwrap();
+    for i in 0..25 {
+        c.encrypt("deep", format!("m{i}").as_bytes(), None)
+            .await
+            .unwrap();
+    }
+    let creates = HistoryQuery {
+        action: Some(Action::Create),
+        ..hq("deep")
+    };
+    let first = c.history_page(creates.clone()).await.unwrap();
+    assert!(first.entries.is_empty(), "{first:?}");
+    assert!(first.resume_before_seq.is_some(), "{first:?}");
+    let found = c.history(creates).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].action, Action::Create);
+    let out = json(&d.kmsctl(&["--json", "history", "deep", "--action", "create"], b""));
+    let rows = out.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["action"], "create", "{out}");
+    // Impact says it counted only back so far.
+    let impact = c.impact("deep", None).await.unwrap();
+    assert_eq!(impact.recent_uses, 10);
+    assert!(impact.counted_back_to.is_some(), "{impact:?}");
 }

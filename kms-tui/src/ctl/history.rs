@@ -5,13 +5,10 @@ use super::{CmdResult, CtlError, Ctx, choice};
 use clap::Args;
 use kms_shared::client::Notification;
 use kms_shared::model::{ACTIONS, Action, UnixMillis};
-use kms_shared::protocol::{HistoryQuery, ResultFilter};
+use kms_shared::protocol::{HISTORY_PAGE_MAX, HistoryQuery, ResultFilter};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-
-/// The daemon's largest history page.
-const MAX_PAGE: u32 = 1000;
 
 const RESULTS: [ResultFilter; 2] = [ResultFilter::Ok, ResultFilter::Error];
 
@@ -49,7 +46,7 @@ pub struct HistoryArgs {
 pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
     let mut query = HistoryQuery {
         key: a.key,
-        limit: a.limit.map(|l| l.min(MAX_PAGE)),
+        limit: a.limit.map(|l| l.min(HISTORY_PAGE_MAX)),
         before_seq: None,
         action: a.action,
         result: a.result,
@@ -58,9 +55,9 @@ pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
     let mut entries = ctx.client.history(query.clone()).await?;
     // Limits above one page are served page by page, each older than the last.
     if let Some(want) = a.limit {
-        let mut short = entries.len() < MAX_PAGE as usize;
+        let mut short = entries.len() < HISTORY_PAGE_MAX as usize;
         while !short && entries.len() < want as usize {
-            let page = (want as usize - entries.len()).min(MAX_PAGE as usize);
+            let page = (want as usize - entries.len()).min(HISTORY_PAGE_MAX as usize);
             query.limit = u32::try_from(page).ok();
             query.before_seq = entries.last().map(|e| e.seq);
             let more = ctx.client.history(query.clone()).await?;

@@ -138,8 +138,14 @@ async fn warn_impact(client: &Client, key: &str, from: &[KeyState]) {
 
 fn impact_warning(key: &str, impact: &Impact) -> Option<String> {
     (impact.recent_uses > 0).then(|| {
+        // Stopped short at the daemon's scan bound: the count is a lower bound.
+        let at_least = if impact.counted_back_to.is_some() {
+            "at least "
+        } else {
+            ""
+        };
         format!(
-            "warning: {key} was used {} times in the last {IMPACT_DAYS} days by {}",
+            "warning: {key} was used {at_least}{} times in the last {IMPACT_DAYS} days by {}",
             impact.recent_uses,
             accounts_summary(impact)
         )
@@ -160,6 +166,7 @@ mod tests {
             recent_uses: 0,
             last_used_at: None,
             accounts: vec![],
+            counted_back_to: None,
         };
         assert_eq!(impact_warning("k01", &impact), None);
         impact.recent_uses = 15;
@@ -178,6 +185,14 @@ mod tests {
         assert_eq!(
             impact_warning("k01", &impact).as_deref(),
             Some("warning: k01 was used 15 times in the last 30 days by alice (12), bob (3)")
+        );
+        // The daemon stopped reading history at its bound: a lower bound.
+        impact.counted_back_to = Some(10);
+        assert_eq!(
+            impact_warning("k01", &impact).as_deref(),
+            Some(
+                "warning: k01 was used at least 15 times in the last 30 days by alice (12), bob (3)"
+            )
         );
     }
 }

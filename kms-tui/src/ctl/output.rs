@@ -154,6 +154,7 @@ pub fn impact_record(i: &Impact) -> Record {
         recent_uses,
         last_used_at,
         accounts,
+        counted_back_to,
     } = i;
     let accounts: Vec<Value> = accounts
         .iter()
@@ -165,6 +166,7 @@ pub fn impact_record(i: &Impact) -> Record {
         ("recent_uses", json!(recent_uses)),
         ("last_used_at", time(*last_used_at)),
         ("accounts", Value::Array(accounts)),
+        ("counted_back_to", time(*counted_back_to)),
     ]
 }
 

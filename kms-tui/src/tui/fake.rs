@@ -259,6 +259,7 @@ pub fn impact() -> Impact {
                 last_used_at: BASE - 20 * DAY_MS,
             },
         ],
+        counted_back_to: None,
     }
 }
 

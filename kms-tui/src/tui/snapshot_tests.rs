@@ -233,6 +233,7 @@ fn delete_now_prompt() {
                         uses: 1,
                         last_used_at: fake::BASE - 20 * kms_shared::model::DAY_MS,
                     }],
+                    counted_back_to: None,
                 }),
             },
         );

@@ -342,14 +342,25 @@ pub fn impact_failed(msg: &str) -> String {
     format!("could not load recent usage: {msg}")
 }
 
-pub fn impact_summary(uses: u64, accounts: usize, since: UnixMillis) -> String {
+/// `counted_back_to`: the daemon stopped reading history there, short of `since`.
+pub fn impact_summary(
+    uses: u64,
+    accounts: usize,
+    since: UnixMillis,
+    counted_back_to: Option<UnixMillis>,
+) -> String {
+    // What was counted is exact back to where the daemon stopped reading.
+    let (since, partial) = match counted_back_to {
+        Some(t) => (t, " (older history not read)"),
+        None => (since, ""),
+    };
     if uses == 0 {
-        format!("No successful use since {}.", date(since))
+        format!("No successful use since {}{partial}.", date(since))
     } else {
         let acc = if accounts == 1 { "account" } else { "accounts" };
         let times = if uses == 1 { "time" } else { "times" };
         format!(
-            "Used {} {times} since {} by {accounts} {acc}:",
+            "Used {} {times} since {}{partial} by {accounts} {acc}:",
             count(uses),
             date(since)
         )

@@ -343,7 +343,8 @@ mod tests {
                     ..Default::default()
                 },
             )
-            .unwrap();
+            .unwrap()
+            .0;
         let times: Vec<i64> = rows.iter().rev().map(|(_, r)| r.time).collect();
         assert_eq!(times, (0..info.history as i64).collect::<Vec<_>>());
         writer.shutdown();

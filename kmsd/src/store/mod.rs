@@ -232,6 +232,22 @@ pub struct HistoryFilter {
     /// `Some(true)`: only `ok`; `Some(false)`: only errors.
     pub ok: Option<bool>,
     pub since: Option<UnixMillis>,
+    /// At most this many entries are read (matching or not); `None`: no bound. A request
+    /// that may scan a long history is bounded so its cost does not grow with the key's
+    /// use (a filter that matches nothing would otherwise read every entry).
+    pub max_scan: Option<usize>,
+}
+
+/// Where a bounded history scan stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanEnd {
+    /// The scan found `limit` entries, or reached the oldest entry (or the oldest of the
+    /// `since` window): nothing left to read for this query.
+    Done,
+    /// `max_scan` entries were read first, and older ones remain: the query goes on with
+    /// `before_seq` = this and the same filter (this is one above the newest entry not
+    /// read).
+    ResumeBefore(u64),
 }
 
 /// The open key store.
@@ -683,10 +699,10 @@ impl Store {
         &self,
         tag: &str,
         filter: &HistoryFilter,
-    ) -> Result<Vec<(u64, HistoryRecord)>, StoreError> {
+    ) -> Result<(Vec<(u64, HistoryRecord)>, ScanEnd), StoreError> {
         let mut out = Vec::new();
-        self.visit_history(tag, filter, |seq, rec| out.push((seq, rec)))?;
-        Ok(out)
+        let end = self.visit_history(tag, filter, |seq, rec| out.push((seq, rec)))?;
+        Ok((out, end))
     }
 
     /// Hands each entry [`Store::history`] would return to `visit`, without collecting
@@ -697,14 +713,20 @@ impl Store {
         tag: &str,
         filter: &HistoryFilter,
         mut visit: impl FnMut(u64, HistoryRecord),
-    ) -> Result<(), StoreError> {
+    ) -> Result<ScanEnd, StoreError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;
         let table = tx.open_table(HISTORY)?;
         let upper = filter.before_seq.unwrap_or(u64::MAX);
-        let mut visited = 0;
+        let max_scan = filter.max_scan.unwrap_or(usize::MAX);
+        let (mut visited, mut scanned) = (0, 0);
         for row in table.range((tag, 0)..(tag, upper))?.rev() {
             let (k, v) = row?;
+            if scanned == max_scan {
+                // Stopped before this entry: everything newer has been looked at.
+                return Ok(ScanEnd::ResumeBefore(k.value().1.saturating_add(1)));
+            }
+            scanned += 1;
             let rec: HistoryRecord = decode(v.value()).map_err(corrupt("history"))?;
             if let Some(since) = filter.since
                 && rec.time < since
@@ -728,7 +750,7 @@ impl Store {
                 break;
             }
         }
-        Ok(())
+        Ok(ScanEnd::Done)
     }
 
     /// Number of history entries of all keys (for status and tests).

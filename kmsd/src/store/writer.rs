@@ -1135,6 +1135,7 @@ mod tests {
         let history = store
             .history(tag, &filter)
             .unwrap()
+            .0
             .into_iter()
             .rev()
             .map(|(seq, r)| (seq, r.time))
@@ -1419,6 +1420,7 @@ mod tests {
         let recent: Vec<UnixMillis> = store
             .history("k", &filter)
             .unwrap()
+            .0
             .iter()
             .map(|(_, r)| r.time)
             .collect();

@@ -61,7 +61,7 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
             };
             push_wrapped(
                 &mut lines,
-                s::impact_summary(i.recent_uses, i.accounts.len(), i.since),
+                s::impact_summary(i.recent_uses, i.accounts.len(), i.since, i.counted_back_to),
                 text_width,
                 style,
             );
