@@ -139,6 +139,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
             engine.clone(),
             config.socket.clone(),
             config.data_dir.clone(),
+            config.max_connections_per_account,
         )
         .context("cannot start the crypto threads")?,
     );

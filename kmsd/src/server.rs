@@ -407,7 +407,6 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    let per_account = ConnectionsPerAccount::new(config.max_connections_per_account);
     // Connections being refused for their account's limit: a refusal waits (briefly) for
     // the client's hello to answer it, without holding one of the `limit` slots.
     let refusing = Arc::new(Semaphore::new(REFUSING));
@@ -440,7 +439,7 @@ pub async fn serve(
             }
         };
         let exempt = crate::authz::is_superuser(&caller, daemon_uid);
-        let Some(account_slot) = per_account.take(caller.uid, exempt) else {
+        let Some(account_slot) = service.per_account.take(caller.uid, exempt) else {
             drop(permit);
             tracing::debug!(account = %caller.account, "connection limit of the account reached");
             if let Ok(refusal) = refusing.clone().try_acquire_owned() {
@@ -481,7 +480,7 @@ const REFUSING: usize = 64;
 
 /// Open connections per account (uid), against `max_connections_per_account`.
 #[derive(Clone)]
-struct ConnectionsPerAccount {
+pub(crate) struct ConnectionsPerAccount {
     max: usize,
     open: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
 }
@@ -493,11 +492,17 @@ struct AccountSlot {
 }
 
 impl ConnectionsPerAccount {
-    fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         ConnectionsPerAccount {
             max,
             open: Arc::default(),
         }
+    }
+
+    /// The connections `uid` holds open now.
+    pub(crate) fn open(&self, uid: u32) -> u64 {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(&uid).map_or(0, |&n| n as u64)
     }
 
     /// A place for one more connection of `uid`, unless it holds the most already

@@ -16,6 +16,7 @@
 
 use crate::authz::{self, Need};
 use crate::engine::{Caller, Durable, Engine, EngineError, Pending, Published};
+use crate::server::ConnectionsPerAccount;
 use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS};
 use kms_shared::protocol::{
     DaemonStatus, ErrorKind, ItemOutcome, PROTOCOL_VERSION, Request, Response, WireError,
@@ -33,6 +34,9 @@ pub struct Service {
     socket: PathBuf,
     data_dir: PathBuf,
     connections: AtomicU64,
+    /// Open connections per account, against `max_connections_per_account` (the server
+    /// takes a place for each connection it accepts).
+    pub(crate) per_account: ConnectionsPerAccount,
     /// The daemon's own uid: it and root are managers (SPEC §6).
     daemon_uid: u32,
     /// Online backups being streamed (see `backup.rs`).
@@ -61,6 +65,7 @@ impl Service {
         engine: Arc<Engine>,
         socket: PathBuf,
         data_dir: PathBuf,
+        max_connections_per_account: usize,
     ) -> Result<Service, rayon::ThreadPoolBuildError> {
         let crypto = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("kmsd-crypto-{i}"))
@@ -79,6 +84,7 @@ impl Service {
             socket,
             data_dir,
             connections: AtomicU64::new(0),
+            per_account: ConnectionsPerAccount::new(max_connections_per_account),
             daemon_uid: rustix::process::geteuid().as_raw(),
             backups: crate::backup::Backups::default(),
             crypto,
@@ -125,7 +131,7 @@ impl Service {
                 daemon_version: env!("CARGO_PKG_VERSION").into(),
             }),
             Request::Subscribe => Ok(Response::Subscribed),
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Status => Ok(Response::Status(self.status(caller))),
             Request::ListKeys {
                 deleted,
                 offset,
@@ -611,7 +617,34 @@ impl Service {
             .map_err(wire)
     }
 
-    fn status(&self) -> DaemonStatus {
+    /// The daemon's status. Its counts describe the whole store only for a caller with a
+    /// role on all keys (or the daemon's own account and root); anyone else who may
+    /// connect learns what is theirs: the live keys they have a role on, the next
+    /// scheduled change of one of them, and their own account's connections.
+    fn status(&self, caller: &Caller) -> DaemonStatus {
+        let grants = self.engine.grants();
+        let (keys, connections, next_due_at) = if authz::is_superuser(caller, self.daemon_uid)
+            || authz::permits(&grants, caller, Need::View, None)
+        {
+            (
+                self.engine.live_keys(),
+                self.connections.load(Ordering::Relaxed),
+                self.engine.next_due(),
+            )
+        } else {
+            let tags = authz::granted_tags(&grants, caller, Need::View);
+            let (own, _) = self.engine.list_keys_of(&tags, 0, usize::MAX);
+            let next_due = own
+                .iter()
+                .flat_map(|k| [k.next_rotation_at, k.deletion_due_at])
+                .flatten()
+                .min();
+            (
+                own.len() as u64,
+                self.per_account.open(caller.uid),
+                next_due,
+            )
+        };
         DaemonStatus {
             daemon_version: env!("CARGO_PKG_VERSION").into(),
             protocol: PROTOCOL_VERSION,
@@ -619,9 +652,9 @@ impl Service {
             uptime_ms: self.engine.now() - self.started_at,
             socket: self.socket.display().to_string(),
             data_dir: self.data_dir.display().to_string(),
-            keys: self.engine.live_keys(),
-            connections: self.connections.load(Ordering::Relaxed),
-            next_due_at: self.engine.next_due(),
+            keys,
+            connections,
+            next_due_at,
         }
     }
 }

@@ -51,8 +51,13 @@ fn token_calls_run_on_a_pool_of_their_own() {
         spec.protection = Protection::Basic;
         engine.create_key(&c, &spec).unwrap();
     }
-    let service =
-        Service::new(engine.clone(), "/nonexistent".into(), "/nonexistent".into()).unwrap();
+    let service = Service::new(
+        engine.clone(),
+        "/nonexistent".into(),
+        "/nonexistent".into(),
+        64,
+    )
+    .unwrap();
 
     let tag = engine.resolve("tok-ec").unwrap().rec.tag.clone();
     let routed = [

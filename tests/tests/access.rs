@@ -453,3 +453,56 @@ fn connections_per_account_are_capped() {
         let _ = w.wait();
     }
 }
+
+/// `status` tells the whole store's counts only to holders of a role on all keys: an
+/// account with a role on one key learns of that key, its own connections, and that
+/// key's next scheduled change; with a grant on all keys it sees everything.
+#[test]
+fn status_counts_what_the_caller_may_see() {
+    let d = shared_daemon();
+    for name in ["mine", "theirs1", "theirs2"] {
+        root_ok(&d, &["create", name, "--type", "aes256"]);
+    }
+    root_ok(
+        &d,
+        &[
+            "set-rotation",
+            "theirs1",
+            "--auto-rotate",
+            "--rotation-days",
+            "1",
+        ],
+    );
+    root_ok(
+        &d,
+        &[
+            "set-rotation",
+            "mine",
+            "--auto-rotate",
+            "--rotation-days",
+            "2",
+        ],
+    );
+    root_ok(&d, &["grant", "key-user", "--user", OTHER, "--key", "mine"]);
+    let status_of = |o: Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let all = status_of(d.kmsctl(&["--json", "status"], b""));
+    assert_eq!(all["keys"], 3, "{all}");
+    assert!(all["next_due_at"].is_string(), "{all}");
+    let own = status_of(as_other(&d, &["--json", "status"], b""));
+    assert_eq!(own["keys"], 1, "{own}");
+    // Its own kmsctl's connection, not root's.
+    assert_eq!(own["connections"], 1, "{own}");
+    // The rotation of its key in 2 days, not the other key's tomorrow.
+    assert!(own["next_due_at"].is_string(), "{own}");
+    assert!(
+        own["next_due_at"].as_str() > all["next_due_at"].as_str(),
+        "{own} {all}"
+    );
+    root_ok(&d, &["grant", "key-reviewer", "--user", OTHER]);
+    let widened = status_of(as_other(&d, &["--json", "status"], b""));
+    assert_eq!(widened["keys"], 3, "{widened}");
+    assert_eq!(widened["next_due_at"], all["next_due_at"], "{widened}");
+}
