@@ -1904,3 +1904,44 @@ fn history_scans_are_bounded_and_resumable() {
         .unwrap();
     assert_eq!((page.entries.len(), page.resume_before_seq), (1, None));
 }
+
+/// Two live keys carrying one name (a create answered with an error although it had
+/// landed, then made again): at open, the name stays with the key the names table gave
+/// it last, whatever order the key records are read in; the other is reachable by tag.
+#[test]
+fn a_name_two_keys_carry_stays_with_the_names_table() {
+    use kmsd::store::records::{KeyRecord, decode, encode_map};
+    const NAMES: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("names");
+    let mut fx = Fx::new();
+    let a = fx.create("dup", KeyType::Aes256).tag;
+    let b = fx.create("other", KeyType::Aes256).tag;
+    // The key records are read in tag order and the last one read used to take the name:
+    // give the name to the first.
+    let (first, second) = if a < b { (a, b) } else { (b, a) };
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+    {
+        let db = redb::Database::create(dir.join("kms.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut keys = tx.open_table(KEYS).unwrap();
+            for tag in [&first, &second] {
+                let mut rec: KeyRecord =
+                    decode(keys.get(tag.as_str()).unwrap().unwrap().value()).unwrap();
+                rec.name = "dup".into();
+                keys.insert(tag.as_str(), encode_map(&rec).unwrap().as_slice())
+                    .unwrap();
+            }
+            let mut names = tx.open_table(NAMES).unwrap();
+            names.remove("other").unwrap();
+            names.insert("dup", first.as_str()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    assert_eq!(fx.e().get_key("dup").unwrap().tag, first);
+    assert_eq!(fx.e().get_key(&second).unwrap().name, "dup");
+    let (listed, total) = fx.e().list_keys(false, 0, None);
+    assert_eq!(total, 1);
+    assert_eq!(listed[0].tag, first);
+}

@@ -261,6 +261,29 @@ impl Keyring {
             };
             ring.put(Arc::new(entry));
         }
+        // Two live keys can carry one name only after a create was answered with an
+        // error although it had landed, and was then made again (docs/RELIABILITY.md):
+        // the name stays with the key the names table gave it last, the one its caller
+        // was told of. The other stays reachable by its tag.
+        for (name, tag) in s.names {
+            let Some(current) = ring.by_name.get(&name) else {
+                continue;
+            };
+            let named = ring
+                .by_tag
+                .get(&tag)
+                .is_some_and(|e| e.rec.name == name && e.rec.state != KeyState::Deleted);
+            if named && *current != tag {
+                tracing::warn!(
+                    name = %name,
+                    tag = %tag,
+                    other = %current,
+                    "two keys carry this name; it stays with the key the names table gives \
+                     it, the other is reachable by its tag"
+                );
+                ring.by_name.insert(name, tag);
+            }
+        }
         ring
     }
 

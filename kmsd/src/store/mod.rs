@@ -204,6 +204,9 @@ pub struct Snapshot {
     /// The highest grant id ever given (stored, or of a grant still there).
     pub last_grant_id: u64,
     pub hsm_tokens: Vec<HsmTokenRecord>,
+    /// The `names` table: which key each live name was last given to (by a create or a
+    /// rename), the word on a name two key records carry.
+    pub names: Vec<(String, String)>,
 }
 
 /// What [`Store::upgrade_wraps`] did.
@@ -617,6 +620,11 @@ impl Store {
         for row in tx.open_table(KEYS)?.iter()? {
             let (_, v) = row?;
             snap.keys.push(decode(v.value()).map_err(corrupt("keys"))?);
+        }
+        for row in tx.open_table(NAMES)?.iter()? {
+            let (name, tag) = row?;
+            snap.names
+                .push((name.value().to_string(), tag.value().to_string()));
         }
         for row in tx.open_table(USAGE)?.iter()? {
             let (k, v) = row?;
