@@ -618,3 +618,58 @@ async fn answered_once_durable(
     served.await.unwrap();
     sync(|| Arc::try_unwrap(engine).ok().unwrap().close());
 }
+
+/// A refusal for a missing role is answered without waiting for its history entry, so
+/// that its timing does not tell an account without a role which keys exist: with every
+/// write failing it is still `permission-denied` (it used to wait for the entry and
+/// answer the store's `internal`). With the disk working, a history read right after
+/// the answer has the entry (`Writer::settle` waits for submissions not yet answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_does_not_wait_for_its_history_entry() {
+    use kms_shared::model::Action;
+    use kms_shared::protocol::{HistoryQuery, Outcome, Request};
+    use tokio::task::block_in_place as sync;
+    let disk = Disk::default();
+    let engine = Arc::new(engine_on(disk.clone()));
+    sync(|| engine.create_key(&me(), &aes("guarded")).unwrap());
+    let stranger = Caller {
+        uid: 4242,
+        gid: 4242,
+        account: "stranger".into(),
+        ..me()
+    };
+    let (mut theirs, _served, _shutdown) = serve(&engine, &stranger).await;
+    let encrypt = || Request::Encrypt {
+        key: "guarded".into(),
+        plaintext: b"x".to_vec().into(),
+        context: None,
+    };
+    disk.full.store(true, Ordering::SeqCst);
+    let replies = pipelined(&mut theirs, &[(5, encrypt())]).await;
+    match &replies[&5] {
+        Outcome::Err(e) => assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e}"),
+        Outcome::Ok(r) => panic!("answered {r:?}"),
+    }
+    disk.full.store(false, Ordering::SeqCst);
+    // The store reopens at most every 200 ms after a failed reopen: refuse until an entry
+    // lands, reading history right after each answer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for id in 6.. {
+        assert!(std::time::Instant::now() < deadline, "no refusal recorded");
+        let replies = pipelined(&mut theirs, &[(id, encrypt())]).await;
+        assert!(matches!(&replies[&id], Outcome::Err(e) if e.kind == ErrorKind::PermissionDenied));
+        let query = HistoryQuery {
+            key: "guarded".into(),
+            action: Some(Action::Encrypt),
+            ..Default::default()
+        };
+        if let Ok(entries) = sync(|| engine.history(&query))
+            && let Some(refusal) = entries.first()
+        {
+            assert_eq!(refusal.account, "stranger");
+            assert_eq!(refusal.result, "permission-denied");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -173,6 +173,10 @@ pub struct Writer {
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Journaled calls not yet folded into redb (0: redb holds every acknowledged call).
     unfolded: Arc<AtomicU64>,
+    /// Submissions not yet answered: [`Writer::settle`] waits for them too, so that a
+    /// submission nobody waited for (a refusal's history entry) is seen by a read that
+    /// follows it.
+    unanswered: Arc<AtomicU64>,
     /// Set if the thread died of a panic.
     exit: Arc<WriterExit>,
     /// Tests: the next N commits report a failure after they have landed (see
@@ -219,6 +223,7 @@ impl Writer {
         };
         let (tx, rx) = mpsc::channel::<Submission>();
         let unfolded = Arc::new(AtomicU64::new(0));
+        let unanswered = Arc::new(AtomicU64::new(0));
         let exit = Arc::new(WriterExit::default());
         #[cfg(test)]
         let land_then_fail = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -235,6 +240,7 @@ impl Writer {
             fold_not_before: None,
             next_seq,
             unfolded: unfolded.clone(),
+            unanswered: unanswered.clone(),
             uncertain: None,
             #[cfg(test)]
             land_then_fail: land_then_fail.clone(),
@@ -270,6 +276,7 @@ impl Writer {
             tx,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
             unfolded,
+            unanswered,
             exit,
             #[cfg(test)]
             land_then_fail,
@@ -284,9 +291,12 @@ impl Writer {
     /// (for readers of history and counters in redb: queries, backups). Free when nothing
     /// is pending; otherwise one fold. Blocks: call it off the async runtime.
     pub fn settle(&self) -> Result<(), Arc<StoreError>> {
-        // Acquire: pairs with the writer's release before it answers a journaled call, so
-        // a call answered before this check is seen here.
-        if self.unfolded.load(Ordering::Acquire) == 0 {
+        // Acquire: pairs with the writer's releases: of the count before it answers a
+        // journaled call, so that a call answered before this check is seen here, and of
+        // `unanswered` after it answers, which it lowers only once the count is stored.
+        if self.unanswered.load(Ordering::Acquire) == 0
+            && self.unfolded.load(Ordering::Acquire) == 0
+        {
             return Ok(());
         }
         self.submit(vec![Mutation::Settle]).wait()
@@ -310,9 +320,12 @@ impl Writer {
     /// Queues mutations that land in one transaction; the ticket resolves when durable.
     pub fn submit(&self, mutations: Vec<Mutation>) -> Ticket {
         let (done, rx) = oneshot::channel();
+        self.unanswered.fetch_add(1, Ordering::AcqRel);
         // If the thread is gone the sender is dropped with the submission and the ticket
         // resolves to WriterGone.
-        let _ = self.tx.send(Submission { mutations, done });
+        if self.tx.send(Submission { mutations, done }).is_err() {
+            self.unanswered.fetch_sub(1, Ordering::AcqRel);
+        }
         Ticket(rx)
     }
 
@@ -364,6 +377,7 @@ struct State {
     fold_not_before: Option<std::time::Instant>,
     next_seq: u64,
     unfolded: Arc<AtomicU64>,
+    unanswered: Arc<AtomicU64>,
     /// A fold that failed in a way that may still have committed (the store could not be
     /// read back afterwards): its generation. Until the stored generation is known, the
     /// journal takes no records and the next commit first settles the question.
@@ -413,7 +427,9 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
         // Release: a reader that sees an answer also sees the count (see `settle`).
         st.unfolded
             .store(st.pending.len() as u64, Ordering::Release);
+        let answered = group.len() as u64;
         answer(&mut group, result);
+        st.unanswered.fetch_sub(answered, Ordering::Release);
         if st.fold_due() {
             folds += 1;
             // A failure is logged; the calls stay pending (and journaled) and the fold is
@@ -1603,6 +1619,24 @@ mod tests {
         let restored = Store::open(&crash_image(store, crashed.path()), "fp").unwrap();
         let (history, usage, enc) = stored(&restored, "a");
         (history.len(), usage, enc)
+    }
+
+    /// A submission nobody waits for (a refusal's history entry) is in redb once `settle`
+    /// returns: settle waits for submissions not yet answered, not only for journaled
+    /// calls not yet folded. Before, it returned at once while the writer had not yet
+    /// taken the submission, and a history read missed it.
+    #[test]
+    fn settle_covers_submissions_not_yet_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer.submit(vec![version_one("a")]).wait().unwrap();
+        for round in 1..=50u64 {
+            drop(writer.submit(call("a", round as i64)));
+            writer.settle().unwrap();
+            assert_eq!(store.history_len().unwrap(), round, "round {round}");
+        }
+        writer.shutdown();
     }
 
     /// Enough pending calls fold on their own, without a reader or a change asking.
