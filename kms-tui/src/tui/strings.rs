@@ -943,6 +943,25 @@ mod tests {
         assert_eq!(path_tail("abc", 0), "");
     }
 
+    /// An impact the daemon counted only part of says so, from where it stopped.
+    #[test]
+    fn a_partial_impact_says_how_far_back() {
+        // 2025-03-01T00:00:00Z and ten days later.
+        let (since, stopped) = (1_740_787_200_000, 1_740_787_200_000 + 10 * 86_400_000);
+        assert_eq!(
+            impact_summary(1500, 2, since, None),
+            "Used 1,500 times since 2025-03-01 by 2 accounts:"
+        );
+        assert_eq!(
+            impact_summary(1500, 2, since, Some(stopped)),
+            "Used 1,500 times since 2025-03-11 (older history not read) by 2 accounts:"
+        );
+        assert_eq!(
+            impact_summary(0, 0, since, Some(stopped)),
+            "No successful use since 2025-03-11 (older history not read)."
+        );
+    }
+
     /// Times are formatted in UTC, independent of the machine's zone.
     #[test]
     fn times_are_utc() {
