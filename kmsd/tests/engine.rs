@@ -1903,6 +1903,31 @@ fn history_scans_are_bounded_and_resumable() {
         })
         .unwrap();
     assert_eq!((page.entries.len(), page.resume_before_seq), (1, None));
+    // A window whose entries fill the bound exactly, with only older ones after them, was
+    // counted whole: no resume point, no "counted back to".
+    let fx = Fx::with_config(EngineConfig {
+        history_scan: 10,
+        ..EngineConfig::default()
+    });
+    fx.create("windowk", KeyType::Aes256);
+    for _ in 0..5 {
+        fx.enc("windowk", b"x").unwrap();
+    }
+    fx.clock.advance(40 * DAY_MS);
+    for _ in 0..10 {
+        fx.enc("windowk", b"x").unwrap();
+    }
+    let impact = fx.e().impact("windowk", None).unwrap();
+    assert_eq!((impact.recent_uses, impact.counted_back_to), (10, None));
+    let page = fx
+        .e()
+        .history_page(&HistoryQuery {
+            key: "windowk".into(),
+            since: Some(T0 + 30 * DAY_MS),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((page.entries.len(), page.resume_before_seq), (10, None));
 }
 
 /// Two live keys carrying one name (a create answered with an error although it had
@@ -1944,4 +1969,12 @@ fn a_name_two_keys_carry_stays_with_the_names_table() {
     let (listed, total) = fx.e().list_keys(false, 0, None);
     assert_eq!(total, 1);
     assert_eq!(listed[0].tag, first);
+    // A change to the other key, by its tag, does not take the name back.
+    fx.e().set_memo(&fx.me, &second, "the stray one").unwrap();
+    fx.e().request_deletion(&fx.me, &second).unwrap();
+    assert_eq!(fx.e().get_key("dup").unwrap().tag, first);
+    assert_eq!(
+        fx.e().get_key(&second).unwrap().state,
+        KeyState::PendingDeletion
+    );
 }

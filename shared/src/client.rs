@@ -642,6 +642,14 @@ impl Client {
             let Some(resume) = page.resume_before_seq else {
                 return Ok(entries);
             };
+            // Each resume point must be older than the last: a daemon that answered
+            // otherwise would keep this loop going for ever.
+            if query.before_seq.is_some_and(|before| resume >= before) {
+                return Err(ClientError::Unexpected(format!(
+                    "history resumed at {resume}, not before {}",
+                    query.before_seq.unwrap_or_default()
+                )));
+            }
             let want = history_page_limit(asked);
             if entries.len() >= want {
                 return Ok(entries);

@@ -296,11 +296,15 @@ impl Keyring {
         self.by_tag.get(tag).cloned()
     }
 
-    /// Inserts or replaces an entry, keeping the name indexes right.
+    /// Inserts or replaces an entry, keeping the name indexes right. A name another live
+    /// key holds stays with it: two keys carry one name only after a create that landed
+    /// despite its error was made again (see [`Keyring::from_snapshot`]), and a change to
+    /// the key without the name must not take it back.
     pub fn put(&mut self, entry: Arc<KeyEntry>) {
         let rec = &entry.rec;
         if let Some(old) = self.by_tag.get(&rec.tag)
             && old.rec.name != rec.name
+            && self.by_name.get(&old.rec.name) == Some(&rec.tag)
         {
             self.by_name.remove(&old.rec.name);
         }
@@ -309,7 +313,11 @@ impl Keyring {
                 self.by_name.remove(&rec.name);
             }
             self.deleted.insert((rec.name.clone(), rec.tag.clone()));
-        } else {
+        } else if self
+            .by_name
+            .get(&rec.name)
+            .is_none_or(|holder| *holder == rec.tag)
+        {
             self.by_name.insert(rec.name.clone(), rec.tag.clone());
         }
         self.by_tag.insert(rec.tag.clone(), entry);

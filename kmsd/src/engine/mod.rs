@@ -544,7 +544,7 @@ impl Engine {
             action: q.action,
             ok: q.result.map(|r| r == ResultFilter::Ok),
             since: q.since,
-            max_scan: Some(self.config.history_scan),
+            max_scan: Some(self.config.history_scan.max(1)),
         };
         let tag = &entry.rec.tag;
         self.settle()?;
@@ -584,7 +584,7 @@ impl Engine {
         let filter = HistoryFilter {
             limit: usize::MAX,
             since: Some(since),
-            max_scan: Some(self.config.history_scan),
+            max_scan: Some(self.config.history_scan.max(1)),
             ..HistoryFilter::default()
         };
         let mut per_account: HashMap<String, (u64, UnixMillis)> = HashMap::new();
@@ -593,7 +593,7 @@ impl Engine {
         self.settle()?;
         // Visited, not collected: a busy key's 30 days can be millions of entries.
         let end = self.store.visit_history(&entry.rec.tag, &filter, |_, r| {
-            oldest_read = Some(r.time);
+            oldest_read = Some(oldest_read.map_or(r.time, |t: UnixMillis| t.min(r.time)));
             let uses = r.succeeded();
             if !r.action.is_crypto() || uses == 0 {
                 return;
@@ -620,7 +620,8 @@ impl Engine {
             accounts,
             counted_back_to: match end {
                 ScanEnd::Done => None,
-                // Stopped at the bound: the window was counted back to the last entry read.
+                // Stopped at the bound: the window was counted back to the oldest entry
+                // counted (none: only entries of the slack before `since` were read).
                 ScanEnd::ResumeBefore(_) => Some(oldest_read.unwrap_or(since)),
             },
         })

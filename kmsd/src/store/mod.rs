@@ -730,20 +730,20 @@ impl Store {
         let (mut visited, mut scanned) = (0, 0);
         for row in table.range((tag, 0)..(tag, upper))?.rev() {
             let (k, v) = row?;
+            let rec: HistoryRecord = decode(v.value()).map_err(corrupt("history"))?;
+            if let Some(since) = filter.since
+                && rec.time < since.saturating_sub(HISTORY_TIME_SLACK_MS)
+            {
+                // Sequence numbers grow with time, give or take the slack: nothing
+                // further can match.
+                break;
+            }
             if scanned == max_scan {
                 // Stopped before this entry: everything newer has been looked at.
                 return Ok(ScanEnd::ResumeBefore(k.value().1.saturating_add(1)));
             }
             scanned += 1;
-            let rec: HistoryRecord = decode(v.value()).map_err(corrupt("history"))?;
-            if let Some(since) = filter.since
-                && rec.time < since
-            {
-                // Sequence numbers grow with time, give or take the slack: nothing
-                // further can match.
-                if rec.time < since.saturating_sub(HISTORY_TIME_SLACK_MS) {
-                    break;
-                }
+            if filter.since.is_some_and(|since| rec.time < since) {
                 continue;
             }
             if filter.action.is_some_and(|a| a != rec.action) {
