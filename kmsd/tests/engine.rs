@@ -1937,44 +1937,52 @@ fn history_scans_are_bounded_and_resumable() {
 fn a_name_two_keys_carry_stays_with_the_names_table() {
     use kmsd::store::records::{KeyRecord, decode, encode_map};
     const NAMES: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("names");
-    let mut fx = Fx::new();
-    let a = fx.create("dup", KeyType::Aes256).tag;
-    let b = fx.create("other", KeyType::Aes256).tag;
-    // The key records are read in tag order and the last one read used to take the name:
-    // give the name to the first.
-    let (first, second) = if a < b { (a, b) } else { (b, a) };
-    let dir = fx.dir.path().to_path_buf();
-    fx.engine.take().unwrap().close().close();
-    {
-        let db = redb::Database::create(dir.join("kms.redb")).unwrap();
-        let tx = db.begin_write().unwrap();
+    // The key records are read in tag order: the names table gives the name to the first
+    // read, then to the last.
+    for holder_read_first in [true, false] {
+        let mut fx = Fx::new();
+        let a = fx.create("dup", KeyType::Aes256).tag;
+        let b = fx.create("other", KeyType::Aes256).tag;
+        let (first, second) = if a < b { (a, b) } else { (b, a) };
+        let (holder, stray) = match holder_read_first {
+            true => (first, second),
+            false => (second, first),
+        };
+        let dir = fx.dir.path().to_path_buf();
+        fx.engine.take().unwrap().close().close();
         {
-            let mut keys = tx.open_table(KEYS).unwrap();
-            for tag in [&first, &second] {
-                let mut rec: KeyRecord =
-                    decode(keys.get(tag.as_str()).unwrap().unwrap().value()).unwrap();
-                rec.name = "dup".into();
-                keys.insert(tag.as_str(), encode_map(&rec).unwrap().as_slice())
-                    .unwrap();
+            let db = redb::Database::create(dir.join("kms.redb")).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut keys = tx.open_table(KEYS).unwrap();
+                for tag in [&holder, &stray] {
+                    let mut rec: KeyRecord =
+                        decode(keys.get(tag.as_str()).unwrap().unwrap().value()).unwrap();
+                    rec.name = "dup".into();
+                    keys.insert(tag.as_str(), encode_map(&rec).unwrap().as_slice())
+                        .unwrap();
+                }
+                let mut names = tx.open_table(NAMES).unwrap();
+                names.remove("other").unwrap();
+                names.insert("dup", holder.as_str()).unwrap();
             }
-            let mut names = tx.open_table(NAMES).unwrap();
-            names.remove("other").unwrap();
-            names.insert("dup", first.as_str()).unwrap();
+            tx.commit().unwrap();
         }
-        tx.commit().unwrap();
+        fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+        let case = format!("holder read first: {holder_read_first}");
+        assert_eq!(fx.e().get_key("dup").unwrap().tag, holder, "{case}");
+        assert_eq!(fx.e().get_key(&stray).unwrap().name, "dup", "{case}");
+        let (listed, total) = fx.e().list_keys(false, 0, None);
+        assert_eq!(total, 1, "{case}");
+        assert_eq!(listed[0].tag, holder, "{case}");
+        // A change to the other key, by its tag, does not take the name back.
+        fx.e().set_memo(&fx.me, &stray, "the stray one").unwrap();
+        fx.e().request_deletion(&fx.me, &stray).unwrap();
+        assert_eq!(fx.e().get_key("dup").unwrap().tag, holder, "{case}");
+        assert_eq!(
+            fx.e().get_key(&stray).unwrap().state,
+            KeyState::PendingDeletion,
+            "{case}"
+        );
     }
-    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
-    assert_eq!(fx.e().get_key("dup").unwrap().tag, first);
-    assert_eq!(fx.e().get_key(&second).unwrap().name, "dup");
-    let (listed, total) = fx.e().list_keys(false, 0, None);
-    assert_eq!(total, 1);
-    assert_eq!(listed[0].tag, first);
-    // A change to the other key, by its tag, does not take the name back.
-    fx.e().set_memo(&fx.me, &second, "the stray one").unwrap();
-    fx.e().request_deletion(&fx.me, &second).unwrap();
-    assert_eq!(fx.e().get_key("dup").unwrap().tag, first);
-    assert_eq!(
-        fx.e().get_key(&second).unwrap().state,
-        KeyState::PendingDeletion
-    );
 }

@@ -246,10 +246,25 @@ impl Keyring {
     /// another retention setting, or a row left behind, would otherwise be retried every
     /// second for ever. [`Engine::open`](super::Engine::open) then makes the stored index
     /// match.
-    pub fn from_snapshot(s: Snapshot, retention_ms: i64) -> Keyring {
+    ///
+    /// Two live keys can carry one name only after a create was answered with an error
+    /// although it had landed, and was then made again (docs/RELIABILITY.md): the name
+    /// stays with the key `name_holder` (the store's `names` table) gives it, the one its
+    /// caller was told of. The other stays reachable by its tag.
+    pub fn from_snapshot<E>(
+        s: Snapshot,
+        retention_ms: i64,
+        name_holder: impl Fn(&str) -> Result<Option<String>, E>,
+    ) -> Result<Keyring, E> {
         let mut usage: HashMap<String, UsageRecord> = s.usage.into_iter().collect();
         let mut ring = Keyring::default();
+        let mut shared_names = BTreeSet::new();
         for rec in s.keys {
+            if rec.state != KeyState::Deleted
+                && ring.by_name.get(&rec.name).is_some_and(|t| *t != rec.tag)
+            {
+                shared_names.insert(rec.name.clone());
+            }
             for (at, kind) in super::schedule::due_entries(&rec, retention_ms) {
                 ring.due.insert((at, rec.tag.clone(), kind));
             }
@@ -261,30 +276,24 @@ impl Keyring {
             };
             ring.put(Arc::new(entry));
         }
-        // Two live keys can carry one name only after a create was answered with an
-        // error although it had landed, and was then made again (docs/RELIABILITY.md):
-        // the name stays with the key the names table gave it last, the one its caller
-        // was told of. The other stays reachable by its tag.
-        for (name, tag) in s.names {
-            let Some(current) = ring.by_name.get(&name) else {
+        for name in shared_names {
+            let (Some(current), Some(tag)) = (ring.by_name.get(&name), name_holder(&name)?) else {
                 continue;
             };
             let named = ring
                 .by_tag
                 .get(&tag)
                 .is_some_and(|e| e.rec.name == name && e.rec.state != KeyState::Deleted);
-            if named && *current != tag {
-                tracing::warn!(
-                    name = %name,
-                    tag = %tag,
-                    other = %current,
-                    "two keys carry this name; it stays with the key the names table gives \
-                     it, the other is reachable by its tag"
-                );
-                ring.by_name.insert(name, tag);
-            }
+            let holder = if named { tag } else { current.clone() };
+            tracing::warn!(
+                name = %name,
+                tag = %holder,
+                "two keys carry this name; it stays with this one (the names table's), the \
+                 other is reachable by its tag"
+            );
+            ring.by_name.insert(name, holder);
         }
-        ring
+        Ok(ring)
     }
 
     pub fn resolve(&self, key: &str) -> Option<Arc<KeyEntry>> {

@@ -308,7 +308,9 @@ impl Engine {
         )?;
         let stored_due: std::collections::BTreeSet<_> =
             std::mem::take(&mut snapshot.due).into_iter().collect();
-        let keyring = Keyring::from_snapshot(snapshot, config.retention_ms);
+        let keyring = Keyring::from_snapshot(snapshot, config.retention_ms, |name| {
+            store.name_holder(name)
+        })?;
         let writer = store.start_writer()?;
         let repair: Vec<Mutation> =
             stored_due

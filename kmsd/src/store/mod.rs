@@ -204,9 +204,6 @@ pub struct Snapshot {
     /// The highest grant id ever given (stored, or of a grant still there).
     pub last_grant_id: u64,
     pub hsm_tokens: Vec<HsmTokenRecord>,
-    /// The `names` table: which key each live name was last given to (by a create or a
-    /// rename), the word on a name two key records carry.
-    pub names: Vec<(String, String)>,
 }
 
 /// What [`Store::upgrade_wraps`] did.
@@ -621,11 +618,6 @@ impl Store {
             let (_, v) = row?;
             snap.keys.push(decode(v.value()).map_err(corrupt("keys"))?);
         }
-        for row in tx.open_table(NAMES)?.iter()? {
-            let (name, tag) = row?;
-            snap.names
-                .push((name.value().to_string(), tag.value().to_string()));
-        }
         for row in tx.open_table(USAGE)?.iter()? {
             let (k, v) = row?;
             let rec: UsageRecord = decode(v.value()).map_err(corrupt("usage"))?;
@@ -700,6 +692,15 @@ impl Store {
             decode::<VersionRecord>(v.value()).map_err(corrupt("versions"))?;
         }
         Ok(())
+    }
+
+    /// The key the `names` table gives `name` to: the last create of that name. It has
+    /// the word when two key records carry one name (see `Keyring::from_snapshot`).
+    pub fn name_holder(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let names = tx.open_table(NAMES)?;
+        Ok(names.get(name)?.map(|tag| tag.value().to_string()))
     }
 
     /// A key's history, newest first, filtered.
