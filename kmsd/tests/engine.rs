@@ -1839,20 +1839,28 @@ fn grants_are_bound_to_the_id_of_their_name() {
     );
 }
 
+fn scan_bounded_at(history_scan: usize) -> Fx {
+    Fx::with_config(EngineConfig {
+        history_scan,
+        ..EngineConfig::default()
+    })
+}
+
+fn encrypt_times(fx: &Fx, key: &str, n: usize) {
+    for _ in 0..n {
+        fx.enc(key, b"x").unwrap();
+    }
+}
+
 /// A history query or an impact reads at most `history_scan` entries: one that would
 /// have to read a long history (a filter that matches nothing old) stops there and says
 /// where to go on, and going on from there finds what a full read would have found.
 #[test]
 fn history_scans_are_bounded_and_resumable() {
-    let fx = Fx::with_config(EngineConfig {
-        history_scan: 10,
-        ..EngineConfig::default()
-    });
+    let fx = scan_bounded_at(10);
     let e = fx.e();
     fx.create("scank", KeyType::Aes256);
-    for _ in 0..25 {
-        fx.enc("scank", b"x").unwrap();
-    }
+    encrypt_times(&fx, "scank", 25);
     // The one `create` entry lies under 25 encryptions: three bounded reads away.
     let mut query = HistoryQuery {
         key: "scank".into(),
@@ -1889,9 +1897,7 @@ fn history_scans_are_bounded_and_resumable() {
     // With the whole history under the bound, nothing is cut short.
     let fx = Fx::new();
     fx.create("fullk", KeyType::Aes256);
-    for _ in 0..25 {
-        fx.enc("fullk", b"x").unwrap();
-    }
+    encrypt_times(&fx, "fullk", 25);
     let impact = fx.e().impact("fullk", None).unwrap();
     assert_eq!((impact.recent_uses, impact.counted_back_to), (25, None));
     let page = fx
@@ -1905,18 +1911,11 @@ fn history_scans_are_bounded_and_resumable() {
     assert_eq!((page.entries.len(), page.resume_before_seq), (1, None));
     // A window whose entries fill the bound exactly, with only older ones after them, was
     // counted whole: no resume point, no "counted back to".
-    let fx = Fx::with_config(EngineConfig {
-        history_scan: 10,
-        ..EngineConfig::default()
-    });
+    let fx = scan_bounded_at(10);
     fx.create("windowk", KeyType::Aes256);
-    for _ in 0..5 {
-        fx.enc("windowk", b"x").unwrap();
-    }
+    encrypt_times(&fx, "windowk", 5);
     fx.clock.advance(40 * DAY_MS);
-    for _ in 0..10 {
-        fx.enc("windowk", b"x").unwrap();
-    }
+    encrypt_times(&fx, "windowk", 10);
     let impact = fx.e().impact("windowk", None).unwrap();
     assert_eq!((impact.recent_uses, impact.counted_back_to), (10, None));
     let page = fx
