@@ -488,12 +488,15 @@ fn status_counts_what_the_caller_may_see() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };
+    // Root holds a connection open meanwhile: counted for root, not for the other account.
+    let _held = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
     let all = status_of(d.kmsctl(&["--json", "status"], b""));
     assert_eq!(all["keys"], 3, "{all}");
+    assert_eq!(all["connections"], 2, "{all}");
     assert!(all["next_due_at"].is_string(), "{all}");
     let own = status_of(as_other(&d, &["--json", "status"], b""));
     assert_eq!(own["keys"], 1, "{own}");
-    // Its own kmsctl's connection, not root's.
+    // Its own kmsctl's connection, not root's held one.
     assert_eq!(own["connections"], 1, "{own}");
     // The rotation of its key in 2 days, not the other key's tomorrow.
     assert!(own["next_due_at"].is_string(), "{own}");
