@@ -21,14 +21,16 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
     let token = Token::new("kms-commits");
     let c = me();
 
-    // 1. A rotation whose commit fails after its header was written: the caller gets an
-    //    error, but the store has the new version, so its objects must stay.
+    // 1. A rotation whose commit fails after its header was written, with nothing able to
+    //    confirm it (every fsync fails from then on: a commit that confirms it is a
+    //    success, `a_change_that_landed_despite_its_error_is_confirmed_and_served`): the
+    //    caller gets an error, but the store has the new version, so its objects must stay.
     let disk = Disk::default();
     let e = token.engine_on(&disk);
     e.create_key(&c, &hsm_key("rot", KeyType::Aes256)).unwrap();
     e.rotate(&c, "rot").unwrap();
     assert_eq!(token.objects(), 2);
-    disk.fail_commit_after_header();
+    disk.fail_commit_after_header_then_syncs();
     let err = e.rotate(&c, "rot").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
     assert!(err.to_string().contains("may have been stored"), "{err}");
@@ -37,6 +39,8 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
         3,
         "the failed rotation's objects were destroyed"
     );
+    disk.syncs_fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     drop(e.close());
     let e = token.engine_on(&disk);
     let k = e.get_key("rot").unwrap();
@@ -73,15 +77,17 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
         b"still here"
     );
 
-    // 3. A purge whose commit fails after its header was written: stored, but the objects
-    //    were not destroyed (the caller got an error). They are still there, and the next
+    // 3. A purge whose commit fails after its header was written, unconfirmed (as in 1.):
+    //    stored, but the objects were not destroyed (the caller got an error). They are still there, and the next
     //    start destroys them (the key's due task), then forgets their references.
     let kept = e.request_deletion(&c, "kept").unwrap().tag;
     let before_purge = token.objects();
-    disk.fail_commit_after_header();
+    disk.fail_commit_after_header_then_syncs();
     let err = e.delete_now(&c, "kept").unwrap_err();
     assert!(err.to_string().contains("may have been stored"), "{err}");
     assert_eq!(token.objects(), before_purge);
+    disk.syncs_fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     drop(e.close());
     let e = token.engine_on(&disk);
     assert_eq!(e.get_key(&kept).unwrap().state, KeyState::Deleted);
@@ -102,5 +108,15 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
     e.request_deletion(&c, "rot").unwrap();
     e.delete_now(&c, "rot").unwrap();
     assert_eq!(token.objects(), before - 3, "rot's three versions");
+
+    // 5. A purge whose commit fails after its header was written and is then confirmed:
+    //    a success, and its objects go at once, as in 4.
+    e.create_key(&c, &hsm_key("confirmed", KeyType::Aes256))
+        .unwrap();
+    e.request_deletion(&c, "confirmed").unwrap();
+    let before = token.objects();
+    disk.fail_commit_after_header();
+    e.delete_now(&c, "confirmed").unwrap();
+    assert_eq!(token.objects(), before - 1, "confirmed's one AES object");
     drop(e.close());
 }

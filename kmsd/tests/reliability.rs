@@ -180,6 +180,90 @@ fn failing_writes_fail_internal_and_the_store_recovers() {
     e.close();
 }
 
+/// A change whose commit reports a failure after it landed (the fsync after redb's new
+/// header fails, once) reads back as stored, and the commit that confirms it succeeds:
+/// the caller is told of success and the change is in force at once. A create is there
+/// once (its retry finds the name taken), a disable stops encryption, a revoke takes the
+/// role, a purge takes the name. Before, each was answered with an error and memory went
+/// on without it until the next start: the retried create made a second key of its
+/// name, the disabled key went on encrypting. Where nothing can confirm it (every fsync
+/// fails from then on), the caller still gets the error and the next start reads the
+/// change as the store holds it.
+#[test]
+fn a_change_that_landed_despite_its_error_is_confirmed_and_served() {
+    let disk = Disk::default();
+    let e = engine_on(disk.clone());
+    let c = me();
+
+    disk.fail_commit_after_header();
+    let landed = e.create_key(&c, &aes("landed")).unwrap();
+    assert_eq!(
+        e.create_key(&c, &aes("landed")).unwrap_err().kind(),
+        ErrorKind::AlreadyExists,
+        "a retry made a second key of the name"
+    );
+    let ct = e.encrypt(&c, "landed", b"usable", None).wait().unwrap();
+
+    disk.fail_commit_after_header();
+    e.disable(&c, "landed").unwrap();
+    assert_eq!(
+        e.encrypt(&c, "landed", b"x", None)
+            .wait()
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidState,
+        "a disabled key still encrypted"
+    );
+
+    let spec = kms_shared::protocol::GrantSpec {
+        role: kms_shared::model::Role::KeyUser,
+        user: Some("root".into()),
+        group: None,
+        key: Some("landed".into()),
+    };
+    disk.fail_commit_after_header();
+    e.grant(&c, &spec).unwrap();
+    assert_eq!(e.grants().len(), 1);
+    disk.fail_commit_after_header();
+    e.revoke(&c, &spec).unwrap();
+    assert!(e.grants().is_empty(), "the revoked grant is still in force");
+
+    e.create_key(&c, &aes("purged")).unwrap();
+    e.request_deletion(&c, "purged").unwrap();
+    disk.fail_commit_after_header();
+    e.delete_now(&c, "purged").unwrap();
+    assert!(
+        e.get_key("purged").is_err(),
+        "the purged key is still found"
+    );
+
+    // Nothing confirms it: the error; the store has the change at the next start.
+    e.create_key(&c, &aes("unconfirmed")).unwrap();
+    disk.fail_commit_after_header_then_syncs();
+    let err = e.disable(&c, "unconfirmed").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+    assert!(err.to_string().contains("may have been stored"), "{err}");
+    disk.syncs_fail.store(false, Ordering::SeqCst);
+
+    drop(e.close());
+    let e = engine_on(disk);
+    let again = e.get_key("landed").unwrap();
+    assert_eq!(again.tag, landed.tag);
+    assert_eq!(again.state, kms_shared::model::KeyState::Disabled);
+    assert_eq!(
+        e.get_key("unconfirmed").unwrap().state,
+        kms_shared::model::KeyState::Disabled
+    );
+    assert!(e.grants().is_empty());
+    assert!(e.get_key("purged").is_err());
+    e.enable(&c, "landed").unwrap();
+    assert_eq!(
+        e.decrypt(&c, "landed", &ct, None).wait().unwrap(),
+        b"usable"
+    );
+    e.close();
+}
+
 /// 1,000,000 AES-GCM encryptions under one version through the engine (in batches, as
 /// clients send them): all under version 1, the version counts exactly 1,000,000, and
 /// no 96-bit nonce repeats.

@@ -221,7 +221,17 @@ impl Engine {
         {
             m.push(history_mutation(tag, now, caller, action, None, None));
         }
-        self.writer.submit(m).wait()?;
+        if let Err(e) = self.writer.submit(m).wait() {
+            // As for a key's change (`Engine::apply`): in force, and a success, once a
+            // commit confirms that it landed. Left out of memory, a revoke that landed
+            // left its grantee the role until the next start.
+            if !(e.may_have_landed()
+                && self.grant_reads_back(action, grant)
+                && self.writer.confirm().is_ok())
+            {
+                return Err(e.into());
+            }
+        }
         let swap = || {
             let mut guard = self.grants.write().unwrap_or_else(|e| e.into_inner());
             let mut next = (**guard).clone();
@@ -259,6 +269,30 @@ impl Engine {
             swap();
         }
         Ok(())
+    }
+
+    /// Whether the store reads as holding a grant change answered with an error that may
+    /// have landed: the grant there as given, or gone. Unreadable is "no".
+    fn grant_reads_back(&self, action: Action, grant: &GrantInfo) -> bool {
+        match self.store.grant(grant.id) {
+            Ok(stored) => {
+                let landed = match action {
+                    Action::Grant => stored.as_ref() == Some(grant),
+                    _ => stored.is_none(),
+                };
+                if landed {
+                    tracing::warn!(
+                        grant = grant.id,
+                        "a grant change answered with an error reads back as stored; confirming it"
+                    );
+                }
+                landed
+            }
+            Err(e) => {
+                tracing::error!(grant = grant.id, error = %e, "cannot read back a grant change that may have been stored");
+                false
+            }
+        }
     }
 }
 

@@ -251,16 +251,27 @@ impl Engine {
             // Versions generated in a token for this change would be orphans there —
             // unless the change may have been stored after all: then they may be what
             // the store refers to, and an orphan is the lesser harm.
-            if e.may_have_landed() {
-                tracing::warn!(
-                    key = %change.rec.name,
-                    versions = change.versions.len(),
-                    "keeping the token objects of a change that may have been stored"
-                );
-            } else {
+            if !e.may_have_landed() {
                 self.discard_hsm_versions(&change.versions);
+                return Err(e.into());
             }
-            return Err(e.into());
+            tracing::warn!(
+                key = %change.rec.name,
+                versions = change.versions.len(),
+                "keeping the token objects of a change that may have been stored"
+            );
+            // Memory holds only what is durable. A change that reads back as stored is
+            // made durable by a commit that succeeds after it (`Writer::confirm`): then
+            // it is published and its caller told of success, as for any other. Left
+            // out of memory, a disabled or purged key stayed usable until the next
+            // start, and a retried create made a second key of its name.
+            if !(self.reads_back(&change.rec) && self.writer.confirm().is_ok()) {
+                return Err(e.into());
+            }
+            tracing::warn!(
+                key = %change.rec.name,
+                "a change answered with an error read back as stored and is now confirmed"
+            );
         }
 
         // Durable: now publish.
@@ -305,6 +316,18 @@ impl Engine {
             self.forget_grants(&purged_grants.iter().map(|g| g.id).collect::<Vec<_>>());
         }
         Ok(entry)
+    }
+
+    /// Whether the store holds `rec` as it reads now: after a commit answered with an
+    /// error that may have landed. Unreadable is "no".
+    fn reads_back(&self, rec: &KeyRecord) -> bool {
+        match self.store.key_record(&rec.tag) {
+            Ok(stored) => stored.as_ref() == Some(rec),
+            Err(e) => {
+                tracing::error!(key = %rec.name, error = %e, "cannot read back a change that may have been stored");
+                false
+            }
+        }
     }
 
     /// Records a refused lifecycle call in the history and returns the refusal.

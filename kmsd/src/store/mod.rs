@@ -703,6 +703,29 @@ impl Store {
         Ok(names.get(name)?.map(|tag| tag.value().to_string()))
     }
 
+    /// A key's record as the store reads it now. The engine asks after a change answered
+    /// with an error that may have landed ([`StoreError::may_have_landed`]), to serve what
+    /// the store holds rather than what it held before.
+    pub fn key_record(&self, tag: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let keys = tx.open_table(KEYS)?;
+        keys.get(tag)?
+            .map(|v| decode(v.value()).map_err(corrupt("keys")))
+            .transpose()
+    }
+
+    /// A grant as the store reads it now, by id (as [`Store::key_record`], for grants).
+    pub fn grant(&self, id: u64) -> Result<Option<kms_shared::model::GrantInfo>, StoreError> {
+        let db = self.db.get()?;
+        let tx = db.begin_read()?;
+        let grants = tx.open_table(GRANTS)?;
+        grants
+            .get(id)?
+            .map(|v| decode(v.value()).map_err(corrupt("grants")))
+            .transpose()
+    }
+
     /// A key's history, newest first, filtered.
     pub fn history(
         &self,

@@ -105,6 +105,8 @@ pub enum Mutation {
     RemoveHsmToken(String),
     /// Changes nothing: folds the journaled calls into redb ([`Writer::settle`]).
     Settle,
+    /// Changes nothing, and commits even when nothing is pending ([`Writer::confirm`]).
+    Confirm,
 }
 
 impl Mutation {
@@ -300,6 +302,14 @@ impl Writer {
             return Ok(());
         }
         self.submit(vec![Mutation::Settle]).wait()
+    }
+
+    /// One durable redb commit, even with nothing to write: after a commit answered with
+    /// an error that reads back as landed ([`StoreError::may_have_landed`]), a commit
+    /// that reports success writes a new header over what redb reads, the landed change
+    /// included, as the writer's own confirmation of a landed fold does. Blocks.
+    pub fn confirm(&self) -> Result<(), Arc<StoreError>> {
+        self.submit(vec![Mutation::Confirm]).wait()
     }
 
     /// Whether the writer thread died of a panic (see [`WriterExit`]).
@@ -895,7 +905,7 @@ fn finish(
                 Mutation::RemoveHsmToken(name) => {
                     tx.open_table(HSM_TOKENS)?.remove(name.as_str())?;
                 }
-                Mutation::Settle => {}
+                Mutation::Settle | Mutation::Confirm => {}
             }
         }
         flush_counters(
@@ -1636,6 +1646,36 @@ mod tests {
             writer.settle().unwrap();
             assert_eq!(store.history_len().unwrap(), round, "round {round}");
         }
+        writer.shutdown();
+    }
+
+    /// `confirm` commits even when nothing is pending (a new header, here seen as a new
+    /// journal generation), where `settle` has nothing to do; a confirmation that fails
+    /// is reported.
+    #[test]
+    fn confirm_commits_when_nothing_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = writer_with_calls(dir.path(), 0);
+        let generation = || {
+            use redb::ReadableDatabase;
+            let tx = store.db.get().unwrap().begin_read().unwrap();
+            let meta = tx.open_table(META).unwrap();
+            meta.get(META_JOURNAL_GENERATION)
+                .unwrap()
+                .map(|v| v.value().to_vec())
+        };
+        let before = generation();
+        writer.settle().unwrap();
+        assert_eq!(
+            generation(),
+            before,
+            "settle committed with nothing pending"
+        );
+        writer.confirm().unwrap();
+        let confirmed = generation();
+        assert_ne!(confirmed, before, "confirm did not commit");
+        writer.land_then_fail.store(2, Ordering::Relaxed);
+        assert!(writer.confirm().is_err());
         writer.shutdown();
     }
 

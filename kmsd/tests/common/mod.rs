@@ -21,6 +21,10 @@ pub struct Disk {
     header_writes_left: Arc<AtomicU64>,
     /// The next `sync_data` fails.
     fail_next_sync: Arc<AtomicBool>,
+    /// That failing `sync_data` is followed by more (see [`Disk::fail_commit_after_header_then_syncs`]).
+    more_failing_syncs: Arc<AtomicBool>,
+    /// Every `sync_data` fails while set.
+    pub syncs_fail: Arc<AtomicBool>,
 }
 
 impl Disk {
@@ -28,6 +32,13 @@ impl Disk {
     /// an fsync) fails at the fsync after its second header write, which has landed.
     pub fn fail_commit_after_header(&self) {
         self.header_writes_left.store(2, Ordering::SeqCst);
+    }
+
+    /// As [`Disk::fail_commit_after_header`], and every `sync_data` fails from then on
+    /// (until `syncs_fail` is cleared): no commit after the landed one can confirm it.
+    pub fn fail_commit_after_header_then_syncs(&self) {
+        self.more_failing_syncs.store(true, Ordering::SeqCst);
+        self.fail_commit_after_header();
     }
 }
 
@@ -61,6 +72,12 @@ impl StorageBackend for Disk {
 
     fn sync_data(&self) -> Result<(), std::io::Error> {
         if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            if self.more_failing_syncs.swap(false, Ordering::SeqCst) {
+                self.syncs_fail.store(true, Ordering::SeqCst);
+            }
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        if self.syncs_fail.load(Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(5));
         }
         Ok(())
