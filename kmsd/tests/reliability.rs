@@ -264,6 +264,57 @@ fn a_change_that_landed_despite_its_error_is_confirmed_and_served() {
     e.close();
 }
 
+/// A change whose commit failed before anything of it landed is, on a store without a
+/// journal, answered "may have been stored" as well; its confirmation must find the
+/// store without it and refuse. What would pass for it: a version's flag (the key's
+/// record does not change), and a rotation retried after an earlier attempt that did
+/// land unconfirmed (the retry's key record is the earlier attempt's, only its new
+/// version's material differs). Confirmed on the key record alone, the retry was
+/// published with material the store does not hold: what it encrypted could not be
+/// decrypted after a restart.
+#[test]
+fn a_change_that_did_not_land_is_not_confirmed() {
+    let disk = Disk::default();
+    let e = engine_on(disk.clone());
+    let c = me();
+    e.create_key(&c, &aes("flags")).unwrap();
+    e.rotate(&c, "flags").unwrap();
+
+    disk.fail_next_write.store(true, Ordering::SeqCst);
+    let err = e.set_version_enabled(&c, "flags", 1, false).unwrap_err();
+    assert!(err.to_string().contains("may have been stored"), "{err}");
+    let v1 = e
+        .versions("flags")
+        .unwrap()
+        .into_iter()
+        .find(|v| v.version == 1);
+    assert!(
+        v1.unwrap().enabled,
+        "a version flag that did not land is in force"
+    );
+
+    // A rotation that lands and cannot be confirmed, then its retry, which does not land.
+    e.create_key(&c, &aes("retried")).unwrap();
+    disk.fail_commit_after_header_then_syncs();
+    assert!(e.rotate(&c, "retried").is_err());
+    disk.syncs_fail.store(false, Ordering::SeqCst);
+    // The store reopens at most every 200 ms after a failed reopen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while let Err(err) = e.set_memo(&c, "flags", "the store works again") {
+        assert!(std::time::Instant::now() < deadline, "no recovery: {err}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    disk.fail_next_write.store(true, Ordering::SeqCst);
+    let err = e.rotate(&c, "retried").unwrap_err();
+    assert!(err.to_string().contains("may have been stored"), "{err}");
+    disk.fail_next_write.store(false, Ordering::SeqCst);
+    let ct = e.encrypt(&c, "retried", b"kept", None).wait().unwrap();
+    drop(e.close());
+    let e = engine_on(disk);
+    assert_eq!(e.decrypt(&c, "retried", &ct, None).wait().unwrap(), b"kept");
+    e.close();
+}
+
 /// 1,000,000 AES-GCM encryptions under one version through the engine (in batches, as
 /// clients send them): all under version 1, the version counts exactly 1,000,000, and
 /// no 96-bit nonce repeats.

@@ -2,7 +2,7 @@
 //! the store's grants table and mirrored in memory for the per-request check.
 
 use super::{Caller, Engine, EngineError, history_mutation, keyring::KeyEntry};
-use crate::store::Mutation;
+use crate::store::{Held, Mutation};
 use kms_shared::model::{Action, GrantInfo, KeyState, NO_PRINCIPAL_ID, Principal};
 use kms_shared::protocol::{EventKind, GrantSpec};
 use std::sync::Arc;
@@ -225,12 +225,17 @@ impl Engine {
             // As for a key's change (`Engine::apply`): in force, and a success, once a
             // commit confirms that it landed. Left out of memory, a revoke that landed
             // left its grantee the role until the next start.
-            if !(e.may_have_landed()
-                && self.grant_reads_back(action, grant)
-                && self.writer.confirm().is_ok())
-            {
+            let held = Held::Grant {
+                id: grant.id,
+                grant: (action == Action::Grant).then(|| grant.clone()),
+            };
+            if !e.may_have_landed() || self.writer.confirm(Some(held)).is_err() {
                 return Err(e.into());
             }
+            tracing::warn!(
+                grant = grant.id,
+                "a grant change answered with an error was stored after all, and is now confirmed"
+            );
         }
         let swap = || {
             let mut guard = self.grants.write().unwrap_or_else(|e| e.into_inner());
@@ -269,30 +274,6 @@ impl Engine {
             swap();
         }
         Ok(())
-    }
-
-    /// Whether the store reads as holding a grant change answered with an error that may
-    /// have landed: the grant there as given, or gone. Unreadable is "no".
-    fn grant_reads_back(&self, action: Action, grant: &GrantInfo) -> bool {
-        match self.store.grant(grant.id) {
-            Ok(stored) => {
-                let landed = match action {
-                    Action::Grant => stored.as_ref() == Some(grant),
-                    _ => stored.is_none(),
-                };
-                if landed {
-                    tracing::warn!(
-                        grant = grant.id,
-                        "a grant change answered with an error reads back as stored; confirming it"
-                    );
-                }
-                landed
-            }
-            Err(e) => {
-                tracing::error!(grant = grant.id, error = %e, "cannot read back a grant change that may have been stored");
-                false
-            }
-        }
     }
 }
 

@@ -6,8 +6,8 @@
 use super::schedule::{anchor_after_rotation, due_entries};
 use super::{Caller, Engine, EngineError, KeyEntry, VersionEntry, VersionsCell, history_mutation};
 use crate::crypto::{self, KeyMaterial, RootKey};
-use crate::store::Mutation;
 use crate::store::records::{DueKind, KeyRecord, VersionRecord};
+use crate::store::{Held, Mutation};
 use kms_shared::model::{
     self, Action, DAY_MS, DEFAULT_ROTATION_DAYS, KeyInfo, KeyState, KeyType, Protection,
     UnixMillis, VersionInfo,
@@ -255,22 +255,32 @@ impl Engine {
                 self.discard_hsm_versions(&change.versions);
                 return Err(e.into());
             }
-            tracing::warn!(
-                key = %change.rec.name,
-                versions = change.versions.len(),
-                "keeping the token objects of a change that may have been stored"
-            );
-            // Memory holds only what is durable. A change that reads back as stored is
-            // made durable by a commit that succeeds after it (`Writer::confirm`): then
-            // it is published and its caller told of success, as for any other. Left
-            // out of memory, a disabled or purged key stayed usable until the next
-            // start, and a retried create made a second key of its name.
-            if !(self.reads_back(&change.rec) && self.writer.confirm().is_ok()) {
+            // Memory holds only what is durable. A change the store reads as holding
+            // (its key record and every version it wrote) is made durable by a commit
+            // that succeeds after it (`Writer::confirm`, which checks and commits on the
+            // writer's thread): then it is published and its caller told of success, as
+            // for any other. Left out of memory, a disabled or purged key stayed usable
+            // until the next start, and a retried create made a second key of its name.
+            let held = Held::Key {
+                record: change.rec.clone(),
+                versions: change
+                    .versions
+                    .iter()
+                    .map(|(v, record, _)| (*v, record.clone()))
+                    .collect(),
+            };
+            if let Err(not) = self.writer.confirm(Some(held)) {
+                tracing::warn!(
+                    key = %change.rec.name,
+                    versions = change.versions.len(),
+                    error = %not,
+                    "a change that may have been stored is not confirmed; keeping its token objects"
+                );
                 return Err(e.into());
             }
             tracing::warn!(
                 key = %change.rec.name,
-                "a change answered with an error read back as stored and is now confirmed"
+                "a change answered with an error was stored after all, and is now confirmed"
             );
         }
 
@@ -316,18 +326,6 @@ impl Engine {
             self.forget_grants(&purged_grants.iter().map(|g| g.id).collect::<Vec<_>>());
         }
         Ok(entry)
-    }
-
-    /// Whether the store holds `rec` as it reads now: after a commit answered with an
-    /// error that may have landed. Unreadable is "no".
-    fn reads_back(&self, rec: &KeyRecord) -> bool {
-        match self.store.key_record(&rec.tag) {
-            Ok(stored) => stored.as_ref() == Some(rec),
-            Err(e) => {
-                tracing::error!(key = %rec.name, error = %e, "cannot read back a change that may have been stored");
-                false
-            }
-        }
     }
 
     /// Records a refused lifecycle call in the history and returns the refusal.

@@ -42,7 +42,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use writer::{Mutation, Ticket, Writer};
+pub use writer::{Held, Mutation, Ticket, Writer};
 
 /// redb's page cache. redb keeps every page it writes in this cache (default 1 GiB), so
 /// with the default the daemon's memory would grow with its history until it held a
@@ -141,6 +141,9 @@ pub enum StoreError {
     /// Whatever the change made outside the store (objects in a token) must be kept.
     #[error("{0} (the change may have been stored all the same)")]
     Unsettled(Box<StoreError>),
+    /// A confirmation found the store without what it expects ([`writer::Held`]).
+    #[error("the store does not hold the change to confirm")]
+    NotHeld,
 }
 
 /// Why a schema upgrade stopped before it committed ([`StoreError::Upgrade`]): it could
@@ -701,29 +704,6 @@ impl Store {
         let tx = db.begin_read()?;
         let names = tx.open_table(NAMES)?;
         Ok(names.get(name)?.map(|tag| tag.value().to_string()))
-    }
-
-    /// A key's record as the store reads it now. The engine asks after a change answered
-    /// with an error that may have landed ([`StoreError::may_have_landed`]), to serve what
-    /// the store holds rather than what it held before.
-    pub fn key_record(&self, tag: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let db = self.db.get()?;
-        let tx = db.begin_read()?;
-        let keys = tx.open_table(KEYS)?;
-        keys.get(tag)?
-            .map(|v| decode(v.value()).map_err(corrupt("keys")))
-            .transpose()
-    }
-
-    /// A grant as the store reads it now, by id (as [`Store::key_record`], for grants).
-    pub fn grant(&self, id: u64) -> Result<Option<kms_shared::model::GrantInfo>, StoreError> {
-        let db = self.db.get()?;
-        let tx = db.begin_read()?;
-        let grants = tx.open_table(GRANTS)?;
-        grants
-            .get(id)?
-            .map(|v| decode(v.value()).map_err(corrupt("grants")))
-            .transpose()
     }
 
     /// A key's history, newest first, filtered.

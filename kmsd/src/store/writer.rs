@@ -105,8 +105,26 @@ pub enum Mutation {
     RemoveHsmToken(String),
     /// Changes nothing: folds the journaled calls into redb ([`Writer::settle`]).
     Settle,
-    /// Changes nothing, and commits even when nothing is pending ([`Writer::confirm`]).
-    Confirm,
+    /// Changes nothing, and commits even when nothing is pending, if the store holds
+    /// what it expects ([`Writer::confirm`]).
+    Confirm(Option<Held>),
+}
+
+/// What a confirming commit ([`Writer::confirm`]) checks the store holds before it
+/// commits: everything a change wrote that tells it apart from another attempt at it.
+#[derive(Clone)]
+pub enum Held {
+    /// A key's record and the versions the change wrote (a new version's wrapped
+    /// material is its own, so a retry's does not pass for an earlier attempt's).
+    Key {
+        record: KeyRecord,
+        versions: Vec<(u32, VersionRecord)>,
+    },
+    /// A grant as given, or (`None`) no grant with that id.
+    Grant {
+        id: u64,
+        grant: Option<kms_shared::model::GrantInfo>,
+    },
 }
 
 impl Mutation {
@@ -308,8 +326,12 @@ impl Writer {
     /// an error that reads back as landed ([`StoreError::may_have_landed`]), a commit
     /// that reports success writes a new header over what redb reads, the landed change
     /// included, as the writer's own confirmation of a landed fold does. Blocks.
-    pub fn confirm(&self) -> Result<(), Arc<StoreError>> {
-        self.submit(vec![Mutation::Confirm]).wait()
+    ///
+    /// With `held`, the writer first checks, on its own thread, that the store reads as
+    /// holding it, so that nothing commits between the check and the confirmation; if
+    /// it does not, nothing is committed and the answer is [`StoreError::NotHeld`].
+    pub fn confirm(&self, held: Option<Held>) -> Result<(), Arc<StoreError>> {
+        self.submit(vec![Mutation::Confirm(held)]).wait()
     }
 
     /// Whether the writer thread died of a panic (see [`WriterExit`]).
@@ -423,6 +445,15 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
         }
         groups += 1;
         submissions += group.len() as u64;
+        // Confirmations whose expectation fails are answered now, and leave the group:
+        // the rest of it commits without them.
+        let refused = st.check_held(&mut group);
+        if refused > 0 {
+            st.unanswered.fetch_sub(refused, Ordering::Release);
+            if group.is_empty() {
+                continue;
+            }
+        }
         let journaled = st.journal.is_some()
             && !st.journal_failed
             && group
@@ -489,6 +520,81 @@ fn answer(group: &mut Vec<Submission>, result: Result<(), StoreError>) {
 }
 
 impl State {
+    /// Answers and removes the confirmations ([`Mutation::Confirm`]) of `group` whose
+    /// store does not read as holding what they expect; returns how many. Only this
+    /// thread commits, so what it reads here is what the group's commit builds on.
+    fn check_held(&self, group: &mut Vec<Submission>) -> u64 {
+        let expects = |s: &Submission| {
+            s.mutations
+                .iter()
+                .any(|m| matches!(m, Mutation::Confirm(Some(_))))
+        };
+        if !group.iter().any(expects) {
+            return 0;
+        }
+        let mut refused = 0;
+        let mut kept = Vec::with_capacity(group.len());
+        for s in group.drain(..) {
+            let verdict = s.mutations.iter().try_for_each(|m| match m {
+                Mutation::Confirm(Some(held)) => match self.holds(held) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(StoreError::NotHeld),
+                    Err(e) => Err(e),
+                },
+                _ => Ok(()),
+            });
+            match verdict {
+                Ok(()) => kept.push(s),
+                Err(e) => {
+                    refused += 1;
+                    let _ = s.done.send(Err(Arc::new(e)));
+                }
+            }
+        }
+        *group = kept;
+        refused
+    }
+
+    /// Whether the store reads as holding `held`.
+    fn holds(&self, held: &Held) -> Result<bool, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.get()?.begin_read()?;
+        match held {
+            Held::Key { record, versions } => {
+                let keys = tx.open_table(KEYS)?;
+                let stored: Option<KeyRecord> = keys
+                    .get(record.tag.as_str())?
+                    .map(|v| decode(v.value()))
+                    .transpose()
+                    .map_err(super::corrupt("keys"))?;
+                if stored.as_ref() != Some(record) {
+                    return Ok(false);
+                }
+                let table = tx.open_table(VERSIONS)?;
+                for (version, want) in versions {
+                    let stored: Option<VersionRecord> = table
+                        .get((record.tag.as_str(), *version))?
+                        .map(|v| decode(v.value()))
+                        .transpose()
+                        .map_err(super::corrupt("versions"))?;
+                    if stored.as_ref() != Some(want) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            Held::Grant { id, grant } => {
+                let grants = tx.open_table(GRANTS)?;
+                let stored: Option<kms_shared::model::GrantInfo> = grants
+                    .get(*id)?
+                    .map(|v| decode(v.value()))
+                    .transpose()
+                    .map_err(super::corrupt("grants"))?;
+                Ok(stored == *grant)
+            }
+        }
+    }
+
     /// Journals a group of calls: one record, durable before this returns.
     fn append(&mut self, group: &mut [Submission]) -> Result<(), StoreError> {
         let mut seq = self.next_seq;
@@ -905,7 +1011,7 @@ fn finish(
                 Mutation::RemoveHsmToken(name) => {
                     tx.open_table(HSM_TOKENS)?.remove(name.as_str())?;
                 }
-                Mutation::Settle | Mutation::Confirm => {}
+                Mutation::Settle | Mutation::Confirm(_) => {}
             }
         }
         flush_counters(
@@ -1671,11 +1777,11 @@ mod tests {
             before,
             "settle committed with nothing pending"
         );
-        writer.confirm().unwrap();
+        writer.confirm(None).unwrap();
         let confirmed = generation();
         assert_ne!(confirmed, before, "confirm did not commit");
         writer.land_then_fail.store(2, Ordering::Relaxed);
-        assert!(writer.confirm().is_err());
+        assert!(writer.confirm(None).is_err());
         writer.shutdown();
     }
 

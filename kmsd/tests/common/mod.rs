@@ -25,6 +25,9 @@ pub struct Disk {
     more_failing_syncs: Arc<AtomicBool>,
     /// Every `sync_data` fails while set.
     pub syncs_fail: Arc<AtomicBool>,
+    /// The next `write` fails with ENOSPC, once: a commit that fails before anything of
+    /// it landed, on a disk that works again at once.
+    pub fail_next_write: Arc<AtomicBool>,
 }
 
 impl Disk {
@@ -84,7 +87,7 @@ impl StorageBackend for Disk {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        if self.full.load(Ordering::SeqCst) {
+        if self.full.load(Ordering::SeqCst) || self.fail_next_write.swap(false, Ordering::SeqCst) {
             return Err(enospc());
         }
         if offset == 0
