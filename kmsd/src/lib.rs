@@ -102,14 +102,13 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         "keyring loaded"
     );
 
-    // Catch up on rotations and purges that fell due while the daemon was down, once.
+    // Purges whose deletion wait ended while the daemon was down happen before it serves;
+    // overdue rotations and the rest in the scheduler's first pass, once it is ready
+    // (`Engine::run_due_deletions`).
     let e = engine.clone();
-    let caught_up = tokio::task::spawn_blocking(move || e.run_due()).await?;
-    if caught_up > 0 {
-        tracing::info!(
-            tasks = caught_up,
-            "caught up on overdue rotations and deletions"
-        );
+    let purged = tokio::task::spawn_blocking(move || e.run_due_deletions()).await?;
+    if purged > 0 {
+        tracing::info!(keys = purged, "purged keys whose deletion wait ended");
     }
 
     // `_socket_lock`: held while kmsd serves a socket it bound itself (`server::bind`).

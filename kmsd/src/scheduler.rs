@@ -18,7 +18,20 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
     let wake = engine.due_changed();
     let mut last_prune: Option<tokio::time::Instant> = None;
+    let mut first_pass = true;
     loop {
+        // Due tasks first: the first pass is the start-up's catch-up on overdue rotations
+        // (`Engine::run_due_deletions`), which should not wait for a prune.
+        let e = engine.clone();
+        match tokio::task::spawn_blocking(move || e.run_due()).await {
+            Ok(n) if n > 0 && first_pass => {
+                tracing::info!(tasks = n, "caught up on overdue rotations and other tasks")
+            }
+            Ok(n) if n > 0 => tracing::debug!(done = n, "scheduled tasks carried out"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "scheduler task failed"),
+        }
+        first_pass = false;
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             let e = engine.clone();
             match tokio::task::spawn_blocking(move || e.prune_history()).await {
@@ -27,12 +40,6 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
                 Err(e) => tracing::error!(error = %e, "history pruning task failed"),
             }
             last_prune = Some(tokio::time::Instant::now());
-        }
-        let e = engine.clone();
-        match tokio::task::spawn_blocking(move || e.run_due()).await {
-            Ok(n) if n > 0 => tracing::debug!(done = n, "scheduled tasks carried out"),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "scheduler task failed"),
         }
         let sleep = match engine.next_due() {
             Some(at) => {

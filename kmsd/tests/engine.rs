@@ -584,6 +584,28 @@ fn signatures_data_keys_reencrypt() {
     assert!(matches!(&batch[1], ItemOutcome::Err(w) if w.kind == ErrorKind::DecryptFailed));
 }
 
+/// What kmsd catches up on before it serves is the purges whose wait ended
+/// (`run_due_deletions`); an overdue rotation is left to the scheduler's first pass, and
+/// carried out there once.
+#[test]
+fn start_up_catches_up_on_purges_only() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create_with("daily", KeyType::Aes256, |s| {
+        s.auto_rotation = true;
+        s.rotation_days = Some(1);
+    });
+    let doomed = fx.create("doomed", KeyType::Aes256).tag;
+    e.request_deletion(me, "doomed").unwrap();
+    fx.clock.set(T0 + 73 * HOUR_MS);
+    assert_eq!(e.run_due_deletions(), 1);
+    assert_eq!(e.get_key(&doomed).unwrap().state, KeyState::Deleted);
+    assert_eq!(e.get_key("daily").unwrap().current_version, 1);
+    assert_eq!(e.run_due(), 1);
+    assert_eq!(e.get_key("daily").unwrap().current_version, 2);
+    assert_eq!(e.run_due(), 0);
+}
+
 /// The 72-hour wait: nothing happens before it, the purge happens at it, material is gone
 /// and the metadata stays; a cancelled request leaves the key disabled and never purges.
 #[test]

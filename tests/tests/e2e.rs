@@ -404,8 +404,8 @@ fn hq(key: &str) -> HistoryQuery {
     }
 }
 
-/// A restart 73 hours later (the daemon under faketime) purges the pending key and rotates
-/// a due key exactly once.
+/// A restart 73 hours later (the daemon under faketime) purges the pending key before it
+/// serves, and rotates a due key exactly once, in the scheduler's first pass.
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_73_hours_later() {
     let mut d = TestDaemon::start();
@@ -424,8 +424,18 @@ async fn restart_73_hours_later() {
     let c = d.client().await;
     let gone = c.get_key(&doomed.tag).await.unwrap();
     assert_eq!(gone.state, KeyState::Deleted, "log:\n{}", d.log_text());
-    let daily = c.get_key("daily").await.unwrap();
-    // Three periods passed; one catch-up rotation.
+    // Three periods passed; one catch-up rotation, after kmsd is ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut daily = c.get_key("daily").await.unwrap();
+    while daily.current_version == 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no catch-up rotation; log:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        daily = c.get_key("daily").await.unwrap();
+    }
     assert_eq!(daily.current_version, 2);
     let next = daily.next_rotation_at.unwrap();
     let created = daily.created_at;

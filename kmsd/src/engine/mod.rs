@@ -634,12 +634,25 @@ impl Engine {
     /// how many entries were handled. A failed task is logged and tried again after 1 s,
     /// 2 s, 4 s, … up to an hour ([`schedule::Retries`]), not on every call.
     pub fn run_due(&self) -> usize {
+        self.run_due_of(|_| true)
+    }
+
+    /// [`Engine::run_due`] for the purges at the end of the deletion wait only: what kmsd
+    /// catches up on before it serves, so that no client can cancel (or see as pending)
+    /// a deletion whose wait ended while kmsd was down. Overdue rotations and the rest
+    /// wait for the scheduler's first pass, after kmsd is ready: thousands of them take
+    /// tens of seconds, and a service manager would time the start out.
+    pub fn run_due_deletions(&self) -> usize {
+        self.run_due_of(|kind| kind == DueKind::Deletion)
+    }
+
+    fn run_due_of(&self, pick: impl Fn(DueKind) -> bool) -> usize {
         self.record_counted_refusals(self.refusals.over(self.clock.elapsed_ms()));
         let (now, elapsed) = (self.now(), self.clock.elapsed_ms());
         let due = schedule::due_at(&self.ring().due, now);
         let retries = || self.due_retries.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = 0;
-        for (at, tag, kind) in due {
+        for (at, tag, kind) in due.into_iter().filter(|(_, _, kind)| pick(*kind)) {
             if !retries().ready(&tag, kind, elapsed) {
                 continue;
             }
