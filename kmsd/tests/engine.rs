@@ -606,6 +606,34 @@ fn start_up_catches_up_on_purges_only() {
     assert_eq!(e.run_due(), 0);
 }
 
+/// A scheduled task whose key changed after the pass listed it is skipped, not recorded:
+/// a rotation that fell due on a key the same catch-up purged first. Before, the key's
+/// history ended with a refused `auto-rotate` by kmsd after its purge, and the task was
+/// counted as failed and retried.
+#[test]
+fn a_task_the_key_no_longer_calls_for_is_not_recorded() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    let tag = fx
+        .create_with("short-lived", KeyType::Aes256, |s| {
+            s.auto_rotation = true;
+            s.rotation_days = Some(10);
+        })
+        .tag;
+    fx.clock.set(T0 + 24 * HOUR_MS);
+    e.request_deletion(me, "short-lived").unwrap();
+    fx.clock.set(T0 + 20 * 24 * HOUR_MS);
+    assert_eq!(e.run_due(), 1, "the purge, and nothing else");
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::Deleted);
+    let refused: Vec<_> = history_page(e, &tag)
+        .into_iter()
+        .filter(|h| h.result != "ok")
+        .map(|h| (h.action, h.result))
+        .collect();
+    assert!(refused.is_empty(), "refusals recorded: {refused:?}");
+    assert_eq!(e.run_due(), 0);
+}
+
 /// The 72-hour wait: nothing happens before it, the purge happens at it, material is gone
 /// and the metadata stays; a cancelled request leaves the key disabled and never purges.
 #[test]

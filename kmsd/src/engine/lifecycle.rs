@@ -361,15 +361,41 @@ impl Engine {
         build: impl FnOnce(&Arc<KeyEntry>, UnixMillis) -> Result<Change, EngineError>,
     ) -> Result<Arc<KeyEntry>, EngineError> {
         let tag = self.resolve(key)?.rec.tag.clone();
-        let lock = self.key_lock(&tag);
+        // `None` only when the key went (expunged) between the two reads.
+        self.change_key_if(caller, &tag, action, version, |_, _| true, build)?
+            .ok_or_else(|| EngineError::NotFound(format!("no key named or tagged {key:?}")))
+    }
+
+    /// [`Engine::change_key`] by tag, if `applies` to the key as it is under its lock;
+    /// `None`, with nothing recorded, if it does not or the key is gone. For the
+    /// scheduler's tasks: a key changed since the pass listed its task (a rotation due on
+    /// a key purged earlier in the same pass, a purge after a cancel) is not a refusal
+    /// of a `kmsd` action to put in its history, only a task that no longer exists.
+    fn change_key_if(
+        &self,
+        caller: &Caller,
+        tag: &str,
+        action: Action,
+        version: Option<u32>,
+        applies: impl FnOnce(&KeyEntry, UnixMillis) -> bool,
+        build: impl FnOnce(&Arc<KeyEntry>, UnixMillis) -> Result<Change, EngineError>,
+    ) -> Result<Option<Arc<KeyEntry>>, EngineError> {
+        let lock = self.key_lock(tag);
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
         // Read again under the lock: another change may have landed meanwhile. By tag: a
         // name may have passed to a new key meanwhile (the old one purged), whose changes
         // take another lock; building on it here could write back a stale version count.
-        let entry = self.resolve(&tag)?;
+        let entry = match self.resolve(tag) {
+            Ok(entry) => entry,
+            Err(EngineError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let now = self.now();
+        if !applies(&entry, now) {
+            return Ok(None);
+        }
         match build(&entry, now) {
-            Ok(change) => self.apply(caller, Some(&entry), change),
+            Ok(change) => self.apply(caller, Some(&entry), change).map(Some),
             Err(e) => Err(self.refuse(caller, &entry, action, version, e)),
         }
     }
@@ -492,12 +518,10 @@ impl Engine {
         tag: &str,
         due: UnixMillis,
         now: UnixMillis,
-    ) -> Result<Arc<KeyEntry>, EngineError> {
+    ) -> Result<Option<Arc<KeyEntry>>, EngineError> {
         let caller = Caller::daemon();
-        self.change_key(&caller, tag, Action::AutoRotate, None, |e, _| {
-            if e.rec.next_rotation_at() != Some(due) {
-                return Err(EngineError::InvalidState("rotation no longer due".into()));
-            }
+        let still_due = |e: &KeyEntry, _| e.rec.next_rotation_at() == Some(due);
+        self.change_key_if(&caller, tag, Action::AutoRotate, None, still_due, |e, _| {
             let period = i64::from(e.rec.rotation_days) * DAY_MS;
             match self.rotation_change(
                 e,
@@ -807,16 +831,23 @@ impl Engine {
     }
 
     /// The scheduled purge at the end of the deletion wait.
-    pub(super) fn purge_due(&self, tag: &str) -> Result<Arc<KeyEntry>, EngineError> {
-        self.change_key(&Caller::daemon(), tag, Action::Purge, None, |e, now| {
-            require_pending(e)?;
-            if e.rec.deletion_due_at.is_none_or(|d| d > now) {
-                return Err(EngineError::InvalidState("purge not yet due".into()));
-            }
-            self.require_token_present(e)?;
-            Ok(purge_change(e, self.versions_of(e)?, now, Action::Purge))
-        })
-        .map(|e| self.destroy_token_objects_after_purge(e))
+    pub(super) fn purge_due(&self, tag: &str) -> Result<Option<Arc<KeyEntry>>, EngineError> {
+        let still_due = |e: &KeyEntry, now| {
+            e.rec.state == KeyState::PendingDeletion
+                && e.rec.deletion_due_at.is_some_and(|d| d <= now)
+        };
+        let purged = self.change_key_if(
+            &Caller::daemon(),
+            tag,
+            Action::Purge,
+            None,
+            still_due,
+            |e, now| {
+                self.require_token_present(e)?;
+                Ok(purge_change(e, self.versions_of(e)?, now, Action::Purge))
+            },
+        )?;
+        Ok(purged.map(|e| self.destroy_token_objects_after_purge(e)))
     }
 
     /// Right after a purge: destroys the key's token objects, and on failure leaves them to

@@ -668,19 +668,21 @@ impl Engine {
                 retries().wait(&tag, kind, elapsed.saturating_add(left));
                 continue;
             }
+            // `Ok(false)`: the key changed since this pass listed the task (see
+            // `change_key_if`); nothing to do, nothing recorded.
             let r = match kind {
-                DueKind::Rotation => self.auto_rotate(&tag, at, now).map(|_| ()),
-                DueKind::Deletion => self.purge_due(&tag).map(|_| ()),
-                DueKind::Expiry => self.expire(&tag),
-                DueKind::DestroyObjects => self.destroy_token_objects(&tag).map(|_| ()),
+                DueKind::Rotation => self.auto_rotate(&tag, at, now).map(|e| e.is_some()),
+                DueKind::Deletion => self.purge_due(&tag).map(|e| e.is_some()),
+                DueKind::Expiry => self.expire(&tag).map(|()| true),
+                DueKind::DestroyObjects => self.destroy_token_objects(&tag).map(|_| true),
             };
             match r {
-                Ok(()) => {
+                Ok(carried_out) => {
                     retries().forget(&tag, kind);
-                    if kind == DueKind::Deletion {
+                    if kind == DueKind::Deletion && carried_out {
                         self.set_deletion_wait(&tag, None);
                     }
-                    done += 1;
+                    done += usize::from(carried_out);
                 }
                 Err(e) => {
                     tracing::warn!(key = %tag, ?kind, error = %e, "scheduled task failed");
