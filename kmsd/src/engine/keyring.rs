@@ -332,8 +332,10 @@ impl Keyring {
         self.by_tag.insert(rec.tag.clone(), entry);
     }
 
-    /// Forgets a key entirely (end of retention).
-    pub fn remove(&mut self, tag: &str) {
+    /// Forgets a key entirely (end of retention), with its entries `due` in the due index
+    /// (what `due_entries` derives from its record: the index holds nothing else of it),
+    /// so that an expiry does not walk the whole index under the keyring's lock.
+    pub fn remove(&mut self, tag: &str, due: &[(UnixMillis, DueKind)]) {
         if let Some(old) = self.by_tag.remove(tag) {
             self.deleted
                 .remove(&(old.rec.name.clone(), tag.to_string()));
@@ -341,7 +343,7 @@ impl Keyring {
                 self.by_name.remove(&old.rec.name);
             }
         }
-        self.due.retain(|(_, t, _)| t != tag);
+        self.replace_due(tag, due, &[]);
     }
 
     /// A page of keys ordered by name: live keys, or with `deleted` the purged ones too.

@@ -923,7 +923,12 @@ impl Engine {
                 },
             ])
             .wait()?;
-        self.ring_mut().remove(tag);
+        self.ring_mut().remove(tag, &due);
+        // The key's lock goes with it (held here; whoever waits on it finds no key).
+        self.key_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(tag);
         Ok(())
     }
 }
