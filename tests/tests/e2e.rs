@@ -437,6 +437,21 @@ async fn restart_73_hours_later() {
         daily = c.get_key("daily").await.unwrap();
     }
     assert_eq!(daily.current_version, 2);
+    // Once: one automatic rotation in the history, and still version 2 once the
+    // scheduler has settled (its next pass waits for the next due date, a day on).
+    let rotations = |h: Vec<kms_shared::model::HistoryEntry>| {
+        h.iter()
+            .filter(|e| e.action == kms_shared::model::Action::AutoRotate)
+            .count()
+    };
+    assert_eq!(rotations(c.history(hq("daily")).await.unwrap()), 1);
+    let status = c.status().await.unwrap();
+    assert!(
+        status
+            .next_due_at
+            .is_none_or(|at| at > daily.created_at + 73 * 3_600_000)
+    );
+    assert_eq!(c.get_key("daily").await.unwrap().current_version, 2);
     let next = daily.next_rotation_at.unwrap();
     let created = daily.created_at;
     assert!(

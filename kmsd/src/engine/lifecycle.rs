@@ -924,6 +924,7 @@ impl Engine {
             ])
             .wait()?;
         self.ring_mut().remove(tag, &due);
+        self.set_deletion_wait(tag, None);
         // The key's lock goes with it (held here; whoever waits on it finds no key).
         self.key_locks
             .lock()
