@@ -149,8 +149,10 @@ impl<'de> Visitor<'de> for SecretVisitor {
         Err(de::Error::invalid_type(de::Unexpected::Seq, &self))
     }
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Secret, E> {
-        Err(E::invalid_type(de::Unexpected::Str(v), &self))
+    /// Refused without its content in the error: `Unexpected::Str` would print the
+    /// plaintext into a message that is sent back, and logged by clients.
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<Secret, E> {
+        Err(E::invalid_type(de::Unexpected::Other("a string"), &self))
     }
 }
 
@@ -193,7 +195,8 @@ mod tests {
 
     /// An `encrypt` request whose plaintext is an array of integers (not `bin`), or a
     /// `str`, is a decode error (`malformed-frame`): a secret is never read element by
-    /// element into a growing `Vec` that leaves unwiped copies behind.
+    /// element into a growing `Vec` that leaves unwiped copies behind, and the error,
+    /// which goes back to the client, does not hold the plaintext.
     #[test]
     fn encrypt_plaintext_as_array_or_str_is_refused() {
         use crate::codec::FrameError;
@@ -258,10 +261,13 @@ mod tests {
             }),
         })
         .unwrap();
-        assert!(matches!(
-            crate::codec::decode::<ClientFrame>(&body),
-            Err(FrameError::Decode(_))
-        ));
+        match crate::codec::decode::<ClientFrame>(&body) {
+            Err(FrameError::Decode(msg)) => {
+                assert!(msg.contains("byte string (`bin`)"), "{msg}");
+                assert!(!msg.contains("hi there"), "the plaintext is in the error: {msg}");
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
     }
 
     /// Taking over a `Zeroizing` buffer keeps its bytes and leaves it empty.
