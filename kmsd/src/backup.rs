@@ -4,8 +4,10 @@
 //!
 //! `backup` takes the snapshot and answers its first chunk with a snapshot id;
 //! `backup_read` (id, offset) answers the following ones. The file is deleted once its
-//! last byte has been sent, after [`EXPIRY`] if the client goes away, and at shutdown;
-//! files left by a crash are removed at the next start. Only the account that took a
+//! last byte has been sent, once no chunk of it was asked for in [`EXPIRY`] (the client
+//! went away), and at shutdown; files left by a crash are removed at the next start.
+//! However long the copy or the transfer takes (a large store, a slow USB stick), a
+//! snapshot being read is never deleted under its reader. Only the account that took a
 //! snapshot may read it.
 //!
 //! [`Store::snapshot_to`]: crate::store::Store::snapshot_to
@@ -21,7 +23,7 @@ use std::time::Duration;
 
 /// Largest chunk in one reply (well under the 1 MiB default frame limit of clients).
 pub const CHUNK: usize = 512 * 1024;
-/// A snapshot not read to its end within this time is deleted.
+/// A snapshot none of whose chunks was asked for within this time is deleted.
 pub const EXPIRY: Duration = Duration::from_secs(600);
 /// Snapshots in progress at once: each is a full copy of the store on disk.
 pub const MAX_SNAPSHOTS: usize = 2;
@@ -31,8 +33,11 @@ const SUFFIX: &str = ".redb.tmp";
 
 struct Snapshot {
     path: PathBuf,
+    /// Its size once the copy is complete; 0 while it is being made.
     total: u64,
     uid: u32,
+    /// When the copy ended or a chunk was last asked for: [`EXPIRY`] counts from here.
+    touched: tokio::time::Instant,
 }
 
 /// The snapshots being streamed. Dropping it deletes their files.
@@ -71,46 +76,49 @@ impl Backups {
                     path: path.clone(),
                     total: 0,
                     uid: caller.uid,
+                    touched: tokio::time::Instant::now(),
                 },
             );
         }
-        // Armed before the copy starts, so that a reservation whose client went away
-        // mid-copy (the handler is then dropped) is released too.
-        let snapshots = self.snapshots.clone();
-        let expiring = id.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(EXPIRY).await;
-            let gone = snapshots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&expiring);
-            if let Some(s) = gone {
-                tracing::info!(snapshot = %expiring, "backup snapshot expired unread");
-                let _ = std::fs::remove_file(&s.path);
-            }
-        });
         let engine = engine.clone();
         let p = path.clone();
+        let snapshots = self.snapshots.clone();
+        let copied = id.clone();
         // Settled first: every call acknowledged before the backup began is then in redb,
-        // which is what the snapshot copies (the journal is not part of a backup).
-        let snapshot = move || match engine.settle() {
-            Ok(()) => engine.store().snapshot_to(&p),
-            Err(e) => Err(crate::store::StoreError::Db(e.to_string())),
+        // which is what the snapshot copies (the journal is not part of a backup). The
+        // copy records its own end, so that the reservation of a client that went away
+        // mid-copy (this handler is then dropped) still ends: released at once if the
+        // copy failed, expired unread if not.
+        let snapshot = move || {
+            let made = match engine.settle() {
+                Ok(()) => engine.store().snapshot_to(&p),
+                Err(e) => Err(crate::store::StoreError::Db(e.to_string())),
+            };
+            let mut map = snapshots.lock().unwrap_or_else(|e| e.into_inner());
+            match &made {
+                Ok(total) => {
+                    if let Some(s) = map.get_mut(&copied) {
+                        s.total = *total;
+                        s.touched = tokio::time::Instant::now();
+                    }
+                }
+                Err(_) => {
+                    if let Some(s) = map.remove(&copied) {
+                        let _ = std::fs::remove_file(&s.path);
+                    }
+                }
+            }
+            made
         };
+        self.expire_when_idle(id.clone());
         let total = match tokio::task::spawn_blocking(snapshot).await {
             Ok(Ok(total)) => total,
-            Ok(Err(e)) => {
-                self.forget(&id);
-                return Err(internal("cannot snapshot the store", e));
-            }
+            Ok(Err(e)) => return Err(internal("cannot snapshot the store", e)),
             Err(e) => {
                 self.forget(&id);
                 return Err(internal("the snapshot task failed", e));
             }
         };
-        if let Some(s) = self.lock().get_mut(&id) {
-            s.total = total;
-        }
         tracing::info!(
             account = %caller.account,
             uid = caller.uid,
@@ -123,10 +131,13 @@ impl Backups {
     /// The chunk of snapshot `id` at `offset`; the last one deletes the snapshot.
     pub async fn read(&self, id: &str, offset: u64, caller: &Caller) -> Reply {
         let (path, total) = {
-            let map = self.lock();
-            match map.get(id) {
+            let mut map = self.lock();
+            match map.get_mut(id) {
                 // Another account's snapshot is as good as absent to this caller.
-                Some(s) if s.uid == caller.uid && s.total > 0 => (s.path.clone(), s.total),
+                Some(s) if s.uid == caller.uid && s.total > 0 => {
+                    s.touched = tokio::time::Instant::now();
+                    (s.path.clone(), s.total)
+                }
                 _ => {
                     return Err(WireError::new(
                         ErrorKind::NotFound,
@@ -163,6 +174,30 @@ impl Backups {
             total,
             done,
         })
+    }
+
+    /// Deletes snapshot `id` once it is complete and none of its chunks was asked for in
+    /// [`EXPIRY`]; never while it is being copied (the copy ends it if it fails).
+    fn expire_when_idle(&self, id: String) {
+        let snapshots = self.snapshots.clone();
+        tokio::spawn(async move {
+            let mut until = tokio::time::Instant::now() + EXPIRY;
+            loop {
+                tokio::time::sleep_until(until).await;
+                let mut map = snapshots.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(s) = map.get(&id) else { return };
+                let idle_until = s.touched + EXPIRY;
+                if s.total == 0 || idle_until > tokio::time::Instant::now() {
+                    until = idle_until.max(tokio::time::Instant::now() + Duration::from_secs(1));
+                    continue;
+                }
+                if let Some(s) = map.remove(&id) {
+                    tracing::info!(snapshot = %id, "backup snapshot expired unread");
+                    let _ = std::fs::remove_file(&s.path);
+                }
+                return;
+            }
+        });
     }
 
     fn forget(&self, id: &str) {
@@ -205,5 +240,86 @@ pub fn remove_stale(data_dir: &Path) {
             tracing::info!(file = %name, "removing a backup snapshot left by an earlier run");
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn caller() -> Caller {
+        Caller {
+            uid: 0,
+            gid: 0,
+            pid: 42,
+            account: "root".into(),
+            groups: Vec::new(),
+            client: "backup-test".into(),
+        }
+    }
+
+    /// A snapshot of `len` bytes whose copy is still running (its size not yet known),
+    /// as `start` leaves it while `snapshot_to` writes.
+    fn copying(backups: &Backups, dir: &Path, id: &str, len: usize) -> PathBuf {
+        let path = dir.join(format!("{PREFIX}{id}{SUFFIX}"));
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        backups.lock().insert(
+            id.into(),
+            Snapshot {
+                path: path.clone(),
+                total: 0,
+                uid: 0,
+                touched: tokio::time::Instant::now(),
+            },
+        );
+        backups.expire_when_idle(id.into());
+        path
+    }
+
+    fn copied(backups: &Backups, id: &str, len: usize) {
+        let mut map = backups.lock();
+        let s = map.get_mut(id).unwrap();
+        s.total = len as u64;
+        s.touched = tokio::time::Instant::now();
+    }
+
+    /// A snapshot is not deleted while it is copied, however long that takes, nor while
+    /// it is read, however slowly (a chunk every nine minutes, longer in all than
+    /// [`EXPIRY`]); one none of whose chunks was asked for in [`EXPIRY`] is deleted.
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_expires_when_idle_not_while_it_is_copied_or_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = Backups::default();
+        let me = caller();
+        let len = 3 * CHUNK + 10;
+        let slow = copying(&backups, dir.path(), "slow", len);
+        tokio::time::sleep(EXPIRY * 2).await;
+        copied(&backups, "slow", len);
+        let mut offset = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_secs(9 * 60)).await;
+            match backups.read("slow", offset, &me).await.unwrap() {
+                Response::BackupChunk { data, done, .. } => {
+                    offset += data.len() as u64;
+                    if done {
+                        break;
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(offset, len as u64);
+        assert!(!slow.exists(), "a snapshot read to its end is deleted");
+
+        let idle = copying(&backups, dir.path(), "idle", len);
+        copied(&backups, "idle", len);
+        backups.read("idle", 0, &me).await.unwrap();
+        tokio::time::sleep(EXPIRY - Duration::from_secs(5)).await;
+        assert!(idle.exists(), "expired before its time");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let gone = backups.read("idle", CHUNK as u64, &me).await.unwrap_err();
+        assert_eq!(gone.kind, ErrorKind::NotFound);
+        assert!(!idle.exists(), "the expired snapshot's file is still there");
     }
 }
