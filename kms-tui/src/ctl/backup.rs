@@ -49,12 +49,10 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
             return Err(e);
         }
     };
-    // Without --force, FILE must not exist when it is made, not only when the backup
-    // began: linked into place (which fails if FILE exists), never renamed over it.
     let placed = if a.force {
         std::fs::rename(&tmp, &a.file)
     } else {
-        std::fs::hard_link(&tmp, &a.file).and_then(|()| std::fs::remove_file(&tmp))
+        place_new(&tmp, &a.file)
     };
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&tmp);
@@ -81,6 +79,33 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
         || format!("backup written to {file} ({bytes} bytes)\n"),
     )?;
     Ok(0)
+}
+
+/// Puts `tmp` in place as `file`, which must not exist when it is made, not only when
+/// the backup began: renamed with `RENAME_NOREPLACE` (fails if `file` exists); where the
+/// filesystem does not take that flag (some FUSE filesystems), linked into place and
+/// unlinked; where it has no links either, renamed after checking that `file` is absent,
+/// the best such a filesystem allows. FAT and exFAT, the usual USB sticks, have no hard
+/// links, so linking alone failed there with "Operation not permitted".
+fn place_new(tmp: &Path, file: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use rustix::io::Errno;
+    match renameat_with(CWD, tmp, CWD, file, RenameFlags::NOREPLACE) {
+        Err(e) if [Errno::INVAL, Errno::NOSYS, Errno::NOTSUP].contains(&e) => {}
+        done => return done.map_err(std::io::Error::from),
+    }
+    match std::fs::hard_link(tmp, file) {
+        Ok(()) => return std::fs::remove_file(tmp),
+        Err(e)
+            if [Errno::PERM, Errno::NOTSUP, Errno::MLINK]
+                .iter()
+                .any(|n| e.raw_os_error() == Some(n.raw_os_error())) => {}
+        Err(e) => return Err(e),
+    }
+    if std::fs::symlink_metadata(file).is_ok() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(tmp, file)
 }
 
 /// Streams the snapshot into `tmp`; returns its size once it is complete and fsynced.
@@ -140,4 +165,27 @@ async fn fetch(ctx: &mut Ctx, tmp: &Path) -> Result<u64, CtlError> {
     }
     out.sync_all().map_err(|e| io(tmp, e))?;
     Ok(written)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A backup is put in place only where nothing is: an existing file is left as it
+    /// was, and so is the finished copy (for the caller to remove).
+    #[test]
+    fn place_new_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, file) = (dir.path().join("b.tmp"), dir.path().join("b"));
+        std::fs::write(&tmp, b"new").unwrap();
+        place_new(&tmp, &file).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert!(!tmp.exists());
+        std::fs::write(&tmp, b"newer").unwrap();
+        let e = place_new(&tmp, &file).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert_eq!(std::fs::read(&tmp).unwrap(), b"newer");
+    }
 }
