@@ -77,6 +77,8 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
             .context("cannot load the root key")?;
     tracing::info!(?source, "root key loaded");
     let opening = std::time::Instant::now();
+    // Until READY=1 (or an error): the store's open may verify every page.
+    let starting = systemd::StartingUp::begin("starting: opening and checking the key store");
     let store = store::Store::open(&config.store_path(), &root.fingerprint())?;
     tracing::info!(
         ms = opening.elapsed().as_millis() as u64,
@@ -159,6 +161,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         "kmsd ready"
     );
     // The listener exists (bound or passed), so connections are accepted from here on.
+    drop(starting);
     systemd::notify_ready(engine.live_keys(), &config.socket);
     systemd::spawn_notifier(engine.clone(), config.socket.clone(), trigger.handle());
 

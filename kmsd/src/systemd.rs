@@ -1,8 +1,9 @@
 //! Life under systemd (SPEC §1, §9), none of which needs systemd to be running:
 //!
 //! - socket activation: the listening socket systemd passes as fd 3 (`LISTEN_FDS`);
-//! - `sd_notify`: `READY=1` once the socket accepts, `STATUS=` lines, `STOPPING=1`, and
-//!   `WATCHDOG=1` pings at half of `WATCHDOG_USEC`;
+//! - `sd_notify`: `READY=1` once the socket accepts, `STATUS=` lines, `STOPPING=1`,
+//!   `WATCHDOG=1` pings at half of `WATCHDOG_USEC`, and `EXTEND_TIMEOUT_USEC` while a
+//!   long start-up is still working ([`StartingUp`]);
 //! - the hardening the process applies to itself: not dumpable (no core file, no ptrace
 //!   or `/proc/PID/mem` by the same user) and, where the memory-lock limit allows, every
 //!   page locked in RAM so key material never reaches swap.
@@ -188,6 +189,71 @@ fn status_line(keys: u64, socket: &Path) -> String {
 fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// How long each `EXTEND_TIMEOUT_USEC` extends the start-up timeout by, and how often it
+/// is sent: a third of it, so that a late wake-up of the thread still comes in time.
+const START_EXTENSION: Duration = Duration::from_secs(30);
+const START_EXTEND_EVERY: Duration = Duration::from_secs(10);
+
+/// While this lives, the service manager is told every [`START_EXTEND_EVERY`] that the
+/// start is still working (`EXTEND_TIMEOUT_USEC`, with a `STATUS=` line). Opening the
+/// store verifies every page after an unclean stop and once a week (~0.7–1.7 s per
+/// 500 MiB here, more on a slow disk): a large store would outlast `TimeoutStartSec`
+/// (90 s by default), systemd would kill kmsd, and the next start, unclean again, would
+/// begin the same check — a restart loop that never serves. A start that hangs for
+/// good is not helped; one that works is given the time it needs.
+pub struct StartingUp {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StartingUp {
+    /// Starts the notifications, with `what` in the status line; nothing without
+    /// `NOTIFY_SOCKET`.
+    pub fn begin(what: &'static str) -> StartingUp {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return StartingUp {
+                done: None,
+                thread: None,
+            };
+        }
+        let (done, until_done) = std::sync::mpsc::channel::<()>();
+        let extension = u32::try_from(START_EXTENSION.as_micros()).unwrap_or(u32::MAX);
+        let thread = std::thread::Builder::new()
+            .name("kmsd-starting".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                loop {
+                    let status = format!("{what} ({} s)", started.elapsed().as_secs());
+                    notify(&[
+                        NotifyState::ExtendTimeoutUsec(extension),
+                        NotifyState::Status(&status),
+                    ]);
+                    // A message or a disconnect (the guard dropped) ends it.
+                    if until_done.recv_timeout(START_EXTEND_EVERY)
+                        != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the start-up notifier"))
+            .ok();
+        StartingUp {
+            done: Some(done),
+            thread,
+        }
+    }
+}
+
+impl Drop for StartingUp {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

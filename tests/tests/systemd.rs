@@ -284,9 +284,10 @@ fn next_notification(sock: &UnixDatagram, raw: &Raw) -> String {
     }
 }
 
-/// On a fake NOTIFY_SOCKET, READY=1 (with a STATUS= line) arrives only when the kmsd
-/// socket already accepts connections; WATCHDOG=1 follows at half of WATCHDOG_USEC;
-/// SIGTERM brings STOPPING=1 and exit 0.
+/// On a fake NOTIFY_SOCKET, the start-up first extends its timeout (EXTEND_TIMEOUT_USEC,
+/// while the store is opened and checked); READY=1 (with a STATUS= line) arrives only
+/// when the kmsd socket already accepts connections; WATCHDOG=1 follows at half of
+/// WATCHDOG_USEC; SIGTERM brings STOPPING=1 and exit 0.
 #[test]
 fn notify_ready_watchdog_stopping() {
     let tmp = tempfile::tempdir().unwrap();
@@ -309,7 +310,26 @@ fn notify_ready_watchdog_stopping() {
             ("WATCHDOG_USEC", "200000"),
         ],
     );
-    let first = next_notification(&sock, &raw);
+    let extending = next_notification(&sock, &raw);
+    assert!(
+        extending
+            .lines()
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=30000000"),
+        "{extending:?}"
+    );
+    assert!(
+        extending
+            .lines()
+            .any(|l| l.starts_with("STATUS=starting: opening")),
+        "{extending:?}"
+    );
+    // More extensions come if the start takes longer than 10 s.
+    let first = loop {
+        let n = next_notification(&sock, &raw);
+        if !n.lines().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")) {
+            break n;
+        }
+    };
     // The instant READY=1 is read, a client must get through.
     let connected = UnixStream::connect(&socket);
     assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
