@@ -120,7 +120,8 @@ fn start(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async { kmsd::run(config, stop_signal()).await })
 }
 
-/// `kmsd restore`: prints what it did, or fails without changing anything.
+/// `kmsd restore`: prints what it did, or fails; a failure changed nothing unless it says
+/// the backup is restored (a step after the store was replaced failed).
 fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
     let done = kmsd::restore::restore(&kmsd::restore::RestoreOptions {
         file: file.clone(),

@@ -13,6 +13,7 @@ use crate::server::{self, ServerError};
 use crate::store::StoreError;
 use crate::store::backup::{BackupInfo, verify_backup};
 use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -66,6 +67,25 @@ pub enum RestoreError {
     },
     #[error("{path} is not a backup this data directory can use: {source}")]
     Invalid { path: PathBuf, source: StoreError },
+    /// The verified copy could not be prepared (a write to it failed: the data
+    /// directory's disk, not the backup).
+    #[error("cannot prepare the restored copy {path}: {source}")]
+    Staging { path: PathBuf, source: StoreError },
+    /// The store was replaced, and a step after it failed: the restore happened.
+    #[error(
+        "the backup is restored into {store}{previous}, but {step} failed: {source}; {remedy}",
+        previous = match previous {
+            Some(p) => format!(" (the replaced store is kept as {})", p.display()),
+            None => String::new(),
+        }
+    )]
+    Unfinished {
+        store: PathBuf,
+        previous: Option<PathBuf>,
+        step: String,
+        source: std::io::Error,
+        remedy: &'static str,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -165,17 +185,34 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     // The old journal's name goes (its content stays under the old store's new name): the
     // restored store must not take over that file. A backup carries no journal
     // generation, so it would ignore the records, but it would write over them.
+    // Past the rename the backup is restored: a failure says so, and what is left to do.
+    let unfinished = |step: String, source, remedy| RestoreError::Unfinished {
+        store: store.clone(),
+        previous: previous.clone(),
+        step,
+        source,
+        remedy,
+    };
     if previous.is_some() {
         match std::fs::remove_file(&journal) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_err(&journal)(e));
+                return Err(unfinished(
+                    format!("removing the old journal's name {}", journal.display()),
+                    e,
+                    "remove that file before starting kmsd (it refuses a journal with two \
+                     names; the replaced store keeps its own)",
+                ));
             }
             _ => {}
         }
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+        unfinished(
+            format!("syncing {}", dir.display()),
+            e,
+            "run `sync` before the machine stops, or the restore may be undone",
+        )
+    })?;
     Ok(Restored {
         info,
         budgets_spent,
@@ -231,7 +268,17 @@ fn stage_and_verify(
         .mode(0o600)
         .open(staged)
         .map_err(io_err(staged))?;
-    std::io::copy(&mut src, &mut dst).map_err(read_err)?;
+    // Read and write failures told apart: a full data directory is not a bad backup.
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e)),
+        };
+        dst.write_all(&buf[..n]).map_err(io_err(staged))?;
+    }
     dst.sync_all().map_err(io_err(staged))?;
     drop(dst);
     let invalid = |source| RestoreError::Invalid {
@@ -241,7 +288,10 @@ fn stage_and_verify(
     let info = verify_backup(staged, fingerprint).map_err(invalid)?;
     let spent =
         crate::store::backup::spend_restored_budgets(staged, crate::config::MAX_NONCE_BUDGET)
-            .map_err(invalid)?;
+            .map_err(|source| RestoreError::Staging {
+                path: staged.to_path_buf(),
+                source,
+            })?;
     Ok((info, spent))
 }
 
