@@ -203,8 +203,12 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// How long [`Client::connect`] waits for the daemon's answer to its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Client {
-    /// Connects to the daemon at `path` and does the version handshake.
+    /// Connects to the daemon at `path` and does the version handshake (within
+    /// [`HANDSHAKE_TIMEOUT`]).
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
         let connect_err = |source| ClientError::Connect {
             path: path.to_path_buf(),
@@ -231,12 +235,23 @@ impl Client {
             reader,
             daemon_version: String::new(),
         };
-        let hello = client
-            .call(Request::Hello {
-                protocol: PROTOCOL_VERSION,
-                client: format!("kms-shared/{}", env!("CARGO_PKG_VERSION")),
-            })
-            .await;
+        let hello = client.call(Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            client: format!("kms-shared/{}", env!("CARGO_PKG_VERSION")),
+        });
+        // A daemon that accepts and never answers (stopped with SIGSTOP, wedged) or one at
+        // its connection limit, whose new connections wait in the listen backlog, would
+        // otherwise keep every client waiting for ever.
+        let Ok(hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, hello).await else {
+            return Err(connect_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "kmsd accepted the connection but did not answer within {} s (it may be \
+                     at its connection limit, stopped or wedged)",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ),
+            )));
+        };
         match hello {
             Ok(Response::Hello {
                 protocol,
@@ -1067,8 +1082,21 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
         }
     }
     let data_dir = autostart_data_dir(&env, &path)?;
-    let mut started = spawn_daemon(&path, &data_dir)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // One client at a time starts a daemon for this data directory; one that waited
+    // here finds the daemon the other started. Without it, two clients started at once
+    // both spawned kmsd: the second lost the data directory's lock and exited at once,
+    // before the first bound the socket, and its client reported a failed start (having
+    // truncated the log the first daemon was writing).
+    let _starting = lock_autostart(&data_dir, deadline).await?;
+    match Client::connect(&path).await {
+        Ok(c) => return Ok(c),
+        Err(e @ (ClientError::UntrustedDaemon { .. } | ClientError::PeerCredentials { .. })) => {
+            return Err(e);
+        }
+        Err(_) => {}
+    }
+    let mut started = spawn_daemon(&path, &data_dir)?;
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let exited = started.child.try_wait().ok().flatten();
@@ -1102,6 +1130,51 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
                 )));
             }
             Err(_) => {}
+        }
+    }
+}
+
+/// Takes the autostart lock of `data_dir` (`kmsd.autostart.lock`, created 0600 with the
+/// directory if need be), waiting for another client that holds it until `deadline`.
+async fn lock_autostart(
+    data_dir: &Path,
+    deadline: tokio::time::Instant,
+) -> Result<std::fs::File, ClientError> {
+    use rustix::fs::{FlockOperation, flock};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let failed = |e: std::io::Error| {
+        ClientError::Autostart(format!(
+            "cannot lock {} to start kmsd: {e}",
+            data_dir.display()
+        ))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(failed)?;
+    let path = data_dir.join("kmsd.autostart.lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .map_err(failed)?;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(ClientError::Autostart(format!(
+                    "another client has been starting kmsd for {} for 10 s without it answering",
+                    data_dir.display()
+                )));
+            }
+            Err(e) => return Err(failed(e.into())),
         }
     }
 }
@@ -1246,6 +1319,27 @@ fn spawn_daemon(socket: &Path, data_dir: &Path) -> Result<Started, ClientError> 
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// A daemon that accepts and never answers the handshake (stopped, wedged, or at its
+    /// connection limit) is reported after [`HANDSHAKE_TIMEOUT`], not waited for for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_daemon_that_never_answers_the_handshake_is_reported() {
+        let dir = Scratch::new("handshake");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let silent = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(stream);
+        });
+        match Client::connect(&path).await {
+            Err(ClientError::Connect { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{source}");
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        silent.abort();
+    }
 
     /// A fresh directory in the system's temporary directory, removed when dropped.
     struct Scratch(PathBuf);

@@ -70,6 +70,65 @@ fn a_client_starts_the_daemon_on_the_default_socket() {
     kms_e2e::stop_started_daemon(pid);
 }
 
+/// Clients started at the same moment on a default socket with no daemon all get
+/// through, to one daemon: one client starts it, the others wait for it. (Before, the
+/// kmsd of every other client lost the data directory's lock and exited; when that came
+/// before the first daemon bound the socket, its client reported a failed start, and
+/// its log was truncated under the first daemon.) Five rounds, each after the last
+/// daemon was killed, so that each start verifies the store and takes longer.
+#[test]
+fn clients_started_at_once_share_one_started_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("xdg/kms/kmsd.log");
+    for round in 0..5 {
+        let outs: Vec<Output> = std::thread::scope(|s| {
+            let clients: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| kmsctl_in(dir.path(), &bin("kmsctl"), &["--json", "status"])))
+                .collect();
+            clients.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let mut pids = std::collections::BTreeSet::new();
+        for out in &outs {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let daemon = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                out.status.success(),
+                "round {round}: {stdout}{stderr}\n{daemon}"
+            );
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            pids.insert(status["pid"].as_u64().unwrap());
+        }
+        assert_eq!(pids.len(), 1, "more than one daemon answered: {pids:?}");
+        let pid = *pids.first().unwrap() as i32;
+        // One daemon started, so one start in its log, which nobody truncated under it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("kmsd ready") || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(text.matches("kmsd ready").count(), 1, "{text}");
+        assert!(!text.contains('\0'), "the log has a hole: {text:?}");
+        let id = rustix::process::Pid::from_raw(pid).unwrap();
+        rustix::process::kill_process(id, rustix::process::Signal::KILL).unwrap();
+        kms_e2e::stop_started_daemon(pid);
+        // Its main thread may be a zombie while its others still hold the socket open:
+        // a client connecting then is accepted into the backlog and cut off. Gone once
+        // connecting is refused.
+        let socket = dir.path().join("run/kmsd.sock");
+        while std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            assert!(
+                Instant::now() < deadline + Duration::from_secs(10),
+                "still listening"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// A client run by a systemd service (a unit with `StateDirectory=`, credentials, socket
 /// activation, a watchdog) passes none of that service's environment to the kmsd it
 /// starts: the daemon's data directory is the one kmsd's own defaults give the account
