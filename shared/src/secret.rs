@@ -264,7 +264,10 @@ mod tests {
         match crate::codec::decode::<ClientFrame>(&body) {
             Err(FrameError::Decode(msg)) => {
                 assert!(msg.contains("byte string (`bin`)"), "{msg}");
-                assert!(!msg.contains("hi there"), "the plaintext is in the error: {msg}");
+                assert!(
+                    !msg.contains("hi there"),
+                    "the plaintext is in the error: {msg}"
+                );
             }
             other => panic!("expected a decode error, got {other:?}"),
         }

@@ -14,6 +14,8 @@ use super::retry::Next;
 pub enum Action {
     // Raw input.
     Key(KeyEvent),
+    /// Text pasted into the terminal (bracketed paste), all at once.
+    Paste(String),
     Resize(u16, u16),
     /// Periodic; refreshes the selected key's counters (usage is not an event).
     Tick,

@@ -248,6 +248,7 @@ fn spawn_input(tx: UnboundedSender<Action>) {
                 let action = match crossterm::event::read() {
                     Ok(TermEvent::Key(k)) if k.kind == KeyEventKind::Press => Action::Key(k),
                     Ok(TermEvent::Resize(w, h)) => Action::Resize(w, h),
+                    Ok(TermEvent::Paste(text)) => Action::Paste(text),
                     Ok(_) => continue,
                     Err(_) => break,
                 };

@@ -5,6 +5,7 @@
 use std::io::{self, Stdout, stdout};
 
 use crossterm::cursor::Show;
+use crossterm::event::{DisableBracketedPaste, EnableBracketedPaste};
 use crossterm::execute;
 use crossterm::terminal::{
     EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode,
@@ -17,7 +18,9 @@ pub type Term = Terminal<CrosstermBackend<Stdout>>;
 pub fn setup() -> io::Result<Term> {
     install_panic_hook();
     enable_raw_mode()?;
-    let term = execute!(stdout(), EnterAlternateScreen)
+    // Bracketed paste: a paste arrives as one event, not as keys (a line break in it
+    // would otherwise submit a form, and the rest run as commands).
+    let term = execute!(stdout(), EnterAlternateScreen, EnableBracketedPaste)
         .and_then(|()| Terminal::new(CrosstermBackend::new(stdout())));
     if term.is_err() {
         restore();
@@ -28,7 +31,7 @@ pub fn setup() -> io::Result<Term> {
 /// Leaves raw mode and the alternate screen; safe to call more than once.
 pub fn restore() {
     let _ = disable_raw_mode();
-    let _ = execute!(stdout(), LeaveAlternateScreen, Show);
+    let _ = execute!(stdout(), DisableBracketedPaste, LeaveAlternateScreen, Show);
 }
 
 /// Exit status of a process that panicked, as Rust's own for a panic in `main`.

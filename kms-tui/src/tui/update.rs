@@ -56,6 +56,19 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             app.size = (w, h);
             relayout(app);
         }
+        // Into the text being edited, as if typed, but without the line breaks, tabs and
+        // other control characters: a paste never submits a form or answers a question.
+        // Anywhere else (a list, a yes/no question) it is no command at all.
+        Action::Paste(text) => {
+            if matches!(
+                app.mode(),
+                Mode::Form | Mode::Prompt | Mode::GrantForm | Mode::TokenForm | Mode::Filter
+            ) {
+                for c in text.chars().filter(|c| !c.is_control()) {
+                    step(app, Action::Char(c), fx);
+                }
+            }
+        }
         // Usage counts change without events. A small list is simply re-read; a large
         // one only for the key the user is looking at.
         Action::Tick if app.is_connected() && app.popup.is_none() => {
@@ -98,6 +111,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
         Action::Lagged(missed) => {
             app.info(s::lagged(missed));
             fx.push(Effect::LoadKeys);
+            reload_view(app, fx);
         }
         Action::Created(result) => on_created(app, result),
         Action::OpDone { op, name, result } => match result {
@@ -622,7 +636,26 @@ fn on_history(
     h.loading = false;
     match result {
         Ok(entries) => {
-            h.exhausted = entries.len() < HISTORY_PAGE as usize;
+            let full_page = entries.len() >= HISTORY_PAGE as usize;
+            let newest_shown = h.entries.first().map(|e| e.seq);
+            if let Some(top) = newest_shown
+                && before_seq.is_none()
+                && entries.iter().any(|e| e.seq == top)
+            {
+                // A refresh after an event: the entries newer than those shown go on
+                // top, and the selected entry stays selected (unless it was the newest,
+                // which the newest now is).
+                let newer: Vec<_> = entries.into_iter().take_while(|e| e.seq > top).collect();
+                if h.selected > 0 {
+                    h.selected += newer.len();
+                    h.offset += newer.len();
+                }
+                h.entries.splice(0..0, newer);
+                h.offset = scroll_offset(h.offset, h.selected, rows, h.entries.len());
+                h.error = None;
+                return;
+            }
+            h.exhausted = !full_page;
             if before_seq.is_none() {
                 h.entries = entries;
                 h.selected = 0;
@@ -950,6 +983,18 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
             )
         {
             fx.push(Effect::LoadVersions(tag.clone()));
+        }
+        // Every change of a key is in its history: the newest page again, merged above
+        // what is shown (`on_history`).
+        if let Screen::History(h) = &mut app.screen
+            && &h.tag == tag
+            && !h.loading
+        {
+            h.loading = true;
+            fx.push(Effect::LoadHistory {
+                tag: tag.clone(),
+                before_seq: None,
+            });
         }
     }
     match e.kind {

@@ -274,6 +274,20 @@ fn form(a: &App) -> &crate::tui::app::CreateForm {
     }
 }
 
+/// A paste goes into the text being edited without its line breaks and tabs (it never
+/// submits the form); on the list it is no command at all, whatever letters it holds.
+#[test]
+fn a_paste_is_text_not_keys() {
+    let mut a = app();
+    select(&mut a, "payments");
+    assert!(update(&mut a, Action::Paste("xyd\n".into())).is_empty());
+    assert!(a.popup.is_none(), "a paste ran commands: {:?}", a.popup);
+    update(&mut a, ch('c'));
+    let fx = update(&mut a, Action::Paste("abc\ndef\tghi".into()));
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(form(&a).name, "abcdefghi");
+}
+
 /// c opens the form; rules are checked as you type and a valid form submits a create.
 #[test]
 fn create_form_validates_and_submits() {
@@ -886,6 +900,49 @@ fn h_pages_history() {
     assert_eq!(a.screen, Screen::Main);
 }
 
+/// An event for the key whose history is shown loads its newest page again (once at a
+/// time); the entries newer than those shown go on top, and the selected entry stays
+/// selected.
+#[test]
+fn history_follows_events() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('h'));
+    update(
+        &mut a,
+        Action::HistoryLoaded {
+            tag: k.tag.clone(),
+            before_seq: None,
+            result: Ok(fake::history(50, 50)),
+        },
+    );
+    update(&mut a, ch('j'));
+    update(&mut a, ch('j'));
+    let reload = Effect::LoadHistory {
+        tag: k.tag.clone(),
+        before_seq: None,
+    };
+    let fx = update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &k)));
+    assert!(fx.contains(&reload), "{fx:?}");
+    let fx = update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &k)));
+    assert!(!fx.contains(&reload), "one request at a time: {fx:?}");
+    update(
+        &mut a,
+        Action::HistoryLoaded {
+            tag: k.tag.clone(),
+            before_seq: None,
+            result: Ok(fake::history(52, 52)),
+        },
+    );
+    let Screen::History(h) = &a.screen else {
+        panic!()
+    };
+    assert_eq!(h.entries.len(), 52);
+    assert_eq!(h.entries[0].seq, 52);
+    assert_eq!(h.entries[h.selected].seq, 48, "the selection moved");
+    assert!(!h.loading && h.exhausted);
+}
+
 /// An event re-reads its key and raises a notification for state changes.
 #[test]
 fn events_refetch_and_notify() {
@@ -949,11 +1006,18 @@ fn fetched_keys_update_the_list() {
     assert_eq!(a.keys.len(), 6);
 }
 
-/// Lagging behind the event stream reloads the whole list.
+/// Lagging behind the event stream reloads the whole list, and the screen open on top
+/// of it (its versions may have changed with the events missed).
 #[test]
 fn lagged_reloads() {
     let mut a = app();
     assert_eq!(update(&mut a, Action::Lagged(12)), [Effect::LoadKeys]);
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('v'));
+    assert_eq!(
+        update(&mut a, Action::Lagged(3)),
+        [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]
+    );
 }
 
 /// Losing the daemon shows in the header state; reconnecting reloads the list and view.
