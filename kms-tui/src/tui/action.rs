@@ -77,6 +77,8 @@ pub enum Action {
     // From the daemon task.
     Connected {
         daemon_version: String,
+        /// The data directory the daemon serves (from `status`), if it said.
+        data_dir: Option<String>,
     },
     /// The connection failed or was lost, and what comes next.
     Disconnected {

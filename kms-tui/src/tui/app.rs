@@ -727,6 +727,9 @@ pub struct App {
     pub message: Option<Message>,
     /// The registered dedicated-hsm tokens, for the tokens view and the create form.
     pub hsm_tokens: HsmTokens,
+    /// The data directory of the daemon last connected to: a reconnect to a daemon
+    /// serving another one is said, not shown silently as the same keys.
+    pub data_dir: Option<String>,
     pub should_quit: bool,
 }
 
@@ -747,6 +750,7 @@ impl App {
             popup: None,
             message: None,
             hsm_tokens: HsmTokens::default(),
+            data_dir: None,
             should_quit: false,
         }
     }

@@ -72,7 +72,16 @@ pub async fn run(
             Ok((client, notes)) => {
                 retry.connected(Instant::now());
                 let daemon_version = client.daemon_version().to_string();
-                if actions.send(Action::Connected { daemon_version }).is_err() {
+                // Which store it serves: a failure here only loses the check.
+                let data_dir = match client.call(kms_shared::protocol::Request::Status).await {
+                    Ok(kms_shared::protocol::Response::Status(s)) => Some(s.data_dir),
+                    _ => None,
+                };
+                let connected = Action::Connected {
+                    daemon_version,
+                    data_dir,
+                };
+                if actions.send(connected).is_err() {
                     return;
                 }
                 let Some(reason) = serve(&client, notes, &mut effects, &actions).await else {

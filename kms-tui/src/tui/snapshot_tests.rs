@@ -44,6 +44,7 @@ fn app(size: (u16, u16), name: &str) -> App {
         &mut a,
         Action::Connected {
             daemon_version: "0.1.0".into(),
+            data_dir: Some("/home/alice/.local/share/kms".into()),
         },
     );
     update(&mut a, Action::KeysLoaded(Ok(fake::keys())));
@@ -478,6 +479,7 @@ fn long_list_scrolled() {
             &mut a,
             Action::Connected {
                 daemon_version: "0.1.0".into(),
+                data_dir: Some("/home/alice/.local/share/kms".into()),
             },
         );
         update(&mut a, Action::KeysLoaded(Ok(fake::many(1000))));

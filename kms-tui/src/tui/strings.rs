@@ -632,6 +632,15 @@ pub fn connected_message(daemon_version: &str) -> String {
     format!("connected to kmsd {daemon_version}")
 }
 
+/// A reconnect reached a daemon serving another store (another kmsd was started on the
+/// socket, with another data directory): the keys shown now are not the same keys.
+pub fn another_store_message(daemon_version: &str, data_dir: &str, was: &str) -> String {
+    format!(
+        "connected to kmsd {daemon_version}, which serves another key store: {data_dir} \
+         (was {was}); the keys shown are that store's"
+    )
+}
+
 pub fn disconnected_message(reason: &str, next: Next) -> String {
     match next {
         Next::Connect(d) => format!(

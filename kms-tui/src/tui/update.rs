@@ -88,8 +88,19 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             }
         }
 
-        Action::Connected { daemon_version } => {
-            app.info(s::connected_message(&daemon_version));
+        Action::Connected {
+            daemon_version,
+            data_dir,
+        } => {
+            match (&app.data_dir, &data_dir) {
+                (Some(was), Some(now)) if was != now => {
+                    app.error(s::another_store_message(&daemon_version, now, was));
+                }
+                _ => app.info(s::connected_message(&daemon_version)),
+            }
+            if data_dir.is_some() {
+                app.data_dir = data_dir;
+            }
             app.conn = super::app::Conn::Connected { daemon_version };
             fx.push(Effect::LoadKeys);
             reload_view(app, fx);

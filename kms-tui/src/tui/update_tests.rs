@@ -37,6 +37,7 @@ fn app() -> App {
         &mut a,
         Action::Connected {
             daemon_version: "0.1.0".into(),
+            data_dir: Some("/home/alice/.local/share/kms".into()),
         },
     );
     update(&mut a, Action::KeysLoaded(Ok(fake::keys())));
@@ -1045,10 +1046,52 @@ fn disconnect_and_reconnect() {
         &mut a,
         Action::Connected {
             daemon_version: "0.1.1".into(),
+            data_dir: Some("/home/alice/.local/share/kms".into()),
         },
     );
     assert_eq!(fx, [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]);
     assert!(a.is_connected());
+}
+
+/// A reconnect that reaches a daemon serving another data directory (another kmsd was
+/// started on the socket) says so, as an error, instead of showing that store's keys as
+/// if they were the same; the next reconnect to that daemon is an ordinary one.
+#[test]
+fn a_reconnect_to_another_store_is_said() {
+    let mut a = app();
+    let lost = Action::Disconnected {
+        reason: "connection closed".into(),
+        next: Next::Connect(Duration::from_millis(250)),
+    };
+    update(&mut a, lost.clone());
+    update(
+        &mut a,
+        Action::Connected {
+            daemon_version: "0.1.0".into(),
+            data_dir: Some("/var/lib/kms".into()),
+        },
+    );
+    let m = a.message.clone().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert!(
+        m.text.contains("another key store: /var/lib/kms"),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.text.contains("was /home/alice/.local/share/kms"),
+        "{}",
+        m.text
+    );
+    update(&mut a, lost);
+    update(
+        &mut a,
+        Action::Connected {
+            daemon_version: "0.1.0".into(),
+            data_dir: Some("/var/lib/kms".into()),
+        },
+    );
+    assert_eq!(a.message.clone().unwrap().kind, MsgKind::Info);
 }
 
 /// A dashboard that may start kmsd says when it will, and when it does.
@@ -1093,6 +1136,7 @@ fn restarting_the_daemon_is_shown() {
         &mut a,
         Action::Connected {
             daemon_version: "0.1.0".into(),
+            data_dir: Some("/home/alice/.local/share/kms".into()),
         },
     );
     assert_eq!(fx, [Effect::LoadKeys], "the list is loaded again");
@@ -1117,6 +1161,7 @@ fn tick_refreshes_usage() {
         &mut big,
         Action::Connected {
             daemon_version: "0.1.0".into(),
+            data_dir: Some("/home/alice/.local/share/kms".into()),
         },
     );
     update(&mut big, Action::KeysLoaded(Ok(fake::many(2_001))));
@@ -1515,6 +1560,7 @@ fn reconnect_reloads_grants_and_tokens() {
     let mut a = permissions_on("payments");
     let connected = || Action::Connected {
         daemon_version: "0.1.1".into(),
+        data_dir: Some("/home/alice/.local/share/kms".into()),
     };
     update(&mut a, lost());
     assert_eq!(
