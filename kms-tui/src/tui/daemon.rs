@@ -17,6 +17,11 @@ use super::app::HISTORY_PAGE;
 use super::retry::{Attempt, Retry};
 use super::strings as s;
 
+/// How long a read that holds up the others (the key list, a key, grants, tokens: they run
+/// in order) may take before the daemon is taken for lost: meanwhile no other effect runs
+/// and no event is shown (a kmsd stopped with SIGSTOP, or wedged, answers nothing).
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Whether the dashboard may start kmsd when none answers, by the rules its launch
 /// follows (`connect_or_start`): the default socket, autostart not turned off, and not
 /// the system service's socket nor a default that the system service's would shadow.
@@ -125,13 +130,16 @@ async fn serve(
                     | Effect::GetKey(_)
                     | Effect::LoadGrants
                     | Effect::LoadHsmTokens),
-                ) => {
-                    if let Some(a) = exec(client, eff).await
-                        && actions.send(a).is_err()
-                    {
-                        return None;
+                ) => match tokio::time::timeout(READ_TIMEOUT, exec(client, eff)).await {
+                    Ok(Some(a)) => {
+                        if actions.send(a).is_err() {
+                            return None;
+                        }
                     }
-                }
+                    Ok(None) => {}
+                    // Reconnecting re-reads what is shown.
+                    Err(_) => return Some(s::not_answering(READ_TIMEOUT.as_secs())),
+                },
                 Some(eff) => {
                     let c = client.clone();
                     let tx = actions.clone();
@@ -351,4 +359,81 @@ fn failed(eff: Effect, msg: &str) -> Option<Action> {
         },
         Effect::Notify { .. } => return None,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kms_shared::codec;
+    use kms_shared::protocol::{
+        ClientFrame, DaemonStatus, Outcome, PROTOCOL_VERSION, Request, Response, ServerFrame,
+    };
+    use tokio::io::AsyncWriteExt;
+
+    /// A daemon that answers the handshake, the subscription and `status`, and then
+    /// nothing: the dashboard's first read of the key list.
+    async fn silent_after_connecting(listener: tokio::net::UnixListener) {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        while let Some(body) = codec::read_frame(&mut stream, 1 << 20).await.unwrap() {
+            let frame: ClientFrame = codec::decode(&body).unwrap();
+            let reply = match frame.request {
+                Request::Hello { .. } => Response::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    daemon_version: "0.0.0".into(),
+                },
+                Request::Subscribe => Response::Subscribed,
+                Request::Status => Response::Status(DaemonStatus {
+                    daemon_version: "0.0.0".into(),
+                    protocol: PROTOCOL_VERSION,
+                    pid: 1,
+                    uptime_ms: 0,
+                    socket: String::new(),
+                    data_dir: "/d".into(),
+                    keys: 0,
+                    connections: 1,
+                    next_due_at: None,
+                }),
+                _ => continue,
+            };
+            let out = ServerFrame::Reply {
+                id: frame.id,
+                result: Outcome::Ok(reply),
+            };
+            let bytes = codec::encode_frame(&out, u32::MAX).unwrap();
+            stream.write_all(&bytes).await.unwrap();
+        }
+    }
+
+    /// A read that is never answered is given up after [`READ_TIMEOUT`], as a lost
+    /// connection: the dashboard says so (and reconnects) instead of waiting for ever
+    /// with every other effect and event held up behind it.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_read_is_a_lost_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let daemon = tokio::spawn(silent_after_connecting(listener));
+        let (effects_tx, effects) = tokio::sync::mpsc::unbounded_channel();
+        let (actions, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let opts = ConnectOptions {
+            socket: Some(socket.clone()),
+            autostart: false,
+        };
+        let task = tokio::spawn(run(opts, effects, actions));
+        match seen.recv().await.unwrap() {
+            Action::Connected { data_dir, .. } => assert_eq!(data_dir.as_deref(), Some("/d")),
+            other => panic!("{other:?}"),
+        }
+        effects_tx.send(Effect::LoadKeys).unwrap();
+        match seen.recv().await.unwrap() {
+            Action::Disconnected { reason, .. } => {
+                assert_eq!(reason, s::not_answering(READ_TIMEOUT.as_secs()));
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(effects_tx);
+        task.abort();
+        daemon.abort();
+    }
 }

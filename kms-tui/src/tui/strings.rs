@@ -628,6 +628,11 @@ pub const WHAT_ROTATION_SETTINGS: &str = "changing automatic rotation or its per
 pub const WHAT_ENABLE_VERSION: &str = "enabling a version";
 pub const WHAT_DISABLE_VERSION: &str = "disabling a version";
 
+/// Why the connection is given up when a read is not answered.
+pub fn not_answering(secs: u64) -> String {
+    format!("kmsd did not answer within {secs} s")
+}
+
 pub fn connected_message(daemon_version: &str) -> String {
     format!("connected to kmsd {daemon_version}")
 }
