@@ -11,14 +11,39 @@ use crate::tui::strings as s;
 
 const KEY_WIDTH: usize = 11;
 
-fn section(title: &str, hints: &[Hint], out: &mut Vec<Line<'static>>) {
+/// A section of the help in a column `width` cells wide: a hint longer than the column
+/// has left after its key goes on over more lines, under itself, not cut off.
+fn section(title: &str, hints: &[Hint], width: usize, out: &mut Vec<Line<'static>>) {
     out.push(Line::styled(title.to_string(), theme::table_header()));
+    let room = width.saturating_sub(KEY_WIDTH).max(12);
     for (key, what) in hints {
-        out.push(Line::from(vec![
-            Span::styled(format!("{key:<KEY_WIDTH$}"), theme::key_hint()),
-            Span::raw(*what),
-        ]));
+        for (i, part) in wrap_words(what, room).into_iter().enumerate() {
+            let key = if i == 0 { *key } else { "" };
+            out.push(Line::from(vec![
+                Span::styled(format!("{key:<KEY_WIDTH$}"), theme::key_hint()),
+                Span::raw(part),
+            ]));
+        }
     }
+}
+
+/// `text` in lines of at most `room` characters, broken between words (a word longer
+/// than that gets a line of its own).
+fn wrap_words(text: &str, room: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split(' ') {
+        let last = lines.last_mut().map_or(0, |l| l.chars().count());
+        if last > 0 && last + 1 + word.chars().count() > room {
+            lines.push(String::new());
+        }
+        if let Some(line) = lines.last_mut() {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
 }
 
 /// Width of the two-column help; narrower screens get one column.
@@ -30,18 +55,26 @@ const ONE_COLUMN: u16 = 40;
 /// so that the whole list fits an 80×24 terminal) when the screen is wide enough, else one.
 fn columns(area: Rect) -> (Vec<Line<'static>>, Vec<Line<'static>>) {
     let two = area.width >= TWO_COLUMNS;
+    // Inside the borders: two halves, the left one between margins (as `render` lays
+    // them out), or one column between margins.
+    let inner = usize::from(popup_rect(area, 0).0.width.saturating_sub(2));
+    let (left_width, right_width) = if two {
+        ((inner / 2).saturating_sub(2), inner - inner / 2)
+    } else {
+        (inner.saturating_sub(2), 0)
+    };
     let mut left = Vec::new();
     let mut right = Vec::new();
     for (title, hints) in keymap::HELP {
-        let col = if two && right.len() < left.len() {
-            &mut right
+        let (col, width) = if two && right.len() < left.len() {
+            (&mut right, right_width)
         } else {
-            &mut left
+            (&mut left, left_width)
         };
         if !col.is_empty() {
             col.push(Line::default());
         }
-        section(title, hints, col);
+        section(title, hints, width, col);
     }
     (left, right)
 }
@@ -111,4 +144,19 @@ pub fn render(f: &mut Frame, area: Rect, scroll: usize) {
         l.inner(ratatui::layout::Margin::new(1, 0)),
     );
     f.render_widget(Paragraph::new(shown(right)), r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_wrap_between_words() {
+        assert_eq!(
+            wrap_words("back, close, clear filter, then the message", 25),
+            ["back, close, clear", "filter, then the message"]
+        );
+        assert_eq!(wrap_words("quit", 25), ["quit"]);
+        assert_eq!(wrap_words("a verylongword b", 5), ["a", "verylongword", "b"]);
+    }
 }
