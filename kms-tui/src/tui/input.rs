@@ -6,8 +6,6 @@
 //! Positions are counted in `char`s and turned into byte offsets only at char
 //! boundaries, so no input can split a character.
 
-use ratatui::text::Span;
-
 use super::app::MAX_INPUT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,37 +77,51 @@ fn byte_at(text: &str, n: usize) -> usize {
     text.char_indices().nth(n).map_or(text.len(), |(i, _)| i)
 }
 
-/// What a field `width` columns wide shows of `text`, and the column of the cursor in it.
+/// What a field `width` cells wide shows of `text`, and the column of the cursor in it.
 /// Text that does not fit shows the part around the cursor, a `…` marking what is cut
-/// before it, and keeps a cell free for the cursor at the end.
+/// before it, and keeps a cell free for the cursor at the end. Widths are display cells:
+/// a CJK character or an emoji takes two, so it is not counted as one and the text's end
+/// pushed off the field.
 pub fn view(text: &str, back: usize, width: usize) -> (String, u16) {
+    use unicode_width::UnicodeWidthChar as _;
     if width < 2 {
         return (String::new(), 0);
     }
     let chars: Vec<char> = text.chars().collect();
+    let cells = |c: &char| c.width().unwrap_or(0);
     let at = chars.len() - back.min(chars.len());
-    let start = if chars.len() < width {
-        0
-    } else {
-        // The cursor's cell is the last one the field has.
-        (at + 1).saturating_sub(width)
-    };
-    let end = (start + width).min(chars.len());
-    let mut shown: String = chars[start..end].iter().collect();
-    if start > 0 {
-        shown = std::iter::once('…')
-            .chain(chars[start + 1..end].iter().copied())
-            .collect();
+    let total: usize = chars.iter().map(cells).sum();
+    let mut start = 0;
+    if total >= width {
+        // Leftwards from the cursor, as much as fits before its cell (the character
+        // under it, or one past the end), and a cell for the `…` if anything is cut.
+        let cursor = chars.get(at).map_or(1, cells).max(1);
+        let budget = width.saturating_sub(cursor);
+        let mut before = 0;
+        start = at;
+        while start > 0 && before + cells(&chars[start - 1]) <= budget {
+            start -= 1;
+            before += cells(&chars[start]);
+        }
+        while start > 0 && start < at && before + 1 > budget {
+            before -= cells(&chars[start]);
+            start += 1;
+        }
     }
-    let before: String = if start > 0 {
-        std::iter::once('…')
-            .chain(chars[start + 1..at].iter().copied())
-            .collect()
-    } else {
-        chars[..at].iter().collect()
-    };
-    let column = u16::try_from(Span::raw(before).width()).unwrap_or(u16::MAX);
-    (shown, column)
+    let ellipsis = usize::from(start > 0);
+    let column: usize = ellipsis + chars[start..at].iter().map(cells).sum::<usize>();
+    let mut used = column;
+    let mut end = at;
+    while end < chars.len() && used + cells(&chars[end]) <= width {
+        used += cells(&chars[end]);
+        end += 1;
+    }
+    let shown: String = (start > 0)
+        .then_some('…')
+        .into_iter()
+        .chain(chars[start..end].iter().copied())
+        .collect();
+    (shown, u16::try_from(column).unwrap_or(u16::MAX))
 }
 
 /// A field as [`view`] shows it: with the cursor where it is when `focused`, else from
@@ -178,5 +190,9 @@ mod tests {
         assert_eq!(view("", 0, 0), (String::new(), 0));
         assert_eq!(view("abc", 1, 1), (String::new(), 0));
         assert_eq!(view("abc", 0, 2), ("…".into(), 1));
+        // Wide characters count two cells: the end and the cursor stay in the field.
+        assert_eq!(view("日日日日日END", 0, 8), ("…日END".into(), 6));
+        assert_eq!(view("日日日日日END", 8, 8), ("日日日日".into(), 0));
+        assert_eq!(view("日日日", 0, 8), ("日日日".into(), 6));
     }
 }

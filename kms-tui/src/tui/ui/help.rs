@@ -157,6 +157,9 @@ mod tests {
             ["back, close, clear", "filter, then the message"]
         );
         assert_eq!(wrap_words("quit", 25), ["quit"]);
-        assert_eq!(wrap_words("a verylongword b", 5), ["a", "verylongword", "b"]);
+        assert_eq!(
+            wrap_words("a verylongword b", 5),
+            ["a", "verylongword", "b"]
+        );
     }
 }
