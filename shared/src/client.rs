@@ -184,7 +184,7 @@ pub struct Client {
     queued: StdMutex<Vec<Queued>>,
     pending: Pending,
     next_id: AtomicU64,
-    events: StdMutex<Option<mpsc::UnboundedReceiver<Notification>>>,
+    events: StdMutex<Option<mpsc::Receiver<Notification>>>,
     reader: tokio::task::JoinHandle<()>,
     daemon_version: String,
 }
@@ -223,7 +223,7 @@ impl Client {
         check_daemon(path, &stream)?;
         let stream = Arc::new(stream);
         let pending: Pending = Arc::default();
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
         let reader = tokio::spawn(read_loop(stream.clone(), pending.clone(), ev_tx));
         let mut client = Client {
             stream,
@@ -336,7 +336,7 @@ impl Client {
     }
 
     /// Subscribes to events; returns the stream of notifications (once per client).
-    pub async fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<Notification>, ClientError> {
+    pub async fn subscribe(&self) -> Result<mpsc::Receiver<Notification>, ClientError> {
         let rx = lock(&self.events)
             .take()
             .ok_or_else(|| ClientError::Unexpected("already subscribed".into()))?;
@@ -866,11 +866,33 @@ impl Drop for Unwritten<'_> {
 /// Reads frames until the connection ends, routing replies to their callers and
 /// notifications to the subscription. Dropping the pending senders on exit wakes every
 /// caller with `Closed`.
-async fn read_loop(
-    stream: Arc<Stream>,
-    pending: Pending,
-    events: mpsc::UnboundedSender<Notification>,
-) {
+/// Events held for a subscriber that has not taken them yet. Beyond, they are dropped
+/// and counted, and the subscriber is told as by the daemon ([`Notification::Lagged`]):
+/// a subscriber that stops taking them (a dashboard whose terminal blocks) holds at most
+/// this many, while replies go on reaching their calls.
+const EVENT_QUEUE: usize = 1024;
+
+async fn read_loop(stream: Arc<Stream>, pending: Pending, events: mpsc::Sender<Notification>) {
+    // Events dropped here since the subscriber was last told.
+    let mut dropped: u64 = 0;
+    let mut notify = |note: Notification| {
+        let missed = match &note {
+            Notification::Lagged(n) => *n,
+            Notification::Event(_) => 1,
+        };
+        if dropped > 0 {
+            match events.try_send(Notification::Lagged(dropped)) {
+                Ok(()) => dropped = 0,
+                Err(_) => {
+                    dropped = dropped.saturating_add(missed);
+                    return;
+                }
+            }
+        }
+        if events.try_send(note).is_err() {
+            dropped = dropped.saturating_add(missed);
+        }
+    };
     // Buffered: one read takes a reply and whatever else has arrived, instead of a read
     // for the length, one for the body and one that finds nothing.
     let mut recv = codec::WipingBufReader::with_capacity(READ_BUFFER, &*stream);
@@ -887,12 +909,8 @@ async fn read_loop(
                     let _ = tx.send(result);
                 }
             }
-            Ok(ServerFrame::Event(e)) => {
-                let _ = events.send(Notification::Event(e));
-            }
-            Ok(ServerFrame::Lagged { missed }) => {
-                let _ = events.send(Notification::Lagged(missed));
-            }
+            Ok(ServerFrame::Event(e)) => notify(Notification::Event(e)),
+            Ok(ServerFrame::Lagged { missed }) => notify(Notification::Lagged(missed)),
             Err(_) => break,
         }
     }
@@ -1339,6 +1357,82 @@ mod tests {
             other => panic!("expected a timeout, got {other:?}"),
         }
         silent.abort();
+    }
+
+    /// A subscriber that does not take its events holds at most [`EVENT_QUEUE`] of them;
+    /// the rest are counted and it is told how many it missed before the next event, as
+    /// the daemon tells a connection that reads too slowly. Replies are never held up.
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_told_what_it_missed() {
+        use crate::protocol::{ClientFrame, Event, EventKind, Outcome, ServerFrame};
+        use tokio::io::AsyncWriteExt;
+        const SENT: usize = EVENT_QUEUE + 500;
+        let dir = Scratch::new("lagging");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let event = |seq: u64| {
+            ServerFrame::Event(Event {
+                seq,
+                time: 0,
+                kind: EventKind::Rotated,
+                key_tag: None,
+                key_name: None,
+                version: None,
+                state: None,
+                account: "a".into(),
+                message: String::new(),
+            })
+        };
+        // Answers hello and subscribe; each `status` is answered after a burst of events
+        // (SENT for the first, one for the next), so that its reply marks them all read.
+        let daemon = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut seq = 0;
+            let mut bursts = [SENT, 1].into_iter();
+            while let Some(body) = codec::read_frame(&mut stream, 1 << 20).await.unwrap() {
+                let frame: ClientFrame = codec::decode(&body).unwrap();
+                let mut out = Vec::new();
+                let reply = match frame.request {
+                    Request::Hello { .. } => Response::Hello {
+                        protocol: PROTOCOL_VERSION,
+                        daemon_version: "0".into(),
+                    },
+                    Request::Subscribe => Response::Subscribed,
+                    _ => {
+                        for _ in 0..bursts.next().unwrap_or(0) {
+                            seq += 1;
+                            out.extend(codec::encode_frame(&event(seq), u32::MAX).unwrap());
+                        }
+                        Response::Subscribed
+                    }
+                };
+                let reply = ServerFrame::Reply {
+                    id: frame.id,
+                    result: Outcome::Ok(reply),
+                };
+                out.extend(codec::encode_frame(&reply, u32::MAX).unwrap());
+                stream.write_all(&out).await.unwrap();
+            }
+        });
+        let client = Client::connect(&path).await.unwrap();
+        let mut events = client.subscribe().await.unwrap();
+        client.call(Request::Status).await.unwrap();
+        let mut held = 0;
+        while let Ok(Notification::Event(_)) = events.try_recv() {
+            held += 1;
+        }
+        assert_eq!(held, EVENT_QUEUE, "held beyond the queue");
+        client.call(Request::Status).await.unwrap();
+        match events.recv().await.unwrap() {
+            Notification::Lagged(n) => assert_eq!(n, (SENT - EVENT_QUEUE) as u64),
+            other => panic!("{other:?}"),
+        }
+        match events.recv().await.unwrap() {
+            Notification::Event(e) => assert_eq!(e.seq, SENT as u64 + 1),
+            other => panic!("{other:?}"),
+        }
+        drop(client);
+        daemon.abort();
     }
 
     /// A fresh directory in the system's temporary directory, removed when dropped.

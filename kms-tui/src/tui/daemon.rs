@@ -115,7 +115,7 @@ pub async fn run(
 /// lost (the reason) or the dashboard has gone (`None`).
 async fn serve(
     client: &Arc<Client>,
-    mut notes: UnboundedReceiver<Notification>,
+    mut notes: tokio::sync::mpsc::Receiver<Notification>,
     effects: &mut UnboundedReceiver<Effect>,
     actions: &UnboundedSender<Action>,
 ) -> Option<String> {
