@@ -82,6 +82,9 @@ pub struct HistoryView {
     pub selected: usize,
     pub offset: usize,
     pub error: Option<String>,
+    /// An event for the key came while a page was loading: the newest page is read again
+    /// once it is in (one request at a time).
+    pub refresh_due: bool,
 }
 
 /// A key named by tag (what requests carry) and name (what people read).
@@ -775,6 +778,21 @@ impl App {
                 Screen::Grants(_) => Mode::Grants,
                 Screen::Tokens(_) => Mode::Tokens,
             },
+        }
+    }
+
+    /// Whether keys typed now go into a text field (a paste may go there too).
+    pub fn editing_text(&mut self) -> bool {
+        match &mut self.popup {
+            Some(Popup::Create(form)) => {
+                let focus = form.focus;
+                form.text_mut(focus).is_some()
+            }
+            Some(Popup::Grant(form)) => form.focus == GrantField::Name,
+            Some(Popup::Token(_) | Popup::Prompt(_)) => true,
+            Some(Popup::Confirm(c)) => c.kind == ConfirmKind::DeleteNow,
+            Some(_) => false,
+            None => self.filter_editing,
         }
     }
 

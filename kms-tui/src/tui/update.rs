@@ -56,15 +56,13 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             app.size = (w, h);
             relayout(app);
         }
-        // Into the text being edited, as if typed, but without the line breaks, tabs and
-        // other control characters: a paste never submits a form or answers a question.
-        // Anywhere else (a list, a yes/no question) it is no command at all.
+        // Into the text field being edited, as if typed, but without the line breaks, tabs
+        // and other control characters: a paste never submits a form or answers a
+        // question. Anywhere else (a list, a yes/no question, a form's choice, where a
+        // space would change the choice) it is no command at all.
         Action::Paste(text) => {
-            if matches!(
-                app.mode(),
-                Mode::Form | Mode::Prompt | Mode::GrantForm | Mode::TokenForm | Mode::Filter
-            ) {
-                for c in text.chars().filter(|c| !c.is_control()) {
+            if app.editing_text() {
+                for c in text.chars().filter(|c| !c.is_control()).take(MAX_INPUT) {
                     step(app, Action::Char(c), fx);
                 }
             }
@@ -441,6 +439,7 @@ fn open_history(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
         selected: 0,
         offset: 0,
         error: None,
+        refresh_due: false,
     });
 }
 
@@ -454,6 +453,7 @@ fn reload_view(app: &mut App, fx: &mut Vec<Effect>) {
             h.offset = 0;
             h.exhausted = false;
             h.loading = true;
+            h.refresh_due = false;
             h.error = None;
             fx.push(Effect::LoadHistory {
                 tag: h.tag.clone(),
@@ -645,6 +645,25 @@ fn on_history(
         return;
     }
     h.loading = false;
+    apply_history_page(h, before_seq, result, rows, fx);
+    // Events that came while a page was loading: the newest page again, now.
+    if h.refresh_due && !h.loading {
+        h.refresh_due = false;
+        h.loading = true;
+        fx.push(Effect::LoadHistory {
+            tag: h.tag.clone(),
+            before_seq: None,
+        });
+    }
+}
+
+fn apply_history_page(
+    h: &mut HistoryView,
+    before_seq: Option<u64>,
+    result: Result<Vec<kms_shared::model::HistoryEntry>, String>,
+    rows: usize,
+    fx: &mut Vec<Effect>,
+) {
     match result {
         Ok(entries) => {
             let full_page = entries.len() >= HISTORY_PAGE as usize;
@@ -999,13 +1018,16 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
         // what is shown (`on_history`).
         if let Screen::History(h) = &mut app.screen
             && &h.tag == tag
-            && !h.loading
         {
-            h.loading = true;
-            fx.push(Effect::LoadHistory {
-                tag: tag.clone(),
-                before_seq: None,
-            });
+            if h.loading {
+                h.refresh_due = true;
+            } else {
+                h.loading = true;
+                fx.push(Effect::LoadHistory {
+                    tag: tag.clone(),
+                    before_seq: None,
+                });
+            }
         }
     }
     match e.kind {

@@ -287,6 +287,11 @@ fn a_paste_is_text_not_keys() {
     let fx = update(&mut a, Action::Paste("abc\ndef\tghi".into()));
     assert!(fx.is_empty(), "{fx:?}");
     assert_eq!(form(&a).name, "abcdefghi");
+    // On a choice (the key type), where a space changes the choice, a paste does nothing.
+    update(&mut a, code(KeyCode::Tab));
+    let before = form(&a).clone();
+    update(&mut a, Action::Paste("a b c".into()));
+    assert_eq!(*form(&a), before);
 }
 
 /// c opens the form; rules are checked as you type and a valid form submits a create.
@@ -927,7 +932,9 @@ fn history_follows_events() {
     assert!(fx.contains(&reload), "{fx:?}");
     let fx = update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &k)));
     assert!(!fx.contains(&reload), "one request at a time: {fx:?}");
-    update(
+    // The page answers the first request; the second event's entry may not be in it, so
+    // the newest page is read once more.
+    let fx = update(
         &mut a,
         Action::HistoryLoaded {
             tag: k.tag.clone(),
@@ -935,11 +942,30 @@ fn history_follows_events() {
             result: Ok(fake::history(52, 52)),
         },
     );
+    assert_eq!(
+        fx,
+        [reload.clone()],
+        "the event that came meanwhile is lost"
+    );
     let Screen::History(h) = &a.screen else {
         panic!()
     };
     assert_eq!(h.entries.len(), 52);
     assert_eq!(h.entries[0].seq, 52);
+    assert_eq!(h.entries[h.selected].seq, 48, "the selection moved");
+    let fx = update(
+        &mut a,
+        Action::HistoryLoaded {
+            tag: k.tag.clone(),
+            before_seq: None,
+            result: Ok(fake::history(53, 53)),
+        },
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+    let Screen::History(h) = &a.screen else {
+        panic!()
+    };
+    assert_eq!(h.entries[0].seq, 53);
     assert_eq!(h.entries[h.selected].seq, 48, "the selection moved");
     assert!(!h.loading && h.exhausted);
 }
