@@ -944,7 +944,7 @@ fn history_follows_events() {
     );
     assert_eq!(
         fx,
-        [reload.clone()],
+        std::slice::from_ref(&reload),
         "the event that came meanwhile is lost"
     );
     let Screen::History(h) = &a.screen else {
