@@ -64,7 +64,9 @@ impl Backups {
                 return Err(WireError::new(
                     ErrorKind::InvalidState,
                     format!(
-                        "{MAX_SNAPSHOTS} backups are already in progress; let them finish or wait {} minutes",
+                        "{MAX_SNAPSHOTS} backups are already in progress; let them finish (one \
+                         whose client went away is deleted {} minutes after its last chunk was \
+                         read)",
                         EXPIRY.as_secs() / 60
                     ),
                 ));

@@ -77,9 +77,12 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
             .context("cannot load the root key")?;
     tracing::info!(?source, "root key loaded");
     let opening = std::time::Instant::now();
-    // Until READY=1 (or an error): the store's open may verify every page.
+    // While the store opens, which may verify every page.
     let starting = systemd::StartingUp::begin("starting: opening and checking the key store");
     let store = store::Store::open(&config.store_path(), &root.fingerprint())?;
+    // The rest of the start is short: bounded by the service manager's timeout again (a
+    // token login or a bind that hangs is then killed and restarted, not waited on).
+    drop(starting);
     tracing::info!(
         ms = opening.elapsed().as_millis() as u64,
         "store opened (pages verified unless untouched since a clean stop)"
@@ -161,7 +164,6 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         "kmsd ready"
     );
     // The listener exists (bound or passed), so connections are accepted from here on.
-    drop(starting);
     systemd::notify_ready(engine.live_keys(), &config.socket);
     systemd::spawn_notifier(engine.clone(), config.socket.clone(), trigger.handle());
 

@@ -196,14 +196,18 @@ fn notify(states: &[NotifyState<'_>]) {
 /// is sent: a third of it, so that a late wake-up of the thread still comes in time.
 const START_EXTENSION: Duration = Duration::from_secs(30);
 const START_EXTEND_EVERY: Duration = Duration::from_secs(10);
+/// No extension after this long: a check of the largest store this daemon is made for
+/// takes minutes; one still going after this is taken for hung, and the service
+/// manager's own timeout ends it.
+const START_EXTEND_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// While this lives, the service manager is told every [`START_EXTEND_EVERY`] that the
 /// start is still working (`EXTEND_TIMEOUT_USEC`, with a `STATUS=` line). Opening the
 /// store verifies every page after an unclean stop and once a week (~0.7–1.7 s per
 /// 500 MiB here, more on a slow disk): a large store would outlast `TimeoutStartSec`
 /// (90 s by default), systemd would kill kmsd, and the next start, unclean again, would
-/// begin the same check — a restart loop that never serves. A start that hangs for
-/// good is not helped; one that works is given the time it needs.
+/// begin the same check — a restart loop that never serves. Extensions stop after
+/// [`START_EXTEND_LIMIT`], so a start that hangs for good is still timed out.
 pub struct StartingUp {
     done: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -225,7 +229,7 @@ impl StartingUp {
             .name("kmsd-starting".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                loop {
+                while started.elapsed() < START_EXTEND_LIMIT {
                     let status = format!("{what} ({} s)", started.elapsed().as_secs());
                     notify(&[
                         NotifyState::ExtendTimeoutUsec(extension),
@@ -238,6 +242,10 @@ impl StartingUp {
                         return;
                     }
                 }
+                tracing::warn!(
+                    minutes = START_EXTEND_LIMIT.as_secs() / 60,
+                    "the start is still not done; no more start timeout extensions"
+                );
             })
             .map_err(|e| tracing::warn!(error = %e, "cannot start the start-up notifier"))
             .ok();

@@ -204,7 +204,9 @@ impl std::fmt::Debug for Client {
 }
 
 /// How long [`Client::connect`] waits for the daemon's answer to its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Long enough for a socket-activated kmsd that is still starting (systemd holds the
+/// connection in the socket's backlog meanwhile; its default start timeout is 90 s).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Client {
     /// Connects to the daemon at `path` and does the version handshake (within
@@ -247,7 +249,8 @@ impl Client {
                 std::io::ErrorKind::TimedOut,
                 format!(
                     "kmsd accepted the connection but did not answer within {} s (it may be \
-                     at its connection limit, stopped or wedged)",
+                     still starting and checking its store, at its connection limit, stopped \
+                     or wedged)",
                     HANDSHAKE_TIMEOUT.as_secs()
                 ),
             )));
@@ -1114,6 +1117,12 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
         }
         Err(_) => {}
     }
+    // A kmsd already holds the data directory (one a client started and gave up waiting
+    // for, still checking a large store): another would only fail on its lock, after
+    // truncating the log the first is writing. Wait for the first instead.
+    if data_dir_in_use(&data_dir) {
+        return wait_for_daemon(&path, &data_dir, deadline).await;
+    }
     let mut started = spawn_daemon(&path, &data_dir)?;
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1188,11 +1197,53 @@ async fn lock_autostart(
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 return Err(ClientError::Autostart(format!(
-                    "another client has been starting kmsd for {} for 10 s without it answering",
+                    "another client is starting kmsd for {}, and it did not answer within 10 s",
                     data_dir.display()
                 )));
             }
             Err(e) => return Err(failed(e.into())),
+        }
+    }
+}
+
+/// Whether a kmsd holds `data_dir`'s lock (`kmsd.lock`, taken exclusively by the daemon
+/// that serves it).
+fn data_dir_in_use(data_dir: &Path) -> bool {
+    use rustix::fs::{FlockOperation, flock};
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(lock) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(data_dir.join("kmsd.lock"))
+    else {
+        return false;
+    };
+    flock(&lock, FlockOperation::NonBlockingLockShared) == Err(rustix::io::Errno::WOULDBLOCK)
+}
+
+/// Waits until `deadline` for the kmsd that holds `data_dir` to answer on `path`.
+async fn wait_for_daemon(
+    path: &Path,
+    data_dir: &Path,
+    deadline: tokio::time::Instant,
+) -> Result<Client, ClientError> {
+    loop {
+        match Client::connect(path).await {
+            Ok(c) => return Ok(c),
+            Err(
+                e @ (ClientError::UntrustedDaemon { .. } | ClientError::PeerCredentials { .. }),
+            ) => {
+                return Err(e);
+            }
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(ClientError::Autostart(format!(
+                    "a kmsd holds {} (its kmsd.lock) but did not answer on {}: it may still be \
+                     starting, or serve another socket",
+                    data_dir.display(),
+                    path.display()
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }

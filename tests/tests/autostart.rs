@@ -254,6 +254,49 @@ fn no_daemon_is_started_on_another_accounts_data_directory() {
     assert!(!dir.path().join("run/kmsd.sock").exists());
 }
 
+/// A kmsd already holding the data directory (here one serving another socket; also one
+/// still checking a large store that another client gave up waiting for) is waited for
+/// and named, not joined by a second kmsd that can only fail on the lock (after
+/// truncating the log the first one writes).
+#[test]
+fn no_second_daemon_is_started_on_a_data_directory_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("xdg/kms");
+    let other = dir.path().join("other.sock");
+    /// Stopped however the test ends.
+    struct First(std::process::Child);
+    impl Drop for First {
+        fn drop(&mut self) {
+            kms_e2e::stop_started_daemon(self.0.id() as i32);
+            let _ = self.0.wait();
+        }
+    }
+    let _first = First(
+        Command::new(bin("kmsd"))
+            .arg("--socket")
+            .arg(&other)
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !other.exists() {
+        assert!(Instant::now() < deadline, "the first kmsd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = kmsctl_in(dir.path(), &bin("kmsctl"), &["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("holds") && stderr.contains("another socket"),
+        "{stderr}"
+    );
+    assert!(!data.join("kmsd.log").exists(), "a second kmsd was started");
+}
+
 /// A kmsd that exits at once is reported as such, with its last words, without waiting
 /// out the 10 s a slow start is given.
 #[test]
