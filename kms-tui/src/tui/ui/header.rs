@@ -33,12 +33,19 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
         Conn::Connected { daemon_version } => (s::connected(daemon_version), theme::ok()),
         Conn::Disconnected { .. } => (s::DISCONNECTED.to_string(), theme::error()),
     };
+    // On a narrow terminal the state's first words (its symbol and word) are what
+    // matters, and a space keeps them apart from the name, however cut.
+    let wanted = Line::from(left.clone()).width() + text.chars().count() + 2;
+    let text = if wanted > usize::from(area.width) {
+        text.split(" · ").next().unwrap_or_default().to_string()
+    } else {
+        text
+    };
     let right = Line::from(Span::styled(format!("{text} "), style)).right_aligned();
     let right_width = right.width() as u16;
-    let [l, r] = area.layout(&Layout::horizontal([
-        Constraint::Min(0),
-        Constraint::Length(right_width),
-    ]));
+    let [l, r] = area.layout(
+        &Layout::horizontal([Constraint::Min(0), Constraint::Length(right_width)]).spacing(1),
+    );
     f.render_widget(Paragraph::new(Line::from(left)), l);
     f.render_widget(Paragraph::new(right), r);
 }
