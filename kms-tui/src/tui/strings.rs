@@ -628,6 +628,10 @@ pub const WHAT_ROTATION_SETTINGS: &str = "changing automatic rotation or its per
 pub const WHAT_ENABLE_VERSION: &str = "enabling a version";
 pub const WHAT_DISABLE_VERSION: &str = "disabling a version";
 
+pub fn paste_cut(pasted: usize, max: usize) -> String {
+    format!("the paste had {pasted} characters; a field takes at most {max}")
+}
+
 /// Why the connection is given up when a read is not answered.
 pub fn not_answering(secs: u64) -> String {
     format!("kmsd did not answer within {secs} s")

@@ -62,8 +62,13 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
         // space would change the choice) it is no command at all.
         Action::Paste(text) => {
             if app.editing_text() {
-                for c in text.chars().filter(|c| !c.is_control()).take(MAX_INPUT) {
+                let pasted: Vec<char> = text.chars().filter(|c| !c.is_control()).collect();
+                for &c in pasted.iter().take(MAX_INPUT) {
                     step(app, Action::Char(c), fx);
+                }
+                // A field takes at most MAX_INPUT characters: said, not cut silently.
+                if pasted.len() > MAX_INPUT {
+                    app.error(s::paste_cut(pasted.len(), MAX_INPUT));
                 }
             }
         }

@@ -292,6 +292,13 @@ fn a_paste_is_text_not_keys() {
     let before = form(&a).clone();
     update(&mut a, Action::Paste("a b c".into()));
     assert_eq!(*form(&a), before);
+    // Longer than a field takes: cut, and said.
+    update(&mut a, code(KeyCode::BackTab));
+    update(&mut a, Action::Paste("y".repeat(250)));
+    assert_eq!(form(&a).name.chars().count(), crate::tui::app::MAX_INPUT);
+    let m = a.message.clone().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert!(m.text.contains("250 characters"), "{}", m.text);
 }
 
 /// c opens the form; rules are checked as you type and a valid form submits a create.
