@@ -634,6 +634,70 @@ fn a_task_the_key_no_longer_calls_for_is_not_recorded() {
     assert_eq!(e.run_due(), 0);
 }
 
+/// A rotation period that began while the wall clock ran ahead (a year fast, then
+/// corrected) starts again at the next scheduler pass, instead of waiting out the year;
+/// a `set-rotation` by kmsd says so, and the key rotates one period later.
+#[test]
+fn a_rotation_dated_ahead_restarts_when_the_clock_is_set_back() {
+    let fx = Fx::new();
+    let e = fx.e();
+    assert_eq!(e.run_due(), 0);
+    let year_ahead = T0 + 365 * DAY_MS;
+    fx.clock.step(year_ahead);
+    let tag = fx
+        .create_with("fast-clock", KeyType::Aes256, |s| {
+            s.auto_rotation = true;
+            s.rotation_days = Some(30);
+        })
+        .tag;
+    assert_eq!(e.run_due(), 0);
+    fx.clock.step(T0 + DAY_MS);
+    // A period begun after the clock was set back is left as it is.
+    let steady = fx
+        .create_with("steady", KeyType::Aes256, |s| {
+            s.auto_rotation = true;
+            s.rotation_days = Some(30);
+        })
+        .tag;
+    let k = e.get_key(&tag).unwrap();
+    assert_eq!(k.next_rotation_at, Some(year_ahead + 30 * DAY_MS));
+    assert_eq!(e.run_due(), 0);
+    let k = e.get_key(&tag).unwrap();
+    assert_eq!(
+        k.next_rotation_at,
+        Some(T0 + DAY_MS + 30 * DAY_MS),
+        "still a year ahead"
+    );
+    let restarts: Vec<_> = history_page(e, &tag)
+        .into_iter()
+        .filter(|h| h.action == Action::SetRotation)
+        .map(|h| (h.account, h.result))
+        .collect();
+    assert_eq!(restarts, [("kmsd".to_string(), "ok".to_string())]);
+    // Once: a later pass finds nothing to restart.
+    assert_eq!(e.run_due(), 0);
+    assert_eq!(
+        history_page(e, &tag)
+            .iter()
+            .filter(|h| h.action == Action::SetRotation)
+            .count(),
+        1
+    );
+    assert!(
+        !history_page(e, &steady)
+            .iter()
+            .any(|h| h.action == Action::SetRotation)
+    );
+    fx.clock.advance(30 * DAY_MS);
+    assert_eq!(
+        e.run_due(),
+        2,
+        "both keys rotate one period after the restart"
+    );
+    assert_eq!(e.get_key(&tag).unwrap().current_version, 2);
+    assert_eq!(e.get_key(&steady).unwrap().current_version, 2);
+}
+
 /// The 72-hour wait: nothing happens before it, the purge happens at it, material is gone
 /// and the metadata stays; a cancelled request leaves the key disabled and never purges.
 #[test]

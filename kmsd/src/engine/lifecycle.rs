@@ -545,6 +545,68 @@ impl Engine {
         })
     }
 
+    /// Restarts, now, the rotation periods that began later than now by the wall clock
+    /// (more than a minute): periods started while the clock ran ahead, which once it is
+    /// set back would wait out the time it was ahead before the next rotation. Each is a
+    /// `set-rotation` by kmsd in the key's history, with the dates in its event. Returns
+    /// how many were restarted.
+    pub(super) fn restart_rotations_dated_ahead(&self) -> usize {
+        const SLACK_MS: i64 = 60_000;
+        let ahead = |e: &KeyEntry, now: UnixMillis| {
+            e.rec.next_rotation_at().is_some()
+                && e.rec
+                    .rotation_anchor
+                    .is_some_and(|a| a > now.saturating_add(SLACK_MS))
+        };
+        let now = self.now();
+        let tags: Vec<String> = self
+            .ring()
+            .by_tag
+            .values()
+            .filter(|e| ahead(e, now))
+            .map(|e| e.rec.tag.clone())
+            .collect();
+        let caller = Caller::daemon();
+        let mut restarted = 0;
+        for tag in tags {
+            let restart = |e: &Arc<KeyEntry>, now| {
+                let mut rec = e.rec.clone();
+                let began = rec
+                    .rotation_anchor
+                    .map(model::format_time)
+                    .unwrap_or_default();
+                rec.rotation_anchor = Some(now);
+                let next = rec
+                    .next_rotation_at()
+                    .map(model::format_time)
+                    .unwrap_or_default();
+                Ok(Change::new(rec, Action::SetRotation).event(
+                    EventKind::SettingsChanged,
+                    None,
+                    format!(
+                        "key {}: its rotation period began {began}, later than the clock now \
+                         reads (it was set back); the period starts again now, next {next}",
+                        e.rec.name
+                    ),
+                ))
+            };
+            match self.change_key_if(&caller, &tag, Action::SetRotation, None, ahead, restart) {
+                Ok(Some(_)) => restarted += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(key = %tag, error = %e, "cannot restart a rotation period dated ahead")
+                }
+            }
+        }
+        if restarted > 0 {
+            tracing::warn!(
+                keys = restarted,
+                "the wall clock is behind rotation periods it started; they start again now"
+            );
+        }
+        restarted
+    }
+
     /// Rotation forced by the nonce budget of `exhausted` (if still current). `used` is
     /// the count the calling encryption drew: when the rotation is impossible (the version
     /// limit), only the first call over the budget (`used == budget`) announces it, not

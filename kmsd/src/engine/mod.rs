@@ -267,6 +267,9 @@ pub struct Engine {
     /// Deletions requested in this run, by tag: when their wait ends on the clock a step
     /// of the wall clock does not move ([`Clock::elapsed_ms`]). See [`Engine::run_due`].
     deletion_waits: Mutex<HashMap<String, i64>>,
+    /// The wall clock's lead over the clock a step does not move (`now - elapsed`) at the
+    /// last scheduler pass: a drop is the wall clock set back ([`Engine::run_due`]).
+    wall_lead: Mutex<Option<i64>>,
     /// Refusals counted, to be recorded together ([`refusals`]).
     refusals: refusals::Refusals,
     /// Grants, swapped whole on change so checks never wait.
@@ -358,6 +361,7 @@ impl Engine {
             due_changed: Arc::new(Notify::new()),
             due_retries: Mutex::default(),
             deletion_waits: Mutex::default(),
+            wall_lead: Mutex::default(),
             refusals: refusals::Refusals::default(),
             grants: RwLock::new(Arc::new(grants)),
             last_grant_id: AtomicU64::new(last_grant_id),
@@ -633,8 +637,27 @@ impl Engine {
     /// purges at the end of the deletion wait, expiry of purged keys' metadata. Returns
     /// how many entries were handled. A failed task is logged and tried again after 1 s,
     /// 2 s, 4 s, … up to an hour ([`schedule::Retries`]), not on every call.
+    ///
+    /// At the first pass, and at the first after the wall clock was set back, rotation
+    /// periods that started while it ran ahead start again now
+    /// ([`Engine::restart_rotations_dated_ahead`]): left as they were, each would stall for
+    /// as long as the clock had been ahead.
     pub fn run_due(&self) -> usize {
+        if self.wall_clock_set_back() {
+            self.restart_rotations_dated_ahead();
+        }
         self.run_due_of(|_| true)
+    }
+
+    /// Whether the wall clock was set back (by more than a minute) since the last call;
+    /// true at the first, which cannot know what the clock read before kmsd started.
+    fn wall_clock_set_back(&self) -> bool {
+        const STEP_MS: i64 = 60_000;
+        let lead = self.now().saturating_sub(self.clock.elapsed_ms());
+        let mut last = self.wall_lead.lock().unwrap_or_else(|e| e.into_inner());
+        let back = last.is_none_or(|before| lead < before.saturating_sub(STEP_MS));
+        *last = Some(lead);
+        back
     }
 
     /// [`Engine::run_due`] for the purges at the end of the deletion wait only: what kmsd
