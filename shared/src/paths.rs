@@ -13,7 +13,18 @@ pub struct Env {
     pub xdg_data_home: Option<String>,
     pub home: Option<String>,
     pub uid: u32,
+    /// Whether the system service is installed (its units in a system unit directory),
+    /// whether or not it runs.
+    pub system_service_installed: bool,
 }
+
+/// Where the system service's units are installed (systemd/install.sh, or a package).
+const SYSTEM_UNIT_DIRS: &[&str] = &[
+    "/etc/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+];
 
 impl Env {
     /// Reads the process environment and the real uid.
@@ -26,6 +37,11 @@ impl Env {
             xdg_data_home: var("XDG_DATA_HOME"),
             home: var("HOME"),
             uid: rustix::process::getuid().as_raw(),
+            system_service_installed: SYSTEM_UNIT_DIRS.iter().any(|dir| {
+                ["kmsd.socket", "kmsd.service"]
+                    .iter()
+                    .any(|unit| Path::new(dir).join(unit).exists())
+            }),
         }
     }
 }
@@ -38,9 +54,12 @@ pub const SYSTEM_SOCKET: &str = "/run/kms/kmsd.sock";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoAutostart {
     /// The socket is the system service's ([`SYSTEM_SOCKET`]), however it was chosen
-    /// (root's default, `$KMS_SOCKET`): a daemon started there by a client would run as
-    /// that client's account on the service's store (root's data directory is
-    /// `/var/lib/kms`), e.g. while an administrator has stopped the service to restore it.
+    /// (root's default, `$KMS_SOCKET`), and the service is installed, or the client is
+    /// not root: a daemon started there by a client would run as that client's account
+    /// on the service's store (root's data directory is `/var/lib/kms`), e.g. while an
+    /// administrator has stopped the service to restore it. On a machine without the
+    /// service, root's client starts root's own daemon there (SPEC §1's defaults: the
+    /// README's first command, run as root).
     SystemSocket,
     /// The system service's socket exists and `$KMS_SOCKET` does not say otherwise: a kms
     /// group member would silently get a private daemon instead of the shared one.
@@ -54,7 +73,7 @@ pub fn autostart_refused_in(
     socket: &Path,
     system_socket_exists: bool,
 ) -> Option<NoAutostart> {
-    if is_system_socket(socket) {
+    if is_system_socket(socket) && (env.uid != 0 || env.system_service_installed) {
         return Some(NoAutostart::SystemSocket);
     }
     if env.kms_socket.is_none() && system_socket_exists {
@@ -184,14 +203,16 @@ mod tests {
         );
     }
 
-    /// No daemon is ever started on the system service's socket: not for root, whose
-    /// default it is without a session, while the service is stopped (its socket gone),
-    /// nor when `$KMS_SOCKET` names it, however spelled. (It used to be allowed in both
-    /// cases: root's client then started a root kmsd on the service's store.)
+    /// No daemon is started on the system service's socket where the service is
+    /// installed: not for root, whose default it is without a session, while the service
+    /// is stopped (its socket gone), nor when `$KMS_SOCKET` names it, however spelled;
+    /// and never by another account. On a machine without the service, root's client
+    /// starts root's daemon there, as SPEC §1's defaults say (the README's first command).
     #[test]
-    fn never_autostart_on_the_system_socket() {
+    fn no_autostart_on_the_system_socket_where_the_service_is_installed() {
         let mut env = Env {
             uid: 0,
+            system_service_installed: true,
             ..Env::default()
         };
         let root_default = socket_path_in(&env);
@@ -202,6 +223,8 @@ mod tests {
                 Some(NoAutostart::SystemSocket)
             );
         }
+        env.system_service_installed = false;
+        assert_eq!(autostart_refused_in(&env, &root_default, false), None);
         env.uid = 1000;
         for spelled in [
             "/run/kms/kmsd.sock",
