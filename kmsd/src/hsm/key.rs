@@ -138,7 +138,11 @@ impl HsmKey {
             };
             r.map_err(|e| OpError::Ck("key generation", e))
         })?;
-        Self::load(token, kind, id, what)
+        // Objects made and not loaded (the token gone, busy, an odd public half) are
+        // referenced by nothing that could destroy them later: destroyed now, if it can.
+        Self::load(token.clone(), kind, id.clone(), what).inspect_err(|_| {
+            let _ = token.run(|c| destroy_on(c, &id));
+        })
     }
 
     /// Finds a version's objects in the token and reads its public half.

@@ -254,10 +254,13 @@ impl Token {
                     // The session is sound (the token answered it): back to the pool, and
                     // the idle ones closed before they are let go of — dropped unclosed,
                     // each miss leaked sessions in the module, without bound.
+                    // Closed under the library's read lock, as every call into it: let go
+                    // first, a re-initialisation could come in between, and these handle
+                    // numbers would then name the new generation's sessions.
                     drop(lease);
+                    self.pool.close_idle(generation);
                     drop(st);
                     *self.lock_slot() = None;
-                    self.pool.close_idle(generation);
                     if last {
                         return Err(HsmError::ObjectMissing {
                             token: self.name.clone(),
