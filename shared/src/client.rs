@@ -146,6 +146,15 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The daemon on the socket is not one this client trusts: someone else's got there
+    /// first, and waiting (or starting another) cannot make it this client's.
+    fn is_untrusted_daemon(&self) -> bool {
+        matches!(
+            self,
+            ClientError::UntrustedDaemon { .. } | ClientError::PeerCredentials { .. }
+        )
+    }
 }
 
 /// A message that arrived on a subscription.
@@ -1112,9 +1121,7 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
     let _starting = lock_autostart(&data_dir, deadline).await?;
     match Client::connect(&path).await {
         Ok(c) => return Ok(c),
-        Err(e @ (ClientError::UntrustedDaemon { .. } | ClientError::PeerCredentials { .. })) => {
-            return Err(e);
-        }
+        Err(e) if e.is_untrusted_daemon() => return Err(e),
         Err(_) => {}
     }
     // A kmsd already holds the data directory (one a client started and gave up waiting
@@ -1133,9 +1140,7 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
                 return Ok(c);
             }
             // Someone else's daemon got the socket first: waiting cannot make it ours.
-            Err(
-                e @ (ClientError::UntrustedDaemon { .. } | ClientError::PeerCredentials { .. }),
-            ) => {
+            Err(e) if e.is_untrusted_daemon() => {
                 started.reap();
                 return Err(e);
             }
@@ -1168,27 +1173,13 @@ async fn lock_autostart(
     deadline: tokio::time::Instant,
 ) -> Result<std::fs::File, ClientError> {
     use rustix::fs::{FlockOperation, flock};
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let failed = |e: std::io::Error| {
         ClientError::Autostart(format!(
             "cannot lock {} to start kmsd: {e}",
             data_dir.display()
         ))
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(failed)?;
-    let path = data_dir.join("kmsd.autostart.lock");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&path)
-        .map_err(failed)?;
+    let (_, file) = open_in_data_dir(data_dir, "kmsd.autostart.lock", false).map_err(failed)?;
     loop {
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => return Ok(file),
@@ -1230,11 +1221,7 @@ async fn wait_for_daemon(
     loop {
         match Client::connect(path).await {
             Ok(c) => return Ok(c),
-            Err(
-                e @ (ClientError::UntrustedDaemon { .. } | ClientError::PeerCredentials { .. }),
-            ) => {
-                return Err(e);
-            }
+            Err(e) if e.is_untrusted_daemon() => return Err(e),
             Err(_) if tokio::time::Instant::now() >= deadline => {
                 return Err(ClientError::Autostart(format!(
                     "a kmsd holds {} (its kmsd.lock) but did not answer on {}: it may still be \
@@ -1306,22 +1293,30 @@ impl Started {
 /// The log of a kmsd a client started: `kmsd.log` in its data directory `dir`, begun
 /// anew at each autostart (such a daemon has no terminal and no journal to write to).
 fn open_autostart_log(dir: &Path) -> Option<(PathBuf, std::fs::File)> {
+    open_in_data_dir(dir, "kmsd.log", true).ok()
+}
+
+/// Opens (creating it 0600, and `dir` 0700 if need be) the file `name` in the data
+/// directory `dir`, for writing, emptied if `truncate`; never through a link.
+fn open_in_data_dir(
+    dir: &Path,
+    name: &str,
+    truncate: bool,
+) -> std::io::Result<(PathBuf, std::fs::File)> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)
-        .ok()?;
-    let path = dir.join("kmsd.log");
+        .create(dir)?;
+    let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(truncate)
         .mode(0o600)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&path)
-        .ok()?;
-    Some((path, file))
+        .open(&path)?;
+    Ok((path, file))
 }
 
 /// What systemd tells the process it starts, about that service. A client run by a
