@@ -17,7 +17,7 @@ use interprocess::local_socket::tokio::{Stream, prelude::*};
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -47,6 +47,19 @@ pub enum ClientError {
     Frame(#[from] FrameError),
     #[error("connection to kmsd closed")]
     Closed,
+    /// No reply within the time set by [`Client::set_call_timeout`]. If the request was
+    /// sent, the daemon may still carry it out (or have done so): a caller that must know
+    /// looks (`get_key`, the history) before it repeats a change.
+    #[error(
+        "kmsd did not answer within {} s; {}",
+        after.as_secs_f64(),
+        if *sent {
+            "the request was sent and may have been carried out"
+        } else {
+            "the request was not sent"
+        }
+    )]
+    TimedOut { after: Duration, sent: bool },
     #[error("kmsd speaks protocol {daemon}, this client speaks {client}")]
     VersionMismatch { daemon: u32, client: u32 },
     #[error("unexpected reply from kmsd: {0}")]
@@ -196,6 +209,8 @@ pub struct Client {
     events: StdMutex<Option<mpsc::Receiver<Notification>>>,
     reader: tokio::task::JoinHandle<()>,
     daemon_version: String,
+    /// How long a call waits for its reply; `None`: as long as the connection lasts.
+    call_timeout: Option<Duration>,
 }
 
 impl Drop for Client {
@@ -245,6 +260,7 @@ impl Client {
             events: StdMutex::new(Some(ev_rx)),
             reader,
             daemon_version: String::new(),
+            call_timeout: None,
         };
         let hello = client.call(Request::Hello {
             protocol: PROTOCOL_VERSION,
@@ -288,8 +304,37 @@ impl Client {
         &self.daemon_version
     }
 
-    /// Sends one request and waits for its reply. Other calls may be in flight meanwhile.
+    /// Bounds how long each later call waits for its reply (`None`, the default: as long
+    /// as the connection lasts, since a backup or a large batch may take minutes). A call
+    /// that runs out fails with [`ClientError::TimedOut`], which says whether its request
+    /// had been sent; the connection stays usable, and a late reply is dropped.
+    pub fn set_call_timeout(&mut self, limit: Option<Duration>) {
+        self.call_timeout = limit;
+    }
+
+    /// Sends one request and waits for its reply (within the call timeout, if one is
+    /// set). Other calls may be in flight meanwhile.
     pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        let sent = AtomicBool::new(false);
+        let Some(limit) = self.call_timeout else {
+            return self.send_and_wait(request, &sent).await;
+        };
+        match tokio::time::timeout(limit, self.send_and_wait(request, &sent)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ClientError::TimedOut {
+                after: limit,
+                sent: sent.load(Ordering::Relaxed),
+            }),
+        }
+    }
+
+    /// [`Client::call`] without a bound; `sent` is set once the request's frame has been
+    /// taken by a write (from then on the daemon may receive it).
+    async fn send_and_wait(
+        &self,
+        request: Request,
+        sent: &AtomicBool,
+    ) -> Result<Response, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // The frame may hold a plaintext: wiped once written.
         let frame = Zeroizing::new(
@@ -317,7 +362,10 @@ impl Client {
         // socket is busy), the call takes its frame back: a call given up is not sent.
         let mut unsent = Unsent {
             client: self,
-            id: Some(id),
+            id,
+            taken: false,
+            answered: false,
+            sent,
         };
         if in_flight > 1 {
             // Other calls are in flight on this connection: let those ready to run queue
@@ -330,7 +378,8 @@ impl Client {
             // Empty if an earlier writer took this call's frame along.
             let frames = std::mem::take(&mut *lock(&self.queued));
             // Taken (by this write or an earlier one): from here it is sent, or failed.
-            unsent.id = None;
+            unsent.taken = true;
+            sent.store(true, Ordering::Relaxed);
             write_frames(&self.stream, &self.queued, frames).await
         };
         if let Err(e) = written {
@@ -340,7 +389,9 @@ impl Client {
             close_pending(&self.pending);
             return Err(FrameError::Io(e).into());
         }
-        match rx.await {
+        let reply = rx.await;
+        unsent.answered = true;
+        match reply {
             Ok(Outcome::Ok(resp)) => Ok(resp),
             Ok(Outcome::Err(e)) => Err(ClientError::Server(e)),
             Err(_) => Err(ClientError::Closed),
@@ -949,16 +1000,32 @@ struct Queued {
 /// never sent later, with some other call's write.
 struct Unsent<'a> {
     client: &'a Client,
-    /// `None` once the frame has been taken by a write.
-    id: Option<u64>,
+    id: u64,
+    /// The frame has been taken by a write.
+    taken: bool,
+    /// The reader has delivered the reply (or the connection's end).
+    answered: bool,
+    /// Set if the frame turns out to have been taken along by another call's write.
+    sent: &'a AtomicBool,
 }
 
+/// A call given up (its future dropped: a timeout) before its reply: its frame, if still
+/// queued, is not sent, and its place among the pending calls is freed, so that a daemon
+/// that never answers does not make a long-lived client accumulate them.
 impl Drop for Unsent<'_> {
     fn drop(&mut self) {
-        if let Some(id) = self.id {
-            lock(&self.client.queued).retain(|q| q.call != id);
-            lock(&self.client.pending).calls.remove(&id);
+        if self.answered {
+            return;
         }
+        if !self.taken {
+            let mut queued = lock(&self.client.queued);
+            let before = queued.len();
+            queued.retain(|q| q.call != self.id);
+            if queued.len() == before {
+                self.sent.store(true, Ordering::Relaxed);
+            }
+        }
+        lock(&self.client.pending).calls.remove(&self.id);
     }
 }
 
@@ -1403,6 +1470,75 @@ mod tests {
             other => panic!("expected a timeout, got {other:?}"),
         }
         silent.abort();
+    }
+
+    /// A daemon that answers the handshake, then reads nothing more: with a call timeout,
+    /// a call whose frame went (in part) onto the socket says it was sent, one still
+    /// waiting to be written says it was not, and neither stays among the pending calls.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_timeout_says_whether_the_request_was_sent() {
+        use crate::protocol::{ClientFrame, Outcome, ServerFrame};
+        use tokio::io::AsyncWriteExt;
+        let dir = Scratch::new("call-timeout");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let daemon = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let body = codec::read_frame(&mut stream, 1 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+            let hello: ClientFrame = codec::decode(&body).unwrap();
+            let reply = ServerFrame::Reply {
+                id: hello.id,
+                result: Outcome::Ok(Response::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    daemon_version: "0".into(),
+                }),
+            };
+            stream
+                .write_all(&codec::encode_frame(&reply, u32::MAX).unwrap())
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+            drop(stream);
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        let limit = Duration::from_secs(5);
+        client.set_call_timeout(Some(limit));
+        // More than the socket's buffer holds: its write stalls part way, holding the
+        // connection's write lock, so the next call's frame cannot be taken.
+        let memo = "m".repeat(900 * 1024);
+        let large = Request::SetMemo {
+            key: "k01".into(),
+            memo,
+        };
+        let taken = AtomicBool::new(false);
+        let unsent = {
+            let stalled = client.send_and_wait(large, &taken);
+            tokio::pin!(stalled);
+            tokio::select! {
+                biased;
+                _ = &mut stalled => panic!("a write the daemon never reads finished"),
+                waited = client.get_key("k01") => waited,
+            }
+        };
+        match unsent {
+            Err(e @ ClientError::TimedOut { sent: false, .. }) => {
+                assert!(e.to_string().contains("not sent"), "{e}");
+            }
+            other => panic!("expected a timeout before sending, got {other:?}"),
+        }
+        assert!(taken.load(Ordering::Relaxed));
+        // The stalled call was given up; the rest of its frame goes first, with the next
+        // call's frame behind it, and stalls again.
+        match client.get_key("k01").await {
+            Err(ClientError::TimedOut { after, sent: true }) => assert_eq!(after, limit),
+            other => panic!("expected a timeout after sending, got {other:?}"),
+        }
+        assert!(lock(&client.pending).calls.is_empty());
+        assert!(lock(&client.queued).iter().all(|q| q.call == 0));
+        daemon.abort();
     }
 
     /// A subscriber that does not take its events holds at most [`EVENT_QUEUE`] of them;

@@ -114,3 +114,28 @@ fn version_flags_are_idempotent_unlike_key_states() {
     let help = d.kmsctl(&["enable-version", "--help"], b"");
     assert!(String::from_utf8_lossy(&help.stdout).contains("idempotently"));
 }
+
+/// `--timeout` bounds a run against a daemon that does not answer (here stopped with
+/// SIGSTOP: the kernel still queues the connection): exit 75, kind `timeout`, saying that
+/// nothing was sent; without a stopped daemon the same command answers at once.
+#[test]
+fn a_timeout_ends_a_run_on_a_daemon_that_does_not_answer() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "k01", "--type", "aes256"], b""));
+    ok(&d.kmsctl(&["--timeout", "5", "show", "k01"], b""));
+    let pid = Pid::from_raw(d.pid().unwrap() as i32).unwrap();
+    kill_process(pid, Signal::STOP).unwrap();
+    let started = std::time::Instant::now();
+    let out = d.kmsctl(&["--json", "--timeout", "0.3", "show", "k01"], b"");
+    let waited = started.elapsed();
+    kill_process(pid, Signal::CONT).unwrap();
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["error"]["kind"], "timeout", "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no request was sent"), "{message}");
+    // Bounded: not the 90 s the handshake would otherwise wait.
+    assert!(waited < std::time::Duration::from_secs(30), "{waited:?}");
+    ok(&d.kmsctl(&["--timeout", "5", "show", "k01"], b""));
+}

@@ -26,6 +26,7 @@
 //! | 15 | internal |
 //! | 69 | connect: kmsd cannot be reached or started, or the connection was lost (EX_UNAVAILABLE) |
 //! | 74 | io: an input file cannot be read or the output cannot be written (EX_IOERR) |
+//! | 75 | timeout: no answer within `--timeout` (EX_TEMPFAIL); the message says whether the request was sent, and so may have been carried out |
 //!
 //! A `--batch` run processes every line, then exits with the code of the first failed
 //! item's kind (0 if none failed). A closed stdout (`kmsctl list | head -1`) ends the run
@@ -48,10 +49,12 @@ use output::Printer;
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 const EX_USAGE: u8 = 2;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_IOERR: u8 = 74;
+const EX_TEMPFAIL: u8 = 75;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,6 +80,16 @@ pub struct Cli {
     /// Print JSON on stdout (errors as {"error":{"kind","message"}})
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
+    /// Give up after SECONDS without an answer: for connecting (starting kmsd included),
+    /// then for each request (exit 75) [default: wait as long as the connection lasts]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "SECONDS",
+        value_parser = parse_timeout
+    )]
+    pub timeout: Option<Duration>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -201,6 +214,8 @@ pub enum CtlError {
     /// Refused by the daemon, or by kmsctl for a reason the daemon would give too.
     Wire(WireError),
     Connect(String),
+    /// No answer within `--timeout`.
+    Timeout(String),
     Io(String),
     Usage(String),
     /// The reader of stdout went away; nobody is left to tell.
@@ -212,6 +227,7 @@ impl CtlError {
         match self {
             CtlError::Wire(e) => e.kind.as_str(),
             CtlError::Connect(_) => "connect",
+            CtlError::Timeout(_) => "timeout",
             CtlError::Io(_) | CtlError::BrokenPipe => "io",
             CtlError::Usage(_) => "usage",
         }
@@ -220,7 +236,7 @@ impl CtlError {
     pub fn message(&self) -> &str {
         match self {
             CtlError::Wire(e) => &e.message,
-            CtlError::Connect(m) | CtlError::Io(m) | CtlError::Usage(m) => m,
+            CtlError::Connect(m) | CtlError::Timeout(m) | CtlError::Io(m) | CtlError::Usage(m) => m,
             CtlError::BrokenPipe => "broken pipe",
         }
     }
@@ -229,6 +245,7 @@ impl CtlError {
         match self {
             CtlError::Wire(e) => e.kind.exit_code(),
             CtlError::Connect(_) => EX_UNAVAILABLE,
+            CtlError::Timeout(_) => EX_TEMPFAIL,
             CtlError::Io(_) => EX_IOERR,
             CtlError::Usage(_) => EX_USAGE,
             CtlError::BrokenPipe => 0,
@@ -254,6 +271,7 @@ impl From<ClientError> for CtlError {
             ClientError::Unexpected(_) => {
                 CtlError::Wire(WireError::new(ErrorKind::Internal, e.to_string()))
             }
+            ClientError::TimedOut { .. } => CtlError::Timeout(e.to_string()),
             other => CtlError::Connect(other.to_string()),
         }
     }
@@ -316,6 +334,18 @@ fn usage_message(e: &clap::Error) -> String {
         .join(" ")
 }
 
+/// `--timeout`: a positive number of seconds (fractions allowed).
+fn parse_timeout(value: &str) -> Result<Duration, String> {
+    let seconds: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    // NaN is neither more nor less than 0.
+    if seconds.is_nan() || seconds <= 0.0 {
+        return Err("the timeout must be more than 0 seconds".into());
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{value} seconds is too long"))
+}
+
 fn report(e: &CtlError, json: bool) -> u8 {
     if matches!(e, CtlError::BrokenPipe) {
         return 0;
@@ -353,7 +383,22 @@ fn run(cli: Cli) -> CmdResult {
             socket: cli.socket,
             autostart: !cli.no_autostart,
         };
-        let client = connect_or_start(&opts).await?;
+        let client = match cli.timeout {
+            None => connect_or_start(&opts).await?,
+            Some(limit) => {
+                let mut client = tokio::time::timeout(limit, connect_or_start(&opts))
+                    .await
+                    .map_err(|_| {
+                        CtlError::Timeout(format!(
+                            "kmsd did not answer within {} s while connecting; no request \
+                             was sent",
+                            limit.as_secs_f64()
+                        ))
+                    })??;
+                client.set_call_timeout(Some(limit));
+                client
+            }
+        };
         let mut ctx = Ctx {
             client,
             out: Printer::new(cli.json),
@@ -614,6 +659,12 @@ mod tests {
         assert_eq!((large.kind(), large.exit_code()), ("too-large", 6));
         let closed = CtlError::from(ClientError::Closed);
         assert_eq!((closed.kind(), closed.exit_code()), ("connect", 69));
+        let late = CtlError::from(ClientError::TimedOut {
+            after: Duration::from_millis(1500),
+            sent: true,
+        });
+        assert_eq!((late.kind(), late.exit_code()), ("timeout", 75));
+        assert!(late.message().contains("1.5 s"), "{}", late.message());
         let mismatch = CtlError::from(ClientError::VersionMismatch {
             daemon: 2,
             client: 1,
@@ -623,6 +674,19 @@ mod tests {
         assert_eq!(io.exit_code(), 74);
         let pipe = CtlError::from(io::Error::from(io::ErrorKind::BrokenPipe));
         assert_eq!(pipe.exit_code(), 0);
+    }
+
+    /// `--timeout` takes positive seconds, fractions included; anything else is a usage
+    /// error before any connection.
+    #[test]
+    fn timeout_values() {
+        let cli = parse("--timeout 2.5 status").unwrap();
+        assert_eq!(cli.timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(parse("status").unwrap().timeout, None);
+        for bad in ["0", "-1", "soon", "NaN", "1e300"] {
+            let e = parse(&format!("--timeout={bad} status")).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+        }
     }
 
     /// The exit-code table at the top of this file matches `ErrorKind::exit_code`.
