@@ -66,6 +66,51 @@ pub fn claim_listen_fds() -> Result<(), SystemdError> {
     Ok(())
 }
 
+/// Closes every descriptor above stderr that kmsd inherited, except the socket claimed by
+/// [`claim_listen_fds`]. A kmsd started by a client (autostart) would otherwise hold the
+/// client's other open files for as long as it runs: a pipe a script opened as fd 3
+/// (`( kmsctl status 3>&1 ) | cat`) would never see its end, and the script would hang.
+/// Call it right after [`claim_listen_fds`], before kmsd opens anything. Best effort:
+/// without `/proc` nothing is closed.
+#[allow(unsafe_code)]
+pub fn close_inherited_descriptors() {
+    use std::os::fd::{AsRawFd as _, RawFd};
+    let keep = match &*ACTIVATION.lock().unwrap_or_else(|e| e.into_inner()) {
+        Activation::Claimed(Some(listener)) => Some(listener.as_raw_fd()),
+        _ => None,
+    };
+    let Ok(dir_fd) = rustix::fs::open(
+        "/proc/self/fd",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return;
+    };
+    let listing = dir_fd.as_raw_fd();
+    let Ok(mut dir) = rustix::fs::Dir::new(dir_fd) else {
+        return;
+    };
+    let mut inherited: Vec<RawFd> = Vec::new();
+    while let Some(Ok(entry)) = dir.read() {
+        if let Some(fd) = entry.file_name().to_str().ok().and_then(|n| n.parse().ok()) {
+            inherited.push(fd);
+        }
+    }
+    // Closes the listing's own descriptor, which is therefore skipped below.
+    drop(dir);
+    for fd in inherited {
+        if fd <= 2 || fd == listing || Some(fd) == keep {
+            continue;
+        }
+        // SAFETY: `fd` was open in this process a moment ago (it was listed, and it is
+        // not the listing's own descriptor, the only one closed since), and nothing in
+        // kmsd owns it: this runs first thing in `main`, single-threaded, before kmsd
+        // opens any file, and the one inherited descriptor kmsd keeps (the activation
+        // socket) is skipped. So this OwnedFd is its only owner and closes it once.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
 /// Wraps the descriptor systemd passed in an [`OwnedFd`].
 #[allow(unsafe_code)]
 fn own_passed_fd(fd: std::os::fd::RawFd) -> OwnedFd {

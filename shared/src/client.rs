@@ -38,15 +38,26 @@ pub enum ClientError {
     /// connection is unaffected). Its kind is `too-large`, as the daemon's own refusals
     /// of oversized inputs.
     #[error(
-        "the request is {len} bytes, more than the {max} one frame may carry; nothing was          sent (AES-256 plaintexts are at most {aes} bytes, messages to sign {sign}: split          the data, or encrypt it under a data key)",
+        "the request is {len} bytes, more than the {max} one frame may carry; nothing was \
+         sent (AES-256 plaintexts are at most {aes} bytes, messages to sign {sign}: split \
+         the data, or encrypt it under a data key)",
         aes = crate::model::MAX_AES_PLAINTEXT,
         sign = crate::model::MAX_SIGN_MESSAGE
     )]
     RequestTooLarge { len: u64, max: u32 },
     #[error("connection to kmsd lost: {0}")]
     Frame(#[from] FrameError),
-    #[error("connection to kmsd closed")]
-    Closed,
+    /// The connection ended. If the request had been sent, kmsd may have carried it out
+    /// before it went away (as for [`ClientError::TimedOut`]).
+    #[error(
+        "connection to kmsd closed{}",
+        if *sent {
+            " before it answered; the request was sent and may have been carried out"
+        } else {
+            "; the request was not sent"
+        }
+    )]
+    Closed { sent: bool },
     /// No reply within the time set by [`Client::set_call_timeout`]. If the request was
     /// sent, the daemon may still carry it out (or have done so): a caller that must know
     /// looks (`get_key`, the history) before it repeats a change.
@@ -352,7 +363,7 @@ impl Client {
         let in_flight = {
             let mut pending = lock(&self.pending);
             if pending.closed {
-                return Err(ClientError::Closed);
+                return Err(ClientError::Closed { sent: false });
             }
             pending.calls.insert(id, tx);
             pending.calls.len()
@@ -394,7 +405,7 @@ impl Client {
         match reply {
             Ok(Outcome::Ok(resp)) => Ok(resp),
             Ok(Outcome::Err(e)) => Err(ClientError::Server(e)),
-            Err(_) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Closed { sent: true }),
         }
     }
 
@@ -1477,29 +1488,11 @@ mod tests {
     /// waiting to be written says it was not, and neither stays among the pending calls.
     #[tokio::test(start_paused = true)]
     async fn a_call_timeout_says_whether_the_request_was_sent() {
-        use crate::protocol::{ClientFrame, Outcome, ServerFrame};
-        use tokio::io::AsyncWriteExt;
         let dir = Scratch::new("call-timeout");
         let path = dir.0.join("kmsd.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let daemon = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let body = codec::read_frame(&mut stream, 1 << 20)
-                .await
-                .unwrap()
-                .unwrap();
-            let hello: ClientFrame = codec::decode(&body).unwrap();
-            let reply = ServerFrame::Reply {
-                id: hello.id,
-                result: Outcome::Ok(Response::Hello {
-                    protocol: PROTOCOL_VERSION,
-                    daemon_version: "0".into(),
-                }),
-            };
-            stream
-                .write_all(&codec::encode_frame(&reply, u32::MAX).unwrap())
-                .await
-                .unwrap();
+            let stream = accept_and_greet(&listener).await;
             std::future::pending::<()>().await;
             drop(stream);
         });
@@ -1539,6 +1532,77 @@ mod tests {
         assert!(lock(&client.pending).calls.is_empty());
         assert!(lock(&client.queued).iter().all(|q| q.call == 0));
         daemon.abort();
+    }
+
+    /// Accepts one client on `listener` and answers its handshake.
+    async fn accept_and_greet(listener: &tokio::net::UnixListener) -> tokio::net::UnixStream {
+        use crate::protocol::{ClientFrame, Outcome, ServerFrame};
+        use tokio::io::AsyncWriteExt;
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let body = codec::read_frame(&mut stream, 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+        let hello: ClientFrame = codec::decode(&body).unwrap();
+        let reply = ServerFrame::Reply {
+            id: hello.id,
+            result: Outcome::Ok(Response::Hello {
+                protocol: PROTOCOL_VERSION,
+                daemon_version: "0".into(),
+            }),
+        };
+        stream
+            .write_all(&codec::encode_frame(&reply, u32::MAX).unwrap())
+            .await
+            .unwrap();
+        stream
+    }
+
+    /// A daemon that goes away after reading a request: that call is told its request
+    /// was sent (it may have been carried out), a later call that it was not.
+    #[tokio::test]
+    async fn a_lost_connection_says_whether_the_request_was_sent() {
+        let dir = Scratch::new("closed");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let daemon = tokio::spawn(async move {
+            let mut stream = accept_and_greet(&listener).await;
+            codec::read_frame(&mut stream, 1 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+        });
+        let client = Client::connect(&path).await.unwrap();
+        match client.rotate("k01").await {
+            Err(e @ ClientError::Closed { sent: true }) => {
+                assert!(e.to_string().contains("may have been carried out"), "{e}");
+            }
+            other => panic!("expected a lost connection after sending, got {other:?}"),
+        }
+        daemon.await.unwrap();
+        match client.rotate("k01").await {
+            Err(ClientError::Closed { sent: false }) => {}
+            other => panic!("expected a closed connection, got {other:?}"),
+        }
+    }
+
+    /// Messages are single-spaced lines (a continuation without its backslash once put
+    /// ten spaces into one).
+    #[test]
+    fn messages_have_no_runs_of_spaces() {
+        let messages = [
+            ClientError::RequestTooLarge { len: 2, max: 1 }.to_string(),
+            ClientError::TimedOut {
+                after: Duration::from_secs(1),
+                sent: true,
+            }
+            .to_string(),
+            ClientError::Closed { sent: true }.to_string(),
+            ClientError::Closed { sent: false }.to_string(),
+        ];
+        for m in messages {
+            assert!(!m.contains("  ") && !m.contains('\n'), "{m}");
+        }
     }
 
     /// A subscriber that does not take its events holds at most [`EVENT_QUEUE`] of them;

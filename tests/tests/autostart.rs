@@ -188,6 +188,52 @@ fn the_started_daemon_gets_none_of_the_clients_service_environment() {
     }
 }
 
+/// A kmsd a client starts keeps none of the client's other open files: a script that
+/// gave kmsctl a pipe as fd 3 (`( kmsctl status 3>&1 >OUT ) | cat`) sees the pipe end
+/// when kmsctl exits, though the daemon runs on. Before, kmsd held the pipe, and `cat`,
+/// and the script, waited for as long as the daemon ran.
+#[test]
+fn the_started_daemon_keeps_none_of_the_clients_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let status_file = dir.path().join("status.json");
+    let mut script = Command::new("sh");
+    script
+        .arg("-c")
+        .arg(r#"( "$0" --json status 3>&1 >"$1" ) | cat"#)
+        .arg(bin("kmsctl"))
+        .arg(&status_file)
+        .env("KMS_SOCKET", dir.path().join("run/kmsd.sock"))
+        .env("XDG_DATA_HOME", dir.path().join("xdg"))
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    let mut child = script.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finished = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&status_file).unwrap_or_default())
+            .unwrap_or_default();
+    let pid = status["pid"].as_u64();
+    if let Some(pid) = pid {
+        kms_e2e::stop_started_daemon(pid as i32);
+    }
+    assert!(
+        pid.is_some(),
+        "kmsctl did not report a started daemon: {status}"
+    );
+    let finished = finished.expect("the pipeline waited on the started daemon");
+    assert!(finished.success(), "{finished:?}");
+}
+
 /// Where the system service is installed, no client starts a daemon on its socket:
 /// root's default without a session (while the service is stopped), or `$KMS_SOCKET`
 /// naming it however spelled. On a machine without the service (this one, in CI),

@@ -139,3 +139,95 @@ fn a_timeout_ends_a_run_on_a_daemon_that_does_not_answer() {
     assert!(waited < std::time::Duration::from_secs(30), "{waited:?}");
     ok(&d.kmsctl(&["--timeout", "5", "show", "k01"], b""));
 }
+
+/// `kmsctl backup FILE` writes through a temporary file of its own: a `FILE.tmp` that
+/// was there before is left as it was (it used to be deleted), and no temporary file is
+/// left behind, after a backup or after a refusal.
+#[test]
+fn backup_leaves_other_files_alone() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "k01", "--type", "aes256"], b""));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kms.backup");
+    let precious = dir.path().join("kms.backup.tmp");
+    std::fs::write(&precious, b"precious").unwrap();
+    let names = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    ok(&d.kmsctl(&["backup", file.to_str().unwrap()], b""));
+    assert_eq!(std::fs::read(&precious).unwrap(), b"precious");
+    assert_eq!(names(), ["kms.backup", "kms.backup.tmp"]);
+    let again = d.kmsctl(&["backup", file.to_str().unwrap()], b"");
+    assert_eq!(again.status.code(), Some(4), "{again:?}");
+    assert_eq!(names(), ["kms.backup", "kms.backup.tmp"]);
+}
+
+/// kmsctl with nobody reading its output (`… | true`: the pipe's reader is gone, the
+/// write fails with EPIPE): the exit code still tells. `verify` of a wrong signature
+/// exits 1 and a batch with a failed item that item's code; they exited 0.
+#[test]
+fn an_unread_output_keeps_the_exit_code() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let d = TestDaemon::start();
+    let unread = |args: &[&str], stdin: &[u8]| {
+        let mut child = Command::new(kms_e2e::bin("kmsctl"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait().unwrap().code()
+    };
+    ok(&d.kmsctl(&["create", "ec1", "--type", "ecdsa"], b""));
+    ok(&d.kmsctl(&["create", "aes1", "--type", "aes256"], b""));
+    let signature = ok(&d.kmsctl(&["sign", "ec1"], b"message"));
+    let signature = signature.trim();
+    let verify = ["verify", "ec1", "--signature", signature];
+    assert_eq!(unread(&verify, b"message"), Some(0));
+    assert_eq!(unread(&verify, b"another message"), Some(1));
+    let json_verify = ["--json", "verify", "ec1", "--signature", signature];
+    assert_eq!(unread(&json_verify, b"another message"), Some(1));
+    let ciphertext = ok(&d.kmsctl(&["encrypt", "aes1"], b"hi"));
+    let lines = format!("{}ncpkms:v1:AAAA\n", ciphertext);
+    assert_eq!(
+        unread(&["decrypt", "aes1", "--batch"], lines.as_bytes()),
+        Some(11)
+    );
+    assert_eq!(
+        unread(&["decrypt", "aes1", "--batch"], ciphertext.as_bytes()),
+        Some(0)
+    );
+}
+
+/// An input larger than any request is refused once a request's worth has been read:
+/// `kmsctl encrypt k < /dev/zero` exits 6 (too-large) instead of reading until memory
+/// runs out.
+#[test]
+fn an_endless_input_is_refused_not_read() {
+    use std::process::{Command, Stdio};
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "aes1", "--type", "aes256"], b""));
+    for command in ["encrypt", "sign"] {
+        let out = Command::new(kms_e2e::bin("kmsctl"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["--json", command, "aes1"])
+            .stdin(Stdio::from(std::fs::File::open("/dev/zero").unwrap()))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(6), "{out:?}");
+        let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(e["error"]["kind"], "too-large", "{e}");
+    }
+}

@@ -2,16 +2,15 @@
 //! (SPEC §9; managers only). Key material in it stays wrapped under the root key, so the
 //! file is useless without that key; `kmsd restore FILE` brings it back.
 //!
-//! The daemon streams the snapshot in chunks; kmsctl writes them to `FILE.tmp` (0600),
-//! fsyncs it and only then renames it to FILE, so FILE is either absent or complete.
+//! The daemon streams the snapshot in chunks; kmsctl writes them to a new temporary file
+//! beside FILE (`.FILE.XXXXXX.tmp`, 0600, a name no other file has), fsyncs it and only
+//! then renames it to FILE, so FILE is either absent or complete.
 
 use super::{CmdResult, CtlError, Ctx};
 use kms_shared::protocol::{ErrorKind, Request, Response, WireError};
 use serde_json::json;
-use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
@@ -38,24 +37,29 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
             format!("{} exists; use --force to replace it", a.file.display()),
         )));
     }
-    let mut tmp_name = OsString::from(a.file.as_os_str());
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let result = fetch(ctx, &tmp).await;
-    let bytes = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+    // Asked first: a caller the daemon refuses learns that, whatever the directory.
+    let first = ctx.client.call(Request::Backup).await?;
+    let dir = match a.file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
+    let name = a.file.file_name().unwrap_or_default().to_string_lossy();
+    // Created exclusively under a random name (0600): never someone else's file, nor a
+    // link planted in a shared directory; removed when dropped unless it was put in place.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| io(dir, e))?;
+    let tmp_path = tmp.path().to_path_buf();
+    let bytes = fetch(ctx, first, tmp.as_file_mut(), &tmp_path).await?;
+    let tmp = tmp.into_temp_path();
     let placed = if a.force {
         std::fs::rename(&tmp, &a.file)
     } else {
         place_new(&tmp, &a.file)
     };
     if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
         return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
             CtlError::Wire(WireError::new(
                 ErrorKind::AlreadyExists,
@@ -65,11 +69,9 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
             io(&a.file, e)
         });
     }
+    // In place: its temporary name is no longer the backup's to remove.
+    let _ = tmp.keep();
     // The rename itself must survive a crash too.
-    let dir = match a.file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io(dir, e))?;
@@ -108,23 +110,16 @@ fn place_new(tmp: &Path, file: &Path) -> std::io::Result<()> {
     std::fs::rename(tmp, file)
 }
 
-/// Streams the snapshot into `tmp`; returns its size once it is complete and fsynced.
-async fn fetch(ctx: &mut Ctx, tmp: &Path) -> Result<u64, CtlError> {
-    // Replaces a FILE.tmp a previous, interrupted run left behind: removed, then created
-    // anew and exclusively, so that a link planted under that name (a shared directory)
-    // is never followed into someone else's file.
-    match std::fs::remove_file(tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(tmp, e)),
-        _ => {}
-    }
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(|e| io(tmp, e))?;
+/// Streams the snapshot whose first chunk is `first` into `out` (at `tmp`); returns its
+/// size once it is complete and fsynced.
+async fn fetch(
+    ctx: &mut Ctx,
+    first: Response,
+    out: &mut File,
+    tmp: &Path,
+) -> Result<u64, CtlError> {
     let mut written: u64 = 0;
-    let mut reply = ctx.client.call(Request::Backup).await?;
+    let mut reply = first;
     loop {
         let Response::BackupChunk {
             snapshot,

@@ -1,7 +1,8 @@
 //! Cryptographic commands. Inputs come from stdin or `--in FILE` byte for byte; only the
 //! `ncpkms:` strings (ciphertexts, signatures) are trimmed, since a shell adds newlines.
 
-use super::output::{self, b64};
+use super::output;
+use super::secret_io::{self, SecretBuf};
 use super::{CmdResult, CtlError, Ctx, choice};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -11,9 +12,11 @@ use kms_shared::model::{MAX_BATCH_ITEMS, SignScheme};
 use kms_shared::protocol::{
     CiphertextItem, DEFAULT_MAX_FRAME, ErrorKind, ItemOutcome, PlaintextItem, WireError,
 };
-use serde_json::{Value, json};
-use std::io::{self, BufRead, BufReader, Read};
+use serde::Serialize;
+use serde_json::json;
+use std::io;
 use std::path::PathBuf;
+use zeroize::Zeroizing;
 
 const SCHEMES: [SignScheme; 2] = [SignScheme::Pss, SignScheme::Pkcs1];
 
@@ -43,26 +46,39 @@ impl InputArg {
         CtlError::Io(format!("cannot read {}: {e}", self.name()))
     }
 
-    fn open(&self) -> Result<Box<dyn BufRead>, CtlError> {
+    /// The input, unbuffered (see [`secret_io`]).
+    fn open(&self) -> Result<std::fs::File, CtlError> {
         match &self.in_file {
-            Some(p) if p.as_os_str() != "-" => std::fs::File::open(p)
-                .map(|f| Box::new(BufReader::new(f)) as Box<dyn BufRead>)
-                .map_err(|e| self.read_error(e)),
-            _ => Ok(Box::new(io::stdin().lock())),
+            Some(p) if p.as_os_str() != "-" => std::fs::File::open(p),
+            _ => secret_io::unbuffered_stdin(),
         }
+        .map_err(|e| self.read_error(e))
     }
 
-    fn read(&self) -> Result<Vec<u8>, CtlError> {
-        let mut buf = Vec::new();
-        self.open()?
-            .read_to_end(&mut buf)
-            .map_err(|e| self.read_error(e))?;
-        Ok(buf)
+    /// The whole input, in a buffer that is wiped when dropped. More than one request
+    /// may carry is refused once that much has come, without reading on.
+    fn read(&self) -> Result<SecretBuf, CtlError> {
+        const LIMIT: usize = DEFAULT_MAX_FRAME as usize;
+        secret_io::read_all(&mut self.open()?, LIMIT)
+            .map_err(|e| self.read_error(e))?
+            .ok_or_else(|| {
+                CtlError::Wire(WireError::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "{} holds more than {LIMIT} bytes, more than one request may carry; \
+                         nothing was sent (AES-256 plaintexts are at most {} bytes, \
+                         messages to sign {})",
+                        self.name(),
+                        kms_shared::model::MAX_AES_PLAINTEXT,
+                        kms_shared::model::MAX_SIGN_MESSAGE
+                    ),
+                ))
+            })
     }
 
     fn read_text(&self) -> Result<String, CtlError> {
         let bytes = self.read()?;
-        let text = std::str::from_utf8(&bytes)
+        let text = std::str::from_utf8(bytes.as_slice())
             .map_err(|_| super::invalid(format!("{} is not an ncpkms: string", self.name())))?;
         Ok(text.trim().to_owned())
     }
@@ -151,7 +167,9 @@ pub async fn cipher(ctx: &mut Ctx, op: CipherOp, a: CipherArgs) -> CmdResult {
     let c = &ctx.client;
     match op {
         CipherOp::Encrypt => {
-            let ct = c.encrypt(&a.key, &a.input.read()?, context).await?;
+            let ct = c
+                .encrypt(&a.key, a.input.read()?.as_slice(), context)
+                .await?;
             ctx.out.ncpkms("ciphertext", &ct)?;
         }
         CipherOp::Reencrypt => {
@@ -160,15 +178,24 @@ pub async fn cipher(ctx: &mut Ctx, op: CipherOp, a: CipherArgs) -> CmdResult {
         }
         CipherOp::Decrypt => {
             let pt = c.decrypt(&a.key, &a.input.read_text()?, context).await?;
-            ctx.out
-                .emit(|| json!({"plaintext": b64(&pt)}), || pt.as_bytes())?;
+            if ctx.out.json {
+                let plaintext = secret_b64(&pt);
+                secret_io::json_line(&Plaintext {
+                    plaintext: &plaintext,
+                })?;
+            } else {
+                secret_io::write_stdout(&pt)?;
+            }
         }
     }
     Ok(0)
 }
 
 pub async fn sign(ctx: &mut Ctx, a: SignArgs) -> CmdResult {
-    let sig = ctx.client.sign(&a.key, &a.input.read()?, a.scheme).await?;
+    let sig = ctx
+        .client
+        .sign(&a.key, a.input.read()?.as_slice(), a.scheme)
+        .await?;
     ctx.out.ncpkms("signature", &sig)?;
     Ok(0)
 }
@@ -177,13 +204,15 @@ pub async fn verify(ctx: &mut Ctx, a: VerifyArgs) -> CmdResult {
     let message = a.input.read()?;
     let valid = ctx
         .client
-        .verify(&a.key, &message, a.signature.trim(), a.scheme)
+        .verify(&a.key, message.as_slice(), a.signature.trim(), a.scheme)
         .await?;
-    ctx.out.emit(
+    let code = if valid { 0 } else { 1 };
+    let shown = ctx.out.emit(
         || json!({ "valid": valid }),
         || if valid { "valid\n" } else { "invalid\n" },
-    )?;
-    Ok(if valid { 0 } else { 1 })
+    );
+    // A script that only reads the exit code (`… | true`) still learns the verdict.
+    super::keep_code_if_unread(code, shown)
 }
 
 pub async fn public_key(ctx: &mut Ctx, a: PublicKeyArgs) -> CmdResult {
@@ -207,21 +236,45 @@ pub async fn data_key(ctx: &mut Ctx, a: DataKeyArgs) -> CmdResult {
         .client
         .data_key(&a.key, a.bits, a.plaintext, context)
         .await?;
-    let plaintext = plaintext.map(|p| b64(&p));
-    ctx.out.emit(
-        || {
-            let mut v = json!({"ciphertext": ciphertext, "bits": a.bits});
-            if let Some(p) = &plaintext {
-                v["plaintext"] = json!(p);
-            }
-            v
-        },
-        || match &plaintext {
-            Some(p) => format!("{ciphertext}\n{p}\n"),
-            None => format!("{ciphertext}\n"),
-        },
-    )?;
+    let plaintext = plaintext.map(|p| secret_b64(&p));
+    if ctx.out.json {
+        secret_io::json_line(&DataKey {
+            bits: a.bits,
+            ciphertext: &ciphertext,
+            plaintext: plaintext.as_deref().map(String::as_str),
+        })?;
+    } else {
+        let mut text = SecretBuf::default();
+        text.push_str(&ciphertext);
+        text.push_str("\n");
+        if let Some(p) = &plaintext {
+            text.push_str(p);
+            text.push_str("\n");
+        }
+        secret_io::write_stdout(text.as_slice())?;
+    }
     Ok(0)
+}
+
+/// The base64 of a plaintext or data key, wiped when dropped (the encoder sizes the
+/// string once, so no outgrown copy is left behind).
+fn secret_b64(bytes: &[u8]) -> Zeroizing<String> {
+    Zeroizing::new(STANDARD.encode(bytes))
+}
+
+/// `decrypt --json`'s line, serialised without an owned copy of the plaintext.
+#[derive(Serialize)]
+struct Plaintext<'a> {
+    plaintext: &'a str,
+}
+
+/// `data-key --json`'s line (fields in the order `json!` sorts them, as before).
+#[derive(Serialize)]
+struct DataKey<'a> {
+    bits: u32,
+    ciphertext: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plaintext: Option<&'a str>,
 }
 
 /// Payload bytes per batch request: half the daemon's default frame limit, which leaves
@@ -324,23 +377,26 @@ async fn batch(
     context: Option<&[u8]>,
     input: &InputArg,
 ) -> CmdResult {
-    let mut reader = input.open()?;
+    let mut lines = secret_io::LineReader::new(input.open()?);
     let context_len = context.map_or(0, <[u8]>::len);
     let mut chunk = Chunk::default();
     let mut first_failure = None;
-    let mut line = Vec::new();
+    let mut line = SecretBuf::default();
     loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
+        let more = lines
+            .next_line(&mut line)
             .map_err(|e| input.read_error(e))?;
-        let next = (n > 0).then(|| parse_line(op, &line, context_len));
+        let next = more.then(|| parse_line(op, line.as_slice(), context_len));
         if next
             .as_ref()
             .is_none_or(|next| !chunk.has_room(next, context_len))
         {
             let full = std::mem::take(&mut chunk);
-            first_failure = first_failure.or(flush(ctx, op, key, full).await?);
+            if let Err(e) = flush(ctx, op, key, full, &mut first_failure).await {
+                // Nobody reads the results (a broken pipe): stop, keeping the exit code
+                // of the first failed item.
+                return super::keep_code_if_unread(first_failure.unwrap_or(0), Err(e));
+            }
         }
         match next {
             Some(next) => chunk.push(next, context),
@@ -349,16 +405,17 @@ async fn batch(
     }
 }
 
-/// Sends a chunk's items and prints one line per input line; returns the exit code of
-/// the first failed item, if any.
+/// Sends a chunk's items and prints one line per input line; records the exit code of
+/// the first failed item in `first_failure`, unless one is there already.
 async fn flush(
     ctx: &mut Ctx,
     op: CipherOp,
     key: &str,
     chunk: Chunk,
-) -> Result<Option<u8>, CtlError> {
+    first_failure: &mut Option<u8>,
+) -> Result<(), CtlError> {
     if chunk.slots.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     let c = &ctx.client;
     let results = match op {
@@ -368,8 +425,7 @@ async fn flush(
         CipherOp::Reencrypt => c.reencrypt_batch(key, chunk.cipher).await?,
     };
     let mut results = results.into_iter();
-    let mut first_failure = None;
-    let mut text = String::new();
+    let mut text = SecretBuf::default();
     for slot in chunk.slots {
         let outcome = match slot {
             Some(e) => ItemOutcome::Err(e),
@@ -381,32 +437,45 @@ async fn flush(
             }),
         };
         if let ItemOutcome::Err(e) = &outcome {
-            first_failure = first_failure.or(Some(e.kind.exit_code()));
+            *first_failure = first_failure.or(Some(e.kind.exit_code()));
         }
-        text.push_str(&outcome_line(ctx.out.json, &outcome));
-        text.push('\n');
+        push_outcome_line(&mut text, ctx.out.json, &outcome)?;
+        text.push_str("\n");
     }
-    ctx.out.raw(text.as_bytes())?;
-    Ok(first_failure)
+    secret_io::write_stdout(text.as_slice())?;
+    Ok(())
 }
 
-/// One batch result as its output line (without the newline).
-pub fn outcome_line(json: bool, outcome: &ItemOutcome) -> String {
-    let v: Value = match outcome {
-        ItemOutcome::Ciphertext(c) if !json => return c.clone(),
-        ItemOutcome::Plaintext(p) if !json => return b64(p),
-        ItemOutcome::Err(e) if !json => return output::wire_error_line(e),
-        ItemOutcome::Ciphertext(c) => json!({ "ciphertext": c }),
-        ItemOutcome::Plaintext(p) => json!({ "plaintext": b64(p) }),
-        ItemOutcome::Err(e) => output::error_json(e.kind.as_str(), &e.message),
-    };
-    v.to_string()
+/// One batch result as its output line (without the newline), onto `out`.
+pub fn push_outcome_line(out: &mut SecretBuf, json: bool, outcome: &ItemOutcome) -> io::Result<()> {
+    match outcome {
+        ItemOutcome::Ciphertext(c) if !json => out.push_str(c),
+        ItemOutcome::Plaintext(p) if !json => out.push_str(&secret_b64(p)),
+        ItemOutcome::Err(e) if !json => out.push_str(&output::wire_error_line(e)),
+        ItemOutcome::Ciphertext(c) => out.push_str(&json!({ "ciphertext": c }).to_string()),
+        ItemOutcome::Plaintext(p) => serde_json::to_writer(
+            &mut *out,
+            &Plaintext {
+                plaintext: &secret_b64(p),
+            },
+        )?,
+        ItemOutcome::Err(e) => {
+            out.push_str(&output::error_json(e.kind.as_str(), &e.message).to_string())
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn outcome_line(json: bool, outcome: &ItemOutcome) -> String {
+        let mut line = SecretBuf::default();
+        push_outcome_line(&mut line, json, outcome).unwrap();
+        String::from_utf8(line.as_slice().to_vec()).unwrap()
+    }
 
     /// Encrypt lines are base64 of any bytes; ciphertext lines are trimmed text; bad
     /// lines become per-item errors instead of aborting the batch.

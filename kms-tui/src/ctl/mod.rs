@@ -30,7 +30,8 @@
 //!
 //! A `--batch` run processes every line, then exits with the code of the first failed
 //! item's kind (0 if none failed). A closed stdout (`kmsctl list | head -1`) ends the run
-//! quietly with 0.
+//! quietly, with the code the run has earned so far: 0, or 1 for an invalid signature,
+//! or a failed batch item's code.
 
 mod backup;
 mod crypto;
@@ -40,6 +41,7 @@ mod hsm;
 mod keys;
 mod lifecycle;
 mod output;
+mod secret_io;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
@@ -313,11 +315,17 @@ fn bad_command_line(e: &clap::Error) -> u8 {
     use clap::error::ErrorKind as K;
     let json = std::env::args_os().any(|a| a == "--json");
     let is_help = matches!(e.kind(), K::DisplayHelp | K::DisplayVersion);
-    if !json || is_help || e.kind() == K::DisplayHelpOnMissingArgumentOrSubcommand {
+    if !json || is_help {
         let _ = e.print();
         return u8::try_from(e.exit_code()).unwrap_or(EX_USAGE);
     }
-    report(&CtlError::Usage(usage_message(e)), true)
+    let message = if e.kind() == K::DisplayHelpOnMissingArgumentOrSubcommand {
+        // clap's "error" here is the whole help text.
+        "the command needs a subcommand; its --help lists them".to_owned()
+    } else {
+        usage_message(e)
+    };
+    report(&CtlError::Usage(message), true)
 }
 
 /// clap's message as one plain line: without its `error: ` prefix, the usage lines and
@@ -332,6 +340,15 @@ fn usage_message(e: &clap::Error) -> String {
         .map(|l| l.strip_prefix("error: ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `code` once the output is written, or if nobody is left to read it (a broken pipe:
+/// `kmsctl verify … | true` still exits 1 for an invalid signature); other errors stand.
+pub fn keep_code_if_unread<E: Into<CtlError>>(code: u8, shown: Result<(), E>) -> CmdResult {
+    match shown.map_err(Into::into) {
+        Ok(()) | Err(CtlError::BrokenPipe) => Ok(code),
+        Err(e) => Err(e),
+    }
 }
 
 /// `--timeout`: a positive number of seconds (fractions allowed).
@@ -657,7 +674,7 @@ mod tests {
             max: 1_048_576,
         });
         assert_eq!((large.kind(), large.exit_code()), ("too-large", 6));
-        let closed = CtlError::from(ClientError::Closed);
+        let closed = CtlError::from(ClientError::Closed { sent: true });
         assert_eq!((closed.kind(), closed.exit_code()), ("connect", 69));
         let late = CtlError::from(ClientError::TimedOut {
             after: Duration::from_millis(1500),

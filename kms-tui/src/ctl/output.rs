@@ -2,8 +2,6 @@
 //! people. Each record type has one function that lists its fields in display order; the
 //! JSON object and the text lines are both made from that list, so they cannot disagree.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use kms_shared::model::{
     HistoryEntry, Impact, KeyInfo, KeyType, UnixMillis, VersionInfo, format_time,
 };
@@ -13,10 +11,6 @@ use std::io::{self, Write};
 
 /// A record's fields in display order.
 pub type Record = Vec<(&'static str, Value)>;
-
-pub fn b64(bytes: &[u8]) -> String {
-    STANDARD.encode(bytes)
-}
 
 /// RFC 3339 UTC, or null when the time is absent.
 pub fn time(t: Option<UnixMillis>) -> Value {

@@ -155,7 +155,7 @@ async fn serve(
                     Some(Notification::Event(e)) => Action::DaemonEvent(e),
                     Some(Notification::Lagged(n)) => Action::Lagged(n),
                     // The reader ends the stream when the connection drops.
-                    None => return Some(ClientError::Closed.to_string()),
+                    None => return Some("connection to kmsd closed".into()),
                 };
                 if actions.send(a).is_err() {
                     return None;
