@@ -143,11 +143,29 @@ fn lock_file(lock_path: &Path) -> Result<Option<File>, ServerError> {
         opened => opened,
     }
     .map_err(|e| path_err(lock_path, e))?;
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
+    let meta = file.metadata().map_err(|e| path_err(lock_path, e))?;
+    if !meta.is_file() {
         return Err(path_err(lock_path, "is not a regular file"));
     }
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(Some(file)),
+        // Held by a process of another account, through a file it made: not necessarily
+        // a kmsd. In a directory others can write (a socket in /tmp), any account can
+        // make and hold that file to keep this kmsd from starting; say so rather than
+        // "another kmsd".
+        Err(rustix::io::Errno::WOULDBLOCK)
+            if meta.uid() != rustix::process::geteuid().as_raw() && meta.uid() != 0 =>
+        {
+            Err(path_err(
+                lock_path,
+                format!(
+                    "is held by a process of uid {}, another account: it may be a kmsd, or \
+                     someone keeping this path from being served (in a directory others can \
+                     write, any account can); use a directory only this account can write",
+                    meta.uid()
+                ),
+            ))
+        }
         Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
         Err(e) => Err(path_err(lock_path, e)),
     }
@@ -594,6 +612,28 @@ mod tests {
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         std::fs::remove_file(data.join("kmsd.lock")).unwrap();
         let _lock = lock_data_dir(&data).unwrap();
+    }
+
+    /// A lock file made by another account and held by its process (a socket in /tmp,
+    /// another user holding `/tmp/.x.sock.lock`) is reported as that, with the uid, not as
+    /// "another kmsd is serving". (Needs root, to give the file to another uid.)
+    #[test]
+    fn a_lock_held_through_another_accounts_file_is_named() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(".kmsd.sock.lock");
+        std::fs::write(&path, b"").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let _held = lock_file(&path).unwrap().unwrap();
+        let refused = lock_file(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(refused.contains("uid 65534"), "{refused}");
+        // One's own (or root's) file held by another process stays "already serving".
+        let own = tmp.path().join(".own.sock.lock");
+        let _own = lock_file(&own).unwrap().unwrap();
+        assert!(lock_file(&own).unwrap().is_none());
     }
 
     /// The probe for a live socket, the removal of a stale one and the bind happen under

@@ -115,14 +115,24 @@ impl Service {
 
     async fn dispatch(&self, caller: &Caller, mut req: Request) -> Reply {
         let (need, key, action) = authz::requirement(&mut req);
+        let named = key.as_deref().cloned();
         let authorized = self
-            .authorize(caller, need, key.as_deref().map(String::as_str), action)
+            .authorize(caller, need, named.as_deref(), action)
             .await?;
         // The call runs on the key it was authorized for: by tag, not by a name that a
         // purge and a new key could give to another key while the call waits its turn.
+        let checked = authorized.clone().or_else(|| named.clone());
         if let (Some(key), Some(tag)) = (key, authorized) {
             *key = tag;
         }
+        let permit = &Permit {
+            caller,
+            need,
+            key: checked,
+            named,
+            action,
+            daemon_uid: self.daemon_uid,
+        };
         let e = &self.engine;
         match req {
             // Handled by the connection; harmless if repeated.
@@ -141,7 +151,7 @@ impl Service {
                 let superuser = authz::is_superuser(caller, self.daemon_uid);
                 // Off the reactor: a whole list of 100,000 keys takes tens of milliseconds
                 // to build, which every other connection on a worker would wait out.
-                self.blocking(caller, move |e, caller| {
+                self.blocking(permit, move |e, caller| {
                     if superuser || deleted {
                         let (keys, total) = e.list_keys(deleted, offset, Some(limit));
                         return Ok(Response::Keys { keys, total });
@@ -173,19 +183,19 @@ impl Service {
             | Request::Reencrypt { .. }) => {
                 let inline = self.runs_inline(&req);
                 let (c, in_token) = (caller.clone(), self.runs_on_token_pool(&req));
-                self.run(caller, in_token, inline, 1, move |e| {
+                self.run(permit, in_token, inline, 1, move |e| {
                     cipher_call(e, &c, req)
                 })
                 .await
             }
             Request::EncryptBatch { key, items } => {
-                self.batch(caller, key, items, Engine::encrypt_batch).await
+                self.batch(permit, key, items, Engine::encrypt_batch).await
             }
             Request::DecryptBatch { key, items } => {
-                self.batch(caller, key, items, Engine::decrypt_batch).await
+                self.batch(permit, key, items, Engine::decrypt_batch).await
             }
             Request::ReencryptBatch { key, items } => {
-                self.batch(caller, key, items, Engine::reencrypt_batch)
+                self.batch(permit, key, items, Engine::reencrypt_batch)
                     .await
             }
             req @ (Request::Sign { .. }
@@ -193,36 +203,36 @@ impl Service {
             | Request::PublicKey { .. }
             | Request::DataKey { .. }) => {
                 let (c, in_token) = (caller.clone(), self.runs_on_token_pool(&req));
-                self.run(caller, in_token, false, 1, move |e| pool_call(e, &c, req))
+                self.run(permit, in_token, false, 1, move |e| pool_call(e, &c, req))
                     .await
             }
             Request::CreateKey(spec) => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.create_key(c, &spec).map(Response::Key)
                 })
                 .await
             }
             Request::Rotate { key } => {
-                self.blocking(caller, move |e, c| e.rotate(c, &key).map(Response::Key))
+                self.blocking(permit, move |e, c| e.rotate(c, &key).map(Response::Key))
                     .await
             }
             Request::Enable { key } => {
-                self.blocking(caller, move |e, c| e.enable(c, &key).map(Response::Key))
+                self.blocking(permit, move |e, c| e.enable(c, &key).map(Response::Key))
                     .await
             }
             Request::Disable { key } => {
-                self.blocking(caller, move |e, c| e.disable(c, &key).map(Response::Key))
+                self.blocking(permit, move |e, c| e.disable(c, &key).map(Response::Key))
                     .await
             }
             Request::EnableVersion { key, version } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.set_version_enabled(c, &key, version, true)
                         .map(|versions| Response::Versions { versions })
                 })
                 .await
             }
             Request::DisableVersion { key, version } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.set_version_enabled(c, &key, version, false)
                         .map(|versions| Response::Versions { versions })
                 })
@@ -233,37 +243,37 @@ impl Service {
                 auto_rotation,
                 rotation_days,
             } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.set_rotation(c, &key, auto_rotation, rotation_days)
                         .map(Response::Key)
                 })
                 .await
             }
             Request::SetMemo { key, memo } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.set_memo(c, &key, &memo).map(Response::Key)
                 })
                 .await
             }
             Request::RequestDeletion { key } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.request_deletion(c, &key).map(Response::Key)
                 })
                 .await
             }
             Request::CancelDeletion { key } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.cancel_deletion(c, &key).map(Response::Key)
                 })
                 .await
             }
             Request::DeleteNow { key } => {
-                self.blocking(caller, move |e, c| e.delete_now(c, &key).map(Response::Key))
+                self.blocking(permit, move |e, c| e.delete_now(c, &key).map(Response::Key))
                     .await
             }
             Request::History(q) => {
                 let _turn = self.scan_turns.acquire(caller.uid, 1).await;
-                self.blocking(caller, move |e, _| {
+                self.blocking(permit, move |e, _| {
                     e.history_page(&q).map(|page| Response::History {
                         entries: page.entries,
                         resume_before_seq: page.resume_before_seq,
@@ -272,11 +282,11 @@ impl Service {
                 .await
             }
             Request::Grant(spec) => {
-                self.blocking(caller, move |e, c| e.grant(c, &spec).map(Response::Grant))
+                self.blocking(permit, move |e, c| e.grant(c, &spec).map(Response::Grant))
                     .await
             }
             Request::Revoke(spec) => {
-                self.blocking(caller, move |e, c| e.revoke(c, &spec).map(Response::Grant))
+                self.blocking(permit, move |e, c| e.revoke(c, &spec).map(Response::Grant))
                     .await
             }
             Request::ListGrants => Ok(Response::Grants {
@@ -284,7 +294,7 @@ impl Service {
             }),
             Request::Impact { key, window_ms } => {
                 let _turn = self.scan_turns.acquire(caller.uid, 1).await;
-                self.blocking(caller, move |e, _| {
+                self.blocking(permit, move |e, _| {
                     e.impact(&key, window_ms).map(Response::Impact)
                 })
                 .await
@@ -301,7 +311,7 @@ impl Service {
                 token,
                 pin_file,
             } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.hsm_add(c, &name, &module, &token, &pin_file)
                         .map(Response::HsmToken)
                 })
@@ -311,7 +321,7 @@ impl Service {
                 tokens: e.hsm_list(),
             }),
             Request::HsmRemove { name } => {
-                self.blocking(caller, move |e, c| {
+                self.blocking(permit, move |e, c| {
                     e.hsm_remove(c, &name).map(Response::HsmToken)
                 })
                 .await
@@ -332,22 +342,9 @@ impl Service {
         if let Some(permitted) = self.permitted(caller, need, key) {
             return Ok(permitted);
         }
-        let resolved = key.and_then(|k| self.engine.resolve(k).ok());
-        let need = need_on(need, resolved.as_deref());
-        let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
-        // The key as the caller named it, known or not: a refusal tells nothing about a
-        // key the caller may not see (not its name when asked by tag, nor that it exists).
-        let scope = match key {
-            Some(k) => format!("key {k}"),
-            None => "all keys".to_string(),
-        };
         let err = WireError::new(
             ErrorKind::PermissionDenied,
-            format!(
-                "account {} needs the role {} on {scope}",
-                caller.account,
-                roles.join(" or ")
-            ),
+            denial(&self.engine, caller, need, key),
         );
         if let (Some(k), Some(a)) = (key, action) {
             // Recorded in the key's history, but not waited for: a refusal that waited for
@@ -368,13 +365,7 @@ impl Service {
     /// `Some` if the caller's roles permit the request, with the tag of the key it resolved
     /// (a caller who is not a manager by identity); `None` if they do not.
     fn permitted(&self, caller: &Caller, need: Need, key: Option<&str>) -> Option<Option<String>> {
-        if need == Need::Connected || authz::is_superuser(caller, self.daemon_uid) {
-            return Some(None);
-        }
-        let entry = key.and_then(|k| self.engine.resolve(k).ok());
-        let need = need_on(need, entry.as_deref());
-        let tag = entry.as_ref().map(|e| e.rec.tag.clone());
-        authz::permits(&self.engine.grants(), caller, need, tag.as_deref()).then_some(tag)
+        permitted(&self.engine, self.daemon_uid, caller, need, key)
     }
 
     /// Starts a call without a task of its own, for a caller whose roles permit it:
@@ -417,10 +408,17 @@ impl Service {
                 None => return Err((req, answer)),
             }
         };
-        let (need, key, _) = authz::requirement(&mut req);
+        let (need, key, action) = authz::requirement(&mut req);
         let Some(permitted) = self.permitted(caller, need, key.as_deref().map(String::as_str))
         else {
             return Err((req, answer));
+        };
+        // For the recheck on the pool (not needed inline: nothing waits in between).
+        let (named, checked) = if inline {
+            (None, None)
+        } else {
+            let named = key.as_deref().cloned();
+            (named.clone(), permitted.clone().or(named))
         };
         if let (Some(key), Some(tag)) = (key, permitted) {
             *key = tag;
@@ -431,14 +429,26 @@ impl Service {
             answer(logged(kind, caller, result), durable);
             return Ok(());
         }
+        let recheck = Permit {
+            caller,
+            need,
+            key: checked,
+            named,
+            action,
+            daemon_uid: self.daemon_uid,
+        }
+        .recheck();
         let pool = self.pool_for(self.runs_on_token_pool(&req));
         let (engine, caller) = (self.engine.clone(), caller.clone());
         let counted = self.token_thread_calls.clone();
         pool.spawn(move || {
             count_token_thread(&counted);
             // A panic is a bug, never input (SPEC §14); the call is still answered.
-            let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                in_own_frames(|e| pool_call(e, &caller, req), &engine)
+            let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match recheck
+                .still_permitted(&engine)
+            {
+                Ok(()) => in_own_frames(|e| pool_call(e, &caller, req), &engine),
+                Err(refused) => Pending::failed(refused),
             }))
             .unwrap_or_else(|_| {
                 tracing::error!(request = kind, "a crypto call panicked");
@@ -549,7 +559,7 @@ impl Service {
     /// reactor per call.
     async fn run<T: Send + 'static>(
         &self,
-        caller: &Caller,
+        permit: &Permit<'_>,
         in_token: bool,
         inline: bool,
         work: usize,
@@ -561,13 +571,17 @@ impl Service {
         let pool = self.pool_for(in_token);
         // The pool serves accounts in turn: one cannot queue more than its share of work
         // (items) ahead of everyone else's.
-        let share = self.pool_shares.acquire(caller.uid, work).await;
+        let share = self.pool_shares.acquire(permit.caller.uid, work).await;
         let engine = self.engine.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         let counted = self.token_thread_calls.clone();
+        let recheck = permit.recheck();
         pool.spawn(move || {
             count_token_thread(&counted);
-            let pending = in_own_frames(f, &engine);
+            let pending = match recheck.still_permitted(&engine) {
+                Ok(()) => in_own_frames(f, &engine),
+                Err(refused) => Pending::failed(refused),
+            };
             crate::crypto::wipe_stack::<POOL_STACK_WORDS>();
             drop(share);
             complete_on_wake(async move {
@@ -590,15 +604,15 @@ impl Service {
     /// batch is refused inline, without waiting for the pool.
     async fn batch<I: Send + Sync + 'static>(
         &self,
-        caller: &Caller,
+        permit: &Permit<'_>,
         key: String,
         items: Vec<I>,
         op: BatchOp<I>,
     ) -> Reply {
-        let c = caller.clone();
+        let c = permit.caller.clone();
         let (oversized, work) = (items.len() > MAX_BATCH_ITEMS, items.len());
         let in_token = self.in_token(&key);
-        self.run(caller, in_token, oversized, work, move |e| {
+        self.run(permit, in_token, oversized, work, move |e| {
             op(e, &c, &key, &items)
         })
         .await
@@ -608,15 +622,19 @@ impl Service {
     /// Runs a call that may wait on a commit or read the store, on the blocking pool.
     async fn blocking(
         &self,
-        caller: &Caller,
+        permit: &Permit<'_>,
         f: impl FnOnce(&Engine, &Caller) -> Result<Response, EngineError> + Send + 'static,
     ) -> Reply {
         let engine = self.engine.clone();
-        let caller = caller.clone();
-        tokio::task::spawn_blocking(move || f(&engine, &caller))
-            .await
-            .map_err(join_error)?
-            .map_err(wire)
+        let recheck = permit.recheck();
+        let caller = permit.caller.clone();
+        tokio::task::spawn_blocking(move || {
+            recheck.still_permitted(&engine)?;
+            f(&engine, &caller)
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(wire)
     }
 
     /// The daemon's status. Its counts describe the whole store only for a caller with a
@@ -766,6 +784,110 @@ fn pool_call(e: &Engine, caller: &Caller, req: Request) -> Pending<Response> {
 /// What a request that needs `need` needs on this key. A purged key's metadata and
 /// history are the managers' (SPEC §3: `list --deleted`): a role to view or review all
 /// keys does not reach the keys purged. (A crypto call on one is refused by its state.)
+/// `Some` if the caller's roles permit the request, with the tag of the key it resolved
+/// (a caller who is not a manager by identity); `None` if they do not.
+fn permitted(
+    engine: &Engine,
+    daemon_uid: u32,
+    caller: &Caller,
+    need: Need,
+    key: Option<&str>,
+) -> Option<Option<String>> {
+    if need == Need::Connected || authz::is_superuser(caller, daemon_uid) {
+        return Some(None);
+    }
+    let entry = key.and_then(|k| engine.resolve(k).ok());
+    let need = need_on(need, entry.as_deref());
+    let tag = entry.as_ref().map(|e| e.rec.tag.clone());
+    authz::permits(&engine.grants(), caller, need, tag.as_deref()).then_some(tag)
+}
+
+/// Why `caller` may not make a request that needs `need` on `key` (as the caller named
+/// it, known or not: a refusal tells nothing about a key the caller may not see, not its
+/// name when asked by tag, nor that it exists).
+fn denial(engine: &Engine, caller: &Caller, need: Need, key: Option<&str>) -> String {
+    let resolved = key.and_then(|k| engine.resolve(k).ok());
+    let need = need_on(need, resolved.as_deref());
+    let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
+    let scope = match key {
+        Some(k) => format!("key {k}"),
+        None => "all keys".to_string(),
+    };
+    format!(
+        "account {} needs the role {} on {scope}",
+        caller.account,
+        roles.join(" or ")
+    )
+}
+
+/// A request the caller's roles permitted when it was read. Its work may begin much
+/// later — after the account's turn at the crypto pool, the pool's queue, a history
+/// scan's turn — and by then a `revoke` may have been acknowledged: so the roles are
+/// checked again where the work begins ([`Recheck::still_permitted`]), and a request
+/// they no longer permit is refused as if it had come after the revoke (PROTOCOL.md
+/// §5.11: a change applies to the next request of every connection at once). A
+/// computation already running finishes, as one racing a `disable` does.
+struct Permit<'a> {
+    caller: &'a Caller,
+    need: Need,
+    /// The key as authorized: its tag once resolved, else as named.
+    key: Option<String>,
+    /// The key as the caller named it, for the refusal's message.
+    named: Option<String>,
+    action: Option<Action>,
+    daemon_uid: u32,
+}
+
+impl Permit<'_> {
+    /// What the thread that begins the work checks.
+    fn recheck(&self) -> Recheck {
+        // A manager by identity (root, the daemon's account) holds no grant to lose, and
+        // a request that needs only a connection needs none.
+        let exempt =
+            self.need == Need::Connected || authz::is_superuser(self.caller, self.daemon_uid);
+        Recheck {
+            caller: (!exempt).then(|| self.caller.clone()),
+            need: self.need,
+            key: self.key.clone(),
+            named: self.named.clone(),
+            action: self.action,
+            daemon_uid: self.daemon_uid,
+        }
+    }
+}
+
+/// A [`Permit`] carried to the thread that begins the work.
+struct Recheck {
+    /// `None` when nothing is to be checked again.
+    caller: Option<Caller>,
+    need: Need,
+    key: Option<String>,
+    named: Option<String>,
+    action: Option<Action>,
+    daemon_uid: u32,
+}
+
+impl Recheck {
+    /// `Ok` if the caller's roles still permit the request; else its refusal, recorded
+    /// in the key's history as any refusal is.
+    fn still_permitted(&self, engine: &Engine) -> Result<(), EngineError> {
+        let Some(caller) = &self.caller else {
+            return Ok(());
+        };
+        let key = self.key.as_deref();
+        if permitted(engine, self.daemon_uid, caller, self.need, key).is_some() {
+            return Ok(());
+        }
+        if let (Some(key), Some(action)) = (key, self.action) {
+            drop(engine.record_refusal(caller, key, action, ErrorKind::PermissionDenied));
+        }
+        let named = self.named.as_deref().or(key);
+        Err(EngineError::PermissionDenied(denial(
+            engine, caller, self.need, named,
+        )))
+    }
+}
+
 fn need_on(need: Need, key: Option<&crate::engine::KeyEntry>) -> Need {
     let purged = key.is_some_and(|e| e.rec.state == kms_shared::model::KeyState::Deleted);
     match need {
@@ -944,6 +1066,128 @@ mod tests {
         assert_eq!(shares.acquire(2, 3).await.unwrap().num_permits(), 3);
         drop(big);
         assert_eq!(waiting.await.unwrap(), Some(1));
+    }
+
+    /// Work the caller's roles permitted when it was read, but which waited — for the
+    /// account's share of the crypto pool, for its turn at a history scan — is refused
+    /// once a revoke was acknowledged meanwhile, and the refusal is recorded. Before, it
+    /// ran: a revoked account's queued batches went on decrypting for as long as it had
+    /// queued them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoke_reaches_work_that_waited_its_turn() {
+        use crate::engine::{Caller, Engine, EngineConfig};
+        use kms_shared::model::{Action, KeyType, Protection, Role};
+        use kms_shared::protocol::{
+            CreateKey, ErrorKind, GrantSpec, HistoryQuery, PlaintextItem, Request,
+        };
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::crypto::RootKey::from_bytes([0x44; 32]);
+        let store =
+            crate::store::Store::open(&dir.path().join("kms.redb"), &root.fingerprint()).unwrap();
+        let engine = Arc::new(
+            Engine::open(
+                store,
+                root,
+                Arc::new(crate::clock::ManualClock::new(1_700_000_000_000)),
+                EngineConfig::default(),
+            )
+            .unwrap(),
+        );
+        let admin = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            account: "root".into(),
+            groups: Vec::new(),
+            client: "test".into(),
+        };
+        // An account that exists here (grants name accounts) and is not a manager.
+        let user = Caller {
+            uid: 65534,
+            gid: 65534,
+            account: "nobody".into(),
+            ..admin.clone()
+        };
+        use tokio::task::block_in_place as blocking;
+        blocking(|| {
+            engine
+                .create_key(
+                    &admin,
+                    &CreateKey {
+                        name: "shared".into(),
+                        key_type: KeyType::Aes256,
+                        protection: Protection::Basic,
+                        convergent: false,
+                        auto_rotation: false,
+                        rotation_days: None,
+                        memo: String::new(),
+                        hsm: None,
+                    },
+                )
+                .unwrap()
+        });
+        let grant = |role| GrantSpec {
+            role,
+            user: Some("nobody".into()),
+            group: None,
+            key: Some("shared".into()),
+        };
+        for role in [Role::KeyUser, Role::KeyReviewer] {
+            blocking(|| engine.grant(&admin, &grant(role)).unwrap());
+        }
+        let service =
+            Arc::new(super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap());
+        let batch = || Request::EncryptBatch {
+            key: "shared".into(),
+            items: vec![
+                PlaintextItem {
+                    plaintext: b"x".to_vec().into(),
+                    context: None,
+                };
+                4
+            ],
+        };
+        assert!(service.handle(&user, batch()).await.is_ok());
+
+        // The account's whole share and its scan turn are taken: its next batch and its
+        // next history read wait, both already authorized.
+        let share = service
+            .pool_shares
+            .acquire(user.uid, super::POOL_SHARE)
+            .await;
+        let turn = service.scan_turns.acquire(user.uid, 1).await;
+        let (s, u) = (service.clone(), user.clone());
+        let waiting_batch = tokio::spawn(async move { s.handle(&u, batch()).await });
+        let (s, u) = (service.clone(), user.clone());
+        let waiting_history = tokio::spawn(async move {
+            let query = HistoryQuery {
+                key: "shared".into(),
+                ..Default::default()
+            };
+            s.handle(&u, Request::History(query)).await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting_batch.is_finished() && !waiting_history.is_finished());
+        for role in [Role::KeyUser, Role::KeyReviewer] {
+            blocking(|| engine.revoke(&admin, &grant(role)).unwrap());
+        }
+        drop((share, turn));
+        for waited in [waiting_batch.await.unwrap(), waiting_history.await.unwrap()] {
+            match waited {
+                Err(e) => assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e}"),
+                Ok(r) => panic!("answered after the revoke: {r:?}"),
+            }
+        }
+        let refusals = blocking(|| {
+            engine.history(&HistoryQuery {
+                key: "shared".into(),
+                action: Some(Action::Encrypt),
+                ..Default::default()
+            })
+        })
+        .unwrap();
+        assert_eq!(refusals[0].result, "permission-denied", "{refusals:?}");
     }
 
     /// The future finishes on the thread that wakes it, with the value sent there.

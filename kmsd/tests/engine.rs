@@ -236,6 +236,22 @@ fn version_flags_and_inheritance() {
         kind(e.set_version_enabled(me, "verk", 9, true)),
         ErrorKind::NotFound
     );
+    // A failed call is recorded with the version its ciphertext named, if the key has
+    // it: the entry an operator looks for after disabling an old version.
+    e.set_version_enabled(me, "verk", 1, false).unwrap();
+    assert_eq!(kind(fx.dec("verk", &c1)), ErrorKind::VersionDisabled);
+    let unknown = c1.replacen("ncpkms:v1:", "ncpkms:v9:", 1);
+    assert_eq!(kind(fx.dec("verk", &unknown)), ErrorKind::DecryptFailed);
+    let history = history_page(e, "verk");
+    let (unknown, disabled) = (&history[0], &history[1]);
+    assert_eq!(
+        (disabled.result.as_str(), disabled.version),
+        ("version-disabled", Some(1))
+    );
+    assert_eq!(
+        (unknown.result.as_str(), unknown.version),
+        ("decrypt-failed", None)
+    );
 }
 
 /// 100 versions all decrypt after the store is closed and reopened; the 101st is refused.

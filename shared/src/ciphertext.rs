@@ -30,6 +30,19 @@ pub fn format(version: u32, body: &[u8]) -> String {
 /// Splits `ncpkms:v{N}:{base64}` into the version and the decoded body. Surrounding
 /// whitespace (a trailing newline from a shell) is ignored.
 pub fn parse(s: &str) -> Result<(u32, Vec<u8>), FormatError> {
+    let (version, b64) = split(s)?;
+    let body = STANDARD.decode(b64).map_err(|_| FormatError::Base64)?;
+    Ok((version, body))
+}
+
+/// The version an `ncpkms:v{N}:…` value names, without decoding its body; `None` if its
+/// prefix is malformed.
+pub fn named_version(s: &str) -> Option<u32> {
+    split(s).ok().map(|(version, _)| version)
+}
+
+/// The version and the still encoded body.
+fn split(s: &str) -> Result<(u32, &str), FormatError> {
     let s = s.trim();
     let rest = s.strip_prefix(PREFIX).ok_or(FormatError::Prefix)?;
     let (ver, b64) = rest.split_once(':').ok_or(FormatError::Prefix)?;
@@ -41,8 +54,7 @@ pub fn parse(s: &str) -> Result<(u32, Vec<u8>), FormatError> {
     if version == 0 || (ver.len() > 1 && ver.starts_with('0')) {
         return Err(FormatError::Version);
     }
-    let body = STANDARD.decode(b64).map_err(|_| FormatError::Base64)?;
-    Ok((version, body))
+    Ok((version, b64))
 }
 
 #[cfg(test)]
@@ -68,6 +80,9 @@ mod tests {
         assert_eq!(parse("ncpkms:v+1:aGk="), Err(FormatError::Version));
         assert_eq!(parse("ncpkms:v99999999999:aGk="), Err(FormatError::Version));
         assert_eq!(parse("ncpkms:v1:a*k="), Err(FormatError::Base64));
+        // The version of a value whose body is damaged is still known.
+        assert_eq!(named_version("ncpkms:v7:a*k="), Some(7));
+        assert_eq!(named_version("ncpkms:v01:aGk="), None);
     }
 
     proptest! {

@@ -42,10 +42,16 @@ struct Audit {
 }
 
 impl Audit {
-    fn of<T>(action: Action, r: &Result<(u32, T), EngineError>) -> Audit {
+    /// The audit of one call; a failed call is recorded with `named`, the version its
+    /// ciphertext or signature names, if the key has such a version (so that "decrypt of
+    /// v1: version-disabled" shows which version was asked for).
+    fn of<T>(action: Action, r: &Result<(u32, T), EngineError>, named: Option<u32>) -> Audit {
         Audit {
             action,
-            version: r.as_ref().ok().map(|(v, _)| *v),
+            version: match r {
+                Ok((v, _)) => Some(*v),
+                Err(_) => named,
+            },
             error: r.as_ref().err().map(EngineError::kind),
             items: 1,
             failed: u32::from(r.is_err()),
@@ -131,12 +137,29 @@ impl Engine {
         action: Action,
         op: impl FnOnce(&Arc<KeyEntry>) -> Result<(u32, T), EngineError>,
     ) -> Pending<T> {
+        self.single_naming(caller, key, action, None, op)
+    }
+
+    /// [`Engine::single`] for a call whose input names a version (`ncpkms:v{N}:…`), in
+    /// `input`: recorded with that version if the call fails.
+    fn single_naming<T>(
+        &self,
+        caller: &Caller,
+        key: &str,
+        action: Action,
+        input: Option<&str>,
+        op: impl FnOnce(&Arc<KeyEntry>) -> Result<(u32, T), EngineError>,
+    ) -> Pending<T> {
         let entry = match self.resolve(key) {
             Ok(e) => e,
             Err(e) => return Pending::ready(Err(e)),
         };
         let r = op(&entry);
-        let mut audit = Audit::of(action, &r);
+        let named = input
+            .filter(|_| r.is_err())
+            .and_then(ciphertext::named_version)
+            .filter(|v| (1..=entry.rec.current_version).contains(v));
+        let mut audit = Audit::of(action, &r, named);
         if let Ok((version, _)) = &r
             && matches!(
                 action,
@@ -168,7 +191,7 @@ impl Engine {
         ciphertext: &str,
         context: Option<&[u8]>,
     ) -> Pending<Secret> {
-        self.single(caller, key, Action::Decrypt, |e| {
+        self.single_naming(caller, key, Action::Decrypt, Some(ciphertext), |e| {
             self.decrypt_with(e, ciphertext, context)
                 .map(|(v, p)| (v, Secret::from(p)))
         })
@@ -182,7 +205,7 @@ impl Engine {
         ciphertext: &str,
         context: Option<&[u8]>,
     ) -> Pending<String> {
-        self.single(caller, key, Action::Reencrypt, |e| {
+        self.single_naming(caller, key, Action::Reencrypt, Some(ciphertext), |e| {
             let (_, pt) = self.decrypt_with(e, ciphertext, context)?;
             self.encrypt_with(e, &pt, context)
         })
@@ -309,7 +332,7 @@ impl Engine {
         signature: &str,
         scheme: SignScheme,
     ) -> Pending<bool> {
-        self.single(caller, key, Action::Verify, |e| {
+        self.single_naming(caller, key, Action::Verify, Some(signature), |e| {
             check_sign_input(e, message)?;
             let (version, sig) = ciphertext::parse(signature)
                 .map_err(|f| EngineError::InvalidArgument(format!("signature: {f}")))?;
