@@ -57,7 +57,11 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     // First, before any file is opened: fd 3 must still be the socket systemd passed.
     let activation = kmsd::systemd::claim_listen_fds();
-    kmsd::systemd::close_inherited_descriptors();
+    // Only when a client that started kmsd asks: a kmsd run by hand may be given files
+    // on purpose (`--config <(…)`, `restore <(gpg -d …)` name `/dev/fd/N`).
+    if std::env::var_os(kmsd::systemd::CLOSE_INHERITED_FDS).is_some_and(|v| v == "1") {
+        kmsd::systemd::close_inherited_descriptors();
+    }
     let args = Args::parse();
     // Nothing kmsd creates (store, root key, lock, socket) is for other users' eyes.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));

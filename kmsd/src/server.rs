@@ -143,31 +143,37 @@ fn lock_file(lock_path: &Path) -> Result<Option<File>, ServerError> {
         opened => opened,
     }
     .map_err(|e| path_err(lock_path, e))?;
-    let meta = file.metadata().map_err(|e| path_err(lock_path, e))?;
-    if !meta.is_file() {
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
         return Err(path_err(lock_path, "is not a regular file"));
     }
     match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(Some(file)),
-        // Held by a process of another account, through a file it made: not necessarily
-        // a kmsd. In a directory others can write (a socket in /tmp), any account can
-        // make and hold that file to keep this kmsd from starting; say so rather than
-        // "another kmsd".
-        Err(rustix::io::Errno::WOULDBLOCK)
-            if meta.uid() != rustix::process::geteuid().as_raw() && meta.uid() != 0 =>
-        {
-            Err(path_err(
-                lock_path,
-                format!(
-                    "is held by a process of uid {}, another account: it may be a kmsd, or \
-                     someone keeping this path from being served (in a directory others can \
-                     write, any account can); use a directory only this account can write",
-                    meta.uid()
-                ),
-            ))
-        }
         Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
         Err(e) => Err(path_err(lock_path, e)),
+    }
+}
+
+/// Locks the socket's lock file ([`bind`]); refused as served if another process holds
+/// it. Held through a file another account made (not root, which may have left it), the
+/// holder need not be a kmsd: in a directory others can write (a socket in /tmp), any
+/// account can make and hold that file to keep this path from being served; said so
+/// rather than "another kmsd". (The data directory's lock is not judged so: it may be
+/// the service account's, held by the service, when root runs `kmsd restore`.)
+fn lock_socket(lock_path: &Path, socket: &Path) -> Result<File, ServerError> {
+    if let Some(file) = lock_file(lock_path)? {
+        return Ok(file);
+    }
+    let me = rustix::process::geteuid().as_raw();
+    match std::fs::symlink_metadata(lock_path).map(|m| m.uid()) {
+        Ok(owner) if owner != me && owner != 0 => Err(path_err(
+            lock_path,
+            format!(
+                "is held by a process of uid {owner}, another account: it may be a kmsd, \
+                 or someone keeping this path from being served (in a directory others can \
+                 write, any account can); use a directory only this account can write"
+            ),
+        )),
+        _ => Err(ServerError::AlreadyServing(socket.to_path_buf())),
     }
 }
 
@@ -217,9 +223,7 @@ pub fn bind(config: &Config) -> Result<(UnixListener, SocketLock), ServerError> 
         (0o700, 0o600)
     };
     prepare_socket_dir(dir, dir_mode, group)?;
-    let Some(lock) = lock_file(&socket_lock_path(path, dir))? else {
-        return Err(ServerError::AlreadyServing(path.clone()));
-    };
+    let lock = lock_socket(&socket_lock_path(path, dir), path)?;
 
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -627,13 +631,30 @@ mod tests {
         let path = tmp.path().join(".kmsd.sock.lock");
         std::fs::write(&path, b"").unwrap();
         std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let socket = tmp.path().join("kmsd.sock");
         let _held = lock_file(&path).unwrap().unwrap();
-        let refused = lock_file(&path).map(|_| ()).unwrap_err().to_string();
-        assert!(refused.contains("uid 65534"), "{refused}");
+        let refused = lock_socket(&path, &socket).map(|_| ()).unwrap_err();
+        assert!(refused.to_string().contains("uid 65534"), "{refused}");
         // One's own (or root's) file held by another process stays "already serving".
         let own = tmp.path().join(".own.sock.lock");
         let _own = lock_file(&own).unwrap().unwrap();
-        assert!(lock_file(&own).unwrap().is_none());
+        let refused = lock_socket(&own, &socket).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(refused, ServerError::AlreadyServing(_)),
+            "{refused}"
+        );
+        // The data directory's lock, the service account's, held by the service, stays
+        // "another kmsd holds the data directory" for root's `kmsd restore`.
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("kmsd.lock"), b"").unwrap();
+        std::os::unix::fs::chown(data.join("kmsd.lock"), Some(65534), Some(65534)).unwrap();
+        let _service = lock_file(&data.join("kmsd.lock")).unwrap().unwrap();
+        let refused = lock_data_dir(&data).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(refused, ServerError::DataDirLocked(_)),
+            "{refused}"
+        );
     }
 
     /// The probe for a live socket, the removal of a stale one and the bind happen under

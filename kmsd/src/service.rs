@@ -781,9 +781,6 @@ fn pool_call(e: &Engine, caller: &Caller, req: Request) -> Pending<Response> {
     }
 }
 
-/// What a request that needs `need` needs on this key. A purged key's metadata and
-/// history are the managers' (SPEC §3: `list --deleted`): a role to view or review all
-/// keys does not reach the keys purged. (A crypto call on one is refused by its state.)
 /// `Some` if the caller's roles permit the request, with the tag of the key it resolved
 /// (a caller who is not a manager by identity); `None` if they do not.
 fn permitted(
@@ -888,6 +885,9 @@ impl Recheck {
     }
 }
 
+/// What a request that needs `need` needs on this key. A purged key's metadata and
+/// history are the managers' (SPEC §3: `list --deleted`): a role to view or review all
+/// keys does not reach the keys purged. (A crypto call on one is refused by its state.)
 fn need_on(need: Need, key: Option<&crate::engine::KeyEntry>) -> Need {
     let purged = key.is_some_and(|e| e.rec.state == kms_shared::model::KeyState::Deleted);
     match need {

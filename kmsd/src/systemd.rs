@@ -66,12 +66,16 @@ pub fn claim_listen_fds() -> Result<(), SystemdError> {
     Ok(())
 }
 
+/// The environment variable (value `1`) by which a client that starts kmsd asks it to
+/// [`close_inherited_descriptors`]. Its name is the client library's too.
+pub const CLOSE_INHERITED_FDS: &str = "KMS_CLOSE_INHERITED_FDS";
+
 /// Closes every descriptor above stderr that kmsd inherited, except the socket claimed by
 /// [`claim_listen_fds`]. A kmsd started by a client (autostart) would otherwise hold the
 /// client's other open files for as long as it runs: a pipe a script opened as fd 3
 /// (`( kmsctl status 3>&1 ) | cat`) would never see its end, and the script would hang.
-/// Call it right after [`claim_listen_fds`], before kmsd opens anything. Best effort:
-/// without `/proc` nothing is closed.
+/// Called (when [`CLOSE_INHERITED_FDS`] asks) right after [`claim_listen_fds`], before
+/// kmsd opens anything. Best effort: without `/proc` nothing is closed.
 #[allow(unsafe_code)]
 pub fn close_inherited_descriptors() {
     use std::os::fd::{AsRawFd as _, RawFd};

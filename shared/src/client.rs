@@ -1448,6 +1448,9 @@ fn spawn_daemon(socket: &Path, data_dir: &Path) -> Result<Started, ClientError> 
             "KMS_SOCKET",
             std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf()),
         )
+        // Not holding the client's other open files (a script's pipe would never end):
+        // kmsd closes what it inherited above stderr (kmsd's systemd::CLOSE_INHERITED_FDS).
+        .env("KMS_CLOSE_INHERITED_FDS", "1")
         // Its own process group, so a Ctrl-C in the client's terminal does not stop it.
         .process_group(0);
     let child = cmd

@@ -37,8 +37,6 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
             format!("{} exists; use --force to replace it", a.file.display()),
         )));
     }
-    // Asked first: a caller the daemon refuses learns that, whatever the directory.
-    let first = ctx.client.call(Request::Backup).await?;
     let dir = match a.file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -46,13 +44,25 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
     let name = a.file.file_name().unwrap_or_default().to_string_lossy();
     // Created exclusively under a random name (0600): never someone else's file, nor a
     // link planted in a shared directory; removed when dropped unless it was put in place.
+    // Made before kmsd is asked: a directory that cannot take it is found before the
+    // daemon copies its store into a snapshot that would wait out its expiry unread.
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| io(dir, e))?;
     let tmp_path = tmp.path().to_path_buf();
-    let bytes = fetch(ctx, first, tmp.as_file_mut(), &tmp_path).await?;
+    // Ctrl-C or SIGTERM ends the copy here, so that the temporary file is removed (a
+    // process killed by the signal would leave one the size of the store each time).
+    let bytes = tokio::select! {
+        fetched = fetch(ctx, tmp.as_file_mut(), &tmp_path) => fetched?,
+        signal = interrupted() => {
+            signal?;
+            return Err(CtlError::Interrupted(
+                "the backup was interrupted; its partial copy is removed".into(),
+            ));
+        }
+    };
     let tmp = tmp.into_temp_path();
     let placed = if a.force {
         std::fs::rename(&tmp, &a.file)
@@ -110,16 +120,21 @@ fn place_new(tmp: &Path, file: &Path) -> std::io::Result<()> {
     std::fs::rename(tmp, file)
 }
 
-/// Streams the snapshot whose first chunk is `first` into `out` (at `tmp`); returns its
-/// size once it is complete and fsynced.
-async fn fetch(
-    ctx: &mut Ctx,
-    first: Response,
-    out: &mut File,
-    tmp: &Path,
-) -> Result<u64, CtlError> {
+/// Waits for SIGINT (Ctrl-C) or SIGTERM.
+async fn interrupted() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+/// Streams the daemon's snapshot into `out` (at `tmp`); returns its size once it is
+/// complete and fsynced.
+async fn fetch(ctx: &mut Ctx, out: &mut File, tmp: &Path) -> Result<u64, CtlError> {
     let mut written: u64 = 0;
-    let mut reply = first;
+    let mut reply = ctx.client.call(Request::Backup).await?;
     loop {
         let Response::BackupChunk {
             snapshot,

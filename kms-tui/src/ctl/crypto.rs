@@ -319,12 +319,16 @@ pub fn parse_line(op: CipherOp, line: &[u8], context_len: usize) -> Result<Item,
             })?,
     };
     if item.cost(context_len) > BATCH_BYTES {
-        return Err(WireError::new(
-            ErrorKind::TooLarge,
-            format!("the item is larger than one request may carry ({BATCH_BYTES} bytes)"),
-        ));
+        return Err(item_too_large());
     }
     Ok(item)
+}
+
+fn item_too_large() -> WireError {
+    WireError::new(
+        ErrorKind::TooLarge,
+        format!("the item is larger than one request may carry ({BATCH_BYTES} bytes)"),
+    )
 }
 
 /// The lines read since the last request.
@@ -377,16 +381,20 @@ async fn batch(
     context: Option<&[u8]>,
     input: &InputArg,
 ) -> CmdResult {
-    let mut lines = secret_io::LineReader::new(input.open()?);
+    let mut lines = secret_io::LineReader::new(input.open()?, BATCH_BYTES);
     let context_len = context.map_or(0, <[u8]>::len);
     let mut chunk = Chunk::default();
     let mut first_failure = None;
     let mut line = SecretBuf::default();
     loop {
-        let more = lines
+        let next = match lines
             .next_line(&mut line)
-            .map_err(|e| input.read_error(e))?;
-        let next = more.then(|| parse_line(op, line.as_slice(), context_len));
+            .map_err(|e| input.read_error(e))?
+        {
+            secret_io::Next::Line => Some(parse_line(op, line.as_slice(), context_len)),
+            secret_io::Next::TooLong => Some(Err(item_too_large())),
+            secret_io::Next::End => None,
+        };
         if next
             .as_ref()
             .is_none_or(|next| !chunk.has_room(next, context_len))

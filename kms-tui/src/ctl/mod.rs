@@ -27,6 +27,7 @@
 //! | 69 | connect: kmsd cannot be reached or started, or the connection was lost (EX_UNAVAILABLE) |
 //! | 74 | io: an input file cannot be read or the output cannot be written (EX_IOERR) |
 //! | 75 | timeout: no answer within `--timeout` (EX_TEMPFAIL); the message says whether the request was sent, and so may have been carried out |
+//! | 130 | interrupted: `backup` stopped by Ctrl-C or SIGTERM (its partial copy removed) |
 //!
 //! A `--batch` run processes every line, then exits with the code of the first failed
 //! item's kind (0 if none failed). A closed stdout (`kmsctl list | head -1`) ends the run
@@ -57,6 +58,8 @@ const EX_USAGE: u8 = 2;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_IOERR: u8 = 74;
 const EX_TEMPFAIL: u8 = 75;
+/// 128 + SIGINT, as a shell reports a command Ctrl-C stopped.
+const EX_INTERRUPTED: u8 = 130;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -218,6 +221,8 @@ pub enum CtlError {
     Connect(String),
     /// No answer within `--timeout`.
     Timeout(String),
+    /// Stopped by a signal it handles (a backup removing its partial copy).
+    Interrupted(String),
     Io(String),
     Usage(String),
     /// The reader of stdout went away; nobody is left to tell.
@@ -230,6 +235,7 @@ impl CtlError {
             CtlError::Wire(e) => e.kind.as_str(),
             CtlError::Connect(_) => "connect",
             CtlError::Timeout(_) => "timeout",
+            CtlError::Interrupted(_) => "interrupted",
             CtlError::Io(_) | CtlError::BrokenPipe => "io",
             CtlError::Usage(_) => "usage",
         }
@@ -238,7 +244,11 @@ impl CtlError {
     pub fn message(&self) -> &str {
         match self {
             CtlError::Wire(e) => &e.message,
-            CtlError::Connect(m) | CtlError::Timeout(m) | CtlError::Io(m) | CtlError::Usage(m) => m,
+            CtlError::Connect(m)
+            | CtlError::Timeout(m)
+            | CtlError::Interrupted(m)
+            | CtlError::Io(m)
+            | CtlError::Usage(m) => m,
             CtlError::BrokenPipe => "broken pipe",
         }
     }
@@ -248,6 +258,7 @@ impl CtlError {
             CtlError::Wire(e) => e.kind.exit_code(),
             CtlError::Connect(_) => EX_UNAVAILABLE,
             CtlError::Timeout(_) => EX_TEMPFAIL,
+            CtlError::Interrupted(_) => EX_INTERRUPTED,
             CtlError::Io(_) => EX_IOERR,
             CtlError::Usage(_) => EX_USAGE,
             CtlError::BrokenPipe => 0,
@@ -682,6 +693,8 @@ mod tests {
         });
         assert_eq!((late.kind(), late.exit_code()), ("timeout", 75));
         assert!(late.message().contains("1.5 s"), "{}", late.message());
+        let stopped = CtlError::Interrupted("stopped".into());
+        assert_eq!((stopped.kind(), stopped.exit_code()), ("interrupted", 130));
         let mismatch = CtlError::from(ClientError::VersionMismatch {
             daemon: 2,
             client: 1,

@@ -65,22 +65,28 @@ impl SecretBuf {
         self.0.clear();
     }
 
-    /// Reads one chunk from `source` onto the end; returns how many bytes came (0 at the
-    /// end of the input).
-    fn fill_from(&mut self, source: &mut impl Read) -> io::Result<usize> {
-        self.reserve(READ_CHUNK);
-        let len = self.0.len();
-        // Zeroes written into spare room that is wiped on drop anyway: no reallocation.
-        self.0.resize(len + READ_CHUNK, 0);
-        let read = loop {
-            match source.read(&mut self.0[len..]) {
+    /// Reads once from `source` (at most a chunk) onto the end, through `scratch`;
+    /// returns how many bytes came (0 at the end of the input).
+    fn fill_from(&mut self, source: &mut impl Read, scratch: &mut Scratch) -> io::Result<usize> {
+        let n = loop {
+            match source.read(&mut scratch.0[..]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other,
+                other => break other?,
             }
         };
-        let n = *read.as_ref().unwrap_or(&0);
-        self.0.truncate(len + n);
-        read
+        self.extend_from_slice(&scratch.0[..n]);
+        Ok(n)
+    }
+}
+
+/// Where reads land before they are appended: one chunk, reused, wiped when dropped.
+/// (Reading straight into a buffer's spare room would need it zeroed before each read,
+/// a chunk's worth of writes for every read of a byte from a terminal.)
+pub struct Scratch(Zeroizing<Vec<u8>>);
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch(Zeroizing::new(vec![0; READ_CHUNK]))
     }
 }
 
@@ -105,8 +111,8 @@ pub fn unbuffered_stdin() -> io::Result<File> {
 /// Everything `source` holds, if that is at most `limit` bytes; `None` as soon as more
 /// came (the rest is not read: an endless input is refused, not held in memory).
 pub fn read_all(source: &mut impl Read, limit: usize) -> io::Result<Option<SecretBuf>> {
-    let mut buf = SecretBuf::default();
-    while buf.fill_from(source)? > 0 {
+    let (mut buf, mut scratch) = (SecretBuf::default(), Scratch::default());
+    while buf.fill_from(source, &mut scratch)? > 0 {
         if buf.len() > limit {
             return Ok(None);
         }
@@ -114,50 +120,93 @@ pub fn read_all(source: &mut impl Read, limit: usize) -> io::Result<Option<Secre
     Ok(Some(buf))
 }
 
-/// Splits an input into lines without a buffer that outlives them unwiped.
+/// What [`LineReader::next_line`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// A line, in the buffer given.
+    Line,
+    /// A line longer than the reader's limit, skipped (up to and with its `\n`).
+    TooLong,
+    /// The input is exhausted.
+    End,
+}
+
+/// Splits an input into lines without a buffer that outlives them unwiped, and without
+/// holding more than `max_line` bytes of one line (an input with no line break, such as
+/// `/dev/zero`, is skipped as one line too long, not gathered).
 pub struct LineReader<R> {
     source: R,
+    max_line: usize,
     /// Bytes read and not yet returned start at `start`.
     pending: SecretBuf,
     start: usize,
     ended: bool,
+    scratch: Scratch,
 }
 
 impl<R: Read> LineReader<R> {
-    pub fn new(source: R) -> Self {
+    pub fn new(source: R, max_line: usize) -> Self {
         LineReader {
             source,
+            max_line,
             pending: SecretBuf::default(),
             start: 0,
             ended: false,
+            scratch: Scratch::default(),
         }
     }
 
-    /// The next line, with its `\n` if it had one, into `line` (emptied first); false
-    /// once the input is exhausted.
-    pub fn next_line(&mut self, line: &mut SecretBuf) -> io::Result<bool> {
+    /// The next line, with its `\n` if it had one, into `line` (emptied first).
+    pub fn next_line(&mut self, line: &mut SecretBuf) -> io::Result<Next> {
         line.clear();
         let mut searched = self.start;
+        let mut skipping = false;
         loop {
             let pending = self.pending.as_slice();
             if let Some(at) = pending[searched..].iter().position(|&b| b == b'\n') {
                 let end = searched + at + 1;
-                line.extend_from_slice(&pending[self.start..end]);
+                let next = if skipping || end - self.start > self.max_line {
+                    Next::TooLong
+                } else {
+                    line.extend_from_slice(&pending[self.start..end]);
+                    Next::Line
+                };
                 self.start = end;
-                return Ok(true);
+                return Ok(next);
+            }
+            if pending.len() - self.start > self.max_line {
+                // Too long already: what came of it is dropped, the rest skipped.
+                skipping = true;
+                self.start = pending.len();
             }
             // Lines already returned are dropped (and wiped) once per read, not per line.
-            self.pending.consume(self.start);
-            self.start = 0;
+            if self.start > 0 {
+                self.pending.consume(self.start);
+                self.start = 0;
+            }
             searched = self.pending.len();
-            if self.ended || self.pending.fill_from(&mut self.source)? == 0 {
+            if self.ended
+                || self
+                    .pending
+                    .fill_from(&mut self.source, &mut self.scratch)?
+                    == 0
+            {
                 self.ended = true;
+                if skipping {
+                    self.pending.clear();
+                    return Ok(Next::TooLong);
+                }
                 if self.pending.len() == 0 {
-                    return Ok(false);
+                    return Ok(Next::End);
                 }
                 line.extend_from_slice(self.pending.as_slice());
                 self.pending.clear();
-                return Ok(true);
+                return Ok(if line.len() > self.max_line {
+                    line.clear();
+                    Next::TooLong
+                } else {
+                    Next::Line
+                });
             }
         }
     }
@@ -235,15 +284,50 @@ mod tests {
                 expected.push(rest[..end].to_vec());
                 rest = &rest[end..];
             }
-            let mut lines = LineReader::new(Trickle { data: input, step });
+            let mut lines = LineReader::new(Trickle { data: input, step }, 100);
             let mut line = SecretBuf::default();
             let mut got = Vec::new();
-            while lines.next_line(&mut line).unwrap() {
+            while lines.next_line(&mut line).unwrap() == Next::Line {
                 got.push(line.as_slice().to_vec());
             }
             assert_eq!(got, expected, "{input:?} by {step}");
-            assert!(!lines.next_line(&mut line).unwrap());
+            assert_eq!(lines.next_line(&mut line).unwrap(), Next::End);
         }
+    }
+
+    /// A line over the limit is skipped as one, whatever the reads' sizes, and the lines
+    /// after it come through; an endless line ends as one line too long.
+    #[test]
+    fn a_line_over_the_limit_is_skipped() {
+        let long = "x".repeat(200_000);
+        let input = format!("ok\n{long}\nafter\n{long}");
+        for step in [1, 7, 65_536, usize::MAX] {
+            let mut lines = LineReader::new(
+                Trickle {
+                    data: input.as_bytes(),
+                    step,
+                },
+                1000,
+            );
+            let mut line = SecretBuf::default();
+            let mut got = Vec::new();
+            loop {
+                match lines.next_line(&mut line).unwrap() {
+                    Next::Line => got.push(String::from_utf8(line.as_slice().to_vec()).unwrap()),
+                    Next::TooLong => got.push("<too long>".into()),
+                    Next::End => break,
+                }
+            }
+            assert_eq!(
+                got,
+                ["ok\n", "<too long>", "after\n", "<too long>"],
+                "by {step}"
+            );
+        }
+        let mut endless = LineReader::new(io::repeat(b'a').take(10_000_000), 1 << 20);
+        let mut line = SecretBuf::default();
+        assert_eq!(endless.next_line(&mut line).unwrap(), Next::TooLong);
+        assert_eq!(endless.next_line(&mut line).unwrap(), Next::End);
     }
 
     /// One byte over the limit is refused, and an endless input stops being read.
