@@ -1076,7 +1076,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_revoke_reaches_work_that_waited_its_turn() {
         use crate::engine::{Caller, Engine, EngineConfig};
-        use kms_shared::model::{Action, KeyType, Protection, Role};
+        use kms_shared::model::{Action, KeyType, Role};
         use kms_shared::protocol::{
             CreateKey, ErrorKind, GrantSpec, HistoryQuery, PlaintextItem, Request,
         };
@@ -1112,19 +1112,7 @@ mod tests {
         use tokio::task::block_in_place as blocking;
         blocking(|| {
             engine
-                .create_key(
-                    &admin,
-                    &CreateKey {
-                        name: "shared".into(),
-                        key_type: KeyType::Aes256,
-                        protection: Protection::Basic,
-                        convergent: false,
-                        auto_rotation: false,
-                        rotation_days: None,
-                        memo: String::new(),
-                        hsm: None,
-                    },
-                )
+                .create_key(&admin, &CreateKey::new("shared", KeyType::Aes256))
                 .unwrap()
         });
         let grant = |role| GrantSpec {

@@ -10,7 +10,7 @@ mod common;
 use common::Disk;
 
 use kms_shared::ciphertext;
-use kms_shared::model::{KeyType, MAX_BATCH_ITEMS, Protection};
+use kms_shared::model::{KeyType, MAX_BATCH_ITEMS};
 use kms_shared::protocol::{CreateKey, ErrorKind, ItemOutcome, PlaintextItem};
 use kmsd::clock::ManualClock;
 use kmsd::crypto::RootKey;
@@ -33,16 +33,7 @@ fn me() -> Caller {
 }
 
 fn aes(name: &str) -> CreateKey {
-    CreateKey {
-        name: name.into(),
-        key_type: KeyType::Aes256,
-        protection: Protection::Basic,
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    }
+    CreateKey::new(name, KeyType::Aes256)
 }
 
 fn engine_on(disk: Disk) -> Engine {

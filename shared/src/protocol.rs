@@ -308,6 +308,23 @@ pub struct CreateKey {
     pub hsm: Option<String>,
 }
 
+impl CreateKey {
+    /// A key of `key_type` named `name`, every other field as a request that leaves it
+    /// out gets it: basic protection, not convergent, no automatic rotation, no memo.
+    pub fn new(name: impl Into<String>, key_type: KeyType) -> CreateKey {
+        CreateKey {
+            name: name.into(),
+            key_type,
+            protection: Protection::default(),
+            convergent: false,
+            auto_rotation: false,
+            rotation_days: None,
+            memo: String::new(),
+            hsm: None,
+        }
+    }
+}
+
 /// What a grant or revoke names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantSpec {

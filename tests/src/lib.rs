@@ -40,16 +40,7 @@ pub fn key_spec(
     name: &str,
     key_type: kms_shared::model::KeyType,
 ) -> kms_shared::protocol::CreateKey {
-    kms_shared::protocol::CreateKey {
-        name: name.into(),
-        key_type,
-        protection: Default::default(),
-        convergent: false,
-        auto_rotation: false,
-        rotation_days: None,
-        memo: String::new(),
-        hsm: None,
-    }
+    kms_shared::protocol::CreateKey::new(name, key_type)
 }
 
 /// A running kmsd in its own temporary directory.
