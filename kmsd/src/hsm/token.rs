@@ -352,8 +352,11 @@ impl Token {
         let mut pin = self.pin.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rv) = &pin.refused {
             let refused = || self.login_refused(rv.clone());
-            // A failure to read the file is the same answer: the refused PIN stays.
-            let fresh = read_pin(&self.pin_file, self.pin_rule).map_err(|_| refused())?;
+            // A failure to read the file is the same answer: the refused PIN stays. Read
+            // without waiting: this runs on a token thread, under the PIN's lock, and a
+            // pipe given at start (`<(pass show …)`) has no writer any more.
+            let fresh = read_pin(&self.pin_file, self.pin_rule.again())
+                .map_err(|_| refused())?;
             if bool::from(fresh.as_slice().ct_eq(pin.current.as_slice())) {
                 return Err(refused());
             }
@@ -436,6 +439,20 @@ pub enum PinFile {
     /// blocking (a FIFO would hold the registration until someone wrote to it), and
     /// with `owner` one that account owns.
     Registered { owner: Option<u32> },
+    /// The daemon's own PIN file read again, after the token refused the PIN it held:
+    /// opened without blocking, so that a pipe with no writer (process substitution at
+    /// start) answers at once, as a failure, instead of holding the token's threads.
+    DaemonAgain,
+}
+
+impl PinFile {
+    /// How the file is read again once the token has refused its PIN.
+    fn again(self) -> PinFile {
+        match self {
+            PinFile::Daemon => PinFile::DaemonAgain,
+            other => other,
+        }
+    }
 }
 
 /// Reads a PIN file: the first line, without its line ending. The buffer is allocated
@@ -460,6 +477,7 @@ fn read_pin(path: &Path, rule: PinFile) -> Result<Zeroizing<Vec<u8>>, HsmError> 
     };
     let file = match rule {
         PinFile::Daemon => std::fs::File::open(path).map_err(|e| fail(e.kind().to_string()))?,
+        PinFile::DaemonAgain => open_nonblocking().map_err(|e| fail(e.kind().to_string()))?,
         PinFile::Registered { owner: None } => {
             let file = open_nonblocking().map_err(|e| fail(e.kind().to_string()))?;
             if !file.metadata().is_ok_and(|m| m.is_file()) {
@@ -522,6 +540,35 @@ mod tests {
         assert!(b.allows(t1 + ABSENT_MAX_WAIT));
         b.found();
         assert!(b.allows(t1));
+    }
+
+    /// The first read of the daemon's own PIN file may wait for its writer (a pipe at
+    /// start); reading it again, after the token refused the PIN, never does: it ran on
+    /// a token thread under the PIN's lock, and waited for ever on a pipe with no writer.
+    #[test]
+    fn a_pipe_without_a_writer_is_not_waited_for_when_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pin");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_pin(&path, PinFile::Daemon.again()).is_err());
+        });
+        // A generous bound: the read either answers at once or waits for ever.
+        let failed = rx.recv_timeout(Duration::from_secs(30));
+        if failed.is_err() {
+            // Unblocks the waiting open before the test fails.
+            drop(std::fs::OpenOptions::new().write(true).open(&fifo));
+        }
+        assert_eq!(failed, Ok(true), "reading the PIN again waited on the pipe");
     }
 
     /// A PIN file's first line is the PIN; empty and oversized files are refused, and the
