@@ -71,13 +71,15 @@ for b in kmsd kmsctl kms-tui; do
 done
 for u in "${units[@]}"; do
   name="$(basename "$u")"
-  if [[ "$bindir" == /usr/local/bin ]]; then
+  if [[ "$bindir" == /usr/local/bin && "$docdir" == /usr/local/share/doc/kms ]]; then
     step install -m 0644 "$u" "$prefix$unitdir/$name"
   else
-    # The units name /usr/local/bin/kmsd; point them at where kmsd was installed.
-    printf '+ sed s|/usr/local/bin/kmsd|%s/kmsd| %s > %s\n' "$bindir" "$u" "$prefix$unitdir/$name"
+    # The units name /usr/local/bin/kmsd and /usr/local/share/doc/kms (Documentation=);
+    # point them at where kmsd and service.md were installed.
+    edits="s|/usr/local/bin/kmsd|$bindir/kmsd|;s|/usr/local/share/doc/kms/|$docdir/|"
+    printf '+ sed %s %s > %s\n' "$edits" "$u" "$prefix$unitdir/$name"
     if ((dry_run == 0)); then
-      sed "s|/usr/local/bin/kmsd|$bindir/kmsd|" "$u" >"$prefix$unitdir/$name"
+      sed "$edits" "$u" >"$prefix$unitdir/$name"
       chmod 0644 "$prefix$unitdir/$name"
     fi
   fi

@@ -129,7 +129,8 @@ fn units_pass_systemd_analyze_verify() {
 
 /// systemd/install.sh --dry-run changes nothing and names every destination; with
 /// --prefix it installs the binaries (0755), the units, sysusers and tmpfiles (0644)
-/// under the prefix, and --user points the user units' ExecStart at ~/.local/bin.
+/// under the prefix, and --user points the user units' ExecStart at ~/.local/bin and
+/// their Documentation= at the service.md it installed.
 #[test]
 fn install_script() {
     let tmp = tempfile::tempdir().unwrap();
@@ -200,6 +201,18 @@ fn install_script() {
     let exec = format!("ExecStart={}/.local/bin/kmsd ", home.display());
     assert!(unit.contains(&exec), "{unit}");
     assert!(prefix.join(rel).join(".local/bin/kmsd").exists());
+    // Documentation= names the service.md this install wrote (it named the system one).
+    let doc = format!(
+        "Documentation=file://{}/.local/share/doc/kms/service.md",
+        home.display()
+    );
+    assert!(unit.contains(&doc), "{unit}");
+    assert!(
+        prefix
+            .join(rel)
+            .join(".local/share/doc/kms/service.md")
+            .exists()
+    );
 }
 
 /// `systemd-analyze security --offline=true` rates the system service at most 2.0.

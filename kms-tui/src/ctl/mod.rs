@@ -27,7 +27,7 @@
 //! | 69 | connect: kmsd cannot be reached or started, or the connection was lost (EX_UNAVAILABLE) |
 //! | 74 | io: an input file cannot be read or the output cannot be written (EX_IOERR) |
 //! | 75 | timeout: no answer within `--timeout` (EX_TEMPFAIL); the message says whether the request was sent, and so may have been carried out |
-//! | 130 | interrupted: `backup` stopped by Ctrl-C or SIGTERM (its partial copy removed) |
+//! | 130 | interrupted: `backup` stopped by Ctrl-C or SIGTERM while it copies (its partial copy removed) |
 //!
 //! A `--batch` run processes every line, then exits with the code of the first failed
 //! item's kind (0 if none failed). A closed stdout (`kmsctl list | head -1`) ends the run
@@ -86,7 +86,7 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     /// Give up after SECONDS without an answer: for connecting (starting kmsd included),
-    /// then for each request (exit 75) [default: wait as long as the connection lasts]
+    /// then for each request (exit 75) [default: 90 s to connect, then no limit]
     #[arg(
         long,
         global = true,

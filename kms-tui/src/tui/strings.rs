@@ -863,6 +863,33 @@ pub fn count(n: u64) -> String {
     out
 }
 
+/// [`count`] if it fits in `width` cells, else the count to three significant digits
+/// with its SI prefix ("162M", "2.15G"): a table cell cuts what does not fit, and a
+/// right-aligned count cut on the left read as another number (`,147,483,648`).
+pub fn count_within(n: u64, width: usize) -> String {
+    let full = count(n);
+    if full.len() <= width {
+        return full;
+    }
+    let mut scaled = n as f64;
+    let mut prefix = "";
+    for p in ["k", "M", "G", "T", "P", "E"] {
+        if scaled < 999.5 {
+            break;
+        }
+        scaled /= 1000.0;
+        prefix = p;
+    }
+    let digits = if scaled < 9.995 {
+        2
+    } else if scaled < 99.95 {
+        1
+    } else {
+        0
+    };
+    format!("{scaled:.digits$}{prefix}")
+}
+
 fn utc(t: UnixMillis) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::from_unix_timestamp(t.div_euclid(1000)).ok()
 }
@@ -915,6 +942,22 @@ pub fn time_of_day(t: UnixMillis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A count that fits its cell is shown whole; one that does not, shortened with its
+    /// SI prefix, never cut (a cut count read as another number).
+    #[test]
+    fn counts_fit_their_cells() {
+        assert_eq!(count_within(9_100, 9), "9,100");
+        assert_eq!(count_within(99_999_999, 10), "99,999,999");
+        assert_eq!(count_within(162_345_678, 9), "162M");
+        assert_eq!(count_within(2_147_483_648, 9), "2.15G");
+        assert_eq!(count_within(12_345_678, 9), "12.3M");
+        assert_eq!(count_within(999_600, 5), "1.00M");
+        assert_eq!(count_within(u64::MAX, 9), "18.4E");
+        for n in [0, 7, 1_234, 99_999_999, 123_456_789, 1 << 31, u64::MAX] {
+            assert!(count_within(n, 9).len() <= 9, "{n}");
+        }
+    }
 
     /// With no daemon connected, a failed action does not claim kmsd refused it.
     #[test]

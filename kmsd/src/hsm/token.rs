@@ -355,8 +355,7 @@ impl Token {
             // A failure to read the file is the same answer: the refused PIN stays. Read
             // without waiting: this runs on a token thread, under the PIN's lock, and a
             // pipe given at start (`<(pass show …)`) has no writer any more.
-            let fresh = read_pin(&self.pin_file, self.pin_rule.again())
-                .map_err(|_| refused())?;
+            let fresh = read_pin(&self.pin_file, self.pin_rule.again()).map_err(|_| refused())?;
             if bool::from(fresh.as_slice().ct_eq(pin.current.as_slice())) {
                 return Err(refused());
             }

@@ -30,6 +30,9 @@ enum Col {
     Memo,
 }
 
+/// Cells of the usage count column.
+const USES_WIDTH: usize = 9;
+
 fn columns(tier: Tier) -> &'static [Col] {
     use Col::*;
     match tier {
@@ -105,7 +108,7 @@ fn width(c: Col) -> Constraint {
         Col::Version => Constraint::Length(4),
         Col::Auto => Constraint::Length(4),
         Col::Period => Constraint::Length(15),
-        Col::Uses => Constraint::Length(9),
+        Col::Uses => Constraint::Length(USES_WIDTH as u16),
         Col::Memo => Constraint::Fill(1),
     }
 }
@@ -146,7 +149,9 @@ fn cell(c: Col, k: &KeyInfo) -> Cell<'static> {
         Col::Version => Cell::from(format!("v{}", k.current_version)),
         Col::Auto => Cell::from(s::on_off(k.auto_rotation)),
         Col::Period => Cell::from(s::period_cell(k)),
-        Col::Uses => Cell::from(Line::from(s::count(k.usage_count)).right_aligned()),
+        Col::Uses => {
+            Cell::from(Line::from(s::count_within(k.usage_count, USES_WIDTH)).right_aligned())
+        }
         Col::Memo => Cell::from(k.memo.clone()),
     }
 }

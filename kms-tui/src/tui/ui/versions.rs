@@ -10,6 +10,10 @@ use super::theme;
 use crate::tui::app::{App, VersionsView, scroll_offset};
 use crate::tui::strings as s;
 
+/// Cells of the encryptions column: a version's count up to 2^31 (the mark a restore
+/// sets on an AES version, docs/service.md) shown whole.
+const ENCRYPTIONS_WIDTH: usize = 13;
+
 pub fn render(f: &mut Frame, area: Rect, app: &App, v: &VersionsView) {
     let block = Block::bordered()
         .border_style(theme::border())
@@ -64,7 +68,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &VersionsView) {
             Cell::from(s::datetime(ver.created_at)),
             Cell::from(
                 Line::from(if counted {
-                    s::count(ver.encryptions)
+                    s::count_within(ver.encryptions, ENCRYPTIONS_WIDTH)
                 } else {
                     "-".to_string()
                 })
@@ -86,7 +90,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, v: &VersionsView) {
             Constraint::Length(8),
             Constraint::Length(18),
             Constraint::Length(17),
-            Constraint::Length(12),
+            Constraint::Length(ENCRYPTIONS_WIDTH as u16),
         ],
     )
     .header(header)
