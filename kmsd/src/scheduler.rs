@@ -22,8 +22,9 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
     loop {
         // Due tasks first: the first pass is the start-up's catch-up on overdue rotations
         // (`Engine::run_due_deletions`), which should not wait for a prune.
-        let e = engine.clone();
-        match tokio::task::spawn_blocking(move || e.run_due()).await {
+        let (e, stopping) = (engine.clone(), shutdown.clone());
+        let pass = move || e.run_due_until(&|| stopping.is_requested());
+        match tokio::task::spawn_blocking(pass).await {
             Ok(n) if n > 0 && first_pass => {
                 tracing::info!(tasks = n, "caught up on overdue rotations and other tasks")
             }
@@ -32,6 +33,9 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
             Err(e) => tracing::error!(error = %e, "scheduler task failed"),
         }
         first_pass = false;
+        if shutdown.is_requested() {
+            return;
+        }
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             let e = engine.clone();
             match tokio::task::spawn_blocking(move || e.prune_history()).await {
@@ -52,10 +56,13 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
             }
             None => MAX_SLEEP,
         };
+        // A stop first: each rotation of a pass leaves a wake-up behind, which would
+        // otherwise win half the time and start another pass.
         tokio::select! {
+            biased;
+            _ = shutdown.recv() => return,
             _ = tokio::time::sleep(sleep) => {}
             _ = wake.notified() => {}
-            _ = shutdown.recv() => return,
         }
     }
 }

@@ -2115,3 +2115,55 @@ fn a_name_two_keys_carry_stays_with_the_names_table() {
         );
     }
 }
+
+/// A stop asked for during a scheduler pass ends it before the next task, and what is
+/// left stays due for the next pass. A stop used to wait for the whole pass (thousands
+/// of overdue rotations after a long downtime), past a service manager's stop timeout.
+#[test]
+fn a_pass_stops_before_the_next_task_when_asked() {
+    let fx = Fx::new();
+    for name in ["auto1", "auto2", "auto3"] {
+        fx.create_with(name, KeyType::Aes256, |spec| {
+            spec.auto_rotation = true;
+            spec.rotation_days = Some(1);
+        });
+    }
+    fx.clock.advance(2 * DAY_MS);
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let stop_after_one = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1;
+    assert_eq!(fx.e().run_due_until(&stop_after_one), 1);
+    assert_eq!(fx.e().run_due_until(&|| true), 0);
+    assert_eq!(fx.e().run_due(), 2);
+    for name in ["auto1", "auto2", "auto3"] {
+        assert_eq!(fx.e().get_key(name).unwrap().current_version, 2, "{name}");
+    }
+}
+
+/// A start with the wall clock behind (a machine without a real-time clock, before its
+/// time is set) leaves rotation periods as they are: once the clock is right, no key
+/// rotates early. The first pass used to take such a start for a clock set back, and
+/// restart every period at the wrong "now", so every automatic key rotated a period
+/// early after each such boot.
+#[test]
+fn a_start_with_the_clock_behind_restarts_no_period() {
+    let mut fx = Fx::new();
+    let tag = fx
+        .create_with("boot", KeyType::Aes256, |s| {
+            s.auto_rotation = true;
+            s.rotation_days = Some(30);
+        })
+        .tag;
+    let next = fx.e().get_key(&tag).unwrap().next_rotation_at;
+    fx.clock.step(T0 - 200 * DAY_MS);
+    fx.reopen();
+    assert_eq!(fx.e().run_due(), 0);
+    assert_eq!(fx.e().get_key(&tag).unwrap().next_rotation_at, next);
+    fx.clock.step(T0 + DAY_MS);
+    assert_eq!(fx.e().run_due(), 0, "rotated early");
+    assert_eq!(fx.e().get_key(&tag).unwrap().current_version, 1);
+    assert!(
+        !history_page(fx.e(), &tag)
+            .iter()
+            .any(|h| h.action == Action::SetRotation)
+    );
+}

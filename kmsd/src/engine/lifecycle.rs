@@ -470,6 +470,15 @@ impl Engine {
         action: Action,
         anchor: Option<UnixMillis>,
     ) -> Result<Change, EngineError> {
+        // A purged key has no material to rotate to, and takes no new one: a rotation
+        // decided on an entry read before the purge (a batch's, a forced rotation's) stops
+        // here.
+        if e.rec.state == KeyState::Deleted {
+            return Err(EngineError::InvalidState(format!(
+                "key {} is deleted",
+                e.rec.name
+            )));
+        }
         let max = e.rec.protection.max_versions();
         if e.rec.current_version >= max {
             return Err(EngineError::VersionLimit(format!(
@@ -632,6 +641,14 @@ impl Engine {
         let lock = self.key_lock(tag);
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
         let entry = self.resolve(tag)?;
+        if entry.rec.state == KeyState::Deleted {
+            // Purged while the call that crossed the budget ran (a batch resolves its key
+            // once): the call fails as a call on a deleted key, with no event about it.
+            return Err(EngineError::InvalidState(format!(
+                "key {} is deleted",
+                entry.rec.name
+            )));
+        }
         if entry.rec.current_version != exhausted {
             return Ok(());
         }
@@ -1065,4 +1082,52 @@ fn purge_change(
         }
     }
     change
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A forced rotation decided on an entry read before a purge (an encryption batch
+    /// resolves its key once, and an item crossed the nonce budget after `delete-now`)
+    /// gives the purged key no new version, event or history entry. It gave it a version
+    /// 2, wrapped material a purged key must not have, and `rotated` after `purged`.
+    #[test]
+    fn a_purged_key_is_not_rotated_for_its_budget() {
+        use kms_shared::protocol::{ErrorKind, HistoryQuery};
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::crypto::RootKey::from_bytes([0x55; 32]);
+        let store =
+            crate::store::Store::open(&dir.path().join("kms.redb"), &root.fingerprint()).unwrap();
+        let engine = Engine::open(
+            store,
+            root,
+            std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000)),
+            super::super::EngineConfig::default(),
+        )
+        .unwrap();
+        let admin = Caller::daemon();
+        let key = engine
+            .create_key(&admin, &CreateKey::new("gone", KeyType::Aes256))
+            .unwrap();
+        engine.request_deletion(&admin, "gone").unwrap();
+        engine.delete_now(&admin, "gone").unwrap();
+        let mut events = engine.subscribe();
+        let refused = engine.rotate_for_budget(&key.tag, 1, engine.config.nonce_budget);
+        assert_eq!(refused.unwrap_err().kind(), ErrorKind::InvalidState);
+        let purged = engine.get_key(&key.tag).unwrap();
+        assert_eq!(
+            (purged.state, purged.current_version),
+            (KeyState::Deleted, 1)
+        );
+        assert!(events.try_recv().is_err(), "an event about the purged key");
+        let history = engine
+            .history(&HistoryQuery {
+                key: key.tag.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(history[0].action, Action::DeleteNow, "{history:?}");
+    }
 }

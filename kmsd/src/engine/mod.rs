@@ -643,19 +643,31 @@ impl Engine {
     /// ([`Engine::restart_rotations_dated_ahead`]): left as they were, each would stall for
     /// as long as the clock had been ahead.
     pub fn run_due(&self) -> usize {
+        self.run_due_until(&|| false)
+    }
+
+    /// [`Engine::run_due`], stopping before the next task once `stop` says so: a stop
+    /// requested during a long catch-up (thousands of overdue rotations) is not held up
+    /// past the service manager's stop timeout. What is left stays due for the next run.
+    pub fn run_due_until(&self, stop: &dyn Fn() -> bool) -> usize {
         if self.wall_clock_set_back() {
             self.restart_rotations_dated_ahead();
         }
-        self.run_due_of(|_| true)
+        self.run_due_of(|_| true, stop)
     }
 
-    /// Whether the wall clock was set back (by more than a minute) since the last call;
-    /// true at the first, which cannot know what the clock read before kmsd started.
+    /// Whether the wall clock was set back (by more than a minute) since the last call.
+    /// False at the first, which cannot tell a clock that was ahead and has been
+    /// corrected from one that is behind now (a machine without a real-time clock,
+    /// started before its time is set): restarting periods then would make every
+    /// automatic key rotate early once the clock is right, at every such start. So a
+    /// period begun while the clock ran ahead and corrected while kmsd was down still
+    /// waits out the difference (docs/RELIABILITY.md, known limits).
     fn wall_clock_set_back(&self) -> bool {
         const STEP_MS: i64 = 60_000;
         let lead = self.now().saturating_sub(self.clock.elapsed_ms());
         let mut last = self.wall_lead.lock().unwrap_or_else(|e| e.into_inner());
-        let back = last.is_none_or(|before| lead < before.saturating_sub(STEP_MS));
+        let back = last.is_some_and(|before| lead < before.saturating_sub(STEP_MS));
         *last = Some(lead);
         back
     }
@@ -666,16 +678,19 @@ impl Engine {
     /// wait for the scheduler's first pass, after kmsd is ready: thousands of them take
     /// tens of seconds, and a service manager would time the start out.
     pub fn run_due_deletions(&self) -> usize {
-        self.run_due_of(|kind| kind == DueKind::Deletion)
+        self.run_due_of(|kind| kind == DueKind::Deletion, &|| false)
     }
 
-    fn run_due_of(&self, pick: impl Fn(DueKind) -> bool) -> usize {
+    fn run_due_of(&self, pick: impl Fn(DueKind) -> bool, stop: &dyn Fn() -> bool) -> usize {
         self.record_counted_refusals(self.refusals.over(self.clock.elapsed_ms()));
         let (now, elapsed) = (self.now(), self.clock.elapsed_ms());
         let due = schedule::due_at(&self.ring().due, now);
         let retries = || self.due_retries.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = 0;
         for (at, tag, kind) in due.into_iter().filter(|(_, _, kind)| pick(*kind)) {
+            if stop() {
+                break;
+            }
             if !retries().ready(&tag, kind, elapsed) {
                 continue;
             }
