@@ -638,10 +638,11 @@ impl Engine {
     /// how many entries were handled. A failed task is logged and tried again after 1 s,
     /// 2 s, 4 s, … up to an hour ([`schedule::Retries`]), not on every call.
     ///
-    /// At the first pass, and at the first after the wall clock was set back, rotation
+    /// At the first pass after the wall clock was seen set back while kmsd runs, rotation
     /// periods that started while it ran ahead start again now
     /// ([`Engine::restart_rotations_dated_ahead`]): left as they were, each would stall for
-    /// as long as the clock had been ahead.
+    /// as long as the clock had been ahead. (Not at the first pass after a start: see
+    /// `wall_clock_set_back`.)
     pub fn run_due(&self) -> usize {
         self.run_due_until(&|| false)
     }
