@@ -30,6 +30,7 @@ pub mod backup;
 pub mod clean_stop;
 mod handle;
 pub mod journal;
+pub mod key_slots;
 pub mod records;
 pub mod writer;
 

@@ -1,0 +1,591 @@
+//! Key slots: one secret per `basic` key, kept outside redb, so that a purge is final
+//! (crypto-shredding, SPEC §3 "destroyed beyond recovery").
+//!
+//! # Why it exists
+//!
+//! redb writes copy-on-write: a commit that removes a version's wrapped material frees the
+//! page that held it and leaves its bytes there until redb happens to reuse the page. On
+//! an idle daemon that may be never, so a copy of `kms.redb` taken after a purge, with the
+//! root key beside it, still gave the purged material back. Since store schema 3 a key's
+//! versions are wrapped under a key of their own, derived from the root key *and* the
+//! key's slot secret (`RootKey::key_wrapper`); the slot secret lives here, in a small file
+//! overwritten in place, and a purge overwrites it with zeros and syncs it. What stays in
+//! redb's freed pages then opens under nothing that still exists.
+//!
+//! In place means in place on the file systems kmsd is meant for (ext4, xfs): a write over
+//! existing blocks goes to those blocks. A copy-on-write file system (btrfs, zfs), a
+//! snapshot of the data directory, or an SSD's own remapping may keep the old block: the
+//! README says so and points to `hsm` keys where that matters.
+//!
+//! # Format
+//!
+//! `kms.redb.keyslots` beside the store (mode 0600). Page 0 is a header (`KMSSLOT1`, then
+//! zeros). Then pairs of 4 KiB pages: pair `p` holds slots `64p .. 64p + 63`, its first
+//! page copy A of each, its second copy B. A slot is 64 bytes:
+//!
+//! ```text
+//! secret [32] | owner [16] | check [16]
+//! owner = SHA-256("kms/slot-owner/1\0" || key tag)[..16]
+//! check = SHA-256("kms/slot/1\0" || slot index u64 LE || secret || owner)[..16]
+//! ```
+//!
+//! A free slot is 64 zero bytes. The owner lets a read tell a slot of another key (a slot
+//! file that does not belong to this store) from the right one; the check finds damage.
+//!
+//! # Order of writes
+//!
+//! Every write goes to copy A of the slots it changes, then `fdatasync`, then to copy B,
+//! then `fdatasync`. So at any instant at most one page of a pair is being written, and a
+//! write torn by power loss (which can garble the whole page, neighbours included) leaves
+//! the other copy of every slot on it intact; the next open repairs the torn one from it.
+//!
+//! A slot is written and synced before the commit that makes a key refer to it, and wiped
+//! after the commit that lets go of it (a purge). A crash between the two leaves a slot
+//! no key refers to: opening wipes every such slot ([`KeySlots::open`]), so nothing outlives
+//! a crash either.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Length of a slot secret.
+pub const SECRET_LEN: usize = 32;
+/// A slot secret; zeroized when dropped.
+pub type SlotSecret = Zeroizing<[u8; SECRET_LEN]>;
+
+const SLOT_LEN: usize = 64;
+const PAGE: u64 = 4096;
+const SLOTS_PER_PAGE: u64 = PAGE / SLOT_LEN as u64;
+const MAGIC: &[u8; 8] = b"KMSSLOT1";
+const FREE: [u8; SLOT_LEN] = [0; SLOT_LEN];
+
+/// The slot file of the store at `store`: `kms.redb.keyslots` beside `kms.redb`.
+pub fn path_for(store: &Path) -> PathBuf {
+    let mut name = store.as_os_str().to_owned();
+    name.push(".keyslots");
+    PathBuf::from(name)
+}
+
+/// Why a slot could not be read or written. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("key slot file {}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not a kms key slot file", .path.display())]
+    NotSlotFile { path: PathBuf },
+    #[error(
+        "the key slot file {} is missing, and {keys} key(s) of the store need it: their \
+         material cannot be opened without it (restore it, or the whole data directory, from \
+         where it was copied)",
+        .path.display()
+    )]
+    Missing { path: PathBuf, keys: usize },
+    #[error(
+        "the key slot file {} does not hold the slot secret of {} key(s) (first: key tag \
+         {first}, slot {index}): both copies damaged, or the file belongs to another store",
+        .path.display(), .count
+    )]
+    Lost {
+        path: PathBuf,
+        count: usize,
+        first: String,
+        index: u64,
+    },
+    #[error("the random number generator failed while making a slot secret")]
+    Rng,
+}
+
+/// What opening found and did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SlotSweep {
+    /// Slots no key refers to that still held something, now wiped.
+    pub wiped: u64,
+    /// Copies found damaged and rewritten from the other copy.
+    pub repaired: u64,
+}
+
+struct State {
+    /// Slots the file has room for.
+    capacity: u64,
+    /// Slots that are zero in both copies and referred to by no key.
+    free: BTreeSet<u64>,
+}
+
+/// The open slot file.
+pub struct KeySlots {
+    path: PathBuf,
+    file: File,
+    /// Allocation and wiping; held by [`KeySlots::pause_wipes`].
+    state: Mutex<State>,
+}
+
+/// While held, no slot is wiped or allocated: a backup reads the slots of the keys its
+/// snapshot holds under it, so a purge committed after the snapshot began cannot wipe a
+/// slot before the backup has read it.
+pub struct WipePause<'a>(#[allow(dead_code)] MutexGuard<'a, State>);
+
+fn owner_of(tag: &str) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(b"kms/slot-owner/1\0");
+    h.update(tag.as_bytes());
+    let d = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+fn check_of(index: u64, body: &[u8]) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(b"kms/slot/1\0");
+    h.update(index.to_le_bytes());
+    h.update(body);
+    let d = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+fn encode(index: u64, tag: &str, secret: &[u8; SECRET_LEN]) -> Zeroizing<[u8; SLOT_LEN]> {
+    let mut raw = Zeroizing::new([0u8; SLOT_LEN]);
+    raw[..32].copy_from_slice(secret);
+    raw[32..48].copy_from_slice(&owner_of(tag));
+    let check = check_of(index, &raw[..48]);
+    raw[48..].copy_from_slice(&check);
+    raw
+}
+
+/// What one copy of a slot holds.
+#[derive(Debug, PartialEq, Eq)]
+enum SlotCopy {
+    Free,
+    Held { owner: [u8; 16] },
+    Damaged,
+}
+
+fn decode(index: u64, raw: &[u8]) -> SlotCopy {
+    if raw == FREE {
+        return SlotCopy::Free;
+    }
+    if check_of(index, &raw[..48]) != raw[48..64] {
+        return SlotCopy::Damaged;
+    }
+    let mut owner = [0u8; 16];
+    owner.copy_from_slice(&raw[32..48]);
+    SlotCopy::Held { owner }
+}
+
+/// Where copy `copy` (0: A, 1: B) of slot `index` is.
+fn offset(index: u64, copy: u64) -> u64 {
+    let pair = index / SLOTS_PER_PAGE;
+    PAGE * (1 + 2 * pair + copy) + (index % SLOTS_PER_PAGE) * SLOT_LEN as u64
+}
+
+fn capacity_of(len: u64) -> u64 {
+    len.saturating_sub(PAGE) / (2 * PAGE) * SLOTS_PER_PAGE
+}
+
+fn file_len_for(capacity: u64) -> u64 {
+    PAGE + capacity.div_ceil(SLOTS_PER_PAGE) * 2 * PAGE
+}
+
+impl KeySlots {
+    /// Opens (or creates) the slot file of a store whose keys refer to the slots in
+    /// `referenced` (slot → key tag), and makes it agree with them: a copy found damaged
+    /// is rewritten from the other, and every slot no key refers to is wiped (a purge that
+    /// crashed before its wipe, a create that crashed before its commit). Refuses, changing
+    /// nothing, when a referenced slot holds no secret of its key, or when the file is
+    /// missing and `referenced` is not empty: creating an empty one would lose those keys.
+    pub fn open(
+        path: &Path,
+        referenced: &HashMap<u64, String>,
+    ) -> Result<(KeySlots, SlotSweep), SlotError> {
+        let io_err = |source| SlotError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !referenced.is_empty() {
+                    return Err(SlotError::Missing {
+                        path: path.to_path_buf(),
+                        keys: referenced.len(),
+                    });
+                }
+                create(path, 0).map_err(io_err)?
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        let len = file.metadata().map_err(io_err)?.len();
+        let mut header = [0u8; 8];
+        if len < PAGE || file.read_exact_at(&mut header, 0).is_err() || &header != MAGIC {
+            return Err(SlotError::NotSlotFile {
+                path: path.to_path_buf(),
+            });
+        }
+        let slots = KeySlots {
+            path: path.to_path_buf(),
+            file,
+            state: Mutex::new(State {
+                capacity: capacity_of(len),
+                free: BTreeSet::new(),
+            }),
+        };
+        let sweep = slots.sweep(referenced)?;
+        Ok((slots, sweep))
+    }
+
+    fn io_err(&self, source: io::Error) -> SlotError {
+        SlotError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sweep(&self, referenced: &HashMap<u64, String>) -> Result<SlotSweep, SlotError> {
+        let mut state = self.lock();
+        let capacity = state.capacity;
+        let mut lost: Vec<(u64, &str)> = referenced
+            .iter()
+            .filter(|(i, _)| **i >= capacity)
+            .map(|(i, t)| (*i, t.as_str()))
+            .collect();
+        let mut writes: Vec<(u64, Zeroizing<[u8; SLOT_LEN]>)> = Vec::new();
+        let mut sweep = SlotSweep::default();
+        let mut free = BTreeSet::new();
+        // One page pair at a time: the whole file of 100,000 keys is 12.5 MiB.
+        let mut pair = Zeroizing::new(vec![0u8; 2 * PAGE as usize]);
+        for first in (0..capacity).step_by(SLOTS_PER_PAGE as usize) {
+            self.file
+                .read_exact_at(&mut pair, offset(first, 0))
+                .map_err(|e| self.io_err(e))?;
+            for index in first..first + SLOTS_PER_PAGE {
+                let at = ((index - first) as usize) * SLOT_LEN;
+                let a = &pair[at..at + SLOT_LEN];
+                let b = &pair[PAGE as usize + at..PAGE as usize + at + SLOT_LEN];
+                match referenced.get(&index) {
+                    Some(tag) => {
+                        let owner = owner_of(tag);
+                        let good = [a, b]
+                            .into_iter()
+                            .find(|c| decode(index, c) == SlotCopy::Held { owner });
+                        match good {
+                            None => lost.push((index, tag)),
+                            Some(good) if a != b => {
+                                let mut raw = Zeroizing::new([0u8; SLOT_LEN]);
+                                raw.copy_from_slice(good);
+                                writes.push((index, raw));
+                                sweep.repaired += 1;
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    None => {
+                        if a != FREE || b != FREE {
+                            writes.push((index, Zeroizing::new(FREE)));
+                            sweep.wiped += 1;
+                        }
+                        free.insert(index);
+                    }
+                }
+            }
+        }
+        if let Some(&(index, first)) = lost.iter().min() {
+            return Err(SlotError::Lost {
+                path: self.path.clone(),
+                count: lost.len(),
+                first: first.to_string(),
+                index,
+            });
+        }
+        self.write_both(&writes)?;
+        state.free = free;
+        Ok(sweep)
+    }
+
+    /// Writes slots: every copy A, sync, every copy B, sync (see the module's doc).
+    fn write_both(&self, slots: &[(u64, Zeroizing<[u8; SLOT_LEN]>)]) -> Result<(), SlotError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        for copy in 0..2 {
+            for (index, raw) in slots {
+                self.file
+                    .write_all_at(raw.as_slice(), offset(*index, copy))
+                    .map_err(|e| self.io_err(e))?;
+            }
+            self.file.sync_data().map_err(|e| self.io_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Gives each of `tags` a free slot holding a fresh secret, written and synced before
+    /// this returns. The caller then commits the keys that refer to them; if that commit
+    /// certainly failed, it gives them back with [`KeySlots::wipe`] (if it may have landed,
+    /// it keeps them: the next open wipes any no key refers to).
+    pub fn allocate(&self, tags: &[&str]) -> Result<Vec<(u64, SlotSecret)>, SlotError> {
+        let mut state = self.lock();
+        if state.free.len() < tags.len() {
+            let needed = (tags.len() - state.free.len()) as u64;
+            let capacity = (state.capacity + needed).div_ceil(SLOTS_PER_PAGE) * SLOTS_PER_PAGE;
+            // The new pages read as zeros: free slots. Synced with the first write to them.
+            self.file
+                .set_len(file_len_for(capacity))
+                .map_err(|e| self.io_err(e))?;
+            let old = state.capacity;
+            state.free.extend(old..capacity);
+            state.capacity = capacity;
+        }
+        let mut out = Vec::with_capacity(tags.len());
+        let mut writes = Vec::with_capacity(tags.len());
+        for tag in tags {
+            let Some(index) = state.free.pop_first() else {
+                break;
+            };
+            let mut secret: SlotSecret = Zeroizing::new([0u8; SECRET_LEN]);
+            if getrandom::fill(secret.as_mut_slice()).is_err() {
+                // Nothing written yet for this one: it stays free, as do the others.
+                state.free.insert(index);
+                state.free.extend(out.iter().map(|(i, _)| *i));
+                return Err(SlotError::Rng);
+            }
+            writes.push((index, encode(index, tag, &secret)));
+            out.push((index, secret));
+        }
+        // A failed write leaves these slots out of the free set, whatever part of them
+        // reached the disk: the next open wipes them.
+        self.write_both(&writes)?;
+        Ok(out)
+    }
+
+    /// The secret in `index`, which must be `tag`'s.
+    pub fn read(&self, index: u64, tag: &str) -> Result<SlotSecret, SlotError> {
+        let owner = owner_of(tag);
+        let mut raw = Zeroizing::new([0u8; SLOT_LEN]);
+        for copy in 0..2 {
+            if self
+                .file
+                .read_exact_at(raw.as_mut_slice(), offset(index, copy))
+                .is_ok()
+                && decode(index, raw.as_slice()) == (SlotCopy::Held { owner })
+            {
+                let mut secret: SlotSecret = Zeroizing::new([0u8; SECRET_LEN]);
+                secret.copy_from_slice(&raw[..SECRET_LEN]);
+                return Ok(secret);
+            }
+        }
+        Err(SlotError::Lost {
+            path: self.path.clone(),
+            count: 1,
+            first: tag.to_string(),
+            index,
+        })
+    }
+
+    /// Overwrites `index` with zeros in both copies, synced, and frees it: after a purge
+    /// has committed (or a create certainly failed).
+    pub fn wipe(&self, index: u64) -> Result<(), SlotError> {
+        let mut state = self.lock();
+        if index >= state.capacity {
+            return Ok(());
+        }
+        self.write_both(&[(index, Zeroizing::new(FREE))])?;
+        state.free.insert(index);
+        Ok(())
+    }
+
+    /// Holds off wipes and allocations (see [`WipePause`]).
+    pub fn pause_wipes(&self) -> WipePause<'_> {
+        WipePause(self.lock())
+    }
+
+    /// Writes a new slot file at `path` (which must not exist) holding `slots`
+    /// (index, key tag, secret): a restore's. Synced, file and directory entry.
+    pub fn write_new(path: &Path, slots: &[(u64, String, SlotSecret)]) -> Result<(), SlotError> {
+        let io_err = |source| SlotError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let capacity = slots.iter().map(|(i, _, _)| i + 1).max().unwrap_or(0);
+        let file = create(path, capacity).map_err(io_err)?;
+        let written = KeySlots {
+            path: path.to_path_buf(),
+            file,
+            state: Mutex::new(State {
+                capacity,
+                free: BTreeSet::new(),
+            }),
+        };
+        let writes: Vec<_> = slots
+            .iter()
+            .map(|(index, tag, secret)| (*index, encode(*index, tag, secret)))
+            .collect();
+        written.write_both(&writes)
+    }
+
+    /// How many slots are free (tests and the scale benchmark).
+    pub fn free_slots(&self) -> usize {
+        self.lock().free.len()
+    }
+}
+
+/// Creates a slot file with room for `capacity` slots, header written and synced, and
+/// its directory entry synced.
+fn create(path: &Path, capacity: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    let mut header = vec![0u8; PAGE as usize];
+    header[..MAGIC.len()].copy_from_slice(MAGIC);
+    file.write_all_at(&header, 0)?;
+    file.set_len(file_len_for(capacity))?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn refs(pairs: &[(u64, &str)]) -> HashMap<u64, String> {
+        pairs.iter().map(|(i, t)| (*i, t.to_string())).collect()
+    }
+
+    #[test]
+    fn allocate_read_wipe_and_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb.keyslots");
+        let (slots, sweep) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        assert_eq!(sweep, SlotSweep::default());
+        let tags: Vec<String> = (0..70).map(|i| format!("tag{i}")).collect();
+        let refs_: Vec<&str> = tags.iter().map(String::as_str).collect();
+        let got = slots.allocate(&refs_).unwrap();
+        assert_eq!(got.len(), 70);
+        // Two page pairs: 128 slots, 58 still free.
+        assert_eq!(slots.free_slots(), 58);
+        for ((index, secret), tag) in got.iter().zip(&tags) {
+            assert_eq!(*slots.read(*index, tag).unwrap(), **secret);
+            // Another key's tag does not read it.
+            assert!(matches!(
+                slots.read(*index, "someone-else"),
+                Err(SlotError::Lost { .. })
+            ));
+        }
+        let (index, secret) = &got[3];
+        slots.wipe(*index).unwrap();
+        assert!(slots.read(*index, &tags[3]).is_err());
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(SECRET_LEN).any(|w| w == secret.as_slice()),
+            "the wiped secret is still in the file"
+        );
+        // The lowest free slot is reused.
+        let again = slots.allocate(&["new"]).unwrap();
+        assert_eq!(again[0].0, *index);
+        assert_ne!(*again[0].1, **secret);
+    }
+
+    #[test]
+    fn open_wipes_unreferenced_slots_and_keeps_referenced_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (slots, _) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        let got = slots.allocate(&["a", "b", "c"]).unwrap();
+        drop(slots);
+        // Only "b" was committed: "a" and "c" are a crash's leftovers.
+        let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[1].0, "b")])).unwrap();
+        assert_eq!(sweep.wiped, 2);
+        assert_eq!(*slots.read(got[1].0, "b").unwrap(), *got[1].1);
+        let bytes = std::fs::read(&path).unwrap();
+        for (_, secret) in [&got[0], &got[2]] {
+            assert!(!bytes.windows(SECRET_LEN).any(|w| w == secret.as_slice()));
+        }
+        assert_eq!(slots.free_slots(), 63);
+    }
+
+    #[test]
+    fn a_torn_page_is_repaired_from_the_other_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (slots, _) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        let got = slots.allocate(&["a", "b"]).unwrap();
+        drop(slots);
+        // Garble copy A's whole page (a torn write of a neighbour), then copy B of "b".
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0x5a; PAGE as usize], offset(0, 0))
+            .unwrap();
+        file.write_all_at(&[1; SLOT_LEN], offset(got[1].0, 1))
+            .unwrap();
+        let referenced = refs(&[(got[0].0, "a"), (got[1].0, "b")]);
+        // "b" has no good copy left: refused, and nothing is changed.
+        let before = std::fs::read(&path).unwrap();
+        let err = KeySlots::open(&path, &referenced).err().unwrap();
+        assert!(matches!(err, SlotError::Lost { count: 1, .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        // Without "b": "a" is repaired from copy B, the rest of the page wiped to zeros.
+        let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[0].0, "a")])).unwrap();
+        assert_eq!(sweep.repaired, 1);
+        assert_eq!(*slots.read(got[0].0, "a").unwrap(), *got[0].1);
+        let mut a = [0u8; SLOT_LEN];
+        slots
+            .file
+            .read_exact_at(&mut a, offset(got[0].0, 0))
+            .unwrap();
+        let mut b = [0u8; SLOT_LEN];
+        slots
+            .file
+            .read_exact_at(&mut b, offset(got[0].0, 1))
+            .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_missing_or_foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let err = KeySlots::open(&path, &refs(&[(0, "a")])).err().unwrap();
+        assert!(matches!(err, SlotError::Missing { keys: 1, .. }), "{err}");
+        assert!(!path.exists());
+        std::fs::write(&path, vec![7u8; 3 * PAGE as usize]).unwrap();
+        let err = KeySlots::open(&path, &HashMap::new()).err().unwrap();
+        assert!(matches!(err, SlotError::NotSlotFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_new_file_holds_what_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let secret: SlotSecret = Zeroizing::new([9u8; SECRET_LEN]);
+        KeySlots::write_new(&path, &[(130, "x".to_string(), secret.clone())]).unwrap();
+        let (slots, sweep) = KeySlots::open(&path, &refs(&[(130, "x")])).unwrap();
+        assert_eq!(sweep, SlotSweep::default());
+        assert_eq!(*slots.read(130, "x").unwrap(), *secret);
+        assert_eq!(slots.free_slots(), 191);
+    }
+}
