@@ -114,6 +114,8 @@ fn apply(image: &mut Vec<u8>, op: &Op) {
 }
 
 const ROOT: [u8; 32] = [0x5a; 32];
+/// The store's name, which its key slot file is named after.
+const STORE: &str = "power-loss.redb";
 
 fn caller() -> Caller {
     Caller {
@@ -126,9 +128,11 @@ fn caller() -> Caller {
     }
 }
 
-fn open_engine(disk: Disk) -> Engine {
+/// Opens the engine on `disk`, its key slot file in `dir` (a real file: what the engine
+/// writes there before a commit outlives any cut of the disk, as on a real machine).
+fn open_engine(disk: Disk, dir: &Path) -> Engine {
     let root = RootKey::from_bytes(ROOT);
-    let store = Store::open_with_backend(disk, Path::new("power-loss.redb"), &root.fingerprint())
+    let store = Store::open_with_backend(disk, &dir.join(STORE), &root.fingerprint())
         .expect("the store reopens after the power loss");
     Engine::open(
         store,
@@ -182,6 +186,9 @@ struct Run {
     /// half-created store; `Store::open` tests that below.)
     base: Vec<u8>,
     disk: Disk,
+    /// Where the run's key slot file is. The workload purges nothing, so its last state
+    /// holds every slot any cut refers to.
+    dir: tempfile::TempDir,
     /// (syncs completed when the operation was acknowledged, state after it); entry 0 is
     /// the fresh store, before any operation.
     acks: Vec<(u64, Observed)>,
@@ -204,15 +211,17 @@ fn spec(name: &str, key_type: KeyType) -> CreateKey {
 /// Creates, encrypts, rotates, disables and enables, grants and revokes: one operation
 /// at a time, each acknowledged (durable) before the next starts.
 fn workload() -> Run {
+    let dir = tempfile::tempdir().unwrap();
     let created = Disk::default();
-    open_engine(created.clone()).close();
+    open_engine(created.clone(), dir.path()).close();
     let base = created.0.lock().unwrap().live.clone();
     let disk = Disk::with_image(base.clone());
-    let e = open_engine(disk.clone());
+    let e = open_engine(disk.clone(), dir.path());
     let me = caller();
     let mut run = Run {
         base,
         disk: disk.clone(),
+        dir,
         acks: vec![(disk.syncs(), observe(&e))],
         ciphertexts: Vec::new(),
     };
@@ -278,7 +287,16 @@ fn check_cut(run: &Run, syncs: u64, image: Vec<u8>, what: &str) {
             "{what}: redb's integrity check failed"
         );
     }
-    let e = open_engine(disk);
+    // A copy of the run's slot file for each cut: opening wipes the slots this cut's store
+    // does not refer to, which later cuts do.
+    let cut_dir = tempfile::tempdir().unwrap();
+    let slots = kmsd::store::key_slots::path_for(&run.dir.path().join(STORE));
+    std::fs::copy(
+        &slots,
+        kmsd::store::key_slots::path_for(&cut_dir.path().join(STORE)),
+    )
+    .unwrap();
+    let e = open_engine(disk, cut_dir.path());
     let seen = observe(&e);
     let acked = &run.acks[last].1;
     let next = run.acks.get(last + 1).map(|(_, o)| o);
@@ -388,8 +406,9 @@ fn unsynced_writes_partly_on_disk() {
 #[test]
 fn store_creation_is_atomic() {
     // What atomic creation prevents: the first sync of a new file is not a store yet.
+    let dir = tempfile::tempdir().unwrap();
     let created = Disk::default();
-    open_engine(created.clone()).close();
+    open_engine(created.clone(), dir.path()).close();
     let first_sync = created
         .log()
         .iter()

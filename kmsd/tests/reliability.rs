@@ -17,7 +17,6 @@ use kmsd::crypto::RootKey;
 use kmsd::engine::{Caller, Engine, EngineConfig};
 use kmsd::store::Store;
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -42,8 +41,8 @@ fn engine_on(disk: Disk) -> Engine {
 
 fn engine_with(disk: Disk, config: EngineConfig) -> Engine {
     let root = RootKey::from_bytes([0x33; 32]);
-    let store =
-        Store::open_with_backend(disk, Path::new("faulty.redb"), &root.fingerprint()).unwrap();
+    let label = disk.label("faulty.redb");
+    let store = Store::open_with_backend(disk, &label, &root.fingerprint()).unwrap();
     Engine::open(
         store,
         root,

@@ -7,7 +7,8 @@ use kms_shared::model::{Action, DAY_MS, KeyState, KeyType, Protection, UnixMilli
 use kmsd::crypto::{KeyMaterial, RootKey, random_tag};
 use kmsd::engine::{wrap_aad, wrap_aad_schema1};
 use kmsd::store::records::{DueKind, HistoryRecord, KeyRecord, VersionRecord};
-use kmsd::store::{Mutation, Store};
+use kmsd::store::key_slots::{self, KeySlots, SlotSecret};
+use kmsd::store::{Mutation, SCHEMA_VERSION, Store};
 use std::path::Path;
 
 /// Keys written per transaction.
@@ -19,20 +20,31 @@ pub fn key_name(i: usize) -> String {
 }
 
 /// Creates `data_dir` (root key and store) holding `keys` keys of `versions` versions, as
-/// a kmsd of store schema `schema` would have left it (1: material wrapped without its
-/// key's type, which the next start upgrades; 2: today's).
+/// a kmsd of store schema `schema` would have left it (1: material wrapped under the root
+/// key without its key's type; 2: under the root key alone; both upgraded by the next
+/// start; 3: today's, under each key's slot).
 pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> anyhow::Result<()> {
     anyhow::ensure!(
-        matches!(schema, 1 | 2),
-        "kms-bench writes stores of schema 1 or 2"
+        matches!(schema, 1..=3),
+        "kms-bench writes stores of schema 1, 2 or 3"
     );
     std::fs::create_dir_all(data_dir)?;
     let (root, _) = RootKey::load_or_create(data_dir, None)?;
     let store = Store::open(&data_dir.join("kms.redb"), &root.fingerprint())?;
     // Marked first: a populate cut short leaves a store that reads as what it holds.
-    if schema == 1 {
-        store.mark_schema(1)?;
+    if schema < SCHEMA_VERSION {
+        store.mark_schema(schema)?;
     }
+    let slots = match schema {
+        3 => Some(
+            KeySlots::open(
+                &key_slots::path_for(store.path()),
+                &std::collections::HashMap::new(),
+            )?
+            .0,
+        ),
+        _ => None,
+    };
     let writer = store.start_writer()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -42,12 +54,23 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> any
     while i < keys {
         let end = (i + KEYS_PER_COMMIT).min(keys);
         let mut m = Vec::with_capacity((end - i) * (2 * versions as usize + 2));
-        for k in i..end {
+        let tags = (i..end).map(|_| random_tag()).collect::<Result<Vec<_>, _>>()?;
+        // Written before the commit that refers to them, as the daemon does.
+        let given = match &slots {
+            Some(slots) => {
+                let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+                slots.allocate(&refs)?.into_iter().map(Some).collect()
+            }
+            None => vec![None; tags.len()],
+        };
+        for ((k, tag), slot) in (i..end).zip(tags).zip(given) {
             // Every other key rotates automatically, so the scheduler has a due index of
             // keys/2 entries to keep (none due for a year).
             key_mutations(
                 &root,
                 &mut m,
+                tag,
+                slot,
                 &key_name(k),
                 versions,
                 now,
@@ -71,16 +94,18 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> any
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn key_mutations(
     root: &RootKey,
     m: &mut Vec<Mutation>,
+    tag: String,
+    slot: Option<(u64, SlotSecret)>,
     name: &str,
     versions: u32,
     now: UnixMillis,
     auto_rotation: bool,
     schema: u64,
 ) -> anyhow::Result<()> {
-    let tag = random_tag()?;
     let rotation_days = kms_shared::model::DEFAULT_ROTATION_DAYS;
     if auto_rotation {
         m.push(Mutation::AddDue {
@@ -95,7 +120,12 @@ fn key_mutations(
             1 => wrap_aad_schema1(&tag, v),
             _ => wrap_aad(&tag, v, KeyType::Aes256),
         };
-        let wrapped = root.wrap(&aad, &material.to_secret_bytes())?;
+        let wrapped = match &slot {
+            Some((_, secret)) => root
+                .key_wrapper(secret, &tag)
+                .wrap(&aad, &material.to_secret_bytes())?,
+            None => root.wrap(&aad, &material.to_secret_bytes())?,
+        };
         m.push(Mutation::PutVersion {
             tag: tag.clone(),
             version: v,
@@ -143,6 +173,7 @@ fn key_mutations(
         rotation_anchor: auto_rotation.then_some(now),
         rotation_stopped: false,
         token_objects_left: false,
+        slot: slot.map(|(i, _)| i),
         created_at: now,
         deletion_due_at: None,
         deleted_at: None,

@@ -30,6 +30,9 @@ pub const CREDENTIAL_NAME: &str = "kms-root-key";
 pub const KEY_FILE_NAME: &str = "root.key";
 
 const WRAP_INFO: &[u8] = b"kms/wrap/v1";
+/// The base of every key's own wrapping key (store schema 3, [`RootKey::key_wrapper`]).
+const KEY_WRAP_BASE_INFO: &[u8] = b"kms/key-wrap-base/v1";
+const KEY_WRAP_INFO: &[u8] = b"kms/key-wrap/v1\0";
 const CHECK_INFO: &[u8] = b"kms/root-key-check/v1";
 /// Longest accepted file: 64 hex chars + "\r\n".
 const MAX_FILE_LEN: usize = 2 * ROOT_KEY_LEN + 2;
@@ -82,6 +85,9 @@ pub enum RootKeyError {
 pub struct RootKey {
     /// AES-256-GCM under HKDF(root, info "kms/wrap/v1"), built once.
     wrap_cipher: Aes256Gcm,
+    /// HKDF(root, info "kms/key-wrap-base/v1"): what every key's own wrapping key is
+    /// derived from, together with the key's slot secret.
+    key_wrap_base: Zeroizing<[u8; 32]>,
     /// Public check value, see [`RootKey::fingerprint`].
     fingerprint: String,
     /// Tests: a wrap to come fails as if the random source had (see
@@ -147,6 +153,9 @@ impl RootKey {
             .expect("HKDF-SHA256 expands 32 bytes");
         let wrap_cipher =
             Aes256Gcm::new_from_slice(wrap_key.as_slice()).expect("AES-256 key is 32 bytes");
+        let mut key_wrap_base = Zeroizing::new([0u8; 32]);
+        hkdf.expand(KEY_WRAP_BASE_INFO, key_wrap_base.as_mut_slice())
+            .expect("HKDF-SHA256 expands 32 bytes");
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(root)
             .expect("HMAC accepts keys of any length");
         mac.update(CHECK_INFO);
@@ -154,6 +163,7 @@ impl RootKey {
         let fingerprint = hex_lower(&digest[..8]);
         Self {
             wrap_cipher,
+            key_wrap_base,
             fingerprint,
             wrap_fault: AtomicU32::new(0),
         }
@@ -200,6 +210,47 @@ impl RootKey {
     /// [`CryptoError::DecryptFailed`].
     pub fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         open(&self.wrap_cipher, aad, wrapped)
+    }
+
+    /// The wrapping key of one key (store schema 3): AES-256-GCM under
+    /// HKDF-SHA256(salt = the key's slot secret, ikm = HKDF(root, "kms/key-wrap-base/v1"),
+    /// info = "kms/key-wrap/v1\0" || tag). Both halves are needed: the root key alone
+    /// opens nothing once the slot secret is wiped (`store::key_slots`), which is what
+    /// makes a purge final.
+    pub fn key_wrapper(&self, slot_secret: &[u8; 32], tag: &str) -> KeyWrapper<'_> {
+        let hkdf = Hkdf::<Sha256>::new(Some(slot_secret), self.key_wrap_base.as_slice());
+        let mut key = Zeroizing::new([0u8; 32]);
+        // Fixed lengths, as in `from_slice`: cannot fail.
+        hkdf.expand_multi_info(&[KEY_WRAP_INFO, tag.as_bytes()], key.as_mut_slice())
+            .expect("HKDF-SHA256 expands 32 bytes");
+        KeyWrapper {
+            root: self,
+            cipher: Aes256Gcm::new_from_slice(key.as_slice()).expect("AES-256 key is 32 bytes"),
+        }
+    }
+}
+
+/// One key's wrapping key ([`RootKey::key_wrapper`]). No `Debug`, no `Clone`.
+pub struct KeyWrapper<'a> {
+    root: &'a RootKey,
+    cipher: Aes256Gcm,
+}
+
+impl KeyWrapper<'_> {
+    /// As [`RootKey::wrap`], under this key's wrapping key (a fault asked for with
+    /// [`RootKey::fail_a_wrap`] applies here too).
+    pub fn wrap(&self, aad: &[u8], secret: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        if self.root.injected_wrap_fault() {
+            return Err(CryptoError::Rng);
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce)?;
+        seal(&self.cipher, &nonce, aad, secret)
+    }
+
+    /// Unwraps what [`KeyWrapper::wrap`] produced with the same `aad`.
+    pub fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        open(&self.cipher, aad, wrapped)
     }
 }
 
@@ -314,6 +365,23 @@ fn create_key_file(dir: &Path, path: &Path) -> Result<RootKey, RootKeyError> {
 mod tests {
     use super::*;
     use std::fs;
+
+    /// A key's wrapping key needs both the root key and the slot secret (and its tag):
+    /// neither the root key alone nor another slot secret opens what it wrapped.
+    #[test]
+    fn a_key_wrapper_needs_its_slot_secret() {
+        let root = RootKey::from_bytes([3u8; 32]);
+        let w = root.key_wrapper(&[1u8; 32], "tag1").wrap(b"aad", b"material").unwrap();
+        assert_eq!(
+            &*root.key_wrapper(&[1u8; 32], "tag1").unwrap(b"aad", &w).unwrap(),
+            b"material"
+        );
+        assert!(root.unwrap(b"aad", &w).is_err());
+        assert!(root.key_wrapper(&[2u8; 32], "tag1").unwrap(b"aad", &w).is_err());
+        assert!(root.key_wrapper(&[1u8; 32], "tag2").unwrap(b"aad", &w).is_err());
+        let other = RootKey::from_bytes([4u8; 32]);
+        assert!(other.key_wrapper(&[1u8; 32], "tag1").unwrap(b"aad", &w).is_err());
+    }
 
     fn write_mode(path: &Path, data: &[u8], mode: u32) {
         fs::write(path, data).unwrap();

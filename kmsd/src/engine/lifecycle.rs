@@ -7,7 +7,8 @@ use super::schedule::{anchor_after_rotation, due_entries};
 use super::{Caller, Engine, EngineError, KeyEntry, VersionEntry, VersionsCell, history_mutation};
 use crate::crypto::{self, KeyMaterial, RootKey};
 use crate::store::records::{DueKind, KeyRecord, VersionRecord};
-use crate::store::{Held, Mutation};
+use crate::store::key_slots::{KeySlots, SlotSecret};
+use crate::store::{Held, Mutation, StoreError};
 use kms_shared::model::{
     self, Action, DAY_MS, DEFAULT_ROTATION_DAYS, KeyInfo, KeyState, KeyType, Protection,
     UnixMillis, VersionInfo,
@@ -82,23 +83,37 @@ pub fn wrap_aad_schema1(tag: &str, version: u32) -> Vec<u8> {
     aad
 }
 
-/// Re-wraps a version's material of store schema 1 for schema 2: `Ok(None)` if it does
-/// not open under this root key (for good: it is left as it is), `Err` if the new wrap
-/// failed (a passing fault, e.g. the random source: the upgrade must not go on without
-/// this version, see [`crate::store::Store::upgrade_wraps`]).
-pub(super) fn rewrap_schema1(
+/// Re-wraps a version's material of a store of schema `from` (1 or 2: under the root key
+/// alone) for schema 3: under the key's own wrapping key, from its slot
+/// ([`crate::store::Store::upgrade_wraps`]). `Ok(None)` if it does not open under this
+/// root key (for good: it is left as it is), `Err` if the slot cannot be read or the new
+/// wrap failed (the upgrade must not go on without this version).
+pub(super) fn rewrap_for_slots(
     root: &RootKey,
+    slots: &KeySlots,
+    from: u64,
     rec: &KeyRecord,
     version: u32,
     wrapped: &[u8],
-) -> Result<Option<Vec<u8>>, crypto::CryptoError> {
-    let secret = match root.unwrap(&wrap_aad_schema1(&rec.tag, version), wrapped) {
+) -> Result<Option<Vec<u8>>, EngineError> {
+    let aad = wrap_aad(&rec.tag, version, rec.key_type);
+    let old_aad = match from {
+        1 => wrap_aad_schema1(&rec.tag, version),
+        _ => aad.clone(),
+    };
+    let secret = match root.unwrap(&old_aad, wrapped) {
         Ok(secret) => secret,
         Err(crypto::CryptoError::DecryptFailed) => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
-    root.wrap(&wrap_aad(&rec.tag, version, rec.key_type), &secret)
-        .map(Some)
+    let slot = rec
+        .slot
+        .ok_or_else(|| EngineError::Internal(format!("key {} has no slot", rec.name)))?;
+    let slot_secret = slots.read(slot, &rec.tag).map_err(StoreError::from)?;
+    Ok(Some(
+        root.key_wrapper(&slot_secret, &rec.tag)
+            .wrap(&aad, &secret)?,
+    ))
 }
 
 impl Engine {
@@ -129,8 +144,10 @@ impl Engine {
             let m = self.load_hsm_material(entry, v, wrapped)?;
             return Ok(v.material.get_or_init(|| m).clone());
         }
+        let slot_secret = self.slot_secret(&entry.rec)?;
         let secret = self
             .root
+            .key_wrapper(&slot_secret, &entry.rec.tag)
             .unwrap(
                 &wrap_aad(&entry.rec.tag, v.version, entry.rec.key_type),
                 wrapped,
@@ -145,6 +162,29 @@ impl Engine {
         Ok(v.material.get_or_init(|| m).clone())
     }
 
+    /// The secret of a `basic` key's slot, which its versions are wrapped under.
+    fn slot_secret(&self, rec: &KeyRecord) -> Result<SlotSecret, EngineError> {
+        let slot = rec.slot.ok_or_else(|| {
+            EngineError::Internal(format!("key {} has no key slot", rec.name))
+        })?;
+        Ok(self.slots.read(slot, &rec.tag).map_err(StoreError::from)?)
+    }
+
+    /// Wipes a slot no key refers to any more (after a purge committed, or a create that
+    /// certainly did not). A failure is logged: the next start wipes every slot no key
+    /// refers to.
+    fn wipe_slot(&self, slot: u64, name: &str) {
+        if let Err(e) = self.slots.wipe(slot) {
+            tracing::error!(
+                key = %name,
+                slot,
+                error = %e,
+                "the key's slot could not be wiped; copies of the store keep its material \
+                 recoverable until the next start wipes it"
+            );
+        }
+    }
+
     /// Generates and wraps the material of a new version.
     fn new_version(
         &self,
@@ -156,7 +196,8 @@ impl Engine {
             return self.new_hsm_version(rec, version, now);
         }
         let material = KeyMaterial::generate(rec.key_type)?;
-        let wrapped = self.root.wrap(
+        let slot_secret = self.slot_secret(rec)?;
+        let wrapped = self.root.key_wrapper(&slot_secret, &rec.tag).wrap(
             &wrap_aad(&rec.tag, version, rec.key_type),
             &material.to_secret_bytes(),
         )?;
@@ -253,6 +294,9 @@ impl Engine {
             // the store refers to, and an orphan is the lesser harm.
             if !e.may_have_landed() {
                 self.discard_hsm_versions(&change.versions);
+                if let (None, Some(slot)) = (old, change.rec.slot) {
+                    self.wipe_slot(slot, &change.rec.name);
+                }
                 return Err(e.into());
             }
             // Memory holds only what is durable. A change the store reads as holding
@@ -284,7 +328,13 @@ impl Engine {
             );
         }
 
-        // Durable: now publish.
+        // Durable: a purged key's slot goes now, and with it every copy of its material
+        // that redb's freed pages may still hold.
+        if was_live && change.rec.state == KeyState::Deleted {
+            if let Some(slot) = old.and_then(|o| o.rec.slot) {
+                self.wipe_slot(slot, &change.rec.name);
+            }
+        }
         let versions = match old {
             Some(o) if change.versions.is_empty() => o.versions.clone(),
             _ => Arc::new(VersionsCell::loaded(edited_versions(
@@ -418,8 +468,19 @@ impl Engine {
             )));
         }
         let now = self.now();
+        let tag = crypto::random_tag()?;
+        // Written and synced before the commit that refers to it (`store::key_slots`).
+        let slot = match spec.protection {
+            Protection::Basic => Some(
+                self.slots
+                    .allocate(&[tag.as_str()])
+                    .map_err(StoreError::from)?[0]
+                    .0,
+            ),
+            _ => None,
+        };
         let rec = KeyRecord {
-            tag: crypto::random_tag()?,
+            tag,
             name: spec.name.clone(),
             key_type: spec.key_type,
             protection: spec.protection,
@@ -433,6 +494,7 @@ impl Engine {
             rotation_anchor: spec.auto_rotation.then_some(now),
             rotation_stopped: false,
             token_objects_left: false,
+            slot,
             created_at: now,
             deletion_due_at: None,
             deleted_at: None,
@@ -443,7 +505,15 @@ impl Engine {
             Some(1),
             format!("key {} ({}) created", rec.name, rec.key_type),
         );
-        change.versions.push(self.new_version(&rec, 1, now)?);
+        match self.new_version(&rec, 1, now) {
+            Ok(v) => change.versions.push(v),
+            Err(e) => {
+                if let Some(slot) = slot {
+                    self.wipe_slot(slot, &rec.name);
+                }
+                return Err(e);
+            }
+        }
         change.version = Some(1);
         Ok(self.apply(caller, None, change)?.info())
     }
@@ -1064,6 +1134,8 @@ fn purge_change(
     let mut rec = e.rec.clone();
     rec.state = KeyState::Deleted;
     rec.deleted_at = Some(now);
+    // Wiped once this commits (`Engine::apply`).
+    rec.slot = None;
     rec.deletion_due_at = None;
     // An HSM key's versions keep their references (no material) until the objects are
     // destroyed, right after this commit (`destroy_token_objects`).

@@ -27,7 +27,8 @@ pub use lifecycle::{wrap_aad, wrap_aad_schema1};
 use crate::clock::Clock;
 use crate::crypto::RootKey;
 use crate::store::records::{DueKind, HistoryRecord};
-use crate::store::{HistoryFilter, Mutation, ScanEnd, Store, Ticket, Writer};
+use crate::store::key_slots::{self, KeySlots, SlotSweep};
+use crate::store::{HistoryFilter, Mutation, ScanEnd, Store, StoreError, Ticket, Writer};
 use keyring::Keyring;
 use kms_shared::model::{
     AccountUse, Action, DAY_MS, GrantInfo, HOUR_MS, HistoryEntry, Impact, KeyInfo, KeyState,
@@ -250,6 +251,8 @@ pub struct Engine {
     store: Store,
     writer: Writer,
     root: RootKey,
+    /// The slot secrets of `basic` keys (`store::key_slots`).
+    slots: KeySlots,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     keyring: RwLock<Keyring>,
@@ -289,19 +292,40 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
-        // A wrap that fails here fails the open (`StoreError::Upgrade`) with the store
-        // untouched, at schema 1: the next start tries again. Going on without that version
-        // would lose it for good (see `Store::upgrade_wraps`).
-        if let Some(done) = store.upgrade_wraps(|rec, version, wrapped| {
-            lifecycle::rewrap_schema1(&root, rec, version, wrapped)
-        })? {
+        let mut snapshot = store.load()?;
+        // The slot file agrees with the keys before anything else: a slot no key refers
+        // to (a purge or a create that a crash cut short) is wiped here.
+        let referenced: HashMap<u64, String> = snapshot
+            .keys
+            .iter()
+            .filter_map(|k| k.slot.map(|slot| (slot, k.tag.clone())))
+            .collect();
+        let (slots, sweep) = KeySlots::open(&key_slots::path_for(store.path()), &referenced)
+            .map_err(StoreError::from)?;
+        if sweep != SlotSweep::default() {
             tracing::info!(
-                rewrapped = done.rewrapped,
-                unopened = done.unopened,
-                "store schema 1 upgraded: key material re-wrapped, bound to its key's type"
+                wiped = sweep.wiped,
+                repaired = sweep.repaired,
+                "key slot file brought in line with the keys"
             );
         }
-        let mut snapshot = store.load()?;
+        // A wrap that fails here fails the open (`StoreError::Upgrade`) with the store
+        // untouched, at its old schema: the next start tries again. Going on without that
+        // version would lose it for good (see `Store::upgrade_wraps`).
+        let upgraded = store.upgrade_wraps(
+            |tags| slots.allocate(tags).map(|got| got.into_iter().map(|(i, _)| i).collect()),
+            |from, rec, version, wrapped| lifecycle::rewrap_for_slots(&root, &slots, from, rec, version, wrapped),
+        )?;
+        if let Some(done) = upgraded {
+            tracing::info!(
+                from = done.from,
+                rewrapped = done.rewrapped,
+                unopened = done.unopened,
+                "store upgraded to schema 3: every basic key's material re-wrapped under its own \
+                 slot, so that a purge destroys it"
+            );
+            snapshot = store.load()?;
+        }
         let mut grants = std::mem::take(&mut snapshot.grants);
         let bound = Engine::bind_principal_ids(&mut grants);
         let last_grant_id = snapshot.last_grant_id;
@@ -351,6 +375,7 @@ impl Engine {
             store,
             writer,
             root,
+            slots,
             clock,
             config,
             keyring: RwLock::new(keyring),

@@ -55,12 +55,20 @@ const CACHE_BYTES: usize = 16 << 20;
 ///
 /// - 1: the first.
 /// - 2: wrapped key material is bound to its key's type as well as its tag and version
-///   (`engine::wrap_aad`). The records are encoded as in schema 1; a store of schema 1 is
-///   re-wrapped once, when the engine opens it ([`Store::upgrade_wraps`]).
-pub const SCHEMA_VERSION: u64 = 2;
+///   (`engine::wrap_aad`). The records are encoded as in schema 1.
+/// - 3: every `basic` key has a slot in the key slot file ([`key_slots`]) and its versions
+///   are wrapped under a key derived from the root key and that slot's secret, which a
+///   purge wipes (crypto-shredding). Key records gain `slot`.
+///
+/// A store of an older schema is re-wrapped once, when the engine opens it
+/// ([`Store::upgrade_wraps`]).
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// The first schema whose wrapped material is bound to its key's type.
 pub const TYPED_WRAPS_SCHEMA: u64 = 2;
+
+/// The first schema whose `basic` keys have slots ([`key_slots`]).
+pub const KEY_SLOTS_SCHEMA: u64 = 3;
 
 /// meta: small named values (schema version, root-key fingerprint, history sequence).
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -145,6 +153,8 @@ pub enum StoreError {
     /// A confirmation found the store without what it expects ([`writer::Held`]).
     #[error("the store does not hold the change to confirm")]
     NotHeld,
+    #[error(transparent)]
+    Slots(#[from] key_slots::SlotError),
 }
 
 /// Why a schema upgrade stopped before it committed ([`StoreError::Upgrade`]): it could
@@ -213,6 +223,8 @@ pub struct Snapshot {
 /// What [`Store::upgrade_wraps`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WrapUpgrade {
+    /// The schema the store was at.
+    pub from: u64,
     /// Versions re-wrapped.
     pub rewrapped: u64,
     /// Versions whose material did not open, left as they were.
@@ -530,26 +542,30 @@ impl Store {
         Ok(())
     }
 
-    /// Brings a store of schema 1 to [`TYPED_WRAPS_SCHEMA`]: every version of every
-    /// `basic` key (the others hold token references, not wrapped material) is handed to
-    /// `rewrap` with its key, and stored as it returns it, all in one durable transaction
-    /// together with the new schema number, so a crash leaves the store all old or all
-    /// new. `rewrap` returns `Ok(None)` for material that does not open: it is left as it
-    /// was (counted in [`WrapUpgrade::unopened`]), and fails on use as it would have
-    /// before. An `Err` from `rewrap` (the new wrap failed: a passing fault such as the
-    /// random source failing) aborts the whole transaction and is returned as
-    /// [`StoreError::Upgrade`]: the store stays at schema 1, untouched, and the next open
-    /// tries again. Call before the writer starts. Returns `None` when the store needed
-    /// nothing.
+    /// Brings a store of an older schema to [`SCHEMA_VERSION`]: every `basic` key not
+    /// purged is given a slot by `assign` (called once, with all of them, before anything
+    /// is written to the store; it writes the slots and returns their numbers in order),
+    /// and every version of such a key is handed to `rewrap` with its key (slot set) and
+    /// the schema it was wrapped under, and stored as it returns it; all in one durable
+    /// transaction together with the new schema number, so a crash leaves the store all
+    /// old or all new (slots given to an upgrade that did not commit are wiped at the next
+    /// open, as any slot no key refers to). `rewrap` returns `Ok(None)` for material that
+    /// does not open: it is left as it was (counted in [`WrapUpgrade::unopened`]), and
+    /// fails on use as it would have before. An `Err` from `rewrap` (the new wrap failed:
+    /// a passing fault such as the random source failing) aborts the whole transaction and
+    /// is returned as [`StoreError::Upgrade`]: the store stays at its schema, untouched,
+    /// and the next open tries again. Call before the writer starts. Returns `None` when
+    /// the store needed nothing.
     pub fn upgrade_wraps<E>(
         &self,
-        mut rewrap: impl FnMut(&KeyRecord, u32, &[u8]) -> Result<Option<Vec<u8>>, E>,
+        assign: impl FnOnce(&[&str]) -> Result<Vec<u64>, key_slots::SlotError>,
+        mut rewrap: impl FnMut(u64, &KeyRecord, u32, &[u8]) -> Result<Option<Vec<u8>>, E>,
     ) -> Result<Option<WrapUpgrade>, StoreError>
     where
         E: std::error::Error + Send + Sync + 'static,
     {
         let from = self.schema()?;
-        if from >= TYPED_WRAPS_SCHEMA {
+        if from >= SCHEMA_VERSION {
             return Ok(None);
         }
         let db = self.db.get()?;
@@ -557,17 +573,37 @@ impl Store {
         writer::make_durable(&mut tx)?;
         let mut done = WrapUpgrade::default();
         {
-            let keys: Vec<KeyRecord> = {
+            let mut keys: Vec<KeyRecord> = {
                 let table = tx.open_table(KEYS)?;
                 let mut keys = Vec::new();
                 for row in table.iter()? {
                     let (_, v) = row?;
-                    keys.push(decode(v.value()).map_err(corrupt("keys"))?);
+                    let rec: KeyRecord = decode(v.value()).map_err(corrupt("keys"))?;
+                    if rec.protection == Protection::Basic
+                        && rec.state != kms_shared::model::KeyState::Deleted
+                    {
+                        keys.push(rec);
+                    }
                 }
                 keys
             };
+            let tags: Vec<&str> = keys.iter().map(|k| k.tag.as_str()).collect();
+            let slots = assign(&tags)?;
+            if slots.len() != keys.len() {
+                return Err(StoreError::Db(format!(
+                    "{} key slots given for {} keys",
+                    slots.len(),
+                    keys.len()
+                )));
+            }
+            let mut key_table = tx.open_table(KEYS)?;
+            for (key, slot) in keys.iter_mut().zip(slots) {
+                key.slot = Some(slot);
+                let bytes = encode_map(&*key).map_err(writer::enc)?;
+                key_table.insert(key.tag.as_str(), bytes.as_slice())?;
+            }
             let mut versions = tx.open_table(VERSIONS)?;
-            for key in keys.iter().filter(|k| k.protection == Protection::Basic) {
+            for key in &keys {
                 // One key's versions at a time: the memory is one key's, not the store's.
                 let mut stored = Vec::new();
                 for row in versions.range((key.tag.as_str(), 0)..=(key.tag.as_str(), u32::MAX))? {
@@ -579,7 +615,7 @@ impl Store {
                     let Some(wrapped) = rec.wrapped.as_deref() else {
                         continue;
                     };
-                    match rewrap(key, version, wrapped) {
+                    match rewrap(from, key, version, wrapped) {
                         Ok(Some(new)) => {
                             rec.wrapped = Some(new);
                             let bytes = encode_map(&rec).map_err(writer::enc)?;
@@ -587,16 +623,16 @@ impl Store {
                             done.rewrapped += 1;
                         }
                         Ok(None) => done.unopened += 1,
-                        // Never skipped like material that does not open: schema 2 is read
-                        // only with schema 2's AAD, so a version left under schema 1's once
-                        // the new schema is committed could never be opened again, its data
-                        // lost for good. Returning drops `tx` uncommitted (redb aborts it):
-                        // nothing of this upgrade is stored.
+                        // Never skipped like material that does not open: the new schema
+                        // reads material only under the key's slot, so a version left
+                        // under the old wrap once the new schema is committed could never
+                        // be opened again, its data lost for good. Returning drops `tx`
+                        // uncommitted (redb aborts it): nothing of this upgrade is stored.
                         Err(e) => {
                             return Err(StoreError::Upgrade(Box::new(UpgradeError {
                                 path: self.path.clone(),
                                 from,
-                                to: TYPED_WRAPS_SCHEMA,
+                                to: SCHEMA_VERSION,
                                 name: key.name.clone(),
                                 tag: key.tag.clone(),
                                 version,
@@ -607,9 +643,10 @@ impl Store {
                 }
             }
             let mut meta = tx.open_table(META)?;
-            meta.insert(META_SCHEMA, TYPED_WRAPS_SCHEMA.to_be_bytes().as_slice())?;
+            meta.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
         }
         tx.commit()?;
+        done.from = from;
         Ok(Some(done))
     }
 

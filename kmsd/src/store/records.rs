@@ -33,6 +33,12 @@ pub struct KeyRecord {
     /// versions keep their references (never used again), so nothing is forgotten.
     #[serde(default)]
     pub token_objects_left: bool,
+    /// The key's slot in the key slot file (`store::key_slots`, store schema 3): its
+    /// versions are wrapped under a key derived from the root key and that slot's secret,
+    /// which a purge wipes. `None` for `hsm`/`dedicated-hsm` keys, once purged, and in a
+    /// store not yet upgraded to schema 3.
+    #[serde(default)]
+    pub slot: Option<u64>,
     pub created_at: UnixMillis,
     pub deletion_due_at: Option<UnixMillis>,
     pub deleted_at: Option<UnixMillis>,
@@ -55,8 +61,10 @@ impl KeyRecord {
 pub struct VersionRecord {
     pub created_at: UnixMillis,
     pub enabled: bool,
-    /// AES-256-GCM under the root key, AAD = key tag, version and type (`engine::wrap_aad`;
-    /// tag and version only in a store of schema 1). `None` after purge.
+    /// AES-256-GCM under the key's own wrapping key (`RootKey::key_wrapper`: the root key
+    /// and the key's slot secret; under the root key alone before schema 3), AAD = key tag,
+    /// version and type (`engine::wrap_aad`; tag and version only in a store of schema
+    /// 1). `None` after purge.
     /// For `hsm` and `dedicated-hsm` keys: only a reference to the token objects
     /// (`hsm::HsmRef`); the material never leaves the token.
     #[serde(with = "kms_shared::protocol::opt_bytes")]

@@ -1518,6 +1518,7 @@ mod tests {
             rotation_anchor: None,
             rotation_stopped: false,
             token_objects_left: false,
+            slot: None,
             created_at: 0,
             deletion_due_at: None,
             deleted_at: None,

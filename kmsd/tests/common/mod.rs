@@ -28,9 +28,28 @@ pub struct Disk {
     /// The next `write` fails with ENOSPC, once: a commit that fails before anything of
     /// it landed, on a disk that works again at once.
     pub fail_next_write: Arc<AtomicBool>,
+    /// A real directory that goes with the disk, for the store's key slot file (a real
+    /// file: clones, which reopen the store, find what the engine wrote there).
+    dir: Arc<FilesBeside>,
+}
+
+/// A temporary directory (a `Default` for [`Disk`]'s).
+#[derive(Debug)]
+struct FilesBeside(tempfile::TempDir);
+
+impl Default for FilesBeside {
+    fn default() -> Self {
+        FilesBeside(tempfile::tempdir().unwrap())
+    }
 }
 
 impl Disk {
+    /// The label to open the store on this disk with: a path in the disk's directory, so
+    /// that its key slot file is the disk's own.
+    pub fn label(&self, name: &str) -> std::path::PathBuf {
+        self.dir.0.path().join(name)
+    }
+
     /// The next commit (two-phase: its header is written twice, each write followed by
     /// an fsync) fails at the fsync after its second header write, which has landed.
     pub fn fail_commit_after_header(&self) {

@@ -106,7 +106,7 @@ impl Token {
     pub fn engine_on(&self, disk: &Disk) -> Engine {
         let root = RootKey::from_bytes([0x44; 32]);
         let store =
-            Store::open_with_backend(disk.clone(), Path::new(self.label), &root.fingerprint())
+            Store::open_with_backend(disk.clone(), &disk.label(self.label), &root.fingerprint())
                 .unwrap();
         let config = EngineConfig {
             pkcs11: Some(DaemonToken {
