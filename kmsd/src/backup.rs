@@ -93,7 +93,7 @@ impl Backups {
         // copy failed, expired unread if not.
         let snapshot = move || {
             let made = match engine.settle() {
-                Ok(()) => engine.store().snapshot_to(&p),
+                Ok(()) => engine.snapshot_to(&p),
                 Err(e) => Err(crate::store::StoreError::Db(e.to_string())),
             };
             let mut map = snapshots.lock().unwrap_or_else(|e| e.into_inner());

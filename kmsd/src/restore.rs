@@ -11,7 +11,8 @@ use crate::crypto::RootKey;
 use crate::crypto::root_key::{CREDENTIAL_NAME, KEY_FILE_NAME, RootKeyError};
 use crate::server::{self, ServerError};
 use crate::store::StoreError;
-use crate::store::backup::{BackupInfo, verify_backup};
+use crate::store::backup::{self, BackupInfo, verify_backup};
+use crate::store::key_slots::{self, KeySlots, SlotSecret};
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -132,20 +133,27 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     }
 
     let staged = dir.join("kms.redb.restore-tmp");
-    let _ = std::fs::remove_file(&staged);
-    let result = stage_and_verify(&opts.file, &staged, &root.fingerprint());
+    let staged_slots = key_slots::path_for(&staged);
+    let remove_staged = || {
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_file(&staged_slots);
+    };
+    remove_staged();
+    let result = stage_and_verify(&opts.file, dir, &staged, &root);
     let (info, budgets_spent) = match result {
         Ok(done) => done,
         Err(e) => {
-            let _ = std::fs::remove_file(&staged);
+            remove_staged();
             return Err(e);
         }
     };
 
     // Run as root on a service's directory (owned by kms): the files must stay usable
     // by the daemon's account. Done first: nothing has changed yet if it fails.
-    if let Err(e) = give_to_dir_owner(dir, &staged) {
-        let _ = std::fs::remove_file(&staged);
+    if let Err(e) =
+        give_to_dir_owner(dir, &staged).and_then(|()| give_to_dir_owner(dir, &staged_slots))
+    {
+        remove_staged();
         return Err(e);
     }
     // The old store is never missing: kept under a second name (a link) first, then
@@ -153,35 +161,59 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     // store or the restored one — never nothing, which the next start would have taken
     // for a new data directory and served empty.
     let journal = crate::store::journal::path_for(&store);
+    let slots = key_slots::path_for(&store);
     let previous = if exists {
         let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         let aside = dir.join(format!("kms.redb.before-restore-{millis}"));
-        let aside_journal = crate::store::journal::path_for(&aside);
+        // Calls a crash left in the old store's journal go with it: opened under its new
+        // name, it folds them in. Its key slots go with it too: its keys open with nothing
+        // else.
+        let beside = [
+            (&journal, crate::store::journal::path_for(&aside)),
+            (&slots, key_slots::path_for(&aside)),
+        ];
         let linked = std::fs::hard_link(&store, &aside)
             .map_err(io_err(&store))
-            .and_then(|()| match std::fs::symlink_metadata(&journal) {
-                // Calls a crash left in the old store's journal go with it: opened under
-                // its new name, it folds them in.
-                Ok(_) => std::fs::hard_link(&journal, &aside_journal).map_err(io_err(&journal)),
-                Err(_) => Ok(()),
+            .and_then(|()| {
+                beside.iter().try_for_each(|(from, to)| {
+                    match std::fs::symlink_metadata(from) {
+                        Ok(_) => std::fs::hard_link(from, to).map_err(io_err(from)),
+                        Err(_) => Ok(()),
+                    }
+                })
             });
+        let unlink_aside = {
+            let aside = aside.clone();
+            move || {
+                for (_, to) in &beside {
+                    let _ = std::fs::remove_file(to);
+                }
+                let _ = std::fs::remove_file(&aside);
+            }
+        };
         if let Err(e) = linked {
-            let _ = std::fs::remove_file(&aside);
-            let _ = std::fs::remove_file(&staged);
+            unlink_aside();
+            remove_staged();
             return Err(e);
         }
-        Some(aside)
+        Some((aside, unlink_aside))
     } else {
         None
     };
-    if let Err(e) = std::fs::rename(&staged, &store) {
-        if let Some(aside) = &previous {
-            let _ = std::fs::remove_file(crate::store::journal::path_for(aside));
-            let _ = std::fs::remove_file(aside);
+    // The slots first, then the store: a crash between the two leaves the old store with
+    // slots that are not its own, which kmsd refuses to start on (it changes nothing), and
+    // a second restore mends. The store first would leave the same with the roles swapped.
+    let renamed = std::fs::rename(&staged_slots, &slots)
+        .map_err(io_err(&slots))
+        .and_then(|()| std::fs::rename(&staged, &store).map_err(io_err(&store)));
+    if let Err(e) = renamed {
+        if let Some((_, unlink_aside)) = &previous {
+            unlink_aside();
         }
-        let _ = std::fs::remove_file(&staged);
-        return Err(io_err(&store)(e));
+        remove_staged();
+        return Err(e);
     }
+    let previous = previous.map(|(aside, _)| aside);
     // The old journal's name goes (its content stays under the old store's new name): the
     // restored store must not take over that file. A backup carries no journal
     // generation, so it would ignore the records, but it would write over them.
@@ -247,13 +279,65 @@ fn give_to_dir_owner(dir: &Path, path: &Path) -> Result<(), RestoreError> {
     })
 }
 
-/// Copies the backup to `staged` (0600, fsynced), verifies the copy, and counts its AES
+/// Copies the backup into the data directory (0600, fsynced) and verifies the copy;
+/// builds from it the store to put in place, `staged`, without the backup's slot secrets,
+/// and writes those into the slot file beside `staged`; and counts the staged store's AES
 /// versions' encryption budgets as spent (returned: how many).
 fn stage_and_verify(
     file: &Path,
+    dir: &Path,
     staged: &Path,
-    fingerprint: &str,
+    root: &RootKey,
 ) -> Result<(BackupInfo, u64), RestoreError> {
+    let checked = dir.join("kms.redb.restore-check");
+    let _ = std::fs::remove_file(&checked);
+    let result = copy_and_verify(file, &checked, root);
+    let staged_store = result.and_then(|info| {
+        let staging = |source| RestoreError::Staging {
+            path: staged.to_path_buf(),
+            source,
+        };
+        let sealed = backup::rebuild_without_slot_secrets(&checked, staged).map_err(staging)?;
+        let invalid = |message: String| RestoreError::Invalid {
+            path: file.to_path_buf(),
+            source: StoreError::Corrupt {
+                table: "slot_secrets",
+                message,
+            },
+        };
+        let mut slots = Vec::with_capacity(sealed.len());
+        for (tag, slot, wrapped) in sealed {
+            let opened = root
+                .unwrap(&backup::slot_secret_aad(&tag), &wrapped)
+                .map_err(|_| invalid(format!("the slot secret of key {tag} does not open")))?;
+            let secret: SlotSecret = opened
+                .as_slice()
+                .try_into()
+                .map(zeroize::Zeroizing::new)
+                .map_err(|_| invalid(format!("the slot secret of key {tag} is malformed")))?;
+            slots.push((slot, tag, secret));
+        }
+        KeySlots::write_new(&key_slots::path_for(staged), &slots)
+            .map_err(|e| staging(e.into()))?;
+        Ok(info)
+    });
+    let _ = std::fs::remove_file(&checked);
+    let info = staged_store?;
+    let spent = backup::spend_restored_budgets(staged, crate::config::MAX_NONCE_BUDGET).map_err(
+        |source| RestoreError::Staging {
+            path: staged.to_path_buf(),
+            source,
+        },
+    )?;
+    Ok((info, spent))
+}
+
+/// Copies the backup to `checked` (0600, fsynced) and verifies the copy.
+fn copy_and_verify(
+    file: &Path,
+    checked: &Path,
+    root: &RootKey,
+) -> Result<BackupInfo, RestoreError> {
     let read_err = |source| RestoreError::ReadBackup {
         path: file.to_path_buf(),
         source,
@@ -266,8 +350,8 @@ fn stage_and_verify(
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(staged)
-        .map_err(io_err(staged))?;
+        .open(checked)
+        .map_err(io_err(checked))?;
     // Read and write failures told apart: a full data directory is not a bad backup.
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -277,22 +361,14 @@ fn stage_and_verify(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(read_err(e)),
         };
-        dst.write_all(&buf[..n]).map_err(io_err(staged))?;
+        dst.write_all(&buf[..n]).map_err(io_err(checked))?;
     }
-    dst.sync_all().map_err(io_err(staged))?;
+    dst.sync_all().map_err(io_err(checked))?;
     drop(dst);
-    let invalid = |source| RestoreError::Invalid {
+    verify_backup(checked, &root.fingerprint()).map_err(|source| RestoreError::Invalid {
         path: file.to_path_buf(),
         source,
-    };
-    let info = verify_backup(staged, fingerprint).map_err(invalid)?;
-    let spent =
-        crate::store::backup::spend_restored_budgets(staged, crate::config::MAX_NONCE_BUDGET)
-            .map_err(|source| RestoreError::Staging {
-                path: staged.to_path_buf(),
-                source,
-            })?;
-    Ok((info, spent))
+    })
 }
 
 #[cfg(test)]
@@ -308,7 +384,7 @@ mod tests {
         let (root, _) = RootKey::load_or_create(&src, None).unwrap();
         let fp = root.fingerprint();
         let store = Store::open(&src.join("kms.redb"), &fp).unwrap();
-        store.snapshot_to(&dir.path().join("b.redb")).unwrap();
+        crate::store::backup::snapshot_without_slots(&store, &dir.path().join("b.redb")).unwrap();
         (dir, src, fp)
     }
 

@@ -1617,7 +1617,7 @@ fn a_restored_store_rotates_its_aes_keys_before_encrypting() {
         e.create_key(&me, &aes("dedupe", true)).unwrap();
         let old = e.encrypt(&me, "random", b"before", None).wait().unwrap();
         e.encrypt(&me, "dedupe", b"d", Some(b"ctx")).wait().unwrap();
-        e.store().snapshot_to(&backup).unwrap();
+        e.snapshot_to(&backup).unwrap();
         // Made after the backup: the restored store cannot count these.
         for _ in 0..8 {
             e.encrypt(&me, "random", b"after", None).wait().unwrap();

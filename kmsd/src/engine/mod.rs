@@ -429,6 +429,17 @@ impl Engine {
         &self.store
     }
 
+    /// Writes a backup of the store to `path` ([`Store::snapshot_to`]), with every key's
+    /// slot secret wrapped under the root key. Call [`Engine::settle`] first. Blocks.
+    pub fn snapshot_to(&self, path: &std::path::Path) -> Result<u64, StoreError> {
+        let seal = |tag: &str, secret: &key_slots::SlotSecret| {
+            self.root
+                .wrap(&crate::store::backup::slot_secret_aad(tag), secret.as_slice())
+                .map_err(|e| format!("cannot wrap the slot secret of key {tag}: {e}"))
+        };
+        self.store.snapshot_to(path, &self.slots, &seal)
+    }
+
     /// Waits until every call acknowledged so far is in the store's redb file, not only in
     /// its journal: before reading history from the store or copying it. Blocks.
     pub fn settle(&self) -> Result<(), EngineError> {

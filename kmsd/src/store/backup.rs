@@ -14,8 +14,24 @@ use redb::{
     Database, Key, MultimapTableHandle, ReadTransaction, ReadableDatabase, ReadableTableMetadata,
     TableDefinition, TableError, TableHandle, Value, WriteTransaction,
 };
+use super::key_slots::{KeySlots, SlotSecret};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
+
+/// In a backup only: key tag → the key's slot secret (`key_slots`), wrapped under the root
+/// key with [`slot_secret_aad`]. A backup must carry the slots, which live outside redb;
+/// the live store must never hold them (what it holds stays in freed pages after a
+/// purge), so a restore builds a new store file without this table
+/// ([`rebuild_without_slot_secrets`]).
+pub(crate) const SLOT_SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("slot_secrets");
+
+/// The AAD a slot secret is wrapped under in a backup.
+pub fn slot_secret_aad(tag: &str) -> Vec<u8> {
+    [b"kms/slot-secret/1\0".as_slice(), tag.as_bytes()].concat()
+}
+
+/// Seals a key's slot secret for a backup (the engine's: under the root key).
+pub type SealSlotSecret<'a> = &'a (dyn Fn(&str, &SlotSecret) -> Result<Vec<u8>, String> + Sync);
 
 /// Counts the current version of every AES key (not convergent: no budget applies to
 /// those) in the restored store at `path` as having made at least `spent` encryptions,
@@ -86,9 +102,15 @@ pub struct BackupInfo {
 
 impl Store {
     /// Writes a consistent copy of the whole store to `path`, a new file (mode 0600; an
-    /// existing file is an error). Returns the size of the file. Runs beside the writer:
+    /// existing file is an error), with the slot secret of every key that has one, from
+    /// `slots`, sealed by `seal`. Returns the size of the file. Runs beside the writer:
     /// commits go on while the copy is made.
-    pub fn snapshot_to(&self, path: &Path) -> Result<u64, StoreError> {
+    pub fn snapshot_to(
+        &self,
+        path: &Path,
+        slots: &KeySlots,
+        seal: SealSlotSecret<'_>,
+    ) -> Result<u64, StoreError> {
         let fail = |message: String| StoreError::Open {
             path: path.to_path_buf(),
             message,
@@ -100,7 +122,7 @@ impl Store {
             .mode(0o600)
             .open(path)
             .map_err(|e| fail(format!("cannot create: {e}")))?;
-        let result = self.copy_into(path);
+        let result = self.copy_into(path, slots, seal);
         if result.is_err() {
             let _ = std::fs::remove_file(path);
         }
@@ -110,10 +132,34 @@ impl Store {
             .map_err(|e| fail(e.to_string()))
     }
 
-    fn copy_into(&self, path: &Path) -> Result<(), StoreError> {
+    fn copy_into(
+        &self,
+        path: &Path,
+        slots: &KeySlots,
+        seal: SealSlotSecret<'_>,
+    ) -> Result<(), StoreError> {
+        // No slot is wiped from before the view is taken until the slots of the keys it
+        // holds are read: a purge committed after the view began (its key still live in
+        // the copy) would otherwise wipe a slot the copy needs.
+        let pause = slots.pause_wipes();
         // The view of the snapshot: taken first, before anything else can take time.
         let db = self.db.get()?;
         let src = db.begin_read()?;
+        let mut sealed = Vec::new();
+        for row in redb::ReadableTable::iter(&src.open_table(KEYS)?)? {
+            let (_, v) = row?;
+            let rec: super::records::KeyRecord =
+                super::records::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "keys",
+                    message: e.to_string(),
+                })?;
+            if let Some(slot) = rec.slot {
+                let secret = slots.read(slot, &rec.tag)?;
+                let wrapped = seal(&rec.tag, &secret).map_err(StoreError::Db)?;
+                sealed.push((rec.tag, wrapped));
+            }
+        }
+        drop(pause);
         let unknown: Vec<String> = src
             .list_tables()?
             .map(|t| t.name().to_string())
@@ -136,16 +182,13 @@ impl Store {
                 message: e.to_string(),
             })?;
         let tx = dst.begin_write()?;
-        copy(&src, &tx, META)?;
-        copy(&src, &tx, KEYS)?;
-        copy(&src, &tx, NAMES)?;
-        copy(&src, &tx, VERSIONS)?;
-        copy(&src, &tx, DUE)?;
-        copy(&src, &tx, HISTORY)?;
-        copy(&src, &tx, USAGE)?;
-        copy(&src, &tx, ENCRYPTIONS)?;
-        copy(&src, &tx, GRANTS)?;
-        copy(&src, &tx, HSM_TOKENS)?;
+        copy_tables(&src, &tx)?;
+        {
+            let mut table = tx.open_table(SLOT_SECRETS)?;
+            for (tag, wrapped) in &sealed {
+                table.insert(tag.as_str(), wrapped.as_slice())?;
+            }
+        }
         // The journal beside this store is not part of the copy: a store restored from it
         // must not adopt it (see `journal`).
         tx.open_table(META)?.remove(META_JOURNAL_GENERATION)?;
@@ -153,6 +196,29 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// A snapshot of a store none of whose keys has a slot (unit tests of stores written
+/// without the engine).
+#[cfg(test)]
+pub(crate) fn snapshot_without_slots(store: &Store, path: &Path) -> Result<u64, StoreError> {
+    let dir = tempfile::tempdir().map_err(StoreError::db)?;
+    let (slots, _) = KeySlots::open(&dir.path().join("slots"), &Default::default())?;
+    store.snapshot_to(path, &slots, &|_, _| Err("no key has a slot here".into()))
+}
+
+/// Copies every table of the store ([`TABLES`]; not a backup's slot secrets).
+fn copy_tables(src: &ReadTransaction, tx: &WriteTransaction) -> Result<(), StoreError> {
+    copy(src, tx, META)?;
+    copy(src, tx, KEYS)?;
+    copy(src, tx, NAMES)?;
+    copy(src, tx, VERSIONS)?;
+    copy(src, tx, DUE)?;
+    copy(src, tx, HISTORY)?;
+    copy(src, tx, USAGE)?;
+    copy(src, tx, ENCRYPTIONS)?;
+    copy(src, tx, GRANTS)?;
+    copy(src, tx, HSM_TOKENS)
 }
 
 /// Copies one table row by row; a table the source lacks is skipped.
@@ -172,6 +238,70 @@ fn copy<K: Key + 'static, V: Value + 'static>(
         to.insert(k.value(), v.value())?;
     }
     Ok(())
+}
+
+/// Writes a new store file `dst` (mode 0600, a new file) holding every table of the
+/// verified backup copy `src` except its slot secrets, which it returns (key tag, slot,
+/// sealed secret) for the restore to write into a new slot file: the restored store never
+/// holds them, not even in a freed page.
+pub fn rebuild_without_slot_secrets(
+    src: &Path,
+    dst: &Path,
+) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+    let open_err = |path: &Path, e: &dyn std::fmt::Display| StoreError::Open {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let from = Database::builder()
+        .set_cache_size(super::CACHE_BYTES)
+        .open(src)
+        .map_err(|e| open_err(src, &e))?;
+    let view = from.begin_read()?;
+    let mut slots = std::collections::HashMap::new();
+    for row in redb::ReadableTable::iter(&view.open_table(KEYS)?)? {
+        let (_, v) = row?;
+        let rec: super::records::KeyRecord =
+            super::records::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "keys",
+                message: e.to_string(),
+            })?;
+        if let Some(slot) = rec.slot {
+            slots.insert(rec.tag, slot);
+        }
+    }
+    let mut secrets = Vec::new();
+    match view.open_table(SLOT_SECRETS) {
+        Ok(table) => {
+            for row in redb::ReadableTable::iter(&table)? {
+                let (tag, wrapped) = row?;
+                if let Some(slot) = slots.remove(tag.value()) {
+                    secrets.push((tag.value().to_string(), slot, wrapped.value().to_vec()));
+                }
+            }
+        }
+        Err(TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some((tag, _)) = slots.into_iter().next() {
+        return Err(StoreError::Corrupt {
+            table: "slot_secrets",
+            message: format!("the backup has no slot secret for key {tag}"),
+        });
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(|e| open_err(dst, &e))?;
+    let to = Database::builder()
+        .set_cache_size(super::CACHE_BYTES)
+        .create(dst)
+        .map_err(|e| open_err(dst, &e))?;
+    let tx = to.begin_write()?;
+    copy_tables(&view, &tx)?;
+    tx.commit()?;
+    Ok(secrets)
 }
 
 /// Checks that `path` is a kms store that this root key can open: redb's integrity check
@@ -297,7 +427,7 @@ mod tests {
         known.sort();
         assert_eq!(
             names, known,
-            "update TABLES and copy_into in store/backup.rs"
+            "update TABLES and copy_tables in store/backup.rs"
         );
     }
 
@@ -320,12 +450,12 @@ mod tests {
         let snap = dir.path().join("snap.redb");
         // As the daemon does: calls still only in the journal are folded in first.
         writer.settle().unwrap();
-        let size = store.snapshot_to(&snap).unwrap();
+        let size = snapshot_without_slots(&store, &snap).unwrap();
         bg.join().unwrap();
         assert_eq!(size, std::fs::metadata(&snap).unwrap().len());
         assert!(snap.exists());
         // An existing file is never overwritten.
-        assert!(store.snapshot_to(&snap).is_err());
+        assert!(snapshot_without_slots(&store, &snap).is_err());
 
         let copy = dir.path().join("copy.redb");
         std::fs::copy(&snap, &copy).unwrap();
@@ -365,7 +495,7 @@ mod tests {
 
         let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
         let snap = dir.path().join("snap.redb");
-        store.snapshot_to(&snap).unwrap();
+        snapshot_without_slots(&store, &snap).unwrap();
         let bytes = std::fs::read(&snap).unwrap();
         let cut = dir.path().join("cut.redb");
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
