@@ -175,12 +175,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         let linked = std::fs::hard_link(&store, &aside)
             .map_err(io_err(&store))
             .and_then(|()| {
-                beside.iter().try_for_each(|(from, to)| {
-                    match std::fs::symlink_metadata(from) {
+                beside
+                    .iter()
+                    .try_for_each(|(from, to)| match std::fs::symlink_metadata(from) {
                         Ok(_) => std::fs::hard_link(from, to).map_err(io_err(from)),
                         Err(_) => Ok(()),
-                    }
-                })
+                    })
             });
         let unlink_aside = {
             let aside = aside.clone();
@@ -317,8 +317,7 @@ fn stage_and_verify(
                 .map_err(|_| invalid(format!("the slot secret of key {tag} is malformed")))?;
             slots.push((slot, tag, secret));
         }
-        KeySlots::write_new(&key_slots::path_for(staged), &slots)
-            .map_err(|e| staging(e.into()))?;
+        KeySlots::write_new(&key_slots::path_for(staged), &slots).map_err(|e| staging(e.into()))?;
         Ok(info)
     });
     let _ = std::fs::remove_file(&checked);

@@ -1257,24 +1257,113 @@ fn root_key_protects_the_store() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("opened with the wrong root key"),
     }
-    // Every wrapped row fails to unwrap under another root key.
+    // Every wrapped row opens under its key's wrapping key (root key and slot secret),
+    // and fails under another root key, or under the root key alone.
     let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
     let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
     let snap = store.load().unwrap();
+    let slots = open_slots(&dir, &snap.keys);
     let mut rows = 0;
     for key in &snap.keys {
+        let secret = slots.read(key.slot.unwrap(), &key.tag).unwrap();
         for v in store.versions(&key.tag).unwrap() {
             let aad = kmsd::engine::wrap_aad(&key.tag, v.version, key.key_type);
             let wrapped = v.record.wrapped.as_ref().unwrap();
-            assert!(root.unwrap(&aad, wrapped).is_ok());
-            assert!(other.unwrap(&aad, wrapped).is_err());
+            assert!(
+                root.key_wrapper(&secret, &key.tag)
+                    .unwrap(&aad, wrapped)
+                    .is_ok()
+            );
+            assert!(
+                other
+                    .key_wrapper(&secret, &key.tag)
+                    .unwrap(&aad, wrapped)
+                    .is_err()
+            );
+            assert!(root.unwrap(&aad, wrapped).is_err());
             rows += 1;
         }
     }
     assert!(rows > 0);
-    drop(store);
+    drop((store, slots));
     fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
     assert_eq!(fx.dec("rsak", &ct).unwrap(), b"data");
+}
+
+/// Opens the key slot file of the closed store in `dir`, whose keys are `keys`.
+fn open_slots(
+    dir: &Path,
+    keys: &[kmsd::store::records::KeyRecord],
+) -> kmsd::store::key_slots::KeySlots {
+    use kmsd::store::key_slots::{self, KeySlots};
+    let referenced = keys
+        .iter()
+        .filter_map(|k| k.slot.map(|s| (s, k.tag.clone())))
+        .collect();
+    KeySlots::open(&key_slots::path_for(&dir.join("kms.redb")), &referenced)
+        .unwrap()
+        .0
+}
+
+/// Whether any 32 bytes of the files in `dir`, taken as a slot secret, open `wrapped`
+/// under `root`: what someone holding a copy of the data directory can try.
+fn opens_from_any_file(dir: &Path, root: &RootKey, tag: &str, aad: &[u8], wrapped: &[u8]) -> bool {
+    if root.unwrap(aad, wrapped).is_ok() {
+        return true;
+    }
+    let slot_file = kmsd::store::key_slots::path_for(&dir.join("kms.redb"));
+    let bytes = std::fs::read(slot_file).unwrap();
+    bytes.windows(32).any(|w| {
+        root.key_wrapper(w.try_into().unwrap(), tag)
+            .unwrap(aad, wrapped)
+            .is_ok()
+    })
+}
+
+/// SPEC §3: a purged key's material is destroyed beyond recovery. redb keeps what a
+/// commit replaced in freed pages, so a copy of the data directory taken after the purge
+/// may still hold the version's wrapped material; the slot secret it was wrapped under is
+/// gone from the slot file, and the root key alone opens nothing. The same search finds
+/// the material before the purge, so the test can tell the difference.
+#[test]
+fn a_purged_keys_material_cannot_be_recovered_from_the_data_directory() {
+    let mut fx = Fx::new();
+    fx.create("gone", KeyType::Aes256);
+    fx.create("kept", KeyType::Aes256);
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    let (tag, aad, wrapped) = {
+        let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
+        let key = store
+            .load()
+            .unwrap()
+            .keys
+            .into_iter()
+            .find(|k| k.name == "gone")
+            .unwrap();
+        let v = store.versions(&key.tag).unwrap().remove(0);
+        let aad = kmsd::engine::wrap_aad(&key.tag, v.version, key.key_type);
+        (key.tag, aad, v.record.wrapped.unwrap())
+    };
+    assert!(
+        opens_from_any_file(&dir, &root, &tag, &aad, &wrapped),
+        "before the purge the data directory opens the material"
+    );
+
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    fx.e().request_deletion(&fx.me, "gone").unwrap();
+    fx.e().delete_now(&fx.me, "gone").unwrap();
+    assert!(
+        !opens_from_any_file(&dir, &root, &tag, &aad, &wrapped),
+        "the purged material opens from the data directory"
+    );
+    // The other key is untouched.
+    let ct = fx.enc("kept", b"still here").unwrap();
+    fx.engine.take().unwrap().close().close();
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    assert_eq!(fx.dec("kept", &ct).unwrap(), b"still here");
+    assert!(!opens_from_any_file(&dir, &root, &tag, &aad, &wrapped));
 }
 
 /// History older than the retention period is pruned; newer entries stay.
@@ -1669,23 +1758,31 @@ fn schema1_aad(tag: &str, version: u32) -> Vec<u8> {
     .concat()
 }
 
-/// Takes a closed store back to schema 1, as a kmsd of before schema 2 left it: every
-/// version's material wrapped under schema 1's AAD, and the schema number 1. Returns how
-/// many versions it re-wrapped.
-fn back_to_schema_1(dir: &Path, root: &RootKey) -> usize {
+/// Takes a closed store back to schema 1 or 2, as a kmsd of that schema left it: every
+/// version's material wrapped under the root key alone (with schema 1's AAD for 1), no key
+/// with a slot, and the schema number. Returns how many versions it re-wrapped. The slot
+/// file stays as it was: the next open wipes the slots no key refers to.
+fn back_to_schema(dir: &Path, root: &RootKey, schema: u64) -> usize {
+    use kmsd::store::key_slots::{self, KeySlots};
     use kmsd::store::records::{KeyRecord, VersionRecord, decode, encode_map};
     let mut rewrapped = 0;
     {
         let db = redb::Database::create(dir.join("kms.redb")).unwrap();
         let tx = db.begin_write().unwrap();
         {
-            let keys: Vec<KeyRecord> = tx
+            let mut keys: Vec<KeyRecord> = tx
                 .open_table(KEYS)
                 .unwrap()
                 .iter()
                 .unwrap()
                 .map(|row| decode(row.unwrap().1.value()).unwrap())
                 .collect();
+            let referenced = keys
+                .iter()
+                .filter_map(|k| k.slot.map(|s| (s, k.tag.clone())))
+                .collect();
+            let (slots, _) =
+                KeySlots::open(&key_slots::path_for(&dir.join("kms.redb")), &referenced).unwrap();
             let mut versions = tx.open_table(VERSIONS).unwrap();
             for key in &keys {
                 let mut stored: Vec<(u32, VersionRecord)> = Vec::new();
@@ -1696,11 +1793,16 @@ fn back_to_schema_1(dir: &Path, root: &RootKey) -> usize {
                     let (k, v) = row.unwrap();
                     stored.push((k.value().1, decode(v.value()).unwrap()));
                 }
+                let secret = slots.read(key.slot.unwrap(), &key.tag).unwrap();
+                let wrapper = root.key_wrapper(&secret, &key.tag);
                 for (version, mut rec) in stored {
                     let aad = kmsd::engine::wrap_aad(&key.tag, version, key.key_type);
-                    let secret = root.unwrap(&aad, rec.wrapped.as_ref().unwrap()).unwrap();
-                    rec.wrapped =
-                        Some(root.wrap(&schema1_aad(&key.tag, version), &secret).unwrap());
+                    let material = wrapper.unwrap(&aad, rec.wrapped.as_ref().unwrap()).unwrap();
+                    let old_aad = match schema {
+                        1 => schema1_aad(&key.tag, version),
+                        _ => aad,
+                    };
+                    rec.wrapped = Some(root.wrap(&old_aad, &material).unwrap());
                     versions
                         .insert(
                             (key.tag.as_str(), version),
@@ -1710,8 +1812,15 @@ fn back_to_schema_1(dir: &Path, root: &RootKey) -> usize {
                     rewrapped += 1;
                 }
             }
+            let mut key_table = tx.open_table(KEYS).unwrap();
+            for key in &mut keys {
+                key.slot = None;
+                key_table
+                    .insert(key.tag.as_str(), encode_map(&*key).unwrap().as_slice())
+                    .unwrap();
+            }
             let mut meta = tx.open_table(META).unwrap();
-            meta.insert("schema_version", 1u64.to_be_bytes().as_slice())
+            meta.insert("schema_version", schema.to_be_bytes().as_slice())
                 .unwrap();
         }
         tx.commit().unwrap();
@@ -1719,11 +1828,18 @@ fn back_to_schema_1(dir: &Path, root: &RootKey) -> usize {
     rewrapped
 }
 
-/// A store written before schema 2 (material bound to its key's tag and version only) is
-/// re-wrapped once when the engine opens it: every key still decrypts, signs and gives
-/// the same public key, and the material is then bound to the key's type.
+/// A store written before schema 3 (material under the root key alone; in schema 1 bound
+/// to its key's tag and version only) is re-wrapped once when the engine opens it: every
+/// key still decrypts, signs and gives the same public key, and the material is then
+/// bound to the key's type and wrapped under its slot.
 #[test]
-fn a_schema_1_store_is_rewrapped_and_its_keys_still_work() {
+fn stores_of_schemas_1_and_2_are_rewrapped_and_their_keys_still_work() {
+    for schema in [1, 2] {
+        an_old_store_is_rewrapped(schema);
+    }
+}
+
+fn an_old_store_is_rewrapped(schema: u64) {
     let mut fx = Fx::new();
     fx.create("aes", KeyType::Aes256);
     let before = fx.enc("aes", b"kept").unwrap();
@@ -1743,10 +1859,10 @@ fn a_schema_1_store_is_rewrapped_and_its_keys_still_work() {
     fx.engine.take().unwrap().close().close();
 
     let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
-    let rewrapped = back_to_schema_1(&dir, &root);
+    let rewrapped = back_to_schema(&dir, &root, schema);
     assert_eq!(rewrapped, 5, "aes v1 and v2, dedupe, ecc, rsa");
     let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
-    assert_eq!(store.schema().unwrap(), 1);
+    assert_eq!(store.schema().unwrap(), schema);
     drop(store);
 
     for round in 0..2 {
@@ -1792,8 +1908,9 @@ fn stored_versions(dir: &Path) -> Vec<((String, u32), Vec<u8>)> {
 /// A wrap that fails while a schema-1 store is re-wrapped (here: as if the random source
 /// failed) fails the open and changes nothing: the store stays at schema 1 with every
 /// version's material as it was, and the next open upgrades it, every key still working.
-/// Skipping that version and writing schema 2 anyway (as for material that does not open)
-/// would leave it under schema 1's AAD, which a schema-2 store never reads: lost for good.
+/// Skipping that version and writing schema 3 anyway (as for material that does not open)
+/// would leave it under the root key alone, which a schema-3 store never reads: lost for
+/// good.
 #[test]
 fn a_wrap_failing_during_the_schema_upgrade_fails_the_open_and_loses_nothing() {
     let mut fx = Fx::new();
@@ -1806,7 +1923,7 @@ fn a_wrap_failing_during_the_schema_upgrade_fails_the_open_and_loses_nothing() {
     let dir = fx.dir.path().to_path_buf();
     fx.engine.take().unwrap().close().close();
     let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
-    assert_eq!(back_to_schema_1(&dir, &root), 3, "aes v1 and v2, ecc");
+    assert_eq!(back_to_schema(&dir, &root, 1), 3, "aes v1 and v2, ecc");
     let before = stored_versions(&dir);
 
     // The second of the three re-wraps fails: one version is re-wrapped in the upgrade's
@@ -1824,7 +1941,7 @@ fn a_wrap_failing_during_the_schema_upgrade_fails_the_open_and_loses_nothing() {
     };
     match &err {
         EngineError::Store(e) => assert!(
-            matches!(&**e, kmsd::store::StoreError::Upgrade(u) if u.from == 1 && u.to == 2),
+            matches!(&**e, kmsd::store::StoreError::Upgrade(u) if u.from == 1 && u.to == 3),
             "{e}"
         ),
         other => panic!("not a store upgrade error: {other}"),

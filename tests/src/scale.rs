@@ -6,8 +6,8 @@
 use kms_shared::model::{Action, DAY_MS, KeyState, KeyType, Protection, UnixMillis};
 use kmsd::crypto::{KeyMaterial, RootKey, random_tag};
 use kmsd::engine::{wrap_aad, wrap_aad_schema1};
-use kmsd::store::records::{DueKind, HistoryRecord, KeyRecord, VersionRecord};
 use kmsd::store::key_slots::{self, KeySlots, SlotSecret};
+use kmsd::store::records::{DueKind, HistoryRecord, KeyRecord, VersionRecord};
 use kmsd::store::{Mutation, SCHEMA_VERSION, Store};
 use std::path::Path;
 
@@ -54,7 +54,9 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> any
     while i < keys {
         let end = (i + KEYS_PER_COMMIT).min(keys);
         let mut m = Vec::with_capacity((end - i) * (2 * versions as usize + 2));
-        let tags = (i..end).map(|_| random_tag()).collect::<Result<Vec<_>, _>>()?;
+        let tags = (i..end)
+            .map(|_| random_tag())
+            .collect::<Result<Vec<_>, _>>()?;
         // Written before the commit that refers to them, as the daemon does.
         let given = match &slots {
             Some(slots) => {

@@ -371,16 +371,35 @@ mod tests {
     #[test]
     fn a_key_wrapper_needs_its_slot_secret() {
         let root = RootKey::from_bytes([3u8; 32]);
-        let w = root.key_wrapper(&[1u8; 32], "tag1").wrap(b"aad", b"material").unwrap();
+        let w = root
+            .key_wrapper(&[1u8; 32], "tag1")
+            .wrap(b"aad", b"material")
+            .unwrap();
         assert_eq!(
-            &*root.key_wrapper(&[1u8; 32], "tag1").unwrap(b"aad", &w).unwrap(),
+            &*root
+                .key_wrapper(&[1u8; 32], "tag1")
+                .unwrap(b"aad", &w)
+                .unwrap(),
             b"material"
         );
         assert!(root.unwrap(b"aad", &w).is_err());
-        assert!(root.key_wrapper(&[2u8; 32], "tag1").unwrap(b"aad", &w).is_err());
-        assert!(root.key_wrapper(&[1u8; 32], "tag2").unwrap(b"aad", &w).is_err());
+        assert!(
+            root.key_wrapper(&[2u8; 32], "tag1")
+                .unwrap(b"aad", &w)
+                .is_err()
+        );
+        assert!(
+            root.key_wrapper(&[1u8; 32], "tag2")
+                .unwrap(b"aad", &w)
+                .is_err()
+        );
         let other = RootKey::from_bytes([4u8; 32]);
-        assert!(other.key_wrapper(&[1u8; 32], "tag1").unwrap(b"aad", &w).is_err());
+        assert!(
+            other
+                .key_wrapper(&[1u8; 32], "tag1")
+                .unwrap(b"aad", &w)
+                .is_err()
+        );
     }
 
     fn write_mode(path: &Path, data: &[u8], mode: u32) {

@@ -6,8 +6,8 @@
 use super::schedule::{anchor_after_rotation, due_entries};
 use super::{Caller, Engine, EngineError, KeyEntry, VersionEntry, VersionsCell, history_mutation};
 use crate::crypto::{self, KeyMaterial, RootKey};
-use crate::store::records::{DueKind, KeyRecord, VersionRecord};
 use crate::store::key_slots::{KeySlots, SlotSecret};
+use crate::store::records::{DueKind, KeyRecord, VersionRecord};
 use crate::store::{Held, Mutation, StoreError};
 use kms_shared::model::{
     self, Action, DAY_MS, DEFAULT_ROTATION_DAYS, KeyInfo, KeyState, KeyType, Protection,
@@ -164,9 +164,9 @@ impl Engine {
 
     /// The secret of a `basic` key's slot, which its versions are wrapped under.
     fn slot_secret(&self, rec: &KeyRecord) -> Result<SlotSecret, EngineError> {
-        let slot = rec.slot.ok_or_else(|| {
-            EngineError::Internal(format!("key {} has no key slot", rec.name))
-        })?;
+        let slot = rec
+            .slot
+            .ok_or_else(|| EngineError::Internal(format!("key {} has no key slot", rec.name)))?;
         Ok(self.slots.read(slot, &rec.tag).map_err(StoreError::from)?)
     }
 
@@ -330,10 +330,11 @@ impl Engine {
 
         // Durable: a purged key's slot goes now, and with it every copy of its material
         // that redb's freed pages may still hold.
-        if was_live && change.rec.state == KeyState::Deleted {
-            if let Some(slot) = old.and_then(|o| o.rec.slot) {
-                self.wipe_slot(slot, &change.rec.name);
-            }
+        if was_live
+            && change.rec.state == KeyState::Deleted
+            && let Some(slot) = old.and_then(|o| o.rec.slot)
+        {
+            self.wipe_slot(slot, &change.rec.name);
         }
         let versions = match old {
             Some(o) if change.versions.is_empty() => o.versions.clone(),

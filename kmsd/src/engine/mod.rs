@@ -26,8 +26,8 @@ pub use lifecycle::{wrap_aad, wrap_aad_schema1};
 
 use crate::clock::Clock;
 use crate::crypto::RootKey;
-use crate::store::records::{DueKind, HistoryRecord};
 use crate::store::key_slots::{self, KeySlots, SlotSweep};
+use crate::store::records::{DueKind, HistoryRecord};
 use crate::store::{HistoryFilter, Mutation, ScanEnd, Store, StoreError, Ticket, Writer};
 use keyring::Keyring;
 use kms_shared::model::{
@@ -313,8 +313,14 @@ impl Engine {
         // untouched, at its old schema: the next start tries again. Going on without that
         // version would lose it for good (see `Store::upgrade_wraps`).
         let upgraded = store.upgrade_wraps(
-            |tags| slots.allocate(tags).map(|got| got.into_iter().map(|(i, _)| i).collect()),
-            |from, rec, version, wrapped| lifecycle::rewrap_for_slots(&root, &slots, from, rec, version, wrapped),
+            |tags| {
+                slots
+                    .allocate(tags)
+                    .map(|got| got.into_iter().map(|(i, _)| i).collect())
+            },
+            |from, rec, version, wrapped| {
+                lifecycle::rewrap_for_slots(&root, &slots, from, rec, version, wrapped)
+            },
         )?;
         if let Some(done) = upgraded {
             tracing::info!(
@@ -434,7 +440,10 @@ impl Engine {
     pub fn snapshot_to(&self, path: &std::path::Path) -> Result<u64, StoreError> {
         let seal = |tag: &str, secret: &key_slots::SlotSecret| {
             self.root
-                .wrap(&crate::store::backup::slot_secret_aad(tag), secret.as_slice())
+                .wrap(
+                    &crate::store::backup::slot_secret_aad(tag),
+                    secret.as_slice(),
+                )
                 .map_err(|e| format!("cannot wrap the slot secret of key {tag}: {e}"))
         };
         self.store.snapshot_to(path, &self.slots, &seal)

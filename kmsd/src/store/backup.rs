@@ -6,6 +6,7 @@
 //! write acknowledged before the snapshot began is in it. Key material stays wrapped
 //! under the root key, which is never in the store: a backup is useless without it.
 
+use super::key_slots::{KeySlots, SlotSecret};
 use super::{
     DUE, ENCRYPTIONS, GRANTS, HISTORY, HSM_TOKENS, KEYS, META, META_JOURNAL_GENERATION, META_ROOT,
     META_SCHEMA, NAMES, SCHEMA_VERSION, Store, StoreError, USAGE, VERSIONS, read_u64,
@@ -14,7 +15,6 @@ use redb::{
     Database, Key, MultimapTableHandle, ReadTransaction, ReadableDatabase, ReadableTableMetadata,
     TableDefinition, TableError, TableHandle, Value, WriteTransaction,
 };
-use super::key_slots::{KeySlots, SlotSecret};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
