@@ -1718,13 +1718,27 @@ fn a_restored_store_rotates_its_aes_keys_before_encrypting() {
     std::fs::create_dir(&dst).unwrap();
     std::fs::copy(src.join("root.key"), dst.join("root.key")).unwrap();
     let done = kmsd::restore::restore(&kmsd::restore::RestoreOptions {
-        file: backup,
+        file: backup.clone(),
         data_dir: dst.clone(),
         credentials_dir: None,
         force: false,
     })
     .unwrap();
     assert_eq!(done.budgets_spent, 1, "only the random-nonce AES key");
+    // The backup carries both keys' slot secrets; the restored store holds none of them
+    // (they are in its new slot file), not even in a freed page.
+    let tables = |path: &Path| -> Vec<String> {
+        use redb::TableHandle as _;
+        let db = redb::Database::create(path).unwrap();
+        let tx = db.begin_read().unwrap();
+        tx.list_tables()
+            .unwrap()
+            .map(|t| t.name().to_string())
+            .collect()
+    };
+    assert!(tables(&backup).contains(&"slot_secrets".to_string()));
+    assert!(!tables(&dst.join("kms.redb")).contains(&"slot_secrets".to_string()));
+    assert!(kmsd::store::key_slots::path_for(&dst.join("kms.redb")).exists());
 
     let e = open_with(&dst, clock, config);
     let ct = e.encrypt(&me, "random", b"again", None).wait().unwrap();
@@ -1864,6 +1878,7 @@ fn an_old_store_is_rewrapped(schema: u64) {
     let store = Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
     assert_eq!(store.schema().unwrap(), schema);
     drop(store);
+    let old_rows = stored_versions(&dir);
 
     for round in 0..2 {
         fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
@@ -1871,6 +1886,15 @@ fn an_old_store_is_rewrapped(schema: u64) {
             fx.e().store().schema().unwrap(),
             kmsd::store::SCHEMA_VERSION
         );
+        // The upgraded store is a new file: no freed page keeps a version as the old
+        // schema wrapped it (under the root key alone).
+        let file = std::fs::read(dir.join("kms.redb")).unwrap();
+        for (at, row) in &old_rows {
+            assert!(
+                !file.windows(row.len()).any(|w| w == row.as_slice()),
+                "schema {schema}: {at:?} as the old schema stored it is still in the file"
+            );
+        }
         assert_eq!(fx.dec("aes", &before).unwrap(), b"kept", "round {round}");
         let again = fx
             .e()

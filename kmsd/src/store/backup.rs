@@ -288,20 +288,31 @@ pub fn rebuild_without_slot_secrets(
             message: format!("the backup has no slot secret for key {tag}"),
         });
     }
+    write_copy(&view, dst)?;
+    Ok(secrets)
+}
+
+/// Writes every table of `view` ([`TABLES`]) into `dst`, a new file (mode 0600), durably.
+pub(super) fn write_copy(view: &ReadTransaction, dst: &Path) -> Result<(), StoreError> {
+    let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+        path: dst.to_path_buf(),
+        message: e.to_string(),
+    };
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)
-        .map_err(|e| open_err(dst, &e))?;
+        .map_err(|e| open_err(&e))?;
     let to = Database::builder()
         .set_cache_size(super::CACHE_BYTES)
         .create(dst)
-        .map_err(|e| open_err(dst, &e))?;
+        .map_err(|e| open_err(&e))?;
     let tx = to.begin_write()?;
-    copy_tables(&view, &tx)?;
+    copy_tables(view, &tx)?;
+    // Durable (the default): the file is complete once this returns.
     tx.commit()?;
-    Ok(secrets)
+    Ok(())
 }
 
 /// Checks that `path` is a kms store that this root key can open: redb's integrity check

@@ -88,15 +88,7 @@ impl DbHandle {
             // Already closed by an earlier failure; `get` reopens it.
             return;
         };
-        // Readers clone the Arc under the lock we hold, so the count only goes down.
-        let deadline = Instant::now() + READERS_GRACE;
-        while Arc::strong_count(&db) > 1 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if Arc::strong_count(&db) > 1 {
-            tracing::warn!("a reader still holds the key store; reopening after it lets go");
-        }
-        drop(db);
+        close_after_readers(db);
         let mut failure = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
         match (self.open)() {
             Ok(db) => {
@@ -111,6 +103,29 @@ impl DbHandle {
         }
     }
 
+    /// Closes the database, runs `between` (which may put another file in its place), and
+    /// opens the file again. Returns `between`'s error, else the reopen's.
+    pub(crate) fn reopen_around(
+        &self,
+        between: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut slot = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = slot.take() {
+            close_after_readers(db);
+        }
+        let done = between();
+        match (self.open)() {
+            Ok(db) => *slot = Some(Arc::new(db)),
+            Err(e) => {
+                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), e.to_string()));
+                done?;
+                return Err(e);
+            }
+        }
+        done
+    }
+
     /// Takes the database out for an operation that needs it alone (the integrity check).
     pub(crate) fn take_exclusive(&self) -> Result<Database, StoreError> {
         let mut slot = self.current.write().unwrap_or_else(|e| e.into_inner());
@@ -122,6 +137,19 @@ impl DbHandle {
             StoreError::Db("the store is still in use".into())
         })
     }
+}
+
+/// Drops the database once no reader holds it (or after [`READERS_GRACE`]).
+fn close_after_readers(db: Arc<Database>) {
+    // Readers clone the Arc under the lock the caller holds, so the count only goes down.
+    let deadline = Instant::now() + READERS_GRACE;
+    while Arc::strong_count(&db) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if Arc::strong_count(&db) > 1 {
+        tracing::warn!("a reader still holds the key store; reopening after it lets go");
+    }
+    drop(db);
 }
 
 fn unavailable(why: &str) -> StoreError {

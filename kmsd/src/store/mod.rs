@@ -647,7 +647,51 @@ impl Store {
         }
         tx.commit()?;
         done.from = from;
+        // The commit freed the pages that held the material as the old schema wrapped it
+        // (under the root key alone), and redb leaves them as they were: a key purged
+        // later could be recovered from them. A new file holds none of them.
+        if let Err(e) = self.rewrite_file() {
+            tracing::warn!(
+                error = %e,
+                "the upgraded store could not be written afresh: material wrapped as before \
+                 the upgrade may stay in its freed pages (a backup and restore writes it afresh)"
+            );
+        }
         Ok(Some(done))
+    }
+
+    /// Writes the whole store into a new file and puts it in place of this one (a store on
+    /// another backend has no file: nothing to do). The journal's generation is copied
+    /// with the meta table, so the journal beside the store stays its own.
+    fn rewrite_file(&self) -> Result<(), StoreError> {
+        if self.checked_at.is_none() {
+            return Ok(());
+        }
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".rewrite-tmp");
+        let fresh = PathBuf::from(name);
+        let _ = std::fs::remove_file(&fresh);
+        let written = {
+            let db = self.db.get()?;
+            let view = db.begin_read()?;
+            backup::write_copy(&view, &fresh)
+        };
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&fresh);
+            return Err(e);
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        self.db.reopen_around(|| {
+            std::fs::rename(&fresh, &self.path)
+                .and_then(|()| std::fs::File::open(dir)?.sync_all())
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&fresh);
+                    StoreError::Open {
+                        path: self.path.clone(),
+                        message: format!("cannot put the rewritten store in place: {e}"),
+                    }
+                })
+        })
     }
 
     /// Reads everything the engine keeps in memory.
