@@ -417,16 +417,25 @@ mod tests {
         drop(Store::open(&r.store, &fp).unwrap());
         let journal = crate::store::journal::path_for(&r.store);
         assert!(journal.exists());
+        // Its key slots too: the restore wrote a slot file, replaced by the next.
+        let slots = key_slots::path_for(&r.store);
+        assert!(slots.exists());
+        std::fs::write(&slots, b"the old store's slots").unwrap();
         let r = restore(&opts(dir.path(), &fresh, true)).unwrap();
         let previous = r.previous.unwrap();
         assert!(previous.exists());
         assert!(crate::store::journal::path_for(&previous).exists());
         assert!(!journal.exists());
-        // Nothing left of the staged copy, its journal included.
+        assert_eq!(
+            std::fs::read(key_slots::path_for(&previous)).unwrap(),
+            b"the old store's slots"
+        );
+        assert_ne!(std::fs::read(&slots).unwrap(), b"the old store's slots");
+        // Nothing left of the staged copies, their journal and slots included.
         let left: Vec<_> = std::fs::read_dir(&fresh)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.contains("restore-tmp"))
+            .filter(|n| n.contains("restore-tmp") || n.contains("restore-check"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
     }

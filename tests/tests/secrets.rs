@@ -194,22 +194,10 @@ async fn no_key_material_in_store_logs_or_errors() {
     assert!(errors.len() >= 14, "{errors:?}");
 
     // The material of every version, unwrapped with the store's root key.
-    let (root, _) = RootKey::load_or_create(&d.data_dir, None).unwrap();
-    let store = Store::open(&d.data_dir.join("kms.redb"), &root.fingerprint()).unwrap();
-    let snapshot = store.load().unwrap();
-    let mut secrets = Vec::new();
-    for key in &snapshot.keys {
-        let tag = &key.tag;
-        for v in store.versions(tag).unwrap() {
-            let aad = kmsd::engine::wrap_aad(tag, v.version, key.key_type);
-            let wrapped = v.record.wrapped.as_ref().unwrap();
-            secrets.push((
-                format!("{tag} v{}", v.version),
-                root.unwrap(&aad, wrapped).unwrap().to_vec(),
-            ));
-        }
-    }
-    drop(store);
+    let secrets: Vec<(String, Vec<u8>)> = stored_material(&d.data_dir)
+        .into_iter()
+        .map(|(key, version, secret)| (format!("{} v{version}", key.tag), secret.to_vec()))
+        .collect();
     assert_eq!(secrets.len(), 5, "4 keys, one rotated");
 
     // Where it must not be.
@@ -441,15 +429,9 @@ async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
     assert!(memchr::memmem::find(&memory, b"mem-ec").is_some());
 
     // The signing key, from the store.
-    let (root, _) = RootKey::load_or_create(&d.data_dir, None).unwrap();
-    let store = Store::open(&d.data_dir.join("kms.redb"), &root.fingerprint()).unwrap();
-    let snapshot = store.load().unwrap();
-    let key = snapshot.keys.iter().find(|k| k.name == "mem-ec").unwrap();
-    let tag = &key.tag;
-    let version = store.versions(tag).unwrap().remove(0);
-    let aad = kmsd::engine::wrap_aad(tag, version.version, key.key_type);
-    let secret = root
-        .unwrap(&aad, version.record.wrapped.as_ref().unwrap())
+    let (_, _, secret) = stored_material(&d.data_dir)
+        .into_iter()
+        .find(|(k, v, _)| k.name == "mem-ec" && *v == 1)
         .unwrap();
     let private = p256::ecdsa::SigningKey::from_slice(&secret).unwrap();
     let d_scalar: Scalar = **private.as_nonzero_scalar();
@@ -483,4 +465,34 @@ async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
         nonces_found.is_empty() && plaintexts_found.is_empty(),
         "still in kmsd's memory: the nonces of signatures {nonces_found:?}, RSA plaintexts {plaintexts_found:?}"
     );
+}
+
+/// Every version's material in the closed store of `data_dir`, unwrapped as kmsd does:
+/// under the root key and the key's slot secret.
+fn stored_material(
+    data_dir: &std::path::Path,
+) -> Vec<(kmsd::store::records::KeyRecord, u32, Vec<u8>)> {
+    use kmsd::store::key_slots::{self, KeySlots};
+    let (root, _) = RootKey::load_or_create(data_dir, None).unwrap();
+    let path = data_dir.join("kms.redb");
+    let store = Store::open(&path, &root.fingerprint()).unwrap();
+    let keys = store.load().unwrap().keys;
+    let referenced = keys
+        .iter()
+        .filter_map(|k| k.slot.map(|s| (s, k.tag.clone())))
+        .collect();
+    let (slots, _) = KeySlots::open(&key_slots::path_for(&path), &referenced).unwrap();
+    let mut out = Vec::new();
+    for key in keys {
+        let slot_secret = slots.read(key.slot.unwrap(), &key.tag).unwrap();
+        let wrapper = root.key_wrapper(&slot_secret, &key.tag);
+        for v in store.versions(&key.tag).unwrap() {
+            let aad = kmsd::engine::wrap_aad(&key.tag, v.version, key.key_type);
+            let secret = wrapper
+                .unwrap(&aad, v.record.wrapped.as_ref().unwrap())
+                .unwrap();
+            out.push((key.clone(), v.version, secret.to_vec()));
+        }
+    }
+    out
 }
