@@ -92,6 +92,18 @@ pub enum RestoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The restored store could not be put in place after its slot file was, and the old
+    /// slot file could not be put back: the old store is in place without its slots.
+    #[error(
+        "the restore failed ({source}), and the old store's key slots could not be put back: \
+         move {} to {} before starting kmsd (its keys open with nothing else)",
+        .aside.display(), .slots.display()
+    )]
+    SlotsDisplaced {
+        slots: PathBuf,
+        aside: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
@@ -162,58 +174,65 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     // for a new data directory and served empty.
     let journal = crate::store::journal::path_for(&store);
     let slots = key_slots::path_for(&store);
-    let previous = if exists {
-        let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-        let aside = dir.join(format!("kms.redb.before-restore-{millis}"));
-        // Calls a crash left in the old store's journal go with it: opened under its new
-        // name, it folds them in. Its key slots go with it too: its keys open with nothing
-        // else.
-        let beside = [
-            (&journal, crate::store::journal::path_for(&aside)),
-            (&slots, key_slots::path_for(&aside)),
-        ];
-        let linked = std::fs::hard_link(&store, &aside)
-            .map_err(io_err(&store))
-            .and_then(|()| {
-                beside
-                    .iter()
-                    .try_for_each(|(from, to)| match std::fs::symlink_metadata(from) {
-                        Ok(_) => std::fs::hard_link(from, to).map_err(io_err(from)),
-                        Err(_) => Ok(()),
-                    })
-            });
-        let unlink_aside = {
-            let aside = aside.clone();
-            move || {
-                for (_, to) in &beside {
-                    let _ = std::fs::remove_file(to);
-                }
-                let _ = std::fs::remove_file(&aside);
-            }
-        };
-        if let Err(e) = linked {
-            unlink_aside();
-            remove_staged();
-            return Err(e);
+    let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let aside = dir.join(format!("kms.redb.before-restore-{millis}"));
+    // Calls a crash left in the old store's journal go with it: opened under its new name,
+    // it folds them in. Its key slots go with it too: its keys open with nothing else. A
+    // slot file without a store (the store moved away by hand) is kept aside as well: the
+    // store it belongs to opens only with it.
+    let aside_slots = key_slots::path_for(&aside);
+    let mut beside = vec![(&slots, aside_slots.clone())];
+    if exists {
+        beside.insert(0, (&store, aside.clone()));
+        beside.push((&journal, crate::store::journal::path_for(&aside)));
+    }
+    let mut linked = Vec::new();
+    for (from, to) in &beside {
+        if std::fs::symlink_metadata(from).is_err() {
+            continue;
         }
-        Some((aside, unlink_aside))
-    } else {
-        None
-    };
+        if let Err(e) = std::fs::hard_link(from, to) {
+            for to in &linked {
+                let _ = std::fs::remove_file(to);
+            }
+            remove_staged();
+            return Err(io_err(from)(e));
+        }
+        linked.push(to.clone());
+    }
+    let slots_aside = linked.contains(&aside_slots);
     // The slots first, then the store: a crash between the two leaves the old store with
     // slots that are not its own, which kmsd refuses to start on (it changes nothing), and
     // a second restore mends. The store first would leave the same with the roles swapped.
-    let renamed = std::fs::rename(&staged_slots, &slots)
-        .map_err(io_err(&slots))
-        .and_then(|()| std::fs::rename(&staged, &store).map_err(io_err(&store)));
-    if let Err(e) = renamed {
-        if let Some((_, unlink_aside)) = &previous {
-            unlink_aside();
+    if let Err(e) = std::fs::rename(&staged_slots, &slots) {
+        for to in &linked {
+            let _ = std::fs::remove_file(to);
         }
         remove_staged();
-        return Err(e);
+        return Err(io_err(&slots)(e));
     }
-    let previous = previous.map(|(aside, _)| aside);
+    if let Err(e) = std::fs::rename(&staged, &store) {
+        // The old slot file's only name is now the one aside: it goes back in place
+        // before anything else is undone.
+        let back = if slots_aside {
+            std::fs::rename(&aside_slots, &slots)
+        } else {
+            std::fs::remove_file(&slots)
+        };
+        if back.is_err() {
+            return Err(RestoreError::SlotsDisplaced {
+                slots: slots.clone(),
+                aside: aside_slots.clone(),
+                source: e,
+            });
+        }
+        for to in linked.iter().filter(|to| **to != aside_slots) {
+            let _ = std::fs::remove_file(to);
+        }
+        remove_staged();
+        return Err(io_err(&store)(e));
+    }
+    let previous = exists.then_some(aside);
     // The old journal's name goes (its content stays under the old store's new name): the
     // restored store must not take over that file. A backup carries no journal
     // generation, so it would ignore the records, but it would write over them.
@@ -251,6 +270,38 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         store,
         previous,
     })
+}
+
+/// The files a restore works with before they are in place, in `data_dir`: the checked
+/// copy of the backup (its key slot secrets wrapped under the root key), the staged store
+/// and its slot file (slot secrets as they are), and their journals.
+fn staging_files(data_dir: &Path) -> Vec<PathBuf> {
+    let checked = data_dir.join("kms.redb.restore-check");
+    let staged = data_dir.join("kms.redb.restore-tmp");
+    vec![
+        crate::store::journal::path_for(&checked),
+        crate::store::journal::path_for(&staged),
+        key_slots::path_for(&staged),
+        checked,
+        staged,
+    ]
+}
+
+/// Removes what a restore cut short by a crash left in `data_dir` (kmsd, at start, with
+/// the data directory locked): a copy of the data directory must not find slot secrets in
+/// them after their keys are purged.
+pub fn remove_leftovers(data_dir: &Path) {
+    for path in staging_files(data_dir) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), "removed what a restore cut short left")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove what a restore cut short left")
+            }
+        }
+    }
 }
 
 /// When root restores into a directory another account owns, hands `path` to that
@@ -317,6 +368,8 @@ fn stage_and_verify(
                 .map_err(|_| invalid(format!("the slot secret of key {tag} is malformed")))?;
             slots.push((slot, tag, secret));
         }
+        key_slots::referenced(slots.iter().map(|(slot, tag, _)| (*slot, tag.clone())))
+            .map_err(|e| invalid(e.to_string()))?;
         KeySlots::write_new(&key_slots::path_for(staged), &slots).map_err(|e| staging(e.into()))?;
         Ok(info)
     });

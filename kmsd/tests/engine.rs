@@ -1913,6 +1913,66 @@ fn an_old_store_is_rewrapped(schema: u64) {
     }
 }
 
+/// An upgrade whose rewrite into a new file failed (here: its temporary file's name is
+/// taken by a directory) is committed all the same, and the next start writes the store
+/// afresh: until then the old wrapping may stay in freed pages, after it none does.
+#[test]
+fn an_upgrade_whose_rewrite_failed_is_rewritten_at_the_next_start() {
+    let mut fx = Fx::new();
+    fx.create("aes", KeyType::Aes256);
+    let ct = fx.enc("aes", b"kept").unwrap();
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+    let (root, _) = RootKey::load_or_create(&dir, None).unwrap();
+    back_to_schema(&dir, &root, 2);
+    let old_rows = stored_versions(&dir);
+    let blocker = dir.join("kms.redb.rewrite-tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("x"), b"x").unwrap();
+
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    assert_eq!(
+        fx.e().store().schema().unwrap(),
+        kmsd::store::SCHEMA_VERSION
+    );
+    assert_eq!(fx.dec("aes", &ct).unwrap(), b"kept");
+    fx.engine.take().unwrap().close().close();
+    // The upgrade is committed with the rewrite still to do, in the same file.
+    let state = || {
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = std::fs::metadata(dir.join("kms.redb")).unwrap().ino();
+        let db = redb::Database::create(dir.join("kms.redb")).unwrap();
+        let tx = db.begin_read().unwrap();
+        let pending = tx
+            .open_table(META)
+            .unwrap()
+            .get("rewrite_pending")
+            .unwrap()
+            .is_some();
+        (inode, pending)
+    };
+    let (inode, pending) = state();
+    assert!(pending, "the failed rewrite is not marked as still to do");
+
+    std::fs::remove_dir_all(&blocker).unwrap();
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    assert_eq!(fx.dec("aes", &ct).unwrap(), b"kept");
+    fx.engine.take().unwrap().close().close();
+    let (new_inode, pending) = state();
+    assert!(
+        !pending && new_inode != inode,
+        "the next start did not write the store afresh"
+    );
+    let file = std::fs::read(dir.join("kms.redb")).unwrap();
+    for (at, row) in &old_rows {
+        assert!(
+            !file.windows(row.len()).any(|w| w == row.as_slice()),
+            "{at:?}"
+        );
+    }
+    assert!(!blocker.exists());
+}
+
 /// The stored versions, row by row, as bytes.
 fn stored_versions(dir: &Path) -> Vec<((String, u32), Vec<u8>)> {
     let db = redb::Database::create(dir.join("kms.redb")).unwrap();

@@ -295,11 +295,13 @@ impl Engine {
         let mut snapshot = store.load()?;
         // The slot file agrees with the keys before anything else: a slot no key refers
         // to (a purge or a create that a crash cut short) is wiped here.
-        let referenced: HashMap<u64, String> = snapshot
-            .keys
-            .iter()
-            .filter_map(|k| k.slot.map(|slot| (slot, k.tag.clone())))
-            .collect();
+        let referenced = key_slots::referenced(
+            snapshot
+                .keys
+                .iter()
+                .filter_map(|k| k.slot.map(|slot| (slot, k.tag.clone()))),
+        )
+        .map_err(StoreError::from)?;
         let (slots, sweep) = KeySlots::open(&key_slots::path_for(store.path()), &referenced)
             .map_err(StoreError::from)?;
         if sweep != SlotSweep::default() {

@@ -288,12 +288,17 @@ pub fn rebuild_without_slot_secrets(
             message: format!("the backup has no slot secret for key {tag}"),
         });
     }
-    write_copy(&view, dst)?;
+    write_copy(&view, dst, &[])?;
     Ok(secrets)
 }
 
-/// Writes every table of `view` ([`TABLES`]) into `dst`, a new file (mode 0600), durably.
-pub(super) fn write_copy(view: &ReadTransaction, dst: &Path) -> Result<(), StoreError> {
+/// Writes every table of `view` ([`TABLES`]) into `dst`, a new file (mode 0600), durably,
+/// without the named entries of the meta table.
+pub(super) fn write_copy(
+    view: &ReadTransaction,
+    dst: &Path,
+    without_meta: &[&str],
+) -> Result<(), StoreError> {
     let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
         path: dst.to_path_buf(),
         message: e.to_string(),
@@ -310,6 +315,12 @@ pub(super) fn write_copy(view: &ReadTransaction, dst: &Path) -> Result<(), Store
         .map_err(|e| open_err(&e))?;
     let tx = to.begin_write()?;
     copy_tables(view, &tx)?;
+    {
+        let mut meta = tx.open_table(META)?;
+        for name in without_meta {
+            meta.remove(*name)?;
+        }
+    }
     // Durable (the default): the file is complete once this returns.
     tx.commit()?;
     Ok(())

@@ -63,6 +63,10 @@ const SLOT_LEN: usize = 64;
 const PAGE: u64 = 4096;
 const SLOTS_PER_PAGE: u64 = PAGE / SLOT_LEN as u64;
 const MAGIC: &[u8; 8] = b"KMSSLOT1";
+/// Slots a file may have: 16,777,216 keys not yet purged, a 2 GiB file. A slot number is
+/// read from the store and from backups, which a file-system writer could edit: bounded,
+/// none can make the offsets overflow or the file grow without end.
+pub const MAX_SLOTS: u64 = 1 << 24;
 const FREE: [u8; SLOT_LEN] = [0; SLOT_LEN];
 
 /// The slot file of the store at `store`: `kms.redb.keyslots` beside `kms.redb`.
@@ -103,6 +107,43 @@ pub enum SlotError {
     },
     #[error("the random number generator failed while making a slot secret")]
     Rng,
+    #[error(
+        "key slot {index} is out of range (at most {max} slots){}",
+        match .tags { Some((a, b)) => format!(", or given to two keys ({a} and {b})"), None => String::new() }
+    )]
+    BadSlot {
+        index: u64,
+        max: u64,
+        /// Set when the slot is given to two keys.
+        tags: Option<(String, String)>,
+    },
+    #[error("the key slot file is full ({max} slots): purge keys before creating more")]
+    Full { max: u64 },
+}
+
+/// The slots `keys` (slot, key tag) refer to, by slot: refuses a slot out of range or given
+/// to two keys (a purge of one would wipe the other's secret).
+pub fn referenced(
+    keys: impl IntoIterator<Item = (u64, String)>,
+) -> Result<HashMap<u64, String>, SlotError> {
+    let mut out = HashMap::new();
+    for (index, tag) in keys {
+        if index >= MAX_SLOTS {
+            return Err(SlotError::BadSlot {
+                index,
+                max: MAX_SLOTS,
+                tags: None,
+            });
+        }
+        if let Some(other) = out.insert(index, tag.clone()) {
+            return Err(SlotError::BadSlot {
+                index,
+                max: MAX_SLOTS,
+                tags: Some((other, tag)),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// What opening found and did.
@@ -119,6 +160,9 @@ struct State {
     capacity: u64,
     /// Slots that are zero in both copies and referred to by no key.
     free: BTreeSet<u64>,
+    /// Slots whose wipe failed (an I/O error): tried again with every later wipe, and by
+    /// the next open, which wipes every slot no key refers to.
+    unwiped: BTreeSet<u64>,
 }
 
 /// The open slot file.
@@ -209,6 +253,13 @@ impl KeySlots {
         path: &Path,
         referenced: &HashMap<u64, String>,
     ) -> Result<(KeySlots, SlotSweep), SlotError> {
+        if let Some(&index) = referenced.keys().find(|i| **i >= MAX_SLOTS) {
+            return Err(SlotError::BadSlot {
+                index,
+                max: MAX_SLOTS,
+                tags: None,
+            });
+        }
         let io_err = |source| SlotError::Io {
             path: path.to_path_buf(),
             source,
@@ -242,8 +293,9 @@ impl KeySlots {
             path: path.to_path_buf(),
             file,
             state: Mutex::new(State {
-                capacity: capacity_of(len),
+                capacity: capacity_of(len).min(MAX_SLOTS),
                 free: BTreeSet::new(),
+                unwiped: BTreeSet::new(),
             }),
         };
         let sweep = slots.sweep(referenced)?;
@@ -269,6 +321,9 @@ impl KeySlots {
             .filter(|(i, _)| **i >= capacity)
             .map(|(i, t)| (*i, t.as_str()))
             .collect();
+        // A repair writes only the damaged copy: the good one is never rewritten until
+        // the repair is synced (a second power cut mid-repair must not take both).
+        let mut repairs: Vec<(u64, u64, Zeroizing<[u8; SLOT_LEN]>)> = Vec::new();
         let mut writes: Vec<(u64, Zeroizing<[u8; SLOT_LEN]>)> = Vec::new();
         let mut sweep = SlotSweep::default();
         let mut free = BTreeSet::new();
@@ -285,19 +340,20 @@ impl KeySlots {
                 match referenced.get(&index) {
                     Some(tag) => {
                         let owner = owner_of(tag);
-                        let good = [a, b]
-                            .into_iter()
-                            .find(|c| decode(index, c) == SlotCopy::Held { owner });
-                        match good {
-                            None => lost.push((index, tag)),
-                            Some(good) if a != b => {
-                                let mut raw = Zeroizing::new([0u8; SLOT_LEN]);
-                                raw.copy_from_slice(good);
-                                writes.push((index, raw));
-                                sweep.repaired += 1;
+                        let held = |c: &[u8]| decode(index, c) == SlotCopy::Held { owner };
+                        let (good, damaged) = match (held(a), held(b)) {
+                            (true, true) => continue,
+                            (true, false) => (a, 1),
+                            (false, true) => (b, 0),
+                            (false, false) => {
+                                lost.push((index, tag));
+                                continue;
                             }
-                            Some(_) => {}
-                        }
+                        };
+                        let mut raw = Zeroizing::new([0u8; SLOT_LEN]);
+                        raw.copy_from_slice(good);
+                        repairs.push((index, damaged, raw));
+                        sweep.repaired += 1;
                     }
                     None => {
                         if a != FREE || b != FREE {
@@ -316,6 +372,17 @@ impl KeySlots {
                 first: first.to_string(),
                 index,
             });
+        }
+        for copy in 0..2 {
+            let mine: Vec<_> = repairs.iter().filter(|(_, c, _)| *c == copy).collect();
+            for (index, _, raw) in &mine {
+                self.file
+                    .write_all_at(raw.as_slice(), offset(*index, copy))
+                    .map_err(|e| self.io_err(e))?;
+            }
+            if !mine.is_empty() {
+                self.file.sync_data().map_err(|e| self.io_err(e))?;
+            }
         }
         self.write_both(&writes)?;
         state.free = free;
@@ -347,6 +414,9 @@ impl KeySlots {
         if state.free.len() < tags.len() {
             let needed = (tags.len() - state.free.len()) as u64;
             let capacity = (state.capacity + needed).div_ceil(SLOTS_PER_PAGE) * SLOTS_PER_PAGE;
+            if capacity > MAX_SLOTS {
+                return Err(SlotError::Full { max: MAX_SLOTS });
+            }
             // The new pages read as zeros: free slots. Synced with the first write to them.
             self.file
                 .set_len(file_len_for(capacity))
@@ -381,17 +451,31 @@ impl KeySlots {
     pub fn read(&self, index: u64, tag: &str) -> Result<SlotSecret, SlotError> {
         let owner = owner_of(tag);
         let mut raw = Zeroizing::new([0u8; SLOT_LEN]);
+        if index >= MAX_SLOTS {
+            return Err(SlotError::BadSlot {
+                index,
+                max: MAX_SLOTS,
+                tags: None,
+            });
+        }
+        let mut failed = None;
         for copy in 0..2 {
-            if self
+            if let Err(e) = self
                 .file
                 .read_exact_at(raw.as_mut_slice(), offset(index, copy))
-                .is_ok()
-                && decode(index, raw.as_slice()) == (SlotCopy::Held { owner })
             {
+                failed = Some(e);
+                continue;
+            }
+            if decode(index, raw.as_slice()) == (SlotCopy::Held { owner }) {
                 let mut secret: SlotSecret = Zeroizing::new([0u8; SECRET_LEN]);
                 secret.copy_from_slice(&raw[..SECRET_LEN]);
                 return Ok(secret);
             }
+        }
+        // A slot past the end reads short: no secret there, not an I/O error.
+        if let Some(e) = failed.filter(|e| e.kind() != io::ErrorKind::UnexpectedEof) {
+            return Err(self.io_err(e));
         }
         Err(SlotError::Lost {
             path: self.path.clone(),
@@ -408,8 +492,15 @@ impl KeySlots {
         if index >= state.capacity {
             return Ok(());
         }
-        self.write_both(&[(index, Zeroizing::new(FREE))])?;
-        state.free.insert(index);
+        state.unwiped.insert(index);
+        let wipes: Vec<_> = state
+            .unwiped
+            .iter()
+            .map(|i| (*i, Zeroizing::new(FREE)))
+            .collect();
+        self.write_both(&wipes)?;
+        let done = std::mem::take(&mut state.unwiped);
+        state.free.extend(done);
         Ok(())
     }
 
@@ -425,6 +516,8 @@ impl KeySlots {
             path: path.to_path_buf(),
             source,
         };
+        let given = slots.iter().map(|(index, tag, _)| (*index, tag.clone()));
+        referenced(given)?;
         let capacity = slots.iter().map(|(i, _, _)| i + 1).max().unwrap_or(0);
         let file = create(path, capacity).map_err(io_err)?;
         let written = KeySlots {
@@ -433,6 +526,7 @@ impl KeySlots {
             state: Mutex::new(State {
                 capacity,
                 free: BTreeSet::new(),
+                unwiped: BTreeSet::new(),
             }),
         };
         let writes: Vec<_> = slots
@@ -448,20 +542,32 @@ impl KeySlots {
     }
 }
 
-/// Creates a slot file with room for `capacity` slots, header written and synced, and
-/// its directory entry synced.
+/// Creates a slot file with room for `capacity` slots: written and synced under a
+/// temporary name, then renamed into place and the directory synced, so a crash leaves no
+/// file or a whole one (a file cut short before its header was durable would be refused at
+/// every start).
 fn create(path: &Path, capacity: u64) -> io::Result<File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    let tmp = PathBuf::from(name);
+    let _ = std::fs::remove_file(&tmp);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
+        .open(&tmp)?;
     let mut header = vec![0u8; PAGE as usize];
     header[..MAGIC.len()].copy_from_slice(MAGIC);
-    file.write_all_at(&header, 0)?;
-    file.set_len(file_len_for(capacity))?;
-    file.sync_all()?;
+    let written = file
+        .write_all_at(&header, 0)
+        .and_then(|()| file.set_len(file_len_for(capacity)))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
@@ -575,6 +681,34 @@ mod tests {
         std::fs::write(&path, vec![7u8; 3 * PAGE as usize]).unwrap();
         let err = KeySlots::open(&path, &HashMap::new()).err().unwrap();
         assert!(matches!(err, SlotError::NotSlotFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_slot_out_of_range_or_given_twice_is_refused() {
+        let twice = referenced([(3, "a".to_string()), (3, "b".to_string())]);
+        assert!(
+            matches!(
+                &twice,
+                Err(SlotError::BadSlot {
+                    index: 3,
+                    tags: Some(_),
+                    ..
+                })
+            ),
+            "{twice:?}"
+        );
+        let far = referenced([(MAX_SLOTS, "a".to_string())]);
+        assert!(matches!(far, Err(SlotError::BadSlot { tags: None, .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let secret: SlotSecret = Zeroizing::new([9u8; SECRET_LEN]);
+        assert!(KeySlots::write_new(&path, &[(u64::MAX, "x".into(), secret)]).is_err());
+        assert!(!path.exists());
+        let (slots, _) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        assert!(matches!(
+            slots.read(u64::MAX, "x"),
+            Err(SlotError::BadSlot { .. })
+        ));
     }
 
     #[test]

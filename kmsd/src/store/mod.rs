@@ -98,6 +98,9 @@ pub(crate) const META_HISTORY_SEQ: &str = "history_seq";
 /// The highest grant id ever given: ids are not reused after a revoke (a client that
 /// remembers a grant by id must never find another grant under it).
 pub(crate) const META_LAST_GRANT_ID: &str = "last_grant_id";
+/// Set by the commit of a schema upgrade that re-wrapped material, until the store has
+/// been written afresh into a new file ([`Store::upgrade_wraps`]); absent from that file.
+pub(crate) const META_REWRITE_PENDING: &str = "rewrite_pending";
 /// The generation of the call journal's live records ([`journal`]). A backup leaves it
 /// out, so a restored store never adopts the journal beside it.
 pub(crate) const META_JOURNAL_GENERATION: &str = "journal_generation";
@@ -566,6 +569,8 @@ impl Store {
     {
         let from = self.schema()?;
         if from >= SCHEMA_VERSION {
+            // An upgrade whose rewrite did not happen (a crash, a failure) tries it again.
+            self.finish_rewrite();
             return Ok(None);
         }
         let db = self.db.get()?;
@@ -644,54 +649,91 @@ impl Store {
             }
             let mut meta = tx.open_table(META)?;
             meta.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
+            meta.insert(META_REWRITE_PENDING, [1u8].as_slice())?;
         }
         tx.commit()?;
+        drop(db);
         done.from = from;
-        // The commit freed the pages that held the material as the old schema wrapped it
-        // (under the root key alone), and redb leaves them as they were: a key purged
-        // later could be recovered from them. A new file holds none of them.
-        if let Err(e) = self.rewrite_file() {
-            tracing::warn!(
-                error = %e,
-                "the upgraded store could not be written afresh: material wrapped as before \
-                 the upgrade may stay in its freed pages (a backup and restore writes it afresh)"
-            );
-        }
+        self.finish_rewrite();
         Ok(Some(done))
     }
 
-    /// Writes the whole store into a new file and puts it in place of this one (a store on
-    /// another backend has no file: nothing to do). The journal's generation is copied
-    /// with the meta table, so the journal beside the store stays its own.
-    fn rewrite_file(&self) -> Result<(), StoreError> {
-        if self.checked_at.is_none() {
-            return Ok(());
+    /// Writes the store afresh if an upgrade asked for it ([`META_REWRITE_PENDING`]): the
+    /// upgrade's commit freed the pages that held the material as the old schema wrapped
+    /// it (under the root key alone), and redb leaves them as they were, so a key purged
+    /// later could be recovered from them. A new file holds none of them. A failure is
+    /// logged, and the next open tries again.
+    fn finish_rewrite(&self) {
+        let pending = self.db.get().and_then(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx.open_table(META)?.get(META_REWRITE_PENDING)?.is_some())
+        });
+        let result = match pending {
+            Ok(true) => self.rewrite_file(),
+            Ok(false) => {
+                // A rewrite a crash cut short left its file.
+                let _ = std::fs::remove_file(self.rewrite_path());
+                return;
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(true) => tracing::info!("the upgraded store is written afresh"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the upgraded store could not be written afresh: material wrapped as before \
+                 the upgrade may stay in its freed pages until it is (the next start tries again)"
+            ),
         }
+    }
+
+    fn rewrite_path(&self) -> PathBuf {
         let mut name = self.path.as_os_str().to_owned();
         name.push(".rewrite-tmp");
-        let fresh = PathBuf::from(name);
+        PathBuf::from(name)
+    }
+
+    /// Writes the whole store into a new file, without [`META_REWRITE_PENDING`], and puts
+    /// it in place of this one. Returns whether it did: a store on another backend has no
+    /// file. The journal's generation is copied with the meta table, so the journal beside
+    /// the store stays its own.
+    fn rewrite_file(&self) -> Result<bool, StoreError> {
+        if self.checked_at.is_none() {
+            return Ok(false);
+        }
+        let fresh = self.rewrite_path();
         let _ = std::fs::remove_file(&fresh);
         let written = {
             let db = self.db.get()?;
             let view = db.begin_read()?;
-            backup::write_copy(&view, &fresh)
+            backup::write_copy(&view, &fresh, &[META_REWRITE_PENDING])
         };
         if let Err(e) = written {
             let _ = std::fs::remove_file(&fresh);
             return Err(e);
         }
         let dir = self.path.parent().unwrap_or(Path::new("."));
+        let fail = |what: &str, e: std::io::Error| StoreError::Open {
+            path: self.path.clone(),
+            message: format!("{what}: {e}"),
+        };
         self.db.reopen_around(|| {
-            std::fs::rename(&fresh, &self.path)
-                .and_then(|()| std::fs::File::open(dir)?.sync_all())
+            if let Err(e) = std::fs::rename(&fresh, &self.path) {
+                let _ = std::fs::remove_file(&fresh);
+                return Err(fail("cannot put the rewritten store in place", e));
+            }
+            // In place, and it is what opens next; only its durability is in question.
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
                 .map_err(|e| {
-                    let _ = std::fs::remove_file(&fresh);
-                    StoreError::Open {
-                        path: self.path.clone(),
-                        message: format!("cannot put the rewritten store in place: {e}"),
-                    }
+                    fail(
+                        "the rewritten store is in place, but its directory could not be synced",
+                        e,
+                    )
                 })
-        })
+        })?;
+        Ok(true)
     }
 
     /// Reads everything the engine keeps in memory.
