@@ -22,9 +22,10 @@
 //! skip redb's full integrity check when the file is untouched since; every other open
 //! checks every page before anything is served.
 //!
-//! The root key never enters this file: versions hold only wrapped material, and the meta
-//! table holds a fingerprint of the root key so that a store is never opened with the
-//! wrong one.
+//! The root key never enters this file: versions hold only wrapped material, under a key
+//! derived from the root key and the key's slot secret, which lives beside the file
+//! ([`key_slots`]) so that a purge can destroy it in place; the meta table holds a
+//! fingerprint of the root key so that a store is never opened with the wrong one.
 
 pub mod backup;
 pub mod clean_stop;
@@ -64,11 +65,6 @@ const CACHE_BYTES: usize = 16 << 20;
 /// ([`Store::upgrade_wraps`]).
 pub const SCHEMA_VERSION: u64 = 3;
 
-/// The first schema whose wrapped material is bound to its key's type.
-pub const TYPED_WRAPS_SCHEMA: u64 = 2;
-
-/// The first schema whose `basic` keys have slots ([`key_slots`]).
-pub const KEY_SLOTS_SCHEMA: u64 = 3;
 
 /// meta: small named values (schema version, root-key fingerprint, history sequence).
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
