@@ -461,16 +461,9 @@ impl Engine {
         model::validate_rotation_days(days).map_err(invalid)?;
         self.check_protection(spec)?;
 
-        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
-        if self.ring().by_name.contains_key(&spec.name) {
-            return Err(EngineError::AlreadyExists(format!(
-                "a key named {:?} already exists",
-                spec.name
-            )));
-        }
-        let now = self.now();
         let tag = crypto::random_tag()?;
-        // Written and synced before the commit that refers to it (`store::key_slots`).
+        // Written and synced before the commit that refers to it (`store::key_slots`), and
+        // before the lifecycle lock: creates made at once write their slots together.
         let slot = match spec.protection {
             Protection::Basic => Some(
                 self.slots
@@ -480,6 +473,17 @@ impl Engine {
             ),
             _ => None,
         };
+        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ring().by_name.contains_key(&spec.name) {
+            if let Some(slot) = slot {
+                self.wipe_slot(slot, &spec.name);
+            }
+            return Err(EngineError::AlreadyExists(format!(
+                "a key named {:?} already exists",
+                spec.name
+            )));
+        }
+        let now = self.now();
         let rec = KeyRecord {
             tag,
             name: spec.name.clone(),

@@ -410,39 +410,45 @@ impl KeySlots {
     /// certainly failed, it gives them back with [`KeySlots::wipe`] (if it may have landed,
     /// it keeps them: the next open wipes any no key refers to).
     pub fn allocate(&self, tags: &[&str]) -> Result<Vec<(u64, SlotSecret)>, SlotError> {
-        let mut state = self.lock();
-        if state.free.len() < tags.len() {
-            let needed = (tags.len() - state.free.len()) as u64;
-            let capacity = (state.capacity + needed).div_ceil(SLOTS_PER_PAGE) * SLOTS_PER_PAGE;
-            if capacity > MAX_SLOTS {
-                return Err(SlotError::Full { max: MAX_SLOTS });
+        let (writes, out) = {
+            let mut state = self.lock();
+            if state.free.len() < tags.len() {
+                let needed = (tags.len() - state.free.len()) as u64;
+                let capacity = (state.capacity + needed).div_ceil(SLOTS_PER_PAGE) * SLOTS_PER_PAGE;
+                if capacity > MAX_SLOTS {
+                    return Err(SlotError::Full { max: MAX_SLOTS });
+                }
+                // The new pages read as zeros: free slots. Synced with the first write to
+                // them.
+                self.file
+                    .set_len(file_len_for(capacity))
+                    .map_err(|e| self.io_err(e))?;
+                let old = state.capacity;
+                state.free.extend(old..capacity);
+                state.capacity = capacity;
             }
-            // The new pages read as zeros: free slots. Synced with the first write to them.
-            self.file
-                .set_len(file_len_for(capacity))
-                .map_err(|e| self.io_err(e))?;
-            let old = state.capacity;
-            state.free.extend(old..capacity);
-            state.capacity = capacity;
-        }
-        let mut out = Vec::with_capacity(tags.len());
-        let mut writes = Vec::with_capacity(tags.len());
-        for tag in tags {
-            let Some(index) = state.free.pop_first() else {
-                break;
-            };
-            let mut secret: SlotSecret = Zeroizing::new([0u8; SECRET_LEN]);
-            if getrandom::fill(secret.as_mut_slice()).is_err() {
-                // Nothing written yet for this one: it stays free, as do the others.
-                state.free.insert(index);
-                state.free.extend(out.iter().map(|(i, _)| *i));
-                return Err(SlotError::Rng);
+            let mut out: Vec<(u64, SlotSecret)> = Vec::with_capacity(tags.len());
+            let mut writes = Vec::with_capacity(tags.len());
+            for tag in tags {
+                let Some(index) = state.free.pop_first() else {
+                    break;
+                };
+                let mut secret: SlotSecret = Zeroizing::new([0u8; SECRET_LEN]);
+                if getrandom::fill(secret.as_mut_slice()).is_err() {
+                    // Nothing written yet: every slot taken here is free again.
+                    state.free.insert(index);
+                    state.free.extend(out.iter().map(|(i, _)| *i));
+                    return Err(SlotError::Rng);
+                }
+                writes.push((index, encode(index, tag, &secret)));
+                out.push((index, secret));
             }
-            writes.push((index, encode(index, tag, &secret)));
-            out.push((index, secret));
-        }
-        // A failed write leaves these slots out of the free set, whatever part of them
-        // reached the disk: the next open wipes them.
+            (writes, out)
+        };
+        // Written without the lock: these slots are no one else's (out of the free set, and
+        // referred to by no key yet, so no backup needs them), and creates running at once
+        // share their syncs instead of queueing for them. A failed write leaves them out of
+        // the free set, whatever part of them reached the disk: the next open wipes them.
         self.write_both(&writes)?;
         Ok(out)
     }

@@ -65,7 +65,6 @@ const CACHE_BYTES: usize = 16 << 20;
 /// ([`Store::upgrade_wraps`]).
 pub const SCHEMA_VERSION: u64 = 3;
 
-
 /// meta: small named values (schema version, root-key fingerprint, history sequence).
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// keys: tag → KeyRecord.
