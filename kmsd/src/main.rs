@@ -149,6 +149,13 @@ fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
             done.budgets_spent
         );
     }
+    if let Some(slots) = &done.orphan_slots {
+        println!(
+            "a key slot file without a store was there; it is kept as {} (the store it \
+             belongs to opens only with it)",
+            slots.display()
+        );
+    }
     if let Some(previous) = done.previous {
         println!("the replaced store is kept as {}", previous.display());
     }

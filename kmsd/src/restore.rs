@@ -40,6 +40,8 @@ pub struct Restored {
     pub store: PathBuf,
     /// Where the store that was replaced now is.
     pub previous: Option<PathBuf>,
+    /// A key slot file found without a store (the store moved away by hand), kept here.
+    pub orphan_slots: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +98,10 @@ pub enum RestoreError {
     /// slot file could not be put back: the old store is in place without its slots.
     #[error(
         "the restore failed ({source}), and the old store's key slots could not be put back: \
-         move {} to {} before starting kmsd (its keys open with nothing else)",
-        .aside.display(), .slots.display()
+         {remedy} before starting kmsd (the old store's keys open with its own slots only)"
     )]
     SlotsDisplaced {
-        slots: PathBuf,
-        aside: PathBuf,
+        remedy: String,
         source: std::io::Error,
     },
 }
@@ -201,6 +201,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         linked.push(to.clone());
     }
     let slots_aside = linked.contains(&aside_slots);
+    // The names set aside are durable before anything is renamed over the originals.
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        for to in &linked {
+            let _ = std::fs::remove_file(to);
+        }
+        remove_staged();
+        return Err(io_err(dir)(e));
+    }
     // The slots first, then the store: a crash between the two leaves the old store with
     // slots that are not its own, which kmsd refuses to start on (it changes nothing), and
     // a second restore mends. The store first would leave the same with the roles swapped.
@@ -219,20 +227,25 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         } else {
             std::fs::remove_file(&slots)
         };
-        if back.is_err() {
-            return Err(RestoreError::SlotsDisplaced {
-                slots: slots.clone(),
-                aside: aside_slots.clone(),
-                source: e,
-            });
-        }
+        // The other names set aside are second names of files still in place.
         for to in linked.iter().filter(|to| **to != aside_slots) {
             let _ = std::fs::remove_file(to);
         }
         remove_staged();
+        if back.is_err() {
+            return Err(RestoreError::SlotsDisplaced {
+                remedy: if slots_aside {
+                    format!("move {} to {}", aside_slots.display(), slots.display())
+                } else {
+                    format!("remove {} (the old store had none)", slots.display())
+                },
+                source: e,
+            });
+        }
         return Err(io_err(&store)(e));
     }
     let previous = exists.then_some(aside);
+    let orphan_slots = (!exists && slots_aside).then_some(aside_slots);
     // The old journal's name goes (its content stays under the old store's new name): the
     // restored store must not take over that file. A backup carries no journal
     // generation, so it would ignore the records, but it would write over them.
@@ -269,6 +282,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
         budgets_spent,
         store,
         previous,
+        orphan_slots,
     })
 }
 

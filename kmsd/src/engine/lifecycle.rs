@@ -473,8 +473,9 @@ impl Engine {
             ),
             _ => None,
         };
-        let _serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         if self.ring().by_name.contains_key(&spec.name) {
+            drop(serial);
             if let Some(slot) = slot {
                 self.wipe_slot(slot, &spec.name);
             }

@@ -146,18 +146,10 @@ impl Store {
         let db = self.db.get()?;
         let src = db.begin_read()?;
         let mut sealed = Vec::new();
-        for row in redb::ReadableTable::iter(&src.open_table(KEYS)?)? {
-            let (_, v) = row?;
-            let rec: super::records::KeyRecord =
-                super::records::decode(v.value()).map_err(|e| StoreError::Corrupt {
-                    table: "keys",
-                    message: e.to_string(),
-                })?;
-            if let Some(slot) = rec.slot {
-                let secret = slots.read(slot, &rec.tag)?;
-                let wrapped = seal(&rec.tag, &secret).map_err(StoreError::Db)?;
-                sealed.push((rec.tag, wrapped));
-            }
+        for (tag, slot) in keys_with_slots(&src)? {
+            let secret = slots.read(slot, &tag)?;
+            let wrapped = seal(&tag, &secret).map_err(StoreError::Db)?;
+            sealed.push((tag, wrapped));
         }
         drop(pause);
         let unknown: Vec<String> = src
@@ -196,6 +188,23 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// The keys of `view` that have a slot: (tag, slot).
+fn keys_with_slots(view: &ReadTransaction) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for row in redb::ReadableTable::iter(&view.open_table(KEYS)?)? {
+        let (_, v) = row?;
+        let rec: super::records::KeyRecord =
+            super::records::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "keys",
+                message: e.to_string(),
+            })?;
+        if let Some(slot) = rec.slot {
+            out.push((rec.tag, slot));
+        }
+    }
+    Ok(out)
 }
 
 /// A snapshot of a store none of whose keys has a slot (unit tests of stores written
@@ -257,18 +266,8 @@ pub fn rebuild_without_slot_secrets(
         .open(src)
         .map_err(|e| open_err(src, &e))?;
     let view = from.begin_read()?;
-    let mut slots = std::collections::HashMap::new();
-    for row in redb::ReadableTable::iter(&view.open_table(KEYS)?)? {
-        let (_, v) = row?;
-        let rec: super::records::KeyRecord =
-            super::records::decode(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "keys",
-                message: e.to_string(),
-            })?;
-        if let Some(slot) = rec.slot {
-            slots.insert(rec.tag, slot);
-        }
-    }
+    let mut slots: std::collections::HashMap<String, u64> =
+        keys_with_slots(&view)?.into_iter().collect();
     let mut secrets = Vec::new();
     match view.open_table(SLOT_SECRETS) {
         Ok(table) => {

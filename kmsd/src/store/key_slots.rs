@@ -171,6 +171,10 @@ pub struct KeySlots {
     file: File,
     /// Allocation and wiping; held by [`KeySlots::pause_wipes`].
     state: Mutex<State>,
+    /// Held for every write ([`KeySlots::write_both`]): two writers at once could each be
+    /// writing one page of the same pair, and a torn write would then garble both copies
+    /// of a neighbour. Taken after `state` when both are held, never the other way round.
+    io: Mutex<()>,
 }
 
 /// While held, no slot is wiped or allocated: a backup reads the slots of the keys its
@@ -297,6 +301,7 @@ impl KeySlots {
                 free: BTreeSet::new(),
                 unwiped: BTreeSet::new(),
             }),
+            io: Mutex::new(()),
         };
         let sweep = slots.sweep(referenced)?;
         Ok((slots, sweep))
@@ -373,6 +378,7 @@ impl KeySlots {
                 index,
             });
         }
+        let io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         for copy in 0..2 {
             let mine: Vec<_> = repairs.iter().filter(|(_, c, _)| *c == copy).collect();
             for (index, _, raw) in &mine {
@@ -384,6 +390,7 @@ impl KeySlots {
                 self.file.sync_data().map_err(|e| self.io_err(e))?;
             }
         }
+        drop(io);
         self.write_both(&writes)?;
         state.free = free;
         Ok(sweep)
@@ -394,6 +401,7 @@ impl KeySlots {
         if slots.is_empty() {
             return Ok(());
         }
+        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         for copy in 0..2 {
             for (index, raw) in slots {
                 self.file
@@ -445,10 +453,11 @@ impl KeySlots {
             }
             (writes, out)
         };
-        // Written without the lock: these slots are no one else's (out of the free set, and
-        // referred to by no key yet, so no backup needs them), and creates running at once
-        // share their syncs instead of queueing for them. A failed write leaves them out of
-        // the free set, whatever part of them reached the disk: the next open wipes them.
+        // Written without the state's lock (under the write lock only): these slots are no
+        // one else's (out of the free set, and referred to by no key yet, so no backup
+        // needs them), and a backup's pause does not hold up creates. A failed write
+        // leaves them out of the free set, whatever part of them reached the disk: the
+        // next open wipes them.
         self.write_both(&writes)?;
         Ok(out)
     }
@@ -534,6 +543,7 @@ impl KeySlots {
                 free: BTreeSet::new(),
                 unwiped: BTreeSet::new(),
             }),
+            io: Mutex::new(()),
         };
         let writes: Vec<_> = slots
             .iter()
