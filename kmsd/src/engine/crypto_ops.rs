@@ -15,6 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zeroize::Zeroizing;
 
+/// How many times one encryption may find its version's budget spent and rotate (or wait
+/// for another call's rotation) before it is refused as `invalid-state`.
+const FORCED_ROTATIONS_PER_CALL: usize = 4;
+
 /// AAD of data ciphertexts: binds the key tag, the version and the context, so a changed
 /// prefix, another key or another context fails authentication.
 fn data_aad(tag: &str, version: u32, context: &[u8]) -> Vec<u8> {
@@ -419,8 +423,12 @@ impl Engine {
             )));
         }
         let mut entry = entry.clone();
-        // At most one forced rotation per call: after it the new version has a fresh budget.
-        for _ in 0..2 {
+        // A bounded number of forced rotations per call. After a rotation the new version
+        // has a fresh budget, but the calls that waited on the same rotation (each blocked
+        // on the key's lock, on a thread of its own) may spend it before this one runs
+        // again; each pass needs a whole budget spent by others, so with any real budget
+        // the first pass is the last.
+        for _ in 0..=FORCED_ROTATIONS_PER_CALL {
             let v = self.current_of(&entry)?.clone();
             check_version_enabled(&entry, v.version, v.record.enabled)?;
             let material = self.material(&entry, &v)?;
@@ -458,10 +466,10 @@ impl Engine {
             };
             return Ok((v.version, ciphertext::format(v.version, &body)));
         }
-        Err(EngineError::InvalidState(
-            "the key was rotated for its encryption budget but the new version is not usable"
-                .into(),
-        ))
+        Err(EngineError::InvalidState(format!(
+            "the key was rotated {FORCED_ROTATIONS_PER_CALL} times for its encryption budget \
+             during this call and its current version is spent again"
+        )))
     }
 
     /// Decrypts with the version named in the ciphertext.
