@@ -122,6 +122,15 @@ pub fn root_key_available(data_dir: &Path, credentials_dir: Option<&Path>) -> bo
 
 /// Restores `opts.file` into `opts.data_dir` (see the module docs).
 pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    restore_renaming(opts, &|from, to| std::fs::rename(from, to))
+}
+
+/// [`restore`], with the renames that put the staged files in place done by `rename`:
+/// tests make one of them fail to check what is undone.
+fn restore_renaming(
+    opts: &RestoreOptions,
+    rename: &dyn Fn(&Path, &Path) -> std::io::Result<()>,
+) -> Result<Restored, RestoreError> {
     let dir = &opts.data_dir;
     // The daemon's own lock: held for the whole restore, so no kmsd can start meanwhile.
     let _lock = server::lock_data_dir(dir).map_err(|e| match e {
@@ -212,18 +221,18 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     // The slots first, then the store: a crash between the two leaves the old store with
     // slots that are not its own, which kmsd refuses to start on (it changes nothing), and
     // a second restore mends. The store first would leave the same with the roles swapped.
-    if let Err(e) = std::fs::rename(&staged_slots, &slots) {
+    if let Err(e) = rename(&staged_slots, &slots) {
         for to in &linked {
             let _ = std::fs::remove_file(to);
         }
         remove_staged();
         return Err(io_err(&slots)(e));
     }
-    if let Err(e) = std::fs::rename(&staged, &store) {
+    if let Err(e) = rename(&staged, &store) {
         // The old slot file's only name is now the one aside: it goes back in place
         // before anything else is undone.
         let back = if slots_aside {
-            std::fs::rename(&aside_slots, &slots)
+            rename(&aside_slots, &slots)
         } else {
             std::fs::remove_file(&slots)
         };
@@ -552,6 +561,113 @@ mod tests {
         assert!(restore(&opts(dir.path(), &src, true)).is_err());
         let lock = std::fs::metadata(src.join("kmsd.lock")).unwrap();
         assert_eq!((lock.uid(), lock.gid()), (65534, 65534));
+    }
+
+    /// A data directory a daemon has run on (store, journal, slots), and the names in it.
+    fn used_dir(dir: &Path, src: &Path) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+        let data = dir.join("used");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::copy(src.join("root.key"), data.join("root.key")).unwrap();
+        let r = restore(&opts(dir, &data, false)).unwrap();
+        let fp = RootKey::load_or_create(&data, None)
+            .unwrap()
+            .0
+            .fingerprint();
+        drop(Store::open(&r.store, &fp).unwrap());
+        std::fs::write(key_slots::path_for(&r.store), b"the old store's slots").unwrap();
+        (data.clone(), contents(&data))
+    }
+
+    /// Every file of `dir` but the lock, by name, with its bytes.
+    fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut all: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name() != "kmsd.lock")
+            .map(|e| {
+                let name = e.file_name().into_string().unwrap();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// A rename that fails for the files whose new name ends in `failing` (the rest are
+    /// done).
+    fn failing_rename(
+        failing: &'static [&'static str],
+    ) -> impl Fn(&Path, &Path) -> std::io::Result<()> {
+        move |from, to| {
+            let name = to.file_name().unwrap().to_str().unwrap();
+            if failing.contains(&name) {
+                return Err(std::io::Error::other(format!("injected: {name}")));
+            }
+            std::fs::rename(from, to)
+        }
+    }
+
+    /// The store's rename failing after the slots' leaves the directory as it was: the old
+    /// slot file back under its name, the names set aside and the staged files gone.
+    #[test]
+    fn a_failed_store_rename_puts_the_old_slots_back() {
+        let (dir, src, _) = setup();
+        let (data, before) = used_dir(dir.path(), &src);
+        assert!(
+            before.iter().any(|(n, _)| n == "kms.redb.journal"),
+            "{before:?}"
+        );
+        let err = restore_renaming(
+            &opts(dir.path(), &data, true),
+            &failing_rename(&["kms.redb"]),
+        )
+        .unwrap_err();
+        assert!(matches!(err, RestoreError::Io { .. }), "{err}");
+        assert!(err.to_string().contains("injected: kms.redb"), "{err}");
+        assert_eq!(contents(&data), before);
+
+        // The slots' own rename failing changes nothing either.
+        let err = restore_renaming(
+            &opts(dir.path(), &data, true),
+            &failing_rename(&["kms.redb.keyslots"]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(contents(&data), before);
+    }
+
+    /// When the old slot file cannot be put back either, the error says where it is and
+    /// what to do; its bytes are there, under the name set aside.
+    #[test]
+    fn slots_that_cannot_be_put_back_are_named_in_the_error() {
+        let (dir, src, _) = setup();
+        let (data, _) = used_dir(dir.path(), &src);
+        let err = restore_renaming(&opts(dir.path(), &data, true), &|from: &Path, to: &Path| {
+            let from_name = from.file_name().unwrap().to_str().unwrap();
+            if to.ends_with("kms.redb") || from_name.starts_with("kms.redb.before-restore-") {
+                return Err(std::io::Error::other("injected"));
+            }
+            std::fs::rename(from, to)
+        })
+        .unwrap_err();
+        let RestoreError::SlotsDisplaced { remedy, .. } = &err else {
+            panic!("{err}");
+        };
+        let aside = remedy
+            .strip_prefix("move ")
+            .and_then(|r| r.split(" to ").next())
+            .unwrap();
+        assert_eq!(std::fs::read(aside).unwrap(), b"the old store's slots");
+        assert!(err.to_string().contains(aside), "{err}");
+        // The store itself is still the old one, and no staged file is left.
+        let names: Vec<_> = contents(&data).into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n == "kms.redb"), "{names:?}");
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("restore-tmp") || n.contains("restore-check")),
+            "{names:?}"
+        );
     }
 
     /// A held data-directory lock (a running kmsd) refuses the restore.

@@ -1300,9 +1300,14 @@ fn open_slots(
         .iter()
         .filter_map(|k| k.slot.map(|s| (s, k.tag.clone())))
         .collect();
-    KeySlots::open(&key_slots::path_for(&dir.join("kms.redb")), &referenced)
-        .unwrap()
-        .0
+    let known: Vec<&str> = keys.iter().map(|k| k.tag.as_str()).collect();
+    KeySlots::open(
+        &key_slots::path_for(&dir.join("kms.redb")),
+        &referenced,
+        &known,
+    )
+    .unwrap()
+    .0
 }
 
 /// Whether any 32 bytes of the files in `dir`, taken as a slot secret, open `wrapped`
@@ -1364,6 +1369,41 @@ fn a_purged_keys_material_cannot_be_recovered_from_the_data_directory() {
     fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
     assert_eq!(fx.dec("kept", &ct).unwrap(), b"still here");
     assert!(!opens_from_any_file(&dir, &root, &tag, &aad, &wrapped));
+}
+
+/// kmsd started once while the store was away (moved aside by hand, or back from an older
+/// copy) makes a new store beside the same slot file: that start must not wipe the slots
+/// of the keys it does not know. They were wiped, and the real store, put back, was
+/// refused for good (`Lost`): its keys destroyed.
+#[test]
+fn a_start_without_the_store_wipes_none_of_its_key_slots() {
+    let mut fx = Fx::new();
+    fx.create("precious", KeyType::Aes256);
+    let ct = fx.enc("precious", b"keep me").unwrap();
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+    // Moved by hand after a clean stop (its journal holds nothing not in it).
+    let store = dir.join("kms.redb");
+    let away = fx.dir.path().join("kms.redb.away");
+    std::fs::rename(&store, &away).unwrap();
+
+    // A start on a new, empty store: it serves, and its own keys work.
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    fx.create("stopgap", KeyType::Aes256);
+    assert_eq!(
+        fx.dec("stopgap", &fx.enc("stopgap", b"x").unwrap())
+            .unwrap(),
+        b"x"
+    );
+    fx.engine.take().unwrap().close().close();
+
+    // The real store back: its key opens, and the stopgap's slot is kept in turn.
+    std::fs::rename(&away, &store).unwrap();
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    assert_eq!(fx.dec("precious", &ct).unwrap(), b"keep me");
+    fx.e().request_deletion(&fx.me, "precious").unwrap();
+    fx.e().delete_now(&fx.me, "precious").unwrap();
+    assert_eq!(kind(fx.dec("precious", &ct)), ErrorKind::NotFound);
 }
 
 /// History older than the retention period is pruned; newer entries stay.
@@ -1795,8 +1835,13 @@ fn back_to_schema(dir: &Path, root: &RootKey, schema: u64) -> usize {
                 .iter()
                 .filter_map(|k| k.slot.map(|s| (s, k.tag.clone())))
                 .collect();
-            let (slots, _) =
-                KeySlots::open(&key_slots::path_for(&dir.join("kms.redb")), &referenced).unwrap();
+            let known: Vec<&str> = keys.iter().map(|k| k.tag.as_str()).collect();
+            let (slots, _) = KeySlots::open(
+                &key_slots::path_for(&dir.join("kms.redb")),
+                &referenced,
+                &known,
+            )
+            .unwrap();
             let mut versions = tx.open_table(VERSIONS).unwrap();
             for key in &keys {
                 let mut stored: Vec<(u32, VersionRecord)> = Vec::new();

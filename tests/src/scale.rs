@@ -40,6 +40,7 @@ pub fn populate(data_dir: &Path, keys: usize, versions: u32, schema: u64) -> any
             KeySlots::open(
                 &key_slots::path_for(store.path()),
                 &std::collections::HashMap::new(),
+                &[],
             )?
             .0,
         ),

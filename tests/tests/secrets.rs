@@ -481,7 +481,8 @@ fn stored_material(
         .iter()
         .filter_map(|k| k.slot.map(|s| (s, k.tag.clone())))
         .collect();
-    let (slots, _) = KeySlots::open(&key_slots::path_for(&path), &referenced).unwrap();
+    let known: Vec<&str> = keys.iter().map(|k| k.tag.as_str()).collect();
+    let (slots, _) = KeySlots::open(&key_slots::path_for(&path), &referenced, &known).unwrap();
     let mut out = Vec::new();
     for key in keys {
         let slot_secret = slots.read(key.slot.unwrap(), &key.tag).unwrap();

@@ -26,7 +26,7 @@ pub use lifecycle::{wrap_aad, wrap_aad_schema1};
 
 use crate::clock::Clock;
 use crate::crypto::RootKey;
-use crate::store::key_slots::{self, KeySlots, SlotSweep};
+use crate::store::key_slots::{self, KeySlots};
 use crate::store::records::{DueKind, HistoryRecord};
 use crate::store::{HistoryFilter, Mutation, ScanEnd, Store, StoreError, Ticket, Writer};
 use keyring::Keyring;
@@ -294,7 +294,8 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let mut snapshot = store.load()?;
         // The slot file agrees with the keys before anything else: a slot no key refers
-        // to (a purge or a create that a crash cut short) is wiped here.
+        // to (a purge or a create that a crash cut short) is wiped here, if it is one of
+        // this store's keys (see `KeySlots::open`).
         let referenced = key_slots::referenced(
             snapshot
                 .keys
@@ -302,13 +303,23 @@ impl Engine {
                 .filter_map(|k| k.slot.map(|slot| (slot, k.tag.clone()))),
         )
         .map_err(StoreError::from)?;
-        let (slots, sweep) = KeySlots::open(&key_slots::path_for(store.path()), &referenced)
-            .map_err(StoreError::from)?;
-        if sweep != SlotSweep::default() {
+        let known: Vec<&str> = snapshot.keys.iter().map(|k| k.tag.as_str()).collect();
+        let (slots, sweep) =
+            KeySlots::open(&key_slots::path_for(store.path()), &referenced, &known)
+                .map_err(StoreError::from)?;
+        drop(known);
+        if sweep.wiped > 0 || sweep.repaired > 0 {
             tracing::info!(
                 wiped = sweep.wiped,
                 repaired = sweep.repaired,
                 "key slot file brought in line with the keys"
+            );
+        }
+        if sweep.kept > 0 {
+            tracing::warn!(
+                slots = sweep.kept,
+                "the key slot file holds secrets of keys this store does not know (another \
+                 copy of this store, or creates a crash cut short): kept, not wiped"
             );
         }
         // A wrap that fails here fails the open (`StoreError::Upgrade`) with the store

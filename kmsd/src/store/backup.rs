@@ -212,7 +212,7 @@ fn keys_with_slots(view: &ReadTransaction) -> Result<Vec<(String, u64)>, StoreEr
 #[cfg(test)]
 pub(crate) fn snapshot_without_slots(store: &Store, path: &Path) -> Result<u64, StoreError> {
     let dir = tempfile::tempdir().map_err(StoreError::db)?;
-    let (slots, _) = KeySlots::open(&dir.path().join("slots"), &Default::default())?;
+    let (slots, _) = KeySlots::open(&dir.path().join("slots"), &Default::default(), &[])?;
     store.snapshot_to(path, &slots, &|_, _| Err("no key has a slot here".into()))
 }
 

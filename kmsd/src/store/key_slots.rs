@@ -41,10 +41,15 @@
 //!
 //! A slot is written and synced before the commit that makes a key refer to it, and wiped
 //! after the commit that lets go of it (a purge). A crash between the two leaves a slot
-//! no key refers to: opening wipes every such slot ([`KeySlots::open`]), so nothing outlives
-//! a crash either.
+//! no key refers to: opening wipes every such slot whose owner is a key the store knows
+//! (live or purged; [`KeySlots::open`]), so nothing outlives a crash either. A slot of a
+//! key the store does not know is kept: the slot file may also serve another copy of the
+//! store (one moved away while kmsd started on a new one, or the newer file when an older
+//! copy was put back by hand), and wiping it would destroy that copy's keys for good. The
+//! price: a create whose commit a crash cut short keeps its slot (64 bytes of a key that
+//! never existed; nothing was ever encrypted under it).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -153,6 +158,8 @@ pub struct SlotSweep {
     pub wiped: u64,
     /// Copies found damaged and rewritten from the other copy.
     pub repaired: u64,
+    /// Slots no key refers to holding the secret of a key the store does not know: kept.
+    pub kept: u64,
 }
 
 struct State {
@@ -248,14 +255,18 @@ fn file_len_for(capacity: u64) -> u64 {
 
 impl KeySlots {
     /// Opens (or creates) the slot file of a store whose keys refer to the slots in
-    /// `referenced` (slot → key tag), and makes it agree with them: a copy found damaged
-    /// is rewritten from the other, and every slot no key refers to is wiped (a purge that
-    /// crashed before its wipe, a create that crashed before its commit). Refuses, changing
-    /// nothing, when a referenced slot holds no secret of its key, or when the file is
-    /// missing and `referenced` is not empty: creating an empty one would lose those keys.
+    /// `referenced` (slot → key tag) and whose keys, live and purged, have the tags
+    /// `known`, and makes it agree with them: a copy found damaged is rewritten from the
+    /// other, and every slot no key refers to is wiped if it holds the secret of a key in
+    /// `known` (a purge that crashed before its wipe, a create that crashed before its
+    /// commit) or no secret at all (both copies damaged); one of a key not in `known` is
+    /// kept (see the module's doc). Refuses, changing nothing, when a referenced slot
+    /// holds no secret of its key, or when the file is missing and `referenced` is not
+    /// empty: creating an empty one would lose those keys.
     pub fn open(
         path: &Path,
         referenced: &HashMap<u64, String>,
+        known: &[&str],
     ) -> Result<(KeySlots, SlotSweep), SlotError> {
         if let Some(&index) = referenced.keys().find(|i| **i >= MAX_SLOTS) {
             return Err(SlotError::BadSlot {
@@ -303,7 +314,7 @@ impl KeySlots {
             }),
             io: Mutex::new(()),
         };
-        let sweep = slots.sweep(referenced)?;
+        let sweep = slots.sweep(referenced, known)?;
         Ok((slots, sweep))
     }
 
@@ -318,7 +329,11 @@ impl KeySlots {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sweep(&self, referenced: &HashMap<u64, String>) -> Result<SlotSweep, SlotError> {
+    fn sweep(
+        &self,
+        referenced: &HashMap<u64, String>,
+        known: &[&str],
+    ) -> Result<SlotSweep, SlotError> {
         let mut state = self.lock();
         let capacity = state.capacity;
         let mut lost: Vec<(u64, &str)> = referenced
@@ -332,6 +347,7 @@ impl KeySlots {
         let mut writes: Vec<(u64, Zeroizing<[u8; SLOT_LEN]>)> = Vec::new();
         let mut sweep = SlotSweep::default();
         let mut free = BTreeSet::new();
+        let mut unreferenced: Vec<(u64, [Option<[u8; 16]>; 2])> = Vec::new();
         // One page pair at a time: the whole file of 100,000 keys is 12.5 MiB.
         let mut pair = Zeroizing::new(vec![0u8; 2 * PAGE as usize]);
         for first in (0..capacity).step_by(SLOTS_PER_PAGE as usize) {
@@ -360,13 +376,31 @@ impl KeySlots {
                         repairs.push((index, damaged, raw));
                         sweep.repaired += 1;
                     }
-                    None => {
-                        if a != FREE || b != FREE {
-                            writes.push((index, Zeroizing::new(FREE)));
-                            sweep.wiped += 1;
-                        }
+                    None if a == FREE && b == FREE => {
                         free.insert(index);
                     }
+                    None => {
+                        let owner = |c: &[u8]| match decode(index, c) {
+                            SlotCopy::Held { owner } => Some(owner),
+                            SlotCopy::Free | SlotCopy::Damaged => None,
+                        };
+                        unreferenced.push((index, [owner(a), owner(b)]));
+                    }
+                }
+            }
+        }
+        // Whose secrets the slots no key refers to hold: hashed only when there are any
+        // (a tag's owner is a hash, and a store may know 100,000 tags).
+        if !unreferenced.is_empty() {
+            let known: HashSet<[u8; 16]> = known.iter().map(|t| owner_of(t)).collect();
+            for (index, owners) in unreferenced {
+                let held = owners.iter().flatten().collect::<Vec<_>>();
+                if held.is_empty() || held.iter().any(|o| known.contains(*o)) {
+                    writes.push((index, Zeroizing::new(FREE)));
+                    sweep.wiped += 1;
+                    free.insert(index);
+                } else {
+                    sweep.kept += 1;
                 }
             }
         }
@@ -603,7 +637,7 @@ mod tests {
     fn allocate_read_wipe_and_reuse() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kms.redb.keyslots");
-        let (slots, sweep) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        let (slots, sweep) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
         assert_eq!(sweep, SlotSweep::default());
         let tags: Vec<String> = (0..70).map(|i| format!("tag{i}")).collect();
         let refs_: Vec<&str> = tags.iter().map(String::as_str).collect();
@@ -637,25 +671,55 @@ mod tests {
     fn open_wipes_unreferenced_slots_and_keeps_referenced_ones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (slots, _) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
         let got = slots.allocate(&["a", "b", "c"]).unwrap();
         drop(slots);
-        // Only "b" was committed: "a" and "c" are a crash's leftovers.
-        let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[1].0, "b")])).unwrap();
-        assert_eq!(sweep.wiped, 2);
+        // Only "b" refers to its slot; "a" is a key the store knows (purged, or a create
+        // cut short), "c" one it does not (a key of another copy of the store).
+        let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[1].0, "b")]), &["a", "b"]).unwrap();
+        assert_eq!((sweep.wiped, sweep.kept), (1, 1));
         assert_eq!(*slots.read(got[1].0, "b").unwrap(), *got[1].1);
         let bytes = std::fs::read(&path).unwrap();
-        for (_, secret) in [&got[0], &got[2]] {
-            assert!(!bytes.windows(SECRET_LEN).any(|w| w == secret.as_slice()));
-        }
-        assert_eq!(slots.free_slots(), 63);
+        let in_file =
+            |secret: &SlotSecret| bytes.windows(SECRET_LEN).any(|w| w == secret.as_slice());
+        assert!(!in_file(&got[0].1), "the known key's slot was not wiped");
+        assert!(in_file(&got[2].1), "the unknown key's slot was wiped");
+        // The kept slot is not handed out again.
+        assert_eq!(slots.free_slots(), 62);
+        drop(slots);
+        // The copy of the store it belongs to opens with it (and keeps "b"'s in turn).
+        let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[2].0, "c")]), &["c"]).unwrap();
+        assert_eq!((sweep.wiped, sweep.kept), (0, 1));
+        assert_eq!(*slots.read(got[2].0, "c").unwrap(), *got[2].1);
+    }
+
+    /// A slot no copy of which holds a secret (both damaged, or one damaged and one free:
+    /// an allocation torn by a power cut) is wiped whoever referred to it.
+    #[test]
+    fn an_unreferenced_slot_with_no_good_copy_is_wiped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
+        let got = slots.allocate(&["a", "b"]).unwrap();
+        drop(slots);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[7; SLOT_LEN], offset(got[0].0, 0))
+            .unwrap();
+        file.write_all_at(&[8; SLOT_LEN], offset(got[0].0, 1))
+            .unwrap();
+        file.write_all_at(&[9; SLOT_LEN], offset(got[1].0, 0))
+            .unwrap();
+        file.write_all_at(&FREE, offset(got[1].0, 1)).unwrap();
+        let (slots, sweep) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
+        assert_eq!((sweep.wiped, sweep.kept), (2, 0));
+        assert_eq!(slots.free_slots(), 64);
     }
 
     #[test]
     fn a_torn_page_is_repaired_from_the_other_copy() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (slots, _) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
         let got = slots.allocate(&["a", "b"]).unwrap();
         drop(slots);
         // Garble copy A's whole page (a torn write of a neighbour), then copy B of "b".
@@ -667,11 +731,11 @@ mod tests {
         let referenced = refs(&[(got[0].0, "a"), (got[1].0, "b")]);
         // "b" has no good copy left: refused, and nothing is changed.
         let before = std::fs::read(&path).unwrap();
-        let err = KeySlots::open(&path, &referenced).err().unwrap();
+        let err = KeySlots::open(&path, &referenced, &[]).err().unwrap();
         assert!(matches!(err, SlotError::Lost { count: 1, .. }), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
         // Without "b": "a" is repaired from copy B, the rest of the page wiped to zeros.
-        let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[0].0, "a")])).unwrap();
+        let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[0].0, "a")]), &[]).unwrap();
         assert_eq!(sweep.repaired, 1);
         assert_eq!(*slots.read(got[0].0, "a").unwrap(), *got[0].1);
         let mut a = [0u8; SLOT_LEN];
@@ -691,11 +755,13 @@ mod tests {
     fn a_missing_or_foreign_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let err = KeySlots::open(&path, &refs(&[(0, "a")])).err().unwrap();
+        let err = KeySlots::open(&path, &refs(&[(0, "a")]), &[])
+            .err()
+            .unwrap();
         assert!(matches!(err, SlotError::Missing { keys: 1, .. }), "{err}");
         assert!(!path.exists());
         std::fs::write(&path, vec![7u8; 3 * PAGE as usize]).unwrap();
-        let err = KeySlots::open(&path, &HashMap::new()).err().unwrap();
+        let err = KeySlots::open(&path, &HashMap::new(), &[]).err().unwrap();
         assert!(matches!(err, SlotError::NotSlotFile { .. }), "{err}");
     }
 
@@ -720,7 +786,7 @@ mod tests {
         let secret: SlotSecret = Zeroizing::new([9u8; SECRET_LEN]);
         assert!(KeySlots::write_new(&path, &[(u64::MAX, "x".into(), secret)]).is_err());
         assert!(!path.exists());
-        let (slots, _) = KeySlots::open(&path, &HashMap::new()).unwrap();
+        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
         assert!(matches!(
             slots.read(u64::MAX, "x"),
             Err(SlotError::BadSlot { .. })
@@ -733,7 +799,7 @@ mod tests {
         let path = dir.path().join("s");
         let secret: SlotSecret = Zeroizing::new([9u8; SECRET_LEN]);
         KeySlots::write_new(&path, &[(130, "x".to_string(), secret.clone())]).unwrap();
-        let (slots, sweep) = KeySlots::open(&path, &refs(&[(130, "x")])).unwrap();
+        let (slots, sweep) = KeySlots::open(&path, &refs(&[(130, "x")]), &[]).unwrap();
         assert_eq!(sweep, SlotSweep::default());
         assert_eq!(*slots.read(130, "x").unwrap(), *secret);
         assert_eq!(slots.free_slots(), 191);
