@@ -76,7 +76,8 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         crypto::RootKey::load_or_create(&config.data_dir, config.credentials_dir.as_deref())
             .context("cannot load the root key")?;
     tracing::info!(?source, "root key loaded");
-    restore::remove_leftovers(&config.data_dir);
+    restore::finish_or_clean_up(&config.data_dir)
+        .context("cannot finish a restore a crash cut short")?;
     let opening = std::time::Instant::now();
     // While the store opens, which may verify every page.
     let starting = systemd::StartingUp::begin("starting: opening and checking the key store");

@@ -6,6 +6,13 @@
 //! carry the fingerprint of the root key found for this data directory, and load. Only
 //! then is it renamed into place; a store already there is refused, or with `--force`
 //! kept beside it as `kms.redb.before-restore-<millis>` (its call journal with it).
+//!
+//! Putting the restored store and its key slot file in place takes two renames. Between
+//! them the directory holds a store and slots that do not belong together, so once both
+//! are staged and the names set aside are durable, a marker (`kms.redb.restore-commit`)
+//! is written and synced: a crash from then on is finished forward by the next start of
+//! kmsd (or the next restore), never undone by throwing the staged files away
+//! ([`finish_interrupted`]).
 
 use crate::crypto::RootKey;
 use crate::crypto::root_key::{CREDENTIAL_NAME, KEY_FILE_NAME, RootKeyError};
@@ -94,6 +101,13 @@ pub enum RestoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The restored store could not be put in place, nor the restore undone: the next
+    /// start of kmsd (or restore) finishes it.
+    #[error(
+        "the restore was interrupted ({source}) and could not be undone: the next start of \
+         kmsd, or the next `kmsd restore`, finishes it"
+    )]
+    Interrupted { source: std::io::Error },
     /// The restored store could not be put in place after its slot file was, and the old
     /// slot file could not be put back: the old store is in place without its slots.
     #[error(
@@ -111,6 +125,62 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The marker that a restore's renames have begun (see the module's doc). It holds the
+/// name the replaced store was set aside under, or nothing when there was none.
+const COMMIT_MARKER: &str = "kms.redb.restore-commit";
+
+/// Syncs `dir`'s entries.
+fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Finishes a restore a crash cut short after it began putting its files in place (its
+/// marker is there): the staged slot file and store are renamed into place, in that
+/// order, and the replaced store's journal name goes. Returns the store restored, or
+/// `None` when there was nothing to finish. Called with the data directory locked.
+pub fn finish_interrupted(data_dir: &Path) -> Result<Option<PathBuf>, RestoreError> {
+    let marker = data_dir.join(COMMIT_MARKER);
+    let aside = match std::fs::read_to_string(&marker) {
+        Ok(aside) => aside,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&marker)(e)),
+    };
+    let store = data_dir.join("kms.redb");
+    let staged = data_dir.join("kms.redb.restore-tmp");
+    for (from, to) in [
+        (key_slots::path_for(&staged), key_slots::path_for(&store)),
+        (staged, store.clone()),
+    ] {
+        if std::fs::symlink_metadata(&from).is_ok() {
+            std::fs::rename(&from, &to).map_err(io_err(&to))?;
+        }
+    }
+    // The old journal's name goes only while the replaced store holds the same file under
+    // its own name: a marker naming anything else changes nothing more.
+    if let Some(aside) = aside
+        .strip_prefix("kms.redb.before-restore-")
+        .filter(|millis| !millis.is_empty() && millis.bytes().all(|b| b.is_ascii_digit()))
+        .map(|millis| data_dir.join(format!("kms.redb.before-restore-{millis}")))
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let journal = crate::store::journal::path_for(&store);
+        let inode = |p: &Path| std::fs::symlink_metadata(p).map(|m| (m.dev(), m.ino()));
+        if let (Ok(a), Ok(b)) = (
+            inode(&journal),
+            inode(&crate::store::journal::path_for(&aside)),
+        ) && a == b
+        {
+            std::fs::remove_file(&journal).map_err(io_err(&journal))?;
+        }
+    }
+    sync_dir(data_dir)?;
+    std::fs::remove_file(&marker).map_err(io_err(&marker))?;
+    sync_dir(data_dir)?;
+    Ok(Some(store))
 }
 
 /// Whether a root key exists for this data directory (the credential or root.key), i.e.
@@ -141,6 +211,9 @@ fn restore_renaming(
     // leaves the lock behind, and the daemon's account could not open it again.
     give_to_dir_owner(dir, &dir.join("kmsd.lock"))?;
 
+    // A restore a crash cut short midway is finished first: this one then replaces its
+    // store and slots together, as a pair.
+    finish_interrupted(dir)?;
     // Never create a root key here: a fresh one could not open the backup anyway.
     if !root_key_available(dir, opts.credentials_dir.as_deref()) {
         return Err(RestoreError::NoRootKey(dir.clone()));
@@ -210,25 +283,52 @@ fn restore_renaming(
         linked.push(to.clone());
     }
     let slots_aside = linked.contains(&aside_slots);
-    // The names set aside are durable before anything is renamed over the originals.
-    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+    let marker = dir.join(COMMIT_MARKER);
+    let undo_links = || {
         for to in &linked {
             let _ = std::fs::remove_file(to);
         }
         remove_staged();
-        return Err(io_err(dir)(e));
+    };
+    // The names set aside are durable before the marker is (a start finishing this
+    // restore relies on them), and the marker before anything is renamed.
+    let aside_name = if exists {
+        aside
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    } else {
+        ""
+    };
+    if let Err(e) = sync_dir(dir).and_then(|()| {
+        write_synced(&marker, aside_name.as_bytes())?;
+        give_to_dir_owner(dir, &marker)?;
+        sync_dir(dir)
+    }) {
+        let _ = std::fs::remove_file(&marker);
+        undo_links();
+        return Err(e);
     }
+    // Undoing the renames: the marker goes first, durably, or a start would finish the
+    // restore over what is being undone.
+    let unmark = || {
+        std::fs::remove_file(&marker)
+            .map_err(io_err(&marker))
+            .and_then(|()| sync_dir(dir))
+    };
     // The slots first, then the store: a crash between the two leaves the old store with
     // slots that are not its own, which kmsd refuses to start on (it changes nothing), and
     // a second restore mends. The store first would leave the same with the roles swapped.
     if let Err(e) = rename(&staged_slots, &slots) {
-        for to in &linked {
-            let _ = std::fs::remove_file(to);
-        }
-        remove_staged();
+        unmark()?;
+        undo_links();
         return Err(io_err(&slots)(e));
     }
     if let Err(e) = rename(&staged, &store) {
+        // The marker stays if it cannot go: the next start then finishes the restore.
+        if unmark().is_err() {
+            return Err(RestoreError::Interrupted { source: e });
+        }
         // The old slot file's only name is now the one aside: it goes back in place
         // before anything else is undone.
         let back = if slots_aside {
@@ -279,6 +379,9 @@ fn restore_renaming(
             _ => {}
         }
     }
+    // A marker left (its removal failed or was not synced) only makes the next start
+    // look for staged files that are no longer there.
+    let _ = std::fs::remove_file(&marker);
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
         unfinished(
             format!("syncing {}", dir.display()),
@@ -310,10 +413,34 @@ fn staging_files(data_dir: &Path) -> Vec<PathBuf> {
     ]
 }
 
-/// Removes what a restore cut short by a crash left in `data_dir` (kmsd, at start, with
-/// the data directory locked): a copy of the data directory must not find slot secrets in
-/// them after their keys are purged.
-pub fn remove_leftovers(data_dir: &Path) {
+/// Writes `bytes` into a new file at `path` (replacing one there), synced.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), RestoreError> {
+    let _ = std::fs::remove_file(path);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(io_err(path))
+}
+
+/// What kmsd does at start, with the data directory locked, about restores a crash cut
+/// short: one that had begun putting its files in place is finished
+/// ([`finish_interrupted`]); what one left before that is removed (a copy of the data
+/// directory must not find slot secrets in it after their keys are purged).
+pub fn finish_or_clean_up(data_dir: &Path) -> Result<(), RestoreError> {
+    if let Some(store) = finish_interrupted(data_dir)? {
+        tracing::warn!(store = %store.display(), "finished a restore a crash had cut short");
+    }
+    remove_leftovers(data_dir);
+    Ok(())
+}
+
+fn remove_leftovers(data_dir: &Path) {
     for path in staging_files(data_dir) {
         match std::fs::remove_file(&path) {
             Ok(()) => {
@@ -668,6 +795,114 @@ mod tests {
                 .any(|n| n.contains("restore-tmp") || n.contains("restore-check")),
             "{names:?}"
         );
+    }
+
+    /// A restore that "crashes" (panics, so nothing of it is undone) when it renames the
+    /// store, after the slot file's rename: the state a power cut there leaves.
+    fn crash_between_the_renames(dir: &Path, data: &Path) {
+        let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            restore_renaming(&opts(dir, data, true), &|from: &Path, to: &Path| {
+                if to.ends_with("kms.redb") {
+                    panic!("a crash before the store's rename");
+                }
+                std::fs::rename(from, to)
+            })
+        }));
+        assert!(crashed.is_err());
+        assert!(data.join(COMMIT_MARKER).exists());
+    }
+
+    /// The names of `dir` that start with `prefix`.
+    fn names(dir: &Path, prefix: &str) -> Vec<String> {
+        let mut out: Vec<_> = contents(dir)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A crash between a restore's two renames is finished forward at the next start: the
+    /// restored store goes in place beside the slots already there. The start threw the
+    /// staged store away and served the old store with the new slots (or an empty store,
+    /// restoring into an empty directory), and its sweep could wipe restored slots.
+    #[test]
+    fn a_restore_cut_short_between_its_renames_is_finished_at_start() {
+        let (dir, src, _) = setup();
+        // Into an empty directory.
+        let fresh = dir.path().join("fresh");
+        std::fs::create_dir(&fresh).unwrap();
+        std::fs::copy(src.join("root.key"), fresh.join("root.key")).unwrap();
+        crash_between_the_renames(dir.path(), &fresh);
+        assert!(!fresh.join("kms.redb").exists());
+        finish_or_clean_up(&fresh).unwrap();
+        assert!(fresh.join("kms.redb").exists());
+        assert!(key_slots::path_for(&fresh.join("kms.redb")).exists());
+        assert_eq!(
+            names(&fresh, "kms.redb"),
+            vec!["kms.redb".to_string(), "kms.redb.keyslots".to_string()]
+        );
+        let fp = RootKey::load_or_create(&fresh, None)
+            .unwrap()
+            .0
+            .fingerprint();
+        drop(Store::open(&fresh.join("kms.redb"), &fp).unwrap());
+
+        // Over a store a daemon ran on: its store, journal and slots go aside together.
+        let (data, before) = used_dir(dir.path(), &src);
+        crash_between_the_renames(dir.path(), &data);
+        finish_or_clean_up(&data).unwrap();
+        let aside = names(&data, "kms.redb.before-restore-");
+        assert_eq!(aside.len(), 3, "{aside:?}");
+        let old = |name: &str| before.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        let now = contents(&data);
+        let now_of = |name: &str| now.iter().find(|(n, _)| *n == name).map(|(_, b)| b.clone());
+        assert_eq!(now_of(&aside[0]).unwrap(), old("kms.redb"));
+        assert_eq!(now_of(&aside[1]).unwrap(), old("kms.redb.journal"));
+        assert_eq!(now_of(&aside[2]).unwrap(), old("kms.redb.keyslots"));
+        assert_ne!(
+            now_of("kms.redb.keyslots").unwrap(),
+            old("kms.redb.keyslots")
+        );
+        assert_ne!(now_of("kms.redb").unwrap(), old("kms.redb"));
+        assert!(now_of("kms.redb.journal").is_none());
+        assert!(now_of(COMMIT_MARKER).is_none());
+        // Nothing is left to finish.
+        assert_eq!(finish_interrupted(&data).unwrap(), None);
+    }
+
+    /// A second restore after the first was cut short between its renames finishes the
+    /// first, then sets its store aside with its own slots: every pair set aside matches.
+    #[test]
+    fn a_second_restore_finishes_the_first() {
+        let (dir, src, _) = setup();
+        let (data, before) = used_dir(dir.path(), &src);
+        crash_between_the_renames(dir.path(), &data);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let r = restore(&opts(dir.path(), &data, true)).unwrap();
+        let aside = names(&data, "kms.redb.before-restore-");
+        // The old store's pair and the first restore's pair.
+        let slot_files: Vec<_> = aside.iter().filter(|n| n.ends_with(".keyslots")).collect();
+        assert_eq!(slot_files.len(), 2, "{aside:?}");
+        let old_slots = &before
+            .iter()
+            .find(|(n, _)| n == "kms.redb.keyslots")
+            .unwrap()
+            .1;
+        let first = std::fs::read(data.join(slot_files[0])).unwrap();
+        let second = std::fs::read(data.join(slot_files[1])).unwrap();
+        assert_eq!(&first, old_slots);
+        assert_ne!(&second, old_slots);
+        // The second pair is the first restore's: its store is not the old one.
+        let old_store = &before.iter().find(|(n, _)| n == "kms.redb").unwrap().1;
+        let second_store = slot_files[1].trim_end_matches(".keyslots");
+        assert_ne!(&std::fs::read(data.join(second_store)).unwrap(), old_store);
+        assert_eq!(
+            r.previous.unwrap().file_name().unwrap().to_str().unwrap(),
+            slot_files[1].trim_end_matches(".keyslots")
+        );
+        assert!(!data.join(COMMIT_MARKER).exists());
     }
 
     /// A held data-directory lock (a running kmsd) refuses the restore.
