@@ -230,7 +230,7 @@ fn restore_renaming(
     let staged_slots = key_slots::path_for(&staged);
     let remove_staged = || {
         let _ = std::fs::remove_file(&staged);
-        let _ = std::fs::remove_file(&staged_slots);
+        let _ = KeySlots::shred(&staged_slots);
     };
     remove_staged();
     let result = stage_and_verify(&opts.file, dir, &staged, &root);
@@ -442,7 +442,16 @@ pub fn finish_or_clean_up(data_dir: &Path) -> Result<(), RestoreError> {
 
 fn remove_leftovers(data_dir: &Path) {
     for path in staging_files(data_dir) {
-        match std::fs::remove_file(&path) {
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        // The staged slot file holds slot secrets as they are: zeroed before it goes.
+        let removed = if path == key_slots::path_for(&data_dir.join("kms.redb.restore-tmp")) {
+            KeySlots::shred(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
             Ok(()) => {
                 tracing::info!(file = %path.display(), "removed what a restore cut short left")
             }

@@ -586,6 +586,31 @@ impl KeySlots {
         written.write_both(&writes)
     }
 
+    /// Removes the slot file at `path` (one never put in place: a restore's staged file)
+    /// after overwriting it with zeros, synced: its secrets are as they are, and an
+    /// unlinked file's blocks keep them until reused. Absent is done.
+    pub fn shred(path: &Path) -> io::Result<()> {
+        let file = match OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let len = file.metadata()?.len();
+        let zeros = vec![0u8; PAGE as usize];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(PAGE);
+            file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        file.sync_data()?;
+        std::fs::remove_file(path)
+    }
+
     /// How many slots are free (tests and the scale benchmark).
     pub fn free_slots(&self) -> usize {
         self.lock().free.len()
@@ -691,6 +716,22 @@ mod tests {
         let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[2].0, "c")]), &["c"]).unwrap();
         assert_eq!((sweep.wiped, sweep.kept), (0, 1));
         assert_eq!(*slots.read(got[2].0, "c").unwrap(), *got[2].1);
+    }
+
+    #[test]
+    fn a_shredded_file_is_gone_and_was_zeroed_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
+        slots.allocate(&["a"]).unwrap();
+        drop(slots);
+        // A second name shows what the blocks held when the first went.
+        let other = dir.path().join("other");
+        std::fs::hard_link(&path, &other).unwrap();
+        KeySlots::shred(&path).unwrap();
+        assert!(!path.exists());
+        assert!(std::fs::read(&other).unwrap().iter().all(|b| *b == 0));
+        KeySlots::shred(&path).unwrap();
     }
 
     /// A slot no copy of which holds a secret (both damaged, or one damaged and one free:
