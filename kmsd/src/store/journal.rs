@@ -83,6 +83,8 @@ const DIGEST_LEN: usize = 32;
 
 /// `O_NOFOLLOW` for `OpenOptions::custom_flags`.
 pub(crate) const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+/// `O_NONBLOCK`: no effect on a regular file; an open of a FIFO returns at once.
+const NONBLOCK: i32 = rustix::fs::OFlags::NONBLOCK.bits() as i32;
 
 /// Which fold period a record belongs to (random, stored in the meta table).
 pub type Generation = [u8; 16];
@@ -156,11 +158,17 @@ pub fn new_generation() -> Result<Generation, std::io::Error> {
 
 /// The calls journaled under `generation`, in order (empty if there is no file).
 pub fn recover(path: &Path, generation: &Generation) -> Result<Vec<CallOp>, JournalError> {
+    // Non-blocking: a FIFO put in the journal's place must not hold the start up for
+    // ever in `open` (it is then refused, as not a regular file).
     match OpenOptions::new()
         .read(true)
-        .custom_flags(NOFOLLOW)
+        .custom_flags(NOFOLLOW | NONBLOCK)
         .open(path)
     {
+        Ok(f) if !f.metadata().is_ok_and(|m| m.is_file()) => Err(JournalError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("not a regular file"),
+        }),
         Ok(f) => recover_from(&f, path, generation),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(source) => Err(JournalError::Io {
@@ -337,19 +345,26 @@ impl Journal {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(NOFOLLOW)
+            .custom_flags(NOFOLLOW | NONBLOCK)
             .open(path)
             .map_err(io)?;
-        if !file.metadata().map_err(io)?.is_file() {
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
             return Err(io(std::io::Error::other("not a regular file")));
         }
-        let len = file.metadata().map_err(io)?.len();
-        if len < CAPACITY {
+        let len = meta.len();
+        // A file of the full length may still have holes (copied with `cp --sparse`,
+        // `rsync -S`, `tar -S`): its blocks are written again, all of them (what it held
+        // was folded into the store before this opens it).
+        let holes = std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < len.min(CAPACITY);
+        let from = if holes { 0 } else { len };
+        if from < CAPACITY {
             // Real zeros rather than a sparse or fallocated range: an overwrite of
-            // written blocks is the cheap case for fdatasync.
-            let zeros = vec![0u8; (CAPACITY - len) as usize];
+            // written blocks is the cheap case for fdatasync, and a full disk finds the
+            // blocks already taken.
+            let zeros = vec![0u8; (CAPACITY - from) as usize];
             let allocated = file
-                .write_all_at(&zeros, len)
+                .write_all_at(&zeros, from)
                 .and_then(|()| file.sync_all());
             if let Err(e) = allocated {
                 // Give back what was taken: on a full disk the store needs it more.
@@ -562,6 +577,62 @@ mod tests {
                 n: 1,
             },
         ]
+    }
+
+    /// A journal of the full length with holes (a data directory copied with `cp
+    /// --sparse=always`) gets its blocks written: on a full disk an append would otherwise
+    /// need a block the disk no longer has.
+    #[test]
+    fn a_sparse_journal_is_allocated_when_opened() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        File::create(&path).unwrap().set_len(CAPACITY).unwrap();
+        if std::fs::metadata(&path).unwrap().blocks() * 512 >= CAPACITY {
+            eprintln!("skipped: this file system has no holes");
+            return;
+        }
+        let _journal = Journal::open(&path, new_generation().unwrap()).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), CAPACITY);
+        assert!(meta.blocks() * 512 >= CAPACITY, "{} blocks", meta.blocks());
+    }
+
+    /// A FIFO in the journal's place is refused at once: reading it blocked the start in
+    /// `open` until something wrote to it.
+    #[test]
+    fn a_fifo_in_the_journals_place_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let recovered = recover(&p, &[1; 16]).map(|_| ()).map_err(|e| e.to_string());
+            let opened = Journal::open(&p, [1; 16])
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = tx.send((recovered, opened));
+        });
+        let (recovered, opened) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("opening a FIFO as the journal blocked");
+        assert!(recovered.unwrap_err().contains("not a regular file"));
+        assert!(opened.unwrap_err().contains("not a regular file"));
+        // Unblock a thread still stuck in open, if any (a failing run).
+        drop(
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(NONBLOCK)
+                .open(&path),
+        );
     }
 
     /// A new journal under `g` in a temporary directory (kept alive by the first value).

@@ -643,12 +643,17 @@ impl State {
     /// The open transaction of the next fold and how many pending calls it holds; a new
     /// one (holding none) if there is none.
     fn take_staged(&mut self) -> Result<(WriteTransaction, usize), StoreError> {
-        match self.staged.take() {
+        if let Some(open) = self.staged.take() {
             // Never more than are pending (see `commit`); if it were, dropping the
-            // transaction and starting afresh is always right.
-            Some(open) if open.1 <= self.pending.len() => Ok(open),
-            _ => Ok((begin(&*self.db.get()?)?, 0)),
+            // transaction and starting afresh is always right. Dropped before the new one
+            // begins: redb's `begin_write` waits for a live write transaction, on this
+            // same thread for ever.
+            if open.1 <= self.pending.len() {
+                return Ok(open);
+            }
+            drop(open);
         }
+        Ok((begin(&*self.db.get()?)?, 0))
     }
 
     fn fold_due(&self) -> bool {
