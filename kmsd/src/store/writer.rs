@@ -209,6 +209,9 @@ pub struct Writer {
     /// Tests: the next read of the stored journal generation fails.
     #[cfg(test)]
     generation_unreadable: Arc<std::sync::atomic::AtomicBool>,
+    /// Tests: commits fail before anything lands while set; counts the ones tried.
+    #[cfg(test)]
+    commits_fail: Arc<(std::sync::atomic::AtomicBool, AtomicU64)>,
 }
 
 /// How the writer thread ended. A panic there is a bug (or redb meeting a page it cannot
@@ -251,6 +254,8 @@ impl Writer {
         let panic_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         #[cfg(test)]
         let generation_unreadable = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        #[cfg(test)]
+        let commits_fail = Arc::new((std::sync::atomic::AtomicBool::new(false), AtomicU64::new(0)));
         let state = State {
             journal: slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
             db,
@@ -268,6 +273,9 @@ impl Writer {
             panic_next: panic_next.clone(),
             #[cfg(test)]
             generation_unreadable: generation_unreadable.clone(),
+            #[cfg(test)]
+            commits_fail: commits_fail.clone(),
+            last_failure: None,
         };
         let exited = exit.clone();
         let thread = std::thread::Builder::new()
@@ -304,6 +312,8 @@ impl Writer {
             panic_next,
             #[cfg(test)]
             generation_unreadable,
+            #[cfg(test)]
+            commits_fail,
         })
     }
 
@@ -420,6 +430,11 @@ struct State {
     panic_next: Arc<std::sync::atomic::AtomicBool>,
     #[cfg(test)]
     generation_unreadable: Arc<std::sync::atomic::AtomicBool>,
+    #[cfg(test)]
+    commits_fail: Arc<(std::sync::atomic::AtomicBool, AtomicU64)>,
+    /// Why the last commit failed, while commits are held off after it
+    /// (`fold_not_before`).
+    last_failure: Option<String>,
 }
 
 /// Serves submissions until every sender is gone, then folds what is pending; returns the
@@ -476,9 +491,8 @@ fn run(mut st: State, rx: mpsc::Receiver<Submission>) -> Option<Journal> {
             // A failure is logged; the calls stay pending (and journaled) and the fold is
             // tried again a little later.
             let started = std::time::Instant::now();
-            if st.commit(Vec::new(), &[]).is_err() {
-                st.fold_not_before = Some(std::time::Instant::now() + FOLD_RETRY);
-            }
+            // (`commit` holds folds off for a while after a failure.)
+            let _ = st.commit(Vec::new(), &[]);
             fold_max = fold_max.max(started.elapsed());
             st.unfolded
                 .store(st.pending.len() as u64, Ordering::Release);
@@ -691,6 +705,19 @@ impl State {
         if calls.is_empty() && settle_only && self.pending.is_empty() && !self.journal_failed {
             return Ok(());
         }
+        // A settle (a history page, a backup: a dashboard asks every second) soon after a
+        // failed commit is refused without trying: each failure reopens the store, which
+        // checks every page, on this thread, and the calls riding the journal meanwhile
+        // would wait behind it. The writer's own fold tries again after `FOLD_RETRY`.
+        if calls.is_empty()
+            && settle_only
+            && let (Some(until), Some(why)) = (self.fold_not_before, &self.last_failure)
+            && std::time::Instant::now() < until
+        {
+            return Err(StoreError::Db(format!(
+                "the key store could not commit a moment ago ({why}); it tries again shortly"
+            )));
+        }
         let generation = match &self.journal {
             Some(_) => Some(draw_generation()?),
             None => None,
@@ -699,6 +726,14 @@ impl State {
         self.pending.extend(calls);
         let mut seq = self.next_seq;
         let staged = self.take_staged();
+        #[cfg(test)]
+        let staged = staged.and_then(|open| {
+            if !self.commits_fail.0.load(Ordering::Relaxed) {
+                return Ok(open);
+            }
+            self.commits_fail.1.fetch_add(1, Ordering::Relaxed);
+            Err(StoreError::Db("injected: the disk is full".into()))
+        });
         let result = staged.and_then(|(tx, applied)| {
             apply_calls(&tx, &self.pending[applied..], &mut seq)?;
             finish(tx, group, &mut seq, generation.as_ref())
@@ -713,10 +748,13 @@ impl State {
                 }
                 self.pending.clear();
                 self.fold_not_before = None;
+                self.last_failure = None;
                 Ok(())
             }
             Err(e) => {
                 tracing::error!(error = %e, submissions = group.len(), "store commit failed");
+                self.fold_not_before = Some(std::time::Instant::now() + FOLD_RETRY);
+                self.last_failure = Some(e.to_string());
                 // The sequence numbers the transaction gave out are spent, as a failed
                 // append's are: if it landed after all (below), its entries hold them,
                 // and handing them out again would overwrite those entries. History may
@@ -1758,6 +1796,36 @@ mod tests {
             writer.settle().unwrap();
             assert_eq!(store.history_len().unwrap(), round, "round {round}");
         }
+        writer.shutdown();
+    }
+
+    /// After a failed commit, settles (a dashboard's history page every second) are
+    /// refused for a while without trying: each try reopened and verified the whole store
+    /// on the writer thread, and the calls riding the journal waited behind it. Calls go
+    /// on meanwhile, and once commits work the writer's own fold catches up.
+    #[test]
+    fn settles_after_a_failed_commit_are_refused_without_trying() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = writer_with_calls(dir.path(), 3);
+        writer.commits_fail.0.store(true, Ordering::Relaxed);
+        for _ in 0..5 {
+            assert!(writer.settle().is_err());
+        }
+        assert_eq!(
+            writer.commits_fail.1.load(Ordering::Relaxed),
+            1,
+            "commits tried"
+        );
+        // Calls are still answered, through the journal.
+        writer.submit(call("a", 3)).wait().unwrap();
+        writer.commits_fail.0.store(false, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while writer.settle().is_err() {
+            assert!(std::time::Instant::now() < deadline, "never settled");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (history, usage, _) = stored(&store, "a");
+        assert_eq!((history.len(), usage), (4, 4));
         writer.shutdown();
     }
 
