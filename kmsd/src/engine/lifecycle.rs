@@ -1066,6 +1066,10 @@ impl Engine {
         if at > self.now() {
             return Err(EngineError::InvalidState("expiry not yet due".into()));
         }
+        // A slot wipe that failed (its purge's, or another's) is tried again first: once
+        // the record is gone, the next start no longer knows whose that slot was and keeps
+        // it. Failing, the expiry waits for the next pass.
+        self.slots.retry_wipes().map_err(StoreError::from)?;
         self.writer
             .submit(vec![
                 Mutation::RemoveDue {

@@ -182,6 +182,9 @@ pub struct KeySlots {
     /// writing one page of the same pair, and a torn write would then garble both copies
     /// of a neighbour. Taken after `state` when both are held, never the other way round.
     io: Mutex<()>,
+    /// Tests: every write fails while set.
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 /// While held, no slot is wiped or allocated: a backup reads the slots of the keys its
@@ -313,6 +316,8 @@ impl KeySlots {
                 unwiped: BTreeSet::new(),
             }),
             io: Mutex::new(()),
+            #[cfg(test)]
+            fail_writes: Default::default(),
         };
         let sweep = slots.sweep(referenced, known)?;
         Ok((slots, sweep))
@@ -436,6 +441,10 @@ impl KeySlots {
             return Ok(());
         }
         let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(test)]
+        if self.fail_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(self.io_err(io::Error::other("injected")));
+        }
         for copy in 0..2 {
             for (index, raw) in slots {
                 self.file
@@ -542,6 +551,21 @@ impl KeySlots {
             return Ok(());
         }
         state.unwiped.insert(index);
+        self.wipe_unwiped(&mut state)
+    }
+
+    /// Tries again the wipes that failed, if any: before a purged key's record goes for
+    /// good (its retention ended), since a slot whose owner the store no longer knows is
+    /// kept at the next open, not wiped.
+    pub fn retry_wipes(&self) -> Result<(), SlotError> {
+        let mut state = self.lock();
+        if state.unwiped.is_empty() {
+            return Ok(());
+        }
+        self.wipe_unwiped(&mut state)
+    }
+
+    fn wipe_unwiped(&self, state: &mut State) -> Result<(), SlotError> {
         let wipes: Vec<_> = state
             .unwiped
             .iter()
@@ -578,6 +602,8 @@ impl KeySlots {
                 unwiped: BTreeSet::new(),
             }),
             io: Mutex::new(()),
+            #[cfg(test)]
+            fail_writes: Default::default(),
         };
         let writes: Vec<_> = slots
             .iter()
@@ -716,6 +742,35 @@ mod tests {
         let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[2].0, "c")]), &["c"]).unwrap();
         assert_eq!((sweep.wiped, sweep.kept), (0, 1));
         assert_eq!(*slots.read(got[2].0, "c").unwrap(), *got[2].1);
+    }
+
+    /// A wipe that failed is tried again by `retry_wipes` (an expiry calls it before the
+    /// purged key's record goes) and by the next wipe; the slot is not handed out before.
+    #[test]
+    fn a_failed_wipe_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
+        let got = slots.allocate(&["a"]).unwrap();
+        let free = slots.free_slots();
+        slots
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(slots.wipe(got[0].0).is_err());
+        assert!(slots.retry_wipes().is_err());
+        assert_eq!(slots.free_slots(), free);
+        slots
+            .fail_writes
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        slots.retry_wipes().unwrap();
+        assert_eq!(slots.free_slots(), free + 1);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.windows(SECRET_LEN).any(|w| w == got[0].1.as_slice()));
+        // Nothing left to do.
+        slots
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        slots.retry_wipes().unwrap();
     }
 
     #[test]
