@@ -56,6 +56,10 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     systemd::claim_listen_fds()?;
     let _lock = server::lock_data_dir_to_serve(&config.data_dir)?;
     backup::remove_stale(&config.data_dir);
+    // First: a restore into an empty directory cut short between its renames has no
+    // `kms.redb` yet, and the checks below would take it for a new directory.
+    restore::finish_or_clean_up(&config.data_dir)
+        .context("cannot finish a restore a crash cut short")?;
     // A store without its root key: creating a fresh key would leave a second, useless
     // key next to a store it can never open; say what is missing instead.
     if config.store_path().exists()
@@ -76,8 +80,6 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         crypto::RootKey::load_or_create(&config.data_dir, config.credentials_dir.as_deref())
             .context("cannot load the root key")?;
     tracing::info!(?source, "root key loaded");
-    restore::finish_or_clean_up(&config.data_dir)
-        .context("cannot finish a restore a crash cut short")?;
     let opening = std::time::Instant::now();
     // While the store opens, which may verify every page.
     let starting = systemd::StartingUp::begin("starting: opening and checking the key store");

@@ -101,23 +101,14 @@ pub enum RestoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The restored store could not be put in place, nor the restore undone: the next
-    /// start of kmsd (or restore) finishes it.
+    /// A rename that puts the restored files in place failed, and undoing it did not
+    /// complete for certain: the next start finishes the restore, or finds it undone.
     #[error(
-        "the restore was interrupted ({source}) and could not be undone: the next start of \
-         kmsd, or the next `kmsd restore`, finishes it"
+        "the restore failed while putting its files in place ({source}), and undoing it did \
+         not complete: the next start of kmsd, or the next `kmsd restore`, finishes it (or \
+         finds the old store and its slots in place, if the undoing reached the disk)"
     )]
     Interrupted { source: std::io::Error },
-    /// The restored store could not be put in place after its slot file was, and the old
-    /// slot file could not be put back: the old store is in place without its slots.
-    #[error(
-        "the restore failed ({source}), and the old store's key slots could not be put back: \
-         {remedy} before starting kmsd (the old store's keys open with its own slots only)"
-    )]
-    SlotsDisplaced {
-        remedy: String,
-        source: std::io::Error,
-    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
@@ -130,6 +121,21 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
 /// The marker that a restore's renames have begun (see the module's doc). It holds the
 /// name the replaced store was set aside under, or nothing when there was none.
 const COMMIT_MARKER: &str = "kms.redb.restore-commit";
+
+/// The marker's content: never through a link, never blocking on a FIFO, a regular file
+/// of at most a name's length.
+fn read_marker(path: &Path) -> std::io::Result<String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(crate::store::journal::NOFOLLOW | rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut aside = String::new();
+    file.take(128).read_to_string(&mut aside)?;
+    Ok(aside)
+}
 
 /// Syncs `dir`'s entries.
 fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
@@ -144,7 +150,7 @@ fn sync_dir(dir: &Path) -> Result<(), RestoreError> {
 /// `None` when there was nothing to finish. Called with the data directory locked.
 pub fn finish_interrupted(data_dir: &Path) -> Result<Option<PathBuf>, RestoreError> {
     let marker = data_dir.join(COMMIT_MARKER);
-    let aside = match std::fs::read_to_string(&marker) {
+    let aside = match read_marker(&marker) {
         Ok(aside) => aside,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&marker)(e)),
@@ -159,8 +165,9 @@ pub fn finish_interrupted(data_dir: &Path) -> Result<Option<PathBuf>, RestoreErr
             std::fs::rename(&from, &to).map_err(io_err(&to))?;
         }
     }
-    // The old journal's name goes only while the replaced store holds the same file under
-    // its own name: a marker naming anything else changes nothing more.
+    // The old journal's name goes only if the store was replaced (its set-aside name is
+    // not the store in place) and the set-aside journal is the same file: a marker naming
+    // anything else changes nothing more.
     if let Some(aside) = aside
         .strip_prefix("kms.redb.before-restore-")
         .filter(|millis| !millis.is_empty() && millis.bytes().all(|b| b.is_ascii_digit()))
@@ -169,7 +176,9 @@ pub fn finish_interrupted(data_dir: &Path) -> Result<Option<PathBuf>, RestoreErr
         use std::os::unix::fs::MetadataExt as _;
         let journal = crate::store::journal::path_for(&store);
         let inode = |p: &Path| std::fs::symlink_metadata(p).map(|m| (m.dev(), m.ino()));
-        if let (Ok(a), Ok(b)) = (
+        let replaced = matches!((inode(&store), inode(&aside)), (Ok(a), Ok(b)) if a != b);
+        if let (true, Ok(a), Ok(b)) = (
+            replaced,
             inode(&journal),
             inode(&crate::store::journal::path_for(&aside)),
         ) && a == b
@@ -213,7 +222,9 @@ fn restore_renaming(
 
     // A restore a crash cut short midway is finished first: this one then replaces its
     // store and slots together, as a pair.
-    finish_interrupted(dir)?;
+    if let Some(store) = finish_interrupted(dir)? {
+        tracing::warn!(store = %store.display(), "finished an earlier restore a crash had cut short");
+    }
     // Never create a root key here: a fresh one could not open the backup anyway.
     if !root_key_available(dir, opts.credentials_dir.as_deref()) {
         return Err(RestoreError::NoRootKey(dir.clone()));
@@ -309,48 +320,35 @@ fn restore_renaming(
         undo_links();
         return Err(e);
     }
-    // Undoing the renames: the marker goes first, durably, or a start would finish the
-    // restore over what is being undone.
+    // Undoing a rename that failed: the marker goes last, once what was renamed is back,
+    // so that a crash at any point is finished forward by the next start.
     let unmark = || {
         std::fs::remove_file(&marker)
             .map_err(io_err(&marker))
             .and_then(|()| sync_dir(dir))
     };
-    // The slots first, then the store: a crash between the two leaves the old store with
-    // slots that are not its own, which kmsd refuses to start on (it changes nothing), and
-    // a second restore mends. The store first would leave the same with the roles swapped.
+    // The slots first, then the store; a crash before, between or after is finished
+    // forward by the next start (`finish_interrupted`).
     if let Err(e) = rename(&staged_slots, &slots) {
-        unmark()?;
+        if unmark().is_err() {
+            return Err(RestoreError::Interrupted { source: e });
+        }
         undo_links();
         return Err(io_err(&slots)(e));
     }
     if let Err(e) = rename(&staged, &store) {
-        // The marker stays if it cannot go: the next start then finishes the restore.
-        if unmark().is_err() {
+        // The restored slots go back to their staged name, and the old slot file gets
+        // its name back as a second name of the one set aside (a link, not a rename: if
+        // the marker outlives this, finishing forward renames over that name).
+        let undone = rename(&slots, &staged_slots).and_then(|()| match slots_aside {
+            true => std::fs::hard_link(&aside_slots, &slots),
+            false => Ok(()),
+        });
+        if undone.is_err() || unmark().is_err() {
             return Err(RestoreError::Interrupted { source: e });
         }
-        // The old slot file's only name is now the one aside: it goes back in place
-        // before anything else is undone.
-        let back = if slots_aside {
-            rename(&aside_slots, &slots)
-        } else {
-            std::fs::remove_file(&slots)
-        };
-        // The other names set aside are second names of files still in place.
-        for to in linked.iter().filter(|to| **to != aside_slots) {
-            let _ = std::fs::remove_file(to);
-        }
-        remove_staged();
-        if back.is_err() {
-            return Err(RestoreError::SlotsDisplaced {
-                remedy: if slots_aside {
-                    format!("move {} to {}", aside_slots.display(), slots.display())
-                } else {
-                    format!("remove {} (the old store had none)", slots.display())
-                },
-                source: e,
-            });
-        }
+        // Every name set aside is now a second name of a file in place.
+        undo_links();
         return Err(io_err(&store)(e));
     }
     let previous = exists.then_some(aside);
@@ -772,38 +770,73 @@ mod tests {
         assert_eq!(contents(&data), before);
     }
 
-    /// When the old slot file cannot be put back either, the error says where it is and
-    /// what to do; its bytes are there, under the name set aside.
+    /// When the undoing of a failed store rename fails too, the marker stays and the
+    /// error says so; the next start finishes the restore: the restored store with its
+    /// slots, the old store set aside with its own.
     #[test]
-    fn slots_that_cannot_be_put_back_are_named_in_the_error() {
+    fn a_restore_that_cannot_be_undone_is_finished_at_the_next_start() {
+        let (dir, src, _) = setup();
+        let (data, before) = used_dir(dir.path(), &src);
+        let err = restore_renaming(
+            &opts(dir.path(), &data, true),
+            &failing_rename(&["kms.redb", "kms.redb.restore-tmp.keyslots"]),
+        )
+        .unwrap_err();
+        assert!(matches!(err, RestoreError::Interrupted { .. }), "{err}");
+        assert!(data.join(COMMIT_MARKER).exists());
+        finish_or_clean_up(&data).unwrap();
+        let old = |name: &str| before.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        let aside = names(&data, "kms.redb.before-restore-");
+        assert_eq!(aside.len(), 3, "{aside:?}");
+        assert_eq!(
+            std::fs::read(data.join(&aside[0])).unwrap(),
+            old("kms.redb")
+        );
+        assert_eq!(
+            std::fs::read(data.join(&aside[2])).unwrap(),
+            old("kms.redb.keyslots")
+        );
+        assert_ne!(
+            std::fs::read(data.join("kms.redb.keyslots")).unwrap(),
+            old("kms.redb.keyslots")
+        );
+        assert!(!data.join(COMMIT_MARKER).exists());
+    }
+
+    /// A marker that is a FIFO or a link is refused at once, not read.
+    #[test]
+    fn a_marker_that_is_not_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(COMMIT_MARKER);
+        std::os::unix::fs::symlink("/dev/zero", &marker).unwrap();
+        assert!(finish_interrupted(dir.path()).is_err());
+        std::fs::remove_file(&marker).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &marker,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(finish_interrupted(dir.path()).is_err());
+    }
+
+    /// A marker left while the store was never replaced (its set-aside name is the store
+    /// in place) does not take the live store's journal.
+    #[test]
+    fn a_stale_marker_leaves_the_live_journal() {
         let (dir, src, _) = setup();
         let (data, _) = used_dir(dir.path(), &src);
-        let err = restore_renaming(&opts(dir.path(), &data, true), &|from: &Path, to: &Path| {
-            let from_name = from.file_name().unwrap().to_str().unwrap();
-            if to.ends_with("kms.redb") || from_name.starts_with("kms.redb.before-restore-") {
-                return Err(std::io::Error::other("injected"));
-            }
-            std::fs::rename(from, to)
-        })
-        .unwrap_err();
-        let RestoreError::SlotsDisplaced { remedy, .. } = &err else {
-            panic!("{err}");
-        };
-        let aside = remedy
-            .strip_prefix("move ")
-            .and_then(|r| r.split(" to ").next())
-            .unwrap();
-        assert_eq!(std::fs::read(aside).unwrap(), b"the old store's slots");
-        assert!(err.to_string().contains(aside), "{err}");
-        // The store itself is still the old one, and no staged file is left.
-        let names: Vec<_> = contents(&data).into_iter().map(|(n, _)| n).collect();
-        assert!(names.iter().any(|n| n == "kms.redb"), "{names:?}");
-        assert!(
-            !names
-                .iter()
-                .any(|n| n.contains("restore-tmp") || n.contains("restore-check")),
-            "{names:?}"
-        );
+        let store = data.join("kms.redb");
+        let journal = crate::store::journal::path_for(&store);
+        let aside = data.join("kms.redb.before-restore-1");
+        std::fs::hard_link(&store, &aside).unwrap();
+        std::fs::hard_link(&journal, crate::store::journal::path_for(&aside)).unwrap();
+        std::fs::write(data.join(COMMIT_MARKER), "kms.redb.before-restore-1").unwrap();
+        finish_or_clean_up(&data).unwrap();
+        assert!(journal.exists());
+        assert!(!data.join(COMMIT_MARKER).exists());
     }
 
     /// A restore that "crashes" (panics, so nothing of it is undone) when it renames the

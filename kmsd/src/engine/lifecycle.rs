@@ -171,8 +171,8 @@ impl Engine {
     }
 
     /// Wipes a slot no key refers to any more (after a purge committed, or a create that
-    /// certainly did not). A failure is logged: the next start wipes every slot no key
-    /// refers to.
+    /// certainly did not). A failure is logged; the wipe is tried again with every later
+    /// one, before an expiry removes a purged key's record, and at the next start.
     fn wipe_slot(&self, slot: u64, name: &str) {
         if let Err(e) = self.slots.wipe(slot) {
             tracing::error!(
@@ -180,7 +180,7 @@ impl Engine {
                 slot,
                 error = %e,
                 "the key's slot could not be wiped; copies of the store keep its material \
-                 recoverable until the next start wipes it"
+                 recoverable until a later wipe or the next start succeeds"
             );
         }
     }

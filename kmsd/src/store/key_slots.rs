@@ -74,6 +74,23 @@ const MAGIC: &[u8; 8] = b"KMSSLOT1";
 pub const MAX_SLOTS: u64 = 1 << 24;
 const FREE: [u8; SLOT_LEN] = [0; SLOT_LEN];
 
+/// Overwrites `file` with zeros, synced, if it is a regular file with one name.
+fn zero_if_sole_name(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; PAGE as usize];
+    let mut at = 0;
+    while at < meta.len() {
+        let n = (meta.len() - at).min(PAGE);
+        file.write_all_at(&zeros[..n as usize], at)?;
+        at += n;
+    }
+    file.sync_data()
+}
+
 /// The slot file of the store at `store`: `kms.redb.keyslots` beside `kms.redb`.
 pub fn path_for(store: &Path) -> PathBuf {
     let mut name = store.as_os_str().to_owned();
@@ -167,8 +184,9 @@ struct State {
     capacity: u64,
     /// Slots that are zero in both copies and referred to by no key.
     free: BTreeSet<u64>,
-    /// Slots whose wipe failed (an I/O error): tried again with every later wipe, and by
-    /// the next open, which wipes every slot no key refers to.
+    /// Slots whose wipe failed (an I/O error): tried again with every later wipe, before
+    /// an expiry ([`KeySlots::retry_wipes`]), and by the next open (their keys' records
+    /// are still in the store until the expiry).
     unwiped: BTreeSet<u64>,
 }
 
@@ -459,7 +477,8 @@ impl KeySlots {
     /// Gives each of `tags` a free slot holding a fresh secret, written and synced before
     /// this returns. The caller then commits the keys that refer to them; if that commit
     /// certainly failed, it gives them back with [`KeySlots::wipe`] (if it may have landed,
-    /// it keeps them: the next open wipes any no key refers to).
+    /// it keeps them: the next open wipes them if their key is not in the store after all
+    /// but known to it, and keeps them if their key never landed).
     pub fn allocate(&self, tags: &[&str]) -> Result<Vec<(u64, SlotSecret)>, SlotError> {
         let (writes, out) = {
             let mut state = self.lock();
@@ -498,9 +517,10 @@ impl KeySlots {
         };
         // Written without the state's lock (under the write lock only): these slots are no
         // one else's (out of the free set, and referred to by no key yet, so no backup
-        // needs them), and a backup's pause does not hold up creates. A failed write
-        // leaves them out of the free set, whatever part of them reached the disk: the
-        // next open wipes them.
+        // needs them), and a backup's pause holds up only their choice, not the writes. A
+        // failed write leaves them out of the free set, whatever part of them reached the
+        // disk; the next open keeps them (their keys were never created: 64 bytes that
+        // protect nothing) or wipes them if neither copy holds a whole secret.
         self.write_both(&writes)?;
         Ok(out)
     }
@@ -616,25 +636,27 @@ impl KeySlots {
     /// after overwriting it with zeros, synced: its secrets are as they are, and an
     /// unlinked file's blocks keep them until reused. Absent is done.
     pub fn shred(path: &Path) -> io::Result<()> {
-        let file = match OpenOptions::new()
+        // Never through a symbolic link, never blocking on a FIFO, and only a file that
+        // has no other name: root runs restores in directories other accounts own, and
+        // must not zero a file someone linked here. Anything else is only unlinked.
+        let zeroed = match OpenOptions::new()
             .write(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(
+                rustix::fs::OFlags::NOFOLLOW.bits() as i32
+                    | rustix::fs::OFlags::NONBLOCK.bits() as i32,
+            )
             .open(path)
         {
-            Ok(file) => file,
+            Ok(file) => zero_if_sole_name(&file),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
+            Err(_) => Ok(()),
         };
-        let len = file.metadata()?.len();
-        let zeros = vec![0u8; PAGE as usize];
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(PAGE);
-            file.write_all_at(&zeros[..n as usize], at)?;
-            at += n;
-        }
-        file.sync_data()?;
-        std::fs::remove_file(path)
+        // Unlinked even if zeroing failed: the name at least goes.
+        let removed = match std::fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+        zeroed.and(removed)
     }
 
     /// How many slots are free (tests and the scale benchmark).
@@ -780,13 +802,42 @@ mod tests {
         let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
         slots.allocate(&["a"]).unwrap();
         drop(slots);
-        // A second name shows what the blocks held when the first went.
-        let other = dir.path().join("other");
-        std::fs::hard_link(&path, &other).unwrap();
+        // An open descriptor shows what the blocks held when the name went.
+        let mut held = File::open(&path).unwrap();
         KeySlots::shred(&path).unwrap();
         assert!(!path.exists());
-        assert!(std::fs::read(&other).unwrap().iter().all(|b| *b == 0));
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut held, &mut bytes).unwrap();
+        assert!(!bytes.is_empty() && bytes.iter().all(|b| *b == 0));
         KeySlots::shred(&path).unwrap();
+    }
+
+    /// A file with a second name (a link someone put in the staged file's place), a
+    /// symbolic link or a FIFO is only unlinked: what it names is not written, and a
+    /// FIFO does not block.
+    #[test]
+    fn shred_unlinks_but_never_writes_through_a_link_or_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let precious = dir.path().join("precious");
+        std::fs::write(&precious, b"someone else's file").unwrap();
+        let path = dir.path().join("s");
+        std::fs::hard_link(&precious, &path).unwrap();
+        KeySlots::shred(&path).unwrap();
+        assert!(!path.exists());
+        std::os::unix::fs::symlink(&precious, &path).unwrap();
+        KeySlots::shred(&path).unwrap();
+        assert!(std::fs::symlink_metadata(&path).is_err());
+        assert_eq!(std::fs::read(&precious).unwrap(), b"someone else's file");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        KeySlots::shred(&path).unwrap();
+        assert!(std::fs::symlink_metadata(&path).is_err());
     }
 
     /// A slot no copy of which holds a secret (both damaged, or one damaged and one free:

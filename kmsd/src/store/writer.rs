@@ -711,6 +711,7 @@ impl State {
         // would wait behind it. The writer's own fold tries again after `FOLD_RETRY`.
         if calls.is_empty()
             && settle_only
+            && !group.is_empty()
             && let (Some(until), Some(why)) = (self.fold_not_before, &self.last_failure)
             && std::time::Instant::now() < until
         {
