@@ -1029,13 +1029,16 @@ async fn nonce_budget_rotation_inside_a_single_threaded_runtime() {
 }
 
 /// A key that spends its last version's nonce budget: encryptions are refused with
-/// `version-limit`, and that is announced once, not once per refused call.
+/// `version-limit`, and that is announced once per run of kmsd, not once per refused
+/// call: again after a restart, and also when the count is already past the budget at
+/// start (what a restore does: it was never announced there).
 #[test]
 fn nonce_budget_at_the_version_limit_is_announced_once() {
-    let fx = Fx::with_config(EngineConfig {
-        nonce_budget: 2,
+    let budget = |nonce_budget| EngineConfig {
+        nonce_budget,
         ..EngineConfig::default()
-    });
+    };
+    let mut fx = Fx::with_config(budget(2));
     fx.create("spent", KeyType::Aes256);
     for _ in 2..=100 {
         fx.e().rotate(&fx.me, "spent").unwrap();
@@ -1050,11 +1053,27 @@ fn nonce_budget_at_the_version_limit_is_announced_once() {
             ErrorKind::VersionLimit
         );
     }
-    let mut low = 0;
-    while let Ok(ev) = events.try_recv() {
-        low += usize::from(ev.kind == kms_shared::protocol::EventKind::NonceBudgetLow);
+    let low = |events: &mut tokio::sync::broadcast::Receiver<kmsd::engine::Published>| {
+        let mut low = 0;
+        while let Ok(ev) = events.try_recv() {
+            low += usize::from(ev.kind == kms_shared::protocol::EventKind::NonceBudgetLow);
+        }
+        low
+    };
+    assert_eq!(low(&mut events), 1);
+    let dir = fx.dir.path().to_path_buf();
+    for nonce_budget in [2, 1] {
+        fx.engine.take().unwrap().close().close();
+        fx.engine = Some(open_with(&dir, fx.clock.clone(), budget(nonce_budget)));
+        let mut events = fx.e().subscribe();
+        for _ in 0..3 {
+            assert_eq!(
+                fx.enc("spent", b"p").unwrap_err().kind(),
+                ErrorKind::VersionLimit
+            );
+        }
+        assert_eq!(low(&mut events), 1, "budget {nonce_budget}");
     }
-    assert_eq!(low, 1);
 }
 
 /// The nonce budget: at the threshold the version is retired by a rotation, with an event.

@@ -436,7 +436,7 @@ impl Engine {
                 KeyMaterial::Aes(k) => {
                     let used = v.encryptions.fetch_add(1, Ordering::Relaxed);
                     if !entry.rec.convergent && used >= self.config.nonce_budget {
-                        self.rotate_for_budget(&entry.rec.tag, v.version, used)?;
+                        self.rotate_for_budget(&entry.rec.tag, v.version)?;
                         entry = self.resolve(&entry.rec.tag)?;
                         require_enabled(&entry)?;
                         continue;
@@ -454,7 +454,7 @@ impl Engine {
                 KeyMaterial::Hsm(k) if entry.rec.key_type == KeyType::Aes256 => {
                     let used = v.encryptions.fetch_add(1, Ordering::Relaxed);
                     if used >= self.config.nonce_budget {
-                        self.rotate_for_budget(&entry.rec.tag, v.version, used)?;
+                        self.rotate_for_budget(&entry.rec.tag, v.version)?;
                         entry = self.resolve(&entry.rec.tag)?;
                         require_enabled(&entry)?;
                         continue;

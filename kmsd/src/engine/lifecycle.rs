@@ -692,27 +692,16 @@ impl Engine {
         restarted
     }
 
-    /// Rotation forced by the nonce budget of `exhausted` (if still current). `used` is
-    /// the count the calling encryption drew: when the rotation is impossible (the version
-    /// limit), only the first call over the budget (`used == budget`) announces it, not
-    /// every refused call after it.
-    pub(super) fn rotate_for_budget(
-        &self,
-        tag: &str,
-        exhausted: u32,
-        used: u64,
-    ) -> Result<(), EngineError> {
+    /// Rotation forced by the nonce budget of `exhausted` (if still current). When the
+    /// rotation is impossible (the version limit), the first refused call of this run
+    /// announces it, not every refused call after it (`budget_announced`).
+    pub(super) fn rotate_for_budget(&self, tag: &str, exhausted: u32) -> Result<(), EngineError> {
         // The encryption that crosses the budget may run on a tokio worker (the
         // connection's reader runs small AES calls itself), and this waits for a commit.
-        super::blocking_section(|| self.rotate_for_budget_now(tag, exhausted, used))
+        super::blocking_section(|| self.rotate_for_budget_now(tag, exhausted))
     }
 
-    fn rotate_for_budget_now(
-        &self,
-        tag: &str,
-        exhausted: u32,
-        used: u64,
-    ) -> Result<(), EngineError> {
+    fn rotate_for_budget_now(&self, tag: &str, exhausted: u32) -> Result<(), EngineError> {
         let caller = Caller::daemon();
         let lock = self.key_lock(tag);
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -743,8 +732,15 @@ impl Engine {
                     entry.rec.name
                 ),
             ),
-            Err(e) if used > self.config.nonce_budget => return Err(e),
             Err(e) => {
+                let first = self
+                    .budget_announced
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((entry.rec.tag.clone(), exhausted));
+                if !first {
+                    return Err(e);
+                }
                 self.publish(
                     EventKind::NonceBudgetLow,
                     &entry,
@@ -1196,7 +1192,7 @@ mod tests {
         engine.request_deletion(&admin, "gone").unwrap();
         engine.delete_now(&admin, "gone").unwrap();
         let mut events = engine.subscribe();
-        let refused = engine.rotate_for_budget(&key.tag, 1, engine.config.nonce_budget);
+        let refused = engine.rotate_for_budget(&key.tag, 1);
         assert_eq!(refused.unwrap_err().kind(), ErrorKind::InvalidState);
         let purged = engine.get_key(&key.tag).unwrap();
         assert_eq!(

@@ -263,6 +263,11 @@ pub struct Engine {
     key_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     events: broadcast::Sender<Published>,
     event_seq: AtomicU64,
+    /// Versions (tag, version) whose spent nonce budget could not be rotated away (the
+    /// version limit), announced in this run: once each per run, at the first refused
+    /// encryption, whatever the count (a restore sets it past the budget). Events are
+    /// not kept, so a dashboard that connects after a restart hears it again then.
+    budget_announced: Mutex<std::collections::HashSet<(String, u32)>>,
     /// Woken whenever the earliest due date may have changed.
     due_changed: Arc<Notify>,
     /// Scheduled tasks that failed, and when each may be tried again.
@@ -402,6 +407,7 @@ impl Engine {
             key_locks: Mutex::default(),
             events,
             event_seq: AtomicU64::new(1),
+            budget_announced: Mutex::default(),
             due_changed: Arc::new(Notify::new()),
             due_retries: Mutex::default(),
             deletion_waits: Mutex::default(),
