@@ -256,8 +256,22 @@ impl Writer {
         let generation_unreadable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         #[cfg(test)]
         let commits_fail = Arc::new((std::sync::atomic::AtomicBool::new(false), AtomicU64::new(0)));
+        let journal = {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            // Records left by a writer whose last commit failed are only in the journal: a
+            // writer starting here would not hold them, and its first commit would restart
+            // the journal over them. Opening the store again folds them.
+            if slot.as_ref().is_some_and(|j| j.used() > 0) {
+                return Err(StoreError::Db(
+                    "the store's last writer stopped with calls it could not fold; open the \
+                     store again to fold them"
+                        .into(),
+                ));
+            }
+            slot.take()
+        };
         let state = State {
-            journal: slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
+            journal,
             db,
             pending: Vec::new(),
             staged: None,
@@ -1827,6 +1841,24 @@ mod tests {
         }
         let (history, usage, _) = stored(&store, "a");
         assert_eq!((history.len(), usage), (4, 4));
+        writer.shutdown();
+    }
+
+    /// A writer whose last commit failed leaves calls only in the journal: no second
+    /// writer starts on them (its first commit would have restarted the journal over
+    /// them, losing acknowledged calls); the store opened again folds them.
+    #[test]
+    fn no_writer_starts_over_calls_left_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = writer_with_calls(dir.path(), 3);
+        writer.commits_fail.0.store(true, Ordering::Relaxed);
+        writer.shutdown();
+        assert!(store.start_writer().is_err());
+        drop(store);
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let (history, usage, _) = stored(&store, "a");
+        assert_eq!((history.len(), usage), (3, 3));
+        let writer = store.start_writer().unwrap();
         writer.shutdown();
     }
 
