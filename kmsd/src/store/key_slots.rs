@@ -795,6 +795,72 @@ mod tests {
         slots.retry_wipes().unwrap();
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever a few bytes written over the slot file (torn pages, bad sectors) do,
+        /// opening it never panics, and either refuses, changing nothing, or serves every
+        /// referenced key exactly its own secret, with the secrets of the known keys no
+        /// one refers to gone, and a second open has nothing left to mend.
+        #[test]
+        fn damage_is_repaired_or_refused(
+            keys in 1usize..40,
+            referenced_mask in proptest::prelude::any::<u64>(),
+            damage in proptest::collection::vec((0.0f64..1.0, proptest::prelude::any::<u8>(), 1usize..200), 0..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s");
+            let tags: Vec<String> = (0..keys).map(|i| format!("tag{i}")).collect();
+            let all: Vec<&str> = tags.iter().map(String::as_str).collect();
+            let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
+            let got = slots.allocate(&all).unwrap();
+            drop(slots);
+            let refs_: HashMap<u64, String> = got
+                .iter()
+                .zip(&tags)
+                .enumerate()
+                .filter(|(i, _)| referenced_mask & (1 << (i % 64)) != 0)
+                .map(|(_, ((index, _), tag))| (*index, tag.clone()))
+                .collect();
+            let file = OpenOptions::new().write(true).open(&path).unwrap();
+            let len = file.metadata().unwrap().len();
+            for (at, byte, run) in &damage {
+                let at = ((*at * len as f64) as u64).min(len - 1);
+                let run = (*run as u64).min(len - at) as usize;
+                file.write_all_at(&vec![*byte; run], at).unwrap();
+            }
+            drop(file);
+            let before = std::fs::read(&path).unwrap();
+            match KeySlots::open(&path, &refs_, &all) {
+                Err(e) => {
+                    proptest::prop_assert!(
+                        matches!(e, SlotError::Lost { .. } | SlotError::NotSlotFile { .. }),
+                        "{e}"
+                    );
+                    proptest::prop_assert_eq!(std::fs::read(&path).unwrap(), before);
+                }
+                Ok((slots, _)) => {
+                    for ((index, secret), tag) in got.iter().zip(&tags) {
+                        if refs_.contains_key(index) {
+                            proptest::prop_assert_eq!(*slots.read(*index, tag).unwrap(), **secret);
+                        }
+                    }
+                    drop(slots);
+                    let bytes = std::fs::read(&path).unwrap();
+                    for (index, secret) in &got {
+                        if !refs_.contains_key(index) {
+                            proptest::prop_assert!(
+                                !bytes.windows(SECRET_LEN).any(|w| w == secret.as_slice()),
+                                "slot {} of a known key no one refers to kept its secret", index
+                            );
+                        }
+                    }
+                    let (_, sweep) = KeySlots::open(&path, &refs_, &all).unwrap();
+                    proptest::prop_assert_eq!(sweep, SlotSweep::default());
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_shredded_file_is_gone_and_was_zeroed_first() {
         let dir = tempfile::tempdir().unwrap();
