@@ -1425,6 +1425,32 @@ fn a_start_without_the_store_wipes_none_of_its_key_slots() {
     assert_eq!(kind(fx.dec("precious", &ct)), ErrorKind::NotFound);
 }
 
+/// A slot that cannot be read when a call first needs its key is reported as such, not
+/// as a store that "could not record the change".
+#[test]
+fn an_unreadable_slot_says_so() {
+    let mut fx = Fx::new();
+    fx.create("slotted", KeyType::Aes256);
+    let ct = fx.enc("slotted", b"x").unwrap();
+    let dir = fx.dir.path().to_path_buf();
+    fx.engine.take().unwrap().close().close();
+    fx.engine = Some(open_with(&dir, fx.clock.clone(), EngineConfig::default()));
+    // Both copies of every slot garbled under the open engine (the material is unwrapped
+    // on first use, after this).
+    let path = kmsd::store::key_slots::path_for(&dir.join("kms.redb"));
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096..len].fill(0x5a);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = fx.dec("slotted", &ct).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(
+        err.to_string()
+            .contains("the key slot of key slotted cannot be read"),
+        "{err}"
+    );
+}
+
 /// History older than the retention period is pruned; newer entries stay.
 #[test]
 fn history_retention_prunes_old_entries() {

@@ -167,7 +167,20 @@ impl Engine {
         let slot = rec
             .slot
             .ok_or_else(|| EngineError::Internal(format!("key {} has no key slot", rec.name)))?;
-        Ok(self.slots.read(slot, &rec.tag).map_err(StoreError::from)?)
+        self.slots.read(slot, &rec.tag).map_err(|e| {
+            // A purge may have wiped it since the calling operation resolved the key: that
+            // call then fails as one on the key as it is now.
+            match self.resolve(&rec.tag) {
+                Err(gone) => gone,
+                Ok(now) if now.rec.state == KeyState::Deleted => {
+                    EngineError::InvalidState(format!("key {} has been destroyed", rec.name))
+                }
+                Ok(_) => EngineError::Internal(format!(
+                    "the key slot of key {} cannot be read: {e}",
+                    rec.name
+                )),
+            }
+        })
     }
 
     /// Wipes a slot no key refers to any more (after a purge committed, or a create that
