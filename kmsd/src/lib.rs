@@ -23,6 +23,8 @@ pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod systemd;
+#[cfg(test)]
+mod test_support;
 
 use anyhow::Context as _;
 use std::future::Future;

@@ -811,14 +811,7 @@ mod tests {
         std::os::unix::fs::symlink("/dev/zero", &marker).unwrap();
         assert!(finish_interrupted(dir.path()).is_err());
         std::fs::remove_file(&marker).unwrap();
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &marker,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
+        crate::test_support::make_fifo(&marker);
         assert!(finish_interrupted(dir.path()).is_err());
     }
 

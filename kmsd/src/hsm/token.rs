@@ -548,14 +548,7 @@ mod tests {
     fn a_pipe_without_a_writer_is_not_waited_for_when_read_again() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("pin");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
+        crate::test_support::make_fifo(&fifo);
         let (tx, rx) = std::sync::mpsc::channel();
         let path = fifo.clone();
         std::thread::spawn(move || {

@@ -604,14 +604,7 @@ mod tests {
     fn a_fifo_in_the_journals_place_is_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
+        crate::test_support::make_fifo(&path);
         let (tx, rx) = std::sync::mpsc::channel();
         let p = path.clone();
         std::thread::spawn(move || {

@@ -894,14 +894,7 @@ mod tests {
         KeySlots::shred(&path).unwrap();
         assert!(std::fs::symlink_metadata(&path).is_err());
         assert_eq!(std::fs::read(&precious).unwrap(), b"someone else's file");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
+        crate::test_support::make_fifo(&path);
         KeySlots::shred(&path).unwrap();
         assert!(std::fs::symlink_metadata(&path).is_err());
     }
