@@ -459,6 +459,48 @@ fn remove_leftovers(data_dir: &Path) {
             }
         }
     }
+    remove_second_names(data_dir);
+}
+
+/// Removes `kms.redb.before-restore-*` names that are second names of the live store,
+/// journal or slot file: left by a restore a crash cut short after it linked them aside
+/// but before its marker. Kept, they would follow the live files, not hold the old ones.
+fn remove_second_names(data_dir: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let store = data_dir.join("kms.redb");
+    let live: Vec<(u64, u64)> = [
+        store.clone(),
+        crate::store::journal::path_for(&store),
+        key_slots::path_for(&store),
+    ]
+    .iter()
+    .filter_map(|p| std::fs::symlink_metadata(p).ok())
+    .map(|m| (m.dev(), m.ino()))
+    .collect();
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let named_aside = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("kms.redb.before-restore-"));
+        let second_name = entry
+            .metadata()
+            .is_ok_and(|m| m.is_file() && live.contains(&(m.dev(), m.ino())));
+        if named_aside && second_name {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(
+                    file = %path.display(),
+                    "removed a second name of a live file a restore cut short left"
+                ),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove a second name a restore cut short left")
+                }
+            }
+        }
+    }
 }
 
 /// When root restores into a directory another account owns, hands `path` to that
@@ -938,6 +980,40 @@ mod tests {
             slot_files[1].trim_end_matches(".keyslots")
         );
         assert!(!data.join(COMMIT_MARKER).exists());
+    }
+
+    /// Names set aside by a restore that a crash cut short before its marker are second
+    /// names of the live files: removed at start. A store really set aside stays.
+    #[test]
+    fn second_names_of_live_files_are_removed_at_start() {
+        let (dir, src, _) = setup();
+        let (data, before) = used_dir(dir.path(), &src);
+        let store = data.join("kms.redb");
+        let real_aside = data.join("kms.redb.before-restore-1");
+        std::fs::copy(&store, &real_aside).unwrap();
+        for (from, to) in [
+            (store.clone(), data.join("kms.redb.before-restore-2")),
+            (
+                crate::store::journal::path_for(&store),
+                data.join("kms.redb.before-restore-2.journal"),
+            ),
+            (
+                key_slots::path_for(&store),
+                data.join("kms.redb.before-restore-2.keyslots"),
+            ),
+        ] {
+            std::fs::hard_link(from, to).unwrap();
+        }
+        finish_or_clean_up(&data).unwrap();
+        assert_eq!(
+            names(&data, "kms.redb.before-restore-"),
+            vec!["kms.redb.before-restore-1"]
+        );
+        let kept: Vec<_> = contents(&data)
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("kms.redb.before-restore-"))
+            .collect();
+        assert_eq!(kept, before);
     }
 
     /// A held data-directory lock (a running kmsd) refuses the restore.
