@@ -706,6 +706,12 @@ mod tests {
         pairs.iter().map(|(i, t)| (*i, t.to_string())).collect()
     }
 
+    /// A new slot file at `path` holding slots of `tags`, closed: what each got.
+    fn closed_file_with(path: &Path, tags: &[&str]) -> Vec<(u64, SlotSecret)> {
+        let (slots, _) = KeySlots::open(path, &HashMap::new(), &[]).unwrap();
+        slots.allocate(tags).unwrap()
+    }
+
     #[test]
     fn allocate_read_wipe_and_reuse() {
         let dir = tempfile::tempdir().unwrap();
@@ -744,9 +750,7 @@ mod tests {
     fn open_wipes_unreferenced_slots_and_keeps_referenced_ones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
-        let got = slots.allocate(&["a", "b", "c"]).unwrap();
-        drop(slots);
+        let got = closed_file_with(&path, &["a", "b", "c"]);
         // Only "b" refers to its slot; "a" is a key the store knows (purged, or a create
         // cut short), "c" one it does not (a key of another copy of the store).
         let (slots, sweep) = KeySlots::open(&path, &refs(&[(got[1].0, "b")]), &["a", "b"]).unwrap();
@@ -811,9 +815,7 @@ mod tests {
             let path = dir.path().join("s");
             let tags: Vec<String> = (0..keys).map(|i| format!("tag{i}")).collect();
             let all: Vec<&str> = tags.iter().map(String::as_str).collect();
-            let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
-            let got = slots.allocate(&all).unwrap();
-            drop(slots);
+            let got = closed_file_with(&path, &all);
             let refs_: HashMap<u64, String> = got
                 .iter()
                 .zip(&tags)
@@ -865,9 +867,7 @@ mod tests {
     fn a_shredded_file_is_gone_and_was_zeroed_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
-        slots.allocate(&["a"]).unwrap();
-        drop(slots);
+        let _ = closed_file_with(&path, &["a"]);
         // An open descriptor shows what the blocks held when the name went.
         let mut held = File::open(&path).unwrap();
         KeySlots::shred(&path).unwrap();
@@ -905,9 +905,7 @@ mod tests {
     fn an_unreferenced_slot_with_no_good_copy_is_wiped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
-        let got = slots.allocate(&["a", "b"]).unwrap();
-        drop(slots);
+        let got = closed_file_with(&path, &["a", "b"]);
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[7; SLOT_LEN], offset(got[0].0, 0))
             .unwrap();
@@ -925,9 +923,7 @@ mod tests {
     fn a_torn_page_is_repaired_from_the_other_copy() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
-        let got = slots.allocate(&["a", "b"]).unwrap();
-        drop(slots);
+        let got = closed_file_with(&path, &["a", "b"]);
         // Garble copy A's whole page (a torn write of a neighbour), then copy B of "b".
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[0x5a; PAGE as usize], offset(0, 0))
