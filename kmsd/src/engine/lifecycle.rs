@@ -1180,6 +1180,89 @@ fn purge_change(
 mod tests {
     use super::*;
 
+    fn engine_in(
+        dir: &std::path::Path,
+        clock: std::sync::Arc<crate::clock::ManualClock>,
+    ) -> Engine {
+        let root = crate::crypto::RootKey::from_bytes([0x55; 32]);
+        let store = crate::store::Store::open(&dir.join("kms.redb"), &root.fingerprint()).unwrap();
+        Engine::open(store, root, clock, super::super::EngineConfig::default()).unwrap()
+    }
+
+    fn slot_file_holds(engine: &Engine, secret: &[u8]) -> bool {
+        let bytes = std::fs::read(engine.slots.file_path()).unwrap();
+        bytes.windows(secret.len()).any(|w| w == secret)
+    }
+
+    /// An expiry whose key's slot could not be wiped at its purge (or any other failed
+    /// wipe) waits until the wipe succeeds: once the record is gone the next start no
+    /// longer knows whose slot that was, and keeps it with the material it unwraps.
+    #[test]
+    fn an_expiry_waits_for_a_failed_slot_wipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000));
+        let engine = engine_in(dir.path(), clock.clone());
+        let admin = Caller::daemon();
+        let key = engine
+            .create_key(&admin, &CreateKey::new("gone", KeyType::Aes256))
+            .unwrap();
+        let slot = engine.resolve(&key.tag).unwrap().rec.slot.unwrap();
+        let secret = engine.slots.read(slot, &key.tag).unwrap();
+        assert!(slot_file_holds(&engine, secret.as_slice()));
+        let free = engine.slots.free_slots();
+
+        engine.request_deletion(&admin, "gone").unwrap();
+        engine.slots.set_writes_fail(true);
+        // The purge itself lands; its wipe fails and is left for later.
+        engine.delete_now(&admin, "gone").unwrap();
+        assert!(slot_file_holds(&engine, secret.as_slice()));
+        assert_eq!(engine.slots.free_slots(), free);
+
+        clock.advance(engine.config.retention_ms + 1);
+        assert!(
+            engine.expire(&key.tag).is_err(),
+            "the record went while its slot still held the secret"
+        );
+        assert_eq!(
+            engine.resolve(&key.tag).unwrap().rec.state,
+            KeyState::Deleted
+        );
+
+        engine.slots.set_writes_fail(false);
+        engine.expire(&key.tag).unwrap();
+        assert!(engine.resolve(&key.tag).is_err());
+        assert!(!slot_file_holds(&engine, secret.as_slice()));
+        assert_eq!(engine.slots.free_slots(), free + 1);
+    }
+
+    /// A call that resolved its key before a purge wiped the key's slot fails as a call on
+    /// a destroyed key (or, once the key has expired, an unknown one), not as a store
+    /// failure.
+    #[test]
+    fn a_call_racing_a_purge_fails_on_the_key_as_it_is_now() {
+        use kms_shared::protocol::ErrorKind;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000));
+        let engine = engine_in(dir.path(), clock.clone());
+        let admin = Caller::daemon();
+        let key = engine
+            .create_key(&admin, &CreateKey::new("raced", KeyType::Aes256))
+            .unwrap();
+        let before = engine.resolve(&key.tag).unwrap();
+        engine.slot_secret(&before.rec).unwrap();
+
+        engine.request_deletion(&admin, "raced").unwrap();
+        engine.delete_now(&admin, "raced").unwrap();
+        let e = engine.slot_secret(&before.rec).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidState, "{e}");
+        assert!(e.to_string().contains("destroyed"), "{e}");
+
+        clock.advance(engine.config.retention_ms + 1);
+        engine.expire(&key.tag).unwrap();
+        let e = engine.slot_secret(&before.rec).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    }
+
     /// A forced rotation decided on an entry read before a purge (an encryption batch
     /// resolves its key once, and an item crossed the nonce budget after `delete-now`)
     /// gives the purged key no new version, event or history entry. It gave it a version

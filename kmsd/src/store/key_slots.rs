@@ -659,6 +659,19 @@ impl KeySlots {
         zeroed.and(removed)
     }
 
+    /// Tests elsewhere in the crate: makes every later write fail, or work again.
+    #[cfg(test)]
+    pub(crate) fn set_writes_fail(&self, fail: bool) {
+        self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Tests elsewhere in the crate: the slot file's path.
+    #[cfg(test)]
+    pub(crate) fn file_path(&self) -> &Path {
+        &self.path
+    }
+
     /// How many slots are free (tests and the scale benchmark).
     pub fn free_slots(&self) -> usize {
         self.lock().free.len()
@@ -797,6 +810,36 @@ mod tests {
             .fail_writes
             .store(true, std::sync::atomic::Ordering::Relaxed);
         slots.retry_wipes().unwrap();
+    }
+
+    /// While a backup's pause is held, a purge's wipe waits (the backup still reads the
+    /// slot it needs) and no slot is handed out; both go ahead once the pause ends.
+    #[test]
+    fn wipes_and_allocations_wait_for_a_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (slots, _) = KeySlots::open(&path, &HashMap::new(), &[]).unwrap();
+        let got = slots.allocate(&["a"]).unwrap();
+        let free = slots.free_slots();
+        let pause = slots.pause_wipes();
+        std::thread::scope(|s| {
+            let wipe = s.spawn(|| slots.wipe(got[0].0));
+            let allocate = s.spawn(|| slots.allocate(&["b"]));
+            // Not a timing assertion: without the pause both finish in microseconds; with
+            // it they cannot finish however long this waits.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert!(!wipe.is_finished(), "a wipe went ahead during the pause");
+            assert!(
+                !allocate.is_finished(),
+                "a slot was handed out during the pause"
+            );
+            assert_eq!(*slots.read(got[0].0, "a").unwrap(), *got[0].1);
+            drop(pause);
+            wipe.join().unwrap().unwrap();
+            allocate.join().unwrap().unwrap();
+        });
+        assert!(slots.read(got[0].0, "a").is_err());
+        assert_eq!(slots.free_slots(), free);
     }
 
     proptest::proptest! {
