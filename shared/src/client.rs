@@ -48,16 +48,25 @@ pub enum ClientError {
     #[error("connection to kmsd lost: {0}")]
     Frame(#[from] FrameError),
     /// The connection ended. If the request had been sent, kmsd may have carried it out
-    /// before it went away (as for [`ClientError::TimedOut`]).
+    /// before it went away (as for [`ClientError::TimedOut`]). `reason` is what kmsd said
+    /// as it closed the connection, if it said anything (a frame it refused unread: over
+    /// its `max_frame`, or cut short).
     #[error(
-        "connection to kmsd closed{}",
+        "connection to kmsd closed{}{}",
+        match reason {
+            Some(r) => format!(" by kmsd ({r})"),
+            None => String::new(),
+        },
         if *sent {
             " before it answered; the request was sent and may have been carried out"
         } else {
             "; the request was not sent"
         }
     )]
-    Closed { sent: bool },
+    Closed {
+        sent: bool,
+        reason: Option<WireError>,
+    },
     /// No reply within the time set by [`Client::set_call_timeout`]. If the request was
     /// sent, the daemon may still carry it out (or have done so): a caller that must know
     /// looks (`get_key`, the history) before it repeats a change.
@@ -197,12 +206,23 @@ type Pending = Arc<StdMutex<PendingCalls>>;
 
 #[derive(Default)]
 struct PendingCalls {
-    calls: HashMap<u64, oneshot::Sender<Outcome>>,
+    calls: HashMap<u64, oneshot::Sender<Delivery>>,
     /// The connection has ended (set by the reader as it stops, with `calls` emptied):
     /// a call made after that fails at once. Without it such a call could wait for ever:
     /// its frame written (and failed) by another call's combined write, its own write had
     /// nothing left to write, and no reader was left to drop its sender.
     closed: bool,
+    /// What the daemon said about the whole connection (a reply with id 0) before it
+    /// closed it: given to every call the close ends.
+    reason: Option<WireError>,
+}
+
+/// What the reader hands a waiting call.
+enum Delivery {
+    Reply(Outcome),
+    /// A reply this client cannot decode (a kind or value a newer kmsd added): only its
+    /// own call fails, with the decoder's message.
+    Undecodable(String),
 }
 
 /// A connection to kmsd.
@@ -363,7 +383,10 @@ impl Client {
         let in_flight = {
             let mut pending = lock(&self.pending);
             if pending.closed {
-                return Err(ClientError::Closed { sent: false });
+                return Err(ClientError::Closed {
+                    sent: false,
+                    reason: pending.reason.clone(),
+                });
             }
             pending.calls.insert(id, tx);
             pending.calls.len()
@@ -403,9 +426,16 @@ impl Client {
         let reply = rx.await;
         unsent.answered = true;
         match reply {
-            Ok(Outcome::Ok(resp)) => Ok(resp),
-            Ok(Outcome::Err(e)) => Err(ClientError::Server(e)),
-            Err(_) => Err(ClientError::Closed { sent: true }),
+            Ok(Delivery::Reply(Outcome::Ok(resp))) => Ok(resp),
+            Ok(Delivery::Reply(Outcome::Err(e))) => Err(ClientError::Server(e)),
+            Ok(Delivery::Undecodable(e)) => Err(ClientError::Unexpected(format!(
+                "a reply this client cannot decode ({e}); kmsd may be newer than this \
+                 client. The request was sent and may have been carried out"
+            ))),
+            Err(_) => Err(ClientError::Closed {
+                sent: true,
+                reason: lock(&self.pending).reason.clone(),
+            }),
         }
     }
 
@@ -978,17 +1008,39 @@ async fn read_loop(stream: Arc<Stream>, pending: Pending, events: mpsc::Sender<N
             Ok(None) | Err(_) => break,
         };
         match codec::decode::<ServerFrame>(&body) {
-            Ok(ServerFrame::Reply { id, result }) => {
-                if let Some(tx) = lock(&pending).calls.remove(&id) {
-                    let _ = tx.send(result);
-                }
-            }
+            // About the whole connection: kmsd closes it next (a frame it refused unread).
+            Ok(ServerFrame::Reply {
+                id: 0,
+                result: Outcome::Err(e),
+            }) => lock(&pending).reason = Some(e),
+            Ok(ServerFrame::Reply { id, result }) => deliver(&pending, id, Delivery::Reply(result)),
             Ok(ServerFrame::Event(e)) => notify(Notification::Event(e)),
             Ok(ServerFrame::Lagged { missed }) => notify(Notification::Lagged(missed)),
-            Err(_) => break,
+            // PROTOCOL.md §3: a frame of a newer kmsd that this client cannot read (a kind
+            // or value added since) fails only the call it answers; an event is skipped.
+            // The frames around it are unaffected: each has its own length.
+            Err(e) => {
+                if let Ok(FrameHead::Reply { id }) = codec::decode::<FrameHead>(&body) {
+                    deliver(&pending, id, Delivery::Undecodable(e.to_string()));
+                }
+            }
         }
     }
     close_pending(&pending);
+}
+
+/// Hands `id`'s call what the reader has for it (nothing if the call was given up).
+fn deliver(pending: &Pending, id: u64, what: Delivery) {
+    if let Some(tx) = lock(pending).calls.remove(&id) {
+        let _ = tx.send(what);
+    }
+}
+
+/// As much of a frame as the reader needs to route one it cannot decode whole.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FrameHead {
+    Reply { id: u64 },
 }
 
 /// Ends every call waiting on the connection (each sees `Closed`) and makes later calls
@@ -1577,15 +1629,176 @@ mod tests {
         });
         let client = Client::connect(&path).await.unwrap();
         match client.rotate("k01").await {
-            Err(e @ ClientError::Closed { sent: true }) => {
+            Err(e @ ClientError::Closed { sent: true, .. }) => {
                 assert!(e.to_string().contains("may have been carried out"), "{e}");
             }
             other => panic!("expected a lost connection after sending, got {other:?}"),
         }
         daemon.await.unwrap();
         match client.rotate("k01").await {
-            Err(ClientError::Closed { sent: false }) => {}
+            Err(ClientError::Closed { sent: false, .. }) => {}
             other => panic!("expected a closed connection, got {other:?}"),
+        }
+    }
+
+    /// Writes `frame` (any serializable shape: a newer daemon's) to `stream`.
+    async fn send_raw<T: serde::Serialize>(stream: &mut tokio::net::UnixStream, frame: &T) {
+        use tokio::io::AsyncWriteExt;
+        stream
+            .write_all(&codec::encode_frame(frame, u32::MAX).unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// Reads the next request's id.
+    async fn next_id(stream: &mut tokio::net::UnixStream) -> u64 {
+        let body = codec::read_frame(stream, 1 << 20).await.unwrap().unwrap();
+        codec::decode::<crate::protocol::ClientFrame>(&body)
+            .unwrap()
+            .id
+    }
+
+    /// The shapes of a newer daemon's frames: a reply kind, an error kind and an event
+    /// kind this client does not know.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum NewerFrame {
+        Reply { id: u64, result: NewerOutcome },
+        Event(NewerEvent),
+    }
+
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum NewerOutcome {
+        Ok(NewerResponse),
+        Err { kind: String, message: String },
+    }
+
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum NewerResponse {
+        Quota { left: u64 },
+    }
+
+    #[derive(serde::Serialize)]
+    struct NewerEvent {
+        seq: u64,
+        time: i64,
+        kind: &'static str,
+        key_tag: Option<String>,
+        key_name: Option<String>,
+        version: Option<u32>,
+        state: Option<String>,
+        account: &'static str,
+        message: &'static str,
+    }
+
+    /// PROTOCOL.md §3: what a newer kmsd may send that this client cannot read — a reply
+    /// kind, an error kind, an event kind — fails at most the call it answers, and the
+    /// connection goes on. Before, any one of them ended the connection and failed every
+    /// call on it as "closed", the daemon's own message lost.
+    #[tokio::test]
+    async fn what_a_newer_daemon_adds_fails_at_most_its_own_call() {
+        use crate::protocol::{Outcome, ServerFrame};
+        let dir = Scratch::new("newer");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let daemon = tokio::spawn(async move {
+            let mut stream = accept_and_greet(&listener).await;
+            // An event of a kind added since, before the reply to `subscribe`.
+            let id = next_id(&mut stream).await;
+            let event = NewerEvent {
+                seq: 1,
+                time: 0,
+                kind: "quota-exceeded",
+                key_tag: None,
+                key_name: None,
+                version: None,
+                state: None,
+                account: "kmsd",
+                message: "m",
+            };
+            send_raw(&mut stream, &NewerFrame::Event(event)).await;
+            let subscribed = ServerFrame::Reply {
+                id,
+                result: Outcome::Ok(Response::Subscribed),
+            };
+            send_raw(&mut stream, &subscribed).await;
+            // A reply of a kind added since.
+            let id = next_id(&mut stream).await;
+            let result = NewerOutcome::Ok(NewerResponse::Quota { left: 1 });
+            send_raw(&mut stream, &NewerFrame::Reply { id, result }).await;
+            // An error kind added since.
+            let id = next_id(&mut stream).await;
+            let result = NewerOutcome::Err {
+                kind: "rate-limited".into(),
+                message: "too many calls".into(),
+            };
+            send_raw(&mut stream, &NewerFrame::Reply { id, result }).await;
+            // And an ordinary reply.
+            let id = next_id(&mut stream).await;
+            let result = Outcome::Ok(Response::Verified { valid: true });
+            send_raw(&mut stream, &ServerFrame::Reply { id, result }).await;
+            stream
+        });
+        let client = Client::connect(&path).await.unwrap();
+        let mut events = client.subscribe().await.unwrap();
+        match client.status().await {
+            Err(e @ ClientError::Unexpected(_)) => {
+                assert!(e.to_string().contains("cannot decode"), "{e}")
+            }
+            other => panic!("expected an undecodable reply, got {other:?}"),
+        }
+        match client.rotate("k01").await {
+            Err(ClientError::Server(e)) => {
+                assert_eq!(e, WireError::new(ErrorKind::Internal, "too many calls"))
+            }
+            other => panic!("expected the daemon's refusal, got {other:?}"),
+        }
+        let scheme = crate::model::SignScheme::default();
+        assert!(client.verify("k01", b"m", "s", scheme).await.unwrap());
+        assert!(events.try_recv().is_err(), "the unknown event was skipped");
+        drop(daemon.await.unwrap());
+    }
+
+    /// What kmsd says about the whole connection before it closes it (a reply with id 0:
+    /// here a frame over its `max_frame`, refused unread) is the reason every call the
+    /// close ends is given. Before, they were told only "closed".
+    #[tokio::test]
+    async fn the_daemons_reason_for_closing_reaches_the_calls() {
+        use crate::protocol::{Outcome, ServerFrame};
+        let dir = Scratch::new("refused");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let refusal = WireError::new(
+            ErrorKind::MalformedFrame,
+            "frame of 5000 bytes exceeds the maximum of 1024",
+        );
+        let said = refusal.clone();
+        let daemon = tokio::spawn(async move {
+            let mut stream = accept_and_greet(&listener).await;
+            next_id(&mut stream).await;
+            let result = Outcome::Err(said);
+            send_raw(&mut stream, &ServerFrame::Reply { id: 0, result }).await;
+        });
+        let client = Client::connect(&path).await.unwrap();
+        match client.rotate("k01").await {
+            Err(e @ ClientError::Closed { sent: true, .. }) => {
+                let ClientError::Closed { reason, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(reason.as_ref(), Some(&refusal));
+                assert!(e.to_string().contains("exceeds the maximum of 1024"), "{e}");
+            }
+            other => panic!("expected the daemon's reason, got {other:?}"),
+        }
+        daemon.await.unwrap();
+        match client.rotate("k01").await {
+            Err(ClientError::Closed {
+                sent: false,
+                reason: Some(r),
+            }) => assert_eq!(r, refusal),
+            other => panic!("expected the daemon's reason, got {other:?}"),
         }
     }
 
@@ -1600,8 +1813,16 @@ mod tests {
                 sent: true,
             }
             .to_string(),
-            ClientError::Closed { sent: true }.to_string(),
-            ClientError::Closed { sent: false }.to_string(),
+            ClientError::Closed {
+                sent: true,
+                reason: None,
+            }
+            .to_string(),
+            ClientError::Closed {
+                sent: false,
+                reason: Some(WireError::new(ErrorKind::MalformedFrame, "m")),
+            }
+            .to_string(),
         ];
         for m in messages {
             assert!(!m.contains("  ") && !m.contains('\n'), "{m}");

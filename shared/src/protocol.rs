@@ -556,6 +556,9 @@ pub enum ErrorKind {
     PermissionDenied,
     MalformedFrame,
     UnsupportedVersion,
+    /// Also what a kind this client does not know decodes to (PROTOCOL.md §3: a newer
+    /// kmsd may add kinds; the message still says what happened).
+    #[serde(other)]
     Internal,
 }
 
@@ -738,6 +741,29 @@ mod tests {
                 map.into_keys().next().unwrap()
             });
             assert_eq!(r.kind(), name);
+        }
+    }
+
+    /// PROTOCOL.md §3: an error kind a newer kmsd added reads as `internal`, its message
+    /// kept; the known kinds keep their names both ways.
+    #[test]
+    fn an_unknown_error_kind_reads_as_internal() {
+        #[derive(Serialize)]
+        struct Newer {
+            kind: &'static str,
+            message: &'static str,
+        }
+        let bytes = crate::codec::encode(&Newer {
+            kind: "rate-limited",
+            message: "slow down",
+        })
+        .unwrap();
+        let e: WireError = crate::codec::decode(&bytes).unwrap();
+        assert_eq!(e, WireError::new(ErrorKind::Internal, "slow down"));
+        for kind in ErrorKind::ALL {
+            let bytes = crate::codec::encode(&kind).unwrap();
+            let back: ErrorKind = crate::codec::decode(&bytes).unwrap();
+            assert_eq!(back, kind);
         }
     }
 }

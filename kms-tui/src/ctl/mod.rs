@@ -685,7 +685,10 @@ mod tests {
             max: 1_048_576,
         });
         assert_eq!((large.kind(), large.exit_code()), ("too-large", 6));
-        let closed = CtlError::from(ClientError::Closed { sent: true });
+        let closed = CtlError::from(ClientError::Closed {
+            sent: true,
+            reason: None,
+        });
         assert_eq!((closed.kind(), closed.exit_code()), ("connect", 69));
         let late = CtlError::from(ClientError::TimedOut {
             after: Duration::from_millis(1500),
