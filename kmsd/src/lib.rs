@@ -30,10 +30,13 @@ use anyhow::Context as _;
 use std::future::Future;
 use std::sync::Arc;
 
-/// kmsd's exit status when a restart cannot help and could do harm (`EX_CONFIG`): the
-/// daemon's PKCS#11 token refused its PIN, and a token that counts failed logins locks
-/// the PIN after a few. The unit file names it in `RestartPreventExitStatus=`, so
-/// `Restart=on-failure` does not present the PIN again every second.
+/// kmsd's exit status when a restart cannot help and could do harm (`EX_CONFIG`): a
+/// PKCS#11 token refused its PIN, and a token that counts failed logins locks the PIN
+/// after a few. The unit file names it in `RestartPreventExitStatus=`, so
+/// `Restart=on-failure` does not present the PIN again every second. That alone does not
+/// stop a socket-activated restart (a client waiting in the backlog starts kmsd again), so
+/// a refused PIN of the daemon's token no longer stops kmsd at all
+/// ([`hsm::Registry::open`]); this status remains for any error that carries one.
 pub const EXIT_NO_RESTART: u8 = 78;
 
 /// The exit status for an error that stopped kmsd: [`EXIT_NO_RESTART`] or 1.

@@ -854,8 +854,11 @@ async fn token_that_goes_away_fails_clearly_and_recovers() {
 }
 
 /// The daemon's token can come from the config file with the PIN from the systemd
-/// credential kms-pkcs11-pin; a wrong PIN stops kmsd at start with an error that names
-/// the token but not the PIN.
+/// credential kms-pkcs11-pin. A wrong PIN does not stop kmsd: it presents it once, says
+/// so naming the token but not the PIN, serves basic keys, and refuses hsm calls at once
+/// without presenting the PIN again. Before, it exited (78); under socket activation the
+/// client waiting in the backlog started it again at once, and every start presented the
+/// refused PIN once more, up to systemd's start limit: enough to lock many tokens.
 #[tokio::test(flavor = "multi_thread")]
 async fn pin_from_credential_and_wrong_pin() {
     let hsm = SoftHsm::new();
@@ -872,7 +875,7 @@ async fn pin_from_credential_and_wrong_pin() {
         "CREDENTIALS_DIRECTORY".into(),
         creds.path().display().to_string(),
     ));
-    let d = TestDaemon::start_with(DaemonOptions {
+    let mut d = TestDaemon::start_with(DaemonOptions {
         config: Some(config.clone()),
         env: env.clone(),
         ..DaemonOptions::default()
@@ -884,36 +887,40 @@ async fn pin_from_credential_and_wrong_pin() {
         .unwrap();
     use_key(&c, &k, b"m").await;
     drop(c);
-    drop(d);
 
     let dir = tempfile::tempdir().unwrap();
     let wrong = dir.path().join("wrong.pin");
     std::fs::write(&wrong, "9999-wrong\n").unwrap();
-    let out = Command::new(bin("kmsd"))
-        .args(["--socket"])
-        .arg(dir.path().join("s.sock"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args([
-            "--pkcs11-module",
-            softhsm::MODULE,
-            "--pkcs11-token",
-            &token.label,
-        ])
-        .arg("--pkcs11-pin-file")
-        .arg(&wrong)
-        .envs(hsm.env())
-        .output()
+    d.restart_with(DaemonOptions {
+        extra_args: vec![
+            "--pkcs11-module".into(),
+            softhsm::MODULE.into(),
+            "--pkcs11-token".into(),
+            token.label.clone(),
+            "--pkcs11-pin-file".into(),
+            wrong.display().to_string(),
+        ],
+        env: hsm.env(),
+        ..DaemonOptions::default()
+    });
+    let c = d.client().await;
+    let basic = c
+        .create_key(spec("cred-aes", KeyType::Aes256, Protection::Basic))
+        .await
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // 78 (EX_CONFIG): the unit's RestartPreventExitStatus, so systemd does not present
-    // the refused PIN again every second until the token locks it.
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
-    assert!(
-        stderr.contains("kms-cred") && stderr.contains("PIN"),
-        "{stderr}"
+    use_key(&c, &basic, b"m").await;
+    for _ in 0..3 {
+        let m = message_of(c.sign("cred-ec", b"m", SignScheme::default()).await);
+        assert!(m.contains("kms-cred") && m.contains("PIN"), "{m}");
+        assert!(!m.contains("9999-wrong"), "{m}");
+    }
+    let log = d.log_text();
+    let presented = log.matches("the token refused the PIN").count();
+    assert_eq!(
+        presented, 1,
+        "the refused PIN was presented {presented} times"
     );
-    assert!(!stderr.contains("9999-wrong"), "{stderr}");
+    assert!(!log.contains("9999-wrong") && !log.contains(PIN), "{log}");
 }
 
 /// A PIN the token refused is presented once, not on every call, new session or

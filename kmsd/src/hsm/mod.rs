@@ -266,10 +266,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the daemon token (a PIN file that cannot be read, a module that cannot be
-    /// loaded or a refused PIN stop the daemon; a token that is merely absent does not:
-    /// hsm calls fail with a clear error until it is back). Dedicated tokens open on
-    /// first use.
+    /// Opens the daemon token (a PIN file that cannot be read or a module that cannot be
+    /// loaded stop the daemon; a token that is absent or refuses the PIN does not: hsm
+    /// calls fail with a clear error until it is back, or until the PIN file holds
+    /// another PIN). Dedicated tokens open on first use.
+    ///
+    /// A refused PIN must not stop the daemon: under socket activation the client waiting
+    /// in the backlog starts kmsd again at once, whatever `RestartPreventExitStatus=`
+    /// says, and each start would present the PIN once more until systemd's start limit
+    /// (five in ten seconds) — enough to lock a token that allows three tries.
     pub fn open(
         daemon: Option<&DaemonToken>,
         registered: Vec<HsmTokenRecord>,
@@ -287,7 +292,10 @@ impl Registry {
                     Ok(()) => {
                         tracing::info!(token = %d.token, module = %d.module.display(), "PKCS#11 token ready")
                     }
-                    Err(e @ HsmError::Login { .. }) => return Err(e),
+                    Err(e @ HsmError::Login { .. }) => tracing::error!(
+                        error = %e,
+                        "hsm keys fail until the PIN file holds another PIN; basic keys are served"
+                    ),
                     Err(e) => tracing::warn!(
                         error = %e,
                         "the daemon's PKCS#11 token is not available; hsm keys fail until it is"
