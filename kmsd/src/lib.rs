@@ -60,6 +60,20 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     // A no-op when main already claimed it; before any file is opened either way.
     systemd::claim_listen_fds()?;
     let _lock = server::lock_data_dir_to_serve(&config.data_dir)?;
+    // The store, journal, slots, lock, socket, the runtime's own descriptors, a backup,
+    // HSM libraries: well under this many besides the connections.
+    const OWN_FILES: u64 = 64;
+    if let Some(open_files) = systemd::raise_open_files_limit()
+        && open_files < config.max_connections as u64 + OWN_FILES
+    {
+        tracing::warn!(
+            open_files,
+            max_connections = config.max_connections,
+            "the open files limit (its hard limit too) is below max_connections plus kmsd's own \
+             files: at the limit new connections fail until others close; raise LimitNOFILE \
+             or lower max_connections"
+        );
+    }
     backup::remove_stale(&config.data_dir);
     // First: a restore into an empty directory cut short between its renames has no
     // `kms.redb` yet, and the checks below would take it for a new directory.

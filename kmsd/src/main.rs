@@ -165,20 +165,30 @@ fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
 /// Installs the SIGTERM and SIGINT handlers at once and resolves on either. Installed
 /// when this is called, not when first awaited: a stop sent as soon as the socket answers
 /// (a service manager, a test) must be the clean one, never the signal's default exit.
+/// SIGHUP, which daemons conventionally take as "reload" (`systemctl reload`, log
+/// rotation scripts, a closed terminal), is logged and otherwise ignored: its default
+/// action ended kmsd without a clean stop, and kmsd has nothing to reload.
 fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     );
     async move {
-        let (Ok(mut term), Ok(mut int)) = handlers else {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = handlers else {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => tracing::info!(
+                    "SIGHUP ignored: kmsd has nothing to reload; restart it to apply a changed \
+                     configuration"
+                ),
+            }
         }
     }
 }

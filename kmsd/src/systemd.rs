@@ -376,6 +376,26 @@ pub fn spawn_notifier(engine: Arc<Engine>, socket: PathBuf, mut shutdown: Shutdo
     });
 }
 
+/// Raises the soft limit on open files to the hard one, and returns the soft limit in
+/// force. Every connection is a descriptor, and the usual soft limit (1,024, systemd's
+/// default too) is below `max_connections` (1,024) plus the daemon's own files: at the
+/// limit `accept` fails for everyone, root included. kmsd never uses `select`, the one
+/// reason the soft limit stays low by default.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open files limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 /// What [`harden_process`] achieved, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryLock {

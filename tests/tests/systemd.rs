@@ -901,3 +901,76 @@ async fn process_hardening() {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
 }
+
+/// Starts kmsd under `prlimit --nofile=SOFT:HARD` and returns the open files limit it
+/// runs with (`/proc/PID/limits`, soft) and its log once it is ready.
+fn open_files_limit_under(soft: u64, hard: u64) -> (u64, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("run/kmsd.sock");
+    let log_path = tmp.path().join("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .arg(bin("kmsd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run prlimit: {e} (run .ci/install-deps)"));
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kmsd exited:\n{}",
+            log()
+        );
+        assert!(Instant::now() < deadline, "not ready:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let soft_now = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{limits}"));
+    (soft_now, log())
+}
+
+/// kmsd raises its soft limit on open files to the hard one: the usual soft limit (1,024,
+/// systemd's default as well) is below its default `max_connections` plus its own files,
+/// and at the limit `accept` failed for every account, root included. A hard limit that
+/// is still too low is named in the log.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let (soft, log) = open_files_limit_under(256, 4096);
+    assert_eq!(soft, 4096, "{log}");
+    assert!(!log.contains("open files limit"), "{log}");
+    let (soft, log) = open_files_limit_under(256, 512);
+    assert_eq!(soft, 512, "{log}");
+    assert!(log.contains("the open files limit"), "{log}");
+}
+
+/// SIGHUP (`systemctl reload`, a log rotation script) is logged and ignored: kmsd keeps
+/// serving. Its default action ended kmsd without a clean stop (the next start verified
+/// every page of the store), and `Restart=on-failure` did not start it again.
+#[tokio::test]
+async fn sighup_is_ignored() {
+    let d = TestDaemon::start();
+    let pid = rustix::process::Pid::from_raw(d.pid().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.log_text().contains("SIGHUP ignored") {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = d.client().await;
+    aes_key(&c, "after-hup").await;
+}
