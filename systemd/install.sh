@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs kms as a systemd service: builds the release binaries and installs kmsd,
-# kmsctl and kms-tui with the units, the kms account (sysusers.d) and /run/kms
-# (tmpfiles.d). See docs/service.md.
+# Installs kms as a systemd service: builds the release binaries (under sudo, as the
+# user who ran it) and installs kmsd, kmsctl and kms-tui with the units, the kms account
+# (sysusers.d) and /run/kms (tmpfiles.d). See docs/service.md.
 #
 #   sudo systemd/install.sh            system service: /usr/local/bin, /etc/systemd/system
 #   systemd/install.sh --user          user service:   ~/.local/bin, ~/.config/systemd/user
@@ -60,8 +60,39 @@ else
   fi
 fi
 
+# A kmsd that systemd did not start (kmsctl and kms-tui start one when none answers)
+# holding the store the service would use: the service could not take the store's lock
+# and would restart until systemd gives up, while systemd's socket replaced the one that
+# daemon listens on. Checked in a dry run too; never with --prefix (a staging root).
+if [[ -z "$prefix" ]]; then
+  if ((user)); then
+    data_dir="${XDG_DATA_HOME:-$HOME/.local/share}/kms"
+    active=(systemctl --user is-active --quiet kmsd.service)
+  else
+    data_dir=/var/lib/kms
+    active=(systemctl is-active --quiet kmsd.service)
+  fi
+  if command -v flock >/dev/null && [[ -e "$data_dir/kmsd.lock" ]] \
+    && ! flock --nonblock --exclusive "$data_dir/kmsd.lock" true 2>/dev/null \
+    && ! "${active[@]}" 2>/dev/null; then
+    echo "install.sh: a kmsd that systemd did not start is serving $data_dir (kmsctl or" \
+      "kms-tui started it); stop it first (pkill -TERM -x kmsd, as its owner), then run this again" >&2
+    exit 1
+  fi
+fi
+
 if [[ -z "$binaries" ]]; then
-  step cargo build --release --locked --manifest-path "$repo/Cargo.toml" -p kmsd -p kms-tui
+  build=(cargo build --release --locked --manifest-path "$repo/Cargo.toml" -p kmsd -p kms-tui)
+  if ((EUID == 0)) && [[ -n "${SUDO_USER:-}" && "$SUDO_USER" != root ]]; then
+    # Built as whoever ran sudo: sudo's PATH has no ~/.cargo/bin (rustup's), and a build
+    # as root would leave root-owned files in their target directory.
+    build=(sudo -u "$SUDO_USER" -H bash -lc "$(printf '%q ' "${build[@]}")")
+  fi
+  if ! step "${build[@]}"; then
+    echo "install.sh: the build failed; build as yourself (cargo build --release -p kmsd" \
+      "-p kms-tui), then run: sudo systemd/install.sh --binaries target/release" >&2
+    exit 1
+  fi
   binaries="${CARGO_TARGET_DIR:-$repo/target}/release"
 fi
 

@@ -161,6 +161,20 @@ fn install_script() {
         assert!(text(&out).contains(dest), "{dest} missing:\n{}", text(&out));
     }
     assert!(!prefix.exists(), "--dry-run changed something");
+    // Run through sudo, it builds as the user who ran sudo: sudo's PATH has no
+    // ~/.cargo/bin, and a root build leaves root-owned files in their target/.
+    if rustix::process::geteuid().is_root() {
+        let out = run(Command::new(&script)
+            .args(["--dry-run", "--prefix"])
+            .arg(&prefix)
+            .env("SUDO_USER", "alice"));
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains("+ sudo -u alice -H bash -lc cargo build --release"),
+            "{}",
+            text(&out)
+        );
+    }
 
     let out = run(Command::new(&script)
         .arg("--prefix")
@@ -213,6 +227,43 @@ fn install_script() {
             .join(".local/share/doc/kms/service.md")
             .exists()
     );
+}
+
+/// Installing the service over a kmsd that a client started on the same store is refused
+/// (even in a dry run), saying how to stop it: the service could not take the store's
+/// lock and would restart until systemd gave up, while systemd's socket replaced the one
+/// that daemon listened on. With that daemon stopped, the same install goes ahead.
+#[test]
+fn install_script_refuses_a_running_unmanaged_kmsd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bins = tmp.path().join("bins");
+    std::fs::create_dir(&bins).unwrap();
+    for b in ["kmsd", "kmsctl", "kms-tui"] {
+        std::fs::write(bins.join(b), "#!/bin/sh\n").unwrap();
+    }
+    let data_home = tmp.path().join("data");
+    let install = || {
+        run(Command::new(systemd_dir().join("install.sh"))
+            .args(["--user", "--dry-run", "--binaries"])
+            .arg(&bins)
+            .env("HOME", tmp.path().join("home"))
+            .env("XDG_DATA_HOME", &data_home)
+            .env_remove("XDG_CONFIG_HOME"))
+    };
+    let d = TestDaemon::start_with(DaemonOptions {
+        data_dir: Some(data_home.join("kms")),
+        ..DaemonOptions::default()
+    });
+    let out = install();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("a kmsd that systemd did not start is serving"),
+        "{}",
+        text(&out)
+    );
+    drop(d);
+    let out = install();
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// `systemd-analyze security --offline=true` rates the system service at most 2.0.
