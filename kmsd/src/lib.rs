@@ -53,6 +53,17 @@ pub fn exit_status(e: &anyhow::Error) -> u8 {
     if refused_pin { EXIT_NO_RESTART } else { 1 }
 }
 
+/// Set once kmsd is about to serve: from then on a stop is the graceful one that `run`
+/// carries out. Before, nothing has been served and the start may be long (a full page
+/// check of a large store, a PIN read from a pipe), so `main` ends the process at once
+/// on a stop instead of waiting for a start the service manager has given up on.
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `run` has finished starting (see [`SERVING`]).
+pub fn is_serving() -> bool {
+    SERVING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Runs the daemon until `stop` resolves, then shuts down gracefully: stops accepting,
 /// answers every request in flight, commits, closes the store, removes the socket (if
 /// kmsd bound it: a socket systemd passed stays, systemd listens on it for the next start).
@@ -139,6 +150,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         tracing::info!(keys = purged, "purged keys whose deletion wait ended");
     }
 
+    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
     // `_socket_lock`: held while kmsd serves a socket it bound itself (`server::bind`).
     let (listener, own_socket, _socket_lock) = match systemd::take_activated_listener()? {
         Some(activated) => {

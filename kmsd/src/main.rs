@@ -122,7 +122,33 @@ fn start(args: Args) -> anyhow::Result<()> {
         .thread_name("kmsd")
         .build()?;
     // The handlers are installed before `run` binds the socket.
-    runtime.block_on(async { kmsd::run(config, stop_signal()).await })
+    runtime.block_on(async {
+        let signals = stop_signal();
+        // Watched on a worker thread: `run`'s start blocks the thread it runs on.
+        let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            signals.await;
+            if !kmsd::is_serving() {
+                exit_while_starting();
+            }
+            let _ = stopped.send(());
+        });
+        kmsd::run(config, async {
+            let _ = stop.await;
+        })
+        .await
+    })
+}
+
+/// A stop that arrives before kmsd serves: nothing has been answered, so ending the
+/// process is safe (as a crash at that point: every store write is crash-safe, and the
+/// next start checks the store again). Waiting instead would keep `systemctl stop` or a
+/// shutdown waiting on a start that may take minutes (the service manager's start
+/// timeout is extended meanwhile) or never end (a PIN read from a pipe with no writer).
+fn exit_while_starting() -> ! {
+    tracing::warn!("stop requested while starting: exiting before serving");
+    kmsd::systemd::notify_stopping();
+    std::process::exit(0)
 }
 
 /// `kmsd restore`: prints what it did, or fails; a failure changed nothing unless it says

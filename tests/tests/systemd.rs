@@ -953,6 +953,16 @@ async fn process_hardening() {
     assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
 }
 
+/// A child process killed and reaped when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts kmsd under `prlimit --nofile=SOFT:HARD` and returns the open files limit it
 /// runs with (`/proc/PID/limits`, soft) and its log once it is ready.
 fn open_files_limit_under(soft: u64, hard: u64) -> (u64, String) {
@@ -960,7 +970,7 @@ fn open_files_limit_under(soft: u64, hard: u64) -> (u64, String) {
     let socket = tmp.path().join("run/kmsd.sock");
     let log_path = tmp.path().join("log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new("prlimit")
+    let child = Command::new("prlimit")
         .arg(format!("--nofile={soft}:{hard}"))
         .arg(bin("kmsd"))
         .arg("--socket")
@@ -972,6 +982,9 @@ fn open_files_limit_under(soft: u64, hard: u64) -> (u64, String) {
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run prlimit: {e} (run .ci/install-deps)"));
+    // Killed when dropped, also when an assertion fails.
+    let mut child = Reaped(child);
+    let child = &mut child.0;
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while UnixStream::connect(&socket).is_err() {
@@ -984,8 +997,6 @@ fn open_files_limit_under(soft: u64, hard: u64) -> (u64, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
     let soft_now = limits
         .lines()
         .find_map(|l| l.strip_prefix("Max open files"))
@@ -1024,4 +1035,54 @@ async fn sighup_is_ignored() {
     }
     let c = d.client().await;
     aes_key(&c, "after-hup").await;
+}
+
+/// A stop (SIGTERM) that arrives while kmsd is still starting ends it at once, before it
+/// serves. Before, the signal was looked at only once kmsd served: a `systemctl stop` or
+/// a shutdown during a long start (a full page check of a large store, whose start
+/// timeout kmsd keeps extending; here, the token's PIN read from a pipe nobody writes)
+/// waited for the whole start.
+#[test]
+fn a_stop_while_starting_ends_kmsd_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pin = tmp.path().join("pin");
+    let made = Command::new("mkfifo").arg(&pin).status().unwrap();
+    assert!(made.success());
+    let path = |p: &str| tmp.path().join(p).display().to_string();
+    let mut d = Raw::spawn(
+        &[
+            "--socket",
+            &path("run/kmsd.sock"),
+            "--data-dir",
+            &path("data"),
+            "--pkcs11-module",
+            kms_e2e::softhsm::MODULE,
+            "--pkcs11-token",
+            "kms-never",
+            "--pkcs11-pin-file",
+            &path("pin"),
+        ],
+        &[],
+    );
+    // Far enough to be reading the PIN: the store is opened before.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("store opened") {
+        assert!(
+            d.child.try_wait().unwrap().is_none(),
+            "kmsd exited:\n{}",
+            d.log()
+        );
+        assert!(Instant::now() < deadline, "not started:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = rustix::process::Pid::from_raw(d.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    // `Raw` kills kmsd if this fails.
+    let code = wait_exit(&mut d.child, Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", d.log());
+    assert!(
+        d.log().contains("stop requested while starting"),
+        "{}",
+        d.log()
+    );
 }
