@@ -37,6 +37,9 @@ enum Activation {
 /// Process-wide, because the file descriptor systemd passed is.
 static ACTIVATION: Mutex<Activation> = Mutex::new(Activation::Unclaimed);
 
+/// How many sockets systemd passed beyond the one kmsd serves.
+static EXTRA_SOCKETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Takes ownership of the listening socket systemd passed, if `LISTEN_PID`/`LISTEN_FDS`
 /// name this process. Call it first thing in `main`, before any file is opened: a process
 /// started with `LISTEN_FDS` but without fd 3 would otherwise find one of its own files
@@ -54,12 +57,10 @@ pub fn claim_listen_fds() -> Result<(), SystemdError> {
     let Some(fd) = fds.next() else {
         return Ok(());
     };
-    if fds.len() > 0 {
-        tracing::warn!(
-            extra = fds.len(),
-            "systemd passed more than one socket; kmsd serves the first"
-        );
-    }
+    // Said once logging is set up (this runs before it): see `take_activated_listener`.
+    // They stay open: the descriptors belong to the service manager's socket units, and
+    // closing one here would free its number for kmsd's own files.
+    EXTRA_SOCKETS.store(fds.len(), std::sync::atomic::Ordering::Relaxed);
     let owned = own_passed_fd(fd);
     let listener = validate_listener(owned)?;
     *state = Activation::Claimed(Some(listener));
@@ -174,6 +175,13 @@ pub fn take_activated_listener() -> Result<Option<ActivatedSocket>, SystemdError
     let Some(listener) = listener else {
         return Ok(None);
     };
+    let extra = EXTRA_SOCKETS.load(std::sync::atomic::Ordering::Relaxed);
+    if extra > 0 {
+        tracing::warn!(
+            extra,
+            "systemd passed more than one socket; kmsd serves the first (fd 3) only"
+        );
+    }
     let path = listener
         .local_addr()
         .ok()

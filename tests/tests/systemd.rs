@@ -440,7 +440,8 @@ fn notify_ready_watchdog_stopping() {
 
 /// kmsd started by systemd-socket-activate serves kmsctl on the passed socket (status
 /// reports that socket, not --socket), exits 0 on SIGTERM and leaves the socket file,
-/// which it did not create, in place.
+/// which it did not create, in place. A second socket passed is named in the log (the
+/// warning was once made before logging was set up, and lost).
 #[test]
 fn socket_activation_with_kmsctl() {
     let tmp = tempfile::tempdir().unwrap();
@@ -450,6 +451,8 @@ fn socket_activation_with_kmsctl() {
     let mut child = Command::new("systemd-socket-activate")
         .arg("-l")
         .arg(&socket)
+        .arg("-l")
+        .arg(tmp.path().join("extra.sock"))
         .arg(bin("kmsd"))
         .arg("--data-dir")
         .arg(&data)
@@ -499,6 +502,11 @@ fn socket_activation_with_kmsctl() {
         log_text()
     );
     assert!(log_text().contains("activated=true"), "{}", log_text());
+    assert!(
+        log_text().contains("more than one socket"),
+        "{}",
+        log_text()
+    );
     assert!(socket.exists(), "kmsd removed a socket it did not create");
 }
 
