@@ -5,6 +5,7 @@
 //! back, `/` to filter, `?` for help, `q` to quit, single letters for actions.
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use kms_shared::model::KeyState;
 
 use super::action::Action;
 use super::strings as s;
@@ -292,6 +293,75 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
     }
 }
 
+/// The footer of the key list and the details for the selected key's state (SPEC §12: the
+/// action letters in the footer): the lifecycle actions that state allows first (SPEC
+/// §3), then create and quit, the views, and the rest, as many as fit. [`footer`] of those modes is the
+/// whole set (for the tests that check every hint is bound).
+pub fn key_footer(state: Option<KeyState>) -> &'static [Hint] {
+    const HELP: Hint = ("?", s::F_HELP);
+    const FILTER: Hint = ("/", s::F_FILTER);
+    const CREATE: Hint = ("c", s::F_CREATE);
+    const QUIT: Hint = ("q", s::F_QUIT);
+    const DETAILS: Hint = ("enter", s::F_DETAILS);
+    const VERSIONS: Hint = ("v", s::F_VERSIONS);
+    const HISTORY: Hint = ("h", s::F_HISTORY);
+    const MEMO: Hint = ("m", s::F_MEMO);
+    const AUTO: Hint = ("a", s::F_AUTO);
+    const PERIOD: Hint = ("p", s::F_PERIOD);
+    const PERMISSIONS: Hint = ("P", s::F_PERMISSIONS);
+    const TOKENS: Hint = ("T", s::F_TOKENS);
+    match state {
+        Some(KeyState::Enabled) => &[
+            HELP,
+            FILTER,
+            ("r", s::F_ROTATE),
+            ("d", s::F_DISABLE),
+            ("x", s::F_DELETE),
+            CREATE,
+            QUIT,
+            VERSIONS,
+            HISTORY,
+            DETAILS,
+            AUTO,
+            PERIOD,
+            MEMO,
+            PERMISSIONS,
+            TOKENS,
+        ],
+        Some(KeyState::Disabled) => &[
+            HELP,
+            FILTER,
+            ("e", s::F_ENABLE),
+            ("x", s::F_DELETE),
+            CREATE,
+            QUIT,
+            VERSIONS,
+            HISTORY,
+            DETAILS,
+            AUTO,
+            PERIOD,
+            MEMO,
+            PERMISSIONS,
+            TOKENS,
+        ],
+        Some(KeyState::PendingDeletion) => &[
+            HELP,
+            FILTER,
+            ("u", s::F_UNDELETE),
+            ("D", s::F_DELETE_NOW),
+            CREATE,
+            QUIT,
+            VERSIONS,
+            HISTORY,
+            DETAILS,
+            MEMO,
+            PERMISSIONS,
+            TOKENS,
+        ],
+        Some(KeyState::Deleted) | None => &[HELP, FILTER, CREATE, QUIT, PERMISSIONS, TOKENS],
+    }
+}
+
 /// The help overlay: sections of bindings.
 pub const HELP: &[(&str, &[Hint])] = &[
     (
@@ -404,6 +474,51 @@ mod tests {
                         map(mode, key).is_some(),
                         "{mode:?}: {hint} ({what}) is shown but not bound"
                     );
+                }
+            }
+        }
+    }
+
+    /// The key list's footer offers the lifecycle actions the selected key's state allows
+    /// (SPEC §3), and no other; every hint is bound. It once offered r, d, e and x on a
+    /// key pending deletion, all refused, and not u or D.
+    #[test]
+    fn the_key_footer_follows_the_state() {
+        let letters = |state| -> String {
+            key_footer(state)
+                .iter()
+                .filter(|(k, _)| k.chars().count() == 1)
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        let has = |state, all: &str, none: &str| {
+            let shown = letters(state);
+            for c in all.chars() {
+                assert!(shown.contains(c), "{state:?}: {c} missing from {shown}");
+            }
+            for c in none.chars() {
+                assert!(!shown.contains(c), "{state:?}: {c} offered in {shown}");
+            }
+        };
+        has(Some(KeyState::Enabled), "rdx", "euD");
+        has(Some(KeyState::Disabled), "ex", "rduD");
+        has(Some(KeyState::PendingDeletion), "uD", "rdexap");
+        has(None, "c", "rdexuDapmvh");
+        for state in [
+            None,
+            Some(KeyState::Enabled),
+            Some(KeyState::Disabled),
+            Some(KeyState::PendingDeletion),
+            Some(KeyState::Deleted),
+        ] {
+            for (hint, what) in key_footer(state) {
+                assert!(
+                    footer(Mode::Main).contains(&(*hint, *what)),
+                    "{hint} ({what}) is not among the list's bindings"
+                );
+                for code in keys_of(hint) {
+                    let key = KeyEvent::new(code, KeyModifiers::NONE);
+                    assert!(map(Mode::Main, key).is_some(), "{hint} is not bound");
                 }
             }
         }

@@ -78,6 +78,19 @@ fn main_list() {
     check("main_list", |s| app(s, "payments"));
 }
 
+/// A rotation period of three digits: the pane's left column once ran into the right
+/// one ("next 2028-12-03Deletion").
+#[test]
+fn details_pane_with_a_long_rotation_period() {
+    check("details_pane_730_days", |s| {
+        let mut a = app(s, "payments");
+        let mut k = a.selected_key().unwrap().clone();
+        k.rotation_days = 730;
+        a.upsert_key(k);
+        a
+    });
+}
+
 /// Before the daemon answers: the frame is already there, saying it is connecting.
 #[test]
 fn startup_connecting() {

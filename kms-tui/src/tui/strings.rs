@@ -198,7 +198,7 @@ pub const F_ROTATE: &str = "rotate";
 pub const F_DISABLE: &str = "disable";
 pub const F_ENABLE: &str = "enable";
 pub const F_DELETE: &str = "delete";
-pub const F_UNDELETE: &str = "undelete";
+pub const F_UNDELETE: &str = "cancel deletion";
 pub const F_DELETE_NOW: &str = "delete now";
 pub const F_AUTO: &str = "auto-rot";
 pub const F_PERIOD: &str = "period";
@@ -616,6 +616,17 @@ pub fn remove_token_body(t: &HsmTokenInfo) -> String {
 // Messages.
 pub fn not_allowed(what: &str, name: &str, state: KeyState) -> String {
     format!("{what} is not possible while {name} is {state}")
+}
+pub fn at_version_limit(k: &KeyInfo) -> String {
+    format!(
+        "{} is at v{}, the most a key may have ({}): it cannot be rotated; create a new key",
+        k.name,
+        k.current_version,
+        k.protection.max_versions()
+    )
+}
+pub fn versions_closed_on_purge(name: &str) -> String {
+    format!("{name} was purged: its versions are destroyed")
 }
 pub const WHAT_ROTATE: &str = "rotation";
 pub const WHAT_DISABLE: &str = "disabling";

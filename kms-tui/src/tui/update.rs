@@ -82,6 +82,12 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             {
                 fx.push(Effect::GetKey(k.tag.clone()));
             }
+            // So do a version's encryption count and the history's newest entries.
+            match &mut app.screen {
+                Screen::Versions(v) => fx.push(Effect::LoadVersions(v.tag.clone())),
+                Screen::History(h) => refresh_history(h, fx),
+                _ => {}
+            }
         }
         Action::Tick => {}
         Action::Quit => app.should_quit = true,
@@ -287,10 +293,12 @@ fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
     };
     match a {
         Action::Rotate => {
-            if k.state == KeyState::Enabled {
-                open_confirm(app, ConfirmKind::Rotate, k, fx);
-            } else {
+            if k.state != KeyState::Enabled {
                 refuse(app, s::WHAT_ROTATE, &k);
+            } else if k.current_version >= k.protection.max_versions() {
+                app.error(s::at_version_limit(&k));
+            } else {
+                open_confirm(app, ConfirmKind::Rotate, k, fx);
             }
         }
         Action::Disable => {
@@ -1019,20 +1027,21 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
         {
             fx.push(Effect::LoadVersions(tag.clone()));
         }
-        // Every change of a key is in its history: the newest page again, merged above
-        // what is shown (`on_history`).
+        // Every change of a key is in its history.
         if let Screen::History(h) = &mut app.screen
             && &h.tag == tag
         {
-            if h.loading {
-                h.refresh_due = true;
-            } else {
-                h.loading = true;
-                fx.push(Effect::LoadHistory {
-                    tag: tag.clone(),
-                    before_seq: None,
-                });
-            }
+            refresh_history(h, fx);
+        }
+        // A purged key's versions are gone: its view would go on listing them as they
+        // were, and act on a key no longer in the list.
+        if e.kind == EventKind::Purged
+            && let Screen::Versions(v) = &app.screen
+            && &v.tag == tag
+        {
+            let (name, back) = (v.name.clone(), v.back);
+            back_to(app, back);
+            app.set_message(MsgKind::Event, s::versions_closed_on_purge(&name));
         }
     }
     match e.kind {
@@ -1048,6 +1057,20 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
             kind: e.kind,
             summary: s::notification_summary(&e),
             body: s::notification_body(&e),
+        });
+    }
+}
+
+/// Reads the newest page of the open history again, merged above what is shown
+/// (`on_history`); one request at a time.
+fn refresh_history(h: &mut HistoryView, fx: &mut Vec<Effect>) {
+    if h.loading {
+        h.refresh_due = true;
+    } else {
+        h.loading = true;
+        fx.push(Effect::LoadHistory {
+            tag: h.tag.clone(),
+            before_seq: None,
         });
     }
 }

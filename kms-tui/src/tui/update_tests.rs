@@ -1208,6 +1208,84 @@ fn tick_refreshes_usage() {
     assert!(update(&mut a, Action::Tick).is_empty());
 }
 
+/// Usage changes without events, so the tick also re-reads the open versions view (a
+/// version's encryption count) and the newest page of the open history (one request at
+/// a time). Before, both stayed as they were opened while the list's counts moved on.
+#[test]
+fn tick_refreshes_the_open_versions_and_history() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('v'));
+    assert_eq!(
+        update(&mut a, Action::Tick),
+        [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]
+    );
+    update(&mut a, code(KeyCode::Esc));
+    update(&mut a, ch('h'));
+    let newest = Effect::LoadHistory {
+        tag: k.tag.clone(),
+        before_seq: None,
+    };
+    // The first page is still loading: read again once it is in.
+    assert_eq!(update(&mut a, Action::Tick), [Effect::LoadKeys]);
+    let fx = update(
+        &mut a,
+        Action::HistoryLoaded {
+            tag: k.tag.clone(),
+            before_seq: None,
+            result: Ok(fake::history(10, 10)),
+        },
+    );
+    assert_eq!(fx, std::slice::from_ref(&newest));
+    update(
+        &mut a,
+        Action::HistoryLoaded {
+            tag: k.tag.clone(),
+            before_seq: None,
+            result: Ok(fake::history(11, 11)),
+        },
+    );
+    assert_eq!(update(&mut a, Action::Tick), [Effect::LoadKeys, newest]);
+}
+
+/// A purge of the key whose versions are open closes the view and says why: it went on
+/// listing versions that no longer exist, and acting on a key no longer in the list.
+#[test]
+fn a_purge_closes_its_keys_versions_view() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('v'));
+    update(&mut a, Action::DaemonEvent(event(EventKind::Purged, &k)));
+    assert_eq!(a.screen, Screen::Main);
+    let m = a.message.as_ref().unwrap();
+    assert!(m.text.contains("payments was purged"), "{}", m.text);
+    // Another key's purge leaves the view open.
+    let other = select(&mut a, "jwt-signing");
+    update(&mut a, ch('v'));
+    update(&mut a, Action::DaemonEvent(event(EventKind::Purged, &k)));
+    assert!(matches!(&a.screen, Screen::Versions(v) if v.tag == other.tag));
+}
+
+/// Rotating a key already at its version limit is refused at once, saying why, instead
+/// of asking to confirm a rotation the daemon then refuses.
+#[test]
+fn rotation_at_the_version_limit_is_refused_up_front() {
+    let mut a = app();
+    let mut k = select(&mut a, "payments");
+    k.current_version = k.protection.max_versions();
+    a.upsert_key(k.clone());
+    select(&mut a, "payments");
+    assert!(update(&mut a, ch('r')).is_empty());
+    assert!(a.popup.is_none());
+    let m = a.message.as_ref().unwrap();
+    assert!(m.text.contains("cannot be rotated"), "{}", m.text);
+    k.current_version -= 1;
+    a.upsert_key(k);
+    select(&mut a, "payments");
+    update(&mut a, ch('r'));
+    assert!(matches!(a.popup, Some(Popup::Confirm(_))));
+}
+
 /// A finished operation updates the key and says so; a failure says why.
 #[test]
 fn op_results_reach_the_message_line() {

@@ -10,8 +10,10 @@ use super::theme;
 use crate::tui::app::App;
 use crate::tui::strings as s;
 
-/// Width of the pane's left column (label and a full 32-character tag).
-const LEFT: u16 = 45;
+/// Width of the pane's left column: its longest line, a rotation of three-digit days
+/// ("on · every 730 d · next 2028-12-03", 34 columns after the 11 of the label), and
+/// two columns between it and the right column, which it once ran into.
+const LEFT: u16 = 47;
 
 fn field(label: &str, value: impl Into<String>, label_width: usize) -> Line<'static> {
     Line::from(vec![

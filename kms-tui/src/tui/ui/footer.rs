@@ -7,11 +7,17 @@ use ratatui::widgets::Paragraph;
 
 use super::theme;
 use crate::tui::keymap::{self, Mode};
+use kms_shared::model::KeyState;
 
-pub fn render(f: &mut Frame, area: Rect, mode: Mode) {
+/// `key`: the state of the selected key, whose actions the list and details show.
+pub fn render(f: &mut Frame, area: Rect, mode: Mode, key: Option<KeyState>) {
+    let hints = match mode {
+        Mode::Main | Mode::Details => keymap::key_footer(key),
+        other => keymap::footer(other),
+    };
     let mut spans = vec![Span::raw(" ")];
     let mut used = 1usize;
-    for (key, what) in keymap::footer(mode) {
+    for (key, what) in hints {
         let w = key.chars().count() + 1 + what.chars().count() + 2;
         // Whole hints only: a cut-off hint would name the wrong thing.
         if used + w > usize::from(area.width) + 2 {

@@ -43,7 +43,12 @@ pub fn draw(f: &mut Frame, app: &App) {
         Screen::Tokens(t) => tokens::render(f, body, t, &app.hsm_tokens),
     }
     message::render(f, message_area, app);
-    footer::render(f, footer_area, app.mode());
+    footer::render(
+        f,
+        footer_area,
+        app.mode(),
+        app.selected_key().map(|k| k.state),
+    );
     match &app.popup {
         None => {}
         Some(Popup::Help { scroll }) => help::render(f, area, *scroll),
