@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
 
 use kms_shared::protocol::EventKind;
 
@@ -19,6 +20,11 @@ use super::strings as s;
 
 /// Notifications that may wait while one is being shown.
 pub const QUEUE: usize = 64;
+
+/// The least time between two notifications: what comes sooner waits, and goes out with
+/// whatever else came meanwhile, as one. A burst (twenty rotations by a script) is then
+/// one notification, not twenty, even when D-Bus answers at once.
+pub const MIN_GAP: Duration = Duration::from_secs(1);
 
 /// One notification asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +54,7 @@ impl Notifier {
     /// D-Bus session bus is there, else one that does nothing.
     pub fn start() -> Notifier {
         if available() {
-            Notifier::spawn(QUEUE, show_desktop)
+            Notifier::spawn(QUEUE, MIN_GAP, show_desktop)
         } else {
             Notifier::disabled()
         }
@@ -62,15 +68,19 @@ impl Notifier {
         }
     }
 
-    /// One thread calling `show` for each (coalesced) notification, with up to `queue`
-    /// notes waiting.
-    pub fn spawn(queue: usize, show: impl FnMut(String, String) + Send + 'static) -> Notifier {
+    /// One thread calling `show` for each (coalesced) notification, at most one per
+    /// `gap`, with up to `queue` notes waiting.
+    pub fn spawn(
+        queue: usize,
+        gap: Duration,
+        show: impl FnMut(String, String) + Send + 'static,
+    ) -> Notifier {
         let (tx, rx) = mpsc::sync_channel(queue);
         let dropped = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&dropped);
         let spawned = std::thread::Builder::new()
             .name("notify".into())
-            .spawn(move || run(&rx, &counter, show));
+            .spawn(move || run(&rx, &counter, gap, show));
         match spawned {
             Ok(_) => Notifier {
                 tx: Some(tx),
@@ -113,15 +123,25 @@ fn show_desktop(summary: String, body: String) {
     let _ = (summary, body);
 }
 
-/// The notifier thread: waits for a note, takes everything queued behind it, shows one
-/// notification for the lot.
-fn run(rx: &Receiver<Note>, dropped: &AtomicU64, mut show: impl FnMut(String, String)) {
+/// The notifier thread: waits for a note, and for `gap` to have passed since the last
+/// notification, takes everything queued by then, shows one notification for the lot.
+fn run(
+    rx: &Receiver<Note>,
+    dropped: &AtomicU64,
+    gap: Duration,
+    mut show: impl FnMut(String, String),
+) {
+    let mut last: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
+        if let Some(wait) = last.and_then(|t| gap.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let lost = dropped.swap(0, Ordering::Relaxed);
         let (summary, body) = coalesce(batch, lost);
         show(summary, body);
+        last = Some(Instant::now());
     }
 }
 
@@ -194,7 +214,7 @@ mod tests {
     fn one_thread_bounded_queue() {
         let (shown_tx, shown) = mpsc::channel();
         let (release, gate) = mpsc::channel::<()>();
-        let notifier = Notifier::spawn(4, move |summary, body| {
+        let notifier = Notifier::spawn(4, Duration::ZERO, move |summary, body| {
             shown_tx
                 .send((std::thread::current().id(), summary, body))
                 .unwrap();
@@ -227,6 +247,40 @@ mod tests {
         let (thread, summary, _) = shown.recv_timeout(wait).unwrap();
         assert_eq!((thread, summary.as_str()), (first_thread, "kms: gone"));
         release.send(()).unwrap();
+    }
+
+    /// A burst sent faster than notifications go out is shown as at most two: the first at
+    /// once, the rest together once the gap has passed. With a D-Bus that answered at once
+    /// (or failed at once: no notification server), each event was its own notification.
+    #[test]
+    fn a_burst_is_one_notification_after_the_first() {
+        let (shown_tx, shown) = mpsc::channel();
+        let notifier = Notifier::spawn(64, Duration::from_secs(2), move |summary, _| {
+            shown_tx.send(summary).unwrap();
+        });
+        // A script's pace (~0.1 s in all), not all at once: without the gap the thread
+        // shows each before the next comes.
+        for _ in 0..20 {
+            notifier.send(note(EventKind::Rotated, "kms: k rotated"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let wait = Duration::from_secs(10);
+        let mut events = 0;
+        let mut notifications = 0;
+        while events < 20 {
+            let summary = shown.recv_timeout(wait).unwrap();
+            notifications += 1;
+            events += match summary.strip_prefix("kms: ") {
+                Some("k rotated") => 1,
+                Some(many) => many.trim_end_matches(" events").parse::<u32>().unwrap(),
+                None => panic!("{summary}"),
+            };
+        }
+        assert_eq!(events, 20);
+        assert!(
+            notifications <= 2,
+            "{notifications} notifications for one burst"
+        );
     }
 
     /// Without a session bus nothing is queued and no thread waits on anything.
