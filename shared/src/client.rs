@@ -1505,9 +1505,21 @@ fn spawn_daemon(socket: &Path, data_dir: &Path) -> Result<Started, ClientError> 
         .env("KMS_CLOSE_INHERITED_FDS", "1")
         // Its own process group, so a Ctrl-C in the client's terminal does not stop it.
         .process_group(0);
-    let child = cmd
-        .spawn()
-        .map_err(|e| ClientError::Autostart(format!("{}: {e}", program.display())))?;
+    let child = cmd.spawn().map_err(|e| {
+        // Say where it looked: "kmsd: No such file or directory" alone does not.
+        let looked = match std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
+            Some(dir) if program == Path::new("kmsd") => format!(
+                " (looked for kmsd beside this program, in {}, then on PATH; install kmsd \
+                 there or on PATH, or start it yourself)",
+                dir.display()
+            ),
+            _ => String::new(),
+        };
+        ClientError::Autostart(format!("{}: {e}{looked}", program.display()))
+    })?;
     Ok(Started { child, log })
 }
 

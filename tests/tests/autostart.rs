@@ -375,3 +375,23 @@ fn a_daemon_that_cannot_start_is_reported_at_once() {
     assert!(stderr.contains("the store is locked by a test"), "{stderr}");
     assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
 }
+
+/// With no kmsd beside the client and none on `PATH`, the error says where it looked
+/// and what to do. It said only "could not start kmsd: kmsd: No such file or directory".
+#[test]
+fn no_kmsd_to_start_says_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let kmsctl = dir.path().join("kmsctl");
+    std::fs::copy(bin("kmsctl"), &kmsctl).unwrap();
+    let mut cmd = Command::new(&kmsctl);
+    cmd.env("KMS_SOCKET", dir.path().join("run/kmsd.sock"))
+        .env("PATH", dir.path().join("empty"));
+    let out = kmsctl_with(dir.path(), &mut cmd, &[], &["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let beside = format!("beside this program, in {}", dir.path().display());
+    assert!(
+        stderr.contains(&beside) && stderr.contains("PATH"),
+        "{stderr}"
+    );
+}
