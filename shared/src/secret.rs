@@ -9,9 +9,26 @@ use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// Secret bytes: wiped when dropped, redacted by `Debug`. Reads as a byte slice.
-#[derive(Clone, Default, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+/// Secret bytes: wiped when dropped, redacted by `Debug`. Reads as a byte slice. `==`
+/// compares in constant time for inputs of one length (`subtle`): a program that checks a
+/// decrypted token against what it was given must not tell an attacker, by how long the
+/// comparison took, how many leading bytes matched.
+#[derive(Clone, Default, Zeroize, ZeroizeOnDrop)]
 pub struct Secret(Vec<u8>);
+
+/// Equal bytes, in time that depends only on the lengths.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    bool::from(a.ct_eq(b))
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        same(&self.0, &other.0)
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     pub fn new(bytes: Vec<u8>) -> Secret {
@@ -64,43 +81,43 @@ impl From<Zeroizing<Vec<u8>>> for Secret {
 
 impl PartialEq<[u8]> for Secret {
     fn eq(&self, other: &[u8]) -> bool {
-        self.0 == other
+        same(&self.0, other)
     }
 }
 
 impl PartialEq<&[u8]> for Secret {
     fn eq(&self, other: &&[u8]) -> bool {
-        self.0 == *other
+        same(&self.0, other)
     }
 }
 
 impl PartialEq<Vec<u8>> for Secret {
     fn eq(&self, other: &Vec<u8>) -> bool {
-        &self.0 == other
+        same(&self.0, other)
     }
 }
 
 impl<const N: usize> PartialEq<[u8; N]> for Secret {
     fn eq(&self, other: &[u8; N]) -> bool {
-        self.0 == other
+        same(&self.0, other)
     }
 }
 
 impl<const N: usize> PartialEq<&[u8; N]> for Secret {
     fn eq(&self, other: &&[u8; N]) -> bool {
-        self.0 == *other
+        same(&self.0, *other)
     }
 }
 
 impl PartialEq<Secret> for Vec<u8> {
     fn eq(&self, other: &Secret) -> bool {
-        *self == other.0
+        same(self, &other.0)
     }
 }
 
 impl PartialEq<Secret> for &[u8] {
     fn eq(&self, other: &Secret) -> bool {
-        *self == other.0
+        same(self, &other.0)
     }
 }
 
@@ -274,6 +291,25 @@ mod tests {
     }
 
     /// Taking over a `Zeroizing` buffer keeps its bytes and leaves it empty.
+    /// Every comparison a program may write means what it says (the constant-time
+    /// comparison is only about how long it takes).
+    #[test]
+    fn comparisons_mean_equal_bytes() {
+        let s = Secret::from(b"token".to_vec());
+        let (same, other, shorter) = (
+            Secret::from(b"token".as_slice()),
+            Secret::from(b"tokeN".as_slice()),
+            Secret::from(b"toke".as_slice()),
+        );
+        assert!(s == same && s != other && s != shorter);
+        assert!(s != Secret::default());
+        assert!(s == *b"token".as_slice() && s == b"token".as_slice());
+        assert!(s == b"token".to_vec() && b"token".to_vec() == s);
+        assert!(s == *b"token" && s == b"token" && s != b"tokens");
+        assert!(b"token".as_slice() == s && b"toke".as_slice() != s);
+        assert!(Secret::default() == *b"".as_slice());
+    }
+
     #[test]
     fn from_zeroizing_takes_the_buffer() {
         let z = Zeroizing::new(vec![1u8, 2, 3]);
