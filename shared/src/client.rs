@@ -225,26 +225,49 @@ enum Delivery {
     Undecodable(String),
 }
 
-/// A connection to kmsd.
+/// A client of kmsd: one connection at a time, many calls in flight on it.
+///
+/// kmsd closes a connection that has sent nothing for its idle timeout (300 s by
+/// default; not a subscribed one), and a restarted kmsd starts with no connections. A
+/// call that finds its connection gone before sending anything connects again (the same
+/// socket, the same checks of who serves it) and goes ahead, so a long-lived client
+/// survives both; a call that was sent when the connection went fails with
+/// [`ClientError::Closed`] `{ sent: true }`, since kmsd may have carried it out. Once
+/// [`Client::subscribe`] has been called the client never connects again: the
+/// subscription belongs to the connection, and its end is how the subscriber learns it
+/// is over.
 pub struct Client {
+    path: PathBuf,
+    conn: StdMutex<Arc<Connection>>,
+    /// Held while a closed connection is replaced: one new connection at a time.
+    reconnecting: Mutex<()>,
+    events: StdMutex<Option<mpsc::Receiver<Notification>>>,
+    /// The sending end of `events` for the next connection's reader; taken by
+    /// [`Client::subscribe`] (after which the client does not connect again).
+    events_tx: StdMutex<Option<mpsc::Sender<Notification>>>,
+    /// How long a call waits for its reply, in nanoseconds; 0: as long as the connection
+    /// lasts.
+    call_timeout_nanos: AtomicU64,
+}
+
+/// One connection to kmsd, and the calls on it.
+struct Connection {
     stream: Arc<Stream>,
     /// Held while frames are written, so frames of concurrent calls never interleave.
-    write_lock: Mutex<()>,
+    write_lock: Arc<Mutex<()>>,
     /// Frames waiting for the socket. A call queues its frame, then whichever call next
     /// holds `write_lock` writes every frame queued by then in one write: calls made
     /// together (a pipelining client) cost one system call here and one read in the
     /// daemon, not one each. Wiped once written.
-    queued: StdMutex<Vec<Queued>>,
+    queued: Arc<StdMutex<Vec<Queued>>>,
     pending: Pending,
+    /// The id of the next call (0 is kmsd's for what concerns the whole connection).
     next_id: AtomicU64,
-    events: StdMutex<Option<mpsc::Receiver<Notification>>>,
     reader: tokio::task::JoinHandle<()>,
     daemon_version: String,
-    /// How long a call waits for its reply; `None`: as long as the connection lasts.
-    call_timeout: Option<Duration>,
 }
 
-impl Drop for Client {
+impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
     }
@@ -253,7 +276,8 @@ impl Drop for Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("daemon_version", &self.daemon_version)
+            .field("path", &self.path)
+            .field("daemon_version", &self.daemon_version())
             .finish_non_exhaustive()
     }
 }
@@ -267,87 +291,79 @@ impl Client {
     /// Connects to the daemon at `path` and does the version handshake (within
     /// [`HANDSHAKE_TIMEOUT`]).
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
-        let connect_err = |source| ClientError::Connect {
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let conn = Connection::open(path, events_tx.clone()).await?;
+        Ok(Client {
             path: path.to_path_buf(),
-            source,
-        };
-        let name = path
-            .as_os_str()
-            .to_fs_name::<GenericFilePath>()
-            .map_err(connect_err)?;
-        let stream = Stream::connect(name).await.map_err(connect_err)?;
-        // Before a single byte is sent: the first request could be an encryption.
-        check_daemon(path, &stream)?;
-        let stream = Arc::new(stream);
-        let pending: Pending = Arc::default();
-        let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
-        let reader = tokio::spawn(read_loop(stream.clone(), pending.clone(), ev_tx));
-        let mut client = Client {
-            stream,
-            write_lock: Mutex::new(()),
-            queued: StdMutex::default(),
-            pending,
-            next_id: AtomicU64::new(1),
-            events: StdMutex::new(Some(ev_rx)),
-            reader,
-            daemon_version: String::new(),
-            call_timeout: None,
-        };
-        let hello = client.call(Request::Hello {
-            protocol: PROTOCOL_VERSION,
-            client: format!("kms-shared/{}", env!("CARGO_PKG_VERSION")),
-        });
-        // A daemon that accepts and never answers (stopped with SIGSTOP, wedged) or one at
-        // its connection limit, whose new connections wait in the listen backlog, would
-        // otherwise keep every client waiting for ever.
-        let Ok(hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, hello).await else {
-            return Err(connect_err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "kmsd accepted the connection but did not answer within {} s (it may be \
-                     still starting and checking its store, at its connection limit, stopped \
-                     or wedged)",
-                    HANDSHAKE_TIMEOUT.as_secs()
-                ),
-            )));
-        };
-        match hello {
-            Ok(Response::Hello {
-                protocol,
-                daemon_version,
-            }) => {
-                if protocol != PROTOCOL_VERSION {
-                    return Err(ClientError::VersionMismatch {
-                        daemon: protocol,
-                        client: PROTOCOL_VERSION,
-                    });
-                }
-                client.daemon_version = daemon_version;
-                Ok(client)
-            }
-            Ok(other) => Err(unexpected(&other)),
-            Err(e) => Err(e),
-        }
+            conn: StdMutex::new(Arc::new(conn)),
+            reconnecting: Mutex::new(()),
+            events: StdMutex::new(Some(events)),
+            events_tx: StdMutex::new(Some(events_tx)),
+            call_timeout_nanos: AtomicU64::new(0),
+        })
     }
 
-    /// The daemon's version as it announced it in the handshake.
-    pub fn daemon_version(&self) -> &str {
-        &self.daemon_version
+    /// The daemon's version as it announced it in the handshake of the current
+    /// connection.
+    pub fn daemon_version(&self) -> String {
+        lock(&self.conn).daemon_version.clone()
+    }
+
+    /// The current connection has ended (the next call connects again, unless the client
+    /// has subscribed).
+    pub fn is_closed(&self) -> bool {
+        lock(&lock(&self.conn).pending).closed
     }
 
     /// Bounds how long each later call waits for its reply (`None`, the default: as long
     /// as the connection lasts, since a backup or a large batch may take minutes). A call
     /// that runs out fails with [`ClientError::TimedOut`], which says whether its request
-    /// had been sent; the connection stays usable, and a late reply is dropped.
-    pub fn set_call_timeout(&mut self, limit: Option<Duration>) {
-        self.call_timeout = limit;
+    /// had been sent; the connection stays usable, and a late reply is dropped. May be
+    /// changed while calls are made from other tasks.
+    pub fn set_call_timeout(&self, limit: Option<Duration>) {
+        // 0 is "none"; a limit too long for u64 nanoseconds (584 years) is none as well.
+        let nanos = limit.map_or(0, |l| u64::try_from(l.as_nanos()).unwrap_or(0).max(1));
+        self.call_timeout_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn call_timeout(&self) -> Option<Duration> {
+        match self.call_timeout_nanos.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        }
+    }
+
+    /// The connection to use: the current one, or a new one if it has ended and the
+    /// client may connect again (see [`Client`]).
+    async fn connection(&self) -> Result<Arc<Connection>, ClientError> {
+        let conn = lock(&self.conn).clone();
+        if !lock(&conn.pending).closed {
+            return Ok(conn);
+        }
+        let _one = self.reconnecting.lock().await;
+        let conn = lock(&self.conn).clone();
+        if !lock(&conn.pending).closed {
+            // Another call connected meanwhile.
+            return Ok(conn);
+        }
+        let Some(events_tx) = lock(&self.events_tx).clone() else {
+            // Subscribed: the subscription ended with its connection.
+            let reason = lock(&conn.pending).reason.clone();
+            return Err(ClientError::Closed {
+                sent: false,
+                reason,
+            });
+        };
+        let fresh = Arc::new(Connection::open(&self.path, events_tx).await?);
+        *lock(&self.conn) = fresh.clone();
+        Ok(fresh)
     }
 
     /// Sends one request and waits for its reply (within the call timeout, if one is
     /// set). Other calls may be in flight meanwhile.
     pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let sent = AtomicBool::new(false);
-        let Some(limit) = self.call_timeout else {
+        let Some(limit) = self.call_timeout() else {
             return self.send_and_wait(request, &sent).await;
         };
         match tokio::time::timeout(limit, self.send_and_wait(request, &sent)).await {
@@ -366,86 +382,25 @@ impl Client {
         request: Request,
         sent: &AtomicBool,
     ) -> Result<Response, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // The frame may hold a plaintext: wiped once written.
-        let frame = Zeroizing::new(
-            codec::encode_frame(&ClientFrame { id, request }, DEFAULT_MAX_FRAME).map_err(|e| {
-                match e {
-                    FrameError::TooLarge { len, max } => ClientError::RequestTooLarge {
-                        len: u64::from(len),
-                        max,
-                    },
-                    other => ClientError::Frame(other),
-                }
-            })?,
-        );
-        let (tx, rx) = oneshot::channel();
-        let in_flight = {
-            let mut pending = lock(&self.pending);
-            if pending.closed {
-                return Err(ClientError::Closed {
-                    sent: false,
-                    reason: pending.reason.clone(),
-                });
-            }
-            pending.calls.insert(id, tx);
-            pending.calls.len()
-        };
-        lock(&self.queued).push(Queued { call: id, frame });
-        // Dropped before its frame is taken by a write (a caller's timeout while the
-        // socket is busy), the call takes its frame back: a call given up is not sent.
-        let mut unsent = Unsent {
-            client: self,
-            id,
-            taken: false,
-            answered: false,
-            sent,
-        };
-        if in_flight > 1 {
-            // Other calls are in flight on this connection: let those ready to run queue
-            // their frames first, so that one write takes them all. A lone call writes at
-            // once.
-            tokio::task::yield_now().await;
-        }
-        let written = {
-            let _guard = self.write_lock.lock().await;
-            // Empty if an earlier writer took this call's frame along.
-            let frames = std::mem::take(&mut *lock(&self.queued));
-            // Taken (by this write or an earlier one): from here it is sent, or failed.
-            unsent.taken = true;
-            sent.store(true, Ordering::Relaxed);
-            write_frames(&self.stream, &self.queued, frames).await
-        };
-        if let Err(e) = written {
-            // The connection is broken (a Unix socket's write fails when its peer is
-            // gone): every call waiting on it ends now, those whose frames this write took
-            // along included, and later calls fail at once.
-            close_pending(&self.pending);
-            return Err(FrameError::Io(e).into());
-        }
-        let reply = rx.await;
-        unsent.answered = true;
-        match reply {
-            Ok(Delivery::Reply(Outcome::Ok(resp))) => Ok(resp),
-            Ok(Delivery::Reply(Outcome::Err(e))) => Err(ClientError::Server(e)),
-            Ok(Delivery::Undecodable(e)) => Err(ClientError::Unexpected(format!(
-                "a reply this client cannot decode ({e}); kmsd may be newer than this \
-                 client. The request was sent and may have been carried out"
-            ))),
-            Err(_) => Err(ClientError::Closed {
-                sent: true,
-                reason: lock(&self.pending).reason.clone(),
-            }),
-        }
+        let conn = self.connection().await?;
+        conn.send_and_wait(request, sent).await
     }
 
-    /// Subscribes to events; returns the stream of notifications (once per client).
+    /// Subscribes to events; returns the stream of notifications (once per client). It
+    /// ends when the connection does; the client then connects no more (see [`Client`]).
+    /// A subscription that failed may be tried again.
     pub async fn subscribe(&self) -> Result<mpsc::Receiver<Notification>, ClientError> {
-        let rx = lock(&self.events)
-            .take()
-            .ok_or_else(|| ClientError::Unexpected("already subscribed".into()))?;
+        let already = || ClientError::Unexpected("already subscribed".into());
+        if lock(&self.events).is_none() {
+            return Err(already());
+        }
         match self.call(Request::Subscribe).await? {
-            Response::Subscribed => Ok(rx),
+            Response::Subscribed => {
+                // The connection's reader now holds the last sender: its end is the
+                // subscription's.
+                lock(&self.events_tx).take();
+                lock(&self.events).take().ok_or_else(already)
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -889,19 +844,27 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Bytes read from the socket at a time by [`read_loop`].
 const READ_BUFFER: usize = 16 * 1024;
 
+/// What writing to a connection needs, owned: a write cut short finishes in a task of its
+/// own ([`Unwritten`]).
+#[derive(Clone)]
+struct WriteSide {
+    stream: Arc<Stream>,
+    queued: Arc<StdMutex<Vec<Queued>>>,
+    write_lock: Arc<Mutex<()>>,
+    pending: Pending,
+}
+
 /// Writes queued frames in one write, wiping every copy.
 ///
 /// If the calling future is dropped part way (a caller's timeout while the daemon is not
 /// reading), the bytes not yet written — the rest of a frame cut short, and frames of
-/// other calls taken along — are put back at the head of the queue, so that the next write
-/// sends them first: the daemon never sees half a frame followed by another, and no other
-/// call's frame is lost. Callers hold `write_lock` around this, so nothing is queued ahead
-/// of them meanwhile.
-async fn write_frames(
-    stream: &Stream,
-    queued: &StdMutex<Vec<Queued>>,
-    frames: Vec<Queued>,
-) -> std::io::Result<()> {
+/// other calls taken along — are put back at the head of the queue, and a task writes
+/// them (with whatever was queued behind) as soon as it holds `write_lock`: the daemon
+/// never sees half a frame followed by another, no other call's frame is lost, and the
+/// half frame does not wait for some later call to send it (kmsd would give up on it
+/// after its frame timeout and close the connection, failing every call on it). Callers
+/// hold `write_lock` around this, so nothing is queued ahead of them meanwhile.
+async fn write_frames(side: WriteSide, frames: Vec<Queued>) -> std::io::Result<()> {
     let bytes = match frames.len() {
         0 => return Ok(()),
         1 => frames
@@ -919,8 +882,9 @@ async fn write_frames(
             all
         }
     };
+    let stream = side.stream.clone();
     let mut unwritten = Unwritten {
-        queued,
+        side,
         bytes,
         written: 0,
     };
@@ -945,24 +909,203 @@ async fn write_frames(
     Ok(())
 }
 
-/// Bytes being written; what is left of them when dropped goes back to the queue's head.
-struct Unwritten<'a> {
-    queued: &'a StdMutex<Vec<Queued>>,
+/// Bytes being written; what is left of them when dropped goes back to the queue's head,
+/// and a task is started to write it.
+struct Unwritten {
+    side: WriteSide,
     bytes: Zeroizing<Vec<u8>>,
     written: usize,
 }
 
-impl Drop for Unwritten<'_> {
+impl Drop for Unwritten {
     fn drop(&mut self) {
-        if let Some(rest) = self.bytes.get(self.written..).filter(|r| !r.is_empty()) {
-            // Part of a frame, or frames of several calls: no longer any one call's.
-            lock(self.queued).insert(
-                0,
-                Queued {
-                    call: 0,
-                    frame: Zeroizing::new(rest.to_vec()),
-                },
-            );
+        let Some(rest) = self.bytes.get(self.written..).filter(|r| !r.is_empty()) else {
+            return;
+        };
+        // Part of a frame, or frames of several calls: no longer any one call's.
+        lock(&self.side.queued).insert(
+            0,
+            Queued {
+                call: 0,
+                frame: Zeroizing::new(rest.to_vec()),
+            },
+        );
+        // Outside a runtime (the client dropped after its runtime) there is nothing to
+        // write with; the connection goes with it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(flush(self.side.clone()));
+        }
+    }
+}
+
+/// Writes whatever is queued, once it holds the write lock: the rest of a write cut short
+/// ([`Unwritten`]). A failed write ends the connection, as a call's would.
+async fn flush(side: WriteSide) {
+    let _guard = side.write_lock.clone().lock_owned().await;
+    let frames = std::mem::take(&mut *lock(&side.queued));
+    let pending = side.pending.clone();
+    if write_frames(side, frames).await.is_err() {
+        close_pending(&pending);
+    }
+}
+
+impl Connection {
+    fn write_side(&self) -> WriteSide {
+        WriteSide {
+            stream: self.stream.clone(),
+            queued: self.queued.clone(),
+            write_lock: self.write_lock.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Connects to `path`, checks who serves it, and does the handshake.
+    async fn open(
+        path: &Path,
+        events: mpsc::Sender<Notification>,
+    ) -> Result<Connection, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        };
+        let name = path
+            .as_os_str()
+            .to_fs_name::<GenericFilePath>()
+            .map_err(connect_err)?;
+        let stream = Stream::connect(name).await.map_err(connect_err)?;
+        // Before a single byte is sent: the first request could be an encryption.
+        check_daemon(path, &stream)?;
+        let stream = Arc::new(stream);
+        let pending: Pending = Arc::default();
+        let reader = tokio::spawn(read_loop(stream.clone(), pending.clone(), events));
+        let mut conn = Connection {
+            stream,
+            write_lock: Arc::default(),
+            queued: Arc::default(),
+            pending,
+            next_id: AtomicU64::new(1),
+            reader,
+            daemon_version: String::new(),
+        };
+        let sent = AtomicBool::new(false);
+        let hello = conn.send_and_wait(
+            Request::Hello {
+                protocol: PROTOCOL_VERSION,
+                client: format!("kms-shared/{}", env!("CARGO_PKG_VERSION")),
+            },
+            &sent,
+        );
+        // A daemon that accepts and never answers (stopped with SIGSTOP, wedged) or one at
+        // its connection limit, whose new connections wait in the listen backlog, would
+        // otherwise keep every client waiting for ever.
+        let Ok(hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, hello).await else {
+            return Err(connect_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "kmsd accepted the connection but did not answer within {} s (it may be \
+                     still starting and checking its store, at its connection limit, stopped \
+                     or wedged)",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ),
+            )));
+        };
+        match hello {
+            Ok(Response::Hello {
+                protocol,
+                daemon_version,
+            }) => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(ClientError::VersionMismatch {
+                        daemon: protocol,
+                        client: PROTOCOL_VERSION,
+                    });
+                }
+                conn.daemon_version = daemon_version;
+                Ok(conn)
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends one request and waits for its reply; `sent` is set once the request's frame
+    /// has been taken by a write (from then on the daemon may receive it).
+    async fn send_and_wait(
+        &self,
+        request: Request,
+        sent: &AtomicBool,
+    ) -> Result<Response, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+
+        // The frame may hold a plaintext: wiped once written.
+        let frame = Zeroizing::new(
+            codec::encode_frame(&ClientFrame { id, request }, DEFAULT_MAX_FRAME).map_err(|e| {
+                match e {
+                    FrameError::TooLarge { len, max } => ClientError::RequestTooLarge {
+                        len: u64::from(len),
+                        max,
+                    },
+                    other => ClientError::Frame(other),
+                }
+            })?,
+        );
+        let (tx, rx) = oneshot::channel();
+        let in_flight = {
+            let mut pending = lock(&self.pending);
+            if pending.closed {
+                return Err(ClientError::Closed {
+                    sent: false,
+                    reason: pending.reason.clone(),
+                });
+            }
+            pending.calls.insert(id, tx);
+            pending.calls.len()
+        };
+        lock(&self.queued).push(Queued { call: id, frame });
+        // Dropped before its frame is taken by a write (a caller's timeout while the
+        // socket is busy), the call takes its frame back: a call given up is not sent.
+        let mut unsent = Unsent {
+            conn: self,
+            id,
+            taken: false,
+            answered: false,
+            sent,
+        };
+        if in_flight > 1 {
+            // Other calls are in flight on this connection: let those ready to run queue
+            // their frames first, so that one write takes them all. A lone call writes at
+            // once.
+            tokio::task::yield_now().await;
+        }
+        let written = {
+            let _guard = self.write_lock.lock().await;
+            // Empty if an earlier writer took this call's frame along.
+            let frames = std::mem::take(&mut *lock(&self.queued));
+            // Taken (by this write or an earlier one): from here it is sent, or failed.
+            unsent.taken = true;
+            sent.store(true, Ordering::Relaxed);
+            write_frames(self.write_side(), frames).await
+        };
+        if let Err(e) = written {
+            // The connection is broken (a Unix socket's write fails when its peer is
+            // gone): every call waiting on it ends now, those whose frames this write took
+            // along included, and later calls fail at once.
+            close_pending(&self.pending);
+            return Err(FrameError::Io(e).into());
+        }
+        let reply = rx.await;
+        unsent.answered = true;
+        match reply {
+            Ok(Delivery::Reply(Outcome::Ok(resp))) => Ok(resp),
+            Ok(Delivery::Reply(Outcome::Err(e))) => Err(ClientError::Server(e)),
+            Ok(Delivery::Undecodable(e)) => Err(ClientError::Unexpected(format!(
+                "a reply this client cannot decode ({e}); kmsd may be newer than this \
+                 client. The request was sent and may have been carried out"
+            ))),
+            Err(_) => Err(ClientError::Closed {
+                sent: true,
+                reason: lock(&self.pending).reason.clone(),
+            }),
         }
     }
 }
@@ -1062,7 +1205,7 @@ struct Queued {
 /// up), it removes its frame and its pending entry: a call given up before it was sent is
 /// never sent later, with some other call's write.
 struct Unsent<'a> {
-    client: &'a Client,
+    conn: &'a Connection,
     id: u64,
     /// The frame has been taken by a write.
     taken: bool,
@@ -1081,14 +1224,14 @@ impl Drop for Unsent<'_> {
             return;
         }
         if !self.taken {
-            let mut queued = lock(&self.client.queued);
+            let mut queued = lock(&self.conn.queued);
             let before = queued.len();
             queued.retain(|q| q.call != self.id);
             if queued.len() == before {
                 self.sent.store(true, Ordering::Relaxed);
             }
         }
-        lock(&self.client.pending).calls.remove(&self.id);
+        lock(&self.conn.pending).calls.remove(&self.id);
     }
 }
 
@@ -1563,7 +1706,8 @@ mod tests {
             std::future::pending::<()>().await;
             drop(stream);
         });
-        let mut client = Client::connect(&path).await.unwrap();
+        let client = Client::connect(&path).await.unwrap();
+        let conn = lock(&client.conn).clone();
         let limit = Duration::from_secs(5);
         client.set_call_timeout(Some(limit));
         // More than the socket's buffer holds: its write stalls part way, holding the
@@ -1590,15 +1734,62 @@ mod tests {
             other => panic!("expected a timeout before sending, got {other:?}"),
         }
         assert!(taken.load(Ordering::Relaxed));
-        // The stalled call was given up; the rest of its frame goes first, with the next
-        // call's frame behind it, and stalls again.
+        // The stalled call was given up; the rest of its frame goes first (here taken by
+        // the next call's write, before the task that would write it runs), with the
+        // next call's frame behind it, and stalls again.
         match client.get_key("k01").await {
             Err(ClientError::TimedOut { after, sent: true }) => assert_eq!(after, limit),
             other => panic!("expected a timeout after sending, got {other:?}"),
         }
-        assert!(lock(&client.pending).calls.is_empty());
-        assert!(lock(&client.queued).iter().all(|q| q.call == 0));
+        assert!(lock(&conn.pending).calls.is_empty());
+        assert!(lock(&conn.queued).iter().all(|q| q.call == 0));
         daemon.abort();
+    }
+
+    /// A call given up part way through writing its frame leaves the rest to a task that
+    /// writes it as soon as the daemon reads again, with no other call needed: the daemon
+    /// gets the whole frame. The rest used to wait in the queue for the next call's write;
+    /// with none, kmsd gave up on the half frame after its frame timeout and closed the
+    /// connection, failing every call on it.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_cut_short_by_a_timeout_is_finished_without_another_call() {
+        let dir = Scratch::new("cut-short");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (go, reading) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(async move {
+            let mut stream = accept_and_greet(&listener).await;
+            reading.await.unwrap();
+            let body = tokio::time::timeout(
+                Duration::from_secs(60),
+                codec::read_frame(&mut stream, 2 << 20),
+            )
+            .await
+            .expect("the rest of the frame never came")
+            .unwrap()
+            .unwrap();
+            codec::decode::<crate::protocol::ClientFrame>(&body).unwrap()
+        });
+        let client = Client::connect(&path).await.unwrap();
+        client.set_call_timeout(Some(Duration::from_secs(5)));
+        let memo = "m".repeat(900 * 1024);
+        let large = Request::SetMemo {
+            key: "k01".into(),
+            memo: memo.clone(),
+        };
+        match client.call(large).await {
+            Err(ClientError::TimedOut { sent: true, .. }) => {}
+            other => panic!("expected a timeout after sending, got {other:?}"),
+        }
+        go.send(()).unwrap();
+        let frame = daemon.await.unwrap();
+        assert_eq!(
+            frame.request,
+            Request::SetMemo {
+                key: "k01".into(),
+                memo
+            }
+        );
     }
 
     /// Accepts one client on `listener` and answers its handshake.
@@ -1626,7 +1817,8 @@ mod tests {
     }
 
     /// A daemon that goes away after reading a request: that call is told its request
-    /// was sent (it may have been carried out), a later call that it was not.
+    /// was sent (it may have been carried out); a later call connects again, and with
+    /// nothing listening is told so (its request was not sent).
     #[tokio::test]
     async fn a_lost_connection_says_whether_the_request_was_sent() {
         let dir = Scratch::new("closed");
@@ -1647,9 +1839,51 @@ mod tests {
             other => panic!("expected a lost connection after sending, got {other:?}"),
         }
         daemon.await.unwrap();
+        assert!(client.is_closed());
         match client.rotate("k01").await {
+            Err(ClientError::Connect { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
+            other => panic!("expected no daemon to connect to, got {other:?}"),
+        }
+    }
+
+    /// A connection kmsd closed (its idle timeout, a restart) is replaced by the next
+    /// call, which goes ahead on the new one: a long-lived client survives both. Before,
+    /// every later call failed with "closed" for good. A subscribed client does not
+    /// connect again: its subscription ended with the connection.
+    #[tokio::test]
+    async fn a_closed_connection_is_replaced_by_the_next_call() {
+        use crate::protocol::{Outcome, ServerFrame};
+        let dir = Scratch::new("reconnect");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let daemon = tokio::spawn(async move {
+            // The first connection is closed at once, as an idle one is.
+            drop(accept_and_greet(&listener).await);
+            let mut stream = accept_and_greet(&listener).await;
+            let id = next_id(&mut stream).await;
+            let result = Outcome::Ok(Response::Verified { valid: true });
+            send_raw(&mut stream, &ServerFrame::Reply { id, result }).await;
+            // Subscribed, then closed again.
+            let id = next_id(&mut stream).await;
+            let result = Outcome::Ok(Response::Subscribed);
+            send_raw(&mut stream, &ServerFrame::Reply { id, result }).await;
+            drop(stream);
+            listener
+        });
+        let client = Client::connect(&path).await.unwrap();
+        while !client.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        let scheme = crate::model::SignScheme::default();
+        assert!(client.verify("k01", b"m", "s", scheme).await.unwrap());
+        let mut events = client.subscribe().await.unwrap();
+        assert!(events.recv().await.is_none(), "the subscription ended");
+        let _listener = daemon.await.unwrap();
+        match client.verify("k01", b"m", "s", scheme).await {
             Err(ClientError::Closed { sent: false, .. }) => {}
-            other => panic!("expected a closed connection, got {other:?}"),
+            other => panic!("a subscribed client connected again: {other:?}"),
         }
     }
 
@@ -1805,13 +2039,7 @@ mod tests {
             other => panic!("expected the daemon's reason, got {other:?}"),
         }
         daemon.await.unwrap();
-        match client.rotate("k01").await {
-            Err(ClientError::Closed {
-                sent: false,
-                reason: Some(r),
-            }) => assert_eq!(r, refusal),
-            other => panic!("expected the daemon's reason, got {other:?}"),
-        }
+        assert!(client.is_closed());
     }
 
     /// Messages are single-spaced lines (a continuation without its backslash once put

@@ -414,7 +414,7 @@ fn run(cli: Cli) -> CmdResult {
         let client = match cli.timeout {
             None => connect_or_start(&opts).await?,
             Some(limit) => {
-                let mut client = tokio::time::timeout(limit, connect_or_start(&opts))
+                let client = tokio::time::timeout(limit, connect_or_start(&opts))
                     .await
                     .map_err(|_| {
                         CtlError::Timeout(format!(

@@ -76,7 +76,7 @@ pub async fn run(
         let reason = match result {
             Ok((client, notes)) => {
                 retry.connected(Instant::now());
-                let daemon_version = client.daemon_version().to_string();
+                let daemon_version = client.daemon_version();
                 // Which store it serves: a failure here only loses the check.
                 let data_dir = match client.call(kms_shared::protocol::Request::Status).await {
                     Ok(kms_shared::protocol::Response::Status(s)) => Some(s.data_dir),
