@@ -67,14 +67,19 @@ fi
 if [[ -z "$prefix" ]]; then
   if ((user)); then
     data_dir="${XDG_DATA_HOME:-$HOME/.local/share}/kms"
-    active=(systemctl --user is-active --quiet kmsd.service)
+    state="$(systemctl --user is-active kmsd.service 2>/dev/null || true)"
   else
     data_dir=/var/lib/kms
-    active=(systemctl is-active --quiet kmsd.service)
+    state="$(systemctl is-active kmsd.service 2>/dev/null || true)"
   fi
-  if command -v flock >/dev/null && [[ -e "$data_dir/kmsd.lock" ]] \
-    && ! flock --nonblock --exclusive "$data_dir/kmsd.lock" true 2>/dev/null \
-    && ! "${active[@]}" 2>/dev/null; then
+  # The service's own kmsd (running, starting, stopping) is the upgrade case. Otherwise
+  # the lock is probed (held for an instant only).
+  case "$state" in
+    active | activating | deactivating | reloading | refreshing) managed=1 ;;
+    *) managed=0 ;;
+  esac
+  if ((managed == 0)) && command -v flock >/dev/null && [[ -e "$data_dir/kmsd.lock" ]] \
+    && ! flock --nonblock --exclusive "$data_dir/kmsd.lock" true 2>/dev/null; then
     echo "install.sh: a kmsd that systemd did not start is serving $data_dir (kmsctl or" \
       "kms-tui started it); stop it first (pkill -TERM -x kmsd, as its owner), then run this again" >&2
     exit 1
@@ -83,17 +88,24 @@ fi
 
 if [[ -z "$binaries" ]]; then
   build=(cargo build --release --locked --manifest-path "$repo/Cargo.toml" -p kmsd -p kms-tui)
+  target_dir="${CARGO_TARGET_DIR:-$repo/target}"
   if ((EUID == 0)) && [[ -n "${SUDO_USER:-}" && "$SUDO_USER" != root ]]; then
     # Built as whoever ran sudo: sudo's PATH has no ~/.cargo/bin (rustup's), and a build
-    # as root would leave root-owned files in their target directory.
-    build=(sudo -u "$SUDO_USER" -H bash -lc "$(printf '%q ' "${build[@]}")")
+    # as root would leave root-owned files in their target directory. Their login
+    # environment may name another target directory: the binaries are taken from it.
+    as_user=(sudo -u "$SUDO_USER" -H bash -lc)
+    build=("${as_user[@]}" "$(printf '%q ' "${build[@]}")")
+    if ((dry_run == 0)); then
+      user_target="$("${as_user[@]}" 'printf %s "${CARGO_TARGET_DIR:-}"' 2>/dev/null || true)"
+      target_dir="${user_target:-$repo/target}"
+    fi
   fi
   if ! step "${build[@]}"; then
     echo "install.sh: the build failed; build as yourself (cargo build --release -p kmsd" \
       "-p kms-tui), then run: sudo systemd/install.sh --binaries target/release" >&2
     exit 1
   fi
-  binaries="${CARGO_TARGET_DIR:-$repo/target}/release"
+  binaries="$target_dir/release"
 fi
 
 step install -d -m 0755 "$prefix$bindir" "$prefix$unitdir" "$prefix$docdir"

@@ -53,15 +53,34 @@ pub fn exit_status(e: &anyhow::Error) -> u8 {
     if refused_pin { EXIT_NO_RESTART } else { 1 }
 }
 
-/// Set once kmsd is about to serve: from then on a stop is the graceful one that `run`
-/// carries out. Before, nothing has been served and the start may be long (a full page
-/// check of a large store, a PIN read from a pipe), so `main` ends the process at once
-/// on a stop instead of waiting for a start the service manager has given up on.
-static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Where the process is: starting, serving, or stopped while starting. Once kmsd is about
+/// to serve, a stop is the graceful one `run` carries out. Before, nothing has been
+/// served and the start may be long (a full page check of a large store, a PIN read from
+/// a pipe), so `main` ends the process at once on a stop instead of waiting for a start
+/// the service manager has given up on. One atomic, so that the two cannot both win: a
+/// stop that ends the process never meets a socket bound and READY sent.
+static PHASE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(STARTING);
+const STARTING: u8 = 0;
+const SERVING: u8 = 1;
+const STOPPED_WHILE_STARTING: u8 = 2;
 
-/// Whether `run` has finished starting (see [`SERVING`]).
-pub fn is_serving() -> bool {
-    SERVING.load(std::sync::atomic::Ordering::SeqCst)
+/// Claims the stop for the start: true if kmsd had not begun to serve, and now never
+/// will (`run` waits for the process to end instead).
+pub fn stop_while_starting() -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    PHASE
+        .compare_exchange(STARTING, STOPPED_WHILE_STARTING, SeqCst, SeqCst)
+        .is_ok()
+}
+
+/// Moves to serving, unless a stop came first (false).
+fn begin_serving() -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    PHASE
+        .fetch_update(SeqCst, SeqCst, |p| {
+            (p != STOPPED_WHILE_STARTING).then_some(SERVING)
+        })
+        .is_ok()
 }
 
 /// Runs the daemon until `stop` resolves, then shuts down gracefully: stops accepting,
@@ -74,8 +93,9 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     // The store, journal, slots, lock, socket, the runtime's own descriptors, a backup,
     // HSM libraries: well under this many besides the connections.
     const OWN_FILES: u64 = 64;
-    if let Some(open_files) = systemd::raise_open_files_limit()
-        && open_files < config.max_connections as u64 + OWN_FILES
+    let wanted = (config.max_connections as u64).saturating_add(OWN_FILES);
+    if let Some(open_files) = systemd::raise_open_files_limit(wanted)
+        && open_files < wanted
     {
         tracing::warn!(
             open_files,
@@ -150,7 +170,10 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         tracing::info!(keys = purged, "purged keys whose deletion wait ended");
     }
 
-    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
+    if !begin_serving() {
+        // `main` is ending the process (`stop_while_starting`): serve nothing.
+        return std::future::pending().await;
+    }
     // `_socket_lock`: held while kmsd serves a socket it bound itself (`server::bind`).
     let (listener, own_socket, _socket_lock) = match systemd::take_activated_listener()? {
         Some(activated) => {

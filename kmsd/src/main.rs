@@ -128,7 +128,7 @@ fn start(args: Args) -> anyhow::Result<()> {
         let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             signals.await;
-            if !kmsd::is_serving() {
+            if kmsd::stop_while_starting() {
                 exit_while_starting();
             }
             let _ = stopped.send(());
@@ -145,10 +145,16 @@ fn start(args: Args) -> anyhow::Result<()> {
 /// next start checks the store again). Waiting instead would keep `systemctl stop` or a
 /// shutdown waiting on a start that may take minutes (the service manager's start
 /// timeout is extended meanwhile) or never end (a PIN read from a pipe with no writer).
+#[allow(unsafe_code)]
 fn exit_while_starting() -> ! {
     tracing::warn!("stop requested while starting: exiting before serving");
     kmsd::systemd::notify_stopping();
-    std::process::exit(0)
+    // SAFETY: `_exit` ends the process without running `atexit` handlers or C++ static
+    // destructors. `exit` would run them on this thread while the start goes on in
+    // another, say inside a PKCS#11 module's `C_Login`, whose library they tear down.
+    // Nothing needs flushing: the log is written unbuffered, and no store write is
+    // pending that a crash would not equally leave.
+    unsafe { libc::_exit(0) }
 }
 
 /// `kmsd restore`: prints what it did, or fails; a failure changed nothing unless it says

@@ -384,17 +384,19 @@ pub fn spawn_notifier(engine: Arc<Engine>, socket: PathBuf, mut shutdown: Shutdo
     });
 }
 
-/// Raises the soft limit on open files to the hard one, and returns the soft limit in
-/// force. Every connection is a descriptor, and the usual soft limit (1,024, systemd's
-/// default too) is below `max_connections` (1,024) plus the daemon's own files: at the
-/// limit `accept` fails for everyone, root included. kmsd never uses `select`, the one
-/// reason the soft limit stays low by default.
-pub fn raise_open_files_limit() -> Option<u64> {
+/// Raises the soft limit on open files to `wanted` (at most the hard limit), and returns
+/// the soft limit in force. Every connection is a descriptor, and the usual soft limit
+/// (1,024, systemd's default too) is below `max_connections` (1,024) plus the daemon's own
+/// files: at the limit `accept` fails for everyone, root included. Not to the hard limit
+/// itself (often 524,288): a PKCS#11 module that still uses `select` would corrupt memory
+/// with descriptors far past 1,024.
+pub fn raise_open_files_limit(wanted: u64) -> Option<u64> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
+    let target = limit.maximum.map_or(wanted, |hard| wanted.min(hard));
+    if limit.current.is_some_and(|soft| soft < target) {
         let raised = rustix::process::Rlimit {
-            current: limit.maximum,
+            current: Some(target),
             maximum: limit.maximum,
         };
         if let Err(e) = setrlimit(Resource::Nofile, raised) {

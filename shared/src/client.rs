@@ -217,6 +217,32 @@ struct PendingCalls {
     reason: Option<WireError>,
 }
 
+/// Why [`Connection::send_and_wait`] did not get a reply.
+enum Refused {
+    /// The connection had ended before the request was queued on it: the request, unsent,
+    /// and what kmsd said as it closed the connection.
+    Closed(Request, Option<WireError>),
+    Failed(ClientError),
+}
+
+impl From<ClientError> for Refused {
+    fn from(e: ClientError) -> Refused {
+        Refused::Failed(e)
+    }
+}
+
+impl Refused {
+    fn into_error(self) -> ClientError {
+        match self {
+            Refused::Closed(_, reason) => ClientError::Closed {
+                sent: false,
+                reason,
+            },
+            Refused::Failed(e) => e,
+        }
+    }
+}
+
 /// What the reader hands a waiting call.
 enum Delivery {
     Reply(Outcome),
@@ -241,6 +267,10 @@ pub struct Client {
     conn: StdMutex<Arc<Connection>>,
     /// Held while a closed connection is replaced: one new connection at a time.
     reconnecting: Mutex<()>,
+    /// When the last attempt to connect again failed, and how: calls that waited for
+    /// that attempt fail with it rather than each trying for as long again (a daemon that
+    /// does not answer its handshake takes [`HANDSHAKE_TIMEOUT`] to give up on).
+    reconnect_failed: StdMutex<Option<(tokio::time::Instant, std::io::ErrorKind, String)>>,
     events: StdMutex<Option<mpsc::Receiver<Notification>>>,
     /// The sending end of `events` for the next connection's reader; taken by
     /// [`Client::subscribe`] (after which the client does not connect again).
@@ -248,6 +278,9 @@ pub struct Client {
     /// How long a call waits for its reply, in nanoseconds; 0: as long as the connection
     /// lasts.
     call_timeout_nanos: AtomicU64,
+    /// The id of the next call, on whichever connection (0 is kmsd's, for what concerns
+    /// a whole connection): a request that goes on a new connection keeps its id.
+    ids: Arc<AtomicU64>,
 }
 
 /// One connection to kmsd, and the calls on it.
@@ -261,15 +294,19 @@ struct Connection {
     /// daemon, not one each. Wiped once written.
     queued: Arc<StdMutex<Vec<Queued>>>,
     pending: Pending,
-    /// The id of the next call (0 is kmsd's for what concerns the whole connection).
-    next_id: AtomicU64,
+    /// Tasks finishing writes cut short ([`flush`]).
+    flushes: Flushes,
+    /// The client's ids ([`Client::ids`]).
+    ids: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
     daemon_version: String,
 }
 
 impl Drop for Connection {
+    /// Stops the tasks finishing writes cut short ([`flush`]) too.
     fn drop(&mut self) {
         self.reader.abort();
+        self.flushes.end();
     }
 }
 
@@ -292,14 +329,17 @@ impl Client {
     /// [`HANDSHAKE_TIMEOUT`]).
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-        let conn = Connection::open(path, events_tx.clone()).await?;
+        let ids = Arc::new(AtomicU64::new(1));
+        let conn = Connection::open(path, events_tx.clone(), ids.clone()).await?;
         Ok(Client {
             path: path.to_path_buf(),
             conn: StdMutex::new(Arc::new(conn)),
             reconnecting: Mutex::new(()),
+            reconnect_failed: StdMutex::new(None),
             events: StdMutex::new(Some(events)),
             events_tx: StdMutex::new(Some(events_tx)),
             call_timeout_nanos: AtomicU64::new(0),
+            ids,
         })
     }
 
@@ -340,11 +380,21 @@ impl Client {
         if !lock(&conn.pending).closed {
             return Ok(conn);
         }
+        let asked = tokio::time::Instant::now();
         let _one = self.reconnecting.lock().await;
         let conn = lock(&self.conn).clone();
         if !lock(&conn.pending).closed {
             // Another call connected meanwhile.
             return Ok(conn);
+        }
+        if let Some((at, kind, message)) = &*lock(&self.reconnect_failed)
+            && *at >= asked
+        {
+            // The attempt this call waited for failed: so does this call.
+            return Err(ClientError::Connect {
+                path: self.path.clone(),
+                source: std::io::Error::new(*kind, message.clone()),
+            });
         }
         let Some(events_tx) = lock(&self.events_tx).clone() else {
             // Subscribed: the subscription ended with its connection.
@@ -354,9 +404,24 @@ impl Client {
                 reason,
             });
         };
-        let fresh = Arc::new(Connection::open(&self.path, events_tx).await?);
-        *lock(&self.conn) = fresh.clone();
-        Ok(fresh)
+        match Connection::open(&self.path, events_tx, self.ids.clone()).await {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                *lock(&self.conn) = fresh.clone();
+                *lock(&self.reconnect_failed) = None;
+                Ok(fresh)
+            }
+            Err(e) => {
+                if let ClientError::Connect { source, .. } = &e {
+                    *lock(&self.reconnect_failed) = Some((
+                        tokio::time::Instant::now(),
+                        source.kind(),
+                        source.to_string(),
+                    ));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Sends one request and waits for its reply (within the call timeout, if one is
@@ -382,8 +447,25 @@ impl Client {
         request: Request,
         sent: &AtomicBool,
     ) -> Result<Response, ClientError> {
-        let conn = self.connection().await?;
-        conn.send_and_wait(request, sent).await
+        let mut request = request;
+        // Once more if the connection turns out to have ended before the request was
+        // queued on it (a close racing this call): it then went nowhere.
+        for last in [false, true] {
+            let conn = self.connection().await?;
+            match conn.send_and_wait(request, sent).await {
+                Ok(reply) => return Ok(reply),
+                Err(Refused::Closed(unsent, reason)) if last => {
+                    drop(unsent);
+                    return Err(ClientError::Closed {
+                        sent: false,
+                        reason,
+                    });
+                }
+                Err(Refused::Closed(unsent, _)) => request = unsent,
+                Err(Refused::Failed(e)) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns on its last turn")
     }
 
     /// Subscribes to events; returns the stream of notifications (once per client). It
@@ -394,13 +476,20 @@ impl Client {
         if lock(&self.events).is_none() {
             return Err(already());
         }
-        match self.call(Request::Subscribe).await? {
-            Response::Subscribed => {
-                // The connection's reader now holds the last sender: its end is the
-                // subscription's.
-                lock(&self.events_tx).take();
-                lock(&self.events).take().ok_or_else(already)
-            }
+        // A live connection first; then no new one is made (and handed a sender of the
+        // events) while the subscription is: the reader of the connection that answers
+        // must hold the last sender, so that its end is the subscription's.
+        self.connection().await?;
+        let held = {
+            let _one = self.reconnecting.lock().await;
+            lock(&self.events_tx).take()
+        };
+        let answer = self.call(Request::Subscribe).await;
+        if !matches!(answer, Ok(Response::Subscribed)) {
+            *lock(&self.events_tx) = held;
+        }
+        match answer? {
+            Response::Subscribed => lock(&self.events).take().ok_or_else(already),
             other => Err(unexpected(&other)),
         }
     }
@@ -852,6 +941,47 @@ struct WriteSide {
     queued: Arc<StdMutex<Vec<Queued>>>,
     write_lock: Arc<Mutex<()>>,
     pending: Pending,
+    flushes: Flushes,
+}
+
+/// The [`flush`] tasks of a connection, ended with it.
+#[derive(Clone, Default)]
+struct Flushes(Arc<StdMutex<FlushTasks>>);
+
+#[derive(Default)]
+struct FlushTasks {
+    /// The connection is gone: no task is started any more.
+    ended: bool,
+    running: Vec<tokio::task::AbortHandle>,
+}
+
+impl Flushes {
+    /// Starts `task` unless the connection has ended.
+    fn start(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let mut tasks = lock(&self.0);
+        if tasks.ended {
+            return;
+        }
+        tasks.running.retain(|t| !t.is_finished());
+        tasks.running.push(runtime.spawn(task).abort_handle());
+    }
+
+    /// Stops them: a request its caller gave up on is not finished, and carried out,
+    /// after the client that made it is gone.
+    fn end(&self) {
+        let running = {
+            let mut tasks = lock(&self.0);
+            tasks.ended = true;
+            std::mem::take(&mut tasks.running)
+        };
+        for task in running {
+            task.abort();
+        }
+    }
 }
 
 /// Writes queued frames in one write, wiping every copy.
@@ -933,7 +1063,7 @@ impl Drop for Unwritten {
         // Outside a runtime (the client dropped after its runtime) there is nothing to
         // write with; the connection goes with it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(flush(self.side.clone()));
+            self.side.flushes.start(&runtime, flush(self.side.clone()));
         }
     }
 }
@@ -956,6 +1086,7 @@ impl Connection {
             queued: self.queued.clone(),
             write_lock: self.write_lock.clone(),
             pending: self.pending.clone(),
+            flushes: self.flushes.clone(),
         }
     }
 
@@ -963,6 +1094,7 @@ impl Connection {
     async fn open(
         path: &Path,
         events: mpsc::Sender<Notification>,
+        ids: Arc<AtomicU64>,
     ) -> Result<Connection, ClientError> {
         let connect_err = |source| ClientError::Connect {
             path: path.to_path_buf(),
@@ -983,18 +1115,21 @@ impl Connection {
             write_lock: Arc::default(),
             queued: Arc::default(),
             pending,
-            next_id: AtomicU64::new(1),
+            flushes: Flushes::default(),
+            ids,
             reader,
             daemon_version: String::new(),
         };
         let sent = AtomicBool::new(false);
-        let hello = conn.send_and_wait(
-            Request::Hello {
+        let hello = async {
+            let hello = Request::Hello {
                 protocol: PROTOCOL_VERSION,
                 client: format!("kms-shared/{}", env!("CARGO_PKG_VERSION")),
-            },
-            &sent,
-        );
+            };
+            conn.send_and_wait(hello, &sent)
+                .await
+                .map_err(Refused::into_error)
+        };
         // A daemon that accepts and never answers (stopped with SIGSTOP, wedged) or one at
         // its connection limit, whose new connections wait in the listen backlog, would
         // otherwise keep every client waiting for ever.
@@ -1034,33 +1169,34 @@ impl Connection {
         &self,
         request: Request,
         sent: &AtomicBool,
-    ) -> Result<Response, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-
+    ) -> Result<Response, Refused> {
+        let message = ClientFrame {
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
+            request,
+        };
+        let id = message.id;
         // The frame may hold a plaintext: wiped once written.
-        let frame = Zeroizing::new(
-            codec::encode_frame(&ClientFrame { id, request }, DEFAULT_MAX_FRAME).map_err(|e| {
-                match e {
-                    FrameError::TooLarge { len, max } => ClientError::RequestTooLarge {
-                        len: u64::from(len),
-                        max,
-                    },
-                    other => ClientError::Frame(other),
-                }
-            })?,
-        );
+        let frame = Zeroizing::new(codec::encode_frame(&message, DEFAULT_MAX_FRAME).map_err(
+            |e| match e {
+                FrameError::TooLarge { len, max } => ClientError::RequestTooLarge {
+                    len: u64::from(len),
+                    max,
+                },
+                other => ClientError::Frame(other),
+            },
+        )?);
         let (tx, rx) = oneshot::channel();
         let in_flight = {
             let mut pending = lock(&self.pending);
             if pending.closed {
-                return Err(ClientError::Closed {
-                    sent: false,
-                    reason: pending.reason.clone(),
-                });
+                // Nothing of it went anywhere: the request may go on another connection.
+                return Err(Refused::Closed(message.request, pending.reason.clone()));
             }
             pending.calls.insert(id, tx);
             pending.calls.len()
         };
+        // Its plaintext, if any, is wiped here (a `Secret`); the frame has its copy.
+        drop(message);
         lock(&self.queued).push(Queued { call: id, frame });
         // Dropped before its frame is taken by a write (a caller's timeout while the
         // socket is busy), the call takes its frame back: a call given up is not sent.
@@ -1091,11 +1227,11 @@ impl Connection {
             // gone): every call waiting on it ends now, those whose frames this write took
             // along included, and later calls fail at once.
             close_pending(&self.pending);
-            return Err(FrameError::Io(e).into());
+            return Err(ClientError::from(FrameError::Io(e)).into());
         }
         let reply = rx.await;
         unsent.answered = true;
-        match reply {
+        let outcome = match reply {
             Ok(Delivery::Reply(Outcome::Ok(resp))) => Ok(resp),
             Ok(Delivery::Reply(Outcome::Err(e))) => Err(ClientError::Server(e)),
             Ok(Delivery::Undecodable(e)) => Err(ClientError::Unexpected(format!(
@@ -1106,7 +1242,8 @@ impl Connection {
                 sent: true,
                 reason: lock(&self.pending).reason.clone(),
             }),
-        }
+        };
+        Ok(outcome?)
     }
 }
 
@@ -1879,12 +2016,51 @@ mod tests {
         let scheme = crate::model::SignScheme::default();
         assert!(client.verify("k01", b"m", "s", scheme).await.unwrap());
         let mut events = client.subscribe().await.unwrap();
-        assert!(events.recv().await.is_none(), "the subscription ended");
+        let ended = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+        assert!(
+            matches!(ended, Ok(None)),
+            "the subscription did not end with its connection"
+        );
         let _listener = daemon.await.unwrap();
         match client.verify("k01", b"m", "s", scheme).await {
             Err(ClientError::Closed { sent: false, .. }) => {}
             other => panic!("a subscribed client connected again: {other:?}"),
         }
+    }
+
+    /// Calls that wait for the same attempt to connect again fail with it when it fails,
+    /// rather than each trying for as long again: behind a daemon that never answers the
+    /// handshake, the k-th of them waited k × 90 s.
+    #[tokio::test(start_paused = true)]
+    async fn calls_waiting_for_a_reconnect_share_its_failure() {
+        let dir = Scratch::new("reconnect-fails");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let daemon = tokio::spawn(async move {
+            drop(accept_and_greet(&listener).await);
+            // Then accepts and never answers.
+            let mut silent = Vec::new();
+            loop {
+                silent.push(listener.accept().await.unwrap());
+            }
+        });
+        let client = Client::connect(&path).await.unwrap();
+        while !client.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        let (a, b, c) = tokio::join!(client.status(), client.status(), client.status());
+        for r in [a, b, c] {
+            match r {
+                Err(ClientError::Connect { source, .. }) => {
+                    assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{source}")
+                }
+                other => panic!("expected the reconnect's timeout, got {other:?}"),
+            }
+        }
+        let took = started.elapsed();
+        assert!(took < HANDSHAKE_TIMEOUT * 2, "took {took:?}");
+        daemon.abort();
     }
 
     /// Writes `frame` (any serializable shape: a newer daemon's) to `stream`.

@@ -290,7 +290,6 @@ mod tests {
         }
     }
 
-    /// Taking over a `Zeroizing` buffer keeps its bytes and leaves it empty.
     /// Every comparison a program may write means what it says (the constant-time
     /// comparison is only about how long it takes).
     #[test]
@@ -310,6 +309,7 @@ mod tests {
         assert!(Secret::default() == *b"".as_slice());
     }
 
+    /// Taking over a `Zeroizing` buffer keeps its bytes and leaves it empty.
     #[test]
     fn from_zeroizing_takes_the_buffer() {
         let z = Zeroizing::new(vec![1u8, 2, 3]);

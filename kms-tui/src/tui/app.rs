@@ -68,6 +68,9 @@ pub struct VersionsView {
     pub versions: Option<Vec<VersionInfo>>,
     pub selected: usize,
     pub error: Option<String>,
+    /// A refresh by the tick is on its way: no other is asked for until it is in (a
+    /// daemon that does not answer would otherwise collect one every tick).
+    pub refreshing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

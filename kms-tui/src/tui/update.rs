@@ -84,7 +84,10 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             }
             // So do a version's encryption count and the history's newest entries.
             match &mut app.screen {
-                Screen::Versions(v) => fx.push(Effect::LoadVersions(v.tag.clone())),
+                Screen::Versions(v) if v.versions.is_some() && !v.refreshing => {
+                    v.refreshing = true;
+                    fx.push(Effect::LoadVersions(v.tag.clone()));
+                }
                 Screen::History(h) => refresh_history(h, fx),
                 _ => {}
             }
@@ -145,6 +148,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             if let Screen::Versions(v) = &mut app.screen
                 && v.tag == tag
             {
+                v.refreshing = false;
                 set_versions(v, result);
             }
         }
@@ -429,6 +433,7 @@ fn open_versions(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
         versions: None,
         selected: 0,
         error: None,
+        refreshing: false,
     });
 }
 

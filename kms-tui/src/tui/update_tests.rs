@@ -1216,6 +1216,19 @@ fn tick_refreshes_the_open_versions_and_history() {
     let mut a = app();
     let k = select(&mut a, "payments");
     update(&mut a, ch('v'));
+    let loaded = || Action::VersionsLoaded {
+        tag: k.tag.clone(),
+        result: Ok(Vec::new()),
+    };
+    // Not while the view's first load is on its way, and one refresh at a time.
+    assert_eq!(update(&mut a, Action::Tick), [Effect::LoadKeys]);
+    update(&mut a, loaded());
+    assert_eq!(
+        update(&mut a, Action::Tick),
+        [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]
+    );
+    assert_eq!(update(&mut a, Action::Tick), [Effect::LoadKeys]);
+    update(&mut a, loaded());
     assert_eq!(
         update(&mut a, Action::Tick),
         [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]

@@ -114,6 +114,7 @@ impl RootKey {
                 Err(source) => return Err(RootKeyError::Read { path, source }),
             }
         }
+        remove_temporary_key_files(data_dir);
         let path = data_dir.join(KEY_FILE_NAME);
         let opened = rustix::fs::open(
             &path,
@@ -324,6 +325,25 @@ fn hex_value(c: u8) -> Option<u8> {
     }
 }
 
+/// Removes what a creation cut short by a crash or a kill left ([`create_key_file`]'s
+/// temporary names): a copy of a key, or a second name of the key itself, that nothing
+/// would ever remove. Best effort; the data directory is locked by the caller.
+fn remove_temporary_key_files(data_dir: &Path) {
+    let prefix = format!("{KEY_FILE_NAME}.tmp-");
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Creates `path` (mode 0600) with 32 CSPRNG bytes: written and fsynced under a temporary
 /// name, then linked into place (which fails if `path` exists) and the directory fsynced.
 /// A crash or power loss leaves either no key file or a whole one; a key file created in
@@ -368,6 +388,18 @@ mod tests {
 
     /// A key's wrapping key needs both the root key and the slot secret (and its tag):
     /// neither the root key alone nor another slot secret opens what it wrapped.
+    #[test]
+    fn a_creation_cut_short_leaves_no_key_copy_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = RootKey::load_or_create(dir.path(), None).unwrap();
+        let left = dir.path().join(format!("{KEY_FILE_NAME}.tmp-0123abcd"));
+        fs::hard_link(dir.path().join(KEY_FILE_NAME), &left).unwrap();
+        let (again, _) = RootKey::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(key.fingerprint(), again.fingerprint());
+        assert!(!left.exists(), "the temporary name of the key stayed");
+        assert!(dir.path().join(KEY_FILE_NAME).exists());
+    }
+
     #[test]
     fn a_key_wrapper_needs_its_slot_secret() {
         let root = RootKey::from_bytes([3u8; 32]);
