@@ -886,16 +886,7 @@ async fn process_hardening() {
             .spawn()
             .unwrap();
         let log = || std::fs::read_to_string(tmp.path().join("log")).unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "kmsd as nobody exited:\n{}",
-                log()
-            );
-            assert!(Instant::now() < deadline, "not ready:\n{}", log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_serving(&mut child, &socket, log);
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
         assert!(
             status.lines().any(|l| l.starts_with("Uid:\t65534")),
@@ -934,16 +925,7 @@ async fn process_hardening() {
         .spawn()
         .unwrap();
     let log = || std::fs::read_to_string(tmp.path().join("log")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "kmsd under MDWE exited:\n{}",
-            log()
-        );
-        assert!(Instant::now() < deadline, "not ready:\n{}", log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_serving(&mut child, &socket, log);
     let c = Client::connect(&socket).await.unwrap();
     for (name, t) in [
         ("mdwe-aes", KeyType::Aes256),
@@ -963,6 +945,21 @@ async fn process_hardening() {
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
+}
+
+/// Waits (30 s at most) until `socket` accepts, failing with `log()` if `child` (kmsd, or
+/// what runs it) exits first.
+fn wait_until_serving(child: &mut Child, socket: &Path, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(socket).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kmsd exited:\n{}",
+            log()
+        );
+        assert!(Instant::now() < deadline, "not ready:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A child process killed and reaped when dropped.
@@ -998,16 +995,7 @@ fn open_files_limit_under(soft: u64, hard: u64) -> (u64, String) {
     let mut child = Reaped(child);
     let child = &mut child.0;
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "kmsd exited:\n{}",
-            log()
-        );
-        assert!(Instant::now() < deadline, "not ready:\n{}", log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_serving(child, &socket, log);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
     let soft_now = limits
         .lines()

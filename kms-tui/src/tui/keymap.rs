@@ -295,71 +295,39 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
 
 /// The footer of the key list and the details for the selected key's state (SPEC §12: the
 /// action letters in the footer): the lifecycle actions that state allows first (SPEC
-/// §3), then create and quit, the views, and the rest, as many as fit. [`footer`] of those modes is the
-/// whole set (for the tests that check every hint is bound).
-pub fn key_footer(state: Option<KeyState>) -> &'static [Hint] {
-    const HELP: Hint = ("?", s::F_HELP);
-    const FILTER: Hint = ("/", s::F_FILTER);
-    const CREATE: Hint = ("c", s::F_CREATE);
-    const QUIT: Hint = ("q", s::F_QUIT);
-    const DETAILS: Hint = ("enter", s::F_DETAILS);
-    const VERSIONS: Hint = ("v", s::F_VERSIONS);
-    const HISTORY: Hint = ("h", s::F_HISTORY);
-    const MEMO: Hint = ("m", s::F_MEMO);
-    const AUTO: Hint = ("a", s::F_AUTO);
-    const PERIOD: Hint = ("p", s::F_PERIOD);
-    const PERMISSIONS: Hint = ("P", s::F_PERMISSIONS);
-    const TOKENS: Hint = ("T", s::F_TOKENS);
-    match state {
-        Some(KeyState::Enabled) => &[
-            HELP,
-            FILTER,
-            ("r", s::F_ROTATE),
-            ("d", s::F_DISABLE),
-            ("x", s::F_DELETE),
-            CREATE,
-            QUIT,
-            VERSIONS,
-            HISTORY,
-            DETAILS,
-            AUTO,
-            PERIOD,
-            MEMO,
-            PERMISSIONS,
-            TOKENS,
-        ],
-        Some(KeyState::Disabled) => &[
-            HELP,
-            FILTER,
-            ("e", s::F_ENABLE),
-            ("x", s::F_DELETE),
-            CREATE,
-            QUIT,
-            VERSIONS,
-            HISTORY,
-            DETAILS,
-            AUTO,
-            PERIOD,
-            MEMO,
-            PERMISSIONS,
-            TOKENS,
+/// §3), then create and quit, the views, and the rest, as many as fit. [`footer`] of
+/// those modes is the whole set (for the tests that check every hint is bound).
+pub fn key_footer(state: Option<KeyState>) -> Vec<Hint> {
+    let actions: &[Hint] = match state {
+        Some(KeyState::Enabled) => &[("r", s::F_ROTATE), ("d", s::F_DISABLE), ("x", s::F_DELETE)],
+        Some(KeyState::Disabled) => &[("e", s::F_ENABLE), ("x", s::F_DELETE)],
+        Some(KeyState::PendingDeletion) => &[("u", s::F_UNDELETE), ("D", s::F_DELETE_NOW)],
+        Some(KeyState::Deleted) | None => &[],
+    };
+    // What the state allows of the key's views and settings.
+    let key: &[Hint] = match state {
+        Some(KeyState::Enabled | KeyState::Disabled) => &[
+            ("v", s::F_VERSIONS),
+            ("h", s::F_HISTORY),
+            ("enter", s::F_DETAILS),
+            ("a", s::F_AUTO),
+            ("p", s::F_PERIOD),
+            ("m", s::F_MEMO),
         ],
         Some(KeyState::PendingDeletion) => &[
-            HELP,
-            FILTER,
-            ("u", s::F_UNDELETE),
-            ("D", s::F_DELETE_NOW),
-            CREATE,
-            QUIT,
-            VERSIONS,
-            HISTORY,
-            DETAILS,
-            MEMO,
-            PERMISSIONS,
-            TOKENS,
+            ("v", s::F_VERSIONS),
+            ("h", s::F_HISTORY),
+            ("enter", s::F_DETAILS),
+            ("m", s::F_MEMO),
         ],
-        Some(KeyState::Deleted) | None => &[HELP, FILTER, CREATE, QUIT, PERMISSIONS, TOKENS],
-    }
+        Some(KeyState::Deleted) | None => &[],
+    };
+    let mut hints = vec![("?", s::F_HELP), ("/", s::F_FILTER)];
+    hints.extend_from_slice(actions);
+    hints.extend_from_slice(&[("c", s::F_CREATE), ("q", s::F_QUIT)]);
+    hints.extend_from_slice(key);
+    hints.extend_from_slice(&[("P", s::F_PERMISSIONS), ("T", s::F_TOKENS)]);
+    hints
 }
 
 /// The help overlay: sections of bindings.
@@ -511,7 +479,7 @@ mod tests {
             Some(KeyState::PendingDeletion),
             Some(KeyState::Deleted),
         ] {
-            for (hint, what) in key_footer(state) {
+            for (hint, what) in &key_footer(state) {
                 assert!(
                     footer(Mode::Main).contains(&(*hint, *what)),
                     "{hint} ({what}) is not among the list's bindings"

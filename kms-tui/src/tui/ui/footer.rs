@@ -13,7 +13,7 @@ use kms_shared::model::KeyState;
 pub fn render(f: &mut Frame, area: Rect, mode: Mode, key: Option<KeyState>) {
     let hints = match mode {
         Mode::Main | Mode::Details => keymap::key_footer(key),
-        other => keymap::footer(other),
+        other => keymap::footer(other).to_vec(),
     };
     let mut spans = vec![Span::raw(" ")];
     let mut used = 1usize;
@@ -23,7 +23,7 @@ pub fn render(f: &mut Frame, area: Rect, mode: Mode, key: Option<KeyState>) {
         if used + w > usize::from(area.width) + 2 {
             break;
         }
-        spans.push(Span::styled(*key, theme::key_hint()));
+        spans.push(Span::styled(key, theme::key_hint()));
         spans.push(Span::raw(format!(" {what}  ")));
         used += w;
     }
