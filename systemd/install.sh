@@ -67,17 +67,21 @@ fi
 if [[ -z "$prefix" ]]; then
   if ((user)); then
     data_dir="${XDG_DATA_HOME:-$HOME/.local/share}/kms"
-    state="$(systemctl --user is-active kmsd.service 2>/dev/null || true)"
+    systemctl_=(systemctl --user)
   else
     data_dir=/var/lib/kms
-    state="$(systemctl is-active kmsd.service 2>/dev/null || true)"
+    systemctl_=(systemctl)
   fi
-  # The service's own kmsd (running, starting, stopping) is the upgrade case. Otherwise
-  # the lock is probed (held for an instant only).
+  state="$("${systemctl_[@]}" is-active kmsd.service 2>/dev/null || true)"
+  sub="$("${systemctl_[@]}" show -P SubState kmsd.service 2>/dev/null || true)"
+  # The service's own kmsd (running, starting, stopping) is the upgrade case; not one
+  # waiting to be restarted (`activating`, sub-state `auto-restart`), which is what a
+  # kmsd holding the lock makes of it. Otherwise the lock is probed (for an instant).
   case "$state" in
     active | activating | deactivating | reloading | refreshing) managed=1 ;;
     *) managed=0 ;;
   esac
+  [[ "$sub" == auto-restart ]] && managed=0
   if ((managed == 0)) && command -v flock >/dev/null && [[ -e "$data_dir/kmsd.lock" ]] \
     && ! flock --nonblock --exclusive "$data_dir/kmsd.lock" true 2>/dev/null; then
     echo "install.sh: a kmsd that systemd did not start is serving $data_dir (kmsctl or" \
@@ -95,15 +99,23 @@ if [[ -z "$binaries" ]]; then
     # environment may name another target directory: the binaries are taken from it.
     as_user=(sudo -u "$SUDO_USER" -H bash -lc)
     build=("${as_user[@]}" "$(printf '%q ' "${build[@]}")")
-    if ((dry_run == 0)); then
-      user_target="$("${as_user[@]}" 'printf %s "${CARGO_TARGET_DIR:-}"' 2>/dev/null || true)"
-      target_dir="${user_target:-$repo/target}"
-    fi
   fi
   if ! step "${build[@]}"; then
     echo "install.sh: the build failed; build as yourself (cargo build --release -p kmsd" \
       "-p kms-tui), then run: sudo systemd/install.sh --binaries target/release" >&2
     exit 1
+  fi
+  if ((dry_run == 0)); then
+    # Where cargo put them, as whoever built sees it (CARGO_TARGET_DIR in a login
+    # profile, build.target-dir in a cargo config). The JSON is the last line: a profile
+    # may print before it.
+    metadata=(cargo metadata --format-version 1 --no-deps --manifest-path "$repo/Cargo.toml")
+    if [[ -n "${as_user:-}" ]]; then
+      metadata=("${as_user[@]}" "$(printf '%q ' "${metadata[@]}")")
+    fi
+    built_in="$("${metadata[@]}" 2>/dev/null | tail -n 1 \
+      | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4 || true)"
+    target_dir="${built_in:-$target_dir}"
   fi
   binaries="$target_dir/release"
 fi

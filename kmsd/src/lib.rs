@@ -65,7 +65,9 @@ const SERVING: u8 = 1;
 const STOPPED_WHILE_STARTING: u8 = 2;
 
 /// Claims the stop for the start: true if kmsd had not begun to serve, and now never
-/// will (`run` waits for the process to end instead).
+/// will in this process (`run` then only waits for its `stop`). For `main`, which ends the
+/// process when this returns true.
+#[doc(hidden)]
 pub fn stop_while_starting() -> bool {
     use std::sync::atomic::Ordering::SeqCst;
     PHASE
@@ -172,7 +174,8 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
 
     if !begin_serving() {
         // `main` is ending the process (`stop_while_starting`): serve nothing.
-        return std::future::pending().await;
+        stop.await;
+        return Ok(());
     }
     // `_socket_lock`: held while kmsd serves a socket it bound itself (`server::bind`).
     let (listener, own_socket, _socket_lock) = match systemd::take_activated_listener()? {

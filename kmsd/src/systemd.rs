@@ -388,8 +388,9 @@ pub fn spawn_notifier(engine: Arc<Engine>, socket: PathBuf, mut shutdown: Shutdo
 /// the soft limit in force. Every connection is a descriptor, and the usual soft limit
 /// (1,024, systemd's default too) is below `max_connections` (1,024) plus the daemon's own
 /// files: at the limit `accept` fails for everyone, root included. Not to the hard limit
-/// itself (often 524,288): a PKCS#11 module that still uses `select` would corrupt memory
-/// with descriptors far past 1,024.
+/// itself (often 524,288): descriptors stay near what the connections need, past 1,024
+/// only while that many clients are connected (a PKCS#11 module that still used `select`
+/// would be in trouble then, not at every start).
 pub fn raise_open_files_limit(wanted: u64) -> Option<u64> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);

@@ -217,6 +217,20 @@ struct PendingCalls {
     reason: Option<WireError>,
 }
 
+/// The events sender [`Client::subscribe`] took, put back when it did not subscribe.
+struct GiveBack<'a> {
+    slot: &'a StdMutex<Option<mpsc::Sender<Notification>>>,
+    held: Option<mpsc::Sender<Notification>>,
+}
+
+impl Drop for GiveBack<'_> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.held.take() {
+            *lock(self.slot) = Some(tx);
+        }
+    }
+}
+
 /// Why [`Connection::send_and_wait`] did not get a reply.
 enum Refused {
     /// The connection had ended before the request was queued on it: the request, unsent,
@@ -267,10 +281,13 @@ pub struct Client {
     conn: StdMutex<Arc<Connection>>,
     /// Held while a closed connection is replaced: one new connection at a time.
     reconnecting: Mutex<()>,
-    /// When the last attempt to connect again failed, and how: calls that waited for
-    /// that attempt fail with it rather than each trying for as long again (a daemon that
-    /// does not answer its handshake takes [`HANDSHAKE_TIMEOUT`] to give up on).
-    reconnect_failed: StdMutex<Option<(tokio::time::Instant, std::io::ErrorKind, String)>>,
+    /// The attempts to connect again that failed, and how the last one did: calls that
+    /// waited while one failed fail with it rather than each trying for as long again (a
+    /// daemon that does not answer its handshake takes [`HANDSHAKE_TIMEOUT`] to give up
+    /// on).
+    reconnect_failures: StdMutex<(u64, Option<(std::io::ErrorKind, String)>)>,
+    /// Held by [`Client::subscribe`]: one at a time.
+    subscribing: Mutex<()>,
     events: StdMutex<Option<mpsc::Receiver<Notification>>>,
     /// The sending end of `events` for the next connection's reader; taken by
     /// [`Client::subscribe`] (after which the client does not connect again).
@@ -279,7 +296,7 @@ pub struct Client {
     /// lasts.
     call_timeout_nanos: AtomicU64,
     /// The id of the next call, on whichever connection (0 is kmsd's, for what concerns
-    /// a whole connection): a request that goes on a new connection keeps its id.
+    /// a whole connection).
     ids: Arc<AtomicU64>,
 }
 
@@ -335,7 +352,8 @@ impl Client {
             path: path.to_path_buf(),
             conn: StdMutex::new(Arc::new(conn)),
             reconnecting: Mutex::new(()),
-            reconnect_failed: StdMutex::new(None),
+            reconnect_failures: StdMutex::new((0, None)),
+            subscribing: Mutex::new(()),
             events: StdMutex::new(Some(events)),
             events_tx: StdMutex::new(Some(events_tx)),
             call_timeout_nanos: AtomicU64::new(0),
@@ -380,17 +398,17 @@ impl Client {
         if !lock(&conn.pending).closed {
             return Ok(conn);
         }
-        let asked = tokio::time::Instant::now();
+        let failures_seen = lock(&self.reconnect_failures).0;
         let _one = self.reconnecting.lock().await;
         let conn = lock(&self.conn).clone();
         if !lock(&conn.pending).closed {
             // Another call connected meanwhile.
             return Ok(conn);
         }
-        if let Some((at, kind, message)) = &*lock(&self.reconnect_failed)
-            && *at >= asked
+        if let (failures, Some((kind, message))) = &*lock(&self.reconnect_failures)
+            && *failures > failures_seen
         {
-            // The attempt this call waited for failed: so does this call.
+            // An attempt failed while this call waited for it: so does this call.
             return Err(ClientError::Connect {
                 path: self.path.clone(),
                 source: std::io::Error::new(*kind, message.clone()),
@@ -408,16 +426,13 @@ impl Client {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 *lock(&self.conn) = fresh.clone();
-                *lock(&self.reconnect_failed) = None;
                 Ok(fresh)
             }
             Err(e) => {
                 if let ClientError::Connect { source, .. } = &e {
-                    *lock(&self.reconnect_failed) = Some((
-                        tokio::time::Instant::now(),
-                        source.kind(),
-                        source.to_string(),
-                    ));
+                    let mut failures = lock(&self.reconnect_failures);
+                    failures.0 += 1;
+                    failures.1 = Some((source.kind(), source.to_string()));
                 }
                 Err(e)
             }
@@ -473,6 +488,7 @@ impl Client {
     /// A subscription that failed may be tried again.
     pub async fn subscribe(&self) -> Result<mpsc::Receiver<Notification>, ClientError> {
         let already = || ClientError::Unexpected("already subscribed".into());
+        let _one_at_a_time = self.subscribing.lock().await;
         if lock(&self.events).is_none() {
             return Err(already());
         }
@@ -484,12 +500,16 @@ impl Client {
             let _one = self.reconnecting.lock().await;
             lock(&self.events_tx).take()
         };
-        let answer = self.call(Request::Subscribe).await;
-        if !matches!(answer, Ok(Response::Subscribed)) {
-            *lock(&self.events_tx) = held;
-        }
-        match answer? {
-            Response::Subscribed => lock(&self.events).take().ok_or_else(already),
+        // Given back unless subscribed, also if this future is dropped (a timeout).
+        let mut give_back = GiveBack {
+            slot: &self.events_tx,
+            held,
+        };
+        match self.call(Request::Subscribe).await? {
+            Response::Subscribed => {
+                give_back.held = None;
+                lock(&self.events).take().ok_or_else(already)
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -2061,6 +2081,77 @@ mod tests {
         let took = started.elapsed();
         assert!(took < HANDSHAKE_TIMEOUT * 2, "took {took:?}");
         daemon.abort();
+    }
+
+    /// A subscription given up before its answer (a caller's timeout) leaves the client
+    /// able to connect again. It took the events sender with it, and the client then
+    /// treated itself as subscribed: after the connection ended, every call failed.
+    #[tokio::test(start_paused = true)]
+    async fn a_subscribe_given_up_leaves_the_client_able_to_reconnect() {
+        use crate::protocol::{Outcome, ServerFrame};
+        let dir = Scratch::new("subscribe-given-up");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (close, closing) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(async move {
+            let mut stream = accept_and_greet(&listener).await;
+            next_id(&mut stream).await;
+            // No answer to the subscription; the connection ends when the test says.
+            closing.await.unwrap();
+            drop(stream);
+            let mut stream = accept_and_greet(&listener).await;
+            let id = next_id(&mut stream).await;
+            let result = Outcome::Ok(Response::Verified { valid: true });
+            send_raw(&mut stream, &ServerFrame::Reply { id, result }).await;
+            stream
+        });
+        let client = Client::connect(&path).await.unwrap();
+        let given_up = tokio::time::timeout(Duration::from_secs(1), client.subscribe()).await;
+        assert!(given_up.is_err(), "{given_up:?}");
+        close.send(()).unwrap();
+        while !client.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        let scheme = crate::model::SignScheme::default();
+        assert!(client.verify("k01", b"m", "s", scheme).await.unwrap());
+        drop(daemon.await.unwrap());
+    }
+
+    /// A call made after an attempt to connect again failed tries for itself: only calls
+    /// that waited while an attempt failed share its failure. (With the time of the
+    /// failure as the test, a clock that had not moved shared it with later calls too.)
+    #[tokio::test(start_paused = true)]
+    async fn a_call_after_a_failed_reconnect_tries_again() {
+        use crate::protocol::{Outcome, ServerFrame};
+        let dir = Scratch::new("reconnect-later");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let first = tokio::spawn(async move {
+            drop(accept_and_greet(&listener).await);
+            // Gone: the socket file stays, nothing listens.
+        });
+        let client = Client::connect(&path).await.unwrap();
+        first.await.unwrap();
+        while !client.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        let scheme = crate::model::SignScheme::default();
+        match client.verify("k01", b"m", "s", scheme).await {
+            Err(ClientError::Connect { .. }) => {}
+            other => panic!("expected no daemon, got {other:?}"),
+        }
+        // The daemon is back.
+        std::fs::remove_file(&path).unwrap();
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let second = tokio::spawn(async move {
+            let mut stream = accept_and_greet(&listener).await;
+            let id = next_id(&mut stream).await;
+            let result = Outcome::Ok(Response::Verified { valid: true });
+            send_raw(&mut stream, &ServerFrame::Reply { id, result }).await;
+            stream
+        });
+        assert!(client.verify("k01", b"m", "s", scheme).await.unwrap());
+        drop(second.await.unwrap());
     }
 
     /// Writes `frame` (any serializable shape: a newer daemon's) to `stream`.

@@ -68,8 +68,9 @@ pub struct VersionsView {
     pub versions: Option<Vec<VersionInfo>>,
     pub selected: usize,
     pub error: Option<String>,
-    /// A refresh by the tick is on its way: no other is asked for until it is in (a
-    /// daemon that does not answer would otherwise collect one every tick).
+    /// A load is on its way (the first, or the tick's): no other is asked for by the
+    /// tick until it is in (a daemon that does not answer would otherwise collect one
+    /// every tick). A load that failed is asked for again at the next tick.
     pub refreshing: bool,
 }
 

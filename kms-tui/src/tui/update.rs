@@ -84,7 +84,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             }
             // So do a version's encryption count and the history's newest entries.
             match &mut app.screen {
-                Screen::Versions(v) if v.versions.is_some() && !v.refreshing => {
+                Screen::Versions(v) if !v.refreshing => {
                     v.refreshing = true;
                     fx.push(Effect::LoadVersions(v.tag.clone()));
                 }
@@ -433,7 +433,8 @@ fn open_versions(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
         versions: None,
         selected: 0,
         error: None,
-        refreshing: false,
+        // The first load, just asked for.
+        refreshing: true,
     });
 }
 

@@ -1220,8 +1220,20 @@ fn tick_refreshes_the_open_versions_and_history() {
         tag: k.tag.clone(),
         result: Ok(Vec::new()),
     };
-    // Not while the view's first load is on its way, and one refresh at a time.
+    // Not while the view's first load is on its way, and one refresh at a time; a load
+    // that failed is asked for again.
     assert_eq!(update(&mut a, Action::Tick), [Effect::LoadKeys]);
+    update(
+        &mut a,
+        Action::VersionsLoaded {
+            tag: k.tag.clone(),
+            result: Err("internal: the store is busy".into()),
+        },
+    );
+    assert_eq!(
+        update(&mut a, Action::Tick),
+        [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]
+    );
     update(&mut a, loaded());
     assert_eq!(
         update(&mut a, Action::Tick),

@@ -386,8 +386,9 @@ mod tests {
     use super::*;
     use std::fs;
 
-    /// A key's wrapping key needs both the root key and the slot secret (and its tag):
-    /// neither the root key alone nor another slot secret opens what it wrapped.
+    /// A temporary name of the key file left by a creation cut short (a kill between its
+    /// link and its unlink) is removed at the next start: a second name of the root key
+    /// that nothing else would ever remove.
     #[test]
     fn a_creation_cut_short_leaves_no_key_copy_behind() {
         let dir = tempfile::tempdir().unwrap();
@@ -400,6 +401,8 @@ mod tests {
         assert!(dir.path().join(KEY_FILE_NAME).exists());
     }
 
+    /// A key's wrapping key needs both the root key and the slot secret (and its tag):
+    /// neither the root key alone nor another slot secret opens what it wrapped.
     #[test]
     fn a_key_wrapper_needs_its_slot_secret() {
         let root = RootKey::from_bytes([3u8; 32]);
