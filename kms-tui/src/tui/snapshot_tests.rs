@@ -789,6 +789,52 @@ fn help_scrolls_on_a_small_screen() {
     assert_eq!(a.popup, None);
 }
 
+/// On a screen too short for the create form (60×8), the form scrolls with the focus: the
+/// memo, its last field, used to be cut off with no way to see what was typed there, and
+/// the cursor was left on another field's row.
+#[test]
+fn the_create_form_scrolls_with_its_focus() {
+    use crate::tui::app::{Field, Popup};
+    use crate::tui::strings as s;
+    let mut a = app((60, 8), "payments");
+    update(&mut a, ch('c'));
+    let (top, _) = draw_with_cursor(&a);
+    assert!(top.contains(s::FORM_NAME), "{top}");
+    assert!(!top.contains(s::FORM_MEMO), "{top}");
+    assert!(top.contains(s::MORE_BELOW.trim()), "{top}");
+    // Tab to the memo (the last of the fields) and type there.
+    let focus = |a: &App| match &a.popup {
+        Some(Popup::Create(form)) => form.focus,
+        other => panic!("{other:?}"),
+    };
+    for _ in 0..8 {
+        if focus(&a) == Field::Memo {
+            break;
+        }
+        update(&mut a, code(KeyCode::Tab));
+    }
+    assert_eq!(focus(&a), Field::Memo);
+    keys(&mut a, "quarterly");
+    let (end, (_, y)) = draw_with_cursor(&a);
+    assert!(end.contains(s::FORM_MEMO), "{end}");
+    assert!(end.contains("quarterly"), "{end}");
+    assert!(end.contains(s::MORE_ABOVE.trim()), "{end}");
+    assert!(!end.contains(s::FORM_NAME), "{end}");
+    let row = end.lines().nth(usize::from(y)).unwrap();
+    assert!(row.contains("quarterly"), "cursor on row {y}: {end}");
+    // Back to the first field: the top again.
+    for _ in 0..8 {
+        if focus(&a) == Field::Name {
+            break;
+        }
+        update(&mut a, code(KeyCode::BackTab));
+    }
+    let (back, (_, y)) = draw_with_cursor(&a);
+    assert!(back.contains(s::FORM_NAME), "{back}");
+    let row = back.lines().nth(usize::from(y)).unwrap();
+    assert!(row.contains(s::FORM_NAME), "cursor on row {y}: {back}");
+}
+
 /// The screen and where the terminal cursor was left.
 fn draw_with_cursor(app: &App) -> (String, (u16, u16)) {
     use ratatui::backend::Backend as _;

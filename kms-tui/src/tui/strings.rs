@@ -268,6 +268,9 @@ pub fn tokens_failed(msg: &str) -> String {
 pub const FORM_AES_ONLY: &str = "(AES256 only)";
 pub const FORM_FIX_FIRST: &str = "Fix the marked fields first.";
 pub const FORM_SUBMITTING: &str = "creating…";
+/// A form taller than the screen: more fields above or below the ones shown.
+pub const MORE_ABOVE: &str = " ↑ more ";
+pub const MORE_BELOW: &str = " ↓ more ";
 pub const DAYS_NOT_A_NUMBER: &str = "the rotation period is a whole number of days (1 to 730)";
 
 pub fn name_taken(name: &str) -> String {

@@ -68,8 +68,10 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
     let taken = app.name_taken(&form.name);
     let mut lines: Vec<Line> = Vec::new();
     let mut cursor: Option<(u16, u16)> = None;
+    let mut focus = 0..0;
     for field in Field::ALL {
         let focused = form.focus == field;
+        let first_line = lines.len();
         let marker = if focused { "›" } else { " " };
         let label_style = if focused {
             theme::label().add_modifier(Modifier::BOLD | Modifier::REVERSED)
@@ -98,6 +100,9 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
                 ));
             }
         }
+        if focused {
+            focus = first_line..lines.len();
+        }
     }
     lines.push(Line::default());
     if let Some(e) = &form.daemon_error {
@@ -109,5 +114,9 @@ pub fn render(f: &mut Frame, area: Rect, app: &App, form: &CreateForm) {
     } else if form.show_all && !form.is_valid(taken) {
         lines.push(Line::styled(s::FORM_FIX_FIRST, theme::error()));
     }
-    super::form_popup(f, area, width, s::FORM_TITLE, lines, cursor);
+    // On the last field, what follows the fields comes into view with it.
+    if form.focus == Field::ALL[Field::ALL.len() - 1] {
+        focus.end = lines.len();
+    }
+    super::form_popup(f, area, width, s::FORM_TITLE, lines, focus, cursor);
 }

@@ -49,8 +49,10 @@ pub fn render(f: &mut Frame, area: Rect, form: &GrantForm) {
     let indent = " ".repeat(LABEL + 2);
     let mut lines: Vec<Line> = Vec::new();
     let mut cursor: Option<(u16, u16)> = None;
+    let mut focus = 0..0;
     for field in GrantField::ALL {
         let focused = form.focus == field;
+        let first_line = lines.len();
         let label_style = if focused {
             theme::label().add_modifier(Modifier::BOLD | Modifier::REVERSED)
         } else {
@@ -85,6 +87,9 @@ pub fn render(f: &mut Frame, area: Rect, form: &GrantForm) {
             }
             GrantField::Kind | GrantField::Scope => {}
         }
+        if focused {
+            focus = first_line..lines.len();
+        }
     }
     lines.push(Line::default());
     if let Some(e) = &form.daemon_error {
@@ -98,5 +103,9 @@ pub fn render(f: &mut Frame, area: Rect, form: &GrantForm) {
             lines.push(Line::styled(l, theme::dim()));
         }
     }
-    super::form_popup(f, area, width, s::GRANT_FORM_TITLE, lines, cursor);
+    // On the last field, what follows the fields comes into view with it.
+    if form.focus == GrantField::ALL[GrantField::ALL.len() - 1] {
+        focus.end = lines.len();
+    }
+    super::form_popup(f, area, width, s::GRANT_FORM_TITLE, lines, focus, cursor);
 }

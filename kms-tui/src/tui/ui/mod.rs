@@ -25,6 +25,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Clear, Paragraph};
 
 use super::app::{App, Popup, Screen};
+use super::strings as s;
 
 pub fn draw(f: &mut Frame, app: &App) {
     let area = f.area();
@@ -89,27 +90,59 @@ pub fn wrap(text: &str, width: usize) -> Vec<String> {
 
 /// Draws a form's lines in a bordered pop-up `width` wide, and puts the terminal cursor at
 /// `cursor` (column, line inside the border) when that line is on screen.
+///
+/// On a screen too short for every line the form scrolls so that `focus` (the focused
+/// field's lines: the field and what is said under it) is in view, and the borders say
+/// which way more lines are.
 pub fn form_popup(
     f: &mut Frame,
     area: Rect,
     width: u16,
     title: &str,
     lines: Vec<Line<'_>>,
+    focus: std::ops::Range<usize>,
     cursor: Option<(u16, u16)>,
 ) {
     let popup = layout::popup(area, width, lines.len() as u16 + 2);
-    let block = Block::bordered().border_style(theme::border()).title(title);
+    let mut block = Block::bordered().border_style(theme::border()).title(title);
     let inner = block.inner(popup);
+    let scroll = form_scroll(lines.len(), usize::from(inner.height), focus);
+    if scroll > 0 {
+        block = block.title_top(Line::from(s::MORE_ABOVE).right_aligned());
+    }
+    if scroll + usize::from(inner.height) < lines.len() {
+        block = block.title_bottom(Line::from(s::MORE_BELOW).right_aligned());
+    }
     f.render_widget(Clear, popup);
-    f.render_widget(Paragraph::new(lines).block(block), popup);
+    f.render_widget(
+        Paragraph::new(lines)
+            .block(block)
+            .scroll((u16::try_from(scroll).unwrap_or(u16::MAX), 0)),
+        popup,
+    );
     if let Some((x, y)) = cursor
-        && y < inner.height
+        && let Some(y) = usize::from(y).checked_sub(scroll)
+        && y < usize::from(inner.height)
     {
         f.set_cursor_position(Position::new(
             (inner.x + x).min(inner.right().saturating_sub(1)),
-            inner.y + y,
+            inner.y + y as u16,
         ));
     }
+}
+
+/// The first line shown of a form of `total` lines in `height` rows: the least scroll
+/// that shows the end of `focus`, never past its start.
+fn form_scroll(total: usize, height: usize, focus: std::ops::Range<usize>) -> usize {
+    if total <= height {
+        return 0;
+    }
+    focus
+        .end
+        .min(total)
+        .saturating_sub(height)
+        .min(focus.start)
+        .min(total - height)
 }
 
 /// A bordered list view with one status line on top: "loading", the load error, or what

@@ -28,8 +28,10 @@ pub fn render(f: &mut Frame, area: Rect, form: &TokenForm) {
     let value_width = text_width.saturating_sub(LABEL + 2);
     let mut lines: Vec<Line> = Vec::new();
     let mut cursor: Option<(u16, u16)> = None;
+    let mut focus = 0..0;
     for field in TokenField::ALL {
         let focused = form.focus == field;
+        let first_line = lines.len();
         let label_style = if focused {
             theme::label().add_modifier(Modifier::BOLD | Modifier::REVERSED)
         } else {
@@ -56,6 +58,9 @@ pub fn render(f: &mut Frame, area: Rect, form: &TokenForm) {
                 ));
             }
         }
+        if focused {
+            focus = first_line..lines.len();
+        }
     }
     lines.push(Line::default());
     if let Some(e) = &form.daemon_error {
@@ -71,5 +76,9 @@ pub fn render(f: &mut Frame, area: Rect, form: &TokenForm) {
             lines.push(Line::styled(l, theme::dim()));
         }
     }
-    super::form_popup(f, area, width, s::TOKEN_FORM_TITLE, lines, cursor);
+    // On the last field, what follows the fields comes into view with it.
+    if form.focus == TokenField::ALL[TokenField::ALL.len() - 1] {
+        focus.end = lines.len();
+    }
+    super::form_popup(f, area, width, s::TOKEN_FORM_TITLE, lines, focus, cursor);
 }
