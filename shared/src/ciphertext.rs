@@ -8,6 +8,7 @@ const PREFIX: &str = "ncpkms:v";
 
 /// Why a string is not a well-formed `ncpkms:` value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FormatError {
     #[error("not an ncpkms value: it must start with \"ncpkms:v\"")]
     Prefix,

@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 
 /// Why a call did not get a reply from the daemon, or got an error.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     #[error("cannot connect to kmsd at {path}: {source}")]
     Connect {
@@ -137,6 +138,7 @@ pub enum ClientError {
 /// create `/tmp/kms-1000` before its owner does, and serve a daemon there that would
 /// receive the plaintexts meant for the real one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Distrust {
     #[error("the directory holding the socket, {dir}, belongs to uid {owner}, not to it")]
     ForeignDirectory { dir: PathBuf, owner: u32 },
@@ -192,6 +194,7 @@ impl ClientError {
 
 /// A message that arrived on a subscription.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Notification {
     Event(Event),
     /// The daemon dropped this many events because this client read too slowly.

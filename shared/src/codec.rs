@@ -13,6 +13,7 @@ use zeroize::Zeroize;
 
 /// Why a frame could not be read or decoded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FrameError {
     #[error("frame of {len} bytes exceeds the maximum of {max}")]
     TooLarge { len: u32, max: u32 },

@@ -87,6 +87,8 @@ pub async fn watch(ctx: &mut Ctx) -> CmdResult {
             n = events.recv() => match n {
                 Some(Notification::Event(e)) => to_json(event_record(&e)),
                 Some(Notification::Lagged(missed)) => json!({ "lagged": missed }),
+                // What a newer client library may add: not this version's to print.
+                Some(_) => continue,
                 None => return Err(CtlError::Connect("connection to kmsd closed".into())),
             },
         };

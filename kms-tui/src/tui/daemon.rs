@@ -154,6 +154,8 @@ async fn serve(
                 let a = match note {
                     Some(Notification::Event(e)) => Action::DaemonEvent(e),
                     Some(Notification::Lagged(n)) => Action::Lagged(n),
+                    // What a newer client library may add: nothing to show for it.
+                    Some(_) => continue,
                     // The reader ends the stream when the connection drops.
                     None => return Some("connection to kmsd closed".into()),
                 };
