@@ -54,8 +54,17 @@ fn internal(what: &str, e: impl std::fmt::Display) -> WireError {
 }
 
 impl Backups {
-    /// Takes a new snapshot of the store into `data_dir` and answers its first chunk.
-    pub async fn start(&self, engine: &Arc<Engine>, data_dir: &Path, caller: &Caller) -> Reply {
+    /// Takes a new snapshot of the store into `data_dir` and answers its first chunk, if
+    /// `still_permitted` says the caller may still have it once the copy is made (a copy
+    /// takes seconds, in which a revoke may land; later chunks are checked as they are
+    /// asked for).
+    pub async fn start(
+        &self,
+        engine: &Arc<Engine>,
+        data_dir: &Path,
+        caller: &Caller,
+        still_permitted: impl FnOnce() -> Result<(), WireError>,
+    ) -> Reply {
         let id = random_tag().map_err(|e| internal("no random id", e))?;
         let path = data_dir.join(format!("{PREFIX}{}-{id}{SUFFIX}", engine.now()));
         {
@@ -127,6 +136,10 @@ impl Backups {
             bytes = total,
             "backup snapshot taken"
         );
+        if let Err(refused) = still_permitted() {
+            self.forget(&id);
+            return Err(refused);
+        }
         self.read(&id, 0, caller).await
     }
 

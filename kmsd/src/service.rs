@@ -300,7 +300,13 @@ impl Service {
                 .await
             }
             // Managers only (authz: Need::Admin): a snapshot holds every wrapped key.
-            Request::Backup => self.backups.start(e, &self.data_dir, caller).await,
+            Request::Backup => {
+                let recheck = permit.recheck();
+                let still_permitted = || recheck.still_permitted(e).map_err(wire);
+                self.backups
+                    .start(e, &self.data_dir, caller, still_permitted)
+                    .await
+            }
             Request::BackupRead { snapshot, offset } => {
                 self.backups.read(&snapshot, offset, caller).await
             }
@@ -628,7 +634,11 @@ impl Service {
         let engine = self.engine.clone();
         let recheck = permit.recheck();
         let caller = permit.caller.clone();
+        let gate = permit.gate();
         tokio::task::spawn_blocking(move || {
+            // Checked and done with no grant change in between (what `gate` says).
+            let _in_force = (gate == Gate::InForce).then(|| engine.grants_in_force());
+            let _changing = (gate == Gate::Changing).then(|| engine.grants_changing());
             recheck.still_permitted(&engine)?;
             f(&engine, &caller)
         })
@@ -804,7 +814,15 @@ fn permitted(
 /// name when asked by tag, nor that it exists).
 fn denial(engine: &Engine, caller: &Caller, need: Need, key: Option<&str>) -> String {
     let resolved = key.and_then(|k| engine.resolve(k).ok());
-    let need = need_on(need, resolved.as_deref());
+    // The manager's role a purged key needs is named only to a caller the request's own
+    // need permits there (a role on all keys): to anyone else a purged tag reads as a
+    // live or unknown one does (PROTOCOL.md §5: a refusal never says a key exists).
+    let tag = resolved.as_ref().map(|e| e.rec.tag.as_str());
+    let need = if authz::permits(&engine.grants(), caller, need, tag) {
+        need_on(need, resolved.as_deref())
+    } else {
+        need
+    };
     let roles: Vec<&str> = need.roles().iter().map(|r| r.as_str()).collect();
     let scope = match key {
         Some(k) => format!("key {k}"),
@@ -835,7 +853,28 @@ struct Permit<'a> {
     daemon_uid: u32,
 }
 
+/// How a call's work stands with grant changes: a change that needs a manager's role
+/// is done under the grants that permitted it, a grant change alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Reads, and calls by anyone's role: checked again where the work begins, and a
+    /// computation already running when a revoke lands finishes.
+    Open,
+    /// A change needing a manager's role ([`Engine::grants_in_force`]).
+    InForce,
+    /// `grant` and `revoke` ([`Engine::grants_changing`]).
+    Changing,
+}
+
 impl Permit<'_> {
+    fn gate(&self) -> Gate {
+        match (self.action, self.need) {
+            (Some(Action::Grant | Action::Revoke), _) => Gate::Changing,
+            (_, Need::Manage | Need::Admin) => Gate::InForce,
+            _ => Gate::Open,
+        }
+    }
+
     /// What the thread that begins the work checks.
     fn recheck(&self) -> Recheck {
         // A manager by identity (root, the daemon's account) holds no grant to lose, and
@@ -1075,52 +1114,12 @@ mod tests {
     /// queued them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_revoke_reaches_work_that_waited_its_turn() {
-        use crate::engine::{Caller, Engine, EngineConfig};
-        use kms_shared::model::{Action, KeyType, Role};
-        use kms_shared::protocol::{
-            CreateKey, ErrorKind, GrantSpec, HistoryQuery, PlaintextItem, Request,
-        };
-        use std::sync::Arc;
-        let dir = tempfile::tempdir().unwrap();
-        let root = crate::crypto::RootKey::from_bytes([0x44; 32]);
-        let store =
-            crate::store::Store::open(&dir.path().join("kms.redb"), &root.fingerprint()).unwrap();
-        let engine = Arc::new(
-            Engine::open(
-                store,
-                root,
-                Arc::new(crate::clock::ManualClock::new(1_700_000_000_000)),
-                EngineConfig::default(),
-            )
-            .unwrap(),
-        );
-        let admin = Caller {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-            account: "root".into(),
-            groups: Vec::new(),
-            client: "test".into(),
-        };
-        // An account that exists here (grants name accounts) and is not a manager.
-        let user = Caller {
-            uid: 65534,
-            gid: 65534,
-            account: "nobody".into(),
-            ..admin.clone()
-        };
+        use kms_shared::model::{Action, Role};
+        use kms_shared::protocol::{ErrorKind, HistoryQuery, PlaintextItem, Request};
         use tokio::task::block_in_place as blocking;
-        blocking(|| {
-            engine
-                .create_key(&admin, &CreateKey::new("shared", KeyType::Aes256))
-                .unwrap()
-        });
-        let grant = |role| GrantSpec {
-            role,
-            user: Some("nobody".into()),
-            group: None,
-            key: Some("shared".into()),
-        };
+        let (_dir, engine, admin, user) = engine_with_a_user();
+        let grant = grant_to_nobody;
+        use std::sync::Arc;
         for role in [Role::KeyUser, Role::KeyReviewer] {
             blocking(|| engine.grant(&admin, &grant(role)).unwrap());
         }
@@ -1176,6 +1175,199 @@ mod tests {
         })
         .unwrap();
         assert_eq!(refusals[0].result, "permission-denied", "{refusals:?}");
+    }
+
+    /// An engine on a fresh store with one AES key, `shared`; root, and `nobody` (an
+    /// account that exists here, as grants name accounts) with no role yet.
+    fn engine_with_a_user() -> (
+        tempfile::TempDir,
+        std::sync::Arc<crate::engine::Engine>,
+        crate::engine::Caller,
+        crate::engine::Caller,
+    ) {
+        use crate::engine::{Caller, Engine, EngineConfig};
+        use kms_shared::model::KeyType;
+        use kms_shared::protocol::CreateKey;
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::crypto::RootKey::from_bytes([0x44; 32]);
+        let store =
+            crate::store::Store::open(&dir.path().join("kms.redb"), &root.fingerprint()).unwrap();
+        let engine = std::sync::Arc::new(
+            Engine::open(
+                store,
+                root,
+                std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000)),
+                EngineConfig::default(),
+            )
+            .unwrap(),
+        );
+        let admin = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            account: "root".into(),
+            groups: Vec::new(),
+            client: "test".into(),
+        };
+        let user = Caller {
+            uid: 65534,
+            gid: 65534,
+            account: "nobody".into(),
+            ..admin.clone()
+        };
+        tokio::task::block_in_place(|| {
+            engine
+                .create_key(&admin, &CreateKey::new("shared", KeyType::Aes256))
+                .unwrap()
+        });
+        (dir, engine, admin, user)
+    }
+
+    fn grant_to_nobody(role: kms_shared::model::Role) -> kms_shared::protocol::GrantSpec {
+        kms_shared::protocol::GrantSpec {
+            role,
+            user: Some("nobody".into()),
+            group: None,
+            key: Some("shared".into()),
+        }
+    }
+
+    /// A manager's change that passed its check while a revoke of that manager held the
+    /// key's locks used to run once the revoke was acknowledged: a `grant` of the revoked
+    /// role among them, which gave it back. Now a change is checked and done with no
+    /// grant change in between, so it is refused against the grants as revoked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_waiting_behind_a_revoke_is_checked_against_it() {
+        use kms_shared::model::{Principal, Role};
+        use kms_shared::protocol::{ErrorKind, Request};
+        use std::sync::Arc;
+        use tokio::task::block_in_place as blocking;
+        let (_dir, engine, admin, user) = engine_with_a_user();
+        blocking(|| {
+            engine
+                .grant(&admin, &grant_to_nobody(Role::Manager))
+                .unwrap()
+        });
+        let service =
+            Arc::new(super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap());
+
+        // The revoke takes its locks and waits on its commit (a slow disk).
+        engine.hold_commits(true);
+        let (s, a) = (service.clone(), admin.clone());
+        let revoke = tokio::spawn(async move {
+            s.handle(&a, Request::Revoke(grant_to_nobody(Role::Manager)))
+                .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Meanwhile the manager grants itself the role again, and rotates.
+        let (s, u) = (service.clone(), user.clone());
+        let regrant = tokio::spawn(async move {
+            s.handle(&u, Request::Grant(grant_to_nobody(Role::Manager)))
+                .await
+        });
+        let (s, u) = (service.clone(), user.clone());
+        let rotate = tokio::spawn(async move {
+            s.handle(
+                &u,
+                Request::Rotate {
+                    key: "shared".into(),
+                },
+            )
+            .await
+        });
+        // Not a timing assertion: time for both to reach whatever they wait on. Had they
+        // not reached it, they would be refused without showing anything; never wrongly.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        engine.hold_commits(false);
+        revoke.await.unwrap().unwrap();
+        for (what, waited) in [
+            ("grant", regrant.await.unwrap()),
+            ("rotate", rotate.await.unwrap()),
+        ] {
+            match waited {
+                Err(e) => assert_eq!(e.kind, ErrorKind::PermissionDenied, "{what}: {e}"),
+                Ok(r) => panic!("{what} answered after the revoke: {r:?}"),
+            }
+        }
+        assert!(
+            !engine
+                .grants()
+                .iter()
+                .any(|g| g.principal == Principal::User("nobody".into())),
+            "{:?}",
+            engine.grants()
+        );
+        assert_eq!(engine.get_key("shared").unwrap().current_version, 1);
+    }
+
+    /// A backup whose caller is no longer permitted once its copy is made (a revoke that
+    /// landed during the copy) answers the refusal, not the first chunk, and leaves no
+    /// snapshot behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backup_refused_after_its_copy_leaves_nothing() {
+        use kms_shared::protocol::{ErrorKind, WireError};
+        let (dir, engine, admin, _) = engine_with_a_user();
+        let backups = crate::backup::Backups::default();
+        let refused = backups
+            .start(&engine, dir.path(), &admin, || {
+                Err(WireError::new(ErrorKind::PermissionDenied, "revoked"))
+            })
+            .await;
+        assert_eq!(refused.unwrap_err().kind, ErrorKind::PermissionDenied);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("backup-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        // A permitted one answers its first chunk.
+        let first = backups.start(&engine, dir.path(), &admin, || Ok(())).await;
+        assert!(
+            matches!(
+                first,
+                Ok(kms_shared::protocol::Response::BackupChunk { .. })
+            ),
+            "{first:?}"
+        );
+    }
+
+    /// A refusal does not tell an account with no role whether a tag is a purged key's:
+    /// it read "needs the role manager" for a purged tag, and named every role for a live
+    /// or unknown one. An account with a role on all keys is still told a manager's is
+    /// needed there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_does_not_tell_a_purged_tag_from_an_unknown_one() {
+        use kms_shared::model::Role;
+        use kms_shared::protocol::{ErrorKind, Request};
+        use tokio::task::block_in_place as blocking;
+        let (_dir, engine, admin, user) = engine_with_a_user();
+        let tag = engine.get_key("shared").unwrap().tag;
+        blocking(|| {
+            engine.request_deletion(&admin, "shared").unwrap();
+            engine.delete_now(&admin, "shared").unwrap()
+        });
+        let service = super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap();
+        let refusal = |key: String| {
+            let (service, user) = (&service, &user);
+            async move {
+                let e = service
+                    .handle(user, Request::GetKey { key: key.clone() })
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e}");
+                e.message.replace(&key, "KEY")
+            }
+        };
+        let unknown = "0123456789abcdef0123456789abcdef".to_string();
+        assert_eq!(refusal(tag.clone()).await, refusal(unknown).await);
+
+        let on_all_keys = kms_shared::protocol::GrantSpec {
+            key: None,
+            ..grant_to_nobody(Role::KeyUser)
+        };
+        blocking(|| engine.grant(&admin, &on_all_keys).unwrap());
+        let told = refusal(tag).await;
+        assert!(told.contains("needs the role manager on"), "{told}");
     }
 
     /// The future finishes on the thread that wakes it, with the value sent there.

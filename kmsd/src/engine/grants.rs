@@ -17,6 +17,22 @@ impl Engine {
             .clone()
     }
 
+    /// Held by a change made under a manager's role from the check of that role until
+    /// the change is done, so that no `grant` or `revoke` lands in between
+    /// ([`Engine::grants_changing`] waits for it). Without it a change that passed its
+    /// check, then waited for a key's lock held by a revoke, ran after the revoke was
+    /// acknowledged — a `grant` among them, giving the revoked role back.
+    pub fn grants_in_force(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.grants_gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by a `grant` or `revoke` from the check of the caller's role until the change
+    /// is published: it waits for the changes begun under the grants as they were, and
+    /// holds back those not yet checked, which are then checked against the new grants.
+    pub fn grants_changing(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.grants_gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The principal a spec names, and the uid or gid its name has now.
     fn grant_principal(spec: &GrantSpec) -> Result<(Principal, u32), EngineError> {
         let principal = match (&spec.user, &spec.group) {

@@ -282,6 +282,9 @@ pub struct Engine {
     refusals: refusals::Refusals,
     /// Grants, swapped whole on change so checks never wait.
     grants: RwLock<Arc<Vec<GrantInfo>>>,
+    /// Orders changes made under a manager's role against grant changes: see
+    /// [`Engine::grants_in_force`].
+    grants_gate: RwLock<()>,
     /// The highest grant id ever given (ids are never reused; see the store's meta).
     last_grant_id: AtomicU64,
     /// The daemon's PKCS#11 token and the dedicated ones managers registered.
@@ -414,6 +417,7 @@ impl Engine {
             wall_lead: Mutex::default(),
             refusals: refusals::Refusals::default(),
             grants: RwLock::new(Arc::new(grants)),
+            grants_gate: RwLock::new(()),
             last_grant_id: AtomicU64::new(last_grant_id),
             hsm,
         })
@@ -492,6 +496,12 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .next(&ring.due, self.now(), self.clock.elapsed_ms())
+    }
+
+    /// Tests: holds every commit back while `held` ([`Writer::hold_commits`]).
+    #[cfg(test)]
+    pub(crate) fn hold_commits(&self, held: bool) {
+        self.writer.hold_commits(held);
     }
 
     /// Number of keys not purged.

@@ -212,6 +212,9 @@ pub struct Writer {
     /// Tests: commits fail before anything lands while set; counts the ones tried.
     #[cfg(test)]
     commits_fail: Arc<(std::sync::atomic::AtomicBool, AtomicU64)>,
+    /// Tests: commits wait, unbegun, while set ([`Writer::hold_commits`]).
+    #[cfg(test)]
+    commits_held: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How the writer thread ended. A panic there is a bug (or redb meeting a page it cannot
@@ -256,6 +259,8 @@ impl Writer {
         let generation_unreadable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         #[cfg(test)]
         let commits_fail = Arc::new((std::sync::atomic::AtomicBool::new(false), AtomicU64::new(0)));
+        #[cfg(test)]
+        let commits_held = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let journal = {
             let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
             // Records left by a writer whose last commit failed are only in the journal: a
@@ -289,6 +294,8 @@ impl Writer {
             generation_unreadable: generation_unreadable.clone(),
             #[cfg(test)]
             commits_fail: commits_fail.clone(),
+            #[cfg(test)]
+            commits_held: commits_held.clone(),
             last_failure: None,
         };
         let exited = exit.clone();
@@ -328,7 +335,16 @@ impl Writer {
             generation_unreadable,
             #[cfg(test)]
             commits_fail,
+            #[cfg(test)]
+            commits_held,
         })
+    }
+
+    /// Tests: while `held`, the writer waits before each commit (a change submitted
+    /// meanwhile is left holding its locks, as one waiting on a slow disk is).
+    #[cfg(test)]
+    pub(crate) fn hold_commits(&self, held: bool) {
+        self.commits_held.store(held, Ordering::SeqCst);
     }
 
     /// Returns once every call acknowledged so far is in redb, not only in the journal
@@ -446,6 +462,8 @@ struct State {
     generation_unreadable: Arc<std::sync::atomic::AtomicBool>,
     #[cfg(test)]
     commits_fail: Arc<(std::sync::atomic::AtomicBool, AtomicU64)>,
+    #[cfg(test)]
+    commits_held: Arc<std::sync::atomic::AtomicBool>,
     /// Why the last commit failed, while commits are held off after it
     /// (`fold_not_before`).
     last_failure: Option<String>,
@@ -737,6 +755,10 @@ impl State {
             Some(_) => Some(draw_generation()?),
             None => None,
         };
+        #[cfg(test)]
+        while self.commits_held.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let acknowledged = self.pending.len();
         self.pending.extend(calls);
         let mut seq = self.next_seq;
