@@ -113,6 +113,11 @@ fn applies_to(g: &GrantInfo, caller: &Caller) -> bool {
     }
 }
 
+/// Whether the grant is the caller's own (see [`applies_to`]).
+pub fn is_grantee(g: &GrantInfo, caller: &Caller) -> bool {
+    applies_to(g, caller)
+}
+
 /// Whether `grants` give the caller `need` on the key with this tag (or, with `None`,
 /// on all keys).
 pub fn permits(grants: &[GrantInfo], caller: &Caller, need: Need, key_tag: Option<&str>) -> bool {

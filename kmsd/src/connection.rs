@@ -674,8 +674,10 @@ async fn forward_events(
 ) {
     loop {
         let frame = match events.recv().await {
-            Ok(ev) if !service.may_see(&caller, &ev) => continue,
-            Ok(ev) => ServerFrame::Event(ev.event),
+            Ok(published) => match service.shown_to(&caller, published) {
+                Some(event) => ServerFrame::Event(event),
+                None => continue,
+            },
             Err(broadcast::error::RecvError::Lagged(missed)) => ServerFrame::Lagged { missed },
             Err(broadcast::error::RecvError::Closed) => return,
         };

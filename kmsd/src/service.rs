@@ -515,12 +515,37 @@ impl Service {
         }
     }
 
-    /// Whether a subscriber may see an event: managers see all, others the events of keys
-    /// they have a role on (and global ones if they hold a role on all keys).
-    /// Judged by the grants in force when the event was published ([`Published`]).
-    pub fn may_see(&self, caller: &Caller, event: &Published) -> bool {
-        authz::is_superuser(caller, self.daemon_uid)
-            || authz::permits(&event.grants, caller, Need::View, event.key_tag.as_deref())
+    /// The event as a subscriber sees it, if at all: managers see all, others the events
+    /// of keys they have a role on (and global ones if they hold a role on all keys).
+    /// Who was given or lost which role is told to those who may list grants (a manager
+    /// of all keys) and to the grantee; anyone else reads that the key's permissions
+    /// changed. Judged by the grants in force when the event was published
+    /// ([`Published`]).
+    pub fn shown_to(
+        &self,
+        caller: &Caller,
+        published: Published,
+    ) -> Option<kms_shared::protocol::Event> {
+        let Published {
+            mut event,
+            grants,
+            grant,
+        } = published;
+        let superuser = authz::is_superuser(caller, self.daemon_uid);
+        if !superuser && !authz::permits(&grants, caller, Need::View, event.key_tag.as_deref()) {
+            return None;
+        }
+        if let Some(grant) = grant
+            && !superuser
+            && !authz::permits(&grants, caller, Need::Admin, None)
+            && !authz::is_grantee(&grant, caller)
+        {
+            event.message = match &event.key_name {
+                Some(name) => format!("permissions on key {name} changed"),
+                None => "permissions on all keys changed".to_string(),
+            };
+        }
+        Some(event)
     }
 
     /// Whether a request is a crypto call of a key in a PKCS#11 token, which runs on the

@@ -1614,14 +1614,39 @@ fn subscribers_see_what_their_grants_allowed_when_it_happened() {
     e.grant(&root, &spec(Role::KeyUser, "watched")).unwrap();
     e.grant(&root, &spec(Role::KeyUser, "revoked")).unwrap();
     e.revoke(&root, &spec(Role::KeyUser, "revoked")).unwrap();
+    // Another account's role on the key: that the key's permissions changed is nobody's
+    // to see, who got which role is not (it may not list grants).
+    let to_daemon = GrantSpec {
+        user: Some("daemon".into()),
+        ..spec(Role::KeyReviewer, "watched")
+    };
+    e.grant(&root, &to_daemon).unwrap();
     e.request_deletion(&root, "watched").unwrap();
     e.delete_now(&root, "watched").unwrap();
     let mut seen = Vec::new();
+    let mut messages = Vec::new();
     while let Ok(ev) = events.try_recv() {
-        if service.may_see(&nobody, &ev) {
+        if let Some(ev) = service.shown_to(&nobody, ev) {
             seen.push((ev.kind, ev.key_name.clone().unwrap_or_default()));
+            messages.push(ev.message);
         }
     }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m == "key-user on watched granted to user nobody"),
+        "its own grant in full: {messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m == "permissions on key watched changed"),
+        "another's grant, without who or what: {messages:?}"
+    );
+    assert!(
+        !messages.iter().any(|m| m.contains("daemon")),
+        "{messages:?}"
+    );
     let has = |kind, key: &str| seen.iter().any(|(k, n)| *k == kind && n == key);
     assert!(
         has(EventKind::PermissionChanged, "revoked"),
@@ -1633,8 +1658,8 @@ fn subscribers_see_what_their_grants_allowed_when_it_happened() {
         .filter(|(k, n)| *k == EventKind::PermissionChanged && n == "watched")
         .count();
     assert_eq!(
-        permission_events, 2,
-        "its grant and their removal: {seen:?}"
+        permission_events, 3,
+        "its grant, daemon's, and their removal: {seen:?}"
     );
 }
 

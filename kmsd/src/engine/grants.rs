@@ -280,12 +280,15 @@ impl Engine {
         if action == Action::Grant {
             swap();
         }
-        match grant.key_tag.as_deref().and_then(|t| self.resolve(t).ok()) {
-            Some(entry) => {
-                self.publish(EventKind::PermissionChanged, &entry, None, caller, message)
-            }
-            None => self.publish_global(EventKind::PermissionChanged, caller, message),
-        }
+        let entry = grant.key_tag.as_deref().and_then(|t| self.resolve(t).ok());
+        self.publish_about(
+            EventKind::PermissionChanged,
+            entry.as_deref(),
+            None,
+            caller,
+            message,
+            Some(grant.clone()),
+        );
         if action != Action::Grant {
             swap();
         }

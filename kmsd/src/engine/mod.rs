@@ -230,12 +230,9 @@ fn blocking_section<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 pub struct Published {
     pub event: Event,
     pub grants: Arc<Vec<GrantInfo>>,
-}
-
-impl Published {
-    fn new(event: Event, grants: Arc<Vec<GrantInfo>>) -> Published {
-        Published { event, grants }
-    }
+    /// What a `permission-changed` event is about: who holds which role is told in full
+    /// only to those who may list grants and to its grantee.
+    pub grant: Option<GrantInfo>,
 }
 
 impl std::ops::Deref for Published {
@@ -842,23 +839,6 @@ impl Engine {
             .map_err(EngineError::from)
     }
 
-    /// Publishes an event about no key in particular.
-    fn publish_global(&self, kind: EventKind, caller: &Caller, message: String) {
-        let event = Event {
-            seq: self.event_seq.fetch_add(1, Ordering::Relaxed),
-            time: self.now(),
-            kind,
-            key_tag: None,
-            key_name: None,
-            version: None,
-            state: None,
-            account: caller.account.clone(),
-            message,
-        };
-        tracing::info!(event = kind.as_str(), account = %caller.account, "{}", event.message);
-        let _ = self.events.send(Published::new(event, self.grants()));
-    }
-
     /// Records a refusal decided outside the engine (access control) in the key's
     /// history; resolves when durable. Unknown keys have no history to write to.
     pub fn record_refusal(
@@ -901,28 +881,47 @@ impl Engine {
         caller: &Caller,
         message: String,
     ) {
+        self.publish_about(kind, Some(entry), version, caller, message, None);
+    }
+
+    /// Publishes an event about a key, or (`None`) about none in particular, and the
+    /// grant it is about if it is a grant change.
+    fn publish_about(
+        &self,
+        kind: EventKind,
+        entry: Option<&KeyEntry>,
+        version: Option<u32>,
+        caller: &Caller,
+        message: String,
+        grant: Option<GrantInfo>,
+    ) {
         let event = Event {
             seq: self.event_seq.fetch_add(1, Ordering::Relaxed),
             time: self.now(),
             kind,
-            key_tag: Some(entry.rec.tag.clone()),
-            key_name: Some(entry.rec.name.clone()),
+            key_tag: entry.map(|e| e.rec.tag.clone()),
+            key_name: entry.map(|e| e.rec.name.clone()),
             version,
-            state: Some(entry.rec.state),
+            state: entry.map(|e| e.rec.state),
             account: caller.account.clone(),
             message,
         };
         tracing::info!(
             event = kind.as_str(),
-            key = %entry.rec.name,
-            tag = %entry.rec.tag,
+            key = event.key_name.as_deref(),
+            tag = event.key_tag.as_deref(),
             version,
             account = %caller.account,
             "{}",
             event.message
         );
+        let grants = self.grants();
         // No subscribers is not an error.
-        let _ = self.events.send(Published::new(event, self.grants()));
+        let _ = self.events.send(Published {
+            event,
+            grants,
+            grant,
+        });
     }
 }
 
