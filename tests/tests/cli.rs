@@ -167,6 +167,58 @@ fn backup_leaves_other_files_alone() {
     assert_eq!(names(), ["kms.backup", "kms.backup.tmp"]);
 }
 
+/// `backup --force` replaces a regular file only: a FIFO, a symbolic link and a directory
+/// are refused (exit 5) and left as they were — it used to rename the backup over them
+/// (`/dev/null` became a regular file holding the store). `backup -` writes the backup to
+/// standard output, what was written said on standard error.
+#[test]
+fn backup_replaces_only_regular_files_and_streams_to_stdout() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "k01", "--type", "aes256"], b""));
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"kept").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let subdir = dir.path().join("subdir");
+    std::fs::create_dir(&subdir).unwrap();
+    for path in [&fifo, &link, &subdir] {
+        let out = d.kmsctl(&["backup", "--force", path.to_str().unwrap()], b"");
+        assert_eq!(out.status.code(), Some(5), "{path:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("replaces only a regular file"), "{stderr}");
+    }
+    let kind = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().file_type();
+    use std::os::unix::fs::FileTypeExt as _;
+    assert!(kind(&fifo).is_fifo());
+    assert!(kind(&link).is_symlink());
+    assert!(kind(&subdir).is_dir());
+    assert_eq!(std::fs::read(&target).unwrap(), b"kept");
+    // A regular file is replaced.
+    ok(&d.kmsctl(&["backup", "--force", target.to_str().unwrap()], b""));
+    let file = std::fs::read(&target).unwrap();
+    assert!(file.len() > 4096, "{}", file.len());
+
+    let streamed = d.kmsctl(&["backup", "-"], b"");
+    assert_eq!(streamed.status.code(), Some(0), "{streamed:?}");
+    let said = String::from_utf8_lossy(&streamed.stderr);
+    assert!(
+        said.contains(&format!("({} bytes)", streamed.stdout.len())),
+        "{said}"
+    );
+    // A store like the one in the file (redb's header first).
+    assert_eq!(streamed.stdout[..9], file[..9]);
+}
+
 /// kmsctl with nobody reading its output (`… | true`: the pipe's reader is gone, the
 /// write fails with EPIPE): the exit code still tells. `verify` of a wrong signature
 /// exits 1 and a batch with a failed item that item's code; they exited 0.

@@ -4,7 +4,10 @@
 //!
 //! The daemon streams the snapshot in chunks; kmsctl writes them to a new temporary file
 //! beside FILE (`.FILE.XXXXXX.tmp`, 0600, a name no other file has), fsyncs it and only
-//! then renames it to FILE, so FILE is either absent or complete.
+//! then renames it to FILE, so FILE is either absent or complete. `--force` replaces
+//! only a regular file: a device, a FIFO, a directory or a symbolic link is refused, not
+//! swapped for the backup. `-` writes it to standard output (for a pipe: `kmsctl backup -
+//! | gpg -e …`), never to a terminal.
 
 use super::{CmdResult, CtlError, Ctx};
 use kms_shared::protocol::{ErrorKind, Request, Response, WireError};
@@ -15,11 +18,34 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
-    /// Where to write the backup
+    /// Where to write the backup; `-` for standard output (not a terminal)
     pub file: PathBuf,
-    /// Replace FILE if it exists
+    /// Replace FILE if it is an existing regular file
     #[arg(long)]
     pub force: bool,
+}
+
+/// Why an existing FILE is not one `--force` replaces, if it is not.
+fn not_replaceable(file: &Path) -> Option<String> {
+    let kind = std::fs::symlink_metadata(file).ok()?.file_type();
+    use std::os::unix::fs::FileTypeExt as _;
+    let what = if kind.is_file() {
+        return None;
+    } else if kind.is_symlink() {
+        "a symbolic link (name the file it points to)"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO (to write into a pipe, use - for standard output)"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Some(format!(
+        "{} is {what}; --force replaces only a regular file, and nothing was written",
+        file.display()
+    ))
 }
 
 fn io(path: &Path, e: std::io::Error) -> CtlError {
@@ -31,10 +57,19 @@ fn protocol(message: String) -> CtlError {
 }
 
 pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
+    if a.file.as_os_str() == "-" {
+        return to_stdout(ctx).await;
+    }
     if !a.force && std::fs::symlink_metadata(&a.file).is_ok() {
         return Err(CtlError::Wire(WireError::new(
             ErrorKind::AlreadyExists,
             format!("{} exists; use --force to replace it", a.file.display()),
+        )));
+    }
+    if let Some(why) = not_replaceable(&a.file) {
+        return Err(CtlError::Wire(WireError::new(
+            ErrorKind::InvalidArgument,
+            why,
         )));
     }
     let dir = match a.file.parent() {
@@ -63,9 +98,19 @@ pub async fn backup(ctx: &mut Ctx, a: BackupArgs) -> CmdResult {
             ));
         }
     };
+    tmp.as_file().sync_all().map_err(|e| io(&tmp_path, e))?;
     let tmp = tmp.into_temp_path();
     let placed = if a.force {
-        std::fs::rename(&tmp, &a.file)
+        // Checked again: what came in FILE's place during the copy is not replaced either.
+        match not_replaceable(&a.file) {
+            Some(why) => {
+                return Err(CtlError::Wire(WireError::new(
+                    ErrorKind::InvalidArgument,
+                    why,
+                )));
+            }
+            None => std::fs::rename(&tmp, &a.file),
+        }
     } else {
         place_new(&tmp, &a.file)
     };
@@ -120,6 +165,40 @@ fn place_new(tmp: &Path, file: &Path) -> std::io::Result<()> {
     std::fs::rename(tmp, file)
 }
 
+/// `backup -`: the snapshot streamed to standard output, what was written said on
+/// standard error (standard output is the backup's).
+async fn to_stdout(ctx: &mut Ctx) -> CmdResult {
+    use std::io::IsTerminal as _;
+    let stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        return Err(CtlError::Wire(WireError::new(
+            ErrorKind::InvalidArgument,
+            "standard output is a terminal; send the backup to a file or a pipe \
+             (kmsctl backup - > FILE)",
+        )));
+    }
+    let mut out = stdout.lock();
+    let stdout_path = Path::new("standard output");
+    let bytes = tokio::select! {
+        fetched = fetch(ctx, &mut out, stdout_path) => fetched?,
+        signal = interrupted() => {
+            signal?;
+            return Err(CtlError::Interrupted(
+                "the backup was interrupted; what was written to standard output is \
+                 incomplete"
+                    .into(),
+            ));
+        }
+    };
+    out.flush().map_err(|e| io(stdout_path, e))?;
+    if ctx.out.json {
+        eprintln!("{}", json!({"file": "-", "bytes": bytes}));
+    } else {
+        eprintln!("backup written to standard output ({bytes} bytes)");
+    }
+    Ok(0)
+}
+
 /// Waits for SIGINT (Ctrl-C) or SIGTERM.
 async fn interrupted() -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -131,8 +210,8 @@ async fn interrupted() -> std::io::Result<()> {
 }
 
 /// Streams the daemon's snapshot into `out` (at `tmp`); returns its size once it is
-/// complete and fsynced.
-async fn fetch(ctx: &mut Ctx, out: &mut File, tmp: &Path) -> Result<u64, CtlError> {
+/// complete.
+async fn fetch(ctx: &mut Ctx, out: &mut impl std::io::Write, tmp: &Path) -> Result<u64, CtlError> {
     let mut written: u64 = 0;
     let mut reply = ctx.client.call(Request::Backup).await?;
     loop {
@@ -173,7 +252,6 @@ async fn fetch(ctx: &mut Ctx, out: &mut File, tmp: &Path) -> Result<u64, CtlErro
             })
             .await?;
     }
-    out.sync_all().map_err(|e| io(tmp, e))?;
     Ok(written)
 }
 
