@@ -753,6 +753,43 @@ fn deletion_wait_with_injected_clock() {
     assert_eq!(kind(e.get_key(&tag)), ErrorKind::NotFound);
 }
 
+/// Once the 72-hour wait is over, a deletion can no longer be cancelled, though the purge
+/// has not run yet (an absent token, a long scheduler pass, a suspended machine): the
+/// cancel is refused (`invalid-state`, recorded) and the key is purged at the next pass.
+/// Before, the key came back, disabled, days after its wait had ended. One second
+/// before the end it is still cancelled; a request made again right after a cancel keeps
+/// its own wait.
+#[test]
+fn a_deletion_whose_wait_is_over_cannot_be_cancelled() {
+    let fx = Fx::new();
+    let (e, me) = (fx.e(), &fx.me);
+    fx.create("doomed", KeyType::Aes256);
+    fx.create("saved", KeyType::Aes256);
+    let tag = e.request_deletion(me, "doomed").unwrap().tag;
+    e.request_deletion(me, "saved").unwrap();
+    fx.clock.advance(72 * HOUR_MS - 1_000);
+    e.cancel_deletion(me, "saved").unwrap();
+    e.request_deletion(me, "saved").unwrap();
+    fx.clock.advance(1_000);
+    let refused = e.cancel_deletion(me, "doomed");
+    assert_eq!(kind(refused), ErrorKind::InvalidState);
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::PendingDeletion);
+    let history = e
+        .history(&HistoryQuery {
+            key: tag.clone(),
+            action: Some(Action::CancelDeletion),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(history[0].result, "invalid-state", "{history:?}");
+    assert_eq!(e.run_due(), 1);
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::Deleted);
+    // The one requested again has the whole wait before it, stepped clock or not.
+    fx.clock.step(T0 + 30 * DAY_MS);
+    assert_eq!(e.run_due(), 0);
+    e.cancel_deletion(me, "saved").unwrap();
+}
+
 /// A wall clock stepped forward past the deletion date (a machine without a real-time
 /// clock setting its time after the request) does not purge the key: the whole 72-hour
 /// wait must pass, and the key can be cancelled meanwhile. The due date stays the one

@@ -28,6 +28,9 @@ struct Change {
     events: Vec<(EventKind, Option<u32>, String)>,
     /// Whether the change is an entry of the key's history (housekeeping is not).
     recorded: bool,
+    /// The key's deletion wait to remember once the change is durable, under the key's
+    /// lock (`Some(None)`: none any more); see [`Engine::run_due`].
+    deletion_wait: Option<Option<i64>>,
 }
 
 impl Change {
@@ -40,7 +43,17 @@ impl Change {
             refusal: None,
             events: Vec::new(),
             recorded: true,
+            deletion_wait: None,
         }
+    }
+
+    /// Remembers (`Some`: when it ends on [`Clock::elapsed_ms`]) or forgets the key's
+    /// deletion wait once the change is durable.
+    ///
+    /// [`Clock::elapsed_ms`]: crate::clock::Clock::elapsed_ms
+    fn deletion_wait(mut self, ends: Option<i64>) -> Self {
+        self.deletion_wait = Some(ends);
+        self
     }
 
     /// A change that is no entry of the key's history: the daemon's own housekeeping.
@@ -371,6 +384,11 @@ impl Engine {
             let mut ring = self.ring_mut();
             ring.put(entry.clone());
             ring.replace_due(&tag, &old_due, &new_due);
+        }
+        // Under the key's lock, as the change: a cancel and a new request that follow
+        // each other at once leave the wait of the last.
+        if let Some(wait) = change.deletion_wait {
+            self.set_deletion_wait(&tag, wait);
         }
         if old_due != new_due {
             self.due_changed.notify_one();
@@ -941,42 +959,57 @@ impl Engine {
             rec.state = KeyState::PendingDeletion;
             let due = now.saturating_add(delay);
             rec.deletion_due_at = Some(due);
-            Ok(Change::new(rec, Action::Delete).event(
-                EventKind::DeletionRequested,
-                None,
-                format!(
-                    "deletion of key {} requested; it will be purged at {}",
-                    e.rec.name,
-                    model::format_time(due)
-                ),
-            ))
+            Ok(Change::new(rec, Action::Delete)
+                .event(
+                    EventKind::DeletionRequested,
+                    None,
+                    format!(
+                        "deletion of key {} requested; it will be purged at {}",
+                        e.rec.name,
+                        model::format_time(due)
+                    ),
+                )
+                .deletion_wait(Some(ends)))
         })
-        .map(|e| {
-            self.set_deletion_wait(&e.rec.tag, Some(ends));
-            e.info()
-        })
+        .map(|e| e.info())
     }
 
-    /// Cancels a deletion request: the key becomes `disabled`.
+    /// Cancels a deletion request: the key becomes `disabled`. Refused once the wait is
+    /// over (NCP: a deletion is cancelled before its wait ends), though the purge has
+    /// not run yet — held up by an absent token, a long scheduler pass, a suspended
+    /// machine. A wait the wall clock's step forward cut short (the clock a step does not
+    /// move still has time left) may still be cancelled, as it is not purged either.
     pub fn cancel_deletion(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
-        self.change_key(caller, key, Action::CancelDeletion, None, |e, _| {
+        self.change_key(caller, key, Action::CancelDeletion, None, |e, now| {
             require_pending(e)?;
+            if let Some(due) = e.rec.deletion_due_at
+                && due <= now
+                && self.deletion_wait_left(&e.rec.tag).is_none()
+            {
+                // The purge is due: the scheduler is told to look again.
+                self.due_changed.notify_one();
+                return Err(EngineError::InvalidState(format!(
+                    "the deletion wait of key {} ended at {}; it is purged, and can no \
+                     longer be cancelled",
+                    e.rec.name,
+                    model::format_time(due)
+                )));
+            }
             let mut rec = e.rec.clone();
             rec.state = KeyState::Disabled;
             rec.deletion_due_at = None;
-            Ok(Change::new(rec, Action::CancelDeletion).event(
-                EventKind::DeletionCancelled,
-                None,
-                format!(
-                    "deletion of key {} cancelled; the key is disabled",
-                    e.rec.name
-                ),
-            ))
+            Ok(Change::new(rec, Action::CancelDeletion)
+                .event(
+                    EventKind::DeletionCancelled,
+                    None,
+                    format!(
+                        "deletion of key {} cancelled; the key is disabled",
+                        e.rec.name
+                    ),
+                )
+                .deletion_wait(None))
         })
-        .map(|e| {
-            self.set_deletion_wait(&e.rec.tag, None);
-            e.info()
-        })
+        .map(|e| e.info())
     }
 
     /// Purges a key waiting for deletion at once.
