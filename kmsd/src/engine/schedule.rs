@@ -117,12 +117,20 @@ impl Retries {
     }
 }
 
+/// How late an automatic rotation may run and keep the schedule's rhythm: the scheduler's
+/// own lateness (its longest sleep is a minute, a pass over many keys takes a while).
+pub const RHYTHM_SLACK_MS: i64 = 5 * 60 * 1000;
+
 /// The new rotation anchor after an automatic rotation that was due at `due` and runs at
-/// `now`. On time, the schedule keeps its rhythm (anchor = due). After a gap longer than
-/// a period (the daemon was down), the key is rotated once and the period restarts from
-/// now, instead of rotating once per missed period.
+/// `now`. On time (within [`RHYTHM_SLACK_MS`]), the schedule keeps its rhythm (anchor =
+/// due), so that it does not drift by the scheduler's lateness. Later (the daemon was
+/// down, the machine suspended, the rotation failed for a while), the key is rotated
+/// once and the period restarts from now (SPEC §4: next = the last automatic rotation +
+/// the period): not once per missed period, and not again soon after a late one — a
+/// daily key caught up 23 hours late rotated again an hour later.
 pub fn anchor_after_rotation(due: UnixMillis, now: UnixMillis, period_ms: i64) -> UnixMillis {
-    if due.saturating_add(period_ms) > now {
+    let late = now.saturating_sub(due);
+    if late <= RHYTHM_SLACK_MS && late < period_ms {
         due
     } else {
         now
@@ -139,6 +147,24 @@ mod tests {
     fn on_time_keeps_rhythm() {
         let due = 100 * DAY_MS;
         assert_eq!(anchor_after_rotation(due, due + 5_000, 90 * DAY_MS), due);
+    }
+
+    /// Late by more than the slack but less than a period (a daily key caught up 23 hours
+    /// late): the period restarts from the rotation, which used to keep the rhythm and
+    /// rotate again an hour later.
+    #[test]
+    fn a_late_rotation_restarts_the_period() {
+        let due = 100 * DAY_MS;
+        assert_eq!(
+            anchor_after_rotation(due, due + RHYTHM_SLACK_MS, DAY_MS),
+            due
+        );
+        let late = due + 23 * HOUR_MS;
+        assert_eq!(anchor_after_rotation(due, late, DAY_MS), late);
+        assert_eq!(
+            anchor_after_rotation(due, due + RHYTHM_SLACK_MS + 1, 90 * DAY_MS),
+            due + RHYTHM_SLACK_MS + 1
+        );
     }
 
     /// After a gap of several periods there is one rotation and the period restarts.
