@@ -142,6 +142,10 @@ impl Config {
         if let Some(v) = f.history_scan {
             self.engine.history_scan = count("history_scan", v, MAX_HISTORY_SCAN)?;
         }
+        if let Some(v) = f.history_max_entries {
+            self.engine.history_max_entries =
+                count("history_max_entries", v, MAX_HISTORY_MAX_ENTRIES)?;
+        }
         if f.pkcs11_module.is_some() {
             self.pkcs11.module = f.pkcs11_module;
         }
@@ -180,6 +184,9 @@ const MAX_RETENTION_DAYS: u32 = 100 * 365;
 /// well before 2^32 random 96-bit nonces (NIST SP 800-38D's bound for a collision
 /// chance of 2^-32); the default is 2^30.
 pub const MAX_NONCE_BUDGET: u64 = 1 << 31;
+
+/// The largest history cap a config may set (some 500 GB of store).
+const MAX_HISTORY_MAX_ENTRIES: u64 = 1_000_000_000;
 
 /// The most history entries a config may let one query read: ~3 s of one core.
 const MAX_HISTORY_SCAN: usize = 10_000_000;
@@ -247,6 +254,8 @@ struct FileConfig {
     nonce_budget: Option<u64>,
     /// History entries one `history` or `impact` request reads at most.
     history_scan: Option<usize>,
+    /// History entries the store keeps at most, of all keys (the oldest go beyond).
+    history_max_entries: Option<u64>,
     /// The daemon's PKCS#11 token (SPEC §9): module path, token label, PIN file.
     pkcs11_module: Option<PathBuf>,
     pkcs11_token: Option<String>,
@@ -357,6 +366,8 @@ mod tests {
             "max_frame = 4294967295".into(),
             format!("max_buffered_bytes = {huge}"),
             "retention_days = 0".into(),
+            "history_max_entries = 0".into(),
+            "history_max_entries = 1000000001".into(),
             "retention_days = 4294967295".into(),
             "nonce_budget = 0".into(),
             "nonce_budget = 2147483649".into(),
@@ -382,7 +393,8 @@ mod tests {
             &p,
             "max_connections = 65536\nmax_connections_per_account = 65536\n\
              max_in_flight = 65536\nmax_frame = 67108864\nmax_buffered_bytes = 1073741824\n\
-             retention_days = 1\nnonce_budget = 2147483648\nhistory_scan = 10000000\n",
+             retention_days = 1\nnonce_budget = 2147483648\nhistory_scan = 10000000\n\
+             history_max_entries = 1000000000\n",
         )
         .unwrap();
         let mut c = Config::defaults();
@@ -395,6 +407,7 @@ mod tests {
         assert_eq!(c.engine.retention_ms, DAY_MS);
         assert_eq!(c.engine.nonce_budget, 1 << 31);
         assert_eq!(c.engine.history_scan, 10_000_000);
+        assert_eq!(c.engine.history_max_entries, 1_000_000_000);
         // The byte sizes are still raised to their floor, as documented.
         std::fs::write(&p, "max_frame = 1\nmax_buffered_bytes = 1\n").unwrap();
         c.apply_file(&p).unwrap();

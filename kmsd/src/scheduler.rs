@@ -14,10 +14,14 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// How often history older than the retention period is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How often the number of history entries is compared with its cap (a read of one
+/// number; entries are removed only when over it).
+const CAP_EVERY: Duration = Duration::from_secs(60);
 
 pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
     let wake = engine.due_changed();
     let mut last_prune: Option<tokio::time::Instant> = None;
+    let mut last_cap: Option<tokio::time::Instant> = None;
     let mut first_pass = true;
     loop {
         // Due tasks first: the first pass is the start-up's catch-up on overdue rotations
@@ -44,6 +48,15 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
                 Err(e) => tracing::error!(error = %e, "history pruning task failed"),
             }
             last_prune = Some(tokio::time::Instant::now());
+        }
+        if last_cap.is_none_or(|t| t.elapsed() >= CAP_EVERY) {
+            let e = engine.clone();
+            match tokio::task::spawn_blocking(move || e.cap_history()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "capping the history failed"),
+                Err(e) => tracing::error!(error = %e, "history capping task failed"),
+            }
+            last_cap = Some(tokio::time::Instant::now());
         }
         let sleep = match engine.next_due() {
             Some(at) => {

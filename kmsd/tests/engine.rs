@@ -1488,6 +1488,43 @@ fn an_unreadable_slot_says_so() {
     );
 }
 
+/// SPEC §7's bounded disk use, whatever the call rate: over `history_max_entries` the
+/// oldest entries go (of any key), down to nine tenths of it, and the newest stay; under
+/// it, `cap_history` only looks.
+#[test]
+fn history_is_capped_at_its_most_entries() {
+    let fx = Fx::with_config(EngineConfig {
+        history_max_entries: 20,
+        ..EngineConfig::default()
+    });
+    let e = fx.e();
+    fx.create("busy", KeyType::Aes256);
+    let history = || {
+        e.history(&HistoryQuery {
+            key: "busy".into(),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    for i in 0..10 {
+        fx.clock.advance(1_000);
+        fx.enc("busy", format!("{i}").as_bytes()).unwrap();
+    }
+    e.cap_history().unwrap();
+    assert_eq!(history().len(), 11, "under the cap: nothing goes");
+    for i in 10..30 {
+        fx.clock.advance(1_000);
+        fx.enc("busy", format!("{i}").as_bytes()).unwrap();
+    }
+    e.cap_history().unwrap();
+    let kept = history();
+    assert_eq!(kept.len(), 18, "{kept:?}");
+    // Newest first: the last encryption, and none of the first ones or the creation.
+    assert_eq!(kept[0].time, T0 + 30_000);
+    assert_eq!(kept[17].time, T0 + 13_000);
+}
+
 /// History older than the retention period is pruned; newer entries stay.
 #[test]
 fn history_retention_prunes_old_entries() {

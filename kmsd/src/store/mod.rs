@@ -884,7 +884,8 @@ impl Store {
         Ok(ScanEnd::Done)
     }
 
-    /// Number of history entries of all keys (for status and tests).
+    /// Number of history entries of all keys (free: redb keeps a table's length). Calls
+    /// journaled and not yet folded are not counted.
     pub fn history_len(&self) -> Result<u64, StoreError> {
         let db = self.db.get()?;
         let tx = db.begin_read()?;

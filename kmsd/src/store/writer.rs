@@ -29,7 +29,7 @@ use super::{
     VERSIONS, decode,
 };
 use kms_shared::model::UnixMillis;
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -94,6 +94,11 @@ pub enum Mutation {
     PruneHistory {
         before: UnixMillis,
         now: UnixMillis,
+    },
+    /// Removes the oldest history entries, of every key, while the store holds more than
+    /// `max_entries` of them (SPEC §7: disk use stays bounded, whatever the call rate).
+    CapHistory {
+        max_entries: u64,
     },
     /// Removes a purged key for good (end of retention): record, versions, counters, history.
     Expunge {
@@ -345,6 +350,11 @@ impl Writer {
     #[cfg(test)]
     pub(crate) fn hold_commits(&self, held: bool) {
         self.commits_held.store(held, Ordering::SeqCst);
+    }
+
+    /// Journaled calls not yet folded into redb: each holds at most one history entry.
+    pub fn unfolded(&self) -> u64 {
+        self.unfolded.load(Ordering::Acquire)
     }
 
     /// Returns once every call acknowledged so far is in redb, not only in the journal
@@ -1068,6 +1078,9 @@ fn finish(
                     )?;
                     remove_orphan_counters(&keys, &mut usage, &mut encryptions)?;
                 }
+                Mutation::CapHistory { max_entries } => {
+                    cap_history(&mut history, *next_seq, *max_entries)?;
+                }
                 Mutation::Expunge { tag } => {
                     // Counters summed so far belong before the removal.
                     flush_counters(
@@ -1214,25 +1227,64 @@ fn prune_history(
         for seq in old {
             history.remove((t, seq))?;
         }
-        // The first entry of the next tag: past every sequence number of this one.
-        next_tag = match history.range((t, u64::MAX)..)?.next() {
-            Some(row) => {
-                let (k, _) = row?;
-                let next = k.value().0;
-                match next == t {
-                    // (t, u64::MAX) itself: look past it.
-                    true => history
-                        .range((t, u64::MAX)..)?
-                        .nth(1)
-                        .transpose()?
-                        .map(|(k, _)| k.value().0.to_string()),
-                    false => Some(next.to_string()),
-                }
-            }
-            None => None,
-        };
+        next_tag = tag_after(history, t)?;
     }
     Ok(())
+}
+
+/// The next tag with history after `t`: past every sequence number of `t`.
+fn tag_after(
+    history: &redb::Table<(&str, u64), &[u8]>,
+    t: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(match history.range((t, u64::MAX)..)?.next() {
+        Some(row) => {
+            let (k, _) = row?;
+            let next = k.value().0;
+            match next == t {
+                // (t, u64::MAX) itself: look past it.
+                true => history
+                    .range((t, u64::MAX)..)?
+                    .nth(1)
+                    .transpose()?
+                    .map(|(k, _)| k.value().0.to_string()),
+                false => Some(next.to_string()),
+            }
+        }
+        None => None,
+    })
+}
+
+/// [`Mutation::CapHistory`]: over `max` entries (redb keeps a table's length: this check
+/// is free), the oldest go, of whichever keys, down to nine tenths of `max` — so that
+/// the walk of every key with history is made once per tenth of the cap, not at every
+/// check. The oldest by sequence number: numbers are given one per entry, in order, so
+/// at most `keep` entries have one from `next_seq - keep` on, and removing every entry
+/// below that leaves at most `keep`. Returns how many were removed.
+fn cap_history(
+    history: &mut redb::Table<(&str, u64), &[u8]>,
+    next_seq: u64,
+    max: u64,
+) -> Result<u64, StoreError> {
+    let len = history.len()?;
+    if len <= max {
+        return Ok(0);
+    }
+    let keep = max - max / 10;
+    let cutoff = next_seq.saturating_sub(keep);
+    let mut next_tag = history.first()?.map(|(k, _)| k.value().0.to_string());
+    while let Some(tag) = next_tag.take() {
+        let t = tag.as_str();
+        history.retain_in((t, 0)..(t, cutoff), |_, _| false)?;
+        next_tag = tag_after(history, t)?;
+    }
+    let removed = len - history.len()?;
+    tracing::warn!(
+        removed,
+        max_entries = max,
+        "the history held more than history_max_entries: its oldest entries were removed"
+    );
+    Ok(removed)
 }
 
 /// Removes the usage and encryption counters of tags with no key: a call that raced its
@@ -1649,6 +1701,48 @@ mod tests {
         let kept: Vec<UnixMillis> = stored(&store, "k").0.iter().map(|(_, t)| *t).collect();
         assert_eq!(kept, vec![6_100, 7_000]);
         assert!(stored(&store, "gone").0.is_empty(), "an orphan entry stays");
+        writer.shutdown();
+    }
+
+    /// Over its cap, the history loses its oldest entries, of whichever keys, down to
+    /// nine tenths of the cap; at or under it, nothing. Before, nothing but age removed
+    /// history, and a call rate the retention did not foresee filled the disk.
+    #[test]
+    fn the_history_is_capped_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kms.redb"), "fp").unwrap();
+        let writer = store.start_writer().unwrap();
+        writer
+            .submit(vec![key_record("a"), version_one("a")])
+            .wait()
+            .unwrap();
+        writer
+            .submit(vec![key_record("b"), version_one("b")])
+            .wait()
+            .unwrap();
+        // a is busy, b quiet: 40 and 10 entries, interleaved.
+        for t in 0..50 {
+            let tag = if t % 5 == 4 { "b" } else { "a" };
+            writer.submit(call(tag, t)).wait().unwrap();
+        }
+        let cap = |max_entries| {
+            writer
+                .submit(vec![Mutation::CapHistory { max_entries }])
+                .wait()
+                .unwrap();
+        };
+        cap(50);
+        assert_eq!(store.history_len().unwrap(), 50, "at the cap: nothing goes");
+        cap(40);
+        assert_eq!(store.history_len().unwrap(), 36);
+        let times =
+            |tag| -> Vec<UnixMillis> { stored(&store, tag).0.iter().map(|e| e.1).collect() };
+        let (a, b) = (times("a"), times("b"));
+        // The 36 newest: times 14 to 49.
+        let mut kept: Vec<UnixMillis> = a.iter().chain(b.iter()).copied().collect();
+        kept.sort();
+        assert_eq!(kept, (14..50).collect::<Vec<_>>());
+        assert_eq!(b, vec![14, 19, 24, 29, 34, 39, 44, 49]);
         writer.shutdown();
     }
 
