@@ -174,6 +174,7 @@ impl Connection {
                         let hello = Response::Hello {
                             protocol: PROTOCOL_VERSION,
                             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+                            max_frame: Some(config.max_frame),
                         };
                         if !reply_unless_stopping(&tx, &mut shutdown, id, Outcome::Ok(hello)).await
                         {

@@ -139,6 +139,8 @@ impl Service {
             Request::Hello { .. } => Ok(Response::Hello {
                 protocol: PROTOCOL_VERSION,
                 daemon_version: env!("CARGO_PKG_VERSION").into(),
+                // Said once, in the handshake's answer.
+                max_frame: None,
             }),
             Request::Subscribe => Ok(Response::Subscribed),
             Request::Status => Ok(Response::Status(self.status(caller))),

@@ -320,6 +320,10 @@ struct Connection {
     ids: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
     daemon_version: String,
+    /// The largest request frame the daemon reads (its hello's `max_frame`; the default
+    /// from a daemon that does not say): a larger request is refused here, unsent, as
+    /// [`ClientError::RequestTooLarge`], where kmsd would close the connection on it.
+    max_frame: u32,
 }
 
 impl Drop for Connection {
@@ -368,6 +372,14 @@ impl Client {
     /// connection.
     pub fn daemon_version(&self) -> String {
         lock(&self.conn).daemon_version.clone()
+    }
+
+    /// The largest request frame the daemon reads (what it said in its hello, else the
+    /// default): a request over it is refused here, unsent, as
+    /// [`ClientError::RequestTooLarge`]. A client that splits its data into batches sizes
+    /// them to it.
+    pub fn max_request_frame(&self) -> u32 {
+        lock(&self.conn).max_frame
     }
 
     /// The current connection has ended (the next call connects again, unless the client
@@ -1142,6 +1154,7 @@ impl Connection {
             ids,
             reader,
             daemon_version: String::new(),
+            max_frame: DEFAULT_MAX_FRAME,
         };
         let sent = AtomicBool::new(false);
         let hello = async {
@@ -1171,6 +1184,7 @@ impl Connection {
             Ok(Response::Hello {
                 protocol,
                 daemon_version,
+                max_frame,
             }) => {
                 if protocol != PROTOCOL_VERSION {
                     return Err(ClientError::VersionMismatch {
@@ -1179,6 +1193,7 @@ impl Connection {
                     });
                 }
                 conn.daemon_version = daemon_version;
+                conn.max_frame = max_frame.unwrap_or(DEFAULT_MAX_FRAME);
                 Ok(conn)
             }
             Ok(other) => Err(unexpected(&other)),
@@ -1199,15 +1214,16 @@ impl Connection {
         };
         let id = message.id;
         // The frame may hold a plaintext: wiped once written.
-        let frame = Zeroizing::new(codec::encode_frame(&message, DEFAULT_MAX_FRAME).map_err(
-            |e| match e {
-                FrameError::TooLarge { len, max } => ClientError::RequestTooLarge {
-                    len: u64::from(len),
-                    max,
-                },
-                other => ClientError::Frame(other),
-            },
-        )?);
+        let frame =
+            Zeroizing::new(
+                codec::encode_frame(&message, self.max_frame).map_err(|e| match e {
+                    FrameError::TooLarge { len, max } => ClientError::RequestTooLarge {
+                        len: u64::from(len),
+                        max,
+                    },
+                    other => ClientError::Frame(other),
+                })?,
+            );
         let (tx, rx) = oneshot::channel();
         let in_flight = {
             let mut pending = lock(&self.pending);
@@ -1967,6 +1983,7 @@ mod tests {
             result: Outcome::Ok(Response::Hello {
                 protocol: PROTOCOL_VERSION,
                 daemon_version: "0".into(),
+                max_frame: None,
             }),
         };
         stream
@@ -2376,6 +2393,7 @@ mod tests {
                     Request::Hello { .. } => Response::Hello {
                         protocol: PROTOCOL_VERSION,
                         daemon_version: "0".into(),
+                        max_frame: None,
                     },
                     Request::Subscribe => Response::Subscribed,
                     _ => {

@@ -406,6 +406,10 @@ pub enum Response {
     Hello {
         protocol: u32,
         daemon_version: String,
+        /// The largest request frame the daemon reads (its `max_frame`): a client sizes
+        /// its requests to it. Absent from a daemon before 0.1.x sent it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_frame: Option<u32>,
     },
     Status(DaemonStatus),
     Key(KeyInfo),

@@ -29,6 +29,7 @@ fn stand_in(listener: UnixListener, resume: fn(Option<u64>) -> Option<u64>) {
             Request::Hello { .. } => Response::Hello {
                 protocol: PROTOCOL_VERSION,
                 daemon_version: "stand-in".into(),
+                max_frame: None,
             },
             Request::History(q) => Response::History {
                 entries: Vec::new(),

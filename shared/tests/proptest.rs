@@ -639,10 +639,13 @@ fn item_variant(i: &ItemOutcome) -> usize {
 
 fn response() -> BoxedStrategy<Response> {
     prop_oneof![
-        (any::<u32>(), text()).prop_map(|(protocol, daemon_version)| Response::Hello {
-            protocol,
-            daemon_version
-        }),
+        (any::<u32>(), text(), any::<Option<u32>>()).prop_map(
+            |(protocol, daemon_version, max_frame)| Response::Hello {
+                protocol,
+                daemon_version,
+                max_frame
+            }
+        ),
         status().prop_map(Response::Status),
         key_info().prop_map(Response::Key),
         (vec(key_info(), 0..3), any::<u64>())

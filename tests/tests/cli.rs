@@ -219,6 +219,29 @@ fn backup_replaces_only_regular_files_and_streams_to_stdout() {
     assert_eq!(streamed.stdout[..9], file[..9]);
 }
 
+/// A daemon configured with a smaller `max_frame` (64 KiB) says so in its hello, and
+/// kmsctl sizes its batches to it: four 32 KiB plaintexts go in requests that fit. Before,
+/// every batch over the limit ended with the daemon closing the connection, reported as
+/// a connection failure (exit 69) that "may have been carried out".
+#[test]
+fn batches_fit_a_daemon_with_a_smaller_max_frame() {
+    use base64::Engine as _;
+    let d = TestDaemon::start_with(kms_e2e::DaemonOptions {
+        config: Some("max_frame = 65536\n".into()),
+        ..Default::default()
+    });
+    ok(&d.kmsctl(&["create", "k01", "--type", "aes256"], b""));
+    let line = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 32 * 1024]);
+    let input = format!("{line}\n{line}\n{line}\n{line}\n");
+    let out = ok(&d.kmsctl(&["encrypt", "k01", "--batch"], input.as_bytes()));
+    let ciphertexts: Vec<&str> = out.lines().collect();
+    assert_eq!(ciphertexts.len(), 4, "{out}");
+    assert!(
+        ciphertexts.iter().all(|c| c.starts_with("ncpkms:v1:")),
+        "{out}"
+    );
+}
+
 /// kmsctl with nobody reading its output (`… | true`: the pipe's reader is gone, the
 /// write fails with EPIPE): the exit code still tells. `verify` of a wrong signature
 /// exits 1 and a batch with a failed item that item's code; they exited 0.

@@ -278,8 +278,18 @@ struct DataKey<'a> {
 }
 
 /// Payload bytes per batch request: half the daemon's default frame limit, which leaves
-/// room for the MessagePack framing and for a daemon configured somewhat lower.
+/// room for the MessagePack framing; less to a daemon that says it reads less
+/// ([`batch_bytes`]).
 const BATCH_BYTES: usize = DEFAULT_MAX_FRAME as usize / 2;
+
+/// Payload bytes per batch request to a daemon that reads frames of up to `max_frame`
+/// bytes (a daemon configured lower closed the connection on every batch): its frame
+/// less room for the request around the items (the key's name, the frame's own fields;
+/// each item's own framing is counted with it, [`ITEM_OVERHEAD`]).
+fn batch_bytes(max_frame: u32) -> usize {
+    const ENVELOPE: usize = 1024;
+    BATCH_BYTES.min((max_frame as usize).saturating_sub(ENVELOPE))
+}
 /// A generous bound on the MessagePack bytes around one item (map keys, length prefixes).
 const ITEM_OVERHEAD: usize = 48;
 
@@ -303,7 +313,12 @@ impl Item {
 
 /// Reads one batch line: base64 of a plaintext for encrypt, a ciphertext otherwise. An
 /// item too big for any request is refused here, since no request could carry it.
-pub fn parse_line(op: CipherOp, line: &[u8], context_len: usize) -> Result<Item, WireError> {
+pub fn parse_line(
+    op: CipherOp,
+    line: &[u8],
+    context_len: usize,
+    limit: usize,
+) -> Result<Item, WireError> {
     let line = line.trim_ascii();
     let item = match op {
         CipherOp::Encrypt => STANDARD.decode(line).map(Item::Plain).map_err(|_| {
@@ -318,22 +333,24 @@ pub fn parse_line(op: CipherOp, line: &[u8], context_len: usize) -> Result<Item,
                 WireError::new(ErrorKind::InvalidArgument, "the line is not UTF-8 text")
             })?,
     };
-    if item.cost(context_len) > BATCH_BYTES {
-        return Err(item_too_large());
+    if item.cost(context_len) > limit {
+        return Err(item_too_large(limit));
     }
     Ok(item)
 }
 
-fn item_too_large() -> WireError {
+fn item_too_large(limit: usize) -> WireError {
     WireError::new(
         ErrorKind::TooLarge,
-        format!("the item is larger than one request may carry ({BATCH_BYTES} bytes)"),
+        format!("the item is larger than one request may carry ({limit} bytes)"),
     )
 }
 
 /// The lines read since the last request.
 #[derive(Debug, Default)]
 struct Chunk {
+    /// Payload bytes a request may carry.
+    limit: usize,
     /// One per line, in order: `None` where the item was queued, else why it was not.
     slots: Vec<Option<WireError>>,
     // Only the vector of the batch's operation is ever filled.
@@ -343,10 +360,17 @@ struct Chunk {
 }
 
 impl Chunk {
+    fn new(limit: usize) -> Chunk {
+        Chunk {
+            limit,
+            ..Chunk::default()
+        }
+    }
+
     fn has_room(&self, next: &Result<Item, WireError>, context_len: usize) -> bool {
         self.slots.len() < MAX_BATCH_ITEMS
             && match next {
-                Ok(item) => self.bytes + item.cost(context_len) <= BATCH_BYTES,
+                Ok(item) => self.bytes + item.cost(context_len) <= self.limit,
                 Err(_) => true,
             }
     }
@@ -373,7 +397,7 @@ impl Chunk {
 }
 
 /// Streams the input in requests of at most [`MAX_BATCH_ITEMS`] items and
-/// [`BATCH_BYTES`] bytes, printing each request's results before reading on.
+/// [`batch_bytes`] bytes, printing each request's results before reading on.
 async fn batch(
     ctx: &mut Ctx,
     op: CipherOp,
@@ -381,9 +405,10 @@ async fn batch(
     context: Option<&[u8]>,
     input: &InputArg,
 ) -> CmdResult {
-    let mut lines = secret_io::LineReader::new(input.open()?, BATCH_BYTES);
+    let limit = batch_bytes(ctx.client.max_request_frame());
+    let mut lines = secret_io::LineReader::new(input.open()?, limit);
     let context_len = context.map_or(0, <[u8]>::len);
-    let mut chunk = Chunk::default();
+    let mut chunk = Chunk::new(limit);
     let mut first_failure = None;
     let mut line = SecretBuf::default();
     loop {
@@ -391,15 +416,15 @@ async fn batch(
             .next_line(&mut line)
             .map_err(|e| input.read_error(e))?
         {
-            secret_io::Next::Line => Some(parse_line(op, line.as_slice(), context_len)),
-            secret_io::Next::TooLong => Some(Err(item_too_large())),
+            secret_io::Next::Line => Some(parse_line(op, line.as_slice(), context_len, limit)),
+            secret_io::Next::TooLong => Some(Err(item_too_large(limit))),
             secret_io::Next::End => None,
         };
         if next
             .as_ref()
             .is_none_or(|next| !chunk.has_room(next, context_len))
         {
-            let full = std::mem::take(&mut chunk);
+            let full = std::mem::replace(&mut chunk, Chunk::new(limit));
             if let Err(e) = flush(ctx, op, key, full, &mut first_failure).await {
                 // Nobody reads the results (a broken pipe): stop, keeping the exit code
                 // of the first failed item.
@@ -491,27 +516,34 @@ mod tests {
     fn batch_lines() {
         use CipherOp::*;
         assert_eq!(
-            parse_line(Encrypt, b"aGk=\n", 0),
+            parse_line(Encrypt, b"aGk=\n", 0, BATCH_BYTES),
             Ok(Item::Plain(b"hi".to_vec()))
         );
         assert_eq!(
-            parse_line(Encrypt, b"AAEK/w==\r\n", 0),
+            parse_line(Encrypt, b"AAEK/w==\r\n", 0, BATCH_BYTES),
             Ok(Item::Plain(vec![0, 1, 10, 255]))
         );
-        assert_eq!(parse_line(Encrypt, b"\n", 0), Ok(Item::Plain(vec![])));
-        let bad = parse_line(Encrypt, b"hello world\n", 0).unwrap_err();
+        assert_eq!(
+            parse_line(Encrypt, b"\n", 0, BATCH_BYTES),
+            Ok(Item::Plain(vec![]))
+        );
+        let bad = parse_line(Encrypt, b"hello world\n", 0, BATCH_BYTES).unwrap_err();
         assert_eq!(bad.kind, ErrorKind::InvalidArgument);
         assert_eq!(
-            parse_line(Decrypt, b"  ncpkms:v1:AA==\t\n", 0),
+            parse_line(Decrypt, b"  ncpkms:v1:AA==\t\n", 0, BATCH_BYTES),
             Ok(Item::Cipher("ncpkms:v1:AA==".into()))
         );
         assert_eq!(
-            parse_line(Reencrypt, b"\xff\xfe\n", 0).unwrap_err().kind,
+            parse_line(Reencrypt, b"\xff\xfe\n", 0, BATCH_BYTES)
+                .unwrap_err()
+                .kind,
             ErrorKind::InvalidArgument
         );
         let huge = STANDARD.encode(vec![0u8; BATCH_BYTES]);
         assert_eq!(
-            parse_line(Encrypt, huge.as_bytes(), 0).unwrap_err().kind,
+            parse_line(Encrypt, huge.as_bytes(), 0, BATCH_BYTES)
+                .unwrap_err()
+                .kind,
             ErrorKind::TooLarge
         );
     }
@@ -519,7 +551,7 @@ mod tests {
     /// A chunk closes at MAX_BATCH_ITEMS lines or BATCH_BYTES of payload.
     #[test]
     fn chunk_limits() {
-        let mut chunk = Chunk::default();
+        let mut chunk = Chunk::new(BATCH_BYTES);
         let small = || Ok(Item::Cipher("ncpkms:v1:AA==".into()));
         for _ in 0..MAX_BATCH_ITEMS {
             assert!(chunk.has_room(&small(), 10));
@@ -529,7 +561,7 @@ mod tests {
         assert_eq!(chunk.cipher.len(), MAX_BATCH_ITEMS);
         assert!(chunk.plain.is_empty());
 
-        let mut chunk = Chunk::default();
+        let mut chunk = Chunk::new(BATCH_BYTES);
         let big = || Ok(Item::Plain(vec![0; 32 * 1024]));
         let mut n = 0;
         while chunk.has_room(&big(), 0) {

@@ -383,6 +383,7 @@ mod tests {
                 Request::Hello { .. } => Response::Hello {
                     protocol: PROTOCOL_VERSION,
                     daemon_version: "0.0.0".into(),
+                    max_frame: None,
                 },
                 Request::Subscribe => Response::Subscribed,
                 Request::Status => Response::Status(DaemonStatus {
