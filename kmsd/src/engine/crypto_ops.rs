@@ -511,12 +511,14 @@ impl Engine {
 }
 
 /// Checks shared by encrypt and decrypt: state, purpose, context rules.
+/// An empty context is no context, as it is in the associated data: a convergent key
+/// took `""` as its context, though it refused none at all.
 fn check_crypto_input(entry: &KeyEntry, context: Option<&[u8]>) -> Result<(), EngineError> {
     require_enabled(entry)?;
     if !entry.rec.key_type.can_encrypt() {
         return Err(wrong_purpose(entry, "encrypt or decrypt"));
     }
-    if let Some(ctx) = context {
+    if let Some(ctx) = context.filter(|c| !c.is_empty()) {
         if ctx.len() > MAX_CONTEXT {
             return Err(EngineError::TooLarge(format!(
                 "a context is at most {MAX_CONTEXT} bytes (got {})",
@@ -530,7 +532,7 @@ fn check_crypto_input(entry: &KeyEntry, context: Option<&[u8]>) -> Result<(), En
         }
     } else if entry.rec.convergent {
         return Err(EngineError::InvalidArgument(format!(
-            "key {} uses convergent encryption and needs a context",
+            "key {} uses convergent encryption and needs a context (not empty)",
             entry.rec.name
         )));
     }
