@@ -91,7 +91,7 @@ pub struct CipherArgs {
     /// Context bound to the ciphertext: required for convergent keys, at most 50 bytes
     #[arg(long, value_name = "TEXT")]
     pub context: Option<String>,
-    /// One item per input line, one result per output line, in order (details above);
+    /// One item per input line, one result per output line, in order (formats: --help);
     /// with --json each output line is {"ciphertext"|"plaintext"|"error": …}
     #[arg(long)]
     pub batch: bool,

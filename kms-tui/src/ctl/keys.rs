@@ -23,7 +23,7 @@ pub struct CreateArgs {
     #[arg(long)]
     pub auto_rotate: bool,
     /// Rotation period, 1–730 days [default: 90]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::rotation_days)]
     pub rotation_days: Option<u32>,
     /// Free text, at most 100 characters
     #[arg(long, value_name = "TEXT", default_value = "")]

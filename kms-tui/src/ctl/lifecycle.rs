@@ -37,7 +37,7 @@ pub struct SetRotationArgs {
     #[arg(long)]
     pub no_auto_rotate: bool,
     /// Rotation period, 1–730 days (moves the next rotation date at once)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::rotation_days)]
     pub rotation_days: Option<u32>,
 }
 

@@ -363,6 +363,21 @@ pub fn keep_code_if_unread<E: Into<CtlError>>(code: u8, shown: Result<(), E>) ->
 }
 
 /// `--timeout`: a positive number of seconds (fractions allowed).
+/// A rotation period, checked here by the shared model's rule: a period out of range
+/// was refused by clap as "not in 0..=4294967295" (a negative or huge one, exit 2) or by
+/// kmsd (0 or 731, exit 5); now each is a usage error naming the real range.
+pub fn rotation_days(value: &str) -> Result<u32, String> {
+    use kms_shared::model::{MAX_ROTATION_DAYS, MIN_ROTATION_DAYS};
+    let out_of_range = || {
+        format!("{value} is not a number of days from {MIN_ROTATION_DAYS} to {MAX_ROTATION_DAYS}")
+    };
+    let days: i128 = value.trim().parse().map_err(|_| out_of_range())?;
+    u32::try_from(days)
+        .ok()
+        .filter(|d| kms_shared::model::validate_rotation_days(*d).is_ok())
+        .ok_or_else(out_of_range)
+}
+
 fn parse_timeout(value: &str) -> Result<Duration, String> {
     let seconds: f64 = value
         .parse()
@@ -481,6 +496,20 @@ mod tests {
 
     fn parse(args: &str) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("kmsctl").chain(args.split_whitespace()))
+    }
+
+    /// A rotation period out of range is a usage error naming the range, wherever it is
+    /// out (0 and 731 reached kmsd, -5 and 2^40 got clap's "not in 0..=4294967295").
+    #[test]
+    fn rotation_days_out_of_range_name_the_range() {
+        for days in ["0", "731", "-5", "1099511627776", "ten"] {
+            for cmd in ["create k01 --type aes256", "set-rotation k01 --auto-rotate"] {
+                let e = parse(&format!("{cmd} --rotation-days={days}")).unwrap_err();
+                assert!(e.to_string().contains("from 1 to 730"), "{days}: {e}");
+            }
+        }
+        assert!(parse("create k01 --type aes256 --rotation-days 730").is_ok());
+        assert!(parse("set-rotation k01 --no-auto-rotate --rotation-days 1").is_ok());
     }
 
     /// Every command of SPEC §11 parses with its flags.

@@ -445,7 +445,7 @@ impl Engine {
         let tag = self.resolve(key)?.rec.tag.clone();
         // `None` only when the key went (expunged) between the two reads.
         self.change_key_if(caller, &tag, action, version, |_, _| true, build)?
-            .ok_or_else(|| EngineError::NotFound(format!("no key named or tagged {key:?}")))
+            .ok_or_else(|| super::not_found(key))
     }
 
     /// [`Engine::change_key`] by tag, if `applies` to the key as it is under its lock;

@@ -541,9 +541,7 @@ impl Engine {
 
     /// Finds a key by tag or name. Purged keys are found by tag only (their name is free).
     pub fn resolve(&self, key: &str) -> Result<Arc<KeyEntry>, EngineError> {
-        self.ring()
-            .resolve(key)
-            .ok_or_else(|| EngineError::NotFound(format!("no key named or tagged {key:?}")))
+        self.ring().resolve(key).ok_or_else(|| not_found(key))
     }
 
     /// The key as clients see it.
@@ -954,6 +952,18 @@ impl Engine {
             grant,
         });
     }
+}
+
+/// `not-found` for a key named `key`: quoted with control characters escaped, cut at
+/// 80 characters (a 100 KB name came back whole), and saying where a purged key is.
+pub(crate) fn not_found(key: &str) -> EngineError {
+    const SHOWN: usize = 80;
+    let shown: String = key.chars().take(SHOWN).collect();
+    let cut = if shown.len() < key.len() { "…" } else { "" };
+    EngineError::NotFound(format!(
+        "no key named or tagged {shown:?}{cut} (a purged key is found by its tag only: \
+         list --deleted)"
+    ))
 }
 
 /// The history entry of one call; `error` is `None` for success.
