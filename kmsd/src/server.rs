@@ -564,12 +564,32 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
     let account = uzers::get_user_by_uid(uid)
         .map(|u| u.name().to_string_lossy().into_owned())
         .unwrap_or_else(|| uid.to_string());
-    // Group names for group grants: the primary group and the supplementary ones.
-    let groups = uzers::get_user_by_uid(uid)
-        .and_then(|u| uzers::get_user_groups(u.name(), cred.gid()))
-        .unwrap_or_default()
+    // Group names for group grants: the peer's gid and the supplementary groups the
+    // kernel gives the peer process (SPEC §6: what the kernel says), not those the user
+    // database lists for its account: a process that dropped a group (a sandboxed
+    // service, `setpriv --clear-groups`) no longer holds that group's grants, and one
+    // given a group at start (systemd's `SupplementaryGroups=`) holds them.
+    let gids = match peer_groups(stream) {
+        Ok(gids) => gids,
+        Err(e) => {
+            // Linux before 4.13 has no SO_PEERGROUPS: the account's groups, as before.
+            tracing::debug!(error = %e, "SO_PEERGROUPS failed; using the user database");
+            uzers::get_user_by_uid(uid)
+                .and_then(|u| uzers::get_user_groups(u.name(), cred.gid()))
+                .unwrap_or_default()
+                .iter()
+                .map(|g| g.gid())
+                .collect()
+        }
+    };
+    let mut gids: Vec<u32> = std::iter::once(cred.gid()).chain(gids).collect();
+    gids.sort_unstable();
+    gids.dedup();
+    let groups = gids
         .into_iter()
-        .map(|g| (g.name().to_string_lossy().into_owned(), g.gid()))
+        .filter_map(|gid| {
+            uzers::get_group_by_gid(gid).map(|g| (g.name().to_string_lossy().into_owned(), gid))
+        })
         .collect();
     let client = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| program_name(&s))
@@ -582,6 +602,41 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
         groups,
         client,
     })
+}
+
+/// The supplementary groups of the peer process, as the kernel recorded them when it
+/// connected (`SO_PEERGROUPS`).
+#[allow(unsafe_code)]
+fn peer_groups(stream: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u32>> {
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut gids: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = libc::socklen_t::try_from(gids.len() * GID)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+        // SAFETY: `gids` is `len` writable bytes of `gid_t`s; the kernel writes at most
+        // `len` bytes there and sets `len` to what it wrote (or, with ERANGE, needs).
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                gids.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / GID;
+        if r == 0 {
+            gids.truncate(needed);
+            return Ok(gids);
+        }
+        let e = std::io::Error::last_os_error();
+        // Too small a buffer: the kernel said how large (at most NGROUPS_MAX, 65,536).
+        if e.raw_os_error() == Some(libc::ERANGE) && needed > gids.len() && needed <= 65_536 {
+            gids.resize(needed, 0);
+            continue;
+        }
+        return Err(e);
+    }
 }
 
 /// The program name as history records it: `comm` without its newline, control
@@ -598,6 +653,24 @@ fn program_name(comm: &str) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The groups of a peer are the process's own, as the kernel has them: here the
+    /// test's process at both ends of a socket pair.
+    #[test]
+    fn peer_groups_are_the_processes() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut seen = peer_groups(&a).unwrap();
+        seen.sort_unstable();
+        let mut own: Vec<u32> = rustix::process::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        own.sort_unstable();
+        own.dedup();
+        seen.dedup();
+        assert_eq!(seen, own);
+    }
 
     /// A `kmsd.lock` that is a link is refused, and the file it names left alone: kmsd
     /// (or a restore) run by root in a directory another account can write must not

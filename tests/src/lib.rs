@@ -212,7 +212,8 @@ impl TestDaemon {
         self.run_kmsctl(kmsctl_as_account(account), args, stdin)
     }
 
-    fn run_kmsctl(&self, mut command: Command, args: &[&str], stdin: &[u8]) -> Output {
+    /// `command` (a kmsctl, perhaps under `setpriv`) run against this daemon.
+    pub fn run_kmsctl(&self, mut command: Command, args: &[&str], stdin: &[u8]) -> Output {
         use std::io::Write;
         let mut child = command
             .arg("--socket")

@@ -74,6 +74,32 @@ fn denied(o: &Output, role: &str) {
     );
 }
 
+/// A group grant follows the groups the kernel gives the calling process, not those the
+/// user database lists for its account: `kmstest` is not a member of `daemon`, yet a
+/// process of it started with `daemon` among its groups (as systemd's
+/// `SupplementaryGroups=` starts one) holds `daemon`'s grant, and one without does not.
+/// Before, the database decided both ways.
+#[test]
+fn group_grants_follow_the_processes_groups() {
+    let d = shared_daemon();
+    root_ok(&d, &["create", "gkey", "--type", "aes256"]);
+    root_ok(
+        &d,
+        &["grant", "key-user", "--group", "daemon", "--key", "gkey"],
+    );
+    denied(&as_other(&d, &["encrypt", "gkey"], b"x"), "key-user");
+    let mut with_daemon = Command::new("setpriv");
+    with_daemon
+        .args([
+            &format!("--reuid={OTHER}"),
+            &format!("--regid={OTHER}"),
+            &format!("--groups={GROUP},daemon"),
+        ])
+        .arg(kms_e2e::bin("kmsctl"));
+    let o = d.run_kmsctl(with_daemon, &["encrypt", "gkey"], b"x");
+    assert_eq!(code(&o), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// Refused before a grant; a key-scoped grant works on that key only; key-reviewer reads
 /// history but cannot encrypt; key-manager disables but cannot create; a group grant
 /// works for its members; revoke takes effect at once on an open connection; every
