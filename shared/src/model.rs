@@ -578,6 +578,22 @@ pub fn validate_convergent(key_type: KeyType, convergent: bool) -> Result<(), Ru
     Ok(())
 }
 
+/// Convergent encryption is for `basic` keys only: it derives a key per context with
+/// HKDF, which would have to run inside the token of an `hsm` or `dedicated-hsm` key (and
+/// SoftHSM2, like many tokens, has no `CKM_HKDF_DERIVE`).
+pub fn validate_convergent_protection(
+    protection: Protection,
+    convergent: bool,
+) -> Result<(), RuleViolation> {
+    if convergent && protection != Protection::Basic {
+        return Err(RuleViolation(format!(
+            "convergent encryption is not available for {protection} keys: it derives a key \
+             per context with HKDF, which would have to run inside the token"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether a string looks like a key tag (32 lowercase hex digits) rather than a name.
 pub fn is_tag(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

@@ -113,6 +113,17 @@ fn version_flags_are_idempotent_unlike_key_states() {
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: invalid-state: "));
     let help = d.kmsctl(&["enable-version", "--help"], b"");
     assert!(String::from_utf8_lossy(&help.stdout).contains("idempotently"));
+    // A disabled key's versions keep their own flags; a note on standard error says
+    // that none works (SPEC §3: the key's state is every version's).
+    ok(&d.kmsctl(&["disable", "vkey"], b""));
+    let listed = d.kmsctl(&["versions", "vkey"], b"");
+    assert!(listed.status.success());
+    let note = String::from_utf8_lossy(&listed.stderr);
+    assert!(
+        note.contains("key vkey is disabled: no version works"),
+        "{note}"
+    );
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("note"));
 }
 
 /// `--timeout` bounds a run against a daemon that does not answer (here stopped with

@@ -83,9 +83,22 @@ pub async fn show(ctx: &mut Ctx, key: &str) -> CmdResult {
 
 pub async fn versions(ctx: &mut Ctx, key: &str) -> CmdResult {
     let versions = ctx.client.versions(key).await?;
-    let key_type = ctx.client.get_key(key).await?.key_type;
-    ctx.out.versions(&versions, key_type)?;
+    let info = ctx.client.get_key(key).await?;
+    ctx.out.versions(&versions, info.key_type)?;
+    note_inherited_state(ctx, &info);
     Ok(0)
+}
+
+/// A version's flag is its own, but the key's state is every version's (SPEC §3): of a
+/// disabled key, a version shown `ENABLED true` does not work. Said on standard error,
+/// so that the table stays what scripts read.
+fn note_inherited_state(ctx: &Ctx, info: &kms_shared::model::KeyInfo) {
+    if !ctx.out.json && info.state != kms_shared::model::KeyState::Enabled {
+        eprintln!(
+            "note: key {} is {}: no version works until the key is enabled again",
+            info.name, info.state
+        );
+    }
 }
 
 pub async fn set_version(ctx: &mut Ctx, a: VersionArgs, enabled: bool) -> CmdResult {
@@ -95,8 +108,9 @@ pub async fn set_version(ctx: &mut Ctx, a: VersionArgs, enabled: bool) -> CmdRes
         ctx.client.disable_version(&a.key, a.version).await?
     };
     // The versions say nothing of the key's type, which says whether they are counted.
-    let key_type = ctx.client.get_key(&a.key).await?.key_type;
-    ctx.out.versions(&versions, key_type)?;
+    let info = ctx.client.get_key(&a.key).await?;
+    ctx.out.versions(&versions, info.key_type)?;
+    note_inherited_state(ctx, &info);
     Ok(0)
 }
 

@@ -2,8 +2,8 @@
 
 use kms_shared::model::{
     DEFAULT_ROTATION_DAYS, GrantInfo, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Principal,
-    Protection, Role, VersionInfo, validate_convergent, validate_memo, validate_name,
-    validate_rotation_days,
+    Protection, Role, VersionInfo, validate_convergent, validate_convergent_protection,
+    validate_memo, validate_name, validate_rotation_days,
 };
 use kms_shared::protocol::{CreateKey, GrantSpec, HsmTokenInfo};
 
@@ -397,6 +397,7 @@ impl CreateForm {
                 Ok(()) => None,
             },
             Field::Convergent => validate_convergent(self.key_type, self.convergent)
+                .and_then(|()| validate_convergent_protection(self.protection, self.convergent))
                 .err()
                 .map(|e| e.0),
             Field::Days => parse_days(&self.days).err(),

@@ -391,6 +391,24 @@ fn create_reply_goes_to_the_form() {
     assert_eq!(a.message.as_ref().unwrap().kind, MsgKind::Success);
 }
 
+/// A convergent key at an HSM protection level is refused in the form as the daemon
+/// refuses it (it used to be found out only on submitting).
+#[test]
+fn create_form_refuses_convergent_hsm_keys() {
+    use kms_shared::model::Protection;
+    let mut a = app();
+    update(&mut a, ch('c'));
+    let Some(Popup::Create(f)) = &mut a.popup else {
+        panic!("no form")
+    };
+    f.convergent = true;
+    f.protection = Protection::Hsm;
+    let e = f.rule_error(Field::Convergent, false).unwrap();
+    assert!(e.contains("not available for hsm keys"), "{e}");
+    f.protection = Protection::Basic;
+    assert_eq!(f.rule_error(Field::Convergent, false), None);
+}
+
 /// Every §2 rule is in the form: unique names, convergent for AES only, 1–730 days, memo.
 #[test]
 fn create_form_rules() {

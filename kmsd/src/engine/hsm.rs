@@ -48,15 +48,10 @@ impl Engine {
                 }
             }
         }
-        if spec.convergent {
-            // SoftHSM2 and many tokens have no CKM_HKDF_DERIVE: the per-context keys would
-            // have to be derived outside the token, which defeats the protection level.
-            return Err(EngineError::InvalidArgument(format!(
-                "convergent encryption is not available for {p} keys: it derives a key per \
-                 context with HKDF, which would have to run inside the token"
-            )));
-        }
-        Ok(())
+        // SoftHSM2 and many tokens have no CKM_HKDF_DERIVE: the per-context keys would have
+        // to be derived outside the token, which defeats the protection level.
+        kms_shared::model::validate_convergent_protection(p, spec.convergent)
+            .map_err(|e| EngineError::InvalidArgument(e.0))
     }
 
     /// The token a key's versions live in.
