@@ -3,8 +3,9 @@
 //! durable history as fast as the journal takes it (tens of thousands of entries a
 //! second, kept for the retention period) by asking for a key it may not use, over and
 //! over. So the refusals of one account, for one action on one key, are counted in
-//! windows of [`WINDOW_MS`]: the first of a window is recorded at once (and answered once
-//! it is durable, as before), the others of the window only counted, and their count is
+//! windows of [`WINDOW_MS`]: the first of a window is recorded at once (a refusal for a
+//! missing role is answered without waiting for it: PROTOCOL.md §1), the others of the
+//! window only counted, and their count is
 //! recorded as one entry (`items` = `failed` = the count, dated at the last of them) once
 //! the window is over: by the next such refusal, by the scheduler's next pass (within a
 //! minute) or when the daemon stops. A crash loses the counts not yet recorded, at most
