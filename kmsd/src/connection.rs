@@ -666,17 +666,25 @@ async fn write_wiped(
     written
 }
 
-/// Forwards engine events to a subscriber; tells it when it lagged behind.
+/// Forwards engine events to a subscriber; tells it when it lagged behind. Each event
+/// is numbered in this subscription (1, 2, …): the daemon's own numbers count every
+/// event of every key, so their gaps told a subscriber how much happened on keys it may
+/// not see.
 async fn forward_events(
     mut events: broadcast::Receiver<crate::engine::Published>,
     tx: Outbox,
     service: Arc<Service>,
     caller: Arc<Caller>,
 ) {
+    let mut next_seq = 1u64;
     loop {
         let frame = match events.recv().await {
             Ok(published) => match service.shown_to(&caller, published) {
-                Some(event) => ServerFrame::Event(event),
+                Some(mut event) => {
+                    event.seq = next_seq;
+                    next_seq += 1;
+                    ServerFrame::Event(event)
+                }
                 None => continue,
             },
             Err(broadcast::error::RecvError::Lagged(missed)) => ServerFrame::Lagged { missed },

@@ -343,6 +343,66 @@ fn watch_sees_other_clients_events() {
     assert_eq!(seen, want);
 }
 
+/// A subscriber's events are numbered 1, 2, … in its subscription: the events of keys it
+/// may not see leave no gaps. The daemon's own numbers, counting every event, told a
+/// key-user how much happened on the keys it has no role on.
+#[test]
+fn event_numbers_tell_nothing_of_unseen_keys() {
+    let d = shared_daemon();
+    root_ok(&d, &["create", "seen01", "--type", "aes256"]);
+    root_ok(&d, &["create", "hidden01", "--type", "aes256"]);
+    root_ok(
+        &d,
+        &["grant", "key-user", "--user", OTHER, "--key", "seen01"],
+    );
+    let mut watch = kms_e2e::kmsctl_as_account(OTHER)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Let the subscription land before acting.
+    std::thread::sleep(Duration::from_millis(300));
+    root_ok(&d, &["rotate", "hidden01"]);
+    root_ok(&d, &["rotate", "seen01"]);
+    root_ok(&d, &["rotate", "hidden01"]);
+    root_ok(&d, &["rotate", "hidden01"]);
+    root_ok(&d, &["disable", "seen01"]);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            seen.push((
+                v["seq"].as_u64().unwrap_or(0),
+                v["kind"].as_str().unwrap_or("?").to_string(),
+                v["key_name"].as_str().unwrap_or("?").to_string(),
+            ));
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        seen,
+        [
+            (1, "rotated".to_string(), "seen01".to_string()),
+            (2, "state-changed".to_string(), "seen01".to_string())
+        ]
+    );
+}
+
 /// A subscriber that never reads does not block key operations: the daemon buffers a
 /// bounded amount for it, keeps serving, and tells it how many events it missed.
 #[tokio::test(flavor = "multi_thread")]
