@@ -79,3 +79,46 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use kms_shared::model::{DAY_MS, KeyType};
+    use kms_shared::protocol::CreateKey;
+
+    /// A change that makes a rotation due now wakes the scheduler from its sleep (up to
+    /// [`MAX_SLEEP`] when nothing is due soon): a period shortened so that the next date
+    /// has passed rotates the key at once, not up to a minute later. The clock is the
+    /// engine's injected one; only the wait for the scheduler to act is real, bounded far
+    /// below the minute a scheduler that was not woken would take.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_due_date_moved_into_the_past_wakes_the_scheduler() {
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (_dir, engine, root) = crate::test_support::engine_on(clock.clone());
+        let spec = CreateKey {
+            auto_rotation: true,
+            rotation_days: Some(90),
+            ..CreateKey::new("wakes", KeyType::Aes256)
+        };
+        tokio::task::block_in_place(|| engine.create_key(&root, &spec).unwrap());
+        let trigger = crate::shutdown::ShutdownTrigger::new();
+        let task = tokio::spawn(run(engine.clone(), trigger.handle()));
+        // The first pass finds nothing due and the scheduler sleeps.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        clock.advance(10 * DAY_MS);
+        tokio::task::block_in_place(|| engine.set_rotation(&root, "wakes", true, Some(5)).unwrap());
+        let started = std::time::Instant::now();
+        while engine.get_key("wakes").unwrap().current_version == 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the scheduler was not woken"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(engine.get_key("wakes").unwrap().current_version, 2);
+        trigger.shutdown().await;
+        task.await.unwrap();
+    }
+}

@@ -1212,30 +1212,11 @@ mod tests {
         crate::engine::Caller,
         crate::engine::Caller,
     ) {
-        use crate::engine::{Caller, Engine, EngineConfig};
+        use crate::engine::Caller;
         use kms_shared::model::KeyType;
         use kms_shared::protocol::CreateKey;
-        let dir = tempfile::tempdir().unwrap();
-        let root = crate::crypto::RootKey::from_bytes([0x44; 32]);
-        let store =
-            crate::store::Store::open(&dir.path().join("kms.redb"), &root.fingerprint()).unwrap();
-        let engine = std::sync::Arc::new(
-            Engine::open(
-                store,
-                root,
-                std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000)),
-                EngineConfig::default(),
-            )
-            .unwrap(),
-        );
-        let admin = Caller {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-            account: "root".into(),
-            groups: Vec::new(),
-            client: "test".into(),
-        };
+        let clock = std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000));
+        let (dir, engine, admin) = crate::test_support::engine_on(clock);
         let user = Caller {
             uid: 65534,
             gid: 65534,
