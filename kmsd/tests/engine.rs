@@ -380,6 +380,12 @@ fn convergent_encryption() {
         kind(e.decrypt(me, "conv", &ct, Some(b"ctx-b")).wait()),
         ErrorKind::DecryptFailed
     );
+    // Decryption still takes an empty context (what was encrypted under it before it was
+    // refused must open): it is tried, not refused.
+    assert_eq!(
+        kind(e.decrypt(me, "conv", &ct, Some(b"")).wait()),
+        ErrorKind::DecryptFailed
+    );
 
     let items: Vec<_> = (0..10_000u32)
         .map(|i| kms_shared::protocol::PlaintextItem {

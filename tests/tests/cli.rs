@@ -228,6 +228,16 @@ fn backup_replaces_only_regular_files_and_streams_to_stdout() {
     );
     // A store like the one in the file (redb's header first).
     assert_eq!(streamed.stdout[..9], file[..9]);
+    // With --json, an error goes to stderr too: stdout is the backup's.
+    let gone = dir.path().join("no.sock");
+    let failed = std::process::Command::new(kms_e2e::bin("kmsctl"))
+        .args(["--json", "--socket", gone.to_str().unwrap(), "backup", "-"])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(69), "{failed:?}");
+    assert!(failed.stdout.is_empty(), "{failed:?}");
+    let e: serde_json::Value = serde_json::from_slice(&failed.stderr).unwrap();
+    assert_eq!(e["error"]["kind"], "connect", "{e}");
 }
 
 /// A daemon configured with a smaller `max_frame` (64 KiB) says so in its hello, and

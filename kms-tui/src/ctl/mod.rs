@@ -315,8 +315,24 @@ pub fn main() -> ExitCode {
         Err(e) => return ExitCode::from(bad_command_line(&e)),
     };
     let json = cli.json;
-    let code = run(cli).unwrap_or_else(|e| report(&e, json));
+    // `backup -` writes the backup on stdout: an error there would be taken for its end.
+    let stdout_is_data = matches!(&cli.command, Command::Backup(a) if a.file.as_os_str() == "-");
+    let code = run(cli).unwrap_or_else(|e| {
+        if json && stdout_is_data {
+            report_json_on_stderr(&e)
+        } else {
+            report(&e, json)
+        }
+    });
     ExitCode::from(code)
+}
+
+/// [`report`] with `--json`, on stderr: for a command whose stdout carries data.
+fn report_json_on_stderr(e: &CtlError) -> u8 {
+    use std::io::Write as _;
+    let line = output::error_json(e.kind(), e.message());
+    let _ = writeln!(io::stderr(), "{line}");
+    e.exit_code()
 }
 
 /// A command line clap refused (or `--help`, `--version`). A script that asked for

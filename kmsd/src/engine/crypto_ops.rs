@@ -409,7 +409,7 @@ impl Engine {
         plaintext: &[u8],
         context: Option<&[u8]>,
     ) -> Result<(u32, String), EngineError> {
-        check_crypto_input(entry, context)?;
+        check_crypto_input(entry, context, Direction::Encrypt)?;
         let limit = match entry.rec.key_type {
             KeyType::Aes256 => MAX_AES_PLAINTEXT,
             KeyType::Rsa2048 => MAX_RSA_PLAINTEXT,
@@ -479,7 +479,7 @@ impl Engine {
         ct: &str,
         context: Option<&[u8]>,
     ) -> Result<(u32, Zeroizing<Vec<u8>>), EngineError> {
-        check_crypto_input(entry, context)?;
+        check_crypto_input(entry, context, Direction::Decrypt)?;
         if entry.rec.key_type == KeyType::Ecdsa {
             return Err(wrong_purpose(entry, "decrypt"));
         }
@@ -511,14 +511,29 @@ impl Engine {
 }
 
 /// Checks shared by encrypt and decrypt: state, purpose, context rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
 /// An empty context is no context, as it is in the associated data: a convergent key
-/// took `""` as its context, though it refused none at all.
-fn check_crypto_input(entry: &KeyEntry, context: Option<&[u8]>) -> Result<(), EngineError> {
+/// encrypts under a context that is not empty (it took `""`, though it refused none at
+/// all). Decryption still takes `""`, so that what was encrypted under it before opens.
+fn check_crypto_input(
+    entry: &KeyEntry,
+    context: Option<&[u8]>,
+    direction: Direction,
+) -> Result<(), EngineError> {
     require_enabled(entry)?;
     if !entry.rec.key_type.can_encrypt() {
         return Err(wrong_purpose(entry, "encrypt or decrypt"));
     }
-    if let Some(ctx) = context.filter(|c| !c.is_empty()) {
+    let given = match direction {
+        Direction::Encrypt => context.filter(|c| !c.is_empty()),
+        Direction::Decrypt => context,
+    };
+    if let Some(ctx) = given.filter(|c| !c.is_empty()) {
         if ctx.len() > MAX_CONTEXT {
             return Err(EngineError::TooLarge(format!(
                 "a context is at most {MAX_CONTEXT} bytes (got {})",
@@ -530,7 +545,7 @@ fn check_crypto_input(entry: &KeyEntry, context: Option<&[u8]>) -> Result<(), En
                 "a context applies to AES256 keys only (RSA-OAEP here uses no label)".into(),
             ));
         }
-    } else if entry.rec.convergent {
+    } else if entry.rec.convergent && given.is_none() {
         return Err(EngineError::InvalidArgument(format!(
             "key {} uses convergent encryption and needs a context (not empty)",
             entry.rec.name
