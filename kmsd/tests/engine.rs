@@ -1500,8 +1500,8 @@ fn an_unreadable_slot_says_so() {
 }
 
 /// SPEC §7's bounded disk use, whatever the call rate: over `history_max_entries` the
-/// oldest entries go (of any key), down to nine tenths of it, and the newest stay; under
-/// it, `cap_history` only looks.
+/// oldest entries of crypto calls go (of any key), down to nine tenths of it, and the
+/// newest stay, as do entries that are not calls; under it, `cap_history` only looks.
 #[test]
 fn history_is_capped_at_its_most_entries() {
     let fx = Fx::with_config(EngineConfig {
@@ -1522,18 +1522,20 @@ fn history_is_capped_at_its_most_entries() {
         fx.clock.advance(1_000);
         fx.enc("busy", format!("{i}").as_bytes()).unwrap();
     }
-    e.cap_history().unwrap();
+    assert_eq!(e.cap_history().unwrap(), 0);
     assert_eq!(history().len(), 11, "under the cap: nothing goes");
     for i in 10..30 {
         fx.clock.advance(1_000);
         fx.enc("busy", format!("{i}").as_bytes()).unwrap();
     }
-    e.cap_history().unwrap();
+    assert_eq!(e.cap_history().unwrap(), 12);
     let kept = history();
-    assert_eq!(kept.len(), 18, "{kept:?}");
-    // Newest first: the last encryption, and none of the first ones or the creation.
+    assert_eq!(kept.len(), 19, "{kept:?}");
+    // Newest first: the 18 newest encryptions, none of the first ones; and the creation,
+    // which is not a call.
     assert_eq!(kept[0].time, T0 + 30_000);
     assert_eq!(kept[17].time, T0 + 13_000);
+    assert_eq!(kept[18].action, Action::Create);
 }
 
 /// History older than the retention period is pruned; newer entries stay.

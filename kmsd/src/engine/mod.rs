@@ -65,6 +65,9 @@ pub struct EngineConfig {
     pub history_max_entries: u64,
 }
 
+/// History entries one commit of [`Engine::cap_history`] removes at most.
+const CAP_ROUND: u64 = 100_000;
+
 /// The default of [`EngineConfig::history_max_entries`]: ten million entries, about
 /// 5 GB of store as the soak run wrote them (docs/RELIABILITY.md), a year of 0.3 calls a
 /// second — or some four minutes at the most this daemon answers.
@@ -836,25 +839,48 @@ impl Engine {
         };
     }
 
-    /// Removes the oldest history entries of all keys if the store holds more than
-    /// [`EngineConfig::history_max_entries`] (down to nine tenths of it); a cheap look
-    /// when it clearly does not. Blocks.
-    pub fn cap_history(&self) -> Result<(), EngineError> {
+    /// Removes the oldest entries of crypto calls, of all keys, if the history holds more
+    /// than [`EngineConfig::history_max_entries`], down to nine tenths of it (entries that
+    /// are not calls stay: [`Mutation::CapHistory`]); a cheap look when it clearly does
+    /// not. In commits of at most [`CAP_ROUND`] entries, so that calls go on between
+    /// them. Returns how many were removed. Blocks.
+    pub fn cap_history(&self) -> Result<u64, EngineError> {
         let max = self.config.history_max_entries;
-        // Calls still in the journal may hold entries too (the cap's commit folds them
-        // first, then counts exactly).
+        // Calls still in the journal may hold entries too (each commit folds them first,
+        // then counts exactly).
         if self
             .store
             .history_len()?
             .saturating_add(self.writer.unfolded())
             <= max
         {
-            return Ok(());
+            return Ok(0);
         }
-        self.writer
-            .submit(vec![Mutation::CapHistory { max_entries: max }])
-            .wait()
-            .map_err(EngineError::from)
+        let keep = max - max / 10;
+        let removed = Arc::new(AtomicU64::new(0));
+        loop {
+            let before = removed.load(Ordering::Relaxed);
+            self.writer
+                .submit(vec![Mutation::CapHistory {
+                    keep,
+                    budget: CAP_ROUND,
+                    removed: removed.clone(),
+                }])
+                .wait()
+                .map_err(EngineError::from)?;
+            // Done: under `keep`, or nothing left that may go.
+            if removed.load(Ordering::Relaxed) - before < CAP_ROUND {
+                break;
+            }
+        }
+        let removed = removed.load(Ordering::Relaxed);
+        tracing::warn!(
+            removed,
+            max_entries = max,
+            "the history held more than history_max_entries entries: the oldest entries of \
+             crypto calls were removed"
+        );
+        Ok(removed)
     }
 
     /// Drops history entries older than the retention period (SPEC §7: disk use stays

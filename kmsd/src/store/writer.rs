@@ -95,10 +95,13 @@ pub enum Mutation {
         before: UnixMillis,
         now: UnixMillis,
     },
-    /// Removes the oldest history entries, of every key, while the store holds more than
-    /// `max_entries` of them (SPEC §7: disk use stays bounded, whatever the call rate).
+    /// Removes up to `budget` of the oldest entries of crypto calls, of every key, if the
+    /// history holds more than `keep` entries (SPEC §7: disk use stays bounded, whatever
+    /// the call rate); adds how many it removed to `removed`. See [`cap_history`].
     CapHistory {
-        max_entries: u64,
+        keep: u64,
+        budget: u64,
+        removed: Arc<AtomicU64>,
     },
     /// Removes a purged key for good (end of retention): record, versions, counters, history.
     Expunge {
@@ -1078,8 +1081,13 @@ fn finish(
                     )?;
                     remove_orphan_counters(&keys, &mut usage, &mut encryptions)?;
                 }
-                Mutation::CapHistory { max_entries } => {
-                    cap_history(&mut history, *next_seq, *max_entries)?;
+                Mutation::CapHistory {
+                    keep,
+                    budget,
+                    removed,
+                } => {
+                    let n = cap_history(&mut history, *next_seq, *keep, *budget)?;
+                    removed.fetch_add(n, Ordering::Relaxed);
                 }
                 Mutation::Expunge { tag } => {
                     // Counters summed so far belong before the removal.
@@ -1255,35 +1263,52 @@ fn tag_after(
     })
 }
 
-/// [`Mutation::CapHistory`]: over `max` entries (redb keeps a table's length: this check
-/// is free), the oldest go, of whichever keys, down to nine tenths of `max` — so that
-/// the walk of every key with history is made once per tenth of the cap, not at every
-/// check. The oldest by sequence number: numbers are given one per entry, in order, so
-/// at most `keep` entries have one from `next_seq - keep` on, and removing every entry
-/// below that leaves at most `keep`. Returns how many were removed.
+/// [`Mutation::CapHistory`]: with more than `keep` entries (redb keeps a table's length:
+/// this check is free), removes the oldest entries of crypto calls, of whichever keys, at
+/// most `budget` of them in this commit (a removal of millions in one transaction held
+/// every call waiting on the writer for seconds). The oldest by sequence number: numbers
+/// are given one per entry, in order, so at most `keep` entries have one from
+/// `next_seq - keep` on, and every call entry below that may go. Other entries (who
+/// created, rotated, disabled, deleted a key; grants; refusals, which are counted
+/// together) stay until the retention: a flood of calls on one key does not erase the
+/// record of what was done to the others. Returns how many were removed.
 fn cap_history(
     history: &mut redb::Table<(&str, u64), &[u8]>,
     next_seq: u64,
-    max: u64,
+    keep: u64,
+    budget: u64,
 ) -> Result<u64, StoreError> {
-    let len = history.len()?;
-    if len <= max {
+    if history.len()? <= keep {
         return Ok(0);
     }
-    let keep = max - max / 10;
     let cutoff = next_seq.saturating_sub(keep);
+    let mut removed = 0u64;
     let mut next_tag = history.first()?.map(|(k, _)| k.value().0.to_string());
     while let Some(tag) = next_tag.take() {
         let t = tag.as_str();
-        history.retain_in((t, 0)..(t, cutoff), |_, _| false)?;
+        let mut calls = Vec::new();
+        for row in history.range((t, 0)..(t, cutoff))? {
+            if removed + calls.len() as u64 >= budget {
+                break;
+            }
+            let (k, v) = row?;
+            let rec: HistoryRecord = decode(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "history",
+                message: e.to_string(),
+            })?;
+            if rec.action.is_crypto() || rec.action == kms_shared::model::Action::PublicKey {
+                calls.push(k.value().1);
+            }
+        }
+        for seq in &calls {
+            history.remove((t, *seq))?;
+        }
+        removed += calls.len() as u64;
+        if removed >= budget {
+            break;
+        }
         next_tag = tag_after(history, t)?;
     }
-    let removed = len - history.len()?;
-    tracing::warn!(
-        removed,
-        max_entries = max,
-        "the history held more than history_max_entries: its oldest entries were removed"
-    );
     Ok(removed)
 }
 
@@ -1342,22 +1367,26 @@ mod tests {
         }
     }
 
+    fn call_record(time: UnixMillis) -> HistoryRecord {
+        HistoryRecord {
+            time,
+            action: kms_shared::model::Action::Encrypt,
+            version: Some(1),
+            result: "ok".into(),
+            account: "alice".into(),
+            uid: 1000,
+            pid: 7,
+            client: "test".into(),
+            items: 1,
+            failed: 0,
+        }
+    }
+
     fn call(tag: &str, time: UnixMillis) -> Vec<Mutation> {
         vec![
             Mutation::History {
                 tag: tag.into(),
-                record: HistoryRecord {
-                    time,
-                    action: kms_shared::model::Action::Encrypt,
-                    version: Some(1),
-                    result: "ok".into(),
-                    account: "alice".into(),
-                    uid: 1000,
-                    pid: 7,
-                    client: "test".into(),
-                    items: 1,
-                    failed: 0,
-                },
+                record: call_record(time),
             },
             uses(tag, "alice", time, 1),
             Mutation::Encryptions {
@@ -1704,9 +1733,10 @@ mod tests {
         writer.shutdown();
     }
 
-    /// Over its cap, the history loses its oldest entries, of whichever keys, down to
-    /// nine tenths of the cap; at or under it, nothing. Before, nothing but age removed
-    /// history, and a call rate the retention did not foresee filled the disk.
+    /// Over what it may keep, the history loses its oldest call entries, of whichever
+    /// keys, at most a budget per commit; at or under it, nothing; entries that are not
+    /// calls stay. Before, nothing but age removed history, and a call rate the retention
+    /// did not foresee filled the disk.
     #[test]
     fn the_history_is_capped_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
@@ -1720,29 +1750,50 @@ mod tests {
             .submit(vec![key_record("b"), version_one("b")])
             .wait()
             .unwrap();
+        // Not a call: what was done to b stays, however old.
+        writer
+            .submit(vec![Mutation::History {
+                tag: "b".into(),
+                record: HistoryRecord {
+                    action: kms_shared::model::Action::Rotate,
+                    ..call_record(-1)
+                },
+            }])
+            .wait()
+            .unwrap();
         // a is busy, b quiet: 40 and 10 entries, interleaved.
         for t in 0..50 {
             let tag = if t % 5 == 4 { "b" } else { "a" };
             writer.submit(call(tag, t)).wait().unwrap();
         }
-        let cap = |max_entries| {
+        let cap = |keep, budget| {
+            let removed = Arc::new(AtomicU64::new(0));
             writer
-                .submit(vec![Mutation::CapHistory { max_entries }])
+                .submit(vec![Mutation::CapHistory {
+                    keep,
+                    budget,
+                    removed: removed.clone(),
+                }])
                 .wait()
                 .unwrap();
+            removed.load(Ordering::Relaxed)
         };
-        cap(50);
-        assert_eq!(store.history_len().unwrap(), 50, "at the cap: nothing goes");
-        cap(40);
-        assert_eq!(store.history_len().unwrap(), 36);
+        assert_eq!(cap(51, 100), 0, "under: nothing goes");
+        assert_eq!(store.history_len().unwrap(), 51);
+        // At most the budget in one commit, the oldest first.
+        assert_eq!(cap(36, 5), 5);
+        // Every call below the last 36 numbers: the rotation's number is among them, so 37
+        // entries stay.
+        assert_eq!(cap(36, 100), 9);
+        assert_eq!(store.history_len().unwrap(), 37);
         let times =
             |tag| -> Vec<UnixMillis> { stored(&store, tag).0.iter().map(|e| e.1).collect() };
         let (a, b) = (times("a"), times("b"));
-        // The 36 newest: times 14 to 49.
+        // The rotation, and the 36 newest calls: times 14 to 49.
         let mut kept: Vec<UnixMillis> = a.iter().chain(b.iter()).copied().collect();
         kept.sort();
-        assert_eq!(kept, (14..50).collect::<Vec<_>>());
-        assert_eq!(b, vec![14, 19, 24, 29, 34, 39, 44, 49]);
+        assert_eq!(kept, std::iter::once(-1).chain(14..50).collect::<Vec<_>>());
+        assert_eq!(b, vec![-1, 14, 19, 24, 29, 34, 39, 44, 49]);
         writer.shutdown();
     }
 
