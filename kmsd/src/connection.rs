@@ -687,7 +687,15 @@ async fn forward_events(
                 }
                 None => continue,
             },
-            Err(broadcast::error::RecvError::Lagged(missed)) => ServerFrame::Lagged { missed },
+            // How many of the dropped events this subscriber would have seen is not known,
+            // and their number counts every key's: told only to one who sees them all.
+            Err(broadcast::error::RecvError::Lagged(missed)) => ServerFrame::Lagged {
+                missed: if service.sees_every_event(&caller) {
+                    missed
+                } else {
+                    0
+                },
+            },
             Err(broadcast::error::RecvError::Closed) => return,
         };
         let Ok(bytes) = encode(&frame) else { continue };

@@ -571,15 +571,18 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
     // given a group at start (systemd's `SupplementaryGroups=`) holds them.
     let gids = match peer_groups(stream) {
         Ok(gids) => gids,
+        // Linux before 4.13 has no SO_PEERGROUPS: the account's groups, as before.
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => uzers::get_user_by_uid(uid)
+            .and_then(|u| uzers::get_user_groups(u.name(), cred.gid()))
+            .unwrap_or_default()
+            .iter()
+            .map(|g| g.gid())
+            .collect(),
+        // Any other failure: no supplementary group, rather than groups the process may
+        // have dropped.
         Err(e) => {
-            // Linux before 4.13 has no SO_PEERGROUPS: the account's groups, as before.
-            tracing::debug!(error = %e, "SO_PEERGROUPS failed; using the user database");
-            uzers::get_user_by_uid(uid)
-                .and_then(|u| uzers::get_user_groups(u.name(), cred.gid()))
-                .unwrap_or_default()
-                .iter()
-                .map(|g| g.gid())
-                .collect()
+            tracing::warn!(error = %e, uid, "cannot read a peer's groups; using its gid only");
+            Vec::new()
         }
     };
     let mut gids: Vec<u32> = std::iter::once(cred.gid()).chain(gids).collect();

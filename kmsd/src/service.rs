@@ -517,6 +517,12 @@ impl Service {
         }
     }
 
+    /// Whether a subscriber sees every event: root, kmsd's account, a role on all keys.
+    pub fn sees_every_event(&self, caller: &Caller) -> bool {
+        authz::is_superuser(caller, self.daemon_uid)
+            || authz::permits(&self.engine.grants(), caller, Need::View, None)
+    }
+
     /// The event as a subscriber sees it, if at all: managers see all, others the events
     /// of keys they have a role on (and global ones if they hold a role on all keys).
     /// Who was given or lost which role is told to those who may list grants (a manager
@@ -1376,6 +1382,29 @@ mod tests {
         blocking(|| engine.grant(&admin, &on_all_keys).unwrap());
         let told = refusal(tag).await;
         assert!(told.contains("needs the role manager on"), "{told}");
+    }
+
+    /// Only a subscriber that sees every event is told how many were dropped for it
+    /// (their number counts every key's): root, or a role on all keys; not a role on one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_who_sees_every_event_is_told_how_many_were_dropped() {
+        use kms_shared::model::Role;
+        use tokio::task::block_in_place as blocking;
+        let (_dir, engine, admin, user) = engine_with_a_user();
+        let service = super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap();
+        assert!(service.sees_every_event(&admin));
+        blocking(|| {
+            engine
+                .grant(&admin, &grant_to_nobody(Role::KeyUser))
+                .unwrap()
+        });
+        assert!(!service.sees_every_event(&user));
+        let on_all_keys = kms_shared::protocol::GrantSpec {
+            key: None,
+            ..grant_to_nobody(Role::KeyReviewer)
+        };
+        blocking(|| engine.grant(&admin, &on_all_keys).unwrap());
+        assert!(service.sees_every_event(&user));
     }
 
     /// The future finishes on the thread that wakes it, with the value sent there.

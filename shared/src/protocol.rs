@@ -36,7 +36,8 @@ pub enum ServerFrame {
         result: Outcome,
     },
     Event(Event),
-    /// A subscriber fell behind and `missed` events were dropped for it; re-read state.
+    /// A subscriber fell behind and `missed` events were dropped for it (0: the daemon
+    /// does not say how many, to a subscriber that does not see every key); re-read state.
     Lagged {
         missed: u64,
     },
@@ -648,7 +649,7 @@ impl WireError {
 /// What happened, announced to subscribers (SPEC §8).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// Increases by one per event published by this daemon process.
+    /// Numbers the events of one subscription: 1, 2, 3, …
     pub seq: u64,
     pub time: UnixMillis,
     pub kind: EventKind,

@@ -406,7 +406,8 @@ async fn batch(
     input: &InputArg,
 ) -> CmdResult {
     let limit = batch_bytes(ctx.client.max_request_frame());
-    let mut lines = secret_io::LineReader::new(input.open()?, limit);
+    // A line is the base64 of an item for encrypt: a third longer than the item.
+    let mut lines = secret_io::LineReader::new(input.open()?, limit / 3 * 4 + 8);
     let context_len = context.map_or(0, <[u8]>::len);
     let mut chunk = Chunk::new(limit);
     let mut first_failure = None;

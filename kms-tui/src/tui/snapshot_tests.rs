@@ -833,6 +833,13 @@ fn the_create_form_scrolls_with_its_focus() {
     assert!(back.contains(s::FORM_NAME), "{back}");
     let row = back.lines().nth(usize::from(y)).unwrap();
     assert!(row.contains(s::FORM_NAME), "cursor on row {y}: {back}");
+    // The daemon's refusal stays in view under the fields, whichever has the focus.
+    if let Some(Popup::Create(form)) = &mut a.popup {
+        form.daemon_error = Some("invalid-argument: refused".into());
+    }
+    let refused = draw(&a);
+    assert!(refused.contains("refused"), "{refused}");
+    assert!(refused.contains(s::FORM_NAME), "{refused}");
 }
 
 /// The screen and where the terminal cursor was left.

@@ -690,8 +690,13 @@ pub const STARTING_DAEMON: &str = "starting kmsd again…";
 
 pub const NOT_CONNECTED: &str = "not connected to kmsd";
 
+/// `missed` is 0 when the daemon does not say how many (a subscriber that does not see
+/// every key).
 pub fn lagged(missed: u64) -> String {
-    format!("missed {missed} events; reloading the key list")
+    match missed {
+        0 => "missed events; reloading the key list".to_string(),
+        n => format!("missed {n} events; reloading the key list"),
+    }
 }
 
 pub fn load_failed(what: &str, msg: &str) -> String {

@@ -327,6 +327,9 @@ fn create_form_validates_and_submits() {
     update(&mut a, code(KeyCode::Down));
     update(&mut a, code(KeyCode::Right));
     assert_eq!(form(&a).protection, Protection::Hsm);
+    // Convergent keys are basic (the next test): back to basic.
+    update(&mut a, code(KeyCode::Left));
+    assert_eq!(form(&a).protection, Protection::Basic);
     update(&mut a, code(KeyCode::Tab));
     update(&mut a, ch(' '));
     assert!(form(&a).convergent);
@@ -348,7 +351,7 @@ fn create_form_validates_and_submits() {
         [Effect::Create(CreateKey {
             name: "orders".into(),
             key_type: KeyType::Aes256,
-            protection: Protection::Hsm,
+            protection: Protection::Basic,
             convergent: true,
             auto_rotation: true,
             rotation_days: Some(30),

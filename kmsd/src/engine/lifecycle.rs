@@ -989,8 +989,8 @@ impl Engine {
                 // The purge is due: the scheduler is told to look again.
                 self.due_changed.notify_one();
                 return Err(EngineError::InvalidState(format!(
-                    "the deletion wait of key {} ended at {}; it is purged, and can no \
-                     longer be cancelled",
+                    "the deletion wait of key {} ended at {}: it can no longer be \
+                     cancelled, and is purged at the scheduler's next pass",
                     e.rec.name,
                     model::format_time(due)
                 )));
@@ -1193,11 +1193,13 @@ fn purge_change(
     // destroyed, right after this commit (`destroy_token_objects`).
     let in_token = rec.protection != Protection::Basic;
     rec.token_objects_left = in_token && versions.iter().any(|v| v.record.wrapped.is_some());
-    let mut change = Change::new(rec, action).event(
-        EventKind::Purged,
-        None,
-        format!("key {} purged; its material is destroyed", e.rec.name),
-    );
+    let mut change = Change::new(rec, action)
+        .event(
+            EventKind::Purged,
+            None,
+            format!("key {} purged; its material is destroyed", e.rec.name),
+        )
+        .deletion_wait(None);
     if !in_token {
         for v in versions {
             let mut vrec = v.record.clone();

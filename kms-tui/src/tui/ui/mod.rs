@@ -88,45 +88,56 @@ pub fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
-/// Draws a form's lines in a bordered pop-up `width` wide, and puts the terminal cursor at
-/// `cursor` (column, line inside the border) when that line is on screen.
+/// Draws a form in a bordered pop-up `width` wide: its fields' `lines`, and under them
+/// its `footer` (the daemon's refusal, progress, a note), and puts the terminal cursor at
+/// `cursor` (column, line of `lines`) when that line is on screen.
 ///
-/// On a screen too short for every line the form scrolls so that `focus` (the focused
+/// On a screen too short for every line the fields scroll so that `focus` (the focused
 /// field's lines: the field and what is said under it) is in view, and the borders say
-/// which way more lines are.
+/// which way more fields are; the footer stays in view below them, so that a refusal is
+/// seen whichever field has the focus.
+#[allow(clippy::too_many_arguments)]
 pub fn form_popup(
     f: &mut Frame,
     area: Rect,
     width: u16,
     title: &str,
     lines: Vec<Line<'_>>,
+    footer: Vec<Line<'_>>,
     focus: std::ops::Range<usize>,
     cursor: Option<(u16, u16)>,
 ) {
-    let popup = layout::popup(area, width, lines.len() as u16 + 2);
+    let height = (lines.len() + footer.len()) as u16 + 2;
+    let popup = layout::popup(area, width, height);
     let mut block = Block::bordered().border_style(theme::border()).title(title);
     let inner = block.inner(popup);
-    let scroll = form_scroll(lines.len(), usize::from(inner.height), focus);
+    // At least one row of fields.
+    let footer_rows = (footer.len() as u16).min(inner.height.saturating_sub(1));
+    let [body, foot] = inner.layout(&Layout::vertical([
+        Constraint::Min(0),
+        Constraint::Length(footer_rows),
+    ]));
+    let scroll = form_scroll(lines.len(), usize::from(body.height), focus);
     if scroll > 0 {
         block = block.title_top(Line::from(s::MORE_ABOVE).right_aligned());
     }
-    if scroll + usize::from(inner.height) < lines.len() {
+    if scroll + usize::from(body.height) < lines.len() {
         block = block.title_bottom(Line::from(s::MORE_BELOW).right_aligned());
     }
     f.render_widget(Clear, popup);
+    f.render_widget(block, popup);
     f.render_widget(
-        Paragraph::new(lines)
-            .block(block)
-            .scroll((u16::try_from(scroll).unwrap_or(u16::MAX), 0)),
-        popup,
+        Paragraph::new(lines).scroll((u16::try_from(scroll).unwrap_or(u16::MAX), 0)),
+        body,
     );
+    f.render_widget(Paragraph::new(footer), foot);
     if let Some((x, y)) = cursor
         && let Some(y) = usize::from(y).checked_sub(scroll)
-        && y < usize::from(inner.height)
+        && y < usize::from(body.height)
     {
         f.set_cursor_position(Position::new(
-            (inner.x + x).min(inner.right().saturating_sub(1)),
-            inner.y + y as u16,
+            (body.x + x).min(body.right().saturating_sub(1)),
+            body.y + y as u16,
         ));
     }
 }

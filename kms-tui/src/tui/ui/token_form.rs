@@ -62,23 +62,29 @@ pub fn render(f: &mut Frame, area: Rect, form: &TokenForm) {
             focus = first_line..lines.len();
         }
     }
-    lines.push(Line::default());
+    // Under the fields, always in view: the daemon's refusal, progress, the note.
+    let mut footer: Vec<Line> = vec![Line::default()];
     if let Some(e) = &form.daemon_error {
         for l in wrap(&format!("✗ {}", s::daemon_refused(e)), text_width) {
-            lines.push(Line::styled(l, theme::error()));
+            footer.push(Line::styled(l, theme::error()));
         }
     } else if form.submitting {
-        lines.push(Line::styled(s::TF_SUBMITTING, theme::dim()));
+        footer.push(Line::styled(s::TF_SUBMITTING, theme::dim()));
     } else if form.show_all && !form.is_valid() {
-        lines.push(Line::styled(s::FORM_FIX_FIRST, theme::error()));
+        footer.push(Line::styled(s::FORM_FIX_FIRST, theme::error()));
     } else {
         for l in wrap(s::TF_NOTE, text_width) {
-            lines.push(Line::styled(l, theme::dim()));
+            footer.push(Line::styled(l, theme::dim()));
         }
     }
-    // On the last field, what follows the fields comes into view with it.
-    if form.focus == TokenField::ALL[TokenField::ALL.len() - 1] {
-        focus.end = lines.len();
-    }
-    super::form_popup(f, area, width, s::TOKEN_FORM_TITLE, lines, focus, cursor);
+    super::form_popup(
+        f,
+        area,
+        width,
+        s::TOKEN_FORM_TITLE,
+        lines,
+        footer,
+        focus,
+        cursor,
+    );
 }
