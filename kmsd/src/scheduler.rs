@@ -50,8 +50,10 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
             last_prune = Some(tokio::time::Instant::now());
         }
         if last_cap.is_none_or(|t| t.elapsed() >= CAP_EVERY) {
-            let e = engine.clone();
-            match tokio::task::spawn_blocking(move || e.cap_history()).await {
+            let (e, stopping) = (engine.clone(), shutdown.clone());
+            match tokio::task::spawn_blocking(move || e.cap_history(&|| stopping.is_requested()))
+                .await
+            {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "capping the history failed"),
                 Err(e) => tracing::error!(error = %e, "history capping task failed"),

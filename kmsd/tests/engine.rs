@@ -1522,20 +1522,36 @@ fn history_is_capped_at_its_most_entries() {
         fx.clock.advance(1_000);
         fx.enc("busy", format!("{i}").as_bytes()).unwrap();
     }
-    assert_eq!(e.cap_history().unwrap(), 0);
+    let never = || false;
+    assert_eq!(e.cap_history(&never).unwrap(), 0);
     assert_eq!(history().len(), 11, "under the cap: nothing goes");
     for i in 10..30 {
         fx.clock.advance(1_000);
         fx.enc("busy", format!("{i}").as_bytes()).unwrap();
     }
-    assert_eq!(e.cap_history().unwrap(), 12);
+    assert_eq!(e.cap_history(&never).unwrap(), 12);
     let kept = history();
     assert_eq!(kept.len(), 19, "{kept:?}");
     // Newest first: the 18 newest encryptions, none of the first ones; and the creation,
-    // which is not a call.
+    // which is not a call (19 entries are under the cap).
     assert_eq!(kept[0].time, T0 + 30_000);
     assert_eq!(kept[17].time, T0 + 13_000);
     assert_eq!(kept[18].action, Action::Create);
+    // Entries that are not calls past the cap on their own go too, the oldest first.
+    for i in 0..25 {
+        fx.clock.advance(1_000);
+        e.set_memo(&fx.me, "busy", &format!("memo {i}")).unwrap();
+    }
+    assert_eq!(e.cap_history(&never).unwrap(), 44 - 18);
+    let kept = history();
+    assert_eq!(kept.len(), 18, "{kept:?}");
+    assert!(kept.iter().all(|h| h.action == Action::SetMemo), "{kept:?}");
+    // A stop asked for ends it before its first round.
+    for _ in 0..5 {
+        fx.enc("busy", b"x").unwrap();
+    }
+    assert_eq!(e.cap_history(&|| true).unwrap(), 0);
+    assert_eq!(history().len(), 23);
 }
 
 /// History older than the retention period is pruned; newer entries stay.

@@ -197,7 +197,8 @@ impl ClientError {
 #[non_exhaustive]
 pub enum Notification {
     Event(Event),
-    /// The daemon dropped this many events because this client read too slowly.
+    /// Events were dropped because this client read too slowly: this many, or, with 0,
+    /// a number the daemon does not tell a subscriber that does not see every key.
     Lagged(u64),
 }
 
@@ -1300,7 +1301,8 @@ async fn read_loop(stream: Arc<Stream>, pending: Pending, events: mpsc::Sender<N
     let mut dropped: u64 = 0;
     let mut notify = |note: Notification| {
         let missed = match &note {
-            Notification::Lagged(n) => *n,
+            // 0 from kmsd: some, how many not said; still a loss when it is dropped.
+            Notification::Lagged(n) => (*n).max(1),
             Notification::Event(_) => 1,
         };
         if dropped > 0 {

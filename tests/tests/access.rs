@@ -290,12 +290,13 @@ fn identity_survives_fd_passing() {
     );
 }
 
-/// `kmsctl watch` sees created, rotated, state-changed, deletion-requested, purged and
-/// permission-changed events caused by another client.
-#[test]
-fn watch_sees_other_clients_events() {
-    let d = TestDaemon::start();
-    let mut watch = Command::new(kms_e2e::bin("kmsctl"))
+/// `kmsctl watch` (`kmsctl` is the command to run it as) on `d`, its output lines sent
+/// on the channel as they come; returned once its subscription has had time to land.
+fn watch_lines(
+    d: &TestDaemon,
+    mut kmsctl: Command,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut watch = kmsctl
         .arg("--socket")
         .arg(&d.socket)
         .arg("watch")
@@ -313,8 +314,16 @@ fn watch_sees_other_clients_events() {
             }
         }
     });
-    // Let the subscription land before acting.
     std::thread::sleep(Duration::from_millis(300));
+    (watch, rx)
+}
+
+/// `kmsctl watch` sees created, rotated, state-changed, deletion-requested, purged and
+/// permission-changed events caused by another client.
+#[test]
+fn watch_sees_other_clients_events() {
+    let d = TestDaemon::start();
+    let (mut watch, rx) = watch_lines(&d, Command::new(kms_e2e::bin("kmsctl")));
     root_ok(&d, &["create", "watched", "--type", "aes256"]);
     root_ok(&d, &["rotate", "watched"]);
     root_ok(&d, &["disable", "watched"]);
@@ -355,26 +364,7 @@ fn event_numbers_tell_nothing_of_unseen_keys() {
         &d,
         &["grant", "key-user", "--user", OTHER, "--key", "seen01"],
     );
-    let mut watch = kms_e2e::kmsctl_as_account(OTHER)
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("watch")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    // Let the subscription land before acting.
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut watch, rx) = watch_lines(&d, kms_e2e::kmsctl_as_account(OTHER));
     root_ok(&d, &["rotate", "hidden01"]);
     root_ok(&d, &["rotate", "seen01"]);
     root_ok(&d, &["rotate", "hidden01"]);

@@ -840,6 +840,10 @@ fn the_create_form_scrolls_with_its_focus() {
     let refused = draw(&a);
     assert!(refused.contains("refused"), "{refused}");
     assert!(refused.contains(s::FORM_NAME), "{refused}");
+    // Too short for the footer's spacing: the refusal, not the blank line above it.
+    a.size = (60, 4);
+    let tiny = draw(&a);
+    assert!(tiny.contains("refused"), "{tiny}");
 }
 
 /// The screen and where the terminal cursor was left.

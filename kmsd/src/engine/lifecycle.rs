@@ -990,7 +990,7 @@ impl Engine {
                 self.due_changed.notify_one();
                 return Err(EngineError::InvalidState(format!(
                     "the deletion wait of key {} ended at {}: it can no longer be \
-                     cancelled, and is purged at the scheduler's next pass",
+                     cancelled, and is due to be purged",
                     e.rec.name,
                     model::format_time(due)
                 )));

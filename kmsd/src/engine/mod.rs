@@ -65,9 +65,6 @@ pub struct EngineConfig {
     pub history_max_entries: u64,
 }
 
-/// History entries one commit of [`Engine::cap_history`] removes at most.
-const CAP_ROUND: u64 = 100_000;
-
 /// The default of [`EngineConfig::history_max_entries`]: ten million entries, about
 /// 5 GB of store as the soak run wrote them (docs/RELIABILITY.md), a year of 0.3 calls a
 /// second — or some four minutes at the most this daemon answers.
@@ -839,12 +836,13 @@ impl Engine {
         };
     }
 
-    /// Removes the oldest entries of crypto calls, of all keys, if the history holds more
-    /// than [`EngineConfig::history_max_entries`], down to nine tenths of it (entries that
-    /// are not calls stay: [`Mutation::CapHistory`]); a cheap look when it clearly does
-    /// not. In commits of at most [`CAP_ROUND`] entries, so that calls go on between
-    /// them. Returns how many were removed. Blocks.
-    pub fn cap_history(&self) -> Result<u64, EngineError> {
+    /// Brings the history under [`EngineConfig::history_max_entries`] if it holds more:
+    /// down to nine tenths of it, old entries of crypto calls first, then, if that left
+    /// more than the cap, any old entries ([`Mutation::CapHistory`]); a cheap look when it
+    /// clearly holds less. In rounds of one commit each, so that calls go on between them; stops
+    /// between rounds when `stopping` says so. Returns how many entries were removed.
+    /// Blocks.
+    pub fn cap_history(&self, stopping: &dyn Fn() -> bool) -> Result<u64, EngineError> {
         let max = self.config.history_max_entries;
         // Calls still in the journal may hold entries too (each commit folds them first,
         // then counts exactly).
@@ -857,29 +855,49 @@ impl Engine {
             return Ok(0);
         }
         let keep = max - max / 10;
-        let removed = Arc::new(AtomicU64::new(0));
-        loop {
-            let before = removed.load(Ordering::Relaxed);
-            self.writer
-                .submit(vec![Mutation::CapHistory {
-                    keep,
-                    budget: CAP_ROUND,
-                    removed: removed.clone(),
-                }])
-                .wait()
-                .map_err(EngineError::from)?;
-            // Done: under `keep`, or nothing left that may go.
-            if removed.load(Ordering::Relaxed) - before < CAP_ROUND {
+        let (mut removed, mut undecodable) = (0, 0);
+        // Calls first, down to `keep`; then, only if that left more than `max` (what was
+        // done to keys alone fills the history), anything old, down to `keep`.
+        'walks: for calls_only in [true, false] {
+            let round = Arc::new(Mutex::new(crate::store::CapRound::default()));
+            let len = loop {
+                let stop = stopping();
+                if !stop {
+                    self.writer
+                        .submit(vec![Mutation::CapHistory {
+                            keep,
+                            calls_only,
+                            scan: crate::store::writer::CAP_SCAN,
+                            round: round.clone(),
+                        }])
+                        .wait()
+                        .map_err(EngineError::from)?;
+                }
+                let r = round.lock().unwrap_or_else(|e| e.into_inner());
+                if stop || r.walked || r.len <= keep {
+                    removed += r.removed;
+                    undecodable += r.undecodable;
+                    if stop {
+                        break 'walks;
+                    }
+                    break r.len;
+                }
+            };
+            if len <= max {
                 break;
             }
         }
-        let removed = removed.load(Ordering::Relaxed);
-        tracing::warn!(
-            removed,
-            max_entries = max,
-            "the history held more than history_max_entries entries: the oldest entries of \
-             crypto calls were removed"
-        );
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                max_entries = max,
+                "the history held more than history_max_entries entries: its oldest were \
+                 removed, crypto calls first"
+            );
+        }
+        if undecodable > 0 {
+            tracing::warn!(undecodable, "history entries that could not be decoded");
+        }
         Ok(removed)
     }
 

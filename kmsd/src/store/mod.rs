@@ -44,7 +44,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use writer::{Held, Mutation, Ticket, Writer};
+pub use writer::{CapRound, Held, Mutation, Ticket, Writer};
 
 /// redb's page cache. redb keeps every page it writes in this cache (default 1 GiB), so
 /// with the default the daemon's memory would grow with its history until it held a

@@ -95,13 +95,15 @@ pub enum Mutation {
         before: UnixMillis,
         now: UnixMillis,
     },
-    /// Removes up to `budget` of the oldest entries of crypto calls, of every key, if the
-    /// history holds more than `keep` entries (SPEC §7: disk use stays bounded, whatever
-    /// the call rate); adds how many it removed to `removed`. See [`cap_history`].
+    /// One round of the history cap (SPEC §7: disk use stays bounded, whatever the call
+    /// rate): if the history holds more than `keep` entries, removes old entries from
+    /// `round.from` on, reading at most `scan` of them ([`CAP_SCAN`]); says in `round`
+    /// how far it got. See [`cap_history`].
     CapHistory {
         keep: u64,
-        budget: u64,
-        removed: Arc<AtomicU64>,
+        calls_only: bool,
+        scan: usize,
+        round: Arc<Mutex<CapRound>>,
     },
     /// Removes a purged key for good (end of retention): record, versions, counters, history.
     Expunge {
@@ -1083,11 +1085,18 @@ fn finish(
                 }
                 Mutation::CapHistory {
                     keep,
-                    budget,
-                    removed,
+                    calls_only,
+                    scan,
+                    round,
                 } => {
-                    let n = cap_history(&mut history, *next_seq, *keep, *budget)?;
-                    removed.fetch_add(n, Ordering::Relaxed);
+                    let mut round = round.lock().unwrap_or_else(|e| e.into_inner());
+                    let walk = CapWalk {
+                        next_seq: *next_seq,
+                        keep: *keep,
+                        calls_only: *calls_only,
+                        scan: *scan,
+                    };
+                    cap_history(&mut history, &walk, &mut round)?;
                 }
                 Mutation::Expunge { tag } => {
                     // Counters summed so far belong before the removal.
@@ -1263,53 +1272,105 @@ fn tag_after(
     })
 }
 
-/// [`Mutation::CapHistory`]: with more than `keep` entries (redb keeps a table's length:
-/// this check is free), removes the oldest entries of crypto calls, of whichever keys, at
-/// most `budget` of them in this commit (a removal of millions in one transaction held
-/// every call waiting on the writer for seconds). The oldest by sequence number: numbers
-/// are given one per entry, in order, so at most `keep` entries have one from
-/// `next_seq - keep` on, and every call entry below that may go. Other entries (who
-/// created, rotated, disabled, deleted a key; grants; refusals, which are counted
-/// together) stay until the retention: a flood of calls on one key does not erase the
-/// record of what was done to the others. Returns how many were removed.
-fn cap_history(
-    history: &mut redb::Table<(&str, u64), &[u8]>,
+/// History entries one round of the cap reads at most: a round is one commit, which
+/// every call waits behind (a removal of millions in one held them for seconds).
+pub const CAP_SCAN: usize = 100_000;
+
+/// Where a walk of the history cap stands, from one round ([`Mutation::CapHistory`]) to
+/// the next.
+#[derive(Debug, Default)]
+pub struct CapRound {
+    /// Where the next round begins (tag, sequence number); `None` before the first.
+    pub from: Option<(String, u64)>,
+    /// Entries removed by the rounds so far.
+    pub removed: u64,
+    /// The walk reached the last key.
+    pub walked: bool,
+    /// History entries after the round.
+    pub len: u64,
+    /// Entries that could not be decoded (read as not calls).
+    pub undecodable: u64,
+}
+
+/// What one round of the cap is asked to do.
+struct CapWalk {
     next_seq: u64,
     keep: u64,
-    budget: u64,
-) -> Result<u64, StoreError> {
-    if history.len()? <= keep {
-        return Ok(0);
+    calls_only: bool,
+    scan: usize,
+}
+
+/// One round of the cap: with more than `keep` entries (redb keeps a table's length: this
+/// check is free), walks the keys' history from `round.from`, reading at most `scan`
+/// entries, and removes those numbered below `next_seq - keep` — with
+/// `calls_only`, only the entries of crypto calls (refused ones included). Numbers are
+/// given one per entry, in order, so at most `keep` entries have one from that cutoff on.
+/// A first walk removes calls only, so that what was done to keys (creations, rotations,
+/// state changes, grants) outlasts a flood of calls; a second, if the history is still
+/// over its cap, removes anything below the cutoff, so that no kind of entry grows
+/// without bound ([`Engine::cap_history`](crate::engine::Engine::cap_history)).
+/// Within a walk keys are taken in tag order, not by age across keys.
+fn cap_history(
+    history: &mut redb::Table<(&str, u64), &[u8]>,
+    walk: &CapWalk,
+    round: &mut CapRound,
+) -> Result<(), StoreError> {
+    let CapWalk {
+        next_seq,
+        keep,
+        calls_only,
+        scan,
+    } = *walk;
+    round.len = history.len()?;
+    if round.len <= keep {
+        return Ok(());
     }
     let cutoff = next_seq.saturating_sub(keep);
-    let mut removed = 0u64;
-    let mut next_tag = history.first()?.map(|(k, _)| k.value().0.to_string());
-    while let Some(tag) = next_tag.take() {
-        let t = tag.as_str();
-        let mut calls = Vec::new();
-        for row in history.range((t, 0)..(t, cutoff))? {
-            if removed + calls.len() as u64 >= budget {
+    let (mut tag, mut seq) = match round.from.take() {
+        Some(from) => (Some(from.0), from.1),
+        None => (history.first()?.map(|(k, _)| k.value().0.to_string()), 0),
+    };
+    let mut read = 0usize;
+    while let Some(t) = tag.take() {
+        let mut gone = Vec::new();
+        let mut stopped_at = None;
+        for row in history.range((t.as_str(), seq)..(t.as_str(), cutoff))? {
+            let (k, v) = row?;
+            let s = k.value().1;
+            if read == scan {
+                stopped_at = Some(s);
                 break;
             }
-            let (k, v) = row?;
-            let rec: HistoryRecord = decode(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "history",
-                message: e.to_string(),
-            })?;
-            if rec.action.is_crypto() || rec.action == kms_shared::model::Action::PublicKey {
-                calls.push(k.value().1);
+            read += 1;
+            let remove = !calls_only
+                || match decode::<HistoryRecord>(v.value()) {
+                    Ok(rec) => {
+                        rec.action.is_crypto() || rec.action == kms_shared::model::Action::PublicKey
+                    }
+                    Err(_) => {
+                        round.undecodable += 1;
+                        false
+                    }
+                };
+            if remove {
+                gone.push(s);
             }
         }
-        for seq in &calls {
-            history.remove((t, *seq))?;
+        for s in &gone {
+            history.remove((t.as_str(), *s))?;
         }
-        removed += calls.len() as u64;
-        if removed >= budget {
+        round.removed += gone.len() as u64;
+        if let Some(s) = stopped_at {
+            round.from = Some((t, s));
             break;
         }
-        next_tag = tag_after(history, t)?;
+        tag = tag_after(history, &t)?;
+        seq = 0;
     }
-    Ok(removed)
+    // Stopped by the budget: `from` says where; otherwise every key was walked.
+    round.walked = round.from.is_none();
+    round.len = history.len()?;
+    Ok(())
 }
 
 /// Removes the usage and encryption counters of tags with no key: a call that raced its
@@ -1734,9 +1795,11 @@ mod tests {
     }
 
     /// Over what it may keep, the history loses its oldest call entries, of whichever
-    /// keys, at most a budget per commit; at or under it, nothing; entries that are not
-    /// calls stay. Before, nothing but age removed history, and a call rate the retention
-    /// did not foresee filled the disk.
+    /// keys, a bounded number read per round (each its own commit), the walk taken up
+    /// where the last round stopped; entries that are not calls stay in a calls-only
+    /// walk, and go in a walk of everything. At or under `keep`, nothing goes. Before,
+    /// nothing but age removed history, and a call rate the retention did not foresee
+    /// filled the disk.
     #[test]
     fn the_history_is_capped_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
@@ -1750,7 +1813,7 @@ mod tests {
             .submit(vec![key_record("b"), version_one("b")])
             .wait()
             .unwrap();
-        // Not a call: what was done to b stays, however old.
+        // Not a call: what was done to b.
         writer
             .submit(vec![Mutation::History {
                 tag: "b".into(),
@@ -1761,31 +1824,39 @@ mod tests {
             }])
             .wait()
             .unwrap();
-        // a is busy, b quiet: 40 and 10 entries, interleaved.
+        // a is busy, b quiet: 40 and 10 calls, interleaved.
         for t in 0..50 {
             let tag = if t % 5 == 4 { "b" } else { "a" };
             writer.submit(call(tag, t)).wait().unwrap();
         }
-        let cap = |keep, budget| {
-            let removed = Arc::new(AtomicU64::new(0));
-            writer
-                .submit(vec![Mutation::CapHistory {
-                    keep,
-                    budget,
-                    removed: removed.clone(),
-                }])
-                .wait()
-                .unwrap();
-            removed.load(Ordering::Relaxed)
+        // Rounds of one walk until it is over (or under `keep`): (rounds, removed).
+        let walk = |keep, calls_only, scan| {
+            let round = Arc::new(Mutex::new(CapRound::default()));
+            let mut rounds = 0;
+            loop {
+                rounds += 1;
+                writer
+                    .submit(vec![Mutation::CapHistory {
+                        keep,
+                        calls_only,
+                        scan,
+                        round: round.clone(),
+                    }])
+                    .wait()
+                    .unwrap();
+                let r = round.lock().unwrap();
+                if r.walked || r.len <= keep {
+                    return (rounds, r.removed);
+                }
+                assert!(rounds < 100, "the walk does not end");
+            }
         };
-        assert_eq!(cap(51, 100), 0, "under: nothing goes");
+        assert_eq!(walk(51, true, 100), (1, 0), "at keep: nothing goes");
         assert_eq!(store.history_len().unwrap(), 51);
-        // At most the budget in one commit, the oldest first.
-        assert_eq!(cap(36, 5), 5);
-        // Every call below the last 36 numbers: the rotation's number is among them, so 37
-        // entries stay.
-        assert_eq!(cap(36, 100), 9);
-        assert_eq!(store.history_len().unwrap(), 37);
+        // Every call numbered below the last 36 goes, 5 entries read a round: the 15
+        // entries below the cutoff (the rotation among them) in 3 rounds.
+        assert_eq!(walk(36, true, 5), (3, 14));
+        assert_eq!(store.history_len().unwrap(), 37, "the rotation stays");
         let times =
             |tag| -> Vec<UnixMillis> { stored(&store, tag).0.iter().map(|e| e.1).collect() };
         let (a, b) = (times("a"), times("b"));
@@ -1794,6 +1865,9 @@ mod tests {
         kept.sort();
         assert_eq!(kept, std::iter::once(-1).chain(14..50).collect::<Vec<_>>());
         assert_eq!(b, vec![-1, 14, 19, 24, 29, 34, 39, 44, 49]);
+        // A walk of everything takes the rotation too.
+        assert_eq!(walk(36, false, 100), (1, 1));
+        assert_eq!(times("b"), vec![14, 19, 24, 29, 34, 39, 44, 49]);
         writer.shutdown();
     }
 

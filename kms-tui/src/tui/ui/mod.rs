@@ -111,8 +111,13 @@ pub fn form_popup(
     let popup = layout::popup(area, width, height);
     let mut block = Block::bordered().border_style(theme::border()).title(title);
     let inner = block.inner(popup);
-    // At least one row of fields.
+    // At least one row of fields. A footer that does not fit loses its spacing first.
     let footer_rows = (footer.len() as u16).min(inner.height.saturating_sub(1));
+    let footer: Vec<Line> = if usize::from(footer_rows) < footer.len() {
+        footer.into_iter().skip_while(|l| l.width() == 0).collect()
+    } else {
+        footer
+    };
     let [body, foot] = inner.layout(&Layout::vertical([
         Constraint::Min(0),
         Constraint::Length(footer_rows),
