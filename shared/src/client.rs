@@ -1297,25 +1297,27 @@ impl Connection {
 const EVENT_QUEUE: usize = 1024;
 
 async fn read_loop(stream: Arc<Stream>, pending: Pending, events: mpsc::Sender<Notification>) {
-    // Events dropped here since the subscriber was last told.
-    let mut dropped: u64 = 0;
+    // Events dropped here since the subscriber was last told, and whether a number kmsd
+    // did not tell is among them (its `lagged 0`): then the subscriber is told 0 too.
+    let (mut dropped, mut unknown): (u64, bool) = (0, false);
     let mut notify = |note: Notification| {
         let missed = match &note {
-            // 0 from kmsd: some, how many not said; still a loss when it is dropped.
-            Notification::Lagged(n) => (*n).max(1),
+            Notification::Lagged(n) => *n,
             Notification::Event(_) => 1,
         };
-        if dropped > 0 {
-            match events.try_send(Notification::Lagged(dropped)) {
-                Ok(()) => dropped = 0,
-                Err(_) => {
-                    dropped = dropped.saturating_add(missed);
-                    return;
-                }
+        let drop_it = |dropped: &mut u64, unknown: &mut bool| {
+            *dropped = dropped.saturating_add(missed);
+            *unknown |= missed == 0;
+        };
+        if dropped > 0 || unknown {
+            let told = if unknown { 0 } else { dropped };
+            match events.try_send(Notification::Lagged(told)) {
+                Ok(()) => (dropped, unknown) = (0, false),
+                Err(_) => return drop_it(&mut dropped, &mut unknown),
             }
         }
         if events.try_send(note).is_err() {
-            dropped = dropped.saturating_add(missed);
+            drop_it(&mut dropped, &mut unknown);
         }
     };
     // Buffered: one read takes a reply and whatever else has arrived, instead of a read
@@ -2387,7 +2389,8 @@ mod tests {
         let daemon = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
             let mut seq = 0;
-            let mut bursts = [SENT, 1].into_iter();
+            // The third burst ends with a `lagged 0` (kmsd dropped some, how many not said).
+            let mut bursts = [SENT, 1, SENT, 1].into_iter().enumerate();
             while let Some(body) = codec::read_frame(&mut stream, 1 << 20).await.unwrap() {
                 let frame: ClientFrame = codec::decode(&body).unwrap();
                 let mut out = Vec::new();
@@ -2399,9 +2402,14 @@ mod tests {
                     },
                     Request::Subscribe => Response::Subscribed,
                     _ => {
-                        for _ in 0..bursts.next().unwrap_or(0) {
+                        let (i, n) = bursts.next().unwrap_or((9, 0));
+                        for _ in 0..n {
                             seq += 1;
                             out.extend(codec::encode_frame(&event(seq), u32::MAX).unwrap());
+                        }
+                        if i == 2 {
+                            let unknown = ServerFrame::Lagged { missed: 0 };
+                            out.extend(codec::encode_frame(&unknown, u32::MAX).unwrap());
                         }
                         Response::Subscribed
                     }
@@ -2429,6 +2437,15 @@ mod tests {
         }
         match events.recv().await.unwrap() {
             Notification::Event(e) => assert_eq!(e.seq, SENT as u64 + 1),
+            other => panic!("{other:?}"),
+        }
+        // Dropped here with kmsd's `lagged 0` among them: told 0, "how many not known",
+        // not a count (it used to be lost, then a made-up number).
+        client.call(Request::Status).await.unwrap();
+        while let Ok(Notification::Event(_)) = events.try_recv() {}
+        client.call(Request::Status).await.unwrap();
+        match events.recv().await.unwrap() {
+            Notification::Lagged(n) => assert_eq!(n, 0),
             other => panic!("{other:?}"),
         }
         drop(client);

@@ -856,37 +856,8 @@ impl Engine {
         }
         let keep = max - max / 10;
         let (mut removed, mut undecodable) = (0, 0);
-        // Calls first, down to `keep`; then, only if that left more than `max` (what was
-        // done to keys alone fills the history), anything old, down to `keep`.
-        'walks: for calls_only in [true, false] {
-            let round = Arc::new(Mutex::new(crate::store::CapRound::default()));
-            let len = loop {
-                let stop = stopping();
-                if !stop {
-                    self.writer
-                        .submit(vec![Mutation::CapHistory {
-                            keep,
-                            calls_only,
-                            scan: crate::store::writer::CAP_SCAN,
-                            round: round.clone(),
-                        }])
-                        .wait()
-                        .map_err(EngineError::from)?;
-                }
-                let r = round.lock().unwrap_or_else(|e| e.into_inner());
-                if stop || r.walked || r.len <= keep {
-                    removed += r.removed;
-                    undecodable += r.undecodable;
-                    if stop {
-                        break 'walks;
-                    }
-                    break r.len;
-                }
-            };
-            if len <= max {
-                break;
-            }
-        }
+        let walked = self.cap_walks(keep, max, stopping, &mut removed, &mut undecodable);
+        // Logged whatever happened: rounds that committed before a failure removed entries.
         if removed > 0 {
             tracing::warn!(
                 removed,
@@ -898,7 +869,55 @@ impl Engine {
         if undecodable > 0 {
             tracing::warn!(undecodable, "history entries that could not be decoded");
         }
-        Ok(removed)
+        walked.map(|()| removed)
+    }
+
+    /// The walks of [`Engine::cap_history`]: calls first, down to `keep`; then, if that
+    /// left the history above the middle of `keep` and `max` (what was done to keys, on
+    /// its own, fills it), anything old, down to `keep` — so that a history of mostly
+    /// such entries is not walked again every minute for the few calls among them.
+    fn cap_walks(
+        &self,
+        keep: u64,
+        max: u64,
+        stopping: &dyn Fn() -> bool,
+        removed: &mut u64,
+        undecodable: &mut u64,
+    ) -> Result<(), EngineError> {
+        let middle = keep + (max - keep) / 2;
+        for calls_only in [true, false] {
+            let round = Arc::new(Mutex::new(crate::store::CapRound::default()));
+            let len = loop {
+                let stop = stopping();
+                let done = if stop {
+                    Ok(())
+                } else {
+                    self.writer
+                        .submit(vec![Mutation::CapHistory {
+                            keep,
+                            calls_only,
+                            scan: crate::store::writer::CAP_SCAN,
+                            round: round.clone(),
+                        }])
+                        .wait()
+                        .map_err(EngineError::from)
+                };
+                let r = round.lock().unwrap_or_else(|e| e.into_inner());
+                if stop || done.is_err() || r.walked || r.len <= keep {
+                    *removed += r.removed;
+                    *undecodable += r.undecodable;
+                    done?;
+                    if stop {
+                        return Ok(());
+                    }
+                    break r.len;
+                }
+            };
+            if len <= middle {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Drops history entries older than the retention period (SPEC §7: disk use stays

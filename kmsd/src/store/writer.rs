@@ -1330,14 +1330,21 @@ fn cap_history(
         Some(from) => (Some(from.0), from.1),
         None => (history.first()?.map(|(k, _)| k.value().0.to_string()), 0),
     };
-    let mut read = 0usize;
+    // Entries read, and keys visited (a key with nothing below the cutoff costs its seeks
+    // too: a walk over many such keys must not be one long commit).
+    let (mut read, scan) = (0usize, scan.max(1));
     while let Some(t) = tag.take() {
+        if read >= scan {
+            round.from = Some((t, seq));
+            break;
+        }
+        read += 1;
         let mut gone = Vec::new();
         let mut stopped_at = None;
         for row in history.range((t.as_str(), seq)..(t.as_str(), cutoff))? {
             let (k, v) = row?;
             let s = k.value().1;
-            if read == scan {
+            if read >= scan {
                 stopped_at = Some(s);
                 break;
             }
@@ -1853,9 +1860,10 @@ mod tests {
         };
         assert_eq!(walk(51, true, 100), (1, 0), "at keep: nothing goes");
         assert_eq!(store.history_len().unwrap(), 51);
-        // Every call numbered below the last 36 goes, 5 entries read a round: the 15
-        // entries below the cutoff (the rotation among them) in 3 rounds.
-        assert_eq!(walk(36, true, 5), (3, 14));
+        // Every call numbered below the last 36 goes, 5 reads a round (a key visited is
+        // one): the 15 entries below the cutoff (the rotation among them) and the 2 keys
+        // in 4 rounds.
+        assert_eq!(walk(36, true, 5), (4, 14));
         assert_eq!(store.history_len().unwrap(), 37, "the rotation stays");
         let times =
             |tag| -> Vec<UnixMillis> { stored(&store, tag).0.iter().map(|e| e.1).collect() };
