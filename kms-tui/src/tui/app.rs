@@ -204,6 +204,9 @@ pub fn revoke_spec(g: &GrantInfo) -> GrantSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfirmKind {
     Rotate,
+    /// Automatic rotation switched on (`true`) or off: switching it on starts a new
+    /// period, so a slip of `a` twice moved the schedule.
+    AutoRotation(bool),
     Disable,
     RequestDeletion,
     /// Confirmed by typing the key's name rather than `y`.
@@ -219,14 +222,14 @@ pub enum ConfirmKind {
 impl ConfirmKind {
     /// Destructive confirmations show who would be affected before asking.
     pub fn needs_impact(self) -> bool {
-        !matches!(self, ConfirmKind::Rotate)
+        !matches!(self, ConfirmKind::Rotate | ConfirmKind::AutoRotation(_))
     }
 
     /// Whether enter answers yes. Destructive confirmations want an explicit `y`, so that
     /// the enter that opened something (details, then the versions view) or a key repeat
     /// cannot disable or delete anything.
     pub fn enter_confirms(self) -> bool {
-        matches!(self, ConfirmKind::Rotate)
+        matches!(self, ConfirmKind::Rotate | ConfirmKind::AutoRotation(_))
     }
 }
 

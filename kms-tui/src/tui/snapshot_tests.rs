@@ -194,6 +194,16 @@ fn create_form_daemon_error() {
     });
 }
 
+/// `a` asks before switching automatic rotation off (or on: a new period).
+#[test]
+fn confirm_auto_rotation_off() {
+    check("confirm_auto_rotation_off", |s| {
+        let mut a = app(s, "payments");
+        update(&mut a, ch('a'));
+        a
+    });
+}
+
 /// Disabling asks with the impact: recent uses and the accounts behind them.
 #[test]
 fn confirm_disable_with_impact() {

@@ -297,6 +297,26 @@ pub fn confirm_rotate_body(k: &KeyInfo) -> String {
         k.current_version + 1
     )
 }
+pub fn confirm_auto_rotation_title(name: &str, on: bool) -> String {
+    if on {
+        format!(" Rotate {name} automatically? ")
+    } else {
+        format!(" Stop rotating {name} automatically? ")
+    }
+}
+pub fn confirm_auto_rotation_body(k: &KeyInfo, on: bool) -> String {
+    if on {
+        format!(
+            "A new version every {} days, the first {} days from now (a new period starts \
+             now).",
+            k.rotation_days, k.rotation_days
+        )
+    } else {
+        "No version is made on a schedule until it is switched on again, which starts a \
+         new period."
+            .to_string()
+    }
+}
 pub fn confirm_disable_title(name: &str) -> String {
     format!(" Disable {name}? ")
 }

@@ -344,13 +344,10 @@ fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         Action::ToggleAutoRotation | Action::EditPeriod if !settings_allowed(k.state) => {
             refuse(app, s::WHAT_ROTATION_SETTINGS, &k);
         }
-        Action::ToggleAutoRotation => fx.push(op(
-            Op::SetRotation {
-                auto_rotation: !k.auto_rotation,
-                rotation_days: None,
-            },
-            &k,
-        )),
+        Action::ToggleAutoRotation => {
+            let on = !k.auto_rotation;
+            open_confirm(app, ConfirmKind::AutoRotation(on), k, fx);
+        }
         Action::EditPeriod => {
             app.popup = Some(Popup::Prompt(Prompt {
                 kind: PromptKind::Period,
@@ -954,6 +951,13 @@ fn confirm_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
     }
     let effect = match c.kind {
         ConfirmKind::Rotate => op(Op::Rotate, &c.key),
+        ConfirmKind::AutoRotation(on) => op(
+            Op::SetRotation {
+                auto_rotation: on,
+                rotation_days: None,
+            },
+            &c.key,
+        ),
         ConfirmKind::Disable => op(Op::Disable, &c.key),
         ConfirmKind::RequestDeletion => op(Op::RequestDeletion, &c.key),
         ConfirmKind::DisableVersion { version, .. } => Effect::SetVersionEnabled {

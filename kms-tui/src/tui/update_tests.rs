@@ -681,13 +681,22 @@ fn shift_d_esc_cancels() {
     assert_eq!(a.popup, None);
 }
 
-/// a flips auto rotation, keeping the period.
+/// a flips auto rotation, keeping the period, once confirmed (enter or y); esc leaves it
+/// as it was. It flipped at once: switching it on starts a new period, so `a` pressed
+/// twice by a slip moved the schedule.
 #[test]
 fn a_toggles_auto_rotation() {
     let mut a = app();
     let k = select(&mut a, "payments");
+    assert!(update(&mut a, ch('a')).is_empty());
+    assert!(
+        matches!(&a.popup, Some(Popup::Confirm(c)) if c.kind == ConfirmKind::AutoRotation(false))
+    );
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.popup, None);
+    update(&mut a, ch('a'));
     assert_eq!(
-        update(&mut a, ch('a')),
+        update(&mut a, code(KeyCode::Enter)),
         [op(
             Op::SetRotation {
                 auto_rotation: false,

@@ -21,6 +21,10 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
     let k = &c.key;
     let (title, body) = match c.kind {
         ConfirmKind::Rotate => (s::confirm_rotate_title(&k.name), s::confirm_rotate_body(k)),
+        ConfirmKind::AutoRotation(on) => (
+            s::confirm_auto_rotation_title(&k.name, on),
+            s::confirm_auto_rotation_body(k, on),
+        ),
         ConfirmKind::Disable => (
             s::confirm_disable_title(&k.name),
             s::CONFIRM_DISABLE_BODY.to_string(),
