@@ -245,6 +245,29 @@ pub fn kmsctl_as_account(account: &str) -> Command {
     setpriv
 }
 
+/// SIGSTOP to `pid`, and waits until every thread of it is stopped: `kill` returns once
+/// the signal is queued, while a thread running on the other core may still answer a
+/// request or two (a test of a daemon that does not answer then saw an answer).
+pub fn stop_process(pid: u32) {
+    let target = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    rustix::process::kill_process(target, rustix::process::Signal::STOP).expect("SIGSTOP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the process's threads")
+            .filter_map(Result::ok)
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
+            });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// SIGTERM to a daemon a client started, and waits until it is gone (or a zombie: its
 /// parent, the client, has exited without reaping it).
 pub fn stop_started_daemon(pid: i32) {

@@ -136,7 +136,7 @@ fn a_timeout_ends_a_run_on_a_daemon_that_does_not_answer() {
     ok(&d.kmsctl(&["create", "k01", "--type", "aes256"], b""));
     ok(&d.kmsctl(&["--timeout", "5", "show", "k01"], b""));
     let pid = Pid::from_raw(d.pid().unwrap() as i32).unwrap();
-    kill_process(pid, Signal::STOP).unwrap();
+    kms_e2e::stop_process(d.pid().unwrap());
     let started = std::time::Instant::now();
     let out = d.kmsctl(&["--json", "--timeout", "0.3", "show", "k01"], b"");
     let waited = started.elapsed();

@@ -617,7 +617,7 @@ async fn a_call_given_up_before_it_was_sent_is_never_sent() {
     let c = Arc::new(d.client().await);
     c.create_key(spec("unsent", "aes256")).await.unwrap();
     let pid = rustix::process::Pid::from_raw(d.pid().unwrap() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    kms_e2e::stop_process(d.pid().unwrap());
     // More than the socket holds: one of these is blocked in its write, holding it.
     let fillers: Vec<_> = (0..40u8)
         .map(|i| {
@@ -667,7 +667,7 @@ async fn calls_abandoned_mid_write_leave_the_stream_whole() {
             Ok::<_, anyhow::Error>(())
         }
     };
-    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    kms_e2e::stop_process(pid.as_raw_nonzero().get() as u32);
     // 40 calls of 32 KiB, more than the socket holds, all given up after 500 ms: one of
     // them is writing (blocked, part of it written) when it is dropped.
     let abandoned: Vec<_> = (0..40)
