@@ -1287,37 +1287,63 @@ impl Connection {
     }
 }
 
-/// Reads frames until the connection ends, routing replies to their callers and
-/// notifications to the subscription. Dropping the pending senders on exit wakes every
-/// caller with `Closed`.
 /// Events held for a subscriber that has not taken them yet. Beyond, they are dropped
 /// and counted, and the subscriber is told as by the daemon ([`Notification::Lagged`]):
 /// a subscriber that stops taking them (a dashboard whose terminal blocks) holds at most
 /// this many, while replies go on reaching their calls.
 const EVENT_QUEUE: usize = 1024;
 
+/// Events the reader dropped for a full subscriber queue, not yet told.
+#[derive(Default)]
+struct Lag {
+    dropped: u64,
+    /// A number kmsd did not tell is among them (its `lagged 0`): the subscriber is
+    /// told 0 too, "some, how many not known".
+    unknown: bool,
+    /// A [`tell_lag`] task waits for room to tell them.
+    telling: bool,
+}
+
+impl Lag {
+    fn add(&mut self, missed: u64) {
+        self.dropped = self.dropped.saturating_add(missed);
+        self.unknown |= missed == 0;
+    }
+}
+
+/// Tells the subscriber how many events were dropped as soon as its queue has room:
+/// not only before the next event (a burst followed by quiet, a connection that ends,
+/// would otherwise never be told).
+async fn tell_lag(events: mpsc::Sender<Notification>, lag: Arc<StdMutex<Lag>>) {
+    // Err: the subscription was dropped; nobody is left to tell.
+    if let Ok(room) = events.reserve().await {
+        let mut l = lock(&lag);
+        let told = if l.unknown { 0 } else { l.dropped };
+        *l = Lag::default();
+        room.send(Notification::Lagged(told));
+    }
+}
+
+/// Reads frames until the connection ends, routing replies to their callers and
+/// notifications to the subscription. Dropping the pending senders on exit wakes every
+/// caller with `Closed`.
 async fn read_loop(stream: Arc<Stream>, pending: Pending, events: mpsc::Sender<Notification>) {
-    // Events dropped here since the subscriber was last told, and whether a number kmsd
-    // did not tell is among them (its `lagged 0`): then the subscriber is told 0 too.
-    let (mut dropped, mut unknown): (u64, bool) = (0, false);
-    let mut notify = |note: Notification| {
+    let lag = Arc::new(StdMutex::new(Lag::default()));
+    let notify = |note: Notification| {
         let missed = match &note {
             Notification::Lagged(n) => *n,
             Notification::Event(_) => 1,
         };
-        let drop_it = |dropped: &mut u64, unknown: &mut bool| {
-            *dropped = dropped.saturating_add(missed);
-            *unknown |= missed == 0;
-        };
-        if dropped > 0 || unknown {
-            let told = if unknown { 0 } else { dropped };
-            match events.try_send(Notification::Lagged(told)) {
-                Ok(()) => (dropped, unknown) = (0, false),
-                Err(_) => return drop_it(&mut dropped, &mut unknown),
-            }
+        let mut l = lock(&lag);
+        // While a count waits to be told, later events are dropped too: the subscriber
+        // learns of the gap before it sees anything after it.
+        if l.telling {
+            return l.add(missed);
         }
-        if events.try_send(note).is_err() {
-            drop_it(&mut dropped, &mut unknown);
+        if let Err(mpsc::error::TrySendError::Full(_)) = events.try_send(note) {
+            l.add(missed);
+            l.telling = true;
+            tokio::spawn(tell_lag(events.clone(), lag.clone()));
         }
     };
     // Buffered: one read takes a reply and whatever else has arrived, instead of a read
@@ -2361,8 +2387,9 @@ mod tests {
     }
 
     /// A subscriber that does not take its events holds at most [`EVENT_QUEUE`] of them;
-    /// the rest are counted and it is told how many it missed before the next event, as
-    /// the daemon tells a connection that reads too slowly. Replies are never held up.
+    /// the rest are counted and it is told how many it missed as soon as it makes room,
+    /// before any later event, as the daemon tells a connection that reads too slowly
+    /// (it used to be told only when another event came). Replies are never held up.
     #[tokio::test]
     async fn a_subscriber_that_falls_behind_is_told_what_it_missed() {
         use crate::protocol::{ClientFrame, Event, EventKind, Outcome, ServerFrame};
@@ -2424,17 +2451,24 @@ mod tests {
         });
         let client = Client::connect(&path).await.unwrap();
         let mut events = client.subscribe().await.unwrap();
-        client.call(Request::Status).await.unwrap();
-        let mut held = 0;
-        while let Ok(Notification::Event(_)) = events.try_recv() {
-            held += 1;
+        // Takes events until the count of those dropped comes, with nothing sent after
+        // the burst: the count must not wait for a later event.
+        async fn until_lagged(events: &mut mpsc::Receiver<Notification>) -> (usize, u64) {
+            let mut held = 0;
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(30), events.recv());
+                match next.await.expect("never told of the dropped events") {
+                    Some(Notification::Event(_)) => held += 1,
+                    Some(Notification::Lagged(n)) => return (held, n),
+                    None => panic!("subscription ended"),
+                }
+            }
         }
+        client.call(Request::Status).await.unwrap();
+        let (held, missed) = until_lagged(&mut events).await;
         assert_eq!(held, EVENT_QUEUE, "held beyond the queue");
+        assert_eq!(missed, (SENT - EVENT_QUEUE) as u64);
         client.call(Request::Status).await.unwrap();
-        match events.recv().await.unwrap() {
-            Notification::Lagged(n) => assert_eq!(n, (SENT - EVENT_QUEUE) as u64),
-            other => panic!("{other:?}"),
-        }
         match events.recv().await.unwrap() {
             Notification::Event(e) => assert_eq!(e.seq, SENT as u64 + 1),
             other => panic!("{other:?}"),
@@ -2442,10 +2476,11 @@ mod tests {
         // Dropped here with kmsd's `lagged 0` among them: told 0, "how many not known",
         // not a count (it used to be lost, then a made-up number).
         client.call(Request::Status).await.unwrap();
-        while let Ok(Notification::Event(_)) = events.try_recv() {}
+        let (held, missed) = until_lagged(&mut events).await;
+        assert_eq!((held, missed), (EVENT_QUEUE, 0));
         client.call(Request::Status).await.unwrap();
         match events.recv().await.unwrap() {
-            Notification::Lagged(n) => assert_eq!(n, 0),
+            Notification::Event(e) => assert_eq!(e.seq, 2 * SENT as u64 + 2),
             other => panic!("{other:?}"),
         }
         drop(client);

@@ -76,7 +76,9 @@ pub fn autostart_refused_in(
     if is_system_socket(socket) && (env.uid != 0 || env.system_service_installed) {
         return Some(NoAutostart::SystemSocket);
     }
-    if env.kms_socket.is_none() && system_socket_exists {
+    // Not where root's own daemon is the one on that socket (no service installed): a
+    // socket file left by its crash would keep it from ever being started again.
+    if env.kms_socket.is_none() && system_socket_exists && !is_system_socket(socket) {
         return Some(NoAutostart::SystemServiceListens);
     }
     None
@@ -224,7 +226,11 @@ mod tests {
             );
         }
         env.system_service_installed = false;
-        assert_eq!(autostart_refused_in(&env, &root_default, false), None);
+        // Root's own daemon, where no service is installed, also over the socket file its
+        // crash left (it was refused as "the system service's socket exists").
+        for exists in [false, true] {
+            assert_eq!(autostart_refused_in(&env, &root_default, exists), None);
+        }
         env.uid = 1000;
         for spelled in [
             "/run/kms/kmsd.sock",

@@ -157,7 +157,7 @@ fn roles_for_a_second_user() {
     assert!(as_other(&d, &["history", "billing"], b"").status.success());
     denied(&as_other(&d, &["encrypt", "billing"], b"x"), "key-user");
 
-    // key-manager on all keys: disable yes, create no, delete-now no.
+    // key-manager on all keys: disable and request deletion yes, create no, delete-now no.
     root_ok(&d, &["grant", "key-manager", "--user", OTHER]);
     let o = as_other(&d, &["disable", "billing"], b"");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -165,6 +165,14 @@ fn roles_for_a_second_user() {
         &as_other(&d, &["create", "mine", "--type", "aes256"], b""),
         "manager",
     );
+    let o = as_other(&d, &["delete", "billing"], b"");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    denied(
+        &as_other(&d, &["delete-now", "billing", "--yes"], b""),
+        "manager",
+    );
+    let o = as_other(&d, &["cancel-deletion", "billing"], b"");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     root_ok(&d, &["enable", "billing"]);
 
     // A group grant covers the group's members.
@@ -291,7 +299,8 @@ fn identity_survives_fd_passing() {
 }
 
 /// `kmsctl watch` (`kmsctl` is the command to run it as) on `d`, its output lines sent
-/// on the channel as they come; returned once its subscription has had time to land.
+/// on the channel as they come; returned once it says on stderr that it is watching
+/// (kmsd has acknowledged the subscription: every later change is seen).
 fn watch_lines(
     d: &TestDaemon,
     mut kmsctl: Command,
@@ -301,7 +310,7 @@ fn watch_lines(
         .arg(&d.socket)
         .arg("watch")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = watch.stdout.take().unwrap();
@@ -314,7 +323,19 @@ fn watch_lines(
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    let mut stderr = BufReader::new(watch.stderr.take().unwrap());
+    let (said_tx, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        let _ = stderr.read_line(&mut first);
+        let _ = said_tx.send(first);
+        // Drained, so that a later message cannot block kmsctl on a full pipe.
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+    });
+    let first = said
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_default();
+    assert!(first.starts_with("watching"), "kmsctl watch said {first:?}");
     (watch, rx)
 }
 

@@ -165,7 +165,7 @@ fn the_started_daemon_gets_none_of_the_clients_service_environment() {
     let pid = status["pid"]
         .as_u64()
         .unwrap_or_else(|| panic!("{status} {stderr}"));
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let environ = std::fs::read(format!("/proc/{pid}/environ"));
     kms_e2e::stop_started_daemon(pid as i32);
     let data = dir.path().join("xdg/kms");
     assert_eq!(status["data_dir"].as_str(), data.to_str(), "{stderr}");
@@ -177,7 +177,13 @@ fn the_started_daemon_gets_none_of_the_clients_service_environment() {
         data.join("root.key").exists(),
         "the daemon took the client service's credential for its root key"
     );
+    let environ = environ.unwrap_or_else(|e| panic!("kmsd's environment: {e}"));
     let environ = String::from_utf8_lossy(&environ);
+    // What it must have inherited: the check below reads the real environment.
+    assert!(
+        environ.split('\0').any(|v| v.starts_with("XDG_DATA_HOME=")),
+        "{environ}"
+    );
     for (name, _) in &service {
         assert!(
             !environ

@@ -160,8 +160,6 @@ fn seed_scenario_with_kmsctl() {
     assert_eq!(first["client"], "kmsctl");
 }
 
-/// Each error kind through kmsctl, with its exit code and `error: <kind>:` on stderr;
-/// the two protocol-level kinds through a raw socket (kmsctl cannot send bad frames).
 /// `disable` and `delete` warn that a key is in use before they act, and only when the
 /// action applies: a second `disable` is refused without a warning first.
 #[test]
@@ -228,6 +226,8 @@ fn usage_errors_follow_json() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
 }
 
+/// Each error kind through kmsctl, with its exit code and `error: <kind>:` on stderr;
+/// the two protocol-level kinds through a raw socket (kmsctl cannot send bad frames).
 #[test]
 fn every_error_kind() {
     let d = TestDaemon::start();

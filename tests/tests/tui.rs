@@ -38,6 +38,25 @@ impl Tmux {
         }
     }
 
+    /// Presses Escape and waits until what it closes (`title`) is gone: a key sent
+    /// before kms-tui has read the Escape would arrive in the same read and be taken as
+    /// Alt-key, however long the pause between the two presses.
+    fn escape_from(&self, title: &str) {
+        self.run(&["send-keys", "-t", "tui", "Escape"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.screen();
+            if !s.contains(title) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Escape did not close {title:?}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn text(&self, text: &str) {
         self.run(&["send-keys", "-t", "tui", "-l", text]);
     }
@@ -159,7 +178,7 @@ fn dashboard_session_in_tmux() {
     let create = s.find("create").unwrap();
     assert!(disable < rotate && rotate < create, "newest first:\n{s}");
     assert!(s.contains("kms-tui") && s.contains("root"), "{s}");
-    t.keys(&["Escape"]);
+    t.escape_from("History of tui-key");
     t.wait_for("2 keys");
 
     // A change made by another client appears without a key press.
@@ -236,14 +255,14 @@ fn dashboard_session_in_tmux() {
     let listed = d.kmsctl(&["grants"], b"");
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(!listed.contains("user root"), "kmsd still has it: {listed}");
-    t.keys(&["Escape"]);
+    t.escape_from("┌ Permissions");
     t.wait_for("3 keys");
 
     // Tokens: none registered on a daemon without dedicated tokens.
     t.keys(&["T"]);
     t.wait_for("HSM tokens");
     t.wait_for("No HSM token is registered");
-    t.keys(&["Escape"]);
+    t.escape_from("┌ HSM tokens");
     t.wait_for("3 keys");
 
     // Quit: the program ends and tmux's pane with it.
@@ -270,7 +289,7 @@ fn hsm_tokens_in_tmux() {
     t.keys(&["Tab", "Tab", "Left"]);
     t.wait_for("dedicated-hsm");
     t.wait_for("no HSM token is registered");
-    t.keys(&["Escape"]);
+    t.escape_from("Create key");
 
     t.keys(&["T"]);
     t.wait_for("No HSM token is registered");
@@ -292,7 +311,7 @@ fn hsm_tokens_in_tmux() {
         .find(|l| l.contains("vault-t"))
         .unwrap();
     assert!(row.contains("tenant-t") && row.contains("root"), "{row}");
-    t.keys(&["Escape"]);
+    t.escape_from("┌ HSM tokens");
 
     // The create form now offers the token.
     t.keys(&["c"]);
@@ -320,7 +339,7 @@ fn hsm_tokens_in_tmux() {
         .find(|l| l.contains("vault-t"))
         .unwrap();
     assert!(row.contains(" 1 "), "one key on it: {row}");
-    t.keys(&["Escape"]);
+    t.escape_from("┌ HSM tokens");
     t.keys(&["q"]);
     t.wait_quit();
 }

@@ -32,7 +32,8 @@ pub struct HistoryArgs {
     /// At most N entries [default: the daemon's, 100]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub limit: Option<u32>,
-    /// Only this action: a kmsctl command name, auto-rotate or purge
+    /// Only this action: a key command's name (create, encrypt, rotate, grant…), auto-rotate
+    /// or purge
     #[arg(long, value_name = "A", hide_possible_values = true, value_parser = choice(&ACTIONS, Action::as_str))]
     pub action: Option<Action>,
     /// Only successful calls, or only refused and failed ones
@@ -74,8 +75,11 @@ pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
 
 /// Prints events as JSON lines (whatever `--json` says: the stream is for programs) until
 /// Ctrl-C. The daemon going away is an error, so a supervising script can reconnect.
+/// Once kmsd has acknowledged the subscription, a line on stderr says so: every change
+/// made after it is printed (a script that acts then waits for it, or misses nothing).
 pub async fn watch(ctx: &mut Ctx) -> CmdResult {
     let mut events = ctx.client.subscribe().await?;
+    eprintln!("watching kmsd's events (Ctrl-C stops)");
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {

@@ -26,7 +26,8 @@ pub enum HsmCommand {
 pub struct AddArgs {
     /// The name keys use to choose the token (3–15 characters)
     pub name: String,
-    /// The PKCS#11 module (a shared library owned by root)
+    /// The PKCS#11 module (a shared library owned by root or kmsd's account, writable by
+    /// no one else, in directories likewise)
     #[arg(long, value_name = "PATH")]
     pub module: PathBuf,
     /// The token's label

@@ -172,7 +172,8 @@ pub enum Command {
     Impact(KeyArg),
     /// A key's history, newest first
     History(history::HistoryArgs),
-    /// Print every daemon event as one JSON line until interrupted
+    /// Print every daemon event as one JSON line until interrupted ("watching" on stderr
+    /// once events are flowing)
     Watch,
     /// Show the daemon's status
     Status,
