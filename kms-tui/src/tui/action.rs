@@ -88,7 +88,8 @@ pub enum Action {
     /// kmsd is being started again (the backoff allowed it).
     StartingDaemon,
     KeysLoaded(Result<Vec<KeyInfo>, String>),
-    /// `Ok(None)`: the daemon no longer knows the key.
+    /// `Ok(None)`: the daemon no longer knows the key, or no longer shows it to this
+    /// account.
     KeyFetched {
         tag: String,
         result: Result<Option<KeyInfo>, String>,

@@ -212,7 +212,16 @@ async fn exec(c: &Client, eff: Effect) -> Option<Action> {
         Effect::GetKey(tag) => {
             let result = match c.get_key(&tag).await {
                 Ok(k) => Ok(Some(k)),
-                Err(e) if e.kind() == Some(ErrorKind::NotFound) => Ok(None),
+                // Refused: this account no longer sees the key (its role was revoked, or
+                // the key was purged, which only managers of all keys see).
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        Some(ErrorKind::NotFound | ErrorKind::PermissionDenied)
+                    ) =>
+                {
+                    Ok(None)
+                }
                 Err(e) => Err(describe(&e)),
             };
             Action::KeyFetched { tag, result }

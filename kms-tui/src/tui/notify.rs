@@ -8,6 +8,11 @@
 //! notes. What does not fit is counted and dropped; whatever queued up while the thread
 //! was busy goes out as one notification. The thread is never joined: quitting does not
 //! wait for D-Bus.
+//!
+//! A session bus is no promise of a notification server (an SSH login often has one
+//! without a desktop): the thread first asks the server what it can do, and stops for
+//! the session if none answers, or after [`GIVE_UP_AFTER`] failures in a row, instead of
+//! trying (and perhaps having D-Bus try to start a server) for every event.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +30,18 @@ pub const QUEUE: usize = 64;
 /// whatever else came meanwhile, as one. A burst (twenty rotations by a script) is then
 /// one notification, not twenty, even when D-Bus answers at once.
 pub const MIN_GAP: Duration = Duration::from_secs(1);
+
+/// Failed notifications in a row after which none is tried again in this session.
+pub const GIVE_UP_AFTER: u32 = 3;
+
+/// What became of one notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    Yes,
+    Failed,
+    /// No notification server answers: nothing more is tried.
+    NoServer,
+}
 
 /// One notification asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +71,7 @@ impl Notifier {
     /// D-Bus session bus is there, else one that does nothing.
     pub fn start() -> Notifier {
         if available() {
-            Notifier::spawn(QUEUE, MIN_GAP, show_desktop)
+            Notifier::spawn(QUEUE, MIN_GAP, desktop())
         } else {
             Notifier::disabled()
         }
@@ -73,7 +90,7 @@ impl Notifier {
     pub fn spawn(
         queue: usize,
         gap: Duration,
-        show: impl FnMut(String, String) + Send + 'static,
+        show: impl FnMut(String, String) -> Shown + Send + 'static,
     ) -> Notifier {
         let (tx, rx) = mpsc::sync_channel(queue);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -106,32 +123,67 @@ impl Notifier {
     }
 }
 
-/// Shows one desktop notification; blocks for as long as D-Bus takes. A failure is
-/// ignored: the event is on the message line already.
+/// Shows desktop notifications; each call blocks for as long as D-Bus takes. The first
+/// asks the server for its capabilities: none answering is [`Shown::NoServer`], and a
+/// server that reads markup in bodies gets the body escaped (account names and token
+/// errors are free text: `<b>` or a stray `&` would be taken as markup).
 #[cfg(feature = "desktop-notifications")]
-fn show_desktop(summary: String, body: String) {
-    let _ = notify_rust::Notification::new()
-        .appname(s::NOTIFY_APP)
-        .summary(&summary)
-        .body(&body)
-        .show();
+fn desktop() -> impl FnMut(String, String) -> Shown {
+    let mut markup: Option<bool> = None;
+    move |summary, body| {
+        let markup = match markup {
+            Some(m) => m,
+            None => match notify_rust::get_capabilities() {
+                Ok(caps) => *markup.insert(caps.iter().any(|c| c == "body-markup")),
+                Err(_) => return Shown::NoServer,
+            },
+        };
+        let body = if markup { escape_markup(&body) } else { body };
+        let shown = notify_rust::Notification::new()
+            .appname(s::NOTIFY_APP)
+            .summary(&summary)
+            .body(&body)
+            .show();
+        if shown.is_ok() {
+            Shown::Yes
+        } else {
+            Shown::Failed
+        }
+    }
 }
 
 /// Without the feature [`available`] is false and nothing is ever shown.
 #[cfg(not(feature = "desktop-notifications"))]
-fn show_desktop(summary: String, body: String) {
-    let _ = (summary, body);
+fn desktop() -> impl FnMut(String, String) -> Shown {
+    |_, _| Shown::NoServer
+}
+
+/// `text` as the notification spec's body markup shows it literally.
+pub fn escape_markup(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The notifier thread: waits for a note, and for `gap` to have passed since the last
 /// notification, takes everything queued by then, shows one notification for the lot.
+/// Ends when no server answers or after [`GIVE_UP_AFTER`] failures in a row; later notes
+/// then find the queue closed and are dropped where they are sent.
 fn run(
     rx: &Receiver<Note>,
     dropped: &AtomicU64,
     gap: Duration,
-    mut show: impl FnMut(String, String),
+    mut show: impl FnMut(String, String) -> Shown,
 ) {
     let mut last: Option<Instant> = None;
+    let mut failed = 0;
     while let Ok(first) = rx.recv() {
         if let Some(wait) = last.and_then(|t| gap.checked_sub(t.elapsed())) {
             std::thread::sleep(wait);
@@ -140,7 +192,14 @@ fn run(
         batch.extend(rx.try_iter());
         let lost = dropped.swap(0, Ordering::Relaxed);
         let (summary, body) = coalesce(batch, lost);
-        show(summary, body);
+        match show(summary, body) {
+            Shown::Yes => failed = 0,
+            Shown::Failed => failed += 1,
+            Shown::NoServer => return,
+        }
+        if failed >= GIVE_UP_AFTER {
+            return;
+        }
         last = Some(Instant::now());
     }
 }
@@ -220,6 +279,7 @@ mod tests {
                 .unwrap();
             // The "D-Bus" answers only when the test says so.
             let _ = gate.recv();
+            Shown::Yes
         });
         notifier.send(note(EventKind::Rotated, "kms: first"));
         let wait = Duration::from_secs(10);
@@ -257,6 +317,7 @@ mod tests {
         let (shown_tx, shown) = mpsc::channel();
         let notifier = Notifier::spawn(64, Duration::from_secs(2), move |summary, _| {
             shown_tx.send(summary).unwrap();
+            Shown::Yes
         });
         // A script's pace (~0.1 s in all), not all at once: without the gap the thread
         // shows each before the next comes.
@@ -281,6 +342,57 @@ mod tests {
             notifications <= 2,
             "{notifications} notifications for one burst"
         );
+    }
+
+    /// No server answering ends the thread at the first note; failures end it after
+    /// [`GIVE_UP_AFTER`] in a row (a success in between starts the count again). Every
+    /// event used to be tried, each perhaps with D-Bus starting a server that cannot run.
+    #[test]
+    fn a_missing_or_failing_server_is_given_up() {
+        for (answers, tried) in [
+            (vec![Shown::NoServer], 1),
+            (vec![Shown::Failed; 3], 3),
+            (
+                vec![
+                    Shown::Failed,
+                    Shown::Yes,
+                    Shown::Failed,
+                    Shown::Failed,
+                    Shown::Failed,
+                ],
+                5,
+            ),
+        ] {
+            let (tried_tx, tried_rx) = mpsc::channel();
+            let mut answers_left = answers.clone().into_iter();
+            let notifier = Notifier::spawn(64, Duration::ZERO, move |summary, _| {
+                tried_tx.send(summary).unwrap();
+                answers_left.next().unwrap_or(Shown::Yes)
+            });
+            // One at a time, each taken before the next is sent: one try each.
+            let mut seen = 0;
+            for i in 0..8 {
+                notifier.send(note(EventKind::Rotated, &format!("n{i}")));
+                match tried_rx.recv_timeout(Duration::from_millis(if i < tried {
+                    10_000
+                } else {
+                    300
+                })) {
+                    Ok(_) => seen += 1,
+                    Err(_) => break,
+                }
+            }
+            assert_eq!(seen, tried, "{answers:?}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_escaped_for_markup() {
+        assert_eq!(
+            escape_markup("by <b>eve</b> & co"),
+            "by &lt;b&gt;eve&lt;/b&gt; &amp; co"
+        );
+        assert_eq!(escape_markup("plain"), "plain");
     }
 
     /// Without a session bus nothing is queued and no thread waits on anything.

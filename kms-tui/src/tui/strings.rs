@@ -675,6 +675,15 @@ pub fn connected_message(daemon_version: &str) -> String {
     format!("connected to kmsd {daemon_version}")
 }
 
+/// A reconnect: what changed meanwhile raised no event here (no message, no desktop
+/// notification); the list and the view are read again.
+pub fn reconnected_message(daemon_version: &str) -> String {
+    format!(
+        "connected to kmsd {daemon_version} again; changes made while disconnected were \
+         not announced here: the key list is read again"
+    )
+}
+
 /// A reconnect reached a daemon serving another store (another kmsd was started on the
 /// socket, with another data directory): the keys shown now are not the same keys.
 pub fn another_store_message(daemon_version: &str, data_dir: &str, was: &str) -> String {

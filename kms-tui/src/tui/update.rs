@@ -108,6 +108,9 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                 (Some(was), Some(now)) if was != now => {
                     app.error(s::another_store_message(&daemon_version, now, was));
                 }
+                _ if matches!(app.conn, super::app::Conn::Disconnected { .. }) => {
+                    app.info(s::reconnected_message(&daemon_version))
+                }
                 _ => app.info(s::connected_message(&daemon_version)),
             }
             if data_dir.is_some() {
@@ -1055,7 +1058,14 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
         }
     }
     match e.kind {
-        EventKind::PermissionChanged => admin::reload_grants(app, fx),
+        EventKind::PermissionChanged => {
+            admin::reload_grants(app, fx);
+            // A grant or revoke for all keys changes which keys this account sees (one
+            // on a key is read again above).
+            if e.key_tag.is_none() {
+                fx.push(Effect::LoadKeys);
+            }
+        }
         // A key created on or purged from a token changes its key count.
         EventKind::Created | EventKind::Purged if matches!(app.screen, Screen::Tokens(_)) => {
             admin::load_tokens(app, fx);

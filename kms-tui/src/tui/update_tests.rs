@@ -1720,6 +1720,25 @@ fn permission_event_reloads_the_grants() {
     assert!(!fx.contains(&Effect::LoadGrants), "{fx:?}");
 }
 
+/// A grant or revoke for all keys changes which keys this account sees: the list is read
+/// again (it kept keys whose role was revoked until the next full reload). One on a key
+/// reads that key again, which a revoked account is refused and drops.
+#[test]
+fn permission_event_for_all_keys_reloads_the_list() {
+    let mut a = app();
+    let fx = update(&mut a, Action::DaemonEvent(permission_event()));
+    assert!(fx.contains(&Effect::LoadKeys), "{fx:?}");
+    let k = select(&mut a, "payments");
+    let on_key = Event {
+        key_tag: Some(k.tag.clone()),
+        key_name: Some(k.name.clone()),
+        ..permission_event()
+    };
+    let fx = update(&mut a, Action::DaemonEvent(on_key));
+    assert!(fx.contains(&Effect::GetKey(k.tag.clone())), "{fx:?}");
+    assert!(!fx.contains(&Effect::LoadKeys), "{fx:?}");
+}
+
 /// A reconnect re-reads the open view: grants, or tokens.
 #[test]
 fn reconnect_reloads_grants_and_tokens() {
@@ -1733,6 +1752,9 @@ fn reconnect_reloads_grants_and_tokens() {
         update(&mut a, connected()),
         [Effect::LoadKeys, Effect::LoadGrants]
     );
+    // Events of the time away were not seen: the message says so.
+    let said = &a.message.as_ref().unwrap().text;
+    assert!(said.contains("while disconnected"), "{said}");
     update(&mut a, code(KeyCode::Esc));
     update(&mut a, ch('T'));
     update(&mut a, lost());
