@@ -6,6 +6,7 @@
 //! - [`ciphertext`]: the `ncpkms:v{N}:` format (parse and format only, no crypto);
 //! - [`paths`]: where the socket and the data live;
 //! - [`secret`]: plaintexts and data keys, wiped when dropped;
+//! - [`text`]: the daemon's free text made safe for a terminal;
 //! - [`client`]: the async client library.
 
 pub mod ciphertext;
@@ -15,3 +16,4 @@ pub mod model;
 pub mod paths;
 pub mod protocol;
 pub mod secret;
+pub mod text;

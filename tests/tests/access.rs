@@ -606,3 +606,77 @@ fn status_counts_what_the_caller_may_see() {
     assert_eq!(widened["keys"], 3, "{widened}");
     assert_eq!(widened["next_due_at"], all["next_due_at"], "{widened}");
 }
+
+/// `kmsctl watch` whose reader pauses longer than kmsd waits on a connection that stopped
+/// reading (`idle_timeout_secs = 1` here; 300 s by default): kmsctl goes on reading the
+/// socket, and the reader learns what was dropped (`lagged`) when it reads again, then
+/// sees later events. kmsctl used to write from the only thread of its runtime, so a
+/// paused reader stopped the socket's reading too, and kmsd closed the connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_outlasts_a_reader_that_pauses() {
+    let d = TestDaemon::start_with(DaemonOptions {
+        config: Some("idle_timeout_secs = 1\n".into()),
+        ..DaemonOptions::default()
+    });
+    root_ok(&d, &["create", "paused", "--type", "aes256"]);
+    let mut watch = Command::new(kms_e2e::bin("kmsctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    BufReader::new(watch.stderr.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert!(said.starts_with("watching"), "{said}");
+    // Far more events than the pipe, kmsctl's queues and the socket hold, nobody reading.
+    let c = std::sync::Arc::new(d.client().await);
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in 0..200 {
+                    c.set_memo("paused", &format!("{w}-{i}")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Past kmsd's wait for a connection that does not read, several times over.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(watch.try_wait().unwrap().is_none(), "kmsctl watch ended");
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no more lines before {what}"))
+    };
+    let mut lagged = None;
+    while lagged.is_none() {
+        let v: serde_json::Value = serde_json::from_str(&next("lagged")).unwrap();
+        lagged = v["lagged"].as_u64();
+    }
+    assert!(lagged.unwrap() > 0, "{lagged:?}");
+    root_ok(&d, &["rotate", "paused"]);
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&next("the rotation")).unwrap();
+        if v["kind"] == "rotated" {
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+}

@@ -80,25 +80,48 @@ pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
 pub async fn watch(ctx: &mut Ctx) -> CmdResult {
     let mut events = ctx.client.subscribe().await?;
     eprintln!("watching kmsd's events (Ctrl-C stops)");
+    // Lines are written by a thread of their own. A reader that pauses (`| less`, a
+    // script busy elsewhere) blocks that thread, not this runtime, whose other task keeps
+    // reading kmsd's socket: events then wait in the client library and, past its bound,
+    // are counted and printed as `{"lagged": N}`. Written from here, a pause of over
+    // 5 minutes stopped the reading, and kmsd gave up on the connection.
+    let (lines, mut to_write) = tokio::sync::mpsc::channel::<serde_json::Value>(WATCH_LINES);
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut out = crate::ctl::output::Printer::new(true);
+        while let Some(line) = to_write.blocking_recv() {
+            out.json_line(&line)?;
+        }
+        Ok(())
+    });
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    loop {
+    let ended = loop {
         let line = tokio::select! {
-            r = &mut ctrl_c => {
-                r?;
-                return Ok(0);
-            }
+            r = &mut ctrl_c => break r.map(|()| 0).map_err(CtlError::from),
             n = events.recv() => match n {
                 Some(Notification::Event(e)) => to_json(event_record(&e)),
                 Some(Notification::Lagged(missed)) => json!({ "lagged": missed }),
                 // What a newer client library may add: not this version's to print.
                 Some(_) => continue,
-                None => return Err(CtlError::Connect("connection to kmsd closed".into())),
+                None => break Err(CtlError::Connect("connection to kmsd closed".into())),
             },
         };
-        ctx.out.json_line(&line)?;
+        // Refused: the writer stopped on an error, which is reported below.
+        if lines.send(line).await.is_err() {
+            break Ok(0);
+        }
+    };
+    // The lines queued before the end go out first, and a write error is the result.
+    drop(lines);
+    match writer.join() {
+        Ok(written) => written?,
+        Err(_) => return Err(CtlError::Io("the thread writing events panicked".into())),
     }
+    ended
 }
+
+/// Lines waiting for the writer thread of `watch`, beyond the client library's own queue.
+const WATCH_LINES: usize = 256;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -210,28 +210,7 @@ pub fn list_json<T>(items: &[T], record: fn(&T) -> Record) -> Value {
     Value::Array(items.iter().map(|i| to_json(record(i))).collect())
 }
 
-/// Text from the daemon made safe for a terminal: control characters (an escape sequence
-/// could rewrite the screen, a carriage return hide a history entry) and the Unicode
-/// controls that reorder text are shown escaped (`\u{1b}`), everything else as it is.
-/// History holds program names, which any local process chooses for itself.
-pub fn printable(s: &str) -> String {
-    if !s.chars().any(needs_escape) {
-        return s.to_owned();
-    }
-    s.chars()
-        .map(|c| {
-            if needs_escape(c) {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
-fn needs_escape(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
+pub use kms_shared::text::printable;
 
 /// A JSON value as a table cell or a `field: value` value: strings unquoted, null and the
 /// empty string (a key without memo) as `-`.

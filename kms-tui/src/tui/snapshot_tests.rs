@@ -981,3 +981,25 @@ fn narrow_screens_drop_whole_columns() {
         }
     }
 }
+
+/// The controls that reorder text never reach the terminal, wherever free text is drawn:
+/// a memo in the list and the details, a message. ratatui wrote them (zero-width, added
+/// to the cell before), so a memo could make the row around it read backwards.
+#[test]
+fn text_reordering_controls_are_not_drawn() {
+    use kms_shared::text::reorders_text;
+    for size in SIZES {
+        let mut a = app(size, "payments");
+        let i = a.keys.iter().position(|k| k.name == "payments").unwrap();
+        a.keys[i].memo = "card \u{202e}kot\u{2066} x\u{200f}".into();
+        a.set_message(super::app::MsgKind::Event, "rotated by \u{202e}eve\u{202c}");
+        let (w, h) = a.size;
+        let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| ui::draw(f, &a)).unwrap();
+        let buf = t.backend().buffer();
+        let drawn: String = buf.content.iter().map(|c| c.symbol()).collect();
+        assert!(drawn.contains("kot"), "the memo is drawn: {drawn}");
+        assert!(drawn.contains("eve"), "the message is drawn: {drawn}");
+        assert!(!drawn.chars().any(reorders_text), "{size:?}: {drawn:?}");
+    }
+}

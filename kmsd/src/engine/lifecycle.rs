@@ -398,10 +398,11 @@ impl Engine {
         }
         if !purged_grants.is_empty() {
             // Announced while the grants are still in force, so that their holders learn
-            // of it (see `Published`).
+            // of it (see `Published`). How many there were is for managers of all keys
+            // (`list_grants`), not for everyone with a role on the key: the log has it.
+            tracing::info!(key = %entry.rec.tag, grants = purged_grants.len(), "grants removed with the key's purge");
             let message = format!(
-                "{} grant(s) on key {} removed with its purge",
-                purged_grants.len(),
+                "the grants on key {} were removed with its purge",
                 entry.rec.name
             );
             self.publish(EventKind::PermissionChanged, &entry, None, caller, message);

@@ -61,6 +61,24 @@ pub fn draw(f: &mut Frame, app: &App) {
         Some(Popup::Ask(q)) => ask::render(f, area, q),
         Some(Popup::Message(m)) => message::render_popup(f, area, m),
     }
+    drop_reordering(f.buffer_mut());
+}
+
+/// Takes the Unicode controls that reorder text out of everything drawn. ratatui drops
+/// control characters but writes these (zero-width, each added to the cell before it),
+/// and free text reaches the screen in many places: memos, the program and account names
+/// in history (any local process names itself), event messages. A process named with
+/// U+202E would make its history row read backwards.
+fn drop_reordering(buf: &mut ratatui::buffer::Buffer) {
+    use kms_shared::text::reorders_text;
+    for cell in &mut buf.content {
+        let symbol = cell.symbol();
+        if symbol.is_ascii() || !symbol.chars().any(reorders_text) {
+            continue;
+        }
+        let kept: String = symbol.chars().filter(|c| !reorders_text(*c)).collect();
+        cell.set_symbol(if kept.is_empty() { " " } else { &kept });
+    }
 }
 
 /// Greedy word wrap for the pop-ups' prose (whose height must be known before drawing).
