@@ -18,7 +18,12 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// number; entries are removed only when over it).
 const CAP_EVERY: Duration = Duration::from_secs(60);
 
-pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
+pub async fn run(engine: Arc<Engine>, shutdown: Shutdown) {
+    run_telling(engine, shutdown, || {}).await;
+}
+
+/// [`run`], calling `asleep` each time it goes to sleep (tests wait for it).
+async fn run_telling(engine: Arc<Engine>, mut shutdown: Shutdown, asleep: impl Fn()) {
     let wake = engine.due_changed();
     let mut last_prune: Option<tokio::time::Instant> = None;
     let mut last_cap: Option<tokio::time::Instant> = None;
@@ -71,6 +76,7 @@ pub async fn run(engine: Arc<Engine>, mut shutdown: Shutdown) {
             }
             None => MAX_SLEEP,
         };
+        asleep();
         // A stop first: each rotation of a pass leaves a wake-up behind, which would
         // otherwise win half the time and start another pass.
         tokio::select! {
@@ -106,9 +112,18 @@ mod tests {
         };
         tokio::task::block_in_place(|| engine.create_key(&root, &spec).unwrap());
         let trigger = crate::shutdown::ShutdownTrigger::new();
-        let task = tokio::spawn(run(engine.clone(), trigger.handle()));
-        // The first pass finds nothing due and the scheduler sleeps.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sleeps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = sleeps.clone();
+        let asleep = move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        };
+        let task = tokio::spawn(run_telling(engine.clone(), trigger.handle(), asleep));
+        // The first pass finds nothing due and the scheduler sleeps (up to a minute).
+        let started = std::time::Instant::now();
+        while sleeps.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(20), "never slept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         clock.advance(10 * DAY_MS);
         tokio::task::block_in_place(|| engine.set_rotation(&root, "wakes", true, Some(5)).unwrap());
         let started = std::time::Instant::now();

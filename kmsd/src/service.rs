@@ -1059,6 +1059,9 @@ const TOKEN_THREADS: usize = crate::hsm::token::SESSIONS;
 struct PoolShares {
     per_account: usize,
     accounts: Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Semaphore>>>,
+    /// Tests: calls in [`PoolShares::acquire`].
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl PoolShares {
@@ -1066,6 +1069,8 @@ impl PoolShares {
         PoolShares {
             per_account,
             accounts: Mutex::default(),
+            #[cfg(test)]
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -1088,7 +1093,12 @@ impl PoolShares {
     /// nothing does: the work then goes ahead unbudgeted.)
     async fn acquire(&self, uid: u32, work: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let n = u32::try_from(work.clamp(1, self.per_account)).unwrap_or(u32::MAX);
-        self.budget(uid).acquire_many_owned(n).await.ok()
+        #[cfg(test)]
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let permit = self.budget(uid).acquire_many_owned(n).await.ok();
+        #[cfg(test)]
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        permit
     }
 }
 
@@ -1187,7 +1197,12 @@ mod tests {
             };
             s.handle(&u, Request::History(query)).await
         });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let waiting =
+            |shares: &super::PoolShares| shares.waiting.load(std::sync::atomic::Ordering::SeqCst);
+        until("both wait for their turns", || {
+            waiting(&service.pool_shares) == 1 && waiting(&service.scan_turns) == 1
+        })
+        .await;
         assert!(!waiting_batch.is_finished() && !waiting_history.is_finished());
         for role in [Role::KeyUser, Role::KeyReviewer] {
             blocking(|| engine.revoke(&admin, &grant(role)).unwrap());
@@ -1237,6 +1252,15 @@ mod tests {
         (dir, engine, admin, user)
     }
 
+    /// Waits until `reached` (a point a spawned call has got to), for at most 30 s.
+    async fn until(what: &str, reached: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !reached() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     fn grant_to_nobody(role: kms_shared::model::Role) -> kms_shared::protocol::GrantSpec {
         kms_shared::protocol::GrantSpec {
             role,
@@ -1272,7 +1296,7 @@ mod tests {
             s.handle(&a, Request::Revoke(grant_to_nobody(Role::Manager)))
                 .await
         });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        until("the revoke holds the gate", || engine.gate_state().0).await;
         // Meanwhile the manager grants itself the role again, and rotates.
         let (s, u) = (service.clone(), user.clone());
         let regrant = tokio::spawn(async move {
@@ -1289,9 +1313,7 @@ mod tests {
             )
             .await
         });
-        // Not a timing assertion: time for both to reach whatever they wait on. Had they
-        // not reached it, they would be refused without showing anything; never wrongly.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        until("both wait at the gate", || engine.gate_state() == (true, 2)).await;
         engine.hold_commits(false);
         revoke.await.unwrap().unwrap();
         for (what, waited) in [

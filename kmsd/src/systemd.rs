@@ -342,6 +342,14 @@ pub fn notify_failed(message: &str) {
     notify(&[NotifyState::Status(&status)]);
 }
 
+/// How often the notifier wakes: at half the watchdog interval (systemd's advice), at
+/// most every 10 ms; every 30 s without a watchdog (for the `STATUS=` line).
+fn notify_period(watchdog: Option<Duration>) -> Duration {
+    watchdog.map_or(Duration::from_secs(30), |w| {
+        (w / 2).max(Duration::from_millis(10))
+    })
+}
+
 /// While the daemon runs under a service manager: `WATCHDOG=1` at half the watchdog
 /// interval (if `WATCHDOG_USEC` names this process) and a fresh `STATUS=` line when the
 /// number of keys changes. The ping comes from the runtime and reads the keyring, so a
@@ -351,9 +359,7 @@ pub fn spawn_notifier(engine: Arc<Engine>, socket: PathBuf, mut shutdown: Shutdo
         return;
     }
     let watchdog = sd_notify::watchdog_enabled();
-    let period = watchdog.map_or(Duration::from_secs(30), |w| {
-        (w / 2).max(Duration::from_millis(10))
-    });
+    let period = notify_period(watchdog);
     if let Some(w) = watchdog {
         tracing::info!(
             interval_ms = w.as_millis() as u64,
@@ -468,6 +474,17 @@ fn lock_memory() -> MemoryLock {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The watchdog is pinged at half its interval (systemd restarts a service that
+    /// misses the whole interval), never more often than every 10 ms.
+    #[test]
+    fn the_watchdog_is_pinged_at_half_its_interval() {
+        let ms = Duration::from_millis;
+        assert_eq!(notify_period(Some(ms(30_000))), ms(15_000));
+        assert_eq!(notify_period(Some(ms(201))), Duration::from_micros(100_500));
+        assert_eq!(notify_period(Some(ms(4))), ms(10));
+        assert_eq!(notify_period(None), ms(30_000));
+    }
 
     /// Without LISTEN_PID naming this process nothing is claimed, and claiming twice is harmless.
     #[test]

@@ -14,8 +14,13 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 
 /// Serves one connection: the handshake, then every `history` request with an empty
-/// page resuming where `resume` says, given the request's `before_seq`.
-fn stand_in(listener: UnixListener, resume: fn(Option<u64>) -> Option<u64>) {
+/// page resuming where `resume` says, given the request's `before_seq`, which it sends
+/// on `asked` (before answering).
+fn stand_in(
+    listener: UnixListener,
+    resume: fn(Option<u64>) -> Option<u64>,
+    asked: std::sync::mpsc::Sender<Option<u64>>,
+) {
     let (mut s, _) = listener.accept().unwrap();
     loop {
         let mut len = [0u8; 4];
@@ -31,10 +36,13 @@ fn stand_in(listener: UnixListener, resume: fn(Option<u64>) -> Option<u64>) {
                 daemon_version: "stand-in".into(),
                 max_frame: None,
             },
-            Request::History(q) => Response::History {
-                entries: Vec::new(),
-                resume_before_seq: resume(q.before_seq),
-            },
+            Request::History(q) => {
+                asked.send(q.before_seq).unwrap();
+                Response::History {
+                    entries: Vec::new(),
+                    resume_before_seq: resume(q.before_seq),
+                }
+            }
             other => panic!("unexpected {other:?}"),
         };
         let out = ServerFrame::Reply {
@@ -46,7 +54,11 @@ fn stand_in(listener: UnixListener, resume: fn(Option<u64>) -> Option<u64>) {
     }
 }
 
-async fn history_from(resume: fn(Option<u64>) -> Option<u64>) -> Result<usize, ClientError> {
+/// The client's `history` against [`stand_in`]: its result, and the `before_seq` of
+/// each request it sent.
+async fn history_from(
+    resume: fn(Option<u64>) -> Option<u64>,
+) -> (Result<usize, ClientError>, Vec<Option<u64>>) {
     static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("kms-client-history-{}-{n}", std::process::id()));
@@ -55,7 +67,8 @@ async fn history_from(resume: fn(Option<u64>) -> Option<u64>) -> Result<usize, C
     let path = dir.join("s.sock");
     let listener = UnixListener::bind(&path).unwrap();
     // Ends when the client's connection closes.
-    std::thread::spawn(move || stand_in(listener, resume));
+    let (asked, told) = std::sync::mpsc::channel();
+    std::thread::spawn(move || stand_in(listener, resume, asked));
     let client = Client::connect(&path).await.unwrap();
     let got = client
         .history(HistoryQuery {
@@ -64,8 +77,10 @@ async fn history_from(resume: fn(Option<u64>) -> Option<u64>) -> Result<usize, C
         })
         .await
         .map(|entries| entries.len());
+    // Every request was answered, so sent on the channel, before the call returned.
+    let asked = told.try_iter().collect();
     std::fs::remove_dir_all(&dir).unwrap();
-    got
+    (got, asked)
 }
 
 #[tokio::test]
@@ -76,9 +91,13 @@ async fn resume_points_are_followed_and_must_make_progress() {
         Some(s) if s > 100 => Some(s - 100),
         Some(_) => None,
     };
-    assert_eq!(history_from(down).await.unwrap(), 0);
+    let (got, asked) = history_from(down).await;
+    assert_eq!(got.unwrap(), 0);
+    assert_eq!(asked, [None, Some(300), Some(200), Some(100)]);
     // The same point again: no progress, an error instead of a loop.
     let stuck = |before: Option<u64>| Some(before.unwrap_or(300));
-    let err = history_from(stuck).await.unwrap_err();
+    let (got, asked) = history_from(stuck).await;
+    let err = got.unwrap_err();
     assert!(matches!(err, ClientError::Unexpected(_)), "{err}");
+    assert_eq!(asked, [None, Some(300)]);
 }

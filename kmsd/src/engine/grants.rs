@@ -23,6 +23,8 @@ impl Engine {
     /// check, then waited for a key's lock held by a revoke, ran after the revoke was
     /// acknowledged — a `grant` among them, giving the revoked role back.
     pub fn grants_in_force(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        #[cfg(test)]
+        let _waiting = GateWaiter::new(&self.gate_waiting);
         self.grants_gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -30,7 +32,21 @@ impl Engine {
     /// is published: it waits for the changes begun under the grants as they were, and
     /// holds back those not yet checked, which are then checked against the new grants.
     pub fn grants_changing(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        #[cfg(test)]
+        let _waiting = GateWaiter::new(&self.gate_waiting);
         self.grants_gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tests: whether a grant change holds the gate, and how many callers wait for it
+    /// (so that a test knows its calls have reached the gate, without sleeping).
+    #[cfg(test)]
+    pub(crate) fn gate_state(&self) -> (bool, usize) {
+        let changing = matches!(
+            self.grants_gate.try_read(),
+            Err(std::sync::TryLockError::WouldBlock)
+        );
+        let waiting = self.gate_waiting.load(std::sync::atomic::Ordering::SeqCst);
+        (changing, waiting)
     }
 
     /// The principal a spec names, and the uid or gid its name has now.
@@ -301,5 +317,24 @@ fn principal_id(principal: &Principal) -> Option<u32> {
     match principal {
         Principal::User(u) => uzers::get_user_by_name(u).map(|u| u.uid()),
         Principal::Group(g) => uzers::get_group_by_name(g).map(|g| g.gid()),
+    }
+}
+
+/// Tests: counts a caller as waiting for the grants gate while it lives.
+#[cfg(test)]
+struct GateWaiter<'a>(&'a std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl<'a> GateWaiter<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        GateWaiter(count)
+    }
+}
+
+#[cfg(test)]
+impl Drop for GateWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -292,6 +292,9 @@ pub struct Engine {
     /// Orders changes made under a manager's role against grant changes: see
     /// [`Engine::grants_in_force`].
     grants_gate: RwLock<()>,
+    /// Tests: callers waiting for `grants_gate`.
+    #[cfg(test)]
+    gate_waiting: std::sync::atomic::AtomicUsize,
     /// The highest grant id ever given (ids are never reused; see the store's meta).
     last_grant_id: AtomicU64,
     /// The daemon's PKCS#11 token and the dedicated ones managers registered.
@@ -425,6 +428,8 @@ impl Engine {
             refusals: refusals::Refusals::default(),
             grants: RwLock::new(Arc::new(grants)),
             grants_gate: RwLock::new(()),
+            #[cfg(test)]
+            gate_waiting: std::sync::atomic::AtomicUsize::new(0),
             last_grant_id: AtomicU64::new(last_grant_id),
             hsm,
         })

@@ -173,8 +173,18 @@ mod tests {
 
         // Same size, same bytes length, written again: the change time moved.
         CleanStop::record(&store, now).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        std::fs::write(&store, b"PAGES").unwrap();
+        // Written until the change time moves: file times come from the kernel's coarse
+        // clock (a tick of up to 10 ms), so one write a few ms later may keep it.
+        let changed = || {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&store).unwrap();
+            (m.ctime(), m.ctime_nsec())
+        };
+        let recorded = changed();
+        while changed() == recorded {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            std::fs::write(&store, b"PAGES").unwrap();
+        }
         let rec = CleanStop::take(&store);
         assert_eq!(
             CleanStop::matches(rec.as_ref(), &store, now),
