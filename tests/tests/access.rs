@@ -680,3 +680,44 @@ async fn watch_outlasts_a_reader_that_pauses() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+/// `kmsctl watch | head -n1`: once the reader is gone, watch ends at once (exit 0, as on
+/// any closed pipe), not at the next event, which on a quiet daemon may never come.
+#[test]
+fn watch_ends_when_its_reader_goes() {
+    let d = TestDaemon::start();
+    let mut watch = Command::new(kms_e2e::bin("kmsctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    BufReader::new(watch.stderr.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert!(said.starts_with("watching"), "{said}");
+    root_ok(&d, &["create", "once", "--type", "aes256"]);
+    let mut stdout = BufReader::new(watch.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"created\""), "{first}");
+    // `head` exits: the pipe's read end closes. A second event makes the write fail; the
+    // writer then ends, and watch with it, with no third event.
+    drop(stdout);
+    root_ok(&d, &["rotate", "once"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("kmsctl watch kept running with its reader gone");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}

@@ -177,7 +177,16 @@ fn the_started_daemon_gets_none_of_the_clients_service_environment() {
         data.join("root.key").exists(),
         "the daemon took the client service's credential for its root key"
     );
-    let environ = environ.unwrap_or_else(|e| panic!("kmsd's environment: {e}"));
+    let environ = match environ {
+        Ok(environ) => environ,
+        // kmsd is not dumpable: only CAP_SYS_PTRACE reads its environment (root in CI;
+        // not an unprivileged run, nor a container without that capability).
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("not checked: kmsd's environment cannot be read here ({e})");
+            return;
+        }
+        Err(e) => panic!("kmsd's environment: {e}"),
+    };
     let environ = String::from_utf8_lossy(&environ);
     // What it must have inherited: the check below reads the real environment.
     assert!(

@@ -79,6 +79,9 @@ pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
 /// made after it is printed (a script that acts then waits for it, or misses nothing).
 pub async fn watch(ctx: &mut Ctx) -> CmdResult {
     let mut events = ctx.client.subscribe().await?;
+    // Registered before the line that says it is watching: a script that waits for the
+    // line and then interrupts gets the clean exit, not death by the signal.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     eprintln!("watching kmsd's events (Ctrl-C stops)");
     // Lines are written by a thread of their own. A reader that pauses (`| less`, a
     // script busy elsewhere) blocks that thread, not this runtime, whose other task keeps
@@ -93,11 +96,12 @@ pub async fn watch(ctx: &mut Ctx) -> CmdResult {
         }
         Ok(())
     });
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     let ended = loop {
         let line = tokio::select! {
-            r = &mut ctrl_c => break r.map(|()| 0).map_err(CtlError::from),
+            _ = interrupt.recv() => break Ok(0),
+            // The writer stopped (a closed pipe: `| head -n1`), without waiting for
+            // another event to find it out.
+            () = lines.closed() => break Ok(0),
             n = events.recv() => match n {
                 Some(Notification::Event(e)) => to_json(event_record(&e)),
                 Some(Notification::Lagged(missed)) => json!({ "lagged": missed }),

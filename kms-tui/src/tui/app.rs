@@ -741,6 +741,9 @@ pub struct App {
     /// The data directory of the daemon last connected to: a reconnect to a daemon
     /// serving another one is said, not shown silently as the same keys.
     pub data_dir: Option<String>,
+    /// Connected once already: a connection now is a reconnect, after which changes
+    /// made meanwhile were not announced.
+    pub was_connected: bool,
     pub should_quit: bool,
 }
 
@@ -762,6 +765,7 @@ impl App {
             message: None,
             hsm_tokens: HsmTokens::default(),
             data_dir: None,
+            was_connected: false,
             should_quit: false,
         }
     }

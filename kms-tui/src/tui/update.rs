@@ -108,15 +108,14 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                 (Some(was), Some(now)) if was != now => {
                     app.error(s::another_store_message(&daemon_version, now, was));
                 }
-                _ if matches!(app.conn, super::app::Conn::Disconnected { .. }) => {
-                    app.info(s::reconnected_message(&daemon_version))
-                }
+                _ if app.was_connected => app.info(s::reconnected_message(&daemon_version)),
                 _ => app.info(s::connected_message(&daemon_version)),
             }
             if data_dir.is_some() {
                 app.data_dir = data_dir;
             }
             app.conn = super::app::Conn::Connected { daemon_version };
+            app.was_connected = true;
             fx.push(Effect::LoadKeys);
             reload_view(app, fx);
         }
@@ -1027,7 +1026,10 @@ fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
 fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
     app.set_message(MsgKind::Event, s::event_line(&e));
     if let Some(tag) = &e.key_tag {
-        fx.push(Effect::GetKey(tag.clone()));
+        // A permission change reloads the whole list (below).
+        if e.kind != EventKind::PermissionChanged {
+            fx.push(Effect::GetKey(tag.clone()));
+        }
         if let Screen::Versions(v) = &app.screen
             && &v.tag == tag
             && matches!(
@@ -1060,11 +1062,10 @@ fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
     match e.kind {
         EventKind::PermissionChanged => {
             admin::reload_grants(app, fx);
-            // A grant or revoke for all keys changes which keys this account sees (one
-            // on a key is read again above).
-            if e.key_tag.is_none() {
-                fx.push(Effect::LoadKeys);
-            }
+            // A grant or revoke changes which keys this account sees: the list is read
+            // again (which never counts as a refusal; re-reading a key whose role was
+            // revoked would put a refused `show` in its history).
+            fx.push(Effect::LoadKeys);
         }
         // A key created on or purged from a token changes its key count.
         EventKind::Created | EventKind::Purged if matches!(app.screen, Screen::Tokens(_)) => {

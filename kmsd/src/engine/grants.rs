@@ -290,12 +290,19 @@ impl Engine {
             grant.key_name.as_deref().unwrap_or("all keys"),
             grant.principal
         );
-        // An event is shown to whom the grants in force at its publication allow
-        // (`Published`): a grant is announced once in force, so its grantee sees it; a
-        // revoke while still in force, so the account it is taken from learns of it.
-        if action == Action::Grant {
+        // An event is shown to whom the grants it names allow (`Published`): a grant's
+        // are those with it, so its grantee sees it; a revoke's those before it, so the
+        // account it is taken from learns of it. Either is in force before it is
+        // published: a client reacting to a revoke (a dashboard reading its keys again)
+        // is answered under the grants without it.
+        let seen_by = if action == Action::Grant {
             swap();
-        }
+            self.grants()
+        } else {
+            let before = self.grants();
+            swap();
+            before
+        };
         let entry = grant.key_tag.as_deref().and_then(|t| self.resolve(t).ok());
         self.publish_about(
             EventKind::PermissionChanged,
@@ -303,11 +310,8 @@ impl Engine {
             None,
             caller,
             message,
-            Some(grant.clone()),
+            Some((grant.clone(), seen_by)),
         );
-        if action != Action::Grant {
-            swap();
-        }
         Ok(())
     }
 }

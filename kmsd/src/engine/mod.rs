@@ -981,8 +981,9 @@ impl Engine {
         self.publish_about(kind, Some(entry), version, caller, message, None);
     }
 
-    /// Publishes an event about a key, or (`None`) about none in particular, and the
-    /// grant it is about if it is a grant change.
+    /// Publishes an event about a key, or (`None`) about none in particular. A grant
+    /// change gives the grant it is about and the grants that decide who is shown it
+    /// (else those in force now).
     fn publish_about(
         &self,
         kind: EventKind,
@@ -990,7 +991,7 @@ impl Engine {
         version: Option<u32>,
         caller: &Caller,
         message: String,
-        grant: Option<GrantInfo>,
+        grant: Option<(GrantInfo, Arc<Vec<GrantInfo>>)>,
     ) {
         let event = Event {
             seq: self.event_seq.fetch_add(1, Ordering::Relaxed),
@@ -1012,7 +1013,10 @@ impl Engine {
             "{}",
             event.message
         );
-        let grants = self.grants();
+        let (grant, grants) = match grant {
+            Some((grant, seen_by)) => (Some(grant), seen_by),
+            None => (None, self.grants()),
+        };
         // No subscribers is not an error.
         let _ = self.events.send(Published {
             event,
