@@ -303,16 +303,9 @@ fn identity_survives_fd_passing() {
 /// (kmsd has acknowledged the subscription: every later change is seen).
 fn watch_lines(
     d: &TestDaemon,
-    mut kmsctl: Command,
+    kmsctl: Command,
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut watch = kmsctl
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("watch")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = watching(d, kmsctl);
     let stdout = watch.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -323,6 +316,20 @@ fn watch_lines(
             }
         }
     });
+    (watch, rx)
+}
+
+/// `kmsctl watch` (`kmsctl` is the command to run it as) on `d`, its stdout a pipe left
+/// to the caller; returned once it says on stderr that it is watching.
+fn watching(d: &TestDaemon, mut kmsctl: Command) -> std::process::Child {
+    let mut watch = kmsctl
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut stderr = BufReader::new(watch.stderr.take().unwrap());
     let (said_tx, said) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -336,7 +343,7 @@ fn watch_lines(
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_default();
     assert!(first.starts_with("watching"), "kmsctl watch said {first:?}");
-    (watch, rx)
+    watch
 }
 
 /// `kmsctl watch` sees created, rotated, state-changed, deletion-requested, purged and
@@ -619,19 +626,7 @@ async fn watch_outlasts_a_reader_that_pauses() {
         ..DaemonOptions::default()
     });
     root_ok(&d, &["create", "paused", "--type", "aes256"]);
-    let mut watch = Command::new(kms_e2e::bin("kmsctl"))
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("watch")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = String::new();
-    BufReader::new(watch.stderr.take().unwrap())
-        .read_line(&mut said)
-        .unwrap();
-    assert!(said.starts_with("watching"), "{said}");
+    let mut watch = watching(&d, Command::new(kms_e2e::bin("kmsctl")));
     // Far more events than the pipe, kmsctl's queues and the socket hold, nobody reading.
     let c = std::sync::Arc::new(d.client().await);
     let writers: Vec<_> = (0..16)
@@ -686,19 +681,7 @@ async fn watch_outlasts_a_reader_that_pauses() {
 #[test]
 fn watch_ends_when_its_reader_goes() {
     let d = TestDaemon::start();
-    let mut watch = Command::new(kms_e2e::bin("kmsctl"))
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("watch")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = String::new();
-    BufReader::new(watch.stderr.take().unwrap())
-        .read_line(&mut said)
-        .unwrap();
-    assert!(said.starts_with("watching"), "{said}");
+    let mut watch = watching(&d, Command::new(kms_e2e::bin("kmsctl")));
     root_ok(&d, &["create", "once", "--type", "aes256"]);
     let mut stdout = BufReader::new(watch.stdout.take().unwrap());
     let mut first = String::new();
