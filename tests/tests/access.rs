@@ -306,17 +306,22 @@ fn watch_lines(
     kmsctl: Command,
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let mut watch = watching(d, kmsctl);
-    let stdout = watch.stdout.take().unwrap();
+    let rx = lines_of(watch.stdout.take().unwrap());
+    (watch, rx)
+}
+
+/// The lines of `out`, sent on the channel as they come.
+fn lines_of(out: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
+        for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    (watch, rx)
+    rx
 }
 
 /// `kmsctl watch` (`kmsctl` is the command to run it as) on `d`, its stdout a pipe left
@@ -645,16 +650,7 @@ async fn watch_outlasts_a_reader_that_pauses() {
     // Past kmsd's wait for a connection that does not read, several times over.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(watch.try_wait().unwrap().is_none(), "kmsctl watch ended");
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines_of(watch.stdout.take().unwrap());
     let next = |what: &str| {
         rx.recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("no more lines before {what}"))
