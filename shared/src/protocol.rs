@@ -678,6 +678,11 @@ pub enum EventKind {
     PermissionChanged,
     VersionLimitReached,
     NonceBudgetLow,
+    /// A kind this client does not know (a newer kmsd's): kmsd never sends it as such.
+    /// The event is kept — its key, its message and its place in the subscription's
+    /// numbering — rather than dropped (PROTOCOL.md §3).
+    #[serde(other)]
+    Other,
 }
 
 impl EventKind {
@@ -695,6 +700,7 @@ impl EventKind {
             EventKind::PermissionChanged => "permission-changed",
             EventKind::VersionLimitReached => "version-limit-reached",
             EventKind::NonceBudgetLow => "nonce-budget-low",
+            EventKind::Other => "other",
         }
     }
 }

@@ -111,7 +111,7 @@ fn action() -> BoxedStrategy<Action> {
     proptest::sample::select(ACTIONS.to_vec()).boxed()
 }
 
-const EVENT_KINDS: [EventKind; 12] = [
+const EVENT_KINDS: [EventKind; 13] = [
     EventKind::Created,
     EventKind::StateChanged,
     EventKind::Rotated,
@@ -124,6 +124,7 @@ const EVENT_KINDS: [EventKind; 12] = [
     EventKind::PermissionChanged,
     EventKind::VersionLimitReached,
     EventKind::NonceBudgetLow,
+    EventKind::Other,
 ];
 
 /// Exhaustive: a new event kind must be added to `EVENT_KINDS` (and here).
@@ -141,6 +142,7 @@ fn event_kind_variant(k: EventKind) -> usize {
         EventKind::PermissionChanged => 9,
         EventKind::VersionLimitReached => 10,
         EventKind::NonceBudgetLow => 11,
+        EventKind::Other => 12,
     }
 }
 
