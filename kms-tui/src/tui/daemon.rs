@@ -17,9 +17,9 @@ use super::app::HISTORY_PAGE;
 use super::retry::{Attempt, Retry};
 use super::strings as s;
 
-/// How long a read that holds up the others (the key list, a key, grants, tokens: they run
-/// in order) may take before the daemon is taken for lost: meanwhile no other effect runs
-/// and no event is shown (a kmsd stopped with SIGSTOP, or wedged, answers nothing).
+/// How long a read that holds up the others (the key list, a key, versions, grants,
+/// tokens: they run in order) may take before the daemon is taken for lost: meanwhile no
+/// view is brought up to date (a kmsd stopped with SIGSTOP, or wedged, answers nothing).
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Whether the dashboard may start kmsd when none answers, by the rules its launch
@@ -111,35 +111,68 @@ pub async fn run(
     }
 }
 
+/// Whether an effect is a read of what a view shows. Reads run one at a time, in order,
+/// so that the answer applied last is the one read last; and a read asked for again
+/// before it has started is done once ([`ReadQueue`]).
+fn is_view_read(eff: &Effect) -> bool {
+    matches!(
+        eff,
+        Effect::LoadKeys
+            | Effect::GetKey(_)
+            | Effect::LoadVersions(_)
+            | Effect::LoadGrants
+            | Effect::LoadHsmTokens
+    )
+}
+
+/// The reads waiting to run, each at most once. A read that has not started yet will see
+/// every change announced so far, so asking for it again adds nothing: a flood of events
+/// about one key costs one re-read per read that runs, not one per event.
+#[derive(Debug, Default)]
+struct ReadQueue(std::collections::VecDeque<Effect>);
+
+impl ReadQueue {
+    /// Queues `read` unless the same read is already waiting; whether it was queued.
+    fn push(&mut self, read: Effect) -> bool {
+        if self.0.contains(&read) {
+            return false;
+        }
+        self.0.push_back(read);
+        true
+    }
+
+    fn pop(&mut self) -> Option<Effect> {
+        self.0.pop_front()
+    }
+}
+
 /// Carries out effects on `client` and passes its events on, until the connection is
-/// lost (the reason) or the dashboard has gone (`None`).
+/// lost (the reason) or the dashboard has gone (`None`). Reads run one at a time (see
+/// [`is_view_read`]); everything else runs at once, and events are passed on while a
+/// read is under way.
 async fn serve(
     client: &Arc<Client>,
     mut notes: tokio::sync::mpsc::Receiver<Notification>,
     effects: &mut UnboundedReceiver<Effect>,
     actions: &UnboundedSender<Action>,
 ) -> Option<String> {
+    let mut reads = ReadQueue::default();
+    let mut reading: Option<std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>>> = None;
     loop {
+        if reading.is_none()
+            && let Some(eff) = reads.pop()
+        {
+            reading = Some(Box::pin(tokio::time::timeout(
+                READ_TIMEOUT,
+                exec(client, eff),
+            )));
+        }
         tokio::select! {
             eff = effects.recv() => match eff {
                 None => return None,
-                // Reads of the lists run in order, so that the last event's re-read
-                // is also the last answer applied.
-                Some(
-                    eff @ (Effect::LoadKeys
-                    | Effect::GetKey(_)
-                    | Effect::LoadGrants
-                    | Effect::LoadHsmTokens),
-                ) => match tokio::time::timeout(READ_TIMEOUT, exec(client, eff)).await {
-                    Ok(Some(a)) => {
-                        if actions.send(a).is_err() {
-                            return None;
-                        }
-                    }
-                    Ok(None) => {}
-                    // Reconnecting re-reads what is shown.
-                    Err(_) => return Some(s::not_answering(READ_TIMEOUT.as_secs())),
-                },
+                Some(eff) if is_view_read(&eff) => {
+                    reads.push(eff);
+                }
                 Some(eff) => {
                     let c = client.clone();
                     let tx = actions.clone();
@@ -150,6 +183,21 @@ async fn serve(
                     });
                 }
             },
+            done = async { reading.as_mut().expect("guarded by the branch's condition").await },
+                if reading.is_some() =>
+            {
+                reading = None;
+                match done {
+                    Ok(Some(a)) => {
+                        if actions.send(a).is_err() {
+                            return None;
+                        }
+                    }
+                    Ok(None) => {}
+                    // Reconnecting re-reads what is shown.
+                    Err(_) => return Some(s::not_answering(READ_TIMEOUT.as_secs())),
+                }
+            }
             note = notes.recv() => {
                 let a = match note {
                     Some(Notification::Event(e)) => Action::DaemonEvent(e),
@@ -378,7 +426,8 @@ mod tests {
     use super::*;
     use kms_shared::codec;
     use kms_shared::protocol::{
-        ClientFrame, DaemonStatus, Outcome, PROTOCOL_VERSION, Request, Response, ServerFrame,
+        ClientFrame, DaemonStatus, Event, EventKind, Outcome, PROTOCOL_VERSION, Request, Response,
+        ServerFrame, WireError,
     };
     use tokio::io::AsyncWriteExt;
 
@@ -444,6 +493,159 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        drop(effects_tx);
+        task.abort();
+        daemon.abort();
+    }
+
+    #[test]
+    fn a_read_asked_for_again_before_it_runs_is_queued_once() {
+        let mut q = ReadQueue::default();
+        assert!(q.push(Effect::GetKey("a".into())));
+        assert!(q.push(Effect::LoadKeys));
+        assert!(!q.push(Effect::GetKey("a".into())), "already waiting");
+        assert!(q.push(Effect::GetKey("b".into())));
+        assert_eq!(q.pop(), Some(Effect::GetKey("a".into())));
+        // Started: asking again queues it, since the one under way may predate a change.
+        assert!(q.push(Effect::GetKey("a".into())));
+        assert_eq!(q.pop(), Some(Effect::LoadKeys));
+        assert_eq!(q.pop(), Some(Effect::GetKey("b".into())));
+        assert_eq!(q.pop(), Some(Effect::GetKey("a".into())));
+        assert_eq!(q.pop(), None);
+    }
+
+    /// A daemon that answers `get_key` with `not-found` (holding its first answer until
+    /// `release`), `list_keys` with no keys and `impact` with an error, tells `seen` each
+    /// request's kind, and sends `event` while the first `get_key` is held.
+    async fn counting_daemon(
+        listener: tokio::net::UnixListener,
+        seen: tokio::sync::mpsc::UnboundedSender<&'static str>,
+        release: tokio::sync::oneshot::Receiver<()>,
+        event: Event,
+    ) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut rd, wr) = stream.into_split();
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let send = move |frame: ServerFrame| {
+            let wr = wr.clone();
+            async move {
+                let bytes = codec::encode_frame(&frame, u32::MAX).unwrap();
+                wr.lock().await.write_all(&bytes).await.unwrap();
+            }
+        };
+        let mut release = Some(release);
+        while let Some(body) = codec::read_frame(&mut rd, 1 << 20).await.unwrap() {
+            let frame: ClientFrame = codec::decode(&body).unwrap();
+            let kind = frame.request.kind();
+            let result = match frame.request {
+                Request::Hello { .. } => Outcome::Ok(Response::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    daemon_version: "0.0.0".into(),
+                    max_frame: None,
+                }),
+                Request::Subscribe => Outcome::Ok(Response::Subscribed),
+                Request::ListKeys { .. } => Outcome::Ok(Response::Keys {
+                    keys: Vec::new(),
+                    total: 0,
+                }),
+                _ => Outcome::Err(WireError::new(ErrorKind::NotFound, "no such key")),
+            };
+            let _ = seen.send(kind);
+            let reply = ServerFrame::Reply {
+                id: frame.id,
+                result,
+            };
+            match release.take() {
+                Some(release) if kind == "get_key" => {
+                    send(ServerFrame::Event(event.clone())).await;
+                    let send = send.clone();
+                    tokio::spawn(async move {
+                        let _ = release.await;
+                        send(reply).await;
+                    });
+                }
+                held => {
+                    release = held;
+                    send(reply).await;
+                }
+            }
+        }
+    }
+
+    /// Effects asked for while a read is under way: the same read asked for fifty times
+    /// runs once more, not fifty times; other effects and events are not held up by it.
+    #[tokio::test]
+    async fn a_flood_of_the_same_read_runs_it_once_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (seen_tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        let (release, held) = tokio::sync::oneshot::channel();
+        let event = Event {
+            seq: 1,
+            time: 0,
+            kind: EventKind::Rotated,
+            key_tag: Some("a".into()),
+            key_name: Some("k".into()),
+            version: Some(2),
+            state: None,
+            account: "kmsd".into(),
+            message: "rotated".into(),
+        };
+        let daemon = tokio::spawn(counting_daemon(listener, seen_tx, held, event.clone()));
+        let (effects_tx, effects) = tokio::sync::mpsc::unbounded_channel();
+        let (actions, mut shown) = tokio::sync::mpsc::unbounded_channel();
+        let opts = ConnectOptions {
+            socket: Some(socket.clone()),
+            autostart: false,
+        };
+        let task = tokio::spawn(run(opts, effects, actions));
+        assert!(matches!(
+            shown.recv().await.unwrap(),
+            Action::Connected { .. }
+        ));
+        let mut next_request = async || loop {
+            match requests.recv().await.unwrap() {
+                "hello" | "subscribe" | "status" => continue,
+                kind => return kind,
+            }
+        };
+        effects_tx.send(Effect::GetKey("a".into())).unwrap();
+        assert_eq!(next_request().await, "get_key");
+        // The held read does not hold up the event sent meanwhile.
+        match shown.recv().await.unwrap() {
+            Action::DaemonEvent(e) => assert_eq!(e, event),
+            other => panic!("{other:?}"),
+        }
+        for _ in 0..50 {
+            effects_tx.send(Effect::GetKey("a".into())).unwrap();
+        }
+        // Nor an effect that is not a read: once the daemon has it, every read before it
+        // has been queued.
+        effects_tx.send(Effect::LoadImpact("a".into())).unwrap();
+        assert_eq!(next_request().await, "impact");
+        release.send(()).unwrap();
+        // The reads after the held one: `a` once, then the list asked for last.
+        effects_tx.send(Effect::LoadKeys).unwrap();
+        assert_eq!(next_request().await, "get_key");
+        assert_eq!(next_request().await, "list_keys");
+        let mut fetched = 0;
+        loop {
+            match shown.recv().await.unwrap() {
+                Action::KeyFetched { tag, result } => {
+                    assert_eq!((tag.as_str(), result), ("a", Ok(None)));
+                    fetched += 1;
+                }
+                Action::ImpactLoaded { .. } => {}
+                Action::KeysLoaded(keys) => {
+                    assert_eq!(keys, Ok(Vec::new()));
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(fetched, 2);
+        assert!(requests.try_recv().is_err(), "no other request was sent");
         drop(effects_tx);
         task.abort();
         daemon.abort();
