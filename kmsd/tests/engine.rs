@@ -765,7 +765,7 @@ fn deletion_wait_with_injected_clock() {
 }
 
 /// Once the 72-hour wait is over, a deletion can no longer be cancelled, though the purge
-/// has not run yet (an absent token, a long scheduler pass, a suspended machine): the
+/// has not run yet (a long scheduler pass, a suspended machine): the
 /// cancel is refused (`invalid-state`, recorded) and the key is purged at the next pass.
 /// Before, the key came back, disabled, days after its wait had ended. One second
 /// before the end it is still cancelled; a request made again right after a cancel keeps

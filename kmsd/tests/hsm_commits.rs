@@ -119,4 +119,39 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
     e.delete_now(&c, "confirmed").unwrap();
     assert_eq!(token.objects(), before - 1, "confirmed's one AES object");
     drop(e.close());
+
+    // 6. The purge at the end of the deletion wait does not wait for an absent token
+    //    (NCP: a key is deleted when its wait ends): it is committed, and the key's
+    //    objects are destroyed once the token is back. It used to leave the key
+    //    `pending-deletion` past its wait, where it could not be cancelled either.
+    let (e, clock) = token.engine_and_clock_on(&disk);
+    let tag = e
+        .create_key(&c, &hsm_key("unplugged", KeyType::Aes256))
+        .unwrap()
+        .tag;
+    e.request_deletion(&c, &tag).unwrap();
+    let before = token.objects();
+    token.take_away();
+    clock.advance(72 * 3_600_000 + 1);
+    assert_eq!(e.run_due(), 1, "the purge waited for the token");
+    assert_eq!(e.get_key(&tag).unwrap().state, KeyState::Deleted);
+    assert_eq!(token.objects(), before, "destroyed in an absent token");
+    token.put_back();
+    // The engine retries with backoff on its clock, and looks for a token that went
+    // away at most once a second (then 2 s, 4 s, …) of real time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while token.objects() != before - 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purged key's object was not destroyed once the token was back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        clock.advance(3_600_000);
+        e.run_due();
+    }
+    drop(e.close());
+    let e = token.engine_on(&disk);
+    assert_eq!(e.run_due(), 0, "nothing is left to destroy after a restart");
+    assert_eq!(token.objects(), before - 1);
+    drop(e.close());
 }

@@ -148,9 +148,11 @@ impl Engine {
         Ok(Arc::new(KeyMaterial::Hsm(key)))
     }
 
-    /// Refuses to purge an HSM key while its token cannot be reached: the purge would be
-    /// committed with its objects left for the scheduler to destroy later; asked now, the
-    /// caller can try again once the token is back. Basic keys pass.
+    /// Refuses `delete-now` of an HSM key while its token cannot be reached: the purge
+    /// would be committed with its objects left for the scheduler to destroy later;
+    /// asked now, the caller can try again once the token is back. (The purge at the end
+    /// of the deletion wait, which nobody asks for, does not wait for the token.) Basic
+    /// keys pass.
     pub(super) fn require_token_present(&self, e: &KeyEntry) -> Result<(), EngineError> {
         if e.rec.protection == Protection::Basic {
             return Ok(());

@@ -977,8 +977,8 @@ impl Engine {
 
     /// Cancels a deletion request: the key becomes `disabled`. Refused once the wait is
     /// over (NCP: a deletion is cancelled before its wait ends), though the purge has
-    /// not run yet — held up by an absent token, a long scheduler pass, a suspended
-    /// machine. A wait the wall clock's step forward cut short (the clock a step does not
+    /// not run yet — held up by a long scheduler pass, a suspended machine, a failed
+    /// commit. A wait the wall clock's step forward cut short (the clock a step does not
     /// move still has time left) may still be cancelled, as it is not purged either.
     pub fn cancel_deletion(&self, caller: &Caller, key: &str) -> Result<KeyInfo, EngineError> {
         self.change_key(caller, key, Action::CancelDeletion, None, |e, now| {
@@ -1040,10 +1040,12 @@ impl Engine {
             Action::Purge,
             None,
             still_due,
-            |e, now| {
-                self.require_token_present(e)?;
-                Ok(purge_change(e, self.versions_of(e)?, now, Action::Purge))
-            },
+            // Not held up by an absent token (NCP: a key is deleted when its wait ends):
+            // the purge is committed, and the key's token objects are destroyed once the
+            // token is back (`DueKind::DestroyObjects`, which keeps the metadata until
+            // then). Held up, the key stayed `pending-deletion` past its wait, which
+            // could no longer be cancelled either.
+            |e, now| Ok(purge_change(e, self.versions_of(e)?, now, Action::Purge)),
         )?;
         Ok(purged.map(|e| self.destroy_token_objects_after_purge(e)))
     }

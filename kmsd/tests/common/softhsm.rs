@@ -90,20 +90,47 @@ impl Token {
         }
     }
 
-    /// Key objects in the token: SoftHSM2's file store keeps one `<uuid>.object` file per
-    /// object beside the token's own `token.object`.
+    /// Key objects in the token, taken away or not: SoftHSM2's file store keeps one
+    /// `<uuid>.object` file per object beside the token's own `token.object`.
     pub fn objects(&self) -> usize {
         let mut n = 0;
-        for token in std::fs::read_dir(self.dir.path().join("tokens")).unwrap() {
-            for f in std::fs::read_dir(token.unwrap().path()).unwrap() {
-                let name = f.unwrap().file_name().into_string().unwrap();
-                n += usize::from(name.ends_with(".object") && name != "token.object");
+        for dir in [self.dir.path().join("tokens"), self.away()] {
+            let Ok(tokens) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for token in tokens {
+                for f in std::fs::read_dir(token.unwrap().path()).unwrap() {
+                    let name = f.unwrap().file_name().into_string().unwrap();
+                    n += usize::from(name.ends_with(".object") && name != "token.object");
+                }
             }
         }
         n
     }
 
+    fn away(&self) -> PathBuf {
+        self.dir.path().join("away")
+    }
+
+    /// Takes the token away (SoftHSM2 keeps each token in a directory of its own), as if
+    /// it were unplugged.
+    pub fn take_away(&self) {
+        std::fs::rename(self.dir.path().join("tokens"), self.away()).unwrap();
+        std::fs::create_dir(self.dir.path().join("tokens")).unwrap();
+    }
+
+    /// Puts back the token [`Token::take_away`] took.
+    pub fn put_back(&self) {
+        std::fs::remove_dir(self.dir.path().join("tokens")).unwrap();
+        std::fs::rename(self.away(), self.dir.path().join("tokens")).unwrap();
+    }
+
     pub fn engine_on(&self, disk: &Disk) -> Engine {
+        self.engine_and_clock_on(disk).0
+    }
+
+    /// An engine on this token and `disk`, and the clock it reads.
+    pub fn engine_and_clock_on(&self, disk: &Disk) -> (Engine, Arc<ManualClock>) {
         let root = RootKey::from_bytes([0x44; 32]);
         let store =
             Store::open_with_backend(disk.clone(), &disk.label(self.label), &root.fingerprint())
@@ -116,12 +143,8 @@ impl Token {
             }),
             ..EngineConfig::default()
         };
-        Engine::open(
-            store,
-            root,
-            Arc::new(ManualClock::new(1_700_000_000_000)),
-            config,
-        )
-        .unwrap()
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let engine = Engine::open(store, root, clock.clone(), config).unwrap();
+        (engine, clock)
     }
 }
