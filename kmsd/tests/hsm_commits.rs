@@ -133,9 +133,20 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
     let before = token.objects();
     token.take_away();
     clock.advance(72 * 3_600_000 + 1);
+    let mut events = e.subscribe();
     assert_eq!(e.run_due(), 1, "the purge waited for the token");
     assert_eq!(e.get_key(&tag).unwrap().state, KeyState::Deleted);
     assert_eq!(token.objects(), before, "destroyed in an absent token");
+    // Its event does not say the material is destroyed: it is not yet.
+    let purged = events.try_recv().unwrap();
+    assert_eq!(purged.kind, kms_shared::protocol::EventKind::Purged);
+    assert!(
+        purged
+            .message
+            .contains("destroyed as soon as the token can be reached"),
+        "{}",
+        purged.message
+    );
     token.put_back();
     // The engine retries with backoff on its clock, and looks for a token that went
     // away at most once a second (then 2 s, 4 s, …) of real time.

@@ -1196,12 +1196,17 @@ fn purge_change(
     // destroyed, right after this commit (`destroy_token_objects`).
     let in_token = rec.protection != Protection::Basic;
     rec.token_objects_left = in_token && versions.iter().any(|v| v.record.wrapped.is_some());
-    let mut change = Change::new(rec, action)
-        .event(
-            EventKind::Purged,
-            None,
-            format!("key {} purged; its material is destroyed", e.rec.name),
+    let message = if rec.token_objects_left {
+        // Destroyed after the commit, or, with the token away, once it is back.
+        format!(
+            "key {} purged; its objects in the token are destroyed as soon as the token can be reached",
+            e.rec.name
         )
+    } else {
+        format!("key {} purged; its material is destroyed", e.rec.name)
+    };
+    let mut change = Change::new(rec, action)
+        .event(EventKind::Purged, None, message)
         .deletion_wait(None);
     if !in_token {
         for v in versions {
