@@ -62,6 +62,9 @@ const MAX_BATCH: usize = 1024;
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    ui::theme::set_no_colour(ui::theme::no_colour_asked(
+        std::env::var_os("NO_COLOR").as_deref(),
+    ));
     if let Some(frames) = args.bench_frames {
         bench::run(frames);
         return ExitCode::SUCCESS;

@@ -1,11 +1,49 @@
 //! Colours and styles, so the widgets agree.
+//!
+//! `NO_COLOR` (no-color.org), set and not empty, turns colours off for the run: the
+//! styles keep their bold, underline and reverse, and nothing the dashboard says is told
+//! by colour alone (states are written out, the selected row has its marker).
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kms_shared::model::KeyState;
 use ratatui::style::{Color, Modifier, Style};
 
 use crate::tui::app::MsgKind;
 
+static NO_COLOUR: AtomicBool = AtomicBool::new(false);
+
+/// Whether `NO_COLOR`'s value asks for no colour: any value but an empty one.
+pub fn no_colour_asked(value: Option<&std::ffi::OsStr>) -> bool {
+    value.is_some_and(|v| !v.is_empty())
+}
+
+/// Turns colours off (or on) for every style from here on.
+pub fn set_no_colour(off: bool) {
+    NO_COLOUR.store(off, Ordering::Relaxed);
+}
+
+/// `style`, without its colours when they are off.
+fn painted(style: Style) -> Style {
+    if NO_COLOUR.load(Ordering::Relaxed) {
+        without_colour(style)
+    } else {
+        style
+    }
+}
+
+fn without_colour(mut style: Style) -> Style {
+    style.fg = None;
+    style.bg = None;
+    style.underline_color = None;
+    style
+}
+
 pub fn title() -> Style {
+    if NO_COLOUR.load(Ordering::Relaxed) {
+        // The title bar keeps a bar's look.
+        return Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED);
+    }
     Style::new()
         .fg(Color::Black)
         .bg(Color::Cyan)
@@ -13,15 +51,15 @@ pub fn title() -> Style {
 }
 
 pub fn dim() -> Style {
-    Style::new().fg(Color::DarkGray)
+    painted(Style::new().fg(Color::DarkGray))
 }
 
 pub fn label() -> Style {
-    Style::new().fg(Color::Cyan)
+    painted(Style::new().fg(Color::Cyan))
 }
 
 pub fn key_hint() -> Style {
-    Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)
+    painted(Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD))
 }
 
 pub fn table_header() -> Style {
@@ -33,34 +71,34 @@ pub fn selected() -> Style {
 }
 
 pub fn error() -> Style {
-    Style::new().fg(Color::Red)
+    painted(Style::new().fg(Color::Red))
 }
 
 pub fn ok() -> Style {
-    Style::new().fg(Color::Green)
+    painted(Style::new().fg(Color::Green))
 }
 
 pub fn warn() -> Style {
-    Style::new().fg(Color::Yellow)
+    painted(Style::new().fg(Color::Yellow))
 }
 
 pub fn border() -> Style {
-    Style::new().fg(Color::Cyan)
+    painted(Style::new().fg(Color::Cyan))
 }
 
 pub fn danger_border() -> Style {
-    Style::new().fg(Color::Red)
+    painted(Style::new().fg(Color::Red))
 }
 
 pub fn state(s: KeyState) -> Style {
-    match s {
+    painted(match s {
         KeyState::Enabled => Style::new(),
         KeyState::Disabled => Style::new().fg(Color::DarkGray),
         KeyState::PendingDeletion => Style::new().fg(Color::Red),
         KeyState::Deleted => Style::new()
             .fg(Color::DarkGray)
             .add_modifier(Modifier::CROSSED_OUT),
-    }
+    })
 }
 
 pub fn message(kind: MsgKind) -> Style {
@@ -68,9 +106,52 @@ pub fn message(kind: MsgKind) -> Style {
         MsgKind::Info => Style::new(),
         MsgKind::Success => ok(),
         MsgKind::Error => error(),
-        MsgKind::Event => Style::new().fg(Color::Magenta),
+        MsgKind::Event => painted(Style::new().fg(Color::Magenta)),
     }
 }
 
 /// The symbol before the selected row (also visible in plain-text snapshots).
 pub const HIGHLIGHT: &str = "›";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_color_is_any_value_but_an_empty_one() {
+        assert!(!no_colour_asked(None));
+        assert!(!no_colour_asked(Some(std::ffi::OsStr::new(""))));
+        assert!(no_colour_asked(Some(std::ffi::OsStr::new("1"))));
+        assert!(
+            no_colour_asked(Some(std::ffi::OsStr::new("0"))),
+            "any value"
+        );
+    }
+
+    #[test]
+    fn without_colour_keeps_the_modifiers() {
+        let styles = [
+            title(),
+            dim(),
+            label(),
+            key_hint(),
+            error(),
+            ok(),
+            warn(),
+            border(),
+            danger_border(),
+            state(KeyState::Deleted),
+            state(KeyState::PendingDeletion),
+            message(MsgKind::Event),
+        ];
+        assert!(
+            styles.iter().any(|s| s.fg.is_some()),
+            "colours are on by default"
+        );
+        for s in styles {
+            let plain = without_colour(s);
+            assert_eq!((plain.fg, plain.bg), (None, None), "{s:?}");
+            assert_eq!(plain.add_modifier, s.add_modifier, "{s:?}");
+        }
+    }
+}
