@@ -164,5 +164,34 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
     let e = token.engine_on(&disk);
     assert_eq!(e.run_due(), 0, "nothing is left to destroy after a restart");
     assert_eq!(token.objects(), before - 1);
+
+    // 7. Creates of one name at once: a key is generated outside the lifecycle lock (a
+    //    slow token must not hold up the other changes), so creates that lose the race
+    //    for the name after generating theirs destroy what they generated.
+    let before = token.objects();
+    let barrier = std::sync::Barrier::new(8);
+    let made: Vec<bool> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    match e.create_key(&c, &hsm_key("racer", KeyType::Aes256)) {
+                        Ok(_) => true,
+                        Err(err) => {
+                            assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+                            false
+                        }
+                    }
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(made.iter().filter(|m| **m).count(), 1, "{made:?}");
+    assert_eq!(
+        token.objects(),
+        before + 1,
+        "the losers' keys stayed in the token"
+    );
     drop(e.close());
 }

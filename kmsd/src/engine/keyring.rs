@@ -347,7 +347,9 @@ impl Keyring {
     }
 
     /// A page of keys ordered by name: live keys, or with `deleted` the purged ones too.
-    pub fn list(&self, deleted: bool, offset: usize, limit: usize) -> (Vec<KeyInfo>, u64) {
+    /// Entries, not their infos: a long page's infos are built after the keyring's lock is
+    /// released, so that a change waiting for it does not hold up every reader meanwhile.
+    pub fn list(&self, deleted: bool, offset: usize, limit: usize) -> (Vec<Arc<KeyEntry>>, u64) {
         let live = self.by_name.values();
         let purged = self.deleted.iter().map(|(_, t)| t);
         let total = self.by_name.len() + if deleted { self.deleted.len() } else { 0 };
@@ -360,7 +362,7 @@ impl Keyring {
             .skip(offset)
             .take(limit)
             .filter_map(|t| self.by_tag.get(t))
-            .map(|e| e.info())
+            .cloned()
             .collect();
         (page, total as u64)
     }
@@ -373,7 +375,7 @@ impl Keyring {
         tags: &BTreeSet<String>,
         offset: usize,
         limit: usize,
-    ) -> (Vec<KeyInfo>, u64) {
+    ) -> (Vec<Arc<KeyEntry>>, u64) {
         let mut live: Vec<&Arc<KeyEntry>> = tags
             .iter()
             .filter_map(|t| self.by_tag.get(t))
@@ -381,12 +383,7 @@ impl Keyring {
             .collect();
         live.sort_unstable_by(|a, b| a.rec.name.cmp(&b.rec.name));
         let total = live.len() as u64;
-        let page = live
-            .into_iter()
-            .skip(offset)
-            .take(limit)
-            .map(|e| e.info())
-            .collect();
+        let page = live.into_iter().skip(offset).take(limit).cloned().collect();
         (page, total)
     }
 

@@ -493,6 +493,16 @@ impl Engine {
         model::validate_rotation_days(days).map_err(invalid)?;
         self.check_protection(spec)?;
 
+        // Asked before anything is generated (a quick refusal), and again under the
+        // lifecycle lock, which the generation does not hold: an `hsm` key made on a slow
+        // token must not hold up every other lifecycle change, grants and revokes among
+        // them (which wait for this lock holding the grants gate).
+        let name_taken = || self.ring().by_name.contains_key(&spec.name);
+        let taken =
+            || EngineError::AlreadyExists(format!("a key named {:?} already exists", spec.name));
+        if name_taken() {
+            return Err(taken());
+        }
         let tag = crypto::random_tag()?;
         // Written and synced before the commit that refers to it (`store::key_slots`), and
         // before the lifecycle lock: creates made at once write their slots together.
@@ -505,17 +515,6 @@ impl Engine {
             ),
             _ => None,
         };
-        let serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
-        if self.ring().by_name.contains_key(&spec.name) {
-            drop(serial);
-            if let Some(slot) = slot {
-                self.wipe_slot(slot, &spec.name);
-            }
-            return Err(EngineError::AlreadyExists(format!(
-                "a key named {:?} already exists",
-                spec.name
-            )));
-        }
         let now = self.now();
         let rec = KeyRecord {
             tag,
@@ -538,20 +537,31 @@ impl Engine {
             deleted_at: None,
             memo: spec.memo.clone(),
         };
-        let mut change = Change::new(rec.clone(), Action::Create).event(
-            EventKind::Created,
-            Some(1),
-            format!("key {} ({}) created", rec.name, rec.key_type),
-        );
-        match self.new_version(&rec, 1, now) {
-            Ok(v) => change.versions.push(v),
+        let version = match self.new_version(&rec, 1, now) {
+            Ok(v) => v,
             Err(e) => {
                 if let Some(slot) = slot {
                     self.wipe_slot(slot, &rec.name);
                 }
                 return Err(e);
             }
+        };
+        let serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        if name_taken() {
+            // Made by another create meanwhile: what this one generated goes.
+            drop(serial);
+            self.discard_hsm_versions(std::slice::from_ref(&version));
+            if let Some(slot) = slot {
+                self.wipe_slot(slot, &rec.name);
+            }
+            return Err(taken());
         }
+        let mut change = Change::new(rec.clone(), Action::Create).event(
+            EventKind::Created,
+            Some(1),
+            format!("key {} ({}) created", rec.name, rec.key_type),
+        );
+        change.versions.push(version);
         change.version = Some(1);
         Ok(self.apply(caller, None, change)?.info())
     }

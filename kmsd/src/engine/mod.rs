@@ -566,8 +566,10 @@ impl Engine {
         offset: usize,
         limit: Option<usize>,
     ) -> (Vec<KeyInfo>, u64) {
-        let ring = self.ring();
-        ring.list(deleted, offset, limit.unwrap_or(usize::MAX))
+        let (page, total) = self
+            .ring()
+            .list(deleted, offset, limit.unwrap_or(usize::MAX));
+        (page.iter().map(|e| e.info()).collect(), total)
     }
 
     /// `list` for a caller who may see only the keys with these tags.
@@ -577,7 +579,8 @@ impl Engine {
         offset: usize,
         limit: usize,
     ) -> (Vec<KeyInfo>, u64) {
-        self.ring().list_of(tags, offset, limit)
+        let (page, total) = self.ring().list_of(tags, offset, limit);
+        (page.iter().map(|e| e.info()).collect(), total)
     }
 
     /// `versions`: every version of a key.

@@ -402,10 +402,15 @@ impl Registry {
     }
 
     pub fn remove(&self, name: &str) {
-        self.dedicated
+        let removed = self
+            .dedicated
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
+        // Dropped (closing the token's sessions, which may wait for its library) after
+        // the registry's lock is released: readers of the registry (`hsm list`, every
+        // dedicated key's call) do not wait for the token.
+        drop(removed);
     }
 }
 
