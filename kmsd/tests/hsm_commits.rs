@@ -19,6 +19,8 @@ use kms_shared::protocol::ErrorKind;
 #[test]
 fn token_objects_outlive_every_commit_that_may_need_them() {
     let token = Token::new("kms-commits");
+    // Before the library is loaded, which lists the tokens it finds then (8.).
+    let (dedicated_module, dedicated_pin) = token.another("kms-dedicated");
     let c = me();
 
     // 1. A rotation whose commit fails after its header was written, with nothing able to
@@ -193,5 +195,46 @@ fn token_objects_outlive_every_commit_that_may_need_them() {
         before + 1,
         "the losers' keys stayed in the token"
     );
+
+    // 8. A dedicated token removed while a key is generated on it: the create is refused
+    //    (and what it generated destroyed) rather than committing a key on a token the
+    //    daemon no longer knows, which no call could use or purge. Raced a number of times:
+    //    the removal lands before, during or after the generation.
+    let pin = dedicated_pin.to_str().unwrap();
+    for round in 0..40 {
+        let before = token.objects();
+        e.hsm_add(&c, "ded", dedicated_module, "kms-dedicated", pin)
+            .unwrap();
+        let mut spec = hsm_key(&format!("ded{round}"), KeyType::Aes256);
+        spec.protection = kms_shared::model::Protection::DedicatedHsm;
+        spec.hsm = Some("ded".into());
+        let barrier = std::sync::Barrier::new(2);
+        let (created, removed) = std::thread::scope(|s| {
+            let create = s.spawn(|| {
+                barrier.wait();
+                e.create_key(&c, &spec)
+            });
+            let remove = s.spawn(|| {
+                barrier.wait();
+                e.hsm_remove(&c, "ded")
+            });
+            (create.join().unwrap(), remove.join().unwrap())
+        });
+        match (created, removed) {
+            // The key first: the token holds it, and is not removed.
+            (Ok(k), Err(r)) => {
+                assert_eq!(r.kind(), ErrorKind::InvalidState, "{r}");
+                assert_eq!(token.objects(), before + 1);
+                e.request_deletion(&c, &k.tag).unwrap();
+                e.delete_now(&c, &k.tag).unwrap();
+                e.hsm_remove(&c, "ded").unwrap();
+            }
+            (Err(k), Ok(_)) => {
+                assert_eq!(k.kind(), ErrorKind::NotFound, "round {round}: {k}");
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        assert_eq!(token.objects(), before, "round {round}: objects left");
+    }
     drop(e.close());
 }

@@ -129,20 +129,40 @@ fn is_view_read(eff: &Effect) -> bool {
 /// every change announced so far, so asking for it again adds nothing: a flood of events
 /// about one key costs one re-read per read that runs, not one per event.
 #[derive(Debug, Default)]
-struct ReadQueue(std::collections::VecDeque<Effect>);
+struct ReadQueue {
+    waiting: std::collections::VecDeque<Effect>,
+    /// The read under way, taken by [`ReadQueue::pop`] and not yet [`ReadQueue::done`].
+    running: Option<Effect>,
+}
 
 impl ReadQueue {
     /// Queues `read` unless the same read is already waiting; whether it was queued.
     fn push(&mut self, read: Effect) -> bool {
-        if self.0.contains(&read) {
+        if self.waiting.contains(&read) {
             return false;
         }
-        self.0.push_back(read);
+        self.waiting.push_back(read);
         true
     }
 
+    /// The next read to run, now under way.
     fn pop(&mut self) -> Option<Effect> {
-        self.0.pop_front()
+        let next = self.waiting.pop_front()?;
+        self.running = Some(next.clone());
+        Some(next)
+    }
+
+    /// The read under way has been answered.
+    fn done(&mut self) {
+        self.running = None;
+    }
+
+    /// Every read not answered: the one under way, then those waiting.
+    fn unanswered(&mut self) -> impl Iterator<Item = Effect> + '_ {
+        self.running
+            .take()
+            .into_iter()
+            .chain(self.waiting.drain(..))
     }
 }
 
@@ -152,11 +172,33 @@ impl ReadQueue {
 /// read is under way.
 async fn serve(
     client: &Arc<Client>,
-    mut notes: tokio::sync::mpsc::Receiver<Notification>,
+    notes: tokio::sync::mpsc::Receiver<Notification>,
     effects: &mut UnboundedReceiver<Effect>,
     actions: &UnboundedSender<Action>,
 ) -> Option<String> {
     let mut reads = ReadQueue::default();
+    let lost = serve_with(client, notes, effects, actions, &mut reads).await?;
+    // The views waiting for these learn why they do not come (reconnecting reads them
+    // again), as effects asked for while offline do.
+    for eff in reads.unanswered() {
+        if let Some(a) = failed(eff, &lost)
+            && actions.send(a).is_err()
+        {
+            return None;
+        }
+    }
+    Some(lost)
+}
+
+/// [`serve`]'s loop: the reads it has not answered when the connection is lost are left
+/// in `reads`.
+async fn serve_with(
+    client: &Arc<Client>,
+    mut notes: tokio::sync::mpsc::Receiver<Notification>,
+    effects: &mut UnboundedReceiver<Effect>,
+    actions: &UnboundedSender<Action>,
+    reads: &mut ReadQueue,
+) -> Option<String> {
     let mut reading: Option<std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>>> = None;
     loop {
         if reading.is_none()
@@ -187,15 +229,15 @@ async fn serve(
                 if reading.is_some() =>
             {
                 reading = None;
-                match done {
-                    Ok(Some(a)) => {
-                        if actions.send(a).is_err() {
-                            return None;
-                        }
-                    }
-                    Ok(None) => {}
-                    // Reconnecting re-reads what is shown.
-                    Err(_) => return Some(s::not_answering(READ_TIMEOUT.as_secs())),
+                // Given up: left unanswered in `reads`, and told as such by `serve`.
+                let Ok(answer) = done else {
+                    return Some(s::not_answering(READ_TIMEOUT.as_secs()));
+                };
+                reads.done();
+                if let Some(a) = answer
+                    && actions.send(a).is_err()
+                {
+                    return None;
                 }
             }
             note = notes.recv() => {
@@ -487,10 +529,19 @@ mod tests {
             other => panic!("{other:?}"),
         }
         effects_tx.send(Effect::LoadKeys).unwrap();
+        // Queued behind it, then given up with it: both views are told why.
+        effects_tx.send(Effect::LoadGrants).unwrap();
+        let lost = s::not_answering(READ_TIMEOUT.as_secs());
         match seen.recv().await.unwrap() {
-            Action::Disconnected { reason, .. } => {
-                assert_eq!(reason, s::not_answering(READ_TIMEOUT.as_secs()));
-            }
+            Action::KeysLoaded(Err(e)) => assert_eq!(e, lost),
+            other => panic!("{other:?}"),
+        }
+        match seen.recv().await.unwrap() {
+            Action::GrantsLoaded(Err(e)) => assert_eq!(e, lost),
+            other => panic!("{other:?}"),
+        }
+        match seen.recv().await.unwrap() {
+            Action::Disconnected { reason, .. } => assert_eq!(reason, lost),
             other => panic!("{other:?}"),
         }
         drop(effects_tx);
@@ -508,10 +559,18 @@ mod tests {
         assert_eq!(q.pop(), Some(Effect::GetKey("a".into())));
         // Started: asking again queues it, since the one under way may predate a change.
         assert!(q.push(Effect::GetKey("a".into())));
+        q.done();
         assert_eq!(q.pop(), Some(Effect::LoadKeys));
+        q.done();
         assert_eq!(q.pop(), Some(Effect::GetKey("b".into())));
-        assert_eq!(q.pop(), Some(Effect::GetKey("a".into())));
+        // Lost with the connection: the one under way, then those waiting.
+        let lost: Vec<Effect> = q.unanswered().collect();
+        assert_eq!(
+            lost,
+            [Effect::GetKey("b".into()), Effect::GetKey("a".into())]
+        );
         assert_eq!(q.pop(), None);
+        assert_eq!(q.unanswered().count(), 0);
     }
 
     /// A daemon that answers `get_key` with `not-found` (holding its first answer until
@@ -572,6 +631,13 @@ mod tests {
         }
     }
 
+    /// `f`'s output, or a failure after 20 s (what was awaited never came).
+    async fn within<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(20), f)
+            .await
+            .expect("nothing came within 20 s")
+    }
+
     /// Effects asked for while a read is under way: the same read asked for fifty times
     /// runs once more, not fifty times; other effects and events are not held up by it.
     #[tokio::test]
@@ -601,7 +667,7 @@ mod tests {
         };
         let task = tokio::spawn(run(opts, effects, actions));
         assert!(matches!(
-            shown.recv().await.unwrap(),
+            within(shown.recv()).await.unwrap(),
             Action::Connected { .. }
         ));
         let mut next_request = async || loop {
@@ -611,9 +677,9 @@ mod tests {
             }
         };
         effects_tx.send(Effect::GetKey("a".into())).unwrap();
-        assert_eq!(next_request().await, "get_key");
+        assert_eq!(within(next_request()).await, "get_key");
         // The held read does not hold up the event sent meanwhile.
-        match shown.recv().await.unwrap() {
+        match within(shown.recv()).await.unwrap() {
             Action::DaemonEvent(e) => assert_eq!(e, event),
             other => panic!("{other:?}"),
         }
@@ -623,15 +689,15 @@ mod tests {
         // Nor an effect that is not a read: once the daemon has it, every read before it
         // has been queued.
         effects_tx.send(Effect::LoadImpact("a".into())).unwrap();
-        assert_eq!(next_request().await, "impact");
+        assert_eq!(within(next_request()).await, "impact");
         release.send(()).unwrap();
         // The reads after the held one: `a` once, then the list asked for last.
         effects_tx.send(Effect::LoadKeys).unwrap();
-        assert_eq!(next_request().await, "get_key");
-        assert_eq!(next_request().await, "list_keys");
+        assert_eq!(within(next_request()).await, "get_key");
+        assert_eq!(within(next_request()).await, "list_keys");
         let mut fetched = 0;
         loop {
-            match shown.recv().await.unwrap() {
+            match within(shown.recv()).await.unwrap() {
                 Action::KeyFetched { tag, result } => {
                     assert_eq!((tag.as_str(), result), ("a", Ok(None)));
                     fetched += 1;

@@ -537,6 +537,11 @@ impl Engine {
             deleted_at: None,
             memo: spec.memo.clone(),
         };
+        // The registration of a dedicated token, as the key is generated on it: a token
+        // removed (or removed and registered again) before the commit would leave a key
+        // on a token the daemon no longer knows.
+        let registration = || spec.hsm.as_deref().and_then(|name| self.hsm.record(name));
+        let generated_on = registration();
         let version = match self.new_version(&rec, 1, now) {
             Ok(v) => v,
             Err(e) => {
@@ -547,14 +552,26 @@ impl Engine {
             }
         };
         let serial = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
-        if name_taken() {
-            // Made by another create meanwhile: what this one generated goes.
+        let refusal = if name_taken() {
+            // Made by another create meanwhile.
+            Some(taken())
+        } else if registration() != generated_on {
+            Some(EngineError::NotFound(format!(
+                "HSM token {:?} was removed while key {} was being generated on it",
+                spec.hsm.as_deref().unwrap_or_default(),
+                rec.name
+            )))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            // What this create generated goes.
             drop(serial);
             self.discard_hsm_versions(std::slice::from_ref(&version));
             if let Some(slot) = slot {
                 self.wipe_slot(slot, &rec.name);
             }
-            return Err(taken());
+            return Err(refusal);
         }
         let mut change = Change::new(rec.clone(), Action::Create).event(
             EventKind::Created,
@@ -1206,8 +1223,9 @@ fn purge_change(
     // destroyed, right after this commit (`destroy_token_objects`).
     let in_token = rec.protection != Protection::Basic;
     rec.token_objects_left = in_token && versions.iter().any(|v| v.record.wrapped.is_some());
-    let message = if rec.token_objects_left {
-        // Destroyed after the commit, or, with the token away, once it is back.
+    let message = if rec.token_objects_left && action == Action::Purge {
+        // Destroyed after the commit, or, with the token away, once it is back (a
+        // `delete-now` is refused while it is away).
         format!(
             "key {} purged; its objects in the token are destroyed as soon as the token can be reached",
             e.rec.name

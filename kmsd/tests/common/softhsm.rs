@@ -90,6 +90,22 @@ impl Token {
         }
     }
 
+    /// Initialises another token beside this one (same PIN), for dedicated-hsm keys;
+    /// returns the module and PIN file to register it with.
+    pub fn another(&self, label: &str) -> (&'static str, PathBuf) {
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--pin", "1234", "--so-pin", "5678"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (MODULE, self.pin_file.clone())
+    }
+
     /// Key objects in the token, taken away or not: SoftHSM2's file store keeps one
     /// `<uuid>.object` file per object beside the token's own `token.object`.
     pub fn objects(&self) -> usize {

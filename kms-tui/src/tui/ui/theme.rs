@@ -128,9 +128,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn without_colour_keeps_the_modifiers() {
-        let styles = [
+    fn every_style() -> [Style; 12] {
+        [
             title(),
             dim(),
             label(),
@@ -143,15 +142,24 @@ mod tests {
             state(KeyState::Deleted),
             state(KeyState::PendingDeletion),
             message(MsgKind::Event),
-        ];
-        assert!(
-            styles.iter().any(|s| s.fg.is_some()),
-            "colours are on by default"
-        );
-        for s in styles {
-            let plain = without_colour(s);
-            assert_eq!((plain.fg, plain.bg), (None, None), "{s:?}");
-            assert_eq!(plain.add_modifier, s.add_modifier, "{s:?}");
+        ]
+    }
+
+    /// The only test that turns colours off: no other test looks at colours.
+    #[test]
+    fn no_colour_leaves_no_colour_and_keeps_the_modifiers() {
+        let coloured = every_style();
+        assert!(coloured.iter().all(|s| s.fg.is_some() || s.bg.is_some()));
+        set_no_colour(true);
+        let plain = every_style();
+        set_no_colour(false);
+        for (c, p) in coloured.iter().zip(&plain) {
+            assert_eq!((p.fg, p.bg), (None, None), "{c:?}");
+            assert!(p.add_modifier.contains(c.add_modifier), "{c:?} -> {p:?}");
         }
+        assert!(
+            plain[0].add_modifier.contains(Modifier::REVERSED),
+            "the title bar"
+        );
     }
 }
