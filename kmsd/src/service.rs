@@ -176,10 +176,14 @@ impl Service {
                 .await
             }
             Request::GetKey { key } => e.get_key(&key).map(Response::Key).map_err(wire),
-            Request::ListVersions { key } => e
-                .versions(&key)
-                .map(|versions| Response::Versions { versions })
-                .map_err(wire),
+            // Off the reactor: a key's versions are read from the store on its first use.
+            Request::ListVersions { key } => {
+                self.blocking(permit, move |e, _| {
+                    e.versions(&key)
+                        .map(|versions| Response::Versions { versions })
+                })
+                .await
+            }
             req @ (Request::Encrypt { .. }
             | Request::Decrypt { .. }
             | Request::Reencrypt { .. }) => {
@@ -582,9 +586,13 @@ impl Service {
 
     fn is_aes(&self, key: &str) -> bool {
         // Software AES only: an HSM key waits on a token session, never on the reactor.
+        // And one whose versions are in memory: its first call reads them from the store,
+        // which waits out a recovery of the store after a failed commit (seconds), and
+        // runs on the pool.
         self.engine.resolve(key).is_ok_and(|k| {
             k.rec.key_type == KeyType::Aes256
                 && k.rec.protection == kms_shared::model::Protection::Basic
+                && k.versions.get().is_some()
         })
     }
 
@@ -1250,6 +1258,43 @@ mod tests {
                 .unwrap()
         });
         (dir, engine, admin, user)
+    }
+
+    /// A small AES call runs on the reactor only once its key's versions are in memory:
+    /// the first call after a start reads them from the store, which may wait out a
+    /// recovery of the store (seconds, with every connection of that reactor thread
+    /// waiting too), so it runs on the pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_keys_first_call_after_a_start_is_not_run_on_the_reactor() {
+        use kms_shared::model::KeyType;
+        use kms_shared::protocol::{CreateKey, Request};
+        use tokio::task::block_in_place as blocking;
+        let clock = std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000));
+        let (dir, engine, admin) = crate::test_support::engine_on(clock.clone());
+        blocking(|| {
+            engine
+                .create_key(&admin, &CreateKey::new("fresh", KeyType::Aes256))
+                .unwrap()
+        });
+        let Ok(engine) = std::sync::Arc::try_unwrap(engine) else {
+            panic!("the engine is shared")
+        };
+        blocking(|| drop(engine.close()));
+        let root = crate::crypto::RootKey::from_bytes([0x44; 32]);
+        let store =
+            crate::store::Store::open(&dir.path().join("kms.redb"), &root.fingerprint()).unwrap();
+        let engine = std::sync::Arc::new(
+            crate::engine::Engine::open(store, root, clock, Default::default()).unwrap(),
+        );
+        let service = super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap();
+        let encrypt = Request::Encrypt {
+            key: "fresh".into(),
+            plaintext: b"x".to_vec().into(),
+            context: None,
+        };
+        assert!(!service.runs_inline(&encrypt), "versions not read yet");
+        blocking(|| engine.versions("fresh").unwrap());
+        assert!(service.runs_inline(&encrypt), "versions in memory");
     }
 
     /// Waits until `reached` (a point a spawned call has got to), for at most 30 s.
