@@ -540,13 +540,28 @@ impl Engine {
         // The registration of a dedicated token, as the key is generated on it: a token
         // removed (or removed and registered again) before the commit would leave a key
         // on a token the daemon no longer knows.
-        let registration = || spec.hsm.as_deref().and_then(|name| self.hsm.record(name));
+        let registration = || {
+            spec.hsm
+                .as_deref()
+                .and_then(|name| self.hsm.registration(name))
+        };
+        let removed = || {
+            EngineError::NotFound(format!(
+                "HSM token {:?} was removed while key {} was being generated on it",
+                spec.hsm.as_deref().unwrap_or_default(),
+                rec.name
+            ))
+        };
         let generated_on = registration();
         let version = match self.new_version(&rec, 1, now) {
             Ok(v) => v,
             Err(e) => {
                 if let Some(slot) = slot {
                     self.wipe_slot(slot, &rec.name);
+                }
+                // Removed since it was checked: said as such, not as a broken store.
+                if spec.hsm.is_some() && (generated_on.is_none() || registration().is_none()) {
+                    return Err(removed());
                 }
                 return Err(e);
             }
@@ -556,11 +571,7 @@ impl Engine {
             // Made by another create meanwhile.
             Some(taken())
         } else if registration() != generated_on {
-            Some(EngineError::NotFound(format!(
-                "HSM token {:?} was removed while key {} was being generated on it",
-                spec.hsm.as_deref().unwrap_or_default(),
-                rec.name
-            )))
+            Some(removed())
         } else {
             None
         };

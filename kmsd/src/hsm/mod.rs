@@ -259,6 +259,26 @@ struct Dedicated {
     token: Mutex<Option<Arc<Token>>>,
 }
 
+/// One registration of a dedicated token as it stands: equal only to itself, so a token
+/// removed and registered again (even with the same record) is another. Held, it keeps
+/// the registration's memory, so its identity cannot be reused meanwhile.
+#[derive(Clone)]
+pub struct Registration(Arc<Dedicated>);
+
+impl PartialEq for Registration {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Registration")
+            .field(&self.0.record.name)
+            .finish()
+    }
+}
+
 /// The daemon's token and the dedicated tokens managers registered.
 pub struct Registry {
     daemon: Option<Arc<Token>>,
@@ -368,6 +388,16 @@ impl Registry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(name)
+    }
+
+    /// The registration named `name` as it stands, if there is one.
+    pub fn registration(&self, name: &str) -> Option<Registration> {
+        self.dedicated
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .map(Registration)
     }
 
     pub fn records(&self) -> Vec<HsmTokenRecord> {
