@@ -15,6 +15,7 @@ pub mod config;
 pub mod connection;
 pub mod crypto;
 pub mod engine;
+pub mod heap;
 pub mod hsm;
 pub mod restore;
 pub mod scheduler;

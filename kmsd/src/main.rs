@@ -57,6 +57,8 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     // First, before any file is opened: fd 3 must still be the socket systemd passed.
     let activation = kmsd::systemd::claim_listen_fds();
+    // While kmsd has one thread.
+    kmsd::heap::give_back_freed_memory();
     // Only when a client that started kmsd asks: a kmsd run by hand may be given files
     // on purpose (`--config <(…)`, `restore <(gpg -d …)` name `/dev/fd/N`).
     if std::env::var_os(kmsd::systemd::CLOSE_INHERITED_FDS).is_some_and(|v| v == "1") {

@@ -44,6 +44,13 @@ fn kms_bench_smoke_runs_every_case() {
         }
         assert_eq!(c["errors"], 0, "{c}");
         assert!(c["ops"].as_u64().unwrap_or(0) > 0, "{c}");
+        // The floor was measured (its echo server is a process of its own).
+        assert!(c["floor_ops_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{c}");
+    }
+    // The management cases run one call in flight per connection, and say so.
+    for op in ["rotate", "create"] {
+        let c = cases.iter().find(|c| c["op"] == op).expect(op);
+        assert_eq!(c["depth"], 1, "{c}");
     }
     // Where the daemon's CPU went, by thread: signing runs on the crypto pool, and every
     // journaled call costs the store writer something.
@@ -98,6 +105,7 @@ fn scale_smoke(args: &[&str]) -> serde_json::Value {
         "startup_ms_after_kill_median",
         "rss_mib_after_start",
         "list_first_page_p99_us",
+        "list_all_median_ms",
         "show_p99_us",
         "idle_cpu_ms_per_s",
         "store_mib",

@@ -1,10 +1,12 @@
 //! kms-bench: drives a real kmsd over its socket and prints figures (SPEC §13).
 //!
-//! For each case: ops/s and p50/p99/p99.9 latency with C connections × D requests in
-//! flight for S seconds; the same primitive measured in-process in the same run; the
-//! echo round trip of a same-sized frame over the same kind of socket (the floor); and
-//! the daemon's CPU time and peak RSS. `--compare-ssh-agent` measures ssh-agent's P-256
-//! and RSA-2048 signing over its socket with the same connection counts.
+//! For each case: ops/s and p50/p99/p99.9 latency of the calls that succeeded (failures
+//! count only as errors) with C connections × D requests in flight for S seconds; the
+//! same primitive measured in-process in the same run; the echo round trip over the same
+//! kind of socket (the floor: the case's request frame, a reply of kmsd's size, the same
+//! calls in flight, to an echo server in a process of its own); and the daemon's CPU time
+//! and peak RSS. `--compare-ssh-agent` measures ssh-agent's P-256 and RSA-2048 signing
+//! over its socket with the same connection counts, each right after its kms case.
 //!
 //! ```text
 //! cargo build --release --workspace
@@ -15,8 +17,8 @@
 //!
 //! The `*-batch` cases send ITEMS (default 64) operations per call; their ops/s count
 //! operations (items), their latencies are per call, and their echo floor moves the same
-//! batch frames. CPU is the daemon's user+system time during the case (excluding the echo
-//! floor's, which runs in this process).
+//! batch frames. CPU is the daemon's user+system time during the case (the echo floor's
+//! server is another process).
 
 use anyhow::{Context, bail};
 use kms_e2e::{DaemonOptions, TestDaemon};
@@ -24,7 +26,8 @@ use kms_shared::client::Client;
 use kms_shared::codec;
 use kms_shared::model::{KeyType, MAX_BATCH_ITEMS, SignScheme};
 use kms_shared::protocol::{
-    CiphertextItem, ClientFrame, CreateKey, ItemOutcome, PlaintextItem, Request,
+    CiphertextItem, ClientFrame, CreateKey, ItemOutcome, Outcome, PlaintextItem, Request,
+    ServerFrame,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +51,10 @@ struct Opts {
     data_dir: Option<PathBuf>,
     /// Scale mode: the store schema to populate (1: the first start measures the upgrade).
     scale_schema: u64,
+    /// Internal: run as the echo floor's server on this socket ([`echo_server`]).
+    echo_server: Option<PathBuf>,
+    /// Internal: the echo server's reply size.
+    reply_len: usize,
 }
 
 const USAGE: &str = "\
@@ -94,6 +101,8 @@ fn parse_args() -> anyhow::Result<Opts> {
         batch: 64,
         data_dir: None,
         scale_schema: kmsd::store::SCHEMA_VERSION,
+        echo_server: None,
+        reply_len: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -111,6 +120,8 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--scale-schema" => o.scale_schema = val()?.parse()?,
             "--data-dir" => o.data_dir = Some(PathBuf::from(val()?)),
             "--batch" => o.batch = val()?.parse::<usize>()?.clamp(1, MAX_BATCH_ITEMS),
+            "--echo-server" => o.echo_server = Some(PathBuf::from(val()?)),
+            "--reply-len" => o.reply_len = val()?.parse()?,
             "-h" | "--help" => {
                 println!("{USAGE}cases: {}", ALL_CASES.join(","));
                 std::process::exit(0);
@@ -126,7 +137,9 @@ fn parse_args() -> anyhow::Result<Opts> {
     Ok(o)
 }
 
-/// Latency samples in microseconds and the wall time they took.
+/// Latency samples in microseconds of the calls that succeeded, and the wall time they
+/// took. A failed call is counted in `errors` and nowhere else: it adds nothing to ops/s
+/// or to the percentiles.
 struct Run {
     lat_us: Vec<u32>,
     elapsed: Duration,
@@ -160,14 +173,8 @@ where
     let start = Instant::now();
     let cpu_before = own_cpu_s();
     let mut tasks = tokio::task::JoinSet::new();
-    let per_task_ops = match limit {
-        Limit::Ops(n) => (n / (clients.len() * depth) as u64).max(1),
-        Limit::Time(_) => u64::MAX,
-    };
-    let deadline = match limit {
-        Limit::Time(d) => Some(start + d),
-        Limit::Ops(_) => None,
-    };
+    let per_task_ops = limit.per_task(clients.len() * depth);
+    let deadline = limit.deadline(start);
     for (ci, c) in clients.iter().enumerate() {
         for di in 0..depth {
             let (c, op) = (c.clone(), op.clone());
@@ -178,10 +185,12 @@ where
                 let mut i = 0u64;
                 while i < per_task_ops && deadline.is_none_or(|d| Instant::now() < d) {
                     let t = Instant::now();
-                    if op(c.clone(), seed + i).await.is_err() {
-                        errors += 1;
+                    match op(c.clone(), seed + i).await {
+                        Ok(()) => {
+                            lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+                        }
+                        Err(_) => errors += 1,
                     }
-                    lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                     i += 1;
                 }
                 (lat, errors)
@@ -195,9 +204,14 @@ where
         client_cpu_s: 0.0,
     };
     while let Some(r) = tasks.join_next().await {
-        if let Ok((lat, errors)) = r {
-            run.lat_us.extend(lat);
-            run.errors += errors;
+        match r {
+            Ok((lat, errors)) => {
+                run.lat_us.extend(lat);
+                run.errors += errors;
+            }
+            // A client task that panicked: its calls are lost, and counted as one error
+            // so that the run does not look clean.
+            Err(_) => run.errors += 1,
         }
     }
     run.elapsed = start.elapsed();
@@ -224,6 +238,26 @@ fn thread_cpu_s(task: &std::path::Path) -> f64 {
 enum Limit {
     Time(Duration),
     Ops(u64),
+    /// At most this many operations, within this time.
+    OpsWithin(u64, Duration),
+}
+
+impl Limit {
+    /// Operations each of `tasks` loops may do.
+    fn per_task(self, tasks: usize) -> u64 {
+        match self {
+            Limit::Ops(n) | Limit::OpsWithin(n, _) => (n / tasks.max(1) as u64).max(1),
+            Limit::Time(_) => u64::MAX,
+        }
+    }
+
+    /// When the loops stop starting operations.
+    fn deadline(self, start: Instant) -> Option<Instant> {
+        match self {
+            Limit::Time(d) | Limit::OpsWithin(_, d) => Some(start + d),
+            Limit::Ops(_) => None,
+        }
+    }
 }
 
 /// A primitive measured in-process, in the same run as the daemon case.
@@ -262,75 +296,108 @@ fn inproc(seconds: f64, f: impl Fn(u64) + Sync) -> InProc {
     InProc { one, all, threads }
 }
 
-/// The echo floor: a server that returns each frame, same socket type, same framing.
-async fn echo_floor(
-    conns: usize,
-    depth: usize,
-    frame_len: usize,
-    limit: Limit,
-) -> anyhow::Result<f64> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("echo.sock");
+/// The echo server of the floor (`--echo-server PATH --reply-len N`, run as a process of
+/// its own, as kmsd is): it reads frames as kmsd reads them (buffered, 16 KiB at a time)
+/// and answers each with a frame of N bytes, the size of kmsd's reply, from a writer task
+/// of its own, as kmsd's connections do.
+async fn echo_server(path: PathBuf, reply_len: usize) -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::bind(&path)?;
-    let server = tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
+    let mut reply = (reply_len as u32).to_be_bytes().to_vec();
+    reply.resize(4 + reply_len, 0x5a);
+    let reply = Arc::new(reply);
+    loop {
+        let (s, _) = listener.accept().await?;
+        let reply = reply.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut r = tokio::io::BufReader::with_capacity(16 * 1024, r);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<Vec<u8>>>(1024);
             tokio::spawn(async move {
-                let (r, mut w) = s.into_split();
-                // Read as kmsd and the client library read: buffered, 16 KiB at a time.
-                let mut r = tokio::io::BufReader::with_capacity(16 * 1024, r);
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
-                tokio::spawn(async move {
-                    while let Some(f) = rx.recv().await {
-                        if w.write_all(&f).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-                while let Ok(Some(body)) = codec::read_frame(&mut r, u32::MAX).await {
-                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
-                    f.extend_from_slice(&body);
-                    if tx.send(f).await.is_err() {
+                while let Some(f) = rx.recv().await {
+                    if w.write_all(&f).await.is_err() {
                         break;
                     }
                 }
             });
-        }
-    });
-    // Depth is emulated with one connection per in-flight call (echo has no ids).
-    let body = vec![0x5au8; frame_len];
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let per_task = match limit {
-        Limit::Ops(n) => (n / (conns * depth) as u64).max(1),
-        Limit::Time(_) => u64::MAX,
-    };
-    for _ in 0..conns * depth {
-        let (path, body) = (path.clone(), body.clone());
-        tasks.spawn(async move {
-            let mut s = tokio::net::UnixStream::connect(&path).await?;
-            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-            frame.extend_from_slice(&body);
-            let mut n = 0u64;
-            let mut buf = vec![0u8; frame.len()];
-            while n < per_task
-                && match limit {
-                    Limit::Time(d) => start.elapsed() < d,
-                    Limit::Ops(_) => true,
+            while let Ok(Some(_)) = codec::read_frame(&mut r, u32::MAX).await {
+                if tx.send(reply.clone()).await.is_err() {
+                    break;
                 }
-            {
-                s.write_all(&frame).await?;
-                s.read_exact(&mut buf).await?;
-                n += 1;
             }
-            Ok::<_, std::io::Error>(n)
         });
     }
-    let mut total = 0u64;
-    while let Some(r) = tasks.join_next().await {
-        total += r??;
+}
+
+/// The echo floor: round trips of the case's request frame and a reply frame of kmsd's
+/// reply size, over the same kind of socket to a server in a process of its own
+/// ([`echo_server`]), with the case's connections and calls in flight on each (pipelined
+/// on one connection, as the client library does). What it leaves out is the client
+/// library's own work (encoding, matching replies to calls) and everything kmsd does.
+async fn echo_floor(
+    conns: usize,
+    depth: usize,
+    frame_len: usize,
+    reply_len: usize,
+    limit: Limit,
+) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("echo.sock");
+    let mut server = std::process::Command::new(std::env::current_exe()?)
+        .arg("--echo-server")
+        .arg(&path)
+        .args(["--reply-len", &reply_len.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the echo server")?;
+    let result = async {
+        let mut waited = 0;
+        while tokio::net::UnixStream::connect(&path).await.is_err() {
+            anyhow::ensure!(waited < 500, "the echo server did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        let mut frame = (frame_len as u32).to_be_bytes().to_vec();
+        frame.resize(4 + frame_len, 0x5a);
+        let frame = Arc::new(frame);
+        let start = Instant::now();
+        let per_conn = limit.per_task(conns);
+        let deadline = limit.deadline(start);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..conns {
+            let (path, frame) = (path.clone(), frame.clone());
+            tasks.spawn(async move {
+                let s = tokio::net::UnixStream::connect(&path).await?;
+                let (mut r, mut w) = s.into_split();
+                let more =
+                    |sent: u64| sent < per_conn && deadline.is_none_or(|d| Instant::now() < d);
+                let mut sent = 0u64;
+                while sent < depth as u64 && more(sent) {
+                    w.write_all(&frame).await?;
+                    sent += 1;
+                }
+                let mut reply = vec![0u8; 4 + reply_len];
+                let mut answered = 0u64;
+                while answered < sent {
+                    r.read_exact(&mut reply).await?;
+                    answered += 1;
+                    if more(sent) {
+                        w.write_all(&frame).await?;
+                        sent += 1;
+                    }
+                }
+                Ok::<_, std::io::Error>(answered)
+            });
+        }
+        let mut total = 0u64;
+        while let Some(r) = tasks.join_next().await {
+            total += r??;
+        }
+        Ok(total as f64 / start.elapsed().as_secs_f64())
     }
-    server.abort();
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    result
 }
 
 /// What one durable group of calls costs on this machine: kmsd's own call journal
@@ -437,6 +504,20 @@ fn frame_len(request: Request) -> usize {
         .unwrap_or(64)
 }
 
+/// The size of kmsd's reply frame to `request`, for the echo floor: the request made once
+/// more and its answer encoded as kmsd encodes it (the request's own size if it fails).
+async fn reply_len(client: &Client, request: Request) -> usize {
+    let fallback = frame_len(request.clone());
+    match client.call(request).await {
+        Ok(resp) => codec::encode(&ServerFrame::Reply {
+            id: 1,
+            result: Outcome::Ok(resp),
+        })
+        .map_or(fallback, |b| b.len()),
+        Err(_) => fallback,
+    }
+}
+
 fn spec(name: &str, t: KeyType, convergent: bool) -> CreateKey {
     CreateKey {
         name: name.into(),
@@ -541,6 +622,8 @@ fn peer_pid(socket: &std::path::Path) -> Option<u32> {
 
 struct Case<'a> {
     name: &'a str,
+    /// Calls in flight per connection (1 for the management cases and ssh-agent).
+    depth: usize,
     run: Run,
     /// Operations per call: the item count of a batch case, else 1.
     per_call: usize,
@@ -566,14 +649,15 @@ fn report(o: &Opts, c: &mut Case) {
         println!(
             "{}",
             serde_json::json!({
-                "op": c.name, "conns": o.conns, "depth": o.depth, "items_per_call": c.per_call,
+                "op": c.name, "conns": o.conns, "depth": c.depth, "items_per_call": c.per_call,
                 "ops": c.run.lat_us.len() * c.per_call, "errors": c.run.errors,
                 "ops_per_s": ops.round(), "p50_us": p50, "p99_us": p99, "p999_us": p999,
                 "inproc_ops_per_s": c.inproc.map(|i| i.one.round()),
                 "inproc_all_cores_ops_per_s": c.inproc.map(|i| i.all.round()),
                 "inproc_threads": c.inproc.map(|i| i.threads),
-                "floor_ops_per_s": c.floor.round(),
-                "pct_of_floor": (100.0 * ops / c.floor).round(),
+                // null where there is no floor (ssh-agent): not measured, not zero.
+                "floor_ops_per_s": (!c.floor.is_nan()).then(|| c.floor.round()),
+                "pct_of_floor": (!c.floor.is_nan()).then(|| (100.0 * ops / c.floor).round()),
                 "daemon_cpu_s": c.cpu_s, "daemon_peak_rss_kib": c.rss_kib,
                 "daemon_cpu_us_per_op": per_op,
                 "client_cpu_us_per_op": if done > 0.0 { (c.run.client_cpu_s * 1e7 / done).round() / 10.0 } else { 0.0 },
@@ -619,6 +703,9 @@ fn report(o: &Opts, c: &mut Case) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = parse_args()?;
+    if let Some(path) = o.echo_server.clone() {
+        return echo_server(path, o.reply_len).await;
+    }
     if let Some(n) = o.scale {
         return scale(&o, n).await;
     }
@@ -706,6 +793,13 @@ async fn main() -> anyhow::Result<()> {
     if !o.smoke || o.json {
         journal_cost(&o, inproc_s * 2.0)?;
     }
+    // ssh-agent is measured right after the kms case it is compared with, so that the
+    // ratio is of two figures taken in the same minute.
+    let agent = match o.ssh_agent {
+        true => Some(ssh_agent::Agent::start().await?),
+        false => None,
+    };
+    let mut agent_done = Vec::new();
     let mut cpu_before = pid.map_or(0.0, |p| proc_usage(p).0);
     let mut threads_before = pid.map(ThreadCpu::read).unwrap_or_default();
     for case in o.cases.clone() {
@@ -823,8 +917,11 @@ async fn main() -> anyhow::Result<()> {
                     plaintext: (pt1k.clone()).into(),
                     context: Some(b"ctx".to_vec()),
                 };
+                // The same 1 KiB the daemon's case encrypts, distinct each time.
                 let inp = inproc(inproc_s, |i| {
-                    let _ = aes.encrypt_convergent(b"ctx", b"aad", &i.to_le_bytes());
+                    let mut pt = [0u8; 1024];
+                    pt[..8].copy_from_slice(&i.to_le_bytes());
+                    let _ = aes.encrypt_convergent(b"ctx", b"aad", &pt);
                 });
                 let run = drive(c, o.depth, limit, move |cl, i| {
                     let key = key.clone();
@@ -1017,10 +1114,17 @@ async fn main() -> anyhow::Result<()> {
                 (run, None, req)
             }
             "rotate" => {
-                // Rotation keys of their own, so the 100-version limit is not reached.
-                let n = clients.len();
+                // Keys of their own, at most 90 rotations each (a key holds at most 100
+                // versions), made before the run: as many as the run could use at 20,000
+                // rotations/s, rotated in turn, so that the run lasts its time.
+                const PER_KEY: u64 = 90;
+                let wanted = match limit {
+                    Limit::Ops(x) | Limit::OpsWithin(x, _) => x,
+                    Limit::Time(d) => (d.as_secs_f64() * 20_000.0) as u64,
+                };
+                let keys = (wanted.div_ceil(PER_KEY) as usize).max(clients.len());
                 let mut names = Vec::new();
-                for i in 0..n {
+                for i in 0..keys {
                     let name = format!("r{tag}x{i}");
                     if admin.get_key(&name).await.is_err() {
                         admin
@@ -1031,11 +1135,10 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let names = Arc::new(names);
                 let req = Request::Rotate { key: k("rot") };
-                // At most 99 rotations per key: cap the run by ops.
-                let cap = Limit::Ops((n * 90) as u64);
+                let most = keys as u64 * PER_KEY;
                 let lim = match limit {
-                    Limit::Ops(x) => Limit::Ops(x.min((n * 90) as u64)),
-                    Limit::Time(_) => cap,
+                    Limit::Ops(x) => Limit::Ops(x.min(most)),
+                    Limit::Time(d) | Limit::OpsWithin(_, d) => Limit::OpsWithin(most, d),
                 };
                 let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 let run = drive(c, 1, lim, move |cl, _| {
@@ -1048,11 +1151,13 @@ async fn main() -> anyhow::Result<()> {
                 (run, None, req)
             }
             "create" => {
-                let req = Request::CreateKey(spec("c0000000", KeyType::Aes256, false));
+                // Its reply probe (for the floor) creates this key.
+                let req = Request::CreateKey(spec(&format!("c{tag}p"), KeyType::Aes256, false));
                 let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 let lim = match limit {
                     Limit::Ops(x) => Limit::Ops(x),
                     Limit::Time(d) => Limit::Time(d.min(Duration::from_secs(2))),
+                    Limit::OpsWithin(x, d) => Limit::OpsWithin(x, d.min(Duration::from_secs(2))),
                 };
                 let run = drive(c, 1, lim, move |cl, _| {
                     let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1068,12 +1173,21 @@ async fn main() -> anyhow::Result<()> {
             }
             _ => unreachable!("checked in parse_args"),
         };
-        // The floor moves the same frames, so it counts the same operations per frame.
+        // The management cases run one call per connection at a time.
+        let depth = if matches!(case.as_str(), "rotate" | "create") {
+            1
+        } else {
+            o.depth
+        };
+        // The floor moves the same frames, so it counts the same operations per frame;
+        // its replies are the size of kmsd's reply to the case's request.
+        let reply_len = reply_len(&admin, request.clone()).await;
         let floor = per_call as f64
             * echo_floor(
                 o.conns,
-                o.depth,
+                depth,
                 frame_len(request),
+                reply_len,
                 if o.smoke {
                     Limit::Ops(200)
                 } else {
@@ -1087,8 +1201,10 @@ async fn main() -> anyhow::Result<()> {
         let threads_now = pid.map(ThreadCpu::read).unwrap_or_default();
         let threads = threads_now.since(threads_before);
         threads_before = threads_now;
+        let case_name = case.clone();
         let mut case = Case {
             name: &case,
+            depth,
             run,
             per_call,
             inproc: inp,
@@ -1098,17 +1214,29 @@ async fn main() -> anyhow::Result<()> {
             rss_kib,
         };
         report(&o, &mut case);
+        if let (Some(agent), Some(beside)) = (&agent, ssh_agent::case_beside(&case_name)) {
+            agent.measure(&o, beside).await?;
+            agent_done.push(beside);
+            // Not the daemon's: the next case's CPU starts here.
+            cpu_before = pid.map_or(0.0, |p| proc_usage(p).0);
+            threads_before = pid.map(ThreadCpu::read).unwrap_or_default();
+        }
     }
-    if o.ssh_agent {
-        ssh_agent::compare(&o).await?;
+    if let Some(agent) = &agent {
+        for case in ssh_agent::CASES {
+            if !agent_done.contains(&case) {
+                agent.measure(&o, case).await?;
+            }
+        }
     }
     Ok(())
 }
 
 /// Scale mode: N keys × 10 versions (and as many history entries), written offline, then
-/// a real kmsd started on them three times: start-up to READY (the socket accepts), RSS,
-/// store size, `list` first page and `show` latency, and the daemon's CPU when idle (the
-/// scheduler with N/2 rotations scheduled, none due).
+/// a real kmsd started on them seven times: start-up to READY (kmsd's `READY=1` on its
+/// notify socket), RSS, store size, `list` first page and whole-list latency, `show`
+/// latency, and the daemon's CPU when idle (the scheduler with N/2 rotations scheduled,
+/// none due).
 async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
     const VERSIONS: u32 = 10;
     let dir = tempfile::tempdir()?;
@@ -1125,8 +1253,15 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
     }
     let populate_s = t.elapsed().as_secs_f64();
     let store_bytes = std::fs::metadata(data.join("kms.redb"))?.len();
+    // Start-up is timed to kmsd's `READY=1` (sd_notify), as systemd sees it: after the
+    // socket is bound, once the keyring is built and the daemon serves.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = Arc::new(std::os::unix::net::UnixDatagram::bind(&notify_path)?);
     let opts = DaemonOptions {
-        env: vec![("KMS_LOG".into(), "warn".into())],
+        env: vec![
+            ("KMS_LOG".into(), "warn".into()),
+            ("NOTIFY_SOCKET".into(), notify_path.display().to_string()),
+        ],
         data_dir: Some(data.clone()),
         ..DaemonOptions::default()
     };
@@ -1134,10 +1269,19 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
     // populating has no record of a clean stop), three times after a SIGKILL (redb's
     // repair and kmsd's full page check), and three times after a clean stop (no full
     // check: see kmsd/src/store/clean_stop.rs). The last daemon serves the queries.
-    let start = |opts: DaemonOptions| async move {
-        let t = Instant::now();
-        let d = tokio::task::spawn_blocking(move || TestDaemon::start_with(opts)).await?;
-        anyhow::Ok((d, t.elapsed().as_secs_f64() * 1000.0))
+    let start = |opts: DaemonOptions| {
+        let notify = notify.clone();
+        async move {
+            // What earlier daemons said (STOPPING=1, …) is not this start's.
+            notify.set_nonblocking(true)?;
+            let mut buf = [0u8; 4096];
+            while notify.recv(&mut buf).is_ok() {}
+            notify.set_nonblocking(false)?;
+            let t = Instant::now();
+            let d = tokio::task::spawn_blocking(move || TestDaemon::start_with(opts)).await?;
+            let ms = tokio::task::spawn_blocking(move || ready_after(&notify, t)).await??;
+            anyhow::Ok((d, ms))
+        }
     };
     let (mut daemon, first_ms) = start(opts.clone()).await?;
     // Of a store of schema 1, the first start includes its upgrade (every version
@@ -1173,6 +1317,14 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
         let t = Instant::now();
         c.list_keys(false, 0, Some(50)).await?;
         list_us.push(t.elapsed().as_micros() as u32);
+    }
+    // The whole list, as `kmsctl list` and the dashboard ask for it.
+    let mut list_all_ms = Vec::new();
+    for _ in 0..if o.smoke { 3 } else { 10 } {
+        let t = Instant::now();
+        let (all, _) = c.list_keys(false, 0, None).await?;
+        list_all_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(all.len() == n, "the whole list has {} keys", all.len());
     }
     let mut show_us = Vec::new();
     for i in 0..rounds {
@@ -1220,6 +1372,7 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
         "rss_mib_after_start_with_full_check": rss_after_kill / 1024,
         "rss_mib_after_queries": rss_after_queries / 1024,
         "list_first_page_p50_us": l.pct(0.5), "list_first_page_p99_us": l.pct(0.99),
+        "list_all_median_ms": med(&mut list_all_ms).round(),
         "show_p50_us": s.pct(0.5), "show_p99_us": s.pct(0.99),
         "idle_cpu_ms_per_s": (idle_cpu_ms_per_s * 100.0).round() / 100.0,
     });
@@ -1229,6 +1382,21 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+/// Milliseconds from `t` to the first `READY=1` on `notify` (kmsd's sd_notify socket).
+fn ready_after(notify: &std::os::unix::net::UnixDatagram, t: Instant) -> anyhow::Result<f64> {
+    notify.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).context("no READY=1 from kmsd")?;
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            return Ok(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
 }
 
 impl From<Vec<u32>> for Run {
@@ -1298,78 +1466,128 @@ mod ssh_agent {
         Ok(keys)
     }
 
-    pub async fn compare(o: &Opts) -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let sock = dir.path().join("agent.sock");
-        let mut agent = std::process::Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&sock)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("ssh-agent")?;
-        for _ in 0..100 {
-            if sock.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    /// An ssh-agent of its own, holding a P-256 and an RSA-2048 key; stopped when dropped.
+    pub struct Agent {
+        _dir: tempfile::TempDir,
+        sock: std::path::PathBuf,
+        child: std::process::Child,
+        /// (case name, key blob, signature flags).
+        keys: Vec<(&'static str, Vec<u8>, u32)>,
+    }
+
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        for (t, bits) in [("ecdsa", "256"), ("rsa", "2048")] {
-            let key = dir.path().join(t);
-            let st = std::process::Command::new("ssh-keygen")
-                .args(["-q", "-N", "", "-t", t, "-b", bits, "-f"])
-                .arg(&key)
-                .status()?;
-            anyhow::ensure!(st.success(), "ssh-keygen failed");
-            let st = std::process::Command::new("ssh-add")
-                .arg("-q")
-                .arg(&key)
-                .env("SSH_AUTH_SOCK", &sock)
-                .stderr(std::process::Stdio::null())
-                .status()?;
-            anyhow::ensure!(st.success(), "ssh-add failed");
+    }
+
+    /// The ssh-agent case measured side by side with a kms case.
+    pub fn case_beside(kms_case: &str) -> Option<&'static str> {
+        match kms_case {
+            "ecdsa-sign" => Some("ssh-agent-ec-sign"),
+            "rsa-sign" => Some("ssh-agent-rsa-sign"),
+            _ => None,
         }
-        let mut probe = tokio::net::UnixStream::connect(&sock).await?;
-        let keys = identities(&mut probe).await?;
-        for blob in keys {
-            // rsa-sha2-256 (flag 2) for RSA; ECDSA P-256 signs with SHA-256 anyway.
-            let (name, flags) = if blob.windows(7).any(|w| w == b"ssh-rsa") {
-                ("ssh-agent-rsa-sign", 2u32)
-            } else {
-                ("ssh-agent-ec-sign", 0)
+    }
+
+    pub const CASES: [&str; 2] = ["ssh-agent-ec-sign", "ssh-agent-rsa-sign"];
+
+    impl Agent {
+        pub async fn start() -> anyhow::Result<Agent> {
+            let dir = tempfile::tempdir()?;
+            let sock = dir.path().join("agent.sock");
+            let child = std::process::Command::new("ssh-agent")
+                .arg("-D")
+                .arg("-a")
+                .arg(&sock)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("ssh-agent")?;
+            let mut agent = Agent {
+                sock,
+                child,
+                keys: Vec::new(),
+                _dir: dir,
             };
+            for _ in 0..100 {
+                if agent.sock.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for (t, bits) in [("ecdsa", "256"), ("rsa", "2048")] {
+                let key = agent._dir.path().join(t);
+                let st = std::process::Command::new("ssh-keygen")
+                    .args(["-q", "-N", "", "-t", t, "-b", bits, "-f"])
+                    .arg(&key)
+                    .status()?;
+                anyhow::ensure!(st.success(), "ssh-keygen failed");
+                let st = std::process::Command::new("ssh-add")
+                    .arg("-q")
+                    .arg(&key)
+                    .env("SSH_AUTH_SOCK", &agent.sock)
+                    .stderr(std::process::Stdio::null())
+                    .status()?;
+                anyhow::ensure!(st.success(), "ssh-add failed");
+            }
+            let mut probe = tokio::net::UnixStream::connect(&agent.sock).await?;
+            for blob in identities(&mut probe).await? {
+                // rsa-sha2-256 (flag 2) for RSA; ECDSA P-256 signs with SHA-256 anyway.
+                agent
+                    .keys
+                    .push(if blob.windows(7).any(|w| w == b"ssh-rsa") {
+                        ("ssh-agent-rsa-sign", blob, 2u32)
+                    } else {
+                        ("ssh-agent-ec-sign", blob, 0)
+                    });
+            }
+            Ok(agent)
+        }
+
+        /// Measures one of [`CASES`] with the run's connection count, one call in flight
+        /// on each (the agent answers one request at a time per connection), and the
+        /// agent's own CPU and peak RSS.
+        pub async fn measure(&self, o: &Opts, case: &'static str) -> anyhow::Result<()> {
+            let (_, blob, flags) = self
+                .keys
+                .iter()
+                .find(|(name, _, _)| *name == case)
+                .context("the agent has no key for this case")?
+                .clone();
             let limit = if o.smoke {
                 Limit::Ops(200)
             } else {
                 Limit::Time(Duration::from_secs_f64(o.seconds))
             };
+            let pid = self.child.id();
+            let cpu_before = proc_usage(pid).0;
             let start = Instant::now();
+            let (per, deadline) = (limit.per_task(o.conns), limit.deadline(start));
             let mut tasks = tokio::task::JoinSet::new();
-            let per = match limit {
-                Limit::Ops(n) => (n / o.conns as u64).max(1),
-                Limit::Time(_) => u64::MAX,
-            };
             for _ in 0..o.conns {
-                let (sock, blob) = (sock.clone(), blob.clone());
+                let (sock, blob) = (self.sock.clone(), blob.clone());
                 tasks.spawn(async move {
-                    let mut s = tokio::net::UnixStream::connect(&sock).await?;
                     let mut lat = Vec::new();
+                    let Ok(mut s) = tokio::net::UnixStream::connect(&sock).await else {
+                        return (lat, 1);
+                    };
                     let mut msg = vec![13u8];
                     put_string(&mut msg, &blob);
                     put_string(&mut msg, b"benchmark message to sign");
                     msg.extend_from_slice(&flags.to_be_bytes());
-                    while (lat.len() as u64) < per
-                        && match limit {
-                            Limit::Time(d) => start.elapsed() < d,
-                            Limit::Ops(_) => true,
-                        }
-                    {
+                    while (lat.len() as u64) < per && deadline.is_none_or(|d| Instant::now() < d) {
                         let t = Instant::now();
-                        let r = call(&mut s, &msg).await?;
-                        anyhow::ensure!(r.first() == Some(&14), "agent refused to sign");
-                        lat.push(t.elapsed().as_micros() as u32);
+                        match call(&mut s, &msg).await {
+                            Ok(r) if r.first() == Some(&14) => {
+                                lat.push(t.elapsed().as_micros() as u32)
+                            }
+                            // The connection's state is unknown after a failure: its
+                            // successful calls are kept, and it stops.
+                            _ => return (lat, 1),
+                        }
                     }
-                    Ok::<_, anyhow::Error>(lat)
+                    (lat, 0)
                 });
             }
             let mut run = Run {
@@ -1379,26 +1597,29 @@ mod ssh_agent {
                 client_cpu_s: 0.0,
             };
             while let Some(r) = tasks.join_next().await {
-                match r? {
-                    Ok(l) => run.lat_us.extend(l),
+                match r {
+                    Ok((lat, errors)) => {
+                        run.lat_us.extend(lat);
+                        run.errors += errors;
+                    }
                     Err(_) => run.errors += 1,
                 }
             }
             run.elapsed = start.elapsed();
+            let (cpu_after, rss_kib) = proc_usage(pid);
             let mut case = Case {
-                name,
+                name: case,
+                depth: 1,
                 run,
                 per_call: 1,
                 inproc: None,
                 floor: f64::NAN,
-                cpu_s: 0.0,
+                cpu_s: cpu_after - cpu_before,
                 threads: ThreadCpu::default(),
-                rss_kib: 0,
+                rss_kib,
             };
             report(o, &mut case);
+            Ok(())
         }
-        let _ = agent.kill();
-        let _ = agent.wait();
-        Ok(())
     }
 }
