@@ -5,9 +5,9 @@
 //! unless it is at the top. A whole `list` of 100,000 keys builds replies of tens of
 //! megabytes: after ten of them, kmsd's resident set grew from 122 to 271 MiB and stayed
 //! there (docs/PERFORMANCE.md, "Scale"). A fixed trim threshold turns that adjustment off:
-//! large blocks keep their own mappings, returned when freed, and free memory at the top
-//! of the heap beyond 1 MiB is returned too (132 MiB after the same ten lists). Small
-//! blocks, which every call allocates, are not affected.
+//! blocks of 128 KiB and more keep mappings of their own, unmapped when freed (138 MiB
+//! after the same ten lists), and free memory beyond 1 MiB at the top of the main heap is
+//! returned too. Smaller blocks, which every call allocates, are not affected.
 
 /// Sets the allocator's trim threshold (glibc only; elsewhere nothing). Called first in
 /// `main`, before any other thread exists.

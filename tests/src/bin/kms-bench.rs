@@ -109,7 +109,8 @@ fn parse_args() -> anyhow::Result<Opts> {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--conns" => o.conns = val()?.parse()?,
-            "--depth" => o.depth = val()?.parse()?,
+            // The echo floor keeps that many frames queued in its server (1,024 at most).
+            "--depth" => o.depth = val()?.parse::<usize>()?.clamp(1, 512),
             "--seconds" => o.seconds = val()?.parse()?,
             "--cases" => o.cases = val()?.split(',').map(str::to_string).collect(),
             "--json" => o.json = true,
@@ -302,6 +303,11 @@ fn inproc(seconds: f64, f: impl Fn(u64) + Sync) -> InProc {
 /// of its own, as kmsd's connections do.
 async fn echo_server(path: PathBuf, reply_len: usize) -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::bind(&path)?;
+    // Its stdin is a pipe from the benchmark: closed, the benchmark is gone.
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
     let mut reply = (reply_len as u32).to_be_bytes().to_vec();
     reply.resize(4 + reply_len, 0x5a);
     let reply = Arc::new(reply);
@@ -342,14 +348,19 @@ async fn echo_floor(
 ) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("echo.sock");
-    let mut server = std::process::Command::new(std::env::current_exe()?)
-        .arg("--echo-server")
-        .arg(&path)
-        .args(["--reply-len", &reply_len.to_string()])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("starting the echo server")?;
-    let result = async {
+    // Killed when dropped; and it exits by itself when its stdin closes, should this
+    // process be killed first.
+    let _server = KillOnDrop(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--echo-server")
+            .arg(&path)
+            .args(["--reply-len", &reply_len.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting the echo server")?,
+    );
+    async {
         let mut waited = 0;
         while tokio::net::UnixStream::connect(&path).await.is_err() {
             anyhow::ensure!(waited < 500, "the echo server did not start");
@@ -394,10 +405,17 @@ async fn echo_floor(
         }
         Ok(total as f64 / start.elapsed().as_secs_f64())
     }
-    .await;
-    let _ = server.kill();
-    let _ = server.wait();
-    result
+    .await
+}
+
+/// A child process killed (and reaped) when this is dropped, on every way out.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// What one durable group of calls costs on this machine: kmsd's own call journal
@@ -678,7 +696,11 @@ fn report(o: &Opts, c: &mut Case) {
             } else {
                 format!("{:.0}", c.floor)
             },
-            100.0 * ops / c.floor,
+            if c.floor.is_nan() {
+                0.0
+            } else {
+                100.0 * ops / c.floor
+            },
             c.run.errors,
             c.cpu_s,
             c.rss_kib / 1024
@@ -1134,6 +1156,9 @@ async fn main() -> anyhow::Result<()> {
                     names.push(name);
                 }
                 let names = Arc::new(names);
+                // Making them is not the case's: its CPU is counted from here.
+                cpu_before = pid.map_or(0.0, |p| proc_usage(p).0);
+                threads_before = pid.map(ThreadCpu::read).unwrap_or_default();
                 let req = Request::Rotate { key: k("rot") };
                 let most = keys as u64 * PER_KEY;
                 let lim = match limit {
@@ -1278,8 +1303,10 @@ async fn scale(o: &Opts, n: usize) -> anyhow::Result<()> {
             while notify.recv(&mut buf).is_ok() {}
             notify.set_nonblocking(false)?;
             let t = Instant::now();
+            // Listening before kmsd starts, and timed when READY=1 arrives.
+            let ready = tokio::task::spawn_blocking(move || ready_after(&notify, t));
             let d = tokio::task::spawn_blocking(move || TestDaemon::start_with(opts)).await?;
-            let ms = tokio::task::spawn_blocking(move || ready_after(&notify, t)).await??;
+            let ms = ready.await??;
             anyhow::Ok((d, ms))
         }
     };
