@@ -42,6 +42,21 @@ pub fn hsm_key(name: &str, key_type: KeyType) -> CreateKey {
     }
 }
 
+/// Initialises a token labelled `label` in the free slot (user PIN 1234), in the token
+/// directory `SOFTHSM2_CONF` names.
+fn init_token(label: &str) {
+    let out = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", label])
+        .args(["--pin", "1234", "--so-pin", "5678"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A SoftHSM2 token directory with one initialised token, and its PIN file.
 pub struct Token {
     dir: tempfile::TempDir,
@@ -71,16 +86,7 @@ impl Token {
         // SAFETY: `set_var` is unsound only while another thread reads the environment;
         // the test that calls this is its process's only one, and calls it first.
         unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", label])
-            .args(["--pin", "1234", "--so-pin", "5678"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        init_token(label);
         let pin_file = dir.path().join("pin");
         std::fs::write(&pin_file, "1234\n").unwrap();
         Token {
@@ -93,16 +99,7 @@ impl Token {
     /// Initialises another token beside this one (same PIN), for dedicated-hsm keys;
     /// returns the module and PIN file to register it with.
     pub fn another(&self, label: &str) -> (&'static str, PathBuf) {
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", label])
-            .args(["--pin", "1234", "--so-pin", "5678"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        init_token(label);
         (MODULE, self.pin_file.clone())
     }
 
