@@ -265,6 +265,33 @@ fn dashboard_session_in_tmux() {
     t.escape_from("┌ HSM tokens");
     t.wait_for("3 keys");
 
+    // Events: what the dashboard received, newest first; the other client's disable of
+    // `existing` is there, above its create of `from-cli`, and enter opens the key.
+    t.keys(&["E"]);
+    t.wait_for("since the dashboard started");
+    let rows = t.view_rows();
+    let at = |what: &str, key: &str| {
+        rows.iter()
+            .position(|l| l.contains(what) && l.contains(key))
+            .unwrap_or_else(|| panic!("no {what} of {key}:\n{}", rows.join("\n")))
+    };
+    assert!(
+        at("state-changed", "existing") < at("created", "from-cli"),
+        "newest first:\n{}",
+        rows.join("\n")
+    );
+    // The view's rows are its status line, its column titles, then the events.
+    t.keys(&["Home"]);
+    for _ in 2..at("state-changed", "existing") {
+        t.keys(&["Down"]);
+    }
+    t.keys(&["Enter"]);
+    let s = t.wait_for("existing · times in UTC");
+    assert!(!s.contains("┌ Events"), "{s}");
+    // Back from the details to the list (whose column titles the details lack).
+    t.keys(&["Escape"]);
+    t.wait_for("Used / due");
+
     // Quit: the program ends and tmux's pane with it.
     t.keys(&["q"]);
     t.wait_quit();

@@ -52,6 +52,8 @@ pub enum Action {
     Permissions,
     /// Open the HSM tokens view.
     Tokens,
+    /// Open the events view.
+    Events,
     /// In the permissions or tokens view: a new grant, a new token.
     New,
     /// In the permissions or tokens view: revoke the grant, remove the token.

@@ -5,7 +5,7 @@ use kms_shared::model::{
     Protection, Role, VersionInfo, validate_convergent, validate_convergent_protection,
     validate_memo, validate_name, validate_rotation_days,
 };
-use kms_shared::protocol::{CreateKey, GrantSpec, HsmTokenInfo};
+use kms_shared::protocol::{CreateKey, Event, GrantSpec, HsmTokenInfo};
 
 use super::keymap::Mode;
 use super::strings;
@@ -16,6 +16,9 @@ pub const HISTORY_PAGE: u32 = 100;
 /// How close to the end of the loaded history the selection gets before the next page
 /// is fetched, so that scrolling does not stall at the boundary.
 pub const HISTORY_PREFETCH: usize = 10;
+/// Events the events view keeps; older ones are dropped as new ones come. The daemon
+/// keeps none (SPEC §8): a key's changes stay in its history.
+pub const EVENT_LOG: usize = 1_000;
 /// Longest text a field accepts. Past the rule's limit the validator already complains;
 /// this only keeps a stuck key from growing a string without bound.
 pub const MAX_INPUT: usize = 200;
@@ -50,6 +53,7 @@ pub enum Screen {
     History(HistoryView),
     Grants(GrantsView),
     Tokens(TokensView),
+    Events(EventsView),
 }
 
 /// Where esc from a sub-view goes.
@@ -128,6 +132,55 @@ pub struct TokensView {
     pub back: Base,
     pub selected: usize,
     pub offset: usize,
+}
+
+/// The events view: the events this dashboard received, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventsView {
+    pub back: Base,
+    /// Row of the selection, 0 being the newest entry.
+    pub selected: usize,
+    pub offset: usize,
+}
+
+/// One row of the events view.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Logged {
+    Event(Event),
+    /// The daemon dropped this many events for this dashboard, which read too slowly
+    /// (0: an unknown number).
+    Missed(u64),
+    /// The connection was lost and made again: events in between were not received.
+    Reconnected,
+}
+
+/// The events received since the dashboard started, oldest first, at most [`EVENT_LOG`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventLog(std::collections::VecDeque<Logged>);
+
+impl EventLog {
+    pub fn push(&mut self, entry: Logged) {
+        if self.0.len() == EVENT_LOG {
+            self.0.pop_front();
+        }
+        self.0.push_back(entry);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `row`th entry counting from the newest (row 0).
+    pub fn newest(&self, row: usize) -> Option<&Logged> {
+        self.0
+            .len()
+            .checked_sub(row + 1)
+            .and_then(|i| self.0.get(i))
+    }
 }
 
 /// The dedicated-hsm tokens as last read from the daemon.
@@ -738,6 +791,8 @@ pub struct App {
     pub message: Option<Message>,
     /// The registered dedicated-hsm tokens, for the tokens view and the create form.
     pub hsm_tokens: HsmTokens,
+    /// What the events view lists.
+    pub events: EventLog,
     /// The data directory of the daemon last connected to: a reconnect to a daemon
     /// serving another one is said, not shown silently as the same keys.
     pub data_dir: Option<String>,
@@ -764,6 +819,7 @@ impl App {
             popup: None,
             message: None,
             hsm_tokens: HsmTokens::default(),
+            events: EventLog::default(),
             data_dir: None,
             was_connected: false,
             should_quit: false,
@@ -789,6 +845,7 @@ impl App {
                 Screen::History(_) => Mode::History,
                 Screen::Grants(_) => Mode::Grants,
                 Screen::Tokens(_) => Mode::Tokens,
+                Screen::Events(_) => Mode::Events,
             },
         }
     }
@@ -828,7 +885,7 @@ impl App {
             Screen::Versions(v) => self.key_by_tag(&v.tag),
             Screen::History(h) => self.key_by_tag(&h.tag),
             Screen::Main | Screen::Details => self.selected_key(),
-            Screen::Grants(_) | Screen::Tokens(_) => None,
+            Screen::Grants(_) | Screen::Tokens(_) | Screen::Events(_) => None,
         }
     }
 

@@ -21,6 +21,8 @@ pub enum Mode {
     Grants,
     /// The HSM tokens view.
     Tokens,
+    /// The events view.
+    Events,
     /// Typing the filter.
     Filter,
     Help,
@@ -78,6 +80,7 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Char('h') => Some(Action::History),
             Char('P') => Some(Action::Permissions),
             Char('T') => Some(Action::Tokens),
+            Char('E') => Some(Action::Events),
             _ => None,
         },
         Mode::Grants | Mode::Tokens => match key.code {
@@ -108,6 +111,20 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Enter => Some(Action::Open),
             Char('r') => Some(Action::Rotate),
             Char('h') => Some(Action::History),
+            Esc => Some(Action::Back),
+            Char('?') => Some(Action::Help),
+            Char('M') => Some(Action::FullMessage),
+            Char('q') => Some(Action::Quit),
+            _ => None,
+        },
+        Mode::Events => match key.code {
+            Up | Char('k') => Some(Action::Up),
+            Down | Char('j') => Some(Action::Down),
+            PageUp => Some(Action::PageUp),
+            PageDown => Some(Action::PageDown),
+            Home | Char('g') => Some(Action::Top),
+            End | Char('G') => Some(Action::Bottom),
+            Enter => Some(Action::Open),
             Esc => Some(Action::Back),
             Char('?') => Some(Action::Help),
             Char('M') => Some(Action::FullMessage),
@@ -230,6 +247,7 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("h", s::F_HISTORY),
             ("P", s::F_PERMISSIONS),
             ("T", s::F_TOKENS),
+            ("E", s::F_EVENTS),
         ],
         Mode::Grants => &[
             ("esc", s::F_BACK),
@@ -253,6 +271,13 @@ pub fn footer(mode: Mode) -> &'static [Hint] {
             ("↑↓", s::F_MOVE),
             ("r", s::F_ROTATE),
             ("h", s::F_HISTORY),
+            ("?", s::F_HELP),
+            ("q", s::F_QUIT),
+        ],
+        Mode::Events => &[
+            ("esc", s::F_BACK),
+            ("enter", s::F_GO_TO_KEY),
+            ("↑↓", s::F_MOVE),
             ("?", s::F_HELP),
             ("q", s::F_QUIT),
         ],
@@ -326,7 +351,11 @@ pub fn key_footer(state: Option<KeyState>) -> Vec<Hint> {
     hints.extend_from_slice(actions);
     hints.extend_from_slice(&[("c", s::F_CREATE), ("q", s::F_QUIT)]);
     hints.extend_from_slice(key);
-    hints.extend_from_slice(&[("P", s::F_PERMISSIONS), ("T", s::F_TOKENS)]);
+    hints.extend_from_slice(&[
+        ("P", s::F_PERMISSIONS),
+        ("T", s::F_TOKENS),
+        ("E", s::F_EVENTS),
+    ]);
     hints
 }
 
@@ -366,6 +395,7 @@ pub const HELP: &[(&str, &[Hint])] = &[
         &[
             ("v", s::H_VERSIONS),
             ("h", s::H_HISTORY),
+            ("E", s::H_EVENTS),
             ("space", s::H_TOGGLE_VERSION),
             ("tab ↑↓", s::H_FIELD),
             ("← → space", s::H_CHANGE),
@@ -390,13 +420,14 @@ pub const HELP: &[(&str, &[Hint])] = &[
 mod tests {
     use super::*;
 
-    const MODES: [Mode; 14] = [
+    const MODES: [Mode; 15] = [
         Mode::Main,
         Mode::Details,
         Mode::Versions,
         Mode::History,
         Mode::Grants,
         Mode::Tokens,
+        Mode::Events,
         Mode::Filter,
         Mode::Help,
         Mode::Form,
@@ -504,6 +535,7 @@ mod tests {
             Mode::History,
             Mode::Grants,
             Mode::Tokens,
+            Mode::Events,
         ] {
             assert_eq!(map(mode, key), Some(Action::FullMessage), "{mode:?}");
         }
@@ -513,15 +545,18 @@ mod tests {
         }
     }
 
-    /// P and T open the new views from the list and the details, and nowhere they would
+    /// P, T and E open their views from the list and the details, and nowhere they would
     /// shadow typing.
     #[test]
-    fn permissions_and_tokens_keys() {
+    fn permissions_tokens_and_events_keys() {
         let key = |c| KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE);
         for mode in [Mode::Main, Mode::Details] {
             assert_eq!(map(mode, key('P')), Some(Action::Permissions));
             assert_eq!(map(mode, key('T')), Some(Action::Tokens));
+            assert_eq!(map(mode, key('E')), Some(Action::Events));
         }
+        let enter = KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE);
+        assert_eq!(map(Mode::Events, enter), Some(Action::Open));
         for mode in [Mode::Grants, Mode::Tokens] {
             assert_eq!(map(mode, key('n')), Some(Action::New));
             assert_eq!(map(mode, key('x')), Some(Action::Remove));
@@ -531,6 +566,7 @@ mod tests {
         for mode in [Mode::Filter, Mode::Form, Mode::GrantForm, Mode::TokenForm] {
             assert_eq!(map(mode, key('P')), Some(Action::Char('P')));
             assert_eq!(map(mode, key('T')), Some(Action::Char('T')));
+            assert_eq!(map(mode, key('E')), Some(Action::Char('E')));
         }
     }
 }

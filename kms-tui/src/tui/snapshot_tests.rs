@@ -137,6 +137,78 @@ fn live_event_message() {
     });
 }
 
+/// The events view (E): events of several kinds, a gap where events were missed, the
+/// selection on an older row.
+#[test]
+fn events_view() {
+    use kms_shared::protocol::{Event, EventKind};
+    check("events", |s| {
+        let mut a = app(s, "payments");
+        let at = |name: &str| a.keys.iter().find(|k| k.name == name).unwrap().clone();
+        let (pay, jwt, old) = (at("payments"), at("jwt-signing"), at("old-archive"));
+        let event = |seq: u32,
+                     kind,
+                     k: &kms_shared::model::KeyInfo,
+                     version,
+                     account: &str,
+                     message: &str| {
+            Action::DaemonEvent(Event {
+                seq: u64::from(seq),
+                time: fake::BASE + i64::from(seq) * 61_000,
+                kind,
+                key_tag: Some(k.tag.clone()),
+                key_name: Some(k.name.clone()),
+                version,
+                state: Some(k.state),
+                account: account.into(),
+                message: message.into(),
+            })
+        };
+        update(
+            &mut a,
+            event(
+                1,
+                EventKind::Rotated,
+                &pay,
+                Some(4),
+                "kmsd",
+                "rotated to v4",
+            ),
+        );
+        update(
+            &mut a,
+            event(
+                2,
+                EventKind::DeletionRequested,
+                &old,
+                None,
+                "alice",
+                "deletion due 2025-03-07 00:00 UTC",
+            ),
+        );
+        update(&mut a, Action::Lagged(12));
+        update(
+            &mut a,
+            event(3, EventKind::StateChanged, &jwt, None, "bob", "disabled"),
+        );
+        update(
+            &mut a,
+            event(
+                4,
+                EventKind::VersionDisabled,
+                &pay,
+                Some(2),
+                "alice",
+                "version 2 disabled",
+            ),
+        );
+        update(&mut a, ch('E'));
+        update(&mut a, ch('j'));
+        a.message = None;
+        a
+    });
+}
+
 /// The details screen (enter) with every field.
 #[test]
 fn details_screen() {

@@ -187,6 +187,7 @@ pub const H_YES: &str = "yes (enter: rotations)";
 pub const H_NO: &str = "no, cancel";
 pub const H_PERMISSIONS: &str = "permissions (grants)";
 pub const H_TOKENS: &str = "HSM tokens";
+pub const H_EVENTS: &str = "events received";
 pub const H_NEW: &str = "new grant, register token";
 pub const H_REMOVE: &str = "revoke grant, remove token";
 
@@ -221,6 +222,8 @@ pub const F_CONFIRM: &str = "confirm";
 pub const F_CLOSE: &str = "close";
 pub const F_PERMISSIONS: &str = "permissions";
 pub const F_TOKENS: &str = "tokens";
+pub const F_EVENTS: &str = "events";
+pub const F_GO_TO_KEY: &str = "key";
 pub const F_NEW_GRANT: &str = "new grant";
 pub const F_REVOKE: &str = "revoke";
 pub const F_REGISTER: &str = "register";
@@ -576,6 +579,47 @@ pub fn revoke_body(g: &GrantInfo) -> String {
         grant_key(g)
     )
 }
+
+// Events view.
+pub const EVENTS_TITLE: &str = " Events ";
+pub const E_COL_TIME: &str = "Time (UTC)";
+/// The time-of-day column of narrow terminals.
+pub const E_COL_TIME_SHORT: &str = "Time";
+pub const E_COL_EVENT: &str = "Event";
+pub const E_COL_KEY: &str = "Key";
+pub const E_COL_VERSION: &str = "Ver";
+pub const E_COL_BY: &str = "By";
+pub const E_COL_MESSAGE: &str = "Message";
+pub const E_EMPTY: &str = "No event since the dashboard started. Changes to keys appear here.";
+
+pub fn events_status(n: usize) -> String {
+    let noun = if n == 1 { "event" } else { "events" };
+    format!(
+        "{} {noun} since the dashboard started, newest first",
+        count(n as u64)
+    )
+}
+
+pub fn events_missed(missed: u64) -> String {
+    match missed {
+        0 => "events were missed here: the dashboard read them too slowly".to_string(),
+        n => format!(
+            "{} events were missed here: the dashboard read them too slowly",
+            count(n)
+        ),
+    }
+}
+
+/// The event column of a row that says events are missing.
+pub const EVENTS_GAP: &str = "(gap)";
+pub const EVENTS_RECONNECTED: &str =
+    "the connection was lost: events until it was made again were not received";
+
+pub fn event_key_gone(key: &str) -> String {
+    format!("key {key} is no longer in the list (purged, or no longer visible to you)")
+}
+
+pub const EVENT_HAS_NO_KEY: &str = "this row is about no one key";
 
 // Tokens view.
 pub const TOKENS_TITLE: &str = " HSM tokens ";

@@ -8,8 +8,8 @@ use kms_shared::protocol::{Event, EventKind};
 use super::action::{Action, Effect, Op};
 use super::app::{
     App, Base, Confirm, ConfirmKind, CreateForm, Field, FullMessage, HISTORY_PAGE,
-    HISTORY_PREFETCH, HistoryView, ImpactState, MAX_INPUT, MsgKind, PROTECTIONS, Popup, Prompt,
-    PromptKind, Screen, TokenChoices, VersionsView, scroll_offset,
+    HISTORY_PREFETCH, HistoryView, ImpactState, Logged, MAX_INPUT, MsgKind, PROTECTIONS, Popup,
+    Prompt, PromptKind, Screen, TokenChoices, VersionsView, scroll_offset,
 };
 use super::input::{self, Edit};
 use super::keymap::{self, Mode};
@@ -43,6 +43,7 @@ fn relayout(app: &mut App) {
         hv.offset = scroll_offset(hv.offset, hv.selected, rows, hv.entries.len());
     }
     admin::on_resize(app);
+    events::on_resize(app);
 }
 
 fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
@@ -108,7 +109,10 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                 (Some(was), Some(now)) if was != now => {
                     app.error(s::another_store_message(&daemon_version, now, was));
                 }
-                _ if app.was_connected => app.info(s::reconnected_message(&daemon_version)),
+                _ if app.was_connected => {
+                    events::log(app, Logged::Reconnected);
+                    app.info(s::reconnected_message(&daemon_version));
+                }
                 _ => app.info(s::connected_message(&daemon_version)),
             }
             if data_dir.is_some() {
@@ -134,6 +138,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
         },
         Action::DaemonEvent(e) => on_event(app, e, fx),
         Action::Lagged(missed) => {
+            events::log(app, Logged::Missed(missed));
             app.info(s::lagged(missed));
             fx.push(Effect::LoadKeys);
             reload_view(app, fx);
@@ -199,6 +204,7 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             Mode::History => history_intent(app, intent, fx),
             Mode::Grants => admin::grants_intent(app, intent),
             Mode::Tokens => admin::tokens_intent(app, intent),
+            Mode::Events => events::intent(app, intent),
             Mode::Filter => filter_intent(app, intent),
             Mode::Help => help_intent(app, intent),
             Mode::Message => message_intent(app, intent),
@@ -254,6 +260,10 @@ fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             let back = base_of(&app.screen);
             admin::open_tokens(app, back, fx);
         }
+        Action::Events => {
+            let back = base_of(&app.screen);
+            events::open(app, back);
+        }
         other => key_action(app, other, fx),
     }
 }
@@ -274,6 +284,7 @@ fn base_of(screen: &Screen) -> Base {
         Screen::History(h) => h.back,
         Screen::Grants(g) => g.back,
         Screen::Tokens(t) => t.back,
+        Screen::Events(e) => e.back,
         Screen::Main => Base::Main,
     }
 }
@@ -483,7 +494,8 @@ fn reload_view(app: &mut App, fx: &mut Vec<Effect>) {
             fx.push(Effect::LoadGrants);
         }
         Screen::Tokens(_) => admin::load_tokens(app, fx),
-        Screen::Main | Screen::Details => {}
+        // The log is this dashboard's own: nothing to read.
+        Screen::Main | Screen::Details | Screen::Events(_) => {}
     }
     if matches!(app.popup, Some(Popup::Create(_))) {
         admin::load_tokens(app, fx);
@@ -1024,6 +1036,7 @@ fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
 }
 
 fn on_event(app: &mut App, e: Event, fx: &mut Vec<Effect>) {
+    events::log_event(app, &e);
     app.set_message(MsgKind::Event, s::event_line(&e));
     if let Some(tag) = &e.key_tag {
         // A permission change reloads the whole list (below).
@@ -1112,6 +1125,8 @@ fn notifies(kind: EventKind) -> bool {
 
 #[path = "update_admin.rs"]
 mod admin;
+#[path = "update_events.rs"]
+mod events;
 
 #[cfg(test)]
 #[path = "update_tests.rs"]

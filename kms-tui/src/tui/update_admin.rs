@@ -15,7 +15,7 @@ use crate::tui::strings as s;
 use crate::tui::ui::layout;
 
 /// The selection after a movement intent, or `None` if `a` does not move.
-fn moved(a: &Action, selected: usize, len: usize, page: usize) -> Option<usize> {
+pub(super) fn moved(a: &Action, selected: usize, len: usize, page: usize) -> Option<usize> {
     let last = len.saturating_sub(1) as isize;
     let by = |d: isize| (selected as isize + d).clamp(0, last.max(0)) as usize;
     let page = page.max(1) as isize;

@@ -2294,3 +2294,143 @@ fn text_fields_take_non_ascii() {
     }
     assert!(matches!(&a.popup, Some(Popup::Prompt(p)) if p.text.is_empty()));
 }
+
+fn events_view(a: &App) -> &crate::tui::app::EventsView {
+    let Screen::Events(v) = &a.screen else {
+        panic!("not the events view: {:?}", a.screen)
+    };
+    v
+}
+
+/// The row's key name, or what kind of gap it is.
+fn event_row(a: &App, row: usize) -> String {
+    use crate::tui::app::Logged;
+    match a.events.newest(row).unwrap() {
+        Logged::Event(e) => format!("{} {}", e.kind.as_str(), e.key_name.as_deref().unwrap()),
+        Logged::Missed(n) => format!("missed {n}"),
+        Logged::Reconnected => "reconnected".into(),
+    }
+}
+
+/// Every event received is kept for the events view (E), newest first, with the places
+/// where events were missed (the daemon dropped some, the connection was lost); the log
+/// keeps the newest `EVENT_LOG`.
+#[test]
+fn e_lists_the_events_received() {
+    use crate::tui::app::EVENT_LOG;
+    let mut a = app();
+    let pay = select(&mut a, "payments");
+    let jwt = select(&mut a, "jwt-signing");
+    update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &pay)));
+    update(&mut a, Action::Lagged(3));
+    update(
+        &mut a,
+        Action::DaemonEvent(event(EventKind::StateChanged, &jwt)),
+    );
+    update(
+        &mut a,
+        Action::Disconnected {
+            reason: "gone".into(),
+            next: Next::Start(Duration::from_secs(1)),
+        },
+    );
+    update(
+        &mut a,
+        Action::Connected {
+            daemon_version: "0.1.0".into(),
+            data_dir: Some("/home/alice/.local/share/kms".into()),
+        },
+    );
+    update(&mut a, ch('E'));
+    assert_eq!(a.mode(), Mode::Events);
+    let rows: Vec<String> = (0..a.events.len()).map(|r| event_row(&a, r)).collect();
+    assert_eq!(
+        rows,
+        [
+            "reconnected",
+            "state-changed jwt-signing",
+            "missed 3",
+            "rotated payments"
+        ]
+    );
+    // Bounded: the oldest go first.
+    for _ in 0..EVENT_LOG {
+        update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &jwt)));
+    }
+    assert_eq!(a.events.len(), EVENT_LOG);
+    assert_eq!(event_row(&a, EVENT_LOG - 1), "rotated jwt-signing");
+    // Esc goes back where E was pressed.
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Main);
+    update(&mut a, code(KeyCode::Enter));
+    update(&mut a, ch('E'));
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Details);
+}
+
+/// On the newest row the view follows new events; on an older one the selection stays
+/// on that row's event as new ones arrive above it.
+#[test]
+fn the_events_view_keeps_its_place() {
+    let mut a = app();
+    let pay = select(&mut a, "payments");
+    for _ in 0..3 {
+        update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &pay)));
+    }
+    update(&mut a, ch('E'));
+    assert_eq!(events_view(&a).selected, 0);
+    update(
+        &mut a,
+        Action::DaemonEvent(event(EventKind::StateChanged, &pay)),
+    );
+    assert_eq!(events_view(&a).selected, 0, "the newest row is followed");
+    assert_eq!(event_row(&a, 0), "state-changed payments");
+    update(&mut a, ch('G'));
+    assert_eq!(events_view(&a).selected, 3);
+    update(&mut a, ch('k'));
+    assert_eq!(events_view(&a).selected, 2);
+    let before = event_row(&a, 2);
+    let jwt = select(&mut a, "jwt-signing");
+    update(&mut a, Action::DaemonEvent(event(EventKind::Created, &jwt)));
+    assert_eq!(
+        events_view(&a).selected,
+        3,
+        "the selection moved with its row"
+    );
+    assert_eq!(event_row(&a, 3), before);
+}
+
+/// Enter on an event opens its key's details, clearing a filter that hides the key; on
+/// a key no longer listed, or a row about no key, it says why and stays.
+#[test]
+fn enter_on_an_event_opens_its_key() {
+    let mut a = app();
+    let pay = select(&mut a, "payments");
+    let jwt = select(&mut a, "jwt-signing");
+    update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &pay)));
+    update(&mut a, ch('/'));
+    typed(&mut a, "jwt");
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(selected_name(&a), "jwt-signing");
+    update(&mut a, ch('E'));
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(a.screen, Screen::Details);
+    assert_eq!(selected_name(&a), "payments");
+    assert!(a.filter.is_empty(), "the filter hid the key");
+
+    // Purged meanwhile.
+    update(&mut a, Action::DaemonEvent(event(EventKind::Purged, &jwt)));
+    a.remove_key(&jwt.tag);
+    update(&mut a, ch('E'));
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(a.mode(), Mode::Events);
+    let m = a.message.as_ref().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert!(m.text.contains("jwt-signing"), "{}", m.text);
+
+    update(&mut a, Action::Lagged(0));
+    update(&mut a, code(KeyCode::Home));
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(a.mode(), Mode::Events);
+    assert_eq!(a.message.as_ref().unwrap().kind, MsgKind::Error);
+}

@@ -70,6 +70,10 @@ pub fn tokens_rows(size: (u16, u16), message_rows: u16) -> usize {
     view_rows(size, message_rows)
 }
 
+pub fn events_rows(size: (u16, u16), message_rows: u16) -> usize {
+    view_rows(size, message_rows)
+}
+
 /// A pop-up of at most `w`×`h`, centred, never larger than the screen.
 pub fn popup(area: Rect, w: u16, h: u16) -> Rect {
     area.centered(

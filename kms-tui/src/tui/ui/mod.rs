@@ -4,6 +4,7 @@ pub mod ask;
 pub mod confirm;
 pub mod create_form;
 pub mod details;
+pub mod events;
 pub mod footer;
 pub mod grant_form;
 pub mod grants;
@@ -42,6 +43,7 @@ pub fn draw(f: &mut Frame, app: &App) {
         Screen::History(h) => history::render(f, body, h),
         Screen::Grants(g) => grants::render(f, body, g),
         Screen::Tokens(t) => tokens::render(f, body, t, &app.hsm_tokens),
+        Screen::Events(v) => events::render(f, body, v, &app.events),
     }
     message::render(f, message_area, app);
     footer::render(

@@ -1,0 +1,134 @@
+//! The events this dashboard received, newest first.
+
+use kms_shared::protocol::{Event, EventKind};
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::Style;
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+
+use super::layout::{self, Tier};
+use super::theme;
+use crate::tui::app::{EventLog, EventsView, Logged, scroll_offset};
+use crate::tui::strings as s;
+
+pub fn render(f: &mut Frame, area: Rect, v: &EventsView, log: &EventLog) {
+    let block = Block::bordered()
+        .border_style(theme::border())
+        .title(s::EVENTS_TITLE);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let [status_area, table_area] = inner.layout(&Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(0),
+    ]));
+    let status = Line::styled(format!(" {}", s::events_status(log.len())), theme::dim());
+    f.render_widget(Paragraph::new(status), status_area);
+
+    let wide = layout::tier(area.width) != Tier::Compact;
+    let rows_fit = usize::from(table_area.height.saturating_sub(1));
+    let offset = scroll_offset(v.offset, v.selected, rows_fit, log.len());
+    let end = (offset + rows_fit).min(log.len());
+    let rows = (offset..end)
+        .filter_map(|row| log.newest(row))
+        .map(|entry| match entry {
+            Logged::Event(e) => event_row(e, wide),
+            Logged::Missed(n) => gap_row(s::events_missed(*n), wide),
+            Logged::Reconnected => gap_row(s::EVENTS_RECONNECTED.to_string(), wide),
+        });
+    let mut titles = vec![
+        Cell::from(if wide {
+            s::E_COL_TIME
+        } else {
+            s::E_COL_TIME_SHORT
+        }),
+        Cell::from(s::E_COL_EVENT),
+        Cell::from(s::E_COL_KEY),
+        Cell::from(s::E_COL_VERSION),
+    ];
+    let widths: Vec<Constraint> = if wide {
+        titles.push(Cell::from(s::E_COL_BY));
+        vec![
+            Constraint::Length(19),
+            Constraint::Length(21),
+            Constraint::Length(15),
+            Constraint::Length(4),
+            Constraint::Length(12),
+            Constraint::Fill(1),
+        ]
+    } else {
+        vec![
+            Constraint::Length(8),
+            Constraint::Length(21),
+            Constraint::Length(15),
+            Constraint::Length(4),
+            Constraint::Fill(1),
+        ]
+    };
+    titles.push(Cell::from(s::E_COL_MESSAGE));
+    let table = Table::new(rows, widths)
+        .header(Row::new(titles).style(theme::table_header()))
+        .column_spacing(1)
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(theme::HIGHLIGHT)
+        .highlight_spacing(HighlightSpacing::Always);
+    let mut state = TableState::default();
+    if !log.is_empty() {
+        state.select(Some(v.selected.saturating_sub(offset)));
+    }
+    f.render_stateful_widget(table, table_area, &mut state);
+    if log.is_empty() && table_area.height > 1 {
+        let at = Rect::new(table_area.x, table_area.y + 1, table_area.width, 1);
+        f.render_widget(
+            Paragraph::new(s::E_EMPTY).centered().style(theme::dim()),
+            at,
+        );
+    }
+}
+
+fn event_row(e: &Event, wide: bool) -> Row<'static> {
+    let time = if wide {
+        s::datetime_secs(e.time)
+    } else {
+        s::time_of_day(e.time)
+    };
+    let key = e
+        .key_name
+        .clone()
+        .or_else(|| e.key_tag.clone())
+        .unwrap_or_default();
+    let mut cells = vec![
+        Cell::from(time),
+        Cell::from(e.kind.as_str()).style(kind_style(e)),
+        Cell::from(key),
+        Cell::from(e.version.map(|v| format!("v{v}")).unwrap_or_default()),
+    ];
+    if wide {
+        cells.push(Cell::from(e.account.clone()));
+    }
+    cells.push(Cell::from(e.message.clone()));
+    Row::new(cells)
+}
+
+/// Events that take a key, or some of its data, out of use stand out.
+fn kind_style(e: &Event) -> Style {
+    match e.kind {
+        EventKind::StateChanged => e.state.map(theme::state).unwrap_or_default(),
+        EventKind::DeletionRequested
+        | EventKind::Purged
+        | EventKind::VersionLimitReached
+        | EventKind::NonceBudgetLow => theme::warn(),
+        _ => Style::new(),
+    }
+}
+
+/// A row that says events are missing here, across the columns after the time.
+fn gap_row(text: String, wide: bool) -> Row<'static> {
+    let mut cells = vec![Cell::from(""), Cell::from(s::EVENTS_GAP)];
+    cells.extend(std::iter::repeat_n(
+        Cell::from(""),
+        if wide { 3 } else { 2 },
+    ));
+    cells.push(Cell::from(text));
+    Row::new(cells).style(theme::warn())
+}

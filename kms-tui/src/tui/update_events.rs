@@ -1,0 +1,100 @@
+//! The events view: what the dashboard logs of the events it receives, and moving in the
+//! log. Part of `update`: state changes only, no I/O.
+
+use kms_shared::protocol::Event;
+
+use super::back_to;
+use crate::tui::action::Action;
+use crate::tui::app::{App, Base, EventsView, Logged, Popup, Screen, scroll_offset};
+use crate::tui::strings as s;
+use crate::tui::ui::layout;
+
+pub(super) fn open(app: &mut App, back: Base) {
+    app.screen = Screen::Events(EventsView {
+        back,
+        selected: 0,
+        offset: 0,
+    });
+}
+
+/// Adds `entry` to the log. An open view keeps its selection on the row it was on; one
+/// on the newest row stays there and so follows new events, as `tail -f` does.
+pub(super) fn log(app: &mut App, entry: Logged) {
+    app.events.push(entry);
+    let rows = layout::events_rows(app.size, app.message_rows());
+    let len = app.events.len();
+    if let Screen::Events(v) = &mut app.screen {
+        if v.selected > 0 {
+            v.selected = (v.selected + 1).min(len.saturating_sub(1));
+            // The rows move down one under a window that stays put.
+            v.offset = (v.offset + 1).min(v.selected);
+        }
+        v.offset = scroll_offset(v.offset, v.selected, rows, len);
+    }
+}
+
+pub(super) fn log_event(app: &mut App, e: &Event) {
+    log(app, Logged::Event(e.clone()));
+}
+
+pub(super) fn intent(app: &mut App, a: Action) {
+    let rows = layout::events_rows(app.size, app.message_rows());
+    let len = app.events.len();
+    let Screen::Events(v) = &mut app.screen else {
+        return;
+    };
+    if let Some(sel) = super::admin::moved(&a, v.selected, len, rows) {
+        v.selected = sel;
+        v.offset = scroll_offset(v.offset, sel, rows, len);
+        return;
+    }
+    match a {
+        Action::Back => {
+            let back = v.back;
+            back_to(app, back);
+        }
+        Action::Open => {
+            let selected = v.selected;
+            go_to_key(app, selected);
+        }
+        Action::Help => app.popup = Some(Popup::Help { scroll: 0 }),
+        _ => {}
+    }
+}
+
+/// Opens the details of the key of the event on `row`, showing it in the list (the
+/// filter is cleared if it hides the key).
+fn go_to_key(app: &mut App, row: usize) {
+    let Some(Logged::Event(e)) = app.events.newest(row) else {
+        app.error(s::EVENT_HAS_NO_KEY);
+        return;
+    };
+    let Some(tag) = e.key_tag.clone() else {
+        app.error(s::EVENT_HAS_NO_KEY);
+        return;
+    };
+    if app.key_by_tag(&tag).is_none() {
+        let name = e.key_name.clone().unwrap_or_else(|| tag.clone());
+        app.error(s::event_key_gone(&name));
+        return;
+    }
+    let shown = app
+        .visible
+        .iter()
+        .any(|&i| app.keys.get(i).is_some_and(|k| k.tag == tag));
+    if !shown {
+        app.filter.clear();
+        app.filter_editing = false;
+    }
+    app.refilter(Some(&tag));
+    app.screen = Screen::Details;
+}
+
+/// Keeps the window valid after a resize.
+pub(super) fn on_resize(app: &mut App) {
+    let rows = layout::events_rows(app.size, app.message_rows());
+    let len = app.events.len();
+    if let Screen::Events(v) = &mut app.screen {
+        v.offset = scroll_offset(v.offset, v.selected, rows, len);
+    }
+}
