@@ -268,22 +268,41 @@ fn dashboard_session_in_tmux() {
     // Events: what the dashboard received, newest first; the other client's disable of
     // `existing` is there, above its create of `from-cli`, and enter opens the key.
     t.keys(&["E"]);
-    t.wait_for("since the dashboard started");
-    let rows = t.view_rows();
-    let at = |what: &str, key: &str| {
+    let row_of = |rows: &[String], what: &str, key: &str| {
         rows.iter()
             .position(|l| l.contains(what) && l.contains(key))
-            .unwrap_or_else(|| panic!("no {what} of {key}:\n{}", rows.join("\n")))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let rows = t.view_rows();
+        if row_of(&rows, "state-changed", "existing").is_some()
+            && row_of(&rows, "created", "from-cli").is_some()
+        {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events not listed:\n{}",
+            t.screen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     };
     assert!(
-        at("state-changed", "existing") < at("created", "from-cli"),
+        row_of(&rows, "state-changed", "existing") < row_of(&rows, "created", "from-cli"),
         "newest first:\n{}",
         rows.join("\n")
     );
-    // The view's rows are its status line, its column titles, then the events.
-    t.keys(&["Home"]);
-    for _ in 2..at("state-changed", "existing") {
+    // Down until the selection is on the disable: an event arriving meanwhile moves the
+    // rows, so the selection is read from the screen, not counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t
+        .view_rows()
+        .iter()
+        .any(|l| l.starts_with("│›") && l.contains("state-changed") && l.contains("existing"))
+    {
+        assert!(Instant::now() < deadline, "never selected:\n{}", t.screen());
         t.keys(&["Down"]);
+        std::thread::sleep(Duration::from_millis(50));
     }
     t.keys(&["Enter"]);
     let s = t.wait_for("existing · times in UTC");

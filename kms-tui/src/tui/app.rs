@@ -152,6 +152,9 @@ pub enum Logged {
     Missed(u64),
     /// The connection was lost and made again: events in between were not received.
     Reconnected,
+    /// As `Reconnected`, to a daemon serving another key store (its data directory):
+    /// the rows above are that store's.
+    OtherStore(String),
 }
 
 /// The events received since the dashboard started, oldest first, at most [`EVENT_LOG`].
@@ -172,6 +175,19 @@ impl EventLog {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Whether the oldest entries have been dropped for newer ones.
+    pub fn is_full(&self) -> bool {
+        self.0.len() == EVENT_LOG
+    }
+
+    /// The entries that are events (not rows saying some were missed).
+    pub fn events(&self) -> usize {
+        self.0
+            .iter()
+            .filter(|e| matches!(e, Logged::Event(_)))
+            .count()
     }
 
     /// The `row`th entry counting from the newest (row 0).

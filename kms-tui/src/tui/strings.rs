@@ -592,17 +592,35 @@ pub const E_COL_BY: &str = "By";
 pub const E_COL_MESSAGE: &str = "Message";
 pub const E_EMPTY: &str = "No event since the dashboard started. Changes to keys appear here.";
 
-pub fn events_status(n: usize) -> String {
-    let noun = if n == 1 { "event" } else { "events" };
-    format!(
-        "{} {noun} since the dashboard started, newest first",
-        count(n as u64)
-    )
+/// `events` of the log's rows are events; `full`: older rows were dropped.
+pub fn events_status(events: usize, full: bool) -> String {
+    let noun = if events == 1 { "event" } else { "events" };
+    if full {
+        format!(
+            "{} {noun} in the newest {} rows, newest first",
+            count(events as u64),
+            count(crate::tui::app::EVENT_LOG as u64)
+        )
+    } else {
+        format!(
+            "{} {noun} since the dashboard started, newest first",
+            count(events as u64)
+        )
+    }
+}
+
+/// The event column of a row that says events were missed.
+pub fn events_missed_label(missed: u64) -> String {
+    match missed {
+        0 => "missed ?".to_string(),
+        n => format!("missed {}", count(n)),
+    }
 }
 
 pub fn events_missed(missed: u64) -> String {
     match missed {
         0 => "events were missed here: the dashboard read them too slowly".to_string(),
+        1 => "1 event was missed here: the dashboard read it too slowly".to_string(),
         n => format!(
             "{} events were missed here: the dashboard read them too slowly",
             count(n)
@@ -610,8 +628,18 @@ pub fn events_missed(missed: u64) -> String {
     }
 }
 
-/// The event column of a row that says events are missing.
-pub const EVENTS_GAP: &str = "(gap)";
+/// The event column of a row where the connection was made again.
+pub const EVENTS_RECONNECTED_LABEL: &str = "reconnected";
+/// ... to a daemon serving another store.
+pub const EVENTS_OTHER_STORE_LABEL: &str = "other store";
+
+pub fn events_other_store(data_dir: &str) -> String {
+    format!(
+        "connected to a daemon serving another key store ({data_dir}): the rows above are \
+         that store's; events until then were not received"
+    )
+}
+
 pub const EVENTS_RECONNECTED: &str =
     "the connection was lost: events until it was made again were not received";
 

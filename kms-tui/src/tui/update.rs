@@ -107,7 +107,9 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
         } => {
             match (&app.data_dir, &data_dir) {
                 (Some(was), Some(now)) if was != now => {
-                    app.error(s::another_store_message(&daemon_version, now, was));
+                    let message = s::another_store_message(&daemon_version, now, was);
+                    events::log(app, Logged::OtherStore(now.clone()));
+                    app.error(message);
                 }
                 _ if app.was_connected => {
                     events::log(app, Logged::Reconnected);

@@ -53,7 +53,7 @@ pub(super) fn intent(app: &mut App, a: Action) {
             let back = v.back;
             back_to(app, back);
         }
-        Action::Open => {
+        Action::Open if !app.events.is_empty() => {
             let selected = v.selected;
             go_to_key(app, selected);
         }

@@ -2309,6 +2309,7 @@ fn event_row(a: &App, row: usize) -> String {
         Logged::Event(e) => format!("{} {}", e.kind.as_str(), e.key_name.as_deref().unwrap()),
         Logged::Missed(n) => format!("missed {n}"),
         Logged::Reconnected => "reconnected".into(),
+        Logged::OtherStore(dir) => format!("other store {dir}"),
     }
 }
 
@@ -2341,23 +2342,35 @@ fn e_lists_the_events_received() {
             data_dir: Some("/home/alice/.local/share/kms".into()),
         },
     );
+    // A daemon serving another store: the rows before are the other store's.
+    update(
+        &mut a,
+        Action::Connected {
+            daemon_version: "0.1.0".into(),
+            data_dir: Some("/srv/kms".into()),
+        },
+    );
     update(&mut a, ch('E'));
     assert_eq!(a.mode(), Mode::Events);
     let rows: Vec<String> = (0..a.events.len()).map(|r| event_row(&a, r)).collect();
     assert_eq!(
         rows,
         [
+            "other store /srv/kms",
             "reconnected",
             "state-changed jwt-signing",
             "missed 3",
             "rotated payments"
         ]
     );
+    assert_eq!(a.events.events(), 2);
+    assert!(!a.events.is_full());
     // Bounded: the oldest go first.
     for _ in 0..EVENT_LOG {
         update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &jwt)));
     }
     assert_eq!(a.events.len(), EVENT_LOG);
+    assert!(a.events.is_full());
     assert_eq!(event_row(&a, EVENT_LOG - 1), "rotated jwt-signing");
     // Esc goes back where E was pressed.
     update(&mut a, code(KeyCode::Esc));
@@ -2398,6 +2411,29 @@ fn the_events_view_keeps_its_place() {
         "the selection moved with its row"
     );
     assert_eq!(event_row(&a, 3), before);
+
+    // Deeper than a screen: the window moves with the rows, so the same rows stay in
+    // view under a selection that stays on its event.
+    let rows = crate::tui::ui::layout::events_rows(a.size, a.message_rows());
+    for _ in 0..rows * 2 {
+        update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &jwt)));
+    }
+    update(&mut a, ch('G'));
+    let (selected, offset) = (events_view(&a).selected, events_view(&a).offset);
+    assert_eq!(selected, a.events.len() - 1);
+    assert_eq!(offset, selected + 1 - rows, "the last row at the bottom");
+    update(&mut a, ch('k'));
+    update(&mut a, ch('k'));
+    let (selected, offset) = (events_view(&a).selected, events_view(&a).offset);
+    let before = event_row(&a, selected);
+    update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &pay)));
+    assert_eq!(event_row(&a, events_view(&a).selected), before);
+    assert_eq!(events_view(&a).selected, selected + 1);
+    assert_eq!(
+        events_view(&a).offset,
+        offset + 1,
+        "the window moved with it"
+    );
 }
 
 /// Enter on an event opens its key's details, clearing a filter that hides the key; on
@@ -2433,4 +2469,12 @@ fn enter_on_an_event_opens_its_key() {
     update(&mut a, code(KeyCode::Enter));
     assert_eq!(a.mode(), Mode::Events);
     assert_eq!(a.message.as_ref().unwrap().kind, MsgKind::Error);
+
+    // An empty log: enter does nothing.
+    let mut a = app();
+    update(&mut a, ch('E'));
+    a.message = None;
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(a.mode(), Mode::Events);
+    assert_eq!(a.message, None);
 }

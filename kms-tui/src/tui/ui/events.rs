@@ -22,7 +22,10 @@ pub fn render(f: &mut Frame, area: Rect, v: &EventsView, log: &EventLog) {
         Constraint::Length(1),
         Constraint::Min(0),
     ]));
-    let status = Line::styled(format!(" {}", s::events_status(log.len())), theme::dim());
+    let status = Line::styled(
+        format!(" {}", s::events_status(log.events(), log.is_full())),
+        theme::dim(),
+    );
     f.render_widget(Paragraph::new(status), status_area);
 
     let wide = layout::tier(area.width) != Tier::Compact;
@@ -33,8 +36,17 @@ pub fn render(f: &mut Frame, area: Rect, v: &EventsView, log: &EventLog) {
         .filter_map(|row| log.newest(row))
         .map(|entry| match entry {
             Logged::Event(e) => event_row(e, wide),
-            Logged::Missed(n) => gap_row(s::events_missed(*n), wide),
-            Logged::Reconnected => gap_row(s::EVENTS_RECONNECTED.to_string(), wide),
+            Logged::Missed(n) => gap_row(s::events_missed_label(*n), s::events_missed(*n), wide),
+            Logged::Reconnected => gap_row(
+                s::EVENTS_RECONNECTED_LABEL.to_string(),
+                s::EVENTS_RECONNECTED.to_string(),
+                wide,
+            ),
+            Logged::OtherStore(dir) => gap_row(
+                s::EVENTS_OTHER_STORE_LABEL.to_string(),
+                s::events_other_store(dir),
+                wide,
+            ),
         });
     let mut titles = vec![
         Cell::from(if wide {
@@ -122,9 +134,10 @@ fn kind_style(e: &Event) -> Style {
     }
 }
 
-/// A row that says events are missing here, across the columns after the time.
-fn gap_row(text: String, wide: bool) -> Row<'static> {
-    let mut cells = vec![Cell::from(""), Cell::from(s::EVENTS_GAP)];
+/// A row that says events are missing here: what happened in the event column (what a
+/// narrow terminal shows of it), why in the message column.
+fn gap_row(label: String, text: String, wide: bool) -> Row<'static> {
+    let mut cells = vec![Cell::from(""), Cell::from(label)];
     cells.extend(std::iter::repeat_n(
         Cell::from(""),
         if wide { 3 } else { 2 },
