@@ -613,33 +613,35 @@ async fn abandoned_calls_leave_the_client_usable() {
 /// chose.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_given_up_before_it_was_sent_is_never_sent() {
+    use kms_shared::protocol::PlaintextItem;
+    use std::future::Future;
+    use std::task::Poll;
     let d = TestDaemon::start();
     let c = Arc::new(d.client().await);
     c.create_key(spec("unsent", "aes256")).await.unwrap();
     let pid = rustix::process::Pid::from_raw(d.pid().unwrap() as i32).unwrap();
     kms_e2e::stop_process(d.pid().unwrap());
-    // More than the socket holds: one of these is blocked in its write, holding it.
-    let fillers: Vec<_> = (0..40u8)
-        .map(|i| {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let msg = vec![i; 32 * 1024];
-                let call = c.encrypt("unsent", &msg, None);
-                tokio::time::timeout(Duration::from_secs(2), call).await
-            })
+    // One frame of ~960 KiB, more than a Unix socket holds (~200 KiB by default): its
+    // first poll takes the connection's write lock, writes what fits, and waits in the
+    // write, holding the lock. No timing: the rotate below is queued only after that.
+    let items: Vec<PlaintextItem> = (0..30u8)
+        .map(|i| PlaintextItem {
+            plaintext: vec![i; 32 * 1024].into(),
+            context: None,
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut filler = Box::pin(c.encrypt_batch("unsent", items));
+    let first = std::future::poll_fn(|cx| Poll::Ready(filler.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "answered while the daemon was stopped");
     let rotate = tokio::time::timeout(Duration::from_millis(300), c.rotate("unsent")).await;
     assert!(rotate.is_err(), "answered while the daemon was stopped");
-    for f in fillers {
-        assert!(
-            f.await.unwrap().is_err(),
-            "answered while the daemon was stopped"
-        );
-    }
     rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
-    // Later calls write whatever is still queued, then get their answers.
+    // The filler's write goes on and is answered; the rotate was never sent.
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), filler)
+        .await
+        .expect("the batch was not answered")
+        .unwrap();
+    assert_eq!(outcomes.len(), 30);
     for i in 0..4u8 {
         let ct = c.encrypt("unsent", &[i], None).await.unwrap();
         assert_eq!(&c.decrypt("unsent", &ct, None).await.unwrap()[..], [i]);
