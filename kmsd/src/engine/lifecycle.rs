@@ -553,6 +553,8 @@ impl Engine {
             ))
         };
         let generated_on = registration();
+        #[cfg(test)]
+        generation_hold::reached(&spec.name);
         let version = match self.new_version(&rec, 1, now) {
             Ok(v) => v,
             Err(e) => {
@@ -1259,8 +1261,109 @@ fn purge_change(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
+/// Holds a create of one key name just before its key is generated, until the test lets
+/// it go: what shows which locks the generation runs under.
+#[cfg(test)]
+pub(crate) mod generation_hold {
+    use std::sync::{Mutex, mpsc};
+
+    struct Hold {
+        name: String,
+        reached: mpsc::Sender<()>,
+        go: mpsc::Receiver<()>,
+    }
+
+    static HOLD: Mutex<Option<Hold>> = Mutex::new(None);
+
+    /// The next create of `name` says so on the first channel when it reaches its
+    /// generation, and waits there for a message (or a hang-up) on the second.
+    pub(crate) fn set(name: &str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (reached, reached_rx) = mpsc::channel();
+        let (go_tx, go) = mpsc::channel();
+        *HOLD.lock().unwrap() = Some(Hold {
+            name: name.into(),
+            reached,
+            go,
+        });
+        (reached_rx, go_tx)
+    }
+
+    pub(super) fn reached(name: &str) {
+        let hold = {
+            let mut hold = HOLD.lock().unwrap_or_else(|e| e.into_inner());
+            match &*hold {
+                Some(h) if h.name == name => hold.take(),
+                _ => None,
+            }
+        };
+        if let Some(h) = hold {
+            let _ = h.reached.send(());
+            let _ = h.go.recv();
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key is generated outside the lifecycle lock: a create whose generation takes
+    /// long (an `hsm` key on a slow token, an RSA key) holds up no grant, revoke or other
+    /// create meanwhile. Fails with the generation moved under the lock: the grant waits.
+    #[test]
+    fn a_keys_generation_holds_no_lifecycle_lock() {
+        use kms_shared::model::Role;
+        use kms_shared::protocol::GrantSpec;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(crate::clock::ManualClock::new(1_700_000_000_000));
+        let engine = engine_in(dir.path(), clock);
+        let admin = Caller::daemon();
+        engine
+            .create_key(&admin, &CreateKey::new("shared", KeyType::Aes256))
+            .unwrap();
+        let (reached, go) = generation_hold::set("held-gen");
+        let (engine, admin) = (&engine, &admin);
+        std::thread::scope(|s| {
+            let create = s.spawn(move || {
+                engine.create_key(&admin, &CreateKey::new("held-gen", KeyType::Rsa2048))
+            });
+            reached
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the create never reached its generation");
+            // On threads of their own, so that a wait for the held create shows as a
+            // timeout rather than a test that never ends.
+            let (done_tx, done) = std::sync::mpsc::channel();
+            let done_other = done_tx.clone();
+            s.spawn(move || {
+                let grant = GrantSpec {
+                    role: Role::KeyUser,
+                    user: Some("nobody".into()),
+                    group: None,
+                    key: Some("shared".into()),
+                };
+                let _ = done_tx.send(engine.grant(&admin, &grant).map(|_| ()));
+            });
+            s.spawn(move || {
+                let other = CreateKey::new("made-meanwhile", KeyType::Aes256);
+                let _ = done_other.send(engine.create_key(&admin, &other).map(|_| ()));
+            });
+            for _ in 0..2 {
+                let finished = done.recv_timeout(Duration::from_secs(10));
+                if finished.is_err() {
+                    // Let the create go, so that the scope can end and the test fail.
+                    let _ = go.send(());
+                }
+                finished
+                    .expect("a lifecycle change waited for another key's generation")
+                    .unwrap();
+            }
+            let _ = go.send(());
+            let held = create.join().unwrap().unwrap();
+            assert_eq!(held.name, "held-gen");
+        });
+        assert!(engine.resolve("made-meanwhile").is_ok());
+    }
 
     fn engine_in(
         dir: &std::path::Path,
