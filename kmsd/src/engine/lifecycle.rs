@@ -1259,11 +1259,10 @@ fn purge_change(
     change
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
 /// Holds a create of one key name just before its key is generated, until the test lets
 /// it go: what shows which locks the generation runs under.
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod generation_hold {
     use std::sync::{Mutex, mpsc};
 
@@ -1304,6 +1303,7 @@ pub(crate) mod generation_hold {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
