@@ -1326,7 +1326,7 @@ mod tests {
         let (engine, admin) = (&engine, &admin);
         std::thread::scope(|s| {
             let create = s.spawn(move || {
-                engine.create_key(&admin, &CreateKey::new("held-gen", KeyType::Rsa2048))
+                engine.create_key(admin, &CreateKey::new("held-gen", KeyType::Rsa2048))
             });
             reached
                 .recv_timeout(Duration::from_secs(30))
@@ -1342,11 +1342,11 @@ mod tests {
                     group: None,
                     key: Some("shared".into()),
                 };
-                let _ = done_tx.send(engine.grant(&admin, &grant).map(|_| ()));
+                let _ = done_tx.send(engine.grant(admin, &grant).map(|_| ()));
             });
             s.spawn(move || {
                 let other = CreateKey::new("made-meanwhile", KeyType::Aes256);
-                let _ = done_other.send(engine.create_key(&admin, &other).map(|_| ()));
+                let _ = done_other.send(engine.create_key(admin, &other).map(|_| ()));
             });
             for _ in 0..2 {
                 let finished = done.recv_timeout(Duration::from_secs(10));
