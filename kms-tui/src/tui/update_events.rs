@@ -5,7 +5,7 @@ use kms_shared::protocol::Event;
 
 use super::back_to;
 use crate::tui::action::Action;
-use crate::tui::app::{App, Base, EventsView, Logged, Popup, Screen, scroll_offset};
+use crate::tui::app::{App, Base, EventsView, Logged, MsgKind, Popup, Screen, scroll_offset};
 use crate::tui::strings as s;
 use crate::tui::ui::layout;
 
@@ -46,6 +46,11 @@ pub(super) fn intent(app: &mut App, a: Action) {
     if let Some(sel) = super::admin::moved(&a, v.selected, len, rows) {
         v.selected = sel;
         v.offset = scroll_offset(v.offset, sel, rows, len);
+        // The row in full, which a narrow terminal cuts.
+        if let Some(entry) = app.events.newest(sel) {
+            let line = row_line(entry);
+            app.set_message(MsgKind::Event, line);
+        }
         return;
     }
     match a {
@@ -88,6 +93,16 @@ fn go_to_key(app: &mut App, row: usize) {
     }
     app.refilter(Some(&tag));
     app.screen = Screen::Details;
+}
+
+/// A row of the log as one line: what the message line shows of the selected row.
+fn row_line(entry: &Logged) -> String {
+    match entry {
+        Logged::Event(e) => s::event_line(e),
+        Logged::Missed(n) => s::events_missed(*n),
+        Logged::Reconnected => s::EVENTS_RECONNECTED.to_string(),
+        Logged::OtherStore(dir) => s::events_other_store(dir),
+    }
 }
 
 /// Keeps the window valid after a resize.

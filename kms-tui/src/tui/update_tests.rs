@@ -2402,6 +2402,14 @@ fn the_events_view_keeps_its_place() {
     assert_eq!(events_view(&a).selected, 3);
     update(&mut a, ch('k'));
     assert_eq!(events_view(&a).selected, 2);
+    // The selected row in full on the message line (a narrow terminal cuts the row).
+    let m = a.message.as_ref().unwrap();
+    assert_eq!(m.kind, MsgKind::Event);
+    assert!(
+        m.text.contains("rotated payments") && m.text.contains("disabled by alice"),
+        "{}",
+        m.text
+    );
     let before = event_row(&a, 2);
     let jwt = select(&mut a, "jwt-signing");
     update(&mut a, Action::DaemonEvent(event(EventKind::Created, &jwt)));
