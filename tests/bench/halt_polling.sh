@@ -13,8 +13,9 @@ knob=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 found=$(cat "$knob")
 spinners=()
 restore() {
-  ((${#spinners[@]})) && kill "${spinners[@]}" 2>/dev/null
+  # The setting first: nothing after it may stop the trap before it is written back.
   echo "$found" >"$knob"
+  if ((${#spinners[@]})); then kill "${spinners[@]}" 2>/dev/null || true; fi
 }
 trap restore EXIT
 summary() {
@@ -35,11 +36,15 @@ for r in $(seq "$rounds"); do
         done
         ;;
     esac
-    echo "r$r $mode 16x1 $("$bench" --json --seconds 3 --cases aes-enc-1k,ecdsa-sign | summary)"
-    echo "r$r $mode 1x32 $("$bench" --json --seconds 3 --conns 1 --depth 32 --cases aes-enc-1k | summary)"
-    echo "r$r $mode pipe $(perf bench sched pipe -l 50000 2>&1 | grep usecs/op || echo 'perf not installed')"
+    # Assignments, so that a failing kms-bench ends the script (set -e, pipefail).
+    wide=$("$bench" --json --seconds 3 --cases aes-enc-1k,ecdsa-sign | summary)
+    deep=$("$bench" --json --seconds 3 --conns 1 --depth 32 --cases aes-enc-1k | summary)
+    pipe=$(perf bench sched pipe -l 50000 2>&1 | grep usecs/op || echo 'perf not installed')
+    echo "r$r $mode 16x1 $wide"
+    echo "r$r $mode 1x32 $deep"
+    echo "r$r $mode pipe $pipe"
     if ((${#spinners[@]})); then
-      kill "${spinners[@]}"
+      kill "${spinners[@]}" 2>/dev/null || true
       wait "${spinners[@]}" 2>/dev/null || true
       spinners=()
     fi

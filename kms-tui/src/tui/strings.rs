@@ -223,7 +223,7 @@ pub const F_CLOSE: &str = "close";
 pub const F_PERMISSIONS: &str = "permissions";
 pub const F_TOKENS: &str = "tokens";
 pub const F_EVENTS: &str = "events";
-pub const F_GO_TO_KEY: &str = "key";
+pub const F_GO_TO_KEY: &str = "open key";
 pub const F_NEW_GRANT: &str = "new grant";
 pub const F_REVOKE: &str = "revoke";
 pub const F_REGISTER: &str = "register";
@@ -581,7 +581,7 @@ pub fn revoke_body(g: &GrantInfo) -> String {
 }
 
 // Events view.
-pub const EVENTS_TITLE: &str = " Events ";
+pub const EVENTS_TITLE: &str = " Events · times in UTC ";
 pub const E_COL_TIME: &str = "Time (UTC)";
 /// The time-of-day column of narrow terminals.
 pub const E_COL_TIME_SHORT: &str = "Time";

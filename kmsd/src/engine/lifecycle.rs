@@ -218,6 +218,8 @@ impl Engine {
         version: u32,
         now: UnixMillis,
     ) -> Result<(u32, VersionRecord, Option<Arc<KeyMaterial>>), EngineError> {
+        #[cfg(test)]
+        generation_hold::reached(&rec.name);
         if rec.protection != Protection::Basic {
             return self.new_hsm_version(rec, version, now);
         }
@@ -553,8 +555,6 @@ impl Engine {
             ))
         };
         let generated_on = registration();
-        #[cfg(test)]
-        generation_hold::reached(&spec.name);
         let version = match self.new_version(&rec, 1, now) {
             Ok(v) => v,
             Err(e) => {
@@ -1259,8 +1259,9 @@ fn purge_change(
     change
 }
 
-/// Holds a create of one key name just before its key is generated, until the test lets
-/// it go: what shows which locks the generation runs under.
+/// Holds the generation of a version of one key name (at the start of `new_version`, which
+/// every create and rotation generates with), until the test lets it go: what shows
+/// which locks the generation runs under.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 pub(crate) mod generation_hold {
@@ -1274,8 +1275,8 @@ pub(crate) mod generation_hold {
 
     static HOLD: Mutex<Option<Hold>> = Mutex::new(None);
 
-    /// The next create of `name` says so on the first channel when it reaches its
-    /// generation, and waits there for a message (or a hang-up) on the second.
+    /// The next generation for key `name` says so on the first channel when it starts,
+    /// and waits there for a message (or a hang-up) on the second.
     pub(crate) fn set(name: &str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
         let (reached, reached_rx) = mpsc::channel();
         let (go_tx, go) = mpsc::channel();
@@ -1325,8 +1326,11 @@ mod tests {
         let (reached, go) = generation_hold::set("held-gen");
         let (engine, admin) = (&engine, &admin);
         std::thread::scope(|s| {
+            // Moved in, so that a failing assertion below drops it on its way out and
+            // the held create, let go by the hang-up, ends: the scope waits for it.
+            let go = go;
             let create = s.spawn(move || {
-                engine.create_key(admin, &CreateKey::new("held-gen", KeyType::Rsa2048))
+                engine.create_key(admin, &CreateKey::new("held-gen", KeyType::Aes256))
             });
             reached
                 .recv_timeout(Duration::from_secs(30))
@@ -1338,7 +1342,7 @@ mod tests {
             s.spawn(move || {
                 let grant = GrantSpec {
                     role: Role::KeyUser,
-                    user: Some("nobody".into()),
+                    user: Some("root".into()),
                     group: None,
                     key: Some("shared".into()),
                 };
