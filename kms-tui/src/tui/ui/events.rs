@@ -5,7 +5,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::Line;
-use ratatui::widgets::{Block, Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Block, Cell, Paragraph, Row};
 
 use super::layout::{self, Tier};
 use super::theme;
@@ -78,24 +78,14 @@ pub fn render(f: &mut Frame, area: Rect, v: &EventsView, log: &EventLog) {
         ]
     };
     titles.push(Cell::from(s::E_COL_MESSAGE));
-    let table = Table::new(rows, widths)
-        .header(Row::new(titles).style(theme::table_header()))
-        .column_spacing(1)
-        .row_highlight_style(theme::selected())
-        .highlight_symbol(theme::HIGHLIGHT)
-        .highlight_spacing(HighlightSpacing::Always);
-    let mut state = TableState::default();
-    if !log.is_empty() {
-        state.select(Some(v.selected.saturating_sub(offset)));
-    }
-    f.render_stateful_widget(table, table_area, &mut state);
-    if log.is_empty() && table_area.height > 1 {
-        let at = Rect::new(table_area.x, table_area.y + 1, table_area.width, 1);
-        f.render_widget(
-            Paragraph::new(s::E_EMPTY).centered().style(theme::dim()),
-            at,
-        );
-    }
+    super::view_table(
+        f,
+        table_area,
+        (titles, widths),
+        rows,
+        (v.selected, offset, log.len()),
+        (log.is_empty()).then_some(s::E_EMPTY),
+    );
 }
 
 fn event_row(e: &Event, wide: bool) -> Row<'static> {

@@ -2,7 +2,7 @@
 
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Rect};
-use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Cell, Row};
 
 use super::layout::{self, Tier};
 use super::theme;
@@ -74,22 +74,12 @@ pub fn render(f: &mut Frame, area: Rect, g: &GrantsView) {
         Cell::from(s::G_COL_GRANTED),
         Cell::from(s::G_COL_BY),
     ]);
-    let table = Table::new(rows, widths)
-        .header(Row::new(titles).style(theme::table_header()))
-        .column_spacing(1)
-        .row_highlight_style(theme::selected())
-        .highlight_symbol(theme::HIGHLIGHT)
-        .highlight_spacing(HighlightSpacing::Always);
-    let mut state = TableState::default();
-    if !grants.is_empty() {
-        state.select(Some(g.selected.saturating_sub(offset)));
-    }
-    f.render_stateful_widget(table, table_area, &mut state);
-    if grants.is_empty() && table_area.height > 1 {
-        let at = Rect::new(table_area.x, table_area.y + 1, table_area.width, 1);
-        f.render_widget(
-            Paragraph::new(s::G_EMPTY).centered().style(theme::dim()),
-            at,
-        );
-    }
+    super::view_table(
+        f,
+        table_area,
+        (titles, widths),
+        rows,
+        (g.selected, offset, grants.len()),
+        (grants.is_empty()).then_some(s::G_EMPTY),
+    );
 }

@@ -3,7 +3,7 @@
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::Line;
-use ratatui::widgets::{Block, Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Block, Cell, Paragraph, Row};
 
 use super::layout::{self, Tier};
 use super::theme;
@@ -92,22 +92,12 @@ pub fn render(f: &mut Frame, area: Rect, h: &HistoryView) {
             Constraint::Fill(1),
         ]
     };
-    let table = Table::new(rows, widths)
-        .header(Row::new(titles).style(theme::table_header()))
-        .column_spacing(1)
-        .row_highlight_style(theme::selected())
-        .highlight_symbol(theme::HIGHLIGHT)
-        .highlight_spacing(HighlightSpacing::Always);
-    let mut state = TableState::default();
-    if !h.entries.is_empty() {
-        state.select(Some(h.selected.saturating_sub(offset)));
-    }
-    f.render_stateful_widget(table, table_area, &mut state);
-    if h.entries.is_empty() && !h.loading && h.error.is_none() && table_area.height > 1 {
-        let at = Rect::new(table_area.x, table_area.y + 1, table_area.width, 1);
-        f.render_widget(
-            Paragraph::new(s::HI_EMPTY).centered().style(theme::dim()),
-            at,
-        );
-    }
+    super::view_table(
+        f,
+        table_area,
+        (titles, widths),
+        rows,
+        (h.selected, offset, h.entries.len()),
+        (h.entries.is_empty() && !h.loading && h.error.is_none()).then_some(s::HI_EMPTY),
+    );
 }

@@ -23,7 +23,7 @@ pub mod versions;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Position, Rect};
 use ratatui::text::Line;
-use ratatui::widgets::{Block, Clear, Paragraph};
+use ratatui::widgets::{Block, Cell, Clear, HighlightSpacing, Paragraph, Row, Table, TableState};
 
 use super::app::{App, Popup, Screen};
 use super::strings as s;
@@ -206,6 +206,36 @@ pub fn list_frame<'a, T>(
     };
     f.render_widget(Paragraph::new(status), status_area);
     (table_area, list.as_deref())
+}
+
+/// Draws a view's table: its column titles, `rows` (those on screen), the selection (row
+/// `selected` of the whole list, whose first row on screen is `offset`, of `len` rows),
+/// and `empty` under the titles when there is nothing to list.
+pub fn view_table<'a>(
+    f: &mut Frame,
+    area: Rect,
+    (titles, widths): (Vec<Cell<'a>>, Vec<Constraint>),
+    rows: impl IntoIterator<Item = Row<'a>>,
+    (selected, offset, len): (usize, usize, usize),
+    empty: Option<&str>,
+) {
+    let table = Table::new(rows, widths)
+        .header(Row::new(titles).style(theme::table_header()))
+        .column_spacing(1)
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(theme::HIGHLIGHT)
+        .highlight_spacing(HighlightSpacing::Always);
+    let mut state = TableState::default();
+    if len > 0 {
+        state.select(Some(selected.saturating_sub(offset)));
+    }
+    f.render_stateful_widget(table, area, &mut state);
+    if let Some(text) = empty
+        && area.height > 1
+    {
+        let at = Rect::new(area.x, area.y + 1, area.width, 1);
+        f.render_widget(Paragraph::new(text).centered().style(theme::dim()), at);
+    }
 }
 
 #[cfg(test)]

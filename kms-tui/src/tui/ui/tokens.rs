@@ -3,7 +3,7 @@
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Rect};
 use ratatui::text::Line;
-use ratatui::widgets::{Cell, HighlightSpacing, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Cell, Row};
 
 use super::layout::{self, Tier};
 use super::theme;
@@ -101,22 +101,12 @@ pub fn render(f: &mut Frame, area: Rect, t: &TokensView, tokens: &HsmTokens) {
         }),
         Cell::from(s::T_COL_BY),
     ]);
-    let table = Table::new(rows, widths)
-        .header(Row::new(titles).style(theme::table_header()))
-        .column_spacing(1)
-        .row_highlight_style(theme::selected())
-        .highlight_symbol(theme::HIGHLIGHT)
-        .highlight_spacing(HighlightSpacing::Always);
-    let mut state = TableState::default();
-    if !list.is_empty() {
-        state.select(Some(t.selected.saturating_sub(offset)));
-    }
-    f.render_stateful_widget(table, table_area, &mut state);
-    if list.is_empty() && table_area.height > 1 {
-        let at = Rect::new(table_area.x, table_area.y + 1, table_area.width, 1);
-        f.render_widget(
-            Paragraph::new(s::T_EMPTY).centered().style(theme::dim()),
-            at,
-        );
-    }
+    super::view_table(
+        f,
+        table_area,
+        (titles, widths),
+        rows,
+        (t.selected, offset, list.len()),
+        (list.is_empty()).then_some(s::T_EMPTY),
+    );
 }
