@@ -54,18 +54,8 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
     }
     match mode {
         Mode::Main | Mode::Details => match key.code {
-            Up | Char('k') => Some(Action::Up),
-            Down | Char('j') => Some(Action::Down),
-            PageUp => Some(Action::PageUp),
-            PageDown => Some(Action::PageDown),
-            Home | Char('g') => Some(Action::Top),
-            End | Char('G') => Some(Action::Bottom),
             Enter => Some(Action::Open),
-            Esc => Some(Action::Back),
             Char('/') => Some(Action::StartFilter),
-            Char('?') => Some(Action::Help),
-            Char('M') => Some(Action::FullMessage),
-            Char('q') => Some(Action::Quit),
             Char('c') => Some(Action::Create),
             Char('r') => Some(Action::Rotate),
             Char('d') => Some(Action::Disable),
@@ -81,69 +71,29 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Char('P') => Some(Action::Permissions),
             Char('T') => Some(Action::Tokens),
             Char('E') => Some(Action::Events),
-            _ => None,
+            other => screen_key(other),
         },
         Mode::Grants | Mode::Tokens => match key.code {
-            Up | Char('k') => Some(Action::Up),
-            Down | Char('j') => Some(Action::Down),
-            PageUp => Some(Action::PageUp),
-            PageDown => Some(Action::PageDown),
-            Home | Char('g') => Some(Action::Top),
-            End | Char('G') => Some(Action::Bottom),
             Char('n') => Some(Action::New),
             Char('x') | Delete => Some(Action::Remove),
-            Esc => Some(Action::Back),
-            Char('?') => Some(Action::Help),
-            Char('M') => Some(Action::FullMessage),
-            Char('q') => Some(Action::Quit),
-            _ => None,
+            other => screen_key(other),
         },
         Mode::Versions => match key.code {
-            Up | Char('k') => Some(Action::Up),
-            Down | Char('j') => Some(Action::Down),
-            PageUp => Some(Action::PageUp),
-            PageDown => Some(Action::PageDown),
-            Home | Char('g') => Some(Action::Top),
-            End | Char('G') => Some(Action::Bottom),
             Char(' ') => Some(Action::ToggleVersion),
             // Not a toggle: enter opens things elsewhere, and here it would enable a
             // disabled version at once. It says which key toggles.
             Enter => Some(Action::Open),
             Char('r') => Some(Action::Rotate),
             Char('h') => Some(Action::History),
-            Esc => Some(Action::Back),
-            Char('?') => Some(Action::Help),
-            Char('M') => Some(Action::FullMessage),
-            Char('q') => Some(Action::Quit),
-            _ => None,
+            other => screen_key(other),
         },
         Mode::Events => match key.code {
-            Up | Char('k') => Some(Action::Up),
-            Down | Char('j') => Some(Action::Down),
-            PageUp => Some(Action::PageUp),
-            PageDown => Some(Action::PageDown),
-            Home | Char('g') => Some(Action::Top),
-            End | Char('G') => Some(Action::Bottom),
             Enter => Some(Action::Open),
-            Esc => Some(Action::Back),
-            Char('?') => Some(Action::Help),
-            Char('M') => Some(Action::FullMessage),
-            Char('q') => Some(Action::Quit),
-            _ => None,
+            other => screen_key(other),
         },
         Mode::History => match key.code {
-            Up | Char('k') => Some(Action::Up),
-            Down | Char('j') => Some(Action::Down),
-            PageUp => Some(Action::PageUp),
-            PageDown => Some(Action::PageDown),
-            Home | Char('g') => Some(Action::Top),
-            End | Char('G') => Some(Action::Bottom),
             Char('v') => Some(Action::Versions),
-            Esc => Some(Action::Back),
-            Char('?') => Some(Action::Help),
-            Char('M') => Some(Action::FullMessage),
-            Char('q') => Some(Action::Quit),
-            _ => None,
+            other => screen_key(other),
         },
         Mode::Filter => match key.code {
             Up => Some(Action::Up),
@@ -194,6 +144,25 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Esc => Some(Action::Back),
             other => text_key(other),
         },
+    }
+}
+
+/// The keys every screen (not a pop-up) shares: moving in its list, back, help, the
+/// message in full, quit.
+fn screen_key(code: KeyCode) -> Option<Action> {
+    use KeyCode::*;
+    match code {
+        Up | Char('k') => Some(Action::Up),
+        Down | Char('j') => Some(Action::Down),
+        PageUp => Some(Action::PageUp),
+        PageDown => Some(Action::PageDown),
+        Home | Char('g') => Some(Action::Top),
+        End | Char('G') => Some(Action::Bottom),
+        Esc => Some(Action::Back),
+        Char('?') => Some(Action::Help),
+        Char('M') => Some(Action::FullMessage),
+        Char('q') => Some(Action::Quit),
+        _ => None,
     }
 }
 
