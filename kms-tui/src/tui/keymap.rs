@@ -106,23 +106,11 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
         },
         Mode::Help => match key.code {
             Esc | Enter | Char('?') | Char('q') => Some(Action::Back),
-            Up | Char('k') => Some(Action::Up),
-            Down | Char('j') => Some(Action::Down),
-            PageUp => Some(Action::PageUp),
-            PageDown => Some(Action::PageDown),
-            Home | Char('g') => Some(Action::Top),
-            End | Char('G') => Some(Action::Bottom),
-            _ => None,
+            other => move_key(other),
         },
         Mode::Message => match key.code {
-            Up | Char('k') => Some(Action::Up),
-            Down | Char('j') => Some(Action::Down),
-            PageUp => Some(Action::PageUp),
-            PageDown => Some(Action::PageDown),
-            Home | Char('g') => Some(Action::Top),
-            End | Char('G') => Some(Action::Bottom),
             Esc | Enter | Char('M') | Char('q') => Some(Action::Back),
-            _ => None,
+            other => move_key(other),
         },
         Mode::Form | Mode::GrantForm | Mode::TokenForm => match key.code {
             Tab | Down => Some(Action::NextField),
@@ -152,16 +140,24 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
 fn screen_key(code: KeyCode) -> Option<Action> {
     use KeyCode::*;
     match code {
+        Esc => Some(Action::Back),
+        Char('?') => Some(Action::Help),
+        Char('M') => Some(Action::FullMessage),
+        Char('q') => Some(Action::Quit),
+        other => move_key(other),
+    }
+}
+
+/// Moving in a list or scrolling a pop-up: arrows or j/k, a page, the first or last.
+fn move_key(code: KeyCode) -> Option<Action> {
+    use KeyCode::*;
+    match code {
         Up | Char('k') => Some(Action::Up),
         Down | Char('j') => Some(Action::Down),
         PageUp => Some(Action::PageUp),
         PageDown => Some(Action::PageDown),
         Home | Char('g') => Some(Action::Top),
         End | Char('G') => Some(Action::Bottom),
-        Esc => Some(Action::Back),
-        Char('?') => Some(Action::Help),
-        Char('M') => Some(Action::FullMessage),
-        Char('q') => Some(Action::Quit),
         _ => None,
     }
 }
