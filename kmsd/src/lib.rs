@@ -7,6 +7,10 @@
 //! [`crypto`] and [`store`] (the only redb writer, group commit). Beside them:
 //! [`scheduler`] (rotations, purges) and [`shutdown`]. Around the daemon: [`systemd`]
 //! (socket activation, sd_notify, process hardening), [`backup`] and [`restore`].
+//!
+//! The library exists for kmsd's own binary and tests, so its documentation is read with
+//! the private items (`cargo doc --document-private-items`), which its links may name.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod authz;
 pub mod backup;

@@ -10,7 +10,7 @@
 //!   the data directory) with the file's device, inode, size, modification and change
 //!   times to the nanosecond, and when its pages were last all verified;
 //! - an open reads and deletes that record first. It skips the check only when the record
-//!   matches the file and the last full check is less than [`FULL_CHECK_EVERY`] old.
+//!   matches the file and the last full check is less than [`FULL_CHECK_EVERY_S`] old.
 //!
 //! Any write to the file through the file system (another program, a restore, a copy, a
 //! crash part way through kmsd's own writes) changes its change time, which no program
