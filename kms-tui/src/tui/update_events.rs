@@ -26,7 +26,7 @@ pub(super) fn log(app: &mut App, entry: Logged) {
     if let Screen::Events(v) = &mut app.screen {
         if v.selected > 0 {
             v.selected = (v.selected + 1).min(len.saturating_sub(1));
-            // The rows move down one under a window that stays put.
+            // Every row moves down one, and the window with them: it shows the same rows.
             v.offset = (v.offset + 1).min(v.selected);
         }
         v.offset = scroll_offset(v.offset, v.selected, rows, len);
