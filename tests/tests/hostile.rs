@@ -19,6 +19,12 @@ use std::time::{Duration, Instant};
 const CALLS: usize = 2000;
 const STALLERS: usize = 200;
 
+/// Held by each test of this file for its whole run, so that none runs beside another.
+/// The latency comparison below measures unloaded and attacked calls one after the other;
+/// another of these tests running meanwhile (1,000 durable creates, a flood of lists)
+/// would land in one measurement and not the other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `CALLS` calls, alternating encrypt and decrypt of what was just encrypted; every
 /// answer is checked. Returns each call's latency.
 async fn measure(c: &Client, label: &str) -> Vec<Duration> {
@@ -181,6 +187,7 @@ async fn unloaded_then_attacked(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_connections_leave_a_good_client_served() {
     const ATTEMPTS: usize = 3;
+    let _alone = ONE_AT_A_TIME.lock().await;
     let d = TestDaemon::start_with(DaemonOptions {
         env: vec![("KMS_LOG".into(), "info".into())],
         ..DaemonOptions::default()
@@ -285,6 +292,7 @@ fn read_reply(s: &mut UnixStream) -> ServerFrame {
 /// stopping. When the client reads again, every request it sent is answered, in full.
 #[test]
 fn a_client_that_stops_reading_stops_being_read() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     use kms_shared::protocol::{Request, Response};
     let d = TestDaemon::start_with(DaemonOptions {
         config: Some("max_buffered_bytes = 1048576\n".into()),
@@ -347,6 +355,7 @@ fn a_client_that_stops_reading_stops_being_read() {
 /// reader's stack in a debug build, which aborts kmsd.
 #[test]
 fn a_deeply_nested_request_is_refused_and_kmsd_serves_on() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     use kms_shared::protocol::{Request, Response};
     let d = TestDaemon::start();
     let mut s = handshaken(&d.socket, "deep");
@@ -395,6 +404,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// replies, a handful is (12 MiB).
 #[test]
 fn pipelined_key_lists_are_held_to_the_connection_budget() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     use kms_shared::protocol::{Request, Response};
     const KEYS: usize = 1000;
     let d = TestDaemon::start();

@@ -154,8 +154,8 @@ fn dashboard_session_in_tmux() {
     t.text("tui-key");
     t.keys(&["Enter"]);
     t.wait_for("2 keys");
-    let s = t.wait_for("tui-key");
-    assert!(s.contains("›tui-key"), "the new key is selected:\n{s}");
+    // The reply selects the new key; its event may be drawn first.
+    t.wait_for("›tui-key");
 
     // Rotate through the confirmation.
     t.keys(&["r"]);
@@ -172,7 +172,9 @@ fn dashboard_session_in_tmux() {
 
     // History: newest first, with client and account.
     t.keys(&["h"]);
-    let s = t.wait_for("History of tui-key");
+    t.wait_for("History of tui-key");
+    // The view opens "loading…"; the entries are in once the status says so.
+    let s = t.wait_for("end of history");
     let disable = s.find("disable").unwrap();
     let rotate = s.find("rotate").unwrap();
     let create = s.find("create").unwrap();
@@ -294,15 +296,27 @@ fn dashboard_session_in_tmux() {
     );
     // Down until the selection is on the disable: an event arriving meanwhile moves the
     // rows, so the selection is read from the screen, not counted.
+    // The selected row: where it is on screen, and what it says.
+    let selected = || {
+        t.view_rows()
+            .into_iter()
+            .enumerate()
+            .find(|(_, l)| l.starts_with("│›"))
+            .unwrap_or_default()
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !t
-        .view_rows()
-        .iter()
-        .any(|l| l.starts_with("│›") && l.contains("state-changed") && l.contains("existing"))
-    {
+    loop {
+        let now = selected();
+        if now.1.contains("state-changed") && now.1.contains("existing") {
+            break;
+        }
         assert!(Instant::now() < deadline, "never selected:\n{}", t.screen());
         t.keys(&["Down"]);
-        std::thread::sleep(Duration::from_millis(50));
+        // One row per press: the next is read once this one is drawn.
+        while selected() == now {
+            assert!(Instant::now() < deadline, "Down not drawn:\n{}", t.screen());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     t.keys(&["Enter"]);
     let s = t.wait_for("existing · times in UTC");
@@ -379,12 +393,20 @@ fn hsm_tokens_in_tmux() {
     t.wait_for("Remove HSM token vault-t?");
     t.keys(&["y"]);
     t.wait_for("could not remove HSM token vault-t");
-    let row = t
-        .view_rows()
-        .into_iter()
-        .find(|l| l.contains("vault-t"))
-        .unwrap();
-    assert!(row.contains(" 1 "), "one key on it: {row}");
+    // The token list read when T was pressed may be answered after the refusal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = t
+            .view_rows()
+            .into_iter()
+            .find(|l| l.contains("vault-t"))
+            .unwrap_or_default();
+        if row.contains(" 1 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "one key on it: {row}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     t.escape_from("┌ HSM tokens");
     t.keys(&["q"]);
     t.wait_quit();

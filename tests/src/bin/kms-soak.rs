@@ -303,9 +303,11 @@ async fn run(o: &Opts, d: &TestDaemon) -> anyhow::Result<serde_json::Value> {
     let errors = n.errors.load(Ordering::Relaxed);
     let ops = n.ops.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
-    // One client reconnects every 20 calls: at a sample it may be between two
-    // connections, so the count may differ by one.
-    let fds_constant = fd_max - fd_min <= 1;
+    // One client reconnects every 20 calls: at a sample kmsd may have closed the old
+    // connection and not yet accepted the new one (one fewer), or accepted the new one
+    // before it saw the old one close (one more). A leak of one descriptor per reconnect
+    // (hundreds in a run) still shows at once.
+    let fds_constant = fd_max - fd_min <= 2;
     let ok = errors == 0 && fds_constant && growth <= o.max_rss_growth;
     Ok(serde_json::json!({
         "ok": ok,
