@@ -321,8 +321,10 @@ fn dashboard_session_in_tmux() {
     t.keys(&["Enter"]);
     let s = t.wait_for("existing · times in UTC");
     assert!(!s.contains("┌ Events"), "{s}");
-    // Back from the details to the list (whose column titles the details lack).
+    // Back from the details to the events, and from them to the list.
     t.keys(&["Escape"]);
+    t.wait_for("since the dashboard started");
+    t.escape_from("┌ Events");
     t.wait_for("Used / due");
 
     // Quit: the program ends and tmux's pane with it.

@@ -809,6 +809,9 @@ pub struct App {
     pub hsm_tokens: HsmTokens,
     /// What the events view lists.
     pub events: EventLog,
+    /// The events view the details were opened from (`enter` on an event): esc from the
+    /// details goes back to it, on the same row.
+    pub details_from_events: Option<EventsView>,
     /// The data directory of the daemon last connected to: a reconnect to a daemon
     /// serving another one is said, not shown silently as the same keys.
     pub data_dir: Option<String>,
@@ -836,6 +839,7 @@ impl App {
             message: None,
             hsm_tokens: HsmTokens::default(),
             events: EventLog::default(),
+            details_from_events: None,
             data_dir: None,
             was_connected: false,
             should_quit: false,

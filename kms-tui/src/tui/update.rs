@@ -232,12 +232,18 @@ fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         Action::Top => app.move_selection(isize::MIN / 2),
         Action::Bottom => app.move_selection(isize::MAX / 2),
         Action::Open => match app.screen {
-            Screen::Main if app.selected_key().is_some() => app.screen = Screen::Details,
+            Screen::Main if app.selected_key().is_some() => {
+                app.details_from_events = None;
+                app.screen = Screen::Details;
+            }
             Screen::Details => open_versions(app, Base::Details, fx),
             _ => {}
         },
         Action::Back => match app.screen {
-            Screen::Details => app.screen = Screen::Main,
+            Screen::Details => match app.details_from_events.take() {
+                Some(view) => events::reopen(app, view),
+                None => app.screen = Screen::Main,
+            },
             _ if !app.filter.is_empty() => clear_filter(app),
             // Nothing left to go back from: esc dismisses the message, giving a long
             // one's rows back to the list.

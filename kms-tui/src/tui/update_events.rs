@@ -10,6 +10,8 @@ use crate::tui::strings as s;
 use crate::tui::ui::layout;
 
 pub(super) fn open(app: &mut App, back: Base) {
+    // A new view: the one the details came from is not gone back to any more.
+    app.details_from_events = None;
     app.screen = Screen::Events(EventsView {
         back,
         selected: 0,
@@ -17,20 +19,35 @@ pub(super) fn open(app: &mut App, back: Base) {
     });
 }
 
-/// Adds `entry` to the log. An open view keeps its selection on the row it was on; one
-/// on the newest row stays there and so follows new events, as `tail -f` does.
+/// Back to `view`, the one the details were opened from.
+pub(super) fn reopen(app: &mut App, view: EventsView) {
+    app.screen = Screen::Events(view);
+    on_resize(app);
+}
+
+/// Adds `entry` to the log. A view (open, or the one the details came from) keeps its
+/// selection on the row it was on; one on the newest row stays there and so follows new
+/// events, as `tail -f` does.
 pub(super) fn log(app: &mut App, entry: Logged) {
     app.events.push(entry);
     let rows = layout::events_rows(app.size, app.message_rows());
     let len = app.events.len();
     if let Screen::Events(v) = &mut app.screen {
-        if v.selected > 0 {
-            v.selected = (v.selected + 1).min(len.saturating_sub(1));
-            // Every row moves down one, and the window with them: it shows the same rows.
-            v.offset = (v.offset + 1).min(v.selected);
-        }
-        v.offset = scroll_offset(v.offset, v.selected, rows, len);
+        follow(v, rows, len);
     }
+    if let Some(v) = &mut app.details_from_events {
+        follow(v, rows, len);
+    }
+}
+
+/// Keeps `v` on its row when a new one comes in on top.
+fn follow(v: &mut EventsView, rows: usize, len: usize) {
+    if v.selected > 0 {
+        v.selected = (v.selected + 1).min(len.saturating_sub(1));
+        // Every row moves down one, and the window with them: it shows the same rows.
+        v.offset = (v.offset + 1).min(v.selected);
+    }
+    v.offset = scroll_offset(v.offset, v.selected, rows, len);
 }
 
 pub(super) fn log_event(app: &mut App, e: &Event) {
@@ -59,18 +76,18 @@ pub(super) fn intent(app: &mut App, a: Action) {
             back_to(app, back);
         }
         Action::Open if !app.events.is_empty() => {
-            let selected = v.selected;
-            go_to_key(app, selected);
+            let view = v.clone();
+            go_to_key(app, view);
         }
         Action::Help => app.popup = Some(Popup::Help { scroll: 0 }),
         _ => {}
     }
 }
 
-/// Opens the details of the key of the event on `row`, showing it in the list (the
-/// filter is cleared if it hides the key).
-fn go_to_key(app: &mut App, row: usize) {
-    let Some(Logged::Event(e)) = app.events.newest(row) else {
+/// Opens the details of the key of the event selected in `view`, showing it in the list
+/// (the filter is cleared if it hides the key); esc from them comes back to `view`.
+fn go_to_key(app: &mut App, view: EventsView) {
+    let Some(Logged::Event(e)) = app.events.newest(view.selected) else {
         app.error(s::EVENT_HAS_NO_KEY);
         return;
     };
@@ -92,6 +109,7 @@ fn go_to_key(app: &mut App, row: usize) {
         app.filter_editing = false;
     }
     app.refilter(Some(&tag));
+    app.details_from_events = Some(view);
     app.screen = Screen::Details;
 }
 

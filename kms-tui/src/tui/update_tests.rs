@@ -2486,3 +2486,46 @@ fn enter_on_an_event_opens_its_key() {
     assert_eq!(a.mode(), Mode::Events);
     assert_eq!(a.message, None);
 }
+
+/// Esc from the details opened by enter on an event goes back to the events view, on
+/// the same event even when others came in meanwhile; details opened from the list, or
+/// after the events view was opened afresh, go back to the list.
+#[test]
+fn esc_from_an_events_details_goes_back_to_the_events() {
+    let mut a = app();
+    let pay = select(&mut a, "payments");
+    let jwt = select(&mut a, "jwt-signing");
+    update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &pay)));
+    update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &jwt)));
+    update(&mut a, ch('E'));
+    update(&mut a, ch('j'));
+    assert_eq!(event_row(&a, events_view(&a).selected), "rotated payments");
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(a.screen, Screen::Details);
+    assert_eq!(selected_name(&a), "payments");
+    // An event while the details are shown: the row the view was on moves down one.
+    update(&mut a, Action::DaemonEvent(event(EventKind::Created, &jwt)));
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.mode(), Mode::Events);
+    assert_eq!(events_view(&a).selected, 2);
+    assert_eq!(event_row(&a, 2), "rotated payments");
+
+    // Esc from the events view goes where E was pressed (the list).
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Main);
+    // Details opened from the list go back to the list.
+    update(&mut a, code(KeyCode::Enter));
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Main);
+
+    // From the details of an event, a new events view (E) and esc twice: the details,
+    // then the list (the first view was left for the second).
+    update(&mut a, ch('E'));
+    update(&mut a, code(KeyCode::Enter));
+    assert_eq!(a.screen, Screen::Details);
+    update(&mut a, ch('E'));
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Details);
+    update(&mut a, code(KeyCode::Esc));
+    assert_eq!(a.screen, Screen::Main);
+}
