@@ -433,6 +433,14 @@ pub async fn serve(
     // the client's hello to answer it, without holding one of the `limit` slots.
     let refusing = Arc::new(Semaphore::new(REFUSING));
     let daemon_uid = rustix::process::geteuid().as_raw();
+    let unmapped = Unmapped::detect();
+    if let Some(u) = unmapped {
+        tracing::info!(
+            overflow_uid = u.uid,
+            overflow_gid = u.gid,
+            "kmsd runs in a user namespace: peers it does not map are refused"
+        );
+    }
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -453,13 +461,38 @@ pub async fn serve(
             },
             _ = shutdown.recv() => return,
         };
-        let caller = match identify(&stream) {
+        let caller = match identify(&stream, unmapped) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read peer credentials; closing");
                 continue;
             }
         };
+        if let Some(u) = unmapped.filter(|u| u.uid == caller.uid) {
+            drop(permit);
+            tracing::debug!(
+                uid = u.uid,
+                pid = caller.pid,
+                "refused a peer the user namespace does not map"
+            );
+            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                let err = WireError::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "kmsd runs in a user namespace that does not map your uid: it reads as \
+                         {}, as every unmapped account does, so kmsd cannot tell who you are; \
+                         connect from inside the namespace",
+                        u.uid
+                    ),
+                );
+                let wait = config.frame_timeout;
+                tokio::spawn(async move {
+                    crate::connection::refuse(stream, err, wait).await;
+                    drop(refusal);
+                });
+            }
+            continue;
+        }
         let exempt = crate::authz::is_superuser(&caller, daemon_uid);
         let Some(account_slot) = service.per_account.take(caller.uid, exempt) else {
             drop(permit);
@@ -555,9 +588,51 @@ impl Drop for AccountSlot {
     }
 }
 
+/// The ids the kernel reports for peers that kmsd's user namespace does not map (its
+/// `overflowuid` and `overflowgid`, 65534 unless changed), when kmsd runs in a user
+/// namespace other than the initial one (a rootless container): every account outside
+/// the mapping then reads as that one uid, and every unmapped group as that one gid, so
+/// neither names anybody. In the initial namespace every id is mapped, and 65534 is an
+/// account like any other (`nobody`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Unmapped {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Unmapped {
+    /// `None` in the initial user namespace (or where `/proc` does not say).
+    pub(crate) fn detect() -> Option<Unmapped> {
+        let uid_map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+        if is_initial_user_namespace(&uid_map) {
+            return None;
+        }
+        let overflow = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(65534)
+        };
+        Some(Unmapped {
+            uid: overflow("/proc/sys/kernel/overflowuid"),
+            gid: overflow("/proc/sys/kernel/overflowgid"),
+        })
+    }
+}
+
+/// Whether `uid_map` (the text of `/proc/self/uid_map`) is the initial namespace's:
+/// one line mapping every uid to itself.
+fn is_initial_user_namespace(uid_map: &str) -> bool {
+    let mut lines = uid_map
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>());
+    lines.next().is_some_and(|l| l == ["0", "0", "4294967295"]) && lines.next().is_none()
+}
+
 /// The peer as the kernel reports it at accept time. The identity is fixed for the
-/// connection's life: passing the socket to another process does not change it.
-fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
+/// connection's life: passing the socket to another process does not change it. Groups
+/// the user namespace does not map (`unmapped`) are left out: they name no group.
+fn identify(stream: &UnixStream, unmapped: Option<Unmapped>) -> std::io::Result<Caller> {
     let cred = stream.peer_cred()?;
     let uid = cred.uid();
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
@@ -586,6 +661,7 @@ fn identify(stream: &UnixStream) -> std::io::Result<Caller> {
         }
     };
     let mut gids: Vec<u32> = std::iter::once(cred.gid()).chain(gids).collect();
+    gids.retain(|&g| unmapped.is_none_or(|u| u.gid != g));
     gids.sort_unstable();
     gids.dedup();
     let groups = gids
@@ -673,6 +749,49 @@ mod tests {
         own.dedup();
         seen.dedup();
         assert_eq!(seen, own);
+    }
+
+    #[test]
+    fn only_the_identity_map_is_the_initial_user_namespace() {
+        assert!(is_initial_user_namespace(
+            "         0          0 4294967295\n"
+        ));
+        // `unshare --map-root-user` run by root, and by an account.
+        assert!(!is_initial_user_namespace(
+            "         0          0          1\n"
+        ));
+        assert!(!is_initial_user_namespace(
+            "         0       1000          1\n"
+        ));
+        // A container's usual map, in two ranges.
+        assert!(!is_initial_user_namespace("0 1000 1\n1 100000 65536\n"));
+        assert!(!is_initial_user_namespace(""));
+    }
+
+    /// The group a user namespace gives every group it does not map is no group of the
+    /// peer's: its grants must not apply.
+    #[tokio::test]
+    async fn groups_the_namespace_does_not_map_are_left_out() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let gid = rustix::process::getegid().as_raw();
+        let group = uzers::get_group_by_gid(gid).expect("the test's own group has a name");
+        let name = group.name().to_string_lossy().into_owned();
+        let seen = identify(&a, None).unwrap();
+        assert!(
+            seen.groups.iter().any(|(n, _)| *n == name),
+            "{:?}",
+            seen.groups
+        );
+        let unmapped = Unmapped {
+            uid: u32::MAX - 1,
+            gid,
+        };
+        let seen = identify(&a, Some(unmapped)).unwrap();
+        assert!(
+            seen.groups.iter().all(|(n, g)| *n != name && *g != gid),
+            "{:?}",
+            seen.groups
+        );
     }
 
     /// A `kmsd.lock` that is a link is refused, and the file it names left alone: kmsd

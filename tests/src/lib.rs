@@ -67,6 +67,9 @@ pub struct DaemonOptions {
     pub env: Vec<(String, String)>,
     /// Use this data directory instead of a fresh one inside the temporary directory.
     pub data_dir: Option<PathBuf>,
+    /// Run in a user namespace of its own that maps only root (`unshare --map-root-user`),
+    /// as in a rootless container: every other account reads there as the overflow uid.
+    pub user_namespace: bool,
 }
 
 impl TestDaemon {
@@ -116,6 +119,11 @@ impl TestDaemon {
                 // Shift only the wall clock; tokio's timers keep real monotonic time.
                 c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
                 c.process_group(0);
+                c
+            }
+            None if opts.user_namespace => {
+                let mut c = Command::new("unshare");
+                c.args(["--user", "--map-root-user", "--"]).arg(bin("kmsd"));
                 c
             }
             None => Command::new(bin("kmsd")),

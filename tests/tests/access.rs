@@ -100,6 +100,52 @@ fn group_grants_follow_the_processes_groups() {
     assert_eq!(code(&o), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// kmsd in a user namespace (a rootless container) sees every account the namespace does
+/// not map as one uid, the kernel's overflow uid (`nobody`): it refuses such peers with a
+/// reason, rather than serving all of them as `nobody`, whom a grant would then cover.
+/// Accounts the namespace maps (root here) are served as before.
+#[test]
+fn peers_a_user_namespace_does_not_map_are_refused() {
+    assert!(
+        uzers_exists(OTHER),
+        "the test account {OTHER} is missing: run .ci/install-deps as root"
+    );
+    let d = TestDaemon::start_with(DaemonOptions {
+        user_namespace: true,
+        ..DaemonOptions::default()
+    });
+    // The namespace maps no group for `--socket-group`: the socket is opened to everyone
+    // instead, from outside, so that the other account reaches kmsd at all.
+    for (path, mode) in [
+        (d.dir.path(), 0o755),
+        (d.socket.parent().unwrap(), 0o755),
+        (d.socket.as_path(), 0o666),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    root_ok(&d, &["create", "shared", "--type", "aes256"]);
+    root_ok(
+        &d,
+        &["grant", "key-user", "--user", "nobody", "--key", "shared"],
+    );
+    let o = as_other(&d, &["encrypt", "shared"], b"x");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.contains("permission-denied")
+            && stderr.contains("user namespace"),
+        "{OTHER}, unmapped, was not refused ({:?}): {stderr}",
+        o.status.code()
+    );
+    let ct = d.kmsctl(&["encrypt", "shared"], b"root is mapped");
+    assert!(
+        ct.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ct.stderr)
+    );
+    assert!(d.log_text().contains("peers it does not map are refused"));
+}
+
 /// Refused before a grant; a key-scoped grant works on that key only; key-reviewer reads
 /// history but cannot encrypt; key-manager disables but cannot create; a group grant
 /// works for its members; revoke takes effect at once on an open connection; every
