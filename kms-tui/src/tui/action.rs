@@ -3,7 +3,7 @@
 //! every behaviour can be tested by feeding actions and looking at state and effects.
 
 use crossterm::event::KeyEvent;
-use kms_shared::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, VersionInfo};
+use kms_shared::model::{GrantInfo, HistoryEntry, Impact, KeyInfo, UnixMillis, VersionInfo};
 use kms_shared::protocol::{CreateKey, Event, EventKind, GrantSpec, HsmTokenInfo};
 
 use super::retry::Next;
@@ -81,6 +81,8 @@ pub enum Action {
         daemon_version: String,
         /// The data directory the daemon serves (from `status`), if it said.
         data_dir: Option<String>,
+        /// When (the events view dates a reconnect by it).
+        at: UnixMillis,
     },
     /// The connection failed or was lost, and what comes next.
     Disconnected {
@@ -97,7 +99,12 @@ pub enum Action {
         result: Result<Option<KeyInfo>, String>,
     },
     DaemonEvent(Event),
-    Lagged(u64),
+    /// The daemon dropped `missed` events for this dashboard (0: an unknown number), as
+    /// the client library learnt `at`.
+    Lagged {
+        missed: u64,
+        at: UnixMillis,
+    },
     Created(Result<KeyInfo, String>),
     OpDone {
         op: Op,

@@ -2,7 +2,7 @@
 
 use kms_shared::model::{
     DEFAULT_ROTATION_DAYS, GrantInfo, HistoryEntry, Impact, KeyInfo, KeyState, KeyType, Principal,
-    Protection, Role, VersionInfo, validate_convergent, validate_convergent_protection,
+    Protection, Role, UnixMillis, VersionInfo, validate_convergent, validate_convergent_protection,
     validate_memo, validate_name, validate_rotation_days,
 };
 use kms_shared::protocol::{CreateKey, Event, GrantSpec, HsmTokenInfo};
@@ -148,13 +148,21 @@ pub struct EventsView {
 pub enum Logged {
     Event(Event),
     /// The daemon dropped this many events for this dashboard, which read too slowly
-    /// (0: an unknown number).
-    Missed(u64),
-    /// The connection was lost and made again: events in between were not received.
-    Reconnected,
+    /// (0: an unknown number); the dashboard learnt it `at`.
+    Missed {
+        missed: u64,
+        at: UnixMillis,
+    },
+    /// The connection was lost and made again `at`: events in between were not received.
+    Reconnected {
+        at: UnixMillis,
+    },
     /// As `Reconnected`, to a daemon serving another key store (its data directory):
     /// the rows above are that store's.
-    OtherStore(String),
+    OtherStore {
+        data_dir: String,
+        at: UnixMillis,
+    },
 }
 
 /// The events received since the dashboard started, oldest first, at most [`EVENT_LOG`].

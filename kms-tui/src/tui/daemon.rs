@@ -85,6 +85,7 @@ pub async fn run(
                 let connected = Action::Connected {
                     daemon_version,
                     data_dir,
+                    at: now_millis(),
                 };
                 if actions.send(connected).is_err() {
                     return;
@@ -243,7 +244,10 @@ async fn serve_with(
             note = notes.recv() => {
                 let a = match note {
                     Some(Notification::Event(e)) => Action::DaemonEvent(e),
-                    Some(Notification::Lagged(n)) => Action::Lagged(n),
+                    Some(Notification::Lagged(n)) => Action::Lagged {
+                        missed: n,
+                        at: now_millis(),
+                    },
                     // What a newer client library may add: nothing to show for it.
                     Some(_) => continue,
                     // The reader ends the stream when the connection drops.
@@ -460,6 +464,13 @@ fn failed(eff: Effect, msg: &str) -> Option<Action> {
         },
         Effect::Notify { .. } => return None,
     })
+}
+
+/// The wall clock as the daemon dates events (milliseconds since the epoch).
+fn now_millis() -> kms_shared::model::UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

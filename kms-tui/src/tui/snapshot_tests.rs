@@ -45,6 +45,7 @@ fn app(size: (u16, u16), name: &str) -> App {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/home/alice/.local/share/kms".into()),
+            at: fake::BASE,
         },
     );
     update(&mut a, Action::KeysLoaded(Ok(fake::keys())));
@@ -186,7 +187,13 @@ fn events_view() {
                 "deletion due 2025-03-07 00:00 UTC",
             ),
         );
-        update(&mut a, Action::Lagged(12));
+        update(
+            &mut a,
+            Action::Lagged {
+                missed: 12,
+                at: fake::BASE + 152_000,
+            },
+        );
         update(
             &mut a,
             event(3, EventKind::StateChanged, &jwt, None, "bob", "disabled"),
@@ -575,6 +582,7 @@ fn long_list_scrolled() {
             Action::Connected {
                 daemon_version: "0.1.0".into(),
                 data_dir: Some("/home/alice/.local/share/kms".into()),
+                at: fake::BASE,
             },
         );
         update(&mut a, Action::KeysLoaded(Ok(fake::many(1000))));

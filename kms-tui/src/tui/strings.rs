@@ -643,6 +643,12 @@ pub fn events_other_store(data_dir: &str) -> String {
 pub const EVENTS_RECONNECTED: &str =
     "the connection was lost: events until it was made again were not received";
 
+/// A row of the events view that is no event, as the message line shows it: its time
+/// first, as an event's line has.
+pub fn gap_line(at: UnixMillis, text: &str) -> String {
+    format!("{} {text}", time_of_day(at))
+}
+
 pub fn event_key_gone(key: &str) -> String {
     format!("key {key} is no longer in the list (purged, or no longer visible to you)")
 }

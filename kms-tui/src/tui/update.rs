@@ -104,15 +104,17 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
         Action::Connected {
             daemon_version,
             data_dir,
+            at,
         } => {
             match (&app.data_dir, &data_dir) {
                 (Some(was), Some(now)) if was != now => {
                     let message = s::another_store_message(&daemon_version, now, was);
-                    events::log(app, Logged::OtherStore(now.clone()));
+                    let data_dir = now.clone();
+                    events::log(app, Logged::OtherStore { data_dir, at });
                     app.error(message);
                 }
                 _ if app.was_connected => {
-                    events::log(app, Logged::Reconnected);
+                    events::log(app, Logged::Reconnected { at });
                     app.info(s::reconnected_message(&daemon_version));
                 }
                 _ => app.info(s::connected_message(&daemon_version)),
@@ -139,8 +141,8 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             Err(_) => {}
         },
         Action::DaemonEvent(e) => on_event(app, e, fx),
-        Action::Lagged(missed) => {
-            events::log(app, Logged::Missed(missed));
+        Action::Lagged { missed, at } => {
+            events::log(app, Logged::Missed { missed, at });
             app.info(s::lagged(missed));
             fx.push(Effect::LoadKeys);
             reload_view(app, fx);

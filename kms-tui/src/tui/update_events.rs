@@ -117,9 +117,9 @@ fn go_to_key(app: &mut App, view: EventsView) {
 fn row_line(entry: &Logged) -> String {
     match entry {
         Logged::Event(e) => s::event_line(e),
-        Logged::Missed(n) => s::events_missed(*n),
-        Logged::Reconnected => s::EVENTS_RECONNECTED.to_string(),
-        Logged::OtherStore(dir) => s::events_other_store(dir),
+        Logged::Missed { missed, at } => s::gap_line(*at, &s::events_missed(*missed)),
+        Logged::Reconnected { at } => s::gap_line(*at, s::EVENTS_RECONNECTED),
+        Logged::OtherStore { data_dir, at } => s::gap_line(*at, &s::events_other_store(data_dir)),
     }
 }
 

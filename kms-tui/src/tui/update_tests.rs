@@ -38,6 +38,7 @@ fn app() -> App {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/home/alice/.local/share/kms".into()),
+            at: fake::BASE,
         },
     );
     update(&mut a, Action::KeysLoaded(Ok(fake::keys())));
@@ -1075,11 +1076,26 @@ fn fetched_keys_update_the_list() {
 #[test]
 fn lagged_reloads() {
     let mut a = app();
-    assert_eq!(update(&mut a, Action::Lagged(12)), [Effect::LoadKeys]);
+    assert_eq!(
+        update(
+            &mut a,
+            Action::Lagged {
+                missed: 12,
+                at: fake::BASE
+            }
+        ),
+        [Effect::LoadKeys]
+    );
     let k = select(&mut a, "payments");
     update(&mut a, ch('v'));
     assert_eq!(
-        update(&mut a, Action::Lagged(3)),
+        update(
+            &mut a,
+            Action::Lagged {
+                missed: 3,
+                at: fake::BASE
+            }
+        ),
         [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]
     );
 }
@@ -1110,6 +1126,7 @@ fn disconnect_and_reconnect() {
         Action::Connected {
             daemon_version: "0.1.1".into(),
             data_dir: Some("/home/alice/.local/share/kms".into()),
+            at: fake::BASE,
         },
     );
     assert_eq!(fx, [Effect::LoadKeys, Effect::LoadVersions(k.tag.clone())]);
@@ -1131,6 +1148,7 @@ fn a_first_connection_after_failures_is_not_a_reconnect() {
     let connected = Action::Connected {
         daemon_version: "0.1.1".into(),
         data_dir: None,
+        at: fake::BASE,
     };
     update(&mut a, connected.clone());
     assert_eq!(a.message.as_ref().unwrap().text, "connected to kmsd 0.1.1");
@@ -1156,6 +1174,7 @@ fn a_reconnect_to_another_store_is_said() {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/var/lib/kms".into()),
+            at: fake::BASE,
         },
     );
     let m = a.message.clone().unwrap();
@@ -1176,6 +1195,7 @@ fn a_reconnect_to_another_store_is_said() {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/var/lib/kms".into()),
+            at: fake::BASE,
         },
     );
     assert_eq!(a.message.clone().unwrap().kind, MsgKind::Info);
@@ -1224,6 +1244,7 @@ fn restarting_the_daemon_is_shown() {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/home/alice/.local/share/kms".into()),
+            at: fake::BASE,
         },
     );
     assert_eq!(fx, [Effect::LoadKeys], "the list is loaded again");
@@ -1249,6 +1270,7 @@ fn tick_refreshes_usage() {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/home/alice/.local/share/kms".into()),
+            at: fake::BASE,
         },
     );
     update(&mut big, Action::KeysLoaded(Ok(fake::many(2_001))));
@@ -1771,6 +1793,7 @@ fn reconnect_reloads_grants_and_tokens() {
     let connected = || Action::Connected {
         daemon_version: "0.1.1".into(),
         data_dir: Some("/home/alice/.local/share/kms".into()),
+        at: fake::BASE,
     };
     update(&mut a, lost());
     assert_eq!(
@@ -2123,7 +2146,13 @@ fn long_message_takes_rows_from_the_list() {
     assert_eq!(a.message_rows(), 4);
 
     update(&mut a, Action::Resize(80, 24));
-    update(&mut a, Action::Lagged(3));
+    update(
+        &mut a,
+        Action::Lagged {
+            missed: 3,
+            at: fake::BASE,
+        },
+    );
     assert_eq!(a.message_rows(), 1);
     assert_eq!(a.list_rows(), 12);
 }
@@ -2307,9 +2336,9 @@ fn event_row(a: &App, row: usize) -> String {
     use crate::tui::app::Logged;
     match a.events.newest(row).unwrap() {
         Logged::Event(e) => format!("{} {}", e.kind.as_str(), e.key_name.as_deref().unwrap()),
-        Logged::Missed(n) => format!("missed {n}"),
-        Logged::Reconnected => "reconnected".into(),
-        Logged::OtherStore(dir) => format!("other store {dir}"),
+        Logged::Missed { missed, .. } => format!("missed {missed}"),
+        Logged::Reconnected { .. } => "reconnected".into(),
+        Logged::OtherStore { data_dir, .. } => format!("other store {data_dir}"),
     }
 }
 
@@ -2323,7 +2352,13 @@ fn e_lists_the_events_received() {
     let pay = select(&mut a, "payments");
     let jwt = select(&mut a, "jwt-signing");
     update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &pay)));
-    update(&mut a, Action::Lagged(3));
+    update(
+        &mut a,
+        Action::Lagged {
+            missed: 3,
+            at: fake::BASE + 30_000,
+        },
+    );
     update(
         &mut a,
         Action::DaemonEvent(event(EventKind::StateChanged, &jwt)),
@@ -2340,6 +2375,7 @@ fn e_lists_the_events_received() {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/home/alice/.local/share/kms".into()),
+            at: fake::BASE + 61_000,
         },
     );
     // A daemon serving another store: the rows before are the other store's.
@@ -2348,6 +2384,7 @@ fn e_lists_the_events_received() {
         Action::Connected {
             daemon_version: "0.1.0".into(),
             data_dir: Some("/srv/kms".into()),
+            at: fake::BASE + 122_000,
         },
     );
     update(&mut a, ch('E'));
@@ -2365,6 +2402,22 @@ fn e_lists_the_events_received() {
     );
     assert_eq!(a.events.events(), 2);
     assert!(!a.events.is_full());
+    // Rows that are no event carry the time the dashboard learnt of the gap (UTC).
+    for (row, line) in [
+        (
+            0,
+            "00:02:02 connected to a daemon serving another key store (/srv/kms)",
+        ),
+        (1, "00:01:01 the connection was lost"),
+        (3, "00:00:30 3 events were missed here"),
+    ] {
+        update(&mut a, ch('g'));
+        for _ in 0..row {
+            update(&mut a, ch('j'));
+        }
+        let m = &a.message.as_ref().unwrap().text;
+        assert!(m.starts_with(line), "row {row}: {m}");
+    }
     // Bounded: the oldest go first.
     for _ in 0..EVENT_LOG {
         update(&mut a, Action::DaemonEvent(event(EventKind::Rotated, &jwt)));
@@ -2472,7 +2525,13 @@ fn enter_on_an_event_opens_its_key() {
     assert_eq!(m.kind, MsgKind::Error);
     assert!(m.text.contains("jwt-signing"), "{}", m.text);
 
-    update(&mut a, Action::Lagged(0));
+    update(
+        &mut a,
+        Action::Lagged {
+            missed: 0,
+            at: fake::BASE,
+        },
+    );
     update(&mut a, code(KeyCode::Home));
     update(&mut a, code(KeyCode::Enter));
     assert_eq!(a.mode(), Mode::Events);

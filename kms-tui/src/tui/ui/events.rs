@@ -1,5 +1,6 @@
 //! The events this dashboard received, newest first.
 
+use kms_shared::model::UnixMillis;
 use kms_shared::protocol::{Event, EventKind};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -36,15 +37,22 @@ pub fn render(f: &mut Frame, area: Rect, v: &EventsView, log: &EventLog) {
         .filter_map(|row| log.newest(row))
         .map(|entry| match entry {
             Logged::Event(e) => event_row(e, wide),
-            Logged::Missed(n) => gap_row(s::events_missed_label(*n), s::events_missed(*n), wide),
-            Logged::Reconnected => gap_row(
+            Logged::Missed { missed, at } => gap_row(
+                *at,
+                s::events_missed_label(*missed),
+                s::events_missed(*missed),
+                wide,
+            ),
+            Logged::Reconnected { at } => gap_row(
+                *at,
                 s::EVENTS_RECONNECTED_LABEL.to_string(),
                 s::EVENTS_RECONNECTED.to_string(),
                 wide,
             ),
-            Logged::OtherStore(dir) => gap_row(
+            Logged::OtherStore { data_dir, at } => gap_row(
+                *at,
                 s::EVENTS_OTHER_STORE_LABEL.to_string(),
-                s::events_other_store(dir),
+                s::events_other_store(data_dir),
                 wide,
             ),
         });
@@ -88,12 +96,17 @@ pub fn render(f: &mut Frame, area: Rect, v: &EventsView, log: &EventLog) {
     );
 }
 
-fn event_row(e: &Event, wide: bool) -> Row<'static> {
-    let time = if wide {
-        s::datetime_secs(e.time)
+/// A row's time: the date too where there is room.
+fn time_cell(at: UnixMillis, wide: bool) -> String {
+    if wide {
+        s::datetime_secs(at)
     } else {
-        s::time_of_day(e.time)
-    };
+        s::time_of_day(at)
+    }
+}
+
+fn event_row(e: &Event, wide: bool) -> Row<'static> {
+    let time = time_cell(e.time, wide);
     let key = e
         .key_name
         .clone()
@@ -124,10 +137,11 @@ fn kind_style(e: &Event) -> Style {
     }
 }
 
-/// A row that says events are missing here: what happened in the event column (what a
-/// narrow terminal shows of it), why in the message column.
-fn gap_row(label: String, text: String, wide: bool) -> Row<'static> {
-    let mut cells = vec![Cell::from(""), Cell::from(label)];
+/// A row that says events are missing here, dated when the dashboard learnt it: what
+/// happened in the event column (what a narrow terminal shows of it), why in the message
+/// column.
+fn gap_row(at: UnixMillis, label: String, text: String, wide: bool) -> Row<'static> {
+    let mut cells = vec![Cell::from(time_cell(at, wide)), Cell::from(label)];
     cells.extend(std::iter::repeat_n(
         Cell::from(""),
         if wide { 3 } else { 2 },
