@@ -253,6 +253,24 @@ pub fn kmsctl_as_account(account: &str) -> Command {
     setpriv
 }
 
+/// Whether a Unix socket bound at `path` listens: `/proc/net/unix` lists it with
+/// `__SO_ACCEPTCON` (0x10000) among its flags. The socket file appears at `bind`, before
+/// `listen`, and a client connecting in between is refused.
+pub fn is_listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(7).is_some_and(|p| *p == want)
+            && fields
+                .get(3)
+                .and_then(|f| u32::from_str_radix(f, 16).ok())
+                .is_some_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
 /// SIGSTOP to `pid`, and waits until every thread of it is stopped: `kill` returns once
 /// the signal is queued, while a thread running on the other core may still answer a
 /// request or two (a test of a daemon that does not answer then saw an answer).
@@ -350,5 +368,24 @@ pub fn processes_naming(path: &Path) -> Vec<u32> {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// A bound socket is not yet listening; once it listens it is.
+    #[test]
+    fn is_listening_waits_for_listen() {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketType, bind, listen, socket};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let fd = socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+        bind(&fd, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        assert!(path.exists());
+        assert!(!super::is_listening(&path));
+        listen(&fd, 1).unwrap();
+        assert!(super::is_listening(&path));
+        assert!(!super::is_listening(&dir.path().join("other.sock")));
     }
 }

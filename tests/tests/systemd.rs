@@ -469,7 +469,7 @@ fn socket_activation_with_kmsctl() {
         .spawn()
         .expect("systemd-socket-activate (run .ci/install-deps)");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    while !kms_e2e::is_listening(&socket) {
         assert!(
             Instant::now() < deadline,
             "systemd-socket-activate did not listen"
