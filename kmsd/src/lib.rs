@@ -96,6 +96,8 @@ fn begin_serving() -> bool {
 pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
     // A no-op when main already claimed it; before any file is opened either way.
     systemd::claim_listen_fds()?;
+    let unmapped = server::Unmapped::detect();
+    server::refuse_an_unmapped_self(unmapped)?;
     let _lock = server::lock_data_dir_to_serve(&config.data_dir)?;
     // The store, journal, slots, lock, socket, the runtime's own descriptors, a backup,
     // HSM libraries: well under this many besides the connections.
@@ -220,6 +222,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
         engine.clone(),
         service.clone(),
         config.clone(),
+        unmapped,
         trigger.handle(),
     ));
     tracing::info!(

@@ -29,6 +29,13 @@ pub enum ServerError {
     Path { path: PathBuf, message: String },
     #[error("unknown group {0:?} for --socket-group")]
     UnknownGroup(String),
+    /// kmsd's own uid reads as its user namespace's overflow uid.
+    #[error(
+        "kmsd's own uid is not mapped in its user namespace (it reads as {0}, as every \
+         unmapped account does): it could not tell its own files and peers from theirs; \
+         run it where its uid is mapped"
+    )]
+    UnmappedSelf(u32),
     /// A data directory of another account: kmsd serves only its own account's store.
     #[error(
         "the data directory {path} belongs to {owner}, not to {me} that kmsd runs as: \
@@ -426,19 +433,19 @@ pub async fn serve(
     engine: Arc<Engine>,
     service: Arc<Service>,
     config: Arc<Config>,
+    unmapped: Unmapped,
     mut shutdown: Shutdown,
 ) {
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    // Connections being refused for their account's limit: a refusal waits (briefly) for
-    // the client's hello to answer it, without holding one of the `limit` slots.
+    // Connections being refused (for their account's limit, or a uid the user namespace
+    // does not map): a refusal waits (briefly) for the client's hello to answer it,
+    // without holding one of the `limit` slots.
     let refusing = Arc::new(Semaphore::new(REFUSING));
     let daemon_uid = rustix::process::geteuid().as_raw();
-    let unmapped = Unmapped::detect();
-    if let Some(u) = unmapped {
+    if let Some(overflow_uid) = unmapped.uid {
         tracing::info!(
-            overflow_uid = u.uid,
-            overflow_gid = u.gid,
-            "kmsd runs in a user namespace: peers it does not map are refused"
+            overflow_uid,
+            "kmsd's user namespace does not map every account: peers it does not map are refused"
         );
     }
     loop {
@@ -461,18 +468,15 @@ pub async fn serve(
             },
             _ = shutdown.recv() => return,
         };
-        let caller = match identify(&stream, unmapped) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read peer credentials; closing");
-                continue;
-            }
-        };
-        if let Some(u) = unmapped.filter(|u| u.uid == caller.uid) {
+        // Before anything is looked up for the peer.
+        let unmapped_peer = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| unmapped.uid.filter(|&overflow| overflow == c.uid()));
+        if let Some(overflow) = unmapped_peer {
             drop(permit);
             tracing::debug!(
-                uid = u.uid,
-                pid = caller.pid,
+                uid = overflow,
                 "refused a peer the user namespace does not map"
             );
             if let Ok(refusal) = refusing.clone().try_acquire_owned() {
@@ -480,9 +484,8 @@ pub async fn serve(
                     ErrorKind::PermissionDenied,
                     format!(
                         "kmsd runs in a user namespace that does not map your uid: it reads as \
-                         {}, as every unmapped account does, so kmsd cannot tell who you are; \
-                         connect from inside the namespace",
-                        u.uid
+                         {overflow}, as every unmapped account does, so kmsd cannot tell who \
+                         you are; connect from inside the namespace"
                     ),
                 );
                 let wait = config.frame_timeout;
@@ -493,6 +496,13 @@ pub async fn serve(
             }
             continue;
         }
+        let caller = match identify(&stream, unmapped) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                continue;
+            }
+        };
         let exempt = crate::authz::is_superuser(&caller, daemon_uid);
         let Some(account_slot) = service.per_account.take(caller.uid, exempt) else {
             drop(permit);
@@ -590,49 +600,75 @@ impl Drop for AccountSlot {
 
 /// The ids the kernel reports for peers that kmsd's user namespace does not map (its
 /// `overflowuid` and `overflowgid`, 65534 unless changed), when kmsd runs in a user
-/// namespace other than the initial one (a rootless container): every account outside
+/// namespace that does not map every id (a rootless container): every account outside
 /// the mapping then reads as that one uid, and every unmapped group as that one gid, so
 /// neither names anybody. In the initial namespace every id is mapped, and 65534 is an
-/// account like any other (`nobody`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Unmapped {
-    pub uid: u32,
-    pub gid: u32,
+/// account like any other (`nobody`). The uid and gid maps are read apart (a namespace
+/// may map every uid and not every gid), once, at start, as are the overflow ids.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unmapped {
+    /// The overflow uid, if the uid map leaves some uid unmapped.
+    pub uid: Option<u32>,
+    /// The overflow gid, if the gid map leaves some gid unmapped.
+    pub gid: Option<u32>,
 }
 
 impl Unmapped {
-    /// `None` in the initial user namespace (or where `/proc` does not say).
-    pub(crate) fn detect() -> Option<Unmapped> {
-        let uid_map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
-        if is_initial_user_namespace(&uid_map) {
-            return None;
+    pub fn detect() -> Unmapped {
+        Unmapped {
+            uid: unmapped_id("/proc/self/uid_map", "/proc/sys/kernel/overflowuid"),
+            gid: unmapped_id("/proc/self/gid_map", "/proc/sys/kernel/overflowgid"),
         }
-        let overflow = |path: &str| {
-            std::fs::read_to_string(path)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(65534)
-        };
-        Some(Unmapped {
-            uid: overflow("/proc/sys/kernel/overflowuid"),
-            gid: overflow("/proc/sys/kernel/overflowgid"),
-        })
     }
 }
 
-/// Whether `uid_map` (the text of `/proc/self/uid_map`) is the initial namespace's:
-/// one line mapping every uid to itself.
-fn is_initial_user_namespace(uid_map: &str) -> bool {
-    let mut lines = uid_map
+/// The overflow id (read from `overflow`) if the id map at `map` does not map every id.
+/// A map that cannot be read (no `/proc`) counts as not mapping every id: refusing a
+/// peer that reads as 65534 costs little, serving every unmapped account as one would
+/// not.
+fn unmapped_id(map: &str, overflow: &str) -> Option<u32> {
+    match std::fs::read_to_string(map) {
+        Ok(text) if maps_every_id(&text) => return None,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            map,
+            "cannot read kmsd's user namespace map; peers that read as the overflow id are refused"
+        ),
+    }
+    Some(
+        std::fs::read_to_string(overflow)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(65534),
+    )
+}
+
+/// Whether `map` (the text of `/proc/self/uid_map` or `gid_map`) maps every id: the
+/// initial namespace's single identity range (or a child namespace's copy of it).
+fn maps_every_id(map: &str) -> bool {
+    let mut lines = map
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>());
     lines.next().is_some_and(|l| l == ["0", "0", "4294967295"]) && lines.next().is_none()
 }
 
+/// Refuses to serve where kmsd's own uid is one its user namespace does not map (a
+/// namespace made without a map): it would read as the overflow uid, as every unmapped
+/// peer does, and the checks that compare an owner or a peer with kmsd's own account
+/// would pass for all of them.
+pub(crate) fn refuse_an_unmapped_self(unmapped: Unmapped) -> Result<(), ServerError> {
+    let me = rustix::process::geteuid().as_raw();
+    match unmapped.uid {
+        Some(overflow) if overflow == me => Err(ServerError::UnmappedSelf(me)),
+        _ => Ok(()),
+    }
+}
+
 /// The peer as the kernel reports it at accept time. The identity is fixed for the
 /// connection's life: passing the socket to another process does not change it. Groups
 /// the user namespace does not map (`unmapped`) are left out: they name no group.
-fn identify(stream: &UnixStream, unmapped: Option<Unmapped>) -> std::io::Result<Caller> {
+fn identify(stream: &UnixStream, unmapped: Unmapped) -> std::io::Result<Caller> {
     let cred = stream.peer_cred()?;
     let uid = cred.uid();
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
@@ -661,7 +697,7 @@ fn identify(stream: &UnixStream, unmapped: Option<Unmapped>) -> std::io::Result<
         }
     };
     let mut gids: Vec<u32> = std::iter::once(cred.gid()).chain(gids).collect();
-    gids.retain(|&g| unmapped.is_none_or(|u| u.gid != g));
+    gids.retain(|&g| unmapped.gid != Some(g));
     gids.sort_unstable();
     gids.dedup();
     let groups = gids
@@ -752,20 +788,33 @@ mod tests {
     }
 
     #[test]
-    fn only_the_identity_map_is_the_initial_user_namespace() {
-        assert!(is_initial_user_namespace(
-            "         0          0 4294967295\n"
-        ));
+    fn only_the_identity_map_maps_every_id() {
+        assert!(maps_every_id("         0          0 4294967295\n"));
         // `unshare --map-root-user` run by root, and by an account.
-        assert!(!is_initial_user_namespace(
-            "         0          0          1\n"
-        ));
-        assert!(!is_initial_user_namespace(
-            "         0       1000          1\n"
-        ));
+        assert!(!maps_every_id("         0          0          1\n"));
+        assert!(!maps_every_id("         0       1000          1\n"));
         // A container's usual map, in two ranges.
-        assert!(!is_initial_user_namespace("0 1000 1\n1 100000 65536\n"));
-        assert!(!is_initial_user_namespace(""));
+        assert!(!maps_every_id("0 1000 1\n1 100000 65536\n"));
+        assert!(!maps_every_id(""));
+    }
+
+    #[test]
+    fn kmsd_refuses_to_serve_as_an_unmapped_uid() {
+        let me = rustix::process::geteuid().as_raw();
+        let as_overflow = Unmapped {
+            uid: Some(me),
+            gid: None,
+        };
+        assert!(matches!(
+            refuse_an_unmapped_self(as_overflow),
+            Err(ServerError::UnmappedSelf(uid)) if uid == me
+        ));
+        let other = Unmapped {
+            uid: Some(me.wrapping_add(1)),
+            gid: None,
+        };
+        assert!(refuse_an_unmapped_self(other).is_ok());
+        assert!(refuse_an_unmapped_self(Unmapped::default()).is_ok());
     }
 
     /// The group a user namespace gives every group it does not map is no group of the
@@ -776,17 +825,17 @@ mod tests {
         let gid = rustix::process::getegid().as_raw();
         let group = uzers::get_group_by_gid(gid).expect("the test's own group has a name");
         let name = group.name().to_string_lossy().into_owned();
-        let seen = identify(&a, None).unwrap();
+        let seen = identify(&a, Unmapped::default()).unwrap();
         assert!(
             seen.groups.iter().any(|(n, _)| *n == name),
             "{:?}",
             seen.groups
         );
         let unmapped = Unmapped {
-            uid: u32::MAX - 1,
-            gid,
+            uid: Some(u32::MAX - 1),
+            gid: Some(gid),
         };
-        let seen = identify(&a, Some(unmapped)).unwrap();
+        let seen = identify(&a, unmapped).unwrap();
         assert!(
             seen.groups.iter().all(|(n, g)| *n != name && *g != gid),
             "{:?}",

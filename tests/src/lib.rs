@@ -111,6 +111,10 @@ impl TestDaemon {
             args.push(p.display().to_string());
         }
         args.extend(opts.extra_args.iter().cloned());
+        assert!(
+            !(opts.user_namespace && opts.faketime.is_some()),
+            "a test daemon runs under faketime or in a user namespace, not both"
+        );
         let mut cmd = match &opts.faketime {
             Some(offset) => {
                 use std::os::unix::process::CommandExt as _;

@@ -110,6 +110,7 @@ fn peers_a_user_namespace_does_not_map_are_refused() {
         uzers_exists(OTHER),
         "the test account {OTHER} is missing: run .ci/install-deps as root"
     );
+    user_namespaces_work();
     let d = TestDaemon::start_with(DaemonOptions {
         user_namespace: true,
         ..DaemonOptions::default()
@@ -144,6 +145,44 @@ fn peers_a_user_namespace_does_not_map_are_refused() {
         String::from_utf8_lossy(&ct.stderr)
     );
     assert!(d.log_text().contains("peers it does not map are refused"));
+}
+
+/// This machine lets root make a user namespace (util-linux's `unshare`, a kernel and a
+/// seccomp filter that allow it), or the tests that need one say why they cannot run.
+fn user_namespaces_work() {
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "true"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "cannot make a user namespace here (`unshare --user --map-root-user true`: {probe:?}); \
+         run .ci/install-deps as root on a machine that allows user namespaces"
+    );
+}
+
+/// kmsd started in a user namespace that maps no uid reads its own uid as the overflow
+/// uid, the one every unmapped peer has: it refuses to start, and says why.
+#[test]
+fn kmsd_whose_own_uid_is_unmapped_does_not_start() {
+    user_namespaces_work();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("unshare")
+        .arg("--user")
+        .arg(kms_e2e::bin("kmsd"))
+        .arg("--socket")
+        .arg(dir.path().join("kmsd.sock"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not mapped in its user namespace"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("kmsd.sock").exists());
 }
 
 /// Refused before a grant; a key-scoped grant works on that key only; key-reviewer reads
