@@ -35,6 +35,43 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 use tokio::time::timeout;
 use zeroize::Zeroize;
 
+/// When a refused protocol version was last logged.
+static MISMATCH_LOGGED: LogAtMostEvery = LogAtMostEvery::new(Duration::from_secs(10));
+
+/// A log line that is written at most once per `every` (a peer decides how often its
+/// cause happens).
+struct LogAtMostEvery {
+    every: Duration,
+    /// Milliseconds since `START` of the last line written, plus one (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl LogAtMostEvery {
+    const fn new(every: Duration) -> Self {
+        LogAtMostEvery {
+            every,
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line is due now; if so, the next is due `every` from now.
+    fn due(&self) -> bool {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let every = self.every.as_millis() as u64;
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 /// Once the daemon stops, how long one write may wait for a client that does not read.
 /// A client reading its replies takes far less per write (at most 64 KiB, or one frame);
 /// one that does not read would otherwise keep the daemon for the writer's stall timeout
@@ -183,6 +220,20 @@ impl Connection {
                         continue;
                     }
                     Request::Hello { protocol, .. } => {
+                        // SPEC §10: a mismatch is a clear error on both sides; the
+                        // daemon's side is its log (at most one line in a while: any peer
+                        // can send a wrong hello as often as it likes).
+                        if MISMATCH_LOGGED.due() {
+                            tracing::info!(
+                                account = %caller.account,
+                                pid = caller.pid,
+                                client = %caller.client,
+                                protocol,
+                                "refused a client of another protocol version (kmsd speaks \
+                                 {PROTOCOL_VERSION}); more such refusals in the next 10 s are \
+                                 not logged"
+                            );
+                        }
                         let err = WireError::new(
                             ErrorKind::UnsupportedVersion,
                             format!(
@@ -712,6 +763,18 @@ mod tests {
 
     /// A reply owed and dropped unsent (the code computing it panicked) answers `internal`
     /// by its id, and gives back what the request held; one sent answers as sent, once.
+    #[test]
+    fn log_at_most_every_is_due_once_per_period() {
+        let hourly = LogAtMostEvery::new(Duration::from_secs(3600));
+        assert!(hourly.due());
+        assert!(!hourly.due());
+        assert!(!hourly.due());
+        let always = LogAtMostEvery::new(Duration::ZERO);
+        assert!(always.due());
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(always.due());
+    }
+
     #[tokio::test]
     async fn a_reply_dropped_unsent_answers_internal() {
         let (tx, mut rx) = mpsc::channel(4);

@@ -322,6 +322,19 @@ fn every_error_kind() {
     let mut s = UnixStream::connect(&d.socket).unwrap();
     let reply = raw_call(&mut s, &hello(999));
     assert_eq!(reply_error_kind(&reply), "unsupported-version");
+    // ... and said on the daemon's side too (SPEC §10), once in a while.
+    let log = d.log_text();
+    assert!(
+        log.contains("refused a client of another protocol version")
+            && log.contains("protocol=999"),
+        "{log}"
+    );
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    raw_call(&mut s, &hello(998));
+    assert!(
+        !d.log_text().contains("protocol=998"),
+        "logged again within 10 s"
+    );
     let mut s = UnixStream::connect(&d.socket).unwrap();
     raw_call(&mut s, &hello(1));
     let reply = raw_call(&mut s, &[0xc1, 0xc1]);
