@@ -640,6 +640,11 @@ mod tests {
         assert!(validate_memo(&"x".repeat(100)).is_ok());
         assert!(validate_memo(&"x".repeat(101)).is_err());
         assert!(validate_memo("한글 메모").is_ok());
+        // One line of text: a memo is shown in tables and on one line of the dashboard,
+        // where a newline or an escape sequence would break (or forge) what is drawn.
+        for bad in ["two\nlines", "tab\there", "\u{1b}[31mred", "nul\0"] {
+            assert!(validate_memo(bad).is_err(), "{bad:?}");
+        }
         assert!(validate_rotation_days(0).is_err());
         assert!(validate_rotation_days(1).is_ok());
         assert!(validate_rotation_days(730).is_ok());
