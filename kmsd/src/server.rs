@@ -479,21 +479,12 @@ pub async fn serve(
                 uid = overflow,
                 "refused a peer the user namespace does not map"
             );
-            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
-                let err = WireError::new(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "kmsd runs in a user namespace that does not map your uid: it reads as \
-                         {overflow}, as every unmapped account does, so kmsd cannot tell who \
-                         you are; connect from inside the namespace"
-                    ),
-                );
-                let wait = config.frame_timeout;
-                tokio::spawn(async move {
-                    crate::connection::refuse(stream, err, wait).await;
-                    drop(refusal);
-                });
-            }
+            let why = format!(
+                "kmsd runs in a user namespace that does not map your uid: it reads as \
+                 {overflow}, as every unmapped account does, so kmsd cannot tell who you are; \
+                 connect from inside the namespace"
+            );
+            refuse_in_turn(stream, why, &refusing, config.frame_timeout);
             continue;
         }
         let caller = match identify(&stream, unmapped) {
@@ -507,21 +498,11 @@ pub async fn serve(
         let Some(account_slot) = service.per_account.take(caller.uid, exempt) else {
             drop(permit);
             tracing::debug!(account = %caller.account, "connection limit of the account reached");
-            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
-                let err = WireError::new(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "account {} already has {} connections to kmsd, the most one account \
-                         may hold",
-                        caller.account, config.max_connections_per_account
-                    ),
-                );
-                let wait = config.frame_timeout;
-                tokio::spawn(async move {
-                    crate::connection::refuse(stream, err, wait).await;
-                    drop(refusal);
-                });
-            }
+            let why = format!(
+                "account {} already has {} connections to kmsd, the most one account may hold",
+                caller.account, config.max_connections_per_account
+            );
+            refuse_in_turn(stream, why, &refusing, config.frame_timeout);
             continue;
         };
         let conn = Connection::new(
@@ -538,6 +519,25 @@ pub async fn serve(
             drop(permit);
         });
     }
+}
+
+/// Answers a refused connection's hello (read within `wait`) with `permission-denied` and
+/// `why`, in a task of its own holding one of the `refusing` permits; with none left, the
+/// connection is just closed.
+fn refuse_in_turn(
+    stream: UnixStream,
+    why: String,
+    refusing: &Arc<Semaphore>,
+    wait: std::time::Duration,
+) {
+    let Ok(refusal) = refusing.clone().try_acquire_owned() else {
+        return;
+    };
+    let err = WireError::new(ErrorKind::PermissionDenied, why);
+    tokio::spawn(async move {
+        crate::connection::refuse(stream, err, wait).await;
+        drop(refusal);
+    });
 }
 
 /// Refusals answered at once at most; beyond them a refused connection is just closed.
