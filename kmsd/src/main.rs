@@ -119,6 +119,9 @@ fn start(args: Args) -> anyhow::Result<()> {
     if args.pkcs11_pin_file.is_some() {
         config.pkcs11.pin_file = args.pkcs11_pin_file;
     }
+    // As the log and `status` say it: a client that restarts this daemon (the dashboard)
+    // finds the store from its own working directory.
+    config.data_dir = std::path::absolute(&config.data_dir).unwrap_or(config.data_dir);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kmsd")

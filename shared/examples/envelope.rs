@@ -57,6 +57,7 @@ async fn run() -> Result<(), Error> {
     let client = connect_or_start(&ConnectOptions {
         autostart: socket.is_none(),
         socket,
+        data_dir: None,
     })
     .await?;
     match client.get_key(KEY).await {

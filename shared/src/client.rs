@@ -1547,6 +1547,12 @@ pub struct ConnectOptions {
     pub socket: Option<PathBuf>,
     /// Start a user-mode kmsd when none answers on the default socket.
     pub autostart: bool,
+    /// The data directory a kmsd started here serves; `None`: the account's default
+    /// (SPEC §1). A client that was connected to a daemon serving another directory
+    /// (the dashboard, reconnecting) names that one, so that the daemon it starts again
+    /// serves the same store rather than the default one on the same socket. Must be
+    /// absolute; the same checks apply (not another account's directory).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl ConnectOptions {
@@ -1591,7 +1597,7 @@ pub async fn connect_or_start(opts: &ConnectOptions) -> Result<Client, ClientErr
             )));
         }
     }
-    let data_dir = autostart_data_dir(&env, &path)?;
+    let data_dir = autostart_data_dir(&env, &path, opts.data_dir.as_deref())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     // One client at a time starts a daemon for this data directory; one that waited
     // here finds the daemon the other started. Without it, two clients started at once
@@ -1721,9 +1727,16 @@ async fn wait_for_daemon(
 /// exists and belongs to another account: root's default is `/var/lib/kms`, the system
 /// service's store, and a root daemon there would take it from the service (and leave
 /// root's files in it).
-fn autostart_data_dir(env: &paths::Env, socket: &Path) -> Result<PathBuf, ClientError> {
+fn autostart_data_dir(
+    env: &paths::Env,
+    socket: &Path,
+    chosen: Option<&Path>,
+) -> Result<PathBuf, ClientError> {
     use std::os::unix::fs::MetadataExt as _;
-    let dir = paths::autostart_data_dir_in(env);
+    let dir = match chosen {
+        Some(dir) => dir.to_path_buf(),
+        None => paths::autostart_data_dir_in(env),
+    };
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     let me = rustix::process::geteuid().as_raw();
     match std::fs::metadata(&dir) {

@@ -425,7 +425,11 @@ struct AutostartedTui {
 
 impl AutostartedTui {
     fn start(name: &str) -> AutostartedTui {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(name, tempfile::tempdir().unwrap())
+    }
+
+    /// As `start`, in `dir` (where a test may have started a daemon of its own first).
+    fn start_in(name: &str, dir: tempfile::TempDir) -> AutostartedTui {
         let p = dir.path();
         let cmd = format!(
             "env -u STATE_DIRECTORY -u CREDENTIALS_DIRECTORY -u DBUS_SESSION_BUS_ADDRESS \
@@ -461,9 +465,10 @@ impl AutostartedTui {
         status["pid"].as_u64().map(|p| p as i32)
     }
 
-    /// The kmsd processes serving the data directory the dashboard starts them on.
+    /// The kmsd processes whose arguments name this test's directory: the ones the
+    /// dashboard started, and any the test started there.
     fn daemons(&self) -> Vec<u32> {
-        kms_e2e::processes_naming(&self.dir.path().join("xdg/kms"))
+        kms_e2e::processes_naming(self.dir.path())
             .into_iter()
             .filter(|pid| {
                 std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -533,6 +538,72 @@ fn a_killed_autostarted_daemon_is_started_again() {
     kms_e2e::ok(&tui.kmsctl(&["create", "after", "--type", "ecdsa"]));
     t.wait_for("2 keys");
     t.wait_for("after");
+}
+
+/// The dashboard was connected to a daemon the user started on a store of their own
+/// choosing (`--data-dir`), on the dashboard's default socket. When that daemon dies, the
+/// one the dashboard starts again serves the same store, with its keys: it used to start
+/// one on the account's default data directory, which took the socket with a new, empty
+/// store (and kept the user's daemon from starting there again).
+#[test]
+fn a_daemon_started_again_serves_the_store_the_lost_one_served() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/kmsd.sock");
+    let chosen = dir.path().join("chosen");
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("run"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let mut mine = Command::new(kms_e2e::bin("kmsd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(&chosen)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kms_e2e::is_listening(&socket) {
+        assert!(Instant::now() < deadline, "kmsd did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tui = AutostartedTui::start_in("chosen", dir);
+    let t = &tui.tmux;
+    kms_e2e::ok(&tui.kmsctl(&["create", "mine", "--type", "aes256"]));
+    t.wait_for("● connected");
+    t.wait_for("mine");
+
+    let first = mine.id() as i32;
+    mine.kill().unwrap();
+    mine.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tui.daemon_pid().is_none_or(|pid| pid == first) {
+        assert!(
+            Instant::now() < deadline,
+            "no daemon was started again; screen:\n{}",
+            t.screen()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&kms_e2e::ok(&tui.kmsctl(&["--json", "status"]))).unwrap();
+    assert_eq!(
+        status["data_dir"].as_str(),
+        Some(chosen.to_str().unwrap()),
+        "{status}"
+    );
+    assert!(
+        !tui.dir.path().join("xdg/kms/kms.redb").exists(),
+        "a store was made in the default data directory"
+    );
+    t.wait_for("● connected");
+    t.wait_for("mine");
+    assert!(!t.screen().contains("another key store"), "{}", t.screen());
 }
 
 /// A kmsd that dies at every start is not started in a tight loop: the dashboard starts

@@ -442,6 +442,7 @@ fn run(cli: Cli) -> CmdResult {
         let opts = ConnectOptions {
             socket: cli.socket,
             autostart: !cli.no_autostart,
+            data_dir: None,
         };
         let client = match cli.timeout {
             None => connect_or_start(&opts).await?,

@@ -38,7 +38,7 @@ fn may_start(opts: &ConnectOptions) -> bool {
 
 /// Runs until the effect channel closes (the dashboard quit).
 pub async fn run(
-    opts: ConnectOptions,
+    mut opts: ConnectOptions,
     mut effects: UnboundedReceiver<Effect>,
     actions: UnboundedSender<Action>,
 ) {
@@ -82,6 +82,15 @@ pub async fn run(
                     Ok(kms_shared::protocol::Response::Status(s)) => Some(s.data_dir),
                     _ => None,
                 };
+                // A daemon started again when this one is gone serves its store, not the
+                // account's default one (the user started this one on a store of their
+                // choosing); a directory given relative to that daemon's own working
+                // directory cannot be found from here, so none is started then.
+                if let Some(dir) = &data_dir {
+                    let dir = std::path::PathBuf::from(dir);
+                    retry.allow_start(may_start(&opts) && dir.is_absolute());
+                    opts.data_dir = Some(dir);
+                }
                 let connected = Action::Connected {
                     daemon_version,
                     data_dir,
@@ -533,6 +542,7 @@ mod tests {
         let opts = ConnectOptions {
             socket: Some(socket.clone()),
             autostart: false,
+            data_dir: None,
         };
         let task = tokio::spawn(run(opts, effects, actions));
         match seen.recv().await.unwrap() {
@@ -675,6 +685,7 @@ mod tests {
         let opts = ConnectOptions {
             socket: Some(socket.clone()),
             autostart: false,
+            data_dir: None,
         };
         let task = tokio::spawn(run(opts, effects, actions));
         assert!(matches!(

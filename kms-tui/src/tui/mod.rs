@@ -146,6 +146,7 @@ async fn run(args: Args) -> anyhow::Result<Ended> {
     let opts = ConnectOptions {
         socket: args.socket,
         autostart: !args.no_autostart,
+        data_dir: None,
     };
     let (action_tx, mut action_rx) = mpsc::unbounded_channel();
     let (effect_tx, effect_rx) = mpsc::unbounded_channel();

@@ -79,6 +79,12 @@ impl Retry {
         }
     }
 
+    /// Whether the dashboard may start kmsd from now on (it learnt, connected, where the
+    /// daemon keeps its store, and whether one started here could serve that store).
+    pub fn allow_start(&mut self, may: bool) {
+        self.may_start = may;
+    }
+
     pub fn may_start(&self) -> bool {
         self.may_start
     }
