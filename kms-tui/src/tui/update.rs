@@ -517,7 +517,17 @@ fn set_versions(v: &mut VersionsView, result: Result<Vec<kms_shared::model::Vers
         Ok(mut versions) => {
             // Newest (current) first, as the console lists them.
             versions.sort_by_key(|v| std::cmp::Reverse(v.version));
-            if v.selected >= versions.len() {
+            // The selection stays on its version, not its row: a rotation adds a row on
+            // top, and space on the row the cursor was on would toggle another version
+            // (enabling one takes no confirmation).
+            let was = v
+                .versions
+                .as_ref()
+                .and_then(|old| old.get(v.selected))
+                .map(|old| old.version);
+            if let Some(at) = was.and_then(|n| versions.iter().position(|x| x.version == n)) {
+                v.selected = at;
+            } else if v.selected >= versions.len() {
                 v.selected = versions.len().saturating_sub(1);
             }
             v.versions = Some(versions);

@@ -1284,6 +1284,45 @@ fn tick_refreshes_usage() {
     assert!(update(&mut a, Action::Tick).is_empty());
 }
 
+/// The versions view's selection stays on its version when the list is read again: a
+/// rotation puts a new row on top, and space on the row position the cursor had would
+/// have toggled the version below the one chosen (found driving the dashboard: a version
+/// disabled on purpose was enabled, enabling asks nothing).
+#[test]
+fn the_versions_selection_follows_its_version() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('v'));
+    let loaded = |versions| Action::VersionsLoaded {
+        tag: k.tag.clone(),
+        result: Ok(versions),
+    };
+    update(&mut a, loaded(fake::versions()));
+    update(&mut a, ch('G'));
+    let selected = |a: &App| match &a.screen {
+        Screen::Versions(v) => v.versions.as_ref().unwrap()[v.selected].version,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(selected(&a), 1);
+    let mut rotated = fake::versions();
+    rotated.push(kms_shared::model::VersionInfo {
+        version: 4,
+        enabled: true,
+        created_at: fake::BASE,
+        encryptions: 0,
+    });
+    update(&mut a, loaded(rotated));
+    assert_eq!(selected(&a), 1, "the cursor moved to another version");
+    // Space now toggles v1 (disabled: enabled again), not v2.
+    assert!(
+        update(&mut a, ch(' '))
+            .iter()
+            .any(|e| matches!(e, Effect::SetVersionEnabled { version: 1, .. })),
+        "{:?}",
+        a.screen
+    );
+}
+
 /// Usage changes without events, so the tick also re-reads the open versions view (a
 /// version's encryption count) and the newest page of the open history (one request at
 /// a time). Before, both stayed as they were opened while the list's counts moved on.
