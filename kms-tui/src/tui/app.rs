@@ -801,6 +801,8 @@ pub struct App {
     pub loaded: bool,
     pub filter: String,
     pub filter_editing: bool,
+    /// The filter's cursor: characters after it (0: at the end), as in a form's field.
+    pub filter_back: usize,
     /// Indices into `keys` of the keys the filter lets through, in list order. Recomputed
     /// only when the filter or the list changes, never per frame.
     pub visible: Vec<usize>,
@@ -838,6 +840,7 @@ impl App {
             loaded: false,
             filter: String::new(),
             filter_editing: false,
+            filter_back: 0,
             visible: Vec::new(),
             applied_filter: String::new(),
             selected: 0,

@@ -100,9 +100,7 @@ pub fn map(mode: Mode, key: KeyEvent) -> Option<Action> {
             Down => Some(Action::Down),
             Enter => Some(Action::Submit),
             Esc => Some(Action::Back),
-            Backspace => Some(Action::Backspace),
-            Char(c) => Some(Action::Char(c)),
-            _ => None,
+            other => text_key(other),
         },
         Mode::Help => match key.code {
             Esc | Enter | Char('?') | Char('q') => Some(Action::Back),
@@ -166,7 +164,7 @@ fn move_key(code: KeyCode) -> Option<Action> {
 fn has_text(mode: Mode) -> bool {
     matches!(
         mode,
-        Mode::Form | Mode::GrantForm | Mode::TokenForm | Mode::Prompt
+        Mode::Form | Mode::GrantForm | Mode::TokenForm | Mode::Prompt | Mode::Filter
     )
 }
 

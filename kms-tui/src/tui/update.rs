@@ -251,7 +251,10 @@ fn list_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
             // one's rows back to the list.
             _ => app.message = None,
         },
-        Action::StartFilter => app.filter_editing = true,
+        Action::StartFilter => {
+            app.filter_editing = true;
+            app.filter_back = 0;
+        }
         Action::Help => app.popup = Some(Popup::Help { scroll: 0 }),
         Action::Create => open_create(app, fx),
         Action::Versions => {
@@ -801,15 +804,14 @@ fn message_intent(app: &mut App, a: Action) {
 
 fn filter_intent(app: &mut App, a: Action) {
     let keep = app.selected_key().map(|k| k.tag.clone());
+    if let Some(edit) = text_edit(&a) {
+        // The same editing as a form's text field (the help says so for every one).
+        if crate::tui::input::apply(&mut app.filter, &mut app.filter_back, edit) {
+            app.refilter_typed(keep.as_deref());
+        }
+        return;
+    }
     match a {
-        Action::Char(c) => {
-            push_capped(&mut app.filter, c);
-            app.refilter_typed(keep.as_deref());
-        }
-        Action::Backspace => {
-            app.filter.pop();
-            app.refilter_typed(keep.as_deref());
-        }
         Action::Submit => app.filter_editing = false,
         Action::Back => clear_filter(app),
         Action::Up => app.move_selection(-1),
@@ -833,16 +835,10 @@ pub(super) fn text_edit(a: &Action) -> Option<Edit> {
     })
 }
 
-/// Appends a typed character unless the text is already at the input limit.
-pub(super) fn push_capped(text: &mut String, c: char) {
-    if text.chars().count() < MAX_INPUT {
-        text.push(c);
-    }
-}
-
 fn clear_filter(app: &mut App) {
     let keep = app.selected_key().map(|k| k.tag.clone());
     app.filter.clear();
+    app.filter_back = 0;
     app.filter_editing = false;
     app.refilter(keep.as_deref());
 }

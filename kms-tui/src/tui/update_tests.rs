@@ -229,6 +229,42 @@ fn filter_matches_tags_and_esc_clears() {
     assert_eq!(selected_name(&a), "legacy-db", "selection stays on the key");
 }
 
+/// The filter is edited as every text field is (the help says so): ← → home end del,
+/// ctrl-a ctrl-e ctrl-u. It used to take typing at its end and backspace only: ← did
+/// nothing and the next letter went to the end.
+#[test]
+fn the_filter_edits_at_its_cursor() {
+    let mut a = app();
+    update(&mut a, ch('/'));
+    typed(&mut a, "paymnts");
+    assert_eq!(a.visible.len(), 0);
+    update(&mut a, code(KeyCode::Left));
+    update(&mut a, code(KeyCode::Left));
+    update(&mut a, code(KeyCode::Left));
+    typed(&mut a, "e");
+    assert_eq!(a.filter, "payments");
+    assert_eq!(selected_name(&a), "payments");
+    update(&mut a, code(KeyCode::Home));
+    update(&mut a, code(KeyCode::Delete));
+    assert_eq!(a.filter, "ayments");
+    update(&mut a, ctrl('e'));
+    typed(&mut a, "!");
+    assert_eq!(a.filter, "ayments!");
+    update(&mut a, code(KeyCode::Left));
+    update(&mut a, ctrl('u'));
+    assert_eq!(a.filter, "!");
+    update(&mut a, ctrl('a'));
+    update(&mut a, code(KeyCode::Delete));
+    assert_eq!(a.filter, "");
+    assert_eq!(a.visible.len(), 8);
+    // A new filter starts with its cursor at the end.
+    update(&mut a, code(KeyCode::Esc));
+    update(&mut a, ch('/'));
+    typed(&mut a, "pa");
+    update(&mut a, code(KeyCode::Backspace));
+    assert_eq!(a.filter, "p");
+}
+
 /// Letters typed into the filter are text, not commands (q does not quit).
 #[test]
 fn filter_swallows_command_letters() {

@@ -16,10 +16,14 @@ const POPUP_WIDTH: u16 = 78;
 
 pub fn render(f: &mut Frame, area: Rect, app: &App) {
     if app.filter_editing {
-        let text = format!(" {}{}", s::FILTER_PROMPT, app.filter);
-        let x = area.x + (text.chars().count() as u16).min(area.width.saturating_sub(1));
+        let prompt = format!(" {}", s::FILTER_PROMPT);
+        let prompt_cols = prompt.chars().count();
+        let room = usize::from(area.width).saturating_sub(prompt_cols);
+        let (shown, column) = crate::tui::input::view(&app.filter, app.filter_back, room);
+        let x = area.x + (prompt_cols as u16).saturating_add(column);
+        let text = format!("{prompt}{shown}");
         f.render_widget(Paragraph::new(Span::styled(text, theme::warn())), area);
-        f.set_cursor_position(Position::new(x, area.y));
+        f.set_cursor_position(Position::new(x.min(area.right().saturating_sub(1)), area.y));
         return;
     }
     if let Some(m) = &app.message {
