@@ -108,6 +108,7 @@ pub enum Action {
     Created(Result<KeyInfo, String>),
     OpDone {
         op: Op,
+        tag: String,
         name: String,
         result: Result<KeyInfo, String>,
     },

@@ -803,6 +803,9 @@ pub struct App {
     pub filter_editing: bool,
     /// The filter's cursor: characters after it (0: at the end), as in a form's field.
     pub filter_back: usize,
+    /// Keys (tags) with a change sent to kmsd and not yet answered: another change of the
+    /// same key waits for the answer (a slow or stopped daemon answers both, late).
+    pub changes_waiting: std::collections::HashSet<String>,
     /// Indices into `keys` of the keys the filter lets through, in list order. Recomputed
     /// only when the filter or the list changes, never per frame.
     pub visible: Vec<usize>,
@@ -841,6 +844,7 @@ impl App {
             filter: String::new(),
             filter_editing: false,
             filter_back: 0,
+            changes_waiting: std::collections::HashSet::new(),
             visible: Vec::new(),
             applied_filter: String::new(),
             selected: 0,

@@ -346,6 +346,7 @@ async fn exec(c: &Client, eff: Effect) -> Option<Action> {
             };
             Action::OpDone {
                 op,
+                tag,
                 name,
                 result: r.map_err(|e| describe(&e)),
             }
@@ -429,8 +430,9 @@ fn failed(eff: Effect, msg: &str) -> Option<Action> {
             result: e(msg),
         },
         Effect::Create(_) => Action::Created(e(msg)),
-        Effect::Op { op, name, .. } => Action::OpDone {
+        Effect::Op { op, tag, name } => Action::OpDone {
             op,
+            tag,
             name,
             result: e(msg),
         },

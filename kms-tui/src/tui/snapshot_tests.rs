@@ -478,6 +478,7 @@ fn long_error_message_wraps() {
         &mut a,
         Action::OpDone {
             op: super::action::Op::Rotate,
+            tag: "partner-sso-tag".into(),
             name: "partner-sso".into(),
             result: Err(LONG_REFUSAL.into()),
         },
@@ -506,6 +507,7 @@ fn long_message_popup() {
         &mut a,
         Action::OpDone {
             op: super::action::Op::Rotate,
+            tag: "partner-sso-tag".into(),
             name: "partner-sso".into(),
             result: Err(LONG_REFUSAL.into()),
         },

@@ -863,6 +863,19 @@ pub fn op_done(op: &Op, k: &KeyInfo) -> String {
     }
 }
 
+/// A change of a key sent to kmsd, until its answer replaces this.
+pub fn change_sent(name: &str) -> String {
+    format!("changing {name}: waiting for kmsd…")
+}
+
+/// A change of a key held back: one sent before is not answered yet.
+pub fn change_still_waiting(name: &str) -> String {
+    format!(
+        "a change of {name} sent before is still waiting for kmsd: nothing more is sent for \
+         {name} until it is answered"
+    )
+}
+
 pub fn op_failed(op: &Op, name: &str, msg: &str) -> String {
     let what = match op {
         Op::Rotate => "rotate",

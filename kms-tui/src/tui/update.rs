@@ -27,12 +27,39 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
     let mut fx = Vec::new();
     let message_rows = app.message_rows();
     step(app, action, &mut fx);
+    one_change_at_a_time(app, &mut fx);
     // A message that takes more (or fewer) rows than the last one changes the size of
     // every list, as a resize does.
     if app.message_rows() != message_rows {
         relayout(app);
     }
     fx
+}
+
+/// Holds back a change of a key while one sent before is not answered: with a slow or
+/// stopped daemon the first press seemed to do nothing, and a second one (a rotation
+/// asked for again) was carried out as well once kmsd answered. The change sent says so
+/// on the message line until its answer replaces it.
+fn one_change_at_a_time(app: &mut App, fx: &mut Vec<Effect>) {
+    let mut kept = Vec::with_capacity(fx.len());
+    for eff in fx.drain(..) {
+        let (tag, name) = match &eff {
+            Effect::Op { tag, name, .. } | Effect::SetVersionEnabled { tag, name, .. } => {
+                (tag.clone(), name.clone())
+            }
+            _ => {
+                kept.push(eff);
+                continue;
+            }
+        };
+        if app.changes_waiting.insert(tag) {
+            app.info(s::change_sent(&name));
+            kept.push(eff);
+        } else {
+            app.error(s::change_still_waiting(&name));
+        }
+    }
+    *fx = kept;
 }
 
 /// Keeps every scroll window valid after the lists' heights changed.
@@ -148,12 +175,21 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             reload_view(app, fx);
         }
         Action::Created(result) => on_created(app, result),
-        Action::OpDone { op, name, result } => match result {
+        Action::OpDone {
+            op,
+            tag,
+            name,
+            result,
+        } => match result {
             Ok(k) => {
+                app.changes_waiting.remove(&tag);
                 app.success(s::op_done(&op, &k));
                 app.upsert_key(k);
             }
-            Err(e) => app.error(s::op_failed(&op, &name, &e)),
+            Err(e) => {
+                app.changes_waiting.remove(&tag);
+                app.error(s::op_failed(&op, &name, &e));
+            }
         },
         Action::VersionsLoaded { tag, result } => {
             if let Screen::Versions(v) = &mut app.screen
@@ -169,17 +205,20 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             version,
             enabled,
             result,
-        } => match result {
-            Ok(versions) => {
-                app.success(s::version_toggled(&name, version, enabled));
-                if let Screen::Versions(v) = &mut app.screen
-                    && v.tag == tag
-                {
-                    set_versions(v, Ok(versions));
+        } => {
+            app.changes_waiting.remove(&tag);
+            match result {
+                Ok(versions) => {
+                    app.success(s::version_toggled(&name, version, enabled));
+                    if let Screen::Versions(v) = &mut app.screen
+                        && v.tag == tag
+                    {
+                        set_versions(v, Ok(versions));
+                    }
                 }
+                Err(e) => app.error(s::version_toggle_failed(&name, version, &e)),
             }
-            Err(e) => app.error(s::version_toggle_failed(&name, version, &e)),
-        },
+        }
         Action::HistoryLoaded {
             tag,
             before_seq,

@@ -822,6 +822,18 @@ fn v_lists_and_toggles_versions() {
     // Enabling is at once.
     assert_eq!(update(&mut a, ch(' ')), [toggle(1, true)]);
     assert_eq!(a.popup, None);
+    let mut vs = fake::versions();
+    vs[0].enabled = true;
+    update(
+        &mut a,
+        Action::VersionToggled {
+            tag: k.tag.clone(),
+            name: k.name.clone(),
+            version: 1,
+            enabled: true,
+            result: Ok(vs),
+        },
+    );
     // Disabling asks first, with the impact; y is ignored until the impact is in.
     update(&mut a, ch('k'));
     assert_eq!(update(&mut a, ch(' ')), [Effect::LoadImpact(k.tag.clone())]);
@@ -1462,6 +1474,43 @@ fn rotation_at_the_version_limit_is_refused_up_front() {
     assert!(matches!(a.popup, Some(Popup::Confirm(_))));
 }
 
+/// A change of a key waits for the answer to the one sent before (a slow or stopped daemon
+/// seemed to ignore the first press, and carried out both once it answered): the second
+/// is held back and says why; once the first is answered, the key takes changes again.
+#[test]
+fn a_key_takes_one_change_at_a_time() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    let rotate = |a: &mut App| {
+        update(a, ch('r'));
+        update(a, ch('y'))
+    };
+    assert_eq!(rotate(&mut a), [op(Op::Rotate, &k)]);
+    assert_eq!(
+        a.message.as_ref().unwrap().text,
+        "changing payments: waiting for kmsd…"
+    );
+    assert!(rotate(&mut a).is_empty(), "a second rotation was sent");
+    let m = a.message.as_ref().unwrap();
+    assert_eq!(m.kind, MsgKind::Error);
+    assert!(m.text.contains("still waiting for kmsd"), "{}", m.text);
+    // Another key is not held up.
+    let other = select(&mut a, "jwt-signing");
+    assert_eq!(rotate(&mut a), [op(Op::Rotate, &other)]);
+    // Answered (a failure counts): payments takes changes again.
+    select(&mut a, "payments");
+    update(
+        &mut a,
+        Action::OpDone {
+            op: Op::Rotate,
+            tag: k.tag.clone(),
+            name: k.name.clone(),
+            result: Err("internal: the disk is full".into()),
+        },
+    );
+    assert_eq!(rotate(&mut a), [op(Op::Rotate, &k)]);
+}
+
 /// A finished operation updates the key and says so; a failure says why.
 #[test]
 fn op_results_reach_the_message_line() {
@@ -1472,6 +1521,7 @@ fn op_results_reach_the_message_line() {
         &mut a,
         Action::OpDone {
             op: Op::Rotate,
+            tag: k.tag.clone(),
             name: k.name.clone(),
             result: Ok(k.clone()),
         },
@@ -1485,6 +1535,7 @@ fn op_results_reach_the_message_line() {
         &mut a,
         Action::OpDone {
             op: Op::Disable,
+            tag: k.tag.clone(),
             name: k.name.clone(),
             result: Err("permission-denied: key-reviewer may not disable".into()),
         },
@@ -2180,6 +2231,7 @@ fn refuse_rotation(a: &mut App) {
         a,
         Action::OpDone {
             op: Op::Rotate,
+            tag: "partner-sso-tag".into(),
             name: "partner-sso".into(),
             result: Err(LONG_ERROR.into()),
         },
