@@ -117,6 +117,10 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                     fx.push(Effect::LoadVersions(v.tag.clone()));
                 }
                 Screen::History(h) => refresh_history(h, fx),
+                // A token's key count drops when a purged key's objects are destroyed,
+                // after the purge's event; a token registered by another client raises
+                // none. (A read already waiting is not asked for twice.)
+                Screen::Tokens(_) => fx.push(Effect::LoadHsmTokens),
                 _ => {}
             }
         }

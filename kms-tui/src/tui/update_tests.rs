@@ -1974,6 +1974,18 @@ fn t_opens_tokens_and_loads_them() {
     assert_eq!(a.screen, Screen::Main);
 }
 
+/// The tick reads the open tokens view again: a purged key's token objects are destroyed
+/// after the purge's event (whose re-read showed the count before), and a token another
+/// client registers raises no event (found driving the dashboard: a stale count of 1,
+/// and `x` claiming the token still held a key).
+#[test]
+fn tick_refreshes_the_open_tokens_view() {
+    let mut a = tokens_open();
+    assert!(update(&mut a, Action::Tick).contains(&Effect::LoadHsmTokens));
+    update(&mut a, code(KeyCode::Esc));
+    assert!(!update(&mut a, Action::Tick).contains(&Effect::LoadHsmTokens));
+}
+
 /// n opens the register form; its four fields go into HsmAdd; success closes the form
 /// and re-reads the list.
 #[test]
