@@ -342,7 +342,7 @@ fn hsm_tokens_in_tmux() {
     let tenant = hsm.init_token("tenant-t", "pin-t-77310");
     let d = TestDaemon::start_with(hsm.daemon_options(&own));
     let t = Tmux::start(&d, "hsm");
-    t.wait_for("No keys yet");
+    t.wait_for("No keys you can see");
 
     // With no token registered, dedicated-hsm is refused in the form itself.
     t.keys(&["c"]);

@@ -31,7 +31,9 @@ pub fn key_count(shown: usize, total: usize, filtered: bool) -> String {
 }
 
 pub const LOADING_KEYS: &str = "loading keys…";
-pub const NO_KEYS: &str = "No keys yet: press c to create one.";
+/// No key this account may see: none exists, or it holds no role on any (kmsd lists only
+/// what the caller may see, and does not say which).
+pub const NO_KEYS: &str = "No keys you can see: press c to create one (managers may).";
 pub const NO_MATCH: &str = "No key matches the filter (esc clears it).";
 pub const NO_KEY_SELECTED: &str = "no key selected";
 pub const NO_GRANT_SELECTED: &str = "no grant selected";
