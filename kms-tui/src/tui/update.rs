@@ -153,6 +153,18 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
             if data_dir.is_some() {
                 app.data_dir = data_dir;
             }
+            // A form refused for want of a connection may be sent now.
+            let offline = |e: &mut Option<String>| {
+                if e.as_deref() == Some(s::NOT_CONNECTED) {
+                    *e = None;
+                }
+            };
+            match &mut app.popup {
+                Some(Popup::Create(f)) => offline(&mut f.daemon_error),
+                Some(Popup::Grant(f)) => offline(&mut f.daemon_error),
+                Some(Popup::Token(f)) => offline(&mut f.daemon_error),
+                _ => {}
+            }
             app.conn = super::app::Conn::Connected { daemon_version };
             app.was_connected = true;
             fx.push(Effect::LoadKeys);

@@ -403,6 +403,42 @@ fn create_form_validates_and_submits() {
     );
 }
 
+/// A form sent while the dashboard was disconnected says so; once it is connected again
+/// the form no longer says it (found driving the dashboard: "not connected to kmsd"
+/// stayed under a form that could be sent again), while a refusal by kmsd stays.
+#[test]
+fn a_reconnect_clears_a_forms_not_connected() {
+    let mut a = app();
+    update(&mut a, ch('c'));
+    typed(&mut a, "orders");
+    update(&mut a, code(KeyCode::Enter));
+    update(
+        &mut a,
+        Action::Created(Err(crate::tui::strings::NOT_CONNECTED.into())),
+    );
+    assert_eq!(
+        form(&a).daemon_error.as_deref(),
+        Some(crate::tui::strings::NOT_CONNECTED)
+    );
+    let connected = || Action::Connected {
+        daemon_version: "0.1.0".into(),
+        data_dir: Some("/home/alice/.local/share/kms".into()),
+        at: fake::BASE,
+    };
+    update(&mut a, connected());
+    assert_eq!(form(&a).daemon_error, None);
+    update(&mut a, code(KeyCode::Enter));
+    update(
+        &mut a,
+        Action::Created(Err("invalid-argument: refused".into())),
+    );
+    update(&mut a, connected());
+    assert_eq!(
+        form(&a).daemon_error.as_deref(),
+        Some("invalid-argument: refused")
+    );
+}
+
 /// The daemon's refusal shows in the form; success closes it and selects the new key.
 #[test]
 fn create_reply_goes_to_the_form() {
