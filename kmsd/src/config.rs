@@ -61,7 +61,7 @@ impl Config {
 
     /// The store file inside the data directory.
     pub fn store_path(&self) -> PathBuf {
-        self.data_dir.join("kms.redb")
+        self.data_dir.join(kms_shared::paths::STORE_FILE)
     }
 
     /// Applies a TOML file on top of the current values.

@@ -761,8 +761,7 @@ async fn forward_events(
 mod tests {
     use super::*;
 
-    /// A reply owed and dropped unsent (the code computing it panicked) answers `internal`
-    /// by its id, and gives back what the request held; one sent answers as sent, once.
+    /// A line logged at most once per period is due once, then not again within it.
     #[test]
     fn log_at_most_every_is_due_once_per_period() {
         let hourly = LogAtMostEvery::new(Duration::from_secs(3600));
@@ -775,6 +774,8 @@ mod tests {
         assert!(always.due());
     }
 
+    /// A reply owed and dropped unsent (the code computing it panicked) answers `internal`
+    /// by its id, and gives back what the request held; one sent answers as sent, once.
     #[tokio::test]
     async fn a_reply_dropped_unsent_answers_internal() {
         let (tx, mut rx) = mpsc::channel(4);

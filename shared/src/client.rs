@@ -1551,7 +1551,9 @@ pub struct ConnectOptions {
     /// (SPEC §1). A client that was connected to a daemon serving another directory
     /// (the dashboard, reconnecting) names that one, so that the daemon it starts again
     /// serves the same store rather than the default one on the same socket. Must be
-    /// absolute; the same checks apply (not another account's directory).
+    /// absolute; the same checks apply (not another account's directory), and it must
+    /// hold a store already: one that is gone (deleted, an unmounted volume) is not made
+    /// afresh, empty, in its place.
     pub data_dir: Option<PathBuf>,
 }
 
@@ -1734,6 +1736,14 @@ fn autostart_data_dir(
 ) -> Result<PathBuf, ClientError> {
     use std::os::unix::fs::MetadataExt as _;
     let dir = match chosen {
+        Some(dir) if !dir.join(paths::STORE_FILE).exists() => {
+            return Err(ClientError::Autostart(format!(
+                "the store the daemon on {} served, in {}, is not there any more; no daemon \
+                 is started on a new, empty store in its place",
+                socket.display(),
+                dir.display()
+            )));
+        }
         Some(dir) => dir.to_path_buf(),
         None => paths::autostart_data_dir_in(env),
     };
@@ -1891,6 +1901,29 @@ fn spawn_daemon(socket: &Path, data_dir: &Path) -> Result<Started, ClientError> 
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// A daemon started again on a chosen data directory (the dashboard's restart of the
+    /// store it was connected to) needs that store to be there: a directory that is gone
+    /// or empty gets no new store in its place; with it there, it is the one used.
+    #[test]
+    fn a_chosen_data_directory_must_hold_a_store() {
+        let dir = Scratch::new("chosen");
+        let env = paths::Env::current();
+        let socket = dir.0.join("kmsd.sock");
+        let chosen = dir.0.join("data");
+        let refused = autostart_data_dir(&env, &socket, Some(&chosen)).unwrap_err();
+        assert!(
+            refused.to_string().contains("not there any more"),
+            "{refused}"
+        );
+        std::fs::create_dir(&chosen).unwrap();
+        assert!(autostart_data_dir(&env, &socket, Some(&chosen)).is_err());
+        std::fs::write(chosen.join(paths::STORE_FILE), b"").unwrap();
+        assert_eq!(
+            autostart_data_dir(&env, &socket, Some(&chosen)).unwrap(),
+            chosen
+        );
+    }
 
     /// A daemon that accepts and never answers the handshake (stopped, wedged, or at its
     /// connection limit) is reported after [`HANDSHAKE_TIMEOUT`], not waited for for ever.

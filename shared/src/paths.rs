@@ -50,6 +50,9 @@ impl Env {
 /// runtime directory is set, everyone else's by `--socket` or `$KMS_SOCKET`.
 pub const SYSTEM_SOCKET: &str = "/run/kms/kmsd.sock";
 
+/// The store's file in a data directory.
+pub const STORE_FILE: &str = "kms.redb";
+
 /// Why a client starts no daemon of its own where no daemon answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoAutostart {

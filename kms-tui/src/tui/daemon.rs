@@ -77,15 +77,19 @@ pub async fn run(
             Ok((client, notes)) => {
                 retry.connected(Instant::now());
                 let daemon_version = client.daemon_version();
-                // Which store it serves: a failure here only loses the check.
-                let data_dir = match client.call(kms_shared::protocol::Request::Status).await {
-                    Ok(kms_shared::protocol::Response::Status(s)) => Some(s.data_dir),
+                // Which store it serves: a failure here only loses the check. Bounded as
+                // the reads are: meanwhile nothing takes the effects (a change pressed now
+                // would wait unanswered).
+                let status = client.call(kms_shared::protocol::Request::Status);
+                let data_dir = match tokio::time::timeout(READ_TIMEOUT, status).await {
+                    Ok(Ok(kms_shared::protocol::Response::Status(s))) => Some(s.data_dir),
                     _ => None,
                 };
                 // A daemon started again when this one is gone serves its store, not the
                 // account's default one (the user started this one on a store of their
                 // choosing); a directory given relative to that daemon's own working
-                // directory cannot be found from here, so none is started then.
+                // directory cannot be found from here, so none is started then. (A
+                // status that failed leaves what an earlier connection said.)
                 if let Some(dir) = &data_dir {
                     let dir = std::path::PathBuf::from(dir);
                     retry.allow_start(may_start(&opts) && dir.is_absolute());

@@ -1053,9 +1053,24 @@ fn confirm_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         },
         ConfirmKind::DeleteNow => return,
     };
+    let (tag, name) = (c.key.tag.clone(), c.key.name.clone());
+    if change_must_wait(app, &tag, &name) {
+        return;
+    }
     fx.push(effect);
     app.popup = None;
     app.clear_message_if(s::CONFIRM_NEEDS_Y);
+}
+
+/// Whether a change of a key must wait for the answer to one sent before (see
+/// [`one_change_at_a_time`]): says so, and the caller leaves its pop-up open, with what
+/// was typed in it, to be sent again once the key is answered.
+fn change_must_wait(app: &mut App, tag: &str, name: &str) -> bool {
+    if !app.changes_waiting.contains(tag) {
+        return false;
+    }
+    app.error(s::change_still_waiting(name));
+    true
 }
 
 fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
@@ -1083,6 +1098,9 @@ fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
                 return;
             }
             let p = p.clone();
+            if change_must_wait(app, &p.key.tag, &p.key.name) {
+                return;
+            }
             let o = match p.kind {
                 PromptKind::Period => Op::SetRotation {
                     auto_rotation: current_auto(app, &p.key),
@@ -1095,7 +1113,11 @@ fn prompt_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
         }
         (Some(Popup::Confirm(c)), Action::Submit) => {
             if c.typed == c.key.name {
-                fx.push(op(Op::DeleteNow, &c.key));
+                let key = c.key.clone();
+                if change_must_wait(app, &key.tag, &key.name) {
+                    return;
+                }
+                fx.push(op(Op::DeleteNow, &key));
                 app.popup = None;
             } else {
                 c.mismatch = true;

@@ -1530,6 +1530,17 @@ fn a_key_takes_one_change_at_a_time() {
     let m = a.message.as_ref().unwrap();
     assert_eq!(m.kind, MsgKind::Error);
     assert!(m.text.contains("still waiting for kmsd"), "{}", m.text);
+    // A pop-up asking for a change of the key stays open, with what was typed in it.
+    update(&mut a, code(KeyCode::Esc));
+    update(&mut a, ch('m'));
+    typed(&mut a, "held");
+    assert!(update(&mut a, code(KeyCode::Enter)).is_empty());
+    assert!(
+        matches!(&a.popup, Some(Popup::Prompt(p)) if p.text.ends_with("held")),
+        "{:?}",
+        a.popup
+    );
+    update(&mut a, code(KeyCode::Esc));
     // Another key is not held up.
     let other = select(&mut a, "jwt-signing");
     assert_eq!(rotate(&mut a), [op(Op::Rotate, &other)]);
