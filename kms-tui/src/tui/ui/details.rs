@@ -83,10 +83,13 @@ pub fn render_pane(f: &mut Frame, area: Rect, app: &App) {
     ];
     f.render_widget(Paragraph::new(left_lines), left);
     f.render_widget(Paragraph::new(right_lines), right);
-    f.render_widget(
-        Paragraph::new(field(s::L_MEMO, s::memo_detail(k), lw)),
-        bottom,
+    // One line: a memo longer than it is cut with a `…` (the details screen shows it
+    // whole).
+    let memo = super::fit_cells(
+        &s::memo_detail(k),
+        usize::from(bottom.width).saturating_sub(lw),
     );
+    f.render_widget(Paragraph::new(field(s::L_MEMO, memo, lw)), bottom);
 }
 
 pub fn render_screen(f: &mut Frame, area: Rect, app: &App) {

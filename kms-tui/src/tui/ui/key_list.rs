@@ -132,7 +132,20 @@ fn title(c: Col) -> Cell<'static> {
     Cell::from(t)
 }
 
-fn cell(c: Col, k: &KeyInfo) -> Cell<'static> {
+/// The memo column's width: what the others and the spaces between them leave of `width`.
+fn memo_width(cols: &[Col], width: u16) -> usize {
+    let fixed: usize = cols
+        .iter()
+        .filter(|c| **c != Col::Memo)
+        .map(|c| min_width(*c))
+        .sum();
+    usize::from(width)
+        .saturating_sub(theme::HIGHLIGHT.chars().count())
+        .saturating_sub(fixed)
+        .saturating_sub(cols.len().saturating_sub(1))
+}
+
+fn cell(c: Col, k: &KeyInfo, memo_width: usize) -> Cell<'static> {
     match c {
         Col::Name => Cell::from(k.name.clone()),
         Col::Protection => Cell::from(s::protection_label(k.protection)),
@@ -152,7 +165,7 @@ fn cell(c: Col, k: &KeyInfo) -> Cell<'static> {
         Col::Uses => {
             Cell::from(Line::from(s::count_within(k.usage_count, USES_WIDTH)).right_aligned())
         }
-        Col::Memo => Cell::from(k.memo.clone()),
+        Col::Memo => Cell::from(super::fit_cells(&k.memo, memo_width)),
     }
 }
 
@@ -164,9 +177,10 @@ pub fn render(f: &mut Frame, area: Rect, app: &App) {
     // that changed since.
     let offset = scroll_offset(app.offset, app.selected, rows_fit, app.visible.len());
     let end = (offset + rows_fit).min(app.visible.len());
+    let memo = memo_width(&cols, area.width);
     let rows = app.visible[offset..end].iter().filter_map(|&i| {
         let k = app.keys.get(i)?;
-        Some(Row::new(cols.iter().map(|c| cell(*c, k))))
+        Some(Row::new(cols.iter().map(|c| cell(*c, k, memo))))
     });
     let table = Table::new(rows, cols.iter().map(|c| width(*c)))
         .header(header)

@@ -84,6 +84,29 @@ fn drop_reordering(buf: &mut ratatui::buffer::Buffer) {
 }
 
 /// Greedy word wrap for the pop-ups' prose (whose height must be known before drawing).
+/// `text` as it fits in `width` display cells: whole, or cut with a `…` in its last cell
+/// (a cell that cuts silently hides that there is more).
+pub fn fit_cells(text: &str, width: usize) -> String {
+    use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
+    if text.width() <= width {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = c.width().unwrap_or(0);
+        if used + w + 1 > width {
+            break;
+        }
+        out.push(c);
+        used += w;
+    }
+    if width > 0 {
+        out.push('…');
+    }
+    out
+}
+
 pub fn wrap(text: &str, width: usize) -> Vec<String> {
     let width = width.max(1);
     let mut lines = Vec::new();
@@ -251,5 +274,17 @@ mod tests {
             ["the quick", "brown fox", "jumps over", "the lazy", "dog"]
         );
         assert_eq!(wrap("", 5), Vec::<String>::new());
+    }
+
+    /// Text that fits is whole; text that does not ends with `…` in its last cell, wide
+    /// characters counted as the two cells they take.
+    #[test]
+    fn fit_cells_marks_a_cut() {
+        assert_eq!(fit_cells("nightly", 8), "nightly");
+        assert_eq!(fit_cells("nightly backups", 8), "nightly…");
+        assert_eq!(fit_cells("한글 메모", 6), "한글 …");
+        assert_eq!(fit_cells("한글 메모", 5), "한글…");
+        assert_eq!(fit_cells("abc", 1), "…");
+        assert_eq!(fit_cells("abc", 0), "");
     }
 }
