@@ -310,6 +310,13 @@ pub fn confirm_auto_rotation_title(name: &str, on: bool) -> String {
     }
 }
 pub fn confirm_auto_rotation_body(k: &KeyInfo, on: bool) -> String {
+    // A key at its version limit gets no new version from a schedule either.
+    if on && k.current_version >= k.protection.max_versions() {
+        return format!(
+            "{}. Switched on, the schedule makes no version either.",
+            at_version_limit(k)
+        );
+    }
     if on {
         format!(
             "A new version every {} days, the first {} days from now (a new period starts \
@@ -1083,6 +1090,24 @@ pub fn time_of_day(t: UnixMillis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Switching automatic rotation on for a key at its version limit does not promise a
+    /// new version it will not get (found driving the dashboard: "a new version every 90
+    /// days" for a key at v100).
+    #[test]
+    fn auto_rotation_on_at_the_version_limit_promises_nothing() {
+        let mut k = crate::tui::fake::keys()[0].clone();
+        k.protection = Protection::Basic;
+        k.current_version = 3;
+        assert!(confirm_auto_rotation_body(&k, true).starts_with("A new version every"));
+        k.current_version = kms_shared::model::MAX_VERSIONS;
+        let body = confirm_auto_rotation_body(&k, true);
+        assert!(
+            body.contains("cannot be rotated") && body.contains("makes no version"),
+            "{body}"
+        );
+        assert!(!body.contains("A new version every"), "{body}");
+    }
 
     /// A count that fits its cell is shown whole; one that does not, shortened with its
     /// SI prefix, never cut (a cut count read as another number).
