@@ -1056,6 +1056,10 @@ impl App {
             self.selected = pos;
         }
         self.clamp_selection();
+        // Said when an action found no key; with a key selected again it is not so.
+        if self.selected_key().is_some() {
+            self.clear_message_if(crate::tui::strings::NO_KEY_SELECTED);
+        }
     }
 
     pub fn clamp_selection(&mut self) {

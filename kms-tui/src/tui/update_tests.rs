@@ -229,6 +229,21 @@ fn filter_matches_tags_and_esc_clears() {
     assert_eq!(selected_name(&a), "legacy-db", "selection stays on the key");
 }
 
+/// "no key selected", said when a filter hid every key, goes once a key is selected
+/// again (found driving the dashboard: it stayed after the filter was cleared).
+#[test]
+fn no_key_selected_goes_with_a_selection() {
+    let mut a = app();
+    update(&mut a, ch('/'));
+    typed(&mut a, "zzz");
+    update(&mut a, code(KeyCode::Enter));
+    update(&mut a, ch('r'));
+    assert_eq!(a.message.as_ref().unwrap().text, "no key selected");
+    update(&mut a, code(KeyCode::Esc));
+    assert!(a.selected_key().is_some());
+    assert_eq!(a.message, None);
+}
+
 /// The filter is edited as every text field is (the help says so): ← → home end del,
 /// ctrl-a ctrl-e ctrl-u. It used to take typing at its end and backspace only: ← did
 /// nothing and the next letter went to the end.
