@@ -315,6 +315,35 @@ fn confirm_rotate() {
     });
 }
 
+/// On a screen too short for the whole delete-now dialog, the name being typed stays in
+/// view, with the cursor on it (found driving the dashboard at 60×9: the line was hidden
+/// and the name typed blind).
+#[test]
+fn delete_now_on_a_short_screen_shows_the_typed_name() {
+    let mut a = app((60, 9), "old-archive");
+    update(&mut a, ch('D'));
+    let tag = tag_of(&a, "old-archive");
+    update(
+        &mut a,
+        Action::ImpactLoaded {
+            tag: tag.clone(),
+            result: Ok(Impact {
+                key_tag: tag,
+                since: fake::BASE - 30 * kms_shared::model::DAY_MS,
+                recent_uses: 0,
+                last_used_at: None,
+                accounts: vec![],
+                counted_back_to: None,
+            }),
+        },
+    );
+    keys(&mut a, "old-ar");
+    let (screen, (x, y)) = draw_with_cursor(&a);
+    let row = screen.lines().nth(usize::from(y)).unwrap_or_default();
+    assert!(row.contains("> old-ar"), "cursor row {y}: {row}\n{screen}");
+    assert!(x > 0, "{x}");
+}
+
 /// "Delete now" wants the key name typed; a wrong name is flagged.
 #[test]
 fn delete_now_prompt() {

@@ -122,9 +122,21 @@ pub fn render(f: &mut Frame, area: Rect, c: &Confirm) {
     let inner = block.inner(popup).inner(ratatui::layout::Margin::new(1, 0));
     f.render_widget(Clear, popup);
     f.render_widget(block, popup);
+    // On a screen too short for all of it, the name being typed stays in view (its
+    // lines are the last): the text above it scrolls off instead.
+    let skip = match cursor {
+        Some(_) => (lines.len() as u16).saturating_sub(inner.height),
+        None => 0,
+    };
+    let cursor = cursor.map(|(x, y)| (x, y.saturating_sub(skip)));
     // The lines are wrapped to the width already (the height depends on it); a word
     // longer than the whole width is still broken rather than cut off.
-    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), inner);
+    f.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .scroll((skip, 0)),
+        inner,
+    );
     if let Some((x, y)) = cursor
         && y < inner.height
     {
