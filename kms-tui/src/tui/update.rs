@@ -369,7 +369,7 @@ pub(super) fn back_to(app: &mut App, base: Base) {
 fn key_action(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
     let Some(k) = app.target_key().cloned() else {
         if is_key_action(&a) {
-            app.error(s::NO_KEY_SELECTED);
+            no_target(app);
         }
         return;
     };
@@ -497,9 +497,23 @@ fn open_confirm(app: &mut App, kind: ConfirmKind, key: KeyInfo, fx: &mut Vec<Eff
     }));
 }
 
+/// Says why a key action has no key: none is selected, or the open view's key is gone
+/// from the list (purged, or no longer shown to this account).
+fn no_target(app: &mut App) {
+    let gone = match &app.screen {
+        Screen::History(h) => Some(h.name.clone()),
+        Screen::Versions(v) => Some(v.name.clone()),
+        _ => None,
+    };
+    match gone {
+        Some(name) => app.error(s::event_key_gone(&name)),
+        None => app.error(s::NO_KEY_SELECTED),
+    }
+}
+
 fn open_versions(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
     let Some(k) = app.target_key() else {
-        app.error(s::NO_KEY_SELECTED);
+        no_target(app);
         return;
     };
     let (tag, name) = (k.tag.clone(), k.name.clone());
@@ -518,7 +532,7 @@ fn open_versions(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
 
 fn open_history(app: &mut App, back: Base, fx: &mut Vec<Effect>) {
     let Some(k) = app.target_key() else {
-        app.error(s::NO_KEY_SELECTED);
+        no_target(app);
         return;
     };
     let (tag, name) = (k.tag.clone(), k.name.clone());
@@ -654,7 +668,7 @@ fn versions_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
                     let current = k.current_version == version;
                     open_confirm(app, ConfirmKind::DisableVersion { version, current }, k, fx);
                 }
-                None => app.error(s::NO_KEY_SELECTED),
+                None => no_target(app),
             }
         }
         Action::Back => {

@@ -229,6 +229,25 @@ fn filter_matches_tags_and_esc_clears() {
     assert_eq!(selected_name(&a), "legacy-db", "selection stays on the key");
 }
 
+/// A key action in the history of a key that is gone from the list (purged) says so,
+/// not "no key selected" (found driving the dashboard).
+#[test]
+fn a_key_action_on_a_gone_keys_history_says_it_is_gone() {
+    let mut a = app();
+    let k = select(&mut a, "payments");
+    update(&mut a, ch('h'));
+    update(
+        &mut a,
+        Action::KeyFetched {
+            tag: k.tag.clone(),
+            result: Ok(None),
+        },
+    );
+    update(&mut a, ch('v'));
+    let m = &a.message.as_ref().unwrap().text;
+    assert!(m.contains("payments is no longer in the list"), "{m}");
+}
+
 /// "no key selected", said when a filter hid every key, goes once a key is selected
 /// again (found driving the dashboard: it stayed after the filter was cleared).
 #[test]
