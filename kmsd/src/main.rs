@@ -83,11 +83,26 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kmsd: error: {e:#}");
-            kmsd::systemd::notify_failed(&format!("{e:#}"));
+            let said = told(&e);
+            eprintln!("kmsd: error: {said}");
+            kmsd::systemd::notify_failed(&said);
             std::process::ExitCode::from(kmsd::exit_status(&e))
         }
     }
+}
+
+/// The error and its causes, each said once: many of kmsd's errors already quote their
+/// cause in their own message, which `{:#}` would then repeat.
+fn told(e: &anyhow::Error) -> String {
+    let mut said = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !said.contains(&cause) {
+            said.push_str(": ");
+            said.push_str(&cause);
+        }
+    }
+    said
 }
 
 fn start(args: Args) -> anyhow::Result<()> {
@@ -227,5 +242,26 @@ fn stop_signal() -> impl std::future::Future<Output = ()> {
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A cause the message already quotes is not said again; one it does not is added.
+    #[test]
+    fn each_cause_is_told_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{path} is not a backup: {source}")]
+        struct Quoting {
+            path: &'static str,
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::from(Quoting {
+            path: "b.redb",
+            source: std::io::Error::other("magic number mismatch"),
+        });
+        assert_eq!(super::told(&e), "b.redb is not a backup: magic number mismatch");
+        let e = anyhow::Error::from(std::io::Error::other("disk on fire")).context("cannot start");
+        assert_eq!(super::told(&e), "cannot start: disk on fire");
     }
 }
