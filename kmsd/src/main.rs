@@ -260,7 +260,10 @@ mod tests {
             path: "b.redb",
             source: std::io::Error::other("magic number mismatch"),
         });
-        assert_eq!(super::told(&e), "b.redb is not a backup: magic number mismatch");
+        assert_eq!(
+            super::told(&e),
+            "b.redb is not a backup: magic number mismatch"
+        );
         let e = anyhow::Error::from(std::io::Error::other("disk on fire")).context("cannot start");
         assert_eq!(super::told(&e), "cannot start: disk on fire");
     }

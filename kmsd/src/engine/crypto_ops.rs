@@ -436,6 +436,9 @@ impl Engine {
                 KeyMaterial::Aes(k) => {
                     let used = v.encryptions.fetch_add(1, Ordering::Relaxed);
                     if !entry.rec.convergent && used >= self.config.nonce_budget {
+                        // Not made under this version: the count (what `versions` shows,
+                        // as the store does) is of encryptions made.
+                        v.encryptions.fetch_sub(1, Ordering::Relaxed);
                         self.rotate_for_budget(&entry.rec.tag, v.version)?;
                         entry = self.resolve(&entry.rec.tag)?;
                         require_enabled(&entry)?;
@@ -454,6 +457,7 @@ impl Engine {
                 KeyMaterial::Hsm(k) if entry.rec.key_type == KeyType::Aes256 => {
                     let used = v.encryptions.fetch_add(1, Ordering::Relaxed);
                     if used >= self.config.nonce_budget {
+                        v.encryptions.fetch_sub(1, Ordering::Relaxed);
                         self.rotate_for_budget(&entry.rec.tag, v.version)?;
                         entry = self.resolve(&entry.rec.tag)?;
                         require_enabled(&entry)?;
