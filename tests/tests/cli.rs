@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use kms_e2e::{TestDaemon, json, ok};
+use std::time::{Duration, Instant};
 
 /// `grant --user 0` grants to the account of uid 0 (grants name accounts: kmsd refused
 /// "no user named \"0\""), `--group 0` to its group; `revoke` takes the number as well; a
@@ -243,6 +244,78 @@ fn backup_replaces_only_regular_files_and_streams_to_stdout() {
     assert!(failed.stdout.is_empty(), "{failed:?}");
     let e: serde_json::Value = serde_json::from_slice(&failed.stderr).unwrap();
     assert_eq!(e["error"]["kind"], "connect", "{e}");
+}
+
+/// `backup -` into a pipe whose reader has stalled still ends on SIGTERM (or Ctrl-C)
+/// with exit 130, as documented: kmsctl sat in the write, deaf to both, until the reader
+/// went away, and then ended with 74 (found following the README as a new user).
+#[test]
+fn a_backup_to_a_stalled_pipe_ends_on_sigterm() {
+    let d = TestDaemon::start();
+    // A store well over what a pipe holds (64 KiB), so that the write blocks.
+    let store = || {
+        std::fs::metadata(d.data_dir.join("kms.redb"))
+            .unwrap()
+            .len()
+    };
+    let mut n = 0;
+    while store() < 192 * 1024 {
+        n += 1;
+        assert!(n < 400, "the store stays at {} bytes", store());
+        ok(&d.kmsctl(
+            &[
+                "create",
+                &format!("k{n:03}"),
+                "--type",
+                "aes256",
+                "--memo",
+                &"m".repeat(90),
+            ],
+            b"",
+        ));
+    }
+    let mut child = std::process::Command::new(kms_e2e::bin("kmsctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["backup", "-"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads its stdout: wait until it has filled the pipe (its write blocks).
+    let pipe = child.stdout.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // FIONREAD: bytes waiting in the pipe.
+        let queued = rustix::io::ioctl_fionread(&pipe).unwrap();
+        if queued >= 60 * 1024 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "kmsctl wrote {queued} bytes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kmsctl did not end on SIGTERM while its output stalled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(pipe);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
 }
 
 /// A daemon configured with a smaller `max_frame` (64 KiB) says so in its hello, and

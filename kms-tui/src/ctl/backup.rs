@@ -177,10 +177,18 @@ async fn to_stdout(ctx: &mut Ctx) -> CmdResult {
              (kmsctl backup - > FILE)",
         )));
     }
-    let mut out = stdout.lock();
     let stdout_path = Path::new("standard output");
+    // Written by a thread of its own: a pipe whose reader stalls blocks that thread, not
+    // this one, which goes on waiting for Ctrl-C or SIGTERM (it used to sit in the write,
+    // deaf to both, until the reader went away).
+    let mut out = StdoutThread::start();
+    let copied = async {
+        let bytes = fetch(ctx, &mut out, stdout_path).await?;
+        out.finish().await.map_err(|e| io(stdout_path, e))?;
+        Ok::<_, CtlError>(bytes)
+    };
     let bytes = tokio::select! {
-        fetched = fetch(ctx, &mut out, stdout_path) => fetched?,
+        copied = copied => copied?,
         signal = interrupted() => {
             signal?;
             return Err(CtlError::Interrupted(
@@ -190,7 +198,6 @@ async fn to_stdout(ctx: &mut Ctx) -> CmdResult {
             ));
         }
     };
-    out.flush().map_err(|e| io(stdout_path, e))?;
     if ctx.out.json {
         eprintln!("{}", json!({"file": "-", "bytes": bytes}));
     } else {
@@ -209,9 +216,79 @@ async fn interrupted() -> std::io::Result<()> {
     }
 }
 
+/// Where the chunks of a backup go.
+trait ChunkSink {
+    async fn put(&mut self, data: Vec<u8>) -> std::io::Result<()>;
+}
+
+/// A file, written in place (a local disk does not stall as a pipe can).
+impl ChunkSink for File {
+    async fn put(&mut self, data: Vec<u8>) -> std::io::Result<()> {
+        self.write_all(&data)
+    }
+}
+
+/// Standard output, written by a thread of its own.
+struct StdoutThread {
+    chunks: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    /// What the thread's writes came to, once it ends (all written and flushed, or the
+    /// first error).
+    ended: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
+}
+
+impl StdoutThread {
+    fn start() -> StdoutThread {
+        // Two chunks queued at most: the backup is not read faster than it is written.
+        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let (tell, ended) = tokio::sync::oneshot::channel();
+        // Not joined: on an interruption the process ends with this thread perhaps
+        // still in a write.
+        std::thread::spawn(move || {
+            let mut out = std::io::stdout().lock();
+            let written = (|| {
+                while let Some(chunk) = rx.blocking_recv() {
+                    out.write_all(&chunk)?;
+                }
+                out.flush()
+            })();
+            let _ = tell.send(written);
+        });
+        StdoutThread {
+            chunks: Some(chunks),
+            ended: Some(ended),
+        }
+    }
+
+    /// Waits until everything queued is written; the thread's error if a write failed.
+    async fn finish(&mut self) -> std::io::Result<()> {
+        self.chunks = None;
+        match self.ended.take() {
+            Some(ended) => ended
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::other("the writing thread died"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ChunkSink for StdoutThread {
+    async fn put(&mut self, data: Vec<u8>) -> std::io::Result<()> {
+        let sent = match &self.chunks {
+            Some(chunks) => chunks.send(data).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The thread stopped taking chunks: its write failed (a reader gone).
+        self.finish().await?;
+        Err(std::io::Error::other("standard output was closed"))
+    }
+}
+
 /// Streams the daemon's snapshot into `out` (at `tmp`); returns its size once it is
 /// complete.
-async fn fetch(ctx: &mut Ctx, out: &mut impl std::io::Write, tmp: &Path) -> Result<u64, CtlError> {
+async fn fetch(ctx: &mut Ctx, out: &mut impl ChunkSink, tmp: &Path) -> Result<u64, CtlError> {
     let mut written: u64 = 0;
     let mut reply = ctx.client.call(Request::Backup).await?;
     loop {
@@ -231,8 +308,9 @@ async fn fetch(ctx: &mut Ctx, out: &mut impl std::io::Write, tmp: &Path) -> Resu
                 "backup chunk at offset {offset}, expected {written}"
             )));
         }
-        out.write_all(&data).map_err(|e| io(tmp, e))?;
-        written += data.len() as u64;
+        let len = data.len() as u64;
+        out.put(data).await.map_err(|e| io(tmp, e))?;
+        written += len;
         if done {
             if written != total {
                 return Err(protocol(format!(
@@ -241,7 +319,7 @@ async fn fetch(ctx: &mut Ctx, out: &mut impl std::io::Write, tmp: &Path) -> Resu
             }
             break;
         }
-        if data.is_empty() {
+        if len == 0 {
             return Err(protocol("empty backup chunk before the end".into()));
         }
         reply = ctx
