@@ -217,6 +217,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
     );
     let trigger = shutdown::ShutdownTrigger::new();
     let mut scheduling = tokio::spawn(scheduler::run(engine.clone(), trigger.handle()));
+    _lock.tell_socket(&config.socket);
     let mut serving = tokio::spawn(server::serve(
         listener,
         engine.clone(),

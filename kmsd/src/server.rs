@@ -62,7 +62,25 @@ const STICKY: u32 = 0o1000;
 /// Holds the data directory's lock for the daemon's lifetime (released on drop/exit).
 #[derive(Debug)]
 pub struct DataDirLock {
-    _file: File,
+    file: File,
+}
+
+impl DataDirLock {
+    /// Writes the socket this daemon serves into the lock file, for a client that finds
+    /// the store held and nothing answering on its own socket (the same account with and
+    /// without a login session has two default sockets) to say where the daemon is.
+    /// Nothing depends on it: a failure is only logged.
+    pub fn tell_socket(&self, socket: &Path) {
+        use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::fs::FileExt as _;
+        let written = self
+            .file
+            .set_len(0)
+            .and_then(|()| self.file.write_all_at(socket.as_os_str().as_bytes(), 0));
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot write the socket into kmsd.lock");
+        }
+    }
 }
 
 /// The account name of `uid` for messages, or the number.
@@ -123,7 +141,7 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
             .map_err(|e| path_err(dir, format!("cannot restrict to 0700: {e}")))?;
     }
     match lock_file(&dir.join("kmsd.lock"))? {
-        Some(file) => Ok(DataDirLock { _file: file }),
+        Some(file) => Ok(DataDirLock { file }),
         None => Err(ServerError::DataDirLocked(dir.to_path_buf())),
     }
 }

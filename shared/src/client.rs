@@ -1711,12 +1711,32 @@ async fn wait_for_daemon(
             Ok(c) => return Ok(c),
             Err(e) if e.is_untrusted_daemon() => return Err(e),
             Err(_) if tokio::time::Instant::now() >= deadline => {
-                return Err(ClientError::Autostart(format!(
-                    "a kmsd holds {} (its kmsd.lock) but did not answer on {}: it may still be \
-                     starting, or serve another socket",
-                    data_dir.display(),
-                    path.display()
-                )));
+                // The daemon writes its socket into the lock file (kmsd 0.1, session 29).
+                let told = std::fs::read(data_dir.join("kmsd.lock"))
+                    .ok()
+                    .filter(|b| !b.is_empty() && b.len() <= 4096)
+                    .map(|b| {
+                        PathBuf::from(
+                            <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(b),
+                        )
+                    })
+                    .filter(|s| s != path);
+                return Err(ClientError::Autostart(match told {
+                    Some(socket) => format!(
+                        "a kmsd holds {} (its kmsd.lock) and listens on {}, not on {}: use \
+                         --socket {} (or set KMS_SOCKET) to reach it",
+                        data_dir.display(),
+                        socket.display(),
+                        path.display(),
+                        socket.display()
+                    ),
+                    None => format!(
+                        "a kmsd holds {} (its kmsd.lock) but did not answer on {}: it may still \
+                         be starting, or serve another socket",
+                        data_dir.display(),
+                        path.display()
+                    ),
+                }));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
