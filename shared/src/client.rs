@@ -1711,7 +1711,7 @@ async fn wait_for_daemon(
             Ok(c) => return Ok(c),
             Err(e) if e.is_untrusted_daemon() => return Err(e),
             Err(_) if tokio::time::Instant::now() >= deadline => {
-                // The daemon writes its socket into the lock file (kmsd 0.1, session 29).
+                // The daemon writes the socket it serves into its lock file.
                 let told = std::fs::read(data_dir.join("kmsd.lock"))
                     .ok()
                     .filter(|b| !b.is_empty() && b.len() <= 4096)
