@@ -1198,6 +1198,13 @@ impl Connection {
                 Ok(conn)
             }
             Ok(other) => Err(unexpected(&other)),
+            // Only the greeting had been sent, whatever call this connection was opened
+            // for: that call's request went nowhere. (It said "the request was sent and
+            // may have been carried out", sending users to look for a change never made.)
+            Err(ClientError::Closed { reason, .. }) => Err(ClientError::Closed {
+                sent: false,
+                reason,
+            }),
             Err(e) => Err(e),
         }
     }
@@ -2120,6 +2127,47 @@ mod tests {
             }
             other => panic!("expected no daemon to connect to, got {other:?}"),
         }
+    }
+
+    /// A connection closed during its greeting took no request along: neither the
+    /// `connect` nor a call that opened a new connection says its request may have been
+    /// carried out (both did: only the greeting had been sent).
+    #[tokio::test]
+    async fn a_connection_closed_in_its_greeting_sent_no_request() {
+        let dir = Scratch::new("greeting");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        // Reads the greeting and closes.
+        async fn hang_up(listener: &tokio::net::UnixListener) {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            codec::read_frame(&mut stream, 1 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let daemon = tokio::spawn(async move {
+            hang_up(&listener).await;
+            // Then one connection served and closed, and one hung up again.
+            drop(accept_and_greet(&listener).await);
+            hang_up(&listener).await;
+        });
+        match Client::connect(&path).await {
+            Err(e @ ClientError::Closed { sent: false, .. }) => {
+                assert!(e.to_string().contains("not sent"), "{e}");
+            }
+            other => panic!("expected a connection closed unsent, got {other:?}"),
+        }
+        let client = Client::connect(&path).await.unwrap();
+        while !client.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        match client.rotate("k01").await {
+            Err(e @ ClientError::Closed { sent: false, .. }) => {
+                assert!(e.to_string().contains("not sent"), "{e}");
+            }
+            other => panic!("expected the rotation unsent, got {other:?}"),
+        }
+        daemon.await.unwrap();
     }
 
     /// A connection kmsd closed (its idle timeout, a restart) is replaced by the next

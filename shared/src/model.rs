@@ -552,8 +552,14 @@ pub fn validate_memo(memo: &str) -> Result<(), RuleViolation> {
             "a memo has at most {MAX_MEMO_CHARS} characters (this one has {len})"
         )));
     }
-    if memo.chars().any(char::is_control) {
-        return Err(RuleViolation("a memo has no control characters".into()));
+    // A memo is one line: U+2028 and U+2029 are no control characters, but break it.
+    if memo
+        .chars()
+        .any(|c| c.is_control() || crate::text::breaks_line(c))
+    {
+        return Err(RuleViolation(
+            "a memo is one line, without control characters or line separators".into(),
+        ));
     }
     Ok(())
 }
@@ -642,7 +648,14 @@ mod tests {
         assert!(validate_memo("한글 메모").is_ok());
         // One line of text: a memo is shown in tables and on one line of the dashboard,
         // where a newline or an escape sequence would break (or forge) what is drawn.
-        for bad in ["two\nlines", "tab\there", "\u{1b}[31mred", "nul\0"] {
+        for bad in [
+            "two\nlines",
+            "tab\there",
+            "\u{1b}[31mred",
+            "nul\0",
+            "line\u{2028}sep",
+            "para\u{2029}sep",
+        ] {
             assert!(validate_memo(bad).is_err(), "{bad:?}");
         }
         assert!(validate_rotation_days(0).is_err());

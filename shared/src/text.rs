@@ -12,11 +12,17 @@ pub fn reorders_text(c: char) -> bool {
     )
 }
 
+/// The line and paragraph separators, which are not control characters (`char::is_control`
+/// is false for them) but end a line in some terminals and most editors and viewers.
+pub fn breaks_line(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}')
+}
+
 /// `s` made safe for a terminal: control characters (an escape sequence could rewrite
-/// the screen, a carriage return hide a history entry) and the controls that reorder
-/// text are shown escaped (`\u{1b}`), everything else as it is.
+/// the screen, a carriage return hide a history entry), the line separators and the
+/// controls that reorder text are shown escaped (`\u{1b}`), everything else as it is.
 pub fn printable(s: &str) -> String {
-    let escaped = |c: char| c.is_control() || reorders_text(c);
+    let escaped = |c: char| c.is_control() || breaks_line(c) || reorders_text(c);
     if !s.chars().any(escaped) {
         return s.to_owned();
     }
@@ -45,6 +51,7 @@ mod tests {
         for c in ['\u{061c}', '\u{200e}', '\u{2066}', '\u{2069}', '\u{202a}'] {
             assert!(reorders_text(c), "{c:?}");
         }
+        assert_eq!(printable("a\u{2028}b\u{2029}"), "a\\u{2028}b\\u{2029}");
         assert!(
             !reorders_text('\u{200d}'),
             "a zero-width joiner joins, it does not reorder"

@@ -405,3 +405,51 @@ fn an_endless_input_is_refused_not_read() {
         assert_eq!(e["error"]["kind"], "too-large", "{e}");
     }
 }
+
+/// With `--json` the error report goes to stdout; when stdout is what failed (a full
+/// disk), it goes to stderr instead. `kmsctl --json rotate k >/dev/full` exited 74
+/// without a word although the rotation landed, so a script retried it.
+#[test]
+fn a_json_report_that_cannot_be_written_goes_to_stderr() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "k01", "--type", "AES256"], b""));
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = std::process::Command::new(kms_e2e::bin("kmsctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["--json", "rotate", "k01"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(74), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.starts_with("error: io: "), "{said}");
+    // The rotation it could not print landed, as the message's reader must know.
+    assert_eq!(
+        json(&d.kmsctl(&["--json", "show", "k01"], b""))["current_version"],
+        2
+    );
+}
+
+/// A convergent key refuses a decryption without a context by saying what it needs:
+/// the refusal said "not empty", yet an empty context is taken for decryption.
+#[test]
+fn a_convergent_decryption_without_a_context_says_what_it_needs() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(
+        &["create", "dedupe", "--type", "aes256", "--convergent"],
+        b"",
+    ));
+    let ct = ok(&d.kmsctl(&["encrypt", "dedupe", "--context", "c"], b"x"));
+    let out = d.kmsctl(&["decrypt", "dedupe"], ct.as_bytes());
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("the context it was encrypted under"),
+        "{said}"
+    );
+    assert!(!said.contains("not empty"), "{said}");
+}

@@ -93,6 +93,10 @@ pub struct CipherArgs {
     pub context: Option<String>,
     /// One item per input line, one result per output line, in order (formats: --help);
     /// with --json each output line is {"ciphertext"|"plaintext"|"error": …}
+    ///
+    /// Every line is processed; the exit code is that of the first failed item (0 if
+    /// none failed). An input without lines sends nothing, so nothing about KEY is
+    /// checked, and exits 0, as a filter does on empty input.
     #[arg(long)]
     pub batch: bool,
     #[command(flatten)]

@@ -12,7 +12,7 @@ const PROTECTIONS: [Protection; 3] = [Protection::Basic, Protection::Hsm, Protec
 pub struct CreateArgs {
     /// 3–15 characters: a letter, then letters, digits, '-' or '_'
     pub name: String,
-    #[arg(long = "type", value_name = "TYPE", value_parser = choice(&KeyType::ALL, KeyType::as_str))]
+    #[arg(long = "type", value_name = "TYPE", ignore_case = true, value_parser = choice(&KeyType::ALL, KeyType::as_str))]
     pub key_type: KeyType,
     #[arg(long, default_value = "basic", value_parser = choice(&PROTECTIONS, Protection::as_str))]
     pub protection: Protection,
@@ -22,8 +22,10 @@ pub struct CreateArgs {
     /// Rotate automatically every --rotation-days
     #[arg(long)]
     pub auto_rotate: bool,
-    /// Rotation period, 1–730 days [default: 90]
-    #[arg(long, value_name = "N", value_parser = super::rotation_days)]
+    /// Rotation period with --auto-rotate, 1–730 days [default: 90]
+    // Without --auto-rotate it made a key that never rotates, silently (`set-rotation`
+    // refuses a period alone for the same reason).
+    #[arg(long, value_name = "N", requires = "auto_rotate", value_parser = super::rotation_days)]
     pub rotation_days: Option<u32>,
     /// Free text, at most 100 characters
     #[arg(long, value_name = "TEXT", default_value = "")]

@@ -34,6 +34,20 @@
 //! quietly, with the code the run has earned so far: 0, or 1 for an invalid signature,
 //! or a failed batch item's code.
 
+/// `kmsctl --help`'s account of the exit codes (the table above, for a script author
+/// without the README at hand).
+const EXIT_CODES: &str = "\
+KEY is a key tag or a key name. Inputs come from stdin unless --in FILE is given.
+
+Exit codes: 0 success (verify: valid); 1 verify: invalid signature; 2 usage; 3 not-found;
+4 already-exists; 5 invalid-argument; 6 too-large; 7 invalid-state; 8 wrong-purpose;
+9 version-disabled; 10 version-limit; 11 decrypt-failed; 12 permission-denied;
+13 malformed-frame; 14 unsupported-version; 15 internal; 69 connect (kmsd unreachable or
+the connection lost); 74 io (a local file, or stdout, failed); 75 timeout (--timeout ran
+out; the message says whether the request was sent); 130 interrupted (backup).
+A --batch run exits with its first failed item's code. A closed stdout
+(`kmsctl list | head -1`) ends the run quietly with the code earned so far.";
+
 mod backup;
 mod crypto;
 mod grants;
@@ -67,7 +81,8 @@ const EX_INTERRUPTED: u8 = 130;
     version,
     about = "Scriptable client of kmsd, the local Key Management Service",
     long_about = None,
-    after_help = "KEY is a key tag or a key name. Inputs come from stdin unless --in FILE is given."
+    after_help = "KEY is a key tag or a key name. Inputs come from stdin unless --in FILE is given.",
+    after_long_help = EXIT_CODES
 )]
 pub struct Cli {
     /// The daemon's socket [default: $KMS_SOCKET, else $XDG_RUNTIME_DIR/kms/kmsd.sock, …];
@@ -209,7 +224,8 @@ pub fn choice<T: Copy + Send + Sync + 'static>(
     PossibleValuesParser::new(all.iter().map(|v| name(*v))).try_map(move |s: String| {
         all.iter()
             .copied()
-            .find(|v| name(*v) == s)
+            // As typed, where an argument ignores case (`--type AES256`, as `list` shows it).
+            .find(|v| name(*v).eq_ignore_ascii_case(&s))
             .ok_or("not one of the possible values")
     })
 }
@@ -410,13 +426,17 @@ fn report(e: &CtlError, json: bool) -> u8 {
     if matches!(e, CtlError::BrokenPipe) {
         return 0;
     }
-    // The report itself may meet a closed stream; the exit code still tells.
-    let _ = if json {
-        Printer::new(true).json_line(&output::error_json(e.kind(), e.message()))
-    } else {
+    // With --json the report goes to stdout, which may be what failed (a full disk):
+    // then it goes to stderr as text, not nowhere (a rotation that landed but could not
+    // be printed exited 74 without a word). A closed stderr too leaves the exit code.
+    let on_stdout = json
+        && Printer::new(true)
+            .json_line(&output::error_json(e.kind(), e.message()))
+            .is_ok();
+    if !on_stdout {
         use std::io::Write as _;
-        writeln!(io::stderr(), "error: {}: {}", e.kind(), e.message())
-    };
+        let _ = writeln!(io::stderr(), "error: {}: {}", e.kind(), e.message());
+    }
     e.exit_code()
 }
 
@@ -521,12 +541,15 @@ mod tests {
     #[test]
     fn rotation_days_out_of_range_name_the_range() {
         for days in ["0", "731", "-5", "1099511627776", "ten"] {
-            for cmd in ["create k01 --type aes256", "set-rotation k01 --auto-rotate"] {
+            for cmd in [
+                "create k01 --type aes256 --auto-rotate",
+                "set-rotation k01 --auto-rotate",
+            ] {
                 let e = parse(&format!("{cmd} --rotation-days={days}")).unwrap_err();
                 assert!(e.to_string().contains("from 1 to 730"), "{days}: {e}");
             }
         }
-        assert!(parse("create k01 --type aes256 --rotation-days 730").is_ok());
+        assert!(parse("create k01 --type aes256 --auto-rotate --rotation-days 730").is_ok());
         assert!(parse("set-rotation k01 --no-auto-rotate --rotation-days 1").is_ok());
     }
 
@@ -600,6 +623,7 @@ mod tests {
             "sign k01 --scheme raw",
             "data-key k01 --bits 100",
             "set-rotation k01 --auto-rotate --no-auto-rotate",
+            "create k01 --type aes256 --rotation-days 30",
             "enable-version k01",
             "enable-version k01 x",
             "history k01 --result maybe",
@@ -632,6 +656,20 @@ mod tests {
             panic!()
         };
         assert_eq!((c.protection, c.memo.as_str()), (Protection::Basic, ""));
+        // The type as `list` prints it is taken too.
+        for (typed, key_type) in [
+            ("AES256", KeyType::Aes256),
+            ("ECDSA", KeyType::Ecdsa),
+            ("Rsa2048", KeyType::Rsa2048),
+        ] {
+            let Command::Create(c) = parse(&format!("create k01 --type {typed}"))
+                .unwrap()
+                .command
+            else {
+                panic!()
+            };
+            assert_eq!(c.key_type, key_type);
+        }
 
         let Command::Sign(s) = parse("sign k --scheme pkcs1").unwrap().command else {
             panic!()

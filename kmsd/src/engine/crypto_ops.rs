@@ -550,8 +550,13 @@ fn check_crypto_input(
             ));
         }
     } else if entry.rec.convergent && given.is_none() {
+        // Decryption takes "" (see above), so its refusal does not say "not empty".
+        let needs = match direction {
+            Direction::Encrypt => "a context (not empty)",
+            Direction::Decrypt => "the context it was encrypted under",
+        };
         return Err(EngineError::InvalidArgument(format!(
-            "key {} uses convergent encryption and needs a context (not empty)",
+            "key {} uses convergent encryption and needs {needs}",
             entry.rec.name
         )));
     }
