@@ -137,6 +137,27 @@ pub(crate) fn wipe_stack<const WORDS: usize>() {
     std::hint::black_box(&mut scratch);
 }
 
+/// How much stack [`with_wiped_stack`] overwrites: 128 KiB, more than making or
+/// unwrapping any material takes in a debug build (whose frames are the larger).
+const MATERIAL_STACK_WORDS: usize = 16 * 1024;
+
+/// Runs `f`, which makes, unwraps or wraps key material, in frames below its caller's,
+/// then overwrites the stack those frames used. Material moves by value from frame to
+/// frame as it is made (a `Result`, a `KeyMaterial`, an `Arc::new`), and every move leaves
+/// a copy behind that nothing wipes: on tokio's threads, which make and load material,
+/// those copies outlived the key's purge, and stale stack bytes were later copied into
+/// heap buffers too. `f` should return the material behind a pointer (an `Arc`), never by
+/// value, so that no copy lands in the caller's frame.
+pub(crate) fn with_wiped_stack<T>(f: impl FnOnce() -> T) -> T {
+    #[inline(never)]
+    fn in_own_frames<T>(f: impl FnOnce() -> T) -> T {
+        f()
+    }
+    let out = in_own_frames(f);
+    wipe_stack::<MATERIAL_STACK_WORDS>();
+    out
+}
+
 /// Helpers shared by the module's tests.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -157,20 +157,26 @@ impl Engine {
             let m = self.load_hsm_material(entry, v, wrapped)?;
             return Ok(v.material.get_or_init(|| m).clone());
         }
-        let slot_secret = self.slot_secret(&entry.rec)?;
-        let secret = self
-            .root
-            .key_wrapper(&slot_secret, &entry.rec.tag)
-            .unwrap(
-                &wrap_aad(&entry.rec.tag, v.version, entry.rec.key_type),
-                wrapped,
-            )
-            .map_err(|_| {
-                EngineError::Crypto(crypto::CryptoError::Internal(
-                    "wrapped key material does not open under this root key",
-                ))
-            })?;
-        let m = Arc::new(KeyMaterial::from_secret_bytes(entry.rec.key_type, &secret)?);
+        // On the thread of the call that first needs it: a tokio worker for AES.
+        let m = crypto::with_wiped_stack(|| {
+            let slot_secret = self.slot_secret(&entry.rec)?;
+            let secret = self
+                .root
+                .key_wrapper(&slot_secret, &entry.rec.tag)
+                .unwrap(
+                    &wrap_aad(&entry.rec.tag, v.version, entry.rec.key_type),
+                    wrapped,
+                )
+                .map_err(|_| {
+                    EngineError::Crypto(crypto::CryptoError::Internal(
+                        "wrapped key material does not open under this root key",
+                    ))
+                })?;
+            Ok::<_, EngineError>(Arc::new(KeyMaterial::from_secret_bytes(
+                entry.rec.key_type,
+                &secret,
+            )?))
+        })?;
         // Another thread may have won the race; either value is the same key.
         Ok(v.material.get_or_init(|| m).clone())
     }
@@ -223,12 +229,15 @@ impl Engine {
         if rec.protection != Protection::Basic {
             return self.new_hsm_version(rec, version, now);
         }
-        let material = KeyMaterial::generate(rec.key_type)?;
-        let slot_secret = self.slot_secret(rec)?;
-        let wrapped = self.root.key_wrapper(&slot_secret, &rec.tag).wrap(
-            &wrap_aad(&rec.tag, version, rec.key_type),
-            &material.to_secret_bytes(),
-        )?;
+        let (material, wrapped) = crypto::with_wiped_stack(|| {
+            let material = Arc::new(KeyMaterial::generate(rec.key_type)?);
+            let slot_secret = self.slot_secret(rec)?;
+            let wrapped = self.root.key_wrapper(&slot_secret, &rec.tag).wrap(
+                &wrap_aad(&rec.tag, version, rec.key_type),
+                &material.to_secret_bytes(),
+            )?;
+            Ok::<_, EngineError>((material, wrapped))
+        })?;
         Ok((
             version,
             VersionRecord {
@@ -236,7 +245,7 @@ impl Engine {
                 enabled: true,
                 wrapped: Some(wrapped),
             },
-            Some(Arc::new(material)),
+            Some(material),
         ))
     }
 
