@@ -285,6 +285,25 @@ fn writable_memory(pid: u32) -> Option<Vec<u8>> {
     Some(all)
 }
 
+/// kmsd's writable memory, read before it is stopped (once `c` is closed), or `None`
+/// (said on stderr) where this process may not read it; `key`, a key's name, must be in
+/// it, as in any keyring (so that what was read is kmsd's).
+fn memory_then_stop(
+    d: &mut TestDaemon,
+    c: kms_shared::client::Client,
+    key: &str,
+) -> Option<Vec<u8>> {
+    let memory = writable_memory(d.pid().unwrap());
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+    let Some(memory) = memory else {
+        eprintln!("cannot read kmsd's memory (not root?): not checked");
+        return None;
+    };
+    assert!(memchr::memmem::find(&memory, key.as_bytes()).is_some());
+    Some(memory)
+}
+
 /// Waits until kmsd has closed every connection but `c`'s (so their read buffers are
 /// wiped); calls still finishing have let go by then too.
 async fn until_only_connection(c: &kms_shared::client::Client) {
@@ -419,14 +438,9 @@ async fn signing_nonces_and_rsa_plaintexts_leave_no_copy_in_daemon_memory() {
     }
     drop(other);
     until_only_connection(&c).await;
-    let memory = writable_memory(d.pid().unwrap());
-    drop(c);
-    assert_eq!(d.stop(), Some(0));
-    let Some(memory) = memory else {
-        eprintln!("cannot read kmsd's memory (not root?): not checked");
+    let Some(memory) = memory_then_stop(&mut d, c, "mem-ec") else {
         return;
     };
-    assert!(memchr::memmem::find(&memory, b"mem-ec").is_some());
 
     // The signing key, from the store.
     let (_, _, secret) = stored_material(&d.data_dir)
@@ -520,14 +534,9 @@ async fn purged_keys_leave_no_copy_in_daemon_memory() {
         c.request_deletion(key).await.unwrap();
         c.delete_now(key).await.unwrap();
     }
-    let memory = writable_memory(d.pid().unwrap());
-    drop(c);
-    assert_eq!(d.stop(), Some(0));
-    let Some(memory) = memory else {
-        eprintln!("cannot read kmsd's memory (not root?): not checked");
+    let Some(memory) = memory_then_stop(&mut d, c, "gone-ec") else {
         return;
     };
-    assert!(memchr::memmem::find(&memory, b"gone-ec").is_some());
     let mut needles = Vec::new();
     for (name, version, secret) in &material {
         needles.push((format!("{name} v{version}"), secret.clone()));
