@@ -19,6 +19,7 @@
 
 use crate::config::Config;
 use crate::engine::{Caller, Durable, Engine};
+use crate::log_limit::LogAtMostEvery;
 use crate::service::Service;
 use crate::shutdown::Shutdown;
 use kms_shared::codec::{self, WipingBufReader};
@@ -37,40 +38,6 @@ use zeroize::Zeroize;
 
 /// When a refused protocol version was last logged.
 static MISMATCH_LOGGED: LogAtMostEvery = LogAtMostEvery::new(Duration::from_secs(10));
-
-/// A log line that is written at most once per `every` (a peer decides how often its
-/// cause happens).
-struct LogAtMostEvery {
-    every: Duration,
-    /// Milliseconds since `START` of the last line written, plus one (0: none yet).
-    last: std::sync::atomic::AtomicU64,
-}
-
-impl LogAtMostEvery {
-    const fn new(every: Duration) -> Self {
-        LogAtMostEvery {
-            every,
-            last: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Whether a line is due now; if so, the next is due `every` from now.
-    fn due(&self) -> bool {
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64
-            + 1;
-        let last = self.last.load(Ordering::Relaxed);
-        let every = self.every.as_millis() as u64;
-        (last == 0 || now.saturating_sub(last) >= every)
-            && self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
 
 /// Once the daemon stops, how long one write may wait for a client that does not read.
 /// A client reading its replies takes far less per write (at most 64 KiB, or one frame);
@@ -223,8 +190,9 @@ impl Connection {
                         // SPEC §10: a mismatch is a clear error on both sides; the
                         // daemon's side is its log (at most one line in a while: any peer
                         // can send a wrong hello as often as it likes).
-                        if MISMATCH_LOGGED.due() {
+                        if let Some(skipped) = MISMATCH_LOGGED.due() {
                             tracing::info!(
+                                skipped,
                                 account = %caller.account,
                                 pid = caller.pid,
                                 client = %caller.client,
@@ -760,19 +728,6 @@ async fn forward_events(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    /// A line logged at most once per period is due once, then not again within it.
-    #[test]
-    fn log_at_most_every_is_due_once_per_period() {
-        let hourly = LogAtMostEvery::new(Duration::from_secs(3600));
-        assert!(hourly.due());
-        assert!(!hourly.due());
-        assert!(!hourly.due());
-        let always = LogAtMostEvery::new(Duration::ZERO);
-        assert!(always.due());
-        std::thread::sleep(Duration::from_millis(2));
-        assert!(always.due());
-    }
 
     /// A reply owed and dropped unsent (the code computing it panicked) answers `internal`
     /// by its id, and gives back what the request held; one sent answers as sent, once.

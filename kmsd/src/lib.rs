@@ -21,6 +21,7 @@ pub mod crypto;
 pub mod engine;
 pub mod heap;
 pub mod hsm;
+pub mod log_limit;
 pub mod restore;
 pub mod scheduler;
 pub mod server;

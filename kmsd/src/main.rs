@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use kmsd::config::Config;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -74,6 +75,10 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (a full disk under an autostarted kmsd's
+        // `kmsd.log`, a closed pipe) is dropped. By default the subscriber reported it
+        // with `eprintln!`, which panics when stderr is what failed: kmsd aborted.
+        .log_internal_errors(false)
         .init();
     // Before the root key is read.
     kmsd::systemd::harden_process();
@@ -84,7 +89,8 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let said = told(&e);
-            eprintln!("kmsd: error: {said}");
+            // Not `eprintln!`, which panics on a stderr that cannot be written.
+            let _ = writeln!(std::io::stderr(), "kmsd: error: {said}");
             kmsd::systemd::notify_failed(&said);
             std::process::ExitCode::from(kmsd::exit_status(&e))
         }
@@ -177,6 +183,12 @@ fn exit_while_starting() -> ! {
     unsafe { libc::_exit(0) }
 }
 
+/// A line on stdout. One that cannot be written is dropped: what it reports is done, and
+/// `println!` would panic and make it look failed (exit 101).
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 /// `kmsd restore`: prints what it did, or fails; a failure changed nothing unless it says
 /// the backup is restored (a step after the store was replaced failed).
 fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
@@ -186,30 +198,33 @@ fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
         credentials_dir: config.credentials_dir.clone(),
         force,
     })?;
-    println!(
+    say(format_args!(
         "restored {} ({} keys, {} versions, {} history entries) into {}",
         file.display(),
         done.info.keys,
         done.info.versions,
         done.info.history,
         done.store.display()
-    );
+    ));
     if done.budgets_spent > 0 {
-        println!(
+        say(format_args!(
             "{} AES key(s) will rotate at their next encryption: the backup cannot count \
              the encryptions made since it was taken",
             done.budgets_spent
-        );
+        ));
     }
     if let Some(slots) = &done.orphan_slots {
-        println!(
+        say(format_args!(
             "a key slot file without a store was there; it is kept as {} (the store it \
              belongs to opens only with it)",
             slots.display()
-        );
+        ));
     }
     if let Some(previous) = done.previous {
-        println!("the replaced store is kept as {}", previous.display());
+        say(format_args!(
+            "the replaced store is kept as {}",
+            previous.display()
+        ));
     }
     Ok(())
 }

@@ -16,6 +16,7 @@
 
 use crate::authz::{self, Need};
 use crate::engine::{Caller, Durable, Engine, EngineError, Pending, Published};
+use crate::log_limit::LogAtMostEvery;
 use crate::server::ConnectionsPerAccount;
 use kms_shared::model::{Action, KeyType, MAX_AES_PLAINTEXT, MAX_BATCH_ITEMS};
 use kms_shared::protocol::{
@@ -1016,8 +1017,12 @@ pub(crate) fn complete_on_wake(fut: impl Future<Output = ()> + Send + 'static) {
 }
 
 pub(crate) fn wire(e: EngineError) -> WireError {
-    if e.kind() == ErrorKind::Internal {
-        tracing::error!(error = %e, "internal error");
+    // A failing disk fails every call: one line a second says so.
+    static LOGGED: LogAtMostEvery = LogAtMostEvery::new(std::time::Duration::from_secs(1));
+    if e.kind() == ErrorKind::Internal
+        && let Some(skipped) = LOGGED.due()
+    {
+        tracing::error!(error = %e, skipped, "internal error");
     }
     e.to_wire()
 }

@@ -489,3 +489,63 @@ async fn damaged_store_is_refused_never_served_wrong() {
         assert_eq!(&c.decrypt("faulty", ct, None).await.unwrap(), pt);
     }
 }
+
+/// A log that cannot be written does not stop kmsd: its lines are dropped. kmsd aborted
+/// as soon as one failed — on a full disk under an autostarted daemon's `kmsd.log`, or a
+/// log pipe whose reader went away (`kmsd 2>&1 | head`) — because the log's own error
+/// report went through `eprintln!`, which panics when stderr is what failed; started with
+/// `2>/dev/full`, it exited 101 before it was ready. Both kinds of stderr, each serving
+/// calls that log (a create logs a line).
+#[test]
+fn a_log_that_cannot_be_written_does_not_stop_kmsd() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .map(Stdio::from)
+            .unwrap()
+    };
+    for (what, stderr) in [
+        ("/dev/full", full as fn() -> Stdio),
+        ("a pipe nobody reads", Stdio::piped),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kmsd.sock");
+        let mut kmsd = Command::new(bin("kmsd"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("KMS_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr())
+            .spawn()
+            .unwrap();
+        // Its reader gone: every later write is EPIPE.
+        drop(kmsd.stderr.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !kms_e2e::is_listening(&socket) {
+            assert!(
+                kmsd.try_wait().unwrap().is_none(),
+                "{what}: kmsd exited before it was ready"
+            );
+            assert!(Instant::now() < deadline, "{what}: kmsd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for name in ["k01", "k02", "k03"] {
+            let out = Command::new(bin("kmsctl"))
+                .arg("--socket")
+                .arg(&socket)
+                .args(["create", name, "--type", "aes256"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{what}: {out:?}");
+        }
+        assert!(kmsd.try_wait().unwrap().is_none(), "{what}: kmsd is gone");
+        let pid = rustix::process::Pid::from_raw(kmsd.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = kmsd.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{what}: {status:?}");
+    }
+}

@@ -986,6 +986,20 @@ fn refuse_panics<T>(
     path: &Path,
     f: impl FnOnce() -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
+    refuse_panics_saying(path, f, |why| {
+        format!(
+            "the store is corrupt (redb failed reading it: {why}); restore the last backup \
+             with `kmsd restore`"
+        )
+    })
+}
+
+/// [`refuse_panics`], the refusal's message made by `said` from what redb said.
+pub(super) fn refuse_panics_saying<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, StoreError>,
+    said: impl FnOnce(&str) -> String,
+) -> Result<T, StoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<&str>()
@@ -994,10 +1008,7 @@ fn refuse_panics<T>(
             .unwrap_or_else(|| "unknown failure".into());
         Err(StoreError::Open {
             path: path.to_path_buf(),
-            message: format!(
-                "the store is corrupt (redb failed reading it: {why}); restore the last \
-                 backup with `kmsd restore`"
-            ),
+            message: said(&why),
         })
     })
 }

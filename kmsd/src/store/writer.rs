@@ -804,7 +804,12 @@ impl State {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, submissions = group.len(), "store commit failed");
+                // At most one line a second: a full disk fails a commit for every call.
+                static LOGGED: crate::log_limit::LogAtMostEvery =
+                    crate::log_limit::LogAtMostEvery::new(std::time::Duration::from_secs(1));
+                if let Some(skipped) = LOGGED.due() {
+                    tracing::error!(error = %e, submissions = group.len(), skipped, "store commit failed");
+                }
                 self.fold_not_before = Some(std::time::Instant::now() + FOLD_RETRY);
                 self.last_failure = Some(e.to_string());
                 // The sequence numbers the transaction gave out are spent, as a failed
