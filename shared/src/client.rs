@@ -561,10 +561,12 @@ impl Client {
         }
     }
 
+    /// A key's metadata, by tag or name.
     pub async fn get_key(&self, key: &str) -> Result<KeyInfo, ClientError> {
         self.key_call(Request::GetKey { key: key.into() }).await
     }
 
+    /// A key's versions, oldest first.
     pub async fn versions(&self, key: &str) -> Result<Vec<VersionInfo>, ClientError> {
         match self.call(Request::ListVersions { key: key.into() }).await? {
             Response::Versions { versions } => Ok(versions),
@@ -572,6 +574,11 @@ impl Client {
         }
     }
 
+    /// Encrypts under the key's current version: an `ncpkms:v{N}:…` string. AES256 keys
+    /// (at most 32 KiB, `context` bound to it as associated data; required by a convergent
+    /// key) and RSA2048 keys (RSA-OAEP, at most 190 bytes, no context). Refusals:
+    /// `not-found`, `invalid-state` (key not enabled), `wrong-purpose` (ECDSA),
+    /// `too-large`, `version-disabled`, `version-limit`. Not a change: safe to repeat.
     pub async fn encrypt(
         &self,
         key: &str,
@@ -586,6 +593,10 @@ impl Client {
         .await
     }
 
+    /// Decrypts a ciphertext of any version of the key this key still has, with the
+    /// context it was encrypted under. A wrong key, context or a damaged ciphertext is
+    /// `decrypt-failed` (which of them is not said). Not a change: safe to repeat.
+    ///
     /// The plaintext, wiped from memory when the returned value is dropped.
     pub async fn decrypt(
         &self,
@@ -606,6 +617,8 @@ impl Client {
         }
     }
 
+    /// Decrypts and encrypts again under the key's current version (after a rotation),
+    /// the plaintext never leaving kmsd. Not a change to the key: safe to repeat.
     pub async fn reencrypt(
         &self,
         key: &str,
@@ -620,6 +633,12 @@ impl Client {
         .await
     }
 
+    /// Up to 1,024 items in one call, one history entry for all. Each item has its own
+    /// outcome: `Ok` with one [`ItemOutcome`] per item, in order, where an item kmsd
+    /// refused is [`ItemOutcome::Err`] — so a key that is disabled, of the wrong purpose
+    /// or at its version limit answers `Ok` with every item failed, not `Err` (only an
+    /// unknown key, too many items, a refused caller and a lost connection are `Err`).
+    /// Encryptions come back as [`ItemOutcome::Ciphertext`].
     pub async fn encrypt_batch(
         &self,
         key: &str,
@@ -632,6 +651,8 @@ impl Client {
         .await
     }
 
+    /// [`Client::encrypt_batch`]'s rules; decryptions come back as
+    /// [`ItemOutcome::Plaintext`], wiped when dropped.
     pub async fn decrypt_batch(
         &self,
         key: &str,
@@ -644,6 +665,8 @@ impl Client {
         .await
     }
 
+    /// [`Client::encrypt_batch`]'s rules; each item comes back as
+    /// [`ItemOutcome::Ciphertext`] under the current version.
     pub async fn reencrypt_batch(
         &self,
         key: &str,
@@ -656,6 +679,13 @@ impl Client {
         .await
     }
 
+    /// Signs `message` with the key's current version. kmsd hashes the message with
+    /// SHA-256 and signs the hash, so `message` is the message itself (at most 8 KiB), not
+    /// a digest: to sign a file, pass its SHA-256 digest as the message, and a verifier
+    /// then checks the signature over those 32 bytes (`openssl dgst -sha256 -verify … digest`;
+    /// p256's `verify`, not `verify_prehash`). ECDSA signatures are ASN.1 DER; RSA keys use
+    /// `scheme` (PSS by default, or PKCS#1 v1.5), which ECDSA keys ignore. Not a change:
+    /// safe to repeat.
     pub async fn sign(
         &self,
         key: &str,
@@ -675,6 +705,9 @@ impl Client {
         }
     }
 
+    /// Whether `signature` is a valid signature of `message` (as [`Client::sign`] made it)
+    /// by the version it names. A wrong signature, scheme or version is `Ok(false)`, not
+    /// an error.
     pub async fn verify(
         &self,
         key: &str,
@@ -1030,7 +1063,14 @@ impl Flushes {
 /// half frame does not wait for some later call to send it (kmsd would give up on it
 /// after its frame timeout and close the connection, failing every call on it). Callers
 /// hold `write_lock` around this, so nothing is queued ahead of them meanwhile.
-async fn write_frames(side: WriteSide, frames: Vec<Queued>) -> std::io::Result<()> {
+/// A write that failed.
+struct WriteFailed {
+    error: std::io::Error,
+    /// The socket took no byte of the write: none of its frames can have reached kmsd.
+    none_sent: bool,
+}
+
+async fn write_frames(side: WriteSide, frames: Vec<Queued>) -> Result<(), WriteFailed> {
     let bytes = match frames.len() {
         0 => return Ok(()),
         1 => frames
@@ -1060,15 +1100,20 @@ async fn write_frames(side: WriteSide, frames: Vec<Queued>) -> std::io::Result<(
             .await
         {
             Ok(0) => {
+                let none_sent = unwritten.written == 0;
                 unwritten.written = unwritten.bytes.len();
-                return Err(std::io::ErrorKind::WriteZero.into());
+                return Err(WriteFailed {
+                    error: std::io::ErrorKind::WriteZero.into(),
+                    none_sent,
+                });
             }
             Ok(n) => unwritten.written += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // The connection is gone; nothing is put back.
-            Err(e) => {
+            Err(error) => {
+                let none_sent = unwritten.written == 0;
                 unwritten.written = unwritten.bytes.len();
-                return Err(e);
+                return Err(WriteFailed { error, none_sent });
             }
         }
     }
@@ -1242,8 +1287,6 @@ impl Connection {
             pending.calls.insert(id, tx);
             pending.calls.len()
         };
-        // Its plaintext, if any, is wiped here (a `Secret`); the frame has its copy.
-        drop(message);
         lock(&self.queued).push(Queued { call: id, frame });
         // Dropped before its frame is taken by a write (a caller's timeout while the
         // socket is busy), the call takes its frame back: a call given up is not sent.
@@ -1260,22 +1303,33 @@ impl Connection {
             // once.
             tokio::task::yield_now().await;
         }
-        let written = {
+        let (written, ours) = {
             let _guard = self.write_lock.lock().await;
             // Empty if an earlier writer took this call's frame along.
             let frames = std::mem::take(&mut *lock(&self.queued));
+            let ours = frames.iter().any(|q| q.call == id);
             // Taken (by this write or an earlier one): from here it is sent, or failed.
             unsent.taken = true;
             sent.store(true, Ordering::Relaxed);
-            write_frames(self.write_side(), frames).await
+            (write_frames(self.write_side(), frames).await, ours)
         };
-        if let Err(e) = written {
+        if let Err(failed) = written {
             // The connection is broken (a Unix socket's write fails when its peer is
             // gone): every call waiting on it ends now, those whose frames this write took
             // along included, and later calls fail at once.
             close_pending(&self.pending);
-            return Err(ClientError::from(FrameError::Io(e)).into());
+            if failed.none_sent && ours {
+                // kmsd had closed the connection before this write (an idle one, as this
+                // call began): the request went nowhere and may go on a new connection.
+                // It failed with a broken pipe, which said nothing of whether it was sent.
+                sent.store(false, Ordering::Relaxed);
+                let reason = lock(&self.pending).reason.clone();
+                return Err(Refused::Closed(message.request, reason));
+            }
+            return Err(ClientError::from(FrameError::Io(failed.error)).into());
         }
+        // Its plaintext, if any, is wiped here (a `Secret`); the frame has its copy.
+        drop(message);
         let reply = rx.await;
         unsent.answered = true;
         let outcome = match reply {
@@ -1562,6 +1616,40 @@ pub struct ConnectOptions {
     /// hold a store already: one that is gone (deleted, an unmounted volume) is not made
     /// afresh, empty, in its place.
     pub data_dir: Option<PathBuf>,
+}
+
+/// The user's own daemon on the default socket, started if none answers (as kmsctl does).
+/// Other settings are made over it, so that a program keeps compiling when a setting is
+/// added (a struct literal without `..ConnectOptions::default()` did not, when `data_dir`
+/// was):
+///
+/// ```no_run
+/// use kms_shared::client::{ConnectOptions, connect_or_start};
+/// # async fn run() -> Result<(), kms_shared::client::ClientError> {
+/// let kms = connect_or_start(&ConnectOptions::default()).await?;
+/// let ciphertext = kms.encrypt("my-key", b"secret", None).await?; // "ncpkms:v1:..."
+/// let plaintext = kms.decrypt("my-key", &ciphertext, None).await?; // a Secret
+/// assert_eq!(&*plaintext, b"secret");
+///
+/// // The system service, never started from here.
+/// let service = connect_or_start(&ConnectOptions {
+///     socket: Some("/run/kms/kmsd.sock".into()),
+///     autostart: false,
+///     ..ConnectOptions::default()
+/// })
+/// .await?;
+/// # drop(service);
+/// # Ok(())
+/// # }
+/// ```
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            socket: None,
+            autostart: true,
+            data_dir: None,
+        }
+    }
 }
 
 impl ConnectOptions {
@@ -2168,6 +2256,41 @@ mod tests {
             other => panic!("expected the rotation unsent, got {other:?}"),
         }
         daemon.await.unwrap();
+    }
+
+    /// A call whose write finds the connection already closed by kmsd (an idle close
+    /// racing the call, before the client's reader has seen it) goes ahead on a new
+    /// connection: nothing of it was sent. It failed with a broken pipe, which says
+    /// nothing of whether the request was sent (found by a helper writing a service with
+    /// the library: 2 calls in 120 made about as kmsd closed idle connections failed).
+    /// kmsd's side here stops reading at once, so the client's reader sees no end.
+    #[tokio::test]
+    async fn a_call_that_finds_its_connection_closed_goes_ahead_on_a_new_one() {
+        use crate::protocol::{Outcome, ServerFrame};
+        let dir = Scratch::new("epipe");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (shut, shut_rx) = tokio::sync::oneshot::channel();
+        let daemon = tokio::spawn(async move {
+            let first = accept_and_greet(&listener).await.into_std().unwrap();
+            first.shutdown(std::net::Shutdown::Read).unwrap();
+            shut.send(()).unwrap();
+            let mut stream = accept_and_greet(&listener).await;
+            let id = next_id(&mut stream).await;
+            let result = Outcome::Ok(Response::Verified { valid: true });
+            send_raw(&mut stream, &ServerFrame::Reply { id, result }).await;
+            (first, stream)
+        });
+        let client = Client::connect(&path).await.unwrap();
+        // kmsd's side has stopped reading: a write now fails at once.
+        shut_rx.await.unwrap();
+        assert!(!client.is_closed());
+        let scheme = crate::model::SignScheme::default();
+        match client.verify("k01", b"m", "s", scheme).await {
+            Ok(valid) => assert!(valid),
+            Err(e) => panic!("the call did not go ahead on a new connection: {e:?}"),
+        }
+        let _streams = daemon.await.unwrap();
     }
 
     /// A connection kmsd closed (its idle timeout, a restart) is replaced by the next

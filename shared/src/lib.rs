@@ -8,6 +8,9 @@
 //! - [`secret`]: plaintexts and data keys, wiped when dropped;
 //! - [`text`]: the daemon's free text made safe for a terminal;
 //! - [`client`]: the async client library.
+//!
+//! What a program using the client needs is also here at the root, so that one `use`
+//! line serves: `use kms_shared::{Client, ClientError, ConnectOptions, ErrorKind, …};`.
 
 pub mod ciphertext;
 pub mod client;
@@ -17,3 +20,8 @@ pub mod paths;
 pub mod protocol;
 pub mod secret;
 pub mod text;
+
+pub use client::{Client, ClientError, ConnectOptions, Notification, connect_or_start};
+pub use model::{KeyInfo, KeyState, KeyType, Protection, SignScheme, VersionInfo};
+pub use protocol::{CiphertextItem, CreateKey, ErrorKind, EventKind, ItemOutcome, PlaintextItem};
+pub use secret::Secret;
