@@ -183,10 +183,12 @@ fn exit_while_starting() -> ! {
     unsafe { libc::_exit(0) }
 }
 
-/// A line on stdout. One that cannot be written is dropped: what it reports is done, and
+/// A line on stdout, or on stderr if stdout cannot take it: what it reports is done, and
 /// `println!` would panic and make it look failed (exit 101).
 fn say(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stdout(), "{line}");
+    if writeln!(std::io::stdout(), "{line}").is_err() {
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
 }
 
 /// `kmsd restore`: prints what it did, or fails; a failure changed nothing unless it says

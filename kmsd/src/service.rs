@@ -15,6 +15,7 @@
 //! is durable. Everything else, and every refusal, goes through [`Service::handle`].
 
 use crate::authz::{self, Need};
+use crate::crypto::in_own_frames;
 use crate::engine::{Caller, Durable, Engine, EngineError, Pending, Published};
 use crate::log_limit::LogAtMostEvery;
 use crate::server::ConnectionsPerAccount;
@@ -460,7 +461,7 @@ impl Service {
             let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match recheck
                 .still_permitted(&engine)
             {
-                Ok(()) => in_own_frames(|e| pool_call(e, &caller, req), &engine),
+                Ok(()) => in_own_frames(|| pool_call(&engine, &caller, req)),
                 Err(refused) => Pending::failed(refused),
             }))
             .unwrap_or_else(|_| {
@@ -627,7 +628,7 @@ impl Service {
         pool.spawn(move || {
             count_token_thread(&counted);
             let pending = match recheck.still_permitted(&engine) {
-                Ok(()) => in_own_frames(f, &engine),
+                Ok(()) => in_own_frames(|| f(&engine)),
                 Err(refused) => Pending::failed(refused),
             };
             crate::crypto::wipe_stack::<POOL_STACK_WORDS>();
@@ -1017,10 +1018,11 @@ pub(crate) fn complete_on_wake(fut: impl Future<Output = ()> + Send + 'static) {
 }
 
 pub(crate) fn wire(e: EngineError) -> WireError {
-    // A failing disk fails every call: one line a second says so.
+    // A failing disk fails every call the same way: one line a second says so. Another
+    // failure (a wrapped key that does not open under the root key) is logged at once.
     static LOGGED: LogAtMostEvery = LogAtMostEvery::new(std::time::Duration::from_secs(1));
     if e.kind() == ErrorKind::Internal
-        && let Some(skipped) = LOGGED.due()
+        && let Some(skipped) = LOGGED.due_for(&e.to_string())
     {
         tracing::error!(error = %e, skipped, "internal error");
     }
@@ -1121,13 +1123,6 @@ impl PoolShares {
 /// tests/tests/secrets.rs). Four times the AES wipe, because how deep aws-lc's RSA or a
 /// PKCS#11 module goes is not known here.
 const POOL_STACK_WORDS: usize = 4096;
-
-/// Runs a pool call in frames below its caller's, never inlined into it, so that
-/// [`crate::crypto::wipe_stack`] right after covers all of them.
-#[inline(never)]
-fn in_own_frames<T>(f: impl FnOnce(&Engine) -> T, engine: &Engine) -> T {
-    f(engine)
-}
 
 fn join_error(e: tokio::task::JoinError) -> WireError {
     tracing::error!(error = %e, "request task failed");

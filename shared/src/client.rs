@@ -219,6 +219,9 @@ struct PendingCalls {
     /// What the daemon said about the whole connection (a reply with id 0) before it
     /// closed it: given to every call the close ends.
     reason: Option<WireError>,
+    /// Calls whose frames were in a write the socket took no byte of, as the connection
+    /// ended: they went nowhere, and go again on a new connection.
+    unsent: std::collections::HashSet<u64>,
 }
 
 /// The events sender [`Client::subscribe`] took, put back when it did not subscribe.
@@ -1063,13 +1066,6 @@ impl Flushes {
 /// half frame does not wait for some later call to send it (kmsd would give up on it
 /// after its frame timeout and close the connection, failing every call on it). Callers
 /// hold `write_lock` around this, so nothing is queued ahead of them meanwhile.
-/// A write that failed.
-struct WriteFailed {
-    error: std::io::Error,
-    /// The socket took no byte of the write: none of its frames can have reached kmsd.
-    none_sent: bool,
-}
-
 async fn write_frames(side: WriteSide, frames: Vec<Queued>) -> Result<(), WriteFailed> {
     let bytes = match frames.len() {
         0 => return Ok(()),
@@ -1120,6 +1116,44 @@ async fn write_frames(side: WriteSide, frames: Vec<Queued>) -> Result<(), WriteF
     Ok(())
 }
 
+/// A write that failed.
+struct WriteFailed {
+    error: std::io::Error,
+    /// The socket took no byte of the write: none of its frames can have reached kmsd.
+    none_sent: bool,
+}
+
+/// Takes the queued frames and writes them, holding `write_lock` (the caller's guard):
+/// unless the connection has ended meanwhile, when nothing is written on it. On failure
+/// the connection is closed, and the calls whose frames went nowhere are recorded as
+/// unsent ([`PendingCalls::unsent`]). Returns the calls whose frames it took.
+async fn write_queued(side: WriteSide) -> (Result<(), WriteFailed>, Vec<u64>) {
+    let frames = std::mem::take(&mut *lock(&side.queued));
+    let carried: Vec<u64> = frames.iter().map(|q| q.call).filter(|&c| c != 0).collect();
+    let pending = side.pending.clone();
+    let written = if frames.is_empty() {
+        Ok(())
+    } else if lock(&pending).closed {
+        // Ended while this write waited for the socket (kmsd closed it, the reader
+        // stopped): written now, no reply could be read.
+        Err(WriteFailed {
+            error: std::io::ErrorKind::NotConnected.into(),
+            none_sent: true,
+        })
+    } else {
+        write_frames(side, frames).await
+    };
+    if let Err(failed) = &written {
+        let unsent = if failed.none_sent {
+            carried.clone()
+        } else {
+            Vec::new()
+        };
+        close_pending(&pending, unsent);
+    }
+    (written, carried)
+}
+
 /// Bytes being written; what is left of them when dropped goes back to the queue's head,
 /// and a task is started to write it.
 struct Unwritten {
@@ -1153,11 +1187,8 @@ impl Drop for Unwritten {
 /// ([`Unwritten`]). A failed write ends the connection, as a call's would.
 async fn flush(side: WriteSide) {
     let _guard = side.write_lock.clone().lock_owned().await;
-    let frames = std::mem::take(&mut *lock(&side.queued));
-    let pending = side.pending.clone();
-    if write_frames(side, frames).await.is_err() {
-        close_pending(&pending);
-    }
+    // A failure closed the connection: the calls it carried learn it from there.
+    let _ = write_queued(side).await;
 }
 
 impl Connection {
@@ -1303,34 +1334,35 @@ impl Connection {
             // once.
             tokio::task::yield_now().await;
         }
-        let (written, ours) = {
+        let (written, carried) = {
             let _guard = self.write_lock.lock().await;
-            // Empty if an earlier writer took this call's frame along.
-            let frames = std::mem::take(&mut *lock(&self.queued));
-            let ours = frames.iter().any(|q| q.call == id);
             // Taken (by this write or an earlier one): from here it is sent, or failed.
             unsent.taken = true;
             sent.store(true, Ordering::Relaxed);
-            (write_frames(self.write_side(), frames).await, ours)
+            // Empty if an earlier writer took this call's frame along.
+            write_queued(self.write_side()).await
         };
-        if let Err(failed) = written {
-            // The connection is broken (a Unix socket's write fails when its peer is
-            // gone): every call waiting on it ends now, those whose frames this write took
-            // along included, and later calls fail at once.
-            close_pending(&self.pending);
-            if failed.none_sent && ours {
-                // kmsd had closed the connection before this write (an idle one, as this
-                // call began): the request went nowhere and may go on a new connection.
-                // It failed with a broken pipe, which said nothing of whether it was sent.
-                sent.store(false, Ordering::Relaxed);
-                let reason = lock(&self.pending).reason.clone();
-                return Err(Refused::Closed(message.request, reason));
-            }
+        // A failed write closed the connection (a Unix socket's write fails when its peer
+        // is gone): every call waiting on it ends now, and later calls fail at once.
+        // A call whose frame went nowhere — kmsd had closed the connection before the
+        // write, an idle one as the call began — goes again on a new connection, whoever
+        // wrote it (before, it failed with a broken pipe, which said nothing of whether
+        // it was sent). The request is kept until then for that; its plaintext, if any,
+        // is wiped when it is dropped (a `Secret`).
+        let went_nowhere = || lock(&self.pending).unsent.remove(&id);
+        let nowhere = written.is_err() && went_nowhere();
+        if let Err(failed) = written
+            && carried.contains(&id)
+            && !nowhere
+        {
             return Err(ClientError::from(FrameError::Io(failed.error)).into());
         }
-        // Its plaintext, if any, is wiped here (a `Secret`); the frame has its copy.
-        drop(message);
-        let reply = rx.await;
+        // `None`: this call's frame went nowhere; `Some`: the connection ended first.
+        let reply = if nowhere {
+            Err(None)
+        } else {
+            rx.await.map_err(Some)
+        };
         unsent.answered = true;
         let outcome = match reply {
             Ok(Delivery::Reply(Outcome::Ok(resp))) => Ok(resp),
@@ -1339,10 +1371,14 @@ impl Connection {
                 "a reply this client cannot decode ({e}); kmsd may be newer than this \
                  client. The request was sent and may have been carried out"
             ))),
-            Err(_) => Err(ClientError::Closed {
-                sent: true,
-                reason: lock(&self.pending).reason.clone(),
-            }),
+            Err(ended) => {
+                let reason = lock(&self.pending).reason.clone();
+                if ended.is_none() || went_nowhere() {
+                    sent.store(false, Ordering::Relaxed);
+                    return Err(Refused::Closed(message.request, reason));
+                }
+                Err(ClientError::Closed { sent: true, reason })
+            }
         };
         Ok(outcome?)
     }
@@ -1437,7 +1473,7 @@ async fn read_loop(stream: Arc<Stream>, pending: Pending, events: mpsc::Sender<N
             }
         }
     }
-    close_pending(&pending);
+    close_pending(&pending, []);
 }
 
 /// Hands `id`'s call what the reader has for it (nothing if the call was given up).
@@ -1455,11 +1491,12 @@ enum FrameHead {
 }
 
 /// Ends every call waiting on the connection (each sees `Closed`) and makes later calls
-/// fail at once.
-fn close_pending(pending: &Pending) {
+/// fail at once; `unsent` are calls whose frames went nowhere.
+fn close_pending(pending: &Pending, unsent: impl IntoIterator<Item = u64>) {
     let mut pending = lock(pending);
     pending.closed = true;
     pending.calls.clear();
+    pending.unsent.extend(unsent);
 }
 
 /// A frame waiting for the socket, and the call it belongs to (0: the rest of a write cut
@@ -2289,6 +2326,56 @@ mod tests {
         match client.verify("k01", b"m", "s", scheme).await {
             Ok(valid) => assert!(valid),
             Err(e) => panic!("the call did not go ahead on a new connection: {e:?}"),
+        }
+        let _streams = daemon.await.unwrap();
+    }
+
+    /// Calls written together go ahead on a new connection, all of them, when the write
+    /// that carried their frames finds the connection closed: before, only the call that
+    /// wrote did, and the others failed with `Closed { sent: true }` ("may have been
+    /// carried out") or a broken pipe (found by reviewing the fix above). A call already
+    /// sent and unanswered still fails with `Closed { sent: true }`.
+    #[tokio::test]
+    async fn calls_written_together_all_go_ahead_on_a_new_connection() {
+        use crate::protocol::{Outcome, ServerFrame};
+        let dir = Scratch::new("epipe-many");
+        let path = dir.0.join("kmsd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (shut, shut_rx) = tokio::sync::oneshot::channel();
+        let daemon = tokio::spawn(async move {
+            let mut first = accept_and_greet(&listener).await;
+            // The call in flight: read, never answered.
+            next_id(&mut first).await;
+            let first = first.into_std().unwrap();
+            first.shutdown(std::net::Shutdown::Read).unwrap();
+            shut.send(()).unwrap();
+            let mut stream = accept_and_greet(&listener).await;
+            for _ in 0..6 {
+                let id = next_id(&mut stream).await;
+                let result = Outcome::Ok(Response::Verified { valid: true });
+                send_raw(&mut stream, &ServerFrame::Reply { id, result }).await;
+            }
+            (first, stream)
+        });
+        let client = Arc::new(Client::connect(&path).await.unwrap());
+        let scheme = crate::model::SignScheme::default();
+        let c = client.clone();
+        let in_flight = tokio::spawn(async move { c.verify("k00", b"m", "s", scheme).await });
+        shut_rx.await.unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 1..=6 {
+            let c = client.clone();
+            calls.spawn(async move { c.verify(&format!("k0{i}"), b"m", "s", scheme).await });
+        }
+        while let Some(outcome) = calls.join_next().await {
+            match outcome.unwrap() {
+                Ok(valid) => assert!(valid),
+                Err(e) => panic!("a call did not go ahead on a new connection: {e:?}"),
+            }
+        }
+        match in_flight.await.unwrap() {
+            Err(ClientError::Closed { sent: true, .. }) => {}
+            other => panic!("the call in flight should have been lost, sent: {other:?}"),
         }
         let _streams = daemon.await.unwrap();
     }

@@ -426,7 +426,8 @@ fn a_json_report_that_cannot_be_written_goes_to_stderr() {
         .unwrap();
     assert_eq!(out.status.code(), Some(74), "{out:?}");
     let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.starts_with("error: io: "), "{said}");
+    assert!(said.starts_with("error: io: standard output: "), "{said}");
+    assert!(said.contains("what it did stands"), "{said}");
     // The rotation it could not print landed, as the message's reader must know.
     assert_eq!(
         json(&d.kmsctl(&["--json", "show", "k01"], b""))["current_version"],

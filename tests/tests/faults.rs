@@ -511,17 +511,20 @@ fn a_log_that_cannot_be_written_does_not_stop_kmsd() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("kmsd.sock");
-        let mut kmsd = Command::new(bin("kmsd"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("KMS_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr())
-            .spawn()
-            .unwrap();
+        let mut kmsd = KilledOnDrop(
+            Command::new(bin("kmsd"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .env("KMS_LOG", "debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr())
+                .spawn()
+                .unwrap(),
+        );
+        let kmsd = &mut kmsd.0;
         // Its reader gone: every later write is EPIPE.
         drop(kmsd.stderr.take());
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -547,5 +550,17 @@ fn a_log_that_cannot_be_written_does_not_stop_kmsd() {
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
         let status = kmsd.wait().unwrap();
         assert_eq!(status.code(), Some(0), "{what}: {status:?}");
+    }
+}
+
+/// A child process killed if the test ends before it stops it (a failed assertion).
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

@@ -311,6 +311,13 @@ impl From<io::Error> for CtlError {
     fn from(e: io::Error) -> Self {
         if e.kind() == io::ErrorKind::BrokenPipe {
             CtlError::BrokenPipe
+        } else if e
+            .get_ref()
+            .is_some_and(|inner| inner.is::<output::StdoutFailed>())
+        {
+            CtlError::Io(format!(
+                "{e} (kmsd's answer could not be printed; what it did stands)"
+            ))
         } else {
             CtlError::Io(e.to_string())
         }

@@ -365,6 +365,19 @@ pub fn impact_text(i: &Impact) -> String {
 }
 
 /// Where results go: JSON (one value per line) with `--json`, the text form otherwise.
+/// A write to standard output that failed, told apart from other I/O errors: what it
+/// was to print is kmsd's answer, so what kmsd did stands (a rotation, a deletion).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output: {0}")]
+pub struct StdoutFailed(io::Error);
+
+impl StdoutFailed {
+    /// `e`, of the same kind (a broken pipe stays one), marked as standard output's.
+    fn wrap(e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), StdoutFailed(e))
+    }
+}
+
 #[derive(Debug)]
 pub struct Printer {
     pub json: bool,
@@ -394,15 +407,18 @@ impl Printer {
 
     pub fn json_line(&mut self, v: &Value) -> io::Result<()> {
         let mut out = self.out.lock();
-        serde_json::to_writer(&mut out, v)?;
-        out.write_all(b"\n")?;
-        out.flush()
+        serde_json::to_writer(&mut out, v)
+            .map_err(io::Error::from)
+            .and_then(|()| out.write_all(b"\n"))
+            .and_then(|()| out.flush())
+            .map_err(StdoutFailed::wrap)
     }
 
     pub fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         let mut out = self.out.lock();
-        out.write_all(bytes)?;
-        out.flush()
+        out.write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(StdoutFailed::wrap)
     }
 
     pub fn key(&mut self, k: &KeyInfo) -> io::Result<()> {

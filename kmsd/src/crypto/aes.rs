@@ -147,8 +147,10 @@ fn convergent_nonce(mut mac: Hmac<Sha256>, aad: &[u8], plaintext: &[u8]) -> [u8;
     nonce
 }
 
-/// Stack overwritten after each seal or open (8 KiB): the cipher's frames with room to
-/// spare, ~0.1 µs.
+/// Stack overwritten after each seal or open: 8 KiB, the cipher's frames with room to
+/// spare, ~0.1 µs. A debug build's unoptimised frames go deeper, and left copies of the
+/// key schedule 70 KiB down (`purged_keys_leave_no_copy_in_daemon_memory`): 128 KiB
+/// there.
 const AES_STACK_WORDS: usize = if cfg!(debug_assertions) { 16384 } else { 1024 };
 
 /// AES-GCM encryption to `nonce || ciphertext || tag` in one allocation.

@@ -149,13 +149,16 @@ const MATERIAL_STACK_WORDS: usize = 16 * 1024;
 /// heap buffers too. `f` should return the material behind a pointer (an `Arc`), never by
 /// value, so that no copy lands in the caller's frame.
 pub(crate) fn with_wiped_stack<T>(f: impl FnOnce() -> T) -> T {
-    #[inline(never)]
-    fn in_own_frames<T>(f: impl FnOnce() -> T) -> T {
-        f()
-    }
     let out = in_own_frames(f);
     wipe_stack::<MATERIAL_STACK_WORDS>();
     out
+}
+
+/// Runs `f` in frames below its caller's, never inlined into it, so that a
+/// [`wipe_stack`] right after covers all of them.
+#[inline(never)]
+pub(crate) fn in_own_frames<T>(f: impl FnOnce() -> T) -> T {
+    f()
 }
 
 /// Helpers shared by the module's tests.

@@ -109,6 +109,18 @@ pub(super) fn rewrap_for_slots(
     version: u32,
     wrapped: &[u8],
 ) -> Result<Option<Vec<u8>>, EngineError> {
+    // The material passes through this thread's stack: wiped as it returns.
+    crypto::with_wiped_stack(|| rewrap(root, slots, from, rec, version, wrapped))
+}
+
+fn rewrap(
+    root: &RootKey,
+    slots: &KeySlots,
+    from: u64,
+    rec: &KeyRecord,
+    version: u32,
+    wrapped: &[u8],
+) -> Result<Option<Vec<u8>>, EngineError> {
     let aad = wrap_aad(&rec.tag, version, rec.key_type);
     let old_aad = match from {
         1 => wrap_aad_schema1(&rec.tag, version),

@@ -807,7 +807,7 @@ impl State {
                 // At most one line a second: a full disk fails a commit for every call.
                 static LOGGED: crate::log_limit::LogAtMostEvery =
                     crate::log_limit::LogAtMostEvery::new(std::time::Duration::from_secs(1));
-                if let Some(skipped) = LOGGED.due() {
+                if let Some(skipped) = LOGGED.due_for(&e.to_string()) {
                     tracing::error!(error = %e, submissions = group.len(), skipped, "store commit failed");
                 }
                 self.fold_not_before = Some(std::time::Instant::now() + FOLD_RETRY);
