@@ -1135,7 +1135,7 @@ async fn write_queued(side: WriteSide) -> (Result<(), WriteFailed>, Vec<u64>) {
         Ok(())
     } else if lock(&pending).closed {
         // Ended while this write waited for the socket (kmsd closed it, the reader
-        // stopped): written now, no reply could be read.
+        // stopped): not written, since no reply could be read now.
         Err(WriteFailed {
             error: std::io::ErrorKind::NotConnected.into(),
             none_sent: true,
