@@ -110,35 +110,26 @@ pub(super) fn rewrap_for_slots(
     wrapped: &[u8],
 ) -> Result<Option<Vec<u8>>, EngineError> {
     // The material passes through this thread's stack: wiped as it returns.
-    crypto::with_wiped_stack(|| rewrap(root, slots, from, rec, version, wrapped))
-}
-
-fn rewrap(
-    root: &RootKey,
-    slots: &KeySlots,
-    from: u64,
-    rec: &KeyRecord,
-    version: u32,
-    wrapped: &[u8],
-) -> Result<Option<Vec<u8>>, EngineError> {
-    let aad = wrap_aad(&rec.tag, version, rec.key_type);
-    let old_aad = match from {
-        1 => wrap_aad_schema1(&rec.tag, version),
-        _ => aad.clone(),
-    };
-    let secret = match root.unwrap(&old_aad, wrapped) {
-        Ok(secret) => secret,
-        Err(crypto::CryptoError::DecryptFailed) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let slot = rec
-        .slot
-        .ok_or_else(|| EngineError::Internal(format!("key {} has no slot", rec.name)))?;
-    let slot_secret = slots.read(slot, &rec.tag).map_err(StoreError::from)?;
-    Ok(Some(
-        root.key_wrapper(&slot_secret, &rec.tag)
-            .wrap(&aad, &secret)?,
-    ))
+    crypto::with_wiped_stack(|| {
+        let aad = wrap_aad(&rec.tag, version, rec.key_type);
+        let old_aad = match from {
+            1 => wrap_aad_schema1(&rec.tag, version),
+            _ => aad.clone(),
+        };
+        let secret = match root.unwrap(&old_aad, wrapped) {
+            Ok(secret) => secret,
+            Err(crypto::CryptoError::DecryptFailed) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let slot = rec
+            .slot
+            .ok_or_else(|| EngineError::Internal(format!("key {} has no slot", rec.name)))?;
+        let slot_secret = slots.read(slot, &rec.tag).map_err(StoreError::from)?;
+        Ok(Some(
+            root.key_wrapper(&slot_secret, &rec.tag)
+                .wrap(&aad, &secret)?,
+        ))
+    })
 }
 
 impl Engine {
