@@ -215,6 +215,16 @@ fn restore(config: &Config, file: PathBuf, force: bool) -> anyhow::Result<()> {
             done.budgets_spent
         ));
     }
+    if done.info.hsm_keys > 0 {
+        say(format_args!(
+            "{} key(s) keep their material in an HSM token, which a backup does not hold: \
+             keys of the token purged since the backup was taken are back in the store \
+             without it (their calls fail), and objects of keys made since stay on the \
+             token with nothing to destroy them (pkcs11-tool --list-objects shows them, \
+             labelled kms-<tag>-v<N>)",
+            done.info.hsm_keys
+        ));
+    }
     if let Some(slots) = &done.orphan_slots {
         say(format_args!(
             "a key slot file without a store was there; it is kept as {} (the store it \

@@ -474,6 +474,12 @@ async fn a_restored_store_never_destroys_the_other_stores_objects() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The restore says what a backup of HSM keys cannot bring back.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("1 key(s) keep their material in an HSM token"),
+        "{said}"
+    );
     let b = TestDaemon::start_with(DaemonOptions {
         data_dir: Some(b_data),
         ..hsm.daemon_options(&token)
@@ -851,6 +857,76 @@ async fn token_that_goes_away_fails_clearly_and_recovers() {
         !d.log_text().contains(PIN),
         "the PIN is in the daemon's log"
     );
+}
+
+/// A PKCS#11 library that loads but does not initialise (SoftHSM2 without its token
+/// directory: a volume not mounted yet) does not stop kmsd: basic keys are served, hsm
+/// calls fail with `internal` naming the token, and once the library can start they
+/// work, without a restart. Before, kmsd exited 1 ("cannot load the PKCS#11 module"), and
+/// the unit's `Restart=on-failure` kept every key down (found by a helper).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_library_that_does_not_start_yet_does_not_stop_kmsd() {
+    let hsm = SoftHsm::new();
+    let token = hsm.init_token("kms-late", PIN);
+    let away = hsm.dir.path().join("tokens-away");
+    std::fs::rename(hsm.token_dir(), &away).unwrap();
+    let d = TestDaemon::start_with(hsm.daemon_options(&token));
+    let c = d.client().await;
+    c.create_key(spec("late-basic", KeyType::Aes256, Protection::Basic))
+        .await
+        .unwrap();
+    let refused = c
+        .create_key(spec("late-hsm", KeyType::Aes256, Protection::Hsm))
+        .await;
+    let m = message_of(refused);
+    assert!(m.contains(&token.label), "{m}");
+    assert!(
+        d.log_text().contains("did not initialise"),
+        "{}",
+        d.log_text()
+    );
+
+    std::fs::rename(&away, hsm.token_dir()).unwrap();
+    // The library is re-initialised at most once a second, and less often while the
+    // token stays away; give it a few tries.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let key = loop {
+        match c
+            .create_key(spec("late-hsm", KeyType::Aes256, Protection::Hsm))
+            .await
+        {
+            Ok(k) => break k,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("the library can start now but kmsd did not recover: {e}"),
+        }
+    };
+    let ct = c.encrypt(&key.tag, b"late", None).await.unwrap();
+    assert_eq!(&*c.decrypt(&key.tag, &ct, None).await.unwrap(), b"late");
+    assert!(
+        !d.log_text().contains(PIN),
+        "the PIN is in the daemon's log"
+    );
+}
+
+/// A PIN file other accounts may read is used, and said to be so (it was accepted
+/// silently; found by a helper).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_file_open_to_others_is_said_to_be() {
+    use std::os::unix::fs::PermissionsExt;
+    let hsm = SoftHsm::new();
+    let token = hsm.init_token("kms-open", PIN);
+    std::fs::set_permissions(&token.pin_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let d = TestDaemon::start_with(hsm.daemon_options(&token));
+    let c = d.client().await;
+    c.create_key(spec("open-hsm", KeyType::Aes256, Protection::Hsm))
+        .await
+        .unwrap();
+    let log = d.log_text();
+    assert!(log.contains("open to other accounts"), "{log}");
+    assert!(log.contains("mode=644"), "{log}");
 }
 
 /// The daemon's token can come from the config file with the PIN from the systemd

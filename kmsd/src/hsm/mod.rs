@@ -287,9 +287,10 @@ pub struct Registry {
 
 impl Registry {
     /// Opens the daemon token (a PIN file that cannot be read or a module that cannot be
-    /// loaded stop the daemon; a token that is absent or refuses the PIN does not: hsm
-    /// calls fail with a clear error until it is back, or until the PIN file holds
-    /// another PIN). Dedicated tokens open on first use.
+    /// loaded stop the daemon; a module that loads but does not initialise, a token that
+    /// is absent or one that refuses the PIN do not: hsm calls fail with a clear error
+    /// until it is back, or until the PIN file holds another PIN). Dedicated tokens open
+    /// on first use.
     ///
     /// A refused PIN must not stop the daemon: under socket activation the client waiting
     /// in the backlog starts kmsd again at once, whatever `RestartPreventExitStatus=`

@@ -51,7 +51,18 @@ impl Module {
             message: e.to_string(),
         };
         let ctx = Pkcs11::new(&key).map_err(|e| load_err(&e))?;
-        initialize(&ctx).map_err(|e| load_err(&super::rv_name(&e)))?;
+        // A library that loads but does not start (SoftHSM2 whose token directory is
+        // on a volume not mounted yet, a network HSM's client that cannot reach it) is
+        // kept, as one whose token went away is: its tokens fail until a later call's
+        // re-initialisation succeeds ([`Module::reinit`]). Refusing it stopped kmsd, so
+        // a restart loop kept basic keys down too.
+        if let Err(e) = initialize(&ctx) {
+            tracing::warn!(
+                module = %path.display(),
+                error = %super::rv_name(&e),
+                "the PKCS#11 module loaded but did not initialise; its tokens fail until it does"
+            );
+        }
         let m = Arc::new(Module {
             path: path.to_path_buf(),
             state: RwLock::new(State {

@@ -494,6 +494,18 @@ fn read_pin(path: &Path, rule: PinFile) -> Result<Zeroizing<Vec<u8>>, HsmError> 
                 ))
             })?,
     };
+    // Read all the same (refusing would stop tokens that work), but said: a PIN any
+    // account may read is anyone's to present.
+    if let Ok(m) = file.metadata()
+        && m.mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            pin_file = %path.display(),
+            mode = format_args!("{:o}", m.mode() & 0o7777),
+            "the PIN file is open to other accounts; make it readable by its owner only \
+             (chmod 600)"
+        );
+    }
     let mut buf = Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE as usize + 1));
     file.take(MAX_PIN_FILE + 1)
         .read_to_end(&mut buf)

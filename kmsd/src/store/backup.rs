@@ -98,6 +98,9 @@ pub struct BackupInfo {
     pub versions: u64,
     pub history: u64,
     pub schema: u64,
+    /// Keys not purged whose material is in an HSM token, not in the store (nor in the
+    /// backup): a restore brings back their records, not their token objects.
+    pub hsm_keys: u64,
 }
 
 impl Store {
@@ -388,6 +391,7 @@ fn verify_backup_unguarded(path: &Path, root_fingerprint: &str) -> Result<Backup
             versions: len(&tx, VERSIONS)?,
             history: len(&tx, HISTORY)?,
             schema,
+            hsm_keys: 0,
         };
         (schema, info)
     };
@@ -396,13 +400,23 @@ fn verify_backup_unguarded(path: &Path, root_fingerprint: &str) -> Result<Backup
     // a call journal beside the file, which a checked copy does not keep.
     let journal = super::journal::path_for(path);
     let had_journal = journal.exists();
-    let checked = Store::open(path, root_fingerprint).and_then(|store| store.check_records());
+    let checked = Store::open(path, root_fingerprint).and_then(|store| {
+        store.check_records()?;
+        let keys = store.load()?.keys;
+        Ok(keys
+            .iter()
+            .filter(|k| {
+                k.protection != kms_shared::model::Protection::Basic
+                    && k.state != kms_shared::model::KeyState::Deleted
+            })
+            .count() as u64)
+    });
     if !had_journal {
         let _ = std::fs::remove_file(&journal);
     }
-    checked?;
+    let hsm_keys = checked?;
     debug_assert_eq!(schema, info.schema);
-    Ok(info)
+    Ok(BackupInfo { hsm_keys, ..info })
 }
 
 fn len<K: Key + 'static, V: Value + 'static>(
