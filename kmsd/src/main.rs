@@ -58,6 +58,7 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     // First, before any file is opened: fd 3 must still be the socket systemd passed.
     let activation = kmsd::systemd::claim_listen_fds();
+    kmsd::store::quiet_expected_panics();
     // While kmsd has one thread.
     kmsd::heap::give_back_freed_memory();
     // Only when a client that started kmsd asks: a kmsd run by hand may be given files

@@ -994,13 +994,36 @@ fn refuse_panics<T>(
     })
 }
 
+thread_local! {
+    /// Set while redb reads a store that may be damaged ([`refuse_panics_saying`]): a
+    /// panic there is expected, and told in the refusal, not as a crash.
+    static READING_UNTRUSTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs a panic hook that leaves out the panics [`refuse_panics`] turns into
+/// refusals, and reports every other panic as the default hook does. Without it, a
+/// damaged store or backup was refused below redb's "thread 'main' panicked at …
+/// internal error: entered unreachable code", which read as kmsd crashing. `main` calls
+/// it first.
+pub fn quiet_expected_panics() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !READING_UNTRUSTED.with(std::cell::Cell::get) {
+            report(info);
+        }
+    }));
+}
+
 /// [`refuse_panics`], the refusal's message made by `said` from what redb said.
 pub(super) fn refuse_panics_saying<T>(
     path: &Path,
     f: impl FnOnce() -> Result<T, StoreError>,
     said: impl FnOnce(&str) -> String,
 ) -> Result<T, StoreError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    let before = READING_UNTRUSTED.with(|r| r.replace(true));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    READING_UNTRUSTED.with(|r| r.set(before));
+    outcome.unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
