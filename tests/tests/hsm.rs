@@ -929,6 +929,72 @@ async fn a_pin_file_open_to_others_is_said_to_be() {
     assert!(log.contains("mode=644"), "{log}");
 }
 
+/// A PIN refused by one token is presented to another token with the same label, once:
+/// an impostor (or a re-initialised token) that refused it must not lock kmsd out of the
+/// real token when it is back. Before, kmsd presented no PIN until the PIN file held
+/// another one or it restarted (the refusal was remembered per PIN; found by a helper).
+/// The token that refused it is still never asked again (the other tests).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_refused_by_an_impostor_is_presented_to_the_real_token() {
+    let hsm = SoftHsm::new();
+    let token = hsm.init_token("kms-swap", PIN);
+    let d = TestDaemon::start_with(hsm.daemon_options(&token));
+    let c = d.client().await;
+    c.create_key(spec("swap-aes", KeyType::Aes256, Protection::Hsm))
+        .await
+        .unwrap();
+    let ct = c.encrypt("swap-aes", b"real", None).await.unwrap();
+
+    // The real token away; an impostor with its label and another PIN in its place.
+    let real: Vec<_> = std::fs::read_dir(hsm.token_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(real.len(), 1);
+    let away = hsm.dir.path().join("away");
+    std::fs::rename(&real[0], &away).unwrap();
+    let pin_file = std::fs::read(&token.pin_file).unwrap();
+    hsm.init_token("kms-swap", "0000-impostor");
+    // The daemon's PIN file is the real token's still.
+    std::fs::write(&token.pin_file, &pin_file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = message_of(c.decrypt("swap-aes", &ct, None).await);
+        if m.contains("refused the PIN") || m.contains("CKR_PIN_INCORRECT") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the impostor was never asked: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The impostor gone, the real token back: the same PIN is presented to it.
+    for dir in std::fs::read_dir(hsm.token_dir()).unwrap() {
+        std::fs::remove_dir_all(dir.unwrap().path()).unwrap();
+    }
+    std::fs::rename(&away, &real[0]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.decrypt("swap-aes", &ct, None).await {
+            Ok(pt) => {
+                assert_eq!(&*pt, b"real");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("the real token is back but its PIN is not presented: {e}"),
+        }
+    }
+    assert!(
+        !d.log_text().contains(PIN),
+        "the PIN is in the daemon's log"
+    );
+}
+
 /// The daemon's token can come from the config file with the PIN from the systemd
 /// credential kms-pkcs11-pin. A wrong PIN does not stop kmsd: it presents it once, says
 /// so naming the token but not the PIN, serves basic keys, and refuses hsm calls at once

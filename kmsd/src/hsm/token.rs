@@ -110,15 +110,19 @@ impl AbsentBackoff {
 
 /// The PIN presented at login, and whether the token refused it.
 ///
-/// A refused PIN is never presented again. Tokens that count failed logins lock the user
-/// PIN after a few (three on many smart cards), and without this every new session,
-/// every reconnection and every call that needs one would present it once more. The PIN
-/// file is read again when a login is needed: only a different PIN is tried.
+/// A refused PIN is never presented again to the token that refused it. Tokens that
+/// count failed logins lock the user PIN after a few (three on many smart cards), and
+/// without this every new session, every reconnection and every call that needs one
+/// would present it once more. The PIN file is read again when a login is needed: only a
+/// different PIN is tried — or the same one to another token with the label (another
+/// serial number: the real token back where an impostor, or a re-initialised one, had
+/// refused it), for which it is a first try.
 struct Pin {
     /// Zeroized on drop; each login gets its own `RawAuthPin` copy (zeroized as well).
     current: Zeroizing<Vec<u8>>,
-    /// The token's answer to `current` (`CKR_PIN_INCORRECT`, …), once it refused it.
-    refused: Option<String>,
+    /// The token's answer to `current` (`CKR_PIN_INCORRECT`, …) once it refused it, and
+    /// that token's serial number ("" if it could not be read).
+    refused: Option<(String, String)>,
 }
 
 impl Token {
@@ -215,7 +219,7 @@ impl Token {
                 &st.ctx,
                 slot,
                 generation,
-                |s| self.login(s),
+                |s| self.login(s, || serial_of(&st, slot)),
                 || HsmError::Busy {
                     token: self.name.clone(),
                 },
@@ -348,9 +352,20 @@ impl Token {
     /// Logs a new session in. Login state is per token, so a session opened while another
     /// is logged in is already logged in: that answer is success too. A PIN the token
     /// refused is not presented again (see [`Pin`]).
-    fn login(&self, s: &Session) -> Result<(), HsmError> {
+    fn login(&self, s: &Session, serial: impl Fn() -> String) -> Result<(), HsmError> {
         let mut pin = self.pin.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rv) = &pin.refused {
+        if let Some((_, refused_by)) = &pin.refused
+            && !refused_by.is_empty()
+            && *refused_by != serial()
+        {
+            tracing::info!(
+                token = %self.name,
+                "another token (another serial number) has the label of the one that refused \
+                 the PIN; presenting it"
+            );
+            pin.refused = None;
+        }
+        if let Some((rv, _)) = &pin.refused {
             let refused = || self.login_refused(rv.clone());
             // A failure to read the file is the same answer: the refused PIN stays. Read
             // without waiting: this runs on a token thread, under the PIN's lock, and a
@@ -382,7 +397,7 @@ impl Token {
                         pin_file = %self.pin_file.display(),
                         "the token refused the PIN; it is not presented again until the PIN file holds another"
                     );
-                    pin.refused = Some(rv.clone());
+                    pin.refused = Some((rv.clone(), serial()));
                     Err(self.login_refused(rv))
                 }
                 _ => Err(self.ck_error("C_Login", &e)),
@@ -406,6 +421,14 @@ impl Drop for Token {
         let st = self.module.read();
         self.pool.close_idle(st.generation);
     }
+}
+
+/// The serial number of the token in `slot`, "" if it cannot be read.
+fn serial_of(st: &State, slot: Slot) -> String {
+    st.ctx
+        .get_token_info(slot)
+        .map(|info| info.serial_number().to_string())
+        .unwrap_or_default()
 }
 
 /// Failures after which the session, the slot or the library state cannot be trusted.
