@@ -986,7 +986,10 @@ async fn a_pin_refused_by_an_impostor_is_presented_to_the_real_token() {
                 assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
-            Err(e) => panic!("the real token is back but its PIN is not presented: {e}"),
+            Err(e) => panic!(
+                "the real token is back but its PIN is not presented: {e}\n{}",
+                d.log_text()
+            ),
         }
     }
     assert!(

@@ -352,12 +352,24 @@ impl Token {
     /// Logs a new session in. Login state is per token, so a session opened while another
     /// is logged in is already logged in: that answer is success too. A PIN the token
     /// refused is not presented again (see [`Pin`]).
-    fn login(&self, s: &Session, serial: impl Fn() -> String) -> Result<(), HsmError> {
+    fn login(
+        &self,
+        s: &Session,
+        serial: impl Fn() -> Result<String, CkError>,
+    ) -> Result<(), HsmError> {
         let mut pin = self.pin.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, refused_by)) = &pin.refused
-            && !refused_by.is_empty()
-            && *refused_by != serial()
-        {
+        let refused_by = pin.refused.as_ref().map(|(_, by)| by.clone());
+        // Which token this session is on: one whose serial cannot be read now has gone
+        // from its slot (the library still lists it until it is re-initialised), and the
+        // call reconnects; one that could not be read then counts as the same token.
+        let another_token = match refused_by {
+            Some(by) => {
+                let now = serial().map_err(|e| self.ck_error("C_GetTokenInfo", &e))?;
+                !by.is_empty() && now != by
+            }
+            None => false,
+        };
+        if another_token {
             tracing::info!(
                 token = %self.name,
                 "another token (another serial number) has the label of the one that refused \
@@ -397,7 +409,7 @@ impl Token {
                         pin_file = %self.pin_file.display(),
                         "the token refused the PIN; it is not presented again until the PIN file holds another"
                     );
-                    pin.refused = Some((rv.clone(), serial()));
+                    pin.refused = Some((rv.clone(), serial().unwrap_or_default()));
                     Err(self.login_refused(rv))
                 }
                 _ => Err(self.ck_error("C_Login", &e)),
@@ -423,12 +435,11 @@ impl Drop for Token {
     }
 }
 
-/// The serial number of the token in `slot`, "" if it cannot be read.
-fn serial_of(st: &State, slot: Slot) -> String {
+/// The serial number of the token in `slot`.
+fn serial_of(st: &State, slot: Slot) -> Result<String, CkError> {
     st.ctx
         .get_token_info(slot)
         .map(|info| info.serial_number().to_string())
-        .unwrap_or_default()
 }
 
 /// Failures after which the session, the slot or the library state cannot be trusted.
