@@ -7,7 +7,7 @@
 use base64::Engine as _;
 use kms_e2e::softhsm::{self, SoftHsm, TokenInfo, parse_objects};
 use kms_e2e::{DaemonOptions, TestDaemon, bin, json, ok};
-use kms_shared::client::Client;
+use kms_shared::client::{Client, ClientError};
 use kms_shared::model::{KeyInfo, KeyType, Protection, SignScheme};
 use kms_shared::protocol::{CreateKey, ErrorKind};
 use std::path::Path;
@@ -35,6 +35,28 @@ fn hsm_daemon() -> (SoftHsm, TokenInfo, TestDaemon) {
     let token = hsm.init_token("kms-daemon", PIN);
     let d = TestDaemon::start_with(hsm.daemon_options(&token));
     (hsm, token, d)
+}
+
+/// `call`'s result once it succeeds: it fails with `internal` while a token or its
+/// library is away, and the library is re-initialised at most once a second (less often
+/// while the token stays away), so it is tried for up to 20 s. `what` says what changed,
+/// for the failure, which shows the daemon's log.
+async fn until_recovered<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+    d: &TestDaemon,
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("{what} but kmsd did not recover: {e}\n{}", d.log_text()),
+        }
+    }
 }
 
 fn kind_of<T: std::fmt::Debug>(r: Result<T, kms_shared::client::ClientError>) -> ErrorKind {
@@ -833,21 +855,8 @@ async fn token_that_goes_away_fails_clearly_and_recovers() {
     );
 
     std::fs::rename(&away, &dirs[0]).unwrap();
-    // The library is re-initialised at most once a second; give it a few tries.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match c.decrypt("g-aes", &ct, None).await {
-            Ok(pt) => {
-                assert_eq!(pt, b"before");
-                break;
-            }
-            Err(e) if Instant::now() < deadline => {
-                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(e) => panic!("the token came back but the daemon did not recover: {e}"),
-        }
-    }
+    let pt = until_recovered(&d, "the token came back", || c.decrypt("g-aes", &ct, None)).await;
+    assert_eq!(pt, b"before");
     let again = c.encrypt("g-aes", b"after", None).await.unwrap();
     assert_eq!(c.decrypt("g-aes", &again, None).await.unwrap(), b"after");
     c.delete_now("g-ec").await.unwrap();
@@ -887,22 +896,10 @@ async fn a_library_that_does_not_start_yet_does_not_stop_kmsd() {
     );
 
     std::fs::rename(&away, hsm.token_dir()).unwrap();
-    // The library is re-initialised at most once a second, and less often while the
-    // token stays away; give it a few tries.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let key = loop {
-        match c
-            .create_key(spec("late-hsm", KeyType::Aes256, Protection::Hsm))
-            .await
-        {
-            Ok(k) => break k,
-            Err(e) if Instant::now() < deadline => {
-                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(e) => panic!("the library can start now but kmsd did not recover: {e}"),
-        }
-    };
+    let key = until_recovered(&d, "the library can start now", || {
+        c.create_key(spec("late-hsm", KeyType::Aes256, Protection::Hsm))
+    })
+    .await;
     let ct = c.encrypt(&key.tag, b"late", None).await.unwrap();
     assert_eq!(&*c.decrypt(&key.tag, &ct, None).await.unwrap(), b"late");
     assert!(
@@ -975,23 +972,11 @@ async fn a_pin_refused_by_an_impostor_is_presented_to_the_real_token() {
         std::fs::remove_dir_all(dir.unwrap().path()).unwrap();
     }
     std::fs::rename(&away, &real[0]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match c.decrypt("swap-aes", &ct, None).await {
-            Ok(pt) => {
-                assert_eq!(&*pt, b"real");
-                break;
-            }
-            Err(e) if Instant::now() < deadline => {
-                assert_eq!(e.kind(), Some(ErrorKind::Internal), "{e}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(e) => panic!(
-                "the real token is back but its PIN is not presented: {e}\n{}",
-                d.log_text()
-            ),
-        }
-    }
+    let pt = until_recovered(&d, "the real token is back", || {
+        c.decrypt("swap-aes", &ct, None)
+    })
+    .await;
+    assert_eq!(&*pt, b"real");
     assert!(
         !d.log_text().contains(PIN),
         "the PIN is in the daemon's log"
