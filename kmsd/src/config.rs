@@ -26,6 +26,9 @@ pub struct Config {
     /// Bytes one connection may hold in the daemon's memory (requests read and not yet
     /// answered, replies not yet written) before the daemon stops reading from it.
     pub max_buffered_bytes: usize,
+    /// Bytes all connections of one account may hold together (root's and kmsd's own
+    /// account's too) before the daemon stops reading from them.
+    pub max_buffered_bytes_per_account: usize,
     /// A connection with no complete frame for this long is closed (not subscribers).
     pub idle_timeout: Duration,
     /// A frame whose length has arrived must be complete within this time.
@@ -49,6 +52,7 @@ impl Config {
             max_connections_per_account: 256,
             max_in_flight: 256,
             max_buffered_bytes: 8 << 20,
+            max_buffered_bytes_per_account: 64 << 20,
             idle_timeout: Duration::from_secs(300),
             frame_timeout: Duration::from_secs(10),
             engine: EngineConfig::default(),
@@ -115,6 +119,14 @@ impl Config {
             self.max_buffered_bytes =
                 at_most("max_buffered_bytes", v, MAX_BUFFERED_BYTES)?.max(64 << 10);
         }
+        if let Some(v) = f.max_buffered_bytes_per_account {
+            self.max_buffered_bytes_per_account = at_most(
+                "max_buffered_bytes_per_account",
+                v,
+                MAX_BUFFERED_BYTES_PER_ACCOUNT,
+            )?
+            .max(64 << 10);
+        }
         if let Some(v) = f.idle_timeout_secs {
             self.idle_timeout = seconds("idle_timeout_secs", v)?;
         }
@@ -176,6 +188,9 @@ const MAX_FRAME: u32 = 64 << 20;
 /// The most bytes one connection may hold (`max_buffered_bytes`); beyond this the budget
 /// bounds nothing a machine has.
 const MAX_BUFFERED_BYTES: usize = 1 << 30;
+
+/// The most bytes one account's connections may hold (`max_buffered_bytes_per_account`).
+const MAX_BUFFERED_BYTES_PER_ACCOUNT: usize = 16 << 30;
 
 /// The longest retention a config may set: a hundred years.
 const MAX_RETENTION_DAYS: u32 = 100 * 365;
@@ -246,6 +261,7 @@ struct FileConfig {
     max_connections_per_account: Option<usize>,
     max_in_flight: Option<usize>,
     max_buffered_bytes: Option<usize>,
+    max_buffered_bytes_per_account: Option<usize>,
     idle_timeout_secs: Option<f64>,
     frame_timeout_secs: Option<f64>,
     /// Never below 1 hour, whatever is written here (SPEC §3).
@@ -365,6 +381,7 @@ mod tests {
             "max_in_flight = 0".into(),
             "max_frame = 4294967295".into(),
             format!("max_buffered_bytes = {huge}"),
+            "max_buffered_bytes_per_account = 17179869185".into(),
             "retention_days = 0".into(),
             "history_max_entries = 0".into(),
             "history_max_entries = 1000000001".into(),
@@ -393,6 +410,7 @@ mod tests {
             &p,
             "max_connections = 65536\nmax_connections_per_account = 65536\n\
              max_in_flight = 65536\nmax_frame = 67108864\nmax_buffered_bytes = 1073741824\n\
+             max_buffered_bytes_per_account = 17179869184\n\
              retention_days = 1\nnonce_budget = 2147483648\nhistory_scan = 10000000\n\
              history_max_entries = 1000000000\n",
         )
@@ -404,14 +422,20 @@ mod tests {
         assert_eq!(c.max_in_flight, 65_536);
         assert_eq!(c.max_frame, 64 << 20);
         assert_eq!(c.max_buffered_bytes, 1 << 30);
+        assert_eq!(c.max_buffered_bytes_per_account, 16 << 30);
         assert_eq!(c.engine.retention_ms, DAY_MS);
         assert_eq!(c.engine.nonce_budget, 1 << 31);
         assert_eq!(c.engine.history_scan, 10_000_000);
         assert_eq!(c.engine.history_max_entries, 1_000_000_000);
         // The byte sizes are still raised to their floor, as documented.
-        std::fs::write(&p, "max_frame = 1\nmax_buffered_bytes = 1\n").unwrap();
+        std::fs::write(
+            &p,
+            "max_frame = 1\nmax_buffered_bytes = 1\nmax_buffered_bytes_per_account = 1\n",
+        )
+        .unwrap();
         c.apply_file(&p).unwrap();
         assert_eq!(c.max_frame, 1024);
         assert_eq!(c.max_buffered_bytes, 64 << 10);
+        assert_eq!(c.max_buffered_bytes_per_account, 64 << 10);
     }
 }

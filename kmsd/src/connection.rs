@@ -17,6 +17,7 @@
 //! clean stop) well inside the service manager's stop timeout. Replies dropped then were
 //! never sent: every call answered before was durable first, as always.
 
+use crate::budget::{Budget, Buffered, Held, SMALL_CALL};
 use crate::config::Config;
 use crate::engine::{Caller, Durable, Engine};
 use crate::log_limit::LogAtMostEvery;
@@ -27,12 +28,11 @@ use kms_shared::protocol::{
     ClientFrame, ErrorKind, Outcome, PROTOCOL_VERSION, Request, Response, ServerFrame, WireError,
 };
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio::time::timeout;
 use zeroize::Zeroize;
 
@@ -58,6 +58,8 @@ pub struct Connection {
     engine: Arc<Engine>,
     service: Arc<Service>,
     config: Arc<Config>,
+    /// What the caller's account holds in all its connections.
+    account_bytes: Arc<Budget>,
     shutdown: Shutdown,
 }
 
@@ -74,6 +76,7 @@ impl Connection {
         engine: Arc<Engine>,
         service: Arc<Service>,
         config: Arc<Config>,
+        account_bytes: Arc<Budget>,
         shutdown: Shutdown,
     ) -> Self {
         Connection {
@@ -82,6 +85,7 @@ impl Connection {
             engine,
             service,
             config,
+            account_bytes,
             shutdown,
         }
     }
@@ -93,6 +97,7 @@ impl Connection {
             engine,
             service,
             config,
+            account_bytes,
             mut shutdown,
         } = self;
         service.connection_opened();
@@ -105,7 +110,7 @@ impl Connection {
         // count, and tokio's semaphore and channel panic on huge ones.
         let max_in_flight = config.max_in_flight.clamp(1, crate::config::MAX_IN_FLIGHT);
         let (tx, rx) = mpsc::channel::<Queued>(max_in_flight.max(16) * 2);
-        let buffered = Arc::new(Buffered::new(config.max_buffered_bytes));
+        let buffered = Buffered::new(config.max_buffered_bytes, account_bytes);
         let tx = Outbox {
             tx,
             buffered: buffered.clone(),
@@ -133,15 +138,38 @@ impl Connection {
                 biased;
                 _ = shutdown.recv() => break ReadEnd::Closed,
                 () = tx.closed() => break ReadEnd::Closed,
-                () = buffered.below_limit() => {}
+                () = buffered.ready_to_read() => {}
             }
-            let body = tokio::select! {
+            let len = tokio::select! {
                 biased;
                 _ = shutdown.recv() => break ReadEnd::Closed,
                 () = tx.closed() => break ReadEnd::Closed,
-                r = read_body(&mut rd, config.max_frame, idle, config.frame_timeout) => r,
+                r = read_len(&mut rd, config.max_frame, idle, config.frame_timeout) => r,
             };
-            let body = match body {
+            let (len, begun) = match len {
+                Ok(Some(n)) => n,
+                Ok(None) => break ReadEnd::Closed,
+                Err(end) => break end,
+            };
+            let waiting = tokio::time::Instant::now();
+            // A large body stays in the kernel's socket buffer (the client's writes block)
+            // until the account has room for it: its other connections, each just past the
+            // check above, could otherwise each read a frame over the account's budget. A
+            // connection holding nothing reads a small one at once (budget.rs).
+            let small = len <= SMALL_CALL && buffered.is_empty();
+            let mut request = if small {
+                buffered.hold(len)
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.recv() => break ReadEnd::Closed,
+                    () = tx.closed() => break ReadEnd::Closed,
+                    held = buffered.reserve(len) => held,
+                }
+            };
+            // The frame's time runs from its first byte, the wait for room aside.
+            let deadline = begun + config.frame_timeout + waiting.elapsed();
+            let body = match read_exact_body(&mut rd, len, deadline).await {
                 Ok(Some(b)) => b,
                 Ok(None) => break ReadEnd::Closed,
                 Err(end) => break end,
@@ -150,7 +178,6 @@ impl Connection {
             let decoded = codec::decode::<ClientFrame>(&body)
                 .map_err(|e| (e, codec::decode::<IdOnly>(&body).map_or(0, |f| f.id)));
             // The body may hold a plaintext; the decoded request has its own copy.
-            let request_len = body.len();
             let mut body = body;
             body.zeroize();
             let frame: ClientFrame = match decoded {
@@ -251,7 +278,21 @@ impl Connection {
             // The request counts until its reply is queued (which then counts instead); a
             // request whose reply can be far larger (a key list, a history page, a batch)
             // counts as that reply, so that the reader stops while they fill the budget.
-            let request = buffered.hold(request_len.max(service.reply_estimate(&frame.request)));
+            let reply = service.reply_estimate(&frame.request);
+            if small && reply > SMALL_CALL {
+                // Not a small call after all (a key list, a history page, a batch): it
+                // waits for the account's room like a large frame, uncounted meanwhile so
+                // that calls waiting so never hold up each other.
+                drop(request);
+                request = tokio::select! {
+                    biased;
+                    _ = shutdown.recv() => break ReadEnd::Closed,
+                    () = tx.closed() => break ReadEnd::Closed,
+                    held = buffered.reserve(len.max(reply)) => held,
+                };
+            } else {
+                request.grow_to(reply);
+            }
             let answer = {
                 let owed = ReplyOwed {
                     id,
@@ -466,92 +507,63 @@ async fn read_body(
     idle: std::time::Duration,
     frame_timeout: std::time::Duration,
 ) -> Result<Option<Vec<u8>>, ReadEnd> {
+    match read_len(rd, max, idle, frame_timeout).await? {
+        Some((n, begun)) => read_exact_body(rd, n, begun + frame_timeout).await,
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's length, and when its first byte came: that byte within `idle`, the
+/// others within `frame_timeout`; `None` if the client closed (or failed) before a frame
+/// began.
+async fn read_len(
+    rd: &mut WipingBufReader<OwnedReadHalf>,
+    max: u32,
+    idle: std::time::Duration,
+    frame_timeout: std::time::Duration,
+) -> Result<Option<(usize, tokio::time::Instant)>, ReadEnd> {
     let mut len = [0u8; 4];
     let first = match timeout(idle, rd.read(&mut len)).await {
         Err(_) => return Err(ReadEnd::Closed),
         Ok(Err(_)) | Ok(Ok(0)) => return Ok(None),
         Ok(Ok(n)) => n,
     };
-    let rest = async {
-        rd.read_exact(&mut len[first..]).await?;
-        let n = u32::from_be_bytes(len);
-        if n > max {
-            return Ok(Err(WireError::new(
-                ErrorKind::MalformedFrame,
-                format!("frame of {n} bytes exceeds the maximum of {max}"),
-            )));
-        }
-        // A body cut short by an error or the timeout is wiped too.
-        let mut body = zeroize::Zeroizing::new(vec![0u8; n as usize]);
-        rd.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>(Ok(std::mem::take(&mut *body)))
-    };
-    match timeout(frame_timeout, rest).await {
-        Err(_) => Err(ReadEnd::Fatal(WireError::new(
+    let begun = tokio::time::Instant::now();
+    match timeout(frame_timeout, rd.read_exact(&mut len[first..])).await {
+        Err(_) => return Err(incomplete()),
+        Ok(Err(_)) => return Err(ReadEnd::Closed),
+        Ok(Ok(_)) => {}
+    }
+    let n = u32::from_be_bytes(len);
+    if n > max {
+        return Err(ReadEnd::Fatal(WireError::new(
             ErrorKind::MalformedFrame,
-            "incomplete frame: timed out waiting for the rest",
-        ))),
+            format!("frame of {n} bytes exceeds the maximum of {max}"),
+        )));
+    }
+    Ok(Some((n as usize, begun)))
+}
+
+/// Reads a frame's body of `n` bytes by `deadline`.
+async fn read_exact_body(
+    rd: &mut WipingBufReader<OwnedReadHalf>,
+    n: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Vec<u8>>, ReadEnd> {
+    // A body cut short by an error or the timeout is wiped too.
+    let mut body = zeroize::Zeroizing::new(vec![0u8; n]);
+    match tokio::time::timeout_at(deadline, rd.read_exact(&mut body)).await {
+        Err(_) => Err(incomplete()),
         Ok(Err(_)) => Err(ReadEnd::Closed),
-        Ok(Ok(Err(e))) => Err(ReadEnd::Fatal(e)),
-        Ok(Ok(Ok(body))) => Ok(Some(body)),
+        Ok(Ok(_)) => Ok(Some(std::mem::take(&mut *body))),
     }
 }
 
-/// What one connection holds in the daemon's memory, in bytes: requests read and not yet
-/// answered, replies and events not yet written. Tasks only count, never wait, so nothing
-/// can deadlock on it; the reader waits (stops reading) while the count is at the limit.
-/// A client that sends and never reads thus holds about the limit plus one frame (and
-/// what its requests in flight grow into as replies), where it held up to
-/// `max_in_flight` requests and twice as many queued replies, hundreds of MiB with large
-/// frames, until the write timed out.
-struct Buffered {
-    bytes: AtomicUsize,
-    limit: usize,
-    drained: Notify,
-}
-
-impl Buffered {
-    fn new(limit: usize) -> Buffered {
-        Buffered {
-            bytes: AtomicUsize::new(0),
-            limit,
-            drained: Notify::new(),
-        }
-    }
-
-    fn add(&self, n: usize) {
-        self.bytes.fetch_add(n, Ordering::AcqRel);
-    }
-
-    fn sub(&self, n: usize) {
-        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
-        if before >= self.limit && before - n < self.limit {
-            // One waiter (the reader); a permit is kept if it is not waiting yet.
-            self.drained.notify_one();
-        }
-    }
-
-    /// `n` bytes counted until the returned guard is dropped.
-    fn hold(self: &Arc<Self>, n: usize) -> Held {
-        self.add(n);
-        Held(self.clone(), n)
-    }
-
-    /// Returns once the connection holds less than its limit.
-    async fn below_limit(&self) {
-        while self.bytes.load(Ordering::Acquire) >= self.limit {
-            self.drained.notified().await;
-        }
-    }
-}
-
-/// Bytes counted in a [`Buffered`] while this lives.
-struct Held(Arc<Buffered>, usize);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.sub(self.1);
-    }
+fn incomplete() -> ReadEnd {
+    ReadEnd::Fatal(WireError::new(
+        ErrorKind::MalformedFrame,
+        "incomplete frame: timed out waiting for the rest",
+    ))
 }
 
 /// A frame on its way to the client: counted in the connection's [`Buffered`], and wiped
@@ -734,7 +746,7 @@ mod tests {
     #[tokio::test]
     async fn a_reply_dropped_unsent_answers_internal() {
         let (tx, mut rx) = mpsc::channel(4);
-        let buffered = Arc::new(Buffered::new(1 << 20));
+        let buffered = Buffered::unlimited();
         let outbox = Outbox {
             tx,
             buffered: buffered.clone(),
@@ -771,29 +783,6 @@ mod tests {
         assert!(rx.try_recv().is_err(), "answered twice");
     }
 
-    /// The reader waits while the connection holds its limit or more, and goes on once
-    /// enough is written or answered; counting never waits.
-    #[tokio::test]
-    async fn the_reader_waits_while_the_connection_is_over_its_budget() {
-        let short = std::time::Duration::from_millis(50);
-        let b = Arc::new(Buffered::new(100));
-        let request = b.hold(60);
-        timeout(short, b.below_limit()).await.unwrap();
-        let reply = b.hold(60);
-        assert!(timeout(short, b.below_limit()).await.is_err(), "120 of 100");
-        let reader = tokio::spawn({
-            let b = b.clone();
-            async move { b.below_limit().await }
-        });
-        drop(request);
-        timeout(std::time::Duration::from_secs(10), reader)
-            .await
-            .unwrap()
-            .unwrap();
-        drop(reply);
-        assert_eq!(b.bytes.load(Ordering::Acquire), 0);
-    }
-
     /// A frame the writer has taken counts no longer, and is wiped, at once — not when
     /// the next frame comes (the reader may be waiting on the count to go down).
     #[tokio::test]
@@ -801,7 +790,7 @@ mod tests {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (_rd, wr) = ours.into_split();
         let (tx, rx) = mpsc::channel::<Queued>(8);
-        let buffered = Arc::new(Buffered::new(usize::MAX));
+        let buffered = Buffered::unlimited();
         let tx = Outbox {
             tx,
             buffered: buffered.clone(),
@@ -817,7 +806,7 @@ mod tests {
         let mut got = [0u8; 100];
         theirs.read_exact(&mut got).await.unwrap();
         let uncounted = async {
-            while buffered.bytes.load(Ordering::Acquire) != 0 {
+            while buffered.held() != 0 {
                 tokio::task::yield_now().await;
             }
         };
@@ -836,7 +825,7 @@ mod tests {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (_rd, wr) = ours.into_split();
         let (tx, rx) = mpsc::channel::<Queued>(64);
-        let buffered = Arc::new(Buffered::new(usize::MAX));
+        let buffered = Buffered::unlimited();
         let tx = Outbox {
             tx,
             buffered: buffered.clone(),
@@ -874,6 +863,6 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes differ");
-        assert_eq!(buffered.bytes.load(Ordering::Acquire), 0, "all counted out");
+        assert_eq!(buffered.held(), 0, "all counted out");
     }
 }

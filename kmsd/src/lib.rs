@@ -14,6 +14,7 @@
 
 pub mod authz;
 pub mod backup;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod connection;
@@ -213,6 +214,7 @@ pub async fn run(mut config: config::Config, stop: impl Future<Output = ()>) -> 
             config.socket.clone(),
             config.data_dir.clone(),
             config.max_connections_per_account,
+            config.max_buffered_bytes_per_account,
         )
         .context("cannot start the crypto threads")?,
     );

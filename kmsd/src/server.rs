@@ -5,6 +5,7 @@
 //! kernel's peer credentials (`SO_PEERCRED`) of every connection, which interprocess does
 //! not expose for its tokio streams (the clients do use interprocess).
 
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::engine::{Caller, Engine};
@@ -529,6 +530,7 @@ pub async fn serve(
             engine.clone(),
             service.clone(),
             config.clone(),
+            account_slot.bytes.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
@@ -561,23 +563,34 @@ fn refuse_in_turn(
 /// Refusals answered at once at most; beyond them a refused connection is just closed.
 const REFUSING: usize = 64;
 
-/// Open connections per account (uid), against `max_connections_per_account`.
+/// Open connections per account (uid), against `max_connections_per_account`, and the
+/// bytes each account's connections hold, against `max_buffered_bytes_per_account`.
 #[derive(Clone)]
 pub(crate) struct ConnectionsPerAccount {
     max: usize,
-    open: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+    max_bytes: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<u32, Account>>>,
+}
+
+/// One account's open connections and what they hold.
+struct Account {
+    connections: usize,
+    bytes: Arc<Budget>,
 }
 
 /// One connection of an account; gives its place back when dropped.
 struct AccountSlot {
     uid: u32,
     of: ConnectionsPerAccount,
+    /// The account's byte budget, shared by its connections.
+    bytes: Arc<Budget>,
 }
 
 impl ConnectionsPerAccount {
-    pub(crate) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize, max_bytes: usize) -> Self {
         ConnectionsPerAccount {
             max,
+            max_bytes,
             open: Arc::default(),
         }
     }
@@ -585,21 +598,27 @@ impl ConnectionsPerAccount {
     /// The connections `uid` holds open now.
     pub(crate) fn open(&self, uid: u32) -> u64 {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(&uid).map_or(0, |&n| n as u64)
+        open.get(&uid).map_or(0, |a| a.connections as u64)
     }
 
     /// A place for one more connection of `uid`, unless it holds the most already
-    /// (`exempt` accounts are counted but never refused).
+    /// (`exempt` accounts are counted but never refused). Every account's connections
+    /// share one byte budget, root's and kmsd's own included: they may open any number
+    /// of connections, which must not mean any amount of kmsd's memory.
     fn take(&self, uid: u32, exempt: bool) -> Option<AccountSlot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(uid).or_insert(0);
-        if *n >= self.max && !exempt {
+        let account = open.entry(uid).or_insert_with(|| Account {
+            connections: 0,
+            bytes: Arc::new(Budget::new(self.max_bytes)),
+        });
+        if account.connections >= self.max && !exempt {
             return None;
         }
-        *n += 1;
+        account.connections += 1;
         Some(AccountSlot {
             uid,
             of: self.clone(),
+            bytes: account.bytes.clone(),
         })
     }
 }
@@ -607,9 +626,11 @@ impl ConnectionsPerAccount {
 impl Drop for AccountSlot {
     fn drop(&mut self) {
         let mut open = self.of.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(a) = open.get_mut(&self.uid) {
+            a.connections -= 1;
+            // The slot is dropped once its connection has answered its calls (but for
+            // one given up at a stop), so nothing counts in the budget any more.
+            if a.connections == 0 {
                 open.remove(&self.uid);
             }
         }

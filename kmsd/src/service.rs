@@ -68,6 +68,7 @@ impl Service {
         socket: PathBuf,
         data_dir: PathBuf,
         max_connections_per_account: usize,
+        max_buffered_bytes_per_account: usize,
     ) -> Result<Service, rayon::ThreadPoolBuildError> {
         let crypto = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("kmsd-crypto-{i}"))
@@ -86,7 +87,10 @@ impl Service {
             socket,
             data_dir,
             connections: AtomicU64::new(0),
-            per_account: ConnectionsPerAccount::new(max_connections_per_account),
+            per_account: ConnectionsPerAccount::new(
+                max_connections_per_account,
+                max_buffered_bytes_per_account,
+            ),
             daemon_uid: rustix::process::geteuid().as_raw(),
             backups: crate::backup::Backups::default(),
             crypto,
@@ -1174,8 +1178,9 @@ mod tests {
         for role in [Role::KeyUser, Role::KeyReviewer] {
             blocking(|| engine.grant(&admin, &grant(role)).unwrap());
         }
-        let service =
-            Arc::new(super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap());
+        let service = Arc::new(
+            super::Service::new(engine.clone(), "s".into(), "d".into(), 64, 64 << 20).unwrap(),
+        );
         let batch = || Request::EncryptBatch {
             key: "shared".into(),
             items: vec![
@@ -1286,7 +1291,8 @@ mod tests {
         let engine = std::sync::Arc::new(
             crate::engine::Engine::open(store, root, clock, Default::default()).unwrap(),
         );
-        let service = super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap();
+        let service =
+            super::Service::new(engine.clone(), "s".into(), "d".into(), 64, 64 << 20).unwrap();
         let encrypt = Request::Encrypt {
             key: "fresh".into(),
             plaintext: b"x".to_vec().into(),
@@ -1331,8 +1337,9 @@ mod tests {
                 .grant(&admin, &grant_to_nobody(Role::Manager))
                 .unwrap()
         });
-        let service =
-            Arc::new(super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap());
+        let service = Arc::new(
+            super::Service::new(engine.clone(), "s".into(), "d".into(), 64, 64 << 20).unwrap(),
+        );
 
         // The revoke takes its locks and waits on its commit (a slow disk).
         engine.hold_commits(true);
@@ -1427,7 +1434,8 @@ mod tests {
             engine.request_deletion(&admin, "shared").unwrap();
             engine.delete_now(&admin, "shared").unwrap()
         });
-        let service = super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap();
+        let service =
+            super::Service::new(engine.clone(), "s".into(), "d".into(), 64, 64 << 20).unwrap();
         let refusal = |key: String| {
             let (service, user) = (&service, &user);
             async move {
@@ -1458,7 +1466,8 @@ mod tests {
         use kms_shared::model::Role;
         use tokio::task::block_in_place as blocking;
         let (_dir, engine, admin, user) = engine_with_a_user();
-        let service = super::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap();
+        let service =
+            super::Service::new(engine.clone(), "s".into(), "d".into(), 64, 64 << 20).unwrap();
         assert!(service.sees_every_event(&admin));
         blocking(|| {
             engine

@@ -375,6 +375,62 @@ impl Drop for TestDaemon {
     }
 }
 
+/// Frames written and read by hand on a socket of the standard library, for tests that
+/// play a client the client library would never be (one that stops reading, say).
+pub mod raw {
+    use kms_shared::protocol::{Outcome, ServerFrame};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    /// Writes one frame, within the socket's write timeout per write call; returns how
+    /// much of it was written if a write timed out (the daemon stopped reading).
+    pub fn write_within(s: &mut UnixStream, frame: &[u8]) -> Result<(), usize> {
+        let mut done = 0;
+        while done < frame.len() {
+            match s.write(&frame[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(done),
+            }
+        }
+        Ok(())
+    }
+
+    /// A request frame, length prefix included.
+    pub fn frame(id: u64, request: kms_shared::protocol::Request) -> Vec<u8> {
+        let frame = kms_shared::protocol::ClientFrame { id, request };
+        kms_shared::codec::encode_frame(&frame, u32::MAX).unwrap()
+    }
+
+    /// A connection to `socket` that has made its handshake as `client`.
+    pub fn handshaken(socket: &Path, client: &str) -> UnixStream {
+        use kms_shared::protocol::{PROTOCOL_VERSION, Request, Response};
+        let mut s = UnixStream::connect(socket).unwrap();
+        let hello = Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            client: client.into(),
+        };
+        s.write_all(&frame(0, hello)).unwrap();
+        assert!(matches!(
+            read_reply(&mut s),
+            ServerFrame::Reply {
+                result: Outcome::Ok(Response::Hello { .. }),
+                ..
+            }
+        ));
+        s
+    }
+
+    pub fn read_reply(s: &mut UnixStream) -> ServerFrame {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        kms_shared::codec::decode::<ServerFrame>(&body).unwrap()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -785,3 +785,92 @@ fn watch_ends_when_its_reader_goes() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// All connections of one account share one budget of kmsd's memory
+/// (`max_buffered_bytes_per_account`, here 2 MiB): eight connections that pipeline 32 KiB
+/// encryptions and read nothing stop being read once together they hold it — each
+/// held up to its own 8 MiB before, 1,660 requests in all, where now ~150 are taken
+/// (the kernel's socket buffers hold a few of each). Root is held to it like any account;
+/// another account, and root's small calls on connections of their own, are served
+/// meanwhile; and once the connections read again every request they sent is answered.
+#[test]
+fn an_accounts_connections_share_one_memory_budget() {
+    use kms_e2e::raw::{frame, handshaken, read_reply, write_within};
+    use kms_shared::protocol::{Outcome, Request, Response, ServerFrame};
+    const CONNECTIONS: usize = 8;
+    let d = shared_daemon_with(Some("max_buffered_bytes_per_account = 2097152\n"));
+    root_ok(&d, &["create", "sink", "--type", "aes256"]);
+    let socket = d.socket.clone();
+    // Each connection sends until a write has made no progress for 3 s.
+    let senders: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut s = handshaken(&socket, &format!("non-reader-{c}"));
+                s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut sent = 0u64;
+                let partial = loop {
+                    let request = Request::Encrypt {
+                        key: "sink".into(),
+                        plaintext: vec![0x42u8; 32 * 1024].into(),
+                        context: None,
+                    };
+                    let bytes = frame(sent + 1, request);
+                    match write_within(&mut s, &bytes) {
+                        Ok(()) => sent += 1,
+                        Err(done) => break bytes[done..].to_vec(),
+                    }
+                    assert!(sent < 2000, "the daemon never stopped reading");
+                };
+                (s, sent, partial)
+            })
+        })
+        .collect();
+    let stalled: Vec<_> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    let taken: u64 = stalled.iter().map(|(_, sent, _)| sent).sum();
+    eprintln!(
+        "kmsd stopped reading one account's {CONNECTIONS} connections after {taken} requests"
+    );
+    assert!(
+        taken < 400,
+        "{taken} requests of 32 KiB were taken from one account's connections that read nothing"
+    );
+    // Another account has its own budget: it is served while root's is full. So are
+    // root's small calls on a connection of their own (a hello, a status, an encryption
+    // of a record): one program hoarding the account's budget does not lock out the rest.
+    let other = as_other(&d, &["status"], b"");
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    root_ok(&d, &["--timeout", "20", "status"]);
+    let sealed = root_ok(&d, &["--timeout", "20", "encrypt", "sink"]);
+    assert!(sealed.starts_with("ncpkms:v1:"), "{sealed}");
+    // Read again: the rest of each cut frame goes out, and every request is answered.
+    let readers: Vec<_> = stalled
+        .into_iter()
+        .map(|(mut s, sent, partial)| {
+            std::thread::spawn(move || {
+                let mut writer = s.try_clone().unwrap();
+                let finish = std::thread::spawn(move || writer.write_all(&partial).unwrap());
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut answered = std::collections::BTreeSet::new();
+                while answered.len() < sent as usize + 1 {
+                    match read_reply(&mut s) {
+                        ServerFrame::Reply {
+                            id,
+                            result: Outcome::Ok(Response::Ciphertext { .. }),
+                        } => assert!(answered.insert(id), "request {id} answered twice"),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                finish.join().unwrap();
+                assert_eq!(answered.len(), sent as usize + 1);
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+}

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use kms_e2e::raw::{frame, handshaken, read_reply, write_within};
 use kms_e2e::{DaemonOptions, TestDaemon, key_spec};
 use kms_shared::client::Client;
 use kms_shared::model::KeyType;
@@ -235,53 +236,6 @@ async fn hostile_connections_leave_a_good_client_served() {
         c.get_key("steady").await.unwrap().usage_count,
         (1 + 2 * attempts as u64) * CALLS as u64
     );
-}
-
-/// Writes one frame, `timeout` per write call; returns how much of it was written if a
-/// write timed out (the daemon stopped reading).
-fn write_within(s: &mut UnixStream, frame: &[u8]) -> Result<(), usize> {
-    let mut done = 0;
-    while done < frame.len() {
-        match s.write(&frame[done..]) {
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(done),
-        }
-    }
-    Ok(())
-}
-
-/// A request frame, length prefix included.
-fn frame(id: u64, request: kms_shared::protocol::Request) -> Vec<u8> {
-    let frame = kms_shared::protocol::ClientFrame { id, request };
-    kms_shared::codec::encode_frame(&frame, u32::MAX).unwrap()
-}
-
-/// A connection to `socket` that has made its handshake as `client`.
-fn handshaken(socket: &Path, client: &str) -> UnixStream {
-    use kms_shared::protocol::{PROTOCOL_VERSION, Request, Response};
-    let mut s = UnixStream::connect(socket).unwrap();
-    let hello = Request::Hello {
-        protocol: PROTOCOL_VERSION,
-        client: client.into(),
-    };
-    s.write_all(&frame(0, hello)).unwrap();
-    assert!(matches!(
-        read_reply(&mut s),
-        ServerFrame::Reply {
-            result: Outcome::Ok(Response::Hello { .. }),
-            ..
-        }
-    ));
-    s
-}
-
-fn read_reply(s: &mut UnixStream) -> ServerFrame {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).unwrap();
-    kms_shared::codec::decode::<ServerFrame>(&body).unwrap()
 }
 
 /// A client that sends requests and never reads the replies holds a bounded part of the

@@ -1,0 +1,342 @@
+//! Byte budgets of the memory kmsd holds for its clients: requests read and not yet
+//! answered, replies and events not yet written. Each connection has one
+//! (`max_buffered_bytes`), and so has each account, shared by all its connections
+//! (`max_buffered_bytes_per_account`): without the second, an account's connections that
+//! never read their replies held the first budget each, up to 256 × 8 MiB (RELIABILITY.md
+//! item 53).
+//!
+//! Tasks only count, never wait, so nothing can deadlock on a budget; only a connection's
+//! reader waits — before it reads a frame while its connection is at its limit, or its
+//! account is and the connection holds something; and before it reads a large frame's
+//! body (or serves a call whose reply will be large) until the account has room — so a
+//! client over budget finds its writes blocking in the kernel, not its requests piling up
+//! in kmsd.
+//!
+//! A connection that holds nothing may always make a small call ([`SMALL_CALL`]): a
+//! program of the account that hoards its budget must not keep the account's other
+//! programs from saying hello, asking `status` or encrypting a record. Each connection
+//! holds at most one such call's request and reply beyond the account's budget (its next
+//! frame waits while it holds them), so the account's connection cap bounds them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::Notify;
+
+/// The most bytes a request and its reply may each take to be a small call, which a
+/// connection holding nothing makes whatever its account holds.
+pub const SMALL_CALL: usize = 64 << 10;
+
+/// A count of bytes against a limit. Going over is possible (a frame whose reply turns out
+/// larger, the events of a subscriber): the limit stops the readers, not the counting.
+pub struct Budget {
+    bytes: AtomicUsize,
+    limit: usize,
+    /// Woken (every waiter: an account's budget has one per connection) when the count
+    /// falls below the limit, or to nothing.
+    drained: Notify,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            bytes: AtomicUsize::new(0),
+            limit,
+            drained: Notify::new(),
+        }
+    }
+
+    /// The bytes counted now.
+    pub fn held(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    fn full(&self) -> bool {
+        self.held() >= self.limit
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn sub(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        // Empty matters too: a connection holding nothing may read whatever its account
+        // holds (its hello's reply, just written, must not leave it waiting on others).
+        if (before >= self.limit && before - n < self.limit) || before == n {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Counts `n` more bytes if the budget is below its limit now (so that readers
+    /// reserving at once go over by one frame at most, not one frame each).
+    fn try_add(&self, n: usize) -> bool {
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b < self.limit).then(|| b.saturating_add(n))
+            })
+            .is_ok()
+    }
+}
+
+/// What one connection holds: counted in its own budget and in its account's.
+pub struct Buffered {
+    connection: Budget,
+    account: Arc<Budget>,
+}
+
+impl Buffered {
+    pub fn new(limit: usize, account: Arc<Budget>) -> Arc<Buffered> {
+        Arc::new(Buffered {
+            connection: Budget::new(limit),
+            account,
+        })
+    }
+
+    /// `n` bytes counted until the returned guard is dropped.
+    pub fn hold(self: &Arc<Self>, n: usize) -> Held {
+        self.connection.add(n);
+        self.account.add(n);
+        Held(self.clone(), n)
+    }
+
+    /// Returns once the connection may read a frame: it holds less than its limit, and
+    /// either nothing at all or its account less than the account's limit.
+    pub async fn ready_to_read(&self) {
+        loop {
+            // Registered before the check, so that a drain between the two is not missed
+            // (`notify_waiters` keeps no permit for a waiter that comes later).
+            let connection = self.connection.drained.notified();
+            let account = self.account.drained.notified();
+            tokio::pin!(connection, account);
+            connection.as_mut().enable();
+            account.as_mut().enable();
+            if !self.connection.full() && (self.is_empty() || !self.account.full()) {
+                return;
+            }
+            tokio::select! {
+                () = connection => {}
+                () = account => {}
+            }
+        }
+    }
+
+    /// Whether the connection holds nothing now.
+    pub fn is_empty(&self) -> bool {
+        self.connection.held() == 0
+    }
+
+    /// Waits until the account has room, then counts `n` bytes (a frame about to be read)
+    /// until the returned guard is dropped. The account's room is taken atomically, so
+    /// that its connections reading at once cannot each go over by a frame.
+    pub async fn reserve(self: &Arc<Self>, n: usize) -> Held {
+        loop {
+            let account = self.account.drained.notified();
+            tokio::pin!(account);
+            account.as_mut().enable();
+            if self.account.try_add(n) {
+                self.connection.add(n);
+                return Held(self.clone(), n);
+            }
+            account.await;
+        }
+    }
+}
+
+impl Buffered {
+    /// The bytes the connection holds now.
+    pub fn held(&self) -> usize {
+        self.connection.held()
+    }
+
+    /// A connection with no limits, for tests of what counts.
+    #[cfg(test)]
+    pub fn unlimited() -> Arc<Buffered> {
+        Buffered::new(usize::MAX, Arc::new(Budget::new(usize::MAX)))
+    }
+}
+
+/// Bytes counted in a [`Buffered`] while this lives.
+pub struct Held(Arc<Buffered>, usize);
+
+impl Held {
+    /// Counts `n` bytes in all, if that is more than now, without waiting: a request whose
+    /// reply will be larger than the request counts as its reply from the start.
+    pub fn grow_to(&mut self, n: usize) {
+        if n > self.1 {
+            let more = n - self.1;
+            self.0.connection.add(more);
+            self.0.account.add(more);
+            self.1 = n;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.connection.sub(self.1);
+        self.0.account.sub(self.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn waits<F: std::future::Future>(f: F) -> std::pin::Pin<Box<F>> {
+        Box::pin(f)
+    }
+
+    /// The reader waits while the connection holds its limit or more, and goes on once
+    /// enough is written or answered; counting never waits.
+    #[tokio::test]
+    async fn the_reader_waits_while_the_connection_is_over_its_budget() {
+        let short = std::time::Duration::from_millis(50);
+        let b = Buffered::new(100, Arc::new(Budget::new(usize::MAX)));
+        let request = b.hold(60);
+        tokio::time::timeout(short, b.ready_to_read())
+            .await
+            .unwrap();
+        let reply = b.hold(60);
+        assert!(
+            tokio::time::timeout(short, b.ready_to_read())
+                .await
+                .is_err(),
+            "120 of 100"
+        );
+        let reader = tokio::spawn({
+            let b = b.clone();
+            async move { b.ready_to_read().await }
+        });
+        drop(request);
+        tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(reply);
+        assert_eq!(b.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_holding_something_waits_while_its_account_is_over_budget() {
+        let account = Arc::new(Budget::new(100));
+        let full = Buffered::new(1000, account.clone());
+        let idle = Buffered::new(1000, account.clone());
+        let busy = Buffered::new(1000, account.clone());
+        let held = full.hold(100);
+        // A connection holding nothing may read (a small call) whatever its account holds.
+        tokio::time::timeout(Duration::from_secs(5), idle.ready_to_read())
+            .await
+            .expect("a connection holding nothing waited");
+        // One holding something waits: its account is at its limit.
+        let one = busy.hold(1);
+        let mut wait = waits(busy.ready_to_read());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut wait)
+                .await
+                .is_err()
+        );
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("woken once the account drained");
+        drop(one);
+        assert_eq!(account.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_last_bytes_are_written_reads_over_a_full_account() {
+        let account = Arc::new(Budget::new(100));
+        let hog = Buffered::new(1000, account.clone());
+        let _held = hog.hold(100);
+        let b = Buffered::new(1000, account.clone());
+        let reply = b.hold(10);
+        let reader = tokio::spawn({
+            let b = b.clone();
+            async move { b.ready_to_read().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !reader.is_finished(),
+            "it holds a reply, its account is full"
+        );
+        drop(reply);
+        tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("woken once it holds nothing")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_waiting_connection_of_an_account_is_woken() {
+        let account = Arc::new(Budget::new(10));
+        let hog = Buffered::new(1000, account.clone());
+        let held = hog.hold(10);
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let b = Buffered::new(1000, account.clone());
+                let one = b.hold(1);
+                tokio::spawn(async move {
+                    b.ready_to_read().await;
+                    drop(one);
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        drop(held);
+        for w in waiters {
+            tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .expect("every waiter woken")
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn readers_reserving_at_once_go_over_by_one_frame_at_most() {
+        let account = Arc::new(Budget::new(100));
+        let a = Buffered::new(1000, account.clone());
+        let b = Buffered::new(1000, account.clone());
+        let first = a.reserve(80).await;
+        let second = b.reserve(80).await; // 80 < 100: taken, now 160
+        assert_eq!(account.held(), 160);
+        let mut third = waits(a.reserve(80));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut third)
+                .await
+                .is_err(),
+            "a reservation went ahead over the limit"
+        );
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(5), third)
+            .await
+            .expect("reserved once below the limit");
+        assert_eq!(account.held(), 160);
+        drop((second, third));
+        assert_eq!(account.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_held_count_grows_in_both_budgets_and_is_given_back_whole() {
+        let account = Arc::new(Budget::new(100));
+        let b = Buffered::new(50, account.clone());
+        let mut held = b.hold(10);
+        held.grow_to(5); // smaller: no change
+        assert_eq!((b.connection.held(), account.held()), (10, 10));
+        held.grow_to(60);
+        assert_eq!((b.connection.held(), account.held()), (60, 60));
+        let mut wait = waits(b.ready_to_read());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut wait)
+                .await
+                .is_err(),
+            "the connection is over its own limit"
+        );
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("woken once the connection drained");
+        assert_eq!((b.connection.held(), account.held()), (0, 0));
+    }
+}
