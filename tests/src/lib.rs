@@ -400,18 +400,18 @@ pub mod raw {
     /// A request frame, length prefix included.
     pub fn frame(id: u64, request: kms_shared::protocol::Request) -> Vec<u8> {
         let frame = kms_shared::protocol::ClientFrame { id, request };
-        kms_shared::codec::encode_frame(&frame, u32::MAX).unwrap()
+        kms_shared::codec::encode_frame(&frame, u32::MAX).expect("encode a request frame")
     }
 
     /// A connection to `socket` that has made its handshake as `client`.
     pub fn handshaken(socket: &Path, client: &str) -> UnixStream {
         use kms_shared::protocol::{PROTOCOL_VERSION, Request, Response};
-        let mut s = UnixStream::connect(socket).unwrap();
+        let mut s = UnixStream::connect(socket).expect("connect to kmsd");
         let hello = Request::Hello {
             protocol: PROTOCOL_VERSION,
             client: client.into(),
         };
-        s.write_all(&frame(0, hello)).unwrap();
+        s.write_all(&frame(0, hello)).expect("write the hello");
         assert!(matches!(
             read_reply(&mut s),
             ServerFrame::Reply {
@@ -422,12 +422,13 @@ pub mod raw {
         s
     }
 
+    /// The next frame from kmsd.
     pub fn read_reply(s: &mut UnixStream) -> ServerFrame {
         let mut len = [0u8; 4];
-        s.read_exact(&mut len).unwrap();
+        s.read_exact(&mut len).expect("read a reply's length");
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut body).unwrap();
-        kms_shared::codec::decode::<ServerFrame>(&body).unwrap()
+        s.read_exact(&mut body).expect("read a reply's body");
+        kms_shared::codec::decode::<ServerFrame>(&body).expect("decode a reply")
     }
 }
 
