@@ -1689,7 +1689,8 @@ fn subscribers_see_what_their_grants_allowed_when_it_happened() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
     let e = Arc::new(open_with(dir.path(), clock, EngineConfig::default()));
-    let service = kmsd::service::Service::new(e.clone(), "s".into(), "d".into(), 64).unwrap();
+    let service =
+        kmsd::service::Service::new(e.clone(), "s".into(), "d".into(), 64, 64 << 20).unwrap();
     let root = caller("root");
     let root = Caller { uid: 0, ..root };
     let nobody = Caller {

@@ -56,6 +56,7 @@ fn token_calls_run_on_a_pool_of_their_own() {
         "/nonexistent".into(),
         "/nonexistent".into(),
         64,
+        64 << 20,
     )
     .unwrap();
 

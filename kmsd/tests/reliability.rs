@@ -77,7 +77,8 @@ async fn serve_with(
     kmsd::shutdown::ShutdownTrigger,
 ) {
     use kms_shared::protocol::{Outcome, PROTOCOL_VERSION, Request, Response};
-    let service = kmsd::service::Service::new(engine.clone(), "s".into(), "d".into(), 64).unwrap();
+    let service =
+        kmsd::service::Service::new(engine.clone(), "s".into(), "d".into(), 64, 64 << 20).unwrap();
     let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
     // The daemon's send buffer as Linux sizes it by default (`net.core.wmem_default`,
     // 212,992 bytes; the kernel doubles the value set), so that how long a slow reader
@@ -90,6 +91,7 @@ async fn serve_with(
         engine.clone(),
         Arc::new(service),
         Arc::new(config),
+        Arc::new(kmsd::budget::Budget::new(usize::MAX)),
         trigger.handle(),
     );
     let served = tokio::spawn(conn.run());
