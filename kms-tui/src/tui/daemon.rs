@@ -145,6 +145,9 @@ fn is_view_read(eff: &Effect) -> bool {
 #[derive(Debug, Default)]
 struct ReadQueue {
     waiting: std::collections::VecDeque<Effect>,
+    /// The keys of the `GetKey`s in `waiting`: a burst of events about thousands of keys
+    /// queues thousands of them, which a search of `waiting` for each would make slow.
+    keys_waiting: std::collections::HashSet<String>,
     /// The read under way, taken by [`ReadQueue::pop`] and not yet [`ReadQueue::done`].
     running: Option<Effect>,
 }
@@ -152,7 +155,12 @@ struct ReadQueue {
 impl ReadQueue {
     /// Queues `read` unless the same read is already waiting; whether it was queued.
     fn push(&mut self, read: Effect) -> bool {
-        if self.waiting.contains(&read) {
+        let waiting = match &read {
+            Effect::GetKey(tag) => !self.keys_waiting.insert(tag.clone()),
+            // The other reads are a handful of kinds: at most one of each waits.
+            other => self.waiting.contains(other),
+        };
+        if waiting {
             return false;
         }
         self.waiting.push_back(read);
@@ -162,6 +170,9 @@ impl ReadQueue {
     /// The next read to run, now under way.
     fn pop(&mut self) -> Option<Effect> {
         let next = self.waiting.pop_front()?;
+        if let Effect::GetKey(tag) = &next {
+            self.keys_waiting.remove(tag);
+        }
         self.running = Some(next.clone());
         Some(next)
     }
@@ -173,6 +184,7 @@ impl ReadQueue {
 
     /// Every read not answered: the one under way, then those waiting.
     fn unanswered(&mut self) -> impl Iterator<Item = Effect> + '_ {
+        self.keys_waiting.clear();
         self.running
             .take()
             .into_iter()

@@ -59,6 +59,8 @@ struct Args {
 const TICK: Duration = Duration::from_secs(3);
 /// Actions applied before a redraw when many are queued (an event burst).
 const MAX_BATCH: usize = 1024;
+/// The shortest time between two frames while actions keep coming (30 a second).
+const FRAME: Duration = Duration::from_millis(33);
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
@@ -198,13 +200,24 @@ async fn event_loop<B: Backend>(
 where
     B::Error: Send + Sync + 'static,
 {
+    // When the screen was last drawn here (the frame drawn before is long past by the
+    // first action), and whether it shows all that has happened since.
+    let mut drawn_at: Option<tokio::time::Instant> = None;
+    let mut behind = false;
     loop {
+        let now = tokio::time::Instant::now();
+        let next_frame = drawn_at.map_or(now, |at| at + FRAME);
         let action = tokio::select! {
             // A signal goes first, even behind a burst of events.
             biased;
             signo = signals.recv() => {
                 update::update(app, Action::Quit);
                 return Ok(Ended::Signal(signo));
+            }
+            () = tokio::time::sleep_until(next_frame), if behind => {
+                terminal.draw(|f| ui::draw(f, app))?;
+                (drawn_at, behind) = (Some(tokio::time::Instant::now()), false);
+                continue;
             }
             action = action_rx.recv() => match action {
                 Some(a) => a,
@@ -238,7 +251,15 @@ where
         if app.should_quit {
             return Ok(Ended::Quit);
         }
-        terminal.draw(|f| ui::draw(f, app))?;
+        // A key pressed after a quiet moment is drawn at once; events coming one after
+        // another (thousands a second from a script rotating keys) are drawn at most once
+        // a frame, where drawing after each was most of the dashboard's time.
+        if tokio::time::Instant::now() >= next_frame {
+            terminal.draw(|f| ui::draw(f, app))?;
+            (drawn_at, behind) = (Some(tokio::time::Instant::now()), false);
+        } else {
+            behind = true;
+        }
     }
 }
 
@@ -274,6 +295,80 @@ mod tests {
     use ratatui::backend::TestBackend;
 
     use super::*;
+
+    /// Runs the event loop on a test terminal while `send` feeds it actions; ends when
+    /// `send` is done with the channel. Returns the frames drawn meanwhile.
+    async fn frames_drawn<F>(
+        terminal: &mut Terminal<TestBackend>,
+        app: &mut App,
+        send: impl FnOnce(mpsc::UnboundedSender<Action>) -> F,
+    ) -> usize
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let before = terminal.get_frame().count();
+        let mut signals = Signals::new().unwrap();
+        let (action_tx, mut action_rx) = mpsc::unbounded_channel();
+        let (effect_tx, _effect_rx) = mpsc::unbounded_channel();
+        let notifier = notify::Notifier::disabled();
+        let looping = event_loop(
+            terminal,
+            app,
+            &mut action_rx,
+            &effect_tx,
+            &notifier,
+            &mut signals,
+        );
+        let (ended, ()) = tokio::join!(looping, send(action_tx));
+        assert_eq!(ended.unwrap(), Ended::Quit);
+        terminal.get_frame().count() - before
+    }
+
+    fn lost(reason: &str) -> Action {
+        Action::Disconnected {
+            reason: reason.into(),
+            next: crate::tui::retry::Next::Connect(Duration::from_secs(1)),
+        }
+    }
+
+    /// Actions that keep coming (an event every millisecond for a second) are drawn at
+    /// most once a frame, the last of them too once they stop; an action after a quiet
+    /// moment (a key pressed) is drawn at once. Drawing after each action was most of the
+    /// dashboard's time in a burst of events.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_drawn_once_a_frame_and_a_key_at_once() {
+        let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        let mut app = App::new((80, 24));
+        let burst = frames_drawn(&mut terminal, &mut app, |tx| async move {
+            for i in 0..1000 {
+                tx.send(lost(&format!("burst {i}"))).unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Quiet: the frame owed is drawn.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        })
+        .await;
+        let frames_a_second = (1000 / FRAME.as_millis()) as usize;
+        assert!(
+            (frames_a_second / 2..=frames_a_second + 3).contains(&burst),
+            "{burst} frames for 1,000 actions in a second"
+        );
+        let screen = format!("{:?}", terminal.backend().buffer());
+        assert!(screen.contains("burst 999"), "the last action is not drawn");
+
+        let key = frames_drawn(&mut terminal, &mut app, |tx| async move {
+            tx.send(lost("a key")).unwrap();
+            // Less than a frame: had it waited for one, it would not be drawn.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        })
+        .await;
+        assert_eq!(key, 1);
+        let screen = format!("{:?}", terminal.backend().buffer());
+        assert!(
+            screen.contains("a key"),
+            "the action after a quiet moment is not drawn"
+        );
+    }
 
     /// SIGTERM, SIGHUP, SIGQUIT and SIGINT each end the event loop the way `q` does (so
     /// the terminal guard restores the terminal), even while nothing else happens.

@@ -100,15 +100,23 @@ fn step(app: &mut App, action: Action, fx: &mut Vec<Effect>) {
                 }
             }
         }
-        // Usage counts change without events. A small list is simply re-read; a large
-        // one only for the key the user is looking at.
+        // Usage counts change without events. A small list is simply re-read; of a large
+        // one, the keys on screen (the selected one first: the details show it).
         Action::Tick if app.is_connected() && app.popup.is_none() => {
             if app.keys.len() <= TICK_RELOAD_MAX {
                 fx.push(Effect::LoadKeys);
-            } else if matches!(app.screen, Screen::Main | Screen::Details)
-                && let Some(k) = app.selected_key()
-            {
-                fx.push(Effect::GetKey(k.tag.clone()));
+            } else if matches!(app.screen, Screen::Main | Screen::Details) {
+                let selected = app.selected_key().map(|k| k.tag.clone());
+                let on_screen = app
+                    .visible
+                    .iter()
+                    .skip(app.offset)
+                    .take(app.list_rows())
+                    .filter_map(|&i| app.keys.get(i))
+                    .filter(|k| Some(&k.tag) != selected.as_ref())
+                    .map(|k| k.tag.clone())
+                    .collect::<Vec<_>>();
+                fx.extend(selected.into_iter().chain(on_screen).map(Effect::GetKey));
             }
             // So do a version's encryption count and the history's newest entries.
             match &mut app.screen {
@@ -926,8 +934,9 @@ fn form_intent(app: &mut App, a: Action, fx: &mut Vec<Effect>) {
     let Some(Popup::Create(form)) = &mut app.popup else {
         return;
     };
-    let taken =
-        |name: &str, keys: &[KeyInfo]| keys.binary_search_by(|k| k.name.as_str().cmp(name)).is_ok();
+    let taken = |name: &str, keys: &[Box<KeyInfo>]| {
+        keys.binary_search_by(|k| k.name.as_str().cmp(name)).is_ok()
+    };
     let change = |form: &mut CreateForm, forward: bool| {
         match form.focus {
             Field::Type => form.key_type = cycle(&KeyType::ALL, form.key_type, forward),

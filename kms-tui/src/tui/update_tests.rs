@@ -1376,8 +1376,10 @@ fn lost() -> Action {
     }
 }
 
-/// The tick re-reads a small list whole, a large one only for the selected key, and
-/// nothing while disconnected or while a pop-up is open.
+/// The tick re-reads a small list whole; of a large one the keys on screen, the selected
+/// one first (only the selected one was, and the usage counts of the other rows shown
+/// stayed as they were until the list was read whole); nothing while disconnected or while
+/// a pop-up is open.
 #[test]
 fn tick_refreshes_usage() {
     let mut a = app();
@@ -1392,9 +1394,33 @@ fn tick_refreshes_usage() {
         },
     );
     update(&mut big, Action::KeysLoaded(Ok(fake::many(2_001))));
-    update(&mut big, ch('j'));
+    for _ in 0..30 {
+        update(&mut big, ch('j'));
+    }
     let tag = big.selected_key().unwrap().tag.clone();
-    assert_eq!(update(&mut big, Action::Tick), [Effect::GetKey(tag)]);
+    let rows = big.list_rows();
+    let on_screen: Vec<String> = big.visible[big.offset..big.offset + rows]
+        .iter()
+        .map(|&i| big.keys[i].tag.clone())
+        .collect();
+    assert!(
+        rows > 5 && big.offset > 0,
+        "{rows} rows from {}",
+        big.offset
+    );
+    let read = update(&mut big, Action::Tick);
+    assert_eq!(read[0], Effect::GetKey(tag.clone()));
+    let mut read: Vec<String> = read
+        .into_iter()
+        .map(|e| match e {
+            Effect::GetKey(t) => t,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    read.sort();
+    let mut expected = on_screen;
+    expected.sort();
+    assert_eq!(read, expected, "every row on screen, each once");
     update(&mut a, ch('?'));
     assert!(update(&mut a, Action::Tick).is_empty());
     update(&mut a, code(KeyCode::Esc));
