@@ -160,6 +160,61 @@ fn seed_scenario_with_kmsctl() {
     assert_eq!(first["client"], "kmsctl");
 }
 
+/// `kmsctl history` cut at its limit says so on stderr, with the `--before` that shows the
+/// next page back; paging so walks the whole history, each entry once, and the last page
+/// says nothing. (It stopped at 100 entries in silence, with no way to the next page
+/// but a larger `--limit`.)
+#[test]
+fn history_pages_back_with_before() {
+    let d = TestDaemon::start();
+    ok(&d.kmsctl(&["create", "paged", "--type", "aes256"], b""));
+    for _ in 0..4 {
+        ok(&d.kmsctl(&["encrypt", "paged"], b"x"));
+    }
+    let mut seen: Vec<u64> = Vec::new();
+    let mut before: Option<String> = None;
+    for page in 0.. {
+        assert!(page < 5, "paging never ended: {seen:?}");
+        let mut args = vec!["--json", "history", "paged", "--limit", "2"];
+        if let Some(b) = &before {
+            args.extend(["--before", b.as_str()]);
+        }
+        let out = d.kmsctl(&args, b"");
+        let rows = json(&out);
+        let seqs: Vec<u64> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        seen.extend(&seqs);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        match stderr.split("--before ").nth(1) {
+            Some(rest) => {
+                let next = rest.split_whitespace().next().unwrap().to_string();
+                assert_eq!(next, seqs.last().unwrap().to_string(), "{stderr}");
+                assert_eq!(seqs.len(), 2, "{stderr}");
+                before = Some(next);
+            }
+            None => {
+                assert!(stderr.is_empty(), "{stderr}");
+                break;
+            }
+        }
+    }
+    // One create and four encryptions, newest first, each once.
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "{seen:?}");
+    // A history that fits its limit says nothing more.
+    let whole = d.kmsctl(&["history", "paged", "--limit", "5"], b"");
+    assert!(whole.status.success());
+    assert!(
+        whole.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+}
+
 /// `disable` and `delete` warn that a key is in use before they act, and only when the
 /// action applies: a second `disable` is refused without a warning first.
 #[test]

@@ -5,7 +5,7 @@ use super::{CmdResult, CtlError, Ctx, choice};
 use clap::Args;
 use kms_shared::client::Notification;
 use kms_shared::model::{ACTIONS, Action, UnixMillis};
-use kms_shared::protocol::{HISTORY_PAGE_MAX, HistoryQuery, ResultFilter};
+use kms_shared::protocol::{HISTORY_PAGE_MAX, HistoryQuery, ResultFilter, history_page_limit};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -42,34 +42,55 @@ pub struct HistoryArgs {
     /// Only entries at or after this time (RFC 3339)
     #[arg(long, value_name = "RFC3339", value_parser = parse_since)]
     pub since: Option<UnixMillis>,
+    /// Only entries older than this one (its `seq`): the next page back, after the
+    /// last entry shown
+    #[arg(long, value_name = "SEQ")]
+    pub before: Option<u64>,
 }
 
 pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
     let mut query = HistoryQuery {
         key: a.key,
         limit: a.limit.map(|l| l.min(HISTORY_PAGE_MAX)),
-        before_seq: None,
+        before_seq: a.before,
         action: a.action,
         result: a.result,
         since: a.since,
     };
     let mut entries = ctx.client.history(query.clone()).await?;
     // Limits above one page are served page by page, each older than the last.
-    if let Some(want) = a.limit {
-        let mut short = entries.len() < HISTORY_PAGE_MAX as usize;
-        while !short && entries.len() < want as usize {
-            let page = (want as usize - entries.len()).min(HISTORY_PAGE_MAX as usize);
-            query.limit = u32::try_from(page).ok();
-            query.before_seq = entries.last().map(|e| e.seq);
-            let more = ctx.client.history(query.clone()).await?;
-            short = more.len() < page;
-            entries.extend(more);
-        }
+    let want = a.limit.map_or(history_page_limit(None), |l| l as usize);
+    let mut short = entries.len() < history_page_limit(query.limit);
+    while !short && entries.len() < want {
+        let page = (want - entries.len()).min(HISTORY_PAGE_MAX as usize);
+        query.limit = u32::try_from(page).ok();
+        query.before_seq = entries.last().map(|e| e.seq);
+        let more = ctx.client.history(query.clone()).await?;
+        short = more.len() < page;
+        entries.extend(more);
     }
+    // Cut at the limit: said, with the way to the next page, if there is one (one entry
+    // asked for to know), rather than ending as if that were all.
+    let older = match entries.last() {
+        Some(last) if !short => {
+            query.limit = Some(1);
+            query.before_seq = Some(last.seq);
+            let next = ctx.client.history(query).await?;
+            (!next.is_empty()).then_some(last.seq)
+        }
+        _ => None,
+    };
     ctx.out.emit(
         || output::list_json(&entries, output::history_record),
         || output::history_table(&entries),
     )?;
+    if let Some(seq) = older {
+        eprintln!(
+            "kmsctl: {} entries shown; older ones with --before {seq} (or a larger \
+             --limit)",
+            entries.len()
+        );
+    }
     Ok(0)
 }
 
