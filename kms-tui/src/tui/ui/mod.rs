@@ -63,24 +63,97 @@ pub fn draw(f: &mut Frame, app: &App) {
         Some(Popup::Ask(q)) => ask::render(f, area, q),
         Some(Popup::Message(m)) => message::render_popup(f, area, m),
     }
-    drop_reordering(f.buffer_mut());
+    make_cells_safe(f.buffer_mut());
 }
 
-/// Takes the Unicode controls that reorder text out of everything drawn. ratatui drops
-/// control characters but writes these (zero-width, each added to the cell before it),
-/// and free text reaches the screen in many places: memos, the program and account names
-/// in history (any local process names itself), event messages. A process named with
-/// U+202E would make its history row read backwards.
-fn drop_reordering(buf: &mut ratatui::buffer::Buffer) {
+/// Makes every cell drawn safe for the terminal, after everything is drawn: free text
+/// reaches the screen in many places (memos, the program and account names in history —
+/// any local process names itself —, event messages).
+///
+/// - The Unicode controls that reorder text are taken out: ratatui drops control
+///   characters but writes these (zero-width, each added to the cell before it), and a
+///   process named with U+202E would make its history row read backwards.
+/// - A cell whose width terminals disagree on is drawn as something they agree on
+///   ([`steady`]): ratatui gives an emoji sequence its width by Unicode's rules, a
+///   terminal that draws the sequence's parts one by one (tmux 3.3) takes more cells,
+///   and the rest of the line moves right and leaves stray halves behind.
+fn make_cells_safe(buf: &mut ratatui::buffer::Buffer) {
     use kms_shared::text::reorders_text;
-    for cell in &mut buf.content {
-        let symbol = cell.symbol();
-        if symbol.is_ascii() || !symbol.chars().any(reorders_text) {
+    use unicode_width::UnicodeWidthChar as _;
+    for i in 0..buf.content.len() {
+        let symbol = buf.content[i].symbol();
+        if symbol.is_ascii() {
             continue;
         }
         let kept: String = symbol.chars().filter(|c| !reorders_text(*c)).collect();
-        cell.set_symbol(if kept.is_empty() { " " } else { &kept });
+        let Some(safe) = steady(&kept) else {
+            if kept != symbol {
+                buf.content[i].set_symbol(if kept.is_empty() { " " } else { &kept });
+            }
+            continue;
+        };
+        // Narrow characters each go in a cell of their own (the cell after a wide one is
+        // one ratatui keeps blank), so that what ratatui writes next time in those cells
+        // is what the terminal shows: "KR" in one cell leaves an "R" it never overwrites.
+        let mut chars = safe.chars();
+        let first = chars.next().unwrap_or(' ');
+        if first.width().unwrap_or(0) > 1 {
+            buf.content[i].set_symbol(&safe);
+        } else {
+            buf.content[i].set_char(first);
+            for (j, c) in (i + 1..buf.content.len()).zip(chars) {
+                buf.content[j].set_char(c);
+            }
+        }
     }
+}
+
+/// A cell's text (one grapheme) as something every terminal draws in the same width,
+/// if it is not that already: the width ratatui gave it (Unicode's), made of characters
+/// that are that wide alone. A flag (two regional indicators) becomes its two letters
+/// (🇰🇷 → `KR`); a sequence joined by U+200D (👨‍👩‍👧) its first emoji; variation
+/// selectors, keycap marks, tags and skin-tone modifiers are dropped, and what is left
+/// narrower than the cell padded with spaces (❤️ → `❤ `).
+pub fn steady(grapheme: &str) -> Option<String> {
+    use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
+    let regional = |c: char| ('\u{1f1e6}'..='\u{1f1ff}').contains(&c);
+    let unsteady = |c: char| {
+        regional(c)
+            || matches!(c, '\u{200d}' | '\u{fe0e}' | '\u{fe0f}' | '\u{20e3}')
+            || ('\u{1f3fb}'..='\u{1f3ff}').contains(&c)
+            || ('\u{e0020}'..='\u{e007f}').contains(&c)
+    };
+    if !grapheme.chars().any(unsteady) {
+        return None;
+    }
+    let width = grapheme.width();
+    let mut out: String = if grapheme.chars().any(regional) {
+        grapheme
+            .chars()
+            .filter(|&c| regional(c))
+            .map(|c| char::from(b'A' + (u32::from(c) - 0x1f1e6) as u8))
+            .take(width)
+            .collect()
+    } else {
+        // The first character with a width, and the marks on it; not what it joins.
+        let mut seen_wide = false;
+        grapheme
+            .chars()
+            .filter(|&c| !unsteady(c))
+            .take_while(|&c| {
+                let wide = c.width().unwrap_or(0) > 0;
+                let go_on = !(wide && seen_wide);
+                seen_wide |= wide;
+                go_on
+            })
+            .collect()
+    };
+    if out.width() > width {
+        out = "?".repeat(width);
+    }
+    let pad = width - out.width();
+    out.extend(std::iter::repeat_n(' ', pad));
+    Some(out)
 }
 
 /// Greedy word wrap for the pop-ups' prose (whose height must be known before drawing).
@@ -286,5 +359,70 @@ mod tests {
         assert_eq!(fit_cells("한글 메모", 5), "한글…");
         assert_eq!(fit_cells("abc", 1), "…");
         assert_eq!(fit_cells("abc", 0), "");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod cell_tests {
+    use super::*;
+    use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
+
+    /// Each grapheme terminals disagree on becomes what they agree on, as wide as ratatui
+    /// counted it; the others stay as they are.
+    #[test]
+    fn unsteady_graphemes_become_steady_ones_of_the_same_width() {
+        for (g, want) in [
+            ("\u{1f1f0}\u{1f1f7}", Some("KR")),
+            (
+                "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}",
+                Some("\u{1f468}"),
+            ),
+            ("\u{1f44d}\u{1f3fd}", Some("\u{1f44d}")),
+            ("\u{2764}\u{fe0f}", Some("\u{2764} ")),
+            ("1\u{fe0f}\u{20e3}", Some("1 ")),
+            ("\u{1f511}", None),
+            ("e\u{301}", None),
+            ("\u{ac00}", None),
+        ] {
+            assert_eq!(steady(g).as_deref(), want, "{g:?}");
+            if let Some(s) = steady(g) {
+                assert_eq!(s.width(), g.width(), "{g:?} → {s:?}");
+                // Made only of characters with one width everywhere.
+                assert!(steady(&s).is_none(), "{s:?}");
+            }
+        }
+    }
+
+    /// A memo of emoji sequences drawn into a row: every cell is steady afterwards, and
+    /// the row's cells add up to its width, so nothing after them moves.
+    #[test]
+    fn a_row_of_emoji_sequences_keeps_its_width() {
+        use ratatui::buffer::Buffer;
+        use ratatui::layout::Rect;
+        use ratatui::text::Line;
+        use ratatui::widgets::Widget;
+        let memo =
+            "A\u{1f1f0}\u{1f1f7}B\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}C\u{2764}\u{fe0f}D|";
+        let area = Rect::new(0, 0, 20, 1);
+        let mut buf = Buffer::empty(area);
+        Line::raw(memo).render(area, &mut buf);
+        make_cells_safe(&mut buf);
+        let mut row = String::new();
+        let mut cells = 0;
+        let mut x = 0;
+        while x < 20 {
+            let symbol = buf[(x, 0)].symbol().to_string();
+            assert!(steady(&symbol).is_none(), "cell {x}: {symbol:?}");
+            let w = symbol.width().max(1) as u16;
+            row.push_str(&symbol);
+            cells += w;
+            x += w;
+        }
+        assert_eq!(cells, 20);
+        assert!(row.starts_with("AKRB\u{1f468}C\u{2764} D|"), "{row:?}");
+        // The flag's letters are two cells of one character each, not one of two.
+        assert_eq!((buf[(1, 0)].symbol(), buf[(2, 0)].symbol()), ("K", "R"));
+        assert_eq!('\u{1f468}'.width(), Some(2));
     }
 }
