@@ -102,7 +102,9 @@ impl Buffered {
     /// Returns once the connection may read a frame: it holds less than its limit, and
     /// either nothing at all or its account less than the account's limit.
     pub async fn ready_to_read(&self) {
-        loop {
+        // The usual case costs two loads: registering with the account's `Notify` takes
+        // a lock every connection of the account shares, paid only when about to wait.
+        while !self.may_read() {
             // Registered before the check, so that a drain between the two is not missed
             // (`notify_waiters` keeps no permit for a waiter that comes later).
             let connection = self.connection.drained.notified();
@@ -110,7 +112,7 @@ impl Buffered {
             tokio::pin!(connection, account);
             connection.as_mut().enable();
             account.as_mut().enable();
-            if !self.connection.full() && (self.is_empty() || !self.account.full()) {
+            if self.may_read() {
                 return;
             }
             tokio::select! {
@@ -118,6 +120,10 @@ impl Buffered {
                 () = account => {}
             }
         }
+    }
+
+    fn may_read(&self) -> bool {
+        !self.connection.full() && (self.is_empty() || !self.account.full())
     }
 
     /// Whether the connection holds nothing now.
@@ -130,6 +136,10 @@ impl Buffered {
     /// that its connections reading at once cannot each go over by a frame.
     pub async fn reserve(self: &Arc<Self>, n: usize) -> Held {
         loop {
+            if self.account.try_add(n) {
+                self.connection.add(n);
+                return Held(self.clone(), n);
+            }
             let account = self.account.drained.notified();
             tokio::pin!(account);
             account.as_mut().enable();
