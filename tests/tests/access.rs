@@ -789,7 +789,7 @@ fn watch_ends_when_its_reader_goes() {
 /// All connections of one account share one budget of kmsd's memory
 /// (`max_buffered_bytes_per_account`, here 2 MiB): eight connections that pipeline 32 KiB
 /// encryptions and read nothing stop being read once together they hold it — each
-/// held up to its own 8 MiB before, 1,660 requests in all, where now ~150 are taken
+/// held up to its own 8 MiB before, 1,660 requests in all, where now ~170 are taken
 /// (the kernel's socket buffers hold a few of each). Root is held to it like any account;
 /// another account, and root's small calls on connections of their own, are served
 /// meanwhile; and once the connections read again every request they sent is answered.
