@@ -17,7 +17,8 @@
 //! count all the account's connections share — a cache line two cores would pass back
 //! and forth on every call (counting every call in it raised the reactor's CPU per AES
 //! call from 10.5 to 11.8 µs, docs/PERFORMANCE.md) — and the account's connection cap
-//! bounds what is held outside its budget.
+//! (for root and kmsd's own account, which have none, `max_connections`) bounds what is
+//! held outside its budget.
 //!
 //! A connection that holds nothing may always make a small call ([`SMALL_CALL`]): a
 //! program of the account that hoards its budget must not keep the account's other
@@ -26,7 +27,7 @@
 //! frame waits while it holds them), so the account's connection cap bounds them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::Notify;
 
 /// The most bytes a request and its reply may each take to be a small call, which a
@@ -44,51 +45,69 @@ fn beyond_own(held: usize) -> usize {
 
 /// A count of bytes against a limit. Going over is possible (a frame whose reply turns out
 /// larger, the events of a subscriber): the limit stops the readers, not the counting.
+///
+/// Signed: a connection's share of its account's count is added and taken away by
+/// whichever of its tasks moves the connection's own count across [`OWN`], so one task's
+/// subtraction may land before another's addition. The account's count can then be
+/// below zero for a moment — read as not full, never as a wrapped huge number a reader
+/// would wait on with no subtraction left to wake it.
 pub struct Budget {
-    bytes: AtomicUsize,
-    limit: usize,
+    bytes: AtomicI64,
+    limit: i64,
     /// Woken (every waiter: an account's budget has one per connection) when the count
     /// falls below the limit, or to nothing.
     drained: Notify,
 }
 
+fn signed(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl Budget {
     pub fn new(limit: usize) -> Budget {
         Budget {
-            bytes: AtomicUsize::new(0),
-            limit,
+            bytes: AtomicI64::new(0),
+            limit: signed(limit),
             drained: Notify::new(),
         }
     }
 
     /// The bytes counted now.
     pub fn held(&self) -> usize {
-        self.bytes.load(Ordering::Acquire)
+        usize::try_from(self.bytes.load(Ordering::Acquire)).unwrap_or(0)
     }
 
     fn full(&self) -> bool {
-        self.held() >= self.limit
+        self.bytes.load(Ordering::Acquire) >= self.limit
     }
 
-    /// Counts `n` more bytes; returns the count before.
+    /// Counts `n` more bytes; returns the count before (0 if it was below).
     fn add(&self, n: usize) -> usize {
-        self.bytes.fetch_add(n, Ordering::AcqRel)
+        let before = self.bytes.fetch_add(signed(n), Ordering::AcqRel);
+        usize::try_from(before).unwrap_or(0)
     }
 
-    /// Counts `n` bytes fewer; returns the count before.
+    /// Counts `n` bytes fewer; returns the count before (0 if it was below).
     fn sub(&self, n: usize) -> usize {
+        let n = signed(n);
         let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        let after = before.saturating_sub(n);
         // Empty matters too: a connection holding nothing may read whatever its account
         // holds (its hello's reply, just written, must not leave it waiting on others).
-        if (before >= self.limit && before - n < self.limit) || before == n {
+        if (before >= self.limit && after < self.limit) || after == 0 {
             self.drained.notify_waiters();
         }
-        before
+        usize::try_from(before).unwrap_or(0)
     }
 
     /// Counts `n` more bytes if the budget is below its limit now (so that readers
-    /// reserving at once go over by one frame at most, not one frame each).
+    /// reserving at once go over by one frame at most, not one frame each). Nothing to
+    /// count is a plain check: no write to a count other cores read.
     fn try_add(&self, n: usize) -> bool {
+        if n == 0 {
+            return !self.full();
+        }
+        let n = signed(n);
         self.bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                 (b < self.limit).then(|| b.saturating_add(n))
@@ -127,7 +146,7 @@ impl Buffered {
 
     fn uncount(&self, n: usize) {
         let before = self.connection.sub(n);
-        let share = beyond_own(before) - beyond_own(before - n);
+        let share = beyond_own(before) - beyond_own(before.saturating_sub(n));
         if share > 0 {
             self.account.sub(share);
         }
@@ -378,6 +397,22 @@ mod tests {
         assert_eq!(account.held(), 160);
         drop((second, third));
         assert_eq!(account.held(), 0);
+    }
+
+    /// A connection's tasks move its share of the account's count in any order: a
+    /// subtraction that lands first takes the count below zero for a moment, which reads
+    /// as room, not as a wrapped count no later subtraction would wake a reader from.
+    #[test]
+    fn an_account_count_taken_below_zero_for_a_moment_reads_as_room() {
+        let account = Budget::new(100);
+        account.sub(50);
+        assert!(!account.full());
+        assert_eq!(account.held(), 0);
+        assert!(account.try_add(10));
+        account.add(40);
+        assert_eq!(account.held(), 0);
+        account.add(100);
+        assert!(account.full());
     }
 
     /// A connection's first `OWN` bytes are its own: its account counts only what it

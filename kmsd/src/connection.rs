@@ -169,7 +169,13 @@ impl Connection {
             };
             // The frame's time runs from its first byte, the wait for room aside.
             let deadline = begun + config.frame_timeout + waiting.elapsed();
-            let body = match read_exact_body(&mut rd, len, deadline).await {
+            let body = tokio::select! {
+                biased;
+                _ = shutdown.recv() => break ReadEnd::Closed,
+                () = tx.closed() => break ReadEnd::Closed,
+                r = read_exact_body(&mut rd, len, deadline) => r,
+            };
+            let body = match body {
                 Ok(Some(b)) => b,
                 Ok(None) => break ReadEnd::Closed,
                 Err(end) => break end,

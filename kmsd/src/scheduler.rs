@@ -65,7 +65,7 @@ async fn run_telling(engine: Arc<Engine>, mut shutdown: Shutdown, asleep: impl F
             }
             last_cap = Some(tokio::time::Instant::now());
         }
-        let sleep = match engine.next_due() {
+        let sleep = match engine.next_wake() {
             Some(at) => {
                 let ms = at.saturating_sub(engine.now());
                 if ms <= 0 {
@@ -95,6 +95,71 @@ mod tests {
     use crate::clock::ManualClock;
     use kms_shared::model::{DAY_MS, KeyType};
     use kms_shared::protocol::CreateKey;
+
+    /// Refusals counted together are recorded once their one-second window is over, by
+    /// a scheduler woken for it — not at its next pass up to a minute later, which a
+    /// crash meanwhile made lose them (29 of 30 refusals, killed 5 s after them). The
+    /// clock is the engine's injected one; only the scheduler's wait is real.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_counted_together_are_recorded_when_their_window_ends() {
+        use crate::engine::Caller;
+        use kms_shared::model::Action;
+        use kms_shared::protocol::{ErrorKind, HistoryQuery};
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let (_dir, engine, root) = crate::test_support::engine_on(clock.clone());
+        let spec = CreateKey::new("guarded", KeyType::Aes256);
+        tokio::task::block_in_place(|| engine.create_key(&root, &spec).unwrap());
+        let trigger = crate::shutdown::ShutdownTrigger::new();
+        let sleeps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = sleeps.clone();
+        let asleep = move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        };
+        let task = tokio::spawn(run_telling(engine.clone(), trigger.handle(), asleep));
+        let started = std::time::Instant::now();
+        while sleeps.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(20), "never slept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stranger = Caller {
+            uid: 4242,
+            ..root.clone()
+        };
+        for _ in 0..30 {
+            drop(engine.record_refusal(
+                &stranger,
+                "guarded",
+                Action::Encrypt,
+                ErrorKind::PermissionDenied,
+            ));
+        }
+        assert!(
+            engine.refusals_pending(),
+            "29 refusals counted, not recorded"
+        );
+        clock.advance(1_000);
+        let started = std::time::Instant::now();
+        while engine.refusals_pending() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the counted refusals were not recorded when their window ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let query = HistoryQuery {
+            key: "guarded".into(),
+            ..HistoryQuery::default()
+        };
+        let history = tokio::task::block_in_place(|| engine.history(&query).unwrap());
+        let refused: u32 = history
+            .iter()
+            .filter(|e| e.uid == 4242)
+            .map(|e| e.items.max(1))
+            .sum();
+        assert_eq!(refused, 30);
+        trigger.shutdown().await;
+        task.await.unwrap();
+    }
 
     /// A change that makes a rotation due now wakes the scheduler from its sleep (up to
     /// [`MAX_SLEEP`] when nothing is due soon): a period shortened so that the next date

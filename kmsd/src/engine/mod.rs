@@ -510,6 +510,25 @@ impl Engine {
             .next(&ring.due, self.now(), self.clock.elapsed_ms())
     }
 
+    /// When the scheduler should wake next: the earliest due date ([`Engine::next_due`]),
+    /// or the end of a window of refusals counted and not yet recorded, if sooner.
+    pub fn next_wake(&self) -> Option<UnixMillis> {
+        let refusals = self
+            .refusals
+            .next_over(self.clock.elapsed_ms())
+            .map(|ms| self.now().saturating_add(ms));
+        match (self.next_due(), refusals) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Tests: whether refusals are counted and not yet recorded.
+    #[cfg(test)]
+    pub(crate) fn refusals_pending(&self) -> bool {
+        self.refusals.next_over(self.clock.elapsed_ms()).is_some()
+    }
+
     /// Tests: holds every commit back while `held` ([`Writer::hold_commits`]).
     #[cfg(test)]
     pub(crate) fn hold_commits(&self, held: bool) {
@@ -951,9 +970,15 @@ impl Engine {
         let entry = self.resolve(key).ok()?;
         let tag = &entry.rec.tag;
         let now = self.now();
-        let over =
+        let Some(over) =
             self.refusals
-                .refused(caller, tag, action, kind, now, self.clock.elapsed_ms())?;
+                .refused(caller, tag, action, kind, now, self.clock.elapsed_ms())
+        else {
+            // Counted: the scheduler records the count once its window is over, not at
+            // its next pass up to a minute on, which a crash meanwhile made lose it.
+            self.due_changed.notify_one();
+            return None;
+        };
         let mut batch: Vec<Mutation> = over.into_iter().map(counted_refusals).collect();
         batch.push(history_mutation(tag, now, caller, action, None, Some(kind)));
         Some(self.writer.submit(batch))

@@ -7,9 +7,10 @@
 //! missing role is answered without waiting for it: PROTOCOL.md §1), the others of the
 //! window only counted, and their count is
 //! recorded as one entry (`items` = `failed` = the count, dated at the last of them) once
-//! the window is over: by the next such refusal, by the scheduler's next pass (within a
-//! minute) or when the daemon stops. A crash loses the counts not yet recorded, at most
-//! a window's worth per account, key and action.
+//! the window is over: by the next such refusal, by the scheduler, which wakes for it
+//! when the window ends ([`Refusals::next_over`]), or when the daemon stops. A crash loses
+//! the counts not yet recorded, at most a window's worth (and the moment the scheduler
+//! takes to record it) per account, key and action.
 
 use super::Caller;
 use kms_shared::model::{Action, UnixMillis};
@@ -91,6 +92,17 @@ impl Refusals {
             },
         );
         Some(over)
+    }
+
+    /// How long after `elapsed` the first window holding counts is over (0: already),
+    /// if one is: when the scheduler should record them.
+    pub fn next_over(&self, elapsed: i64) -> Option<i64> {
+        let windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        windows
+            .values()
+            .filter(|w| w.counted.is_some())
+            .map(|w| (w.opened.saturating_add(WINDOW_MS) - elapsed).max(0))
+            .min()
     }
 
     /// The counts of the windows that are over at `elapsed`, which are dropped.
