@@ -69,14 +69,20 @@ pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
         short = more.len() < page;
         entries.extend(more);
     }
-    // Cut at the limit: said, with the way to the next page, if there is one (one entry
-    // asked for to know), rather than ending as if that were all.
+    // Cut at the limit: said, with the way to the next page, if there may be one, rather
+    // than ending as if that were all. One page of one entry tells (a page the daemon
+    // cut at its scan bound says older ones may match); it is not followed down a whole
+    // history that has no more, and if it fails, the entries read still stand.
     let older = match entries.last() {
         Some(last) if !short => {
             query.limit = Some(1);
             query.before_seq = Some(last.seq);
-            let next = ctx.client.history(query).await?;
-            (!next.is_empty()).then_some(last.seq)
+            match ctx.client.history_page(query).await {
+                Ok(next) if !next.entries.is_empty() || next.resume_before_seq.is_some() => {
+                    Some(last.seq)
+                }
+                _ => None,
+            }
         }
         _ => None,
     };

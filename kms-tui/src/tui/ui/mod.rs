@@ -79,51 +79,77 @@ pub fn draw(f: &mut Frame, app: &App) {
 ///   and the rest of the line moves right and leaves stray halves behind.
 fn make_cells_safe(buf: &mut ratatui::buffer::Buffer) {
     use kms_shared::text::reorders_text;
-    use unicode_width::UnicodeWidthChar as _;
+    use unicode_width::UnicodeWidthStr as _;
     for i in 0..buf.content.len() {
         let symbol = buf.content[i].symbol();
-        if symbol.is_ascii() {
+        // Borders and other text with nothing to change cost no allocation.
+        if symbol.is_ascii() || !symbol.chars().any(|c| reorders_text(c) || unsteady(c)) {
             continue;
         }
         let kept: String = symbol.chars().filter(|c| !reorders_text(*c)).collect();
         let Some(safe) = steady(&kept) else {
-            if kept != symbol {
-                buf.content[i].set_symbol(if kept.is_empty() { " " } else { &kept });
-            }
+            buf.content[i].set_symbol(if kept.is_empty() { " " } else { &kept });
             continue;
         };
-        // Narrow characters each go in a cell of their own (the cell after a wide one is
-        // one ratatui keeps blank), so that what ratatui writes next time in those cells
-        // is what the terminal shows: "KR" in one cell leaves an "R" it never overwrites.
-        let mut chars = safe.chars();
-        let first = chars.next().unwrap_or(' ');
-        if first.width().unwrap_or(0) > 1 {
-            buf.content[i].set_symbol(&safe);
-        } else {
-            buf.content[i].set_char(first);
-            for (j, c) in (i + 1..buf.content.len()).zip(chars) {
-                buf.content[j].set_char(c);
+        // Each character with a width (and the marks on it) in a cell of its own — the
+        // cell after a wide one is one ratatui keeps blank — so that what ratatui writes
+        // next time in those cells is what the terminal shows ("KR" in one cell left an
+        // "R" it never overwrote), in the first cell's style.
+        let style = buf.content[i].style();
+        let mut cell = i;
+        for part in cells_of(&safe) {
+            if cell >= buf.content.len() {
+                break;
             }
+            buf.content[cell].set_symbol(&part).set_style(style);
+            cell += part.width().max(1);
         }
     }
+}
+
+/// `text` cut into what each cell holds: a character with a width, with the zero-width
+/// marks after it.
+fn cells_of(text: &str) -> Vec<String> {
+    use unicode_width::UnicodeWidthChar as _;
+    let mut cells: Vec<String> = Vec::new();
+    for c in text.chars() {
+        match cells.last_mut() {
+            Some(last) if c.width().unwrap_or(0) == 0 => last.push(c),
+            _ => cells.push(c.to_string()),
+        }
+    }
+    cells
+}
+
+/// Whether `c` is an emoji, as far as joining goes: U+200D between emoji joins them into
+/// one picture some terminals draw and others draw part by part; between the letters of
+/// an Indic script it is writing, and stays.
+fn emoji(c: char) -> bool {
+    c >= '\u{1f000}' || ('\u{2300}'..='\u{2bff}').contains(&c)
+}
+
+/// Characters that make a cell's width depend on the terminal: regional indicators
+/// (flags), U+200D, variation selectors, the keycap mark, tags and skin-tone modifiers.
+fn unsteady(c: char) -> bool {
+    ('\u{1f1e6}'..='\u{1f1ff}').contains(&c)
+        || matches!(c, '\u{200d}' | '\u{fe0e}' | '\u{fe0f}' | '\u{20e3}')
+        || ('\u{1f3fb}'..='\u{1f3ff}').contains(&c)
+        || ('\u{e0020}'..='\u{e007f}').contains(&c)
 }
 
 /// A cell's text (one grapheme) as something every terminal draws in the same width,
 /// if it is not that already: the width ratatui gave it (Unicode's), made of characters
 /// that are that wide alone. A flag (two regional indicators) becomes its two letters
-/// (🇰🇷 → `KR`); a sequence joined by U+200D (👨‍👩‍👧) its first emoji; variation
-/// selectors, keycap marks, tags and skin-tone modifiers are dropped, and what is left
-/// narrower than the cell padded with spaces (❤️ → `❤ `).
+/// (🇰🇷 → `KR`); a sequence of emoji joined by U+200D (👨‍👩‍👧) its first emoji;
+/// variation selectors, keycap marks, tags and skin-tone modifiers are dropped, and what
+/// is left narrower than the cell padded with spaces (❤️ → `❤ `). U+200D in other
+/// scripts (Sinhala, Devanagari) is left as it is.
 pub fn steady(grapheme: &str) -> Option<String> {
     use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
     let regional = |c: char| ('\u{1f1e6}'..='\u{1f1ff}').contains(&c);
-    let unsteady = |c: char| {
-        regional(c)
-            || matches!(c, '\u{200d}' | '\u{fe0e}' | '\u{fe0f}' | '\u{20e3}')
-            || ('\u{1f3fb}'..='\u{1f3ff}').contains(&c)
-            || ('\u{e0020}'..='\u{e007f}').contains(&c)
-    };
-    if !grapheme.chars().any(unsteady) {
+    let has_emoji = grapheme.chars().any(emoji);
+    let drop = |c: char| unsteady(c) && (c != '\u{200d}' || has_emoji);
+    if !grapheme.chars().any(drop) {
         return None;
     }
     let width = grapheme.width();
@@ -139,7 +165,7 @@ pub fn steady(grapheme: &str) -> Option<String> {
         let mut seen_wide = false;
         grapheme
             .chars()
-            .filter(|&c| !unsteady(c))
+            .filter(|&c| !drop(c))
             .take_while(|&c| {
                 let wide = c.width().unwrap_or(0) > 0;
                 let go_on = !(wide && seen_wide);
@@ -383,6 +409,10 @@ mod cell_tests {
             ("1\u{fe0f}\u{20e3}", Some("1 ")),
             ("\u{1f511}", None),
             ("e\u{301}", None),
+            // Sinhala's "shri": U+200D between letters is writing, not an emoji join.
+            ("\u{0dc1}\u{0dca}\u{200d}\u{0dbb}\u{0dd3}", None),
+            // A mark on a base that loses its variation selector stays on it.
+            ("e\u{301}\u{fe0e}", Some("e\u{301}")),
             ("\u{ac00}", None),
         ] {
             assert_eq!(steady(g).as_deref(), want, "{g:?}");
@@ -423,6 +453,29 @@ mod cell_tests {
         assert!(row.starts_with("AKRB\u{1f468}C\u{2764} D|"), "{row:?}");
         // The flag's letters are two cells of one character each, not one of two.
         assert_eq!((buf[(1, 0)].symbol(), buf[(2, 0)].symbol()), ("K", "R"));
+    }
+
+    /// A mark stays in its base's cell and the next cell keeps its character; the cells
+    /// written keep the span's style.
+    #[test]
+    fn marks_stay_on_their_base_and_styles_carry_over() {
+        use ratatui::buffer::Buffer;
+        use ratatui::layout::Rect;
+        use ratatui::style::{Color, Style};
+        use ratatui::text::{Line, Span};
+        use ratatui::widgets::Widget;
+        let area = Rect::new(0, 0, 10, 1);
+        let mut buf = Buffer::empty(area);
+        let red = Style::default().fg(Color::Red);
+        Line::from(vec![Span::styled(
+            "e\u{301}\u{fe0e}X\u{1f1f0}\u{1f1f7}Y",
+            red,
+        )])
+        .render(area, &mut buf);
+        make_cells_safe(&mut buf);
+        let cells: Vec<&str> = (0..5).map(|x| buf[(x, 0)].symbol()).collect();
+        assert_eq!(cells, ["e\u{301}", "X", "K", "R", "Y"]);
+        assert!((0..5).all(|x| buf[(x, 0)].fg == Color::Red));
         assert_eq!('\u{1f468}'.width(), Some(2));
     }
 }
