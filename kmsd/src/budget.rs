@@ -14,11 +14,11 @@
 //!
 //! A connection's first [`OWN`] bytes are its own: its account's budget counts what each
 //! connection holds beyond them. A small call's request and reply thus never touch the
-//! count all the account's connections share — a cache line two cores would pass back
-//! and forth on every call (counting every call in it raised the reactor's CPU per AES
-//! call from 10.5 to 11.8 µs, docs/PERFORMANCE.md) — and the account's connection cap
-//! (for root and kmsd's own account, which have none, `max_connections`) bounds what is
-//! held outside its budget.
+//! count all the account's connections share — a cache line the cores would pass back
+//! and forth on every call (on this project's 2-core machine no cost of it could be told
+//! from the noise, docs/PERFORMANCE.md; more cores pay more) — and the account's
+//! connection cap (for root and kmsd's own account, which have none, `max_connections`)
+//! bounds what is held outside its budget.
 //!
 //! A connection that holds nothing may always make a small call ([`SMALL_CALL`]): a
 //! program of the account that hoards its budget must not keep the account's other
