@@ -269,7 +269,11 @@ pub fn keys_table(keys: &[KeyInfo]) -> String {
     let rows: Vec<Vec<String>> = keys
         .iter()
         .map(|k| {
-            let auto = if k.auto_rotation {
+            // At its version limit a key rotates no more, whatever its setting says: a
+            // period there read as rotation still going on.
+            let auto = if k.auto_rotation && k.current_version >= k.protection.max_versions() {
+                "limit".into()
+            } else if k.auto_rotation {
                 format!("{}d", k.rotation_days)
             } else {
                 "off".into()
@@ -537,7 +541,7 @@ mod tests {
         };
         assert!(lines(&key_record(&no_memo)).ends_with("\nmemo: -\n"));
         assert_eq!(to_json(key_record(&no_memo))["memo"], "");
-        let t = keys_table(&[k]);
+        let t = keys_table(&[k.clone()]);
         let mut rows = t.lines();
         let header = rows.next().unwrap();
         let row = rows.next().unwrap();
@@ -545,6 +549,13 @@ mod tests {
         assert_eq!(header.find("TAG"), row.find("0123"));
         assert!(row.contains(" 90d "));
         assert!(!t.lines().any(|l| l.ends_with(' ')));
+        let at_limit = KeyInfo {
+            current_version: Protection::Basic.max_versions(),
+            next_rotation_at: None,
+            ..k.clone()
+        };
+        let t = keys_table(&[at_limit]);
+        assert!(t.lines().nth(1).unwrap().contains(" limit "), "{t}");
     }
 
     /// Only AES encryptions are counted: an RSA or ECDSA version shows `-` (null in
