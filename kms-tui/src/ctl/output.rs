@@ -541,7 +541,7 @@ mod tests {
         };
         assert!(lines(&key_record(&no_memo)).ends_with("\nmemo: -\n"));
         assert_eq!(to_json(key_record(&no_memo))["memo"], "");
-        let t = keys_table(&[k.clone()]);
+        let t = keys_table(std::slice::from_ref(&k));
         let mut rows = t.lines();
         let header = rows.next().unwrap();
         let row = rows.next().unwrap();
