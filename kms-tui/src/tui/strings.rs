@@ -107,9 +107,16 @@ pub fn type_label(t: KeyType) -> &'static str {
     t.display_name()
 }
 
+/// Whether a key rotates automatically no more because it has all the versions it may
+/// (its setting says on: a period shown alone would read as rotation going on).
+fn rotation_stopped(k: &KeyInfo) -> bool {
+    k.auto_rotation && k.current_version >= k.protection.max_versions()
+}
+
 pub fn period_cell(k: &KeyInfo) -> String {
     match (k.auto_rotation, k.next_rotation_at) {
         (true, Some(next)) => format!("{}d {}", k.rotation_days, date(next)),
+        _ if rotation_stopped(k) => format!("{}d limit", k.rotation_days),
         _ => format!("{}d", k.rotation_days),
     }
 }
@@ -136,6 +143,10 @@ pub fn rotation_detail(k: &KeyInfo) -> String {
             "auto every {} days · next {}",
             k.rotation_days,
             datetime(next)
+        ),
+        (true, None) if rotation_stopped(k) => format!(
+            "auto every {} days · stopped: the key has all the versions it may",
+            k.rotation_days
         ),
         (true, None) => format!("auto every {} days", k.rotation_days),
         (false, _) => format!("manual (period {} days when on)", k.rotation_days),
@@ -1107,6 +1118,28 @@ mod tests {
             "{body}"
         );
         assert!(!body.contains("A new version every"), "{body}");
+    }
+
+    /// A key at its version limit with automatic rotation on is shown as stopped, in the
+    /// list and the details, not as rotating every N days (found by a helper checking
+    /// kmsctl's list against the protocol).
+    #[test]
+    fn automatic_rotation_stopped_at_the_version_limit_is_shown_so() {
+        let mut k = crate::tui::fake::keys()[0].clone();
+        k.protection = Protection::Basic;
+        k.auto_rotation = true;
+        k.rotation_days = 200;
+        k.current_version = kms_shared::model::MAX_VERSIONS;
+        k.next_rotation_at = None;
+        assert_eq!(period_cell(&k), "200d limit");
+        assert!(
+            rotation_detail(&k).contains("stopped"),
+            "{}",
+            rotation_detail(&k)
+        );
+        k.current_version = 3;
+        assert_eq!(period_cell(&k), "200d");
+        assert_eq!(rotation_detail(&k), "auto every 200 days");
     }
 
     /// A count that fits its cell is shown whole; one that does not, shortened with its
