@@ -96,6 +96,28 @@ mod tests {
     use kms_shared::model::{DAY_MS, KeyType};
     use kms_shared::protocol::CreateKey;
 
+    /// A scheduler running on `engine`, once it has made its first pass and gone to sleep.
+    async fn asleep(
+        engine: &Arc<Engine>,
+    ) -> (
+        crate::shutdown::ShutdownTrigger,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let trigger = crate::shutdown::ShutdownTrigger::new();
+        let sleeps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = sleeps.clone();
+        let asleep = move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        };
+        let task = tokio::spawn(run_telling(engine.clone(), trigger.handle(), asleep));
+        let started = std::time::Instant::now();
+        while sleeps.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(20), "never slept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (trigger, task)
+    }
+
     /// Refusals counted together are recorded once their one-second window is over, by
     /// a scheduler woken for it — not at its next pass up to a minute later, which a
     /// crash meanwhile made lose them (29 of 30 refusals, killed 5 s after them). The
@@ -109,18 +131,7 @@ mod tests {
         let (_dir, engine, root) = crate::test_support::engine_on(clock.clone());
         let spec = CreateKey::new("guarded", KeyType::Aes256);
         tokio::task::block_in_place(|| engine.create_key(&root, &spec).unwrap());
-        let trigger = crate::shutdown::ShutdownTrigger::new();
-        let sleeps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = sleeps.clone();
-        let asleep = move || {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        };
-        let task = tokio::spawn(run_telling(engine.clone(), trigger.handle(), asleep));
-        let started = std::time::Instant::now();
-        while sleeps.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            assert!(started.elapsed() < Duration::from_secs(20), "never slept");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let (trigger, task) = asleep(&engine).await;
         let stranger = Caller {
             uid: 4242,
             ..root.clone()
@@ -176,19 +187,8 @@ mod tests {
             ..CreateKey::new("wakes", KeyType::Aes256)
         };
         tokio::task::block_in_place(|| engine.create_key(&root, &spec).unwrap());
-        let trigger = crate::shutdown::ShutdownTrigger::new();
-        let sleeps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = sleeps.clone();
-        let asleep = move || {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        };
-        let task = tokio::spawn(run_telling(engine.clone(), trigger.handle(), asleep));
         // The first pass finds nothing due and the scheduler sleeps (up to a minute).
-        let started = std::time::Instant::now();
-        while sleeps.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            assert!(started.elapsed() < Duration::from_secs(20), "never slept");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let (trigger, task) = asleep(&engine).await;
         clock.advance(10 * DAY_MS);
         tokio::task::block_in_place(|| engine.set_rotation(&root, "wakes", true, Some(5)).unwrap());
         let started = std::time::Instant::now();

@@ -422,6 +422,59 @@ pub mod raw {
         s
     }
 
+    /// Encrypts 32 KiB with `key`, call after call, reading no reply, until a write has
+    /// made no progress for `stall` (kmsd stopped reading). Returns how many requests
+    /// went whole, and the rest of the one that did not.
+    pub fn encrypt_until_unread(
+        s: &mut UnixStream,
+        key: &str,
+        stall: std::time::Duration,
+    ) -> (u64, Vec<u8>) {
+        use kms_shared::protocol::Request;
+        s.set_write_timeout(Some(stall))
+            .expect("set a write timeout");
+        let mut sent = 0u64;
+        loop {
+            let request = Request::Encrypt {
+                key: key.into(),
+                plaintext: vec![0x42u8; 32 * 1024].into(),
+                context: None,
+            };
+            let bytes = frame(sent + 1, request);
+            match write_within(s, &bytes) {
+                Ok(()) => sent += 1,
+                Err(done) => return (sent, bytes[done..].to_vec()),
+            }
+            assert!(sent < 2000, "the daemon never stopped reading");
+        }
+    }
+
+    /// Writes `partial` (the rest of the cut request) and reads the replies of requests
+    /// 1 to `sent + 1` of [`encrypt_until_unread`], each a ciphertext, each once. Returns
+    /// the ids answered, in order.
+    pub fn read_every_ciphertext(mut s: UnixStream, sent: u64, partial: Vec<u8>) -> Vec<u64> {
+        use kms_shared::protocol::Response;
+        let mut writer = s.try_clone().expect("clone the socket");
+        let finish = std::thread::spawn(move || writer.write_all(&partial));
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .expect("set a read timeout");
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < sent as usize + 1 {
+            match read_reply(&mut s) {
+                ServerFrame::Reply {
+                    id,
+                    result: Outcome::Ok(Response::Ciphertext { .. }),
+                } => assert!(answered.insert(id), "request {id} answered twice"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        finish
+            .join()
+            .expect("the writer thread")
+            .expect("write the rest of the request");
+        answered.into_iter().collect()
+    }
+
     /// The next frame from kmsd.
     pub fn read_reply(s: &mut UnixStream) -> ServerFrame {
         let mut len = [0u8; 4];

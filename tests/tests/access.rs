@@ -795,8 +795,7 @@ fn watch_ends_when_its_reader_goes() {
 /// meanwhile; and once the connections read again every request they sent is answered.
 #[test]
 fn an_accounts_connections_share_one_memory_budget() {
-    use kms_e2e::raw::{frame, handshaken, read_reply, write_within};
-    use kms_shared::protocol::{Outcome, Request, Response, ServerFrame};
+    use kms_e2e::raw::{encrypt_until_unread, handshaken, read_every_ciphertext};
     const CONNECTIONS: usize = 8;
     let d = shared_daemon_with(Some("max_buffered_bytes_per_account = 2097152\n"));
     root_ok(&d, &["create", "sink", "--type", "aes256"]);
@@ -807,21 +806,7 @@ fn an_accounts_connections_share_one_memory_budget() {
             let socket = socket.clone();
             std::thread::spawn(move || {
                 let mut s = handshaken(&socket, &format!("non-reader-{c}"));
-                s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
-                let mut sent = 0u64;
-                let partial = loop {
-                    let request = Request::Encrypt {
-                        key: "sink".into(),
-                        plaintext: vec![0x42u8; 32 * 1024].into(),
-                        context: None,
-                    };
-                    let bytes = frame(sent + 1, request);
-                    match write_within(&mut s, &bytes) {
-                        Ok(()) => sent += 1,
-                        Err(done) => break bytes[done..].to_vec(),
-                    }
-                    assert!(sent < 2000, "the daemon never stopped reading");
-                };
+                let (sent, partial) = encrypt_until_unread(&mut s, "sink", Duration::from_secs(3));
                 (s, sent, partial)
             })
         })
@@ -850,22 +835,9 @@ fn an_accounts_connections_share_one_memory_budget() {
     // Read again: the rest of each cut frame goes out, and every request is answered.
     let readers: Vec<_> = stalled
         .into_iter()
-        .map(|(mut s, sent, partial)| {
+        .map(|(s, sent, partial)| {
             std::thread::spawn(move || {
-                let mut writer = s.try_clone().unwrap();
-                let finish = std::thread::spawn(move || writer.write_all(&partial).unwrap());
-                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                let mut answered = std::collections::BTreeSet::new();
-                while answered.len() < sent as usize + 1 {
-                    match read_reply(&mut s) {
-                        ServerFrame::Reply {
-                            id,
-                            result: Outcome::Ok(Response::Ciphertext { .. }),
-                        } => assert!(answered.insert(id), "request {id} answered twice"),
-                        other => panic!("unexpected {other:?}"),
-                    }
-                }
-                finish.join().unwrap();
+                let answered = read_every_ciphertext(s, sent, partial);
                 assert_eq!(answered.len(), sent as usize + 1);
             })
         })

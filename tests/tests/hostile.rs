@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kms_e2e::raw::{frame, handshaken, read_reply, write_within};
+use kms_e2e::raw::{encrypt_until_unread, frame, handshaken, read_every_ciphertext, read_reply};
 use kms_e2e::{DaemonOptions, TestDaemon, key_spec};
 use kms_shared::client::Client;
 use kms_shared::model::KeyType;
@@ -247,7 +247,6 @@ async fn hostile_connections_leave_a_good_client_served() {
 #[test]
 fn a_client_that_stops_reading_stops_being_read() {
     let _alone = ONE_AT_A_TIME.blocking_lock();
-    use kms_shared::protocol::{Request, Response};
     let d = TestDaemon::start_with(DaemonOptions {
         config: Some("max_buffered_bytes = 1048576\n".into()),
         ..DaemonOptions::default()
@@ -260,45 +259,15 @@ fn a_client_that_stops_reading_stops_being_read() {
             .unwrap();
     });
     let mut s = handshaken(&d.socket, "non-reader");
-    // Send until a write has made no progress for 5 s.
-    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-    let plaintext = vec![0x42u8; 32 * 1024];
-    let mut sent = 0u64;
-    let partial = loop {
-        let request = Request::Encrypt {
-            key: "sink".into(),
-            plaintext: (plaintext.clone()).into(),
-            context: None,
-        };
-        let bytes = frame(sent + 1, request);
-        match write_within(&mut s, &bytes) {
-            Ok(()) => sent += 1,
-            Err(done) => break bytes[done..].to_vec(),
-        }
-        assert!(sent < 2000, "the daemon never stopped reading");
-    };
+    let (sent, partial) = encrypt_until_unread(&mut s, "sink", Duration::from_secs(5));
     eprintln!("kmsd stopped reading after {sent} requests of 32 KiB");
     assert!(
         sent < 150,
         "{sent} requests of 32 KiB were taken from a client that reads nothing"
     );
     // Read again: the rest of the cut frame goes out, and every request is answered.
-    let mut writer = s.try_clone().unwrap();
-    let finish = std::thread::spawn(move || writer.write_all(&partial).unwrap());
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut answered = std::collections::BTreeSet::new();
-    while answered.len() < sent as usize + 1 {
-        match read_reply(&mut s) {
-            ServerFrame::Reply {
-                id,
-                result: Outcome::Ok(Response::Ciphertext { .. }),
-            } => assert!(answered.insert(id), "request {id} answered twice"),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    finish.join().unwrap();
     assert_eq!(
-        answered.into_iter().collect::<Vec<_>>(),
+        read_every_ciphertext(s, sent, partial),
         (1..=sent + 1).collect::<Vec<_>>()
     );
 }
