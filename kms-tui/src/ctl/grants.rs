@@ -126,29 +126,26 @@ pub async fn revoke(ctx: &mut Ctx, a: GrantArgs) -> CmdResult {
 
 pub async fn list(ctx: &mut Ctx) -> CmdResult {
     let grants = ctx.client.grants().await?;
-    ctx.out.emit(
-        || output::list_json(&grants, grant_record),
-        || {
-            let rows: Vec<Vec<String>> = grants
-                .iter()
-                .map(|g| {
-                    let (kind, name) = match &g.principal {
-                        Principal::User(u) => ("user", u.clone()),
-                        Principal::Group(gr) => ("group", gr.clone()),
-                    };
-                    vec![
-                        g.id.to_string(),
-                        g.role.to_string(),
-                        format!("{kind} {name}"),
-                        g.key_name.clone().unwrap_or_else(|| "*".into()),
-                        kms_shared::model::format_time(g.granted_at),
-                        g.granted_by.clone(),
-                    ]
-                })
-                .collect();
-            output::table(&["ID", "ROLE", "FOR", "KEY", "GRANTED", "BY"], &rows)
-        },
-    )?;
+    ctx.out.emit_list(&grants, grant_record, || {
+        let rows: Vec<Vec<String>> = grants
+            .iter()
+            .map(|g| {
+                let (kind, name) = match &g.principal {
+                    Principal::User(u) => ("user", u.clone()),
+                    Principal::Group(gr) => ("group", gr.clone()),
+                };
+                vec![
+                    g.id.to_string(),
+                    g.role.to_string(),
+                    format!("{kind} {name}"),
+                    g.key_name.clone().unwrap_or_else(|| "*".into()),
+                    kms_shared::model::format_time(g.granted_at),
+                    g.granted_by.clone(),
+                ]
+            })
+            .collect();
+        output::table(&["ID", "ROLE", "FOR", "KEY", "GRANTED", "BY"], &rows)
+    })?;
     Ok(0)
 }
 

@@ -86,10 +86,9 @@ pub async fn history(ctx: &mut Ctx, a: HistoryArgs) -> CmdResult {
         }
         _ => None,
     };
-    ctx.out.emit(
-        || output::list_json(&entries, output::history_record),
-        || output::history_table(&entries),
-    )?;
+    ctx.out.emit_list(&entries, output::history_record, || {
+        output::history_table(&entries)
+    })?;
     if let Some(seq) = older {
         eprintln!(
             "kmsctl: {} entries shown; older ones with --before {seq} (or a larger \

@@ -86,25 +86,22 @@ pub async fn run(ctx: &mut Ctx, command: HsmCommand) -> CmdResult {
         }
         HsmCommand::List => {
             let tokens = ctx.client.hsm_list().await?;
-            ctx.out.emit(
-                || output::list_json(&tokens, token_record),
-                || {
-                    let rows: Vec<Vec<String>> = tokens
-                        .iter()
-                        .map(|t| {
-                            vec![
-                                t.name.clone(),
-                                t.token.clone(),
-                                t.module.clone(),
-                                t.keys.to_string(),
-                                kms_shared::model::format_time(t.added_at),
-                                t.added_by.clone(),
-                            ]
-                        })
-                        .collect();
-                    output::table(&["NAME", "TOKEN", "MODULE", "KEYS", "ADDED", "BY"], &rows)
-                },
-            )?;
+            ctx.out.emit_list(&tokens, token_record, || {
+                let rows: Vec<Vec<String>> = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.token.clone(),
+                            t.module.clone(),
+                            t.keys.to_string(),
+                            kms_shared::model::format_time(t.added_at),
+                            t.added_by.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["NAME", "TOKEN", "MODULE", "KEYS", "ADDED", "BY"], &rows)
+            })?;
         }
         HsmCommand::Remove(n) => {
             let t = ctx.client.hsm_remove(&n.name).await?;

@@ -70,10 +70,8 @@ pub async fn create(ctx: &mut Ctx, a: CreateArgs) -> CmdResult {
 
 pub async fn list(ctx: &mut Ctx, a: ListArgs) -> CmdResult {
     let (keys, _total) = ctx.client.list_keys(a.deleted, 0, None).await?;
-    ctx.out.emit(
-        || output::list_json(&keys, output::key_record),
-        || output::keys_table(&keys),
-    )?;
+    ctx.out
+        .emit_list(&keys, output::key_record, || output::keys_table(&keys))?;
     Ok(0)
 }
 
