@@ -101,12 +101,8 @@ impl Budget {
     }
 
     /// Counts `n` more bytes if the budget is below its limit now (so that readers
-    /// reserving at once go over by one frame at most, not one frame each). Nothing to
-    /// count is a plain check: no write to a count other cores read.
+    /// reserving at once go over by one frame at most, not one frame each).
     fn try_add(&self, n: usize) -> bool {
-        if n == 0 {
-            return !self.full();
-        }
         let n = signed(n);
         self.bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
@@ -207,7 +203,9 @@ impl Buffered {
     fn try_reserve(&self, n: usize) -> bool {
         let now = self.connection.held();
         let share = beyond_own(now + n) - beyond_own(now);
-        if !self.account.try_add(share) {
+        // Within the connection's own bytes the account has no say: a frame that fits
+        // there goes ahead (and wakes for nothing the account does).
+        if share > 0 && !self.account.try_add(share) {
             return false;
         }
         // The connection's count may have moved meanwhile (a reply queued or written):
@@ -413,6 +411,29 @@ mod tests {
         assert_eq!(account.held(), 0);
         account.add(100);
         assert!(account.full());
+    }
+
+    /// A frame that fits in its connection's own bytes is reserved whatever the account
+    /// holds: the account neither counts it nor would wake its reader.
+    #[tokio::test]
+    async fn a_frame_within_the_connections_own_bytes_does_not_wait_for_its_account() {
+        let account = Arc::new(Budget::new(100));
+        let hog = Buffered::new(usize::MAX, account.clone());
+        let _held = hog.hold(OWN + 100);
+        let b = Buffered::new(usize::MAX, account.clone());
+        let _reply = b.hold(10);
+        let frame = tokio::time::timeout(Duration::from_secs(5), b.reserve(OWN - 10))
+            .await
+            .expect("waited for the account");
+        assert_eq!(account.held(), 100);
+        let mut over = waits(b.reserve(1));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut over)
+                .await
+                .is_err(),
+            "a byte beyond its own went ahead of a full account"
+        );
+        drop(frame);
     }
 
     /// A connection's first `OWN` bytes are its own: its account counts only what it

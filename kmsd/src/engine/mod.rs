@@ -516,7 +516,9 @@ impl Engine {
         let refusals = self
             .refusals
             .next_over(self.clock.elapsed_ms())
-            .map(|ms| self.now().saturating_add(ms));
+            // At least a millisecond on: a window over now is recorded by a pass right
+            // after, not after the scheduler's retry pause (`RETRY`) for a date passed.
+            .map(|ms| self.now().saturating_add(ms.max(1)));
         match (self.next_due(), refusals) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -976,7 +978,9 @@ impl Engine {
         else {
             // Counted: the scheduler records the count once its window is over, not at
             // its next pass up to a minute on, which a crash meanwhile made lose it.
-            self.due_changed.notify_one();
+            if self.refusals.take_wake() {
+                self.due_changed.notify_one();
+            }
             return None;
         };
         let mut batch: Vec<Mutation> = over.into_iter().map(counted_refusals).collect();

@@ -17,6 +17,7 @@ use kms_shared::model::{Action, UnixMillis};
 use kms_shared::protocol::ErrorKind;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// How long the refusals after the first of a window are only counted.
 pub const WINDOW_MS: i64 = 1_000;
@@ -45,7 +46,16 @@ struct Window {
 type WindowKey = (u32, String, Action, ErrorKind);
 
 #[derive(Default)]
-pub struct Refusals(Mutex<HashMap<WindowKey, Window>>);
+pub struct Refusals {
+    windows: Mutex<HashMap<WindowKey, Window>>,
+    /// Windows holding counts not yet recorded (changed with `windows` locked).
+    counting: AtomicUsize,
+    /// A window began counting while none other was: the scheduler must learn of it
+    /// ([`Refusals::take_wake`]). While another window holds counts, the scheduler
+    /// already wakes for that one's end, which comes first (all windows are as long), so
+    /// a flood of refusals wakes it once a window, not once a refusal.
+    wake: AtomicBool,
+}
 
 impl Refusals {
     /// A refusal of `caller`'s `action` on the key `tag`, at wall time `at` and `elapsed`.
@@ -60,11 +70,14 @@ impl Refusals {
         at: UnixMillis,
         elapsed: i64,
     ) -> Option<Vec<Counted>> {
-        let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         let key = (caller.uid, tag.to_owned(), action, kind);
         let mut over = Vec::new();
         if let Some(w) = windows.get_mut(&key) {
             if elapsed.saturating_sub(w.opened) < WINDOW_MS {
+                if w.counted.is_none() && self.counting.fetch_add(1, Ordering::AcqRel) == 0 {
+                    self.wake.store(true, Ordering::Release);
+                }
                 let n = w.counted.as_ref().map_or(0, |c| c.n);
                 w.counted = Some(Counted {
                     tag: tag.to_owned(),
@@ -76,10 +89,10 @@ impl Refusals {
                 });
                 return None;
             }
-            over.extend(w.counted.take());
+            over.extend(self.took(w.counted.take()));
         }
         if windows.len() >= MAX_WINDOWS && !windows.contains_key(&key) {
-            over.extend(take_over(&mut windows, elapsed));
+            over.extend(self.take_over(&mut windows, elapsed));
             if windows.len() >= MAX_WINDOWS {
                 return Some(over);
             }
@@ -97,7 +110,10 @@ impl Refusals {
     /// How long after `elapsed` the first window holding counts is over (0: already),
     /// if one is: when the scheduler should record them.
     pub fn next_over(&self, elapsed: i64) -> Option<i64> {
-        let windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if self.counting.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         windows
             .values()
             .filter(|w| w.counted.is_some())
@@ -107,10 +123,35 @@ impl Refusals {
 
     /// The counts of the windows that are over at `elapsed`, which are dropped.
     pub fn over(&self, elapsed: i64) -> Vec<Counted> {
-        take_over(
-            &mut self.0.lock().unwrap_or_else(|e| e.into_inner()),
+        self.take_over(
+            &mut self.windows.lock().unwrap_or_else(|e| e.into_inner()),
             elapsed,
         )
+    }
+
+    /// Whether the scheduler must be woken for a window that began counting (once).
+    pub fn take_wake(&self) -> bool {
+        self.wake.swap(false, Ordering::AcqRel)
+    }
+
+    /// `counted`, taken from its window: one window fewer holding counts.
+    fn took(&self, counted: Option<Counted>) -> Option<Counted> {
+        if counted.is_some() {
+            self.counting.fetch_sub(1, Ordering::AcqRel);
+        }
+        counted
+    }
+
+    fn take_over(&self, windows: &mut HashMap<WindowKey, Window>, elapsed: i64) -> Vec<Counted> {
+        let mut counts = Vec::new();
+        windows.retain(|_, w| {
+            let open = elapsed.saturating_sub(w.opened) < WINDOW_MS;
+            if !open {
+                counts.extend(self.took(w.counted.take()));
+            }
+            open
+        });
+        counts
     }
 
     /// Every count not yet recorded (the daemon stops).
@@ -121,23 +162,15 @@ impl Refusals {
     /// Every count not yet recorded, the windows still open staying open (history is
     /// about to be read, and must show every refusal made before).
     pub fn counts(&self, elapsed: i64) -> Vec<Counted> {
-        let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut counts = take_over(&mut windows, elapsed);
-        counts.extend(windows.values_mut().filter_map(|w| w.counted.take()));
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.take_over(&mut windows, elapsed);
+        counts.extend(
+            windows
+                .values_mut()
+                .filter_map(|w| self.took(w.counted.take())),
+        );
         counts
     }
-}
-
-fn take_over(windows: &mut HashMap<WindowKey, Window>, elapsed: i64) -> Vec<Counted> {
-    let mut counts = Vec::new();
-    windows.retain(|_, w| {
-        let open = elapsed.saturating_sub(w.opened) < WINDOW_MS;
-        if !open {
-            counts.extend(w.counted.take());
-        }
-        open
-    });
-    counts
 }
 
 #[cfg(test)]
@@ -192,5 +225,39 @@ mod tests {
         assert!(refuse(1, "t", Action::Encrypt, 3_003).is_none());
         assert_eq!(r.all().iter().map(|c| c.n).sum::<u32>(), 1);
         assert!(r.all().is_empty());
+        assert_eq!(r.next_over(3_004), None);
+    }
+
+    /// The scheduler is woken when a window begins counting while no other is, and not
+    /// for every refusal of a flood: it wakes for the first window's end anyway, and
+    /// finds the others then.
+    #[test]
+    fn a_flood_of_refusals_wakes_the_scheduler_once_a_window() {
+        let r = Refusals::default();
+        let deny = ErrorKind::PermissionDenied;
+        let refuse = |tag: &str, elapsed| {
+            r.refused(&caller(1), tag, Action::Encrypt, deny, elapsed, elapsed)
+        };
+        assert!(refuse("a", 0).is_some());
+        assert!(!r.take_wake(), "a refusal recorded at once needs no wake");
+        assert!(refuse("a", 1).is_none());
+        assert!(
+            r.take_wake(),
+            "the first count of a window, none other counting"
+        );
+        for ms in 2..100 {
+            assert!(refuse("a", ms).is_none());
+        }
+        assert!(refuse("b", 100).is_some());
+        assert!(refuse("b", 101).is_none());
+        assert!(!r.take_wake(), "woken once, for the first window");
+        assert_eq!(r.next_over(500), Some(500));
+        assert_eq!(r.over(1_000).len(), 1);
+        assert_eq!(r.next_over(1_000), Some(100));
+        assert_eq!(r.over(1_100).len(), 1);
+        assert_eq!(r.next_over(1_100), None);
+        assert!(refuse("c", 1_200).is_some());
+        assert!(refuse("c", 1_201).is_none());
+        assert!(r.take_wake(), "counting again after none was");
     }
 }

@@ -80,42 +80,60 @@ pub fn draw(f: &mut Frame, app: &App) {
 fn make_cells_safe(buf: &mut ratatui::buffer::Buffer) {
     use kms_shared::text::reorders_text;
     use unicode_width::UnicodeWidthStr as _;
+    let row = usize::from(buf.area.width).max(1);
     for i in 0..buf.content.len() {
         let symbol = buf.content[i].symbol();
         // Borders and other text with nothing to change cost no allocation.
         if symbol.is_ascii() || !symbol.chars().any(|c| reorders_text(c) || unsteady(c)) {
             continue;
         }
+        // The columns ratatui laid this cell out in, whatever is taken out of it.
+        let assigned = symbol.width().max(1);
         let kept: String = symbol.chars().filter(|c| !reorders_text(*c)).collect();
-        let Some(safe) = steady(&kept) else {
+        let Some(safe) = steady_in(&kept, assigned) else {
             buf.content[i].set_symbol(if kept.is_empty() { " " } else { &kept });
             continue;
         };
         // Each character with a width (and the marks on it) in a cell of its own — the
-        // cell after a wide one is one ratatui keeps blank — so that what ratatui writes
+        // cells after a wide one are blanks ratatui keeps — so that what ratatui writes
         // next time in those cells is what the terminal shows ("KR" in one cell left an
-        // "R" it never overwrote), in the first cell's style.
+        // "R" it never overwrote), in the first cell's style; never past the columns
+        // ratatui laid out, the row's end, or a cell something else was drawn in since
+        // (a pop-up's border over the second half of a flag).
         let style = buf.content[i].style();
+        let end = (i + assigned).min((i / row + 1) * row);
         let mut cell = i;
-        for part in cells_of(&safe) {
-            if cell >= buf.content.len() {
+        let mut parts = cells_of(&safe).into_iter();
+        let first = parts.next().unwrap_or_else(|| " ".into());
+        buf.content[i].set_symbol(&first);
+        cell += first.width().max(1);
+        for part in parts {
+            let w = part.width().max(1);
+            if cell + w > end || buf.content[cell].symbol() != " " {
                 break;
             }
             buf.content[cell].set_symbol(&part).set_style(style);
-            cell += part.width().max(1);
+            cell += w;
         }
     }
 }
 
 /// `text` cut into what each cell holds: a character with a width, with the zero-width
-/// marks after it.
+/// marks around it (those before the first such character go with it).
 fn cells_of(text: &str) -> Vec<String> {
     use unicode_width::UnicodeWidthChar as _;
     let mut cells: Vec<String> = Vec::new();
+    let mut leading = String::new();
     for c in text.chars() {
+        let wide = c.width().unwrap_or(0) > 0;
         match cells.last_mut() {
-            Some(last) if c.width().unwrap_or(0) == 0 => last.push(c),
-            _ => cells.push(c.to_string()),
+            Some(last) if !wide => last.push(c),
+            None if !wide => leading.push(c),
+            _ => {
+                let mut cell = std::mem::take(&mut leading);
+                cell.push(c);
+                cells.push(cell);
+            }
         }
     }
     cells
@@ -144,7 +162,8 @@ fn unsteady(c: char) -> bool {
 /// variation selectors, keycap marks, tags and skin-tone modifiers are dropped, and what
 /// is left narrower than the cell padded with spaces (❤️ → `❤ `). U+200D in other
 /// scripts (Sinhala, Devanagari) is left as it is.
-pub fn steady(grapheme: &str) -> Option<String> {
+/// The cell is laid out `width` columns wide (ratatui's width of it as drawn).
+fn steady_in(grapheme: &str, width: usize) -> Option<String> {
     use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
     let regional = |c: char| ('\u{1f1e6}'..='\u{1f1ff}').contains(&c);
     let has_emoji = grapheme.chars().any(emoji);
@@ -152,7 +171,6 @@ pub fn steady(grapheme: &str) -> Option<String> {
     if !grapheme.chars().any(drop) {
         return None;
     }
-    let width = grapheme.width();
     let mut out: String = if grapheme.chars().any(regional) {
         grapheme
             .chars()
@@ -392,6 +410,12 @@ mod tests {
 #[allow(clippy::unwrap_used)]
 mod cell_tests {
     use super::*;
+
+    /// [`steady_in`] for a cell as wide as Unicode makes its text.
+    fn steady(grapheme: &str) -> Option<String> {
+        use unicode_width::UnicodeWidthStr as _;
+        steady_in(grapheme, grapheme.width())
+    }
     use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
 
     /// Each grapheme terminals disagree on becomes what they agree on, as wide as ratatui
@@ -453,6 +477,29 @@ mod cell_tests {
         assert!(row.starts_with("AKRB\u{1f468}C\u{2764} D|"), "{row:?}");
         // The flag's letters are two cells of one character each, not one of two.
         assert_eq!((buf[(1, 0)].symbol(), buf[(2, 0)].symbol()), ("K", "R"));
+    }
+
+    /// What is written never passes the columns ratatui laid the cell out in: a heart
+    /// whose variation selector a reordering control separated (one column), a mark
+    /// before a heart (two), a flag in the last column of a row.
+    #[test]
+    fn cells_are_rewritten_within_their_columns() {
+        use ratatui::buffer::Buffer;
+        use ratatui::layout::Rect;
+        use ratatui::text::Line;
+        use ratatui::widgets::Widget;
+        let area = Rect::new(0, 0, 6, 2);
+        let mut buf = Buffer::empty(area);
+        Line::raw("\u{2764}\u{202e}\u{fe0f}XY").render(Rect::new(0, 0, 6, 1), &mut buf);
+        make_cells_safe(&mut buf);
+        let row: Vec<&str> = (0..3).map(|x| buf[(x, 0)].symbol()).collect();
+        assert_eq!(row, ["\u{2764}", "X", "Y"]);
+        let mut buf = Buffer::empty(area);
+        buf[(5, 0)].set_symbol("\u{1f1f0}\u{1f1f7}");
+        buf[(0, 1)].set_symbol("Z");
+        make_cells_safe(&mut buf);
+        assert_eq!((buf[(5, 0)].symbol(), buf[(0, 1)].symbol()), ("K", "Z"));
+        assert_eq!(cells_of("\u{301}\u{2764} "), ["\u{301}\u{2764}", " "]);
     }
 
     /// A mark stays in its base's cell and the next cell keeps its character; the cells
