@@ -74,7 +74,7 @@ pub fn draw(f: &mut Frame, app: &App) {
 ///   characters but writes these (zero-width, each added to the cell before it), and a
 ///   process named with U+202E would make its history row read backwards.
 /// - A cell whose width terminals disagree on is drawn as something they agree on
-///   ([`steady`]): ratatui gives an emoji sequence its width by Unicode's rules, a
+///   ([`steady_in`]): ratatui gives an emoji sequence its width by Unicode's rules, a
 ///   terminal that draws the sequence's parts one by one (tmux 3.3) takes more cells,
 ///   and the rest of the line moves right and leaves stray halves behind.
 fn make_cells_safe(buf: &mut ratatui::buffer::Buffer) {
