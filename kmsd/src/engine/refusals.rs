@@ -8,9 +8,9 @@
 //! window only counted, and their count is
 //! recorded as one entry (`items` = `failed` = the count, dated at the last of them) once
 //! the window is over: by the next such refusal, by the scheduler, which wakes for it
-//! when the window ends ([`Refusals::next_over`]), or when the daemon stops. A crash loses
-//! the counts not yet recorded, at most a window's worth (and the moment the scheduler
-//! takes to record it) per account, key and action.
+//! within a window's length of its end ([`Refusals::next_over`], [`Refusals::take_wake`]),
+//! or when the daemon stops. A crash loses the counts not yet recorded: the refusals of
+//! the last two seconds at most per account, key and action.
 
 use super::Caller;
 use kms_shared::model::{Action, UnixMillis};
@@ -52,8 +52,10 @@ pub struct Refusals {
     counting: AtomicUsize,
     /// A window began counting while none other was: the scheduler must learn of it
     /// ([`Refusals::take_wake`]). While another window holds counts, the scheduler
-    /// already wakes for that one's end, which comes first (all windows are as long), so
-    /// a flood of refusals wakes it once a window, not once a refusal.
+    /// already wakes for that one's end, and then finds the others, so a flood of
+    /// refusals wakes it once in a while, not once a refusal. The price: a window opened
+    /// before the one the scheduler waits for, which began counting after it, is
+    /// recorded at that one's end — under a window's length (1 s) after its own.
     wake: AtomicBool,
 }
 
