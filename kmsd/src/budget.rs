@@ -264,6 +264,20 @@ mod tests {
         Box::pin(f)
     }
 
+    /// Whether `f` is still waiting after a short while (it is polled, not consumed).
+    async fn still_waiting<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), f)
+            .await
+            .is_err()
+    }
+
+    /// `f`'s output, which must come within seconds: `why` it should.
+    async fn finishes<F: std::future::Future>(f: F, why: &str) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect(why)
+    }
+
     /// The reader waits while the connection holds its limit or more, and goes on once
     /// enough is written or answered; counting never waits.
     #[tokio::test]
@@ -303,21 +317,13 @@ mod tests {
         let held = full.hold(OWN + 100);
         assert_eq!(account.held(), 100);
         // A connection holding nothing may read (a small call) whatever its account holds.
-        tokio::time::timeout(Duration::from_secs(5), idle.ready_to_read())
-            .await
-            .expect("a connection holding nothing waited");
+        finishes(idle.ready_to_read(), "a connection holding nothing waited").await;
         // One holding something waits: its account is at its limit.
         let one = busy.hold(1);
         let mut wait = waits(busy.ready_to_read());
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut wait)
-                .await
-                .is_err()
-        );
+        assert!(still_waiting(&mut wait).await);
         drop(held);
-        tokio::time::timeout(Duration::from_secs(5), wait)
-            .await
-            .expect("woken once the account drained");
+        finishes(wait, "woken once the account drained").await;
         drop(one);
         assert_eq!(account.held(), 0);
     }
@@ -339,9 +345,8 @@ mod tests {
             "it holds a reply, its account is full"
         );
         drop(reply);
-        tokio::time::timeout(Duration::from_secs(5), reader)
+        finishes(reader, "woken once it holds nothing")
             .await
-            .expect("woken once it holds nothing")
             .unwrap();
     }
 
@@ -364,10 +369,7 @@ mod tests {
         assert!(waiters.iter().all(|w| !w.is_finished()));
         drop(held);
         for w in waiters {
-            tokio::time::timeout(Duration::from_secs(5), w)
-                .await
-                .expect("every waiter woken")
-                .unwrap();
+            finishes(w, "every waiter woken").await.unwrap();
         }
     }
 
@@ -383,15 +385,11 @@ mod tests {
         assert_eq!(account.held(), 160);
         let mut third = waits(c.reserve(OWN + 80));
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut third)
-                .await
-                .is_err(),
+            still_waiting(&mut third).await,
             "a reservation went ahead over the limit"
         );
         drop(first);
-        let third = tokio::time::timeout(Duration::from_secs(5), third)
-            .await
-            .expect("reserved once below the limit");
+        let third = finishes(third, "reserved once below the limit").await;
         assert_eq!(account.held(), 160);
         drop((second, third));
         assert_eq!(account.held(), 0);
@@ -422,15 +420,11 @@ mod tests {
         let _held = hog.hold(OWN + 100);
         let b = Buffered::new(usize::MAX, account.clone());
         let _reply = b.hold(10);
-        let frame = tokio::time::timeout(Duration::from_secs(5), b.reserve(OWN - 10))
-            .await
-            .expect("waited for the account");
+        let frame = finishes(b.reserve(OWN - 10), "waited for the account").await;
         assert_eq!(account.held(), 100);
         let mut over = waits(b.reserve(1));
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut over)
-                .await
-                .is_err(),
+            still_waiting(&mut over).await,
             "a byte beyond its own went ahead of a full account"
         );
         drop(frame);
@@ -466,15 +460,11 @@ mod tests {
         assert_eq!((b.connection.held(), account.held()), (OWN + 60, 60));
         let mut wait = waits(b.ready_to_read());
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut wait)
-                .await
-                .is_err(),
+            still_waiting(&mut wait).await,
             "the connection is over its own limit"
         );
         drop(held);
-        tokio::time::timeout(Duration::from_secs(5), wait)
-            .await
-            .expect("woken once the connection drained");
+        finishes(wait, "woken once the connection drained").await;
         assert_eq!((b.connection.held(), account.held()), (0, 0));
     }
 }
